@@ -1,0 +1,4 @@
+//! lamina binary (work in progress).
+#![forbid(unsafe_code)]
+
+fn main() {}

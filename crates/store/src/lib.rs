@@ -1,0 +1,2 @@
+//! lamina layer store (work in progress).
+#![forbid(unsafe_code)]

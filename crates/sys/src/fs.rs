@@ -1,0 +1,1 @@
+//! Directory-fd based file operations (work in progress).

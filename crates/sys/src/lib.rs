@@ -1,0 +1,17 @@
+//! Raw system interfaces for lamina.
+//!
+//! This is the only crate of the workspace allowed to contain `unsafe` code or to
+//! issue syscalls directly. Everything here returns [`std::io::Result`]: callers
+//! attach their own context (which layer, which path) when they map errors.
+//!
+//! Modules:
+//! - [`fs`]: directory-fd based file operations confined with `openat2(RESOLVE_IN_ROOT)`,
+//!   whiteouts, xattrs that never follow symlinks.
+//! - [`mount`]: overlay and bind mounts (new mount API with a legacy fallback),
+//!   unmounting, reading the mount table.
+//! - [`lock`]: advisory lock files.
+#![allow(unsafe_code)]
+
+pub mod fs;
+pub mod lock;
+pub mod mount;

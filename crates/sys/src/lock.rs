@@ -1,0 +1,1 @@
+//! Lock files (work in progress).

@@ -1,0 +1,1 @@
+//! Mounts (work in progress).
