@@ -1,2 +1,993 @@
-//! lamina layer store (work in progress).
+//! The lamina layer store: a synchronous core shared by every front door.
+//!
+//! Layers are first-class objects named `(namespace, name)`: the Docker GraphDriver uses
+//! `docker:<home>` with Docker's ids, a containerd snapshotter uses its own namespace with
+//! snapshot keys. Names are never used as paths: every layer gets a small number, and its
+//! directory is `layers/<hex number>/` under the data root (see docs/on-disk-format.md).
+//!
+//! - Create is O(1): one metadata transaction and four `mkdir`s, whatever the depth or size.
+//! - Content arrives by [`Store::apply`]: the tar is unpacked into `staging/`, flushed with one
+//!   `syncfs`, renamed over the layer's empty `diff/`, then recorded. A crash at any point leaves
+//!   the layer empty (as created) after [`Store::open`] recovers, never half-filled.
+//! - Mounts are reference counted per layer ([`Store::get`] / [`Store::put`]); overlay stacks use
+//!   the new mount API (no page-size limit, so 128+ layers mount), see `lamina_sys::mount`.
+//! - Locking is per layer; the metadata database (redb) serialises only its short write
+//!   transactions, so applies and diffs of different layers run in parallel.
 #![forbid(unsafe_code)]
+
+mod error;
+mod meta;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lamina_archive::{ApplyOptions, ApplyStats, Change, DiffOptions, IdMappings};
+use lamina_sys::lock::LockFile;
+use lamina_sys::mount::{self, OverlaySpec, MAX_OVERLAY_LOWERS};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use tracing::{debug, info, warn};
+
+pub use error::{Result, StoreError};
+pub use meta::{LayerKind, LayerRecord, LayerState, FORMAT_VERSION};
+use meta::{CHILDREN, LAYERS, META, NAMES, PENDING, SETTINGS};
+
+/// Most layers below one layer: its mount stacks them all as overlay lower directories.
+pub const MAX_DEPTH: u32 = MAX_OVERLAY_LOWERS as u32;
+
+/// A layer as the store reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// Internal number (directory name in hex).
+    pub number: u64,
+    /// The stored record.
+    pub record: LayerRecord,
+    /// `layers/<n>/diff`: the layer's own content (overlay upper dir).
+    pub diff_dir: PathBuf,
+    /// `layers/<n>/work`: overlay work dir.
+    pub work_dir: PathBuf,
+    /// `layers/<n>/merged`: mount point of the merged view.
+    pub merged_dir: PathBuf,
+    /// Diff dirs of the parent chain, top-most first.
+    pub lower_dirs: Vec<PathBuf>,
+    /// Current mount reference count.
+    pub mounts: u32,
+}
+
+/// Store-wide figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// The data root.
+    pub root: PathBuf,
+    /// Filesystem type holding it.
+    pub backing_fs: String,
+    /// Number of layers (all namespaces).
+    pub layers: u64,
+    /// Number of layers currently mounted.
+    pub mounted: u64,
+    /// On-disk format version.
+    pub format: u64,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    mounts: u32,
+}
+
+/// The layer store. Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct Store {
+    root: PathBuf,
+    db: Database,
+    slots: Mutex<HashMap<u64, Arc<Mutex<Slot>>>>,
+    next_id: AtomicU64,
+    staging_seq: AtomicU64,
+    _lock: LockFile,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<()> {
+    match std::fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::io(format!("mkdir {}", path.display()), e)),
+    }
+}
+
+fn open_dir(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, takes its lock, and recovers from a crash:
+    /// staging leftovers are removed, interrupted applies are rolled back, directories without a
+    /// record are deleted, mounts of unknown layers are detached and mounts of known ones are
+    /// counted once (a running container may still use them).
+    pub fn open(root: &Path) -> Result<Store> {
+        if !root.is_absolute() {
+            return Err(StoreError::InvalidArgument(format!(
+                "data root {} is not absolute",
+                root.display()
+            )));
+        }
+        std::fs::create_dir_all(root).map_err(|e| StoreError::io(format!("create {}", root.display()), e))?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| StoreError::io(format!("chmod {}", root.display()), e))?;
+        let lock = LockFile::acquire(&root.join("lock")).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock => StoreError::Locked(e.to_string()),
+            _ => StoreError::io(format!("lock {}", root.display()), e),
+        })?;
+        for d in ["layers", "staging", "trash"] {
+            mkdir(&root.join(d), 0o700)?;
+        }
+        let db_path = root.join("meta.redb");
+        let db = Database::create(&db_path).map_err(|e| {
+            StoreError::CorruptMetadata(format!("{}: {e}; move it away to start empty", db_path.display()))
+        })?;
+        let store = Store {
+            root: root.to_path_buf(),
+            db,
+            slots: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            staging_seq: AtomicU64::new(0),
+            _lock: lock,
+        };
+        store.init_meta()?;
+        store.recover()?;
+        Ok(store)
+    }
+
+    fn init_meta(&self) -> Result<()> {
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        {
+            let mut meta = txn.open_table(META).map_err(error::db_err)?;
+            let format = meta.get("format").map_err(error::db_err)?.map(|v| v.value());
+            match format {
+                None => {
+                    meta.insert("format", FORMAT_VERSION).map_err(error::db_err)?;
+                }
+                Some(v) if v > FORMAT_VERSION => {
+                    return Err(StoreError::CorruptMetadata(format!(
+                        "metadata format {v} is newer than supported {FORMAT_VERSION}; use a newer lamina"
+                    )))
+                }
+                Some(_) => {}
+            }
+            let next = meta
+                .get("next_id")
+                .map_err(error::db_err)?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            self.next_id.store(next.max(1), Ordering::SeqCst);
+            // Make every table exist so read transactions can open them.
+            txn.open_table(NAMES).map_err(error::db_err)?;
+            txn.open_table(LAYERS).map_err(error::db_err)?;
+            txn.open_table(CHILDREN).map_err(error::db_err)?;
+            txn.open_table(PENDING).map_err(error::db_err)?;
+            txn.open_table(SETTINGS).map_err(error::db_err)?;
+        }
+        txn.commit().map_err(error::db_err)
+    }
+
+    fn recover(&self) -> Result<()> {
+        // 1. Staging and trash leftovers.
+        for d in ["staging", "trash"] {
+            let dir = self.root.join(d);
+            for entry in
+                std::fs::read_dir(&dir).map_err(|e| StoreError::io(format!("read {}", dir.display()), e))?
+            {
+                let entry = entry.map_err(|e| StoreError::io(format!("read {}", dir.display()), e))?;
+                info!(path = %entry.path().display(), "removing leftover");
+                remove_tree(&entry.path());
+            }
+        }
+        // 2. Interrupted applies: the layer goes back to empty, as created.
+        let pending: Vec<u64> = {
+            let txn = self.db.begin_read().map_err(error::db_err)?;
+            let t = txn.open_table(PENDING).map_err(error::db_err)?;
+            let mut v = Vec::new();
+            for row in t.iter().map_err(error::db_err)? {
+                v.push(row.map_err(error::db_err)?.0.value());
+            }
+            v
+        };
+        for n in pending {
+            warn!(layer = n, "rolling back an apply interrupted by a crash");
+            let diff = self.layer_dir(n).join("diff");
+            if diff.exists() {
+                let trash = self.trash_path(n);
+                std::fs::rename(&diff, &trash)
+                    .map_err(|e| StoreError::io(format!("move {}", diff.display()), e))?;
+                remove_tree(&trash);
+            }
+            mkdir(&diff, 0o755)?;
+            self.update_record(n, |r| {
+                r.state = LayerState::Empty;
+                r.size = None;
+                r.digest = None;
+            })?;
+            let txn = self.db.begin_write().map_err(error::db_err)?;
+            txn.open_table(PENDING)
+                .map_err(error::db_err)?
+                .remove(n)
+                .map_err(error::db_err)?;
+            txn.commit().map_err(error::db_err)?;
+        }
+        // 3. Directories without a record.
+        let known: std::collections::HashSet<u64> = {
+            let txn = self.db.begin_read().map_err(error::db_err)?;
+            let t = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let mut s = std::collections::HashSet::new();
+            for row in t.iter().map_err(error::db_err)? {
+                s.insert(row.map_err(error::db_err)?.0.value());
+            }
+            s
+        };
+        // Mounts first: nothing may be deleted through a live mount.
+        let layers_dir = self.root.join("layers");
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for mp in mount::mounts_under(&self.root).map_err(|e| StoreError::io("read mount table", e))? {
+            match parse_merged(&layers_dir, &mp) {
+                Some(n) if known.contains(&n) => {
+                    info!(layer = n, "keeping mount of a previous run");
+                    slots
+                        .entry(n)
+                        .or_default()
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .mounts = 1;
+                }
+                _ => {
+                    warn!(mount = %mp.display(), "detaching stale mount");
+                    mount::unmount(&mp, true).map_err(|e| StoreError::io("unmount stale mount", e))?;
+                }
+            }
+        }
+        drop(slots);
+        for entry in std::fs::read_dir(&layers_dir).map_err(|e| StoreError::io("read layers dir", e))? {
+            let entry = entry.map_err(|e| StoreError::io("read layers dir", e))?;
+            let name = entry.file_name();
+            let n = name.to_str().and_then(|s| u64::from_str_radix(s, 16).ok());
+            if n.is_none_or(|n| !known.contains(&n)) {
+                warn!(dir = %entry.path().display(), "removing layer directory without a record");
+                remove_tree(&entry.path());
+            }
+        }
+        for n in &known {
+            let dir = self.layer_dir(*n);
+            if !dir.join("diff").is_dir() {
+                warn!(layer = n, "layer directory missing; recreating it empty");
+                self.make_layer_dirs(*n)?;
+            }
+        }
+        info!(root = %self.root.display(), layers = known.len(), "store opened");
+        Ok(())
+    }
+
+    /// The data root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn layer_dir(&self, n: u64) -> PathBuf {
+        self.root.join("layers").join(format!("{n:x}"))
+    }
+
+    fn trash_path(&self, n: u64) -> PathBuf {
+        let seq = self.staging_seq.fetch_add(1, Ordering::SeqCst);
+        self.root
+            .join("trash")
+            .join(format!("{n:x}-{seq}-{}", std::process::id()))
+    }
+
+    fn make_layer_dirs(&self, n: u64) -> Result<()> {
+        let dir = self.layer_dir(n);
+        mkdir(&dir, 0o700)?;
+        mkdir(&dir.join("diff"), 0o755)?;
+        mkdir(&dir.join("work"), 0o700)?;
+        mkdir(&dir.join("merged"), 0o755)?;
+        Ok(())
+    }
+
+    fn slot(&self, n: u64) -> Arc<Mutex<Slot>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(n).or_default().clone()
+    }
+
+    fn lookup(&self, ns: &str, name: &str) -> Result<Option<(u64, LayerRecord)>> {
+        let txn = self.db.begin_read().map_err(error::db_err)?;
+        let names = txn.open_table(NAMES).map_err(error::db_err)?;
+        let Some(n) = names.get((ns, name)).map_err(error::db_err)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+        let rec = layers.get(n).map_err(error::db_err)?.ok_or_else(|| {
+            StoreError::CorruptMetadata(format!("name {name:?} points at missing layer {n}"))
+        })?;
+        Ok(Some((n, LayerRecord::decode(rec.value())?)))
+    }
+
+    fn update_record(&self, n: u64, f: impl FnOnce(&mut LayerRecord)) -> Result<LayerRecord> {
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        let rec = {
+            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let mut rec = {
+                let v = layers.get(n).map_err(error::db_err)?;
+                let v = v.ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {n}")))?;
+                LayerRecord::decode(v.value())?
+            };
+            f(&mut rec);
+            layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
+            rec
+        };
+        txn.commit().map_err(error::db_err)?;
+        Ok(rec)
+    }
+
+    fn require(&self, ns: &str, name: &str) -> Result<(u64, LayerRecord)> {
+        self.lookup(ns, name)?
+            .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))
+    }
+
+    /// Layer numbers of the parent chain of `rec`, nearest first.
+    fn chain(&self, rec: &LayerRecord) -> Result<Vec<u64>> {
+        let txn = self.db.begin_read().map_err(error::db_err)?;
+        let layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+        let mut out = Vec::with_capacity(rec.depth as usize);
+        let mut next = rec.parent;
+        while let Some(p) = next {
+            if out.len() > MAX_OVERLAY_LOWERS {
+                return Err(StoreError::CorruptMetadata(format!(
+                    "parent chain of {} loops",
+                    rec.name
+                )));
+            }
+            out.push(p);
+            let v = layers
+                .get(p)
+                .map_err(error::db_err)?
+                .ok_or_else(|| StoreError::CorruptMetadata(format!("missing parent layer {p}")))?;
+            next = LayerRecord::decode(v.value())?.parent;
+        }
+        Ok(out)
+    }
+
+    fn has_children(&self, n: u64) -> Result<bool> {
+        let txn = self.db.begin_read().map_err(error::db_err)?;
+        let children = txn.open_table(CHILDREN).map_err(error::db_err)?;
+        let mut range = children.range((n, 0)..=(n, u64::MAX)).map_err(error::db_err)?;
+        Ok(range.next().is_some())
+    }
+
+    /// Creates an empty layer `name` in `ns` on top of `parent` (same namespace).
+    pub fn create(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<&str>,
+        kind: LayerKind,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        if parent == Some(name) {
+            return Err(StoreError::InvalidArgument(format!(
+                "layer {name} cannot be its own parent"
+            )));
+        }
+        let n = self.next_id.fetch_add(1, Ordering::SeqCst);
+        // Directories first: a crash before the commit leaves a directory without a record,
+        // which the next start removes.
+        self.make_layer_dirs(n)?;
+        let result = (|| {
+            let txn = self.db.begin_write().map_err(error::db_err)?;
+            {
+                let mut names = txn.open_table(NAMES).map_err(error::db_err)?;
+                if names.get((ns, name)).map_err(error::db_err)?.is_some() {
+                    return Err(StoreError::AlreadyExists(format!("layer {name}")));
+                }
+                let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+                let (parent_n, depth) = match parent {
+                    None => (None, 0),
+                    Some(p) => {
+                        let pn = names
+                            .get((ns, p))
+                            .map_err(error::db_err)?
+                            .map(|v| v.value())
+                            .ok_or_else(|| StoreError::NotFound(format!("parent {p}")))?;
+                        let prec = {
+                            let v = layers.get(pn).map_err(error::db_err)?;
+                            let v =
+                                v.ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {pn}")))?;
+                            LayerRecord::decode(v.value())?
+                        };
+                        if prec.depth + 1 > MAX_DEPTH {
+                            return Err(StoreError::LimitExceeded(format!(
+                                "layer {name} would sit on {} layers; overlay stacks at most {MAX_OVERLAY_LOWERS}",
+                                prec.depth + 1
+                            )));
+                        }
+                        (Some(pn), prec.depth + 1)
+                    }
+                };
+                let rec = LayerRecord {
+                    ns: ns.to_string(),
+                    name: name.to_string(),
+                    parent: parent_n,
+                    depth,
+                    kind,
+                    state: LayerState::Empty,
+                    size: None,
+                    digest: None,
+                    created: now_secs(),
+                    labels,
+                };
+                names.insert((ns, name), n).map_err(error::db_err)?;
+                layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
+                if let Some(pn) = parent_n {
+                    txn.open_table(CHILDREN)
+                        .map_err(error::db_err)?
+                        .insert((pn, n), ())
+                        .map_err(error::db_err)?;
+                }
+                let mut meta = txn.open_table(META).map_err(error::db_err)?;
+                let stored = meta
+                    .get("next_id")
+                    .map_err(error::db_err)?
+                    .map(|v| v.value())
+                    .unwrap_or(1);
+                meta.insert("next_id", stored.max(n + 1)).map_err(error::db_err)?;
+            }
+            txn.commit().map_err(error::db_err)
+        })();
+        if let Err(e) = result {
+            remove_tree(&self.layer_dir(n));
+            return Err(e);
+        }
+        debug!(ns, name, layer = n, "created layer");
+        Ok(())
+    }
+
+    /// Whether `name` exists in `ns`.
+    pub fn exists(&self, ns: &str, name: &str) -> Result<bool> {
+        Ok(self.lookup(ns, name)?.is_some())
+    }
+
+    /// Everything known about a layer.
+    pub fn info(&self, ns: &str, name: &str) -> Result<LayerInfo> {
+        let (n, record) = self.require(ns, name)?;
+        let chain = self.chain(&record)?;
+        let dir = self.layer_dir(n);
+        let mounts = self.slot(n).lock().unwrap_or_else(|p| p.into_inner()).mounts;
+        Ok(LayerInfo {
+            number: n,
+            lower_dirs: chain.iter().map(|p| self.layer_dir(*p).join("diff")).collect(),
+            diff_dir: dir.join("diff"),
+            work_dir: dir.join("work"),
+            merged_dir: dir.join("merged"),
+            record,
+            mounts,
+        })
+    }
+
+    /// Removes a layer: unmounts it if mounted (as overlay2 does), refuses if it has children.
+    /// Removing an unknown layer succeeds (dockerd retries removals).
+    pub fn remove(&self, ns: &str, name: &str) -> Result<()> {
+        let Some((n, _)) = self.lookup(ns, name)? else {
+            return Ok(());
+        };
+        let slot = self.slot(n);
+        let mut guard = lock(&slot);
+        // Re-check under the layer lock.
+        let Some((n2, rec)) = self.lookup(ns, name)? else {
+            return Ok(());
+        };
+        if n2 != n {
+            return Err(StoreError::InUse(format!(
+                "layer {name} was replaced concurrently"
+            )));
+        }
+        if self.has_children(n)? {
+            return Err(StoreError::InUse(format!("layer {name} has child layers")));
+        }
+        let dir = self.layer_dir(n);
+        if guard.mounts > 0 || mount::is_mount_point(&dir.join("merged")).unwrap_or(false) {
+            mount::unmount(&dir.join("merged"), false).map_err(|e| {
+                StoreError::InUse(format!("layer {name} is mounted and cannot be unmounted: {e}"))
+            })?;
+            guard.mounts = 0;
+        }
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        {
+            // A child may have been created since the check above.
+            let children = txn.open_table(CHILDREN).map_err(error::db_err)?;
+            if children
+                .range((n, 0)..=(n, u64::MAX))
+                .map_err(error::db_err)?
+                .next()
+                .is_some()
+            {
+                return Err(StoreError::InUse(format!("layer {name} has child layers")));
+            }
+        }
+        {
+            txn.open_table(NAMES)
+                .map_err(error::db_err)?
+                .remove((ns, name))
+                .map_err(error::db_err)?;
+            txn.open_table(LAYERS)
+                .map_err(error::db_err)?
+                .remove(n)
+                .map_err(error::db_err)?;
+            txn.open_table(PENDING)
+                .map_err(error::db_err)?
+                .remove(n)
+                .map_err(error::db_err)?;
+            if let Some(p) = rec.parent {
+                txn.open_table(CHILDREN)
+                    .map_err(error::db_err)?
+                    .remove((p, n))
+                    .map_err(error::db_err)?;
+            }
+        }
+        txn.commit().map_err(error::db_err)?;
+        // Out of view at once; the content goes in the background.
+        let trash = self.trash_path(n);
+        match std::fs::rename(&dir, &trash) {
+            Ok(()) => {
+                std::thread::spawn(move || remove_tree(&trash));
+            }
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "could not move removed layer to trash; removing in place")
+            }
+        }
+        if dir.exists() {
+            remove_tree(&dir);
+        }
+        drop(guard);
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+        debug!(ns, name, layer = n, "removed layer");
+        Ok(())
+    }
+
+    /// Mounts the merged view of a layer (reference counted) and returns its path, the same
+    /// path every time. A layer without parent is its own merged view (no mount needed).
+    pub fn get(&self, ns: &str, name: &str, mount_label: &str) -> Result<PathBuf> {
+        let (n, _) = self.require(ns, name)?;
+        let slot = self.slot(n);
+        let mut guard = lock(&slot);
+        let (n2, rec) = self.require(ns, name)?;
+        if n2 != n {
+            return Err(StoreError::NotFound(format!("layer {name}")));
+        }
+        if rec.state == LayerState::Applying {
+            return Err(StoreError::InUse(format!("layer {name} is being filled")));
+        }
+        let dir = self.layer_dir(n);
+        let path = if rec.parent.is_none() {
+            dir.join("diff")
+        } else {
+            dir.join("merged")
+        };
+        if guard.mounts == 0 && rec.parent.is_some() && !mount::is_mount_point(&path).unwrap_or(false) {
+            let chain = self.chain(&rec)?;
+            let spec = OverlaySpec {
+                lowers: chain.iter().map(|p| self.layer_dir(*p).join("diff")).collect(),
+                upper: Some(dir.join("diff")),
+                work: Some(dir.join("work")),
+                label: Some(mount_label.to_string()),
+                read_only: false,
+            };
+            mount::mount_overlay(&path, &spec)
+                .map_err(|e| StoreError::io(format!("mount layer {name} ({} layers)", chain.len() + 1), e))?;
+        }
+        guard.mounts += 1;
+        debug!(ns, name, layer = n, mounts = guard.mounts, "get");
+        Ok(path)
+    }
+
+    /// Releases one [`Store::get`]; unmounts when the count reaches zero. Extra puts are harmless.
+    pub fn put(&self, ns: &str, name: &str) -> Result<()> {
+        let (n, rec) = self.require(ns, name)?;
+        let slot = self.slot(n);
+        let mut guard = lock(&slot);
+        if guard.mounts > 1 {
+            guard.mounts -= 1;
+            return Ok(());
+        }
+        guard.mounts = 0;
+        if rec.parent.is_some() {
+            let merged = self.layer_dir(n).join("merged");
+            mount::unmount(&merged, false).map_err(|e| StoreError::io(format!("unmount layer {name}"), e))?;
+        }
+        debug!(ns, name, layer = n, "put");
+        Ok(())
+    }
+
+    /// Unpacks an uncompressed tar into an empty layer. The layer becomes visible with its content
+    /// only once the whole stream was applied and synced; on error it stays empty.
+    pub fn apply(
+        &self,
+        ns: &str,
+        name: &str,
+        input: &mut dyn Read,
+        mappings: &IdMappings,
+    ) -> Result<ApplyStats> {
+        let (n, _) = self.require(ns, name)?;
+        let slot = self.slot(n);
+        let guard = lock(&slot);
+        let (n2, rec) = self.require(ns, name)?;
+        if n2 != n {
+            return Err(StoreError::NotFound(format!("layer {name}")));
+        }
+        if guard.mounts > 0 {
+            return Err(StoreError::InUse(format!("layer {name} is mounted")));
+        }
+        if rec.state != LayerState::Empty {
+            return Err(StoreError::AlreadyExists(format!(
+                "layer {name} already has content"
+            )));
+        }
+        let seq = self.staging_seq.fetch_add(1, Ordering::SeqCst);
+        let staging_name = format!("{n:x}-{seq}");
+        let staging = self.root.join("staging").join(&staging_name);
+        {
+            let txn = self.db.begin_write().map_err(error::db_err)?;
+            txn.open_table(PENDING)
+                .map_err(error::db_err)?
+                .insert(n, staging_name.as_str())
+                .map_err(error::db_err)?;
+            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let mut r = rec.clone();
+            r.state = LayerState::Applying;
+            layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
+            drop(layers);
+            txn.commit().map_err(error::db_err)?;
+        }
+        let result = self.apply_staged(n, &staging, input, mappings);
+        let finish = |state: LayerState, stats: Option<&ApplyStats>| -> Result<()> {
+            let txn = self.db.begin_write().map_err(error::db_err)?;
+            txn.open_table(PENDING)
+                .map_err(error::db_err)?
+                .remove(n)
+                .map_err(error::db_err)?;
+            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let mut r = rec.clone();
+            r.state = state;
+            r.size = stats.map(|s| s.size);
+            r.digest = stats.map(|s| s.digest.clone());
+            layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
+            drop(layers);
+            txn.commit().map_err(error::db_err)
+        };
+        match result {
+            Ok(stats) => {
+                finish(LayerState::Applied, Some(&stats))?;
+                drop(guard);
+                debug!(ns, name, layer = n, size = stats.size, digest = %stats.digest, "applied");
+                Ok(stats)
+            }
+            Err(e) => {
+                remove_tree(&staging);
+                finish(LayerState::Empty, None)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn apply_staged(
+        &self,
+        n: u64,
+        staging: &Path,
+        input: &mut dyn Read,
+        mappings: &IdMappings,
+    ) -> Result<ApplyStats> {
+        mkdir(staging, 0o755)?;
+        let dirfd = open_dir(staging)?;
+        let opts = ApplyOptions {
+            id_mappings: mappings.clone(),
+        };
+        let stats = lamina_archive::apply_layer(dirfd.as_fd(), input, &opts)?;
+        // The root of the layer keeps the mode of an empty diff dir unless the tar set it.
+        mount::syncfs(staging).map_err(|e| StoreError::io("sync staged layer", e))?;
+        let diff = self.layer_dir(n).join("diff");
+        std::fs::rename(staging, &diff)
+            .map_err(|e| StoreError::io(format!("move staged layer into {}", diff.display()), e))?;
+        mount::syncfs(&diff).map_err(|e| StoreError::io("sync layer", e))?;
+        Ok(stats)
+    }
+
+    fn is_direct_parent(&self, rec: &LayerRecord, ns: &str, parent: &str) -> Result<bool> {
+        match (rec.parent, parent.is_empty()) {
+            (None, true) => Ok(true),
+            (None, false) | (Some(_), true) => Ok(false),
+            (Some(p), false) => Ok(self.lookup(ns, parent)?.map(|(pn, _)| pn) == Some(p)),
+        }
+    }
+
+    /// Prepares a tar of `name` relative to `parent` (`""` = the whole tree). Errors about the
+    /// request come back here; the returned plan then streams with [`DiffPlan::write_to`].
+    pub fn diff(&self, ns: &str, name: &str, parent: &str, mappings: &IdMappings) -> Result<DiffPlan<'_>> {
+        let (_, rec) = self.require(ns, name)?;
+        let opts = DiffOptions {
+            id_mappings: mappings.clone(),
+        };
+        if self.is_direct_parent(&rec, ns, parent)? {
+            let info = self.info(ns, name)?;
+            return Ok(DiffPlan {
+                kind: PlanKind::Native(info.diff_dir),
+                opts,
+            });
+        }
+        if !parent.is_empty() {
+            self.require(ns, parent)?;
+        }
+        let new = MountGuard::new(self, ns, name)?;
+        let old = if parent.is_empty() {
+            None
+        } else {
+            Some(MountGuard::new(self, ns, parent)?)
+        };
+        Ok(DiffPlan {
+            kind: PlanKind::Trees { new, old },
+            opts,
+        })
+    }
+
+    /// Changes of `name` relative to `parent`.
+    pub fn changes(&self, ns: &str, name: &str, parent: &str) -> Result<Vec<Change>> {
+        let info = self.info(ns, name)?;
+        if self.is_direct_parent(&info.record, ns, parent)? {
+            let upper = open_dir(&info.diff_dir)?;
+            let lowers: Vec<File> = info
+                .lower_dirs
+                .iter()
+                .map(|p| open_dir(p))
+                .collect::<Result<_>>()?;
+            let lower_fds: Vec<_> = lowers.iter().map(|f| f.as_fd()).collect();
+            return Ok(lamina_archive::layer_changes(upper.as_fd(), &lower_fds)?);
+        }
+        if !parent.is_empty() {
+            self.require(ns, parent)?;
+        }
+        let new = MountGuard::new(self, ns, name)?;
+        let old = if parent.is_empty() {
+            None
+        } else {
+            Some(MountGuard::new(self, ns, parent)?)
+        };
+        let new_fd = open_dir(&new.path)?;
+        let old_fd = old.as_ref().map(|o| open_dir(&o.path)).transpose()?;
+        Ok(lamina_archive::tree_changes(
+            new_fd.as_fd(),
+            old_fd.as_ref().map(|f| f.as_fd()),
+        )?)
+    }
+
+    /// Size of `name`'s changes relative to `parent`, in bytes.
+    pub fn diff_size(&self, ns: &str, name: &str, parent: &str) -> Result<u64> {
+        let info = self.info(ns, name)?;
+        if self.is_direct_parent(&info.record, ns, parent)? {
+            let dir = open_dir(&info.diff_dir)?;
+            return Ok(lamina_archive::dir_size(dir.as_fd())?);
+        }
+        let changes = self.changes(ns, name, parent)?;
+        let new = MountGuard::new(self, ns, name)?;
+        let mut total = 0u64;
+        for c in changes
+            .iter()
+            .filter(|c| c.kind != lamina_archive::ChangeKind::Delete)
+        {
+            let rel = Path::new(std::ffi::OsStr::from_bytes(
+                c.path.strip_prefix(b"/").unwrap_or(&c.path),
+            ));
+            if let Ok(md) = std::fs::symlink_metadata(new.path.join(rel)) {
+                if md.is_file() {
+                    total += md.len();
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Unmounts every layer this store mounted (engine shutdown).
+    pub fn unmount_all(&self) -> Result<()> {
+        let slots: Vec<(u64, Arc<Mutex<Slot>>)> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for (n, slot) in slots {
+            let mut guard = lock(&slot);
+            if guard.mounts > 0 {
+                let merged = self.layer_dir(n).join("merged");
+                if let Err(e) = mount::unmount(&merged, false) {
+                    warn!(layer = n, error = %e, "unmount failed, detaching");
+                    mount::unmount(&merged, true).map_err(|e| StoreError::io("detach mount", e))?;
+                }
+                guard.mounts = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Store-wide figures.
+    pub fn status(&self) -> Result<StoreStatus> {
+        let txn = self.db.begin_read().map_err(error::db_err)?;
+        let layers = txn
+            .open_table(LAYERS)
+            .map_err(error::db_err)?
+            .len()
+            .map_err(error::db_err)?;
+        let mounted = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| lock(s).mounts > 0)
+            .count() as u64;
+        Ok(StoreStatus {
+            root: self.root.clone(),
+            backing_fs: mount::filesystem_type(&self.root).unwrap_or_else(|_| "unknown".into()),
+            layers,
+            mounted,
+            format: FORMAT_VERSION,
+        })
+    }
+
+    /// Number of layers in one namespace.
+    pub fn count(&self, ns: &str) -> Result<u64> {
+        let txn = self.db.begin_read().map_err(error::db_err)?;
+        let names = txn.open_table(NAMES).map_err(error::db_err)?;
+        let mut count = 0;
+        for row in names.range((ns, "")..).map_err(error::db_err)? {
+            let row = row.map_err(error::db_err)?;
+            if row.0.value().0 != ns {
+                break;
+            }
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// All layers of all namespaces, by number.
+    pub fn list(&self) -> Result<Vec<(u64, LayerRecord)>> {
+        let txn = self.db.begin_read().map_err(error::db_err)?;
+        let t = txn.open_table(LAYERS).map_err(error::db_err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(error::db_err)? {
+            let (k, v) = row.map_err(error::db_err)?;
+            out.push((k.value(), LayerRecord::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Reads a remembered setting.
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        let txn = self.db.begin_read().map_err(error::db_err)?;
+        let t = txn.open_table(SETTINGS).map_err(error::db_err)?;
+        Ok(t.get(key).map_err(error::db_err)?.map(|v| v.value().to_string()))
+    }
+
+    /// Remembers a setting across restarts.
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        txn.open_table(SETTINGS)
+            .map_err(error::db_err)?
+            .insert(key, value)
+            .map_err(error::db_err)?;
+        txn.commit().map_err(error::db_err)
+    }
+}
+
+fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn parse_merged(layers_dir: &Path, mp: &Path) -> Option<u64> {
+    let rel = mp.strip_prefix(layers_dir).ok()?;
+    let mut comps = rel.components();
+    let n = comps.next()?.as_os_str().to_str()?;
+    let last = comps.next()?.as_os_str();
+    if comps.next().is_some() || last != "merged" {
+        return None;
+    }
+    u64::from_str_radix(n, 16).ok()
+}
+
+fn remove_tree(path: &Path) {
+    let r = match std::fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(_) => Ok(()),
+    };
+    if let Err(e) = r {
+        warn!(path = %path.display(), error = %e, "could not remove");
+    }
+}
+
+/// A reference-counted mount held for the duration of a diff.
+pub struct MountGuard<'a> {
+    store: &'a Store,
+    ns: String,
+    name: String,
+    /// Path of the merged view.
+    pub path: PathBuf,
+}
+
+impl<'a> MountGuard<'a> {
+    fn new(store: &'a Store, ns: &str, name: &str) -> Result<Self> {
+        let path = store.get(ns, name, "")?;
+        Ok(MountGuard {
+            store,
+            ns: ns.to_string(),
+            name: name.to_string(),
+            path,
+        })
+    }
+}
+
+impl Drop for MountGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.store.put(&self.ns, &self.name) {
+            warn!(layer = %self.name, error = %e, "releasing diff mount");
+        }
+    }
+}
+
+enum PlanKind<'a> {
+    Native(PathBuf),
+    Trees {
+        new: MountGuard<'a>,
+        old: Option<MountGuard<'a>>,
+    },
+}
+
+/// A tar ready to be streamed; see [`Store::diff`].
+pub struct DiffPlan<'a> {
+    kind: PlanKind<'a>,
+    opts: DiffOptions,
+}
+
+impl DiffPlan<'_> {
+    /// Streams the tar into `out`.
+    pub fn write_to(self, out: &mut dyn Write) -> Result<()> {
+        match &self.kind {
+            PlanKind::Native(dir) => {
+                let fd = open_dir(dir)?;
+                lamina_archive::write_layer_diff(fd.as_fd(), out, &self.opts)?;
+            }
+            PlanKind::Trees { new, old } => {
+                let new_fd = open_dir(&new.path)?;
+                let old_fd = old.as_ref().map(|o| open_dir(&o.path)).transpose()?;
+                lamina_archive::write_tree_diff(
+                    new_fd.as_fd(),
+                    old_fd.as_ref().map(|f| f.as_fd()),
+                    out,
+                    &self.opts,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,1 +1,296 @@
-//! Mounts (work in progress).
+//! Overlay and bind mounts, unmounting and the mount table.
+//!
+//! Overlay mounts use the new mount API (`fsopen` + one `fsconfig("lowerdir+")` per layer,
+//! Linux 6.8+), which has no limit on the length of the option string. On kernels without
+//! `lowerdir+` the legacy `mount(2)` call is used; its options must fit in one page, so lower
+//! directories are then passed as `/proc/self/fd/N` of directory handles opened for the call,
+//! which keeps each entry about 18 bytes long whatever the data root's path is.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, CWD};
+use rustix::mount::{
+    fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags,
+    FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags,
+};
+
+/// The most lower layers one overlay mount takes (the kernel's `OVL_MAX_STACK`).
+pub const MAX_OVERLAY_LOWERS: usize = 500;
+
+/// What to mount as an overlay.
+#[derive(Debug, Clone, Default)]
+pub struct OverlaySpec {
+    /// Lower directories, top-most first.
+    pub lowers: Vec<PathBuf>,
+    /// Upper directory (read-write mounts); `None` for a read-only stack.
+    pub upper: Option<PathBuf>,
+    /// Work directory, required with `upper`, on the same filesystem.
+    pub work: Option<PathBuf>,
+    /// SELinux context (`context=` option), when not empty.
+    pub label: Option<String>,
+    /// Mount read-only.
+    pub read_only: bool,
+}
+
+fn errno_ctx(e: rustix::io::Errno, what: &str) -> io::Error {
+    let e = io::Error::from(e);
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Mounts an overlay described by `spec` on `target`.
+pub fn mount_overlay(target: &Path, spec: &OverlaySpec) -> io::Result<()> {
+    if spec.lowers.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "overlay needs at least one lower directory",
+        ));
+    }
+    if spec.lowers.len() > MAX_OVERLAY_LOWERS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} lower directories, the kernel takes at most {MAX_OVERLAY_LOWERS}",
+                spec.lowers.len()
+            ),
+        ));
+    }
+    match mount_overlay_new_api(target, spec) {
+        Ok(()) => Ok(()),
+        Err(NewApiError::Unsupported) => mount_overlay_legacy(target, spec),
+        Err(NewApiError::Failed(e)) => Err(e),
+    }
+}
+
+enum NewApiError {
+    /// The kernel lacks the new mount API or `lowerdir+`.
+    Unsupported,
+    Failed(io::Error),
+}
+
+fn mount_overlay_new_api(target: &Path, spec: &OverlaySpec) -> Result<(), NewApiError> {
+    let fs = match fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOSYS) => return Err(NewApiError::Unsupported),
+        Err(e) => return Err(NewApiError::Failed(errno_ctx(e, "fsopen overlay"))),
+    };
+    let fail = |e: rustix::io::Errno, what: String| NewApiError::Failed(errno_ctx(e, &what));
+    for (i, lower) in spec.lowers.iter().enumerate() {
+        match fsconfig_set_string(&fs, "lowerdir+", lower.as_path()) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::INVAL) if i == 0 => return Err(NewApiError::Unsupported),
+            Err(e) => return Err(fail(e, format!("overlay lowerdir+ {}", lower.display()))),
+        }
+    }
+    if let Some(upper) = &spec.upper {
+        fsconfig_set_string(&fs, "upperdir", upper.as_path())
+            .map_err(|e| fail(e, format!("overlay upperdir {}", upper.display())))?;
+    }
+    if let Some(work) = &spec.work {
+        fsconfig_set_string(&fs, "workdir", work.as_path())
+            .map_err(|e| fail(e, format!("overlay workdir {}", work.display())))?;
+    }
+    // Index and redirects off: layers are shared between many mounts (as overlay2 does).
+    let _ = fsconfig_set_string(&fs, "index", "off");
+    let _ = fsconfig_set_string(&fs, "redirect_dir", "off");
+    if let Some(label) = spec.label.as_deref().filter(|l| !l.is_empty()) {
+        fsconfig_set_string(&fs, "context", label).map_err(|e| fail(e, "overlay context".into()))?;
+    }
+    if spec.read_only {
+        fsconfig_set_flag(&fs, "ro").map_err(|e| fail(e, "overlay ro".into()))?;
+    }
+    fsconfig_create(&fs).map_err(|e| fail(e, format!("create overlay for {}", target.display())))?;
+    let attrs = if spec.read_only {
+        MountAttrFlags::MOUNT_ATTR_RDONLY
+    } else {
+        MountAttrFlags::empty()
+    };
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+        .map_err(|e| fail(e, format!("fsmount overlay for {}", target.display())))?;
+    move_mount(
+        mnt.as_fd(),
+        "",
+        CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| fail(e, format!("move_mount overlay to {}", target.display())))?;
+    Ok(())
+}
+
+fn mount_overlay_legacy(target: &Path, spec: &OverlaySpec) -> io::Result<()> {
+    // Directory handles kept open for the duration of the call; the kernel resolves
+    // `/proc/self/fd/N` to the directory itself.
+    let mut handles: Vec<OwnedFd> = Vec::with_capacity(spec.lowers.len());
+    for lower in &spec.lowers {
+        let fd = rustix::fs::open(
+            lower.as_path(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| errno_ctx(e, &format!("open lower {}", lower.display())))?;
+        handles.push(fd);
+    }
+    let lowers: Vec<String> = handles
+        .iter()
+        .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .collect();
+    let mut data = format!("lowerdir={}", lowers.join(":"));
+    for (key, dir) in [("upperdir", &spec.upper), ("workdir", &spec.work)] {
+        if let Some(dir) = dir {
+            let s = dir.to_str().filter(|s| !s.contains([',', ':'])).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{key} {} cannot be passed", dir.display()),
+                )
+            })?;
+            data.push_str(&format!(",{key}={s}"));
+        }
+    }
+    data.push_str(",index=off,redirect_dir=off");
+    if let Some(label) = spec.label.as_deref().filter(|l| !l.is_empty()) {
+        data.push_str(&format!(",context=\"{label}\""));
+    }
+    if data.len() >= 4096 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "overlay options of {} bytes exceed one page; this kernel lacks lowerdir+",
+                data.len()
+            ),
+        ));
+    }
+    let data = CString::new(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let flags = if spec.read_only {
+        MountFlags::RDONLY
+    } else {
+        MountFlags::empty()
+    };
+    rustix::mount::mount("overlay", target, "overlay", flags, data.as_c_str())
+        .map_err(|e| errno_ctx(e, &format!("mount overlay on {}", target.display())))
+}
+
+/// Bind-mounts `source` on `target`, read-only when asked.
+pub fn bind_mount(source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
+    rustix::mount::mount_bind(source, target)
+        .map_err(|e| errno_ctx(e, &format!("bind {} on {}", source.display(), target.display())))?;
+    if read_only {
+        let flags = MountFlags::BIND | MountFlags::RDONLY;
+        if let Err(e) = rustix::mount::mount_remount(target, flags, "") {
+            let _ = unmount(target, true);
+            return Err(errno_ctx(e, &format!("remount {} read-only", target.display())));
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts `target`; with `detach` the mount is lazily detached (`MNT_DETACH`).
+/// A target that is not a mount point is not an error.
+pub fn unmount(target: &Path, detach: bool) -> io::Result<()> {
+    let flags = if detach {
+        UnmountFlags::DETACH
+    } else {
+        UnmountFlags::empty()
+    };
+    match rustix::mount::unmount(target, flags | UnmountFlags::NOFOLLOW) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(errno_ctx(e, &format!("unmount {}", target.display()))),
+    }
+}
+
+/// Mount points at or below `dir`, from `/proc/self/mountinfo`, deepest first.
+pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let file = File::open("/proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in BufReader::new(file).lines() {
+        let line = line?;
+        if let Some(mp) = line.split(' ').nth(4) {
+            let mp = PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_mountinfo(mp)));
+            if mp.starts_with(dir) {
+                out.push(mp);
+            }
+        }
+    }
+    out.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    out.dedup();
+    Ok(out)
+}
+
+/// Whether `path` is a mount point (present in the mount table).
+pub fn is_mount_point(path: &Path) -> io::Result<bool> {
+    Ok(mounts_under(path)?.iter().any(|p| p == path))
+}
+
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Flushes the filesystem holding `path` (`syncfs(2)`): one call per layer instead of one fsync per file.
+pub fn syncfs(path: &Path) -> io::Result<()> {
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| errno_ctx(e, &format!("open {}", path.display())))?;
+    rustix::fs::syncfs(&fd).map_err(|e| errno_ctx(e, &format!("syncfs {}", path.display())))
+}
+
+/// The filesystem type name of `path` (`ext4`, `xfs`, ...), from the mount table entry that holds it.
+pub fn filesystem_type(path: &Path) -> io::Result<String> {
+    let file = File::open("/proc/self/mountinfo")?;
+    let mut best: Option<(usize, String)> = None;
+    for line in BufReader::new(file).lines() {
+        let line = line?;
+        let mut halves = line.splitn(2, " - ");
+        let (left, right) = (halves.next().unwrap_or(""), halves.next().unwrap_or(""));
+        let Some(mp) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let mp = PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_mountinfo(mp)));
+        if path.starts_with(&mp) {
+            let fstype = right.split(' ').next().unwrap_or("unknown").to_string();
+            let len = mp.as_os_str().len();
+            if best.as_ref().is_none_or(|(l, _)| len >= *l) {
+                best = Some((len, fstype));
+            }
+        }
+    }
+    Ok(best.map(|(_, t)| t).unwrap_or_else(|| "unknown".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_octal() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo("/plain"), b"/plain");
+        assert_eq!(unescape_mountinfo("/x\\"), b"/x\\");
+    }
+
+    #[test]
+    fn root_is_a_mount_point() {
+        assert!(is_mount_point(Path::new("/")).unwrap());
+        assert!(!filesystem_type(Path::new("/")).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,3 @@
+//! The only code that knows both a protocol and the store.
+
+pub mod graphdriver;

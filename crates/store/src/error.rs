@@ -1,0 +1,67 @@
+//! Errors of the layer store.
+
+use lamina_archive::ArchiveError;
+
+/// Everything the store can fail with. Protocol adapters map these once, at their edge.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A bad name, parent or option.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Unknown layer or parent.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The layer exists already.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// The layer is mounted or has children.
+    #[error("in use: {0}")]
+    InUse(String),
+    /// A depth or size cap.
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(String),
+    /// Applying or writing a tar failed.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// A filesystem operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metadata database failed or holds something we cannot trust.
+    #[error("corrupt metadata: {0}")]
+    CorruptMetadata(String),
+    /// Another process holds the data root.
+    #[error("data root is locked: {0}")]
+    Locked(String),
+}
+
+impl StoreError {
+    /// Wraps an I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The errno behind this error, if it came from the filesystem.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            StoreError::Io { source, .. } => source.raw_os_error(),
+            StoreError::Archive(ArchiveError::Io { source, .. }) => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Result alias of the store.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+pub(crate) fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::CorruptMetadata(format!("metadata database: {}", e.into()))
+}

@@ -1,0 +1,79 @@
+//! Metadata records kept in redb.
+
+use std::collections::BTreeMap;
+
+use redb::TableDefinition;
+use serde::{Deserialize, Serialize};
+
+/// On-disk format version written by this build; see docs/on-disk-format.md.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// `(namespace, name) -> layer number`.
+pub(crate) const NAMES: TableDefinition<(&str, &str), u64> = TableDefinition::new("names");
+/// `layer number -> LayerRecord` (JSON).
+pub(crate) const LAYERS: TableDefinition<u64, &[u8]> = TableDefinition::new("layers");
+/// `(parent, child)` pairs.
+pub(crate) const CHILDREN: TableDefinition<(u64, u64), ()> = TableDefinition::new("children");
+/// `layer number -> staging dir name` for applies in progress.
+pub(crate) const PENDING: TableDefinition<u64, &str> = TableDefinition::new("pending");
+/// Store-wide values: `format`, `next_id`.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Store-wide strings (e.g. settings remembered across restarts).
+pub(crate) const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
+
+/// Whether a layer was created for writing by a container or as an image layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerKind {
+    /// An image layer (filled once by an apply, or by a builder through a mount).
+    ReadOnly,
+    /// A container's writable layer.
+    ReadWrite,
+}
+
+/// Where a layer's content stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerState {
+    /// Created, content only written through mounts (if at all).
+    Empty,
+    /// A tar is being applied.
+    Applying,
+    /// A tar was applied completely and synced.
+    Applied,
+}
+
+/// The metadata of one layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// Namespace of the front door that owns it (`docker:<home>`, `containerd:<ns>`).
+    pub ns: String,
+    /// The owner's name for it (Docker id, snapshot key).
+    pub name: String,
+    /// Parent layer number.
+    pub parent: Option<u64>,
+    /// Number of layers below it.
+    pub depth: u32,
+    /// Kind.
+    pub kind: LayerKind,
+    /// Content state.
+    pub state: LayerState,
+    /// Size in bytes after an apply.
+    pub size: Option<u64>,
+    /// `sha256:` digest of the applied tar.
+    pub digest: Option<String>,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+    /// Free-form labels (for the snapshotter).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl LayerRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("layer records serialise")
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, crate::StoreError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| crate::StoreError::CorruptMetadata(format!("layer record: {e}")))
+    }
+}

@@ -1,0 +1,290 @@
+//! Store tests on a real filesystem. Mounting needs root: without it these tests say so loudly,
+//! and under CI=true they fail instead.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+
+use lamina_archive::IdMappings;
+use lamina_store::{LayerKind, LayerState, Store, StoreError};
+
+fn require_root(test: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test} needs root (mounts), and CI=true");
+    }
+    eprintln!("SKIPPED: {test} needs root (mounts)");
+    false
+}
+
+struct Root {
+    dir: tempfile::TempDir,
+}
+
+impl Root {
+    fn new() -> Root {
+        // /var/tmp: a disk filesystem (overlay upper dirs need xattrs and d_type).
+        Root {
+            dir: tempfile::Builder::new()
+                .prefix("lamina-store-test")
+                .tempdir_in("/var/tmp")
+                .unwrap(),
+        }
+    }
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        if let Ok(mounts) = lamina_sys::mount::mounts_under(self.dir.path()) {
+            for m in mounts {
+                let _ = lamina_sys::mount::unmount(&m, true);
+            }
+        }
+    }
+}
+
+fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_600_000_000);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+const NS: &str = "test";
+
+fn create(s: &Store, name: &str, parent: Option<&str>) {
+    s.create(NS, name, parent, LayerKind::ReadOnly, BTreeMap::new())
+        .unwrap();
+}
+
+#[test]
+fn create_remove_and_errors() {
+    let r = Root::new();
+    let s = Store::open(&r.path()).unwrap();
+    create(&s, "a", None);
+    assert!(s.exists(NS, "a").unwrap());
+    assert!(!s.exists("other", "a").unwrap(), "namespaces are separate");
+    assert!(matches!(
+        s.create(NS, "a", None, LayerKind::ReadOnly, BTreeMap::new()),
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        s.create(NS, "b", Some("nope"), LayerKind::ReadOnly, BTreeMap::new()),
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(!s.exists(NS, "b").unwrap(), "a failed create leaves nothing");
+    assert!(matches!(
+        s.create(NS, "c", Some("c"), LayerKind::ReadOnly, BTreeMap::new()),
+        Err(StoreError::InvalidArgument(_))
+    ));
+    create(&s, "b", Some("a"));
+    assert!(
+        matches!(s.remove(NS, "a"), Err(StoreError::InUse(_))),
+        "parent with a child"
+    );
+    s.remove(NS, "b").unwrap();
+    s.remove(NS, "a").unwrap();
+    s.remove(NS, "a").unwrap();
+    assert_eq!(s.list().unwrap().len(), 0);
+    // Only the layers dir structure remains; removals finish in the background.
+    for _ in 0..100 {
+        if fs::read_dir(r.path().join("trash")).unwrap().count() == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(fs::read_dir(r.path().join("layers")).unwrap().count(), 0);
+}
+
+#[test]
+fn second_open_is_refused() {
+    let r = Root::new();
+    let _s = Store::open(&r.path()).unwrap();
+    assert!(matches!(Store::open(&r.path()), Err(StoreError::Locked(_))));
+}
+
+#[test]
+fn get_put_refcount_and_stable_path() {
+    if !require_root("get_put_refcount_and_stable_path") {
+        return;
+    }
+    let r = Root::new();
+    let s = Store::open(&r.path()).unwrap();
+    create(&s, "base", None);
+    s.apply(
+        NS,
+        "base",
+        &mut &tar_of(&[("etc/motd", b"hello\n")])[..],
+        &IdMappings::default(),
+    )
+    .unwrap();
+    s.create(NS, "rw", Some("base"), LayerKind::ReadWrite, BTreeMap::new())
+        .unwrap();
+    let p1 = s.get(NS, "rw", "").unwrap();
+    let p2 = s.get(NS, "rw", "").unwrap();
+    assert_eq!(p1, p2);
+    assert_eq!(fs::read(p1.join("etc/motd")).unwrap(), b"hello\n");
+    fs::write(p1.join("new"), b"x").unwrap();
+    s.put(NS, "rw").unwrap();
+    assert!(
+        lamina_sys::mount::is_mount_point(&p1).unwrap(),
+        "still mounted after one put"
+    );
+    s.put(NS, "rw").unwrap();
+    assert!(!lamina_sys::mount::is_mount_point(&p1).unwrap());
+    s.put(NS, "rw").unwrap();
+    assert_eq!(
+        fs::read(s.info(NS, "rw").unwrap().diff_dir.join("new")).unwrap(),
+        b"x"
+    );
+    // Remove of a mounted layer unmounts it.
+    let p = s.get(NS, "rw", "").unwrap();
+    s.remove(NS, "rw").unwrap();
+    assert!(!lamina_sys::mount::is_mount_point(&p).unwrap());
+}
+
+#[test]
+fn chains_of_128_and_more_mount() {
+    if !require_root("chains_of_128_and_more_mount") {
+        return;
+    }
+    let r = Root::new();
+    let s = Store::open(&r.path()).unwrap();
+    let mut parent: Option<String> = None;
+    for i in 0..=500 {
+        let name = format!("l{i}");
+        create(&s, &name, parent.as_deref());
+        let file = format!("f{i}");
+        s.apply(
+            NS,
+            &name,
+            &mut &tar_of(&[(file.as_str(), b"x")])[..],
+            &IdMappings::default(),
+        )
+        .unwrap();
+        parent = Some(name);
+    }
+    for depth in [1usize, 10, 128, 501] {
+        let name = format!("l{}", depth - 1);
+        let p = s.get(NS, &name, "").unwrap();
+        assert!(
+            p.join("f0").exists() && p.join(format!("f{}", depth - 1)).exists(),
+            "depth {depth}"
+        );
+        s.put(NS, &name).unwrap();
+    }
+}
+
+#[test]
+fn depth_above_kernel_limit_is_refused_at_create() {
+    let r = Root::new();
+    let s = Store::open(&r.path()).unwrap();
+    let mut parent: Option<String> = None;
+    for i in 0..=501 {
+        let name = format!("l{i}");
+        match s.create(NS, &name, parent.as_deref(), LayerKind::ReadOnly, BTreeMap::new()) {
+            Ok(()) => parent = Some(name),
+            Err(StoreError::LimitExceeded(_)) => {
+                assert_eq!(i, 501, "refused above the kernel's 500-lower limit");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("no limit hit");
+}
+
+#[test]
+fn failed_apply_leaves_layer_empty_and_retry_works() {
+    if !require_root("failed_apply_leaves_layer_empty_and_retry_works") {
+        return;
+    }
+    let r = Root::new();
+    let s = Store::open(&r.path()).unwrap();
+    create(&s, "a", None);
+    let good = tar_of(&[("a", b"1"), ("b", b"2")]);
+    let cut = &good[..512 + 100];
+    assert!(s.apply(NS, "a", &mut &cut[..], &IdMappings::default()).is_err());
+    let info = s.info(NS, "a").unwrap();
+    assert_eq!(info.record.state, LayerState::Empty);
+    assert_eq!(fs::read_dir(&info.diff_dir).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(r.path().join("staging")).unwrap().count(), 0);
+    let stats = s.apply(NS, "a", &mut &good[..], &IdMappings::default()).unwrap();
+    assert_eq!(stats.size, 2);
+    assert!(stats.digest.starts_with("sha256:"));
+    assert!(matches!(
+        s.apply(NS, "a", &mut &good[..], &IdMappings::default()),
+        Err(StoreError::AlreadyExists(_))
+    ));
+}
+
+#[test]
+fn restart_recovers_interrupted_apply_and_orphans() {
+    if !require_root("restart_recovers_interrupted_apply_and_orphans") {
+        return;
+    }
+    let r = Root::new();
+    {
+        let s = Store::open(&r.path()).unwrap();
+        create(&s, "base", None);
+        s.apply(
+            NS,
+            "base",
+            &mut &tar_of(&[("keep", b"k")])[..],
+            &IdMappings::default(),
+        )
+        .unwrap();
+        create(&s, "child", Some("base"));
+        // Simulate a crash in the middle of an apply: a reader that fails after some data,
+        // with the process "dying" (we just never finish) is hard to model; instead leave
+        // leftovers exactly as a crash would.
+        s.get(NS, "child", "").unwrap();
+    }
+    fs::create_dir_all(r.path().join("staging/5-0/etc")).unwrap();
+    fs::create_dir_all(r.path().join("layers/ffff/diff")).unwrap();
+    fs::File::create(r.path().join("layers/ffff/diff/junk"))
+        .unwrap()
+        .write_all(b"j")
+        .unwrap();
+    let s = Store::open(&r.path()).unwrap();
+    assert_eq!(fs::read_dir(r.path().join("staging")).unwrap().count(), 0);
+    assert!(!r.path().join("layers/ffff").exists());
+    // The mount of the previous run was kept and counted once.
+    let info = s.info(NS, "child").unwrap();
+    assert_eq!(info.mounts, 1);
+    assert!(lamina_sys::mount::is_mount_point(&info.merged_dir).unwrap());
+    assert_eq!(fs::read(info.merged_dir.join("keep")).unwrap(), b"k");
+    s.put(NS, "child").unwrap();
+    assert!(!lamina_sys::mount::is_mount_point(&info.merged_dir).unwrap());
+}
+
+#[test]
+fn newer_format_is_refused() {
+    let r = Root::new();
+    drop(Store::open(&r.path()).unwrap());
+    {
+        let db = redb::Database::create(r.path().join("meta.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn
+                .open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+                .unwrap();
+            t.insert("format", 99).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let e = Store::open(&r.path()).unwrap_err().to_string();
+    assert!(e.contains("newer than supported"), "{e}");
+}
