@@ -62,7 +62,10 @@ pub struct PluginError {
 impl PluginError {
     /// Builds an error of `kind`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        PluginError { kind, message: message.into() }
+        PluginError {
+            kind,
+            message: message.into(),
+        }
     }
 
     /// Shorthand for [`ErrorKind::InvalidArgument`].

@@ -1,0 +1,572 @@
+//! Maps `POST /<Subsystem>.<Method>` to driver calls: decodes and validates the request,
+//! calls the driver, encodes the reply.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use crate::error::{ErrorKind, PluginError};
+use crate::graphdriver::{CreateRequest, DiffStream, GraphDriver, InitRequest};
+use crate::http::{parse_query, read_capped, Body, RequestHead};
+use crate::wire::{self, GraphDriverRequest, InitWireRequest};
+
+/// Longest accepted layer id, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+/// Default cap on a JSON request body.
+pub const DEFAULT_JSON_BODY_LIMIT: usize = 1024 * 1024;
+
+/// Quotes `s` for messages and logs: escaped (control characters, quotes, non-ASCII as
+/// `\u{..}`) and truncated to `max_chars` characters.
+pub fn quote(s: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max_chars * 2) + 2);
+    out.push('"');
+    for (i, c) in s.chars().enumerate() {
+        if i == max_chars {
+            out.push_str("\"...");
+            return out;
+        }
+        let _ = write!(out, "{}", c.escape_default());
+    }
+    out.push('"');
+    out
+}
+
+/// Checks a layer id before it reaches a driver: non-empty, at most [`MAX_ID_LEN`] bytes,
+/// only `[A-Za-z0-9_.-]`, first character alphanumeric. This rules out `.`, `..`, `-rf`, `/`,
+/// NUL, whitespace and any non-ASCII.
+pub fn validate_id(id: &str) -> Result<(), PluginError> {
+    let b = id.as_bytes();
+    if b.len() > MAX_ID_LEN {
+        return Err(PluginError::invalid(format!(
+            "invalid id {} ({} bytes, at most {MAX_ID_LEN})",
+            quote(id, 64),
+            b.len()
+        )));
+    }
+    let ok = !b.is_empty()
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PluginError::invalid(format!("invalid id {}", quote(id, 64))))
+    }
+}
+
+/// A required id: absent or empty is `missing ID`.
+fn required_id(id: Option<String>) -> Result<String, PluginError> {
+    match id {
+        None => Err(PluginError::invalid("missing ID")),
+        Some(s) if s.is_empty() => Err(PluginError::invalid("missing ID")),
+        Some(s) => {
+            validate_id(&s)?;
+            Ok(s)
+        }
+    }
+}
+
+/// An optional parent: absent or empty is "none", anything else must be a valid id.
+fn optional_parent(parent: Option<String>) -> Result<String, PluginError> {
+    match parent {
+        None => Ok(String::new()),
+        Some(s) if s.is_empty() => Ok(s),
+        Some(s) => {
+            validate_id(&s)?;
+            Ok(s)
+        }
+    }
+}
+
+/// The GraphDriver methods, by path suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GraphMethod {
+    Init,
+    Create,
+    CreateReadWrite,
+    Remove,
+    Get,
+    Put,
+    Exists,
+    Status,
+    GetMetadata,
+    Cleanup,
+    Diff,
+    Changes,
+    ApplyDiff,
+    DiffSize,
+    Capabilities,
+}
+
+impl GraphMethod {
+    fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "Init" => Self::Init,
+            "Create" => Self::Create,
+            "CreateReadWrite" => Self::CreateReadWrite,
+            "Remove" => Self::Remove,
+            "Get" => Self::Get,
+            "Put" => Self::Put,
+            "Exists" => Self::Exists,
+            "Status" => Self::Status,
+            "GetMetadata" => Self::GetMetadata,
+            "Cleanup" => Self::Cleanup,
+            "Diff" => Self::Diff,
+            "Changes" => Self::Changes,
+            "ApplyDiff" => Self::ApplyDiff,
+            "DiffSize" => Self::DiffSize,
+            "Capabilities" => Self::Capabilities,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Init => "GraphDriver.Init",
+            Self::Create => "GraphDriver.Create",
+            Self::CreateReadWrite => "GraphDriver.CreateReadWrite",
+            Self::Remove => "GraphDriver.Remove",
+            Self::Get => "GraphDriver.Get",
+            Self::Put => "GraphDriver.Put",
+            Self::Exists => "GraphDriver.Exists",
+            Self::Status => "GraphDriver.Status",
+            Self::GetMetadata => "GraphDriver.GetMetadata",
+            Self::Cleanup => "GraphDriver.Cleanup",
+            Self::Diff => "GraphDriver.Diff",
+            Self::Changes => "GraphDriver.Changes",
+            Self::ApplyDiff => "GraphDriver.ApplyDiff",
+            Self::DiffSize => "GraphDriver.DiffSize",
+            Self::Capabilities => "GraphDriver.Capabilities",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Activate,
+    Graph(GraphMethod),
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Activate => "Plugin.Activate",
+            Endpoint::Graph(m) => m.name(),
+        }
+    }
+}
+
+/// What the server sends back.
+pub(crate) enum Payload<'r> {
+    /// A complete JSON body.
+    Json(Vec<u8>),
+    /// A tar stream, sent chunked.
+    Tar(Box<dyn DiffStream + 'r>),
+}
+
+/// A routed reply.
+pub(crate) struct Reply<'r> {
+    pub status: u16,
+    pub payload: Payload<'r>,
+    /// Close the connection after this reply without reading the rest of the request body.
+    pub close: bool,
+    /// Add `Allow: POST` (405 replies).
+    pub allow_post: bool,
+}
+
+impl Reply<'_> {
+    fn json(status: u16, body: Vec<u8>) -> Self {
+        Reply {
+            status,
+            payload: Payload::Json(body),
+            close: false,
+            allow_post: false,
+        }
+    }
+}
+
+/// Per-request state shared by the handlers.
+struct Call<'b, 'c> {
+    body: &'b mut Body<'c>,
+    json_limit: usize,
+    close: bool,
+    id: String,
+}
+
+impl Call<'_, '_> {
+    /// Reads the whole body (capped) and decodes it.
+    fn json<T: serde::de::DeserializeOwned + Default>(&mut self) -> Result<T, PluginError> {
+        if self
+            .body
+            .remaining_length()
+            .is_some_and(|n| n > self.json_limit as u64)
+        {
+            // Refuse without reading: the connection is closed after the reply.
+            self.close = true;
+            return Err(PluginError::invalid("request body too large"));
+        }
+        match read_capped(self.body, self.json_limit) {
+            Ok(bytes) => wire::decode_request(&bytes),
+            Err(None) => {
+                self.close = true;
+                Err(PluginError::invalid("request body too large"))
+            }
+            Err(Some(e)) => {
+                self.close = true;
+                Err(PluginError::invalid(format!("malformed request body: {e}")))
+            }
+        }
+    }
+
+    fn note_id(&mut self, id: &str) {
+        self.id = quote(id, 80);
+    }
+}
+
+/// Routes plugin requests to the drivers it was built with.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # fn f(driver: Arc<dyn lamina_docker::GraphDriver>) {
+/// let router = lamina_docker::Router::new().with_graph_driver(driver);
+/// # }
+/// ```
+pub struct Router {
+    graph: Option<Arc<dyn GraphDriver>>,
+    json_limit: usize,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("implements", &self.implements())
+            .field("json_limit", &self.json_limit)
+            .finish()
+    }
+}
+
+impl Router {
+    /// A router that implements nothing yet (only `/Plugin.Activate`).
+    pub fn new() -> Self {
+        Router {
+            graph: None,
+            json_limit: DEFAULT_JSON_BODY_LIMIT,
+        }
+    }
+
+    /// Serves `/GraphDriver.*` with `driver`.
+    pub fn with_graph_driver(mut self, driver: Arc<dyn GraphDriver>) -> Self {
+        self.graph = Some(driver);
+        self
+    }
+
+    /// Changes the cap on JSON request bodies (default 1 MiB).
+    pub fn with_json_body_limit(mut self, limit: usize) -> Self {
+        self.json_limit = limit;
+        self
+    }
+
+    /// The subsystems listed by `/Plugin.Activate`.
+    pub fn implements(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.graph.is_some() {
+            v.push("GraphDriver");
+        }
+        v
+    }
+
+    fn lookup(&self, path: &str) -> Option<Endpoint> {
+        if path == "/Plugin.Activate" {
+            return Some(Endpoint::Activate);
+        }
+        if let Some(m) = path.strip_prefix("/GraphDriver.") {
+            if self.graph.is_some() {
+                return GraphMethod::from_name(m).map(Endpoint::Graph);
+            }
+        }
+        None
+    }
+
+    /// Handles one request whose head was read; the body is read (or not) from `body`.
+    pub(crate) fn handle<'r>(&'r self, head: &RequestHead, body: &mut Body<'_>) -> Reply<'r> {
+        let path = head.path();
+        let Some(ep) = self.lookup(path) else {
+            let err = PluginError::not_found(format!("unknown endpoint {}", quote(path, 100)));
+            tracing::debug!(method = %quote(&head.method, 16), path = %quote(path, 100), "unknown endpoint");
+            return Reply::json(404, wire::encode_error(&err));
+        };
+        if head.method != "POST" {
+            let err = PluginError::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "method {} not allowed on {}, use POST",
+                    quote(&head.method, 16),
+                    ep.name()
+                ),
+            );
+            tracing::warn!(method = ep.name(), http_method = %quote(&head.method, 16), "method not allowed");
+            let mut r = Reply::json(405, wire::encode_error(&err));
+            r.allow_post = true;
+            return r;
+        }
+        let mut call = Call {
+            body,
+            json_limit: self.json_limit,
+            close: false,
+            id: String::new(),
+        };
+        let result = match ep {
+            Endpoint::Activate => self.activate(&mut call),
+            Endpoint::Graph(m) => self.graph_call(m, head, &mut call),
+        };
+        match result {
+            Ok(payload) => Reply {
+                status: 200,
+                payload,
+                close: call.close,
+                allow_post: false,
+            },
+            Err(e) => {
+                tracing::warn!(method = ep.name(), id = %call.id, error = %e, "request failed");
+                Reply {
+                    status: 500,
+                    payload: Payload::Json(wire::encode_error(&e)),
+                    close: call.close,
+                    allow_post: false,
+                }
+            }
+        }
+    }
+
+    fn activate(&self, call: &mut Call<'_, '_>) -> Result<Payload<'static>, PluginError> {
+        tracing::debug!(method = "Plugin.Activate", "call");
+        // dockerd sends an empty body; whatever is sent is read (capped) and ignored.
+        let _ = read_capped(call.body, call.json_limit).map_err(|_| call.close = true);
+        Ok(Payload::Json(wire::encode(&wire::ActivateResponse {
+            implements: self.implements(),
+        })))
+    }
+
+    fn graph_call<'r>(
+        &'r self,
+        m: GraphMethod,
+        head: &RequestHead,
+        call: &mut Call<'_, '_>,
+    ) -> Result<Payload<'r>, PluginError> {
+        let Some(g) = self.graph.as_deref() else {
+            return Err(PluginError::not_found(format!(
+                "unknown endpoint {}",
+                quote(m.name(), 64)
+            )));
+        };
+        match m {
+            GraphMethod::Init => {
+                let r: InitWireRequest = call.json()?;
+                tracing::debug!(method = m.name(), home = ?r.home, "call");
+                let home = r
+                    .home
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| PluginError::invalid("missing Home"))?;
+                g.init(InitRequest {
+                    home,
+                    options: r.opts.unwrap_or_default(),
+                    uid_maps: r.uid_maps.unwrap_or_default(),
+                    gid_maps: r.gid_maps.unwrap_or_default(),
+                })?;
+                json(&wire::EmptyResponse {})
+            }
+            GraphMethod::Create | GraphMethod::CreateReadWrite => {
+                let r: GraphDriverRequest = call.json()?;
+                if let Some(id) = &r.id {
+                    call.note_id(id);
+                }
+                tracing::debug!(method = m.name(), id = %call.id, parent = ?r.parent, "call");
+                let id = required_id(r.id)?;
+                let parent = optional_parent(r.parent)?;
+                if parent == id {
+                    return Err(PluginError::invalid(format!(
+                        "parent of {} is itself",
+                        quote(&id, 80)
+                    )));
+                }
+                let req = CreateRequest {
+                    id,
+                    parent: (!parent.is_empty()).then_some(parent),
+                    mount_label: r.mount_label.unwrap_or_default(),
+                    storage_opt: r.storage_opt.unwrap_or_default(),
+                };
+                g.create(req, m == GraphMethod::CreateReadWrite)?;
+                json(&wire::EmptyResponse {})
+            }
+            GraphMethod::Remove | GraphMethod::Put | GraphMethod::Get | GraphMethod::GetMetadata => {
+                let r: GraphDriverRequest = call.json()?;
+                if let Some(id) = &r.id {
+                    call.note_id(id);
+                }
+                tracing::debug!(method = m.name(), id = %call.id, "call");
+                let id = required_id(r.id)?;
+                match m {
+                    GraphMethod::Remove => {
+                        g.remove(&id)?;
+                        json(&wire::EmptyResponse {})
+                    }
+                    GraphMethod::Put => {
+                        g.put(&id)?;
+                        json(&wire::EmptyResponse {})
+                    }
+                    GraphMethod::Get => {
+                        let dir = g.get(&id, r.mount_label.as_deref().unwrap_or(""))?;
+                        let dir = dir.to_str().ok_or_else(|| {
+                            PluginError::new(
+                                ErrorKind::Io,
+                                format!("mount path of {} is not UTF-8", quote(&id, 80)),
+                            )
+                        })?;
+                        json(&wire::DirResponse { dir })
+                    }
+                    _ => {
+                        let metadata = g.get_metadata(&id)?;
+                        json(&wire::MetadataResponse { metadata })
+                    }
+                }
+            }
+            GraphMethod::Exists => {
+                let r: GraphDriverRequest = call.json()?;
+                if let Some(id) = &r.id {
+                    call.note_id(id);
+                }
+                tracing::debug!(method = m.name(), id = %call.id, "call");
+                let exists = match required_id(r.id) {
+                    Ok(id) => g.exists(&id),
+                    Err(_) => false,
+                };
+                json(&wire::ExistsResponse { exists })
+            }
+            GraphMethod::Status => {
+                let _: GraphDriverRequest = call.json()?;
+                tracing::debug!(method = m.name(), "call");
+                json(&wire::StatusResponse { status: g.status() })
+            }
+            GraphMethod::Cleanup => {
+                let _: GraphDriverRequest = call.json()?;
+                tracing::debug!(method = m.name(), "call");
+                g.cleanup()?;
+                json(&wire::EmptyResponse {})
+            }
+            GraphMethod::Capabilities => {
+                let _: GraphDriverRequest = call.json()?;
+                tracing::debug!(method = m.name(), "call");
+                json(&wire::CapabilitiesResponse {
+                    capabilities: wire::Capabilities {
+                        reproduces_exact_diffs: g.reproduces_exact_diffs(),
+                    },
+                })
+            }
+            GraphMethod::Diff | GraphMethod::Changes | GraphMethod::DiffSize => {
+                let r: GraphDriverRequest = call.json()?;
+                if let Some(id) = &r.id {
+                    call.note_id(id);
+                }
+                tracing::debug!(method = m.name(), id = %call.id, parent = ?r.parent, "call");
+                let id = required_id(r.id)?;
+                let parent = optional_parent(r.parent)?;
+                match m {
+                    GraphMethod::Diff => Ok(Payload::Tar(g.diff(&id, &parent)?)),
+                    GraphMethod::Changes => {
+                        let changes = g.changes(&id, &parent)?;
+                        let changes = changes
+                            .iter()
+                            .map(|c| wire::ChangeWire {
+                                path: &c.path,
+                                kind: c.kind,
+                            })
+                            .collect();
+                        json(&wire::ChangesResponse { changes })
+                    }
+                    _ => json(&wire::SizeResponse {
+                        size: g.diff_size(&id, &parent)?,
+                    }),
+                }
+            }
+            GraphMethod::ApplyDiff => {
+                let mut id = None;
+                let mut parent = None;
+                for (k, v) in parse_query(head.query().unwrap_or(""))? {
+                    let slot = match k.as_str() {
+                        "id" => &mut id,
+                        "parent" => &mut parent,
+                        _ => continue,
+                    };
+                    if slot.is_some() {
+                        return Err(PluginError::invalid(format!("query parameter {k:?} given twice")));
+                    }
+                    *slot = Some(v);
+                }
+                if let Some(id) = &id {
+                    call.note_id(id);
+                }
+                tracing::debug!(method = m.name(), id = %call.id, parent = ?parent.as_deref().map(|p| quote(p, 80)), "call");
+                let id = required_id(id)?;
+                let parent = optional_parent(parent)?;
+                call.body.set_streaming();
+                let size = g.apply_diff(&id, &parent, call.body)?;
+                json(&wire::SizeResponse { size })
+            }
+        }
+    }
+}
+
+/// A JSON success payload.
+fn json<T: serde::Serialize>(value: &T) -> Result<Payload<'static>, PluginError> {
+    Ok(Payload::Json(wire::encode(value)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for ok in ["a", "0", "abc-init", "A.b_c-d", &"f".repeat(128)] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "../../etc",
+            "a\\b",
+            "-rf",
+            ".hidden",
+            "_x",
+            "a\0b",
+            "a\nb",
+            "a\tb",
+            "ünï",
+            "a b",
+            &"f".repeat(129),
+        ] {
+            let e = validate_id(bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidArgument);
+            assert!(
+                e.to_string().starts_with("invalid argument: invalid id \""),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote("a\"b\n\0", 10), r#""a\"b\n\u{0}""#);
+        assert_eq!(quote("abcdef", 3), r#""abc"..."#);
+        assert_eq!(quote("\u{202e}x", 10), r#""\u{202e}x""#);
+        let e = validate_id(&"x".repeat(10_000_000)).unwrap_err().to_string();
+        assert!(e.len() < 200, "{e}");
+    }
+}
