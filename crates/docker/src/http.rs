@@ -866,3 +866,416 @@ pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, PluginError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// In-memory transport; `step` > 0 hands out input at most `step` bytes per read.
+    struct Mem {
+        input: Cursor<Vec<u8>>,
+        step: usize,
+        out: Vec<u8>,
+    }
+
+    impl Read for Mem {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = if self.step > 0 {
+                buf.len().min(self.step)
+            } else {
+                buf.len()
+            };
+            self.input.read(&mut buf[..n])
+        }
+    }
+
+    impl Write for Mem {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn conn(input: &[u8], step: usize) -> Conn<NoTimeouts<Mem>> {
+        Conn::new(
+            NoTimeouts(Mem {
+                input: Cursor::new(input.to_vec()),
+                step,
+                out: Vec::new(),
+            }),
+            16 * 1024,
+        )
+    }
+
+    const LIMITS: HeadLimits = HeadLimits {
+        max_headers: 8,
+        idle_timeout: Duration::from_secs(1),
+        head_timeout: Duration::from_secs(1),
+    };
+
+    fn body_of(c: &mut Conn<NoTimeouts<Mem>>, framing: Framing) -> io::Result<Vec<u8>> {
+        let mut b = Body::new(
+            c,
+            framing,
+            Deadline::PerRead(Duration::from_secs(1)),
+            Duration::from_secs(1),
+        );
+        let mut out = Vec::new();
+        b.read_to_end(&mut out)?;
+        assert!(b.is_complete());
+        Ok(out)
+    }
+
+    fn chunked(input: &[u8]) -> io::Result<Vec<u8>> {
+        // Every input is also decoded one byte per read, to exercise incremental parsing.
+        let slow = body_of(&mut conn(input, 1), Framing::Chunked);
+        let fast = body_of(&mut conn(input, 0), Framing::Chunked);
+        match (&slow, &fast) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b),
+            (Err(_), Err(_)) => {}
+            _ => panic!("slow {slow:?} vs fast {fast:?}"),
+        }
+        fast
+    }
+
+    #[test]
+    fn chunked_decoding() {
+        assert_eq!(
+            chunked(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").unwrap(),
+            b"hello world"
+        );
+        assert_eq!(chunked(b"0\r\n\r\n").unwrap(), b"");
+        // Upper/lower hex and leading zeros.
+        assert_eq!(
+            chunked(b"000A\r\n0123456789\r\n0\r\n\r\n").unwrap(),
+            b"0123456789"
+        );
+        assert_eq!(chunked(b"a\r\n0123456789\r\n0\r\n\r\n").unwrap(), b"0123456789");
+        // Extensions (with and without values, whitespace before `;`).
+        assert_eq!(
+            chunked(b"3;name=value;flag\r\nabc\r\n0;last\r\n\r\n").unwrap(),
+            b"abc"
+        );
+        assert_eq!(chunked(b"3 ;x=\"q\"\r\nabc\r\n0\r\n\r\n").unwrap(), b"abc");
+        // Trailers are read and ignored.
+        assert_eq!(
+            chunked(b"3\r\nabc\r\n0\r\nX-Sum: 1\r\nY: 2\r\n\r\n").unwrap(),
+            b"abc"
+        );
+    }
+
+    #[test]
+    fn chunked_malformed() {
+        for bad in [
+            &b"\r\nabc\r\n0\r\n\r\n"[..],         // empty size
+            b"x\r\nabc\r\n0\r\n\r\n",             // not hex
+            b"-3\r\nabc\r\n0\r\n\r\n",            // sign
+            b"+3\r\nabc\r\n0\r\n\r\n",            // sign
+            b"0x3\r\nabc\r\n0\r\n\r\n",           // 0x prefix
+            b"10000000000000000\r\n",             // 17 hex digits
+            b"3\nabc\r\n0\r\n\r\n",               // bare LF
+            b"3\r\nabcX\r\n0\r\n\r\n",            // data longer than size
+            b"3\r\nab",                           // truncated data
+            b"3\r\nabc",                          // truncated before CRLF
+            b"3\r\nabc\r\n",                      // no last chunk
+            b"3\r\nabc\r\n0\r\n",                 // no end of trailers
+            b"3;\x00\r\nabc\r\n0\r\n\r\n",        // control char in extension
+            b"3 x\r\nabc\r\n0\r\n\r\n",           // junk after size
+            b"3\r\nabc\r\n0\r\nno colon\r\n\r\n", // bad trailer
+            b"",                                  // nothing at all
+        ] {
+            assert!(chunked(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        // Max-size digits parse; a huge chunk then fails as truncated, not by overflow.
+        assert!(chunked(b"ffffffffffffffff\r\nabc").is_err());
+        // A chunk-size line longer than the cap.
+        let mut long = b"1;".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 5000));
+        long.extend_from_slice(b"\r\nx\r\n0\r\n\r\n");
+        assert!(chunked(&long).is_err());
+        // Trailers beyond the cap.
+        let mut t = b"0\r\n".to_vec();
+        for _ in 0..1000 {
+            t.extend_from_slice(b"X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        t.extend_from_slice(b"\r\n");
+        assert!(chunked(&t).is_err());
+    }
+
+    #[test]
+    fn broken_body_stays_broken() {
+        let mut c = conn(b"zz\r\n", 0);
+        let mut b = Body::new(
+            &mut c,
+            Framing::Chunked,
+            Deadline::PerRead(Duration::from_secs(1)),
+            Duration::ZERO,
+        );
+        let mut buf = [0u8; 16];
+        assert!(b.read(&mut buf).is_err());
+        assert!(b.is_broken());
+        assert!(b.read(&mut buf).is_err());
+        assert!(!b.drain(1000));
+    }
+
+    #[test]
+    fn content_length_bodies() {
+        let mut c = conn(b"hello world", 0);
+        assert_eq!(body_of(&mut c, Framing::Length(5)).unwrap(), b"hello");
+        assert_eq!(c.buffered(), b" world");
+        let mut c = conn(b"abc", 1);
+        assert!(body_of(&mut c, Framing::Length(4)).is_err());
+        let mut c = conn(b"", 0);
+        assert_eq!(body_of(&mut c, Framing::Length(0)).unwrap(), b"");
+    }
+
+    #[test]
+    fn body_cap() {
+        let mut c = conn(&[b'x'; 100], 0);
+        let mut b = Body::new(
+            &mut c,
+            Framing::Length(100),
+            Deadline::PerRead(Duration::from_secs(1)),
+            Duration::ZERO,
+        );
+        assert!(matches!(read_capped(&mut b, 99), Err(None)));
+        let mut c = conn(&[b'x'; 100], 7);
+        let mut b = Body::new(
+            &mut c,
+            Framing::Length(100),
+            Deadline::PerRead(Duration::from_secs(1)),
+            Duration::ZERO,
+        );
+        assert_eq!(read_capped(&mut b, 100).unwrap().len(), 100);
+        let mut c = conn(b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n", 0);
+        let mut b = Body::new(
+            &mut c,
+            Framing::Chunked,
+            Deadline::PerRead(Duration::from_secs(1)),
+            Duration::ZERO,
+        );
+        assert!(matches!(read_capped(&mut b, 5), Err(None)));
+    }
+
+    #[test]
+    fn drain() {
+        let mut c = conn(b"0123456789NEXT", 0);
+        let mut b = Body::new(
+            &mut c,
+            Framing::Length(10),
+            Deadline::PerRead(Duration::from_secs(1)),
+            Duration::ZERO,
+        );
+        assert!(b.drain(64));
+        assert_eq!(c.buffered(), b"NEXT");
+        let mut c = conn(b"0123456789", 0);
+        let mut b = Body::new(
+            &mut c,
+            Framing::Length(10),
+            Deadline::PerRead(Duration::from_secs(1)),
+            Duration::ZERO,
+        );
+        assert!(!b.drain(5));
+        let mut c = conn(b"a\r\n0123456789\r\n0\r\n\r\n", 0);
+        let mut b = Body::new(
+            &mut c,
+            Framing::Chunked,
+            Deadline::PerRead(Duration::from_secs(1)),
+            Duration::ZERO,
+        );
+        assert!(!b.drain(4));
+    }
+
+    #[test]
+    fn heads() {
+        let raw = b"POST /GraphDriver.Get HTTP/1.1\r\nHost: \r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: 9\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\nAccept-Encoding: gzip\r\n\r\n{\"ID\":1}\n";
+        for step in [0, 1] {
+            let mut c = conn(raw, step);
+            let h = c.read_head(&LIMITS).unwrap();
+            assert_eq!(h.method, "POST");
+            assert_eq!(h.path(), "/GraphDriver.Get");
+            assert_eq!(h.query(), None);
+            assert_eq!(h.framing, Framing::Length(9));
+            assert!(h.keep_alive);
+            assert_eq!(body_of(&mut c, h.framing).unwrap(), b"{\"ID\":1}\n");
+        }
+        let mut c = conn(b"POST /GraphDriver.ApplyDiff?id=a&parent= HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n", 0);
+        let h = c.read_head(&LIMITS).unwrap();
+        assert_eq!(h.path(), "/GraphDriver.ApplyDiff");
+        assert_eq!(h.query(), Some("id=a&parent="));
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(!h.keep_alive);
+        // HTTP/1.0: close unless keep-alive asked for.
+        let h = conn(b"POST /x HTTP/1.0\r\n\r\n", 0).read_head(&LIMITS).unwrap();
+        assert!(!h.keep_alive);
+        assert_eq!(h.framing, Framing::Length(0));
+        let h = conn(b"POST /x HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", 0)
+            .read_head(&LIMITS)
+            .unwrap();
+        assert!(h.keep_alive);
+        let h = conn(
+            b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            0,
+        )
+        .read_head(&LIMITS)
+        .unwrap();
+        assert!(h.expect_continue);
+        // Repeated identical Content-Length is fine.
+        let h = conn(
+            b"POST /x HTTP/1.1\r\nContent-Length: 3\r\ncontent-length: 3\r\n\r\n",
+            0,
+        )
+        .read_head(&LIMITS)
+        .unwrap();
+        assert_eq!(h.framing, Framing::Length(3));
+    }
+
+    #[test]
+    fn bad_heads() {
+        let malformed = |raw: &[u8]| matches!(conn(raw, 0).read_head(&LIMITS), Err(HeadError::Malformed(_)));
+        assert!(malformed(
+            b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"
+        ));
+        assert!(malformed(b"POST /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n"));
+        assert!(malformed(b"POST /x HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n"));
+        assert!(malformed(
+            b"POST /x HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n"
+        ));
+        assert!(malformed(
+            b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(malformed(b"POST /x HTTP/2.0\r\n\r\n"));
+        assert!(malformed(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"));
+        assert!(malformed(b"POST /x HTTP/1.1\r\nBad Header: x\r\n\r\n"));
+        let unsupported = |raw: &[u8]| {
+            matches!(
+                conn(raw, 0).read_head(&LIMITS),
+                Err(HeadError::UnsupportedTransferEncoding)
+            )
+        };
+        assert!(unsupported(
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+        ));
+        assert!(unsupported(
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
+        ));
+        assert!(unsupported(
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n"
+        ));
+        // Too many headers.
+        let mut raw = b"POST /x HTTP/1.1\r\n".to_vec();
+        for i in 0..9 {
+            raw.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+        }
+        raw.extend_from_slice(b"\r\n");
+        assert!(matches!(
+            conn(&raw, 0).read_head(&LIMITS),
+            Err(HeadError::TooLarge(_))
+        ));
+        // Head over 16 KiB, complete or not.
+        let mut raw = b"POST /x?id=".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 20_000));
+        assert!(matches!(
+            conn(&raw, 0).read_head(&LIMITS),
+            Err(HeadError::TooLarge(_))
+        ));
+        raw.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+        assert!(matches!(
+            conn(&raw, 3).read_head(&LIMITS),
+            Err(HeadError::TooLarge(_))
+        ));
+        // End of input: nothing, or half a head.
+        assert!(matches!(conn(b"", 0).read_head(&LIMITS), Err(HeadError::Closed)));
+        assert!(matches!(
+            conn(b"POST /x HTT", 0).read_head(&LIMITS),
+            Err(HeadError::Closed)
+        ));
+    }
+
+    #[test]
+    fn pipelined_requests() {
+        let raw = b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\nPOST /c HTTP/1.1\r\n\r\n";
+        for step in [0, 1, 5] {
+            let mut c = conn(raw, step);
+            let mut seen = Vec::new();
+            while let Ok(h) = c.read_head(&LIMITS) {
+                let body = body_of(&mut c, h.framing).unwrap();
+                seen.push((h.target.clone(), body));
+            }
+            assert_eq!(
+                seen,
+                vec![
+                    ("/a".into(), b"{}".to_vec()),
+                    ("/b".into(), b"{}".to_vec()),
+                    ("/c".into(), vec![])
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn head_leading_empty_lines_are_skipped() {
+        let h = conn(b"\r\nPOST /x HTTP/1.1\r\n\r\n", 0)
+            .read_head(&LIMITS)
+            .unwrap();
+        assert_eq!(h.target, "/x");
+    }
+
+    #[test]
+    fn query_parsing() {
+        assert_eq!(
+            parse_query("id=abc&parent=").unwrap(),
+            vec![("id".into(), "abc".into()), ("parent".into(), String::new())]
+        );
+        assert_eq!(
+            parse_query("id=..%2F..%2Fetc").unwrap(),
+            vec![("id".into(), "../../etc".into())]
+        );
+        assert_eq!(
+            parse_query("id=a+b&&x").unwrap(),
+            vec![("id".into(), "a b".into()), ("x".into(), String::new())]
+        );
+        assert_eq!(parse_query("id=%00").unwrap(), vec![("id".into(), "\0".into())]);
+        assert_eq!(parse_query("").unwrap(), vec![]);
+        assert_eq!(parse_query("id=a&id=b").unwrap().len(), 2);
+        for bad in ["id=%", "id=%2", "id=%zz", "id=%ff", "%G0=1"] {
+            assert!(parse_query(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn chunked_writer() {
+        let mut out = Vec::new();
+        let mut w = ChunkedWriter::new(&mut out, true);
+        w.write_all(b"hello").unwrap();
+        w.write_all(&[b'x'; OUT_CHUNK + 1]).unwrap();
+        w.finish().unwrap();
+        let mut c = conn(&out, 0);
+        let body = body_of(&mut c, Framing::Chunked).unwrap();
+        assert_eq!(body.len(), 5 + OUT_CHUNK + 1);
+        assert!(out.ends_with(b"\r\n0\r\n\r\n"));
+        // Without finish: no terminating chunk.
+        let mut out = Vec::new();
+        let mut w = ChunkedWriter::new(&mut out, true);
+        w.write_all(b"abc").unwrap();
+        w.flush().unwrap();
+        drop(w);
+        assert_eq!(out, b"3\r\nabc\r\n");
+    }
+
+    #[test]
+    fn responses() {
+        let r = json_response(500, br#"{"Err":"x"}"#, true, false, &[("Allow", "POST")]);
+        let s = String::from_utf8(r).unwrap();
+        assert!(s.starts_with("HTTP/1.1 500 Internal Server Error\r\n"));
+        assert!(s.contains("Content-Type: application/vnd.docker.plugins.v1+json\r\n"));
+        assert!(s.contains("Content-Length: 11\r\n"));
+        assert!(s.contains("Connection: close\r\n"));
+        assert!(s.contains("Allow: POST\r\n"));
+        assert!(s.ends_with("\r\n\r\n{\"Err\":\"x\"}"));
+    }
+}
