@@ -15,6 +15,14 @@ use std::os::unix::ffi::OsStrExt;
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
+/// errno values callers match on (`io::Error::raw_os_error`).
+pub mod errno {
+    pub use libc::{
+        E2BIG, EEXIST, EFBIG, EINVAL, ELOOP, EMLINK, ENAMETOOLONG, ENOENT, ENOSPC, ENOTDIR, EOPNOTSUPP,
+        EPERM, ERANGE,
+    };
+}
+
 /// The xattr that marks an overlay directory opaque.
 pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
@@ -128,7 +136,13 @@ fn openat2_retry(
     // lookup; retrying a few times is the documented remedy.
     let mut tries = 0;
     loop {
-        match rfs::openat2(dir, name_arg(path), flags | OFlags::CLOEXEC, Mode::empty(), resolve) {
+        match rfs::openat2(
+            dir,
+            name_arg(path),
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve,
+        ) {
             Err(Errno::AGAIN) if tries < 16 => tries += 1,
             r => return r.map_err(io::Error::from),
         }
@@ -236,7 +250,11 @@ pub fn open_file(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
 
 /// `mkdirat(dir, name, mode)`.
 pub fn mkdir(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
-    Ok(rfs::mkdirat(dir, name_arg(name), Mode::from_raw_mode(mode & 0o7777))?)
+    Ok(rfs::mkdirat(
+        dir,
+        name_arg(name),
+        Mode::from_raw_mode(mode & 0o7777),
+    )?)
 }
 
 /// Creates a character or block device node (never opened).
@@ -248,7 +266,11 @@ pub fn mknod_device(
     major: u32,
     minor: u32,
 ) -> io::Result<()> {
-    let ft = if block { rfs::FileType::BlockDevice } else { rfs::FileType::CharacterDevice };
+    let ft = if block {
+        rfs::FileType::BlockDevice
+    } else {
+        rfs::FileType::CharacterDevice
+    };
     Ok(rfs::mknodat(
         dir,
         name_arg(name),
@@ -260,7 +282,11 @@ pub fn mknod_device(
 
 /// Creates a fifo (never opened).
 pub fn mkfifo(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
-    Ok(rfs::mkfifoat(dir, name_arg(name), Mode::from_raw_mode(mode & 0o777))?)
+    Ok(rfs::mkfifoat(
+        dir,
+        name_arg(name),
+        Mode::from_raw_mode(mode & 0o777),
+    )?)
 }
 
 /// Creates an overlay whiteout (`0/0` character device, mode 0) named `name`.
@@ -280,7 +306,13 @@ pub fn hardlink(
     new_dir: BorrowedFd<'_>,
     new_name: &[u8],
 ) -> io::Result<()> {
-    Ok(rfs::linkat(old_dir, name_arg(old_name), new_dir, name_arg(new_name), AtFlags::empty())?)
+    Ok(rfs::linkat(
+        old_dir,
+        name_arg(old_name),
+        new_dir,
+        name_arg(new_name),
+        AtFlags::empty(),
+    )?)
 }
 
 /// Reads the target of symlink `name`.
@@ -317,7 +349,9 @@ pub fn rmdir(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
 /// Iterative and holding at most two descriptors whatever the depth: it goes down with
 /// `O_NOFOLLOW` opens and back up through `..`, checking each step's inode.
 pub fn remove_all(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
-    let Some(st) = stat_at(dir, name)? else { return Ok(()) };
+    let Some(st) = stat_at(dir, name)? else {
+        return Ok(());
+    };
     if st.kind != FileKind::Dir {
         return unlink(dir, name);
     }
@@ -357,7 +391,9 @@ pub fn remove_all(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
         let parent = open_parent(cur.as_fd())?;
         let pst = stat_fd(parent.as_fd())?;
         if pst.dev != pdev || pst.ino != pino {
-            return Err(io::Error::other("directory tree changed while it was being removed"));
+            return Err(io::Error::other(
+                "directory tree changed while it was being removed",
+            ));
         }
         rmdir(parent.as_fd(), &child)?;
         cur = parent;
@@ -391,7 +427,11 @@ pub fn chown_at(dir: BorrowedFd<'_>, name: &[u8], uid: u32, gid: u32) -> io::Res
 
 /// `fchown`.
 pub fn chown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
-    Ok(rfs::fchown(fd, Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)))?)
+    Ok(rfs::fchown(
+        fd,
+        Some(rfs::Uid::from_raw(uid)),
+        Some(rfs::Gid::from_raw(gid)),
+    )?)
 }
 
 /// `fchmod` (all of 07777).
@@ -434,13 +474,24 @@ pub fn chmod_at(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
 }
 
 fn timestamps(sec: i64, nsec: u32) -> Timestamps {
-    let t = Timespec { tv_sec: sec, tv_nsec: i64::from(nsec.min(999_999_999)) as _ };
-    Timestamps { last_access: t, last_modification: t }
+    let t = Timespec {
+        tv_sec: sec,
+        tv_nsec: i64::from(nsec.min(999_999_999)) as _,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
 }
 
 /// Sets atime and mtime of `name` in `dir` (not following a symlink).
 pub fn set_times_at(dir: BorrowedFd<'_>, name: &[u8], sec: i64, nsec: u32) -> io::Result<()> {
-    Ok(rfs::utimensat(dir, name_arg(name), &timestamps(sec, nsec), AtFlags::SYMLINK_NOFOLLOW)?)
+    Ok(rfs::utimensat(
+        dir,
+        name_arg(name),
+        &timestamps(sec, nsec),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?)
 }
 
 /// Sets atime and mtime of an open file or directory.
@@ -458,13 +509,23 @@ fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> Vec<u8> {
 
 /// Sets xattr `key` on an open file or directory.
 pub fn set_xattr_fd(fd: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
-    Ok(rfs::fsetxattr(fd, name_arg(key), value, rfs::XattrFlags::empty())?)
+    Ok(rfs::fsetxattr(
+        fd,
+        name_arg(key),
+        value,
+        rfs::XattrFlags::empty(),
+    )?)
 }
 
 /// Sets xattr `key` on `name` in `dir` without following or opening it.
 pub fn set_xattr_at(dir: BorrowedFd<'_>, name: &[u8], key: &[u8], value: &[u8]) -> io::Result<()> {
     let p = proc_path(dir, name);
-    Ok(rfs::lsetxattr(name_arg(&p), name_arg(key), value, rfs::XattrFlags::empty())?)
+    Ok(rfs::lsetxattr(
+        name_arg(&p),
+        name_arg(key),
+        value,
+        rfs::XattrFlags::empty(),
+    )?)
 }
 
 fn list_with(mut f: impl FnMut(&mut [u8]) -> Result<usize, Errno>) -> io::Result<Vec<Vec<u8>>> {
@@ -474,7 +535,11 @@ fn list_with(mut f: impl FnMut(&mut [u8]) -> Result<usize, Errno>) -> io::Result
         match f(&mut buf) {
             Ok(n) => {
                 buf.truncate(n);
-                return Ok(buf.split(|&b| b == 0).filter(|s| !s.is_empty()).map(<[u8]>::to_vec).collect());
+                return Ok(buf
+                    .split(|&b| b == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(<[u8]>::to_vec)
+                    .collect());
             }
             Err(Errno::RANGE) if size < (1 << 24) => size *= 4,
             Err(Errno::NOTSUP) => return Ok(Vec::new()),
@@ -529,6 +594,11 @@ pub fn set_opaque(dir: BorrowedFd<'_>) -> io::Result<()> {
 /// Whether the open directory `dir` carries `trusted.overlay.opaque=y`.
 pub fn is_opaque(dir: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(get_xattr_fd(dir, OPAQUE_XATTR.as_bytes())?.as_deref() == Some(b"y"))
+}
+
+/// Whether the effective uid is 0 (tests use it to decide whether root-only cases run).
+pub fn running_as_root() -> bool {
+    rustix::process::geteuid().is_root()
 }
 
 #[cfg(test)]
@@ -604,8 +674,13 @@ mod tests {
         let f = create_file(root.as_fd(), b"f", 0o644).unwrap();
         if set_xattr_fd(f.as_fd(), b"user.k", b"v\n\0x").is_ok() {
             assert_eq!(get_xattr_fd(f.as_fd(), b"user.k").unwrap().unwrap(), b"v\n\0x");
-            assert_eq!(get_xattr_at(root.as_fd(), b"f", b"user.k").unwrap().unwrap(), b"v\n\0x");
-            assert!(list_xattrs_at(root.as_fd(), b"f").unwrap().contains(&b"user.k".to_vec()));
+            assert_eq!(
+                get_xattr_at(root.as_fd(), b"f", b"user.k").unwrap().unwrap(),
+                b"v\n\0x"
+            );
+            assert!(list_xattrs_at(root.as_fd(), b"f")
+                .unwrap()
+                .contains(&b"user.k".to_vec()));
         }
         set_times_at(root.as_fd(), b"f", 1234, 5).unwrap();
         let st = stat_at(root.as_fd(), b"f").unwrap().unwrap();

@@ -1,0 +1,287 @@
+//! Apply, diff and re-apply of hand-built layers.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+
+use common::*;
+use lamina_archive::{apply_layer, dir_size, write_layer_diff, ApplyOptions, DiffOptions, IdMap, IdMappings};
+
+fn apply(
+    dir: &std::path::Path,
+    tar: &[u8],
+) -> Result<lamina_archive::ApplyStats, lamina_archive::ArchiveError> {
+    let d = open_dir(dir);
+    apply_layer(fd(&d), tar, &ApplyOptions::default())
+}
+
+fn diff(dir: &std::path::Path) -> Vec<u8> {
+    let d = open_dir(dir);
+    let mut out = Vec::new();
+    write_layer_diff(fd(&d), &mut out, &DiffOptions::default()).unwrap();
+    out
+}
+
+fn sample_layer() -> Vec<u8> {
+    let mut t = Tar::new();
+    t.dir(b"etc/").file_mode(b"etc/passwd", b"root:x:0:0\n", 0o644);
+    t.file_mode(b"usr/bin/ping", b"\x7fELF", 0o4755);
+    t.symlink(b"lib", b"usr/lib");
+    t.hardlink(b"usr/bin/ping2", b"usr/bin/ping");
+    t.pax(&[
+        (b"SCHILY.xattr.user.note", b"a\nb\x00c"),
+        (b"SCHILY.xattr.trusted.overlay.opaque", b"y"),
+    ]);
+    t.file(b"etc/with-xattr", b"x");
+    let mut dev = H::new(b"dev/null", b'3');
+    dev.major = 1;
+    dev.minor = 3;
+    dev.mode = 0o666;
+    t.header(&dev);
+    t.header(&H::new(b"run/fifo", b'6'));
+    t.file(b"old/.wh.gone", b"");
+    t.dir(b"opq/")
+        .file(b"opq/.wh..wh..opq", b"")
+        .file(b"opq/kept", b"k");
+    t.end()
+}
+
+#[test]
+fn apply_sample_then_roundtrip() {
+    if !require_root("apply_sample_then_roundtrip") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    fs::create_dir(&a).unwrap();
+    fs::create_dir(&b).unwrap();
+    let tar = sample_layer();
+    let stats = apply(&a, &tar).unwrap();
+    assert_eq!(stats.tar_bytes, tar.len() as u64);
+    assert!(stats.digest.starts_with("sha256:"));
+    assert_eq!(stats.size, 11 + 4 + 1 + 1);
+
+    assert_eq!(fs::read(a.join("etc/passwd")).unwrap(), b"root:x:0:0\n");
+    let ping = fs::metadata(a.join("usr/bin/ping")).unwrap();
+    assert_eq!(ping.mode() & 0o7777, 0o4755);
+    assert_eq!(ping.nlink(), 2);
+    assert_eq!(fs::read_link(a.join("lib")).unwrap().to_str(), Some("usr/lib"));
+    let wh = fs::symlink_metadata(a.join("old/gone")).unwrap();
+    assert_eq!(wh.rdev(), 0);
+    let dirf = fs::File::open(a.join("opq")).unwrap();
+    assert!(lamina_sys::fs::is_opaque(fd(&dirf)).unwrap());
+    let f = fs::File::open(a.join("etc/with-xattr")).unwrap();
+    assert_eq!(
+        lamina_sys::fs::get_xattr_fd(fd(&f), b"user.note")
+            .unwrap()
+            .unwrap(),
+        b"a\nb\x00c"
+    );
+    assert!(lamina_sys::fs::get_xattr_fd(fd(&f), b"trusted.overlay.opaque")
+        .unwrap()
+        .is_none());
+
+    let out = diff(&a);
+    let names: Vec<String> = tar_listing(&out)
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.0).into_owned())
+        .collect();
+    assert!(names.contains(&"old/.wh.gone".to_string()), "{names:?}");
+    assert!(names.contains(&"opq/.wh..wh..opq".to_string()), "{names:?}");
+    let opq = names.iter().position(|n| n == "opq/").unwrap();
+    assert_eq!(names[opq + 1], "opq/.wh..wh..opq");
+
+    let stats_b = apply(&b, &out).unwrap();
+    assert_eq!(stats_b.size, stats.size);
+    assert_eq!(snapshot(&a, true), snapshot(&b, true));
+    assert_eq!(diff(&b), out, "a second diff is byte-identical");
+}
+
+#[test]
+fn last_entry_wins() {
+    let t = tempfile::tempdir().unwrap();
+    let mut tar = Tar::new();
+    tar.file(b"f", b"one").hardlink(b"h", b"f").file(b"f", b"two");
+    tar.dir(b"x/")
+        .file(b"x/child", b"c")
+        .file(b"x", b"now a file")
+        .dir(b"x/");
+    apply(t.path(), &tar.end()).unwrap();
+    assert_eq!(fs::read(t.path().join("f")).unwrap(), b"two");
+    assert_eq!(fs::read(t.path().join("h")).unwrap(), b"one");
+    assert!(fs::metadata(t.path().join("x")).unwrap().is_dir());
+    assert_eq!(fs::read_dir(t.path().join("x")).unwrap().count(), 0);
+}
+
+#[test]
+fn long_names_roundtrip() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    fs::create_dir(&a).unwrap();
+    fs::create_dir(&b).unwrap();
+    let long_path = format!("{}/{}", "d".repeat(150), "f".repeat(150));
+    let gnu_path = format!("{}/{}", "g".repeat(120), "h".repeat(120));
+    let long_target = "t".repeat(200);
+    let mut tar = Tar::new();
+    tar.pax(&[(b"path", long_path.as_bytes())])
+        .file(b"placeholder", b"pax");
+    tar.gnu_long(b'L', gnu_path.as_bytes())
+        .file(b"placeholder2", b"gnu");
+    tar.gnu_long(b'K', long_target.as_bytes())
+        .symlink(b"k", b"ignored");
+    tar.pax(&[(b"linkpath", long_target.as_bytes())])
+        .symlink(b"p", b"ignored");
+    tar.pax(&[(b"path", b"new\nline")]).file(b"x", b"nl");
+    apply(&a, &tar.end()).unwrap();
+    assert_eq!(fs::read(a.join(&long_path)).unwrap(), b"pax");
+    assert_eq!(fs::read(a.join(&gnu_path)).unwrap(), b"gnu");
+    assert_eq!(fs::read_link(a.join("k")).unwrap().to_str().unwrap(), long_target);
+    assert_eq!(fs::read_link(a.join("p")).unwrap().to_str().unwrap(), long_target);
+    assert_eq!(fs::read(a.join("new\nline")).unwrap(), b"nl");
+    let out = diff(&a);
+    apply(&b, &out).unwrap();
+    assert_eq!(snapshot(&a, true), snapshot(&b, true));
+}
+
+#[test]
+fn id_mappings_both_ways() {
+    if !require_root("id_mappings_both_ways") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let maps = IdMappings {
+        uids: vec![IdMap {
+            container_id: 0,
+            host_id: 100_000,
+            size: 65536,
+        }],
+        gids: vec![IdMap {
+            container_id: 0,
+            host_id: 200_000,
+            size: 65536,
+        }],
+    };
+    let mut h = H::new(b"f", b'0');
+    h.uid = 5;
+    h.gid = 6;
+    let mut tar = Tar::new();
+    tar.header(&h);
+    let d = open_dir(t.path());
+    apply_layer(
+        fd(&d),
+        &tar.end()[..],
+        &ApplyOptions {
+            id_mappings: maps.clone(),
+        },
+    )
+    .unwrap();
+    let md = fs::metadata(t.path().join("f")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (100_005, 200_006));
+    let mut out = Vec::new();
+    write_layer_diff(
+        fd(&d),
+        &mut out,
+        &DiffOptions {
+            id_mappings: maps.clone(),
+        },
+    )
+    .unwrap();
+    let mut a = tar::Archive::new(&out[..]);
+    let e = a.entries().unwrap().next().unwrap().unwrap();
+    assert_eq!((e.header().uid().unwrap(), e.header().gid().unwrap()), (5, 6));
+
+    // Outside the map: refused.
+    let mut h = H::new(b"g", b'0');
+    h.uid = 70_000;
+    let mut tar = Tar::new();
+    tar.header(&h);
+    let err = apply_layer(fd(&d), &tar.end()[..], &ApplyOptions { id_mappings: maps }).unwrap_err();
+    assert!(err.to_string().contains("outside the id mapping"), "{err}");
+}
+
+#[test]
+fn sparse_files_have_holes() {
+    let t = tempfile::tempdir().unwrap();
+    let real: u64 = 1 << 30;
+    // PAX 1.0: map in the data.
+    let mut map = b"2\n0\n4096\n".to_vec();
+    map.extend_from_slice(format!("{}\n4096\n", real - 4096).as_bytes());
+    map.resize(512, 0);
+    let mut data = map.clone();
+    data.extend(std::iter::repeat_n(b'a', 4096));
+    data.extend(std::iter::repeat_n(b'z', 4096));
+    let mut tar = Tar::new();
+    tar.pax(&[
+        (b"GNU.sparse.major", b"1"),
+        (b"GNU.sparse.minor", b"0"),
+        (b"GNU.sparse.name", b"sparse"),
+        (b"GNU.sparse.realsize", real.to_string().as_bytes()),
+    ]);
+    tar.file(b"GNUSparseFile.0/sparse", &data);
+    // Old GNU 'S': header map.
+    let mut hdr = tar::Header::new_gnu();
+    {
+        let g = hdr.as_gnu_mut().unwrap();
+        g.name[..3].copy_from_slice(b"old");
+        g.sparse[0].set_offset(0);
+        g.sparse[0].set_length(512);
+        g.sparse[1].set_offset(1 << 20);
+        g.sparse[1].set_length(512);
+        g.set_real_size((1 << 20) + 4096);
+    }
+    hdr.set_mode(0o644);
+    hdr.set_size(1024);
+    hdr.set_mtime(1);
+    hdr.set_entry_type(tar::EntryType::GNUSparse);
+    hdr.set_cksum();
+    tar.buf.extend_from_slice(hdr.as_bytes());
+    let mut sdata = vec![b'1'; 512];
+    sdata.extend(vec![b'2'; 512]);
+    tar.data(&sdata);
+    apply(t.path(), &tar.end()).unwrap();
+
+    let md = fs::metadata(t.path().join("sparse")).unwrap();
+    assert_eq!(md.len(), real);
+    assert!(md.blocks() * 512 < 1 << 20, "holes kept: {} blocks", md.blocks());
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(t.path().join("sparse")).unwrap();
+    let mut buf = [0u8; 4];
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"aaaa");
+    f.seek(SeekFrom::Start(real - 4)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"zzzz");
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, [0; 4]);
+
+    let old = fs::read(t.path().join("old")).unwrap();
+    assert_eq!(old.len(), (1 << 20) + 4096);
+    assert!(old[..512].iter().all(|&b| b == b'1'));
+    assert!(old[512..1 << 20].iter().all(|&b| b == 0));
+    assert!(old[1 << 20..(1 << 20) + 512].iter().all(|&b| b == b'2'));
+    let d = open_dir(t.path());
+    assert_eq!(dir_size(fd(&d)).unwrap(), real + (1 << 20) + 4096);
+}
+
+#[test]
+fn empty_inputs() {
+    let t = tempfile::tempdir().unwrap();
+    let s = apply(t.path(), b"").unwrap();
+    assert_eq!((s.size, s.entries, s.tar_bytes), (0, 0, 0));
+    assert_eq!(
+        s.digest,
+        "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    let s = apply(t.path(), &[0u8; 1024]).unwrap();
+    assert_eq!((s.size, s.entries, s.tar_bytes), (0, 0, 1024));
+    assert_eq!(fs::read_dir(t.path()).unwrap().count(), 0);
+    // Trailing bytes after the end marker are read and hashed too.
+    let mut tar = Tar::new();
+    tar.file(b"a", b"1");
+    let mut data = tar.end();
+    data.extend_from_slice(&[0u8; 10_000]);
+    let s = apply(t.path(), &data).unwrap();
+    assert_eq!(s.tar_bytes, data.len() as u64);
+}
