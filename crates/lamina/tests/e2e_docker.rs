@@ -39,7 +39,11 @@ fn setup(test: &str) -> Option<Setup> {
         (Dockerd::start(&lamina.name), Some(lamina))
     };
     eprintln!("[{test}] lamina + dockerd ready in {:?}", started.elapsed());
-    Some(Setup { docker, lamina, _serial: serial })
+    Some(Setup {
+        docker,
+        lamina,
+        _serial: serial,
+    })
 }
 
 impl Setup {
@@ -53,7 +57,11 @@ impl Setup {
             .driver_status()
             .into_iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("layers"))
-            .map(|(k, v)| v.trim().parse().unwrap_or_else(|_| panic!("status row {k:?} has value {v:?}")))
+            .map(|(k, v)| {
+                v.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("status row {k:?} has value {v:?}"))
+            })
     }
 }
 
@@ -117,9 +125,16 @@ fn discovery_and_status() {
         let rows = s.docker.driver_status();
         eprintln!("docker info status rows: {rows:?}");
         assert!(!rows.is_empty(), "lamina reported no Status rows");
-        assert_eq!(s.status_layers(), Some(0), "fresh store must report Layers 0; rows: {rows:?}");
+        assert_eq!(
+            s.status_layers(),
+            Some(0),
+            "fresh store must report Layers 0; rows: {rows:?}"
+        );
         let info = s.docker.ok(&["info"]);
-        assert!(info.contains(&format!("Storage Driver: {name}")), "docker info:\n{info}");
+        assert!(
+            info.contains(&format!("Storage Driver: {name}")),
+            "docker info:\n{info}"
+        );
     }
 }
 
@@ -127,10 +142,19 @@ fn discovery_and_status() {
 fn import_and_run_hello() {
     let Some(s) = setup("hello") else { return };
     busybox_image(&s.docker, "bb:1");
-    let out = s.docker.ok(&["run", "--rm", "--network", "none", "bb:1", "echo", "hello"]);
+    let out = s
+        .docker
+        .ok(&["run", "--rm", "--network", "none", "bb:1", "echo", "hello"]);
     assert_eq!(out, "hello");
     // the same image again, and a container writing into its layer
-    let out = s.docker.ok(&["run", "--rm", "bb:1", "sh", "-c", "echo data > /tmp/x && cat /tmp/x && ls /bin/busybox"]);
+    let out = s.docker.ok(&[
+        "run",
+        "--rm",
+        "bb:1",
+        "sh",
+        "-c",
+        "echo data > /tmp/x && cat /tmp/x && ls /bin/busybox",
+    ]);
     assert_eq!(out, "data\n/bin/busybox");
 }
 
@@ -206,9 +230,23 @@ fn build_classic_dockerfile_effects() {
     let Some(s) = setup("build") else { return };
     busybox_image(&s.docker, "bb:1");
     build(&s.docker, "built:1");
-    let effects = s.docker.ok(&["run", "--rm", "--network", "none", "built:1", "sh", "-c", CHECK_EFFECTS]);
-    assert_eq!(effects, EXPECTED_EFFECTS, "effects of the Dockerfile as seen in a container");
-    let vols = s.docker.ok(&["image", "inspect", "-f", "{{json .Config.Volumes}}", "built:1"]);
+    let effects = s.docker.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "built:1",
+        "sh",
+        "-c",
+        CHECK_EFFECTS,
+    ]);
+    assert_eq!(
+        effects, EXPECTED_EFFECTS,
+        "effects of the Dockerfile as seen in a container"
+    );
+    let vols = s
+        .docker
+        .ok(&["image", "inspect", "-f", "{{json .Config.Volumes}}", "built:1"]);
     assert_eq!(vols, r#"{"/data":{}}"#);
 
     // the whole visible tree equals the one built by dockerd's own vfs driver
@@ -216,11 +254,26 @@ fn build_classic_dockerfile_effects() {
     let vfs = vfs_with_busybox("bb:1");
     build(&vfs, "built:1");
     assert_eq!(
-        vfs.ok(&["run", "--rm", "--network", "none", "built:1", "sh", "-c", CHECK_EFFECTS]),
+        vfs.ok(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "built:1",
+            "sh",
+            "-c",
+            CHECK_EFFECTS
+        ]),
         EXPECTED_EFFECTS,
         "oracle (vfs) disagrees with the expected effects"
     );
-    assert_same_tree("built:1", &s.docker.driver, &tree, "vfs", &list_tree(&vfs, "built:1"));
+    assert_same_tree(
+        "built:1",
+        &s.docker.driver,
+        &tree,
+        "vfs",
+        &list_tree(&vfs, "built:1"),
+    );
 }
 
 const DIFF_STEPS: &str = "echo x > /new && rm /etc/group && echo y >> /etc/passwd && mkdir -p /a/b \
@@ -244,15 +297,39 @@ D /tmp";
 fn docker_diff_exact() {
     let Some(s) = setup("diff") else { return };
     busybox_image(&s.docker, "bb:1");
-    s.docker.ok(&["run", "--name", "c1", "--network", "none", "bb:1", "sh", "-c", DIFF_STEPS]);
+    s.docker.ok(&[
+        "run",
+        "--name",
+        "c1",
+        "--network",
+        "none",
+        "bb:1",
+        "sh",
+        "-c",
+        DIFF_STEPS,
+    ]);
     let got = sorted_lines(&s.docker.ok(&["diff", "c1"]));
     let vfs = vfs_with_busybox("bb:1");
-    vfs.ok(&["run", "--name", "c1", "--network", "none", "bb:1", "sh", "-c", DIFF_STEPS]);
+    vfs.ok(&[
+        "run",
+        "--name",
+        "c1",
+        "--network",
+        "none",
+        "bb:1",
+        "sh",
+        "-c",
+        DIFF_STEPS,
+    ]);
     let oracle = sorted_lines(&vfs.ok(&["diff", "c1"]));
-    assert_eq!(oracle, EXPECTED_DIFF, "oracle (vfs) disagrees with the written expectation");
+    assert_eq!(
+        oracle, EXPECTED_DIFF,
+        "oracle (vfs) disagrees with the written expectation"
+    );
     assert_eq!(got, EXPECTED_DIFF, "docker diff on {}", s.docker.driver);
     // a container that changed nothing has an empty diff
-    s.docker.ok(&["run", "--name", "c2", "--network", "none", "bb:1", "true"]);
+    s.docker
+        .ok(&["run", "--name", "c2", "--network", "none", "bb:1", "true"]);
     assert_eq!(s.docker.ok(&["diff", "c2"]), "");
 }
 
@@ -272,14 +349,33 @@ fn commit_then_run() {
     ]);
     d.ok(&["commit", "c1", "committed:1"]);
     let check = "cat /c.txt; test -e /etc/group || echo no-group; cat /x/y/z; ls -A /root";
-    assert_eq!(d.ok(&["run", "--rm", "committed:1", "sh", "-c", check]), "committed\nno-group\n1\nnew");
+    assert_eq!(
+        d.ok(&["run", "--rm", "committed:1", "sh", "-c", check]),
+        "committed\nno-group\n1\nnew"
+    );
     // a second generation on top of the committed image, from a running container
-    d.ok(&["run", "-d", "--name", "c2", "committed:1", "sh", "-c", "echo two >> /c.txt && rm /x/y/z && sleep 1000"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "c2",
+        "committed:1",
+        "sh",
+        "-c",
+        "echo two >> /c.txt && rm /x/y/z && sleep 1000",
+    ]);
     thread::sleep(Duration::from_millis(500));
     d.ok(&["commit", "c2", "committed:2"]);
     d.ok(&["rm", "-f", "c2"]);
     assert_eq!(
-        d.ok(&["run", "--rm", "committed:2", "sh", "-c", "cat /c.txt; ls -A /x/y | wc -l"]),
+        d.ok(&[
+            "run",
+            "--rm",
+            "committed:2",
+            "sh",
+            "-c",
+            "cat /c.txt; ls -A /x/y | wc -l"
+        ]),
         "committed\ntwo\n0"
     );
     let layers = d.ok(&["image", "inspect", "-f", "{{len .RootFS.Layers}}", "committed:2"]);
@@ -299,19 +395,48 @@ fn save_load_roundtrip_with_vfs() {
     d.ok(&["save", "-o", tarball.to_str().unwrap(), "built:1"]);
     vfs.ok(&["load", "-i", tarball.to_str().unwrap()]);
     let layers = |x: &Dockerd, img: &str| x.ok(&["image", "inspect", "-f", "{{json .RootFS.Layers}}", img]);
-    assert_eq!(layers(d, "built:1"), layers(&vfs, "built:1"), "DiffIDs after save | load into vfs");
+    assert_eq!(
+        layers(d, "built:1"),
+        layers(&vfs, "built:1"),
+        "DiffIDs after save | load into vfs"
+    );
     let on_lamina = list_tree(d, "built:1");
-    assert_same_tree("loaded into vfs", &d.driver, &on_lamina, "vfs", &list_tree(&vfs, "built:1"));
+    assert_same_tree(
+        "loaded into vfs",
+        &d.driver,
+        &on_lamina,
+        "vfs",
+        &list_tree(&vfs, "built:1"),
+    );
 
     // vfs -> lamina (tars written by dockerd's own archive code, with whiteouts and opaque dirs)
     build(&vfs, "vbuilt:1");
     let vtar = vfs.dir().join("vbuilt.tar");
     vfs.ok(&["save", "-o", vtar.to_str().unwrap(), "vbuilt:1"]);
     d.ok(&["load", "-i", vtar.to_str().unwrap()]);
-    assert_eq!(layers(d, "vbuilt:1"), layers(&vfs, "vbuilt:1"), "DiffIDs after save on vfs | load");
-    assert_same_tree("loaded from vfs", &d.driver, &list_tree(d, "vbuilt:1"), "vfs", &list_tree(&vfs, "vbuilt:1"));
     assert_eq!(
-        d.ok(&["run", "--rm", "--network", "none", "vbuilt:1", "sh", "-c", CHECK_EFFECTS]),
+        layers(d, "vbuilt:1"),
+        layers(&vfs, "vbuilt:1"),
+        "DiffIDs after save on vfs | load"
+    );
+    assert_same_tree(
+        "loaded from vfs",
+        &d.driver,
+        &list_tree(d, "vbuilt:1"),
+        "vfs",
+        &list_tree(&vfs, "vbuilt:1"),
+    );
+    assert_eq!(
+        d.ok(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "vbuilt:1",
+            "sh",
+            "-c",
+            CHECK_EFFECTS
+        ]),
         EXPECTED_EFFECTS
     );
 }
@@ -342,7 +467,10 @@ fn rm_and_rmi_leave_nothing() {
     d.ok(&["run", "--rm", "committed:1", "cat", "/x"]);
     if s.lamina.is_some() {
         let n = s.status_layers().expect("Layers row");
-        assert!(n >= 10, "lamina reports only {n} layers while images and containers exist");
+        assert!(
+            n >= 10,
+            "lamina reports only {n} layers while images and containers exist"
+        );
     }
 
     let d = &s.docker;
@@ -362,19 +490,32 @@ fn rm_and_rmi_leave_nothing() {
     if let (Some(root), Some(before)) = (data_root, before) {
         assert_eq!(s.status_layers(), Some(0), "Layers row after removing everything");
         let mounts = mounts_naming(&root);
-        assert!(mounts.is_empty(), "mounts left under the data root:\n{}", mounts.join("\n"));
+        assert!(
+            mounts.is_empty(),
+            "mounts left under the data root:\n{}",
+            mounts.join("\n")
+        );
         let leaked = leaked_paths(&before, &tree_snapshot(&root));
-        assert!(leaked.is_empty(), "paths left in the data root after rm/rmi: {leaked:#?}");
+        assert!(
+            leaked.is_empty(),
+            "paths left in the data root after rm/rmi: {leaked:#?}"
+        );
     }
 }
 
 #[test]
 fn dockerd_restart_then_start_attach() {
-    let Some(mut s) = setup("dockerdrestart") else { return };
+    let Some(mut s) = setup("dockerdrestart") else {
+        return;
+    };
     busybox_image(&s.docker, "bb:1");
     let script = "cat /state 2>/dev/null || echo none; echo run >> /state";
-    assert_eq!(s.docker.ok(&["run", "--name", "c1", "bb:1", "sh", "-c", script]), "none");
-    s.docker.ok(&["run", "-d", "--name", "r1", "bb:1", "sleep", "1000"]);
+    assert_eq!(
+        s.docker.ok(&["run", "--name", "c1", "bb:1", "sh", "-c", script]),
+        "none"
+    );
+    s.docker
+        .ok(&["run", "-d", "--name", "r1", "bb:1", "sleep", "1000"]);
     s.docker.restart();
     assert_eq!(s.docker.ok(&["start", "-a", "c1"]), "run");
     assert_eq!(s.docker.ok(&["start", "-a", "c1"]), "run\nrun");
@@ -395,8 +536,20 @@ fn lamina_restart_under_dockerd(test: &str, kill9: bool) {
     }
     busybox_image(&s.docker, "bb:1");
     let script = "cat /f 2>/dev/null; echo x >> /f";
-    assert_eq!(s.docker.ok(&["run", "--name", "c1", "bb:1", "sh", "-c", script]), "");
-    s.docker.ok(&["run", "-d", "--name", "r1", "bb:1", "sh", "-c", "echo before > /r && sleep 1000"]);
+    assert_eq!(
+        s.docker.ok(&["run", "--name", "c1", "bb:1", "sh", "-c", script]),
+        ""
+    );
+    s.docker.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "r1",
+        "bb:1",
+        "sh",
+        "-c",
+        "echo before > /r && sleep 1000",
+    ]);
     let layers_before = s.status_layers();
 
     let lamina = s.lamina.as_mut().unwrap();
@@ -404,13 +557,20 @@ fn lamina_restart_under_dockerd(test: &str, kill9: bool) {
         lamina.kill9();
     } else {
         let st = lamina.stop();
-        assert!(st.success(), "lamina exited with {st} on SIGTERM; log:\n{}", lamina.log_tail());
+        assert!(
+            st.success(),
+            "lamina exited with {st} on SIGTERM; log:\n{}",
+            lamina.log_tail()
+        );
     }
     lamina.start_again();
 
     let d = &s.docker;
     assert_eq!(s.status_layers(), layers_before, "Layers row after the restart");
-    assert_eq!(d.ok(&["run", "--rm", "bb:1", "echo", "new container"]), "new container");
+    assert_eq!(
+        d.ok(&["run", "--rm", "bb:1", "echo", "new container"]),
+        "new container"
+    );
     assert_eq!(d.ok(&["start", "-a", "c1"]), "x");
     assert_eq!(sorted_lines(&d.ok(&["diff", "c1"])), "A /f");
     // the running container kept its mount, and its Put/Remove after the restart work
@@ -424,7 +584,11 @@ fn lamina_restart_under_dockerd(test: &str, kill9: bool) {
     assert_eq!(s.status_layers(), Some(0), "Layers row after removing everything");
     let root = s.lamina.as_ref().unwrap().data_root.clone();
     let mounts = mounts_naming(&root);
-    assert!(mounts.is_empty(), "mounts left under the data root:\n{}", mounts.join("\n"));
+    assert!(
+        mounts.is_empty(),
+        "mounts left under the data root:\n{}",
+        mounts.join("\n")
+    );
 }
 
 #[test]
@@ -439,7 +603,13 @@ fn lamina_sigterm_restart_under_running_dockerd() {
 
 /// SHA-256 of every file of `dir/big`, as `sha256sum big/* | sha256sum` prints it.
 fn big_digest_host(root: &Path) -> String {
-    let out = run_ok(Command::new("sh").arg("-c").arg("cd \"$1\" && sha256sum big/* | sha256sum").arg("sh").arg(root));
+    let out = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("cd \"$1\" && sha256sum big/* | sha256sum")
+            .arg("sh")
+            .arg(root),
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -461,7 +631,14 @@ fn crash_kill9_during_docker_import() {
     }
     let expected = big_digest_host(&root);
     let tarball = s.docker.dir().join("big.tar");
-    run_ok(Command::new("tar").args(["--numeric-owner", "-C"]).arg(&root).arg("-cf").arg(&tarball).arg("."));
+    run_ok(
+        Command::new("tar")
+            .args(["--numeric-owner", "-C"])
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tarball)
+            .arg("."),
+    );
     fs::remove_dir_all(&root).unwrap();
 
     let data_root = s.lamina.as_ref().unwrap().data_root.clone();
@@ -474,31 +651,61 @@ fn crash_kill9_during_docker_import() {
         .spawn()
         .unwrap();
     // wait until lamina has written a good part of the layer, then kill it
-    let written = poll(Duration::from_secs(60), || (bytes_under(&data_root) > base + (40 << 20)).then_some(()));
+    let written = poll(Duration::from_secs(60), || {
+        (bytes_under(&data_root) > base + (40 << 20)).then_some(())
+    });
     let lamina = s.lamina.as_mut().unwrap();
-    assert!(written.is_some(), "lamina never wrote 40 MB of the import; log:\n{}", lamina.log_tail());
+    assert!(
+        written.is_some(),
+        "lamina never wrote 40 MB of the import; log:\n{}",
+        lamina.log_tail()
+    );
     lamina.kill9();
     let killed_at = Instant::now();
     thread::sleep(Duration::from_millis(300));
     lamina.start_again();
     eprintln!("lamina restarted {:?} after kill -9", killed_at.elapsed());
     let out = import.wait_with_output().unwrap();
-    let first = String::from_utf8_lossy(&out.stdout).trim().to_string() + &String::from_utf8_lossy(&out.stderr);
+    let first =
+        String::from_utf8_lossy(&out.stdout).trim().to_string() + &String::from_utf8_lossy(&out.stderr);
     eprintln!("docker import during the crash: {} {first}", out.status);
 
     let digest_in = |img: &str| {
-        s.docker.ok(&["run", "--rm", "--network", "none", img, "sh", "-c", "cd / && sha256sum big/* | sha256sum"])
+        s.docker.ok(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            img,
+            "sh",
+            "-c",
+            "cd / && sha256sum big/* | sha256sum",
+        ])
     };
     if out.status.success() {
         // dockerd retried the call and the import succeeded: the image must be complete
-        assert_eq!(digest_in("big:1"), expected, "image imported across the crash has different content");
+        assert_eq!(
+            digest_in("big:1"),
+            expected,
+            "image imported across the crash has different content"
+        );
     }
     // a retried import always works and gives the complete content
     s.docker.ok(&["import", tarball.to_str().unwrap(), "big:2"]);
-    assert_eq!(digest_in("big:2"), expected, "re-imported image has different content");
+    assert_eq!(
+        digest_in("big:2"),
+        expected,
+        "re-imported image has different content"
+    );
     let layers = s.status_layers().unwrap();
     let images = s.docker.ok(&["images", "-q"]).lines().count() as u64;
-    assert_eq!(layers, images, "lamina's Layers row vs dockerd's images (one layer each)");
+    assert_eq!(
+        layers, images,
+        "lamina's Layers row vs dockerd's images (one layer each)"
+    );
 
-    eprintln!("after the crash test: data root holds {} bytes", bytes_under(&data_root));
+    eprintln!(
+        "after the crash test: data root holds {} bytes",
+        bytes_under(&data_root)
+    );
 }

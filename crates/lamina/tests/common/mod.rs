@@ -88,7 +88,9 @@ pub fn find_bin(name: &str) -> Option<PathBuf> {
         dirs.push(PathBuf::from(extra));
     }
     dirs.into_iter().map(|d| d.join(name)).find(|p| {
-        fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+        fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
     })
 }
 
@@ -100,7 +102,9 @@ pub fn require_bin(test: &str, name: &str) -> bool {
 /// Everything a dockerd test needs: root, dockerd, containerd, runc, the docker CLI and a static busybox.
 pub fn require_docker(test: &str) -> bool {
     require_root(test)
-        && ["dockerd", "containerd", "runc", "docker", "tar", "umount"].iter().all(|b| require_bin(test, b))
+        && ["dockerd", "containerd", "runc", "docker", "tar", "umount"]
+            .iter()
+            .all(|b| require_bin(test, b))
         && (Path::new(BUSYBOX).exists() || skip(test, "busybox-static (/bin/busybox)"))
 }
 
@@ -122,8 +126,11 @@ static SEQ: AtomicUsize = AtomicUsize::new(0);
 /// A name unique to this process and call: `lamina-test-<base>-<pid>-<n>` (short enough for socket paths).
 pub fn unique_name(base: &str) -> String {
     let n = SEQ.fetch_add(1, Ordering::SeqCst);
-    let base: String =
-        base.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(24).collect();
+    let base: String = base
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(24)
+        .collect();
     format!("lamina-test-{base}-{}-{n}", std::process::id())
 }
 
@@ -175,10 +182,14 @@ impl Drop for TestDir {
 fn sweep_stale() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let Ok(entries) = fs::read_dir(E2E_ROOT) else { return };
+        let Ok(entries) = fs::read_dir(E2E_ROOT) else {
+            return;
+        };
         for entry in entries.flatten() {
             let dir = entry.path();
-            let owner = fs::read_to_string(dir.join("owner.pid")).ok().and_then(|s| s.trim().parse().ok());
+            let owner = fs::read_to_string(dir.join("owner.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
             if owner.is_some_and(pid_alive) || std::env::var_os("LAMINA_E2E_KEEP").is_some() {
                 continue;
             }
@@ -196,7 +207,10 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+        {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -230,7 +244,11 @@ pub fn unmount_under(dir: &Path) {
             return;
         }
         for m in mounts {
-            let _ = Command::new("umount").arg("-l").arg(&m).stderr(Stdio::null()).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&m)
+                .stderr(Stdio::null())
+                .status();
         }
     }
     let left = mounts_under(dir);
@@ -243,7 +261,9 @@ pub fn unmount_under(dir: &Path) {
 pub fn pid_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
             !matches!(state, Some("Z") | Some("X") | None)
         }
         Err(_) => false,
@@ -292,13 +312,19 @@ pub fn pids_referencing(dir: &Path) -> Vec<u32> {
     let me = std::process::id();
     let needle = dir.as_os_str().as_bytes();
     let mut pids = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else { return pids };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return pids;
+    };
     for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid == me {
             continue;
         }
-        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         if cmd.windows(needle.len()).any(|w| w == needle) && pid_alive(pid) {
             pids.push(pid);
         }
@@ -320,7 +346,10 @@ pub fn kill_pids_referencing(dir: &Path) {
                     stack.push(e.path());
                 }
             } else if e.file_name() == "init.pid" {
-                if let Some(pid) = fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse().ok()) {
+                if let Some(pid) = fs::read_to_string(e.path())
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                {
                     pids.push(pid);
                 }
             }
@@ -343,13 +372,18 @@ pub fn kill_pids_referencing(dir: &Path) {
 
 /// The last `n` lines of a text file.
 pub fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn log_lines() -> usize {
-    std::env::var("LAMINA_E2E_LOG_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(150)
+    std::env::var("LAMINA_E2E_LOG_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150)
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or `timeout` passes.
@@ -447,8 +481,16 @@ impl Lamina {
 
     /// Starts the process (no readiness wait).
     pub fn spawn(&mut self) {
-        assert!(self.child.is_none() || !self.running(), "lamina {} already running", self.name);
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        assert!(
+            self.child.is_none() || !self.running(),
+            "lamina {} already running",
+            self.name
+        );
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let _ = writeln!(&log, "===== harness: starting lamina =====");
         let child = self
             .command(None)
@@ -492,7 +534,9 @@ impl Lamina {
 
     /// True while the process runs.
     pub fn running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// PID of the running process.
@@ -517,7 +561,11 @@ impl Lamina {
             None => {
                 let _ = c.kill();
                 let _ = c.wait();
-                panic!("lamina {} did not exit within 30 s of SIGTERM; log:\n{}", self.name, self.log_tail());
+                panic!(
+                    "lamina {} did not exit within 30 s of SIGTERM; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
         }
     }
@@ -532,7 +580,11 @@ impl Lamina {
     pub fn restart(&mut self) {
         if self.running() {
             let st = self.stop();
-            assert!(st.success(), "lamina exited with {st} on SIGTERM; log:\n{}", self.log_tail());
+            assert!(
+                st.success(),
+                "lamina exited with {st} on SIGTERM; log:\n{}",
+                self.log_tail()
+            );
         }
         self.start_again();
     }
@@ -555,7 +607,12 @@ impl Drop for Lamina {
             }
         }
         if thread::panicking() {
-            eprintln!("----- lamina {} log ({}) -----\n{}\n-----", self.name, self.log.display(), self.log_tail());
+            eprintln!(
+                "----- lamina {} log ({}) -----\n{}\n-----",
+                self.name,
+                self.log.display(),
+                self.log_tail()
+            );
         }
         unmount_under(&self.data_root);
         if fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket()) {
@@ -603,7 +660,9 @@ impl Dockerd {
 
     /// Prepares directories without starting the daemon.
     pub fn new(driver: &str) -> Dockerd {
-        let id = unique_name("dockerd").trim_start_matches("lamina-test-").to_string();
+        let id = unique_name("dockerd")
+            .trim_start_matches("lamina-test-")
+            .to_string();
         let dir = TestDir::new(&format!("d-{id}"));
         for sub in ["root", "exec", "cli"] {
             fs::create_dir_all(dir.join(sub)).unwrap();
@@ -630,7 +689,11 @@ impl Dockerd {
     }
 
     fn spawn(&mut self) {
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let _ = writeln!(&log, "===== harness: starting dockerd =====");
         let mut cmd = Command::new(find_bin("dockerd").expect("dockerd"));
         cmd.arg("--data-root")
@@ -644,8 +707,18 @@ impl Dockerd {
             .arg("--experimental")
             .arg("-s")
             .arg(&self.driver)
-            .args(["--iptables=false", "--ip6tables=false", "--bridge=none", "--ip-forward=false"])
-            .args(["--ip-masq=false", "--userland-proxy=false", "--shutdown-timeout=3", "--log-level=debug"])
+            .args([
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+                "--ip-forward=false",
+            ])
+            .args([
+                "--ip-masq=false",
+                "--userland-proxy=false",
+                "--shutdown-timeout=3",
+                "--log-level=debug",
+            ])
             .arg(format!("--containerd-namespace=e2e-{}", self.id))
             .arg(format!("--containerd-plugins-namespace=e2e-{}-p", self.id))
             .args(&self.extra_args)
@@ -660,7 +733,11 @@ impl Dockerd {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("dockerd -s {} exited during start-up ({st}); log:\n{}", self.driver, self.log_tail());
+                panic!(
+                    "dockerd -s {} exited during start-up ({st}); log:\n{}",
+                    self.driver,
+                    self.log_tail()
+                );
             }
             let out = self.docker(&["info", "--format", "{{.Driver}}"]);
             if out.status.success() {
@@ -669,7 +746,11 @@ impl Dockerd {
                 return;
             }
             if Instant::now() > deadline {
-                panic!("dockerd -s {} not ready within 60 s; log:\n{}", self.driver, self.log_tail());
+                panic!(
+                    "dockerd -s {} not ready within 60 s; log:\n{}",
+                    self.driver,
+                    self.log_tail()
+                );
             }
             thread::sleep(Duration::from_millis(200));
         }
@@ -746,11 +827,16 @@ impl Dockerd {
         let st = st.unwrap_or_else(|| {
             let _ = c.kill();
             let _ = c.wait();
-            panic!("dockerd did not exit within 60 s of SIGTERM; log:\n{}", self.log_tail())
+            panic!(
+                "dockerd did not exit within 60 s of SIGTERM; log:\n{}",
+                self.log_tail()
+            )
         });
         // Its containerd exits on its own shortly after.
         let exec = self.dir.join("exec");
-        poll(Duration::from_secs(10), || pids_referencing(&exec).is_empty().then_some(()));
+        poll(Duration::from_secs(10), || {
+            pids_referencing(&exec).is_empty().then_some(())
+        });
         st
     }
 
@@ -769,7 +855,10 @@ impl Dockerd {
     pub fn driver_status(&self) -> Vec<(String, String)> {
         let json = self.ok(&["info", "--format", "{{json .DriverStatus}}"]);
         let rows: Vec<Vec<String>> = serde_json::from_str(&json).unwrap_or_default();
-        rows.into_iter().filter(|r| r.len() == 2).map(|r| (r[0].clone(), r[1].clone())).collect()
+        rows.into_iter()
+            .filter(|r| r.len() == 2)
+            .map(|r| (r[0].clone(), r[1].clone()))
+            .collect()
     }
 }
 
@@ -781,7 +870,12 @@ impl Drop for Dockerd {
             }
         }
         if thread::panicking() {
-            eprintln!("----- dockerd -s {} log ({}) -----\n{}\n-----", self.driver, self.log.display(), self.log_tail());
+            eprintln!(
+                "----- dockerd -s {} log ({}) -----\n{}\n-----",
+                self.driver,
+                self.log.display(),
+                self.log_tail()
+            );
         }
         // containerd, shims and containers of this daemon, then mounts (TestDir's drop does the rest).
         kill_pids_referencing(self.dir.path());
@@ -800,7 +894,10 @@ pub const BUSYBOX: &str = "/bin/busybox";
 /// `/tmp` (1777), `/root`.
 pub fn busybox_rootfs(dir: &Path) {
     let bin = fs::read(BUSYBOX).unwrap_or_else(|e| panic!("read {BUSYBOX}: {e}"));
-    assert!(!elf_has_interpreter(&bin), "{BUSYBOX} is dynamically linked: install busybox-static");
+    assert!(
+        !elf_has_interpreter(&bin),
+        "{BUSYBOX} is dynamically linked: install busybox-static"
+    );
     for d in ["bin", "etc", "tmp", "root"] {
         fs::create_dir_all(dir.join(d)).unwrap();
     }
@@ -833,13 +930,17 @@ fn elf_has_interpreter(elf: &[u8]) -> bool {
     let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
     (0..phnum).any(|i| {
         let o = phoff + i * phentsize;
-        elf.get(o..o + 4).is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) == 3)
+        elf.get(o..o + 4)
+            .is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) == 3)
     })
 }
 
 /// Builds a busybox rootfs, tars it with the `tar` CLI and `docker import`s it as `tag`. Returns the image id.
 pub fn busybox_image(docker: &Dockerd, tag: &str) -> String {
-    let safe: String = tag.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let safe: String = tag
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
     let rootfs = docker.dir().join(format!("bb-rootfs-{safe}"));
     let tarball = docker.dir().join(format!("bb-{safe}.tar"));
     if !tarball.exists() {
@@ -857,7 +958,13 @@ pub fn busybox_image(docker: &Dockerd, tag: &str) -> String {
         );
         let _ = fs::remove_dir_all(&rootfs);
     }
-    docker.ok(&["import", "--change", "CMD [\"/bin/sh\"]", tarball.to_str().unwrap(), tag])
+    docker.ok(&[
+        "import",
+        "--change",
+        "CMD [\"/bin/sh\"]",
+        tarball.to_str().unwrap(),
+        tag,
+    ])
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -887,11 +994,17 @@ impl HttpResponse {
     /// The `Err` field when the body is a JSON object with a non-empty one.
     pub fn err(&self) -> Option<String> {
         let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-        v.get("Err").and_then(|e| e.as_str()).filter(|s| !s.is_empty()).map(str::to_string)
+        v.get("Err")
+            .and_then(|e| e.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// Panics unless the status is 200 and there is no `Err`; returns the JSON body.
@@ -948,7 +1061,10 @@ pub struct PluginClient {
 
 impl PluginClient {
     pub fn new(socket: &Path) -> PluginClient {
-        PluginClient { socket: socket.to_path_buf(), timeout: Duration::from_secs(120) }
+        PluginClient {
+            socket: socket.to_path_buf(),
+            timeout: Duration::from_secs(120),
+        }
     }
 
     /// `POST /Plugin.Activate` with an empty body.
@@ -967,7 +1083,8 @@ impl PluginClient {
         let mut body = serde_json::to_vec(&json).unwrap();
         body.push(b'\n');
         let path = format!("/GraphDriver.{method}");
-        self.post_raw(&path, &body).unwrap_or_else(|e| panic!("{path}: transport error {e}"))
+        self.post_raw(&path, &body)
+            .unwrap_or_else(|e| panic!("{path}: transport error {e}"))
     }
 
     /// `POST /GraphDriver.ApplyDiff?id=<id>&parent=<parent>` (not escaped, like dockerd) with a chunked tar.
@@ -977,7 +1094,12 @@ impl PluginClient {
 
     /// ApplyDiff with a hand-made query string.
     pub fn apply_diff_query(&self, query: &str, tar: &mut dyn Read) -> io::Result<HttpResponse> {
-        self.request("POST", &format!("/GraphDriver.ApplyDiff?{query}"), &[], Body::Chunked(tar))
+        self.request(
+            "POST",
+            &format!("/GraphDriver.ApplyDiff?{query}"),
+            &[],
+            Body::Chunked(tar),
+        )
     }
 
     /// Sends one request on a new connection and reads the whole response.
@@ -1000,12 +1122,20 @@ impl PluginClient {
         }
         let write_result = match body {
             Body::Fixed(bytes) => {
-                let _ = write!(head, "Content-Length: {}\r\nAccept-Encoding: gzip\r\n\r\n", bytes.len());
-                stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(bytes))
+                let _ = write!(
+                    head,
+                    "Content-Length: {}\r\nAccept-Encoding: gzip\r\n\r\n",
+                    bytes.len()
+                );
+                stream
+                    .write_all(head.as_bytes())
+                    .and_then(|_| stream.write_all(bytes))
             }
             Body::Chunked(reader) => {
                 head.push_str("Transfer-Encoding: chunked\r\nAccept-Encoding: gzip\r\n\r\n");
-                stream.write_all(head.as_bytes()).and_then(|_| write_chunked(&mut stream, reader))
+                stream
+                    .write_all(head.as_bytes())
+                    .and_then(|_| write_chunked(&mut stream, reader))
             }
         };
         // A server may refuse before reading the whole body and close: still try to read its answer.
@@ -1036,7 +1166,10 @@ fn read_response(stream: &mut UnixStream) -> io::Result<HttpResponse> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     if line.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed without a response"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed without a response",
+        ));
     }
     let status: u16 = line
         .split_whitespace()
@@ -1055,14 +1188,21 @@ fn read_response(stream: &mut UnixStream) -> io::Result<HttpResponse> {
             headers.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
-    let get = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
     let mut body = Vec::new();
     if get("Transfer-Encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         loop {
             line.clear();
             r.read_line(&mut line)?;
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {line:?}")))?;
+            let size =
+                usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {line:?}"))
+                })?;
             if size == 0 {
                 // trailers
                 loop {
@@ -1085,7 +1225,11 @@ fn read_response(stream: &mut UnixStream) -> io::Result<HttpResponse> {
     } else if status != 204 && status != 304 {
         r.read_to_end(&mut body)?;
     }
-    Ok(HttpResponse { status, headers, body })
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -1148,7 +1292,8 @@ impl TarBuilder {
 
     /// Any entry: header, data, padding.
     pub fn entry(&mut self, name: &[u8], typeflag: u8, mode: u32, data: &[u8], linkname: &[u8]) -> &mut Self {
-        self.buf.extend_from_slice(&tar_header(name, typeflag, mode, data.len() as u64, linkname));
+        self.buf
+            .extend_from_slice(&tar_header(name, typeflag, mode, data.len() as u64, linkname));
         self.buf.extend_from_slice(data);
         let pad = (512 - data.len() % 512) % 512;
         self.buf.extend(std::iter::repeat_n(0u8, pad));
@@ -1250,11 +1395,18 @@ impl RandomTar {
         self.pending.clear();
         self.pos = 0;
         if self.index == 0 {
-            self.pending.extend_from_slice(&tar_header(b"big/", b'5', 0o755, 0, b""));
+            self.pending
+                .extend_from_slice(&tar_header(b"big/", b'5', 0o755, 0, b""));
         }
         if self.index < self.files {
             let i = self.index;
-            self.pending.extend_from_slice(&tar_header(Self::name(i).as_bytes(), b'0', 0o644, self.file_size, b""));
+            self.pending.extend_from_slice(&tar_header(
+                Self::name(i).as_bytes(),
+                b'0',
+                0o644,
+                self.file_size,
+                b"",
+            ));
             self.pending.extend_from_slice(&Self::content(i, self.file_size));
             let pad = ((512 - self.file_size % 512) % 512) as usize;
             self.pending.extend(std::iter::repeat_n(0u8, pad));
@@ -1383,7 +1535,10 @@ impl Sentinel {
         for f in files {
             recorded.insert(f.to_path_buf(), entry_state(f));
         }
-        Sentinel { recorded, trees: trees.iter().map(|p| p.to_path_buf()).collect() }
+        Sentinel {
+            recorded,
+            trees: trees.iter().map(|p| p.to_path_buf()).collect(),
+        }
     }
 
     /// Panics with every difference since `capture`.
@@ -1402,7 +1557,11 @@ impl Sentinel {
                 }
             }
         }
-        assert!(diffs.is_empty(), "{case}: changed outside the layer:\n{}", diffs.join("\n"));
+        assert!(
+            diffs.is_empty(),
+            "{case}: changed outside the layer:\n{}",
+            diffs.join("\n")
+        );
     }
 }
 
@@ -1411,7 +1570,12 @@ pub fn names_containing(dir: &Path, marker: &str) -> Vec<PathBuf> {
     fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
-                .filter(|e| e.file_name().as_bytes().windows(marker.len()).any(|w| w == marker.as_bytes()))
+                .filter(|e| {
+                    e.file_name()
+                        .as_bytes()
+                        .windows(marker.len())
+                        .any(|w| w == marker.as_bytes())
+                })
                 .map(|e| e.path())
                 .collect()
         })
@@ -1435,8 +1599,8 @@ pub fn leaked_paths(before: &BTreeSet<(PathBuf, bool)>, after: &BTreeSet<(PathBu
     after
         .iter()
         .filter(|(p, is_dir)| {
-            !before_paths.contains(p)
-                && !(*is_dir && fs::read_dir(p).map(|mut rd| rd.next().is_none()).unwrap_or(true))
+            let empty_dir = *is_dir && fs::read_dir(p).map(|mut rd| rd.next().is_none()).unwrap_or(true);
+            !before_paths.contains(p) && !empty_dir
         })
         .map(|(p, _)| p.clone())
         .collect()
@@ -1444,5 +1608,10 @@ pub fn leaked_paths(before: &BTreeSet<(PathBuf, bool)>, after: &BTreeSet<(PathBu
 
 /// Sum of regular-file sizes below `root`.
 pub fn bytes_under(root: &Path) -> u64 {
-    walk(root).iter().filter_map(|p| fs::symlink_metadata(p).ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
+    walk(root)
+        .iter()
+        .filter_map(|p| fs::symlink_metadata(p).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
