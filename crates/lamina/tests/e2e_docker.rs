@@ -457,6 +457,7 @@ fn rm_and_rmi_leave_nothing() {
     let Some(mut s) = setup("rmrmi") else { return };
     let data_root: Option<PathBuf> = s.lamina().map(|l| l.data_root.clone());
     let before = data_root.as_deref().map(tree_snapshot);
+    let layer_dirs_before = data_root.as_deref().map(layer_dir_count);
     let d = &s.docker;
     busybox_image(d, "bb:1");
     build(d, "built:1");
@@ -489,16 +490,36 @@ fn rm_and_rmi_leave_nothing() {
 
     if let (Some(root), Some(before)) = (data_root, before) {
         assert_eq!(s.status_layers(), Some(0), "Layers row after removing everything");
-        let mounts = mounts_naming(&root);
-        assert!(
-            mounts.is_empty(),
-            "mounts left under the data root:\n{}",
-            mounts.join("\n")
-        );
-        let leaked = leaked_paths(&before, &tree_snapshot(&root));
-        assert!(
-            leaked.is_empty(),
-            "paths left in the data root after rm/rmi: {leaked:#?}"
+        assert_store_empty(&root, &before, layer_dirs_before.unwrap_or(0));
+    }
+}
+
+/// Number of layer directories (`<data root>/layers/*`, docs/on-disk-format.md).
+fn layer_dir_count(root: &Path) -> usize {
+    fs::read_dir(root.join("layers"))
+        .map(|rd| rd.count())
+        .unwrap_or(0)
+}
+
+/// After everything was removed: no mounts name the data root, the layer directory count is back to its
+/// start value and nothing new is left in the data root (removed layers may take a moment to leave trash/).
+fn assert_store_empty(root: &Path, before: &std::collections::BTreeSet<(PathBuf, bool)>, layer_dirs: usize) {
+    let mounts = mounts_naming(root);
+    assert!(
+        mounts.is_empty(),
+        "mounts left under the data root:\n{}",
+        mounts.join("\n")
+    );
+    let settled = poll(Duration::from_secs(15), || {
+        (layer_dir_count(root) == layer_dirs && leaked_paths(before, &tree_snapshot(root)).is_empty())
+            .then_some(())
+    });
+    if settled.is_none() {
+        let leaked = leaked_paths(before, &tree_snapshot(root));
+        panic!(
+            "data root not back to its start state: {} layer dirs (was {layer_dirs}); left: {:#?}",
+            layer_dir_count(root),
+            &leaked[..leaked.len().min(50)]
         );
     }
 }
@@ -534,6 +555,9 @@ fn lamina_restart_under_dockerd(test: &str, kill9: bool) {
         eprintln!("{test}: driver is vfs, nothing to restart");
         return;
     }
+    let root = s.lamina.as_ref().unwrap().data_root.clone();
+    let before = tree_snapshot(&root);
+    let layer_dirs_before = layer_dir_count(&root);
     busybox_image(&s.docker, "bb:1");
     let script = "cat /f 2>/dev/null; echo x >> /f";
     assert_eq!(
@@ -582,13 +606,7 @@ fn lamina_restart_under_dockerd(test: &str, kill9: bool) {
     d.ok(&["rm", "r1", "c1"]);
     d.ok(&["rmi", "fromrunning:1", "bb:1"]);
     assert_eq!(s.status_layers(), Some(0), "Layers row after removing everything");
-    let root = s.lamina.as_ref().unwrap().data_root.clone();
-    let mounts = mounts_naming(&root);
-    assert!(
-        mounts.is_empty(),
-        "mounts left under the data root:\n{}",
-        mounts.join("\n")
-    );
+    assert_store_empty(&root, &before, layer_dirs_before);
 }
 
 #[test]

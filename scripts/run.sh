@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds lamina (release) and runs it in the foreground as dockerd's storage driver plugin "lamina".
+# Defaults: data root /var/lib/lamina, socket /run/docker/plugins/lamina.sock, config
+# /etc/lamina/config.toml when that file exists. Override with LAMINA_DATA_ROOT, LAMINA_SOCKET,
+# LAMINA_CONFIG, LAMINA_LOG_LEVEL; extra arguments are passed to `lamina serve`.
+# Then start dockerd with:  dockerd --experimental -s lamina
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+die() { printf 'run: error: %s\n' "$*" >&2; exit 1; }
+
+[[ $EUID -eq 0 ]] || die "lamina mounts overlay filesystems: run as root"
+command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolchain with rustup (https://rustup.rs), then re-run"
+if ! command -v cc >/dev/null 2>&1; then
+    # the Rust toolchain links through the system C compiler
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends gcc libc6-dev
+fi
+
+cargo build --release -p lamina
+
+DATA_ROOT=${LAMINA_DATA_ROOT:-/var/lib/lamina}
+SOCKET=${LAMINA_SOCKET:-/run/docker/plugins/lamina.sock}
+CONFIG=${LAMINA_CONFIG:-/etc/lamina/config.toml}
+args=(serve --data-root "$DATA_ROOT" --socket "$SOCKET")
+[[ -f $CONFIG ]] && args+=(--config "$CONFIG")
+[[ -n ${LAMINA_LOG_LEVEL:-} ]] && args+=(--log-level "$LAMINA_LOG_LEVEL")
+mkdir -p "$(dirname "$SOCKET")"
+exec "$ROOT/target/release/lamina" "${args[@]}" "$@"

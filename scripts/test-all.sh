@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Runs every test tier of lamina, in this order:
+#   1. cargo fmt --check            4. cargo test --workspace (unit, protocol and e2e tiers)
+#   2. cargo clippy -D warnings     5. fuzz smoke runs (30 s per target) for every crates/*/fuzz
+#   3. one cargo build of all targets, reused by the tiers
+# Installs missing system packages (docker.io, busybox-static) with apt-get. The e2e tiers need root:
+# they start their own lamina and dockerd processes (see crates/lamina/tests/common/mod.rs).
+# Exits non-zero on the first failure. Environment: FUZZ_SECONDS (30), SKIP_FUZZ=1, CI=true (tests that
+# lack a prerequisite fail instead of printing SKIPPED).
+set -euo pipefail
+export LC_ALL=C
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+FUZZ_SECONDS=${FUZZ_SECONDS:-30}
+START=$(date +%s)
+SUMMARY=$(mktemp /tmp/lamina-test-summary.XXXXXX)
+trap 'rm -f "$SUMMARY"' EXIT
+
+step() { printf '\n==> [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
+die() { printf 'test-all: error: %s\n' "$*" >&2; exit 1; }
+
+# ---- prerequisites ----------------------------------------------------------------------------
+step "checking prerequisites"
+command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolchain with rustup (https://rustup.rs), then re-run"
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+missing=()
+for pkg in docker.io busybox-static; do
+    installed "$pkg" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    [[ $EUID -eq 0 ]] || die "missing packages ${missing[*]}; run as root or install them first"
+    step "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+[[ $EUID -eq 0 ]] || echo "test-all: warning: not root, the e2e tests will be SKIPPED (or fail under CI=true)" >&2
+
+# ---- static checks and build ------------------------------------------------------------------
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo build --workspace --all-targets"
+cargo build --workspace --all-targets
+
+# ---- tests ------------------------------------------------------------------------------------
+# The e2e binaries serialise their own daemon-starting tests; cargo runs test binaries one after another.
+step "cargo test --workspace"
+TEST_LOG=$(mktemp /tmp/lamina-test-log.XXXXXX)
+set +e
+cargo test --workspace 2>&1 | tee "$TEST_LOG"
+test_rc=${PIPESTATUS[0]}
+set -e
+awk '/^ *Running /{name=$2} /^ *Doc-tests /{name="doc-tests " $2} /^test result:/{printf "%-60s %s\n", name, $0}' \
+    "$TEST_LOG" >"$SUMMARY"
+rm -f "$TEST_LOG"
+if ((test_rc != 0)); then
+    step "cargo test summary"
+    cat "$SUMMARY"
+    die "cargo test failed (exit $test_rc)"
+fi
+
+# ---- fuzz smoke runs --------------------------------------------------------------------------
+fuzz_dirs=()
+for d in crates/*/fuzz; do
+    [[ -f $d/Cargo.toml ]] && fuzz_dirs+=("$d")
+done
+if ((${#fuzz_dirs[@]})) && [[ ${SKIP_FUZZ:-0} != 1 ]]; then
+    rustup toolchain list 2>/dev/null | grep -q '^nightly' || die "fuzzing needs a nightly toolchain: rustup toolchain install nightly"
+    if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+        step "installing cargo-fuzz"
+        cargo install cargo-fuzz --locked
+    fi
+    for d in "${fuzz_dirs[@]}"; do
+        crate=$(dirname "$d")
+        for target in $(cd "$crate" && cargo +nightly fuzz list); do
+            step "fuzz $crate $target (${FUZZ_SECONDS}s)"
+            (cd "$crate" && cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS")
+            echo "fuzz $crate/$target: ok (${FUZZ_SECONDS}s, no crash)" >>"$SUMMARY"
+        done
+    done
+fi
+
+step "summary"
+cat "$SUMMARY"
+printf 'test-all: all tiers passed in %ss\n' "$(( $(date +%s) - START ))"
