@@ -176,6 +176,11 @@ impl Tar {
         self.header(&h).data(&v)
     }
 
+    /// The bytes so far, without an end marker.
+    pub fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
     pub fn end(&mut self) -> Vec<u8> {
         self.buf.extend_from_slice(&[0u8; 1024]);
         std::mem::take(&mut self.buf)
