@@ -297,7 +297,7 @@ impl Router {
         let path = head.path();
         let Some(ep) = self.lookup(path) else {
             let err = PluginError::not_found(format!("unknown endpoint {}", quote(path, 100)));
-            tracing::debug!(method = %quote(&head.method, 16), path = %quote(path, 100), "unknown endpoint");
+            tracing::warn!(http_method = %quote(&head.method, 16), path = %quote(path, 100), "unknown endpoint");
             return Reply::json(404, wire::encode_error(&err));
         };
         if head.method != "POST" {
@@ -367,7 +367,7 @@ impl Router {
         match m {
             GraphMethod::Init => {
                 let r: InitWireRequest = call.json()?;
-                tracing::debug!(method = m.name(), home = ?r.home, "call");
+                tracing::debug!(method = m.name(), home = %quote(r.home.as_deref().unwrap_or(""), 200), "call");
                 let home = r
                     .home
                     .filter(|h| !h.is_empty())
@@ -385,7 +385,7 @@ impl Router {
                 if let Some(id) = &r.id {
                     call.note_id(id);
                 }
-                tracing::debug!(method = m.name(), id = %call.id, parent = ?r.parent, "call");
+                tracing::debug!(method = m.name(), id = %call.id, parent = %quote(r.parent.as_deref().unwrap_or(""), 80), "call");
                 let id = required_id(r.id)?;
                 let parent = optional_parent(r.parent)?;
                 if parent == id {
@@ -472,7 +472,7 @@ impl Router {
                 if let Some(id) = &r.id {
                     call.note_id(id);
                 }
-                tracing::debug!(method = m.name(), id = %call.id, parent = ?r.parent, "call");
+                tracing::debug!(method = m.name(), id = %call.id, parent = %quote(r.parent.as_deref().unwrap_or(""), 80), "call");
                 let id = required_id(r.id)?;
                 let parent = optional_parent(r.parent)?;
                 match m {
@@ -510,7 +510,7 @@ impl Router {
                 if let Some(id) = &id {
                     call.note_id(id);
                 }
-                tracing::debug!(method = m.name(), id = %call.id, parent = ?parent.as_deref().map(|p| quote(p, 80)), "call");
+                tracing::debug!(method = m.name(), id = %call.id, parent = %quote(parent.as_deref().unwrap_or(""), 80), "call");
                 let id = required_id(id)?;
                 let parent = optional_parent(parent)?;
                 call.body.set_streaming();

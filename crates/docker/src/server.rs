@@ -115,6 +115,11 @@ impl ShutdownHandle {
         self.wake();
     }
 
+    /// Same as [`ShutdownHandle::shutdown`].
+    pub fn trigger(&self) {
+        self.shutdown();
+    }
+
     /// Whether shutdown was requested.
     pub fn is_shutdown(&self) -> bool {
         self.inner.flag.load(Ordering::SeqCst)
