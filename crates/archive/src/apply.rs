@@ -237,6 +237,14 @@ impl<'a> Applier<'a> {
                 .map_err(|err| device_error(err, &target_path, "creating whiteout"))?;
             sfs::chown_at(parent.as_fd(), target, uid, gid)
                 .ctx(|| format!("chown of /{}", show(&target_path)))?;
+            // Not done by Docker, but it makes a re-diff of the layer reproduce the tar.
+            sfs::set_times_at(
+                parent.as_fd(),
+                target,
+                clamp_mtime(e.mtime_sec),
+                e.mtime_nsec.min(999_999_999),
+            )
+            .ctx(|| format!("setting times of /{}", show(&target_path)))?;
             self.cached = Some((key, parent));
             return Ok(());
         }
