@@ -1,5 +1,9 @@
 //! Docker plugin protocol for lamina: wire types, router and a small HTTP/1.1 server on a unix socket.
 //!
+//! Modules: [`http`] (request heads, `Content-Length`/chunked bodies as `Read`, responses),
+//! [`wire`] (JSON shapes), [`router`] (endpoint dispatch and id validation), [`server`] (accept
+//! loop, connection threads, shutdown, socket binding).
+//!
 //! # Design: no async runtime
 //!
 //! The layer store and the tar code are synchronous, and a plugin socket sees a handful of
@@ -11,6 +15,13 @@
 //! Requests are served concurrently and nothing in this crate holds a lock around a driver
 //! call: dockerd streams `GraphDriver.Diff` on one connection into `GraphDriver.ApplyDiff` on
 //! another, and a global lock would deadlock that.
+//!
+//! Defences against slow or hostile clients (all in [`ServerConfig`]): a 16 KiB / 64-header cap on
+//! request heads; 60 s idle timeout between requests; 30 s to complete a head once it started and
+//! to receive a JSON body; JSON bodies capped at 1 MiB (refused without reading the rest, then the
+//! connection is closed); streamed ApplyDiff bodies only time out after 5 min without a byte;
+//! writes time out after 5 min without progress; at the connection cap the longest-idle
+//! connection (including ones trickling a head) is closed to make room.
 //!
 //! # Using it
 //!
