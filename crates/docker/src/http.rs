@@ -3,7 +3,7 @@
 //! responses, and query-string decoding.
 //!
 //! Everything here is blocking and works on any byte stream; timeouts are applied through
-//! [`Transport`], which is a no-op for in-memory streams.
+//! a crate-private transport trait, which is a no-op for in-memory streams.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
