@@ -44,7 +44,9 @@ impl FileConfig {
         };
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(FileConfig::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(FileConfig::default())
+            }
             Err(e) => return Err(e).with_context(|| format!("reading config {}", path.display())),
         };
         toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
@@ -59,7 +61,9 @@ pub fn resolve(
     log_level: Option<String>,
 ) -> anyhow::Result<Settings> {
     let s = Settings {
-        data_root: data_root.or(file.data_root).unwrap_or_else(|| DEFAULT_DATA_ROOT.into()),
+        data_root: data_root
+            .or(file.data_root)
+            .unwrap_or_else(|| DEFAULT_DATA_ROOT.into()),
         socket: socket.or(file.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
         log_level: log_level.or(file.log_level).unwrap_or_else(|| "info".into()),
     };

@@ -1,4 +1,60 @@
-//! lamina binary (work in progress).
+//! lamina: a container layer store serving the Docker GraphDriver plugin protocol.
 #![forbid(unsafe_code)]
 
-fn main() {}
+mod adapters;
+mod config;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Container layer store daemon.
+#[derive(Debug, Parser)]
+#[command(name = "lamina", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the Docker GraphDriver plugin on a unix socket.
+    Serve {
+        /// Data root holding layers and metadata [default: /var/lib/lamina].
+        #[arg(long, value_name = "DIR")]
+        data_root: Option<PathBuf>,
+        /// Plugin socket; dockerd's name for the driver is its file name without `.sock`
+        /// [default: /run/docker/plugins/lamina.sock].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Config file [default: /etc/lamina/config.toml when present].
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Log filter (error, warn, info, debug, trace) [default: info].
+        #[arg(long, value_name = "LEVEL")]
+        log_level: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve {
+            data_root,
+            socket,
+            config,
+            log_level,
+        } => config::FileConfig::load(config.as_deref())
+            .and_then(|file| config::resolve(file, data_root, socket, log_level))
+            .and_then(serve::run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lamina: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -615,8 +615,9 @@ impl Store {
         }
         guard.mounts = 0;
         if rec.parent.is_some() {
+            // Detached like overlay2 does: a straggler (a shell cd'ed into it) must not fail the Put.
             let merged = self.layer_dir(n).join("merged");
-            mount::unmount(&merged, false).map_err(|e| StoreError::io(format!("unmount layer {name}"), e))?;
+            mount::unmount(&merged, true).map_err(|e| StoreError::io(format!("unmount layer {name}"), e))?;
         }
         debug!(ns, name, layer = n, "put");
         Ok(())

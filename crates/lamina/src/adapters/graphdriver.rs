@@ -61,11 +61,22 @@ pub fn to_plugin_error(e: StoreError) -> PluginError {
 }
 
 fn to_maps(entries: &[IdMapEntry]) -> Vec<IdMap> {
-    entries.iter().map(|e| IdMap { container_id: e.container_id, host_id: e.host_id, size: e.size }).collect()
+    entries
+        .iter()
+        .map(|e| IdMap {
+            container_id: e.container_id,
+            host_id: e.host_id,
+            size: e.size,
+        })
+        .collect()
 }
 
 fn encode_maps(m: &IdMappings) -> String {
-    let f = |v: &[IdMap]| v.iter().map(|e| format!("{}:{}:{}", e.container_id, e.host_id, e.size)).collect::<Vec<_>>();
+    let f = |v: &[IdMap]| {
+        v.iter()
+            .map(|e| format!("{}:{}:{}", e.container_id, e.host_id, e.size))
+            .collect::<Vec<_>>()
+    };
     format!("{}|{}", f(&m.uids).join(","), f(&m.gids).join(","))
 }
 
@@ -84,17 +95,26 @@ fn decode_maps(s: &str) -> IdMappings {
             .collect()
     };
     let (u, g) = s.split_once('|').unwrap_or((s, ""));
-    IdMappings { uids: parse(u), gids: parse(g) }
+    IdMappings {
+        uids: parse(u),
+        gids: parse(g),
+    }
 }
 
 impl GraphDriverAdapter {
     /// Builds the adapter, restoring the namespace and id maps of the last `Init`.
     pub fn new(store: Arc<Store>) -> Result<Self, StoreError> {
         let home = store.setting(SETTING_HOME)?.unwrap_or_default();
-        let mappings = store.setting(SETTING_MAPS)?.map(|s| decode_maps(&s)).unwrap_or_default();
+        let mappings = store
+            .setting(SETTING_MAPS)?
+            .map(|s| decode_maps(&s))
+            .unwrap_or_default();
         Ok(GraphDriverAdapter {
             store,
-            state: RwLock::new(DriverState { ns: format!("docker:{home}"), mappings }),
+            state: RwLock::new(DriverState {
+                ns: format!("docker:{home}"),
+                mappings,
+            }),
         })
     }
 
@@ -123,12 +143,19 @@ impl GraphDriver for GraphDriverAdapter {
                 format!("storage option {opt:?}: lamina takes no --storage-opt settings"),
             ));
         }
-        let mappings = IdMappings { uids: to_maps(&req.uid_maps), gids: to_maps(&req.gid_maps) };
+        let mappings = IdMappings {
+            uids: to_maps(&req.uid_maps),
+            gids: to_maps(&req.gid_maps),
+        };
         if mappings.uids.is_empty() != mappings.gids.is_empty() {
             return Err(PluginError::invalid("UIDMaps and GIDMaps must be given together"));
         }
-        self.store.set_setting(SETTING_HOME, &req.home).map_err(to_plugin_error)?;
-        self.store.set_setting(SETTING_MAPS, &encode_maps(&mappings)).map_err(to_plugin_error)?;
+        self.store
+            .set_setting(SETTING_HOME, &req.home)
+            .map_err(to_plugin_error)?;
+        self.store
+            .set_setting(SETTING_MAPS, &encode_maps(&mappings))
+            .map_err(to_plugin_error)?;
         let ns = format!("docker:{}", req.home);
         info!(home = %req.home, remapped = !mappings.uids.is_empty(), "graphdriver initialised");
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = DriverState { ns, mappings };
@@ -142,7 +169,11 @@ impl GraphDriver for GraphDriverAdapter {
                 format!("storage option {key:?} is not supported by lamina"),
             ));
         }
-        let kind = if read_write { LayerKind::ReadWrite } else { LayerKind::ReadOnly };
+        let kind = if read_write {
+            LayerKind::ReadWrite
+        } else {
+            LayerKind::ReadOnly
+        };
         self.store
             .create(&self.ns(), &req.id, req.parent.as_deref(), kind, BTreeMap::new())
             .map_err(to_plugin_error)
@@ -153,7 +184,9 @@ impl GraphDriver for GraphDriverAdapter {
     }
 
     fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {
-        self.store.get(&self.ns(), id, mount_label).map_err(to_plugin_error)
+        self.store
+            .get(&self.ns(), id, mount_label)
+            .map_err(to_plugin_error)
     }
 
     fn put(&self, id: &str) -> Result<(), PluginError> {
@@ -169,7 +202,10 @@ impl GraphDriver for GraphDriverAdapter {
         if let Ok(st) = self.store.status() {
             rows.push(["Backing Filesystem".into(), st.backing_fs]);
             rows.push(["Data Root".into(), st.root.display().to_string()]);
-            rows.push(["Layers".into(), self.store.count(&self.ns()).unwrap_or(0).to_string()]);
+            rows.push([
+                "Layers".into(),
+                self.store.count(&self.ns()).unwrap_or(0).to_string(),
+            ]);
             rows.push(["Mounted Layers".into(), st.mounted.to_string()]);
             rows.push(["On-disk Format".into(), st.format.to_string()]);
         }
@@ -200,15 +236,24 @@ impl GraphDriver for GraphDriverAdapter {
 
     fn diff(&self, id: &str, parent: &str) -> Result<Box<dyn DiffStream + '_>, PluginError> {
         let st = self.state();
-        let plan = self.store.diff(&st.ns, id, parent, &st.mappings).map_err(to_plugin_error)?;
+        let plan = self
+            .store
+            .diff(&st.ns, id, parent, &st.mappings)
+            .map_err(to_plugin_error)?;
         Ok(Box::new(Stream(plan)))
     }
 
     fn changes(&self, id: &str, parent: &str) -> Result<Vec<FileChange>, PluginError> {
-        let changes = self.store.changes(&self.ns(), id, parent).map_err(to_plugin_error)?;
+        let changes = self
+            .store
+            .changes(&self.ns(), id, parent)
+            .map_err(to_plugin_error)?;
         Ok(changes
             .into_iter()
-            .map(|c| FileChange { path: String::from_utf8_lossy(&c.path).into_owned(), kind: c.kind as u8 })
+            .map(|c| FileChange {
+                path: String::from_utf8_lossy(&c.path).into_owned(),
+                kind: c.kind as u8,
+            })
             .collect())
     }
 
@@ -218,15 +263,22 @@ impl GraphDriver for GraphDriverAdapter {
         if !parent.is_empty() {
             let expected = self.store.info(&st.ns, parent).map_err(to_plugin_error)?;
             if info.lower_dirs.first() != Some(&expected.diff_dir) {
-                return Err(PluginError::invalid(format!("layer {id} was not created on parent {parent}")));
+                return Err(PluginError::invalid(format!(
+                    "layer {id} was not created on parent {parent}"
+                )));
             }
         }
-        let stats = self.store.apply(&st.ns, id, body, &st.mappings).map_err(to_plugin_error)?;
+        let stats = self
+            .store
+            .apply(&st.ns, id, body, &st.mappings)
+            .map_err(to_plugin_error)?;
         Ok(stats.size)
     }
 
     fn diff_size(&self, id: &str, parent: &str) -> Result<u64, PluginError> {
-        self.store.diff_size(&self.ns(), id, parent).map_err(to_plugin_error)
+        self.store
+            .diff_size(&self.ns(), id, parent)
+            .map_err(to_plugin_error)
     }
 }
 
@@ -237,11 +289,22 @@ mod tests {
     #[test]
     fn maps_round_trip() {
         let m = IdMappings {
-            uids: vec![IdMap { container_id: 0, host_id: 100000, size: 65536 }],
-            gids: vec![IdMap { container_id: 0, host_id: 200000, size: 1000 }],
+            uids: vec![IdMap {
+                container_id: 0,
+                host_id: 100000,
+                size: 65536,
+            }],
+            gids: vec![IdMap {
+                container_id: 0,
+                host_id: 200000,
+                size: 1000,
+            }],
         };
         assert_eq!(decode_maps(&encode_maps(&m)), m);
-        assert_eq!(decode_maps(&encode_maps(&IdMappings::default())), IdMappings::default());
+        assert_eq!(
+            decode_maps(&encode_maps(&IdMappings::default())),
+            IdMappings::default()
+        );
     }
 
     #[test]
