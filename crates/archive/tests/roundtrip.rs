@@ -285,3 +285,53 @@ fn empty_inputs() {
     let s = apply(t.path(), &data).unwrap();
     assert_eq!(s.tar_bytes, data.len() as u64);
 }
+
+#[test]
+fn gnu_tar_extracts_our_diff_identically() {
+    if !require_root("gnu_tar_extracts_our_diff_identically") {
+        return;
+    }
+    if std::process::Command::new("tar")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("!!!! SKIPPED (no GNU tar): gnu_tar_extracts_our_diff_identically");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    fs::create_dir(&a).unwrap();
+    fs::create_dir(&b).unwrap();
+    let long_path = format!("{}/{}", "d".repeat(150), "f".repeat(150));
+    let mut tar = Tar::new();
+    tar.dir(b"etc/").file_mode(b"etc/passwd", b"root\n", 0o640);
+    tar.pax(&[(b"path", long_path.as_bytes())]).file(b"x", b"long");
+    tar.pax(&[(b"linkpath", "t".repeat(200).as_bytes())])
+        .symlink(b"s", b"x");
+    tar.hardlink(b"etc/hard", b"etc/passwd");
+    tar.pax(&[(b"SCHILY.xattr.user.k", b"v1")]).file(b"xa", b"x");
+    let mut dev = H::new(b"null", b'3');
+    (dev.major, dev.minor) = (1, 3);
+    tar.header(&dev);
+    tar.pax(&[(b"mtime", b"-86400")]).file(b"old", b"");
+    apply(&a, &tar.end()).unwrap();
+    let out = diff(&a);
+    let mut child = std::process::Command::new("tar")
+        .args([
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "-xpf",
+            "-",
+            "-C",
+        ])
+        .arg(&b)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&out).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(snapshot(&a, true), snapshot(&b, true));
+}
