@@ -66,9 +66,10 @@ impl Setup {
 }
 
 /// Prints, for every path of the container's root filesystem (own filesystem only; /proc, /sys, /dev and the
-/// files dockerd bind-mounts are left out), its type, mode, owner, link count, size, content digest or link
+/// files dockerd bind-mounts are left out, and so is the /data volume: on vfs it shares the host's st_dev, so
+/// -xdev would not stop there), its type, mode, owner, link count, size, content digest or link
 /// target. Two containers with the same line-for-line output have the same visible tree.
-const LIST_TREE: &str = r#"find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /etc/hosts -o -path /etc/hostname -o -path /etc/resolv.conf \) -prune -o -print | sort | while read -r p; do
+const LIST_TREE: &str = r#"find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /etc/hosts -o -path /etc/hostname -o -path /etc/resolv.conf -o -path /data \) -prune -o -print | sort | while read -r p; do
   if [ -L "$p" ]; then echo "$p L $(stat -c '%u:%g' "$p") -> $(readlink "$p")"
   elif [ -f "$p" ]; then echo "$p F $(stat -c '%a %u:%g %h %s' "$p") $(md5sum < "$p" | cut -d' ' -f1)"
   elif [ -d "$p" ]; then echo "$p D $(stat -c '%a %u:%g' "$p")"
@@ -479,12 +480,20 @@ fn rm_and_rmi_leave_nothing() {
     let mut args = vec!["rm", "-f", "-v"];
     args.extend(ids.lines());
     d.ok(&args);
-    let imgs = d.ok(&["images", "-aq"]);
-    let mut args = vec!["rmi", "-f"];
-    let mut imgs: Vec<&str> = imgs.lines().collect();
-    imgs.dedup();
-    args.extend(imgs);
-    d.ok(&args);
+    // tagged images first; their untagged parents (build steps) go with them
+    for _ in 0..5 {
+        let imgs = d.ok(&["images", "-q"]);
+        if imgs.is_empty() {
+            break;
+        }
+        let mut imgs: Vec<&str> = imgs.lines().collect();
+        imgs.sort();
+        imgs.dedup();
+        let mut args = vec!["rmi", "-f"];
+        args.extend(imgs);
+        // parents listed before their children are refused; the next round gets them
+        let _ = d.docker(&args);
+    }
     assert_eq!(d.ok(&["images", "-aq"]), "");
     d.ok(&["volume", "prune", "-f"]);
 

@@ -379,11 +379,39 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// What to print of a daemon log on failure: its warnings and errors (last 60), then its last lines.
+pub fn log_excerpt(path: &Path) -> String {
+    let text = fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let important: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let warn = l.contains(" WARN ") || l.contains("level=warning");
+            let about_driver = ["GraphDriver", "graphdriver", "plugin", "lamina", "layer"]
+                .iter()
+                .any(|w| l.contains(w));
+            l.contains(" ERROR ")
+                || l.contains("level=error")
+                || l.contains("level=fatal")
+                || l.contains("panicked")
+                || (warn && about_driver)
+        })
+        .collect();
+    format!(
+        "--- errors, and warnings about the driver (last 60 of {}) ---\n{}\n--- last {} lines ---\n{}",
+        important.len(),
+        important[important.len().saturating_sub(60)..].join("\n"),
+        log_lines(),
+        tail(path, log_lines())
+    )
+}
+
 fn log_lines() -> usize {
     std::env::var("LAMINA_E2E_LOG_LINES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(150)
+        .unwrap_or(40)
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or `timeout` passes.
@@ -475,6 +503,7 @@ impl Lamina {
             .arg(std::env::var("LAMINA_E2E_LOG_LEVEL").unwrap_or_else(|_| "debug".into()))
             .args(&self.extra_args)
             .env("RUST_BACKTRACE", "1")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null());
         cmd
     }
@@ -611,7 +640,7 @@ impl Drop for Lamina {
                 "----- lamina {} log ({}) -----\n{}\n-----",
                 self.name,
                 self.log.display(),
-                self.log_tail()
+                log_excerpt(&self.log)
             );
         }
         unmount_under(&self.data_root);
@@ -874,7 +903,7 @@ impl Drop for Dockerd {
                 "----- dockerd -s {} log ({}) -----\n{}\n-----",
                 self.driver,
                 self.log.display(),
-                self.log_tail()
+                log_excerpt(&self.log)
             );
         }
         // containerd, shims and containers of this daemon, then mounts (TestDir's drop does the rest).
