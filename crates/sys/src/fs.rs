@@ -347,55 +347,66 @@ pub fn rmdir(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
 /// Removes `name` from `dir` whatever it is; a directory is removed with its whole tree.
 ///
 /// Iterative and holding at most two descriptors whatever the depth: it goes down with
-/// `O_NOFOLLOW` opens and back up through `..`, checking each step's inode.
+/// `O_NOFOLLOW` opens and back up through `..`, checking each step's inode. Each
+/// directory is listed once.
 pub fn remove_all(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+    struct Level {
+        /// Name of this directory in its parent.
+        name: Vec<u8>,
+        /// Children not handled yet.
+        pending: Vec<Vec<u8>>,
+        /// (dev, ino) of the parent, checked when going back up.
+        parent_id: (u64, u64),
+    }
     let Some(st) = stat_at(dir, name)? else {
         return Ok(());
     };
     if st.kind != FileKind::Dir {
         return unlink(dir, name);
     }
-    // Stack of (name in parent, dev, ino of the parent) from `dir`'s child down.
-    let mut path: Vec<(Vec<u8>, u64, u64)> = Vec::new();
-    let dir_st = stat_fd(dir)?;
-    path.push((name.to_vec(), dir_st.dev, dir_st.ino));
+    let top = stat_fd(dir)?;
     let mut cur = open_subdir(dir, name)?;
+    let mut stack = vec![Level {
+        name: name.to_vec(),
+        pending: read_dir_names(cur.as_fd())?,
+        parent_id: (top.dev, top.ino),
+    }];
     loop {
-        // Empty the current directory of non-directories; descend into the first subdir.
-        let mut descended = false;
-        for child in read_dir_names(cur.as_fd())? {
+        let level = stack.last_mut().expect("stack is never empty here");
+        if let Some(child) = level.pending.pop() {
             match stat_at(cur.as_fd(), &child)? {
                 None => {}
                 Some(cst) if cst.kind == FileKind::Dir => {
                     let here = stat_fd(cur.as_fd())?;
-                    let next = open_subdir(cur.as_fd(), &child)?;
-                    path.push((child, here.dev, here.ino));
-                    cur = next;
-                    descended = true;
-                    break;
+                    let sub = open_subdir(cur.as_fd(), &child)?;
+                    let pending = read_dir_names(sub.as_fd())?;
+                    stack.push(Level {
+                        name: child,
+                        pending,
+                        parent_id: (here.dev, here.ino),
+                    });
+                    cur = sub;
                 }
                 Some(_) => match unlink(cur.as_fd(), &child) {
                     Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
                     _ => {}
                 },
             }
-        }
-        if descended {
             continue;
         }
-        let (child, pdev, pino) = path.pop().expect("path is never empty here");
-        if path.is_empty() {
+        let done = stack.pop().expect("checked above");
+        if stack.is_empty() {
             drop(cur);
-            return rmdir(dir, &child);
+            return rmdir(dir, &done.name);
         }
         let parent = open_parent(cur.as_fd())?;
         let pst = stat_fd(parent.as_fd())?;
-        if pst.dev != pdev || pst.ino != pino {
+        if (pst.dev, pst.ino) != done.parent_id {
             return Err(io::Error::other(
                 "directory tree changed while it was being removed",
             ));
         }
-        rmdir(parent.as_fd(), &child)?;
+        rmdir(parent.as_fd(), &done.name)?;
         cur = parent;
     }
 }
@@ -666,6 +677,31 @@ mod tests {
         drop(cur);
         remove_all(root.as_fd(), b"d").unwrap();
         assert!(stat_at(root.as_fd(), b"d").unwrap().is_none());
+    }
+
+    #[test]
+    fn remove_all_wide_tree_and_odd_modes() {
+        let (_t, root) = tmp();
+        mkdir(root.as_fd(), b"w", 0o755).unwrap();
+        let w = open_subdir(root.as_fd(), b"w").unwrap();
+        for i in 0..2000 {
+            let n = format!("d{i}");
+            mkdir(w.as_fd(), n.as_bytes(), 0o755).unwrap();
+            let d = open_subdir(w.as_fd(), n.as_bytes()).unwrap();
+            create_file(d.as_fd(), b"f", 0o644).unwrap();
+            make_whiteout(d.as_fd(), b"wh").ok();
+            mkfifo(d.as_fd(), b"p", 0o600).unwrap();
+            chmod_fd(d.as_fd(), 0o500).unwrap();
+        }
+        drop(w);
+        if running_as_root() {
+            remove_all(root.as_fd(), b"w").unwrap();
+            assert!(stat_at(root.as_fd(), b"w").unwrap().is_none());
+        }
+        remove_all(root.as_fd(), b"absent").unwrap();
+        create_file(root.as_fd(), b"plain", 0o644).unwrap();
+        remove_all(root.as_fd(), b"plain").unwrap();
+        assert!(stat_at(root.as_fd(), b"plain").unwrap().is_none());
     }
 
     #[test]
