@@ -47,7 +47,7 @@ const HOST_PROBES: &[&str] = &[
 
 impl Env {
     fn outside(&self) -> Snapshot {
-        snapshot(&self.top, true)
+        snapshot_skipping(&self.top, true, Some(&self.layer))
             .into_iter()
             .filter(|(k, _)| !k.starts_with(b"x/y/z/layer"))
             .collect()

@@ -212,6 +212,11 @@ fn xattrs_of(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
 /// too unless `dir_mtimes` is false), content digest, link target, device numbers,
 /// xattrs, and hardlink groups (by the first path in sorted order).
 pub fn snapshot(root: &Path, dir_mtimes: bool) -> Snapshot {
+    snapshot_skipping(root, dir_mtimes, None)
+}
+
+/// Like [`snapshot`], without looking inside `skip` (its own entry is still described).
+pub fn snapshot_skipping(root: &Path, dir_mtimes: bool, skip: Option<&Path>) -> Snapshot {
     let mut out = Snapshot::new();
     let mut inodes: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     let mut stack = vec![root.to_path_buf()];
@@ -221,7 +226,7 @@ pub fn snapshot(root: &Path, dir_mtimes: bool) -> Snapshot {
             let e = e.unwrap();
             let p = e.path();
             let md = std::fs::symlink_metadata(&p).unwrap();
-            if md.is_dir() {
+            if md.is_dir() && Some(p.as_path()) != skip {
                 stack.push(p.clone());
             }
             all.push((p, md));
