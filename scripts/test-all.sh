@@ -56,8 +56,13 @@ set +e
 cargo test --workspace 2>&1 | tee "$TEST_LOG"
 test_rc=${PIPESTATUS[0]}
 set -e
-awk '/^ *Running /{name=$2} /^ *Doc-tests /{name="doc-tests " $2} /^test result:/{printf "%-60s %s\n", name, $0}' \
-    "$TEST_LOG" >"$SUMMARY"
+# "Running unittests src/lib.rs (.../deps/lamina_sys-<hash>)" -> "lamina_sys (unit)"; "Running tests/x.rs (...)" -> "tests/x.rs"
+awk '
+    /^ *Running unittests / { bin = $NF; gsub(/[()]/, "", bin); sub(/.*\//, "", bin); sub(/-[0-9a-f]+$/, "", bin); name = bin " (unit)"; next }
+    /^ *Running /           { name = $2; next }
+    /^ *Doc-tests /         { name = $2 " (doc)"; next }
+    /^test result:/         { printf "%-32s %s\n", name, $0 }
+' "$TEST_LOG" >"$SUMMARY"
 rm -f "$TEST_LOG"
 if ((test_rc != 0)); then
     step "cargo test summary"

@@ -1063,6 +1063,15 @@ fn second_instance_refused_and_stale_socket() {
         "layer lost across kill -9"
     );
     assert_eq!(p.status_layers(), Some(1));
+    // SIGINT is a clean stop too
+    let st = p.lamina.stop_with("INT");
+    assert!(
+        st.success(),
+        "lamina exited with {st} on SIGINT; log:\n{}",
+        p.lamina.log_tail()
+    );
+    p.lamina.start_again();
+    assert_eq!(p.status_layers(), Some(1));
 }
 
 /// kill -9 in the middle of a ~200 MB ApplyDiff (E6): after restart the layer is absent or empty (never

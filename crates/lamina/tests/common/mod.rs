@@ -583,15 +583,20 @@ impl Lamina {
 
     /// SIGTERM and wait (30 s); returns the exit status. Panics if lamina does not exit.
     pub fn stop(&mut self) -> ExitStatus {
+        self.stop_with("TERM")
+    }
+
+    /// Sends `sig` (`TERM`, `INT`) and waits (30 s); returns the exit status. Panics if lamina does not exit.
+    pub fn stop_with(&mut self, sig: &str) -> ExitStatus {
         let mut c = self.child.take().expect("lamina is not running");
-        signal(c.id(), "TERM");
+        signal(c.id(), sig);
         match wait_timeout(&mut c, Duration::from_secs(30)) {
             Some(st) => st,
             None => {
                 let _ = c.kill();
                 let _ = c.wait();
                 panic!(
-                    "lamina {} did not exit within 30 s of SIGTERM; log:\n{}",
+                    "lamina {} did not exit within 30 s of SIG{sig}; log:\n{}",
                     self.name,
                     self.log_tail()
                 );
