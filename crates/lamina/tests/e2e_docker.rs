@@ -53,10 +53,15 @@ impl Setup {
 
     /// The `Layers` row of lamina's `docker info` status.
     fn status_layers(&self) -> Option<u64> {
+        self.status_row("layers")
+    }
+
+    /// A numeric row of lamina's `docker info` status.
+    fn status_row(&self, name: &str) -> Option<u64> {
         self.docker
             .driver_status()
             .into_iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("layers"))
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(k, v)| {
                 v.trim()
                     .parse()
@@ -328,6 +333,11 @@ fn docker_diff_exact() {
         "oracle (vfs) disagrees with the written expectation"
     );
     assert_eq!(got, EXPECTED_DIFF, "docker diff on {}", s.docker.driver);
+    // DiffSize (docker ps -s) answers
+    let size = s
+        .docker
+        .ok(&["ps", "-a", "-s", "--filter", "name=c1", "--format", "{{.Size}}"]);
+    assert!(size.contains("B (virtual "), "docker ps -s: {size:?}");
     // a container that changed nothing has an empty diff
     s.docker
         .ok(&["run", "--name", "c2", "--network", "none", "bb:1", "true"]);
@@ -499,6 +509,11 @@ fn rm_and_rmi_leave_nothing() {
 
     if let (Some(root), Some(before)) = (data_root, before) {
         assert_eq!(s.status_layers(), Some(0), "Layers row after removing everything");
+        assert_eq!(
+            s.status_row("mounted layers"),
+            Some(0),
+            "Mounted Layers row after removing everything"
+        );
         assert_store_empty(&root, &before, layer_dirs_before.unwrap_or(0));
     }
 }
@@ -615,6 +630,11 @@ fn lamina_restart_under_dockerd(test: &str, kill9: bool) {
     d.ok(&["rm", "r1", "c1"]);
     d.ok(&["rmi", "fromrunning:1", "bb:1"]);
     assert_eq!(s.status_layers(), Some(0), "Layers row after removing everything");
+    assert_eq!(
+        s.status_row("mounted layers"),
+        Some(0),
+        "Mounted Layers row after removing everything"
+    );
     assert_store_empty(&root, &before, layer_dirs_before);
 }
 
