@@ -94,3 +94,6 @@ fi
 step "summary"
 cat "$SUMMARY"
 printf 'test-all: all tiers passed in %ss\n' "$(( $(date +%s) - START ))"
+# One closing line with the totals of every cargo test binary.
+awk '/test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$SUMMARY"
