@@ -79,6 +79,9 @@ pub struct StoreStatus {
 #[derive(Debug, Default)]
 struct Slot {
     mounts: u32,
+    /// Lower directories of the layer's mount, top-most first. A parent chain never changes, so
+    /// it is walked in the database once per layer and process, not at every mount.
+    lowers: Option<Arc<Vec<PathBuf>>>,
 }
 
 /// The layer store. Cheap to share behind an `Arc`; every method takes `&self`.
@@ -588,16 +591,30 @@ impl Store {
             dir.join("merged")
         };
         if guard.mounts == 0 && rec.parent.is_some() && !mount::is_mount_point(&path).unwrap_or(false) {
-            let chain = self.chain(&rec)?;
+            let lowers = match &guard.lowers {
+                Some(l) => l.clone(),
+                None => {
+                    let chain = self.chain(&rec)?;
+                    let l = Arc::new(
+                        chain
+                            .iter()
+                            .map(|p| self.layer_dir(*p).join("diff"))
+                            .collect::<Vec<_>>(),
+                    );
+                    guard.lowers = Some(l.clone());
+                    l
+                }
+            };
             let spec = OverlaySpec {
-                lowers: chain.iter().map(|p| self.layer_dir(*p).join("diff")).collect(),
+                lowers: lowers.to_vec(),
                 upper: Some(dir.join("diff")),
                 work: Some(dir.join("work")),
                 label: Some(mount_label.to_string()),
                 read_only: false,
             };
-            mount::mount_overlay(&path, &spec)
-                .map_err(|e| StoreError::io(format!("mount layer {name} ({} layers)", chain.len() + 1), e))?;
+            mount::mount_overlay(&path, &spec).map_err(|e| {
+                StoreError::io(format!("mount layer {name} ({} layers)", lowers.len() + 1), e)
+            })?;
         }
         guard.mounts += 1;
         debug!(ns, name, layer = n, mounts = guard.mounts, "get");
