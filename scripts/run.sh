@@ -28,4 +28,4 @@ args=(serve --data-root "$DATA_ROOT" --socket "$SOCKET")
 [[ -f $CONFIG ]] && args+=(--config "$CONFIG")
 [[ -n ${LAMINA_LOG_LEVEL:-} ]] && args+=(--log-level "$LAMINA_LOG_LEVEL")
 mkdir -p "$(dirname "$SOCKET")"
-exec "$ROOT/target/release/lamina" "${args[@]}" "$@"
+exec "${CARGO_TARGET_DIR:-$ROOT/target}/release/lamina" "${args[@]}" "$@"
