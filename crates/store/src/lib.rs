@@ -590,7 +590,8 @@ impl Store {
         } else {
             dir.join("merged")
         };
-        if guard.mounts == 0 && rec.parent.is_some() && !mount::is_mount_point(&path).unwrap_or(false) {
+        // A count of zero means not mounted: `open` counted the mounts a previous run left.
+        if guard.mounts == 0 && rec.parent.is_some() {
             let lowers = match &guard.lowers {
                 Some(l) => l.clone(),
                 None => {
@@ -755,15 +756,7 @@ impl Store {
                 opts,
             });
         }
-        if !parent.is_empty() {
-            self.require(ns, parent)?;
-        }
-        let new = MountGuard::new(self, ns, name)?;
-        let old = if parent.is_empty() {
-            None
-        } else {
-            Some(MountGuard::new(self, ns, parent)?)
-        };
+        let (new, old) = self.tree_views(ns, name, parent)?;
         Ok(DiffPlan {
             kind: PlanKind::Trees { new, old },
             opts,
@@ -783,21 +776,24 @@ impl Store {
             let lower_fds: Vec<_> = lowers.iter().map(|f| f.as_fd()).collect();
             return Ok(lamina_archive::layer_changes(upper.as_fd(), &lower_fds)?);
         }
-        if !parent.is_empty() {
-            self.require(ns, parent)?;
-        }
-        let new = MountGuard::new(self, ns, name)?;
+        let (new, old) = self.tree_views(ns, name, parent)?;
+        tree_changes(&new, old.as_ref())
+    }
+
+    /// Mounted merged views of `name` and of `parent` (`""` = none), for naive comparisons
+    /// against a layer that is not the direct parent.
+    fn tree_views(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: &str,
+    ) -> Result<(MountGuard<'_>, Option<MountGuard<'_>>)> {
         let old = if parent.is_empty() {
             None
         } else {
             Some(MountGuard::new(self, ns, parent)?)
         };
-        let new_fd = open_dir(&new.path)?;
-        let old_fd = old.as_ref().map(|o| open_dir(&o.path)).transpose()?;
-        Ok(lamina_archive::tree_changes(
-            new_fd.as_fd(),
-            old_fd.as_ref().map(|f| f.as_fd()),
-        )?)
+        Ok((MountGuard::new(self, ns, name)?, old))
     }
 
     /// Size of `name`'s changes relative to `parent`, in bytes.
@@ -807,8 +803,8 @@ impl Store {
             let dir = open_dir(&info.diff_dir)?;
             return Ok(lamina_archive::dir_size(dir.as_fd())?);
         }
-        let changes = self.changes(ns, name, parent)?;
-        let new = MountGuard::new(self, ns, name)?;
+        let (new, old) = self.tree_views(ns, name, parent)?;
+        let changes = tree_changes(&new, old.as_ref())?;
         let mut total = 0u64;
         for c in changes
             .iter()
@@ -916,6 +912,15 @@ impl Store {
             .map_err(error::db_err)?;
         txn.commit().map_err(error::db_err)
     }
+}
+
+fn tree_changes(new: &MountGuard<'_>, old: Option<&MountGuard<'_>>) -> Result<Vec<Change>> {
+    let new_fd = open_dir(&new.path)?;
+    let old_fd = old.map(|o| open_dir(&o.path)).transpose()?;
+    Ok(lamina_archive::tree_changes(
+        new_fd.as_fd(),
+        old_fd.as_ref().map(|f| f.as_fd()),
+    )?)
 }
 
 fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {

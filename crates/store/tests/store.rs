@@ -231,8 +231,8 @@ fn failed_apply_leaves_layer_empty_and_retry_works() {
 }
 
 #[test]
-fn restart_recovers_interrupted_apply_and_orphans() {
-    if !require_root("restart_recovers_interrupted_apply_and_orphans") {
+fn restart_removes_orphans_and_keeps_live_mounts() {
+    if !require_root("restart_removes_orphans_and_keeps_live_mounts") {
         return;
     }
     let r = Root::new();
@@ -247,9 +247,7 @@ fn restart_recovers_interrupted_apply_and_orphans() {
         )
         .unwrap();
         create(&s, "child", Some("base"));
-        // Simulate a crash in the middle of an apply: a reader that fails after some data,
-        // with the process "dying" (we just never finish) is hard to model; instead leave
-        // leftovers exactly as a crash would.
+        // Leave a live mount, a staging dir and a layer dir without a record, as a crash would.
         s.get(NS, "child", "").unwrap();
     }
     fs::create_dir_all(r.path().join("staging/5-0/etc")).unwrap();
@@ -268,6 +266,62 @@ fn restart_recovers_interrupted_apply_and_orphans() {
     assert_eq!(fs::read(info.merged_dir.join("keep")).unwrap(), b"k");
     s.put(NS, "child").unwrap();
     assert!(!lamina_sys::mount::is_mount_point(&info.merged_dir).unwrap());
+}
+
+#[test]
+fn restart_rolls_back_an_apply_left_pending() {
+    if !require_root("restart_rolls_back_an_apply_left_pending") {
+        return;
+    }
+    let r = Root::new();
+    let (number, staging) = {
+        let s = Store::open(&r.path()).unwrap();
+        create(&s, "a", None);
+        s.apply(
+            NS,
+            "a",
+            &mut &tar_of(&[("half", b"h")])[..],
+            &IdMappings::default(),
+        )
+        .unwrap();
+        (
+            s.info(NS, "a").unwrap().number,
+            format!("{:x}-9", s.info(NS, "a").unwrap().number),
+        )
+    };
+    // What a kill -9 between "pending recorded" and "applied recorded" leaves: the pending row,
+    // a staging dir, and (if the rename had happened) content in diff/.
+    fs::create_dir_all(r.path().join("staging").join(&staging)).unwrap();
+    {
+        let db = redb::Database::create(r.path().join("meta.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn
+                .open_table(redb::TableDefinition::<u64, &str>::new("pending"))
+                .unwrap();
+            t.insert(number, staging.as_str()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let s = Store::open(&r.path()).unwrap();
+    let info = s.info(NS, "a").unwrap();
+    assert_eq!(info.record.state, LayerState::Empty);
+    assert_eq!(info.record.digest, None);
+    assert_eq!(
+        fs::read_dir(&info.diff_dir).unwrap().count(),
+        0,
+        "half content is gone"
+    );
+    assert_eq!(fs::read_dir(r.path().join("staging")).unwrap().count(), 0);
+    // The retried apply succeeds.
+    s.apply(
+        NS,
+        "a",
+        &mut &tar_of(&[("full", b"f")])[..],
+        &IdMappings::default(),
+    )
+    .unwrap();
+    assert_eq!(fs::read(info.diff_dir.join("full")).unwrap(), b"f");
 }
 
 #[test]

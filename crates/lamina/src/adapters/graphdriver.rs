@@ -262,7 +262,7 @@ impl GraphDriver for GraphDriverAdapter {
         let info = self.store.info(&st.ns, id).map_err(to_plugin_error)?;
         if !parent.is_empty() {
             let expected = self.store.info(&st.ns, parent).map_err(to_plugin_error)?;
-            if info.lower_dirs.first() != Some(&expected.diff_dir) {
+            if info.record.parent != Some(expected.number) {
                 return Err(PluginError::invalid(format!(
                     "layer {id} was not created on parent {parent}"
                 )));
