@@ -14,6 +14,7 @@ use lamina_docker::{
     CreateRequest, DiffStream, ErrorKind, FileChange, GraphDriver, IdMapEntry, InitRequest, PluginError,
 };
 use lamina_store::{DiffPlan, LayerKind, Store, StoreError};
+use lamina_sys::fs::errno;
 use tracing::info;
 
 const SETTING_HOME: &str = "graphdriver.home";
@@ -46,9 +47,9 @@ pub fn to_plugin_error(e: StoreError) -> PluginError {
         StoreError::Archive(ArchiveError::LimitExceeded(_)) => ErrorKind::LimitExceeded,
         StoreError::Archive(ArchiveError::Io { .. }) | StoreError::Io { .. } | StoreError::Locked(_) => {
             match e.raw_os_error() {
-                Some(libc_enospc) if libc_enospc == 28 || libc_enospc == 122 => ErrorKind::NoSpace,
-                Some(30) => ErrorKind::ReadOnly,
-                Some(31) => ErrorKind::LimitExceeded,
+                Some(errno::ENOSPC | errno::EDQUOT) => ErrorKind::NoSpace,
+                Some(errno::EROFS) => ErrorKind::ReadOnly,
+                Some(errno::EMLINK | errno::EFBIG) => ErrorKind::LimitExceeded,
                 _ => ErrorKind::Io,
             }
         }
