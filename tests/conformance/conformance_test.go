@@ -140,8 +140,10 @@ func startBackend(ctx context.Context, b backend, root string) (snapshots.Snapsh
 	cmd := exec.Command(b.bin, b.args(root, socket)...)
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
-	// If this test process dies without running the cleanup, the kernel stops the child.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// Own process group, so that the SIGKILL fallback also reaches helpers the backend may
+	// have spawned; if this test process dies without running the cleanup, the kernel
+	// stops the child.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		return nil, nil, fmt.Errorf("start %s: %w", b.bin, err)
 	}
@@ -206,8 +208,9 @@ func (s *server) dial(ctx context.Context, socket string) (*grpc.ClientConn, err
 	)
 }
 
-// stop sends SIGTERM to the process (by PID), waits, and falls back to SIGKILL. A process
-// that needs SIGKILL or exits non-zero on SIGTERM is reported as an error.
+// stop sends SIGTERM to the process (by PID), waits, and falls back to SIGKILL of its process
+// group (whose id is that PID). A process that needs SIGKILL or exits non-zero on SIGTERM is
+// reported as an error.
 func (s *server) stop() error {
 	select {
 	case <-s.exited:
@@ -225,7 +228,7 @@ func (s *server) stop() error {
 		return nil
 	case <-time.After(stopTimeout):
 	}
-	_ = s.cmd.Process.Kill()
+	_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
 	<-s.exited
 	return fmt.Errorf("pid %d ignored SIGTERM for %v and was killed", s.cmd.Process.Pid, stopTimeout)
 }
