@@ -1,0 +1,309 @@
+#!/usr/bin/env bash
+# containerd's snapshotter conformance suite, and a snapshotter latency benchmark, both run
+# through containerd's own Go client stack (snapshots/proxy over gRPC on a unix socket).
+#
+#   scripts/conformance.sh [test]   run containerd 1.6.20's snapshots/testsuite against each
+#                                   backend in BACKENDS; one summary line per backend, a final
+#                                   PASS/FAIL line, exit 1 on any failure
+#   scripts/conformance.sh bench    Prepare+Mounts and Commit latency (p50/p99) at parent depths 1
+#                                   and 128, each backend on the same fresh loop-backed ext4 made
+#                                   under WORK_PARENT and torn down afterwards (not part of CI)
+#
+# Backends: "lamina" (lamina serve --snapshotter-socket) and "overlayfs" (tests/conformance/overlayd:
+# containerd's built-in overlayfs snapshotter served over gRPC, the reference that validates the
+# harness). Sources: tests/conformance/. Go builds in GOPATH mode from Debian's packages only
+# (golang-go, golang-github-containerd-containerd-dev, installed with apt-get when missing); nothing
+# is downloaded. Build output, Go cache and logs: $CARGO_TARGET_DIR (or target/)/conformance/.
+#
+# Needs root (the suite mounts overlays; the bench makes a loop device). Not root: the test mode
+# prints SKIPPED and exits 0, or fails under CI=true; the bench mode fails.
+#
+# Environment: BACKENDS ("overlayfs lamina"), LAMINA_BIN (use this binary, do not run cargo),
+# NO_BUILD=1 (no cargo build; use the existing binary), CI=true, TEST_TIMEOUT (10m),
+# TEST_RUN (a -test.run regexp for the suite's subtests, e.g. 'Conformance/Basic$').
+# Bench only: ITERS (200), WARMUP (10), DEPTHS (1,128), RUNS (1), IMG_SIZE (4G),
+# WORK_PARENT (/var/tmp). The bench uses a release build of lamina (the test a debug build).
+set -euo pipefail
+export LC_ALL=C
+
+MODE=${1:-test}
+case $MODE in
+    test | bench) ;;
+    -h | --help | help)
+        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "usage: $0 [test|bench]" >&2
+        exit 2
+        ;;
+esac
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=$TARGET/conformance
+BIN=$OUT/bin
+BACKENDS=${BACKENDS:-overlayfs lamina}
+START=$(date +%s.%N)
+
+log() { printf '[conformance %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() {
+    printf '[conformance] FAIL: %s\n' "$*" >&2
+    exit 1
+}
+elapsed() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }'; }
+
+for b in $BACKENDS; do
+    [[ $b == lamina || $b == overlayfs ]] || die "BACKENDS: unknown backend '$b' (lamina, overlayfs)"
+done
+
+# ---- prerequisites ----------------------------------------------------------------------------
+if [[ $EUID -ne 0 ]]; then
+    msg="the snapshotter $MODE needs root (it mounts overlay filesystems$([[ $MODE == bench ]] && echo ' and loop devices'))"
+    if [[ ${CI:-} == true || $MODE == bench ]]; then
+        die "$msg; not root"
+    fi
+    printf '\n**********************************************************************\n' >&2
+    printf '*** conformance: SKIPPED: %s; not root\n' "$msg" >&2
+    printf '**********************************************************************\n\n' >&2
+    echo "conformance: SKIPPED (not root)"
+    exit 0
+fi
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+missing=()
+for pkg in golang-go golang-github-containerd-containerd-dev; do
+    installed "$pkg" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    log "installing ${missing[*]} (Debian packages; containerd 1.6 sources land in /usr/share/gocode)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2 || die "apt-get update failed; missing packages: ${missing[*]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
+        die "could not install ${missing[*]}"
+fi
+GOSRC=/usr/share/gocode/src/github.com/containerd/containerd
+[[ -d $GOSRC/snapshots/testsuite ]] || die "$GOSRC/snapshots/testsuite missing (golang-github-containerd-containerd-dev)"
+command -v go >/dev/null || die "go not found after installing golang-go"
+
+# ---- build ------------------------------------------------------------------------------------
+# GOPATH mode over Debian's Go sources, offline, caches under target/.
+export GO111MODULE=off GOPROXY=off GOFLAGS= CGO_ENABLED=0
+export GOPATH=$OUT/gopath:/usr/share/gocode GOCACHE=$OUT/gocache
+mkdir -p "$BIN" "$OUT/gopath" "$OUT/gocache"
+
+build_start=$(date +%s.%N)
+(
+    cd "$ROOT"
+    go build -o "$BIN/overlayd" ./tests/conformance/overlayd
+    if [[ $MODE == test ]]; then
+        go test -c -o "$BIN/conformance.test" ./tests/conformance
+    else
+        go build -o "$BIN/snapbench" ./tests/conformance/bench
+    fi
+) || die "go build of tests/conformance failed"
+log "go build: $(elapsed "$build_start") s"
+
+if [[ " $BACKENDS " == *" lamina "* ]]; then
+    profile=debug
+    [[ $MODE == bench ]] && profile=release
+    if [[ -n ${LAMINA_BIN:-} ]]; then
+        LAMINA_BIN=$(realpath "$LAMINA_BIN")
+    else
+        LAMINA_BIN=$TARGET/$profile/lamina
+        if [[ ${NO_BUILD:-0} != 1 ]]; then
+            command -v cargo >/dev/null || die "cargo not found (needed to build lamina; or set LAMINA_BIN)"
+            log "cargo build $([[ $profile == release ]] && echo --release) -p lamina"
+            (cd "$ROOT" && cargo build $([[ $profile == release ]] && echo --release) -p lamina) >&2 ||
+                die "cargo build -p lamina failed"
+        fi
+    fi
+    [[ -x $LAMINA_BIN ]] || die "lamina binary $LAMINA_BIN missing"
+fi
+
+# ---- test mode --------------------------------------------------------------------------------
+run_tests() {
+    local overall=0 lines=()
+    for b in $BACKENDS; do
+        local logdir=$OUT/logs/$b out=$OUT/logs/$b.txt rc=0 t0
+        rm -rf "$logdir"
+        mkdir -p "$logdir"
+        log "running the suite against $b (output: $out, backend logs: $logdir/)"
+        t0=$(date +%s.%N)
+        # The suite's tests run in parallel; each starts its own backend process on its own root.
+        (
+            cd "$ROOT/tests/conformance"
+            CONFORMANCE_BACKEND=$b CONFORMANCE_LOG_DIR=$logdir LAMINA_BIN=${LAMINA_BIN:-} \
+                OVERLAYD_BIN=$BIN/overlayd \
+                exec "$BIN/conformance.test" -test.v -test.timeout "${TEST_TIMEOUT:-10m}" \
+                -test.run "${TEST_RUN:-TestSnapshotterConformance}"
+        ) >"$out" 2>&1 || rc=$?
+        local secs pass fail skip skipped
+        secs=$(elapsed "$t0")
+        # subtests only ("--- PASS: TestSnapshotterConformance/Basic")
+        pass=$(grep -cE '^ +--- PASS: ' "$out" || true)
+        fail=$(grep -cE '^ +--- FAIL: ' "$out" || true)
+        skip=$(grep -cE '^ +--- SKIP: ' "$out" || true)
+        skipped=$(grep -oE '^ +--- SKIP: [^ ]+' "$out" | sed 's/.*\///' | paste -sd, - || true)
+        grep -E '^ *--- (PASS|FAIL|SKIP): ' "$out" | sed 's/^/    /' >&2 || true
+        local verdict=PASS
+        if ((rc != 0 || fail > 0 || pass == 0)); then
+            verdict=FAIL
+            overall=1
+            # What each failing subtest logged: with -test.v, parallel subtests' output is
+            # interleaved under "=== CONT <name>" headers; gather it per name (capped).
+            awk '
+                NR == FNR {
+                    if ($0 ~ /^ +--- FAIL: /) { n = $3; if (!(n in failed)) { failed[n] = 1; order[++k] = n } }
+                    next
+                }
+                /^=== [A-Z]+ / { cur = $3; next }
+                /^ *--- (PASS|FAIL|SKIP): / || /^(PASS|FAIL|ok)/ { cur = ""; next }
+                cur in failed { if (cnt[cur]++ < 80) out[cur] = out[cur] $0 "\n" }
+                END {
+                    for (i = 1; i <= k; i++) {
+                        n = order[i]
+                        printf "\n---- FAILED %s ----\n%s", n, out[n]
+                        if (cnt[n] > 80) printf "    ... %d more lines in the full output\n", cnt[n] - 80
+                    }
+                }
+            ' "$out" "$out" >&2
+            if ((fail == 0)); then
+                echo "---- last lines of $out (exit $rc) ----" >&2
+                tail -n 40 "$out" >&2
+            fi
+        fi
+        lines+=("conformance[$b]: $verdict: $pass passed, $fail failed, $skip skipped${skipped:+ ($skipped)} in ${secs} s (exit $rc)")
+    done
+    echo
+    printf '%s\n' "${lines[@]}"
+    if ((overall == 0)); then
+        echo "conformance: PASS (backends: $BACKENDS; total $(elapsed "$START") s)"
+    else
+        echo "conformance: FAIL (backends: $BACKENDS; logs in $OUT/logs/)"
+    fi
+    return $overall
+}
+
+# ---- bench mode -------------------------------------------------------------------------------
+WORK=""
+MNT=""
+SERVER_PID=""
+
+stop_server() {
+    [[ -n $SERVER_PID ]] || return 0
+    local pid=$SERVER_PID i
+    SERVER_PID=""
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "pid $pid ignored SIGTERM for 10 s: SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+bench_teardown() {
+    stop_server
+    if [[ -n $MNT ]] && mountpoint -q "$MNT"; then
+        umount "$MNT" || { sleep 1 && umount "$MNT"; } || log "warning: could not unmount $MNT"
+    fi
+    [[ -n $WORK ]] && ! mountpoint -q "$MNT" && rm -rf "$WORK"
+    return 0
+}
+
+start_server() { # backend root socket logfile
+    local b=$1 root=$2 sock=$3 logfile=$4 i
+    case $b in
+        lamina) "$LAMINA_BIN" serve --data-root "$root" --socket none --snapshotter-socket "$sock" >"$logfile" 2>&1 & ;;
+        overlayfs) "$BIN/overlayd" --root "$root" --socket "$sock" >"$logfile" 2>&1 & ;;
+    esac
+    SERVER_PID=$!
+    for ((i = 0; i < 200; i++)); do
+        [[ -S $sock ]] && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    cat "$logfile" >&2
+    stop_server
+    die "$b did not come up on $sock"
+}
+
+run_bench() {
+    local t
+    for t in truncate mkfs.ext4 mount umount mountpoint awk; do
+        command -v "$t" >/dev/null || die "missing $t"
+    done
+    WORK=$(mktemp -d "${WORK_PARENT:-/var/tmp}/lamina-snapbench.XXXXXX")
+    MNT=$WORK/mnt
+    trap bench_teardown EXIT
+    mkdir -p "$MNT"
+    truncate -s "${IMG_SIZE:-4G}" "$WORK/ext4.img"
+    mkfs.ext4 -q -F "$WORK/ext4.img"
+    mount -o loop "$WORK/ext4.img" "$MNT"
+    local loopdev
+    loopdev=$(findmnt -n -o SOURCE "$MNT" 2>/dev/null || echo loop)
+    log "fresh ext4 on $loopdev (file $WORK/ext4.img, ${IMG_SIZE:-4G}) mounted at $MNT"
+
+    local results=$WORK/results.tsv run b
+    : >"$results"
+    for ((run = 1; run <= ${RUNS:-1}; run++)); do
+        for b in $BACKENDS; do
+            local root=$MNT/$b-$run sock=$WORK/$b-$run.sock
+            log "run $run: $b (root $root)"
+            start_server "$b" "$root" "$sock" "$WORK/$b-$run.log"
+            if ! "$BIN/snapbench" --socket "$sock" --backend "$b" --snapshotter "$b" --tsv \
+                --iters "${ITERS:-200}" --warmup "${WARMUP:-10}" --depths "${DEPTHS:-1,128}" \
+                >"$WORK/$b-$run.tsv" 2>"$WORK/$b-$run.err"; then
+                cat "$WORK/$b-$run.err" "$WORK/$b-$run.log" >&2
+                die "snapbench against $b failed"
+            fi
+            sed "s/^/$run\t/" "$WORK/$b-$run.tsv" >>"$results"
+            sed "s/^snapbench: /  $b run $run: /" "$WORK/$b-$run.err" >>"$WORK/mounts.txt"
+            stop_server
+        done
+    done
+
+    echo
+    echo "Snapshotter latency through containerd's gRPC client (snapshots/proxy), microseconds"
+    echo "  machine: $(uname -srm), $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM"
+    echo "  filesystem: fresh ext4 (mkfs.ext4 defaults) on $loopdev backed by a file on $(findmnt -n -o FSTYPE -T "${WORK_PARENT:-/var/tmp}") ($(findmnt -n -o SOURCE -T "${WORK_PARENT:-/var/tmp}"))"
+    echo "  ${ITERS:-200} timed iterations after ${WARMUP:-10} warm-up ones, per row; layers are empty; runs: ${RUNS:-1}"
+    echo
+    awk -F'\t' -v backends="$BACKENDS" '
+        BEGIN { nb = split(backends, B, " ") }
+        {
+            key = $1 SUBSEP $3 SUBSEP $4
+            if (!(key in seen)) { seen[key] = 1; order[++n] = key }
+            p50[key, $2] = $6; p99[key, $2] = $7; mean[key, $2] = $8
+        }
+        END {
+            printf "%-4s %-15s %5s", "run", "op", "depth"
+            for (i = 1; i <= nb; i++) printf "  %10s %10s %10s", B[i] " p50", "p99", "mean"
+            printf "\n"
+            for (k = 1; k <= n; k++) {
+                split(order[k], f, SUBSEP)
+                printf "%-4s %-15s %5s", f[1], f[2], f[3]
+                for (i = 1; i <= nb; i++) {
+                    key = order[k]
+                    printf "  %10s %10s %10s", p50[key, B[i]], p99[key, B[i]], mean[key, B[i]]
+                }
+                printf "\n"
+            }
+        }
+    ' "$results"
+    echo
+    echo "Mounts returned for a Prepare on the chain's top (sanity check of the depth):"
+    cat "$WORK/mounts.txt"
+    echo
+    echo "bench: done in $(elapsed "$START") s"
+}
+
+if [[ $MODE == test ]]; then
+    run_tests
+else
+    run_bench
+fi
