@@ -20,6 +20,7 @@
 //! tmpfs also work on this kernel (checked on 6.18: whiteouts and opaque dirs are created), but a
 //! disk-backed directory keeps large layers out of memory.
 #![allow(dead_code)]
+pub mod containerd;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
