@@ -187,7 +187,10 @@ impl Store {
                         layers.insert(*k, v.as_slice()).map_err(error::db_err)?;
                     }
                     meta.insert("format", FORMAT_VERSION).map_err(error::db_err)?;
-                    info!(layers = rows.len(), "migrated metadata from format 1 to {FORMAT_VERSION}");
+                    info!(
+                        layers = rows.len(),
+                        "migrated metadata from format 1 to {FORMAT_VERSION}"
+                    );
                 }
                 Some(_) => {}
             }
@@ -941,7 +944,13 @@ impl Store {
     /// its kind becomes [`LayerKind::ReadOnly`], its labels are replaced by `labels`, and its disk usage is
     /// recorded. `key` disappears. A view or an already frozen layer gives [`StoreError::Precondition`], an
     /// existing `name` [`StoreError::AlreadyExists`], a mounted layer [`StoreError::InUse`].
-    pub fn commit(&self, ns: &str, key: &str, name: &str, labels: BTreeMap<String, String>) -> Result<LayerRecord> {
+    pub fn commit(
+        &self,
+        ns: &str,
+        key: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<LayerRecord> {
         let (n, _) = self.require(ns, key)?;
         let slot = self.slot(n);
         let guard = lock(&slot);

@@ -181,7 +181,10 @@ impl GraphDriver for GraphDriverAdapter {
     }
 
     fn remove(&self, id: &str) -> Result<(), PluginError> {
-        self.store.remove(&self.ns(), id).map(|_| ()).map_err(to_plugin_error)
+        self.store
+            .remove(&self.ns(), id)
+            .map(|_| ())
+            .map_err(to_plugin_error)
     }
 
     fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {
