@@ -101,7 +101,7 @@ remount() {
 
 start_lamina() {
     rm -f "$SOCK"
-    "$LAMINA" serve --data-root "$MNT/lamina" --socket "$SOCK" --log-level warn 2>>"$LAMINA_LOG" &
+    "$LAMINA" serve --data-root "$MNT/lamina" --socket "$SOCK" --snapshotter-socket none --log-level warn 2>>"$LAMINA_LOG" &
     LAMINA_PID=$!
     for _ in $(seq 200); do
         [[ -S $SOCK ]] && return 0

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds lamina (release) and runs it in the foreground as dockerd's storage driver plugin "lamina".
-# Defaults: data root /var/lib/lamina, socket /run/docker/plugins/lamina.sock, config
+# Builds lamina (release) and runs it in the foreground: dockerd storage driver plugin "lamina" and
+# containerd proxy snapshotter.
+# Defaults: data root /var/lib/lamina, plugin socket /run/docker/plugins/lamina.sock, containerd
+# snapshotter socket /run/lamina/snapshotter.sock, config
 # /etc/lamina/config.toml when that file exists. Override with LAMINA_DATA_ROOT, LAMINA_SOCKET,
-# LAMINA_CONFIG, LAMINA_LOG_LEVEL; extra arguments are passed to `lamina serve`.
+# LAMINA_SNAPSHOTTER_SOCKET, LAMINA_CONFIG, LAMINA_LOG_LEVEL ("none" turns a socket off); extra arguments are passed to `lamina serve`.
 # Then start dockerd with:  dockerd --experimental -s lamina
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,8 +25,9 @@ cargo build --release -p lamina
 
 DATA_ROOT=${LAMINA_DATA_ROOT:-/var/lib/lamina}
 SOCKET=${LAMINA_SOCKET:-/run/docker/plugins/lamina.sock}
+SNAPSHOTTER_SOCKET=${LAMINA_SNAPSHOTTER_SOCKET:-/run/lamina/snapshotter.sock}
 CONFIG=${LAMINA_CONFIG:-/etc/lamina/config.toml}
-args=(serve --data-root "$DATA_ROOT" --socket "$SOCKET")
+args=(serve --data-root "$DATA_ROOT" --socket "$SOCKET" --snapshotter-socket "$SNAPSHOTTER_SOCKET")
 [[ -f $CONFIG ]] && args+=(--config "$CONFIG")
 [[ -n ${LAMINA_LOG_LEVEL:-} ]] && args+=(--log-level "$LAMINA_LOG_LEVEL")
 mkdir -p "$(dirname "$SOCKET")"

@@ -156,3 +156,18 @@ pub fn write_tree_diff<W: Write>(
 pub fn dir_size(dir: BorrowedFd<'_>) -> Result<u64, ArchiveError> {
     walk::dir_size(dir)
 }
+
+/// Space a directory tree takes on disk, as `du` counts it: allocated blocks and inodes (the directory itself
+/// included, each hardlinked inode once).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// Allocated bytes (512-byte blocks).
+    pub bytes: u64,
+    /// Inodes.
+    pub inodes: u64,
+}
+
+/// Disk usage of a directory tree; see [`DiskUsage`].
+pub fn disk_usage(dir: BorrowedFd<'_>) -> Result<DiskUsage, ArchiveError> {
+    walk::disk_usage(dir)
+}

@@ -672,7 +672,7 @@ fn parse_pax(mut data: &[u8], pax: &mut Pax) -> Result<(), ArchiveError> {
 }
 
 fn pairs_to_map(nums: &[u64]) -> Result<Vec<(u64, u64)>, ArchiveError> {
-    if nums.len() % 2 != 0 {
+    if !nums.len().is_multiple_of(2) {
         return Err(invalid("bad sparse map"));
     }
     Ok(nums.chunks(2).map(|c| (c[0], c[1])).collect())

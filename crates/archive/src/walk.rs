@@ -135,6 +135,34 @@ pub(crate) fn dir_size(root: BorrowedFd<'_>) -> Result<u64, ArchiveError> {
     Ok(v.total)
 }
 
+struct UsageVisitor {
+    usage: crate::DiskUsage,
+    seen: HashSet<(u64, u64)>,
+}
+
+impl Visitor for UsageVisitor {
+    fn entry(&mut self, _: BorrowedFd<'_>, _: &[u8], _: &[u8], st: &FileStat) -> Result<bool, ArchiveError> {
+        if st.nlink <= 1 || st.kind == FileKind::Dir || self.seen.insert((st.dev, st.ino)) {
+            self.usage.inodes += 1;
+            self.usage.bytes = self.usage.bytes.saturating_add(st.blocks.saturating_mul(512));
+        }
+        Ok(true)
+    }
+}
+
+pub(crate) fn disk_usage(root: BorrowedFd<'_>) -> Result<crate::DiskUsage, ArchiveError> {
+    let st = sfs::stat_fd(root).map_err(|e| crate::util::io_err("stat the layer root", e))?;
+    let mut v = UsageVisitor {
+        usage: crate::DiskUsage {
+            bytes: st.blocks.saturating_mul(512),
+            inodes: 1,
+        },
+        seen: HashSet::new(),
+    };
+    walk(root, &mut v)?;
+    Ok(v.usage)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,5 @@
-//! lamina: a container layer store serving the Docker GraphDriver plugin protocol.
+//! lamina: a container layer store serving the Docker GraphDriver plugin protocol and the containerd
+//! snapshots API.
 #![forbid(unsafe_code)]
 
 mod adapters;
@@ -20,15 +21,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the Docker GraphDriver plugin on a unix socket.
+    /// Serve the Docker GraphDriver plugin and the containerd snapshotter, each on its unix socket.
+    #[command(args_override_self = true)]
     Serve {
         /// Data root holding layers and metadata [default: /var/lib/lamina].
         #[arg(long, value_name = "DIR")]
         data_root: Option<PathBuf>,
         /// Plugin socket; dockerd's name for the driver is its file name without `.sock`
-        /// [default: /run/docker/plugins/lamina.sock].
+        /// [default: /run/docker/plugins/lamina.sock]; `none` turns it off.
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+        /// containerd snapshotter (gRPC) socket, for `[proxy_plugins]` in containerd's config
+        /// [default: /run/lamina/snapshotter.sock]; `none` turns it off.
+        #[arg(long, value_name = "PATH")]
+        snapshotter_socket: Option<PathBuf>,
         /// Config file [default: /etc/lamina/config.toml when present].
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -44,10 +50,19 @@ fn main() -> ExitCode {
         Command::Serve {
             data_root,
             socket,
+            snapshotter_socket,
             config,
             log_level,
         } => config::FileConfig::load(config.as_deref())
-            .and_then(|file| config::resolve(file, data_root, socket, log_level))
+            .and_then(|file| {
+                let flags = config::Flags {
+                    data_root,
+                    socket,
+                    snapshotter_socket,
+                    log_level,
+                };
+                config::resolve(file, flags)
+            })
             .and_then(serve::run),
     };
     match result {

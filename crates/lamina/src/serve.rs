@@ -1,18 +1,36 @@
-//! `lamina serve`: open the store, bind the plugin socket, serve until SIGTERM/SIGINT.
+//! `lamina serve`: open the store, bind the sockets, serve until SIGTERM/SIGINT.
+//!
+//! The Docker plugin server is blocking (a thread per connection, see docs/architecture.md) and runs on the
+//! main thread; the containerd snapshotter is gRPC and runs in a tokio runtime on its own thread, calling
+//! the store on tokio's blocking pool. One flag stops both.
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::Context;
 use lamina_docker::{Router, ShutdownHandle};
 use lamina_store::Store;
-use tracing::info;
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::adapters::graphdriver::GraphDriverAdapter;
+use crate::adapters::snapshotter::SnapshotterAdapter;
 use crate::config::Settings;
 
+/// How long in-flight gRPC calls get to finish after a termination signal.
+const GRPC_DRAIN: Duration = Duration::from_secs(5);
+
 fn init_logging(level: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(level).with_context(|| format!("bad log level {level:?}"))?;
+    // A plain level applies to lamina; the HTTP/2 stack's own debug output (every frame) stays quiet.
+    let directives = if ["error", "warn", "info", "debug", "trace"].contains(&level) {
+        format!("{level},h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn")
+    } else {
+        level.to_string()
+    };
+    let filter = EnvFilter::try_new(&directives).with_context(|| format!("bad log level {level:?}"))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -27,24 +45,120 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         Store::open(&settings.data_root)
             .with_context(|| format!("opening the store at {}", settings.data_root.display()))?,
     );
-    let graph = Arc::new(GraphDriverAdapter::new(store.clone()).context("restoring graphdriver settings")?);
-    let router = Arc::new(Router::new().with_graph_driver(graph));
-    let listener = lamina_docker::bind_socket(&settings.socket)
-        .with_context(|| format!("binding {}", settings.socket.display()))?;
     let shutdown = ShutdownHandle::new();
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, shutdown.flag()).context("installing signal handlers")?;
     }
-    let plugin = settings
-        .socket
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    info!(socket = %settings.socket.display(), data_root = %settings.data_root.display(), plugin = %plugin,
-        "serving; start dockerd with --experimental -s {plugin}");
-    lamina_docker::serve(listener, router, &shutdown).context("serving the plugin socket")?;
-    let _ = std::fs::remove_file(&settings.socket);
+    // Bind everything before serving anything, so a bad socket fails the start cleanly.
+    let plugin = match &settings.socket {
+        Some(path) => {
+            let graph =
+                Arc::new(GraphDriverAdapter::new(store.clone()).context("restoring graphdriver settings")?);
+            let router = Arc::new(Router::new().with_graph_driver(graph));
+            let listener =
+                lamina_docker::bind_socket(path).with_context(|| format!("binding {}", path.display()))?;
+            Some((path.clone(), router, listener))
+        }
+        None => None,
+    };
+    let grpc = match &settings.snapshotter_socket {
+        Some(path) => {
+            let backend = Arc::new(SnapshotterAdapter::new(store.clone())?);
+            let listener =
+                lamina_docker::bind_socket(path).with_context(|| format!("binding {}", path.display()))?;
+            info!(socket = %path.display(), "serving the containerd snapshotter; name it in containerd's [proxy_plugins]");
+            Some((path.clone(), spawn_grpc(listener, backend, shutdown.flag())?))
+        }
+        None => None,
+    };
+    let mut result = Ok(());
+    let mut sockets: Vec<PathBuf> = Vec::new();
+    if let Some((path, router, listener)) = plugin {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        info!(socket = %path.display(), data_root = %settings.data_root.display(), plugin = %name,
+            "serving the Docker plugin; start dockerd with --experimental -s {name}");
+        result = lamina_docker::serve(listener, router, &shutdown).context("serving the plugin socket");
+        // The gRPC side stops too, whatever ended this one.
+        shutdown.shutdown();
+        sockets.push(path);
+    }
+    if let Some((path, handle)) = grpc {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(error = %format!("{e:#}"), "snapshotter server failed");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+            Err(_) => {
+                if result.is_ok() {
+                    result = Err(anyhow::anyhow!("snapshotter server thread panicked"));
+                }
+            }
+        }
+        sockets.push(path);
+    }
+    for s in sockets {
+        let _ = std::fs::remove_file(&s);
+    }
     // Mounts stay: containers may still use them. dockerd's Cleanup unmounts at its shutdown.
     info!("stopped");
-    Ok(())
+    result
+}
+
+/// Runs the gRPC server on its own thread and runtime until `stop` is set; sets `stop` itself if the
+/// server fails, so the whole daemon goes down with it.
+fn spawn_grpc(
+    listener: std::os::unix::net::UnixListener,
+    backend: Arc<SnapshotterAdapter>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("grpc")
+        .enable_all()
+        .build()
+        .context("starting the gRPC runtime")?;
+    let handle = std::thread::Builder::new()
+        .name("snapshotter".into())
+        .spawn(move || {
+            let flag = stop.clone();
+            let result = runtime.block_on(async move {
+                let signal = {
+                    let flag = flag.clone();
+                    async move {
+                        while !flag.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                };
+                let server = tokio::spawn(lamina_snapshotter::serve(listener, backend, signal));
+                // Wait for the stop flag (or an early server failure), then give calls a moment to drain.
+                let mut server = server;
+                loop {
+                    if server.is_finished() || flag.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                match tokio::time::timeout(GRPC_DRAIN, &mut server).await {
+                    Ok(Ok(r)) => r.context("serving the snapshotter socket"),
+                    Ok(Err(e)) => Err(anyhow::anyhow!("snapshotter server task failed: {e}")),
+                    Err(_) => {
+                        warn!("gRPC calls still running after {GRPC_DRAIN:?}; stopping anyway");
+                        server.abort();
+                        Ok(())
+                    }
+                }
+            });
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            stop.store(true, Ordering::SeqCst);
+            result
+        })
+        .context("starting the snapshotter thread")?;
+    Ok(handle)
 }

@@ -17,6 +17,10 @@ pub enum StoreError {
     /// The layer is mounted or has children.
     #[error("in use: {0}")]
     InUse(String),
+    /// The layer is not in the state or kind the operation needs (commit of a view, a parent that is
+    /// not committed).
+    #[error("failed precondition: {0}")]
+    Precondition(String),
     /// A depth or size cap.
     #[error("limit exceeded: {0}")]
     LimitExceeded(String),

@@ -102,10 +102,10 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn now_secs() -> u64 {
+fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
@@ -173,6 +173,24 @@ impl Store {
                     return Err(StoreError::CorruptMetadata(format!(
                         "metadata format {v} is newer than supported {FORMAT_VERSION}; use a newer lamina"
                     )))
+                }
+                Some(1) => {
+                    // Format 1 -> 2: timestamps in nanoseconds, plus an update time. Same transaction as
+                    // the version bump, so a crash leaves either format, never a mix.
+                    let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+                    let mut rows = Vec::new();
+                    for row in layers.iter().map_err(error::db_err)? {
+                        let (k, v) = row.map_err(error::db_err)?;
+                        rows.push((k.value(), meta::migrate_v1_record(v.value())?));
+                    }
+                    for (k, v) in &rows {
+                        layers.insert(*k, v.as_slice()).map_err(error::db_err)?;
+                    }
+                    meta.insert("format", FORMAT_VERSION).map_err(error::db_err)?;
+                    info!(
+                        layers = rows.len(),
+                        "migrated metadata from format 1 to {FORMAT_VERSION}"
+                    );
                 }
                 Some(_) => {}
             }
@@ -391,6 +409,20 @@ impl Store {
         kind: LayerKind,
         labels: BTreeMap<String, String>,
     ) -> Result<()> {
+        self.create_checked(ns, name, parent, kind, labels, None)
+    }
+
+    /// Like [`Store::create`], but the parent must be of kind `parent_kind` (a snapshotter builds only on
+    /// committed layers); otherwise [`StoreError::Precondition`]. Checked in the creating transaction.
+    pub fn create_checked(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<&str>,
+        kind: LayerKind,
+        labels: BTreeMap<String, String>,
+        parent_kind: Option<LayerKind>,
+    ) -> Result<()> {
         if parent == Some(name) {
             return Err(StoreError::InvalidArgument(format!(
                 "layer {name} cannot be its own parent"
@@ -422,6 +454,14 @@ impl Store {
                                 v.ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {pn}")))?;
                             LayerRecord::decode(v.value())?
                         };
+                        if let Some(want) = parent_kind {
+                            if prec.kind != want {
+                                return Err(StoreError::Precondition(format!(
+                                    "parent {p} is {:?}, not {want:?}",
+                                    prec.kind
+                                )));
+                            }
+                        }
                         if prec.depth + 1 > MAX_DEPTH {
                             return Err(StoreError::LimitExceeded(format!(
                                 "layer {name} would sit on {} layers; overlay stacks at most {MAX_OVERLAY_LOWERS}",
@@ -431,6 +471,7 @@ impl Store {
                         (Some(pn), prec.depth + 1)
                     }
                 };
+                let now = now_ns();
                 let rec = LayerRecord {
                     ns: ns.to_string(),
                     name: name.to_string(),
@@ -440,7 +481,9 @@ impl Store {
                     state: LayerState::Empty,
                     size: None,
                     digest: None,
-                    created: now_secs(),
+                    created_ns: now,
+                    updated_ns: now,
+                    inodes: None,
                     labels,
                 };
                 names.insert((ns, name), n).map_err(error::db_err)?;
@@ -492,16 +535,16 @@ impl Store {
     }
 
     /// Removes a layer: unmounts it if mounted (as overlay2 does), refuses if it has children.
-    /// Removing an unknown layer succeeds (dockerd retries removals).
-    pub fn remove(&self, ns: &str, name: &str) -> Result<()> {
+    /// Removing an unknown layer succeeds (dockerd retries removals); the result tells whether it existed.
+    pub fn remove(&self, ns: &str, name: &str) -> Result<bool> {
         let Some((n, _)) = self.lookup(ns, name)? else {
-            return Ok(());
+            return Ok(false);
         };
         let slot = self.slot(n);
         let mut guard = lock(&slot);
         // Re-check under the layer lock.
         let Some((n2, rec)) = self.lookup(ns, name)? else {
-            return Ok(());
+            return Ok(false);
         };
         if n2 != n {
             return Err(StoreError::InUse(format!(
@@ -568,7 +611,7 @@ impl Store {
         drop(guard);
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
         debug!(ns, name, layer = n, "removed layer");
-        Ok(())
+        Ok(true)
     }
 
     /// Mounts the merged view of a layer (reference counted) and returns its path, the same
@@ -606,12 +649,13 @@ impl Store {
                     l
                 }
             };
+            let view = rec.kind == LayerKind::View;
             let spec = OverlaySpec {
                 lowers: lowers.to_vec(),
-                upper: Some(dir.join("diff")),
-                work: Some(dir.join("work")),
+                upper: (!view).then(|| dir.join("diff")),
+                work: (!view).then(|| dir.join("work")),
                 label: Some(mount_label.to_string()),
-                read_only: false,
+                read_only: view,
             };
             mount::mount_overlay(&path, &spec).map_err(|e| {
                 StoreError::io(format!("mount layer {name} ({} layers)", lowers.len() + 1), e)
@@ -896,6 +940,155 @@ impl Store {
         Ok(out)
     }
 
+    /// Freezes the writable layer `key` under the new name `name` (same number, same directory, no copy):
+    /// its kind becomes [`LayerKind::ReadOnly`], its labels are replaced by `labels`, and its disk usage is
+    /// recorded. `key` disappears. A view or an already frozen layer gives [`StoreError::Precondition`], an
+    /// existing `name` [`StoreError::AlreadyExists`], a mounted layer [`StoreError::InUse`].
+    pub fn commit(
+        &self,
+        ns: &str,
+        key: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<LayerRecord> {
+        let (n, _) = self.require(ns, key)?;
+        let slot = self.slot(n);
+        let guard = lock(&slot);
+        let (n2, rec) = self.require(ns, key)?;
+        if n2 != n {
+            return Err(StoreError::NotFound(format!("layer {key}")));
+        }
+        if rec.kind != LayerKind::ReadWrite {
+            return Err(StoreError::Precondition(format!(
+                "{key} is not an active (writable) layer"
+            )));
+        }
+        if guard.mounts > 0 {
+            return Err(StoreError::InUse(format!("layer {key} is mounted")));
+        }
+        // Usage first (it reads the tree); the layer cannot change kind meanwhile: we hold its lock.
+        let usage = {
+            let dir = open_dir(&self.layer_dir(n).join("diff"))?;
+            lamina_archive::disk_usage(dir.as_fd())?
+        };
+        // The content must be on disk before the record says it is frozen.
+        mount::syncfs(&self.layer_dir(n)).map_err(|e| StoreError::io("sync committed layer", e))?;
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        let rec = {
+            let mut names = txn.open_table(NAMES).map_err(error::db_err)?;
+            if names.get((ns, name)).map_err(error::db_err)?.is_some() {
+                return Err(StoreError::AlreadyExists(format!("layer {name}")));
+            }
+            names.remove((ns, key)).map_err(error::db_err)?;
+            names.insert((ns, name), n).map_err(error::db_err)?;
+            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let mut r = rec;
+            r.name = name.to_string();
+            r.kind = LayerKind::ReadOnly;
+            r.labels = labels;
+            r.size = Some(usage.bytes);
+            r.inodes = Some(usage.inodes);
+            r.updated_ns = now_ns();
+            layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
+            r
+        };
+        txn.commit().map_err(error::db_err)?;
+        drop(guard);
+        debug!(ns, key, name, layer = n, "committed layer");
+        Ok(rec)
+    }
+
+    /// Changes the labels of `name` with `f` in one transaction and moves its update time.
+    pub fn update_labels(
+        &self,
+        ns: &str,
+        name: &str,
+        f: impl FnOnce(&mut BTreeMap<String, String>),
+    ) -> Result<LayerRecord> {
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        let rec = {
+            let names = txn.open_table(NAMES).map_err(error::db_err)?;
+            let n = names
+                .get((ns, name))
+                .map_err(error::db_err)?
+                .map(|v| v.value())
+                .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))?;
+            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let mut rec = {
+                let v = layers.get(n).map_err(error::db_err)?;
+                let v = v.ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {n}")))?;
+                LayerRecord::decode(v.value())?
+            };
+            f(&mut rec.labels);
+            rec.updated_ns = now_ns();
+            layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
+            rec
+        };
+        txn.commit().map_err(error::db_err)?;
+        Ok(rec)
+    }
+
+    /// The record of `name` and its parent's name (same namespace).
+    pub fn record(&self, ns: &str, name: &str) -> Result<(LayerRecord, Option<String>)> {
+        let txn = self.db.begin_read().map_err(error::db_err)?;
+        let names = txn.open_table(NAMES).map_err(error::db_err)?;
+        let n = names
+            .get((ns, name))
+            .map_err(error::db_err)?
+            .map(|v| v.value())
+            .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))?;
+        let layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+        let rec = read_record(&layers, n)?;
+        let parent = match rec.parent {
+            Some(p) => Some(read_record(&layers, p)?.name),
+            None => None,
+        };
+        Ok((rec, parent))
+    }
+
+    /// Every layer of one namespace with its parent's name, in name order, from one consistent snapshot
+    /// of the metadata.
+    pub fn list_ns(&self, ns: &str) -> Result<Vec<(LayerRecord, Option<String>)>> {
+        let txn = self.db.begin_read().map_err(error::db_err)?;
+        let names = txn.open_table(NAMES).map_err(error::db_err)?;
+        let layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+        let mut recs = Vec::new();
+        let mut by_number = HashMap::new();
+        for row in names.range((ns, "")..).map_err(error::db_err)? {
+            let (k, v) = row.map_err(error::db_err)?;
+            if k.value().0 != ns {
+                break;
+            }
+            let n = v.value();
+            let rec = read_record(&layers, n)?;
+            by_number.insert(n, rec.name.clone());
+            recs.push(rec);
+        }
+        let mut out = Vec::with_capacity(recs.len());
+        for rec in recs {
+            let parent = match rec.parent {
+                Some(p) => Some(match by_number.get(&p) {
+                    Some(name) => name.clone(),
+                    None => read_record(&layers, p)?.name,
+                }),
+                None => None,
+            };
+            out.push((rec, parent));
+        }
+        Ok(out)
+    }
+
+    /// Disk usage of the layer's own content (parents excluded): recorded at commit for frozen layers,
+    /// measured now for the others.
+    pub fn usage(&self, ns: &str, name: &str) -> Result<lamina_archive::DiskUsage> {
+        let (n, rec) = self.require(ns, name)?;
+        if let (LayerKind::ReadOnly, Some(bytes), Some(inodes)) = (rec.kind, rec.size, rec.inodes) {
+            return Ok(lamina_archive::DiskUsage { bytes, inodes });
+        }
+        let dir = open_dir(&self.layer_dir(n).join("diff"))?;
+        Ok(lamina_archive::disk_usage(dir.as_fd())?)
+    }
+
     /// Reads a remembered setting.
     pub fn setting(&self, key: &str) -> Result<Option<String>> {
         let txn = self.db.begin_read().map_err(error::db_err)?;
@@ -921,6 +1114,14 @@ fn tree_changes(new: &MountGuard<'_>, old: Option<&MountGuard<'_>>) -> Result<Ve
         new_fd.as_fd(),
         old_fd.as_ref().map(|f| f.as_fd()),
     )?)
+}
+
+fn read_record(layers: &impl ReadableTable<u64, &'static [u8]>, n: u64) -> Result<LayerRecord> {
+    let v = layers
+        .get(n)
+        .map_err(error::db_err)?
+        .ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {n}")))?;
+    LayerRecord::decode(v.value())
 }
 
 fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {

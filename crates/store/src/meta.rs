@@ -6,7 +6,7 @@ use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
 /// On-disk format version written by this build; see docs/on-disk-format.md.
-pub const FORMAT_VERSION: u64 = 1;
+pub const FORMAT_VERSION: u64 = 2;
 
 /// `(namespace, name) -> layer number`.
 pub(crate) const NAMES: TableDefinition<(&str, &str), u64> = TableDefinition::new("names");
@@ -26,8 +26,10 @@ pub(crate) const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("s
 pub enum LayerKind {
     /// An image layer (filled once by an apply, or by a builder through a mount).
     ReadOnly,
-    /// A container's writable layer.
+    /// A container's writable layer (a snapshotter's active snapshot).
     ReadWrite,
+    /// A read-only view of its parent with no content of its own (a snapshotter's view).
+    View,
 }
 
 /// Where a layer's content stands.
@@ -60,11 +62,31 @@ pub struct LayerRecord {
     pub size: Option<u64>,
     /// `sha256:` digest of the applied tar.
     pub digest: Option<String>,
-    /// Creation time, seconds since the epoch.
-    pub created: u64,
+    /// Creation time, nanoseconds since the epoch.
+    pub created_ns: u64,
+    /// Last change of the record (labels, commit), nanoseconds since the epoch.
+    pub updated_ns: u64,
+    /// Inodes in the layer's own content, recorded when it is frozen by a commit.
+    #[serde(default)]
+    pub inodes: Option<u64>,
     /// Free-form labels (for the snapshotter).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// Rewrites a format-1 record (JSON) as format 2: `created` (seconds) becomes `created_ns` and
+/// `updated_ns`.
+pub(crate) fn migrate_v1_record(bytes: &[u8]) -> Result<Vec<u8>, crate::StoreError> {
+    let mut v: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| crate::StoreError::CorruptMetadata(format!("format-1 layer record: {e}")))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| crate::StoreError::CorruptMetadata("format-1 layer record is not an object".into()))?;
+    let secs = obj.remove("created").and_then(|c| c.as_u64()).unwrap_or(0);
+    let ns = secs.saturating_mul(1_000_000_000);
+    obj.insert("created_ns".into(), ns.into());
+    obj.insert("updated_ns".into(), ns.into());
+    serde_json::to_vec(&v).map_err(|e| crate::StoreError::CorruptMetadata(format!("layer record: {e}")))
 }
 
 impl LayerRecord {

@@ -77,6 +77,8 @@ pub struct FileStat {
     pub mtime_sec: i64,
     /// Modification time, nanoseconds.
     pub mtime_nsec: u32,
+    /// Allocated 512-byte blocks.
+    pub blocks: u64,
 }
 
 impl FileStat {
@@ -105,6 +107,7 @@ impl FileStat {
             rdev_minor: rfs::minor(st.st_rdev),
             mtime_sec: st.st_mtime,
             mtime_nsec: u32::try_from(st.st_mtime_nsec).unwrap_or(0),
+            blocks: u64::try_from(st.st_blocks).unwrap_or(0),
         }
     }
 

@@ -277,6 +277,11 @@ pub fn filesystem_type(path: &Path) -> io::Result<String> {
     Ok(best.map(|(_, t)| t).unwrap_or_else(|| "unknown".into()))
 }
 
+/// Whether the running kernel's overlay has the `index` option (its module parameter is visible).
+pub fn overlay_has_index_option() -> bool {
+    Path::new("/sys/module/overlay/parameters/index").exists()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

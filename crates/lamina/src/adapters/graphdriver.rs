@@ -39,7 +39,7 @@ pub fn to_plugin_error(e: StoreError) -> PluginError {
         StoreError::InvalidArgument(_) => ErrorKind::InvalidArgument,
         StoreError::NotFound(_) => ErrorKind::NotFound,
         StoreError::AlreadyExists(_) => ErrorKind::AlreadyExists,
-        StoreError::InUse(_) => ErrorKind::InUse,
+        StoreError::InUse(_) | StoreError::Precondition(_) => ErrorKind::InUse,
         StoreError::LimitExceeded(_) => ErrorKind::LimitExceeded,
         StoreError::CorruptMetadata(_) => ErrorKind::CorruptMetadata,
         StoreError::Archive(ArchiveError::InvalidArchive(_)) => ErrorKind::InvalidArchive,
@@ -181,7 +181,10 @@ impl GraphDriver for GraphDriverAdapter {
     }
 
     fn remove(&self, id: &str) -> Result<(), PluginError> {
-        self.store.remove(&self.ns(), id).map_err(to_plugin_error)
+        self.store
+            .remove(&self.ns(), id)
+            .map(|_| ())
+            .map_err(to_plugin_error)
     }
 
     fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {

@@ -500,6 +500,9 @@ impl Lamina {
             .arg(&self.data_root)
             .arg("--socket")
             .arg(socket.unwrap_or(&self.socket))
+            // GraphDriver tests: no snapshotter socket (the default path would be shared by every test).
+            .arg("--snapshotter-socket")
+            .arg("none")
             .arg("--log-level")
             .arg(std::env::var("LAMINA_E2E_LOG_LEVEL").unwrap_or_else(|_| "debug".into()))
             .args(&self.extra_args)

@@ -1,0 +1,240 @@
+//! containerd snapshotter over the layer store.
+//!
+//! Each snapshotter name containerd addresses is its own store namespace, `containerd:<name>`, apart from
+//! the Docker graph driver's `docker:<home>`: containerd's garbage collector removes every snapshot it
+//! lists and does not know, so it must never list another engine's layers. Kinds map one to one: active =
+//! [`LayerKind::ReadWrite`], committed = [`LayerKind::ReadOnly`], view = [`LayerKind::View`]. Commit is a
+//! rename in the metadata; no data moves. Mounts follow containerd's overlayfs snapshotter: a bind mount for
+//! a parentless active snapshot and for a view of one layer, overlay otherwise.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lamina_snapshotter::{Code, Info, Kind, LabelChange, Labels, Mount, SnapshotError, Snapshotter, Usage};
+use lamina_store::{LayerKind, LayerRecord, Store, StoreError};
+use lamina_sys::fs::errno;
+
+/// Store namespace of a snapshotter name.
+pub fn namespace(snapshotter: &str) -> String {
+    format!("containerd:{snapshotter}")
+}
+
+/// Maps a store error to the snapshotter's classes, once.
+pub fn to_snapshot_error(e: StoreError) -> SnapshotError {
+    let code = match &e {
+        StoreError::InvalidArgument(_) => Code::InvalidArgument,
+        StoreError::NotFound(_) => Code::NotFound,
+        StoreError::AlreadyExists(_) => Code::AlreadyExists,
+        StoreError::InUse(_) | StoreError::Precondition(_) => Code::FailedPrecondition,
+        StoreError::LimitExceeded(_) => Code::ResourceExhausted,
+        StoreError::Locked(_) => Code::Unavailable,
+        StoreError::CorruptMetadata(_) | StoreError::Archive(_) | StoreError::Io { .. } => {
+            match e.raw_os_error() {
+                Some(errno::ENOSPC | errno::EDQUOT) => Code::ResourceExhausted,
+                _ => Code::Internal,
+            }
+        }
+    };
+    SnapshotError::new(code, e.to_string())
+}
+
+/// The snapshotter backend.
+#[derive(Debug)]
+pub struct SnapshotterAdapter {
+    store: Arc<Store>,
+    /// Whether overlay knows the `index` option (containerd turns the inode index off where it can).
+    index_off: bool,
+}
+
+impl SnapshotterAdapter {
+    /// A backend over `store`. The data root's path goes into mount options, so it must be UTF-8 without
+    /// the separators `,` and `:`.
+    pub fn new(store: Arc<Store>) -> anyhow::Result<Self> {
+        let root = store.root();
+        let s = root
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("data root {} is not UTF-8", root.display()))?;
+        if s.contains([',', ':']) {
+            anyhow::bail!("data root {s:?} contains ',' or ':', which overlay mount options cannot carry");
+        }
+        Ok(SnapshotterAdapter {
+            store,
+            index_off: lamina_sys::mount::overlay_has_index_option(),
+        })
+    }
+
+    fn create(
+        &self,
+        snapshotter: &str,
+        key: &str,
+        parent: &str,
+        kind: LayerKind,
+        labels: Labels,
+    ) -> Result<Vec<Mount>> {
+        let ns = namespace(snapshotter);
+        let parent = (!parent.is_empty()).then_some(parent);
+        self.store
+            .create_checked(&ns, key, parent, kind, labels, Some(LayerKind::ReadOnly))
+            .map_err(|e| match e {
+                StoreError::Precondition(m) => {
+                    // containerd's snapshotters call a parent that is not committed an invalid argument.
+                    SnapshotError::invalid(m)
+                }
+                e => to_snapshot_error(e),
+            })?;
+        self.mounts(snapshotter, key)
+    }
+
+    fn info(&self, rec: LayerRecord, parent: Option<String>) -> Info {
+        Info {
+            name: rec.name,
+            parent: parent.unwrap_or_default(),
+            kind: kind_of(rec.kind),
+            created: time(rec.created_ns),
+            updated: time(rec.updated_ns),
+            labels: rec.labels,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, SnapshotError>;
+
+fn kind_of(kind: LayerKind) -> Kind {
+    match kind {
+        LayerKind::ReadWrite => Kind::Active,
+        LayerKind::ReadOnly => Kind::Committed,
+        LayerKind::View => Kind::View,
+    }
+}
+
+fn time(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+fn path_str(p: &Path) -> String {
+    // Checked UTF-8 at construction (the data root); the rest is `layers/<hex>/<name>`.
+    p.to_string_lossy().into_owned()
+}
+
+fn bind(source: &Path, read_only: bool) -> Mount {
+    Mount {
+        kind: "bind".into(),
+        source: path_str(source),
+        options: vec![if read_only { "ro" } else { "rw" }.into(), "rbind".into()],
+    }
+}
+
+fn lowerdir(lowers: &[PathBuf]) -> String {
+    let joined: Vec<String> = lowers.iter().map(|p| path_str(p)).collect();
+    format!("lowerdir={}", joined.join(":"))
+}
+
+impl Snapshotter for SnapshotterAdapter {
+    fn prepare(&self, snapshotter: &str, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        self.create(snapshotter, key, parent, LayerKind::ReadWrite, labels)
+    }
+
+    fn view(&self, snapshotter: &str, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        self.create(snapshotter, key, parent, LayerKind::View, labels)
+    }
+
+    fn mounts(&self, snapshotter: &str, key: &str) -> Result<Vec<Mount>> {
+        let info = self
+            .store
+            .info(&namespace(snapshotter), key)
+            .map_err(to_snapshot_error)?;
+        let lowers = &info.lower_dirs;
+        Ok(vec![match (info.record.kind, lowers.len()) {
+            (LayerKind::ReadOnly, _) => {
+                return Err(SnapshotError::new(
+                    Code::FailedPrecondition,
+                    format!("{key} is committed; only active snapshots and views have mounts"),
+                ))
+            }
+            (LayerKind::ReadWrite, 0) => bind(&info.diff_dir, false),
+            (LayerKind::View, 0) => bind(&info.diff_dir, true),
+            (LayerKind::View, 1) => bind(&lowers[0], true),
+            (LayerKind::View, _) => Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![lowerdir(lowers)],
+            },
+            (LayerKind::ReadWrite, _) => {
+                let mut options = Vec::with_capacity(4);
+                if self.index_off {
+                    options.push("index=off".to_string());
+                }
+                options.push(format!("workdir={}", path_str(&info.work_dir)));
+                options.push(format!("upperdir={}", path_str(&info.diff_dir)));
+                options.push(lowerdir(lowers));
+                Mount {
+                    kind: "overlay".into(),
+                    source: "overlay".into(),
+                    options,
+                }
+            }
+        }])
+    }
+
+    fn commit(&self, snapshotter: &str, name: &str, key: &str, labels: Labels) -> Result<()> {
+        self.store
+            .commit(&namespace(snapshotter), key, name, labels)
+            .map(|_| ())
+            .map_err(to_snapshot_error)
+    }
+
+    fn remove(&self, snapshotter: &str, key: &str) -> Result<()> {
+        match self.store.remove(&namespace(snapshotter), key) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(SnapshotError::not_found(format!("snapshot {key} does not exist"))),
+            Err(StoreError::InUse(m)) => Err(SnapshotError::new(
+                Code::FailedPrecondition,
+                format!("cannot remove snapshot {key}: {m}"),
+            )),
+            Err(e) => Err(to_snapshot_error(e)),
+        }
+    }
+
+    fn stat(&self, snapshotter: &str, key: &str) -> Result<Info> {
+        let (rec, parent) = self
+            .store
+            .record(&namespace(snapshotter), key)
+            .map_err(to_snapshot_error)?;
+        Ok(self.info(rec, parent))
+    }
+
+    fn update(&self, snapshotter: &str, name: &str, change: &LabelChange) -> Result<Info> {
+        let ns = namespace(snapshotter);
+        self.store
+            .update_labels(&ns, name, |labels| change.apply(labels))
+            .map_err(to_snapshot_error)?;
+        self.stat(snapshotter, name)
+    }
+
+    fn list(&self, snapshotter: &str) -> Result<Vec<Info>> {
+        Ok(self
+            .store
+            .list_ns(&namespace(snapshotter))
+            .map_err(to_snapshot_error)?
+            .into_iter()
+            .map(|(rec, parent)| self.info(rec, parent))
+            .collect())
+    }
+
+    fn usage(&self, snapshotter: &str, key: &str) -> Result<Usage> {
+        let u = self
+            .store
+            .usage(&namespace(snapshotter), key)
+            .map_err(to_snapshot_error)?;
+        Ok(Usage {
+            size: i64::try_from(u.bytes).unwrap_or(i64::MAX),
+            inodes: i64::try_from(u.inodes).unwrap_or(i64::MAX),
+        })
+    }
+
+    fn cleanup(&self, _snapshotter: &str) -> Result<()> {
+        // Removed layers leave view at once and are deleted in the background; nothing is deferred here.
+        Ok(())
+    }
+}
