@@ -146,6 +146,7 @@ impl Setup {
         static N: AtomicUsize = AtomicUsize::new(0);
         let id = format!("c{}", N.fetch_add(1, Ordering::SeqCst));
         let fifo = self.ctrd.fifo_dir();
+        let runc_root = self.ctrd.runc_root();
         self.ctrd.ctr_ok(&[
             "run",
             "--rm",
@@ -153,6 +154,8 @@ impl Setup {
             &self.snapshotter,
             "--fifo-dir",
             fifo.to_str().unwrap(),
+            "--runc-root",
+            runc_root.to_str().unwrap(),
             image,
             &id,
             "/bin/sh",
@@ -886,40 +889,59 @@ fn unpack_figures() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    let snapshotters: Vec<String> = std::env::var("LAMINA_E2E_FIG_SNAPSHOTTERS")
+        .unwrap_or_else(|_| format!("{PROXY_NAME},overlayfs"))
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let sync = || run_ok(&mut Command::new("sync"));
+    let ms = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1000.0);
     let mut lines = Vec::new();
-    let snapshotters =
-        std::env::var("LAMINA_E2E_FIG_SNAPSHOTTERS").unwrap_or_else(|_| format!("{PROXY_NAME},overlayfs"));
     for image in [&small, &big] {
-        for snapshotter in snapshotters.split(',') {
-            let mut full = Vec::new();
-            let mut ingest = Vec::new();
-            for _ in 0..runs {
+        let mut ingest = Vec::new();
+        let mut full: BTreeMap<&str, Vec<(Duration, Duration)>> = BTreeMap::new();
+        // Runs interleave the snapshotters; every measurement starts with clean page-cache writeback.
+        for _ in 0..runs {
+            let s = setup_with("ctrd-figs", "overlayfs").unwrap();
+            sync();
+            let t = Instant::now();
+            s.ctrd
+                .ctr_ok(&["images", "import", "--no-unpack", image.tar.to_str().unwrap()]);
+            ingest.push(t.elapsed());
+            drop(s);
+            for snapshotter in &snapshotters {
                 let s = setup_with("ctrd-figs", snapshotter).unwrap();
+                sync();
                 let t = Instant::now();
-                s.ctrd
-                    .ctr_ok(&["images", "import", "--no-unpack", image.tar.to_str().unwrap()]);
-                ingest.push(t.elapsed());
-                drop(s);
-                let s = setup_with("ctrd-figs", snapshotter).unwrap();
-                full.push(s.import(image));
-                if s.snapshotter == PROXY_NAME {
-                    assert_eq!(s.list().len(), image.chain_ids.len(), "snapshots after import");
-                }
+                s.import(image);
+                let import = t.elapsed();
+                sync();
+                let with_sync = t.elapsed();
+                assert_eq!(s.list().len(), image.chain_ids.len(), "snapshots after import");
+                full.entry(snapshotter).or_default().push((import, with_sync));
             }
-            let line = format!(
-                "{:<28} {:>4} layers {:>7.1} MB  {:<9}  import {:>8.0?} (runs {:?})  ingest-only {:>8.0?}  => unpack ~{:>8.0?}",
-                image.name,
-                image.chain_ids.len(),
-                image.layer_bytes as f64 / 1e6,
-                snapshotter,
-                median(full.clone()),
-                full,
-                median(ingest.clone()),
-                median(full.clone()).saturating_sub(median(ingest.clone())),
-            );
-            eprintln!("{line}");
-            lines.push(line);
         }
+        let ingest_med = median(ingest.clone());
+        lines.push(format!(
+            "{} ({} layers, {:.1} MB of layers): ingest only (--no-unpack) median {} ms, runs {:?} ms",
+            image.name,
+            image.chain_ids.len(),
+            image.layer_bytes as f64 / 1e6,
+            ms(ingest_med),
+            ingest.iter().map(|d| ms(*d)).collect::<Vec<_>>()
+        ));
+        for (snapshotter, v) in &full {
+            let import = median(v.iter().map(|x| x.0).collect());
+            let with_sync = median(v.iter().map(|x| x.1).collect());
+            lines.push(format!(
+                "    {snapshotter:<10} import median {:>6} ms (runs {:?}), import+sync {:>6} ms, unpack ~ {:>6} ms",
+                ms(import),
+                v.iter().map(|x| ms(x.0)).collect::<Vec<_>>(),
+                ms(with_sync),
+                ms(import.saturating_sub(ingest_med)),
+            ));
+        }
+        eprintln!("{}", lines.join("\n"));
     }
     eprintln!("\n===== unpack figures =====\n{}\n", lines.join("\n"));
 }

@@ -94,7 +94,13 @@ impl Containerd {
     pub fn new(dir: &Path, proxy: Option<&Path>) -> Containerd {
         let root = dir.join("root");
         let state = dir.join("state");
-        for d in [&root, &state, &dir.join("tmp"), &dir.join("fifo")] {
+        for d in [
+            &root,
+            &state,
+            &dir.join("tmp"),
+            &dir.join("fifo"),
+            &dir.join("runc"),
+        ] {
             fs::create_dir_all(d).unwrap();
         }
         let address = dir.join("c.sock");
@@ -254,6 +260,12 @@ impl Containerd {
     /// Directory in which `ctr run` puts its FIFOs (kept inside the test directory).
     pub fn fifo_dir(&self) -> PathBuf {
         self.dir.join("fifo")
+    }
+
+    /// runc's state root for `ctr run --runc-root` (the default, /run/containerd/runc/<namespace>, would leave
+    /// an empty directory per test on the host).
+    pub fn runc_root(&self) -> PathBuf {
+        self.dir.join("runc")
     }
 
     /// Data directory of one of containerd's built-in snapshotters (`overlayfs`, `native`).
