@@ -9,6 +9,7 @@
 //! layer store through a thin adapter.
 #![forbid(unsafe_code)]
 
+pub mod client;
 mod error;
 pub mod filter;
 mod model;
@@ -19,6 +20,10 @@ pub use model::{
     check_key, check_labels, Info, Kind, LabelChange, Labels, Mount, Snapshotter, Usage, MAX_KEY_BYTES,
     MAX_LABEL_BYTES,
 };
+/// Re-exported for callers building requests (timestamps, field masks).
+pub use prost_types;
+/// Re-exported so that clients use the same version.
+pub use tonic;
 pub use service::{serve, SnapshotsService, LIST_BATCH};
 
 /// Code generated from `proto/` (containerd's wire interface).
