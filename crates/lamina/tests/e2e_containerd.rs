@@ -780,6 +780,24 @@ fn restart_lamina_while_containerd_runs() {
             assert!(st.success(), "lamina exited with {st} on SIGTERM");
         }
         lamina.start_again();
+        // containerd's gRPC connection to the proxy saw the socket go away and reconnects with a backoff
+        // (up to a few seconds); calls in that window fail with "unavailable".
+        let since = Instant::now();
+        let back = poll(Duration::from_secs(20), || {
+            s.ctrd
+                .ctr(&["snapshots", "--snapshotter", &s.snapshotter, "ls"])
+                .status
+                .success()
+                .then_some(())
+        });
+        assert!(
+            back.is_some(),
+            "containerd did not reach lamina again within 20 s of SIG{sig} + restart"
+        );
+        eprintln!(
+            "containerd reached lamina again {:?} after it was ready (SIG{sig})",
+            since.elapsed()
+        );
         let after = s.list();
         assert_eq!(after, before, "snapshots after SIG{sig} + restart");
         assert_eq!(
