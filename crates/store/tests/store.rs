@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use lamina_archive::IdMappings;
 use lamina_store::{LayerKind, LayerState, Store, StoreError};
+use redb::ReadableTable;
 
 fn require_root(test: &str) -> bool {
     if rustix::process::geteuid().is_root() {
@@ -341,4 +342,140 @@ fn newer_format_is_refused() {
     }
     let e = Store::open(&r.path()).unwrap_err().to_string();
     assert!(e.contains("newer than supported"), "{e}");
+}
+
+#[test]
+fn format_1_is_migrated_at_open() {
+    let r = Root::new();
+    {
+        let s = Store::open(&r.path()).unwrap();
+        create(&s, "a", None);
+        create(&s, "b", Some("a"));
+    }
+    // Rewrite the store as format 1 wrote it: `created` in seconds, no update time or inodes.
+    {
+        let db = redb::Database::create(r.path().join("meta.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut layers = txn
+                .open_table(redb::TableDefinition::<u64, &[u8]>::new("layers"))
+                .unwrap();
+            let rows: Vec<(u64, Vec<u8>)> = layers
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (k, v) = r.unwrap();
+                    (k.value(), v.value().to_vec())
+                })
+                .collect();
+            for (k, v) in rows {
+                let mut j: serde_json::Value = serde_json::from_slice(&v).unwrap();
+                let o = j.as_object_mut().unwrap();
+                o.remove("created_ns");
+                o.remove("updated_ns");
+                o.remove("inodes");
+                o.insert("created".into(), 1_700_000_000u64.into());
+                layers
+                    .insert(k, serde_json::to_vec(&j).unwrap().as_slice())
+                    .unwrap();
+            }
+            let mut meta = txn
+                .open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+                .unwrap();
+            meta.insert("format", 1).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let s = Store::open(&r.path()).unwrap();
+    for name in ["a", "b"] {
+        let rec = s.info(NS, name).unwrap().record;
+        assert_eq!(rec.created_ns, 1_700_000_000_000_000_000, "{name}");
+        assert_eq!(rec.updated_ns, rec.created_ns);
+    }
+    assert_eq!(s.info(NS, "b").unwrap().lower_dirs.len(), 1);
+    drop(s);
+    // Opened again: already format 2, nothing changes.
+    let s = Store::open(&r.path()).unwrap();
+    assert_eq!(s.status().unwrap().format, lamina_store::FORMAT_VERSION);
+    assert_eq!(
+        s.info(NS, "a").unwrap().record.created_ns,
+        1_700_000_000_000_000_000
+    );
+}
+
+#[test]
+fn commit_freezes_under_a_new_name_without_copying() {
+    let r = Root::new();
+    let s = Store::open(&r.path()).unwrap();
+    s.create_checked(
+        "c:x",
+        "active",
+        None,
+        LayerKind::ReadWrite,
+        BTreeMap::new(),
+        Some(LayerKind::ReadOnly),
+    )
+    .unwrap();
+    let before = s.info("c:x", "active").unwrap();
+    fs::write(before.diff_dir.join("f"), b"content").unwrap();
+    let labels: BTreeMap<String, String> = [("k".to_string(), "v".to_string())].into();
+    let rec = s.commit("c:x", "active", "frozen", labels.clone()).unwrap();
+    assert_eq!((rec.kind, rec.labels), (LayerKind::ReadOnly, labels));
+    assert!(rec.inodes >= Some(2) && rec.size.is_some());
+    let after = s.info("c:x", "frozen").unwrap();
+    assert_eq!(after.number, before.number, "same layer, renamed");
+    assert_eq!(fs::read(after.diff_dir.join("f")).unwrap(), b"content");
+    assert!(matches!(s.info("c:x", "active"), Err(StoreError::NotFound(_))));
+    // Frozen layers and views cannot be committed; parents must be frozen for checked creates.
+    assert!(matches!(
+        s.commit("c:x", "frozen", "again", BTreeMap::new()),
+        Err(StoreError::Precondition(_))
+    ));
+    s.create_checked(
+        "c:x",
+        "view",
+        Some("frozen"),
+        LayerKind::View,
+        BTreeMap::new(),
+        Some(LayerKind::ReadOnly),
+    )
+    .unwrap();
+    assert!(matches!(
+        s.commit("c:x", "view", "v2", BTreeMap::new()),
+        Err(StoreError::Precondition(_))
+    ));
+    s.create("c:x", "rw", None, LayerKind::ReadWrite, BTreeMap::new())
+        .unwrap();
+    assert!(matches!(
+        s.create_checked(
+            "c:x",
+            "on-rw",
+            Some("rw"),
+            LayerKind::ReadWrite,
+            BTreeMap::new(),
+            Some(LayerKind::ReadOnly)
+        ),
+        Err(StoreError::Precondition(_))
+    ));
+    assert!(matches!(
+        s.commit("c:x", "rw", "frozen", BTreeMap::new()),
+        Err(StoreError::AlreadyExists(_))
+    ));
+    // Listing of one namespace with parent names.
+    let names: Vec<(String, Option<String>)> = s
+        .list_ns("c:x")
+        .unwrap()
+        .into_iter()
+        .map(|(r, p)| (r.name, p))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("frozen".to_string(), None),
+            ("rw".to_string(), None),
+            ("view".to_string(), Some("frozen".to_string()))
+        ]
+    );
+    assert!(s.list_ns("c:").unwrap().is_empty());
+    assert!(s.remove("c:x", "nope").unwrap() == false);
 }
