@@ -477,5 +477,5 @@ fn commit_freezes_under_a_new_name_without_copying() {
         ]
     );
     assert!(s.list_ns("c:").unwrap().is_empty());
-    assert!(s.remove("c:x", "nope").unwrap() == false);
+    assert!(!s.remove("c:x", "nope").unwrap());
 }
