@@ -19,12 +19,12 @@
 # prints SKIPPED and exits 0, or fails under CI=true; the bench mode fails.
 #
 # Environment: BACKENDS ("overlayfs lamina"), LAMINA_BIN (use this binary, do not run cargo),
-# NO_BUILD=1 (no cargo build; use the existing binary), CI=true, TEST_TIMEOUT (10m),
+# NO_BUILD=1 (no cargo build; use the existing binary), LAMINA_LOG_LEVEL (e.g. debug), CI=true, TEST_TIMEOUT (10m),
 # TEST_RUN (a -test.run regexp for the suite's subtests, e.g. 'Conformance/Basic$').
 # Bench only: ITERS (200), WARMUP (10), DEPTHS (1,128), RUNS (1), IMG_SIZE (4G),
 # WORK_PARENT (/var/tmp). The bench uses a release build of lamina (the test a debug build).
 set -euo pipefail
-export LC_ALL=C
+export LC_ALL=C NO_COLOR=1 # NO_COLOR: plain-text backend logs
 
 MODE=${1:-test}
 case $MODE in
@@ -218,7 +218,10 @@ bench_teardown() {
 start_server() { # backend root socket logfile
     local b=$1 root=$2 sock=$3 logfile=$4 i
     case $b in
-        lamina) "$LAMINA_BIN" serve --data-root "$root" --socket none --snapshotter-socket "$sock" >"$logfile" 2>&1 & ;;
+        lamina)
+            "$LAMINA_BIN" serve --data-root "$root" --socket none --snapshotter-socket "$sock" \
+                ${LAMINA_LOG_LEVEL:+--log-level "$LAMINA_LOG_LEVEL"} >"$logfile" 2>&1 &
+            ;;
         overlayfs) "$BIN/overlayd" --root "$root" --socket "$sock" >"$logfile" 2>&1 & ;;
     esac
     SERVER_PID=$!

@@ -13,6 +13,7 @@
 //	                     containerd's built-in overlayfs snapshotter; used to validate the harness)
 //	LAMINA_BIN           lamina binary (default ../../target/debug/lamina, relative to this dir)
 //	OVERLAYD_BIN         stand-in binary (default ../../target/conformance/bin/overlayd)
+//	LAMINA_LOG_LEVEL     passed to lamina serve --log-level (e.g. debug)
 //	CONFORMANCE_LOG_DIR  keep each backend process's output there (default: inside the test root)
 //	CI=true              a missing prerequisite (root) fails instead of skipping
 //
@@ -63,8 +64,12 @@ func selectBackend(t *testing.T) backend {
 			name: "lamina",
 			bin:  envPath("LAMINA_BIN", "../../target/debug/lamina"),
 			args: func(root, socket string) []string {
-				return []string{"serve", "--data-root", filepath.Join(root, "lamina"),
+				args := []string{"serve", "--data-root", filepath.Join(root, "lamina"),
 					"--socket", "none", "--snapshotter-socket", socket}
+				if level := os.Getenv("LAMINA_LOG_LEVEL"); level != "" {
+					args = append(args, "--log-level", level)
+				}
+				return args
 			},
 		}
 	case "overlayfs":
@@ -140,6 +145,7 @@ func startBackend(ctx context.Context, b backend, root string) (snapshots.Snapsh
 	cmd := exec.Command(b.bin, b.args(root, socket)...)
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
+	cmd.Env = append(os.Environ(), "NO_COLOR=1") // plain text in the log files
 	// Own process group, so that the SIGKILL fallback also reaches helpers the backend may
 	// have spawned; if this test process dies without running the cleanup, the kernel
 	// stops the child.
