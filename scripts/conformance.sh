@@ -59,7 +59,8 @@ done
 
 # ---- prerequisites ----------------------------------------------------------------------------
 if [[ $EUID -ne 0 ]]; then
-    msg="the snapshotter $MODE needs root (it mounts overlay filesystems$([[ $MODE == bench ]] && echo ' and loop devices'))"
+    msg="the snapshotter $MODE needs root (it mounts overlay filesystems)"
+    [[ $MODE == bench ]] && msg="the snapshotter bench needs root (loop device, mounts)"
     if [[ ${CI:-} == true || $MODE == bench ]]; then
         die "$msg; not root"
     fi
