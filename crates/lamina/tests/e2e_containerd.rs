@@ -164,6 +164,62 @@ impl Setup {
         ])
     }
 
+    /// `ctr run -d --null-io` of a long-running container `id` (its shell runs `script`, then sleeps).
+    fn run_detached(&self, image: &str, id: &str, script: &str) {
+        let fifo = self.ctrd.fifo_dir();
+        let runc_root = self.ctrd.runc_root();
+        let script = format!("{script}; exec sleep 100000");
+        self.ctrd.ctr_ok(&[
+            "run",
+            "-d",
+            "--null-io",
+            "--snapshotter",
+            &self.snapshotter,
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--runc-root",
+            runc_root.to_str().unwrap(),
+            image,
+            id,
+            "/bin/sh",
+            "-c",
+            &script,
+        ]);
+    }
+
+    /// `ctr task exec` of a shell script in running container `id`; returns stdout.
+    fn exec(&self, id: &str, script: &str) -> String {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let exec_id = format!("e{}", N.fetch_add(1, Ordering::SeqCst));
+        let fifo = self.ctrd.fifo_dir();
+        self.ctrd.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            &exec_id,
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+    }
+
+    /// SIGKILLs the task of container `id`, deletes the task and the container (and so its snapshot).
+    fn remove_container(&self, id: &str) {
+        self.ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        let stopped = poll(Duration::from_secs(20), || {
+            let out = self.ctrd.ctr_ok(&["task", "ls"]);
+            out.lines()
+                .any(|l| l.split_whitespace().next() == Some(id) && l.contains("STOPPED"))
+                .then_some(())
+        });
+        assert!(stopped.is_some(), "task {id} did not stop");
+        self.ctrd.ctr_ok(&["task", "delete", id]);
+        self.ctrd.ctr_ok(&["containers", "delete", id]);
+    }
+
     /// Rows of `ctr snapshots ls`, sorted (keys must not contain blanks).
     fn list(&self) -> Vec<SnapRow> {
         let out = self.snap(&["ls"]);
@@ -259,6 +315,36 @@ impl Setup {
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    /// Panics if lamina's log has errors, warnings or a panic, or containerd's log has errors or warnings about
+    /// snapshots (called at the end of each test).
+    fn check_logs(&self) {
+        let read = |p: &Path| {
+            fs::read(p)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        if let Some(l) = &self.lamina {
+            let bad: Vec<String> = read(&l.log)
+                .lines()
+                .filter(|l| l.contains(" ERROR ") || l.contains(" WARN ") || l.contains("panicked"))
+                .map(str::to_string)
+                .collect();
+            assert!(bad.is_empty(), "lamina logged problems:\n{}", bad.join("\n"));
+        }
+        let bad: Vec<String> = read(&self.ctrd.log)
+            .lines()
+            .filter(|l| {
+                l.contains("level=error")
+                    || l.contains("level=fatal")
+                    || (l.contains("level=warning")
+                        && l.contains("snapshot")
+                        && !l.contains("cleanup warnings"))
+            })
+            .map(str::to_string)
+            .collect();
+        assert!(bad.is_empty(), "containerd logged problems:\n{}", bad.join("\n"));
     }
 
     fn work(&self) -> PathBuf {
@@ -456,6 +542,7 @@ fn import_and_run_with_whiteouts() {
         "a second container sees the first one's writes"
     );
     assert_eq!(s.list().len(), 3, "container snapshots left: {:#?}", s.list());
+    s.check_logs();
 }
 
 /// `ctr snapshots` ls / info / tree / usage / prepare / mounts / commit / view / label / rm.
@@ -590,6 +677,9 @@ fn snapshot_commands() {
     let info = s.info("com-1");
     assert!(info["Labels"].get(label).is_none(), "label not cleared: {info}");
 
+    // (`ctr images mount` is not used: ctr 1.6.20 always mounts through the default snapshotter, whatever
+    // --snapshotter, $CONTAINERD_SNAPSHOTTER or the namespace's default-snapshotter label say.)
+
     // rm: leaves first.
     for k in ["view-1", "com-1", "view-bottom", "empty-1-v", "empty-1-c"] {
         s.snap(&["rm", k]);
@@ -598,6 +688,7 @@ fn snapshot_commands() {
     let mut want: Vec<String> = image.chain_ids.clone();
     want.sort();
     assert_eq!(keys, want, "after rm");
+    s.check_logs();
 }
 
 /// Failing calls through ctr: duplicate keys, commit of a view, removal of a parent, unknown parents, label
@@ -689,6 +780,7 @@ fn bad_input_through_ctr() {
     for (what, msg) in &seen {
         eprintln!("{what}: {}", msg.trim());
     }
+    s.check_logs();
 }
 
 /// `ctr images rm --sync` and containerd's GC remove every snapshot from the backend: no layer directories,
@@ -742,6 +834,7 @@ fn image_rm_and_gc_leave_nothing() {
     // The store is still usable afterwards.
     s.import(&image);
     assert_eq!(s.run(WHITEOUT_IMAGE, WHITEOUT_SCRIPT), WHITEOUT_EXPECTED);
+    s.check_logs();
 }
 
 /// lamina stopped (SIGTERM, then SIGKILL) and started again while containerd keeps running: old snapshots
@@ -763,8 +856,20 @@ fn restart_lamina_while_containerd_runs() {
     s.prepare("kept-a2", &c3);
     s.commit("kept-committed", "kept-a2");
     s.view("kept-view", "kept-committed");
+    // A container that keeps running (and keeps its rootfs mounted) through every restart.
+    s.run_detached(WHITEOUT_IMAGE, "long-runner", "echo started > /started");
+    let started = poll(Duration::from_secs(20), || {
+        (s.exec("long-runner", "cat /started 2>/dev/null || true") == "started\n").then_some(())
+    });
+    assert!(started.is_some(), "detached container did not start");
     let before = s.list();
-    assert_eq!(before.len(), 6, "{before:#?}");
+    assert_eq!(before.len(), 7, "{before:#?}");
+    assert!(
+        before
+            .iter()
+            .any(|r| r.key == "long-runner" && r.kind == "Active" && r.parent == c3),
+        "container snapshot not listed: {before:#?}"
+    );
 
     if s.lamina.is_none() {
         eprintln!(
@@ -779,6 +884,31 @@ fn restart_lamina_while_containerd_runs() {
         if sig == "TERM" {
             assert!(st.success(), "lamina exited with {st} on SIGTERM");
         }
+        // While lamina is down: snapshot calls fail (promptly), the running container is unaffected.
+        let t0 = Instant::now();
+        let down = s
+            .ctrd
+            .ctr_cmd_timeout("20s", &["snapshots", "--snapshotter", &s.snapshotter, "ls"])
+            .output()
+            .unwrap();
+        assert!(
+            !down.status.success(),
+            "snapshots ls succeeded with lamina stopped"
+        );
+        eprintln!(
+            "with lamina down, `ctr snapshots ls` failed after {:?}: {}",
+            t0.elapsed(),
+            String::from_utf8_lossy(&down.stderr).trim()
+        );
+        assert_eq!(
+            s.exec(
+                "long-runner",
+                &format!("echo {round} > /while-down; cat /etc/lamina/layer3 /while-down")
+            ),
+            format!("layer three\n{round}\n"),
+            "running container while lamina is down"
+        );
+        let lamina = s.lamina.as_mut().unwrap();
         lamina.start_again();
         // containerd's gRPC connection to the proxy saw the socket go away and reconnects with a backoff
         // (up to a few seconds); calls in that window fail with "unavailable".
@@ -816,7 +946,26 @@ fn restart_lamina_while_containerd_runs() {
         s.commit(&format!("{k}-c"), &k);
         s.snap(&["rm", &format!("{k}-c")]);
         assert_eq!(s.list(), before, "after round {round}");
+        assert_eq!(
+            s.exec("long-runner", "cat /started /while-down"),
+            format!("started\n{round}\n"),
+            "running container after SIG{sig} + restart"
+        );
     }
+    // The container's snapshot goes away with the container (GC removes it from the backend).
+    let layers_before = s.backend_entries().len();
+    s.remove_container("long-runner");
+    let gone = poll(Duration::from_secs(20), || {
+        (s.backend_entries().len() + 1 == layers_before).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "container snapshot still in the backend: {} entries before, {:?} now",
+        layers_before,
+        s.backend_entries()
+    );
+    assert!(!s.list().iter().any(|r| r.key == "long-runner"));
+    s.check_logs();
 }
 
 /// An image of busybox + 128 layers imports and runs (a 129-layer overlay chain).
@@ -851,6 +1000,7 @@ fn deep_chain_128_layers() {
     assert_eq!(fs::read_to_string(t.join("top")).unwrap(), "128\n");
     assert_eq!(fs::read_dir(t.join("layers")).unwrap().count(), present);
     run_ok(Command::new("umount").arg(&t));
+    s.check_logs();
 }
 
 // ------------------------------------------------------------------------------------------------------------

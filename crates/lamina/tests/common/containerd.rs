@@ -193,13 +193,18 @@ impl Containerd {
 
     /// `ctr --address <sock> -n <namespace> --timeout T <args>` (not yet run).
     pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        self.ctr_cmd_timeout(&ctr_timeout(), args)
+    }
+
+    /// Like [`Containerd::ctr_cmd`] with another `--timeout` (e.g. `20s`).
+    pub fn ctr_cmd_timeout(&self, timeout: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(CTR);
         cmd.arg("--address")
             .arg(&self.address)
             .arg("-n")
             .arg(&self.namespace)
             .arg("--timeout")
-            .arg(ctr_timeout())
+            .arg(timeout)
             .args(args)
             .env("PATH", SANE_PATH)
             .env_remove("CONTAINERD_SNAPSHOTTER")
