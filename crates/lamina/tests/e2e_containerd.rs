@@ -143,25 +143,33 @@ impl Setup {
 
     /// `ctr run --rm --snapshotter <under test> IMAGE <fresh id> sh -c SCRIPT`; returns stdout.
     fn run(&self, image: &str, script: &str) -> String {
+        self.run_in(&self.ctrd.namespace, image, script)
+    }
+
+    /// [`Setup::run`] in containerd namespace `ns`.
+    fn run_in(&self, ns: &str, image: &str, script: &str) -> String {
         static N: AtomicUsize = AtomicUsize::new(0);
         let id = format!("c{}", N.fetch_add(1, Ordering::SeqCst));
         let fifo = self.ctrd.fifo_dir();
         let runc_root = self.ctrd.runc_root();
-        self.ctrd.ctr_ok(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            &self.snapshotter,
-            "--fifo-dir",
-            fifo.to_str().unwrap(),
-            "--runc-root",
-            runc_root.to_str().unwrap(),
-            image,
-            &id,
-            "/bin/sh",
-            "-c",
-            script,
-        ])
+        self.ctrd.ctr_ok_in(
+            ns,
+            &[
+                "run",
+                "--rm",
+                "--snapshotter",
+                &self.snapshotter,
+                "--fifo-dir",
+                fifo.to_str().unwrap(),
+                "--runc-root",
+                runc_root.to_str().unwrap(),
+                image,
+                &id,
+                "/bin/sh",
+                "-c",
+                script,
+            ],
+        )
     }
 
     /// `ctr run -d --null-io` of a long-running container `id` (its shell runs `script`, then sleeps).
@@ -965,6 +973,126 @@ fn restart_lamina_while_containerd_runs() {
         s.backend_entries()
     );
     assert!(!s.list().iter().any(|r| r.key == "long-runner"));
+    s.check_logs();
+}
+
+/// Several containers start and stop at once while snapshots are prepared, committed and removed through
+/// ctr: concurrent Prepare/Mounts/Commit/Remove/List reach the snapshotter; afterwards only the image's
+/// layers are left.
+#[test]
+fn parallel_containers_and_snapshot_calls() {
+    let Some(s) = setup("ctrd-parallel") else {
+        return;
+    };
+    let image = whiteout_image(&s.work());
+    s.import(&image);
+    let c3 = image.chain_ids[2].as_str();
+    let s = &s;
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for _ in 0..6 {
+            handles.push(scope.spawn(|| {
+                for _ in 0..2 {
+                    assert_eq!(s.run(WHITEOUT_IMAGE, WHITEOUT_SCRIPT), WHITEOUT_EXPECTED);
+                }
+            }));
+        }
+        // (Only active snapshots here: ctr's prepare labels them as GC roots; its view and commit do not, and
+        // the container removals run containerd's GC concurrently, which would collect them mid-cycle.)
+        for t in 0..3 {
+            handles.push(scope.spawn(move || {
+                for i in 0..5 {
+                    let k = format!("par-{t}-{i}");
+                    let target = s.dir.join(format!("mnt-par-{t}"));
+                    s.snap(&["prepare", &k, c3]);
+                    s.snap(&["mounts", target.to_str().unwrap(), &k]);
+                    s.list();
+                    s.usage(&k);
+                    s.snap(&["rm", &k]);
+                }
+            }));
+        }
+        for h in handles {
+            if let Err(e) = h.join() {
+                std::panic::resume_unwind(e);
+            }
+        }
+    });
+    let mut want = image.chain_ids.clone();
+    want.sort();
+    let keys: Vec<String> = s.list().into_iter().map(|r| r.key).collect();
+    assert_eq!(keys, want);
+    // A GC pass after the last removal (the removals' own passes may have run before it).
+    s.ctrd.gc_now();
+    if s.backend_dir().is_some() {
+        let settled = poll(Duration::from_secs(20), || {
+            (s.backend_entries().len() == 3).then_some(())
+        });
+        assert!(
+            settled.is_some(),
+            "backend entries after the parallel run: {:#?}",
+            s.backend_entries()
+        );
+    }
+    s.check_logs();
+}
+
+/// Two containerd namespaces import and run the same image; removing it from one (GC included) leaves the
+/// other's snapshots and containers intact, removing it from both leaves nothing.
+#[test]
+fn two_namespaces_and_gc() {
+    let Some(s) = setup("ctrd-two-ns") else {
+        return;
+    };
+    let image = whiteout_image(&s.work());
+    let ns_a = s.ctrd.namespace.clone();
+    let ns_b = format!("{ns_a}-b");
+    let tar = image.tar.to_str().unwrap();
+    for ns in [&ns_a, &ns_b] {
+        s.ctrd
+            .ctr_ok_in(ns, &["images", "import", "--snapshotter", &s.snapshotter, tar]);
+        assert_eq!(s.run_in(ns, WHITEOUT_IMAGE, WHITEOUT_SCRIPT), WHITEOUT_EXPECTED);
+    }
+    let entries_both = s.backend_entries().len();
+    s.ctrd
+        .ctr_ok_in(&ns_a, &["images", "rm", "--sync", WHITEOUT_IMAGE]);
+    let a_empty = poll(Duration::from_secs(20), || {
+        s.ctrd
+            .ctr_ok_in(&ns_a, &["snapshots", "--snapshotter", &s.snapshotter, "ls"])
+            .lines()
+            .skip(1)
+            .all(|l| l.trim().is_empty())
+            .then_some(())
+    });
+    assert!(a_empty.is_some(), "namespace A still lists snapshots");
+    let b_list = s
+        .ctrd
+        .ctr_ok_in(&ns_b, &["snapshots", "--snapshotter", &s.snapshotter, "ls"]);
+    for c in &image.chain_ids {
+        assert!(b_list.contains(c.as_str()), "namespace B lost {c}:\n{b_list}");
+    }
+    assert_eq!(
+        s.run_in(&ns_b, WHITEOUT_IMAGE, WHITEOUT_SCRIPT),
+        WHITEOUT_EXPECTED,
+        "namespace B after namespace A removed the image"
+    );
+    eprintln!(
+        "backend entries: {entries_both} with both namespaces, {} after A removed the image",
+        s.backend_entries().len()
+    );
+    s.ctrd
+        .ctr_ok_in(&ns_b, &["images", "rm", "--sync", WHITEOUT_IMAGE]);
+    if s.backend_dir().is_some() {
+        let clean = poll(Duration::from_secs(30), || {
+            s.backend_entries().is_empty().then_some(())
+        });
+        assert!(
+            clean.is_some(),
+            "backend entries left after both namespaces removed the image: {:#?}",
+            s.backend_entries()
+        );
+    }
+    assert!(mounts_under(s.dir.path()).is_empty());
     s.check_logs();
 }
 

@@ -198,11 +198,16 @@ impl Containerd {
 
     /// Like [`Containerd::ctr_cmd`] with another `--timeout` (e.g. `20s`).
     pub fn ctr_cmd_timeout(&self, timeout: &str, args: &[&str]) -> Command {
+        self.ctr_cmd_in(&self.namespace, timeout, args)
+    }
+
+    /// `ctr` in another containerd namespace `ns`, with `--timeout timeout`.
+    pub fn ctr_cmd_in(&self, ns: &str, timeout: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(CTR);
         cmd.arg("--address")
             .arg(&self.address)
             .arg("-n")
-            .arg(&self.namespace)
+            .arg(ns)
             .arg("--timeout")
             .arg(timeout)
             .args(args)
@@ -221,7 +226,15 @@ impl Containerd {
 
     /// Runs ctr with `args`, panics unless it succeeds; returns stdout.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
+        self.ctr_ok_in(&self.namespace, args)
+    }
+
+    /// Runs ctr with `args` in namespace `ns`, panics unless it succeeds; returns stdout.
+    pub fn ctr_ok_in(&self, ns: &str, args: &[&str]) -> String {
+        let out = self
+            .ctr_cmd_in(ns, &ctr_timeout(), args)
+            .output()
+            .expect("run ctr");
         if !out.status.success() {
             panic!(
                 "`ctr {}` failed ({}):\nstdout: {}\nstderr: {}",
@@ -260,6 +273,15 @@ impl Containerd {
         let mut v = vec!["snapshots", "--snapshotter", snapshotter];
         v.extend_from_slice(args);
         self.ctr_err(&v)
+    }
+
+    /// Runs containerd's garbage collector now and waits for it (creates a lease and deletes it with
+    /// `--sync`); the snapshotters' unreferenced snapshots are removed before this returns.
+    pub fn gc_now(&self) {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let id = format!("gc-trigger-{}", N.fetch_add(1, Ordering::SeqCst));
+        self.ctr_ok(&["leases", "create", "--id", &id]);
+        self.ctr_ok(&["leases", "delete", "--sync", &id]);
     }
 
     /// Directory in which `ctr run` puts its FIFOs (kept inside the test directory).
