@@ -21,7 +21,8 @@
 # Environment: BACKENDS ("overlayfs lamina"), LAMINA_BIN (use this binary, do not run cargo),
 # NO_BUILD=1 (no cargo build; use the existing binary), LAMINA_LOG_LEVEL (e.g. debug), CI=true, TEST_TIMEOUT (10m),
 # TEST_RUN (a -test.run regexp for the suite's subtests, e.g. 'Conformance/Basic$').
-# Bench only: ITERS (200), WARMUP (10), DEPTHS (1,128), RUNS (1), IMG_SIZE (4G),
+# Bench only: ITERS (200), WARMUP (10), DEPTHS (1,128), RUNS (1; backends alternate within a run,
+# several runs add a block of medians), IMG_SIZE (4G),
 # WORK_PARENT (/var/tmp). The bench uses a release build of lamina (the test a debug build).
 set -euo pipefail
 export LC_ALL=C NO_COLOR=1 # NO_COLOR: plain-text backend logs
@@ -253,6 +254,7 @@ run_bench() {
     log "fresh ext4 on $loopdev (file $WORK/ext4.img, ${IMG_SIZE:-4G}) mounted at $MNT"
 
     local results=$WORK/results.tsv run b
+    LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
     : >"$results"
     for ((run = 1; run <= ${RUNS:-1}; run++)); do
         for b in $BACKENDS; do
@@ -276,26 +278,44 @@ run_bench() {
     echo "  machine: $(uname -srm), $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM"
     echo "  filesystem: fresh ext4 (mkfs.ext4 defaults) on $loopdev backed by a file on $(findmnt -n -o FSTYPE -T "${WORK_PARENT:-/var/tmp}") ($(findmnt -n -o SOURCE -T "${WORK_PARENT:-/var/tmp}"))"
     echo "  ${ITERS:-200} timed iterations after ${WARMUP:-10} warm-up ones, per row; layers are empty; runs: ${RUNS:-1}"
+    echo "  (\"med\" rows: median over the runs of each column); load average before: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
+    # One row per run, op and depth; with several runs, a last block of medians over the runs.
     awk -F'\t' -v backends="$BACKENDS" '
         BEGIN { nb = split(backends, B, " ") }
+        function median(list,    a, m, i, j, t) {
+            m = split(list, a, " ")
+            for (i = 2; i <= m; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+            return m % 2 ? a[(m + 1) / 2] : int((a[m / 2] + a[m / 2 + 1]) / 2)
+        }
+        function row(run, op, depth, key,    i) {
+            printf "%-4s %-15s %5s", run, op, depth
+            for (i = 1; i <= nb; i++) printf "  %10s %10s %10s", p50[key, B[i]], p99[key, B[i]], mean[key, B[i]]
+            printf "\n"
+        }
         {
             key = $1 SUBSEP $3 SUBSEP $4
             if (!(key in seen)) { seen[key] = 1; order[++n] = key }
             p50[key, $2] = $6; p99[key, $2] = $7; mean[key, $2] = $8
+            mk = "med" SUBSEP $3 SUBSEP $4
+            if (!(mk in mseen)) { mseen[mk] = 1; morder[++mn] = mk }
+            l50[mk, $2] = l50[mk, $2] " " $6; l99[mk, $2] = l99[mk, $2] " " $7; lmean[mk, $2] = lmean[mk, $2] " " $8
+            if ($1 > runs) runs = $1
         }
         END {
             printf "%-4s %-15s %5s", "run", "op", "depth"
             for (i = 1; i <= nb; i++) printf "  %10s %10s %10s", B[i] " p50", "p99", "mean"
             printf "\n"
-            for (k = 1; k <= n; k++) {
-                split(order[k], f, SUBSEP)
-                printf "%-4s %-15s %5s", f[1], f[2], f[3]
-                for (i = 1; i <= nb; i++) {
-                    key = order[k]
-                    printf "  %10s %10s %10s", p50[key, B[i]], p99[key, B[i]], mean[key, B[i]]
+            for (k = 1; k <= n; k++) { split(order[k], f, SUBSEP); row(f[1], f[2], f[3], order[k]) }
+            if (runs > 1) {
+                for (k = 1; k <= mn; k++) {
+                    mk = morder[k]
+                    for (i = 1; i <= nb; i++) {
+                        p50[mk, B[i]] = median(l50[mk, B[i]]); p99[mk, B[i]] = median(l99[mk, B[i]])
+                        mean[mk, B[i]] = median(lmean[mk, B[i]])
+                    }
+                    split(mk, f, SUBSEP); row("med", f[2], f[3], mk)
                 }
-                printf "\n"
             }
         }
     ' "$results"
