@@ -15,10 +15,13 @@ use serde_json::json;
 
 const ID1: &str = "3f1c2ae5b0d54c9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f";
 
+/// Options and per-id counts of one fake volume.
+type FakeVolume = (BTreeMap<String, String>, BTreeMap<String, u32>);
+
 /// Volumes in memory: name -> (opts, per-id counts); records every call.
 #[derive(Default)]
 struct FakeVolumes {
-    vols: Mutex<BTreeMap<String, (BTreeMap<String, String>, BTreeMap<String, u32>)>>,
+    vols: Mutex<BTreeMap<String, FakeVolume>>,
     calls: Mutex<Vec<String>>,
 }
 
