@@ -9,6 +9,7 @@ use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use crate::adapters::graphdriver::GraphDriverAdapter;
+use crate::adapters::volumedriver::VolumeDriverAdapter;
 use crate::config::Settings;
 
 fn init_logging(level: &str) -> anyhow::Result<()> {
@@ -28,7 +29,17 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             .with_context(|| format!("opening the store at {}", settings.data_root.display()))?,
     );
     let graph = Arc::new(GraphDriverAdapter::new(store.clone()).context("restoring graphdriver settings")?);
-    let router = Arc::new(Router::new().with_graph_driver(graph));
+    let mut router = Router::new().with_graph_driver(graph);
+    let volumes = match settings.volumes.clone() {
+        Some(cfg) => Some(Arc::new(
+            lamina_volume::VolumeManager::open(cfg).context("opening the volume service")?,
+        )),
+        None => None,
+    };
+    if let Some(v) = &volumes {
+        router = router.with_volume_driver(Arc::new(VolumeDriverAdapter::new(v.clone())));
+    }
+    let router = Arc::new(router);
     let listener = lamina_docker::bind_socket(&settings.socket)
         .with_context(|| format!("binding {}", settings.socket.display()))?;
     let shutdown = ShutdownHandle::new();
@@ -44,6 +55,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         "serving; start dockerd with --experimental -s {plugin}");
     lamina_docker::serve(listener, router, &shutdown).context("serving the plugin socket")?;
     let _ = std::fs::remove_file(&settings.socket);
+    if let Some(v) = &volumes {
+        v.shutdown();
+    }
     // Mounts stay: containers may still use them. dockerd's Cleanup unmounts at its shutdown.
     info!("stopped");
     Ok(())

@@ -46,7 +46,7 @@ pub enum OnRemove {
 }
 
 /// Settings of the MooseFS (or LizardFS) backend.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MooseFsConfig {
     /// Master host.
     pub master_host: String,

@@ -26,7 +26,7 @@ use crate::time::{now_secs, rfc3339};
 pub const DEFAULT_MOUNT_BASE: &str = "/mnt/docker-volumes";
 
 /// Settings of the volume service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeConfig {
     /// lamina's own directory for volumes (`<data root>/volumes`): the database, local volumes, logs.
     pub state_dir: PathBuf,

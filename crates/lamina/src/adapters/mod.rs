@@ -1,3 +1,4 @@
 //! The only code that knows both a protocol and the store.
 
 pub mod graphdriver;
+pub mod volumedriver;

@@ -21,6 +21,8 @@
 //! disk-backed directory keeps large layers out of memory.
 #![allow(dead_code)]
 
+pub mod moosefs;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fmt::Write as _;
