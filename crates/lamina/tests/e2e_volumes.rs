@@ -377,12 +377,12 @@ fn moosefs_two_hosts() {
     t1.join().unwrap().ok("Create race on host 1");
     t2.join().unwrap().ok("Create race on host 2");
     assert_eq!(names_in(&cluster_root).iter().filter(|n| *n == "race").count(), 1);
-    let e = c2
-        .call(
-            "VolumeDriver.Create",
-            json!({"Name": "race", "Opts": {"ReplicationGoal": "1"}}),
-        )
-        .expect_err("Create with other settings", "already exists");
+    let e = vcall(
+        &c2,
+        "Create",
+        json!({"Name": "race", "Opts": {"ReplicationGoal": "1"}}),
+    )
+    .expect_err("Create with other settings", "already exists");
     assert!(e.contains("ReplicationGoal 2"), "{e}");
 
     // In use on host 1: docker volume rm fails, and so does the plugin's Remove.
@@ -415,12 +415,10 @@ fn moosefs_two_hosts() {
     // The master killed: clear errors within the Docker timeouts, Get of known volumes still answers.
     cluster.kill_master();
     let t = Instant::now();
-    let e = c2
-        .call("VolumeDriver.Create", json!({"Name": "while-down", "Opts": {}}))
+    let e = vcall(&c2, "Create", json!({"Name": "while-down", "Opts": {}}))
         .expect_err("Create with the master down", "backend unavailable");
     assert!(e.contains("unreachable"), "{e}");
-    let e = c2
-        .call("VolumeDriver.Mount", json!({"Name": "single", "ID": ID1}))
+    let e = vcall(&c2, "Mount", json!({"Name": "single", "ID": ID1}))
         .expect_err("Mount with the master down", "backend unavailable");
     assert!(e.contains("unreachable"), "{e}");
     assert!(
