@@ -48,14 +48,20 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let socket = args.get(1).expect("usage: volume_bench SOCKET [CYCLES] [NAME] [--keep-mounted|--unmount]");
+    let socket = args
+        .get(1)
+        .expect("usage: volume_bench SOCKET [CYCLES] [NAME] [--keep-mounted|--unmount]");
     let cycles: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(500);
     let name = args.get(3).cloned().unwrap_or_else(|| "bench-vol".into());
     let mode = args.get(4).map(String::as_str);
     let mut r = BufReader::new(UnixStream::connect(socket).expect("connect"));
     let keep_id = "b".repeat(64);
     if mode == Some("--unmount") {
-        call(&mut r, "/VolumeDriver.Unmount", &format!(r#"{{"Name":"{name}","ID":"{keep_id}"}}"#));
+        call(
+            &mut r,
+            "/VolumeDriver.Unmount",
+            &format!(r#"{{"Name":"{name}","ID":"{keep_id}"}}"#),
+        );
         return;
     }
     let get = format!(r#"{{"Name":"{name}"}}"#);
@@ -72,7 +78,11 @@ fn main() {
         first.ends_with(b"200")
     };
     if !exists {
-        call(&mut r, "/VolumeDriver.Create", &format!(r#"{{"Name":"{name}","Opts":null}}"#));
+        call(
+            &mut r,
+            "/VolumeDriver.Create",
+            &format!(r#"{{"Name":"{name}","Opts":null}}"#),
+        );
     }
     let (mut m, mut u) = (Vec::with_capacity(cycles), Vec::with_capacity(cycles));
     for i in 0..cycles {
@@ -95,7 +105,11 @@ fn main() {
         );
     }
     if mode == Some("--keep-mounted") {
-        let out = call(&mut r, "/VolumeDriver.Mount", &format!(r#"{{"Name":"{name}","ID":"{keep_id}"}}"#));
+        let out = call(
+            &mut r,
+            "/VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{name}","ID":"{keep_id}"}}"#),
+        );
         println!("mounted {out}");
     }
 }
