@@ -1,8 +1,9 @@
 //! Docker plugin protocol for lamina: wire types, router and a small HTTP/1.1 server on a unix socket.
 //!
 //! Modules: [`http`] (request heads, `Content-Length`/chunked bodies as `Read`, responses),
-//! [`wire`] (JSON shapes), [`router`] (endpoint dispatch and id validation), [`server`] (accept
-//! loop, connection threads, shutdown, socket binding).
+//! [`wire`] (JSON shapes), [`volumedriver`] (the VolumeDriver trait and its JSON shapes), [`router`]
+//! (endpoint dispatch and id validation), [`server`] (accept loop, connection threads, shutdown,
+//! socket binding).
 //!
 //! # Design: no async runtime
 //!
@@ -44,9 +45,11 @@ pub mod graphdriver;
 pub mod http;
 pub mod router;
 pub mod server;
+pub mod volumedriver;
 pub mod wire;
 
 pub use error::{ErrorKind, PluginError};
 pub use graphdriver::{CreateRequest, DiffStream, FileChange, GraphDriver, IdMapEntry, InitRequest};
 pub use router::{validate_id, Router};
 pub use server::{bind_socket, handle_connection, serve, serve_with_config, ServerConfig, ShutdownHandle};
+pub use volumedriver::{Scope, VolumeDriver, VolumeInfo};

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::error::{ErrorKind, PluginError};
 use crate::graphdriver::{CreateRequest, DiffStream, GraphDriver, InitRequest};
 use crate::http::{parse_query, read_capped, Body, RequestHead};
+use crate::volumedriver::{self as vol, VolumeDriver, VolumeInfo, VolumeRequest};
 use crate::wire::{self, GraphDriverRequest, InitWireRequest};
 
 /// Longest accepted layer id, in bytes.
@@ -140,10 +141,53 @@ impl GraphMethod {
     }
 }
 
+/// The VolumeDriver methods, by path suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VolumeMethod {
+    Create,
+    Remove,
+    Mount,
+    Path,
+    Unmount,
+    Get,
+    List,
+    Capabilities,
+}
+
+impl VolumeMethod {
+    fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "Create" => Self::Create,
+            "Remove" => Self::Remove,
+            "Mount" => Self::Mount,
+            "Path" => Self::Path,
+            "Unmount" => Self::Unmount,
+            "Get" => Self::Get,
+            "List" => Self::List,
+            "Capabilities" => Self::Capabilities,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Create => "VolumeDriver.Create",
+            Self::Remove => "VolumeDriver.Remove",
+            Self::Mount => "VolumeDriver.Mount",
+            Self::Path => "VolumeDriver.Path",
+            Self::Unmount => "VolumeDriver.Unmount",
+            Self::Get => "VolumeDriver.Get",
+            Self::List => "VolumeDriver.List",
+            Self::Capabilities => "VolumeDriver.Capabilities",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
     Activate,
     Graph(GraphMethod),
+    Volume(VolumeMethod),
 }
 
 impl Endpoint {
@@ -151,6 +195,7 @@ impl Endpoint {
         match self {
             Endpoint::Activate => "Plugin.Activate",
             Endpoint::Graph(m) => m.name(),
+            Endpoint::Volume(m) => m.name(),
         }
     }
 }
@@ -232,6 +277,7 @@ impl Call<'_, '_> {
 /// ```
 pub struct Router {
     graph: Option<Arc<dyn GraphDriver>>,
+    volume: Option<Arc<dyn VolumeDriver>>,
     json_limit: usize,
 }
 
@@ -255,6 +301,7 @@ impl Router {
     pub fn new() -> Self {
         Router {
             graph: None,
+            volume: None,
             json_limit: DEFAULT_JSON_BODY_LIMIT,
         }
     }
@@ -262,6 +309,12 @@ impl Router {
     /// Serves `/GraphDriver.*` with `driver`.
     pub fn with_graph_driver(mut self, driver: Arc<dyn GraphDriver>) -> Self {
         self.graph = Some(driver);
+        self
+    }
+
+    /// Serves `/VolumeDriver.*` with `driver`.
+    pub fn with_volume_driver(mut self, driver: Arc<dyn VolumeDriver>) -> Self {
+        self.volume = Some(driver);
         self
     }
 
@@ -277,6 +330,9 @@ impl Router {
         if self.graph.is_some() {
             v.push("GraphDriver");
         }
+        if self.volume.is_some() {
+            v.push("VolumeDriver");
+        }
         v
     }
 
@@ -287,6 +343,11 @@ impl Router {
         if let Some(m) = path.strip_prefix("/GraphDriver.") {
             if self.graph.is_some() {
                 return GraphMethod::from_name(m).map(Endpoint::Graph);
+            }
+        }
+        if let Some(m) = path.strip_prefix("/VolumeDriver.") {
+            if self.volume.is_some() {
+                return VolumeMethod::from_name(m).map(Endpoint::Volume);
             }
         }
         None
@@ -323,6 +384,7 @@ impl Router {
         let result = match ep {
             Endpoint::Activate => self.activate(&mut call),
             Endpoint::Graph(m) => self.graph_call(m, head, &mut call),
+            Endpoint::Volume(m) => self.volume_call(m, &mut call),
         };
         match result {
             Ok(payload) => Reply {
@@ -518,6 +580,91 @@ impl Router {
                 json(&wire::SizeResponse { size })
             }
         }
+    }
+}
+
+impl Router {
+    fn volume_call(&self, m: VolumeMethod, call: &mut Call<'_, '_>) -> Result<Payload<'static>, PluginError> {
+        let Some(v) = self.volume.as_deref() else {
+            return Err(PluginError::not_found(format!(
+                "unknown endpoint {}",
+                quote(m.name(), 64)
+            )));
+        };
+        let r: VolumeRequest = call.json()?;
+        if let Some(name) = &r.name {
+            call.note_id(name);
+        }
+        tracing::debug!(method = m.name(), name = %call.id, mount_id = %quote(r.id.as_deref().unwrap_or(""), 80), "call");
+        match m {
+            VolumeMethod::List => {
+                let vols = v.list()?;
+                json(&vol::ListResponse {
+                    volumes: vols.iter().map(|i| volume_wire(i, false)).collect(),
+                })
+            }
+            VolumeMethod::Capabilities => json(&vol::VolumeCapabilitiesResponse {
+                capabilities: vol::VolumeCapabilities {
+                    scope: v.scope().as_str(),
+                },
+            }),
+            _ => {
+                let name = r.name.ok_or_else(|| PluginError::invalid("missing Name"))?;
+                match m {
+                    VolumeMethod::Create => {
+                        v.create(&name, &r.opts.unwrap_or_default())?;
+                        json(&wire::EmptyResponse {})
+                    }
+                    VolumeMethod::Remove => {
+                        v.remove(&name)?;
+                        json(&wire::EmptyResponse {})
+                    }
+                    VolumeMethod::Mount | VolumeMethod::Unmount => {
+                        let id = required_id(r.id)?;
+                        if m == VolumeMethod::Unmount {
+                            v.unmount(&name, &id)?;
+                            return json(&wire::EmptyResponse {});
+                        }
+                        let mp = v.mount(&name, &id)?;
+                        json(&vol::MountpointResponse {
+                            mountpoint: path_str(&name, &mp)?,
+                        })
+                    }
+                    VolumeMethod::Path => {
+                        let mp = v.path(&name)?;
+                        let s = match &mp {
+                            Some(p) => path_str(&name, p)?,
+                            None => "",
+                        };
+                        json(&vol::MountpointResponse { mountpoint: s })
+                    }
+                    _ => {
+                        let info = v.get(&name)?;
+                        json(&vol::GetResponse {
+                            volume: volume_wire(&info, true),
+                        })
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn path_str<'p>(name: &str, p: &'p std::path::Path) -> Result<&'p str, PluginError> {
+    p.to_str().ok_or_else(|| {
+        PluginError::new(
+            ErrorKind::Io,
+            format!("mountpoint of volume {} is not UTF-8", quote(name, 80)),
+        )
+    })
+}
+
+fn volume_wire(i: &VolumeInfo, with_status: bool) -> vol::VolumeWire<'_> {
+    vol::VolumeWire {
+        name: &i.name,
+        mountpoint: i.mountpoint.as_deref().and_then(|p| p.to_str()).unwrap_or(""),
+        created_at: i.created_at.as_deref(),
+        status: (with_status && !i.status.is_empty()).then_some(&i.status),
     }
 }
 

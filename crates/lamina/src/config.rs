@@ -26,6 +26,8 @@ pub struct FileConfig {
     pub snapshotter_socket: Option<PathBuf>,
     /// `error`, `warn`, `info`, `debug`, `trace` or a tracing filter.
     pub log_level: Option<String>,
+    /// Docker volumes (VolumeDriver); see docs/volumes.md.
+    pub volumes: Option<VolumesFile>,
 }
 
 /// The settings `serve` runs with.
@@ -39,6 +41,8 @@ pub struct Settings {
     pub snapshotter_socket: Option<PathBuf>,
     /// Log filter.
     pub log_level: String,
+    /// The volume service; `None` when `[volumes] enabled = false`.
+    pub volumes: Option<lamina_volume::VolumeConfig>,
 }
 
 impl FileConfig {
@@ -83,11 +87,13 @@ fn socket_setting(value: Option<PathBuf>, default: &str) -> Option<PathBuf> {
 
 /// Merges flags over the file over the defaults, and checks the result.
 pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
+    let data_root: PathBuf = flags
+        .data_root
+        .or(file.data_root)
+        .unwrap_or_else(|| DEFAULT_DATA_ROOT.into());
+    let volumes = volume_settings(file.volumes, &data_root, std::env::var("REMOTE_PATH").ok())?;
     let s = Settings {
-        data_root: flags
-            .data_root
-            .or(file.data_root)
-            .unwrap_or_else(|| DEFAULT_DATA_ROOT.into()),
+        data_root,
         socket: socket_setting(flags.socket.or(file.socket), DEFAULT_SOCKET),
         snapshotter_socket: socket_setting(
             flags.snapshotter_socket.or(file.snapshotter_socket),
@@ -97,6 +103,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
             .log_level
             .or(file.log_level)
             .unwrap_or_else(|| "info".into()),
+        volumes,
     };
     if !s.data_root.is_absolute() {
         bail!("data root {} must be an absolute path", s.data_root.display());
@@ -117,6 +124,197 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
         bail!("the plugin socket and the snapshotter socket must differ");
     }
     Ok(s)
+}
+
+/// The `[volumes]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumesFile {
+    /// Serve the VolumeDriver protocol (default true).
+    pub enabled: Option<bool>,
+    /// `local` (default) or `moosefs`: the backend of volumes created without `-o backend=`.
+    pub backend: Option<String>,
+    /// Volumes are mounted at `<mount_base>/<name>` (default `/mnt/docker-volumes`).
+    pub mount_base: Option<PathBuf>,
+    /// `delete` (default) or `trash`: what Remove does with the data.
+    pub on_remove: Option<String>,
+    /// Deadline of each cluster operation and tool run, in seconds (default 10).
+    pub timeout_secs: Option<u64>,
+    /// The MooseFS/LizardFS backend.
+    pub moosefs: Option<MooseFsFile>,
+}
+
+/// The `[volumes.moosefs]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MooseFsFile {
+    /// `HOST:PORT` or `HOST` (port 9421) of the master. Required.
+    pub master: Option<String>,
+    /// Cluster path mounted by lamina (`mfsmount -S`, default `/`).
+    pub subfolder: Option<String>,
+    /// Directory of the volumes inside the subfolder (default `/docker/volumes`; `REMOTE_PATH` overrides).
+    pub remote_path: Option<String>,
+    /// Extra mount options, each passed as `-o OPTION`.
+    pub mount_options: Option<Vec<String>>,
+    /// The mount program (default `mfsmount`).
+    pub mfsmount: Option<PathBuf>,
+    /// Where lamina mounts the cluster (default `<data_root>/volumes/moosefs`).
+    pub mountpoint: Option<PathBuf>,
+    /// Goal command, argv with `{goal}` and `{path}` (default `mfssetgoal -r {goal} {path}`).
+    pub goal_command: Option<Vec<String>>,
+    /// Goal query, argv with `{path}` (default `mfsgetgoal {path}`; `[]` disables).
+    pub getgoal_command: Option<Vec<String>>,
+    /// Quota command, argv with `{size}` (bytes) and `{path}` (default `mfssetquota -L {size} {path}`;
+    /// `[]` disables `-o quota=`).
+    pub quota_command: Option<Vec<String>>,
+    /// Goal of volumes created without `ReplicationGoal` (default: none, the cluster's own default applies).
+    pub default_goal: Option<String>,
+}
+
+fn argv(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn template(what: &str, v: Vec<String>, allowed: &[&str]) -> anyhow::Result<lamina_volume::CommandTemplate> {
+    lamina_volume::CommandTemplate::new(what, v, allowed)
+        .map_err(|e| anyhow::anyhow!("[volumes.moosefs] {e}"))
+}
+
+fn optional_template(
+    what: &str,
+    v: Option<Vec<String>>,
+    default: &[&str],
+    allowed: &[&str],
+) -> anyhow::Result<Option<lamina_volume::CommandTemplate>> {
+    match v {
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => template(what, v, allowed).map(Some),
+        None => template(what, argv(default), allowed).map(Some),
+    }
+}
+
+/// Checks `[volumes]` and fills in the defaults.
+pub fn volume_settings(
+    file: Option<VolumesFile>,
+    data_root: &Path,
+    remote_path_env: Option<String>,
+) -> anyhow::Result<Option<lamina_volume::VolumeConfig>> {
+    use lamina_volume::{BackendKind, Goal, OnRemove};
+    let file = file.unwrap_or_default();
+    if file.enabled == Some(false) {
+        return Ok(None);
+    }
+    let backend = match file.backend.as_deref() {
+        None => BackendKind::Local,
+        Some(b) => BackendKind::parse(b)
+            .with_context(|| format!("[volumes] backend {b:?}: must be \"local\" or \"moosefs\""))?,
+    };
+    let on_remove = match file.on_remove.as_deref() {
+        None | Some("delete") => OnRemove::Delete,
+        Some("trash") => OnRemove::Trash,
+        Some(o) => bail!("[volumes] on_remove {o:?}: must be \"delete\" or \"trash\""),
+    };
+    let mount_base = file
+        .mount_base
+        .unwrap_or_else(|| lamina_volume::DEFAULT_MOUNT_BASE.into());
+    if !mount_base.is_absolute() {
+        bail!(
+            "[volumes] mount_base {} must be an absolute path",
+            mount_base.display()
+        );
+    }
+    if mount_base.starts_with(data_root) {
+        bail!("[volumes] mount_base must not live inside the data root");
+    }
+    let timeout = std::time::Duration::from_secs(match file.timeout_secs {
+        None => 10,
+        Some(t @ 1..=100) => t,
+        Some(t) => bail!("[volumes] timeout_secs {t}: must be 1-100 (dockerd gives most calls 30 s)"),
+    });
+    let state_dir = data_root.join("volumes");
+    let moosefs = match file.moosefs {
+        None => None,
+        Some(m) => {
+            let master = m
+                .master
+                .context("[volumes.moosefs] master (\"HOST:PORT\") is required")?;
+            let (host, port) = match master.rsplit_once(':') {
+                Some((h, p)) => (
+                    h.to_string(),
+                    p.parse::<u16>()
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .with_context(|| format!("[volumes.moosefs] master {master:?}: bad port"))?,
+                ),
+                None => (master.clone(), 9421),
+            };
+            if host.is_empty() || host.starts_with('-') || host.chars().any(|c| c.is_whitespace() || c == '/')
+            {
+                bail!("[volumes.moosefs] master {master:?}: bad host");
+            }
+            let clean = |what: &str, p: String| -> anyhow::Result<String> {
+                if !p.starts_with('/') || p.split('/').any(|c| c == "..") || p.contains('\0') {
+                    bail!("[volumes.moosefs] {what} {p:?} must be an absolute cluster path without ..");
+                }
+                Ok(p)
+            };
+            let subfolder = clean("subfolder", m.subfolder.unwrap_or_else(|| "/".into()))?;
+            let remote_path = clean(
+                "remote_path (or REMOTE_PATH)",
+                remote_path_env
+                    .filter(|s| !s.is_empty())
+                    .or(m.remote_path)
+                    .unwrap_or_else(|| "/docker/volumes".into()),
+            )?;
+            let default_goal = m
+                .default_goal
+                .map(|g| Goal::parse(&g).map_err(|e| anyhow::anyhow!("[volumes.moosefs] default_goal: {e}")))
+                .transpose()?;
+            let mountpoint = m.mountpoint.unwrap_or_else(|| state_dir.join("moosefs"));
+            if !mountpoint.is_absolute() {
+                bail!("[volumes.moosefs] mountpoint must be an absolute path");
+            }
+            Some(lamina_volume::MooseFsConfig {
+                master_host: host,
+                master_port: port,
+                subfolder,
+                remote_path,
+                mount_options: m.mount_options.unwrap_or_default(),
+                mfsmount: m.mfsmount.unwrap_or_else(|| "mfsmount".into()),
+                mountpoint,
+                goal_command: template(
+                    "goal_command",
+                    m.goal_command
+                        .unwrap_or_else(|| argv(&["mfssetgoal", "-r", "{goal}", "{path}"])),
+                    &["{goal}", "{path}"],
+                )?,
+                getgoal_command: optional_template(
+                    "getgoal_command",
+                    m.getgoal_command,
+                    &["mfsgetgoal", "{path}"],
+                    &["{path}"],
+                )?,
+                quota_command: optional_template(
+                    "quota_command",
+                    m.quota_command,
+                    &["mfssetquota", "-L", "{size}", "{path}"],
+                    &["{size}", "{path}"],
+                )?,
+                default_goal,
+            })
+        }
+    };
+    if backend == BackendKind::Moosefs && moosefs.is_none() {
+        bail!("[volumes] backend = \"moosefs\" needs a [volumes.moosefs] table");
+    }
+    Ok(Some(lamina_volume::VolumeConfig {
+        state_dir,
+        default_backend: backend,
+        mount_base,
+        on_remove,
+        timeout,
+        moosefs,
+    }))
 }
 
 #[cfg(test)]
@@ -167,6 +365,91 @@ mod tests {
             ..Flags::default()
         };
         assert!(resolve(FileConfig::default(), inside).is_err());
+    }
+
+    #[test]
+    fn volumes_table() {
+        let text = r#"
+            [volumes]
+            backend = "moosefs"
+            mount_base = "/mnt/v"
+            on_remove = "trash"
+            [volumes.moosefs]
+            master = "198.18.0.1:9421"
+            subfolder = "/"
+            mount_options = ["mfscachemode=DIRECT"]
+            goal_command = ["lizardfs", "setgoal", "-r", "{goal}", "{path}"]
+            quota_command = []
+            default_goal = "2"
+        "#;
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let v = volume_settings(file.volumes, Path::new("/d"), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.default_backend, lamina_volume::BackendKind::Moosefs);
+        assert_eq!(v.mount_base, PathBuf::from("/mnt/v"));
+        assert_eq!(v.on_remove, lamina_volume::OnRemove::Trash);
+        let m = v.moosefs.unwrap();
+        assert_eq!((m.master_host.as_str(), m.master_port), ("198.18.0.1", 9421));
+        assert_eq!(m.remote_path, "/docker/volumes");
+        assert_eq!(m.mountpoint, PathBuf::from("/d/volumes/moosefs"));
+        assert_eq!(m.goal_command.program(), "lizardfs");
+        assert!(m.quota_command.is_none());
+        assert_eq!(m.default_goal, Some(lamina_volume::Goal::Copies(2)));
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let v = volume_settings(file.volumes, Path::new("/d"), Some("/lizard/vols".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.moosefs.unwrap().remote_path, "/lizard/vols", "REMOTE_PATH wins");
+
+        let d = volume_settings(None, Path::new("/d"), None).unwrap().unwrap();
+        assert_eq!(d.default_backend, lamina_volume::BackendKind::Local);
+        assert_eq!(d.mount_base, PathBuf::from("/mnt/docker-volumes"));
+        assert!(d.moosefs.is_none());
+        let off: FileConfig = toml::from_str("[volumes]\nenabled = false").unwrap();
+        assert!(volume_settings(off.volumes, Path::new("/d"), None)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn bad_volumes_tables() {
+        for (text, want) in [
+            ("[volumes]\nbakend = \"local\"", "unknown field"),
+            (
+                "[volumes.moosefs]\nmaster = \"h:1\"\nmfsmnt = \"x\"",
+                "unknown field",
+            ),
+            ("[volumes]\nbackend = \"nfs\"", "must be"),
+            ("[volumes]\nbackend = \"moosefs\"", "needs a [volumes.moosefs]"),
+            ("[volumes]\non_remove = \"keep\"", "delete"),
+            ("[volumes]\nmount_base = \"rel\"", "absolute"),
+            ("[volumes]\ntimeout_secs = 0", "1-100"),
+            ("[volumes.moosefs]\nsubfolder = \"/\"", "master"),
+            ("[volumes.moosefs]\nmaster = \"h:x\"", "bad port"),
+            (
+                "[volumes.moosefs]\nmaster = \"h:1\"\nremote_path = \"/a/../b\"",
+                "without ..",
+            ),
+            (
+                "[volumes.moosefs]\nmaster = \"h:1\"\ngoal_command = []",
+                "empty command",
+            ),
+            (
+                "[volumes.moosefs]\nmaster = \"h:1\"\ngoal_command = [\"x\", \"{size}\"]",
+                "not available",
+            ),
+            (
+                "[volumes.moosefs]\nmaster = \"h:1\"\ndefault_goal = \"10\"",
+                "1-9",
+            ),
+        ] {
+            let e = toml::from_str::<FileConfig>(text)
+                .map_err(anyhow::Error::from)
+                .and_then(|f| volume_settings(f.volumes, Path::new("/d"), None));
+            let e = format!("{:#}", e.unwrap_err());
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::adapters::graphdriver::GraphDriverAdapter;
 use crate::adapters::snapshotter::SnapshotterAdapter;
+use crate::adapters::volumedriver::VolumeDriverAdapter;
 use crate::config::Settings;
 
 /// How long in-flight gRPC calls get to finish after a termination signal.
@@ -50,11 +51,20 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         signal_hook::flag::register(sig, shutdown.flag()).context("installing signal handlers")?;
     }
     // Bind everything before serving anything, so a bad socket fails the start cleanly.
+    let mut volumes = None;
     let plugin = match &settings.socket {
         Some(path) => {
             let graph =
                 Arc::new(GraphDriverAdapter::new(store.clone()).context("restoring graphdriver settings")?);
-            let router = Arc::new(Router::new().with_graph_driver(graph));
+            let mut router = Router::new().with_graph_driver(graph);
+            // Volumes are served on the plugin socket only; the service mounts its cluster (if any) now.
+            if let Some(cfg) = settings.volumes.clone() {
+                let v =
+                    Arc::new(lamina_volume::VolumeManager::open(cfg).context("opening the volume service")?);
+                router = router.with_volume_driver(Arc::new(VolumeDriverAdapter::new(v.clone())));
+                volumes = Some(v);
+            }
+            let router = Arc::new(router);
             let listener =
                 lamina_docker::bind_socket(path).with_context(|| format!("binding {}", path.display()))?;
             Some((path.clone(), router, listener))
@@ -104,6 +114,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     }
     for s in sockets {
         let _ = std::fs::remove_file(&s);
+    }
+    if let Some(v) = &volumes {
+        v.shutdown();
     }
     // Mounts stay: containers may still use them. dockerd's Cleanup unmounts at its shutdown.
     info!("stopped");

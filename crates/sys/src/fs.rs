@@ -18,8 +18,8 @@ use rustix::io::Errno;
 /// errno values callers match on (`io::Error::raw_os_error`).
 pub mod errno {
     pub use libc::{
-        E2BIG, EDQUOT, EEXIST, EFBIG, EINVAL, ELOOP, EMLINK, ENAMETOOLONG, ENOENT, ENOSPC, ENOTDIR,
-        EOPNOTSUPP, EPERM, ERANGE, EROFS,
+        E2BIG, EBUSY, EDQUOT, EEXIST, EFBIG, EINVAL, ELOOP, EMLINK, ENAMETOOLONG, ENOENT, ENOSPC, ENOTCONN,
+        ENOTDIR, EOPNOTSUPP, EPERM, ERANGE, EROFS,
     };
 }
 

@@ -2,3 +2,4 @@
 
 pub mod graphdriver;
 pub mod snapshotter;
+pub mod volumedriver;

@@ -22,6 +22,8 @@
 #![allow(dead_code)]
 pub mod containerd;
 
+pub mod moosefs;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fmt::Write as _;

@@ -1,0 +1,30 @@
+//! Docker volumes for lamina: a directory per volume on the local disk or on a MooseFS (LizardFS-compatible)
+//! cluster, exposed on the host by bind mounts counted per mount ID.
+//!
+//! Layers of this crate, bottom up:
+//! - [`name`] and [`options`]: what a volume name and the `-o` options may be (pure parsers).
+//! - [`command`]: external tools (goal, quota) as argv templates run without a shell, with deadlines.
+//! - [`meta`]: the per-host bookkeeping in redb (mount counts, cache of known volumes).
+//! - [`backend`]: the shared directory layout, the concurrent-Create protocol, lamina's mfsmount, the master
+//!   probe and the deadlines around FUSE calls.
+//! - [`manager`]: [`VolumeManager`], the operations of the VolumeDriver protocol.
+//!
+//! The crate knows nothing of HTTP or Docker's wire format; the binary's adapter maps [`VolumeError`] to the
+//! plugin's `{"Err"}` once.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod command;
+pub mod error;
+pub mod manager;
+pub mod meta;
+pub mod name;
+pub mod options;
+pub mod time;
+
+pub use backend::{MooseFsConfig, OnRemove};
+pub use command::CommandTemplate;
+pub use error::VolumeError;
+pub use manager::{VolumeConfig, VolumeManager, VolumeView, DEFAULT_MOUNT_BASE};
+pub use name::validate_name;
+pub use options::{parse_options, BackendKind, CreateOptions, Goal};
