@@ -123,10 +123,12 @@ impl Containerd {
         writeln!(toml, "[ttrpc]\n  address = {}", q(&dir.join("c.sock.ttrpc"))).unwrap();
         writeln!(toml, "[debug]\n  level = \"debug\"").unwrap();
         writeln!(toml, "[metrics]\n  address = \"\"").unwrap();
-        // Collect as soon as something is deleted (the default waits for 100 mutations).
+        // GC only when a test asks for it (`--sync` deletions, [`Containerd::gc_now`]): snapshots made with ctr's
+        // view and commit have no GC root until the test labels them, and a GC pass in between (by default
+        // one follows every 100 mutations) would collect them.
         writeln!(
             toml,
-            "[plugins.\"io.containerd.gc.v1.scheduler\"]\n  deletion_threshold = 1"
+            "[plugins.\"io.containerd.gc.v1.scheduler\"]\n  deletion_threshold = 0\n  mutation_threshold = 100000000"
         )
         .unwrap();
         if let Some(sock) = proxy {
