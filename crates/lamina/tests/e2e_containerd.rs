@@ -127,8 +127,8 @@ impl Setup {
         panic!("view {key} collected by GC 5 times in a row");
     }
 
-    /// `ctr snapshots commit NAME KEY`, kept from GC like [`Setup::prepare`] (the committed snapshot keeps the
-    /// active one's GC root label).
+    /// `ctr snapshots commit NAME KEY`, then the GC root label (no commit has been seen collected before its
+    /// label landed, unlike views).
     fn commit(&self, name: &str, key: &str) {
         self.snap(&["commit", name, key]);
         self.keep(name);
