@@ -182,6 +182,9 @@ impl Parser<'_> {
                 self.next();
                 self.quoted(q)
             }
+            // As in containerd's scanner, a bare value cannot start with a separator or an operator
+            // character (`name===x` is an error, not the value `=x`).
+            Some(c @ ('.' | '=' | '!' | '~')) => Err(format!("a value cannot start with {c:?}; quote it")),
             _ => {
                 let mut s = String::new();
                 while let Some(c) = self.peek().filter(|c| *c != ',' && !c.is_whitespace()) {
@@ -349,6 +352,8 @@ mod tests {
             "name=x",
             "name==",
             "name===",
+            "name==.x",
+            "name!=!x",
             "name<>x",
             ",name==x",
             "name==x,",
