@@ -1,0 +1,241 @@
+//! Docker managed (v2) plugins and the Debian package, for `e2e_packaging.rs`.
+//!
+//! - [`build_plugin_dir`]: runs `packaging/plugin/build.sh` with the test's lamina binary.
+//! - [`ManagedPlugin`]: a plugin created and enabled on one test dockerd; on drop its processes (found by
+//!   their root directory, which lies in that dockerd's data root) are stopped by PID, its mounts undone and
+//!   its socket directory under `/run/docker/plugins/<id>/` removed.
+//! - [`DebInstall`]: the `lamina` Debian package installed with apt-get; purged again on drop, also when the
+//!   test panics.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// The workspace root (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs `packaging/plugin/build.sh OUT` with `LAMINA_BIN` set to the test's lamina; returns its stdout.
+pub fn build_plugin_dir(out: &Path) -> String {
+    let script = workspace_root().join("packaging/plugin/build.sh");
+    let o = run_ok(
+        Command::new("bash")
+            .arg(&script)
+            .arg(out)
+            .env("LAMINA_BIN", lamina_bin()),
+    );
+    assert!(out.join("config.json").is_file() && out.join("rootfs/usr/bin/lamina").is_file());
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// PIDs whose root directory (`/proc/PID/root`) lies at or below `dir`: the processes of a managed plugin
+/// whose rootfs is in a test's dockerd data root.
+pub fn pids_rooted_under(dir: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(root) = fs::read_link(format!("/proc/{pid}/root")) {
+            if root.starts_with(dir) && pid_alive(pid) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// A managed plugin created from a directory on one dockerd.
+pub struct ManagedPlugin {
+    /// `NAME:TAG`, as given to `docker plugin create` (and to `-s`).
+    pub name: String,
+    /// The plugin's id (its directory under `<data-root>/plugins/` and `/run/docker/plugins/`).
+    pub id: String,
+    /// dockerd's data root.
+    data_root: PathBuf,
+}
+
+impl ManagedPlugin {
+    /// `docker plugin create NAME DIR` (disabled).
+    pub fn create(d: &Dockerd, name: &str, dir: &Path) -> ManagedPlugin {
+        d.ok(&["plugin", "create", name, dir.to_str().unwrap()]);
+        let id = d.ok(&["plugin", "inspect", "--format", "{{.Id}}", name]);
+        assert_eq!(id.len(), 64, "plugin id {id:?}");
+        ManagedPlugin {
+            name: name.to_string(),
+            id,
+            data_root: d.data_root(),
+        }
+    }
+
+    /// `<data-root>/plugins/<id>/`.
+    pub fn dir(&self) -> PathBuf {
+        self.data_root.join("plugins").join(&self.id)
+    }
+
+    /// The host side of the propagated mount.
+    pub fn propagated(&self) -> PathBuf {
+        self.dir().join("propagated-mount")
+    }
+
+    /// The plugin's processes.
+    pub fn pids(&self) -> Vec<u32> {
+        pids_rooted_under(&self.dir())
+    }
+}
+
+impl Drop for ManagedPlugin {
+    fn drop(&mut self) {
+        // Normally dockerd has stopped the plugin at its own shutdown; this catches what a crash left.
+        let pids = self.pids();
+        if !pids.is_empty() {
+            eprintln!("killing leftover processes of plugin {}: {pids:?}", self.name);
+            for &p in &pids {
+                signal(p, "KILL");
+            }
+            poll(Duration::from_secs(10), || self.pids().is_empty().then_some(()));
+        }
+        unmount_under(&self.dir());
+        let run = Path::new(PLUGIN_DIR).join(&self.id);
+        unmount_under(&run);
+        let _ = fs::remove_dir_all(&run);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Debian package
+// ------------------------------------------------------------------------------------------------------------
+
+/// `cargo-deb`, from PATH or `~/.cargo/bin`.
+pub fn find_cargo_deb() -> Option<PathBuf> {
+    find_bin("cargo-deb").or_else(|| {
+        let p = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/cargo-deb");
+        p.is_file().then_some(p)
+    })
+}
+
+/// Installed version of a Debian package, if any.
+pub fn dpkg_version(pkg: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${db:Status-Abbrev}|${Version}", pkg])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, version) = s.split_once('|')?;
+    status.starts_with("ii").then(|| version.to_string())
+}
+
+/// Runs apt-get non-interactively (waiting for the dpkg lock); returns the output, whatever the status.
+pub fn apt_get(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new("apt-get");
+    cmd.args(["-y", "-o", "DPkg::Lock::Timeout=300"])
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run apt-get")
+}
+
+/// Builds `lamina_*.deb` with `cargo deb --no-build` from the test's lamina binary (placed where cargo-deb
+/// expects a release build, in a private target directory); returns the package path.
+pub fn build_deb(work: &Path) -> PathBuf {
+    let cargo_deb = find_cargo_deb().expect("cargo-deb");
+    let target = work.join("target");
+    fs::create_dir_all(target.join("release")).unwrap();
+    fs::copy(lamina_bin(), target.join("release/lamina")).unwrap();
+    let out_dir = work.join("deb");
+    let o = Command::new(cargo_deb)
+        .arg("deb")
+        .args(["-p", "lamina", "--no-build", "--no-strip", "-o"])
+        .arg(&out_dir)
+        .current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("run cargo-deb");
+    assert!(
+        o.status.success(),
+        "cargo deb failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let debs: Vec<PathBuf> = fs::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .collect();
+    assert_eq!(
+        debs.len(),
+        1,
+        "one .deb expected in {}: {debs:?}",
+        out_dir.display()
+    );
+    debs[0].clone()
+}
+
+/// The `lamina` package installed by this test; purged on drop.
+pub struct DebInstall {
+    purged: bool,
+}
+
+impl DebInstall {
+    /// `apt-get install ./lamina_*.deb`. Panics if lamina is already installed (a package that is not
+    /// ours must not be purged by a test).
+    pub fn install(deb: &Path) -> DebInstall {
+        if let Some(v) = dpkg_version("lamina") {
+            panic!("the lamina package {v} is already installed on this machine; the .deb test would remove it: purge it first");
+        }
+        let abs = fs::canonicalize(deb).unwrap();
+        let o = apt_get(
+            &["install", "--no-install-recommends", abs.to_str().unwrap()],
+            &[],
+        );
+        let inst = DebInstall { purged: false };
+        assert!(
+            o.status.success(),
+            "apt-get install {} failed:\n{}\n{}",
+            abs.display(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        inst
+    }
+
+    /// `apt-get purge lamina`; returns its output.
+    pub fn purge(&mut self, env: &[(&str, &str)]) -> Output {
+        let o = apt_get(&["purge", "lamina"], env);
+        if o.status.success() {
+            self.purged = true;
+        }
+        o
+    }
+}
+
+impl Drop for DebInstall {
+    fn drop(&mut self) {
+        if self.purged || dpkg_version("lamina").is_none() {
+            return;
+        }
+        eprintln!("purging the lamina package left by the test");
+        let start = Instant::now();
+        let o = apt_get(&["purge", "lamina"], &[("LAMINA_REMOVE_FORCE", "1")]);
+        if !o.status.success() {
+            eprintln!(
+                "warning: apt-get purge lamina failed after {:?}:\n{}\n{}",
+                start.elapsed(),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+}
