@@ -107,6 +107,11 @@ cat >"$OUT/config.json" <<'JSON'
   },
   "env": [
     {
+      "name": "NO_COLOR",
+      "description": "plain log lines (dockerd copies the plugin's stderr into its own log)",
+      "value": "1"
+    },
+    {
       "name": "LAMINA_LOG_LEVEL",
       "description": "log filter: error, warn, info, debug or trace",
       "settable": ["value"],

@@ -241,8 +241,11 @@ fn v2_plugin_as_volume_driver() {
     );
     let v: serde_json::Value = serde_json::from_str(&d.ok(&["volume", "inspect", "v1"])).unwrap();
     assert_eq!(v[0]["Driver"], plugin.name.as_str());
-    // Shown unscoped (the path inside the plugin), bind-mounted by dockerd from the propagated mount.
-    assert_eq!(v[0]["Mountpoint"], "/lamina/volumes/v1", "{v}");
+    // Paths are shown unscoped (inside the plugin); the data lives in the propagated mount.
+    assert_eq!(
+        v[0]["Status"]["Directory"], "/lamina/store/volumes/local/v1",
+        "{v}"
+    );
     let data = plugin.propagated().join("store/volumes/local/v1/f");
     assert_eq!(fs::read_to_string(&data).unwrap(), "persisted\n");
 
