@@ -404,8 +404,12 @@ fn deb_install_serve_purge() {
             !o.status.success(),
             "apt-get remove succeeded under a running lamina"
         );
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("still running"), "prerm message: {err}");
+        let msg = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(msg.contains("still running outside systemd"), "prerm message: {msg}");
         assert!(
             dpkg_version("lamina").is_some(),
             "package gone after a refused removal"
