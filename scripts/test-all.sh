@@ -26,7 +26,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolc
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=()
-for pkg in docker.io busybox-static moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux; do
+for pkg in docker.io busybox-static moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux binutils; do
     installed "$pkg" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -35,6 +35,11 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update
     apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+# The .deb test (crates/lamina/tests/e2e_packaging.rs) builds the package with cargo-deb.
+if ! cargo deb --version >/dev/null 2>&1; then
+    step "installing cargo-deb"
+    cargo install cargo-deb --locked
 fi
 [[ $EUID -eq 0 ]] || echo "test-all: warning: not root, the e2e tests will be SKIPPED (or fail under CI=true)" >&2
 

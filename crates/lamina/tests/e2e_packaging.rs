@@ -409,7 +409,10 @@ fn deb_install_serve_purge() {
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         );
-        assert!(msg.contains("still running outside systemd"), "prerm message: {msg}");
+        assert!(
+            msg.contains("still running outside systemd"),
+            "prerm message: {msg}"
+        );
         assert!(
             dpkg_version("lamina").is_some(),
             "package gone after a refused removal"
@@ -449,4 +452,71 @@ fn deb_install_serve_purge() {
         "mounts left: {:?}",
         mounts_under(work.path())
     );
+}
+
+#[test]
+fn v2_plugin_moosefs_volumes() {
+    let test = "v2_plugin_moosefs_volumes";
+    if !require_docker(test) || !common::moosefs::require_moosefs(test) {
+        return;
+    }
+    let _g = serial();
+    // Declared first, dropped last: dockerd (and with it the plugin and its mfsmount) stops before the cluster.
+    let cluster = common::moosefs::MooseCluster::start("plugin");
+    let d = Dockerd::start("vfs");
+    busybox_image(&d, "bb:1");
+    // The whole config in one settable env variable, as a user would `docker plugin set` it.
+    let toml = format!(
+        "LAMINA_CONFIG_TOML=[volumes]\nbackend = \"moosefs\"\ntimeout_secs = 8\n[volumes.moosefs]\nmaster = \"{}\"\nmount_options = [\"mfsioretries=3\"]\n",
+        cluster.master_addr()
+    );
+    let (plugin, _) = create_plugin(&d, "mfs", &[toml.as_str()]);
+    d.ok(&[
+        "volume",
+        "create",
+        "-d",
+        &plugin.name,
+        "-o",
+        "ReplicationGoal=2",
+        "shared",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&d.ok(&["volume", "inspect", "shared"])).unwrap();
+    assert_eq!(v[0]["Status"]["ReplicationGoal"], "2", "{v}");
+    assert_eq!(v[0]["Scope"], "global", "{v}");
+    d.ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "shared:/data",
+        "bb:1",
+        "sh",
+        "-c",
+        "echo on-the-cluster > /data/f",
+    ]);
+
+    // A bare mfsmount of the cluster on the host sees the file and the goal the plugin's tools set.
+    let view = cluster.scratch("view");
+    cluster.mount(&view, "/");
+    let f = view.join("docker/volumes/shared/f");
+    assert_eq!(fs::read_to_string(&f).unwrap(), "on-the-cluster\n");
+    let goal = run_ok(Command::new(find_bin("mfsgetgoal").unwrap()).arg(f.parent().unwrap()));
+    assert!(
+        String::from_utf8_lossy(&goal.stdout).trim_end().ends_with(": 2"),
+        "goal: {}",
+        String::from_utf8_lossy(&goal.stdout)
+    );
+
+    // disable / enable: the plugin mounts the cluster again and the data is there.
+    d.ok(&["plugin", "disable", "-f", &plugin.name]);
+    d.ok(&["plugin", "enable", &plugin.name]);
+    assert_eq!(
+        d.ok(&["run", "--rm", "-v", "shared:/data", "bb:1", "cat", "/data/f"]),
+        "on-the-cluster"
+    );
+    d.ok(&["volume", "rm", "shared"]);
+    assert!(
+        !f.exists(),
+        "volume data left on the cluster after docker volume rm"
+    );
+    unmount_under(&view);
 }

@@ -156,7 +156,7 @@ pub fn build_deb(work: &Path) -> PathBuf {
     let out_dir = work.join("deb");
     let o = Command::new(cargo_deb)
         .arg("deb")
-        .args(["-p", "lamina", "--no-build", "--no-strip", "-o"])
+        .args(["-p", "lamina", "--no-build", "-o"])
         .arg(&out_dir)
         .current_dir(workspace_root())
         .env("CARGO_TARGET_DIR", &target)
