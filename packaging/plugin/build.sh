@@ -57,9 +57,9 @@ copy_elf() {
 }
 
 copy_elf "$BIN" /usr/bin/lamina
-# Debug information is not needed at run time (release builds keep it for backtraces on the host).
+# Symbols and debug line tables are not needed at run time (the .deb moves them to lamina-dbgsym).
 if command -v strip >/dev/null; then
-    strip --strip-debug "$RFS/usr/bin/lamina"
+    strip "$RFS/usr/bin/lamina"
 fi
 
 have_mfs=false
