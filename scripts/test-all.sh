@@ -26,7 +26,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolc
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=()
-for pkg in docker.io busybox-static moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux binutils; do
+for pkg in docker.io busybox-static moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux; do
     installed "$pkg" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
