@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test tier of lamina, in this order:
 #   1. cargo fmt --check            4. cargo test --workspace (unit, protocol and e2e tiers)
-#   2. cargo clippy -D warnings     5. fuzz smoke runs (30 s per target) for every crates/*/fuzz
+#   2. cargo clippy -D warnings     5. containerd's snapshotter conformance suite (Go, scripts/conformance.sh)
 #   3. one cargo build of all targets, reused by the tiers
-# Installs missing system packages (docker.io, busybox-static) with apt-get. The e2e tiers need root:
+#                                   6. fuzz smoke runs (30 s per target) for every crates/*/fuzz
+# Installs missing system packages (docker.io, containerd, protobuf-compiler, Go and containerd's Go
+# sources, busybox-static, MooseFS) with apt-get. The e2e tiers need root:
 # they start their own lamina and dockerd processes (see crates/lamina/tests/common/mod.rs).
 # Exits non-zero on the first failure. Environment: FUZZ_SECONDS (30), SKIP_FUZZ=1, CI=true (tests that
 # lack a prerequisite fail instead of printing SKIPPED).
@@ -26,7 +28,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolc
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=()
-for pkg in docker.io busybox-static moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux; do
+for pkg in docker.io containerd protobuf-compiler golang-go golang-github-containerd-containerd-dev busybox-static moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux; do
     installed "$pkg" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -74,6 +76,17 @@ if ((test_rc != 0)); then
     cat "$SUMMARY"
     die "cargo test failed (exit $test_rc)"
 fi
+
+# ---- containerd's snapshotter conformance suite (Go), against lamina and the overlayfs reference ----
+step "containerd snapshotter conformance suite (scripts/conformance.sh)"
+CONF_LOG=$(mktemp /tmp/lamina-conformance.XXXXXX)
+set +e
+NO_BUILD=1 scripts/conformance.sh test 2>&1 | tee "$CONF_LOG"
+conf_rc=${PIPESTATUS[0]}
+set -e
+grep -E '^conformance\[' "$CONF_LOG" >>"$SUMMARY" || true
+rm -f "$CONF_LOG"
+((conf_rc == 0)) || die "conformance suite failed (exit $conf_rc)"
 
 # ---- fuzz smoke runs --------------------------------------------------------------------------
 fuzz_dirs=()

@@ -22,9 +22,9 @@ pub use model::{
 };
 /// Re-exported for callers building requests (timestamps, field masks).
 pub use prost_types;
+pub use service::{serve, SnapshotsService, LIST_BATCH};
 /// Re-exported so that clients use the same version.
 pub use tonic;
-pub use service::{serve, SnapshotsService, LIST_BATCH};
 
 /// Code generated from `proto/` (containerd's wire interface).
 #[allow(missing_docs, clippy::all, clippy::pedantic, unreachable_pub)]

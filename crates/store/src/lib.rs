@@ -941,7 +941,7 @@ impl Store {
     }
 
     /// Freezes the writable layer `key` under the new name `name` (same number, same directory, no copy):
-    /// its kind becomes [`LayerKind::ReadOnly`], its labels are replaced by `labels`, and its disk usage is
+    /// its kind becomes [`LayerKind::ReadOnly`], its labels are replaced by `labels`, its creation time is now, and its disk usage is
     /// recorded. `key` disappears. A view or an already frozen layer gives [`StoreError::Precondition`], an
     /// existing `name` [`StoreError::AlreadyExists`], a mounted layer [`StoreError::InUse`].
     pub fn commit(
@@ -988,7 +988,9 @@ impl Store {
             r.labels = labels;
             r.size = Some(usage.bytes);
             r.inodes = Some(usage.inodes);
-            r.updated_ns = now_ns();
+            // A committed snapshot is a new snapshot to containerd: created (and updated) now.
+            r.created_ns = now_ns();
+            r.updated_ns = r.created_ns;
             layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
             r
         };

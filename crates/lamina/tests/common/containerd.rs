@@ -123,10 +123,12 @@ impl Containerd {
         writeln!(toml, "[ttrpc]\n  address = {}", q(&dir.join("c.sock.ttrpc"))).unwrap();
         writeln!(toml, "[debug]\n  level = \"debug\"").unwrap();
         writeln!(toml, "[metrics]\n  address = \"\"").unwrap();
-        // Collect as soon as something is deleted (the default waits for 100 mutations).
+        // No immediate GC pass after each deletion or every 100 mutations: snapshots made with ctr's view have
+        // no GC root until the test labels them. containerd still schedules a deferred pass after deletions
+        // (pause_threshold); tests that need one now call [`Containerd::gc_now`] or delete with `--sync`.
         writeln!(
             toml,
-            "[plugins.\"io.containerd.gc.v1.scheduler\"]\n  deletion_threshold = 1"
+            "[plugins.\"io.containerd.gc.v1.scheduler\"]\n  deletion_threshold = 0\n  mutation_threshold = 100000000"
         )
         .unwrap();
         if let Some(sock) = proxy {
