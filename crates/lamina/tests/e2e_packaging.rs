@@ -308,7 +308,7 @@ fn deb_install_serve_purge() {
     let deb = build_deb(work.path());
     let size = fs::metadata(&deb).unwrap().len();
     eprintln!(
-        "FIGURE .deb (test build, unstripped test binary): {} ({size} bytes)",
+        "FIGURE .deb (test build from the debug test binary, stripped): {} ({size} bytes)",
         deb.display()
     );
     let contents =
