@@ -520,3 +520,67 @@ fn v2_plugin_moosefs_volumes() {
     );
     unmount_under(&view);
 }
+
+#[test]
+fn v2_plugin_push_and_install() {
+    let test = "v2_plugin_push_and_install";
+    if !require_docker(test) || !require_bin(test, "docker-registry") {
+        return;
+    }
+    let _g = serial();
+    let reg_dir = TestDir::new(&unique_name("registry"));
+    let registry = Registry::start(reg_dir.path());
+    let d = Dockerd::start("vfs");
+    busybox_image(&d, "bb:1");
+    let dir = d.dir().join("plugin-build");
+    build_plugin_dir(&dir);
+    let remote = format!("{}/{}", registry.addr, plugin_name("pushed"));
+    d.ok(&["plugin", "create", &remote, dir.to_str().unwrap()]);
+    d.ok(&["plugin", "push", &remote]);
+    d.ok(&["plugin", "rm", &remote]);
+
+    // `docker plugin install` pulls, shows the privileges, and enables.
+    let alias = plugin_name("installed");
+    let t = Instant::now();
+    d.ok(&[
+        "plugin",
+        "install",
+        "--grant-all-permissions",
+        "--alias",
+        &alias,
+        &remote,
+        "LAMINA_LOG_LEVEL=debug",
+    ]);
+    let installed = t.elapsed();
+    let plugin = ManagedPlugin::adopt(&d, &alias);
+    let t = Instant::now();
+    d.ok(&["volume", "create", "-d", &alias, "iv"]);
+    assert_eq!(
+        d.ok(&[
+            "run",
+            "--rm",
+            "-v",
+            "iv:/data",
+            "bb:1",
+            "sh",
+            "-c",
+            "echo ok > /data/f && cat /data/f"
+        ]),
+        "ok"
+    );
+    eprintln!(
+        "FIGURE docker plugin install (pull 1 plugin from a local registry + enable): {installed:?}; then first docker run with a volume: {:?}",
+        t.elapsed()
+    );
+    let env = d.ok(&["plugin", "inspect", "--format", "{{json .Settings.Env}}", &alias]);
+    assert!(env.contains("LAMINA_LOG_LEVEL=debug"), "{env}");
+    let privileges = d.ok(&["plugin", "inspect", "--format", "{{json .Config.Linux}}", &alias]);
+    assert!(
+        privileges.contains("CAP_SYS_ADMIN") && privileges.contains("/dev/fuse"),
+        "{privileges}"
+    );
+    d.ok(&["volume", "rm", "iv"]);
+    d.ok(&["plugin", "disable", &alias]);
+    d.ok(&["plugin", "rm", &alias]);
+    assert!(!plugin.dir().exists());
+}

@@ -75,6 +75,17 @@ impl ManagedPlugin {
         }
     }
 
+    /// A plugin that already exists on `d` (installed with `docker plugin install`).
+    pub fn adopt(d: &Dockerd, name: &str) -> ManagedPlugin {
+        let id = d.ok(&["plugin", "inspect", "--format", "{{.Id}}", name]);
+        assert_eq!(id.len(), 64, "plugin id {id:?}");
+        ManagedPlugin {
+            name: name.to_string(),
+            id,
+            data_root: d.data_root(),
+        }
+    }
+
     /// `<data-root>/plugins/<id>/`.
     pub fn dir(&self) -> PathBuf {
         self.data_root.join("plugins").join(&self.id)
@@ -236,6 +247,66 @@ impl Drop for DebInstall {
                 String::from_utf8_lossy(&o.stdout),
                 String::from_utf8_lossy(&o.stderr)
             );
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// A private registry, for `docker plugin push` / `docker plugin install`
+// ------------------------------------------------------------------------------------------------------------
+
+/// Debian's `docker-registry` (the distribution registry) serving plain HTTP on 127.0.0.1 (which dockerd
+/// treats as an insecure registry by default), with its storage in a test directory; stopped by PID on drop.
+pub struct Registry {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Registry {
+    /// Starts the registry below `dir` and waits until it answers.
+    pub fn start(dir: &Path) -> Registry {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let addr = format!("127.0.0.1:{port}");
+        fs::create_dir_all(dir.join("data")).unwrap();
+        let config = dir.join("registry.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("registry.log");
+        let child = Command::new(find_bin("docker-registry").expect("docker-registry"))
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("spawn docker-registry");
+        let mut r = Registry { addr, child, log };
+        let up = poll(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&r.addr).ok().map(|_| ())
+        });
+        if up.is_none() || r.child.try_wait().ok().flatten().is_some() {
+            panic!("docker-registry did not start:\n{}", tail(&r.log, 30));
+        }
+        r
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(10));
+        if thread::panicking() {
+            eprintln!("----- registry log -----\n{}", tail(&self.log, 30));
         }
     }
 }
