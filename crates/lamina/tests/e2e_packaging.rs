@@ -192,6 +192,20 @@ fn v2_plugin_as_graphdriver() {
         "changed"
     );
 
+    // dockerd restarts a plugin that dies; lamina reopens its store, no Init comes, images stay usable.
+    let before = plugin.pids();
+    assert_eq!(before.len(), 1, "plugin processes: {before:?}");
+    signal(before[0], "KILL");
+    let after = poll(Duration::from_secs(30), || {
+        let now = plugin.pids();
+        (!now.is_empty() && now != before).then_some(now)
+    });
+    assert!(after.is_some(), "dockerd did not restart the killed plugin");
+    assert_eq!(
+        d.ok(&["run", "--rm", "committed:1", "cat", "/etc/motd"]),
+        "changed"
+    );
+
     // rm / rmi leave no mounts and no layers.
     d.ok(&["container", "prune", "-f"]);
     d.ok(&["volume", "prune", "-f"]);

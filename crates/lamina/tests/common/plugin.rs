@@ -1,8 +1,8 @@
 //! Docker managed (v2) plugins and the Debian package, for `e2e_packaging.rs`.
 //!
 //! - [`build_plugin_dir`]: runs `packaging/plugin/build.sh` with the test's lamina binary.
-//! - [`ManagedPlugin`]: a plugin created and enabled on one test dockerd; on drop its processes (found by
-//!   their root directory, which lies in that dockerd's data root) are stopped by PID, its mounts undone and
+//! - [`ManagedPlugin`]: a plugin created and enabled on one test dockerd; on drop its processes (the
+//!   descendants of the containerd shim named after the plugin id) are stopped by PID, its mounts undone and
 //!   its socket directory under `/run/docker/plugins/<id>/` removed.
 //! - [`DebInstall`]: the `lamina` Debian package installed with apt-get; purged again on drop, also when the
 //!   test panics.
@@ -32,24 +32,49 @@ pub fn build_plugin_dir(out: &Path) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// PIDs whose root directory (`/proc/PID/root`) lies at or below `dir`: the processes of a managed plugin
-/// whose rootfs is in a test's dockerd data root.
-pub fn pids_rooted_under(dir: &Path) -> Vec<u32> {
-    let mut pids = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Ok(root) = fs::read_link(format!("/proc/{pid}/root")) {
-            if root.starts_with(dir) && pid_alive(pid) {
-                pids.push(pid);
+fn ppid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn all_pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The processes of the managed plugin `id`: the descendants of the containerd shim whose command line names
+/// that id (lamina, and the mfsmount it starts), not the shim itself.
+pub fn plugin_pids(id: &str) -> Vec<u32> {
+    let pids = all_pids();
+    let mut found: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|&p| {
+            fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("containerd-shim") && c.contains(id)
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    let shims = found.len();
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        for &p in &pids {
+            if ppid(p) == Some(parent) && !found.contains(&p) && pid_alive(p) {
+                found.push(p);
             }
         }
+        i += 1;
     }
-    pids
+    found.split_off(shims)
 }
 
 /// A managed plugin created from a directory on one dockerd.
@@ -96,9 +121,9 @@ impl ManagedPlugin {
         self.dir().join("propagated-mount")
     }
 
-    /// The plugin's processes.
+    /// The plugin's processes (by PID, found through its containerd shim).
     pub fn pids(&self) -> Vec<u32> {
-        pids_rooted_under(&self.dir())
+        plugin_pids(&self.id)
     }
 }
 
