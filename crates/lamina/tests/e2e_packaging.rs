@@ -533,6 +533,19 @@ fn v2_plugin_moosefs_volumes() {
         "volume data left on the cluster after docker volume rm"
     );
     unmount_under(&view);
+
+    // Disabling stops lamina and its mfsmount, and leaves no mount of the cluster on the host.
+    d.ok(&["plugin", "disable", &plugin.name]);
+    assert!(
+        plugin.pids().is_empty(),
+        "plugin processes left: {:?}",
+        plugin.pids()
+    );
+    let left = mounts_under(&plugin.propagated());
+    assert!(
+        left.iter().all(|m| m == &plugin.propagated()),
+        "mounts left below the propagated mount after disable: {left:?}"
+    );
 }
 
 #[test]
