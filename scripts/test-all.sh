@@ -38,6 +38,18 @@ if ((${#missing[@]})); then
     apt-get update
     apt-get install -y --no-install-recommends "${missing[@]}"
 fi
+# crates/lamina/tests/e2e_packaging.rs: the managed-plugin test pushes to and installs from a private
+# registry (Debian's docker-registry, started by the test on 127.0.0.1; on a systemd host the package also
+# enables its own service on port 5000); the .deb test builds the package with cargo-deb.
+if ! installed docker-registry; then
+    [[ $EUID -eq 0 ]] || die "missing package docker-registry; run as root or install it first"
+    step "installing docker-registry"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-registry
+fi
+if ! cargo deb --version >/dev/null 2>&1; then
+    step "installing cargo-deb"
+    cargo install cargo-deb --locked
+fi
 [[ $EUID -eq 0 ]] || echo "test-all: warning: not root, the e2e tests will be SKIPPED (or fail under CI=true)" >&2
 
 # ---- static checks and build ------------------------------------------------------------------

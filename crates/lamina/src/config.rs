@@ -59,7 +59,12 @@ impl FileConfig {
             }
             Err(e) => return Err(e).with_context(|| format!("reading config {}", path.display())),
         };
-        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+        FileConfig::parse(&text, &format!("config {}", path.display()))
+    }
+
+    /// Parses config text; `what` names its origin in errors.
+    pub fn parse(text: &str, what: &str) -> anyhow::Result<FileConfig> {
+        toml::from_str(text).with_context(|| format!("parsing {what}"))
     }
 }
 
@@ -74,6 +79,8 @@ pub struct Flags {
     pub snapshotter_socket: Option<PathBuf>,
     /// `--log-level`.
     pub log_level: Option<String>,
+    /// `--volumes-mount-base`: overrides `[volumes] mount_base`.
+    pub volumes_mount_base: Option<PathBuf>,
 }
 
 /// `none` (or an empty value) turns a socket off.
@@ -91,7 +98,11 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
         .data_root
         .or(file.data_root)
         .unwrap_or_else(|| DEFAULT_DATA_ROOT.into());
-    let volumes = volume_settings(file.volumes, &data_root, std::env::var("REMOTE_PATH").ok())?;
+    let mut volumes_file = file.volumes;
+    if let Some(base) = flags.volumes_mount_base {
+        volumes_file.get_or_insert_with(VolumesFile::default).mount_base = Some(base);
+    }
+    let volumes = volume_settings(volumes_file, &data_root, std::env::var("REMOTE_PATH").ok())?;
     let s = Settings {
         data_root,
         socket: socket_setting(flags.socket.or(file.socket), DEFAULT_SOCKET),
@@ -450,6 +461,24 @@ mod tests {
             let e = format!("{:#}", e.unwrap_err());
             assert!(e.contains(want), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn mount_base_flag_beats_the_volumes_table() {
+        let file = FileConfig::parse("[volumes]\nmount_base = \"/mnt/v\"", "test").unwrap();
+        let flags = Flags {
+            data_root: Some("/p/store".into()),
+            volumes_mount_base: Some("/p/volumes".into()),
+            ..Flags::default()
+        };
+        let s = resolve(file, flags).unwrap();
+        assert_eq!(s.volumes.unwrap().mount_base, PathBuf::from("/p/volumes"));
+        let flags = Flags {
+            volumes_mount_base: Some("/p/volumes".into()),
+            ..Flags::default()
+        };
+        let s = resolve(FileConfig::default(), flags).unwrap();
+        assert_eq!(s.volumes.unwrap().mount_base, PathBuf::from("/p/volumes"));
     }
 
     #[test]

@@ -11,9 +11,47 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+const ABOUT: &str =
+    "Container layer store daemon: a Docker storage driver (GraphDriver plugin), a Docker volume \
+driver (VolumeDriver plugin) and a containerd snapshotter over one overlayfs layer store.";
+
+const SERVE_ABOUT: &str = "Opens the data root, then serves the Docker plugin socket (GraphDriver and VolumeDriver \
+protocols) and the containerd snapshotter socket until SIGTERM or SIGINT. Settings come from the built-in defaults, \
+then the config file, then LAMINA_* environment variables, then flags (each later one wins).
+
+dockerd finds the plugin by its socket: /run/docker/plugins/NAME.sock is the driver NAME (`dockerd --experimental -s \
+NAME`, `docker volume create -d NAME`). Start lamina before dockerd and containerd. lamina holds a lock on its data \
+root, so a second instance on the same data root refuses to start. It never unmounts layers at exit (containers may \
+still use them); dockerd's shutdown does.";
+
+const SERVE_AFTER: &str = "FILES:
+  /etc/lamina/config.toml     config file, read when present (every key is documented in the packaged copy)
+  /var/lib/lamina             default data root (format version checked at start; older formats are migrated)
+  /run/docker/plugins/lamina.sock
+                              default Docker plugin socket
+  /run/lamina/snapshotter.sock
+                              default containerd snapshotter socket
+
+ENVIRONMENT:
+  LAMINA_DATA_ROOT, LAMINA_SOCKET, LAMINA_SNAPSHOTTER_SOCKET, LAMINA_CONFIG, LAMINA_CONFIG_TOML,
+  LAMINA_LOG_LEVEL, LAMINA_VOLUMES_MOUNT_BASE
+                              the same as the flags of the same names (a flag wins over its variable)
+  REMOTE_PATH                 overrides [volumes.moosefs] remote_path
+
+EXIT STATUS:
+  0 after a clean stop on SIGTERM/SIGINT; 1 on a bad setting, an unreadable data root, a socket in use or a failure.
+
+EXAMPLES:
+  lamina serve
+  lamina serve --config /etc/lamina/config.toml --log-level debug
+  lamina serve --socket /run/docker/plugins/lamina2.sock --snapshotter-socket none --data-root /srv/lamina2
+
+SEE ALSO:
+  dockerd(8); /usr/share/doc/lamina/ (README, packaging, volumes, snapshotter, on-disk format)";
+
 /// Container layer store daemon.
 #[derive(Debug, Parser)]
-#[command(name = "lamina", version, about, long_about = None)]
+#[command(name = "lamina", version, about = ABOUT, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,26 +59,34 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the Docker GraphDriver plugin and the containerd snapshotter, each on its unix socket.
-    #[command(args_override_self = true)]
+    /// Serve the Docker GraphDriver/VolumeDriver plugin and the containerd snapshotter, each on its unix socket.
+    #[command(args_override_self = true, long_about = SERVE_ABOUT, after_long_help = SERVE_AFTER)]
     Serve {
         /// Data root holding layers and metadata [default: /var/lib/lamina].
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", env = "LAMINA_DATA_ROOT")]
         data_root: Option<PathBuf>,
         /// Plugin socket; dockerd's name for the driver is its file name without `.sock`
         /// [default: /run/docker/plugins/lamina.sock]; `none` turns it off.
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", env = "LAMINA_SOCKET")]
         socket: Option<PathBuf>,
         /// containerd snapshotter (gRPC) socket, for `[proxy_plugins]` in containerd's config
         /// [default: /run/lamina/snapshotter.sock]; `none` turns it off.
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", env = "LAMINA_SNAPSHOTTER_SOCKET")]
         snapshotter_socket: Option<PathBuf>,
         /// Config file [default: /etc/lamina/config.toml when present].
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "LAMINA_CONFIG")]
         config: Option<PathBuf>,
+        /// Config given inline (TOML, the same keys as the file); when not empty it is read instead of any
+        /// file. Meant for the Docker managed plugin: `docker plugin set lamina LAMINA_CONFIG_TOML=...`.
+        #[arg(long, value_name = "TOML", env = "LAMINA_CONFIG_TOML")]
+        config_toml: Option<String>,
         /// Log filter (error, warn, info, debug, trace) [default: info].
-        #[arg(long, value_name = "LEVEL")]
+        #[arg(long, value_name = "LEVEL", env = "LAMINA_LOG_LEVEL")]
         log_level: Option<String>,
+        /// Where volumes are mounted while in use; overrides `[volumes] mount_base`
+        /// [default: /mnt/docker-volumes].
+        #[arg(long, value_name = "DIR", env = "LAMINA_VOLUMES_MOUNT_BASE")]
+        volumes_mount_base: Option<PathBuf>,
     },
 }
 
@@ -52,18 +98,24 @@ fn main() -> ExitCode {
             socket,
             snapshotter_socket,
             config,
+            config_toml,
             log_level,
-        } => config::FileConfig::load(config.as_deref())
-            .and_then(|file| {
-                let flags = config::Flags {
-                    data_root,
-                    socket,
-                    snapshotter_socket,
-                    log_level,
-                };
-                config::resolve(file, flags)
-            })
-            .and_then(serve::run),
+            volumes_mount_base,
+        } => match config_toml {
+            Some(text) if !text.trim().is_empty() => config::FileConfig::parse(&text, "--config-toml"),
+            _ => config::FileConfig::load(config.as_deref()),
+        }
+        .and_then(|file| {
+            let flags = config::Flags {
+                data_root,
+                socket,
+                snapshotter_socket,
+                log_level,
+                volumes_mount_base,
+            };
+            config::resolve(file, flags)
+        })
+        .and_then(serve::run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,7 @@
 pub mod containerd;
 
 pub mod moosefs;
+pub mod plugin;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
