@@ -28,7 +28,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolc
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=()
-for pkg in docker.io containerd protobuf-compiler golang-go golang-github-containerd-containerd-dev busybox-static moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux; do
+for pkg in docker.io containerd protobuf-compiler golang-go golang-github-containerd-containerd-dev busybox-static docker-registry moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux; do
     installed "$pkg" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -38,14 +38,8 @@ if ((${#missing[@]})); then
     apt-get update
     apt-get install -y --no-install-recommends "${missing[@]}"
 fi
-# crates/lamina/tests/e2e_packaging.rs: the managed-plugin test pushes to and installs from a private
-# registry (Debian's docker-registry, started by the test on 127.0.0.1; on a systemd host the package also
-# enables its own service on port 5000); the .deb test builds the package with cargo-deb.
-if ! installed docker-registry; then
-    [[ $EUID -eq 0 ]] || die "missing package docker-registry; run as root or install it first"
-    step "installing docker-registry"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-registry
-fi
+# crates/lamina/tests/e2e_packaging.rs: the .deb test builds the package with cargo-deb (the managed-plugin
+# test's private registry is Debian's docker-registry, in the list above, started by the test on 127.0.0.1).
 if ! cargo deb --version >/dev/null 2>&1; then
     step "installing cargo-deb"
     cargo install cargo-deb --locked
