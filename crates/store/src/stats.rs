@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTable};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::meta::{LayerStats, CHILDREN, COUNTERS, LAYERS, NAMES, STATS};
 use crate::{error, lock, now_ns, LayerRecord, Result, Store, StoreError};
@@ -100,7 +100,7 @@ impl Counters {
 }
 
 /// One layer with everything `lamina layers` shows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerOverview {
     /// Internal number.
     pub number: u64,
