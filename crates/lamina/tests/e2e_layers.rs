@@ -246,7 +246,11 @@ fn gc_removes_exactly_the_planted_garbage() {
         "echo alive > /a && sleep 1000",
     ]);
     let ns = docker_ns(&root);
-    let pid: u32 = s.docker.ok(&["inspect", "-f", "{{.State.Pid}}", "r1"]).parse().unwrap();
+    let pid: u32 = s
+        .docker
+        .ok(&["inspect", "-f", "{{.State.Pid}}", "r1"])
+        .parse()
+        .unwrap();
 
     // 1. While lamina runs: an orphan directory, found and removed through the daemon.
     fs::create_dir_all(root.join("layers/fff0/diff")).unwrap();
@@ -332,7 +336,10 @@ fn gc_removes_exactly_the_planted_garbage() {
     assert!(again["items"].as_array().unwrap().is_empty(), "{again:#}");
     // The container kept running throughout (dockerd cannot exec while its plugin is down: look directly).
     assert!(pid_alive(pid));
-    assert_eq!(fs::read_to_string(format!("/proc/{pid}/root/a")).unwrap(), "alive\n");
+    assert_eq!(
+        fs::read_to_string(format!("/proc/{pid}/root/a")).unwrap(),
+        "alive\n"
+    );
 
     // lamina again: the rolled-back layer takes a retry, docker works, the container stops cleanly.
     s.lamina.start_again();
