@@ -7,6 +7,7 @@
 //! - [`layer_changes`], [`tree_changes`], [`write_tree_diff`]: Docker's change lists and
 //!   the naive two-tree diff.
 //! - [`dir_size`]: overlay2's layer size.
+//! - [`manifest`]: content manifests of layer trees (written when a layer is frozen, checked by `lamina verify`).
 //!
 //! Everything works on directory fds with iterative walks: deep trees and long paths
 //! never recurse on the stack. Module map: `tar_read`/`tar_write` (the tar format),
@@ -16,6 +17,7 @@
 mod apply;
 mod changes;
 mod diff;
+pub mod manifest;
 mod tar_read;
 mod tar_write;
 mod util;

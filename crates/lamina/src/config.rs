@@ -28,6 +28,8 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// Docker volumes (VolumeDriver); see docs/volumes.md.
     pub volumes: Option<VolumesFile>,
+    /// Run `lamina gc` (without removed namespaces) every this many seconds; absent or 0: never.
+    pub gc_interval_secs: Option<u64>,
 }
 
 /// The settings `serve` runs with.
@@ -43,6 +45,8 @@ pub struct Settings {
     pub log_level: String,
     /// The volume service; `None` when `[volumes] enabled = false`.
     pub volumes: Option<lamina_volume::VolumeConfig>,
+    /// Periodic garbage collection.
+    pub gc_interval: Option<std::time::Duration>,
 }
 
 impl FileConfig {
@@ -115,6 +119,10 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
             .or(file.log_level)
             .unwrap_or_else(|| "info".into()),
         volumes,
+        gc_interval: file
+            .gc_interval_secs
+            .filter(|s| *s > 0)
+            .map(std::time::Duration::from_secs),
     };
     if !s.data_root.is_absolute() {
         bail!("data root {} must be an absolute path", s.data_root.display());

@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 mod adapters;
+mod admin;
+mod cli;
 mod config;
 mod serve;
 
@@ -88,6 +90,15 @@ enum Command {
         #[arg(long, value_name = "DIR", env = "LAMINA_VOLUMES_MOUNT_BASE")]
         volumes_mount_base: Option<PathBuf>,
     },
+    /// Store-wide figures: layers, bytes, mounts, operation counts.
+    Status(cli::Target),
+    /// List, rank and inspect layers.
+    #[command(subcommand)]
+    Layers(cli::LayersCommand),
+    /// Find and remove what nothing references (leftovers of crashes, layers of removed namespaces).
+    Gc(cli::GcArgs),
+    /// Check layers against their content manifests; exits 1 on a mismatch.
+    Verify(cli::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -115,10 +126,15 @@ fn main() -> ExitCode {
             };
             config::resolve(file, flags)
         })
-        .and_then(serve::run),
+        .and_then(serve::run)
+        .map(|()| ExitCode::SUCCESS),
+        Command::Status(t) => cli::run_status(t),
+        Command::Layers(c) => cli::run_layers(c),
+        Command::Gc(a) => cli::run_gc(a),
+        Command::Verify(a) => cli::run_verify(a),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("lamina: {e:#}");
             ExitCode::FAILURE

@@ -23,6 +23,8 @@ use crate::config::Settings;
 
 /// How long in-flight gRPC calls get to finish after a termination signal.
 const GRPC_DRAIN: Duration = Duration::from_secs(5);
+/// How often usage counters are written to the database (the most a crash loses).
+const STATS_FLUSH: Duration = Duration::from_secs(10);
 
 fn init_logging(level: &str) -> anyhow::Result<()> {
     // A plain level applies to lamina; the HTTP/2 stack's own debug output (every frame) stays quiet.
@@ -73,6 +75,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let admin_listener = crate::admin::bind(&settings.data_root)?;
     let grpc = match &settings.snapshotter_socket {
         Some(path) => {
             let backend = Arc::new(SnapshotterAdapter::new(store.clone())?);
@@ -83,8 +86,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let admin = crate::admin::spawn(admin_listener, store.clone(), shutdown.flag())?;
+    let housekeeping = spawn_housekeeping(store.clone(), shutdown.flag(), settings.gc_interval)?;
     let mut result = Ok(());
-    let mut sockets: Vec<PathBuf> = Vec::new();
+    let mut sockets: Vec<PathBuf> = vec![crate::admin::socket_path(&settings.data_root)];
     if let Some((path, router, listener)) = plugin {
         let name = path
             .file_stem()
@@ -119,6 +124,12 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     }
     if let Some(v) = &volumes {
         v.shutdown();
+    }
+    shutdown.shutdown();
+    let _ = admin.join();
+    let _ = housekeeping.join();
+    if let Err(e) = store.flush_stats() {
+        warn!(error = %e, "could not save usage statistics");
     }
     // Mounts stay: containers may still use them. dockerd's Cleanup unmounts at its shutdown.
     info!("stopped");
@@ -176,4 +187,39 @@ fn spawn_grpc(
         })
         .context("starting the snapshotter thread")?;
     Ok(handle)
+}
+
+/// Flushes usage counters every [`STATS_FLUSH`] and runs the periodic garbage collection, until `stop`.
+fn spawn_housekeeping(
+    store: Arc<Store>,
+    stop: Arc<AtomicBool>,
+    gc_interval: Option<Duration>,
+) -> anyhow::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("housekeeping".into())
+        .spawn(move || {
+            let tick = Duration::from_millis(100);
+            let mut since_flush = Duration::ZERO;
+            let mut since_gc = Duration::ZERO;
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(tick);
+                since_flush += tick;
+                since_gc += tick;
+                if since_flush >= STATS_FLUSH {
+                    since_flush = Duration::ZERO;
+                    if let Err(e) = store.flush_stats() {
+                        warn!(error = %e, "could not save usage statistics");
+                    }
+                }
+                if let Some(every) = gc_interval {
+                    if since_gc >= every {
+                        since_gc = Duration::ZERO;
+                        if let Err(e) = store.gc(&lamina_store::GcOptions::default()) {
+                            warn!(error = %e, "periodic garbage collection failed");
+                        }
+                    }
+                }
+            }
+        })
+        .context("starting the housekeeping thread")
 }

@@ -16,9 +16,12 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod gc;
 mod meta;
+mod stats;
+mod verify;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -36,8 +39,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use tracing::{debug, info, warn};
 
 pub use error::{Result, StoreError};
-pub use meta::{LayerKind, LayerRecord, LayerState, FORMAT_VERSION};
-use meta::{CHILDREN, LAYERS, META, NAMES, PENDING, SETTINGS};
+pub use gc::{Garbage, GarbageKind, GcOptions, GcReport, Kept};
+pub use meta::{LayerKind, LayerRecord, LayerState, LayerStats, FORMAT_VERSION};
+use meta::{CHILDREN, COUNTERS, LAYERS, META, NAMES, PENDING, SETTINGS, STATS};
+pub use stats::{Counter, LayerOverview};
+pub use verify::{VerifyResult, VerifyStatus, MANIFEST_FILE};
 
 /// Most layers below one layer: its mount stacks them all as overlay lower directories.
 pub const MAX_DEPTH: u32 = MAX_OVERLAY_LOWERS as u32;
@@ -76,12 +82,29 @@ pub struct StoreStatus {
     pub format: u64,
 }
 
+/// Lower directories of a mount, top-most first, and their layer numbers.
+type Lowers = (Arc<Vec<PathBuf>>, Arc<Vec<u64>>);
+
 #[derive(Debug, Default)]
 struct Slot {
     mounts: u32,
-    /// Lower directories of the layer's mount, top-most first. A parent chain never changes, so
-    /// it is walked in the database once per layer and process, not at every mount.
-    lowers: Option<Arc<Vec<PathBuf>>>,
+    /// Lower directories of the layer's mount, top-most first, and their layer numbers. A parent chain
+    /// never changes, so it is walked in the database once per layer and process, not at every mount.
+    lowers: Option<Lowers>,
+    /// Usage counters; `stats_dirty` until [`Store::flush_stats`] wrote them.
+    stats: LayerStats,
+    stats_dirty: bool,
+}
+
+/// How [`Store::open_with`] opens a data root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The daemon: recover from a crash (roll back interrupted applies, remove leftovers, detach stale
+    /// mounts, count the mounts of a previous run).
+    Serve,
+    /// An operator's command while no daemon runs: nothing is changed behind the operator's back (`lamina
+    /// gc` shows and removes the leftovers a crash left); metadata is still migrated to the current format.
+    Admin,
 }
 
 /// The layer store. Cheap to share behind an `Arc`; every method takes `&self`.
@@ -91,7 +114,44 @@ pub struct Store {
     slots: Mutex<HashMap<u64, Arc<Mutex<Slot>>>>,
     next_id: AtomicU64,
     staging_seq: AtomicU64,
+    counters: stats::Counters,
+    /// Paths that operations in flight own (layer dirs being created, staging dirs being filled, trash being
+    /// deleted): garbage collection leaves them alone.
+    in_flight: Arc<Mutex<HashSet<PathBuf>>>,
     _lock: LockFile,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_stats() {
+            warn!(error = %e, "could not save usage statistics");
+        }
+    }
+}
+
+/// Registers a path as owned by an operation in flight until dropped.
+struct InFlight {
+    set: Arc<Mutex<HashSet<PathBuf>>>,
+    path: PathBuf,
+}
+
+impl InFlight {
+    fn new(set: &Arc<Mutex<HashSet<PathBuf>>>, path: PathBuf) -> InFlight {
+        set.lock().unwrap_or_else(|p| p.into_inner()).insert(path.clone());
+        InFlight {
+            set: set.clone(),
+            path,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.path);
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -127,6 +187,11 @@ impl Store {
     /// record are deleted, mounts of unknown layers are detached and mounts of known ones are
     /// counted once (a running container may still use them).
     pub fn open(root: &Path) -> Result<Store> {
+        Store::open_with(root, OpenMode::Serve)
+    }
+
+    /// Opens the store at `root` in `mode`; see [`OpenMode`].
+    pub fn open_with(root: &Path, mode: OpenMode) -> Result<Store> {
         if !root.is_absolute() {
             return Err(StoreError::InvalidArgument(format!(
                 "data root {} is not absolute",
@@ -153,10 +218,15 @@ impl Store {
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             staging_seq: AtomicU64::new(0),
+            counters: stats::Counters::default(),
+            in_flight: Arc::new(Mutex::new(HashSet::new())),
             _lock: lock,
         };
         store.init_meta()?;
-        store.recover()?;
+        store.load_stats()?;
+        if mode == OpenMode::Serve {
+            store.recover()?;
+        }
         Ok(store)
     }
 
@@ -174,23 +244,24 @@ impl Store {
                         "metadata format {v} is newer than supported {FORMAT_VERSION}; use a newer lamina"
                     )))
                 }
-                Some(1) => {
-                    // Format 1 -> 2: timestamps in nanoseconds, plus an update time. Same transaction as
-                    // the version bump, so a crash leaves either format, never a mix.
-                    let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-                    let mut rows = Vec::new();
-                    for row in layers.iter().map_err(error::db_err)? {
-                        let (k, v) = row.map_err(error::db_err)?;
-                        rows.push((k.value(), meta::migrate_v1_record(v.value())?));
+                Some(v) if v < FORMAT_VERSION => {
+                    if v == 1 {
+                        // Format 1 -> 2: timestamps in nanoseconds, plus an update time.
+                        let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+                        let mut rows = Vec::new();
+                        for row in layers.iter().map_err(error::db_err)? {
+                            let (k, v) = row.map_err(error::db_err)?;
+                            rows.push((k.value(), meta::migrate_v1_record(v.value())?));
+                        }
+                        for (k, v) in &rows {
+                            layers.insert(*k, v.as_slice()).map_err(error::db_err)?;
+                        }
                     }
-                    for (k, v) in &rows {
-                        layers.insert(*k, v.as_slice()).map_err(error::db_err)?;
-                    }
+                    // Format 2 -> 3: the `stats` and `counters` tables (created below, empty) and the
+                    // optional `manifest` field of a record (absent in old records). Every step runs in the
+                    // transaction of the version bump, so a crash leaves either format, never a mix.
                     meta.insert("format", FORMAT_VERSION).map_err(error::db_err)?;
-                    info!(
-                        layers = rows.len(),
-                        "migrated metadata from format 1 to {FORMAT_VERSION}"
-                    );
+                    info!("migrated metadata from format {v} to {FORMAT_VERSION}");
                 }
                 Some(_) => {}
             }
@@ -206,6 +277,8 @@ impl Store {
             txn.open_table(CHILDREN).map_err(error::db_err)?;
             txn.open_table(PENDING).map_err(error::db_err)?;
             txn.open_table(SETTINGS).map_err(error::db_err)?;
+            txn.open_table(STATS).map_err(error::db_err)?;
+            txn.open_table(COUNTERS).map_err(error::db_err)?;
         }
         txn.commit().map_err(error::db_err)
     }
@@ -241,11 +314,13 @@ impl Store {
                     .map_err(|e| StoreError::io(format!("move {}", diff.display()), e))?;
                 remove_tree(&trash);
             }
+            let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
             mkdir(&diff, 0o755)?;
             self.update_record(n, |r| {
                 r.state = LayerState::Empty;
                 r.size = None;
                 r.digest = None;
+                r.manifest = None;
             })?;
             let txn = self.db.begin_write().map_err(error::db_err)?;
             txn.open_table(PENDING)
@@ -429,6 +504,7 @@ impl Store {
             )));
         }
         let n = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let _owned = InFlight::new(&self.in_flight, self.layer_dir(n));
         // Directories first: a crash before the commit leaves a directory without a record,
         // which the next start removes.
         self.make_layer_dirs(n)?;
@@ -485,6 +561,7 @@ impl Store {
                     updated_ns: now,
                     inodes: None,
                     labels,
+                    manifest: None,
                 };
                 names.insert((ns, name), n).map_err(error::db_err)?;
                 layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
@@ -593,13 +670,21 @@ impl Store {
                     .remove((p, n))
                     .map_err(error::db_err)?;
             }
+            txn.open_table(STATS)
+                .map_err(error::db_err)?
+                .remove(n)
+                .map_err(error::db_err)?;
         }
         txn.commit().map_err(error::db_err)?;
         // Out of view at once; the content goes in the background.
         let trash = self.trash_path(n);
+        let owned = InFlight::new(&self.in_flight, trash.clone());
         match std::fs::rename(&dir, &trash) {
             Ok(()) => {
-                std::thread::spawn(move || remove_tree(&trash));
+                std::thread::spawn(move || {
+                    remove_tree(&trash);
+                    drop(owned);
+                });
             }
             Err(e) => {
                 warn!(dir = %dir.display(), error = %e, "could not move removed layer to trash; removing in place")
@@ -633,9 +718,10 @@ impl Store {
         } else {
             dir.join("merged")
         };
+        let mut brought_up = None;
         // A count of zero means not mounted: `open` counted the mounts a previous run left.
         if guard.mounts == 0 && rec.parent.is_some() {
-            let lowers = match &guard.lowers {
+            let (lowers, numbers) = match &guard.lowers {
                 Some(l) => l.clone(),
                 None => {
                     let chain = self.chain(&rec)?;
@@ -645,10 +731,12 @@ impl Store {
                             .map(|p| self.layer_dir(*p).join("diff"))
                             .collect::<Vec<_>>(),
                     );
-                    guard.lowers = Some(l.clone());
-                    l
+                    let pair = (l, Arc::new(chain));
+                    guard.lowers = Some(pair.clone());
+                    pair
                 }
             };
+            brought_up = Some(numbers);
             let view = rec.kind == LayerKind::View;
             let spec = OverlaySpec {
                 lowers: lowers.to_vec(),
@@ -661,8 +749,24 @@ impl Store {
                 StoreError::io(format!("mount layer {name} ({} layers)", lowers.len() + 1), e)
             })?;
         }
+        let now = now_ns();
+        let first = guard.mounts == 0;
         guard.mounts += 1;
+        guard.stats.gets += 1;
+        guard.stats.last_used_ns = now;
+        if first {
+            guard.stats.uses += 1;
+        }
+        guard.stats_dirty = true;
         debug!(ns, name, layer = n, mounts = guard.mounts, "get");
+        drop(guard);
+        self.counters.add(Counter::Gets, 1);
+        self.counters
+            .add(if first { Counter::Mounts } else { Counter::Hits }, 1);
+        if let Some(lowers) = brought_up {
+            // After the layer's own lock is released: locks are never nested.
+            self.note_uses(&lowers, now);
+        }
         Ok(path)
     }
 
@@ -671,6 +775,7 @@ impl Store {
         let (n, rec) = self.require(ns, name)?;
         let slot = self.slot(n);
         let mut guard = lock(&slot);
+        self.counters.add(Counter::Puts, 1);
         if guard.mounts > 1 {
             guard.mounts -= 1;
             return Ok(());
@@ -712,6 +817,7 @@ impl Store {
         let seq = self.staging_seq.fetch_add(1, Ordering::SeqCst);
         let staging_name = format!("{n:x}-{seq}");
         let staging = self.root.join("staging").join(&staging_name);
+        let _owned = InFlight::new(&self.in_flight, staging.clone());
         {
             let txn = self.db.begin_write().map_err(error::db_err)?;
             txn.open_table(PENDING)
@@ -726,7 +832,7 @@ impl Store {
             txn.commit().map_err(error::db_err)?;
         }
         let result = self.apply_staged(n, &staging, input, mappings);
-        let finish = |state: LayerState, stats: Option<&ApplyStats>| -> Result<()> {
+        let finish = |state: LayerState, stats: Option<&(ApplyStats, String)>| -> Result<()> {
             let txn = self.db.begin_write().map_err(error::db_err)?;
             txn.open_table(PENDING)
                 .map_err(error::db_err)?
@@ -735,21 +841,26 @@ impl Store {
             let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
             let mut r = rec.clone();
             r.state = state;
-            r.size = stats.map(|s| s.size);
-            r.digest = stats.map(|s| s.digest.clone());
+            r.size = stats.map(|s| s.0.size);
+            r.digest = stats.map(|s| s.0.digest.clone());
+            r.manifest = stats.map(|s| s.1.clone());
             layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
             drop(layers);
             txn.commit().map_err(error::db_err)
         };
         match result {
-            Ok(stats) => {
-                finish(LayerState::Applied, Some(&stats))?;
+            Ok(done) => {
+                finish(LayerState::Applied, Some(&done))?;
                 drop(guard);
+                let stats = done.0;
+                self.counters.add(Counter::Applies, 1);
+                self.counters.add(Counter::ApplyBytes, stats.tar_bytes);
                 debug!(ns, name, layer = n, size = stats.size, digest = %stats.digest, "applied");
                 Ok(stats)
             }
             Err(e) => {
                 remove_tree(&staging);
+                let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
                 finish(LayerState::Empty, None)?;
                 Err(e)
             }
@@ -762,20 +873,22 @@ impl Store {
         staging: &Path,
         input: &mut dyn Read,
         mappings: &IdMappings,
-    ) -> Result<ApplyStats> {
+    ) -> Result<(ApplyStats, String)> {
         mkdir(staging, 0o755)?;
         let dirfd = open_dir(staging)?;
         let opts = ApplyOptions {
             id_mappings: mappings.clone(),
         };
         let stats = lamina_archive::apply_layer(dirfd.as_fd(), input, &opts)?;
+        // The content manifest, while the files are still in the page cache; the syncfs below covers it.
+        let manifest = self.write_manifest(staging, &self.layer_dir(n).join(MANIFEST_FILE))?;
         // The root of the layer keeps the mode of an empty diff dir unless the tar set it.
         mount::syncfs(staging).map_err(|e| StoreError::io("sync staged layer", e))?;
         let diff = self.layer_dir(n).join("diff");
         std::fs::rename(staging, &diff)
             .map_err(|e| StoreError::io(format!("move staged layer into {}", diff.display()), e))?;
         mount::syncfs(&diff).map_err(|e| StoreError::io("sync layer", e))?;
-        Ok(stats)
+        Ok((stats, manifest))
     }
 
     fn is_direct_parent(&self, rec: &LayerRecord, ns: &str, parent: &str) -> Result<bool> {
@@ -790,6 +903,7 @@ impl Store {
     /// request come back here; the returned plan then streams with [`DiffPlan::write_to`].
     pub fn diff(&self, ns: &str, name: &str, parent: &str, mappings: &IdMappings) -> Result<DiffPlan<'_>> {
         let (_, rec) = self.require(ns, name)?;
+        self.counters.add(Counter::Diffs, 1);
         let opts = DiffOptions {
             id_mappings: mappings.clone(),
         };
@@ -971,6 +1085,10 @@ impl Store {
             let dir = open_dir(&self.layer_dir(n).join("diff"))?;
             lamina_archive::disk_usage(dir.as_fd())?
         };
+        let manifest = self.write_manifest(
+            &self.layer_dir(n).join("diff"),
+            &self.layer_dir(n).join(MANIFEST_FILE),
+        )?;
         // The content must be on disk before the record says it is frozen.
         mount::syncfs(&self.layer_dir(n)).map_err(|e| StoreError::io("sync committed layer", e))?;
         let txn = self.db.begin_write().map_err(error::db_err)?;
@@ -988,6 +1106,7 @@ impl Store {
             r.labels = labels;
             r.size = Some(usage.bytes);
             r.inodes = Some(usage.inodes);
+            r.manifest = Some(manifest);
             // A committed snapshot is a new snapshot to containerd: created (and updated) now.
             r.created_ns = now_ns();
             r.updated_ns = r.created_ns;
@@ -996,6 +1115,7 @@ impl Store {
         };
         txn.commit().map_err(error::db_err)?;
         drop(guard);
+        self.counters.add(Counter::Commits, 1);
         debug!(ns, key, name, layer = n, "committed layer");
         Ok(rec)
     }

@@ -6,7 +6,7 @@ use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
 /// On-disk format version written by this build; see docs/on-disk-format.md.
-pub const FORMAT_VERSION: u64 = 2;
+pub const FORMAT_VERSION: u64 = 3;
 
 /// `(namespace, name) -> layer number`.
 pub(crate) const NAMES: TableDefinition<(&str, &str), u64> = TableDefinition::new("names");
@@ -20,6 +20,10 @@ pub(crate) const PENDING: TableDefinition<u64, &str> = TableDefinition::new("pen
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Store-wide strings (e.g. settings remembered across restarts).
 pub(crate) const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
+/// `layer number -> LayerStats` (JSON), flushed in batches (format 3).
+pub(crate) const STATS: TableDefinition<u64, &[u8]> = TableDefinition::new("stats");
+/// Store-wide operation counters (`gets`, `puts`, `hits`, ...), flushed with [`STATS`] (format 3).
+pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 /// Whether a layer was created for writing by a container or as an image layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +76,26 @@ pub struct LayerRecord {
     /// Free-form labels (for the snapshotter).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `sha256:` of the layer's content manifest file (`layers/<n>/manifest`), recorded when the layer is
+    /// frozen (apply, commit); see [`lamina_archive::manifest`]. Format 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+}
+
+/// Usage counters of one layer, kept in memory and flushed to the `stats` table in batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerStats {
+    /// Mount requests for this layer: `Get` calls, and the snapshotter's Prepare/View/Mounts calls (containerd
+    /// mounts those itself).
+    #[serde(default)]
+    pub gets: u64,
+    /// Times a mounted stack containing this layer was brought up (its first reference, or as a lower layer
+    /// of one): the popularity of image layers.
+    #[serde(default)]
+    pub uses: u64,
+    /// Last get or use, nanoseconds since the epoch (0: never).
+    #[serde(default)]
+    pub last_used_ns: u64,
 }
 
 /// Rewrites a format-1 record (JSON) as format 2: `created` (seconds) becomes `created_ns` and

@@ -144,6 +144,10 @@ impl Snapshotter for SnapshotterAdapter {
             .store
             .info(&namespace(snapshotter), key)
             .map_err(to_snapshot_error)?;
+        if info.record.kind != LayerKind::ReadOnly {
+            // containerd mounts what this returns (Prepare and View come through here too): one use.
+            let _ = self.store.note_external_mount(&namespace(snapshotter), key);
+        }
         let lowers = &info.lower_dirs;
         Ok(vec![match (info.record.kind, lowers.len()) {
             (LayerKind::ReadOnly, _) => {
