@@ -167,8 +167,8 @@ pub fn header_block(hd: &Hdr) -> [u8; 512] {
     let (prefix, short): (&[u8], &[u8]) = if name.len() <= 100 {
         (b"", name)
     } else if let Some(split) = (0..name.len())
-        .filter(|&i| name[i] == b'/' && i <= 155 && name.len() - i - 1 <= 100 && i > 0)
-        .last()
+        .rev()
+        .find(|&i| name[i] == b'/' && i <= 155 && name.len() - i - 1 <= 100 && i > 0)
     {
         (&name[..split], &name[split + 1..])
     } else {
