@@ -24,6 +24,7 @@ pub mod containerd;
 
 pub mod moosefs;
 pub mod plugin;
+pub mod reliability;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;

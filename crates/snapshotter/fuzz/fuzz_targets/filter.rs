@@ -1,0 +1,55 @@
+//! containerd filter strings (`List`'s `filters`): parse arbitrary text, split into several strings at `\n`,
+//! and match the result against a few snapshots. Any outcome is fine but a panic or a hang; a refusal must be
+//! `InvalidArgument`.
+#![no_main]
+
+include!("shim.rs");
+
+use std::time::SystemTime;
+
+use crate::error::Code;
+use crate::filter::Filter;
+use crate::model::{Info, Kind, Labels};
+use libfuzzer_sys::fuzz_target;
+
+fn info(name: &str, parent: &str, kind: Kind, labels: &[(&str, &str)]) -> Info {
+    Info {
+        name: name.into(),
+        parent: parent.into(),
+        kind,
+        created: SystemTime::UNIX_EPOCH,
+        updated: SystemTime::UNIX_EPOCH,
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Labels>(),
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let filters: Vec<&str> = text.split('\n').collect();
+    match Filter::parse_all(&filters) {
+        Ok(f) => {
+            for i in [
+                info("c1", "", Kind::Committed, &[]),
+                info(
+                    "default/4/extract sha256:ab",
+                    "c1",
+                    Kind::Active,
+                    &[("containerd.io/snapshot.ref", "x"), ("l", "")],
+                ),
+                info("v", "c1", Kind::View, &[("a\"b", "c,d e")]),
+            ] {
+                let _ = f.matches(&i);
+            }
+            // an empty string matches everything
+            if filters.iter().any(|s| s.trim().is_empty()) {
+                assert!(f.matches(&info("anything", "", Kind::Active, &[])));
+            }
+        }
+        Err(e) => assert_eq!(e.code, Code::InvalidArgument, "{e}"),
+    }
+});
