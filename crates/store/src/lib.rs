@@ -110,7 +110,8 @@ pub enum OpenMode {
 /// The layer store. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Store {
     root: PathBuf,
-    db: Database,
+    db: Arc<Database>,
+    seals: Arc<verify::Seals>,
     slots: Mutex<HashMap<u64, Arc<Mutex<Slot>>>>,
     next_id: AtomicU64,
     staging_seq: AtomicU64,
@@ -123,6 +124,8 @@ pub struct Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        // Manifest writers hold the database; they finish before the lock is released.
+        self.wait_sealed();
         if let Err(e) = self.flush_stats() {
             warn!(error = %e, "could not save usage statistics");
         }
@@ -214,7 +217,8 @@ impl Store {
         })?;
         let store = Store {
             root: root.to_path_buf(),
-            db,
+            db: Arc::new(db),
+            seals: Arc::new(verify::Seals::default()),
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             staging_seq: AtomicU64::new(0),
@@ -226,6 +230,13 @@ impl Store {
         store.load_stats()?;
         if mode == OpenMode::Serve {
             store.recover()?;
+            // Frozen layers without a manifest: written before format 3, or a crash came before the
+            // background writer recorded it.
+            for (n, rec) in store.list()? {
+                if verify::wants_manifest(&rec) {
+                    store.seal_later(n);
+                }
+            }
         }
         Ok(store)
     }
@@ -832,7 +843,7 @@ impl Store {
             txn.commit().map_err(error::db_err)?;
         }
         let result = self.apply_staged(n, &staging, input, mappings);
-        let finish = |state: LayerState, stats: Option<&(ApplyStats, String)>| -> Result<()> {
+        let finish = |state: LayerState, stats: Option<&ApplyStats>| -> Result<()> {
             let txn = self.db.begin_write().map_err(error::db_err)?;
             txn.open_table(PENDING)
                 .map_err(error::db_err)?
@@ -841,18 +852,20 @@ impl Store {
             let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
             let mut r = rec.clone();
             r.state = state;
-            r.size = stats.map(|s| s.0.size);
-            r.digest = stats.map(|s| s.0.digest.clone());
-            r.manifest = stats.map(|s| s.1.clone());
+            r.size = stats.map(|s| s.size);
+            r.digest = stats.map(|s| s.digest.clone());
+            r.manifest = None;
             layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
             drop(layers);
             txn.commit().map_err(error::db_err)
         };
         match result {
-            Ok(done) => {
-                finish(LayerState::Applied, Some(&done))?;
+            Ok(stats) => {
+                finish(LayerState::Applied, Some(&stats))?;
                 drop(guard);
-                let stats = done.0;
+                // The content manifest is written in the background: ApplyDiff does not wait for a second
+                // read of the layer (it took ApplyDiff from 1.35 s to 2.2 s for 215 MB / 44k files).
+                self.seal_later(n);
                 self.counters.add(Counter::Applies, 1);
                 self.counters.add(Counter::ApplyBytes, stats.tar_bytes);
                 debug!(ns, name, layer = n, size = stats.size, digest = %stats.digest, "applied");
@@ -873,22 +886,20 @@ impl Store {
         staging: &Path,
         input: &mut dyn Read,
         mappings: &IdMappings,
-    ) -> Result<(ApplyStats, String)> {
+    ) -> Result<ApplyStats> {
         mkdir(staging, 0o755)?;
         let dirfd = open_dir(staging)?;
         let opts = ApplyOptions {
             id_mappings: mappings.clone(),
         };
         let stats = lamina_archive::apply_layer(dirfd.as_fd(), input, &opts)?;
-        // The content manifest, while the files are still in the page cache; the syncfs below covers it.
-        let manifest = self.write_manifest(staging, &self.layer_dir(n).join(MANIFEST_FILE))?;
         // The root of the layer keeps the mode of an empty diff dir unless the tar set it.
         mount::syncfs(staging).map_err(|e| StoreError::io("sync staged layer", e))?;
         let diff = self.layer_dir(n).join("diff");
         std::fs::rename(staging, &diff)
             .map_err(|e| StoreError::io(format!("move staged layer into {}", diff.display()), e))?;
         mount::syncfs(&diff).map_err(|e| StoreError::io("sync layer", e))?;
-        Ok((stats, manifest))
+        Ok(stats)
     }
 
     fn is_direct_parent(&self, rec: &LayerRecord, ns: &str, parent: &str) -> Result<bool> {
@@ -1085,10 +1096,6 @@ impl Store {
             let dir = open_dir(&self.layer_dir(n).join("diff"))?;
             lamina_archive::disk_usage(dir.as_fd())?
         };
-        let manifest = self.write_manifest(
-            &self.layer_dir(n).join("diff"),
-            &self.layer_dir(n).join(MANIFEST_FILE),
-        )?;
         // The content must be on disk before the record says it is frozen.
         mount::syncfs(&self.layer_dir(n)).map_err(|e| StoreError::io("sync committed layer", e))?;
         let txn = self.db.begin_write().map_err(error::db_err)?;
@@ -1106,7 +1113,7 @@ impl Store {
             r.labels = labels;
             r.size = Some(usage.bytes);
             r.inodes = Some(usage.inodes);
-            r.manifest = Some(manifest);
+            r.manifest = None;
             // A committed snapshot is a new snapshot to containerd: created (and updated) now.
             r.created_ns = now_ns();
             r.updated_ns = r.created_ns;
@@ -1115,6 +1122,8 @@ impl Store {
         };
         txn.commit().map_err(error::db_err)?;
         drop(guard);
+        // As after an apply: the manifest is written in the background, Commit does not wait for it.
+        self.seal_later(n);
         self.counters.add(Counter::Commits, 1);
         debug!(ns, key, name, layer = n, "committed layer");
         Ok(rec)

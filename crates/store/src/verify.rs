@@ -1,13 +1,40 @@
 //! Content manifests of frozen layers (written at apply and commit) and their verification.
 
+use std::collections::HashSet;
 use std::io::{BufWriter, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use lamina_archive::manifest::{self, VerifyOutcome};
 use serde::Serialize;
 
-use crate::{open_dir, LayerKind, LayerState, Result, Store, StoreError};
+use redb::{Database, ReadableTable};
+use tracing::{debug, warn};
+
+use crate::meta::LAYERS;
+use crate::{error, open_dir, LayerKind, LayerRecord, LayerState, Result, Store, StoreError};
+
+/// Writes the manifest of layer `n` (directory `dir`) and records its digest if the layer still wants one.
+fn seal(db: &Database, n: u64, dir: &Path) -> Result<()> {
+    let digest = write_manifest_file(&dir.join("diff"), &dir.join(MANIFEST_FILE))?;
+    let txn = db.begin_write().map_err(error::db_err)?;
+    {
+        let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+        let rec = match layers.get(n).map_err(error::db_err)? {
+            Some(v) => LayerRecord::decode(v.value())?,
+            None => return Ok(()),
+        };
+        if !wants_manifest(&rec) {
+            return Ok(());
+        }
+        let mut rec = rec;
+        rec.manifest = Some(digest);
+        layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
+    }
+    txn.commit().map_err(error::db_err)
+}
 
 /// File name of a layer's manifest, beside `diff/`.
 pub const MANIFEST_FILE: &str = "manifest";
@@ -49,25 +76,108 @@ pub struct VerifyResult {
     pub status: VerifyStatus,
 }
 
+/// Writes the manifest of `diff` to `dest` (through a temporary file renamed into place) and returns its
+/// digest.
+pub(crate) fn write_manifest_file(diff: &Path, dest: &Path) -> Result<String> {
+    let tmp = dest.with_extension("tmp");
+    let file =
+        std::fs::File::create(&tmp).map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
+    let mut out = BufWriter::with_capacity(256 * 1024, file);
+    let dir = open_dir(diff)?;
+    let summary = manifest::write_manifest(dir.as_fd(), &mut out)?;
+    out.flush()
+        .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
+    let file = out
+        .into_inner()
+        .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e.into_error()))?;
+    file.sync_all()
+        .map_err(|e| StoreError::io(format!("sync {}", tmp.display()), e))?;
+    drop(file);
+    std::fs::rename(&tmp, dest).map_err(|e| StoreError::io(format!("rename {}", tmp.display()), e))?;
+    Ok(summary.digest)
+}
+
+/// Layers whose manifest is being written in the background.
+#[derive(Debug, Default)]
+pub(crate) struct Seals {
+    pending: Mutex<HashSet<u64>>,
+    done: Condvar,
+}
+
+/// How long a verification waits for a layer's manifest still being written.
+const SEAL_WAIT: Duration = Duration::from_secs(300);
+
+impl Seals {
+    fn wait(&self, n: Option<u64>) {
+        let deadline = Instant::now() + SEAL_WAIT;
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        while n.map_or(!pending.is_empty(), |n| pending.contains(&n)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                warn!(layer = ?n, "manifest still being written; verifying without waiting longer");
+                return;
+            }
+            pending = self
+                .done
+                .wait_timeout(pending, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Whether a record describes frozen content that should have a manifest: applied by lamina, or committed
+/// by the snapshotter (which records inodes).
+pub(crate) fn wants_manifest(rec: &LayerRecord) -> bool {
+    rec.manifest.is_none()
+        && (rec.state == LayerState::Applied || (rec.kind == LayerKind::ReadOnly && rec.inodes.is_some()))
+}
+
 impl Store {
-    /// Writes the manifest of `diff` to `dest` (through a temporary file renamed into place; durability
-    /// comes from the `syncfs` that follows in the caller) and returns its digest.
-    pub(crate) fn write_manifest(&self, diff: &Path, dest: &Path) -> Result<String> {
-        let tmp = dest.with_extension("tmp");
-        let file = std::fs::File::create(&tmp)
-            .map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
-        let mut out = BufWriter::with_capacity(256 * 1024, file);
-        let dir = open_dir(diff)?;
-        let summary = manifest::write_manifest(dir.as_fd(), &mut out)?;
-        out.flush()
-            .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
-        drop(out);
-        std::fs::rename(&tmp, dest).map_err(|e| StoreError::io(format!("rename {}", tmp.display()), e))?;
-        Ok(summary.digest)
+    /// Writes layer `n`'s manifest in the background and records its digest, so that applies and commits do
+    /// not wait for a second read of the content. Verification waits for pending manifests; a crash before
+    /// the record is written leaves the layer without one, and the next start writes it again.
+    pub(crate) fn seal_later(&self, n: u64) {
+        self.seals
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(n);
+        let db = self.db.clone();
+        let dir = self.layer_dir(n);
+        let seals = self.seals.clone();
+        let spawned = std::thread::Builder::new()
+            .name("manifest".into())
+            .spawn(move || {
+                let result = seal(&db, n, &dir);
+                // The database handle goes before the layer counts as done: a store dropped (and reopened)
+                // after waiting for its seals must find the database closed.
+                drop(db);
+                if let Err(e) = result {
+                    // A layer removed meanwhile is the common case; anything else shows as "no manifest".
+                    debug!(layer = n, error = %e, "manifest not recorded");
+                }
+                seals.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+                seals.done.notify_all();
+            });
+        if let Err(e) = spawned {
+            warn!(layer = n, error = %e, "could not start the manifest writer");
+            self.seals
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&n);
+        }
+    }
+
+    /// Waits until no manifest is being written (tests, and `verify --all`).
+    pub fn wait_sealed(&self) {
+        self.seals.wait(None);
     }
 
     /// Numbers of the layers that have a manifest to check (frozen layers).
     pub fn verifiable_layers(&self) -> Result<Vec<u64>> {
+        self.seals.wait(None);
         Ok(self
             .list()?
             .into_iter()
@@ -78,6 +188,7 @@ impl Store {
 
     /// Checks layer `n` against its manifest; `progress` receives content bytes as they are read.
     pub fn verify_layer(&self, n: u64, progress: &mut dyn FnMut(u64)) -> Result<VerifyResult> {
+        self.seals.wait(Some(n));
         let rec = self
             .record_by_number(n)?
             .ok_or_else(|| StoreError::NotFound(format!("layer number {n:x}")))?;

@@ -137,6 +137,8 @@ fn manifest_recorded_at_apply_and_verify_finds_a_flipped_byte() {
     let s = Store::open(&r.path()).unwrap();
     let a = layer(&s, "a", None, &[("etc/motd", b"hello"), ("bin/sh", b"#!")]);
     let b = layer(&s, "b", Some("a"), &[("x", b"xx")]);
+    // Manifests are written in the background after an apply.
+    s.wait_sealed();
     let info = s.info(NS, "a").unwrap();
     assert!(info.record.manifest.as_deref().unwrap().starts_with("sha256:"));
     assert!(r.path().join(format!("layers/{a:x}/manifest")).is_file());
