@@ -681,6 +681,10 @@ fn pairs_to_map(nums: &[u64]) -> Result<Vec<(u64, u64)>, ArchiveError> {
 /// Chunks must be in order, not overlap, stay within the real size, and add up to the
 /// stored data size.
 fn check_sparse(real_size: u64, map: Vec<(u64, u64)>, stored: u64) -> Result<Sparse, ArchiveError> {
+    // File sizes and offsets are i64 in the kernel: a larger real size cannot exist.
+    if i64::try_from(real_size).is_err() {
+        return Err(invalid("sparse file size out of range"));
+    }
     let mut end = 0u64;
     let mut total = 0u64;
     for &(off, len) in &map {
@@ -700,6 +704,13 @@ fn check_sparse(real_size: u64, map: Vec<(u64, u64)>, stored: u64) -> Result<Spa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sparse_sizes_beyond_i64_are_invalid() {
+        let e = check_sparse(u64::MAX, vec![(0, 10)], 10).unwrap_err();
+        assert!(matches!(e, ArchiveError::InvalidArchive(_)), "{e}");
+        assert!(check_sparse(i64::MAX as u64, vec![(0, 10)], 10).is_ok());
+    }
 
     #[test]
     fn pax_records_by_length() {
