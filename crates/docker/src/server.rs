@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::PluginError;
 use crate::http::{
-    self, Body, ChunkedWriter, Conn, Deadline, Framing, HeadError, HeadLimits, NoTimeouts, Transport,
+    self, Body, BodySource, ChunkedWriter, Conn, Deadline, Framing, HeadError, HeadLimits, NoTimeouts,
+    Transport,
 };
 use crate::router::{Payload, Router};
 use crate::wire;
@@ -25,7 +26,8 @@ use crate::wire;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Connections served at once. When full, the connection that has waited longest for a
-    /// request head is closed to make room; if every connection is busy, new ones wait.
+    /// request head, or for the rest of a small (`Content-Length`) request body, is closed to make
+    /// room; if every connection is busy, new ones wait.
     pub max_connections: usize,
     /// Cap on a request head (request line + headers), bytes.
     pub max_head: usize,
@@ -158,6 +160,9 @@ struct Slot {
     stream: UnixStream,
     /// `Some` while waiting for a request head.
     idle_since: Option<Instant>,
+    /// `Some` while blocked waiting for bytes of a `Content-Length` request body: a client trickling
+    /// its body must not hold a slot that a valid request needs.
+    body_wait_since: Option<Instant>,
     /// Closed from outside: the connection must not start another request.
     evicted: bool,
 }
@@ -172,6 +177,7 @@ impl Registry {
             Slot {
                 stream,
                 idle_since: None,
+                body_wait_since: None,
                 evicted: false,
             },
         );
@@ -205,13 +211,16 @@ impl Registry {
                 let victim = st
                     .conns
                     .iter_mut()
-                    .filter(|(_, s)| !s.evicted && s.idle_since.is_some())
-                    .min_by_key(|(_, s)| s.idle_since)
-                    .map(|(id, s)| (*id, s));
+                    .filter_map(|(id, s)| {
+                        let since = s.idle_since.or(s.body_wait_since)?;
+                        (!s.evicted).then_some((since, *id, s))
+                    })
+                    .min_by_key(|(since, _, _)| *since)
+                    .map(|(_, id, s)| (id, s));
                 if let Some((id, slot)) = victim {
                     tracing::debug!(
                         conn = id,
-                        "connection limit reached, closing the longest idle connection"
+                        "connection limit reached, closing the connection waiting longest for a request"
                     );
                     Self::close_slot(slot);
                 }
@@ -268,6 +277,8 @@ trait ConnHooks {
     fn begin_busy(&self) -> bool;
     /// Whether the server is shutting down (reply with `Connection: close`).
     fn stopping(&self) -> bool;
+    /// Blocked (`true`) or no longer blocked (`false`) waiting for bytes of a small request body.
+    fn body_wait(&self, _waiting: bool) {}
 }
 
 struct NoHooks;
@@ -320,6 +331,43 @@ impl ConnHooks for RegistryHooks<'_> {
 
     fn stopping(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
+    }
+
+    fn body_wait(&self, waiting: bool) {
+        let mut st = lock(&self.reg.state);
+        if let Some(slot) = st.conns.get_mut(&self.id) {
+            slot.body_wait_since = waiting.then(Instant::now);
+        }
+    }
+}
+
+/// A body source that reports, through the hooks, when it blocks waiting for the client.
+struct WatchedSource<'a, T: Transport> {
+    conn: &'a mut Conn<T>,
+    hooks: &'a dyn ConnHooks,
+}
+
+impl<T: Transport> WatchedSource<'_, T> {
+    fn waiting<R>(&mut self, f: impl FnOnce(&mut Conn<T>) -> R) -> R {
+        self.hooks.body_wait(true);
+        let r = f(self.conn);
+        self.hooks.body_wait(false);
+        r
+    }
+}
+
+impl<T: Transport> BodySource for WatchedSource<'_, T> {
+    fn buffered(&self) -> &[u8] {
+        self.conn.buffered()
+    }
+    fn consume(&mut self, n: usize) {
+        self.conn.consume(n)
+    }
+    fn fill(&mut self, dl: Deadline) -> io::Result<usize> {
+        self.waiting(|c| c.fill(dl))
+    }
+    fn read_direct(&mut self, out: &mut [u8], dl: Deadline) -> io::Result<usize> {
+        self.waiting(|c| c.read_direct(out, dl))
     }
 }
 
@@ -395,7 +443,20 @@ fn serve_connection<T: Transport>(io: T, router: &Router, cfg: &ServerConfig, ho
         }
         let head_only = head.method == "HEAD";
         let body_deadline = Deadline::At(Instant::now() + cfg.body_timeout);
-        let mut body = Body::new(&mut conn, head.framing, body_deadline, cfg.stream_timeout);
+        // Small bodies (JSON, `Content-Length`): a connection blocked on them may be evicted at the
+        // connection limit. Chunked bodies (ApplyDiff streams) never are.
+        let mut watched;
+        let src: &mut dyn BodySource = match head.framing {
+            Framing::Length(n) if n > 0 => {
+                watched = WatchedSource {
+                    conn: &mut conn,
+                    hooks,
+                };
+                &mut watched
+            }
+            _ => &mut conn,
+        };
+        let mut body = Body::new(src, head.framing, body_deadline, cfg.stream_timeout);
         let reply = router.handle(&head, &mut body);
         // Keep the connection only if the request body is fully consumed (drain a little if needed).
         let body_done =
