@@ -443,11 +443,11 @@ fn serve_connection<T: Transport>(io: T, router: &Router, cfg: &ServerConfig, ho
         }
         let head_only = head.method == "HEAD";
         let body_deadline = Deadline::At(Instant::now() + cfg.body_timeout);
-        // Small bodies (JSON, `Content-Length`): a connection blocked on them may be evicted at the
-        // connection limit. Chunked bodies (ApplyDiff streams) never are.
+        // Small bodies (JSON, `Content-Length` up to the JSON limit): a connection blocked on them may be
+        // evicted at the connection limit. Chunked or larger bodies (tar uploads) never are.
         let mut watched;
         let src: &mut dyn BodySource = match head.framing {
-            Framing::Length(n) if n > 0 => {
+            Framing::Length(n) if n > 0 && n <= crate::router::DEFAULT_JSON_BODY_LIMIT as u64 => {
                 watched = WatchedSource {
                     conn: &mut conn,
                     hooks,
