@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::meta::{LAYERS, PENDING};
 use crate::stats::Counter;
-use crate::{error, lock, mkdir, open_dir, remove_tree, LayerRecord, LayerState, Result, Store, StoreError};
+use crate::{error, lock, open_dir, remove_tree, LayerRecord, Result, Store, StoreError};
 
 /// What a piece of garbage is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -422,29 +422,7 @@ impl Store {
             return Ok(());
         }
         remove_tree(staging);
-        if self.record_by_number(n)?.is_some() {
-            let diff = self.layer_dir(n).join("diff");
-            if diff.exists() {
-                let trash = self.trash_path(n);
-                std::fs::rename(&diff, &trash)
-                    .map_err(|e| StoreError::io(format!("move {}", diff.display()), e))?;
-                remove_tree(&trash);
-            }
-            let _ = std::fs::remove_file(self.layer_dir(n).join("manifest"));
-            mkdir(&diff, 0o755)?;
-            self.update_record(n, |r| {
-                r.state = LayerState::Empty;
-                r.size = None;
-                r.digest = None;
-                r.manifest = None;
-            })?;
-        }
-        let txn = self.db.begin_write().map_err(error::db_err)?;
-        txn.open_table(PENDING)
-            .map_err(error::db_err)?
-            .remove(n)
-            .map_err(error::db_err)?;
-        txn.commit().map_err(error::db_err)
+        self.reset_interrupted_apply(n)
     }
 
     fn known_layers(&self) -> Result<HashSet<u64>> {

@@ -318,27 +318,7 @@ impl Store {
         };
         for n in pending {
             warn!(layer = n, "rolling back an apply interrupted by a crash");
-            let diff = self.layer_dir(n).join("diff");
-            if diff.exists() {
-                let trash = self.trash_path(n);
-                std::fs::rename(&diff, &trash)
-                    .map_err(|e| StoreError::io(format!("move {}", diff.display()), e))?;
-                remove_tree(&trash);
-            }
-            let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
-            mkdir(&diff, 0o755)?;
-            self.update_record(n, |r| {
-                r.state = LayerState::Empty;
-                r.size = None;
-                r.digest = None;
-                r.manifest = None;
-            })?;
-            let txn = self.db.begin_write().map_err(error::db_err)?;
-            txn.open_table(PENDING)
-                .map_err(error::db_err)?
-                .remove(n)
-                .map_err(error::db_err)?;
-            txn.commit().map_err(error::db_err)?;
+            self.reset_interrupted_apply(n)?;
         }
         // 3. Directories without a record.
         let known: std::collections::HashSet<u64> = {
@@ -432,6 +412,35 @@ impl Store {
             StoreError::CorruptMetadata(format!("name {name:?} points at missing layer {n}"))
         })?;
         Ok(Some((n, LayerRecord::decode(rec.value())?)))
+    }
+
+    /// Puts a layer whose apply was interrupted back to empty, as created (its `diff/` replaced by an
+    /// empty directory, no manifest, state `Empty`), and drops its `pending` row. Used by the start-up
+    /// recovery and by `gc`.
+    pub(crate) fn reset_interrupted_apply(&self, n: u64) -> Result<()> {
+        if self.record_by_number(n)?.is_some() {
+            let diff = self.layer_dir(n).join("diff");
+            if diff.exists() {
+                let trash = self.trash_path(n);
+                std::fs::rename(&diff, &trash)
+                    .map_err(|e| StoreError::io(format!("move {}", diff.display()), e))?;
+                remove_tree(&trash);
+            }
+            let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
+            mkdir(&diff, 0o755)?;
+            self.update_record(n, |r| {
+                r.state = LayerState::Empty;
+                r.size = None;
+                r.digest = None;
+                r.manifest = None;
+            })?;
+        }
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        txn.open_table(PENDING)
+            .map_err(error::db_err)?
+            .remove(n)
+            .map_err(error::db_err)?;
+        txn.commit().map_err(error::db_err)
     }
 
     fn update_record(&self, n: u64, f: impl FnOnce(&mut LayerRecord)) -> Result<LayerRecord> {
