@@ -5,7 +5,7 @@
 #   3. one cargo build of all targets, reused by the tiers
 #                                   6. fuzz smoke runs (30 s per target) for every crates/*/fuzz
 # Installs missing system packages (docker.io, containerd, protobuf-compiler, Go and containerd's Go
-# sources, busybox-static, MooseFS) with apt-get. The e2e tiers need root:
+# sources, busybox-static, btrfs-progs and xfsprogs for the quota and benchmark filesystems, MooseFS) with apt-get. The e2e tiers need root:
 # they start their own lamina and dockerd processes (see crates/lamina/tests/common/mod.rs).
 # Exits non-zero on the first failure. Environment: FUZZ_SECONDS (30), SKIP_FUZZ=1, CI=true (tests that
 # lack a prerequisite fail instead of printing SKIPPED).
@@ -28,7 +28,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolc
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=()
-for pkg in docker.io containerd protobuf-compiler golang-go golang-github-containerd-containerd-dev busybox-static docker-registry moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux; do
+for pkg in docker.io containerd protobuf-compiler golang-go golang-github-containerd-containerd-dev busybox-static docker-registry btrfs-progs xfsprogs moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux; do
     installed "$pkg" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
