@@ -5,8 +5,9 @@
 #   3. one cargo build of all targets, reused by the tiers
 #                                   6. fuzz smoke runs (30 s per target) for every crates/*/fuzz
 # Installs missing system packages (docker.io, containerd, protobuf-compiler, Go and containerd's Go
-# sources, busybox-static, btrfs-progs and xfsprogs for the quota and benchmark filesystems, MooseFS) with apt-get. The e2e tiers need root:
-# they start their own lamina and dockerd processes (see crates/lamina/tests/common/mod.rs).
+# sources, busybox-static, btrfs-progs and xfsprogs for the quota and benchmark filesystems, MooseFS) with
+# apt-get. The e2e tiers need root: they start their own lamina and dockerd processes (see
+# crates/lamina/tests/common/mod.rs).
 # Exits non-zero on the first failure. Environment: FUZZ_SECONDS (30), SKIP_FUZZ=1, CI=true (tests that
 # lack a prerequisite fail instead of printing SKIPPED).
 set -euo pipefail
