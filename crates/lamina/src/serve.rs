@@ -44,7 +44,12 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
         // One object per line; the request span's fields (`rid`) are in "span" and "spans".
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_ansi(false)
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
     }
     Ok(())
 }
