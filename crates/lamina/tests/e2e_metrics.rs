@@ -29,6 +29,26 @@ use serde_json::{json, Value};
 fn scrape(socket: &Path) -> String {
     let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    scrape_from(&mut s)
+}
+
+/// GETs `/metrics` from a TCP endpoint; returns the body.
+fn scrape_tcp(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    scrape_from(&mut s)
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released: another process could take it meanwhile).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scrape_from(s: &mut (impl Read + Write)) -> String {
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lamina\r\n\r\n")
         .unwrap();
     let mut resp = String::new();
@@ -141,6 +161,62 @@ impl Snap {
             labels: HashMap::new(),
         };
         self.rt.block_on(c.prepare(req)).expect("Prepare");
+    }
+
+    /// Prepare of a parentless snapshot; the directory its bind mount would show.
+    fn prepare_path(&self, key: &str, parent: &str) -> PathBuf {
+        let mut c = self.client.clone();
+        let req = pb::PrepareSnapshotRequest {
+            snapshotter: "lamina".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: HashMap::new(),
+        };
+        let mounts = self
+            .rt
+            .block_on(c.prepare(req))
+            .expect("Prepare")
+            .into_inner()
+            .mounts;
+        assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
+        PathBuf::from(&mounts[0].source)
+    }
+
+    fn prepare_err(&self, key: &str, parent: &str) -> String {
+        let mut c = self.client.clone();
+        let req = pb::PrepareSnapshotRequest {
+            snapshotter: "lamina".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: HashMap::new(),
+        };
+        self.rt
+            .block_on(c.prepare(req))
+            .expect_err("Prepare must fail")
+            .message()
+            .to_string()
+    }
+
+    fn mounts_err(&self, key: &str) -> String {
+        let mut c = self.client.clone();
+        let req = pb::MountsRequest {
+            snapshotter: "lamina".into(),
+            key: key.into(),
+        };
+        self.rt
+            .block_on(c.mounts(req))
+            .expect_err("Mounts must fail")
+            .message()
+            .to_string()
+    }
+
+    fn exists(&self, key: &str) -> bool {
+        let mut c = self.client.clone();
+        let req = pb::StatSnapshotRequest {
+            snapshotter: "lamina".into(),
+            key: key.into(),
+        };
+        self.rt.block_on(c.stat(req)).is_ok()
     }
 
     fn view(&self, key: &str, parent: &str) {
@@ -470,12 +546,16 @@ fn verify_on_mount_refuses_a_changed_layer() {
     }
     let _serial = serial();
     let mut lamina = Lamina::new(&unique_name("verifymount"));
-    let metrics_sock = lamina.dir().join("metrics.sock");
+    // TCP this time (the other test scrapes a unix socket).
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let snap_sock = lamina.dir().join("snap.sock");
     lamina.extra_args = vec![
         "--log-level".into(),
         "info".into(),
         "--metrics-address".into(),
-        format!("unix:{}", metrics_sock.display()),
+        metrics_addr.clone(),
+        "--snapshotter-socket".into(),
+        snap_sock.display().to_string(),
     ];
     lamina.spawn();
     lamina.wait_ready();
@@ -504,6 +584,14 @@ fn verify_on_mount_refuses_a_changed_layer() {
             .as_str()
             .unwrap(),
     );
+    // The snapshotter: a committed layer with a file (written through the path Prepare returns), an active
+    // snapshot on it.
+    let snap = Snap::connect(&snap_sock);
+    let src = snap.prepare_path("s-base", "");
+    fs::write(src.join("hello"), b"snapshot content\n").unwrap();
+    snap.commit("s-layer", "s-base");
+    snap.prepare("s-work", "s-layer");
+    drop(snap);
     // Manifests are written in the background: `lamina verify --all` waits for them (through the daemon).
     let v = lamina_cli_json(&lamina.data_root, &["verify", "--all"]);
     assert_eq!(v["mismatches"], 0, "{v}");
@@ -551,8 +639,23 @@ fn verify_on_mount_refuses_a_changed_layer() {
         mb / (first.saturating_sub(second)).as_secs_f64().max(1e-6)
     );
 
-    let m = parse_exposition(&scrape(&metrics_sock));
-    assert!(sample(&m, "lamina_verify_on_mount_total{result=\"mismatch\"}") >= 2.0);
+    // The snapshotter refuses Mounts of a stack over a changed layer, and a Prepare on it creates nothing.
+    let s_layer = lamina_cli_json(
+        &lamina.data_root,
+        &["layers", "inspect", "containerd:lamina/s-layer"],
+    );
+    let hello = PathBuf::from(s_layer["dir"].as_str().unwrap()).join("diff/hello");
+    fs::write(&hello, b"snapshot c0ntent\n").unwrap();
+    let snap = Snap::connect(&snap_sock);
+    let e = snap.mounts_err("s-work");
+    assert!(e.contains("hello") && e.contains("verify_on_mount"), "{e}");
+    let e = snap.prepare_err("s-new", "s-layer");
+    assert!(e.contains("hello"), "{e}");
+    assert!(!snap.exists("s-new"), "a refused Prepare leaves no snapshot");
+    drop(snap);
+
+    let m = parse_exposition(&scrape_tcp(&metrics_addr));
+    assert!(sample(&m, "lamina_verify_on_mount_total{result=\"mismatch\"}") >= 4.0);
     // mid (checked before base refused the c-mid stack) and big, once each.
     assert_eq!(sample(&m, "lamina_verify_on_mount_total{result=\"clean\"}"), 2.0);
     assert!(sample(&m, "lamina_verify_on_mount_bytes_total") >= 50.0 * 1048576.0);
