@@ -25,6 +25,13 @@ use lamina_snapshotter::tonic::transport::Channel;
 use pb::snapshots_client::SnapshotsClient;
 use serde_json::{json, Value};
 
+/// The build of the lamina binary under test (figures of a debug build are much slower: unoptimised sha256).
+const PROFILE: &str = if cfg!(debug_assertions) {
+    "debug"
+} else {
+    "release"
+};
+
 /// GETs `/metrics` from a unix socket endpoint; returns the body.
 fn scrape(socket: &Path) -> String {
     let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
@@ -298,6 +305,8 @@ fn metrics_count_the_calls_and_logs_carry_request_ids() {
         "json".into(),
         "--log-level".into(),
         "debug".into(),
+        "--volumes-mount-base".into(),
+        lamina.dir().join("vols").display().to_string(),
     ];
     lamina.spawn();
     lamina.wait_ready();
@@ -365,6 +374,22 @@ fn metrics_count_the_calls_and_logs_carry_request_ids() {
     assert!(snap.remove("look"));
     assert!(!snap.remove("no-such-snapshot"));
 
+    // Volumes: create, mount twice (two containers), unmount both, remove; a failing mount.
+    let vol = |method: &str, body: Value| {
+        let mut b = serde_json::to_vec(&body).unwrap();
+        b.push(b'\n');
+        c.post_raw(&format!("/VolumeDriver.{method}"), &b).unwrap()
+    };
+    vol("Create", json!({"Name": "v1", "Opts": {}})).ok("VolumeDriver.Create");
+    for id in ["m1", "m2"] {
+        vol("Mount", json!({"Name": "v1", "ID": id})).ok("VolumeDriver.Mount");
+    }
+    for id in ["m1", "m2"] {
+        vol("Unmount", json!({"Name": "v1", "ID": id})).ok("VolumeDriver.Unmount");
+    }
+    assert!(vol("Mount", json!({"Name": "nope", "ID": "m3"})).err().is_some());
+    vol("Remove", json!({"Name": "v1"})).ok("VolumeDriver.Remove");
+
     // A piece of garbage for gc to count.
     let orphan = lamina.data_root.join("layers").join("7ffff000");
     fs::create_dir_all(orphan.join("diff")).unwrap();
@@ -399,7 +424,12 @@ fn metrics_count_the_calls_and_logs_carry_request_ids() {
     assert_eq!(sn("Mounts", "ok"), 2);
     assert_eq!(sn("Remove", "ok"), 1);
     assert_eq!(sn("Remove", "error"), 1);
-    assert_eq!(requests(&m, "volume", "Mount", "ok"), 0);
+    let vo = |op: &str, r: &str| requests(&m, "volume", op, r);
+    assert_eq!(
+        (vo("Create", "ok"), vo("Mount", "ok"), vo("Mount", "error")),
+        (1, 2, 1)
+    );
+    assert_eq!((vo("Unmount", "ok"), vo("Remove", "ok")), (2, 1));
 
     // Every histogram's _count equals ok + error of its operation, and its +Inf bucket equals _count.
     for (key, v) in &m {
@@ -632,8 +662,9 @@ fn verify_on_mount_refuses_a_changed_layer() {
     c.call("Put", json!({"ID": "c-big"})).ok("Put c-big");
     let mb = 50.0 * 1.048576;
     eprintln!(
-        "FIGURE verify_on_mount first mount of a stack over a {mb:.1} MB layer (50 files, page cache warm): \
+        "FIGURE verify_on_mount first mount of a stack over a {mb:.1} MB layer (50 files, page cache warm, {} build): \
          {:.1} ms (next mount {:.1} ms; check ~{:.0} MB/s)",
+        PROFILE,
         first.as_secs_f64() * 1e3,
         second.as_secs_f64() * 1e3,
         mb / (first.saturating_sub(second)).as_secs_f64().max(1e-6)
@@ -732,8 +763,9 @@ fn metrics_overhead_on_get_p50() {
     };
     let (m_on, m_off) = (median(&mut p_on.clone()), median(&mut p_off.clone()));
     eprintln!(
-        "FIGURE Get p50 ({pairs} Get/Put pairs per run, median of 3): metrics on {m_on:.1} us, off {m_off:.1} us, \
+        "FIGURE Get p50 ({pairs} Get/Put pairs per run, median of 3, {} build): metrics on {m_on:.1} us, off {m_off:.1} us, \
          overhead {:+.1} us ({:+.1}%); runs on {p_on:.1?} off {p_off:.1?}",
+        PROFILE,
         m_on - m_off,
         (m_on - m_off) / m_off * 100.0
     );
