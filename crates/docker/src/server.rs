@@ -384,6 +384,9 @@ fn write_error<T: Transport>(conn: &mut Conn<T>, status: u16, err: &PluginError)
     let _ = conn.flush();
 }
 
+/// Request ids of the plugin socket, for the `request{rid=N}` log span.
+static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn serve_connection<T: Transport>(io: T, router: &Router, cfg: &ServerConfig, hooks: &dyn ConnHooks) {
     let limits = HeadLimits {
         max_headers: cfg.max_headers,
@@ -433,6 +436,9 @@ fn serve_connection<T: Transport>(io: T, router: &Router, cfg: &ServerConfig, ho
         if !hooks.begin_busy() {
             return;
         }
+        // Every log line of this request (the Diff stream included) carries its id.
+        let span = tracing::info_span!("request", rid = REQUEST_IDS.fetch_add(1, Ordering::Relaxed) + 1);
+        let _span = span.enter();
         let has_body = head.framing != Framing::Length(0);
         if head.expect_continue
             && head.version >= 1

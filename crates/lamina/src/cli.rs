@@ -307,6 +307,18 @@ fn print_table(layers: &[LayerOverview]) {
     }
 }
 
+/// A spinner on stderr while a long command runs, on a terminal only (and not with `--json`); other output
+/// is unchanged.
+fn spinner(json: bool, msg: &str) -> Option<indicatif::ProgressBar> {
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new_spinner();
+    b.set_message(msg.to_string());
+    b.enable_steady_tick(Duration::from_millis(100));
+    Some(b)
+}
+
 fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -374,8 +386,12 @@ pub fn run_layers(cmd: LayersCommand) -> anyhow::Result<ExitCode> {
             layer,
             namespace,
         } => {
-            let v = dispatch(&target, &Request::Inspect { layer, namespace }, &mut |_| {})?;
-            print_json(&v)?;
+            let bar = spinner(target.json, "measuring disk usage");
+            let v = dispatch(&target, &Request::Inspect { layer, namespace }, &mut |_| {});
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            print_json(&v?)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -401,7 +417,19 @@ pub fn run_gc(a: GcArgs) -> anyhow::Result<ExitCode> {
         dry_run: a.dry_run,
         namespaces: a.namespaces,
     };
-    let v = dispatch(&a.target, &req, &mut |_| {})?;
+    let bar = spinner(
+        a.target.json,
+        if a.dry_run {
+            "looking for garbage (dry run)"
+        } else {
+            "collecting garbage"
+        },
+    );
+    let v = dispatch(&a.target, &req, &mut |_| {});
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let v = v?;
     if a.target.json {
         print_json(&v)?;
     } else {

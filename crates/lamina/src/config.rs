@@ -30,6 +30,32 @@ pub struct FileConfig {
     pub volumes: Option<VolumesFile>,
     /// Run `lamina gc` (without removed namespaces) every this many seconds; absent or 0: never.
     pub gc_interval_secs: Option<u64>,
+    /// Prometheus endpoint: `HOST:PORT` or `unix:/PATH`; absent or `none`: off.
+    pub metrics_address: Option<String>,
+    /// `text` (default) or `json`.
+    pub log_format: Option<String>,
+    /// Check frozen layers against their manifests before their first mount after a start.
+    pub verify_on_mount: Option<bool>,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// `text` or `json`.
+    pub fn parse(s: &str) -> anyhow::Result<LogFormat> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => bail!("log format {s:?}: must be \"text\" or \"json\""),
+        }
+    }
 }
 
 /// The settings `serve` runs with.
@@ -47,6 +73,12 @@ pub struct Settings {
     pub volumes: Option<lamina_volume::VolumeConfig>,
     /// Periodic garbage collection.
     pub gc_interval: Option<std::time::Duration>,
+    /// The Prometheus endpoint (None: off).
+    pub metrics_address: Option<crate::metrics::MetricsAddress>,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// `verify_on_mount`.
+    pub verify_on_mount: bool,
 }
 
 impl FileConfig {
@@ -85,6 +117,12 @@ pub struct Flags {
     pub log_level: Option<String>,
     /// `--volumes-mount-base`: overrides `[volumes] mount_base`.
     pub volumes_mount_base: Option<PathBuf>,
+    /// `--metrics-address`.
+    pub metrics_address: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<String>,
+    /// `--verify-on-mount`.
+    pub verify_on_mount: Option<bool>,
 }
 
 /// `none` (or an empty value) turns a socket off.
@@ -123,6 +161,13 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
             .gc_interval_secs
             .filter(|s| *s > 0)
             .map(std::time::Duration::from_secs),
+        metrics_address: match flags.metrics_address.or(file.metrics_address) {
+            Some(a) if a.is_empty() || a == "none" => None,
+            Some(a) => Some(crate::metrics::MetricsAddress::parse(&a)?),
+            None => None,
+        },
+        log_format: LogFormat::parse(flags.log_format.or(file.log_format).as_deref().unwrap_or("text"))?,
+        verify_on_mount: flags.verify_on_mount.or(file.verify_on_mount).unwrap_or(false),
     };
     if !s.data_root.is_absolute() {
         bail!("data root {} must be an absolute path", s.data_root.display());
@@ -487,6 +532,50 @@ mod tests {
         };
         let s = resolve(FileConfig::default(), flags).unwrap();
         assert_eq!(s.volumes.unwrap().mount_base, PathBuf::from("/p/volumes"));
+    }
+
+    #[test]
+    fn metrics_logs_and_verify_settings() {
+        let d = resolve(FileConfig::default(), Flags::default()).unwrap();
+        assert_eq!(d.metrics_address, None);
+        assert_eq!(d.log_format, LogFormat::Text);
+        assert!(!d.verify_on_mount);
+        let file = FileConfig::parse(
+            "metrics_address = \"unix:/run/lamina/metrics.sock\"\nlog_format = \"json\"\nverify_on_mount = true",
+            "test",
+        )
+        .unwrap();
+        let s = resolve(file, Flags::default()).unwrap();
+        assert_eq!(
+            s.metrics_address,
+            Some(crate::metrics::MetricsAddress::Unix(
+                "/run/lamina/metrics.sock".into()
+            ))
+        );
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert!(s.verify_on_mount);
+        let file = FileConfig::parse(
+            "metrics_address = \"127.0.0.1:9323\"\nverify_on_mount = true",
+            "t",
+        )
+        .unwrap();
+        let flags = Flags {
+            metrics_address: Some("none".into()),
+            log_format: Some("text".into()),
+            verify_on_mount: Some(false),
+            ..Flags::default()
+        };
+        let s = resolve(file, flags).unwrap();
+        assert_eq!(s.metrics_address, None, "a flag of none wins over the file");
+        assert!(!s.verify_on_mount);
+        for (text, want) in [
+            ("log_format = \"xml\"", "text"),
+            ("metrics_address = \"9323\"", "HOST:PORT"),
+            ("metrics_address = \"unix:rel\"", "absolute"),
+        ] {
+            let e = resolve(FileConfig::parse(text, "t").unwrap(), Flags::default()).unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{text}: {e:#}");
+        }
     }
 
     #[test]

@@ -6,6 +6,8 @@ mod adapters;
 mod admin;
 mod cli;
 mod config;
+mod metrics;
+mod mount_check;
 mod serve;
 
 use std::path::PathBuf;
@@ -36,7 +38,8 @@ const SERVE_AFTER: &str = "FILES:
 
 ENVIRONMENT:
   LAMINA_DATA_ROOT, LAMINA_SOCKET, LAMINA_SNAPSHOTTER_SOCKET, LAMINA_CONFIG, LAMINA_CONFIG_TOML,
-  LAMINA_LOG_LEVEL, LAMINA_VOLUMES_MOUNT_BASE
+  LAMINA_LOG_LEVEL, LAMINA_VOLUMES_MOUNT_BASE, LAMINA_METRICS_ADDRESS, LAMINA_LOG_FORMAT,
+  LAMINA_VERIFY_ON_MOUNT
                               the same as the flags of the same names (a flag wins over its variable)
   REMOTE_PATH                 overrides [volumes.moosefs] remote_path
 
@@ -89,6 +92,18 @@ enum Command {
         /// [default: /mnt/docker-volumes].
         #[arg(long, value_name = "DIR", env = "LAMINA_VOLUMES_MOUNT_BASE")]
         volumes_mount_base: Option<PathBuf>,
+        /// Serve Prometheus metrics at /metrics on HOST:PORT (e.g. 127.0.0.1:9323) or unix:/PATH
+        /// [default: off]; `none` turns it off.
+        #[arg(long, value_name = "ADDR", env = "LAMINA_METRICS_ADDRESS")]
+        metrics_address: Option<String>,
+        /// Log line format: text or json (one object per line) [default: text].
+        #[arg(long, value_name = "FORMAT", env = "LAMINA_LOG_FORMAT")]
+        log_format: Option<String>,
+        /// Check each frozen layer of a stack against its content manifest before its first mount after a
+        /// start; a mismatch refuses the mount [default: false].
+        #[arg(long, value_name = "BOOL", env = "LAMINA_VERIFY_ON_MOUNT", num_args = 0..=1,
+            default_missing_value = "true")]
+        verify_on_mount: Option<bool>,
     },
     /// Store-wide figures: layers, bytes, mounts, operation counts.
     Status(cli::Target),
@@ -112,6 +127,9 @@ fn main() -> ExitCode {
             config_toml,
             log_level,
             volumes_mount_base,
+            metrics_address,
+            log_format,
+            verify_on_mount,
         } => match config_toml {
             Some(text) if !text.trim().is_empty() => config::FileConfig::parse(&text, "--config-toml"),
             _ => config::FileConfig::load(config.as_deref()),
@@ -123,6 +141,9 @@ fn main() -> ExitCode {
                 snapshotter_socket,
                 log_level,
                 volumes_mount_base,
+                metrics_address,
+                log_format,
+                verify_on_mount,
             };
             config::resolve(file, flags)
         })

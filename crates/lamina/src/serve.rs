@@ -19,14 +19,15 @@ use tracing_subscriber::EnvFilter;
 use crate::adapters::graphdriver::GraphDriverAdapter;
 use crate::adapters::snapshotter::SnapshotterAdapter;
 use crate::adapters::volumedriver::VolumeDriverAdapter;
-use crate::config::Settings;
+use crate::config::{LogFormat, Settings};
+use crate::mount_check::MountCheck;
 
 /// How long in-flight gRPC calls get to finish after a termination signal.
 const GRPC_DRAIN: Duration = Duration::from_secs(5);
 /// How often usage counters are written to the database (the most a crash loses).
 const STATS_FLUSH: Duration = Duration::from_secs(10);
 
-fn init_logging(level: &str) -> anyhow::Result<()> {
+fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
     // A plain level applies to lamina; the HTTP/2 stack's own debug output (every frame) stays quiet.
     let directives = if ["error", "warn", "info", "debug", "trace"].contains(&level) {
         format!("{level},h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn")
@@ -34,18 +35,28 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
         level.to_string()
     };
     let filter = EnvFilter::try_new(&directives).with_context(|| format!("bad log level {level:?}"))?;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match format {
         // Colours only on a terminal; a log file or journald gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One object per line; the request span's fields (`rid`) are in "span" and "spans".
+        LogFormat::Json => builder
+            .json()
+            .with_ansi(false)
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     Ok(())
 }
 
 /// Runs the daemon with `settings` until a termination signal.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
-    init_logging(&settings.log_level)?;
+    init_logging(&settings.log_level, settings.log_format)?;
     let store = Arc::new(
         Store::open(&settings.data_root)
             .with_context(|| format!("opening the store at {}", settings.data_root.display()))?,
@@ -55,11 +66,24 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         signal_hook::flag::register(sig, shutdown.flag()).context("installing signal handlers")?;
     }
     // Bind everything before serving anything, so a bad socket fails the start cleanly.
+    let metrics = settings
+        .metrics_address
+        .as_ref()
+        .map(crate::metrics::bind)
+        .transpose()?;
+    let mount_check = settings.verify_on_mount.then(|| Arc::new(MountCheck::new()));
+    if mount_check.is_some() {
+        info!("verify_on_mount: frozen layers are checked against their manifests before their first mount");
+    }
     let mut volumes = None;
     let plugin = match &settings.socket {
         Some(path) => {
-            let graph =
-                Arc::new(GraphDriverAdapter::new(store.clone()).context("restoring graphdriver settings")?);
+            let mut graph =
+                GraphDriverAdapter::new(store.clone()).context("restoring graphdriver settings")?;
+            if let Some(c) = &mount_check {
+                graph = graph.with_mount_check(c.clone());
+            }
+            let graph = Arc::new(graph);
             let mut router = Router::new().with_graph_driver(graph);
             // Volumes are served on the plugin socket only; the service mounts its cluster (if any) now.
             if let Some(cfg) = settings.volumes.clone() {
@@ -78,7 +102,11 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let admin_listener = crate::admin::bind(&settings.data_root)?;
     let grpc = match &settings.snapshotter_socket {
         Some(path) => {
-            let backend = Arc::new(SnapshotterAdapter::new(store.clone())?);
+            let mut backend = SnapshotterAdapter::new(store.clone())?;
+            if let Some(c) = &mount_check {
+                backend = backend.with_mount_check(c.clone());
+            }
+            let backend = Arc::new(backend);
             let listener =
                 lamina_docker::bind_socket(path).with_context(|| format!("binding {}", path.display()))?;
             info!(socket = %path.display(), "serving the containerd snapshotter; name it in containerd's [proxy_plugins]");
@@ -88,6 +116,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let admin = crate::admin::spawn(admin_listener, store.clone(), shutdown.flag())?;
     let housekeeping = spawn_housekeeping(store.clone(), shutdown.flag(), settings.gc_interval)?;
+    let metrics = match metrics {
+        Some(m) => Some(m.spawn(store.clone(), shutdown.flag())?),
+        None => None,
+    };
     let mut result = Ok(());
     let mut sockets: Vec<PathBuf> = vec![crate::admin::socket_path(&settings.data_root)];
     if let Some((path, router, listener)) = plugin {
@@ -128,6 +160,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     shutdown.shutdown();
     let _ = admin.join();
     let _ = housekeeping.join();
+    if let Some(m) = metrics {
+        let _ = m.join();
+    }
     if let Err(e) = store.flush_stats() {
         warn!(error = %e, "could not save usage statistics");
     }

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::os::unix::net::UnixListener;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +18,9 @@ use crate::model::{
 };
 use crate::proto::containerd::services::snapshots::v1 as pb;
 use crate::proto::containerd::types as pbt;
+
+/// Call ids of the snapshotter socket, for the `request{rid=N op=...}` log span.
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(0);
 
 /// Infos per `List` response message.
 pub const LIST_BATCH: usize = 100;
@@ -38,11 +42,18 @@ impl SnapshotsService {
         F: FnOnce(&dyn Snapshotter) -> crate::Result<T> + Send + 'static,
     {
         let backend = self.backend.clone();
-        let out = tokio::task::spawn_blocking(move || f(backend.as_ref()))
+        // Every log line of this call carries its id.
+        let span = tracing::info_span!(
+            "request",
+            rid = REQUEST_IDS.fetch_add(1, Ordering::Relaxed) + 1,
+            op
+        );
+        let inner = span.clone();
+        let out = tokio::task::spawn_blocking(move || inner.in_scope(|| f(backend.as_ref())))
             .await
             .map_err(|e| Status::internal(format!("{op}: worker failed: {e}")))?;
         out.map_err(|e| {
-            debug!(op, code = ?e.code, error = %e.message, "request failed");
+            span.in_scope(|| debug!(op, code = ?e.code, error = %e.message, "request failed"));
             Status::from(e)
         })
     }

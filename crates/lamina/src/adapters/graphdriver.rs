@@ -17,6 +17,9 @@ use lamina_store::{DiffPlan, LayerKind, Store, StoreError};
 use lamina_sys::fs::errno;
 use tracing::info;
 
+use crate::metrics::{self, observe, Op, Timer};
+use crate::mount_check::MountCheck;
+
 const SETTING_HOME: &str = "graphdriver.home";
 const SETTING_MAPS: &str = "graphdriver.idmaps";
 
@@ -31,6 +34,8 @@ struct DriverState {
 pub struct GraphDriverAdapter {
     store: Arc<Store>,
     state: RwLock<DriverState>,
+    /// `verify_on_mount`.
+    mount_check: Option<Arc<MountCheck>>,
 }
 
 /// Maps a store error to the wire error, once.
@@ -116,7 +121,14 @@ impl GraphDriverAdapter {
                 ns: format!("docker:{home}"),
                 mappings,
             }),
+            mount_check: None,
         })
+    }
+
+    /// Checks frozen layers against their manifests before their first mount (`verify_on_mount`).
+    pub fn with_mount_check(mut self, check: Arc<MountCheck>) -> Self {
+        self.mount_check = Some(check);
+        self
     }
 
     fn state(&self) -> DriverState {
@@ -128,16 +140,144 @@ impl GraphDriverAdapter {
     }
 }
 
-struct Stream<'a>(DiffPlan<'a>);
+/// A Diff: timed from the call until the last byte is written.
+struct Stream<'a>(DiffPlan<'a>, Timer);
+
+/// Counts what a Diff writes.
+struct Counting<'a>(&'a mut dyn Write, u64);
+
+impl Write for Counting<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(buf)?;
+        self.1 += buf.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
 
 impl DiffStream for Stream<'_> {
     fn write_to(self: Box<Self>, out: &mut dyn Write) -> Result<(), PluginError> {
-        self.0.write_to(out).map_err(to_plugin_error)
+        let Stream(plan, timer) = *self;
+        if !metrics::enabled() {
+            return plan.write_to(out).map_err(to_plugin_error);
+        }
+        let mut counting = Counting(out, 0);
+        let r = plan.write_to(&mut counting).map_err(to_plugin_error);
+        metrics::diffed(counting.1);
+        timer.finish(r.is_ok());
+        r
     }
 }
 
 impl GraphDriver for GraphDriverAdapter {
     fn init(&self, req: InitRequest) -> Result<(), PluginError> {
+        observe(Op::GdInit, || self.init_inner(req))
+    }
+
+    fn create(&self, req: CreateRequest, read_write: bool) -> Result<(), PluginError> {
+        let op = if read_write {
+            Op::GdCreateReadWrite
+        } else {
+            Op::GdCreate
+        };
+        observe(op, || self.create_inner(req, read_write))
+    }
+
+    fn remove(&self, id: &str) -> Result<(), PluginError> {
+        observe(Op::GdRemove, || {
+            self.store
+                .remove(&self.ns(), id)
+                .map(|_| ())
+                .map_err(to_plugin_error)
+        })
+    }
+
+    fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {
+        observe(Op::GdGet, || {
+            let ns = self.ns();
+            if let Some(check) = &self.mount_check {
+                let info = self.store.info(&ns, id).map_err(to_plugin_error)?;
+                if info.mounts == 0 {
+                    check.check_stack(&self.store, &info).map_err(to_plugin_error)?;
+                }
+            }
+            self.store.get(&ns, id, mount_label).map_err(to_plugin_error)
+        })
+    }
+
+    fn put(&self, id: &str) -> Result<(), PluginError> {
+        observe(Op::GdPut, || {
+            self.store.put(&self.ns(), id).map_err(to_plugin_error)
+        })
+    }
+
+    fn exists(&self, id: &str) -> bool {
+        self.store.exists(&self.ns(), id).unwrap_or(false)
+    }
+
+    fn status(&self) -> Vec<[String; 2]> {
+        self.status_inner()
+    }
+
+    fn get_metadata(&self, id: &str) -> Result<BTreeMap<String, String>, PluginError> {
+        observe(Op::GdGetMetadata, || self.get_metadata_inner(id))
+    }
+
+    fn cleanup(&self) -> Result<(), PluginError> {
+        observe(Op::GdCleanup, || {
+            self.store.unmount_all().map_err(to_plugin_error)
+        })
+    }
+
+    fn diff(&self, id: &str, parent: &str) -> Result<Box<dyn DiffStream + '_>, PluginError> {
+        let timer = Timer::start(Op::GdDiff);
+        let st = self.state();
+        match self.store.diff(&st.ns, id, parent, &st.mappings) {
+            Ok(plan) => Ok(Box::new(Stream(plan, timer))),
+            Err(e) => {
+                timer.finish(false);
+                Err(to_plugin_error(e))
+            }
+        }
+    }
+
+    fn changes(&self, id: &str, parent: &str) -> Result<Vec<FileChange>, PluginError> {
+        observe(Op::GdChanges, || self.changes_inner(id, parent))
+    }
+
+    fn apply_diff(&self, id: &str, parent: &str, body: &mut dyn Read) -> Result<u64, PluginError> {
+        let timer = Timer::start(Op::GdApplyDiff);
+        let r = self.apply_diff_inner(id, parent, body);
+        let elapsed = timer.finish(r.is_ok());
+        let (size, tar_bytes, number) = r?;
+        metrics::applied(tar_bytes, elapsed);
+        if let Some(check) = &self.mount_check {
+            // Written by this process just now: nothing to check before its first mount.
+            check.trust(number);
+        }
+        Ok(size)
+    }
+
+    fn diff_size(&self, id: &str, parent: &str) -> Result<u64, PluginError> {
+        observe(Op::GdDiffSize, || {
+            self.store
+                .diff_size(&self.ns(), id, parent)
+                .map_err(to_plugin_error)
+        })
+    }
+}
+
+impl GraphDriverAdapter {
+    fn init_inner(&self, req: InitRequest) -> Result<(), PluginError> {
         if let Some(opt) = req.options.first() {
             return Err(PluginError::new(
                 ErrorKind::Unsupported,
@@ -163,7 +303,7 @@ impl GraphDriver for GraphDriverAdapter {
         Ok(())
     }
 
-    fn create(&self, req: CreateRequest, read_write: bool) -> Result<(), PluginError> {
+    fn create_inner(&self, req: CreateRequest, read_write: bool) -> Result<(), PluginError> {
         if let Some(key) = req.storage_opt.keys().next() {
             return Err(PluginError::new(
                 ErrorKind::Unsupported,
@@ -180,28 +320,7 @@ impl GraphDriver for GraphDriverAdapter {
             .map_err(to_plugin_error)
     }
 
-    fn remove(&self, id: &str) -> Result<(), PluginError> {
-        self.store
-            .remove(&self.ns(), id)
-            .map(|_| ())
-            .map_err(to_plugin_error)
-    }
-
-    fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {
-        self.store
-            .get(&self.ns(), id, mount_label)
-            .map_err(to_plugin_error)
-    }
-
-    fn put(&self, id: &str) -> Result<(), PluginError> {
-        self.store.put(&self.ns(), id).map_err(to_plugin_error)
-    }
-
-    fn exists(&self, id: &str) -> bool {
-        self.store.exists(&self.ns(), id).unwrap_or(false)
-    }
-
-    fn status(&self) -> Vec<[String; 2]> {
+    fn status_inner(&self) -> Vec<[String; 2]> {
         let mut rows = Vec::new();
         if let Ok(st) = self.store.status() {
             rows.push(["Backing Filesystem".into(), st.backing_fs]);
@@ -216,7 +335,7 @@ impl GraphDriver for GraphDriverAdapter {
         rows
     }
 
-    fn get_metadata(&self, id: &str) -> Result<BTreeMap<String, String>, PluginError> {
+    fn get_metadata_inner(&self, id: &str) -> Result<BTreeMap<String, String>, PluginError> {
         let info = self.store.info(&self.ns(), id).map_err(to_plugin_error)?;
         let mut m = BTreeMap::new();
         m.insert("UpperDir".to_string(), info.diff_dir.display().to_string());
@@ -234,20 +353,7 @@ impl GraphDriver for GraphDriverAdapter {
         Ok(m)
     }
 
-    fn cleanup(&self) -> Result<(), PluginError> {
-        self.store.unmount_all().map_err(to_plugin_error)
-    }
-
-    fn diff(&self, id: &str, parent: &str) -> Result<Box<dyn DiffStream + '_>, PluginError> {
-        let st = self.state();
-        let plan = self
-            .store
-            .diff(&st.ns, id, parent, &st.mappings)
-            .map_err(to_plugin_error)?;
-        Ok(Box::new(Stream(plan)))
-    }
-
-    fn changes(&self, id: &str, parent: &str) -> Result<Vec<FileChange>, PluginError> {
+    fn changes_inner(&self, id: &str, parent: &str) -> Result<Vec<FileChange>, PluginError> {
         let changes = self
             .store
             .changes(&self.ns(), id, parent)
@@ -261,7 +367,13 @@ impl GraphDriver for GraphDriverAdapter {
             .collect())
     }
 
-    fn apply_diff(&self, id: &str, parent: &str, body: &mut dyn Read) -> Result<u64, PluginError> {
+    /// ApplyDiff; gives the layer's size, the tar bytes read and the layer's number.
+    fn apply_diff_inner(
+        &self,
+        id: &str,
+        parent: &str,
+        body: &mut dyn Read,
+    ) -> Result<(u64, u64, u64), PluginError> {
         let st = self.state();
         let info = self.store.info(&st.ns, id).map_err(to_plugin_error)?;
         if !parent.is_empty() {
@@ -276,13 +388,7 @@ impl GraphDriver for GraphDriverAdapter {
             .store
             .apply(&st.ns, id, body, &st.mappings)
             .map_err(to_plugin_error)?;
-        Ok(stats.size)
-    }
-
-    fn diff_size(&self, id: &str, parent: &str) -> Result<u64, PluginError> {
-        self.store
-            .diff_size(&self.ns(), id, parent)
-            .map_err(to_plugin_error)
+        Ok((stats.size, stats.tar_bytes, info.number))
     }
 }
 

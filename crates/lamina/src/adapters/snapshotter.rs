@@ -15,6 +15,9 @@ use lamina_snapshotter::{Code, Info, Kind, LabelChange, Labels, Mount, SnapshotE
 use lamina_store::{LayerKind, LayerRecord, Store, StoreError};
 use lamina_sys::fs::errno;
 
+use crate::metrics::{observe, Op};
+use crate::mount_check::MountCheck;
+
 /// Store namespace of a snapshotter name.
 pub fn namespace(snapshotter: &str) -> String {
     format!("containerd:{snapshotter}")
@@ -45,6 +48,8 @@ pub struct SnapshotterAdapter {
     store: Arc<Store>,
     /// Whether overlay knows the `index` option (containerd turns the inode index off where it can).
     index_off: bool,
+    /// `verify_on_mount`.
+    mount_check: Option<Arc<MountCheck>>,
 }
 
 impl SnapshotterAdapter {
@@ -61,7 +66,23 @@ impl SnapshotterAdapter {
         Ok(SnapshotterAdapter {
             store,
             index_off: lamina_sys::mount::overlay_has_index_option(),
+            mount_check: None,
         })
+    }
+
+    /// Checks frozen layers against their manifests before containerd first mounts them (`verify_on_mount`).
+    pub fn with_mount_check(mut self, check: Arc<MountCheck>) -> Self {
+        self.mount_check = Some(check);
+        self
+    }
+
+    /// `verify_on_mount` for the stack of `key` (nothing when the setting is off).
+    fn check_stack(&self, ns: &str, key: &str) -> Result<()> {
+        if let Some(check) = &self.mount_check {
+            let info = self.store.info(ns, key).map_err(to_snapshot_error)?;
+            check.check_stack(&self.store, &info).map_err(to_snapshot_error)?;
+        }
+        Ok(())
     }
 
     fn create(
@@ -74,6 +95,12 @@ impl SnapshotterAdapter {
     ) -> Result<Vec<Mount>> {
         let ns = namespace(snapshotter);
         let parent = (!parent.is_empty()).then_some(parent);
+        if let Some(p) = parent {
+            // Refuse before creating anything, so a refused Prepare leaves no snapshot behind.
+            if self.mount_check.is_some() && self.store.exists(&ns, p).unwrap_or(false) {
+                self.check_stack(&ns, p)?;
+            }
+        }
         self.store
             .create_checked(&ns, key, parent, kind, labels, Some(LayerKind::ReadOnly))
             .map_err(|e| match e {
@@ -83,7 +110,7 @@ impl SnapshotterAdapter {
                 }
                 e => to_snapshot_error(e),
             })?;
-        self.mounts(snapshotter, key)
+        self.mounts_inner(snapshotter, key)
     }
 
     fn info(&self, rec: LayerRecord, parent: Option<String>) -> Info {
@@ -132,18 +159,80 @@ fn lowerdir(lowers: &[PathBuf]) -> String {
 
 impl Snapshotter for SnapshotterAdapter {
     fn prepare(&self, snapshotter: &str, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
-        self.create(snapshotter, key, parent, LayerKind::ReadWrite, labels)
+        observe(Op::SnPrepare, || {
+            self.create(snapshotter, key, parent, LayerKind::ReadWrite, labels)
+        })
     }
 
     fn view(&self, snapshotter: &str, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
-        self.create(snapshotter, key, parent, LayerKind::View, labels)
+        observe(Op::SnView, || {
+            self.create(snapshotter, key, parent, LayerKind::View, labels)
+        })
     }
 
     fn mounts(&self, snapshotter: &str, key: &str) -> Result<Vec<Mount>> {
+        observe(Op::SnMounts, || self.mounts_inner(snapshotter, key))
+    }
+
+    fn commit(&self, snapshotter: &str, name: &str, key: &str, labels: Labels) -> Result<()> {
+        observe(Op::SnCommit, || {
+            let ns = namespace(snapshotter);
+            self.store
+                .commit(&ns, key, name, labels)
+                .map_err(to_snapshot_error)?;
+            if let Some(check) = &self.mount_check {
+                // Frozen by this process: trusted until restart.
+                if let Ok(info) = self.store.info(&ns, name) {
+                    check.trust(info.number);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn remove(&self, snapshotter: &str, key: &str) -> Result<()> {
+        observe(Op::SnRemove, || self.remove_inner(snapshotter, key))
+    }
+
+    fn stat(&self, snapshotter: &str, key: &str) -> Result<Info> {
+        observe(Op::SnStat, || self.stat_inner(snapshotter, key))
+    }
+
+    fn update(&self, snapshotter: &str, name: &str, change: &LabelChange) -> Result<Info> {
+        observe(Op::SnUpdate, || {
+            let ns = namespace(snapshotter);
+            self.store
+                .update_labels(&ns, name, |labels| change.apply(labels))
+                .map_err(to_snapshot_error)?;
+            self.stat_inner(snapshotter, name)
+        })
+    }
+
+    fn list(&self, snapshotter: &str) -> Result<Vec<Info>> {
+        observe(Op::SnList, || self.list_inner(snapshotter))
+    }
+
+    fn usage(&self, snapshotter: &str, key: &str) -> Result<Usage> {
+        observe(Op::SnUsage, || self.usage_inner(snapshotter, key))
+    }
+
+    fn cleanup(&self, _snapshotter: &str) -> Result<()> {
+        // Removed layers leave view at once and are deleted in the background; nothing is deferred here.
+        observe(Op::SnCleanup, || Ok(()))
+    }
+}
+
+impl SnapshotterAdapter {
+    fn mounts_inner(&self, snapshotter: &str, key: &str) -> Result<Vec<Mount>> {
         let info = self
             .store
             .info(&namespace(snapshotter), key)
             .map_err(to_snapshot_error)?;
+        if let Some(check) = &self.mount_check {
+            if info.record.kind != LayerKind::ReadOnly {
+                check.check_stack(&self.store, &info).map_err(to_snapshot_error)?;
+            }
+        }
         if info.record.kind != LayerKind::ReadOnly {
             // containerd mounts what this returns (Prepare and View come through here too): one use.
             let _ = self.store.note_external_mount(&namespace(snapshotter), key);
@@ -181,14 +270,7 @@ impl Snapshotter for SnapshotterAdapter {
         }])
     }
 
-    fn commit(&self, snapshotter: &str, name: &str, key: &str, labels: Labels) -> Result<()> {
-        self.store
-            .commit(&namespace(snapshotter), key, name, labels)
-            .map(|_| ())
-            .map_err(to_snapshot_error)
-    }
-
-    fn remove(&self, snapshotter: &str, key: &str) -> Result<()> {
+    fn remove_inner(&self, snapshotter: &str, key: &str) -> Result<()> {
         match self.store.remove(&namespace(snapshotter), key) {
             Ok(true) => Ok(()),
             Ok(false) => Err(SnapshotError::not_found(format!("snapshot {key} does not exist"))),
@@ -200,7 +282,7 @@ impl Snapshotter for SnapshotterAdapter {
         }
     }
 
-    fn stat(&self, snapshotter: &str, key: &str) -> Result<Info> {
+    fn stat_inner(&self, snapshotter: &str, key: &str) -> Result<Info> {
         let (rec, parent) = self
             .store
             .record(&namespace(snapshotter), key)
@@ -208,15 +290,7 @@ impl Snapshotter for SnapshotterAdapter {
         Ok(self.info(rec, parent))
     }
 
-    fn update(&self, snapshotter: &str, name: &str, change: &LabelChange) -> Result<Info> {
-        let ns = namespace(snapshotter);
-        self.store
-            .update_labels(&ns, name, |labels| change.apply(labels))
-            .map_err(to_snapshot_error)?;
-        self.stat(snapshotter, name)
-    }
-
-    fn list(&self, snapshotter: &str) -> Result<Vec<Info>> {
+    fn list_inner(&self, snapshotter: &str) -> Result<Vec<Info>> {
         Ok(self
             .store
             .list_ns(&namespace(snapshotter))
@@ -226,7 +300,7 @@ impl Snapshotter for SnapshotterAdapter {
             .collect())
     }
 
-    fn usage(&self, snapshotter: &str, key: &str) -> Result<Usage> {
+    fn usage_inner(&self, snapshotter: &str, key: &str) -> Result<Usage> {
         let u = self
             .store
             .usage(&namespace(snapshotter), key)
@@ -235,10 +309,5 @@ impl Snapshotter for SnapshotterAdapter {
             size: i64::try_from(u.bytes).unwrap_or(i64::MAX),
             inodes: i64::try_from(u.inodes).unwrap_or(i64::MAX),
         })
-    }
-
-    fn cleanup(&self, _snapshotter: &str) -> Result<()> {
-        // Removed layers leave view at once and are deleted in the background; nothing is deferred here.
-        Ok(())
     }
 }
