@@ -143,12 +143,7 @@ const BTRFS_IOC_QGROUP_CREATE: u64 = ioc(
     size_of::<BtrfsQgroupCreateArgs>(),
 );
 // The kernel declares this one `_IOR` although it reads the argument.
-const BTRFS_IOC_QGROUP_LIMIT: u64 = ioc(
-    IOC_READ,
-    BTRFS_IOCTL_MAGIC,
-    43,
-    size_of::<BtrfsQgroupLimitArgs>(),
-);
+const BTRFS_IOC_QGROUP_LIMIT: u64 = ioc(IOC_READ, BTRFS_IOCTL_MAGIC, 43, size_of::<BtrfsQgroupLimitArgs>());
 const BTRFS_QUOTA_CTL_ENABLE: u64 = 1;
 const BTRFS_QGROUP_LIMIT_MAX_RFER: u64 = 1;
 
@@ -199,7 +194,13 @@ fn vol_args(name: &[u8]) -> io::Result<Box<BtrfsVolArgs>> {
 pub fn btrfs_create_subvolume(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
     let mut args = vol_args(name)?;
     // SAFETY: `args` is a boxed `btrfs_ioctl_vol_args` of the size the request encodes, NUL-terminated name.
-    unsafe { ioctl_raw(parent, BTRFS_IOC_SUBVOL_CREATE, (&mut *args as *mut BtrfsVolArgs).cast()) }
+    unsafe {
+        ioctl_raw(
+            parent,
+            BTRFS_IOC_SUBVOL_CREATE,
+            (&mut *args as *mut BtrfsVolArgs).cast(),
+        )
+    }
 }
 
 /// Destroys the subvolume `name` in directory `parent` with all its content (`BTRFS_IOC_SNAP_DESTROY`).
@@ -207,7 +208,13 @@ pub fn btrfs_create_subvolume(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result
 pub fn btrfs_destroy_subvolume(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
     let mut args = vol_args(name)?;
     // SAFETY: as in `btrfs_create_subvolume`.
-    unsafe { ioctl_raw(parent, BTRFS_IOC_SNAP_DESTROY, (&mut *args as *mut BtrfsVolArgs).cast()) }
+    unsafe {
+        ioctl_raw(
+            parent,
+            BTRFS_IOC_SNAP_DESTROY,
+            (&mut *args as *mut BtrfsVolArgs).cast(),
+        )
+    }
 }
 
 /// Commits the current transaction of the btrfs holding `fd` (`BTRFS_IOC_SYNC`); this also wakes the cleaner
@@ -230,7 +237,13 @@ pub fn btrfs_subvolume_id(dir: BorrowedFd<'_>) -> io::Result<u64> {
         name: [0; 4080],
     });
     // SAFETY: `args` is a boxed `btrfs_ioctl_ino_lookup_args` of the size the request encodes.
-    unsafe { ioctl_raw(dir, BTRFS_IOC_INO_LOOKUP, (&mut *args as *mut BtrfsInoLookupArgs).cast())? };
+    unsafe {
+        ioctl_raw(
+            dir,
+            BTRFS_IOC_INO_LOOKUP,
+            (&mut *args as *mut BtrfsInoLookupArgs).cast(),
+        )?
+    };
     Ok(args.treeid)
 }
 
@@ -242,7 +255,13 @@ pub fn btrfs_enable_quota(fd: BorrowedFd<'_>) -> io::Result<()> {
         status: 0,
     };
     // SAFETY: `args` is a `btrfs_ioctl_quota_ctl_args` of the size the request encodes.
-    unsafe { ioctl_raw(fd, BTRFS_IOC_QUOTA_CTL, (&mut args as *mut BtrfsQuotaCtlArgs).cast()) }
+    unsafe {
+        ioctl_raw(
+            fd,
+            BTRFS_IOC_QUOTA_CTL,
+            (&mut args as *mut BtrfsQuotaCtlArgs).cast(),
+        )
+    }
 }
 
 /// Sets the referenced-bytes limit of qgroup `0/<subvol_id>` (`BTRFS_IOC_QGROUP_LIMIT`, `max_rfer`); `fd` is
@@ -259,7 +278,13 @@ pub fn btrfs_limit(fd: BorrowedFd<'_>, subvol_id: u64, max_bytes: u64) -> io::Re
         },
     };
     // SAFETY: `args` is a `btrfs_ioctl_qgroup_limit_args` of the size the request encodes.
-    unsafe { ioctl_raw(fd, BTRFS_IOC_QGROUP_LIMIT, (&mut args as *mut BtrfsQgroupLimitArgs).cast()) }
+    unsafe {
+        ioctl_raw(
+            fd,
+            BTRFS_IOC_QGROUP_LIMIT,
+            (&mut args as *mut BtrfsQgroupLimitArgs).cast(),
+        )
+    }
 }
 
 /// Deletes qgroup `0/<subvol_id>` (`BTRFS_IOC_QGROUP_CREATE` with `create = 0`). The kernel answers `EBUSY`
@@ -403,8 +428,10 @@ pub fn xfs_project_quota_enforced(fd: BorrowedFd<'_>) -> io::Result<bool> {
         )
     };
     match r {
-        Ok(()) => Ok(st.qs_flags & (FS_QUOTA_PDQ_ACCT | FS_QUOTA_PDQ_ENFD)
-            == (FS_QUOTA_PDQ_ACCT | FS_QUOTA_PDQ_ENFD)),
+        Ok(()) => {
+            Ok(st.qs_flags & (FS_QUOTA_PDQ_ACCT | FS_QUOTA_PDQ_ENFD)
+                == (FS_QUOTA_PDQ_ACCT | FS_QUOTA_PDQ_ENFD))
+        }
         Err(e)
             if matches!(
                 e.raw_os_error(),
