@@ -348,6 +348,10 @@ impl Store {
         let layers_dir = self.root.join("layers");
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         for mp in mount::mounts_under(&self.root).map_err(|e| StoreError::io("read mount table", e))? {
+            if mp == self.root {
+                // The data root is the mount point of its own filesystem (a btrfs or xfs for size limits).
+                continue;
+            }
             match parse_merged(&layers_dir, &mp) {
                 Some(n) if known.contains(&n) => {
                     info!(layer = n, "keeping mount of a previous run");

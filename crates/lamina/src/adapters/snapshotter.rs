@@ -79,8 +79,11 @@ impl SnapshotterAdapter {
         // has no content of its own, so it is not limited. The label is kept like any other.
         let max_size = match labels.get(lamina_store::SIZE_LABEL) {
             Some(v) if kind == LayerKind::ReadWrite => {
-                Some(lamina_store::parse_size(v).map_err(|e| {
-                    SnapshotError::invalid(format!("label {}: {e}", lamina_store::SIZE_LABEL))
+                Some(lamina_store::parse_size(v).map_err(|e| match e {
+                    StoreError::InvalidArgument(m) => {
+                        SnapshotError::invalid(format!("label {}: {m}", lamina_store::SIZE_LABEL))
+                    }
+                    e => to_snapshot_error(e),
                 })?)
             }
             _ => None,
