@@ -68,7 +68,17 @@ fn require_quota_tools(test: &str) -> bool {
 }
 
 fn btrfs(args: &[&str], path: &Path) -> String {
-    let out = run_ok(Command::new(find_bin("btrfs").unwrap()).args(args).arg(path));
+    let out = Command::new(find_bin("btrfs").unwrap())
+        .args(args)
+        .arg(path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stderr.contains("quotas not enabled") {
+        // No size was asked for yet: lamina turns quota groups on with the first one.
+        return String::new();
+    }
+    assert!(out.status.success(), "btrfs {args:?}: {stderr}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
