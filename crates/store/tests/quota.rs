@@ -62,6 +62,12 @@ impl LoopFs {
         let img = dir.path().join(format!("quota-{fs_type}.img"));
         fs::File::create(&img).unwrap().set_len(size_mb << 20).unwrap();
         let mkfs = format!("mkfs.{fs_type}");
+        // A non-login PATH may lack the sbin directories.
+        let mkfs = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(&mkfs))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from(&mkfs));
         let mut cmd = Command::new(&mkfs);
         match fs_type {
             "ext4" => cmd.args(["-q", "-F"]),
@@ -105,6 +111,14 @@ impl Drop for LoopFs {
     }
 }
 
+fn btrfs_bin() -> PathBuf {
+    ["/usr/bin/btrfs", "/bin/btrfs", "/usr/sbin/btrfs", "/sbin/btrfs"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("btrfs"))
+}
+
 fn opts(size: u64) -> CreateOptions {
     CreateOptions {
         max_size: Some(size),
@@ -134,7 +148,7 @@ fn subvolume_id(path: &Path) -> u64 {
 
 /// `btrfs qgroup show -r` rows: (qgroup id, max referenced).
 fn qgroups(mnt: &Path) -> Vec<(String, String)> {
-    let out = run(Command::new("btrfs")
+    let out = run(Command::new(btrfs_bin())
         .args(["qgroup", "show", "-r", "--raw"])
         .arg(mnt));
     String::from_utf8_lossy(&out.stdout)
@@ -148,7 +162,7 @@ fn qgroups(mnt: &Path) -> Vec<(String, String)> {
 }
 
 fn subvolumes(mnt: &Path) -> Vec<String> {
-    run_ok(Command::new("btrfs").args(["subvolume", "list"]).arg(mnt))
+    run_ok(Command::new(btrfs_bin()).args(["subvolume", "list"]).arg(mnt))
         .lines()
         .map(|l| l.to_string())
         .collect()
