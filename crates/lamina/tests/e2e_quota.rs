@@ -451,3 +451,35 @@ fn snapshotter_max_size_label_on_btrfs() {
     drop(lamina);
     eprintln!("stopped in {:?}", start.elapsed());
 }
+
+#[test]
+fn snapshotter_max_size_label_on_ext4_is_a_clear_error() {
+    let test = "snapshotter_max_size_label_on_ext4_is_a_clear_error";
+    if !require_quota_tools(test) {
+        return;
+    }
+    let dir = TestDir::new(&unique_name("snap-quota-ext4"));
+    let mut lamina = LaminaSnap::new(&dir.join("l"));
+    let _fs = LoopMount::new("ext4", &dir.join("quota-ext4.img"), 128, &lamina.data_root);
+    lamina.spawn();
+    lamina.wait_ready();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt
+        .block_on(lamina_snapshotter::client::connect(&lamina.socket))
+        .unwrap();
+    let mut api = Api { rt, client };
+    let e = api
+        .prepare("a", "", &[(SIZE_LABEL, &TEN_MIB.to_string())])
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().starts_with("quota not supported on ext4 ("),
+        "{}",
+        e.message()
+    );
+    assert!(layer_entries(&lamina.data_root).is_empty(), "nothing may be left");
+    // Without the label it works as usual.
+    api.prepare("b", "", &[]).unwrap();
+    drop(api);
+    drop(lamina);
+}
