@@ -579,7 +579,11 @@ impl Store {
         let _owned = InFlight::new(&self.in_flight, self.layer_dir(n));
         // Directories first: a crash before the commit leaves a directory without a record,
         // which the next start removes.
-        self.make_layer_dirs(n, opts.max_size)?;
+        if let Err(e) = self.make_layer_dirs(n, opts.max_size) {
+            // Nothing half-made stays behind (a subvolume with its qgroup included).
+            remove_tree(&self.layer_dir(n));
+            return Err(e);
+        }
         let result = (|| {
             let txn = self.db.begin_write().map_err(error::db_err)?;
             {
