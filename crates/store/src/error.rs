@@ -39,6 +39,14 @@ pub enum StoreError {
     /// The metadata database failed or holds something we cannot trust.
     #[error("corrupt metadata: {0}")]
     CorruptMetadata(String),
+    /// A size limit was asked for on a filesystem (or mount) that cannot enforce one.
+    #[error("quota not supported on {fs} ({reason})")]
+    QuotaUnsupported {
+        /// The filesystem holding the data root (`ext4`, `xfs`, `tmpfs`, ...).
+        fs: String,
+        /// Why, and what would work.
+        reason: String,
+    },
     /// Another process holds the data root.
     #[error("data root is locked: {0}")]
     Locked(String),

@@ -18,6 +18,7 @@
 mod error;
 mod gc;
 mod meta;
+mod quota;
 mod stats;
 mod verify;
 
@@ -42,6 +43,7 @@ pub use error::{Result, StoreError};
 pub use gc::{Garbage, GarbageKind, GcOptions, GcReport, Kept};
 pub use meta::{LayerKind, LayerRecord, LayerState, LayerStats, FORMAT_VERSION};
 use meta::{CHILDREN, COUNTERS, LAYERS, META, NAMES, PENDING, SETTINGS, STATS};
+pub use quota::{parse_size, MIN_SIZE, SIZE_LABEL};
 pub use stats::{Counter, LayerOverview};
 pub use verify::{VerifyResult, VerifyStatus, MANIFEST_FILE};
 
@@ -80,6 +82,18 @@ pub struct StoreStatus {
     pub mounted: u64,
     /// On-disk format version.
     pub format: u64,
+}
+
+/// Options of [`Store::create_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// The parent must be of this kind (a snapshotter builds only on committed layers); otherwise
+    /// [`StoreError::Precondition`], checked in the creating transaction.
+    pub parent_kind: Option<LayerKind>,
+    /// Size limit of the layer's own content in bytes (see [`parse_size`]): the layer directory becomes a btrfs
+    /// subvolume with a qgroup limit, or an xfs project with a quota; [`StoreError::QuotaUnsupported`] on other
+    /// filesystems.
+    pub max_size: Option<u64>,
 }
 
 /// Lower directories of a mount, top-most first, and their layer numbers.
@@ -334,6 +348,10 @@ impl Store {
         let layers_dir = self.root.join("layers");
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         for mp in mount::mounts_under(&self.root).map_err(|e| StoreError::io("read mount table", e))? {
+            if mp == self.root {
+                // The data root is the mount point of its own filesystem (a btrfs or xfs for size limits).
+                continue;
+            }
             match parse_merged(&layers_dir, &mp) {
                 Some(n) if known.contains(&n) => {
                     info!(layer = n, "keeping mount of a previous run");
@@ -364,7 +382,12 @@ impl Store {
             let dir = self.layer_dir(*n);
             if !dir.join("diff").is_dir() {
                 warn!(layer = n, "layer directory missing; recreating it empty");
-                self.make_layer_dirs(*n)?;
+                let max_size = if dir.exists() {
+                    None
+                } else {
+                    self.record_by_number(*n)?.and_then(|r| r.max_size)
+                };
+                self.make_layer_dirs(*n, max_size)?;
             }
         }
         info!(root = %self.root.display(), layers = known.len(), "store opened");
@@ -387,9 +410,13 @@ impl Store {
             .join(format!("{n:x}-{seq}-{}", std::process::id()))
     }
 
-    fn make_layer_dirs(&self, n: u64) -> Result<()> {
+    /// Makes `layers/<n>/{diff,work,merged}`; with `max_size`, `layers/<n>` itself carries the size limit.
+    fn make_layer_dirs(&self, n: u64, max_size: Option<u64>) -> Result<()> {
         let dir = self.layer_dir(n);
-        mkdir(&dir, 0o700)?;
+        match max_size {
+            Some(size) => quota::create_limited_dir(&self.root.join("layers"), &format!("{n:x}"), n, size)?,
+            None => mkdir(&dir, 0o700)?,
+        }
         mkdir(&dir.join("diff"), 0o755)?;
         mkdir(&dir.join("work"), 0o700)?;
         mkdir(&dir.join("merged"), 0o755)?;
@@ -518,6 +545,31 @@ impl Store {
         labels: BTreeMap<String, String>,
         parent_kind: Option<LayerKind>,
     ) -> Result<()> {
+        let opts = CreateOptions {
+            parent_kind,
+            ..CreateOptions::default()
+        };
+        self.create_with(ns, name, parent, kind, labels, &opts)
+    }
+
+    /// Creates an empty layer with [`CreateOptions`] (parent kind check, size limit).
+    pub fn create_with(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<&str>,
+        kind: LayerKind,
+        labels: BTreeMap<String, String>,
+        opts: &CreateOptions,
+    ) -> Result<()> {
+        let parent_kind = opts.parent_kind;
+        if let Some(size) = opts.max_size {
+            if size < MIN_SIZE {
+                return Err(StoreError::InvalidArgument(format!(
+                    "size limit {size} is below the smallest, {MIN_SIZE} bytes"
+                )));
+            }
+        }
         if parent == Some(name) {
             return Err(StoreError::InvalidArgument(format!(
                 "layer {name} cannot be its own parent"
@@ -527,7 +579,11 @@ impl Store {
         let _owned = InFlight::new(&self.in_flight, self.layer_dir(n));
         // Directories first: a crash before the commit leaves a directory without a record,
         // which the next start removes.
-        self.make_layer_dirs(n)?;
+        if let Err(e) = self.make_layer_dirs(n, opts.max_size) {
+            // Nothing half-made stays behind (a subvolume with its qgroup included).
+            remove_tree(&self.layer_dir(n));
+            return Err(e);
+        }
         let result = (|| {
             let txn = self.db.begin_write().map_err(error::db_err)?;
             {
@@ -582,6 +638,7 @@ impl Store {
                     inodes: None,
                     labels,
                     manifest: None,
+                    max_size: opts.max_size,
                 };
                 names.insert((ns, name), n).map_err(error::db_err)?;
                 layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
@@ -699,10 +756,15 @@ impl Store {
         // Out of view at once; the content goes in the background.
         let trash = self.trash_path(n);
         let owned = InFlight::new(&self.in_flight, trash.clone());
+        let limited = rec.max_size.is_some().then(|| self.root.clone());
         match std::fs::rename(&dir, &trash) {
             Ok(()) => {
                 std::thread::spawn(move || {
+                    // A size-limited layer's subvolume and qgroup go with the tree (see `remove_tree`).
                     remove_tree(&trash);
+                    if let Some(root) = limited {
+                        quota::release_project(&root, n);
+                    }
                     drop(owned);
                 });
             }
@@ -712,6 +774,9 @@ impl Store {
         }
         if dir.exists() {
             remove_tree(&dir);
+            if rec.max_size.is_some() {
+                quota::release_project(&self.root, n);
+            }
         }
         drop(guard);
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
@@ -832,6 +897,12 @@ impl Store {
         if rec.state != LayerState::Empty {
             return Err(StoreError::AlreadyExists(format!(
                 "layer {name} already has content"
+            )));
+        }
+        if rec.max_size.is_some() {
+            // The staged tree cannot be renamed into another btrfs subvolume or xfs project.
+            return Err(StoreError::Precondition(format!(
+                "layer {name} has a size limit; its content is written through its mount, not applied"
             )));
         }
         let seq = self.staging_seq.fetch_add(1, Ordering::SeqCst);
@@ -1281,6 +1352,8 @@ fn parse_merged(layers_dir: &Path, mp: &Path) -> Option<u64> {
 
 fn remove_tree(path: &Path) {
     let r = match std::fs::symlink_metadata(path) {
+        // A size-limited layer directory on btrfs: the subvolume is destroyed and its qgroup deleted.
+        Ok(md) if md.is_dir() && quota::remove_subvolume_if_any(path) => Ok(()),
         Ok(md) if md.is_dir() => std::fs::remove_dir_all(path),
         Ok(_) => std::fs::remove_file(path),
         Err(_) => Ok(()),

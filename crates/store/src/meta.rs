@@ -80,6 +80,11 @@ pub struct LayerRecord {
     /// frozen (apply, commit); see [`lamina_archive::manifest`]. Format 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<String>,
+    /// Size limit in bytes of a layer created with one (`--storage-opt size=`, the snapshotter's
+    /// `containerd.io/snapshot/max-size` label): its directory is a btrfs subvolume with a qgroup limit, or an
+    /// xfs project with a quota (see `quota.rs`). Absent means no limit; an optional field, no format change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<u64>,
 }
 
 /// Usage counters of one layer, kept in memory and flushed to the `stats` table in batches.

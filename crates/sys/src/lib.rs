@@ -10,8 +10,10 @@
 //! - [`mount`]: overlay and bind mounts (new mount API with a legacy fallback),
 //!   unmounting, reading the mount table.
 //! - [`lock`]: advisory lock files.
+//! - [`quota`]: size limits (btrfs subvolumes with a qgroup limit, xfs project quota).
 #![allow(unsafe_code)]
 
 pub mod fs;
 pub mod lock;
 pub mod mount;
+pub mod quota;

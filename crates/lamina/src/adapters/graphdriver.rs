@@ -13,7 +13,7 @@ use lamina_archive::{ArchiveError, IdMap, IdMappings};
 use lamina_docker::{
     CreateRequest, DiffStream, ErrorKind, FileChange, GraphDriver, IdMapEntry, InitRequest, PluginError,
 };
-use lamina_store::{DiffPlan, LayerKind, Store, StoreError};
+use lamina_store::{CreateOptions, DiffPlan, LayerKind, Store, StoreError};
 use lamina_sys::fs::errno;
 use tracing::info;
 
@@ -46,6 +46,7 @@ pub fn to_plugin_error(e: StoreError) -> PluginError {
         StoreError::AlreadyExists(_) => ErrorKind::AlreadyExists,
         StoreError::InUse(_) | StoreError::Precondition(_) => ErrorKind::InUse,
         StoreError::LimitExceeded(_) => ErrorKind::LimitExceeded,
+        StoreError::QuotaUnsupported { .. } => ErrorKind::Unsupported,
         StoreError::CorruptMetadata(_) => ErrorKind::CorruptMetadata,
         StoreError::Archive(ArchiveError::InvalidArchive(_)) => ErrorKind::InvalidArchive,
         StoreError::Archive(ArchiveError::Unsupported(_)) => ErrorKind::Unsupported,
@@ -304,11 +305,18 @@ impl GraphDriverAdapter {
     }
 
     fn create_inner(&self, req: CreateRequest, read_write: bool) -> Result<(), PluginError> {
-        if let Some(key) = req.storage_opt.keys().next() {
-            return Err(PluginError::new(
-                ErrorKind::Unsupported,
-                format!("storage option {key:?} is not supported by lamina"),
-            ));
+        let mut opts = CreateOptions::default();
+        for (key, value) in &req.storage_opt {
+            // `docker run --storage-opt size=10M`: a size limit on the container's writable layer (dockerd passes
+            // the same options for its `-init` layer). Key case does not matter, as with overlay2.
+            if key.eq_ignore_ascii_case("size") {
+                opts.max_size = Some(lamina_store::parse_size(value).map_err(to_plugin_error)?);
+            } else {
+                return Err(PluginError::new(
+                    ErrorKind::Unsupported,
+                    format!("storage option {key:?} is not supported by lamina (only size)"),
+                ));
+            }
         }
         let kind = if read_write {
             LayerKind::ReadWrite
@@ -316,7 +324,14 @@ impl GraphDriverAdapter {
             LayerKind::ReadOnly
         };
         self.store
-            .create(&self.ns(), &req.id, req.parent.as_deref(), kind, BTreeMap::new())
+            .create_with(
+                &self.ns(),
+                &req.id,
+                req.parent.as_deref(),
+                kind,
+                BTreeMap::new(),
+                &opts,
+            )
             .map_err(to_plugin_error)
     }
 
@@ -425,5 +440,11 @@ mod tests {
         assert_eq!(e.to_string(), "invalid archive: x");
         let e = to_plugin_error(StoreError::io("write", std::io::Error::from_raw_os_error(28)));
         assert_eq!(e.kind, ErrorKind::NoSpace);
+        let e = to_plugin_error(StoreError::QuotaUnsupported {
+            fs: "ext4".into(),
+            reason: "why".into(),
+        });
+        assert_eq!(e.kind, ErrorKind::Unsupported);
+        assert!(e.to_string().contains("quota not supported on ext4 (why)"), "{e}");
     }
 }

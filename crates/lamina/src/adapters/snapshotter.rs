@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lamina_snapshotter::{Code, Info, Kind, LabelChange, Labels, Mount, SnapshotError, Snapshotter, Usage};
-use lamina_store::{LayerKind, LayerRecord, Store, StoreError};
+use lamina_store::{CreateOptions, LayerKind, LayerRecord, Store, StoreError};
 use lamina_sys::fs::errno;
 
 use crate::metrics::{observe, Op};
@@ -31,6 +31,7 @@ pub fn to_snapshot_error(e: StoreError) -> SnapshotError {
         StoreError::AlreadyExists(_) => Code::AlreadyExists,
         StoreError::InUse(_) | StoreError::Precondition(_) => Code::FailedPrecondition,
         StoreError::LimitExceeded(_) => Code::ResourceExhausted,
+        StoreError::QuotaUnsupported { .. } => Code::FailedPrecondition,
         StoreError::Locked(_) => Code::Unavailable,
         StoreError::CorruptMetadata(_) | StoreError::Archive(_) | StoreError::Io { .. } => {
             match e.raw_os_error() {
@@ -101,8 +102,25 @@ impl SnapshotterAdapter {
                 self.check_stack(&ns, p)?;
             }
         }
+        // The size label (containerd's `containerd.io/snapshot/max-size`, bytes) limits an active snapshot; a view
+        // has no content of its own, so it is not limited. The label is kept like any other.
+        let max_size = match labels.get(lamina_store::SIZE_LABEL) {
+            Some(v) if kind == LayerKind::ReadWrite => {
+                Some(lamina_store::parse_size(v).map_err(|e| match e {
+                    StoreError::InvalidArgument(m) => {
+                        SnapshotError::invalid(format!("label {}: {m}", lamina_store::SIZE_LABEL))
+                    }
+                    e => to_snapshot_error(e),
+                })?)
+            }
+            _ => None,
+        };
+        let opts = CreateOptions {
+            parent_kind: Some(LayerKind::ReadOnly),
+            max_size,
+        };
         self.store
-            .create_checked(&ns, key, parent, kind, labels, Some(LayerKind::ReadOnly))
+            .create_with(&ns, key, parent, kind, labels, &opts)
             .map_err(|e| match e {
                 StoreError::Precondition(m) => {
                     // containerd's snapshotters call a parent that is not committed an invalid argument.
