@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lamina_archive::{ApplyOptions, ApplyStats, Change, DiffOptions, IdMappings};
+use lamina_sys::fault;
 use lamina_sys::lock::LockFile;
 use lamina_sys::mount::{self, OverlaySpec, MAX_OVERLAY_LOWERS};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
@@ -527,6 +528,7 @@ impl Store {
         let _owned = InFlight::new(&self.in_flight, self.layer_dir(n));
         // Directories first: a crash before the commit leaves a directory without a record,
         // which the next start removes.
+        fault::point("store.create.mkdir").map_err(|e| StoreError::io("create layer directories", e))?;
         self.make_layer_dirs(n)?;
         let result = (|| {
             let txn = self.db.begin_write().map_err(error::db_err)?;
@@ -599,12 +601,14 @@ impl Store {
                     .unwrap_or(1);
                 meta.insert("next_id", stored.max(n + 1)).map_err(error::db_err)?;
             }
+            fault::point("store.create.commit").map_err(|e| StoreError::io("commit metadata", e))?;
             txn.commit().map_err(error::db_err)
         })();
         if let Err(e) = result {
             remove_tree(&self.layer_dir(n));
             return Err(e);
         }
+        fault::point("store.create.done").map_err(|e| StoreError::io("create layer", e))?;
         debug!(ns, name, layer = n, "created layer");
         Ok(())
     }
@@ -653,9 +657,11 @@ impl Store {
         }
         let dir = self.layer_dir(n);
         if guard.mounts > 0 || mount::is_mount_point(&dir.join("merged")).unwrap_or(false) {
-            mount::unmount(&dir.join("merged"), false).map_err(|e| {
-                StoreError::InUse(format!("layer {name} is mounted and cannot be unmounted: {e}"))
-            })?;
+            fault::point("store.remove.unmount")
+                .and_then(|()| mount::unmount(&dir.join("merged"), false))
+                .map_err(|e| {
+                    StoreError::InUse(format!("layer {name} is mounted and cannot be unmounted: {e}"))
+                })?;
             guard.mounts = 0;
         }
         let txn = self.db.begin_write().map_err(error::db_err)?;
@@ -695,11 +701,12 @@ impl Store {
                 .remove(n)
                 .map_err(error::db_err)?;
         }
+        fault::point("store.remove.commit").map_err(|e| StoreError::io("commit metadata", e))?;
         txn.commit().map_err(error::db_err)?;
         // Out of view at once; the content goes in the background.
         let trash = self.trash_path(n);
         let owned = InFlight::new(&self.in_flight, trash.clone());
-        match std::fs::rename(&dir, &trash) {
+        match fault::point("store.remove.rename").and_then(|()| std::fs::rename(&dir, &trash)) {
             Ok(()) => {
                 std::thread::spawn(move || {
                     remove_tree(&trash);
@@ -715,6 +722,7 @@ impl Store {
         }
         drop(guard);
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+        let _ = fault::point("store.remove.done");
         debug!(ns, name, layer = n, "removed layer");
         Ok(true)
     }
@@ -765,9 +773,14 @@ impl Store {
                 label: Some(mount_label.to_string()),
                 read_only: view,
             };
-            mount::mount_overlay(&path, &spec).map_err(|e| {
-                StoreError::io(format!("mount layer {name} ({} layers)", lowers.len() + 1), e)
-            })?;
+            fault::point("store.get.mount")
+                .and_then(|()| mount::mount_overlay(&path, &spec))
+                .map_err(|e| {
+                    StoreError::io(format!("mount layer {name} ({} layers)", lowers.len() + 1), e)
+                })?;
+        }
+        if brought_up.is_some() {
+            let _ = fault::point("store.get.mounted");
         }
         let now = now_ns();
         let first = guard.mounts == 0;
@@ -804,7 +817,9 @@ impl Store {
         if rec.parent.is_some() {
             // Detached like overlay2 does: a straggler (a shell cd'ed into it) must not fail the Put.
             let merged = self.layer_dir(n).join("merged");
-            mount::unmount(&merged, true).map_err(|e| StoreError::io(format!("unmount layer {name}"), e))?;
+            fault::point("store.put.unmount")
+                .and_then(|()| mount::unmount(&merged, true))
+                .map_err(|e| StoreError::io(format!("unmount layer {name}"), e))?;
         }
         debug!(ns, name, layer = n, "put");
         Ok(())
@@ -849,6 +864,7 @@ impl Store {
             r.state = LayerState::Applying;
             layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
             drop(layers);
+            fault::point("store.apply.begin.commit").map_err(|e| StoreError::io("commit metadata", e))?;
             txn.commit().map_err(error::db_err)?;
         }
         let result = self.apply_staged(n, &staging, input, mappings);
@@ -866,12 +882,19 @@ impl Store {
             r.manifest = None;
             layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
             drop(layers);
+            fault::point(if state == LayerState::Applied {
+                "store.apply.finish.commit"
+            } else {
+                "store.apply.rollback.commit"
+            })
+            .map_err(|e| StoreError::io("commit metadata", e))?;
             txn.commit().map_err(error::db_err)
         };
         match result {
             Ok(stats) => {
                 finish(LayerState::Applied, Some(&stats))?;
                 drop(guard);
+                let _ = fault::point("store.apply.done");
                 // The content manifest is written in the background: ApplyDiff does not wait for a second
                 // read of the layer (it took ApplyDiff from 1.35 s to 2.2 s for 215 MB / 44k files).
                 self.seal_later(n);
@@ -896,6 +919,7 @@ impl Store {
         input: &mut dyn Read,
         mappings: &IdMappings,
     ) -> Result<ApplyStats> {
+        fault::point("store.apply.stage").map_err(|e| StoreError::io("create staging directory", e))?;
         mkdir(staging, 0o755)?;
         let dirfd = open_dir(staging)?;
         let opts = ApplyOptions {
@@ -903,11 +927,16 @@ impl Store {
         };
         let stats = lamina_archive::apply_layer(dirfd.as_fd(), input, &opts)?;
         // The root of the layer keeps the mode of an empty diff dir unless the tar set it.
-        mount::syncfs(staging).map_err(|e| StoreError::io("sync staged layer", e))?;
+        fault::point("store.apply.syncfs")
+            .and_then(|()| mount::syncfs(staging))
+            .map_err(|e| StoreError::io("sync staged layer", e))?;
         let diff = self.layer_dir(n).join("diff");
-        std::fs::rename(staging, &diff)
+        fault::point("store.apply.rename")
+            .and_then(|()| std::fs::rename(staging, &diff))
             .map_err(|e| StoreError::io(format!("move staged layer into {}", diff.display()), e))?;
-        mount::syncfs(&diff).map_err(|e| StoreError::io("sync layer", e))?;
+        fault::point("store.apply.syncfs2")
+            .and_then(|()| mount::syncfs(&diff))
+            .map_err(|e| StoreError::io("sync layer", e))?;
         Ok(stats)
     }
 
@@ -1106,7 +1135,9 @@ impl Store {
             lamina_archive::disk_usage(dir.as_fd())?
         };
         // The content must be on disk before the record says it is frozen.
-        mount::syncfs(&self.layer_dir(n)).map_err(|e| StoreError::io("sync committed layer", e))?;
+        fault::point("store.commit.syncfs")
+            .and_then(|()| mount::syncfs(&self.layer_dir(n)))
+            .map_err(|e| StoreError::io("sync committed layer", e))?;
         let txn = self.db.begin_write().map_err(error::db_err)?;
         let rec = {
             let mut names = txn.open_table(NAMES).map_err(error::db_err)?;
@@ -1129,8 +1160,10 @@ impl Store {
             layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
             r
         };
+        fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
         txn.commit().map_err(error::db_err)?;
         drop(guard);
+        let _ = fault::point("store.commit.done");
         // As after an apply: the manifest is written in the background, Commit does not wait for it.
         self.seal_later(n);
         self.counters.add(Counter::Commits, 1);

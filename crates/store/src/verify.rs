@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use crate::meta::LAYERS;
 use crate::{error, open_dir, LayerKind, LayerRecord, LayerState, Result, Store, StoreError};
+use lamina_sys::fault;
 
 /// Writes the manifest of layer `n` (directory `dir`) and records its digest if the layer still wants one.
 fn seal(db: &Database, n: u64, dir: &Path) -> Result<()> {
@@ -33,6 +34,7 @@ fn seal(db: &Database, n: u64, dir: &Path) -> Result<()> {
         rec.manifest = Some(digest);
         layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
     }
+    fault::point("store.seal.commit").map_err(|e| StoreError::io("commit metadata", e))?;
     txn.commit().map_err(error::db_err)
 }
 
@@ -90,10 +92,13 @@ pub(crate) fn write_manifest_file(diff: &Path, dest: &Path) -> Result<String> {
     let file = out
         .into_inner()
         .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e.into_error()))?;
-    file.sync_all()
+    fault::point("store.seal.fsync")
+        .and_then(|()| file.sync_all())
         .map_err(|e| StoreError::io(format!("sync {}", tmp.display()), e))?;
     drop(file);
-    std::fs::rename(&tmp, dest).map_err(|e| StoreError::io(format!("rename {}", tmp.display()), e))?;
+    fault::point("store.seal.rename")
+        .and_then(|()| std::fs::rename(&tmp, dest))
+        .map_err(|e| StoreError::io(format!("rename {}", tmp.display()), e))?;
     Ok(summary.digest)
 }
 

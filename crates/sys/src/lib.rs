@@ -10,8 +10,10 @@
 //! - [`mount`]: overlay and bind mounts (new mount API with a legacy fallback),
 //!   unmounting, reading the mount table.
 //! - [`lock`]: advisory lock files.
+//! - [`fault`]: fault points for the reliability tests (compiled to nothing without the `faults` feature).
 #![allow(unsafe_code)]
 
+pub mod fault;
 pub mod fs;
 pub mod lock;
 pub mod mount;

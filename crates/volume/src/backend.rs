@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lamina_sys::fault;
 use lamina_sys::fs::errno;
 use tracing::{info, warn};
 
@@ -153,14 +154,18 @@ impl VolumeDir {
             std::process::id(),
             crate::time::now_nanos()
         ));
-        fs::write(&tmp, rec.encode()).map_err(|e| io_err(format!("writing {}", tmp.display()), e))?;
-        fs::rename(&tmp, &final_path).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io_err(
-                format!("renaming {} to {}", tmp.display(), final_path.display()),
-                e,
-            )
-        })
+        fault::point("volume.create.write")
+            .and_then(|()| fs::write(&tmp, rec.encode()))
+            .map_err(|e| io_err(format!("writing {}", tmp.display()), e))?;
+        fault::point("volume.create.rename")
+            .and_then(|()| fs::rename(&tmp, &final_path))
+            .map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                io_err(
+                    format!("renaming {} to {}", tmp.display(), final_path.display()),
+                    e,
+                )
+            })
     }
 
     /// Names of the volume directories (entries that are not directories or not valid names are skipped).
@@ -189,7 +194,9 @@ impl VolumeDir {
         let name = rec.name.clone();
         let dir = self.dir(&name);
         for _ in 0..3 {
-            match fs::DirBuilder::new().mode(0o755).create(&dir) {
+            let made = fault::point("volume.create.mkdir")
+                .and_then(|()| fs::DirBuilder::new().mode(0o755).create(&dir));
+            match made {
                 Ok(()) => {
                     if let Err(e) = self.finish(&rec, tools) {
                         // Not left behind half-made.
