@@ -11,24 +11,19 @@
 //! 25) plus `LAMINA_RELIABILITY_RANDOM_KILLS` random-time kills (CI 20, full 250).
 
 mod common;
+mod faults;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::reliability::{self, RawTar, Rng};
+use common::reliability::{self, Rng};
 use common::*;
-use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
-use lamina_snapshotter::tonic::transport::Channel;
-use pb::snapshots_client::SnapshotsClient;
-use serde_json::{json, Value};
+use faults::*;
+use serde_json::json;
 
-const SN: &str = "lamina";
 const BASE: &str = "killbase";
 const SNAP_BASE: &str = "snapbase";
 
@@ -50,6 +45,7 @@ const OPS: &[(&str, &[&str])] = &[
             "store.apply.done",
             "store.seal.fsync",
             "store.seal.rename",
+            "store.seal.dirsync",
             "store.seal.commit",
         ],
     ),
@@ -75,6 +71,7 @@ const OPS: &[(&str, &[&str])] = &[
             "store.commit.done",
             "store.seal.fsync",
             "store.seal.rename",
+            "store.seal.dirsync",
             "store.seal.commit",
         ],
     ),
@@ -88,273 +85,6 @@ const OPS: &[(&str, &[&str])] = &[
         ],
     ),
 ];
-
-/// One `lamina serve` with the plugin socket, the snapshotter socket and volumes, started with or without
-/// armed fault points. The harness's [`Lamina`] owns the directories and cleans mounts and sockets up.
-struct Daemon {
-    child: Option<Child>,
-    snap_socket: PathBuf,
-    config: PathBuf,
-    base: Lamina,
-}
-
-impl Daemon {
-    fn new(name: &str) -> Daemon {
-        let base = Lamina::new(name);
-        let config = base.dir().join("config.toml");
-        fs::write(
-            &config,
-            format!(
-                "[volumes]\nmount_base = \"{}\"\n",
-                base.dir().join("mnt").display()
-            ),
-        )
-        .unwrap();
-        Daemon {
-            child: None,
-            snap_socket: base.dir().join("snap.sock"),
-            config,
-            base,
-        }
-    }
-
-    fn root(&self) -> &Path {
-        &self.base.data_root
-    }
-
-    fn spawn(&mut self, faults: Option<&str>, hits: &Path) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.base.log)
-            .unwrap();
-        let _ = writeln!(&log, "===== kill driver: start, faults {faults:?} =====");
-        let mut cmd = Command::new(lamina_bin());
-        cmd.arg("serve")
-            .arg("--data-root")
-            .arg(&self.base.data_root)
-            .arg("--socket")
-            .arg(&self.base.socket)
-            .arg("--snapshotter-socket")
-            .arg(&self.snap_socket)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--log-level")
-            .arg("info")
-            .env("NO_COLOR", "1")
-            .env("RUST_BACKTRACE", "1")
-            .env("LAMINA_FAULTS", faults.unwrap_or(""))
-            .env("LAMINA_FAULTS_LOG", hits)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        self.child = Some(cmd.spawn().unwrap());
-    }
-
-    /// Waits for both sockets; false if the process exited first.
-    fn wait_ready(&mut self) -> bool {
-        let client = self.base.client();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return false;
-                }
-            }
-            if client.activate().is_ok_and(|r| r.status == 200)
-                && fs::symlink_metadata(&self.snap_socket).is_ok_and(|m| m.file_type().is_socket())
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lamina did not start; log:\n{}",
-                self.base.log_tail()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        client
-            .call("Init", json!({"Home": self.base.dir().join("docker-root")}))
-            .ok("Init");
-        true
-    }
-
-    fn start(&mut self, faults: Option<&str>, hits: &Path) -> bool {
-        self.spawn(faults, hits);
-        self.wait_ready()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    /// Waits up to `t` for the process to end (after a kill point fired).
-    fn exited_within(&mut self, t: Duration) -> bool {
-        let c = self.child.as_mut().unwrap();
-        wait_timeout(c, t).is_some()
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            stop_child(&mut c, Duration::from_secs(30));
-        }
-    }
-
-    fn gone(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.wait();
-        }
-    }
-
-    fn client(&self) -> PluginClient {
-        let mut c = self.base.client();
-        c.timeout = Duration::from_secs(60);
-        c
-    }
-
-    fn cli(&self, args: &[&str]) -> Value {
-        let out = Command::new(lamina_bin())
-            .args(args)
-            .arg("--data-root")
-            .arg(self.root())
-            .arg("--json")
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lamina {args:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "lamina {args:?}: not JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// The snapshots API over the snapshotter socket.
-struct Snap {
-    rt: tokio::runtime::Runtime,
-    client: SnapshotsClient<Channel>,
-}
-
-impl Snap {
-    fn connect(socket: &Path) -> Snap {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let client = rt
-            .block_on(lamina_snapshotter::client::connect(socket))
-            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-        Snap { rt, client }
-    }
-
-    fn prepare(&self, key: &str, parent: &str) -> Result<(), String> {
-        let req = pb::PrepareSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: Default::default(),
-        };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.prepare(req))
-            .map(|_| ())
-            .map_err(|s| s.to_string())
-    }
-
-    fn commit(&self, name: &str, key: &str) -> Result<(), String> {
-        let req = pb::CommitSnapshotRequest {
-            snapshotter: SN.into(),
-            name: name.into(),
-            key: key.into(),
-            labels: Default::default(),
-            parent: String::new(),
-        };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.commit(req))
-            .map(|_| ())
-            .map_err(|s| s.to_string())
-    }
-
-    fn remove(&self, key: &str) -> Result<(), String> {
-        let req = pb::RemoveSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-        };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.remove(req))
-            .map(|_| ())
-            .map_err(|s| s.to_string())
-    }
-}
-
-/// A small layer: a few files with random content, sometimes one of a few MiB (room for random-time kills
-/// in the middle of the unpacking).
-fn make_tar(rng: &mut Rng, big: bool) -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
-    let mut t = RawTar::new();
-    let mut files = BTreeMap::new();
-    t.dir(b"d", 0o755);
-    for i in 0..rng.range(1, 6) {
-        let len = if big && i == 0 {
-            rng.range(2 << 20, 6 << 20) as usize
-        } else {
-            rng.range(0, 20_000) as usize
-        };
-        let data = rng.bytes(len);
-        let name = format!("d/f{i}");
-        t.file(name.as_bytes(), 0o644, &data);
-        files.insert(name, data);
-    }
-    (t.finish(), files)
-}
-
-/// Regular files below `dir`, relative names → content.
-fn files_in(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            let ft = e.file_type().unwrap();
-            if ft.is_dir() {
-                stack.push(p);
-            } else if ft.is_file() {
-                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
-                out.insert(rel, fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
-
-fn names_in(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// What the test expects to find in the store.
 #[derive(Default)]
@@ -458,61 +188,6 @@ fn check(d: &Daemon, model: &Model) -> Vec<String> {
     bad
 }
 
-fn layer_state(d: &Daemon, name: &str) -> Option<String> {
-    d.cli(&["layers", "ls"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["record"]["name"] == name)
-        .map(|l| l["record"]["state"].as_str().unwrap().to_string())
-}
-
-fn layer_dir(d: &Daemon, name: &str) -> PathBuf {
-    let l = d.cli(&["layers", "ls"]);
-    let n = l
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["record"]["name"] == name)
-        .unwrap_or_else(|| panic!("no layer {name}"))["number"]
-        .as_u64()
-        .unwrap();
-    d.root().join("layers").join(format!("{n:x}"))
-}
-
-fn ok(r: &HttpResponse, what: &str) -> Result<(), String> {
-    if r.status == 200 && r.err().is_none_or(|e| e.is_empty()) {
-        Ok(())
-    } else {
-        Err(format!("{what}: {} {}", r.status, r.text()))
-    }
-}
-
-fn gcall(d: &Daemon, method: &str, body: Value) -> Result<(), String> {
-    let mut b = serde_json::to_vec(&body).unwrap();
-    b.push(b'\n');
-    match d.client().post_raw(&format!("/GraphDriver.{method}"), &b) {
-        Ok(r) => ok(&r, method),
-        Err(e) => Err(format!("{method}: transport {e}")),
-    }
-}
-
-fn vcall(d: &Daemon, method: &str, body: Value) -> Result<Value, String> {
-    let mut b = serde_json::to_vec(&body).unwrap();
-    b.push(b'\n');
-    match d.client().post_raw(&format!("/VolumeDriver.{method}"), &b) {
-        Ok(r) => ok(&r, method).map(|()| r.json()),
-        Err(e) => Err(format!("{method}: transport {e}")),
-    }
-}
-
-fn apply(d: &Daemon, id: &str, tar: &[u8]) -> Result<(), String> {
-    match d.client().apply_diff(id, BASE, &mut &tar[..]) {
-        Ok(r) => ok(&r, "ApplyDiff"),
-        Err(e) => Err(format!("ApplyDiff: transport {e}")),
-    }
-}
-
 /// One planned operation.
 struct Case {
     op: &'static str,
@@ -531,11 +206,11 @@ fn prepare(d: &Daemon, case: &Case, model: &mut Model) {
         "apply" => create(),
         "remove" | "get" => {
             create();
-            apply(d, id, &case.tar).unwrap();
+            apply(d, id, BASE, &case.tar).unwrap();
         }
         "remove_mounted" | "put" => {
             create();
-            apply(d, id, &case.tar).unwrap();
+            apply(d, id, BASE, &case.tar).unwrap();
             gcall(d, "Get", json!({"ID": id, "MountLabel": ""})).unwrap();
         }
         "commit" => {
@@ -557,7 +232,7 @@ fn run_op(d: &Daemon, case: &Case) -> Result<(), String> {
     let id = &case.id;
     match case.op {
         "create" => gcall(d, "Create", json!({"ID": id, "Parent": BASE, "MountLabel": ""})),
-        "apply" => apply(d, id, &case.tar),
+        "apply" => apply(d, id, BASE, &case.tar),
         "remove" | "remove_mounted" => gcall(d, "Remove", json!({"ID": id})),
         "get" => gcall(d, "Get", json!({"ID": id, "MountLabel": ""})),
         "put" => gcall(d, "Put", json!({"ID": id})),
@@ -579,7 +254,7 @@ fn finish_op(d: &Daemon, case: &Case, model: &mut Model) -> Result<(), String> {
         }
         "apply" => {
             match layer_state(d, id).as_deref() {
-                Some("Empty") => apply(d, id, &case.tar)?,
+                Some("Empty") => apply(d, id, BASE, &case.tar)?,
                 Some("Applied") => {}
                 other => return Err(format!("layer {id} in state {other:?} after the restart")),
             }

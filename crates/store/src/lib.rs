@@ -15,6 +15,7 @@
 //!   transactions, so applies and diffs of different layers run in parallel.
 #![forbid(unsafe_code)]
 
+mod db;
 mod error;
 mod gc;
 mod meta;
@@ -36,7 +37,7 @@ use lamina_archive::{ApplyOptions, ApplyStats, Change, DiffOptions, IdMappings};
 use lamina_sys::fault;
 use lamina_sys::lock::LockFile;
 use lamina_sys::mount::{self, OverlaySpec, MAX_OVERLAY_LOWERS};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadableTable, ReadableTableMetadata};
 use tracing::{debug, info, warn};
 
 pub use error::{Result, StoreError};
@@ -111,7 +112,7 @@ pub enum OpenMode {
 /// The layer store. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Store {
     root: PathBuf,
-    db: Arc<Database>,
+    db: Arc<db::Db>,
     seals: Arc<verify::Seals>,
     slots: Mutex<HashMap<u64, Arc<Mutex<Slot>>>>,
     next_id: AtomicU64,
@@ -213,7 +214,7 @@ impl Store {
             mkdir(&root.join(d), 0o700)?;
         }
         let db_path = root.join("meta.redb");
-        let db = Database::create(&db_path).map_err(|e| {
+        let db = db::Db::open(&db_path).map_err(|e| {
             StoreError::CorruptMetadata(format!("{}: {e}; move it away to start empty", db_path.display()))
         })?;
         let store = Store {
@@ -867,8 +868,7 @@ impl Store {
             fault::point("store.apply.begin.commit").map_err(|e| StoreError::io("commit metadata", e))?;
             txn.commit().map_err(error::db_err)?;
         }
-        let result = self.apply_staged(n, &staging, input, mappings);
-        let finish = |state: LayerState, stats: Option<&ApplyStats>| -> Result<()> {
+        let finish = |stats: &ApplyStats| -> Result<()> {
             let txn = self.db.begin_write().map_err(error::db_err)?;
             txn.open_table(PENDING)
                 .map_err(error::db_err)?
@@ -876,23 +876,20 @@ impl Store {
                 .map_err(error::db_err)?;
             let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
             let mut r = rec.clone();
-            r.state = state;
-            r.size = stats.map(|s| s.size);
-            r.digest = stats.map(|s| s.digest.clone());
+            r.state = LayerState::Applied;
+            r.size = Some(stats.size);
+            r.digest = Some(stats.digest.clone());
             r.manifest = None;
             layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
             drop(layers);
-            fault::point(if state == LayerState::Applied {
-                "store.apply.finish.commit"
-            } else {
-                "store.apply.rollback.commit"
-            })
-            .map_err(|e| StoreError::io("commit metadata", e))?;
+            fault::point("store.apply.finish.commit").map_err(|e| StoreError::io("commit metadata", e))?;
             txn.commit().map_err(error::db_err)
         };
+        let result = self
+            .apply_staged(n, &staging, input, mappings)
+            .and_then(|stats| finish(&stats).map(|()| stats));
         match result {
             Ok(stats) => {
-                finish(LayerState::Applied, Some(&stats))?;
                 drop(guard);
                 let _ = fault::point("store.apply.done");
                 // The content manifest is written in the background: ApplyDiff does not wait for a second
@@ -905,8 +902,34 @@ impl Store {
             }
             Err(e) => {
                 remove_tree(&staging);
-                let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
-                finish(LayerState::Empty, None)?;
+                // A failure after the rename (the second sync, the final commit) leaves the content in diff/:
+                // the layer goes back to empty as created (diff/ replaced, record Empty, pending row dropped),
+                // so nothing half applied is visible and a retry applies again. If that fails too (read-only
+                // or failing disk), the record stays Applying and the next start does it.
+                let diff = self.layer_dir(n).join("diff");
+                let filled = std::fs::read_dir(&diff).is_ok_and(|mut d| d.next().is_some());
+                let reset = if filled {
+                    self.reset_interrupted_apply(n)
+                } else {
+                    let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
+                    (|| {
+                        let txn = self.db.begin_write().map_err(error::db_err)?;
+                        txn.open_table(PENDING)
+                            .map_err(error::db_err)?
+                            .remove(n)
+                            .map_err(error::db_err)?;
+                        txn.open_table(LAYERS)
+                            .map_err(error::db_err)?
+                            .insert(n, rec.encode().as_slice())
+                            .map_err(error::db_err)?;
+                        fault::point("store.apply.rollback.commit")
+                            .map_err(|e| StoreError::io("commit metadata", e))?;
+                        txn.commit().map_err(error::db_err)
+                    })()
+                };
+                if let Err(e2) = reset {
+                    warn!(ns, name, layer = n, error = %e2, "could not reset the failed apply; the next start will");
+                }
                 Err(e)
             }
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use lamina_archive::manifest::{self, VerifyOutcome};
 use serde::Serialize;
 
-use redb::{Database, ReadableTable};
+use redb::ReadableTable;
 use tracing::{debug, warn};
 
 use crate::meta::LAYERS;
@@ -18,7 +18,7 @@ use crate::{error, open_dir, LayerKind, LayerRecord, LayerState, Result, Store, 
 use lamina_sys::fault;
 
 /// Writes the manifest of layer `n` (directory `dir`) and records its digest if the layer still wants one.
-fn seal(db: &Database, n: u64, dir: &Path) -> Result<()> {
+fn seal(db: &crate::db::Db, n: u64, dir: &Path) -> Result<()> {
     let digest = write_manifest_file(&dir.join("diff"), &dir.join(MANIFEST_FILE))?;
     let txn = db.begin_write().map_err(error::db_err)?;
     {
@@ -99,6 +99,13 @@ pub(crate) fn write_manifest_file(diff: &Path, dest: &Path) -> Result<String> {
     fault::point("store.seal.rename")
         .and_then(|()| std::fs::rename(&tmp, dest))
         .map_err(|e| StoreError::io(format!("rename {}", tmp.display()), e))?;
+    // The rename must be on disk before the digest is recorded: otherwise a crash of the filesystem (power
+    // loss, an emergency read-only switch) can keep the record and lose the file (found by reliability_disk).
+    if let Some(parent) = dest.parent() {
+        fault::point("store.seal.dirsync")
+            .and_then(|()| std::fs::File::open(parent)?.sync_all())
+            .map_err(|e| StoreError::io(format!("sync {}", parent.display()), e))?;
+    }
     Ok(summary.digest)
 }
 

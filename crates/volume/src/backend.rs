@@ -191,8 +191,10 @@ impl VolumeDir {
                 let _ = fs::remove_file(&tmp);
                 io_err(format!("writing {}", tmp.display()), e)
             })?;
+        // Renamed, then the directory synced: the record is on disk before Create answers.
         fault::point("volume.create.rename")
             .and_then(|()| fs::rename(&tmp, &final_path))
+            .and_then(|()| fs::File::open(self.root.join(META_DIR))?.sync_all())
             .map_err(|e| {
                 let _ = fs::remove_file(&tmp);
                 io_err(
