@@ -23,6 +23,9 @@ use serde_json::json;
 
 const DISK_MIB: u64 = 96;
 
+/// An operation to try on a full disk, and its name.
+type NamedOp<'a> = (&'a str, Box<dyn Fn() -> Result<(), String> + 'a>);
+
 /// A tar with one regular file of `size` pseudo-random bytes (incompressible, no holes), generated while read.
 struct BigTar {
     head: Vec<u8>,
@@ -62,7 +65,11 @@ impl Read for BigTar {
                 buf[n..n + k].copy_from_slice(&self.head[p as usize..p as usize + k]);
                 n += k;
                 self.pos += k as u64;
-            } else if p < 512 + self.size && p % 8 == 0 && buf.len() - n >= 8 && 512 + self.size - p >= 8 {
+            } else if p < 512 + self.size
+                && p.is_multiple_of(8)
+                && buf.len() - n >= 8
+                && 512 + self.size - p >= 8
+            {
                 buf[n..n + 8].copy_from_slice(&self.rng.next_u64().to_le_bytes());
                 n += 8;
                 self.pos += 8;
@@ -387,7 +394,7 @@ fn full_readonly_and_failing_disks() {
     fill(&filler);
     let before = records(&d);
     let (mid, mid_files) = make_tar(&mut rng, true);
-    let full_ops: Vec<(&str, Box<dyn Fn() -> Result<(), String>>)> = vec![
+    let full_ops: Vec<NamedOp> = vec![
         (
             "Create",
             Box::new(|| {
