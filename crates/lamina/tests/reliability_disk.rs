@@ -357,6 +357,8 @@ fn full_readonly_and_failing_disks() {
         Ok(r) => ok(&r, "ApplyDiff"),
         Err(e) => Err(format!("transport {e}")),
     };
+    let used_full = used(&fsdir);
+    eprintln!("ENOSPC apply answer: {r:?}");
     let e = err_text(r);
     f.expect(
         e.as_deref()
@@ -369,6 +371,7 @@ fn full_readonly_and_failing_disks() {
     );
     f.expect(staging_empty(&d), "ENOSPC apply: staging left");
     let u = used_settles(&fsdir, used_before + (2 << 20));
+    eprintln!("ENOSPC apply: used before {used_before}, at the answer {used_full}, settled {u}");
     f.expect(
         u <= used_before + (2 << 20),
         format!("ENOSPC apply: staged bytes not reclaimed: used {used_before} -> {u}"),
