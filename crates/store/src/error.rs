@@ -75,5 +75,21 @@ impl StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub(crate) fn db_err(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::CorruptMetadata(format!("metadata database: {}", e.into()))
+    match e.into() {
+        // A full, read-only or failing disk under the database is an I/O error with its errno (ENOSPC,
+        // EROFS, EIO), not corrupt metadata: the front doors class it by the errno. The handle is reopened at
+        // the next transaction (see db.rs).
+        redb::Error::Io(source) => {
+            crate::db::note_io_failure();
+            StoreError::io("metadata database", source)
+        }
+        redb::Error::PreviousIo => {
+            crate::db::note_io_failure();
+            StoreError::io(
+                "metadata database",
+                std::io::Error::other("an earlier write failed; the database is reopened at the next call"),
+            )
+        }
+        e => StoreError::CorruptMetadata(format!("metadata database: {e}")),
+    }
 }

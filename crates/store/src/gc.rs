@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use lamina_sys::mount;
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use serde::Serialize;
 use tracing::{info, warn};
 

@@ -15,6 +15,7 @@
 //!   transactions, so applies and diffs of different layers run in parallel.
 #![forbid(unsafe_code)]
 
+mod db;
 mod error;
 mod gc;
 mod meta;
@@ -34,9 +35,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lamina_archive::{ApplyOptions, ApplyStats, Change, DiffOptions, IdMappings};
+use lamina_sys::fault;
 use lamina_sys::lock::LockFile;
 use lamina_sys::mount::{self, OverlaySpec, MAX_OVERLAY_LOWERS};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadableTable, ReadableTableMetadata};
 use tracing::{debug, info, warn};
 
 pub use error::{Result, StoreError};
@@ -124,7 +126,7 @@ pub enum OpenMode {
 /// The layer store. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Store {
     root: PathBuf,
-    db: Arc<Database>,
+    db: Arc<db::Db>,
     seals: Arc<verify::Seals>,
     slots: Mutex<HashMap<u64, Arc<Mutex<Slot>>>>,
     next_id: AtomicU64,
@@ -226,7 +228,7 @@ impl Store {
             mkdir(&root.join(d), 0o700)?;
         }
         let db_path = root.join("meta.redb");
-        let db = Database::create(&db_path).map_err(|e| {
+        let db = db::Db::open(&db_path).map_err(|e| {
             StoreError::CorruptMetadata(format!("{}: {e}; move it away to start empty", db_path.display()))
         })?;
         let store = Store {
@@ -579,6 +581,7 @@ impl Store {
         let _owned = InFlight::new(&self.in_flight, self.layer_dir(n));
         // Directories first: a crash before the commit leaves a directory without a record,
         // which the next start removes.
+        fault::point("store.create.mkdir").map_err(|e| StoreError::io("create layer directories", e))?;
         if let Err(e) = self.make_layer_dirs(n, opts.max_size) {
             // Nothing half-made stays behind (a subvolume with its qgroup included).
             remove_tree(&self.layer_dir(n));
@@ -656,12 +659,15 @@ impl Store {
                     .unwrap_or(1);
                 meta.insert("next_id", stored.max(n + 1)).map_err(error::db_err)?;
             }
+            fault::point("store.create.commit").map_err(|e| StoreError::io("commit metadata", e))?;
             txn.commit().map_err(error::db_err)
         })();
         if let Err(e) = result {
             remove_tree(&self.layer_dir(n));
             return Err(e);
         }
+        // After the work: only `kill`/`sleep` make sense here, an error action is ignored.
+        let _ = fault::point("store.create.done");
         debug!(ns, name, layer = n, "created layer");
         Ok(())
     }
@@ -710,9 +716,11 @@ impl Store {
         }
         let dir = self.layer_dir(n);
         if guard.mounts > 0 || mount::is_mount_point(&dir.join("merged")).unwrap_or(false) {
-            mount::unmount(&dir.join("merged"), false).map_err(|e| {
-                StoreError::InUse(format!("layer {name} is mounted and cannot be unmounted: {e}"))
-            })?;
+            fault::point("store.remove.unmount")
+                .and_then(|()| mount::unmount(&dir.join("merged"), false))
+                .map_err(|e| {
+                    StoreError::InUse(format!("layer {name} is mounted and cannot be unmounted: {e}"))
+                })?;
             guard.mounts = 0;
         }
         let txn = self.db.begin_write().map_err(error::db_err)?;
@@ -752,12 +760,13 @@ impl Store {
                 .remove(n)
                 .map_err(error::db_err)?;
         }
+        fault::point("store.remove.commit").map_err(|e| StoreError::io("commit metadata", e))?;
         txn.commit().map_err(error::db_err)?;
         // Out of view at once; the content goes in the background.
         let trash = self.trash_path(n);
         let owned = InFlight::new(&self.in_flight, trash.clone());
         let limited = rec.max_size.is_some().then(|| self.root.clone());
-        match std::fs::rename(&dir, &trash) {
+        match fault::point("store.remove.rename").and_then(|()| std::fs::rename(&dir, &trash)) {
             Ok(()) => {
                 std::thread::spawn(move || {
                     // A size-limited layer's subvolume and qgroup go with the tree (see `remove_tree`).
@@ -780,6 +789,7 @@ impl Store {
         }
         drop(guard);
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+        let _ = fault::point("store.remove.done");
         debug!(ns, name, layer = n, "removed layer");
         Ok(true)
     }
@@ -830,9 +840,14 @@ impl Store {
                 label: Some(mount_label.to_string()),
                 read_only: view,
             };
-            mount::mount_overlay(&path, &spec).map_err(|e| {
-                StoreError::io(format!("mount layer {name} ({} layers)", lowers.len() + 1), e)
-            })?;
+            fault::point("store.get.mount")
+                .and_then(|()| mount::mount_overlay(&path, &spec))
+                .map_err(|e| {
+                    StoreError::io(format!("mount layer {name} ({} layers)", lowers.len() + 1), e)
+                })?;
+        }
+        if brought_up.is_some() {
+            let _ = fault::point("store.get.mounted");
         }
         let now = now_ns();
         let first = guard.mounts == 0;
@@ -869,7 +884,9 @@ impl Store {
         if rec.parent.is_some() {
             // Detached like overlay2 does: a straggler (a shell cd'ed into it) must not fail the Put.
             let merged = self.layer_dir(n).join("merged");
-            mount::unmount(&merged, true).map_err(|e| StoreError::io(format!("unmount layer {name}"), e))?;
+            fault::point("store.put.unmount")
+                .and_then(|()| mount::unmount(&merged, true))
+                .map_err(|e| StoreError::io(format!("unmount layer {name}"), e))?;
         }
         debug!(ns, name, layer = n, "put");
         Ok(())
@@ -920,10 +937,10 @@ impl Store {
             r.state = LayerState::Applying;
             layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
             drop(layers);
+            fault::point("store.apply.begin.commit").map_err(|e| StoreError::io("commit metadata", e))?;
             txn.commit().map_err(error::db_err)?;
         }
-        let result = self.apply_staged(n, &staging, input, mappings);
-        let finish = |state: LayerState, stats: Option<&ApplyStats>| -> Result<()> {
+        let finish = |stats: &ApplyStats| -> Result<()> {
             let txn = self.db.begin_write().map_err(error::db_err)?;
             txn.open_table(PENDING)
                 .map_err(error::db_err)?
@@ -931,18 +948,22 @@ impl Store {
                 .map_err(error::db_err)?;
             let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
             let mut r = rec.clone();
-            r.state = state;
-            r.size = stats.map(|s| s.size);
-            r.digest = stats.map(|s| s.digest.clone());
+            r.state = LayerState::Applied;
+            r.size = Some(stats.size);
+            r.digest = Some(stats.digest.clone());
             r.manifest = None;
             layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
             drop(layers);
+            fault::point("store.apply.finish.commit").map_err(|e| StoreError::io("commit metadata", e))?;
             txn.commit().map_err(error::db_err)
         };
+        let result = self
+            .apply_staged(n, &staging, input, mappings)
+            .and_then(|stats| finish(&stats).map(|()| stats));
         match result {
             Ok(stats) => {
-                finish(LayerState::Applied, Some(&stats))?;
                 drop(guard);
+                let _ = fault::point("store.apply.done");
                 // The content manifest is written in the background: ApplyDiff does not wait for a second
                 // read of the layer (it took ApplyDiff from 1.35 s to 2.2 s for 215 MB / 44k files).
                 self.seal_later(n);
@@ -953,8 +974,34 @@ impl Store {
             }
             Err(e) => {
                 remove_tree(&staging);
-                let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
-                finish(LayerState::Empty, None)?;
+                // A failure after the rename (the second sync, the final commit) leaves the content in diff/:
+                // the layer goes back to empty as created (diff/ replaced, record Empty, pending row dropped),
+                // so nothing half applied is visible and a retry applies again. If that fails too (read-only
+                // or failing disk), the record stays Applying and the next start does it.
+                let diff = self.layer_dir(n).join("diff");
+                let filled = std::fs::read_dir(&diff).is_ok_and(|mut d| d.next().is_some());
+                let reset = if filled {
+                    self.reset_interrupted_apply(n)
+                } else {
+                    let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
+                    (|| {
+                        let txn = self.db.begin_write().map_err(error::db_err)?;
+                        txn.open_table(PENDING)
+                            .map_err(error::db_err)?
+                            .remove(n)
+                            .map_err(error::db_err)?;
+                        txn.open_table(LAYERS)
+                            .map_err(error::db_err)?
+                            .insert(n, rec.encode().as_slice())
+                            .map_err(error::db_err)?;
+                        fault::point("store.apply.rollback.commit")
+                            .map_err(|e| StoreError::io("commit metadata", e))?;
+                        txn.commit().map_err(error::db_err)
+                    })()
+                };
+                if let Err(e2) = reset {
+                    warn!(ns, name, layer = n, error = %e2, "could not reset the failed apply; the next start will");
+                }
                 Err(e)
             }
         }
@@ -967,6 +1014,7 @@ impl Store {
         input: &mut dyn Read,
         mappings: &IdMappings,
     ) -> Result<ApplyStats> {
+        fault::point("store.apply.stage").map_err(|e| StoreError::io("create staging directory", e))?;
         mkdir(staging, 0o755)?;
         let dirfd = open_dir(staging)?;
         let opts = ApplyOptions {
@@ -974,11 +1022,16 @@ impl Store {
         };
         let stats = lamina_archive::apply_layer(dirfd.as_fd(), input, &opts)?;
         // The root of the layer keeps the mode of an empty diff dir unless the tar set it.
-        mount::syncfs(staging).map_err(|e| StoreError::io("sync staged layer", e))?;
+        fault::point("store.apply.syncfs")
+            .and_then(|()| mount::syncfs(staging))
+            .map_err(|e| StoreError::io("sync staged layer", e))?;
         let diff = self.layer_dir(n).join("diff");
-        std::fs::rename(staging, &diff)
+        fault::point("store.apply.rename")
+            .and_then(|()| std::fs::rename(staging, &diff))
             .map_err(|e| StoreError::io(format!("move staged layer into {}", diff.display()), e))?;
-        mount::syncfs(&diff).map_err(|e| StoreError::io("sync layer", e))?;
+        fault::point("store.apply.syncfs2")
+            .and_then(|()| mount::syncfs(&diff))
+            .map_err(|e| StoreError::io("sync layer", e))?;
         Ok(stats)
     }
 
@@ -1177,7 +1230,9 @@ impl Store {
             lamina_archive::disk_usage(dir.as_fd())?
         };
         // The content must be on disk before the record says it is frozen.
-        mount::syncfs(&self.layer_dir(n)).map_err(|e| StoreError::io("sync committed layer", e))?;
+        fault::point("store.commit.syncfs")
+            .and_then(|()| mount::syncfs(&self.layer_dir(n)))
+            .map_err(|e| StoreError::io("sync committed layer", e))?;
         let txn = self.db.begin_write().map_err(error::db_err)?;
         let rec = {
             let mut names = txn.open_table(NAMES).map_err(error::db_err)?;
@@ -1200,8 +1255,10 @@ impl Store {
             layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
             r
         };
+        fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
         txn.commit().map_err(error::db_err)?;
         drop(guard);
+        let _ = fault::point("store.commit.done");
         // As after an apply: the manifest is written in the background, Commit does not wait for it.
         self.seal_later(n);
         self.counters.add(Counter::Commits, 1);

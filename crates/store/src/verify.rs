@@ -10,14 +10,15 @@ use std::time::{Duration, Instant};
 use lamina_archive::manifest::{self, VerifyOutcome};
 use serde::Serialize;
 
-use redb::{Database, ReadableTable};
+use redb::ReadableTable;
 use tracing::{debug, warn};
 
 use crate::meta::LAYERS;
 use crate::{error, open_dir, LayerKind, LayerRecord, LayerState, Result, Store, StoreError};
+use lamina_sys::fault;
 
 /// Writes the manifest of layer `n` (directory `dir`) and records its digest if the layer still wants one.
-fn seal(db: &Database, n: u64, dir: &Path) -> Result<()> {
+fn seal(db: &crate::db::Db, n: u64, dir: &Path) -> Result<()> {
     let digest = write_manifest_file(&dir.join("diff"), &dir.join(MANIFEST_FILE))?;
     let txn = db.begin_write().map_err(error::db_err)?;
     {
@@ -33,6 +34,7 @@ fn seal(db: &Database, n: u64, dir: &Path) -> Result<()> {
         rec.manifest = Some(digest);
         layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
     }
+    fault::point("store.seal.commit").map_err(|e| StoreError::io("commit metadata", e))?;
     txn.commit().map_err(error::db_err)
 }
 
@@ -90,10 +92,20 @@ pub(crate) fn write_manifest_file(diff: &Path, dest: &Path) -> Result<String> {
     let file = out
         .into_inner()
         .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e.into_error()))?;
-    file.sync_all()
+    fault::point("store.seal.fsync")
+        .and_then(|()| file.sync_all())
         .map_err(|e| StoreError::io(format!("sync {}", tmp.display()), e))?;
     drop(file);
-    std::fs::rename(&tmp, dest).map_err(|e| StoreError::io(format!("rename {}", tmp.display()), e))?;
+    fault::point("store.seal.rename")
+        .and_then(|()| std::fs::rename(&tmp, dest))
+        .map_err(|e| StoreError::io(format!("rename {}", tmp.display()), e))?;
+    // The rename must be on disk before the digest is recorded: otherwise a crash of the filesystem (power
+    // loss, an emergency read-only switch) can keep the record and lose the file (found by reliability_disk).
+    if let Some(parent) = dest.parent() {
+        fault::point("store.seal.dirsync")
+            .and_then(|()| std::fs::File::open(parent)?.sync_all())
+            .map_err(|e| StoreError::io(format!("sync {}", parent.display()), e))?;
+    }
     Ok(summary.digest)
 }
 

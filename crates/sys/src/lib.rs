@@ -11,8 +11,10 @@
 //!   unmounting, reading the mount table.
 //! - [`lock`]: advisory lock files.
 //! - [`quota`]: size limits (btrfs subvolumes with a qgroup limit, xfs project quota).
+//! - [`fault`]: fault points for the reliability tests (compiled to nothing without the `faults` feature).
 #![allow(unsafe_code)]
 
+pub mod fault;
 pub mod fs;
 pub mod lock;
 pub mod mount;

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lamina_sys::fault;
 use lamina_sys::fs::errno;
 use tracing::{info, warn};
 
@@ -125,6 +126,32 @@ impl VolumeDir {
             .map_err(|e| io_err(format!("creating {}", trash.display()), e))
     }
 
+    /// Deletes temporary records (`.lamina/.tmp-*`) older than `min_age`: what a Create killed between
+    /// writing its record and renaming it into place left behind. The local directory belongs to one lamina
+    /// (the data root is locked), so it sweeps them all at start; a shared cluster directory only sweeps old
+    /// ones, another host may be writing one right now.
+    pub fn sweep_temporaries(&self, min_age: Duration) {
+        let meta = self.root.join(META_DIR);
+        let Ok(rd) = fs::read_dir(&meta) else { return };
+        for e in rd.flatten() {
+            if !e.file_name().to_string_lossy().starts_with(".tmp-") {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
+            if old {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => info!(file = %e.path().display(), "removed an interrupted volume record"),
+                    Err(err) => {
+                        warn!(file = %e.path().display(), error = %err, "removing a temporary record")
+                    }
+                }
+            }
+        }
+    }
+
     /// Whether `name` exists (as a directory).
     pub fn exists(&self, name: &str) -> Result<bool, VolumeError> {
         let p = self.dir(name);
@@ -153,14 +180,28 @@ impl VolumeDir {
             std::process::id(),
             crate::time::now_nanos()
         ));
-        fs::write(&tmp, rec.encode()).map_err(|e| io_err(format!("writing {}", tmp.display()), e))?;
-        fs::rename(&tmp, &final_path).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io_err(
-                format!("renaming {} to {}", tmp.display(), final_path.display()),
-                e,
-            )
-        })
+        // Synced before the rename: after a power cut the record is either absent or complete.
+        fault::point("volume.create.write")
+            .and_then(|()| {
+                let mut f = fs::File::create(&tmp)?;
+                io::Write::write_all(&mut f, &rec.encode())?;
+                f.sync_all()
+            })
+            .map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                io_err(format!("writing {}", tmp.display()), e)
+            })?;
+        // Renamed, then the directory synced: the record is on disk before Create answers.
+        fault::point("volume.create.rename")
+            .and_then(|()| fs::rename(&tmp, &final_path))
+            .and_then(|()| fs::File::open(self.root.join(META_DIR))?.sync_all())
+            .map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                io_err(
+                    format!("renaming {} to {}", tmp.display(), final_path.display()),
+                    e,
+                )
+            })
     }
 
     /// Names of the volume directories (entries that are not directories or not valid names are skipped).
@@ -189,7 +230,9 @@ impl VolumeDir {
         let name = rec.name.clone();
         let dir = self.dir(&name);
         for _ in 0..3 {
-            match fs::DirBuilder::new().mode(0o755).create(&dir) {
+            let made = fault::point("volume.create.mkdir")
+                .and_then(|()| fs::DirBuilder::new().mode(0o755).create(&dir));
+            match made {
                 Ok(()) => {
                     if let Err(e) = self.finish(&rec, tools) {
                         // Not left behind half-made.
@@ -465,7 +508,11 @@ impl MooseFs {
             )));
         }
         let vols = self.vols.clone();
-        self.with_deadline("preparing the volumes directory", move || vols.prepare())?;
+        self.with_deadline("preparing the volumes directory", move || {
+            vols.prepare()?;
+            vols.sweep_temporaries(Duration::from_secs(3600));
+            Ok(())
+        })?;
         info!(master = %self.master(), mountpoint = %mp.display(), volumes = %self.vols.root.display(),
             ms = started.elapsed().as_millis() as u64, "MooseFS mounted");
         Ok(())

@@ -84,6 +84,7 @@ impl VolumeManager {
             root: cfg.state_dir.join("local"),
         };
         local.prepare()?;
+        local.sweep_temporaries(Duration::ZERO);
         let mfs = cfg
             .moosefs
             .clone()

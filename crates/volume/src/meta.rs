@@ -181,6 +181,8 @@ impl Bookkeeping {
             .map_err(db_err)?
             .insert(rec.name.as_str(), rec.encode().as_slice())
             .map_err(db_err)?;
+        lamina_sys::fault::point("volume.create.commit")
+            .map_err(|e| crate::backend::io_err("commit volume metadata".into(), e))?;
         txn.commit().map_err(db_err)
     }
 

@@ -1,0 +1,354 @@
+//! Shared by the fault tests (`reliability_kill.rs`, `reliability_disk.rs`): a `lamina serve` with every front
+//! door (plugin socket, snapshotter socket, volumes) started with or without armed fault points
+//! (`LAMINA_FAULTS`, see `lamina_sys::fault`), and small protocol helpers.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::common::reliability::{RawTar, Rng};
+use crate::common::*;
+use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
+use lamina_snapshotter::tonic::transport::Channel;
+use pb::snapshots_client::SnapshotsClient;
+use serde_json::{json, Value};
+
+/// The snapshotter name used in requests.
+pub const SN: &str = "lamina";
+
+/// One `lamina serve` with the plugin socket, the snapshotter socket and volumes, started with or without
+/// armed fault points. The harness's [`Lamina`] owns the directories and cleans mounts and sockets up.
+pub struct Daemon {
+    child: Option<Child>,
+    pub snap_socket: PathBuf,
+    pub config: PathBuf,
+    pub base: Lamina,
+}
+
+impl Daemon {
+    pub fn new(name: &str) -> Daemon {
+        let base = Lamina::new(name);
+        let config = base.dir().join("config.toml");
+        fs::write(
+            &config,
+            format!(
+                "[volumes]\nmount_base = \"{}\"\n",
+                base.dir().join("mnt").display()
+            ),
+        )
+        .unwrap();
+        Daemon {
+            child: None,
+            snap_socket: base.dir().join("snap.sock"),
+            config,
+            base,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.base.data_root
+    }
+
+    pub fn spawn(&mut self, faults: Option<&str>, hits: &Path) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.base.log)
+            .unwrap();
+        let _ = writeln!(&log, "===== kill driver: start, faults {faults:?} =====");
+        let mut cmd = Command::new(lamina_bin());
+        cmd.arg("serve")
+            .arg("--data-root")
+            .arg(&self.base.data_root)
+            .arg("--socket")
+            .arg(&self.base.socket)
+            .arg("--snapshotter-socket")
+            .arg(&self.snap_socket)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--log-level")
+            .arg("info")
+            .env("NO_COLOR", "1")
+            .env("RUST_BACKTRACE", "1")
+            .env("LAMINA_FAULTS", faults.unwrap_or(""))
+            .env("LAMINA_FAULTS_LOG", hits)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
+    /// Waits for both sockets; false if the process exited first.
+    pub fn wait_ready(&mut self) -> bool {
+        let client = self.base.client();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return false;
+                }
+            }
+            if client.activate().is_ok_and(|r| r.status == 200)
+                && fs::symlink_metadata(&self.snap_socket).is_ok_and(|m| m.file_type().is_socket())
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lamina did not start; log:\n{}",
+                self.base.log_tail()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        client
+            .call("Init", json!({"Home": self.base.dir().join("docker-root")}))
+            .ok("Init");
+        true
+    }
+
+    pub fn start(&mut self, faults: Option<&str>, hits: &Path) -> bool {
+        self.spawn(faults, hits);
+        self.wait_ready()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits up to `t` for the process to end (after a kill point fired).
+    pub fn exited_within(&mut self, t: Duration) -> bool {
+        let c = self.child.as_mut().unwrap();
+        wait_timeout(c, t).is_some()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, Duration::from_secs(30));
+        }
+    }
+
+    pub fn gone(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    pub fn client(&self) -> PluginClient {
+        let mut c = self.base.client();
+        c.timeout = Duration::from_secs(60);
+        c
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Value {
+        let out = Command::new(lamina_bin())
+            .args(args)
+            .arg("--data-root")
+            .arg(self.root())
+            .arg("--json")
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lamina {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "lamina {args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The snapshots API over the snapshotter socket.
+pub struct Snap {
+    pub rt: tokio::runtime::Runtime,
+    pub client: SnapshotsClient<Channel>,
+}
+
+impl Snap {
+    pub fn connect(socket: &Path) -> Snap {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let client = rt
+            .block_on(lamina_snapshotter::client::connect(socket))
+            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+        Snap { rt, client }
+    }
+
+    pub fn prepare(&self, key: &str, parent: &str) -> Result<(), String> {
+        let req = pb::PrepareSnapshotRequest {
+            snapshotter: SN.into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: Default::default(),
+        };
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.prepare(req))
+            .map(|_| ())
+            .map_err(|s| s.to_string())
+    }
+
+    pub fn commit(&self, name: &str, key: &str) -> Result<(), String> {
+        self.commit_labels(name, key, Default::default())
+    }
+
+    pub fn commit_labels(
+        &self,
+        name: &str,
+        key: &str,
+        labels: std::collections::HashMap<String, String>,
+    ) -> Result<(), String> {
+        let req = pb::CommitSnapshotRequest {
+            snapshotter: SN.into(),
+            name: name.into(),
+            key: key.into(),
+            labels,
+            parent: String::new(),
+        };
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.commit(req))
+            .map(|_| ())
+            .map_err(|s| s.to_string())
+    }
+
+    pub fn remove(&self, key: &str) -> Result<(), String> {
+        let req = pb::RemoveSnapshotRequest {
+            snapshotter: SN.into(),
+            key: key.into(),
+        };
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.remove(req))
+            .map(|_| ())
+            .map_err(|s| s.to_string())
+    }
+}
+
+/// A small layer: a few files with random content, sometimes one of a few MiB (room for random-time kills
+/// in the middle of the unpacking).
+pub fn make_tar(rng: &mut Rng, big: bool) -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
+    let mut t = RawTar::new();
+    let mut files = BTreeMap::new();
+    t.dir(b"d", 0o755);
+    for i in 0..rng.range(1, 6) {
+        let len = if big && i == 0 {
+            rng.range(2 << 20, 6 << 20) as usize
+        } else {
+            rng.range(0, 20_000) as usize
+        };
+        let data = rng.bytes(len);
+        let name = format!("d/f{i}");
+        t.file(name.as_bytes(), 0o644, &data);
+        files.insert(name, data);
+    }
+    (t.finish(), files)
+}
+
+/// Regular files below `dir`, relative names → content.
+pub fn files_in(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+pub fn names_in(dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn layer_state(d: &Daemon, name: &str) -> Option<String> {
+    d.cli(&["layers", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["record"]["name"] == name)
+        .map(|l| l["record"]["state"].as_str().unwrap().to_string())
+}
+
+pub fn layer_dir(d: &Daemon, name: &str) -> PathBuf {
+    let l = d.cli(&["layers", "ls"]);
+    let n = l
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["record"]["name"] == name)
+        .unwrap_or_else(|| panic!("no layer {name}"))["number"]
+        .as_u64()
+        .unwrap();
+    d.root().join("layers").join(format!("{n:x}"))
+}
+
+pub fn ok(r: &HttpResponse, what: &str) -> Result<(), String> {
+    if r.status == 200 && r.err().is_none_or(|e| e.is_empty()) {
+        Ok(())
+    } else {
+        Err(format!("{what}: {} {}", r.status, r.text()))
+    }
+}
+
+pub fn gcall(d: &Daemon, method: &str, body: Value) -> Result<(), String> {
+    let mut b = serde_json::to_vec(&body).unwrap();
+    b.push(b'\n');
+    match d.client().post_raw(&format!("/GraphDriver.{method}"), &b) {
+        Ok(r) => ok(&r, method),
+        Err(e) => Err(format!("{method}: transport {e}")),
+    }
+}
+
+pub fn vcall(d: &Daemon, method: &str, body: Value) -> Result<Value, String> {
+    let mut b = serde_json::to_vec(&body).unwrap();
+    b.push(b'\n');
+    match d.client().post_raw(&format!("/VolumeDriver.{method}"), &b) {
+        Ok(r) => ok(&r, method).map(|()| r.json()),
+        Err(e) => Err(format!("{method}: transport {e}")),
+    }
+}
+
+pub fn apply(d: &Daemon, id: &str, parent: &str, tar: &[u8]) -> Result<(), String> {
+    match d.client().apply_diff(id, parent, &mut &tar[..]) {
+        Ok(r) => ok(&r, "ApplyDiff"),
+        Err(e) => Err(format!("ApplyDiff: transport {e}")),
+    }
+}
