@@ -156,8 +156,9 @@ fn mfsmount_pids(dir: &Path) -> Vec<u32> {
         .filter(|p| {
             fs::read(format!("/proc/{p}/cmdline"))
                 .map(|c| {
+                    // A mounted mfsmount renames itself "mfsmount (mounted on: PATH)".
                     let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
-                    argv0.ends_with(b"mfsmount")
+                    argv0.starts_with(b"mfsmount") || argv0.ends_with(b"/mfsmount")
                 })
                 .unwrap_or(false)
         })
