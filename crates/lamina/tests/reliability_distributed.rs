@@ -663,7 +663,7 @@ fn master_restarted() {
             thread::sleep(Duration::from_millis(500));
         }
         let during = w.progress() - at_stop;
-        cluster.start_master(hard || !clean);
+        let master_start = cluster.start_master(hard || !clean);
         let up_at = Instant::now();
         // Self-recovery: the protocol (a Create needs the cluster mount) and the mounted volume.
         let back = poll(Duration::from_secs(120), || {
@@ -690,10 +690,12 @@ fn master_restarted() {
             .unwrap_or_default();
         let max_op = log.ops.iter().map(|o| o.took).max().unwrap_or_default();
         eprintln!(
-            "[{test}] round {r}: {n} rounds of calls while down (slowest call {}), {during} writes started or \
-             ended while down; after the restart: Create OK after {}, first acknowledged write after {}; \
-             writer: {} writes, {} acknowledged, {} failed, slowest write+fsync {} (files at recovery: {data_back})",
+            "[{test}] round {r}: {n} rounds of calls while down (slowest call {}), {during} writes completed \
+             while down; master listening {} after its start; after that: Create OK after {}, first \
+             acknowledged write after {}; writer: {} writes, {} acknowledged, {} failed, slowest write+fsync {} \
+             (files at recovery: {data_back})",
             ms(max_call),
+            ms(master_start),
             ms(proto_recovery),
             ms(first_ok_after),
             log.ops.len(),

@@ -225,8 +225,10 @@ impl MooseCluster {
             .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
     }
 
-    /// Starts the master in the foreground; `recover` adds `-a` (needed after a kill -9).
-    pub fn start_master(&mut self, recover: bool) {
+    /// Starts the master in the foreground; `recover` adds `-a` (needed after a kill -9). Waits up to 180 s
+    /// for it to listen: a restarted master was seen to take about 2 minutes on a loaded machine.
+    pub fn start_master(&mut self, recover: bool) -> Duration {
+        let t0 = Instant::now();
         let mut cmd = self.in_ns("mfsmaster");
         cmd.arg("-f");
         if recover {
@@ -235,16 +237,21 @@ impl MooseCluster {
         cmd.arg("-c").arg(self.dir.join("mfsmaster.cfg")).arg("start");
         self.master = Some(self.spawn_logged(cmd, "master.log"));
         let addr = self.master_addr();
-        let up = poll(Duration::from_secs(30), || {
+        let up = poll(Duration::from_secs(180), || {
             std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(300))
                 .ok()
                 .map(|_| ())
         });
         assert!(
             up.is_some(),
-            "mfsmaster did not listen on {addr}:\n{}",
+            "mfsmaster did not listen on {addr} within 180 s:\n{}",
             self.logs()
         );
+        let took = t0.elapsed();
+        if took > Duration::from_secs(10) {
+            eprintln!("warning: mfsmaster took {took:?} to listen on {addr}");
+        }
+        took
     }
 
     /// Starts chunkserver `i` (0-based) in the foreground (again, after [`MooseCluster::kill_chunkserver`]).
