@@ -946,3 +946,88 @@ fn lamina_restarted() {
         t_all.elapsed().as_secs_f64()
     );
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// 4. lamina's mfsmount killed while a volume is mounted
+// ------------------------------------------------------------------------------------------------------------
+
+fn stat_errno(p: &Path) -> Option<i32> {
+    fs::symlink_metadata(p).err().and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn mfsmount_killed() {
+    let test = "mfsmount_killed";
+    let Some(_serial) = start_test(test) else {
+        return;
+    };
+    let t_all = Instant::now();
+    let cluster = MooseCluster::start_n("dist-client", 3);
+    let mut h = host("dist-client", &cluster);
+    let c = h.c.clone();
+    let data_root = h.lamina.data_root.clone();
+    vcall(
+        &c,
+        "Create",
+        json!({"Name": "k1", "Opts": {"ReplicationGoal": "2"}}),
+    )
+    .expect_ok();
+    let mp = mount(&c, "k1", ID1);
+    let mut acked = Vec::new();
+    write_batch(&mp, "before", 20, 7, &mut acked);
+    let pids = mfsmount_pids(&data_root);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    signal(pids[0], "KILL");
+    assert!(
+        poll(Duration::from_secs(10), || (!pid_alive(pids[0])).then_some(())).is_some(),
+        "mfsmount {} survived SIGKILL",
+        pids[0]
+    );
+    // The fault as containers see it.
+    // ENOTCONN, or ECONNABORTED on recent kernels.
+    let e = stat_errno(&mp);
+    assert!(
+        matches!(e, Some(107 | 103)),
+        "the volume's mount after its mfsmount died: errno {e:?}"
+    );
+    // The next calls mount the cluster again by themselves; a Mount of the dead volume makes it anew.
+    let t = Instant::now();
+    let g = vcall(&c, "Get", json!({"Name": "k1"}));
+    g.expect_ok();
+    assert!(g.body["Volume"]["Status"].get("State").is_none(), "{}", g.body);
+    let get_took = t.elapsed();
+    vcall(&c, "Create", json!({"Name": "k2", "Opts": {}})).expect_ok();
+    let t = Instant::now();
+    assert_eq!(mount(&c, "k1", ID2), mp);
+    let mount_took = t.elapsed();
+    assert_eq!(stat_errno(&mp), None, "the volume's mount after the next Mount");
+    let bad = verify(&mp, &acked, Duration::from_secs(120));
+    assert!(bad.is_empty(), "{bad:?}");
+    write_batch(&mp, "after", 10, 8, &mut acked);
+    let g = vcall(&c, "Get", json!({"Name": "k1"}));
+    assert_eq!(g.expect_ok()["Volume"]["Status"]["Mounts"], "2");
+    unmount(&c, "k1", ID1);
+    assert!(is_mounted(&mp));
+    unmount(&c, "k1", ID2);
+    assert!(!is_mounted(&mp), "the last Unmount unmounts");
+    check_acked(&cluster, "view-k1", "k1", None, &acked);
+    let left = mfsmount_pids(&data_root);
+    assert_eq!(left.len(), 1, "only lamina's new mfsmount: {left:?}");
+    assert!(h.lamina.stop().success());
+    let gone = poll(Duration::from_secs(20), || {
+        (mfsmount_pids(&data_root).is_empty() && mounts_under(&data_root).is_empty()).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "left after lamina stopped: {:?}",
+        mfsmount_pids(&data_root)
+    );
+    eprintln!(
+        "[{test}] mfsmount SIGKILLed: Get answered (cluster mounted again) in {}, Mount of the dead volume \
+         made it again in {}; {} files acknowledged, lost 0; total {:.1} s",
+        ms(get_took),
+        ms(mount_took),
+        acked.len(),
+        t_all.elapsed().as_secs_f64()
+    );
+}

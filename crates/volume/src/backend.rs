@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lamina_sys::fs::errno;
 use tracing::{info, warn};
 
 use crate::command::{path_arg, CommandTemplate};
@@ -72,9 +71,18 @@ pub struct MooseFsConfig {
     pub default_goal: Option<Goal>,
 }
 
+/// True for the errors of a FUSE mount whose daemon is gone: `ENOTCONN`, or `ECONNABORTED` (what this
+/// kernel, 6.18, answers after `mfsmount` was killed).
+pub(crate) fn dead_fuse(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted
+    )
+}
+
 /// Maps an I/O error on the cluster: a dead FUSE connection is "backend unavailable".
 pub(crate) fn io_err(ctx: String, e: io::Error) -> VolumeError {
-    if e.raw_os_error() == Some(errno::ENOTCONN) {
+    if dead_fuse(&e) {
         VolumeError::BackendUnavailable(format!("{ctx}: the MooseFS mount is not connected"))
     } else {
         VolumeError::io(ctx, e)
@@ -406,6 +414,22 @@ impl MooseFs {
         }
     }
 
+    /// Whether the FUSE mount behind `path` still has its `mfsmount`: `Some(false)` when reading it fails with
+    /// `ENOTCONN`/`ECONNABORTED` (the process died, the mount is dead for good), `Some(true)` when it answers, `None` when
+    /// no answer comes within `wait` (alive but blocked, e.g. on a master that is down).
+    pub fn alive(&self, path: &Path, wait: Duration) -> Option<bool> {
+        let (tx, rx) = mpsc::channel();
+        let p = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("lamina-mfs-alive".into())
+            .spawn(move || {
+                let dead = matches!(answers(&p), Err(e) if dead_fuse(&e));
+                let _ = tx.send(!dead);
+            })
+            .ok()?;
+        rx.recv_timeout(wait).ok()
+    }
+
     /// Probes the master, mounts the cluster if it is not mounted (or remounts a dead mount), then runs
     /// `f` with a deadline.
     pub fn run<T: Send + 'static>(
@@ -426,13 +450,11 @@ impl MooseFs {
         if lamina_sys::mount::is_mount_point(&mp).unwrap_or(false) {
             let vols = self.vols.clone();
             let alive =
-                self.with_deadline("checking the MooseFS mount", move || {
-                    match fs::symlink_metadata(&vols.root) {
-                        Ok(_) => Ok(true),
-                        Err(e) if e.raw_os_error() == Some(errno::ENOTCONN) => Ok(false),
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => vols.prepare().map(|()| true),
-                        Err(e) => Err(io_err(format!("stat {}", vols.root.display()), e)),
-                    }
+                self.with_deadline("checking the MooseFS mount", move || match answers(&vols.root) {
+                    Ok(()) => Ok(true),
+                    Err(e) if dead_fuse(&e) => Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => vols.prepare().map(|()| true),
+                    Err(e) => Err(io_err(format!("stat {}", vols.root.display()), e)),
                 })?;
             if alive {
                 return Ok(());
@@ -482,6 +504,17 @@ impl MooseFs {
             }
         }
     }
+}
+
+/// Asks the filesystem behind the directory `p` for something it cannot answer from the kernel's caches (an
+/// open and one directory read): a stat of a FUSE mount whose daemon died still succeeds from the attribute
+/// cache for a while (1 s with mfsmount's defaults), while this fails at once.
+fn answers(p: &Path) -> io::Result<()> {
+    let mut rd = fs::read_dir(p)?;
+    if let Some(e) = rd.next() {
+        e?;
+    }
+    Ok(())
 }
 
 /// Runs a program that daemonizes (mfsmount): its output goes to `log` (a pipe would stay open in the
