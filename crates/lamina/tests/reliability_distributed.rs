@@ -27,10 +27,9 @@ use std::fs::{self, OpenOptions};
 use std::hash::{DefaultHasher, Hasher};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
@@ -196,10 +195,11 @@ fn write_fsync(path: &Path, data: &[u8]) -> io::Result<()> {
     f.sync_all()
 }
 
-/// One write of the writer thread.
+/// One write of the writer.
 #[derive(Debug, Clone)]
 struct Op {
-    start: Instant,
+    /// When the write+fsync returned.
+    end: SystemTime,
     took: Duration,
     result: Result<(), String>,
 }
@@ -210,65 +210,69 @@ struct WriterLog {
     ops: Vec<Op>,
 }
 
-/// A thread writing `prefix-NNNNN` files of 4 KiB to `max_len` bytes into `dir` until `max_files` or stopped.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    progress: Arc<AtomicUsize>,
-    done: mpsc::Receiver<WriterLog>,
+impl WriterLog {
+    /// Time from `at` to the first acknowledged write that returned after it.
+    fn first_ack_after(&self, at: SystemTime) -> Option<Duration> {
+        self.ops
+            .iter()
+            .filter(|o| o.result.is_ok())
+            .filter_map(|o| o.end.duration_since(at).ok())
+            .min()
+    }
 }
+
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// The writer runs in a child process (this test binary again, running only `writer_process`): a test
+/// process with a thread blocked in a FUSE write was seen to delay the start of other programs (the restarted
+/// mfsmaster) until that write gave up, about 2 minutes later. The child writes `prefix-NNNNN` files of 4 KiB
+/// to `max_len` bytes into `dir`, fsyncs each, and appends one line per write to a log on the local disk.
+struct Writer {
+    child: Option<std::process::Child>,
+    log: PathBuf,
+    stop: PathBuf,
+}
+
+const WRITER_ENV: &str = "LAMINA_DIST_WRITER";
 
 impl Writer {
     fn spawn(dir: PathBuf, prefix: &str, max_files: usize, max_len: usize, seed: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let progress = Arc::new(AtomicUsize::new(0));
-        let (tx, done) = mpsc::channel();
-        let (s, p, prefix) = (stop.clone(), progress.clone(), prefix.to_string());
-        thread::Builder::new()
-            .name(format!("writer-{prefix}"))
-            .spawn(move || {
-                let mut rng = Rng::new(seed);
-                let mut log = WriterLog::default();
-                for i in 0..max_files {
-                    if s.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let name = format!("{prefix}-{i:05}");
-                    let seed = rng.next_u64();
-                    let len = rng.range(4096, max_len as u64) as usize;
-                    let data = content(seed, len);
-                    let start = Instant::now();
-                    let r = write_fsync(&dir.join(&name), &data);
-                    let took = start.elapsed();
-                    match r {
-                        Ok(()) => {
-                            log.acked.push(Acked {
-                                name,
-                                seed,
-                                len,
-                                hash: hash_of(&data),
-                            });
-                            log.ops.push(Op {
-                                start,
-                                took,
-                                result: Ok(()),
-                            });
-                        }
-                        Err(e) => log.ops.push(Op {
-                            start,
-                            took,
-                            result: Err(format!("{name}: {e}")),
-                        }),
-                    }
-                    p.fetch_add(1, Ordering::SeqCst);
-                }
-                let _ = tx.send(log);
-            })
-            .unwrap();
-        Writer { stop, progress, done }
+        let tmp = std::env::temp_dir();
+        let tag = format!("lamina-dist-writer-{}-{prefix}-{seed:x}", std::process::id());
+        let (log, stop) = (tmp.join(format!("{tag}.log")), tmp.join(format!("{tag}.stop")));
+        let _ = fs::remove_file(&log);
+        let _ = fs::remove_file(&stop);
+        let spec = json!({
+            "dir": dir, "prefix": prefix, "max_files": max_files, "max_len": max_len, "seed": seed,
+            "log": log, "stop": stop,
+        });
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "writer_process", "--nocapture", "--test-threads", "1"])
+            .env(WRITER_ENV, spec.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawning the writer process");
+        Writer {
+            child: Some(child),
+            log,
+            stop,
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.ends_with('\t'))
+            .map(str::to_string)
+            .collect()
     }
 
     fn progress(&self) -> usize {
-        self.progress.load(Ordering::SeqCst)
+        self.lines().len()
     }
 
     fn wait_progress(&self, n: usize, bound: Duration) {
@@ -283,17 +287,107 @@ impl Writer {
         }
     }
 
-    /// Stops (if `stop`) and waits for the log; panics if the writer is stuck longer than `bound`.
-    fn finish(self, stop: bool, bound: Duration) -> WriterLog {
+    /// Stops (if `stop`) and waits for the writer; panics if it is stuck longer than `bound`.
+    fn finish(mut self, stop: bool, bound: Duration) -> WriterLog {
         if stop {
-            self.stop.store(true, Ordering::SeqCst);
+            fs::write(&self.stop, b"").unwrap();
         }
-        self.done.recv_timeout(bound).unwrap_or_else(|_| {
+        let mut child = self.child.take().unwrap();
+        let st = wait_timeout(&mut child, bound);
+        if st.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
             panic!(
                 "the writer did not finish within {bound:?} (at {} files): a write or fsync hangs",
                 self.progress()
-            )
-        })
+            );
+        }
+        let mut log = WriterLog::default();
+        for l in self.lines() {
+            let f: Vec<&str> = l.trim_end_matches('\t').splitn(7, '\t').collect();
+            let (end, took) = (f[2].parse::<u64>().unwrap(), f[3].parse::<u64>().unwrap());
+            let end = UNIX_EPOCH + Duration::from_millis(end);
+            let took = Duration::from_millis(took);
+            if f[0] == "ok" {
+                log.acked.push(Acked {
+                    name: f[1].to_string(),
+                    seed: f[4].parse().unwrap(),
+                    len: f[5].parse().unwrap(),
+                    hash: f[6].parse().unwrap(),
+                });
+                log.ops.push(Op {
+                    end,
+                    took,
+                    result: Ok(()),
+                });
+            } else {
+                log.ops.push(Op {
+                    end,
+                    took,
+                    result: Err(format!("{}: {}", f[1], f[4])),
+                });
+            }
+        }
+        assert!(
+            st.unwrap().success(),
+            "the writer process failed (log {})",
+            self.log.display()
+        );
+        log
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = fs::remove_file(&self.log);
+        let _ = fs::remove_file(&self.stop);
+    }
+}
+
+/// The writer's body, run only in the child process [`Writer`] starts (a no-op test otherwise). One line
+/// per write, tab-separated and ending with a tab (a line without it was cut): `ok NAME END_MS TOOK_MS SEED
+/// LEN HASH` or `err NAME END_MS TOOK_MS MESSAGE`.
+#[test]
+fn writer_process() {
+    let Ok(spec) = std::env::var(WRITER_ENV) else {
+        return;
+    };
+    let spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
+    let dir = PathBuf::from(spec["dir"].as_str().unwrap());
+    let prefix = spec["prefix"].as_str().unwrap();
+    let max_files = spec["max_files"].as_u64().unwrap();
+    let max_len = spec["max_len"].as_u64().unwrap();
+    let stop = PathBuf::from(spec["stop"].as_str().unwrap());
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec["log"].as_str().unwrap())
+        .unwrap();
+    let mut rng = Rng::new(spec["seed"].as_u64().unwrap());
+    for i in 0..max_files {
+        if stop.exists() {
+            break;
+        }
+        let name = format!("{prefix}-{i:05}");
+        let seed = rng.next_u64();
+        let len = rng.range(4096, max_len) as usize;
+        let data = content(seed, len);
+        let start = Instant::now();
+        let r = write_fsync(&dir.join(&name), &data);
+        let took = start.elapsed().as_millis();
+        let end = epoch_ms(SystemTime::now());
+        let line = match r {
+            Ok(()) => format!("ok\t{name}\t{end}\t{took}\t{seed}\t{len}\t{}\t\n", hash_of(&data)),
+            Err(e) => format!(
+                "err\t{name}\t{end}\t{took}\t{}\t\n",
+                e.to_string().replace('\t', " ")
+            ),
+        };
+        log.write_all(line.as_bytes()).unwrap();
     }
 }
 
@@ -459,7 +553,7 @@ fn chunkserver_killed_during_writes() {
         w.wait_progress(files * (2 * r + 1) / (2 * rounds + 1), Duration::from_secs(300));
         victim = (r + 1) % cluster.chunkserver_count();
         let pid = cluster.chunkserver_pid(victim).unwrap();
-        let at = Instant::now();
+        let at = SystemTime::now();
         cluster.kill_chunkserver(victim);
         eprintln!(
             "[{test}] round {r}: SIGKILL chunkserver {} (pid {pid}) at file {}",
@@ -490,13 +584,7 @@ fn chunkserver_killed_during_writes() {
     // The first acknowledged write that started after each kill: how long the writer stalled.
     let stalls: Vec<Duration> = kills
         .iter()
-        .filter_map(|(at, _)| {
-            log.ops
-                .iter()
-                .filter(|o| o.result.is_ok() && o.start + o.took > *at)
-                .map(|o| o.start + o.took - *at)
-                .min()
-        })
+        .filter_map(|(at, _)| log.first_ack_after(*at))
         .collect();
     eprintln!(
         "[{test}] {} writes, {} acknowledged, {} failed, slowest write+fsync {}, first acknowledged write after each kill: {:?}",
@@ -665,6 +753,7 @@ fn master_restarted() {
         let during = w.progress() - at_stop;
         let master_start = cluster.start_master(hard || !clean);
         let up_at = Instant::now();
+        let up_sys = SystemTime::now();
         // Self-recovery: the protocol (a Create needs the cluster mount) and the mounted volume.
         let back = poll(Duration::from_secs(120), || {
             vcall(c, "Create", json!({"Name": format!("after-{r}"), "Opts": {}}))
@@ -681,13 +770,7 @@ fn master_restarted() {
         let data_back = w.progress();
         let log = w.finish(true, Duration::from_secs(300));
         let errors: Vec<&String> = log.ops.iter().filter_map(|o| o.result.as_ref().err()).collect();
-        let first_ok_after = log
-            .ops
-            .iter()
-            .filter(|o| o.result.is_ok() && o.start + o.took > up_at)
-            .map(|o| o.start + o.took - up_at)
-            .min()
-            .unwrap_or_default();
+        let first_ok_after = log.first_ack_after(up_sys).unwrap_or_default();
         let max_op = log.ops.iter().map(|o| o.took).max().unwrap_or_default();
         eprintln!(
             "[{test}] round {r}: {n} rounds of calls while down (slowest call {}), {during} writes completed \

@@ -417,16 +417,27 @@ impl MooseFs {
     /// Whether the FUSE mount behind `path` still has its `mfsmount`: `Some(false)` when reading it fails with
     /// `ENOTCONN`/`ECONNABORTED` (the process died, the mount is dead for good), `Some(true)` when it answers, `None` when
     /// no answer comes within `wait` (alive but blocked, e.g. on a master that is down).
+    /// The check runs on a helper thread that counts as stuck until it returns (none is started once
+    /// [`MAX_STUCK`] are).
     pub fn alive(&self, path: &Path, wait: Duration) -> Option<bool> {
+        if self.stuck.load(Ordering::SeqCst) >= MAX_STUCK {
+            return None;
+        }
         let (tx, rx) = mpsc::channel();
         let p = path.to_path_buf();
-        std::thread::Builder::new()
+        let stuck = self.stuck.clone();
+        stuck.fetch_add(1, Ordering::SeqCst);
+        let spawned = std::thread::Builder::new()
             .name("lamina-mfs-alive".into())
             .spawn(move || {
                 let dead = matches!(answers(&p), Err(e) if dead_fuse(&e));
+                stuck.fetch_sub(1, Ordering::SeqCst);
                 let _ = tx.send(!dead);
-            })
-            .ok()?;
+            });
+        if spawned.is_err() {
+            self.stuck.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
         rx.recv_timeout(wait).ok()
     }
 
