@@ -228,30 +228,41 @@ impl MooseCluster {
     /// Starts the master in the foreground; `recover` adds `-a` (needed after a kill -9). Waits up to 180 s
     /// for it to listen: a restarted master was seen to take about 2 minutes on a loaded machine.
     pub fn start_master(&mut self, recover: bool) -> Duration {
+        let extra: &[&str] = if recover { &["-a"] } else { &[] };
+        self.try_start_master(extra)
+            .unwrap_or_else(|e| panic!("{e}:\n{}", self.logs()))
+    }
+
+    /// Starts the master with `extra` options (`-a`, `-i`, ...); returns how long it took to listen, or why
+    /// not (it exited, or did not listen within 180 s).
+    pub fn try_start_master(&mut self, extra: &[&str]) -> Result<Duration, String> {
         let t0 = Instant::now();
         let mut cmd = self.in_ns("mfsmaster");
-        cmd.arg("-f");
-        if recover {
-            cmd.arg("-a");
-        }
+        cmd.arg("-f").args(extra);
         cmd.arg("-c").arg(self.dir.join("mfsmaster.cfg")).arg("start");
         self.master = Some(self.spawn_logged(cmd, "master.log"));
         let addr = self.master_addr();
         let up = poll(Duration::from_secs(180), || {
+            if let Some(Ok(Some(st))) = self.master.as_mut().map(|m| m.try_wait()) {
+                return Some(Err(format!("mfsmaster {} exited ({st})", extra.join(" "))));
+            }
             std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(300))
                 .ok()
-                .map(|_| ())
+                .map(|_| Ok(()))
         });
-        assert!(
-            up.is_some(),
-            "mfsmaster did not listen on {addr} within 180 s:\n{}",
-            self.logs()
-        );
+        match up {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                self.master = None;
+                return Err(e);
+            }
+            None => return Err(format!("mfsmaster did not listen on {addr} within 180 s")),
+        }
         let took = t0.elapsed();
         if took > Duration::from_secs(10) {
             eprintln!("warning: mfsmaster took {took:?} to listen on {addr}");
         }
-        took
+        Ok(took)
     }
 
     /// Starts chunkserver `i` (0-based) in the foreground (again, after [`MooseCluster::kill_chunkserver`]).
