@@ -414,9 +414,9 @@ impl MooseFs {
         }
     }
 
-    /// Whether the FUSE mount behind `path` still has its `mfsmount`: `Some(false)` when reading it fails with
-    /// `ENOTCONN`/`ECONNABORTED` (the process died, the mount is dead for good), `Some(true)` when it answers, `None` when
-    /// no answer comes within `wait` (alive but blocked, e.g. on a master that is down).
+    /// Whether the FUSE mount behind `path` still has its `mfsmount`: `Some(false)` when reading it fails
+    /// with `ENOTCONN`/`ECONNABORTED` (the process died, the mount is dead for good), `Some(true)` when it
+    /// answers, `None` when no answer comes within `wait` (alive but blocked, e.g. on a master that is down).
     /// The check runs on a helper thread that counts as stuck until it returns (none is started once
     /// [`MAX_STUCK`] are).
     pub fn alive(&self, path: &Path, wait: Duration) -> Option<bool> {

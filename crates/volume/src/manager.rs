@@ -22,7 +22,7 @@ use crate::name::{quote, validate_name};
 use crate::options::{parse_options, BackendKind};
 use crate::time::{now_secs, rfc3339};
 
-/// How long a Mount waits for a mounted MooseFS volume to answer a stat before counting it as alive.
+/// How long a Mount waits for a mounted MooseFS volume to answer before counting it as alive.
 const DEAD_MOUNT_WAIT: Duration = Duration::from_millis(500);
 
 /// Default `mount_base`.
@@ -280,8 +280,9 @@ impl VolumeManager {
         Ok(mp)
     }
 
-    /// True when `mp` is a bind mount of a MooseFS volume whose `mfsmount` is gone (`ENOTCONN`, `ECONNABORTED`): it must be
-    /// made again, or every container given this mountpoint would get "Transport endpoint is not connected".
+    /// True when `mp` is a bind mount of a MooseFS volume whose `mfsmount` is gone (`ENOTCONN`,
+    /// `ECONNABORTED`): it must be made again, or every container given this mountpoint would get "Transport
+    /// endpoint is not connected".
     /// A mount that does not answer quickly (master down) counts as alive: nothing better can be made now.
     fn dead_mount(&self, name: &str, mp: &Path) -> bool {
         let Some(m) = &self.mfs else { return false };
