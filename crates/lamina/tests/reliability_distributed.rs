@@ -14,8 +14,11 @@
 //!   mount IDs); after each start, Path/Get/List know the mounts, the counts are right, data written before
 //!   and after is intact, the last Unmount really unmounts, and once everything is unmounted and lamina is
 //!   stopped no mount and no `mfsmount` process of it is left.
+//! - `mfsmount_killed`: lamina's own `mfsmount` is SIGKILLed while a volume is mounted; the next calls mount
+//!   the cluster again and a Mount of the volume hands out a live mountpoint again; data intact.
 //!
-//! Sizes: `LAMINA_RELIABILITY=full` (more files, more kill rounds, also a SIGKILLed master), or
+//! The writes come from a writer process (this binary again, running only `writer_process`), not a thread of
+//! the test: see `Writer`. Sizes: `LAMINA_RELIABILITY=full` (more files, more kill rounds, also a SIGKILLed master), or
 //! `LAMINA_RELIABILITY_DIST_FILES`, `LAMINA_RELIABILITY_DIST_ROUNDS`. Needs root and the MooseFS packages
 //! (installed with apt-get when missing; SKIPPED otherwise, a failure under CI=true).
 //! Run: `cargo test -p lamina --test reliability_distributed -- --nocapture --test-threads 1`.
