@@ -25,7 +25,6 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lamina_sys::fault;
-use lamina_sys::fs::errno;
 use tracing::{info, warn};
 
 use crate::command::{path_arg, CommandTemplate};
@@ -73,9 +72,18 @@ pub struct MooseFsConfig {
     pub default_goal: Option<Goal>,
 }
 
+/// True for the errors of a FUSE mount whose daemon is gone: `ENOTCONN`, or `ECONNABORTED` (what this
+/// kernel, 6.18, answers after `mfsmount` was killed).
+pub(crate) fn dead_fuse(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted
+    )
+}
+
 /// Maps an I/O error on the cluster: a dead FUSE connection is "backend unavailable".
 pub(crate) fn io_err(ctx: String, e: io::Error) -> VolumeError {
-    if e.raw_os_error() == Some(errno::ENOTCONN) {
+    if dead_fuse(&e) {
         VolumeError::BackendUnavailable(format!("{ctx}: the MooseFS mount is not connected"))
     } else {
         VolumeError::io(ctx, e)
@@ -449,6 +457,33 @@ impl MooseFs {
         }
     }
 
+    /// Whether the FUSE mount behind `path` still has its `mfsmount`: `Some(false)` when reading it fails
+    /// with `ENOTCONN`/`ECONNABORTED` (the process died, the mount is dead for good), `Some(true)` when it
+    /// answers, `None` when no answer comes within `wait` (alive but blocked, e.g. on a master that is down).
+    /// The check runs on a helper thread that counts as stuck until it returns (none is started once
+    /// [`MAX_STUCK`] are).
+    pub fn alive(&self, path: &Path, wait: Duration) -> Option<bool> {
+        if self.stuck.load(Ordering::SeqCst) >= MAX_STUCK {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel();
+        let p = path.to_path_buf();
+        let stuck = self.stuck.clone();
+        stuck.fetch_add(1, Ordering::SeqCst);
+        let spawned = std::thread::Builder::new()
+            .name("lamina-mfs-alive".into())
+            .spawn(move || {
+                let dead = matches!(answers(&p), Err(e) if dead_fuse(&e));
+                stuck.fetch_sub(1, Ordering::SeqCst);
+                let _ = tx.send(!dead);
+            });
+        if spawned.is_err() {
+            self.stuck.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        rx.recv_timeout(wait).ok()
+    }
+
     /// Probes the master, mounts the cluster if it is not mounted (or remounts a dead mount), then runs
     /// `f` with a deadline.
     pub fn run<T: Send + 'static>(
@@ -469,13 +504,11 @@ impl MooseFs {
         if lamina_sys::mount::is_mount_point(&mp).unwrap_or(false) {
             let vols = self.vols.clone();
             let alive =
-                self.with_deadline("checking the MooseFS mount", move || {
-                    match fs::symlink_metadata(&vols.root) {
-                        Ok(_) => Ok(true),
-                        Err(e) if e.raw_os_error() == Some(errno::ENOTCONN) => Ok(false),
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => vols.prepare().map(|()| true),
-                        Err(e) => Err(io_err(format!("stat {}", vols.root.display()), e)),
-                    }
+                self.with_deadline("checking the MooseFS mount", move || match answers(&vols.root) {
+                    Ok(()) => Ok(true),
+                    Err(e) if dead_fuse(&e) => Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => vols.prepare().map(|()| true),
+                    Err(e) => Err(io_err(format!("stat {}", vols.root.display()), e)),
                 })?;
             if alive {
                 return Ok(());
@@ -529,6 +562,17 @@ impl MooseFs {
             }
         }
     }
+}
+
+/// Asks the filesystem behind the directory `p` for something it cannot answer from the kernel's caches (an
+/// open and one directory read): a stat of a FUSE mount whose daemon died still succeeds from the attribute
+/// cache for a while (1 s with mfsmount's defaults), while this fails at once.
+fn answers(p: &Path) -> io::Result<()> {
+    let mut rd = fs::read_dir(p)?;
+    if let Some(e) = rd.next() {
+        e?;
+    }
+    Ok(())
 }
 
 /// Runs a program that daemonizes (mfsmount): its output goes to `log` (a pipe would stay open in the

@@ -22,6 +22,9 @@ use crate::name::{quote, validate_name};
 use crate::options::{parse_options, BackendKind};
 use crate::time::{now_secs, rfc3339};
 
+/// How long a Mount waits for a mounted MooseFS volume to answer before counting it as alive.
+const DEAD_MOUNT_WAIT: Duration = Duration::from_millis(500);
+
 /// Default `mount_base`.
 pub const DEFAULT_MOUNT_BASE: &str = "/mnt/docker-volumes";
 
@@ -262,7 +265,7 @@ impl VolumeManager {
         let _g = l.lock().unwrap_or_else(|e| e.into_inner());
         let mp = self.mountpoint(name);
         let mounted = is_mount_point(&mp);
-        if mounted && self.db.total(name)? > 0 {
+        if mounted && self.db.total(name)? > 0 && !self.dead_mount(name, &mp) {
             // Already exposed here: no cluster access needed (works while the master is down).
             let total = self.db.add(name, id)?;
             debug!(volume = %name, id = %id, total, "mount counted");
@@ -276,6 +279,23 @@ impl VolumeManager {
         }
         info!(volume = %name, id = %id, total, mountpoint = %mp.display(), "volume mounted");
         Ok(mp)
+    }
+
+    /// True when `mp` is a bind mount of a MooseFS volume whose `mfsmount` is gone (`ENOTCONN`,
+    /// `ECONNABORTED`): it must be made again, or every container given this mountpoint would get "Transport
+    /// endpoint is not connected".
+    /// A mount that does not answer quickly (master down) counts as alive: nothing better can be made now.
+    fn dead_mount(&self, name: &str, mp: &Path) -> bool {
+        let Some(m) = &self.mfs else { return false };
+        if self.local.exists(name).unwrap_or(false) {
+            return false;
+        }
+        if m.alive(mp, DEAD_MOUNT_WAIT) == Some(false) {
+            warn!(volume = %name, mountpoint = %mp.display(),
+                "volume mount is dead (its mfsmount is gone): mounting it again");
+            return true;
+        }
+        false
     }
 
     fn bind(&self, loc: &Located, mp: &Path, stale: bool) -> Result<(), VolumeError> {
@@ -480,11 +500,12 @@ impl VolumeManager {
         };
         for (name, total) in &mounted {
             let mp = self.mountpoint(name);
-            if is_mount_point(&mp) {
+            let mounted = is_mount_point(&mp);
+            if mounted && !self.dead_mount(name, &mp) {
                 info!(volume = %name, total, "volume still mounted from before the restart");
                 continue;
             }
-            match self.locate(name).and_then(|loc| self.bind(&loc, &mp, false)) {
+            match self.locate(name).and_then(|loc| self.bind(&loc, &mp, mounted)) {
                 Ok(()) => info!(volume = %name, total, "volume mounted again after the restart"),
                 Err(e) => {
                     warn!(volume = %name, total, error = %e, "cannot mount a counted volume again; Mount will retry")

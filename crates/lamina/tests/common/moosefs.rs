@@ -1,8 +1,8 @@
-//! A throw-away MooseFS cluster for the volume tests: one master and two chunkservers in their own network
-//! namespace (MooseFS refuses 127.0.0.0/8 on both sides, so they use 198.18.X.1-3 on the namespace's `lo`),
-//! with a veth pair that gives the host 198.18.X.254, so that lamina's `mfsmount` and the `mfs*` tools run
-//! unmodified in the root namespace. Daemons run in the foreground (`-f`) as children of the test and are
-//! stopped by PID on drop; the namespace (and with it the veth pair) is deleted last.
+//! A throw-away MooseFS cluster for the volume tests: one master and two (or more) chunkservers in their own
+//! network namespace (MooseFS refuses 127.0.0.0/8 on both sides, so they use 198.18.X.1, .2, ... on the
+//! namespace's `lo`), with a veth pair that gives the host 198.18.X.254, so that lamina's `mfsmount` and the
+//! `mfs*` tools run unmodified in the root namespace. Daemons run in the foreground (`-f`) as children of the
+//! test and are stopped by PID on drop; the namespace (and with it the veth pair) is deleted last.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -64,7 +64,7 @@ pub struct MooseCluster {
     pub ns: String,
     /// `198.18.X`.
     pub prefix: String,
-    /// Time from the first command to two registered chunkservers.
+    /// Time from the first command to all chunkservers registered.
     pub start_time: Duration,
     master: Option<Child>,
     chunkservers: Vec<Option<Child>>,
@@ -98,6 +98,12 @@ impl MooseCluster {
     /// Builds the namespace, writes the configs, starts the master and two chunkservers, and waits until
     /// both chunkservers are registered and report space.
     pub fn start(tag: &str) -> MooseCluster {
+        MooseCluster::start_n(tag, 2)
+    }
+
+    /// Like [`MooseCluster::start`] with `n` chunkservers (1-8) at `198.18.X.2` .. `198.18.X.(n+1)`.
+    pub fn start_n(tag: &str, n_cs: usize) -> MooseCluster {
+        assert!((1..=8).contains(&n_cs), "1-8 chunkservers");
         let t0 = Instant::now();
         let name = unique_name(&format!("mfs-{tag}"));
         let dir = TestDir::new(&name);
@@ -110,12 +116,12 @@ impl MooseCluster {
             prefix: prefix.clone(),
             start_time: Duration::ZERO,
             master: None,
-            chunkservers: vec![None, None],
+            chunkservers: (0..n_cs).map(|_| None).collect(),
             dir,
         };
         ip(&["netns", "add", &ns]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        for i in 1..=3 {
+        for i in 1..=n_cs + 1 {
             ip(&["-n", &ns, "addr", "add", &format!("{prefix}.{i}/32"), "dev", "lo"]);
         }
         ip(&[
@@ -150,8 +156,9 @@ impl MooseCluster {
         ip(&["link", "set", &format!("{veth}h"), "up"]);
 
         let b = c.dir.path().to_path_buf();
-        for d in ["master", "cs1/hdd", "cs2/hdd"] {
-            fs::create_dir_all(b.join(d)).unwrap();
+        fs::create_dir_all(b.join("master")).unwrap();
+        for i in 1..=n_cs {
+            fs::create_dir_all(b.join(format!("cs{i}/hdd"))).unwrap();
         }
         fs::copy(EMPTY_METADATA, b.join("master/metadata.mfs")).unwrap();
         fs::write(b.join("mfsexports.cfg"), "*  /  rw,alldirs,admin,maproot=0:0\n").unwrap();
@@ -167,7 +174,7 @@ impl MooseCluster {
             ),
         )
         .unwrap();
-        for i in 1..=2 {
+        for i in 1..=n_cs {
             let cs = b.join(format!("cs{i}"));
             fs::write(cs.join("mfshdd.cfg"), format!("{}\n", cs.join("hdd").display())).unwrap();
             fs::write(
@@ -183,15 +190,15 @@ impl MooseCluster {
             .unwrap();
         }
         c.start_master(false);
-        for i in 0..2 {
+        for i in 0..n_cs {
             c.start_chunkserver(i);
         }
         let ok = poll(Duration::from_secs(30), || {
-            (c.registered_chunkservers() >= 2).then_some(())
+            (c.registered_chunkservers() >= n_cs).then_some(())
         });
         assert!(
             ok.is_some(),
-            "chunkservers did not register within 30 s:\n{}",
+            "{n_cs} chunkservers did not register within 30 s:\n{}",
             c.logs()
         );
         c.start_time = t0.elapsed();
@@ -218,29 +225,48 @@ impl MooseCluster {
             .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
     }
 
-    /// Starts the master in the foreground; `recover` adds `-a` (needed after a kill -9).
-    pub fn start_master(&mut self, recover: bool) {
+    /// Starts the master in the foreground; `recover` adds `-a` (needed after a kill -9). Waits up to 180 s
+    /// for it to listen: a restarted master was seen to take about 2 minutes on a loaded machine.
+    pub fn start_master(&mut self, recover: bool) -> Duration {
+        let extra: &[&str] = if recover { &["-a"] } else { &[] };
+        self.try_start_master(extra)
+            .unwrap_or_else(|e| panic!("{e}:\n{}", self.logs()))
+    }
+
+    /// Starts the master with `extra` options (`-a`, `-i`, ...); returns how long it took to listen, or why
+    /// not (it exited, or did not listen within 180 s).
+    pub fn try_start_master(&mut self, extra: &[&str]) -> Result<Duration, String> {
+        let t0 = Instant::now();
         let mut cmd = self.in_ns("mfsmaster");
-        cmd.arg("-f");
-        if recover {
-            cmd.arg("-a");
-        }
+        cmd.arg("-f").args(extra);
         cmd.arg("-c").arg(self.dir.join("mfsmaster.cfg")).arg("start");
         self.master = Some(self.spawn_logged(cmd, "master.log"));
         let addr = self.master_addr();
-        let up = poll(Duration::from_secs(30), || {
+        let up = poll(Duration::from_secs(180), || {
+            if let Some(Ok(Some(st))) = self.master.as_mut().map(|m| m.try_wait()) {
+                return Some(Err(format!("mfsmaster {} exited ({st})", extra.join(" "))));
+            }
             std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(300))
                 .ok()
-                .map(|_| ())
+                .map(|_| Ok(()))
         });
-        assert!(
-            up.is_some(),
-            "mfsmaster did not listen on {addr}:\n{}",
-            self.logs()
-        );
+        match up {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                self.master = None;
+                return Err(e);
+            }
+            None => return Err(format!("mfsmaster did not listen on {addr} within 180 s")),
+        }
+        let took = t0.elapsed();
+        if took > Duration::from_secs(10) {
+            eprintln!("warning: mfsmaster took {took:?} to listen on {addr}");
+        }
+        Ok(took)
     }
 
-    fn start_chunkserver(&mut self, i: usize) {
+    /// Starts chunkserver `i` (0-based) in the foreground (again, after [`MooseCluster::kill_chunkserver`]).
+    pub fn start_chunkserver(&mut self, i: usize) {
         let mut cmd = self.in_ns("mfschunkserver");
         cmd.arg("-f")
             .arg("-c")
@@ -262,6 +288,45 @@ impl MooseCluster {
                 .is_err()
                 .then_some(())
         });
+    }
+
+    /// SIGTERMs the master by PID and waits (up to 60 s, then SIGKILL) until it has exited and nothing
+    /// listens on its port. Returns true when it exited by itself (metadata saved: no `-a` needed to start).
+    pub fn stop_master(&mut self) -> bool {
+        let clean = match self.master.take() {
+            Some(mut m) => stop_child(&mut m, Duration::from_secs(60)).is_some(),
+            None => true,
+        };
+        let addr = self.master_addr();
+        poll(Duration::from_secs(10), || {
+            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(200))
+                .is_err()
+                .then_some(())
+        });
+        clean
+    }
+
+    /// PID of the running master.
+    pub fn master_pid(&self) -> Option<u32> {
+        self.master.as_ref().map(Child::id)
+    }
+
+    /// PID of chunkserver `i` while it runs.
+    pub fn chunkserver_pid(&self, i: usize) -> Option<u32> {
+        self.chunkservers[i].as_ref().map(Child::id)
+    }
+
+    /// Number of chunkservers configured.
+    pub fn chunkserver_count(&self) -> usize {
+        self.chunkservers.len()
+    }
+
+    /// SIGKILLs chunkserver `i` by PID and reaps it.
+    pub fn kill_chunkserver(&mut self, i: usize) {
+        if let Some(mut c) = self.chunkservers[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// `198.18.X.1:9421`.
@@ -309,8 +374,9 @@ impl MooseCluster {
 
     /// The daemons' logs (last lines each).
     pub fn logs(&self) -> String {
-        ["master.log", "cs1.log", "cs2.log"]
-            .iter()
+        let mut logs = vec!["master.log".to_string()];
+        logs.extend((1..=self.chunkservers.len()).map(|i| format!("cs{i}.log")));
+        logs.iter()
             .map(|l| format!("--- {l} ---\n{}", tail(&self.dir.join(l), 20)))
             .collect::<Vec<_>>()
             .join("\n")
