@@ -13,9 +13,16 @@
 //!
 //! Timings are never asserted: `--quick` (CI) checks that every workload runs end to end.
 
+pub mod client;
+pub mod engines;
+mod runner;
+pub mod targen;
+
 use std::path::PathBuf;
 
 use serde::Serialize;
+
+pub use runner::{run, BenchArgs};
 
 /// Filesystem kinds a run can use for its scratch space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
