@@ -1,7 +1,7 @@
 //! Engines and tools of the docker, containerd and volume workloads that `engines.rs` does not have: a private
 //! containerd with lamina as its proxy snapshotter, a `lamina serve` on sockets of our choosing, a timing
-//! proxy for the plugin socket, a tar writer that streams, an OCI image archive, a small JSON-over-HTTP
-//! client for the plugin socket, and helpers for direct I/O and page-cache accounting.
+//! proxy for the plugin socket, a tar writer that streams, an OCI image archive, and helpers for direct I/O and
+//! page-cache accounting.
 //!
 //! Every process is started with its own directories and sockets under the workload's scratch directory and
 //! stopped by PID in `Drop` (SIGTERM, then SIGKILL after a grace period), also when the workload fails.
@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub use super::engines::{drop_caches, signal, unmount_under};
+
 /// Debian's containerd 1.6 (the one dockerd 20.10 uses too).
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 /// Debian's ctr, matching [`CONTAINERD`].
@@ -36,16 +38,6 @@ const SANE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 // ------------------------------------------------------------------------------------------------------------
 // Processes
 // ------------------------------------------------------------------------------------------------------------
-
-/// Sends a signal to one process by PID (through kill(1): this crate has no unsafe code).
-pub fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
 
 /// A child process with a log file, stopped by PID when dropped.
 pub struct Proc {
@@ -154,16 +146,6 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Detaches (lazily) every mount at or below `dir`, deepest first.
-pub fn unmount_under(dir: &Path) {
-    if let Ok(mut mounts) = lamina_sys::mount::mounts_under(dir) {
-        mounts.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-        for m in mounts {
-            let _ = lamina_sys::mount::unmount(&m, true);
-        }
-    }
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -550,65 +532,6 @@ fn proxy_connection(client: UnixStream, upstream: &Path, totals: &ProxyTotals) -
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// A JSON-over-HTTP client for the plugin socket
-// ------------------------------------------------------------------------------------------------------------
-
-/// One keep-alive connection to a plugin socket, posting JSON like dockerd does.
-pub struct JsonClient {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl JsonClient {
-    /// Connects to `socket`.
-    pub fn connect(socket: &Path) -> anyhow::Result<JsonClient> {
-        let s = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
-        Ok(JsonClient {
-            reader: BufReader::new(s.try_clone()?),
-            writer: s,
-        })
-    }
-
-    /// `POST path` with `body`; returns the status and the parsed JSON answer.
-    pub fn post(&mut self, path: &str, body: &serde_json::Value) -> anyhow::Result<(u16, serde_json::Value)> {
-        let mut data = serde_json::to_vec(body)?;
-        data.push(b'\n');
-        let mut req = format!(
-            "POST {path} HTTP/1.1\r\nHost: plugin\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\n\
-             Content-Length: {}\r\n\r\n",
-            data.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(&data);
-        self.writer.write_all(&req)?;
-        let head = read_head(&mut self.reader)?.context("plugin closed the connection")?;
-        let status: u16 = String::from_utf8_lossy(&head)
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("bad status line")?;
-        let mut body = Vec::new();
-        copy_body(&mut self.reader, &mut body, body_kind(&head, true))?;
-        let json = if body.iter().all(u8::is_ascii_whitespace) {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_slice(&body).with_context(|| format!("{path}: answer is not JSON"))?
-        };
-        Ok((status, json))
-    }
-
-    /// Like [`JsonClient::post`], failing on a non-200 status or an `Err` in the answer.
-    pub fn call(&mut self, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        let (status, json) = self.post(path, body)?;
-        let err = json.get("Err").and_then(|e| e.as_str()).unwrap_or("");
-        if status != 200 || !err.is_empty() {
-            bail!("{path} {body}: status {status}: {json}");
-        }
-        Ok(json)
-    }
-}
-
-// ------------------------------------------------------------------------------------------------------------
 // Streaming tar writer and generated content
 // ------------------------------------------------------------------------------------------------------------
 
@@ -901,13 +824,6 @@ pub fn cgroup_page_cache(pid: u32) -> Option<u64> {
         .ok()?
         .lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Drops clean page cache, dentries and inodes (after a `sync`).
-pub fn drop_caches() -> anyhow::Result<()> {
-    run(&mut Command::new("sync"))?;
-    fs::write("/proc/sys/vm/drop_caches", "3\n").context("write /proc/sys/vm/drop_caches (needs root)")?;
-    Ok(())
 }
 
 /// Percentile `p` (0..=100) of `samples` (sorted here), nearest-rank.

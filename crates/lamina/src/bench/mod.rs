@@ -17,6 +17,11 @@ pub mod client;
 pub mod engines;
 mod runner;
 pub mod targen;
+// bench-b's workloads and their engines.
+pub mod containerd;
+pub mod docker;
+pub mod engines_ctr;
+pub mod volume;
 
 use std::path::PathBuf;
 

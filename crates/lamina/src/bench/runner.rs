@@ -38,6 +38,12 @@ pub fn workloads() -> Vec<Workload> {
     vec![
         // ---- bench-a: graph-driver workloads (graph.rs) ----
         // ---- bench-b: docker / containerd / volume workloads: add yours below this line ----
+        super::docker::COMMIT,
+        super::docker::CONTAINERS100,
+        super::docker::BUILD,
+        super::docker::PAGECACHE,
+        super::containerd::SNAPSHOTTER,
+        super::volume::VOLUME,
     ]
 }
 
