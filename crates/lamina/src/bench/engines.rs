@@ -24,6 +24,8 @@ use super::Ctx;
 
 /// Where dockerd looks for v1 plugin sockets (fixed in dockerd).
 pub const PLUGIN_DIR: &str = "/run/docker/plugins";
+/// Short-pathed runtime directories of the dockerds a run starts (exec roots, API sockets).
+pub const RUN_DIR: &str = "/run/lamina-bench";
 /// dockerd of Debian's docker.io (20.10, the last series with graph-driver plugins).
 pub const DOCKERD: &str = "/usr/sbin/dockerd";
 /// The docker CLI matching it (not whichever `docker` comes first in PATH).
@@ -383,7 +385,8 @@ impl Drop for LaminaProc {
 // dockerd
 // ------------------------------------------------------------------------------------------------------------
 
-/// A dockerd with its own data root, exec root, API socket and containerd namespaces, in `ctx.scratch/<tag>/`.
+/// A dockerd with its own data root (in `ctx.scratch/<tag>/`), exec root and API socket (in [`RUN_DIR`]) and
+/// containerd namespaces.
 ///
 /// dockerd 20.10 starts its own containerd unless a system one answers on /run/containerd/containerd.sock;
 /// the unique namespaces keep this daemon's images and containers apart in both cases.
@@ -395,6 +398,7 @@ pub struct Dockerd {
     /// dockerd's log.
     pub log: PathBuf,
     dir: PathBuf,
+    run: PathBuf,
     child: Option<Child>,
 }
 
@@ -403,25 +407,30 @@ impl Dockerd {
     /// (up to 90 s: dockerd retries a plugin that is not up yet) until `docker info` reports that driver.
     pub fn start(ctx: &Ctx, tag: &str, driver: &str) -> Result<Dockerd> {
         let dir = ctx.scratch.join(tag);
-        for sub in ["root", "exec", "cli"] {
+        for sub in ["root", "cli"] {
             fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.display()))?;
         }
         let id = unique_name();
+        // The exec root and API socket go to a short path on /run: containerd's sockets below the exec root
+        // must fit in a unix socket address (104 bytes for containerd), which a scratch path may not.
+        let run = Path::new(RUN_DIR).join(id.trim_start_matches("lamina-bench-"));
+        fs::create_dir_all(run.join("exec")).with_context(|| format!("creating {}", run.display()))?;
         let log_path = dir.join("dockerd.log");
         let log = open_log(&log_path)?;
         let builtin = matches!(
             driver,
             "overlay2" | "vfs" | "btrfs" | "devicemapper" | "fuse-overlayfs"
         );
+        let host = format!("unix://{}", run.join("docker.sock").display());
         let mut cmd = Command::new(DOCKERD);
         cmd.arg("--data-root")
             .arg(dir.join("root"))
             .arg("--exec-root")
-            .arg(dir.join("exec"))
+            .arg(run.join("exec"))
             .arg("--pidfile")
-            .arg(dir.join("dockerd.pid"))
+            .arg(run.join("dockerd.pid"))
             .arg("-H")
-            .arg(format!("unix://{}", dir.join("docker.sock").display()))
+            .arg(&host)
             .arg("-s")
             .arg(driver)
             .args([
@@ -445,9 +454,10 @@ impl Dockerd {
         let child = cmd.spawn().with_context(|| format!("starting {DOCKERD}"))?;
         let mut d = Dockerd {
             driver: driver.to_string(),
-            host: format!("unix://{}", dir.join("docker.sock").display()),
+            host,
             log: log_path,
             dir,
+            run,
             child: Some(child),
         };
         d.wait_ready()?;
@@ -489,7 +499,7 @@ impl Dockerd {
         }
     }
 
-    /// This daemon's directory (`root/`, `exec/`, `cli/`, `docker.sock`, `dockerd.log`).
+    /// This daemon's directory on the scratch filesystem (`root/`, `cli/`, `dockerd.log`).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -554,14 +564,25 @@ impl Dockerd {
         }
     }
 
+    /// The exec root (`/run/lamina-bench/<pid>-<n>/exec`).
+    pub fn exec_root(&self) -> PathBuf {
+        self.run.join("exec")
+    }
+
     fn cleanup(&self) {
         // containerd exits on its own shortly after dockerd; give it a moment, then kill what is left.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !pids_referencing(&self.dir).is_empty() && Instant::now() < deadline {
+        while (!pids_referencing(&self.run).is_empty() || !pids_referencing(&self.dir).is_empty())
+            && Instant::now() < deadline
+        {
             thread::sleep(Duration::from_millis(100));
         }
+        kill_pids_referencing(&self.run);
         kill_pids_referencing(&self.dir);
+        unmount_under(&self.run);
         unmount_under(&self.dir);
+        let _ = fs::remove_dir_all(&self.run);
+        let _ = fs::remove_dir(RUN_DIR);
     }
 }
 
