@@ -150,6 +150,7 @@ fn calls(ctx: &Ctx, ctrd: &Containerd, figs: &mut Vec<Figure>) -> anyhow::Result
             .context("connect to containerd's socket")?;
         for depth in depths {
             let case = format!("depth {depth}");
+            ctx.say(format!("snapshot calls at depth {depth}"));
             let mut tops = HashMap::new();
             for sn in [PROXY_NAME, BASELINE] {
                 tops.insert(sn, chain(&mut client, sn, depth).await?);
@@ -248,7 +249,9 @@ fn build_image(ctx: &Ctx, dir: &Path) -> anyhow::Result<(std::path::PathBuf, Str
 }
 
 fn unpack(ctx: &Ctx, dir: &Path, ctrd: &Containerd, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
+    ctx.say("writing the OCI image");
     let (archive, case) = build_image(ctx, &dir.join("image"))?;
+    ctx.say(format!("ctr images import ({case})"));
     let archive = archive.to_str().context("utf-8 path")?.to_string();
     let image = "bench.local/unpack:1";
     let sync = || run_cmd(&mut Command::new("sync"));
@@ -306,6 +309,7 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     let lamina_dir = dir.join("lamina");
     fs::create_dir_all(&lamina_dir)?;
     let sock = lamina_dir.join("snap.sock");
+    ctx.say("starting lamina and containerd");
     let lamina = LaminaServe::start(&ctx.lamina_exe, &lamina_dir, None, Some(&sock), &[])?;
     let ctrd = Containerd::start(&dir.join("containerd"), &sock)?;
     let plugins = ctrd.ctr(&["plugins", "ls"])?;
