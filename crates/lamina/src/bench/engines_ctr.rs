@@ -835,3 +835,196 @@ pub fn percentile(samples: &mut [f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
     samples[rank.clamp(1, samples.len()) - 1]
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// A throw-away MooseFS cluster
+// ------------------------------------------------------------------------------------------------------------
+
+/// The MooseFS programs the cluster needs (Debian: moosefs-master, -chunkserver, -client, -cli).
+const MFS_BINS: [&str; 4] = ["mfsmaster", "mfschunkserver", "mfsmount", "mfscli"];
+/// The empty metadata file of moosefs-master.
+const MFS_EMPTY_METADATA: &str = "/var/lib/mfs/metadata.mfs.empty";
+
+/// True when the MooseFS programs, `ip` and `nsenter` are installed.
+pub fn have_moosefs() -> bool {
+    let found = |b: &str| {
+        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(b).exists())
+    };
+    MFS_BINS.iter().all(|b| found(b))
+        && found("ip")
+        && found("nsenter")
+        && Path::new(MFS_EMPTY_METADATA).exists()
+}
+
+/// One master and two chunkservers in their own network namespace (MooseFS refuses 127.0.0.0/8, so they
+/// listen on 198.18.X.1-3 on the namespace's `lo`), joined to the host by a veth pair (host side 198.18.X.254)
+/// so that `mfsmount` runs unchanged on the host. Daemons run in the foreground as our children and are stopped
+/// by PID on drop; mounts below `dir` are detached first and the namespace is deleted last.
+pub struct MooseCluster {
+    /// Configs, disks, logs.
+    pub dir: PathBuf,
+    /// `198.18.X.1`.
+    pub master_host: String,
+    ns: String,
+    daemons: Vec<Proc>,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+impl MooseCluster {
+    /// Builds the namespace and starts the daemons in `dir`; waits until both chunkservers report space.
+    pub fn start(dir: &Path) -> anyhow::Result<MooseCluster> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let ns = format!("lamina-bench-mfs-{pid}-{n}");
+        let veth = format!("lbm{}{n}", pid % 100_000);
+        let addrs = run(Command::new("ip").args(["-o", "addr"]))?;
+        let prefix = (0..250)
+            .map(|i| format!("198.18.{}", (pid as usize + i) % 250 + 1))
+            .find(|p| !addrs.contains(&format!("{p}.")))
+            .context("no free 198.18.X block")?;
+        fs::create_dir_all(dir)?;
+        ip(&["netns", "add", &ns])?;
+        let mut c = MooseCluster {
+            dir: dir.to_path_buf(),
+            master_host: format!("{prefix}.1"),
+            ns: ns.clone(),
+            daemons: Vec::new(),
+        };
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        for i in 1..=3 {
+            ip(&["-n", &ns, "addr", "add", &format!("{prefix}.{i}/32"), "dev", "lo"])?;
+        }
+        let (host_end, ns_end) = (format!("{veth}h"), format!("{veth}n"));
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end, "netns", &ns,
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{prefix}.10/24"),
+            "dev",
+            &ns_end,
+        ])?;
+        ip(&["-n", &ns, "link", "set", &ns_end, "up"])?;
+        ip(&["addr", "add", &format!("{prefix}.254/24"), "dev", &host_end])?;
+        ip(&["link", "set", &host_end, "up"])?;
+
+        let b = dir.display().to_string();
+        for d in ["master", "cs1/hdd", "cs2/hdd"] {
+            fs::create_dir_all(dir.join(d))?;
+        }
+        fs::copy(MFS_EMPTY_METADATA, dir.join("master/metadata.mfs"))?;
+        fs::write(dir.join("mfsexports.cfg"), "*  /  rw,alldirs,admin,maproot=0:0\n")?;
+        fs::write(dir.join("mfstopology.cfg"), "")?;
+        fs::write(
+            dir.join("mfsmaster.cfg"),
+            format!(
+                "WORKING_USER = root\nWORKING_GROUP = root\nNICE_LEVEL = 0\nDATA_PATH = {b}/master\n\
+                 EXPORTS_FILENAME = {b}/mfsexports.cfg\nTOPOLOGY_FILENAME = {b}/mfstopology.cfg\n\
+                 MATOML_LISTEN_HOST = {prefix}.1\nMATOCS_LISTEN_HOST = {prefix}.1\nMATOCL_LISTEN_HOST = {prefix}.1\n"
+            ),
+        )?;
+        let in_ns = |prog: &str| {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{ns}")).arg(prog);
+            cmd
+        };
+        let mut master = in_ns("mfsmaster");
+        master
+            .arg("-f")
+            .arg("-c")
+            .arg(dir.join("mfsmaster.cfg"))
+            .arg("start");
+        c.daemons.push(Proc::spawn(
+            "mfsmaster",
+            master,
+            &dir.join("master.log"),
+            Duration::from_secs(15),
+        )?);
+        let addr: std::net::SocketAddr = format!("{prefix}.1:9421").parse()?;
+        if !wait_for(Duration::from_secs(30), || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+        }) {
+            bail!(
+                "mfsmaster did not listen on {addr}:\n{}",
+                log_tail(&dir.join("master.log"), 20)
+            );
+        }
+        for i in 1..=2 {
+            let cs = dir.join(format!("cs{i}"));
+            fs::write(cs.join("mfshdd.cfg"), format!("{}\n", cs.join("hdd").display()))?;
+            fs::write(
+                cs.join("mfschunkserver.cfg"),
+                format!(
+                    "WORKING_USER = root\nWORKING_GROUP = root\nNICE_LEVEL = 0\nDATA_PATH = {d}\n\
+                     HDD_CONF_FILENAME = {d}/mfshdd.cfg\nHDD_LEAVE_SPACE_DEFAULT = 64MiB\n\
+                     BIND_HOST = {prefix}.{ip}\nCSSERV_LISTEN_HOST = {prefix}.{ip}\nMASTER_HOST = {prefix}.1\n\
+                     MASTER_RECONNECTION_DELAY = 1\n",
+                    d = cs.display(),
+                    ip = i + 1
+                ),
+            )?;
+            let mut cmd = in_ns("mfschunkserver");
+            cmd.arg("-f")
+                .arg("-c")
+                .arg(cs.join("mfschunkserver.cfg"))
+                .arg("start");
+            c.daemons.push(Proc::spawn(
+                "mfschunkserver",
+                cmd,
+                &dir.join(format!("cs{i}.log")),
+                Duration::from_secs(15),
+            )?);
+        }
+        if !wait_for(Duration::from_secs(30), || c.registered_chunkservers() >= 2) {
+            bail!("MooseFS chunkservers did not register within 30 s");
+        }
+        Ok(c)
+    }
+
+    /// Chunkservers registered with space (`mfscli -SCS`).
+    fn registered_chunkservers(&self) -> usize {
+        let Ok(out) = run(Command::new("mfscli").args(["-H", &self.master_host, "-SCS"])) else {
+            return 0;
+        };
+        out.lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                f.first() == Some(&"chunk servers:")
+                    && f.get(9).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0) > 0.0
+            })
+            .count()
+    }
+
+    /// `mfsmount at -H master -S subfolder` (returns once mounted).
+    pub fn mount(&self, at: &Path, subfolder: &str) -> anyhow::Result<()> {
+        fs::create_dir_all(at)?;
+        run(Command::new("mfsmount")
+            .arg(at)
+            .args(["-H", &self.master_host, "-S", subfolder]))?;
+        Ok(())
+    }
+}
+
+impl Drop for MooseCluster {
+    fn drop(&mut self) {
+        // Client mounts first (they would hang on a dead master), then the chunkservers, then the master.
+        unmount_under(&self.dir);
+        while let Some(mut p) = self.daemons.pop() {
+            p.stop();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

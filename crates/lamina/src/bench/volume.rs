@@ -8,8 +8,10 @@
 //!   the same filesystem: 1 MiB sequential write (then `fsync`) and read, 4 KiB random reads and 4 KiB random
 //!   writes (each followed by `fdatasync`) for a fixed time, all with `O_DIRECT` (buffered I/O, with caches
 //!   dropped before reads, where the filesystem refuses it; the case name then says so).
-//! - **MooseFS** (bare `mfsmount` against a lamina MooseFS volume) is not measured by this version; the results
-//!   carry a `moosefs` case saying so.
+//! - **MooseFS** (full run only; `--quick` says in the results that it skipped it): a throw-away cluster (master
+//!   and two chunkservers in a network namespace). Mount/Unmount p50 of a lamina MooseFS volume against a bare
+//!   `mfsmount` + unmount of a cluster subfolder, and the same I/O loop in the volume against a bare `mfsmount`
+//!   of the same cluster.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -20,7 +22,9 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::engines::LaminaSpec;
-use super::engines_ctr::{drop_caches, fill_random, open_direct, percentile, AlignedBuf};
+use super::engines_ctr::{
+    drop_caches, fill_random, have_moosefs, open_direct, percentile, AlignedBuf, MooseCluster,
+};
 use super::{Ctx, Figure, Unit, Workload};
 
 /// The workload.
@@ -242,18 +246,49 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             .and_then(|v| v.as_str())
             .context("Mount answered without a Mountpoint")?,
     );
+    compare_io(ctx, &plan, "local", (&mountpoint, "bare-dir", &bare), figs)?;
+    c.call("VolumeDriver.Unmount", &name_id)?;
+    c.call("VolumeDriver.Remove", &json!({"Name": VOL}))?;
+    drop(lamina);
+
+    // ---- MooseFS: a lamina MooseFS volume vs a bare mfsmount of the same cluster ----
+    if ctx.quick {
+        skipped(figs, "moosefs: skipped in --quick (run the full bench for it)");
+    } else if !have_moosefs() {
+        skipped(
+            figs,
+            "moosefs: skipped, MooseFS is not installed (moosefs-master, -chunkserver, -client, -cli)",
+        );
+    } else {
+        moosefs(ctx, &dir.join("mfs"), &plan, figs)?;
+    }
+    Ok(())
+}
+
+/// A figure whose case says what was not measured and why (so that the results say it, not only the docs).
+fn skipped(figs: &mut Vec<Figure>, why: &str) {
+    push(figs, why, "lamina", "skipped", Unit::Count, vec![0.0]);
+}
+
+/// The I/O loop on `volume` (subject `lamina`) and on `bare` (subject `bare_name`), alternating which goes first.
+fn compare_io(
+    ctx: &Ctx,
+    plan: &IoPlan,
+    what: &str,
+    (volume, bare_name, bare): (&Path, &str, &Path),
+    figs: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
     let mut vol: Vec<Vec<f64>> = vec![Vec::new(); 4];
     let mut base: Vec<Vec<f64>> = vec![Vec::new(); 4];
     let mut all_direct = true;
     for r in 0..ctx.runs {
-        // Alternate which goes first.
         let order: [(&Path, bool); 2] = if r % 2 == 0 {
-            [(&mountpoint, true), (&bare, false)]
+            [(volume, true), (bare, false)]
         } else {
-            [(&bare, false), (&mountpoint, true)]
+            [(bare, false), (volume, true)]
         };
         for (d, is_vol) in order {
-            let (v, direct) = io_round(d, &plan, 0x5eed + r as u64)?;
+            let (v, direct) = io_round(d, plan, 0x5eed + r as u64)?;
             all_direct &= direct;
             let target = if is_vol { &mut vol } else { &mut base };
             for (k, x) in v.into_iter().enumerate() {
@@ -261,10 +296,8 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             }
         }
     }
-    c.call("VolumeDriver.Unmount", &name_id)?;
-    c.call("VolumeDriver.Remove", &json!({"Name": VOL}))?;
     let mode = if all_direct { "O_DIRECT" } else { "buffered" };
-    let case = format!("local, {} MiB file, {mode}", plan.file_bytes >> 20);
+    let case = format!("{what}, {} MiB file, {mode}", plan.file_bytes >> 20);
     let metrics = [
         ("seq write 1M", Unit::MBps),
         ("seq read 1M", Unit::MBps),
@@ -273,25 +306,91 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     ];
     for (k, (metric, unit)) in metrics.iter().enumerate() {
         let i = push(figs, &case, "lamina", metric, *unit, std::mem::take(&mut vol[k]));
-        figs[i].goal = Some(">= 0.95x bare-dir".into());
+        figs[i].goal = Some(format!(">= 0.95x {bare_name}"));
         push(
             figs,
             &case,
-            "bare-dir",
+            bare_name,
             metric,
             *unit,
             std::mem::take(&mut base[k]),
         );
     }
-    // Said in the results, not only in the docs.
-    push(
-        figs,
-        "moosefs: not measured (no MooseFS cluster in this version of the workload)",
-        "lamina",
-        "skipped",
-        Unit::Count,
-        vec![0.0],
+    Ok(())
+}
+
+/// MooseFS: Mount/Unmount of a lamina MooseFS volume against a bare `mfsmount` + unmount of a cluster
+/// subfolder, and the I/O loop in the volume against the same loop on the bare mount.
+fn moosefs(ctx: &Ctx, dir: &Path, plan: &IoPlan, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
+    ctx.say("starting a MooseFS cluster");
+    let cluster = MooseCluster::start(&dir.join("cluster"))?;
+    let bare_mnt = cluster.dir.join("bare-mnt");
+    cluster.mount(&bare_mnt, "/")?;
+    let bare = bare_mnt.join("bare-io");
+    fs::create_dir_all(&bare)?;
+    fs::create_dir_all(bare_mnt.join("mount-test"))?;
+    let mount_base = dir.join("mnt");
+    fs::create_dir_all(&mount_base)?;
+    let mut spec = LaminaSpec::new(ctx, "volume/mfs-lamina");
+    let toml = format!(
+        "[volumes]\nbackend = \"moosefs\"\n[volumes.moosefs]\nmaster = \"{}:9421\"\nremote_path = \"/docker/volumes\"\n",
+        cluster.master_host
     );
+    spec.extra_args = vec![
+        "--volumes-mount-base".into(),
+        mount_base.display().to_string(),
+        "--config-toml".into(),
+        toml,
+    ];
+    ctx.say("MooseFS: Mount/Unmount");
+    let lamina = spec.start()?;
+    let mut c = lamina.client();
+    c.call("VolumeDriver.Create", &json!({"Name": VOL, "Opts": {}}))
+        .context("create the MooseFS volume")?;
+    let name_id = json!({"Name": VOL, "ID": MOUNT_ID});
+    let iters = 20;
+    let case = "moosefs volume";
+    let (mut lm, mut lu, mut bm, mut bu) = (vec![], vec![], vec![], vec![]);
+    let target = cluster.dir.join("bare-mount-target");
+    for _ in 0..ctx.runs {
+        let (mut m, mut u, mut m2, mut u2) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..iters {
+            let t = Instant::now();
+            c.call("VolumeDriver.Mount", &name_id)?;
+            m.push(us(t.elapsed()));
+            let t = Instant::now();
+            c.call("VolumeDriver.Unmount", &name_id)?;
+            u.push(us(t.elapsed()));
+            let t = Instant::now();
+            cluster.mount(&target, "/mount-test")?;
+            m2.push(us(t.elapsed()));
+            let t = Instant::now();
+            // Detached (lazily): a plain unmount right after mfsmount returns answers EBUSY.
+            lamina_sys::mount::unmount(&target, true)?;
+            u2.push(us(t.elapsed()));
+        }
+        lm.push(percentile(&mut m, 50.0));
+        lu.push(percentile(&mut u, 50.0));
+        bm.push(percentile(&mut m2, 50.0));
+        bu.push(percentile(&mut u2, 50.0));
+    }
+    let i = push(figs, case, "lamina", "mount p50", Unit::Micros, lm);
+    figs[i].goal = Some("<= 1 ms".into());
+    push(figs, case, "lamina", "unmount p50", Unit::Micros, lu);
+    push(figs, case, "mfsmount", "mount p50", Unit::Micros, bm);
+    push(figs, case, "mfsmount", "unmount p50", Unit::Micros, bu);
+    ctx.say("MooseFS: I/O through the volume and on a bare mfsmount");
+    let r = c.call("VolumeDriver.Mount", &name_id)?;
+    let mountpoint = PathBuf::from(
+        r.get("Mountpoint")
+            .and_then(|v| v.as_str())
+            .context("Mount answered without a Mountpoint")?,
+    );
+    compare_io(ctx, plan, "moosefs", (&mountpoint, "mfsmount", &bare), figs)?;
+    c.call("VolumeDriver.Unmount", &name_id)?;
+    c.call("VolumeDriver.Remove", &json!({"Name": VOL}))?;
+    // lamina (and its own mfsmount) before the cluster.
     drop(lamina);
+    drop(cluster);
     Ok(())
 }
