@@ -115,8 +115,17 @@ fn cases(ctx: &Ctx) -> Vec<TarCase> {
 fn make_tar(ctx: &Ctx, case: &TarCase, name: &str) -> Result<(PathBuf, TarStats)> {
     ctx.say(format!("generating the {} tar", case.label));
     let path = ctx.scratch.join(name);
-    let stats = gen_tar(&path, &case.spec)?;
-    Ok((path, stats))
+    let st = gen_tar(&path, &case.spec)?;
+    ctx.progress.println(&format!(
+        "{}: {:.1} MB tar, {} entries ({} files, {} dirs), {:.1} MB of file data",
+        case.label,
+        st.tar_bytes as f64 / 1e6,
+        st.entries,
+        st.files,
+        st.dirs,
+        st.payload as f64 / 1e6
+    ));
+    Ok((path, st))
 }
 
 /// Create + ApplyDiff of `tar` as a new layer; returns (seconds, layer id).
@@ -548,7 +557,7 @@ fn build_layers(ctx: &Ctx, spec: &LaminaSpec, n: usize, apply: bool) -> Result<(
                     let mut parent = String::new();
                     for i in (t..n).step_by(CLIENTS) {
                         let id = hex_id(seed.wrapping_add(i as u64));
-                        if (i / CLIENTS) % CHAIN == 0 {
+                        if (i / CLIENTS).is_multiple_of(CHAIN) {
                             parent.clear();
                         }
                         c.call(

@@ -175,7 +175,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         for w in todo {
             progress.set_prefix(&format!("{} {}", kind.name(), w.name));
             progress.say("starting");
-            let scratch = lfs.mnt.join("scratch").join(w.name);
+            let scratch = lfs.mnt.join(w.name);
             if scratch.exists() {
                 clear_dir(&scratch);
             }
