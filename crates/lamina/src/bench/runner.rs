@@ -216,6 +216,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     kind.name()
                 )),
             }
+            if error.is_some() {
+                keep_logs(
+                    &scratch,
+                    &out.join("raw").join(format!("{}-{}", kind.name(), w.name)),
+                );
+            }
             results.push(WorkloadResult {
                 name: w.name,
                 about: w.about,
@@ -255,6 +261,34 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Copies the engine logs (`*.log` files up to 16 MiB) a failed workload left in `scratch` to `dest`, their
+/// paths flattened (`dockerd-lamina/dockerd.log` -> `dockerd-lamina_dockerd.log`). Mount points are skipped.
+fn keep_logs(scratch: &Path, dest: &Path) {
+    let mounts = lamina_sys::mount::mounts_under(scratch).unwrap_or_default();
+    let mut stack = vec![scratch.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(meta) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if meta.is_dir() && !mounts.contains(&p) {
+                stack.push(p);
+            } else if meta.is_file() && p.extension().is_some_and(|x| x == "log") && meta.len() <= 16 << 20 {
+                let rel = p
+                    .strip_prefix(scratch)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .replace('/', "_");
+                if fs::create_dir_all(dest).is_ok() {
+                    let _ = fs::copy(&p, dest.join(rel));
+                }
+            }
+        }
+    }
 }
 
 /// Unmounts whatever a workload left mounted below `dir`, then removes it.
