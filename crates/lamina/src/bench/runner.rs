@@ -125,6 +125,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let runs = args.runs.unwrap_or(if args.quick { 1 } else { 5 }).max(1);
     let size_gib = args.size.unwrap_or(if args.quick { 3 } else { 20 });
 
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    if cwd.join(&args.work).starts_with(cwd.join(&out)) {
+        bail!(
+            "--work {} must not be inside --out {}",
+            args.work.display(),
+            out.display()
+        );
+    }
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     fs::create_dir_all(&args.work).with_context(|| format!("creating {}", args.work.display()))?;
     let out = out
@@ -231,6 +239,13 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 figures,
             });
             clear_dir(&scratch);
+            // Give the freed blocks back to the backing file's filesystem (the loop device passes discards
+            // on as holes), so a long run does not keep its high-water mark of disk space.
+            let _ = Command::new("fstrim")
+                .arg(&lfs.mnt)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
         progress.set_prefix(kind.name());
         progress.say("tearing down the loop filesystem");
