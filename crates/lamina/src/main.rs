@@ -4,8 +4,6 @@
 
 mod adapters;
 mod admin;
-// Until the runner and every workload are wired, parts of the toolkit are unused.
-#[allow(dead_code)]
 mod bench;
 mod cli;
 mod config;

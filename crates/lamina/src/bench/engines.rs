@@ -6,6 +6,9 @@
 //! dockerd starts (containerd, shims) are found by PID through their command lines, which name the daemon's
 //! own directory; nothing is ever killed by name.
 
+// A toolkit shared by every workload module: not each helper is used by each workload.
+#![allow(dead_code)]
+
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt;

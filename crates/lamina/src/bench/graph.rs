@@ -15,7 +15,8 @@ use serde_json::json;
 
 use super::client::PluginClient;
 use super::engines::{
-    drop_caches, run_checked, unique_name, unmount_under, warm_file, Dockerd, LaminaSpec, RssSampler,
+    drop_caches, proc_cpu_secs, run_checked, unique_name, unmount_under, warm_file, Dockerd, LaminaSpec,
+    RssSampler,
 };
 use super::targen::{gen_tar, hex_id, now_seed, tiny_tar, TarSpec, TarStats};
 use super::{percentile, Ctx, Figure, Unit, Workload};
@@ -115,8 +116,17 @@ fn cases(ctx: &Ctx) -> Vec<TarCase> {
 fn make_tar(ctx: &Ctx, case: &TarCase, name: &str) -> Result<(PathBuf, TarStats)> {
     ctx.say(format!("generating the {} tar", case.label));
     let path = ctx.scratch.join(name);
-    let stats = gen_tar(&path, &case.spec)?;
-    Ok((path, stats))
+    let st = gen_tar(&path, &case.spec)?;
+    ctx.progress.println(&format!(
+        "{}: {:.1} MB tar, {} entries ({} files, {} dirs), {:.1} MB of file data",
+        case.label,
+        st.tar_bytes as f64 / 1e6,
+        st.entries,
+        st.files,
+        st.dirs,
+        st.payload as f64 / 1e6
+    ));
+    Ok((path, st))
 }
 
 /// Create + ApplyDiff of `tar` as a new layer; returns (seconds, layer id).
@@ -133,13 +143,39 @@ fn lamina_apply(c: &mut PluginClient, tar: &Path) -> Result<(f64, String)> {
 }
 
 /// GNU `tar -xf` into a new directory plus `sync -f` on it (one syncfs); returns seconds.
-fn gnu_tar_apply(tar: &Path, dest: &Path) -> Result<f64> {
+/// Also returns tar's CPU seconds (user + sys) when GNU time is installed to report them.
+fn gnu_tar_apply(tar: &Path, dest: &Path) -> Result<(f64, Option<f64>)> {
     fs::create_dir_all(dest)?;
+    let timed = Path::new(GNU_TIME).exists();
+    let mut cmd = if timed {
+        let mut c = Command::new(GNU_TIME);
+        c.args(["-f", "cpu_s=%U %S", "tar"]);
+        c
+    } else {
+        Command::new("tar")
+    };
+    cmd.arg("-xf").arg(tar).arg("-C").arg(dest);
     let t0 = Instant::now();
-    run_checked(Command::new("tar").arg("-xf").arg(tar).arg("-C").arg(dest))?;
+    let out = run_checked(&mut cmd)?;
     run_checked(Command::new("sync").arg("-f").arg(dest))?;
-    Ok(t0.elapsed().as_secs_f64())
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = timed
+        .then(|| {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let line = err
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("cpu_s="))?
+                .to_owned();
+            line.split_whitespace()
+                .map(|v| v.parse::<f64>().ok())
+                .sum::<Option<f64>>()
+        })
+        .flatten();
+    Ok((wall, cpu))
 }
+
+/// GNU time, for the CPU time and peak RSS of GNU tar.
+const GNU_TIME: &str = "/usr/bin/time";
 
 fn remove_tree(dir: &Path) -> Result<()> {
     fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -172,23 +208,44 @@ fn applydiff(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
             let mut gnu = Figure::new("applydiff", case.label, "gnu-tar+syncfs", "wall", Unit::Seconds);
             let mut lam =
                 Figure::new("applydiff", case.label, "lamina", "wall", Unit::Seconds).goal(APPLY_GOAL);
+            let mut gnu_cpu = Figure::new(
+                "applydiff",
+                case.label,
+                "gnu-tar+syncfs",
+                "CPU (user+sys)",
+                Unit::Seconds,
+            );
+            let mut lam_cpu = Figure::new("applydiff", case.label, "lamina", "CPU (user+sys)", Unit::Seconds);
             for run in 1..=ctx.runs {
                 ctx.say(format!("{}: GNU tar run {run}/{}", case.label, ctx.runs));
                 let dest = ctx.scratch.join("gnutar");
                 drop_caches()?;
                 warm_file(tar)?;
-                gnu.push(gnu_tar_apply(tar, &dest)?);
+                let (wall, cpu) = gnu_tar_apply(tar, &dest)?;
+                gnu.push(wall);
+                if let Some(cpu) = cpu {
+                    gnu_cpu.push(cpu);
+                }
                 remove_tree(&dest)?;
 
                 ctx.say(format!("{}: lamina run {run}/{}", case.label, ctx.runs));
                 drop_caches()?;
                 warm_file(tar)?;
+                let cpu0 = proc_cpu_secs(&lamina.pid().to_string());
                 let (secs, id) = lamina_apply(&mut c, tar)?;
+                let cpu1 = proc_cpu_secs(&lamina.pid().to_string());
                 lam.push(secs);
+                if let (Some(a), Some(b)) = (cpu0, cpu1) {
+                    lam_cpu.push(b - a);
+                }
                 c.call("GraphDriver.Remove", &json!({"ID": id}))?;
             }
             out.push(lam);
             out.push(gnu);
+            out.push(lam_cpu);
+            if !gnu_cpu.samples.is_empty() {
+                out.push(gnu_cpu);
+            }
         }
     }
 
@@ -548,7 +605,7 @@ fn build_layers(ctx: &Ctx, spec: &LaminaSpec, n: usize, apply: bool) -> Result<(
                     let mut parent = String::new();
                     for i in (t..n).step_by(CLIENTS) {
                         let id = hex_id(seed.wrapping_add(i as u64));
-                        if (i / CLIENTS) % CHAIN == 0 {
+                        if (i / CLIENTS).is_multiple_of(CHAIN) {
                             parent.clear();
                         }
                         c.call(
@@ -634,7 +691,7 @@ fn rss(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
 /// GNU tar's peak RSS (MiB) extracting `tar` into `dest`: GNU time's `%M` when installed, else VmRSS
 /// sampled every 5 ms.
 fn gnu_tar_peak_mib(tar: &Path, dest: &Path) -> Result<f64> {
-    if !Path::new("/usr/bin/time").exists() {
+    if !Path::new(GNU_TIME).exists() {
         let mut child = Command::new("tar")
             .arg("-xf")
             .arg(tar)
@@ -651,7 +708,7 @@ fn gnu_tar_peak_mib(tar: &Path, dest: &Path) -> Result<f64> {
         return Ok(peak.rss_kib as f64 / 1024.0);
     }
     let out = run_checked(
-        Command::new("/usr/bin/time")
+        Command::new(GNU_TIME)
             .args(["-f", "maxrss_kib=%M", "tar", "-xf"])
             .arg(tar)
             .arg("-C")

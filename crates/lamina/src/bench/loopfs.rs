@@ -25,16 +25,12 @@ static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
 /// One mounted loop-backed filesystem.
 #[derive(Debug)]
 pub struct LoopFs {
-    /// ext4 or xfs.
-    pub kind: FsKind,
     /// Where it is mounted.
     pub mnt: PathBuf,
     /// The loop device (`/dev/loopN`).
     pub device: String,
     /// The sparse backing file.
     pub image: PathBuf,
-    /// Size of the backing file, bytes.
-    pub size: u64,
     /// One line: how it was made.
     pub describe: String,
 }
@@ -65,7 +61,7 @@ impl LoopFs {
     pub fn create(work: &Path, kind: FsKind, size: u64, tag: &str) -> Result<LoopFs> {
         fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
         let image = work.join(format!("{tag}-{}.img", kind.name()));
-        let mnt = work.join(format!("{tag}-{}.mnt", kind.name()));
+        let mnt = work.join(format!("{tag}-{}", kind.name()));
         let f = fs::File::create(&image).with_context(|| format!("creating {}", image.display()))?;
         f.set_len(size)
             .with_context(|| format!("sizing {}", image.display()))?;
@@ -82,11 +78,9 @@ impl LoopFs {
         }
         set_device(&image, &device);
         let mut me = LoopFs {
-            kind,
             mnt: mnt.clone(),
             device: device.clone(),
             image: image.clone(),
-            size,
             describe: String::new(),
         };
         let (mkfs, opts): (&str, &[&str]) = match kind {

@@ -43,6 +43,8 @@ pub enum FsKind {
 }
 
 /// What a workload gets from the runner.
+// Part of the shape shared by the workload modules; not every workload reads every field.
+#[allow(dead_code)]
 #[derive(Debug)]
 pub struct Ctx {
     /// The small version (CI): sizes and repetitions cut so the whole run takes under 2 minutes.
@@ -147,6 +149,7 @@ impl Default for Progress {
 }
 
 /// Units a figure can be in (used for the tables and plot axes).
+#[allow(dead_code)] // offered to every workload module; not all are in use
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Unit {

@@ -218,14 +218,12 @@ fn fmt_num(v: f64) -> String {
         return "–".into();
     }
     let a = v.abs();
-    if a >= 1000.0 {
+    if a >= 100.0 {
         format!("{v:.0}")
-    } else if a >= 100.0 {
-        format!("{v:.1}")
     } else if a >= 10.0 {
-        format!("{v:.2}")
+        format!("{v:.1}")
     } else if a >= 1.0 {
-        format!("{v:.3}")
+        format!("{v:.2}")
     } else {
         format!("{v:.3}")
     }
@@ -581,11 +579,20 @@ pub fn svg(name: &str, results: &[&WorkloadResult]) -> String {
     let panel_h = 260.0;
     let top = 70.0;
     let label_h = 48.0;
+    // A group is as wide as its bars or its label (case on up to two lines), whichever is wider.
+    let group_w = |case: &str, bars: usize| -> f64 {
+        let longest = split_label(case)
+            .iter()
+            .map(|l| l.chars().count())
+            .max()
+            .unwrap_or(0);
+        (bars as f64 * bar_w).max(longest as f64 * 6.4)
+    };
     let max_group_w = panels
         .iter()
-        .map(|(_, g)| g.iter().map(|(_, b)| b.len() as f64 * bar_w + gap).sum::<f64>())
+        .map(|(_, g)| g.iter().map(|((c, _), b)| group_w(c, b.len()) + gap).sum::<f64>())
         .fold(0.0, f64::max);
-    let width = (left + max_group_w + 30.0).max(560.0);
+    let width = (left + max_group_w + 30.0).max(640.0);
     let height = top + panels.len().max(1) as f64 * (panel_h + label_h + 40.0) + 10.0;
 
     let mut s = String::new();
@@ -594,14 +601,16 @@ pub fn svg(name: &str, results: &[&WorkloadResult]) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="11">"#
     );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let title = match results.iter().map(|r| r.about).next() {
-        Some(about) => format!("{name}: {about}"),
-        None => name.to_owned(),
-    };
+    let about = results.iter().map(|r| r.about).next().unwrap_or_default();
     let _ = writeln!(
         s,
-        r#"<text x="10" y="20" font-size="14" font-weight="bold">{}</text>"#,
-        esc(&truncate(&title, 110))
+        r##"<text x="10" y="20" font-size="14" font-weight="bold">{}</text><text x="{}" y="20" fill="#333">{}</text>"##,
+        esc(name),
+        18.0 + 9.0 * name.chars().count() as f64,
+        esc(&truncate(
+            about,
+            ((width - 30.0 - 9.0 * name.chars().count() as f64) / 6.2) as usize
+        ))
     );
     let _ = writeln!(
         s,
@@ -682,7 +691,7 @@ pub fn svg(name: &str, results: &[&WorkloadResult]) -> String {
                 width - 20.0,
                 left - 6.0,
                 y + 4.0,
-                fmt_num(t)
+                fmt_tick(t, step)
             );
             t += step;
         }
@@ -706,10 +715,12 @@ pub fn svg(name: &str, results: &[&WorkloadResult]) -> String {
         // Bars.
         let mut x = left + gap / 2.0;
         for ((case, fs), bars) in groups {
+            let slot = group_w(case, bars.len());
             let gw = bars.len() as f64 * bar_w;
+            let x_bars = x + (slot - gw) / 2.0;
             for (i, f) in bars.iter().enumerate() {
                 let med = f.median();
-                let bx = x + i as f64 * bar_w + 2.0;
+                let bx = x_bars + i as f64 * bar_w + 2.0;
                 if med.is_finite() {
                     let y = yv(med);
                     let _ = writeln!(
@@ -741,21 +752,51 @@ pub fn svg(name: &str, results: &[&WorkloadResult]) -> String {
                     );
                 }
             }
-            let cx = x + gw / 2.0;
+            let cx = x + slot / 2.0;
+            let mut ly = plot_bottom + 14.0;
+            for line in split_label(case) {
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{cx:.1}" y="{ly:.1}" text-anchor="middle">{}</text>"#,
+                    esc(&line)
+                );
+                ly += 13.0;
+            }
             let _ = writeln!(
                 s,
-                r##"<text x="{cx:.1}" y="{:.1}" text-anchor="middle">{}</text><text x="{cx:.1}" y="{:.1}" text-anchor="middle" fill="#555">{}</text>"##,
-                plot_bottom + 14.0,
-                esc(&truncate(case, ((gw + gap) / 6.0) as usize)),
-                plot_bottom + 27.0,
+                r##"<text x="{cx:.1}" y="{ly:.1}" text-anchor="middle" fill="#555">{}</text>"##,
                 esc(fs)
             );
-            x += gw + gap;
+            x += slot + gap;
         }
         y0 += panel_h + label_h + 40.0;
     }
     let _ = writeln!(s, "</svg>");
     s
+}
+
+/// A group label on one line, or two when longer than 16 characters (split at the space nearest the middle).
+fn split_label(label: &str) -> Vec<String> {
+    let n = label.chars().count();
+    if n <= 16 {
+        return vec![label.to_owned()];
+    }
+    let mid = n / 2;
+    let best = label
+        .char_indices()
+        .filter(|(_, c)| *c == ' ')
+        .map(|(i, _)| i)
+        .min_by_key(|&i| label[..i].chars().count().abs_diff(mid));
+    match best {
+        Some(i) => vec![label[..i].to_owned(), label[i + 1..].to_owned()],
+        None => vec![label.to_owned()],
+    }
+}
+
+/// An axis tick with as many decimals as the step needs.
+fn fmt_tick(v: f64, step: f64) -> String {
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    format!("{v:.decimals$}")
 }
 
 /// An absolute goal (`<= 0.3 ms`) common to a panel, in the panel's unit, to draw as a line.
@@ -779,5 +820,119 @@ fn goal_value(groups: &[((String, String), Vec<&Figure>)], unit: Unit) -> Option
             Some(from_base(num * mult, unit))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fig(case: &str, subject: &str, metric: &str, unit: Unit, samples: &[f64]) -> Figure {
+        let mut f = Figure::new("getput", case, subject, metric, unit);
+        f.samples = samples.to_vec();
+        f.fs = Some(FsKind::Ext4);
+        f
+    }
+
+    #[test]
+    fn goals_are_checked_against_values_and_ratios() {
+        let r = vec![("gnu-tar+syncfs".to_owned(), 1.05)];
+        assert_eq!(
+            goal_met("<= 1.1x gnu-tar+syncfs", 1.5, Unit::Seconds, &r),
+            Some(true)
+        );
+        let r = vec![("gnu-tar+syncfs".to_owned(), 1.25)];
+        assert_eq!(
+            goal_met("<= 1.1x gnu-tar+syncfs", 1.5, Unit::Seconds, &r),
+            Some(false)
+        );
+        assert_eq!(goal_met("<= 1.1x overlay2", 1.5, Unit::Seconds, &r), None);
+        assert_eq!(goal_met("<= 0.3 ms", 250.0, Unit::Micros, &[]), Some(true));
+        assert_eq!(goal_met("<= 0.3 ms", 301.0, Unit::Micros, &[]), Some(false));
+        assert_eq!(goal_met("<= 64 MiB", 17.0, Unit::MiB, &[]), Some(true));
+        assert_eq!(goal_met("<= 1 s", 1.2, Unit::Seconds, &[]), Some(false));
+        assert_eq!(goal_met("fast", 1.2, Unit::Seconds, &[]), None);
+    }
+
+    #[test]
+    fn rows_pair_lamina_with_each_baseline() {
+        let r = WorkloadResult {
+            name: "getput",
+            about: "x",
+            fs: FsKind::Ext4,
+            error: None,
+            seconds: 1.0,
+            figures: vec![
+                fig(
+                    "depth 1",
+                    "lamina",
+                    "Get p50",
+                    Unit::Micros,
+                    &[200.0, 300.0, 250.0],
+                )
+                .goal("<= 0.3 ms"),
+                fig("depth 1", "overlay-syscalls", "Get p50", Unit::Micros, &[100.0]),
+                fig("depth 1", "lamina", "start", Unit::Seconds, &[0.5]),
+            ],
+        };
+        let rows = rows(&r);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].lamina, Some(250.0));
+        assert_eq!(rows[0].ratio, Some(2.5));
+        assert_eq!(rows[0].met, Some(true));
+        assert!(rows[1].baseline.is_none());
+    }
+
+    #[test]
+    fn svg_is_well_formed_enough() {
+        let r = WorkloadResult {
+            name: "getput",
+            about: "Create+Get, Get, Put, Put+Remove of a RW layer <at depth>",
+            fs: FsKind::Xfs,
+            error: None,
+            seconds: 1.0,
+            figures: vec![
+                fig(
+                    "depth 1",
+                    "lamina",
+                    "Get p50",
+                    Unit::Micros,
+                    &[200.0, 300.0, 250.0],
+                )
+                .goal("<= 0.3 ms"),
+                fig(
+                    "depth 1",
+                    "overlay-syscalls",
+                    "Get p50",
+                    Unit::Micros,
+                    &[100.0, 120.0],
+                ),
+                fig(
+                    "docker load 250MB/42k files",
+                    "lamina",
+                    "Get p50",
+                    Unit::Micros,
+                    &[80.0],
+                ),
+                fig("depth 1", "lamina", "Put p99", Unit::Micros, &[900.0]),
+            ],
+        };
+        let svg = svg("getput", &[&r]);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("&lt;at depth&gt;"));
+        assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count());
+        if let Some(p) = std::env::var_os("LAMINA_BENCH_SVG_SAMPLE") {
+            fs::write(p, &svg).unwrap();
+        }
+    }
+
+    #[test]
+    fn utc_dates() {
+        let d = utc_now();
+        assert_eq!(d.len(), "2026-11-30 20:14:30 UTC".len());
+        assert!(d.starts_with("20"));
+        assert_eq!(split_label("docker load 250MB/42k files").len(), 2);
+        assert_eq!(fmt_tick(0.5, 0.1), "0.5");
+        assert_eq!(fmt_tick(200.0, 100.0), "200");
     }
 }

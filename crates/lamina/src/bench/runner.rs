@@ -133,6 +133,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let runs = args.runs.unwrap_or(if args.quick { 1 } else { 5 }).max(1);
     let size_gib = args.size.unwrap_or(if args.quick { 3 } else { 20 });
 
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    if cwd.join(&args.work).starts_with(cwd.join(&out)) {
+        bail!(
+            "--work {} must not be inside --out {}",
+            args.work.display(),
+            out.display()
+        );
+    }
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     fs::create_dir_all(&args.work).with_context(|| format!("creating {}", args.work.display()))?;
     let out = out
@@ -183,7 +191,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         for w in todo {
             progress.set_prefix(&format!("{} {}", kind.name(), w.name));
             progress.say("starting");
-            let scratch = lfs.mnt.join("scratch").join(w.name);
+            let scratch = lfs.mnt.join(w.name);
             if scratch.exists() {
                 clear_dir(&scratch);
             }
@@ -224,6 +232,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     kind.name()
                 )),
             }
+            if error.is_some() {
+                keep_logs(
+                    &scratch,
+                    &out.join("raw").join(format!("{}-{}", kind.name(), w.name)),
+                );
+            }
             results.push(WorkloadResult {
                 name: w.name,
                 about: w.about,
@@ -233,6 +247,13 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 figures,
             });
             clear_dir(&scratch);
+            // Give the freed blocks back to the backing file's filesystem (the loop device passes discards
+            // on as holes), so a long run does not keep its high-water mark of disk space.
+            let _ = Command::new("fstrim")
+                .arg(&lfs.mnt)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
         progress.set_prefix(kind.name());
         progress.say("tearing down the loop filesystem");
@@ -263,6 +284,34 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Copies the engine logs (`*.log` files up to 16 MiB) a failed workload left in `scratch` to `dest`, their
+/// paths flattened (`dockerd-lamina/dockerd.log` -> `dockerd-lamina_dockerd.log`). Mount points are skipped.
+fn keep_logs(scratch: &Path, dest: &Path) {
+    let mounts = lamina_sys::mount::mounts_under(scratch).unwrap_or_default();
+    let mut stack = vec![scratch.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(meta) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if meta.is_dir() && !mounts.contains(&p) {
+                stack.push(p);
+            } else if meta.is_file() && p.extension().is_some_and(|x| x == "log") && meta.len() <= 16 << 20 {
+                let rel = p
+                    .strip_prefix(scratch)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .replace('/', "_");
+                if fs::create_dir_all(dest).is_ok() {
+                    let _ = fs::copy(&p, dest.join(rel));
+                }
+            }
+        }
+    }
 }
 
 /// Unmounts whatever a workload left mounted below `dir`, then removes it.
