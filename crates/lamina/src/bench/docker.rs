@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::thread;
 use std::time::Instant;
@@ -20,7 +20,7 @@ use anyhow::{bail, Context};
 
 use super::engines::{busybox_image, drop_caches, unique_name, Dockerd, LaminaProc, LaminaSpec, PLUGIN_DIR};
 use super::engines_ctr::{
-    busybox_tree, cgroup_page_cache, meminfo_cached, run as run_cmd, unmount_under, TarWriter, TimingProxy,
+    busybox_tree, cgroup_page_cache, meminfo_cached, run as run_cmd, TarWriter, TimingProxy,
 };
 use super::{Ctx, Figure, Unit, Workload};
 
@@ -71,58 +71,21 @@ struct Engines {
     overlay_d: Dockerd,
     proxy: Option<TimingProxy>,
     _lamina: LaminaProc,
-    _short: ShortDir,
-}
-
-/// A short path to the scratch directory (a bind mount of it), through which the daemons get their
-/// directories: dockerd puts its containerd's sockets below its exec root
-/// (`.../exec/containerd/containerd-debug.sock`), and a unix socket path must fit in 108 bytes, which a scratch
-/// path on the runner's loop filesystem may not leave room for. (A symbolic link would not do: runc refuses a
-/// rootfs path that goes through one.) The data still lives on the scratch filesystem.
-struct ShortDir {
-    link: PathBuf,
-}
-
-impl ShortDir {
-    fn new(target: &Path) -> anyhow::Result<ShortDir> {
-        let link = Path::new("/run/lamina-bench-s").join(unique_name().trim_start_matches("lamina-bench-"));
-        fs::create_dir_all(&link).with_context(|| format!("creating {}", link.display()))?;
-        lamina_sys::mount::bind_mount(target, &link, false)
-            .with_context(|| format!("bind-mounting {} on {}", target.display(), link.display()))?;
-        Ok(ShortDir { link })
-    }
-}
-
-impl Drop for ShortDir {
-    fn drop(&mut self) {
-        unmount_under(&self.link);
-        let _ = fs::remove_dir(&self.link);
-    }
 }
 
 impl Engines {
     /// Both daemons, with busybox imported as [`BUSYBOX_TAG`] into each.
     fn start(ctx: &Ctx, tag: &str, with_proxy: bool) -> anyhow::Result<Engines> {
         ctx.say("starting lamina and two dockerds");
-        let short = ShortDir::new(&ctx.scratch)?;
-        let sctx = Ctx {
-            quick: ctx.quick,
-            runs: ctx.runs,
-            fs: ctx.fs,
-            scratch: short.link.clone(),
-            out: ctx.out.clone(),
-            lamina_exe: ctx.lamina_exe.clone(),
-            progress: ctx.progress.clone(),
-        };
         let name = unique_name();
         let (lamina, proxy) = if with_proxy {
-            let lamina = LaminaSpec::new(&sctx, &format!("{tag}/lam")).start()?;
+            let lamina = LaminaSpec::new(ctx, &format!("{tag}/lam")).start()?;
             let listen = Path::new(PLUGIN_DIR).join(format!("{name}.sock"));
             let proxy = TimingProxy::start(&listen, lamina.socket())?;
             (lamina, Some(proxy))
         } else {
             (
-                LaminaSpec::new(&sctx, &format!("{tag}/lam"))
+                LaminaSpec::new(ctx, &format!("{tag}/lam"))
                     .docker_plugin(&name)
                     .start()?,
                 None,
@@ -130,8 +93,8 @@ impl Engines {
         };
         // Both daemons start at the same time (each takes a few seconds).
         let (ld, od) = thread::scope(|s| {
-            let l = s.spawn(|| Dockerd::start(&sctx, &format!("{tag}/dl"), &name));
-            let o = s.spawn(|| Dockerd::start(&sctx, &format!("{tag}/do"), BASELINE));
+            let l = s.spawn(|| Dockerd::start(ctx, &format!("{tag}/dl"), &name));
+            let o = s.spawn(|| Dockerd::start(ctx, &format!("{tag}/do"), BASELINE));
             (l.join(), o.join())
         });
         let lamina_d = ld.map_err(|_| anyhow::anyhow!("dockerd start panicked"))??;
@@ -141,7 +104,6 @@ impl Engines {
             overlay_d,
             proxy,
             _lamina: lamina,
-            _short: short,
         };
         ctx.say("importing busybox");
         for d in e.both() {

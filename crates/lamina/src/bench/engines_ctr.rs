@@ -70,11 +70,6 @@ impl Proc {
         })
     }
 
-    /// PID while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// Fails (with the end of the log) if the process has exited.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(c) = self.child.as_mut() {
