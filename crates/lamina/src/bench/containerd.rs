@@ -25,8 +25,8 @@ use pb::snapshots_client::SnapshotsClient;
 use tonic::transport::Channel;
 
 use super::engines_ctr::{
-    busybox_tree, drop_caches, oci_archive, percentile, run as run_cmd, Containerd, LaminaServe, TarWriter,
-    CTR_NAMESPACE, PROXY_NAME,
+    busybox_tree, drop_caches, oci_archive, percentile, run as run_cmd, Containerd, LaminaServe, RunDir,
+    TarWriter, CTR_NAMESPACE, PROXY_NAME,
 };
 use super::{Ctx, Figure, Unit, Workload};
 
@@ -305,13 +305,15 @@ fn unpack(ctx: &Ctx, dir: &Path, ctrd: &Containerd, figs: &mut Vec<Figure>) -> a
 }
 
 fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
-    let dir = ctx.scratch.join("snapshotter");
-    let lamina_dir = dir.join("lamina");
+    let dir = ctx.scratch.clone();
+    let lamina_dir = dir.join("lam");
     fs::create_dir_all(&lamina_dir)?;
-    let sock = lamina_dir.join("snap.sock");
+    // Sockets on a short path; everything else on the scratch filesystem.
+    let run_dir = RunDir::new()?;
+    let sock = run_dir.path.join("snap.sock");
     ctx.say("starting lamina and containerd");
     let lamina = LaminaServe::start(&ctx.lamina_exe, &lamina_dir, None, Some(&sock), &[])?;
-    let ctrd = Containerd::start(&dir.join("containerd"), &sock)?;
+    let ctrd = Containerd::start(&dir.join("containerd"), &run_dir.path, &sock)?;
     let plugins = ctrd.ctr(&["plugins", "ls"])?;
     anyhow::ensure!(
         plugins
@@ -324,5 +326,6 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     // containerd first (it holds connections to lamina), then lamina.
     drop(ctrd);
     drop(lamina);
+    drop(run_dir);
     Ok(())
 }

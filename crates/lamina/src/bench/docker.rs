@@ -20,7 +20,7 @@ use anyhow::{bail, Context};
 
 use super::engines::{busybox_image, drop_caches, unique_name, Dockerd, LaminaProc, LaminaSpec, PLUGIN_DIR};
 use super::engines_ctr::{
-    busybox_tree, cgroup_page_cache, meminfo_cached, run as run_cmd, TarWriter, TimingProxy,
+    busybox_tree, cgroup_page_cache, meminfo_cached, run as run_cmd, RunDir, TarWriter, TimingProxy,
 };
 use super::{Ctx, Figure, Unit, Workload};
 
@@ -28,7 +28,7 @@ use super::{Ctx, Figure, Unit, Workload};
 pub const COMMIT: Workload = Workload {
     name: "commit",
     about:
-        "docker commit of a 1 KiB change in a container of a 10 MB and a 5 GB image (quick: 10 MB, 200 MB), \
+        "docker commit of a 1 KiB change in a container of a 10 MB and a 5 GB image (quick: 10 MB, 100 MB), \
             lamina vs overlay2 on one dockerd version",
     per_fs: true,
     run: run_commit,
@@ -71,30 +71,30 @@ struct Engines {
     overlay_d: Dockerd,
     proxy: Option<TimingProxy>,
     _lamina: LaminaProc,
+    _run_dir: RunDir,
 }
 
 impl Engines {
     /// Both daemons, with busybox imported as [`BUSYBOX_TAG`] into each.
-    fn start(ctx: &Ctx, tag: &str, with_proxy: bool) -> anyhow::Result<Engines> {
+    fn start(ctx: &Ctx, with_proxy: bool) -> anyhow::Result<Engines> {
         ctx.say("starting lamina and two dockerds");
         let name = unique_name();
+        // lamina's own socket (behind the proxy) on a short path.
+        let run_dir = RunDir::new()?;
         let (lamina, proxy) = if with_proxy {
-            let lamina = LaminaSpec::new(ctx, &format!("{tag}/lam")).start()?;
+            let mut spec = LaminaSpec::new(ctx, "lam");
+            spec.socket = run_dir.path.join("plugin.sock");
+            let lamina = spec.start()?;
             let listen = Path::new(PLUGIN_DIR).join(format!("{name}.sock"));
             let proxy = TimingProxy::start(&listen, lamina.socket())?;
             (lamina, Some(proxy))
         } else {
-            (
-                LaminaSpec::new(ctx, &format!("{tag}/lam"))
-                    .docker_plugin(&name)
-                    .start()?,
-                None,
-            )
+            (LaminaSpec::new(ctx, "lam").docker_plugin(&name).start()?, None)
         };
         // Both daemons start at the same time (each takes a few seconds).
         let (ld, od) = thread::scope(|s| {
-            let l = s.spawn(|| Dockerd::start(ctx, &format!("{tag}/dl"), &name));
-            let o = s.spawn(|| Dockerd::start(ctx, &format!("{tag}/do"), BASELINE));
+            let l = s.spawn(|| Dockerd::start(ctx, "dl", &name));
+            let o = s.spawn(|| Dockerd::start(ctx, "do", BASELINE));
             (l.join(), o.join())
         });
         let lamina_d = ld.map_err(|_| anyhow::anyhow!("dockerd start panicked"))??;
@@ -104,6 +104,7 @@ impl Engines {
             overlay_d,
             proxy,
             _lamina: lamina,
+            _run_dir: run_dir,
         };
         ctx.say("importing busybox");
         for d in e.both() {
@@ -191,10 +192,10 @@ fn figure(
 // ------------------------------------------------------------------------------------------------------------
 
 fn run_commit(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
-    let e = Engines::start(ctx, "cm", true)?;
+    let e = Engines::start(ctx, true)?;
     let totals = e.proxy.as_ref().context("proxy")?.totals.clone();
     let sizes: [(&str, u64); 2] = if ctx.quick {
-        [("image 10 MB", 10_000_000), ("image 200 MB", 200_000_000)]
+        [("image 10 MB", 10_000_000), ("image 100 MB", 100_000_000)]
     } else {
         [("image 10 MB", 10_000_000), ("image 5 GB", 5_000_000_000)]
     };
@@ -252,7 +253,7 @@ fn run_commit(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
 // ------------------------------------------------------------------------------------------------------------
 
 fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
-    let e = Engines::start(ctx, "c100", true)?;
+    let e = Engines::start(ctx, true)?;
     let n = if ctx.quick { 10 } else { 100 };
     let case = format!("{n} containers");
     let totals = e.proxy.as_ref().context("proxy")?.totals.clone();
@@ -338,7 +339,7 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
 /// Writes the build context: the Dockerfile, `small/` and `more/` trees of 1-8 KiB files, `large.bin`.
 fn build_context(dir: &Path, quick: bool) -> anyhow::Result<String> {
     let (small, more, large, generated) = if quick {
-        (500u64, 200u64, 16u64 << 20, 200)
+        (300u64, 100u64, 8u64 << 20, 100)
     } else {
         (5_000, 2_000, 256 << 20, 2_000)
     };
@@ -382,8 +383,8 @@ fn build_context(dir: &Path, quick: bool) -> anyhow::Result<String> {
 }
 
 fn run_build(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
-    let e = Engines::start(ctx, "bld", false)?;
-    let context = ctx.scratch.join("bld/context");
+    let e = Engines::start(ctx, false)?;
+    let context = ctx.scratch.join("context");
     fs::create_dir_all(&context)?;
     let case = build_context(&context, ctx.quick)?;
     let context_s = context.display().to_string();
@@ -418,7 +419,7 @@ fn run_build(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
 // ------------------------------------------------------------------------------------------------------------
 
 fn run_pagecache(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
-    let e = Engines::start(ctx, "pc", false)?;
+    let e = Engines::start(ctx, false)?;
     let (n, bytes) = if ctx.quick {
         (2usize, 20u64 << 20)
     } else {

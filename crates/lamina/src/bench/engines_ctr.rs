@@ -220,6 +220,30 @@ impl Drop for LaminaServe {
     }
 }
 
+/// A short-pathed directory for sockets, `/run/lamina-bench/<pid>-<n>` (a scratch path may be too long for a
+/// unix socket address); removed on drop.
+pub struct RunDir {
+    /// The directory.
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates a fresh one.
+    pub fn new() -> anyhow::Result<RunDir> {
+        let id = super::engines::unique_name();
+        let path = Path::new(super::engines::RUN_DIR).join(id.trim_start_matches("lamina-bench-"));
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(RunDir { path })
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+        let _ = fs::remove_dir(super::engines::RUN_DIR);
+    }
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // A private containerd
 // ------------------------------------------------------------------------------------------------------------
@@ -235,12 +259,14 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// Writes the config and starts containerd in `dir`; waits until `ctr version` answers.
-    pub fn start(dir: &Path, proxy: &Path) -> anyhow::Result<Containerd> {
+    /// Writes the config and starts containerd in `dir`, with its sockets in `sockets` (a short path: a unix
+    /// socket address must fit in 108 bytes); waits until `ctr version` answers.
+    pub fn start(dir: &Path, sockets: &Path, proxy: &Path) -> anyhow::Result<Containerd> {
         for d in ["root", "state", "tmp"] {
             fs::create_dir_all(dir.join(d))?;
         }
-        let address = dir.join("c.sock");
+        fs::create_dir_all(sockets)?;
+        let address = sockets.join("c.sock");
         let q = |p: &Path| format!("{:?}", p.display().to_string());
         let mut toml = String::new();
         writeln!(toml, "version = 2")?;
@@ -254,7 +280,7 @@ impl Containerd {
              \"io.containerd.tracing.processor.v1.otlp\", \"io.containerd.internal.v1.tracing\"]"
         )?;
         writeln!(toml, "[grpc]\n  address = {}", q(&address))?;
-        writeln!(toml, "[ttrpc]\n  address = {}", q(&dir.join("c.sock.ttrpc")))?;
+        writeln!(toml, "[ttrpc]\n  address = {}", q(&sockets.join("c.sock.ttrpc")))?;
         writeln!(toml, "[metrics]\n  address = \"\"")?;
         // No garbage collection in the middle of a timed loop: only when asked (see `gc_now`).
         writeln!(

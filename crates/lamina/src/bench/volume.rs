@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::engines::LaminaSpec;
 use super::engines_ctr::{
-    drop_caches, fill_random, have_moosefs, open_direct, percentile, AlignedBuf, MooseCluster,
+    drop_caches, fill_random, have_moosefs, open_direct, percentile, AlignedBuf, MooseCluster, RunDir,
 };
 use super::{Ctx, Figure, Unit, Workload};
 
@@ -153,7 +153,7 @@ fn io_round(dir: &Path, plan: &IoPlan, seed: u64) -> anyhow::Result<([f64; 4], b
 }
 
 fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
-    let dir = ctx.scratch.join("volume");
+    let dir = ctx.scratch.clone();
     let mount_base = dir.join("mnt");
     let bare = dir.join("bare");
     let bind_src = dir.join("bind-src");
@@ -161,7 +161,9 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     for d in [&mount_base, &bare, &bind_src, &bind_dst] {
         fs::create_dir_all(d)?;
     }
-    let mut spec = LaminaSpec::new(ctx, "volume/lamina");
+    let run_dir = RunDir::new()?;
+    let mut spec = LaminaSpec::new(ctx, "lam");
+    spec.socket = run_dir.path.join("plugin.sock");
     spec.extra_args = vec!["--volumes-mount-base".into(), mount_base.display().to_string()];
     let lamina = spec.start()?;
     let mut c = lamina.client();
@@ -331,7 +333,9 @@ fn moosefs(ctx: &Ctx, dir: &Path, plan: &IoPlan, figs: &mut Vec<Figure>) -> anyh
     fs::create_dir_all(bare_mnt.join("mount-test"))?;
     let mount_base = dir.join("mnt");
     fs::create_dir_all(&mount_base)?;
-    let mut spec = LaminaSpec::new(ctx, "volume/mfs-lamina");
+    let run_dir = RunDir::new()?;
+    let mut spec = LaminaSpec::new(ctx, "mfslam");
+    spec.socket = run_dir.path.join("plugin.sock");
     let toml = format!(
         "[volumes]\nbackend = \"moosefs\"\n[volumes.moosefs]\nmaster = \"{}:9421\"\nremote_path = \"/docker/volumes\"\n",
         cluster.master_host
