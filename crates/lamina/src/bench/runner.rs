@@ -161,6 +161,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         );
     }
     install_signal_teardown()?;
+    if cfg!(debug_assertions) && !args.quick {
+        eprintln!(
+            "lamina bench: this is a debug build; its figures say little (cargo build --release -p lamina)"
+        );
+    }
 
     let progress = Progress::new();
     let started = Instant::now();
@@ -178,7 +183,24 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         }
         progress.set_prefix(kind.name());
         progress.say(&format!("making a {size_gib} GiB loop-backed {}", kind.name()));
-        let lfs = LoopFs::create(&work, kind, need, &tag)?;
+        let lfs = match LoopFs::create(&work, kind, need, &tag) {
+            Ok(l) => l,
+            Err(e) => {
+                let e = format!("making the loop-backed {}: {e:#}", kind.name());
+                progress.println(&format!("FAILED: {e}"));
+                for w in todo {
+                    results.push(WorkloadResult {
+                        name: w.name,
+                        about: w.about,
+                        fs: kind,
+                        error: Some(e.clone()),
+                        seconds: 0.0,
+                        figures: Vec::new(),
+                    });
+                }
+                continue;
+            }
+        };
         filesystems.push(lfs.describe.clone());
         for w in todo {
             progress.set_prefix(&format!("{} {}", kind.name(), w.name));
@@ -257,6 +279,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         machine: Machine::probe(),
         date,
         lamina_version: env!("CARGO_PKG_VERSION").to_owned(),
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+        .to_owned(),
         quick: args.quick,
         runs,
         filesystems,
