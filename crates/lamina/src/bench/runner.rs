@@ -22,8 +22,8 @@ pub struct BenchArgs {
     /// Results directory (results.md, results.json, one SVG per workload).
     #[arg(long, value_name = "DIR", required_unless_present = "list")]
     pub out: Option<PathBuf>,
-    /// Filesystems to measure on, each a fresh loop-backed one.
-    #[arg(long, value_delimiter = ',', default_value = "ext4,xfs")]
+    /// Filesystems to measure on, each a fresh loop-backed one [default: ext4,xfs; --quick: ext4].
+    #[arg(long, value_delimiter = ',', value_name = "FS,...")]
     pub fs: Vec<FsKind>,
     /// Run only these workloads (see --list).
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
@@ -90,7 +90,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             bail!("lamina bench needs the `{t}` program");
         }
     }
-    for k in &args.fs {
+    let mut kinds = if !args.fs.is_empty() {
+        args.fs.clone()
+    } else if args.quick {
+        vec![FsKind::Ext4]
+    } else {
+        vec![FsKind::Ext4, FsKind::Xfs]
+    };
+    kinds.dedup();
+    for k in &kinds {
         let mkfs = format!("mkfs.{}", k.name());
         if !have(&mkfs) {
             bail!(
@@ -103,11 +111,6 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 }
             );
         }
-    }
-    let mut kinds = args.fs.clone();
-    kinds.dedup();
-    if kinds.is_empty() {
-        bail!("--fs names no filesystem");
     }
     let selected: Vec<&Workload> = if args.only.is_empty() {
         all.iter().collect()
