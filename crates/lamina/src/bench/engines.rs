@@ -379,8 +379,9 @@ impl Drop for LaminaProc {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             stop_child(&mut c, Duration::from_secs(10));
-            self.cleanup();
         }
+        // Also after a failed start or an explicit stop (then there is nothing left to do but it is cheap).
+        self.cleanup();
     }
 }
 
@@ -403,6 +404,7 @@ pub struct Dockerd {
     dir: PathBuf,
     run: PathBuf,
     child: Option<Child>,
+    cleaned: bool,
 }
 
 impl Dockerd {
@@ -462,6 +464,7 @@ impl Dockerd {
             dir,
             run,
             child: Some(child),
+            cleaned: false,
         };
         d.wait_ready()?;
         Ok(d)
@@ -572,7 +575,8 @@ impl Dockerd {
         self.run.join("exec")
     }
 
-    fn cleanup(&self) {
+    fn cleanup(&mut self) {
+        self.cleaned = true;
         // containerd exits on its own shortly after dockerd; give it a moment, then kill what is left.
         let deadline = Instant::now() + Duration::from_secs(10);
         while (!pids_referencing(&self.run).is_empty() || !pids_referencing(&self.dir).is_empty())
@@ -593,6 +597,9 @@ impl Drop for Dockerd {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             stop_child(&mut c, Duration::from_secs(30));
+        }
+        // Also after a failed start: the containerd it started may still run.
+        if !self.cleaned {
             self.cleanup();
         }
     }

@@ -42,6 +42,8 @@ pub struct RunInfo {
     pub date: String,
     /// lamina's version.
     pub lamina_version: String,
+    /// `release` or `debug` (a debug build's figures say little about lamina).
+    pub build: String,
     /// `--quick`.
     pub quick: bool,
     /// Repetitions per timed case.
@@ -420,7 +422,17 @@ fn markdown(info: &RunInfo, results: &[WorkloadResult], rows: &[Row]) -> String 
     let mut m = String::new();
     let _ = writeln!(m, "# lamina bench results\n");
     let _ = writeln!(m, "- Date: {}", info.date);
-    let _ = writeln!(m, "- lamina {}", info.lamina_version);
+    let _ = writeln!(
+        m,
+        "- lamina {} ({} build{})",
+        info.lamina_version,
+        info.build,
+        if info.build == "release" {
+            ""
+        } else {
+            " — not representative: build with --release for figures"
+        }
+    );
     let _ = writeln!(m, "- Machine: {}", info.machine.line());
     let _ = writeln!(
         m,

@@ -22,8 +22,8 @@ pub struct BenchArgs {
     /// Results directory (results.md, results.json, one SVG per workload).
     #[arg(long, value_name = "DIR", required_unless_present = "list")]
     pub out: Option<PathBuf>,
-    /// Filesystems to measure on, each a fresh loop-backed one.
-    #[arg(long, value_delimiter = ',', default_value = "ext4,xfs")]
+    /// Filesystems to measure on, each a fresh loop-backed one [default: ext4,xfs; --quick: ext4].
+    #[arg(long, value_delimiter = ',', value_name = "FS,...")]
     pub fs: Vec<FsKind>,
     /// Run only these workloads (see --list).
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
@@ -98,7 +98,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             bail!("lamina bench needs the `{t}` program");
         }
     }
-    for k in &args.fs {
+    let mut kinds = if !args.fs.is_empty() {
+        args.fs.clone()
+    } else if args.quick {
+        vec![FsKind::Ext4]
+    } else {
+        vec![FsKind::Ext4, FsKind::Xfs]
+    };
+    kinds.dedup();
+    for k in &kinds {
         let mkfs = format!("mkfs.{}", k.name());
         if !have(&mkfs) {
             bail!(
@@ -111,11 +119,6 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 }
             );
         }
-    }
-    let mut kinds = args.fs.clone();
-    kinds.dedup();
-    if kinds.is_empty() {
-        bail!("--fs names no filesystem");
     }
     let selected: Vec<&Workload> = if args.only.is_empty() {
         all.iter().collect()
@@ -169,6 +172,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         );
     }
     install_signal_teardown()?;
+    if cfg!(debug_assertions) && !args.quick {
+        eprintln!(
+            "lamina bench: this is a debug build; its figures say little (cargo build --release -p lamina)"
+        );
+    }
 
     let progress = Progress::new();
     let started = Instant::now();
@@ -186,7 +194,24 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         }
         progress.set_prefix(kind.name());
         progress.say(&format!("making a {size_gib} GiB loop-backed {}", kind.name()));
-        let lfs = LoopFs::create(&work, kind, need, &tag)?;
+        let lfs = match LoopFs::create(&work, kind, need, &tag) {
+            Ok(l) => l,
+            Err(e) => {
+                let e = format!("making the loop-backed {}: {e:#}", kind.name());
+                progress.println(&format!("FAILED: {e}"));
+                for w in todo {
+                    results.push(WorkloadResult {
+                        name: w.name,
+                        about: w.about,
+                        fs: kind,
+                        error: Some(e.clone()),
+                        seconds: 0.0,
+                        figures: Vec::new(),
+                    });
+                }
+                continue;
+            }
+        };
         filesystems.push(lfs.describe.clone());
         for w in todo {
             progress.set_prefix(&format!("{} {}", kind.name(), w.name));
@@ -265,6 +290,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         machine: Machine::probe(),
         date,
         lamina_version: env!("CARGO_PKG_VERSION").to_owned(),
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+        .to_owned(),
         quick: args.quick,
         runs,
         filesystems,
