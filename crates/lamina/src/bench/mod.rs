@@ -13,9 +13,24 @@
 //!
 //! Timings are never asserted: `--quick` (CI) checks that every workload runs end to end.
 
+pub mod client;
+pub mod engines;
+mod graph;
+pub mod loopfs;
+mod report;
+mod runner;
+pub mod targen;
+// bench-b's workloads and their engines.
+pub mod containerd;
+pub mod docker;
+pub mod engines_ctr;
+pub mod volume;
+
 use std::path::PathBuf;
 
 use serde::Serialize;
+
+pub use runner::{run, BenchArgs};
 
 /// Filesystem kinds a run can use for its scratch space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -28,6 +43,8 @@ pub enum FsKind {
 }
 
 /// What a workload gets from the runner.
+// Part of the shape shared by the workload modules; not every workload reads every field.
+#[allow(dead_code)]
 #[derive(Debug)]
 pub struct Ctx {
     /// The small version (CI): sizes and repetitions cut so the whole run takes under 2 minutes.
@@ -42,9 +59,97 @@ pub struct Ctx {
     pub out: PathBuf,
     /// This binary, for starting `lamina serve`.
     pub lamina_exe: PathBuf,
+    /// Progress display: [`Ctx::say`] sets the current step.
+    pub progress: Progress,
+}
+
+impl Ctx {
+    /// Shows what the workload is doing now (a progress line; plain lines when stderr is not a terminal).
+    pub fn say(&self, msg: impl AsRef<str>) {
+        self.progress.say(msg.as_ref());
+    }
+
+    /// `quick` when the run is `--quick`, else `full`.
+    pub fn pick<T>(&self, quick: T, full: T) -> T {
+        if self.quick {
+            quick
+        } else {
+            full
+        }
+    }
+}
+
+/// The progress display of a run: an `indicatif` spinner on a terminal, plain timestamped lines otherwise.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    prefix: std::sync::Arc<std::sync::Mutex<String>>,
+    start: std::time::Instant,
+}
+
+impl Progress {
+    /// A spinner when stderr is a terminal.
+    pub fn new() -> Progress {
+        use std::io::IsTerminal as _;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            {
+                b.set_style(style);
+            }
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b
+        });
+        Progress {
+            bar,
+            prefix: Default::default(),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Sets the part shown before every message (e.g. `ext4 applydiff`).
+    pub fn set_prefix(&self, prefix: &str) {
+        *self.prefix.lock().unwrap_or_else(|e| e.into_inner()) = prefix.to_owned();
+    }
+
+    /// Shows `msg` as the current step.
+    pub fn say(&self, msg: &str) {
+        let prefix = self.prefix.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let line = if prefix.is_empty() {
+            msg.to_owned()
+        } else {
+            format!("{prefix}: {msg}")
+        };
+        match &self.bar {
+            Some(b) => b.set_message(line),
+            None => eprintln!("[bench {:7.1}s] {line}", self.start.elapsed().as_secs_f64()),
+        }
+    }
+
+    /// Prints a line that stays (above the spinner on a terminal).
+    pub fn println(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => eprintln!("[bench {:7.1}s] {msg}", self.start.elapsed().as_secs_f64()),
+        }
+    }
+
+    /// Removes the spinner.
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
+    }
 }
 
 /// Units a figure can be in (used for the tables and plot axes).
+#[allow(dead_code)] // offered to every workload module; not all are in use
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Unit {
@@ -110,6 +215,45 @@ impl Figure {
             fs: None,
         }
     }
+
+    /// Sets the goal (e.g. `<= 1.1x gnu-tar+syncfs`, `<= 0.3 ms`, `<= 64 MiB`).
+    pub fn goal(mut self, goal: impl Into<String>) -> Self {
+        self.goal = Some(goal.into());
+        self
+    }
+
+    /// Adds one sample.
+    pub fn push(&mut self, v: f64) {
+        self.samples.push(v);
+    }
+
+    /// Median of the samples (NaN when there are none).
+    pub fn median(&self) -> f64 {
+        median(&self.samples)
+    }
+}
+
+/// Median of `v` (NaN when empty).
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Nearest-rank percentile `p` (0-100) of `v` (NaN when empty).
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
 }
 
 /// A benchmark workload.

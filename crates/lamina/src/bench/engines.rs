@@ -1,0 +1,770 @@
+//! Lean launchers for the engines a benchmark measures: `lamina serve`, dockerd (with its own containerd),
+//! plus the helpers every workload needs (a busybox image, an RSS sampler, dropping caches).
+//!
+//! Every process gets its own directories under the workload's scratch dir and is stopped **by PID** in
+//! `Drop` (SIGTERM, then SIGKILL after a grace period), also when the workload fails half-way. Children that
+//! dockerd starts (containerd, shims) are found by PID through their command lines, which name the daemon's
+//! own directory; nothing is ever killed by name.
+
+// A toolkit shared by every workload module: not each helper is used by each workload.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::client::PluginClient;
+use super::Ctx;
+
+/// Where dockerd looks for v1 plugin sockets (fixed in dockerd).
+pub const PLUGIN_DIR: &str = "/run/docker/plugins";
+/// Short-pathed runtime directories of the dockerds a run starts (exec roots, API sockets).
+pub const RUN_DIR: &str = "/run/lamina-bench";
+/// dockerd of Debian's docker.io (20.10, the last series with graph-driver plugins).
+pub const DOCKERD: &str = "/usr/sbin/dockerd";
+/// The docker CLI matching it (not whichever `docker` comes first in PATH).
+pub const DOCKER_CLI: &str = "/usr/bin/docker";
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A short name unique to this process and call: `lamina-bench-<pid>-<n>` (for plugin sockets, namespaces).
+pub fn unique_name() -> String {
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    format!("lamina-bench-{}-{n}", std::process::id())
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Processes
+// ------------------------------------------------------------------------------------------------------------
+
+/// Sends `sig` (`TERM`, `KILL`) to one PID with kill(1) (this crate has no unsafe code for kill(2)).
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// True if `pid` exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Some(st),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => return None,
+        }
+    }
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status when the process ended by itself.
+pub fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(st)) = child.try_wait() {
+        return Some(st);
+    }
+    signal(child.id(), "TERM");
+    if let Some(st) = wait_timeout(child, grace) {
+        return Some(st);
+    }
+    eprintln!("bench: pid {} ignored SIGTERM for {grace:?}: SIGKILL", child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// PIDs (other than ours) whose command line mentions `dir`.
+pub fn pids_referencing(dir: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    let needle = dir.as_os_str().as_bytes();
+    let mut pids = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if !needle.is_empty() && cmd.windows(needle.len()).any(|w| w == needle) && pid_alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// SIGKILLs every process whose command line names `dir` and waits (up to 10 s) until they are gone.
+pub fn kill_pids_referencing(dir: &Path) {
+    let pids = pids_referencing(dir);
+    if pids.is_empty() {
+        return;
+    }
+    eprintln!("bench: killing leftover processes of {}: {pids:?}", dir.display());
+    for &p in &pids {
+        signal(p, "KILL");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| pid_alive(p)) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Lazily unmounts everything mounted at or below `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    for _ in 0..5 {
+        let mounts = lamina_sys::mount::mounts_under(dir).unwrap_or_default();
+        if mounts.is_empty() {
+            return;
+        }
+        for m in mounts {
+            let _ = lamina_sys::mount::unmount(&m, true);
+        }
+    }
+}
+
+/// The last `n` lines of a log file (for error messages).
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn open_log(path: &Path) -> Result<fs::File> {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Runs a command to completion; fails with its stderr unless it exits 0.
+pub fn run_checked(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end(),
+            String::from_utf8_lossy(&out.stdout).trim_end()
+        );
+    }
+    Ok(out)
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// lamina serve
+// ------------------------------------------------------------------------------------------------------------
+
+/// How to start one `lamina serve`.
+#[derive(Debug, Clone)]
+pub struct LaminaSpec {
+    /// `--data-root`.
+    pub data_root: PathBuf,
+    /// `--socket` (the Docker plugin socket).
+    pub socket: PathBuf,
+    /// `--snapshotter-socket`; `None` passes `none`.
+    pub snapshotter_socket: Option<PathBuf>,
+    /// stdout and stderr, appended.
+    pub log: PathBuf,
+    /// `--log-level`.
+    pub log_level: String,
+    /// Extra arguments after the ones above.
+    pub extra_args: Vec<String>,
+    /// The `lamina` binary.
+    pub exe: PathBuf,
+}
+
+impl LaminaSpec {
+    /// A daemon whose data root, plugin socket and log live in `ctx.scratch/<tag>/`; no snapshotter socket.
+    pub fn new(ctx: &Ctx, tag: &str) -> LaminaSpec {
+        let dir = ctx.scratch.join(tag);
+        LaminaSpec {
+            data_root: dir.join("data"),
+            socket: dir.join("plugin.sock"),
+            snapshotter_socket: None,
+            log: dir.join("lamina.log"),
+            log_level: "warn".into(),
+            extra_args: Vec::new(),
+            exe: ctx.lamina_exe.clone(),
+        }
+    }
+
+    /// Serve the plugin socket where dockerd finds it: `/run/docker/plugins/<name>.sock`, so
+    /// `dockerd -s <name>` uses this daemon. Use a [`unique_name`].
+    pub fn docker_plugin(mut self, name: &str) -> LaminaSpec {
+        self.socket = Path::new(PLUGIN_DIR).join(format!("{name}.sock"));
+        self
+    }
+
+    /// Also serve the containerd snapshotter socket, next to the data root.
+    pub fn with_snapshotter(mut self) -> LaminaSpec {
+        let dir = self.data_root.parent().unwrap_or(Path::new("/")).to_path_buf();
+        self.snapshotter_socket = Some(dir.join("snapshotter.sock"));
+        self
+    }
+
+    /// Starts the daemon and waits until the plugin socket answers `Plugin.Activate`.
+    pub fn start(self) -> Result<LaminaProc> {
+        LaminaProc::start(self)
+    }
+}
+
+/// A running `lamina serve`, stopped by PID when dropped (its mounts under the data root are then detached).
+pub struct LaminaProc {
+    /// How it was started.
+    pub spec: LaminaSpec,
+    /// Time from spawn until `Plugin.Activate` answered.
+    pub ready_after: Duration,
+    child: Option<Child>,
+}
+
+impl LaminaProc {
+    /// Spawns `lamina serve` per `spec` and waits (up to 60 s) until the plugin socket answers.
+    pub fn start(spec: LaminaSpec) -> Result<LaminaProc> {
+        if let Some(dir) = spec.log.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        if let Some(dir) = spec.socket.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        if fs::symlink_metadata(&spec.socket).is_ok_and(|m| m.file_type().is_socket()) {
+            fs::remove_file(&spec.socket).ok();
+        }
+        let log = open_log(&spec.log)?;
+        let mut cmd = Command::new(&spec.exe);
+        cmd.arg("serve")
+            .arg("--data-root")
+            .arg(&spec.data_root)
+            .arg("--socket")
+            .arg(&spec.socket)
+            .arg("--snapshotter-socket")
+            .arg(spec.snapshotter_socket.as_deref().unwrap_or(Path::new("none")))
+            .arg("--log-level")
+            .arg(&spec.log_level)
+            .args(&spec.extra_args)
+            .env("NO_COLOR", "1")
+            .env_remove("LAMINA_CONFIG")
+            .env_remove("LAMINA_CONFIG_TOML")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let t0 = Instant::now();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", spec.exe.display()))?;
+        let mut p = LaminaProc {
+            spec,
+            ready_after: Duration::ZERO,
+            child: Some(child),
+        };
+        p.wait_ready(t0)?;
+        Ok(p)
+    }
+
+    fn wait_ready(&mut self, t0: Instant) -> Result<()> {
+        let deadline = t0 + Duration::from_secs(60);
+        loop {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                bail!(
+                    "lamina serve exited during start-up ({st}); log {}:\n{}",
+                    self.spec.log.display(),
+                    tail(&self.spec.log, 20)
+                );
+            }
+            let mut c = PluginClient::new(&self.spec.socket);
+            c.timeout = Duration::from_secs(5);
+            if c.call("Plugin.Activate", &serde_json::json!({})).is_ok() {
+                self.ready_after = t0.elapsed();
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "lamina serve did not answer on {} within 60 s; log:\n{}",
+                    self.spec.socket.display(),
+                    tail(&self.spec.log, 20)
+                );
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// PID of the daemon (for RSS and CPU sampling).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The plugin socket.
+    pub fn socket(&self) -> &Path {
+        &self.spec.socket
+    }
+
+    /// A new keep-alive client on the plugin socket.
+    pub fn client(&self) -> PluginClient {
+        PluginClient::new(&self.spec.socket)
+    }
+
+    /// A client that has done dockerd's handshake (`Plugin.Activate`, `GraphDriver.Init`).
+    pub fn graph_client(&self) -> Result<PluginClient> {
+        let mut c = self.client();
+        let home = self
+            .spec
+            .data_root
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join("home");
+        c.handshake(&home)?;
+        Ok(c)
+    }
+
+    /// SIGTERM and wait (30 s, then SIGKILL); fails if it had to be killed or exited non-zero.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        let st = stop_child(&mut c, Duration::from_secs(30));
+        self.cleanup();
+        match st {
+            Some(st) if st.success() => Ok(()),
+            Some(st) => bail!(
+                "lamina serve exited with {st}; log:\n{}",
+                tail(&self.spec.log, 20)
+            ),
+            None => bail!("lamina serve ignored SIGTERM for 30 s and was killed"),
+        }
+    }
+
+    fn cleanup(&self) {
+        unmount_under(&self.spec.data_root);
+        if self.spec.socket.starts_with(PLUGIN_DIR)
+            && fs::symlink_metadata(&self.spec.socket).is_ok_and(|m| m.file_type().is_socket())
+        {
+            let _ = fs::remove_file(&self.spec.socket);
+        }
+    }
+}
+
+impl Drop for LaminaProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, Duration::from_secs(10));
+        }
+        // Also after a failed start or an explicit stop (then there is nothing left to do but it is cheap).
+        self.cleanup();
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// dockerd
+// ------------------------------------------------------------------------------------------------------------
+
+/// A dockerd with its own data root (in `ctx.scratch/<tag>/`), exec root and API socket (in [`RUN_DIR`]) and
+/// containerd namespaces.
+///
+/// dockerd 20.10 starts its own containerd unless a system one answers on /run/containerd/containerd.sock;
+/// the unique namespaces keep this daemon's images and containers apart in both cases.
+pub struct Dockerd {
+    /// `-s` value: `overlay2` or a plugin name.
+    pub driver: String,
+    /// `unix://<dir>/docker.sock`, for `DOCKER_HOST`.
+    pub host: String,
+    /// dockerd's log.
+    pub log: PathBuf,
+    dir: PathBuf,
+    run: PathBuf,
+    child: Option<Child>,
+    cleaned: bool,
+}
+
+impl Dockerd {
+    /// Starts dockerd with `-s <driver>` (plus `--experimental` unless the driver is built in) and waits
+    /// (up to 90 s: dockerd retries a plugin that is not up yet) until `docker info` reports that driver.
+    pub fn start(ctx: &Ctx, tag: &str, driver: &str) -> Result<Dockerd> {
+        let dir = ctx.scratch.join(tag);
+        for sub in ["root", "cli"] {
+            fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let id = unique_name();
+        // The exec root and API socket go to a short path on /run: containerd's sockets below the exec root
+        // must fit in a unix socket address (104 bytes for containerd), which a scratch path may not.
+        let run = Path::new(RUN_DIR).join(id.trim_start_matches("lamina-bench-"));
+        fs::create_dir_all(run.join("exec")).with_context(|| format!("creating {}", run.display()))?;
+        let log_path = dir.join("dockerd.log");
+        let log = open_log(&log_path)?;
+        let builtin = matches!(
+            driver,
+            "overlay2" | "vfs" | "btrfs" | "devicemapper" | "fuse-overlayfs"
+        );
+        let host = format!("unix://{}", run.join("docker.sock").display());
+        let mut cmd = Command::new(DOCKERD);
+        cmd.arg("--data-root")
+            .arg(dir.join("root"))
+            .arg("--exec-root")
+            .arg(run.join("exec"))
+            .arg("--pidfile")
+            .arg(run.join("dockerd.pid"))
+            .arg("-H")
+            .arg(&host)
+            .arg("-s")
+            .arg(driver)
+            .args([
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+                "--ip-forward=false",
+                "--ip-masq=false",
+                "--userland-proxy=false",
+                "--shutdown-timeout=3",
+                "--log-level=warn",
+            ])
+            .arg(format!("--containerd-namespace={id}"))
+            .arg(format!("--containerd-plugins-namespace={id}-p"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if !builtin {
+            cmd.arg("--experimental");
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {DOCKERD}"))?;
+        let mut d = Dockerd {
+            driver: driver.to_string(),
+            host,
+            log: log_path,
+            dir,
+            run,
+            child: Some(child),
+            cleaned: false,
+        };
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                bail!(
+                    "dockerd -s {} exited during start-up ({st}); log:\n{}",
+                    self.driver,
+                    tail(&self.log, 20)
+                );
+            }
+            let out = self.docker_cmd(&["info", "--format", "{{.Driver}}"]).output();
+            if let Ok(out) = out {
+                if out.status.success() {
+                    let driver = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                    if driver != self.driver {
+                        bail!(
+                            "dockerd reports storage driver {driver:?}, asked for {:?}",
+                            self.driver
+                        );
+                    }
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "dockerd -s {} not ready within 90 s; log:\n{}",
+                    self.driver,
+                    tail(&self.log, 20)
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// This daemon's directory on the scratch filesystem (`root/`, `cli/`, `dockerd.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// dockerd's `--data-root`.
+    pub fn data_root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// PID of dockerd.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// A `docker` CLI command (Debian's 20.10 client) aimed at this daemon, with a private CLI config.
+    pub fn docker_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(DOCKER_CLI);
+        cmd.args(args)
+            .env("DOCKER_HOST", &self.host)
+            .env("DOCKER_CONFIG", self.dir.join("cli"))
+            .env("DOCKER_BUILDKIT", "0")
+            .env_remove("DOCKER_CONTEXT")
+            .env_remove("DOCKER_TLS_VERIFY")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `docker <args>`; fails (with stderr) unless it exits 0.
+    pub fn docker(&self, args: &[&str]) -> Result<Output> {
+        let out = self
+            .docker_cmd(args)
+            .output()
+            .with_context(|| format!("running {DOCKER_CLI}"))?;
+        if !out.status.success() {
+            bail!(
+                "`docker {}` failed ({}) on dockerd -s {}: {}",
+                args.join(" "),
+                out.status,
+                self.driver,
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            );
+        }
+        Ok(out)
+    }
+
+    /// Runs `docker <args>` and returns its trimmed stdout.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.docker(args)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+    }
+
+    /// SIGTERM and wait (60 s, then SIGKILL); then its containerd and shims, then its mounts.
+    pub fn stop(&mut self) -> Result<()> {
+        let st = self
+            .child
+            .take()
+            .map(|mut c| stop_child(&mut c, Duration::from_secs(60)));
+        self.cleanup();
+        match st {
+            Some(None) => bail!("dockerd ignored SIGTERM for 60 s and was killed"),
+            _ => Ok(()),
+        }
+    }
+
+    /// The exec root (`/run/lamina-bench/<pid>-<n>/exec`).
+    pub fn exec_root(&self) -> PathBuf {
+        self.run.join("exec")
+    }
+
+    fn cleanup(&mut self) {
+        self.cleaned = true;
+        // containerd exits on its own shortly after dockerd; give it a moment, then kill what is left.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (!pids_referencing(&self.run).is_empty() || !pids_referencing(&self.dir).is_empty())
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(100));
+        }
+        kill_pids_referencing(&self.run);
+        kill_pids_referencing(&self.dir);
+        unmount_under(&self.run);
+        unmount_under(&self.dir);
+        let _ = fs::remove_dir_all(&self.run);
+        let _ = fs::remove_dir(RUN_DIR);
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, Duration::from_secs(30));
+        }
+        // Also after a failed start: the containerd it started may still run.
+        if !self.cleaned {
+            self.cleanup();
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// busybox image
+// ------------------------------------------------------------------------------------------------------------
+
+/// The static busybox (Debian's busybox-static).
+fn busybox_path() -> Result<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .context("busybox not found: install busybox-static")
+}
+
+/// Writes a minimal root filesystem to `dir`: busybox plus one symlink per applet, `/etc/passwd`, `/etc/group`,
+/// `/tmp` (1777), `/root`.
+pub fn busybox_rootfs(dir: &Path) -> Result<()> {
+    let busybox = busybox_path()?;
+    for d in ["bin", "etc", "tmp", "root"] {
+        fs::create_dir_all(dir.join(d))?;
+    }
+    fs::copy(&busybox, dir.join("bin/busybox"))?;
+    fs::set_permissions(dir.join("bin/busybox"), fs::Permissions::from_mode(0o755))?;
+    fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    fs::set_permissions(dir.join("root"), fs::Permissions::from_mode(0o700))?;
+    let list = run_checked(Command::new(&busybox).arg("--list"))?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines().map(str::trim) {
+        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+            continue;
+        }
+        let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
+    }
+    fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )?;
+    fs::write(dir.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    Ok(())
+}
+
+/// `docker import`s a busybox rootfs (tarred with GNU tar) as `tag`; returns the image id.
+pub fn busybox_image(docker: &Dockerd, tag: &str) -> Result<String> {
+    let safe: String = tag
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let rootfs = docker.dir().join(format!("bb-rootfs-{safe}"));
+    let tarball = docker.dir().join(format!("bb-{safe}.tar"));
+    busybox_rootfs(&rootfs)?;
+    run_checked(
+        Command::new("tar")
+            .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tarball)
+            .arg("."),
+    )?;
+    fs::remove_dir_all(&rootfs).ok();
+    let tarball_s = tarball.to_string_lossy().into_owned();
+    let id = docker.ok(&["import", "--change", "CMD [\"/bin/sh\"]", &tarball_s, tag])?;
+    fs::remove_file(&tarball).ok();
+    Ok(id)
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Measuring helpers
+// ------------------------------------------------------------------------------------------------------------
+
+/// A value in KiB from `/proc/<pid>/status` (`VmRSS`, `VmHWM`, `RssAnon`, ...).
+pub fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    status_kib(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?, key)
+}
+
+fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// CPU seconds (user + sys, all threads) of a process, from `/proc/<pid>/stat` (`pid` may be `self`).
+pub fn proc_cpu_secs(pid: &str) -> Option<f64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name: state is field 3, utime 14, stime 15 (USER_HZ = 100).
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// Samples a process's memory in a thread until [`RssSampler::finish`].
+pub struct RssSampler {
+    pid: u32,
+    stop: Arc<AtomicBool>,
+    handle: thread::JoinHandle<(u64, u64)>,
+}
+
+/// What [`RssSampler::finish`] returns.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RssPeak {
+    /// Highest sampled VmRSS, KiB.
+    pub rss_kib: u64,
+    /// VmHWM at the end (the kernel's own peak since the reset), KiB.
+    pub hwm_kib: u64,
+    /// Samples taken.
+    pub samples: u64,
+}
+
+impl RssPeak {
+    /// The larger of the sampled peak and VmHWM, in MiB.
+    pub fn peak_mib(&self) -> f64 {
+        self.rss_kib.max(self.hwm_kib) as f64 / 1024.0
+    }
+}
+
+impl RssSampler {
+    /// Resets the process's VmHWM (`clear_refs` 5) and samples VmRSS every `every`.
+    pub fn start(pid: u32, every: Duration) -> Self {
+        let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = thread::spawn(move || {
+            let (mut peak, mut n) = (0u64, 0u64);
+            while !flag.load(Ordering::Relaxed) {
+                if let Some(v) = proc_status_kib(pid, "VmRSS") {
+                    peak = peak.max(v);
+                    n += 1;
+                }
+                thread::sleep(every);
+            }
+            (peak, n)
+        });
+        RssSampler { pid, stop, handle }
+    }
+
+    /// Stops sampling; returns the peak.
+    pub fn finish(self) -> RssPeak {
+        self.stop.store(true, Ordering::Relaxed);
+        let (rss_kib, samples) = self.handle.join().unwrap_or((0, 0));
+        RssPeak {
+            rss_kib,
+            hwm_kib: proc_status_kib(self.pid, "VmHWM").unwrap_or(0),
+            samples,
+        }
+    }
+}
+
+/// Writes dirty data out (`sync`) and drops the page, dentry and inode caches, for cold figures.
+pub fn drop_caches() -> Result<()> {
+    run_checked(&mut Command::new("sync"))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/sys/vm/drop_caches")
+        .context("opening /proc/sys/vm/drop_caches (root needed)")?;
+    f.write_all(b"3\n").context("writing /proc/sys/vm/drop_caches")?;
+    Ok(())
+}
+
+/// Reads a file to the end (into nothing), so it sits in the page cache before a timed run.
+pub fn warm_file(path: &Path) -> Result<()> {
+    let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::io::copy(&mut f, &mut std::io::sink()).with_context(|| format!("reading {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,1051 @@
+//! Engines and tools of the docker, containerd and volume workloads that `engines.rs` does not have: a private
+//! containerd with lamina as its proxy snapshotter, a `lamina serve` on sockets of our choosing, a timing
+//! proxy for the plugin socket, a tar writer that streams, an OCI image archive, and helpers for direct I/O and
+//! page-cache accounting.
+//!
+//! Every process is started with its own directories and sockets under the workload's scratch directory and
+//! stopped by PID in `Drop` (SIGTERM, then SIGKILL after a grace period), also when the workload fails.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+pub use super::engines::{drop_caches, signal, unmount_under};
+
+/// Debian's containerd 1.6 (the one dockerd 20.10 uses too).
+pub const CONTAINERD: &str = "/usr/bin/containerd";
+/// Debian's ctr, matching [`CONTAINERD`].
+pub const CTR: &str = "/usr/bin/ctr";
+/// The static busybox of busybox-static.
+pub const BUSYBOX: &str = "/bin/busybox";
+/// The containerd namespace the workloads use.
+pub const CTR_NAMESPACE: &str = "lamina-bench";
+/// Name of lamina's proxy plugin in the private containerd's config.
+pub const PROXY_NAME: &str = "lamina";
+
+const SANE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+// ------------------------------------------------------------------------------------------------------------
+// Processes
+// ------------------------------------------------------------------------------------------------------------
+
+/// A child process with a log file, stopped by PID when dropped.
+pub struct Proc {
+    what: String,
+    child: Option<Child>,
+    /// stdout and stderr of the process.
+    pub log: PathBuf,
+    grace: Duration,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdin closed and stdout+stderr appended to `log`.
+    pub fn spawn(what: &str, mut cmd: Command, log: &Path, grace: Duration) -> anyhow::Result<Proc> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("start {what}"))?;
+        Ok(Proc {
+            what: what.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+            grace,
+        })
+    }
+
+    /// Fails (with the end of the log) if the process has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                bail!("{} exited ({st}); log:\n{}", self.what, log_tail(&self.log, 30));
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, wait for the grace period, then SIGKILL; reaps the process.
+    pub fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else { return };
+        if matches!(c.try_wait(), Ok(None)) {
+            signal(c.id(), "TERM");
+            let deadline = Instant::now() + self.grace;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            tracing::warn!("{} did not stop within {:?}; SIGKILL", self.what, self.grace);
+            let _ = c.kill();
+        }
+        let _ = c.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The last `n` lines of a log file.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Polls `f` every 20 ms until it returns true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command to completion; fails with its output unless it succeeds. Returns stdout.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// lamina on sockets of our choosing
+// ------------------------------------------------------------------------------------------------------------
+
+/// `lamina serve` with a data root and sockets chosen by the workload.
+pub struct LaminaServe {
+    /// The process.
+    pub proc: Proc,
+    /// `--data-root`.
+    pub data_root: PathBuf,
+    /// The plugin socket, if served.
+    pub socket: Option<PathBuf>,
+    /// The snapshotter socket, if served.
+    pub snapshotter_socket: Option<PathBuf>,
+}
+
+impl LaminaServe {
+    /// Starts `lamina serve` in `dir` (data root `dir/data`, log `dir/lamina.log`) and waits until every socket
+    /// asked for accepts connections. `extra` goes after the other arguments.
+    pub fn start(
+        exe: &Path,
+        dir: &Path,
+        socket: Option<&Path>,
+        snapshotter_socket: Option<&Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<LaminaServe> {
+        fs::create_dir_all(dir)?;
+        let data_root = dir.join("data");
+        let none = Path::new("none");
+        let mut cmd = Command::new(exe);
+        cmd.arg("serve")
+            .arg("--data-root")
+            .arg(&data_root)
+            .arg("--socket")
+            .arg(socket.unwrap_or(none))
+            .arg("--snapshotter-socket")
+            .arg(snapshotter_socket.unwrap_or(none))
+            .arg("--log-level")
+            .arg("warn")
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .env_remove("LAMINA_CONFIG")
+            .env_remove("LAMINA_CONFIG_TOML");
+        let mut proc = Proc::spawn(
+            "lamina serve",
+            cmd,
+            &dir.join("lamina.log"),
+            Duration::from_secs(15),
+        )?;
+        for s in [socket, snapshotter_socket].into_iter().flatten() {
+            let ok = wait_for(Duration::from_secs(30), || {
+                proc.check_alive().is_err() || UnixStream::connect(s).is_ok()
+            });
+            proc.check_alive()?;
+            if !ok {
+                bail!("lamina's socket {} not ready within 30 s", s.display());
+            }
+        }
+        Ok(LaminaServe {
+            proc,
+            data_root,
+            socket: socket.map(Path::to_path_buf),
+            snapshotter_socket: snapshotter_socket.map(Path::to_path_buf),
+        })
+    }
+}
+
+impl Drop for LaminaServe {
+    fn drop(&mut self) {
+        self.proc.stop();
+        unmount_under(&self.data_root);
+        for s in [&self.socket, &self.snapshotter_socket].into_iter().flatten() {
+            let _ = fs::remove_file(s);
+        }
+    }
+}
+
+/// A short-pathed directory for sockets, `/run/lamina-bench/<pid>-<n>` (a scratch path may be too long for a
+/// unix socket address); removed on drop.
+pub struct RunDir {
+    /// The directory.
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates a fresh one.
+    pub fn new() -> anyhow::Result<RunDir> {
+        let id = super::engines::unique_name();
+        let path = Path::new(super::engines::RUN_DIR).join(id.trim_start_matches("lamina-bench-"));
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(RunDir { path })
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+        let _ = fs::remove_dir(super::engines::RUN_DIR);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// A private containerd
+// ------------------------------------------------------------------------------------------------------------
+
+/// containerd 1.6 with its own root, state, sockets and config; lamina declared as proxy snapshotter
+/// [`PROXY_NAME`].
+pub struct Containerd {
+    /// Everything of this containerd is below this directory.
+    pub dir: PathBuf,
+    /// The GRPC socket.
+    pub address: PathBuf,
+    proc: Proc,
+}
+
+impl Containerd {
+    /// Writes the config and starts containerd in `dir`, with its sockets in `sockets` (a short path: a unix
+    /// socket address must fit in 108 bytes); waits until `ctr version` answers.
+    pub fn start(dir: &Path, sockets: &Path, proxy: &Path) -> anyhow::Result<Containerd> {
+        for d in ["root", "state", "tmp"] {
+            fs::create_dir_all(dir.join(d))?;
+        }
+        fs::create_dir_all(sockets)?;
+        let address = sockets.join("c.sock");
+        let q = |p: &Path| format!("{:?}", p.display().to_string());
+        let mut toml = String::new();
+        writeln!(toml, "version = 2")?;
+        writeln!(toml, "root = {}", q(&dir.join("root")))?;
+        writeln!(toml, "state = {}", q(&dir.join("state")))?;
+        writeln!(
+            toml,
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.internal.v1.opt\", \
+             \"io.containerd.snapshotter.v1.aufs\", \"io.containerd.snapshotter.v1.btrfs\", \
+             \"io.containerd.snapshotter.v1.devmapper\", \"io.containerd.snapshotter.v1.zfs\", \
+             \"io.containerd.tracing.processor.v1.otlp\", \"io.containerd.internal.v1.tracing\"]"
+        )?;
+        writeln!(toml, "[grpc]\n  address = {}", q(&address))?;
+        writeln!(toml, "[ttrpc]\n  address = {}", q(&sockets.join("c.sock.ttrpc")))?;
+        writeln!(toml, "[metrics]\n  address = \"\"")?;
+        // No garbage collection in the middle of a timed loop: only when asked (see `gc_now`).
+        writeln!(
+            toml,
+            "[plugins.\"io.containerd.gc.v1.scheduler\"]\n  deletion_threshold = 0\n  mutation_threshold = 100000000"
+        )?;
+        writeln!(
+            toml,
+            "[proxy_plugins]\n  [proxy_plugins.{PROXY_NAME}]\n    type = \"snapshot\"\n    address = {}",
+            q(proxy)
+        )?;
+        let config = dir.join("config.toml");
+        fs::write(&config, toml)?;
+        let mut cmd = Command::new(CONTAINERD);
+        cmd.arg("--config")
+            .arg(&config)
+            .env("PATH", SANE_PATH)
+            .env("TMPDIR", dir.join("tmp"))
+            .env_remove("XDG_RUNTIME_DIR");
+        let proc = Proc::spawn(
+            "containerd",
+            cmd,
+            &dir.join("containerd.log"),
+            Duration::from_secs(15),
+        )?;
+        let mut c = Containerd {
+            dir: dir.to_path_buf(),
+            address,
+            proc,
+        };
+        let ready = wait_for(Duration::from_secs(30), || {
+            c.proc.check_alive().is_err() || (c.address.exists() && c.ctr(&["version"]).is_ok())
+        });
+        c.proc.check_alive()?;
+        if !ready {
+            bail!("containerd not ready within 30 s");
+        }
+        Ok(c)
+    }
+
+    /// `ctr --address A -n lamina-bench <args>`, run to completion; stdout.
+    pub fn ctr(&self, args: &[&str]) -> anyhow::Result<String> {
+        run(Command::new(CTR)
+            .arg("--address")
+            .arg(&self.address)
+            .args(["-n", CTR_NAMESPACE, "--timeout", "600s"])
+            .args(args)
+            .env("PATH", SANE_PATH)
+            .env_remove("CONTAINERD_SNAPSHOTTER")
+            .env_remove("CONTAINERD_ADDRESS")
+            .env_remove("CONTAINERD_NAMESPACE"))
+    }
+
+    /// Runs containerd's garbage collector now and waits for it (a lease deleted with `--sync`).
+    pub fn gc_now(&self) -> anyhow::Result<()> {
+        self.ctr(&["leases", "create", "--id", "bench-gc"])?;
+        self.ctr(&["leases", "delete", "--sync", "bench-gc"])?;
+        Ok(())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.proc.stop();
+        unmount_under(&self.dir);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// A timing proxy for the plugin socket
+// ------------------------------------------------------------------------------------------------------------
+
+/// Totals of the calls a [`TimingProxy`] forwarded.
+#[derive(Debug, Default)]
+pub struct ProxyTotals {
+    nanos: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl ProxyTotals {
+    /// Time spent from the first byte of each request to the last byte of its response, and the call count.
+    pub fn get(&self) -> (Duration, u64) {
+        (
+            Duration::from_nanos(self.nanos.load(Ordering::SeqCst)),
+            self.calls.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// Listens on `listen` and forwards each HTTP/1.1 request to `upstream` (one upstream connection per client
+/// connection), adding the time from a request's first byte to its response's last byte to [`ProxyTotals`].
+/// This is what lamina costs the caller, plus one extra unix-socket hop (tens of microseconds).
+pub struct TimingProxy {
+    listen: PathBuf,
+    stop: Arc<AtomicBool>,
+    /// The running totals.
+    pub totals: Arc<ProxyTotals>,
+    accept: Option<thread::JoinHandle<()>>,
+}
+
+impl TimingProxy {
+    /// Binds `listen` (removing a stale socket file) and starts forwarding to `upstream`.
+    pub fn start(listen: &Path, upstream: &Path) -> anyhow::Result<TimingProxy> {
+        let _ = fs::remove_file(listen);
+        let listener = UnixListener::bind(listen).with_context(|| format!("bind {}", listen.display()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let totals = Arc::new(ProxyTotals::default());
+        let (stop2, totals2, upstream) = (stop.clone(), totals.clone(), upstream.to_path_buf());
+        let accept = thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let (totals, upstream) = (totals2.clone(), upstream.clone());
+                thread::spawn(move || {
+                    if let Err(e) = proxy_connection(conn, &upstream, &totals) {
+                        tracing::debug!("timing proxy connection ended: {e}");
+                    }
+                });
+            }
+        });
+        Ok(TimingProxy {
+            listen: listen.to_path_buf(),
+            stop,
+            totals,
+            accept: Some(accept),
+        })
+    }
+}
+
+impl Drop for TimingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = UnixStream::connect(&self.listen);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        let _ = fs::remove_file(&self.listen);
+    }
+}
+
+/// Head of an HTTP message: the raw bytes and how its body is delimited.
+enum Body {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Reads one message head (through the blank line); `None` at a clean end of stream.
+fn read_head(r: &mut impl BufRead) -> io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::new();
+    loop {
+        let n = r.read_until(b'\n', &mut head)?;
+        if n == 0 {
+            return if head.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        if head.ends_with(b"\r\n\r\n") || head == b"\r\n" || head.ends_with(b"\n\n") {
+            return Ok(Some(head));
+        }
+    }
+}
+
+fn body_kind(head: &[u8], is_response: bool) -> Body {
+    let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or_default().to_string();
+    let mut kind = None;
+    for l in lines {
+        if let Some(v) = l.strip_prefix("content-length:") {
+            if kind.is_none() {
+                kind = v.trim().parse().ok().map(Body::Length);
+            }
+        } else if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+            kind = Some(Body::Chunked);
+        }
+    }
+    if is_response {
+        let code = first.split_whitespace().nth(1).unwrap_or_default();
+        if code.starts_with('1') || code == "204" || code == "304" {
+            return Body::None;
+        }
+    }
+    kind.unwrap_or(if is_response { Body::UntilClose } else { Body::None })
+}
+
+/// Copies one body from `r` to `w` as delimited by `kind`.
+fn copy_body(r: &mut impl BufRead, w: &mut impl Write, kind: Body) -> io::Result<()> {
+    match kind {
+        Body::None => Ok(()),
+        Body::Length(n) => {
+            let copied = io::copy(&mut r.take(n), w)?;
+            if copied != n {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(())
+        }
+        Body::UntilClose => io::copy(r, w).map(|_| ()),
+        Body::Chunked => loop {
+            let mut line = Vec::new();
+            if r.read_until(b'\n', &mut line)? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            w.write_all(&line)?;
+            let size_text = String::from_utf8_lossy(&line);
+            let size = u64::from_str_radix(size_text.trim().split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+            if size == 0 {
+                // Trailers, then the blank line.
+                loop {
+                    let mut t = Vec::new();
+                    if r.read_until(b'\n', &mut t)? == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    w.write_all(&t)?;
+                    if t == b"\r\n" || t == b"\n" {
+                        return Ok(());
+                    }
+                }
+            }
+            // Data and its CRLF.
+            let copied = io::copy(&mut r.take(size + 2), w)?;
+            if copied != size + 2 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        },
+    }
+}
+
+fn proxy_connection(client: UnixStream, upstream: &Path, totals: &ProxyTotals) -> io::Result<()> {
+    let server = UnixStream::connect(upstream)?;
+    let mut from_client = BufReader::with_capacity(64 << 10, client.try_clone()?);
+    let mut to_client = client;
+    let mut from_server = BufReader::with_capacity(64 << 10, server.try_clone()?);
+    let mut to_server = server;
+    loop {
+        // Wait for the first byte of the next request, then start the clock.
+        if from_client.fill_buf()?.is_empty() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let Some(head) = read_head(&mut from_client)? else {
+            return Ok(());
+        };
+        to_server.write_all(&head)?;
+        copy_body(&mut from_client, &mut to_server, body_kind(&head, false))?;
+        to_server.flush()?;
+        let Some(rhead) = read_head(&mut from_server)? else {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        };
+        to_client.write_all(&rhead)?;
+        let kind = body_kind(&rhead, true);
+        let until_close = matches!(kind, Body::UntilClose);
+        copy_body(&mut from_server, &mut to_client, kind)?;
+        to_client.flush()?;
+        totals
+            .nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::SeqCst);
+        totals.calls.fetch_add(1, Ordering::SeqCst);
+        if until_close {
+            let _ = to_client.shutdown(std::net::Shutdown::Both);
+            return Ok(());
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Streaming tar writer and generated content
+// ------------------------------------------------------------------------------------------------------------
+
+/// Fills `buf` with cheap pseudo-random bytes (xorshift64*) from `seed`: incompressible, deterministic.
+pub fn fill_random(seed: u64, buf: &mut [u8]) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// A ustar stream written to any writer: names must fit the 100-byte field.
+pub struct TarWriter<W: Write> {
+    out: W,
+}
+
+impl<W: Write> TarWriter<W> {
+    /// Wraps `out`.
+    pub fn new(out: W) -> Self {
+        TarWriter { out }
+    }
+
+    fn header(&mut self, name: &str, typeflag: u8, mode: u32, size: u64, link: &str) -> io::Result<()> {
+        if name.len() > 100 || link.len() > 100 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "tar name too long"));
+        }
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        let mut octal = |at: usize, len: usize, v: u64| {
+            let s = format!("{v:0w$o}", w = len - 1);
+            h[at..at + len - 1].copy_from_slice(s.as_bytes());
+        };
+        octal(100, 8, u64::from(mode));
+        octal(108, 8, 0);
+        octal(116, 8, 0);
+        octal(124, 12, size);
+        octal(136, 12, 1_700_000_000);
+        h[156] = typeflag;
+        h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        self.out.write_all(&h)
+    }
+
+    /// A directory (`name` ends with `/`).
+    pub fn dir(&mut self, name: &str, mode: u32) -> io::Result<()> {
+        self.header(name, b'5', mode, 0, "")
+    }
+
+    /// A symbolic link.
+    pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
+        self.header(name, b'2', 0o777, 0, target)
+    }
+
+    /// A regular file with `data`.
+    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+        self.header(name, b'0', mode, data.len() as u64, "")?;
+        self.out.write_all(data)?;
+        self.pad(data.len() as u64)
+    }
+
+    /// A regular file of `size` pseudo-random bytes generated from `seed`, written in 1 MiB pieces (never held
+    /// in memory whole).
+    pub fn random_file(&mut self, name: &str, size: u64, seed: u64) -> io::Result<()> {
+        self.header(name, b'0', 0o644, size, "")?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = size;
+        let mut piece = 0u64;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            fill_random(seed ^ (piece << 32) ^ piece, &mut buf[..n]);
+            self.out.write_all(&buf[..n])?;
+            left -= n as u64;
+            piece += 1;
+        }
+        self.pad(size)
+    }
+
+    fn pad(&mut self, size: u64) -> io::Result<()> {
+        let pad = ((512 - size % 512) % 512) as usize;
+        self.out.write_all(&[0u8; 512][..pad])
+    }
+
+    /// The end-of-archive blocks; returns the writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.out.write_all(&[0u8; 1024])?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
+/// Writes a busybox root filesystem (static `/bin/busybox`, one symlink per applet, `/etc/passwd`,
+/// `/etc/group`, `/tmp`, `/root`) into a tar stream.
+pub fn busybox_tree<W: Write>(tar: &mut TarWriter<W>) -> anyhow::Result<()> {
+    let bin = fs::read(BUSYBOX).with_context(|| format!("read {BUSYBOX} (install busybox-static)"))?;
+    for (d, mode) in [
+        ("bin/", 0o755),
+        ("etc/", 0o755),
+        ("tmp/", 0o1777),
+        ("root/", 0o700),
+    ] {
+        tar.dir(d, mode)?;
+    }
+    tar.file("bin/busybox", 0o755, &bin)?;
+    let list = run(Command::new(BUSYBOX).arg("--list"))?;
+    for applet in list.lines().map(str::trim) {
+        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+            continue;
+        }
+        tar.symlink(&format!("bin/{applet}"), "busybox")?;
+    }
+    tar.file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )?;
+    tar.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
+    Ok(())
+}
+
+/// Lower-case hex sha256 of a file (`sha256sum`).
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let out = run(Command::new("sha256sum").arg("-b").arg(path))?;
+    let hex = out.split_whitespace().next().unwrap_or_default().to_string();
+    if hex.len() != 64 {
+        bail!("sha256sum {}: {out}", path.display());
+    }
+    Ok(hex)
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// OCI image archive (for `ctr images import`)
+// ------------------------------------------------------------------------------------------------------------
+
+/// Builds an OCI image layout of uncompressed layers in `dir` and tars it to `out`. `layers` are tar files,
+/// moved into the layout. Returns the number of layer bytes.
+pub fn oci_archive(dir: &Path, name: &str, layers: &[PathBuf], out: &Path) -> anyhow::Result<u64> {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs)?;
+    let put = |path: &Path| -> anyhow::Result<(String, u64)> {
+        let hex = sha256_file(path)?;
+        let size = fs::metadata(path)?.len();
+        fs::rename(path, blobs.join(&hex))?;
+        Ok((format!("sha256:{hex}"), size))
+    };
+    let put_bytes = |data: &[u8], tmp: &Path| -> anyhow::Result<(String, u64)> {
+        fs::write(tmp, data)?;
+        put(tmp)
+    };
+    let mut descs = Vec::new();
+    for l in layers {
+        descs.push(put(l)?);
+    }
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let diff_ids: Vec<&str> = descs.iter().map(|(d, _)| d.as_str()).collect();
+    let config = serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": { "Cmd": ["/bin/sh"] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    });
+    let (cdig, csize) = put_bytes(&serde_json::to_vec(&config)?, &dir.join("config.tmp"))?;
+    let layer_descs: Vec<serde_json::Value> = descs
+        .iter()
+        .map(|(d, s)| {
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": s})
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdig, "size": csize},
+        "layers": layer_descs,
+    });
+    let (mdig, msize) = put_bytes(&serde_json::to_vec(&manifest)?, &dir.join("manifest.tmp"))?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": mdig,
+            "size": msize,
+            "platform": {"architecture": arch, "os": "linux"},
+            "annotations": {"org.opencontainers.image.ref.name": name},
+        }],
+    });
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    run(Command::new("tar")
+        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+        .arg(dir)
+        .arg("-cf")
+        .arg(out)
+        .args(["oci-layout", "index.json", "blobs"]))?;
+    fs::remove_dir_all(dir)?;
+    Ok(descs.iter().map(|(_, s)| s).sum())
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Direct I/O and page cache
+// ------------------------------------------------------------------------------------------------------------
+
+/// `O_DIRECT` of this architecture.
+#[cfg(any(target_arch = "aarch64", target_arch = "arm", target_arch = "powerpc64"))]
+const O_DIRECT: i32 = 0o200000;
+/// `O_DIRECT` of this architecture.
+#[cfg(not(any(target_arch = "aarch64", target_arch = "arm", target_arch = "powerpc64")))]
+const O_DIRECT: i32 = 0o40000;
+
+/// Opens `path` read-write with `O_DIRECT` (creating it); `None` when the filesystem refuses direct I/O.
+pub fn open_direct(path: &Path) -> io::Result<Option<fs::File>> {
+    match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(22) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A buffer of `len` bytes aligned to 4 KiB (for `O_DIRECT`), as an owned vector and an offset into it.
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A zeroed aligned buffer.
+    pub fn new(len: usize) -> AlignedBuf {
+        let raw = vec![0u8; len + 4096];
+        let addr = raw.as_ptr() as usize;
+        let off = (4096 - addr % 4096) % 4096;
+        AlignedBuf { raw, off, len }
+    }
+
+    /// The aligned bytes.
+    pub fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.off..self.off + self.len]
+    }
+}
+
+/// `Cached:` of /proc/meminfo, in bytes.
+pub fn meminfo_cached() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cached:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Page cache charged to the memory cgroup of process `pid`: `cache` of cgroup v1's memory.stat or `file` of
+/// v2's; `None` when the cgroup is not reachable.
+pub fn cgroup_page_cache(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let (mut v1, mut v2) = (None, None);
+    for l in text.lines() {
+        let mut parts = l.splitn(3, ':');
+        let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if ctrls.split(',').any(|c| c == "memory") {
+            v1 = Some(path.to_string());
+        } else if id == "0" && ctrls.is_empty() {
+            v2 = Some(path.to_string());
+        }
+    }
+    let (file, key) = match (v1, v2) {
+        (Some(p), _) => (format!("/sys/fs/cgroup/memory{p}/memory.stat"), "cache"),
+        (None, Some(p)) => (format!("/sys/fs/cgroup{p}/memory.stat"), "file"),
+        _ => return None,
+    };
+    fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Percentile `p` (0..=100) of `samples` (sorted here), nearest-rank.
+pub fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// A throw-away MooseFS cluster
+// ------------------------------------------------------------------------------------------------------------
+
+/// The MooseFS programs the cluster needs (Debian: moosefs-master, -chunkserver, -client, -cli).
+const MFS_BINS: [&str; 4] = ["mfsmaster", "mfschunkserver", "mfsmount", "mfscli"];
+/// The empty metadata file of moosefs-master.
+const MFS_EMPTY_METADATA: &str = "/var/lib/mfs/metadata.mfs.empty";
+
+/// True when the MooseFS programs, `ip` and `nsenter` are installed.
+pub fn have_moosefs() -> bool {
+    let found = |b: &str| {
+        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(b).exists())
+    };
+    MFS_BINS.iter().all(|b| found(b))
+        && found("ip")
+        && found("nsenter")
+        && Path::new(MFS_EMPTY_METADATA).exists()
+}
+
+/// One master and two chunkservers in their own network namespace (MooseFS refuses 127.0.0.0/8, so they
+/// listen on 198.18.X.1-3 on the namespace's `lo`), joined to the host by a veth pair (host side 198.18.X.254)
+/// so that `mfsmount` runs unchanged on the host. Daemons run in the foreground as our children and are stopped
+/// by PID on drop; mounts below `dir` are detached first and the namespace is deleted last.
+pub struct MooseCluster {
+    /// Configs, disks, logs.
+    pub dir: PathBuf,
+    /// `198.18.X.1`.
+    pub master_host: String,
+    ns: String,
+    daemons: Vec<Proc>,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+impl MooseCluster {
+    /// Builds the namespace and starts the daemons in `dir`; waits until both chunkservers report space.
+    pub fn start(dir: &Path) -> anyhow::Result<MooseCluster> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let ns = format!("lamina-bench-mfs-{pid}-{n}");
+        let veth = format!("lbm{}{n}", pid % 100_000);
+        let addrs = run(Command::new("ip").args(["-o", "addr"]))?;
+        let prefix = (0..250)
+            .map(|i| format!("198.18.{}", (pid as usize + i) % 250 + 1))
+            .find(|p| !addrs.contains(&format!("{p}.")))
+            .context("no free 198.18.X block")?;
+        fs::create_dir_all(dir)?;
+        ip(&["netns", "add", &ns])?;
+        let mut c = MooseCluster {
+            dir: dir.to_path_buf(),
+            master_host: format!("{prefix}.1"),
+            ns: ns.clone(),
+            daemons: Vec::new(),
+        };
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        for i in 1..=3 {
+            ip(&["-n", &ns, "addr", "add", &format!("{prefix}.{i}/32"), "dev", "lo"])?;
+        }
+        let (host_end, ns_end) = (format!("{veth}h"), format!("{veth}n"));
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end, "netns", &ns,
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{prefix}.10/24"),
+            "dev",
+            &ns_end,
+        ])?;
+        ip(&["-n", &ns, "link", "set", &ns_end, "up"])?;
+        ip(&["addr", "add", &format!("{prefix}.254/24"), "dev", &host_end])?;
+        ip(&["link", "set", &host_end, "up"])?;
+
+        let b = dir.display().to_string();
+        for d in ["master", "cs1/hdd", "cs2/hdd"] {
+            fs::create_dir_all(dir.join(d))?;
+        }
+        fs::copy(MFS_EMPTY_METADATA, dir.join("master/metadata.mfs"))?;
+        fs::write(dir.join("mfsexports.cfg"), "*  /  rw,alldirs,admin,maproot=0:0\n")?;
+        fs::write(dir.join("mfstopology.cfg"), "")?;
+        fs::write(
+            dir.join("mfsmaster.cfg"),
+            format!(
+                "WORKING_USER = root\nWORKING_GROUP = root\nNICE_LEVEL = 0\nDATA_PATH = {b}/master\n\
+                 EXPORTS_FILENAME = {b}/mfsexports.cfg\nTOPOLOGY_FILENAME = {b}/mfstopology.cfg\n\
+                 MATOML_LISTEN_HOST = {prefix}.1\nMATOCS_LISTEN_HOST = {prefix}.1\nMATOCL_LISTEN_HOST = {prefix}.1\n"
+            ),
+        )?;
+        let in_ns = |prog: &str| {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{ns}")).arg(prog);
+            cmd
+        };
+        let mut master = in_ns("mfsmaster");
+        master
+            .arg("-f")
+            .arg("-c")
+            .arg(dir.join("mfsmaster.cfg"))
+            .arg("start");
+        c.daemons.push(Proc::spawn(
+            "mfsmaster",
+            master,
+            &dir.join("master.log"),
+            Duration::from_secs(15),
+        )?);
+        let addr: std::net::SocketAddr = format!("{prefix}.1:9421").parse()?;
+        if !wait_for(Duration::from_secs(30), || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+        }) {
+            bail!(
+                "mfsmaster did not listen on {addr}:\n{}",
+                log_tail(&dir.join("master.log"), 20)
+            );
+        }
+        for i in 1..=2 {
+            let cs = dir.join(format!("cs{i}"));
+            fs::write(cs.join("mfshdd.cfg"), format!("{}\n", cs.join("hdd").display()))?;
+            fs::write(
+                cs.join("mfschunkserver.cfg"),
+                format!(
+                    "WORKING_USER = root\nWORKING_GROUP = root\nNICE_LEVEL = 0\nDATA_PATH = {d}\n\
+                     HDD_CONF_FILENAME = {d}/mfshdd.cfg\nHDD_LEAVE_SPACE_DEFAULT = 64MiB\n\
+                     BIND_HOST = {prefix}.{ip}\nCSSERV_LISTEN_HOST = {prefix}.{ip}\nMASTER_HOST = {prefix}.1\n\
+                     MASTER_RECONNECTION_DELAY = 1\n",
+                    d = cs.display(),
+                    ip = i + 1
+                ),
+            )?;
+            let mut cmd = in_ns("mfschunkserver");
+            cmd.arg("-f")
+                .arg("-c")
+                .arg(cs.join("mfschunkserver.cfg"))
+                .arg("start");
+            c.daemons.push(Proc::spawn(
+                "mfschunkserver",
+                cmd,
+                &dir.join(format!("cs{i}.log")),
+                Duration::from_secs(15),
+            )?);
+        }
+        if !wait_for(Duration::from_secs(30), || c.registered_chunkservers() >= 2) {
+            bail!("MooseFS chunkservers did not register within 30 s");
+        }
+        Ok(c)
+    }
+
+    /// Chunkservers registered with space (`mfscli -SCS`).
+    fn registered_chunkservers(&self) -> usize {
+        let Ok(out) = run(Command::new("mfscli").args(["-H", &self.master_host, "-SCS"])) else {
+            return 0;
+        };
+        out.lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                f.first() == Some(&"chunk servers:")
+                    && f.get(9).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0) > 0.0
+            })
+            .count()
+    }
+
+    /// `mfsmount at -H master -S subfolder` (returns once mounted).
+    pub fn mount(&self, at: &Path, subfolder: &str) -> anyhow::Result<()> {
+        fs::create_dir_all(at)?;
+        run(Command::new("mfsmount")
+            .arg(at)
+            .args(["-H", &self.master_host, "-S", subfolder]))?;
+        Ok(())
+    }
+}
+
+impl Drop for MooseCluster {
+    fn drop(&mut self) {
+        // Client mounts first (they would hang on a dead master), then the chunkservers, then the master.
+        unmount_under(&self.dir);
+        while let Some(mut p) = self.daemons.pop() {
+            p.stop();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
