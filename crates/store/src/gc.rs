@@ -115,16 +115,29 @@ fn usage_of(path: &Path) -> u64 {
     }
 }
 
-/// Layer numbers any mount in the mount table refers to (`.../layers/<hex>/...` in its root or options).
-fn referenced_by_mounts() -> HashSet<u64> {
+/// Layer numbers of this store that a mount in the mount table refers to (`<layers_dir>/<hex>/...` in its root
+/// or options). Only paths under this store's own `layers/` count: another store's overlays (another data
+/// root in the same process or on the host) name the same numbers under a different directory.
+fn referenced_by_mounts(layers_dir: &std::path::Path) -> HashSet<u64> {
     let mut out = HashSet::new();
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return out;
     };
+    let needle = format!("{}/", layers_dir.display());
     for line in text.lines() {
-        let mut rest = line;
-        while let Some(i) = rest.find("layers/") {
-            rest = &rest[i + 7..];
+        let mut at = 0;
+        while let Some(i) = line[at..].find(&needle) {
+            let start = at + i;
+            at = start + needle.len();
+            // The path must start there, not be the tail of a longer one (`/x/data/layers/` for `/data/layers/`).
+            let boundary = line[..start]
+                .chars()
+                .next_back()
+                .is_none_or(|c| matches!(c, ' ' | '=' | ':' | ','));
+            if !boundary {
+                continue;
+            }
+            let rest = &line[at..];
             let hex: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
             if !hex.is_empty() && rest[hex.len()..].starts_with('/') {
                 if let Ok(n) = u64::from_str_radix(&hex, 16) {
@@ -248,7 +261,7 @@ impl Store {
         // 5. Removed namespaces.
         let mut doomed: Vec<(u64, LayerRecord)> = Vec::new();
         if !opts.removed_namespaces.is_empty() {
-            let referenced = referenced_by_mounts();
+            let referenced = referenced_by_mounts(&layers_dir);
             let all = self.list()?;
             let by_number: BTreeMap<u64, &LayerRecord> = all.iter().map(|(n, r)| (*n, r)).collect();
             let mut keep: BTreeMap<u64, String> = BTreeMap::new();
