@@ -350,8 +350,11 @@ impl Store {
         let layers_dir = self.root.join("layers");
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         for mp in mount::mounts_under(&self.root).map_err(|e| StoreError::io("read mount table", e))? {
-            if mp == self.root {
-                // The data root is the mount point of its own filesystem (a btrfs or xfs for size limits).
+            // Only the store's own directories are its business: the data root may be the mount point of its own
+            // filesystem (a btrfs or xfs for size limits), and `volumes/` holds the volume service's mounts (a
+            // MooseFS cluster mount that must survive a restart of lamina).
+            let own = ["layers", "staging", "trash"].iter().any(|d| mp.starts_with(self.root.join(d)));
+            if !own {
                 continue;
             }
             match parse_merged(&layers_dir, &mp) {
