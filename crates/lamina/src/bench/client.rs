@@ -66,10 +66,20 @@ impl PluginClient {
         )
         .into_bytes();
         req.extend_from_slice(&body);
+        let reused = self.conn.is_some();
         let (w, _) = self.stream()?;
         if let Err(e) = w.write_all(&req) {
             self.conn = None;
-            return Err(e).context(format!("sending {endpoint}"));
+            // A keep-alive connection left idle (e.g. during a long I/O phase) may have been closed by the
+            // server's idle timeout: the request was not taken, so it is sent once more on a new connection.
+            if !reused {
+                return Err(e).context(format!("sending {endpoint}"));
+            }
+            let (w, _) = self.stream()?;
+            if let Err(e) = w.write_all(&req) {
+                self.conn = None;
+                return Err(e).context(format!("sending {endpoint}"));
+            }
         }
         let resp = self
             .read_response()
