@@ -831,12 +831,7 @@ C /p/q";
         oracle, EXPECTED,
         "oracle (vfs) disagrees with the written expectation"
     );
-    assert_eq!(
-        sorted_lines(&got),
-        EXPECTED,
-        "docker diff on {}",
-        s.docker.driver
-    );
+    assert_eq!(sorted_lines(&got), EXPECTED, "docker diff on {}", s.docker.driver);
     if s.lamina.is_some() {
         // lamina answers in walk order: each directory before what it holds, siblings by name
         assert_eq!(got, EXPECTED, "order of docker diff on {}", s.docker.driver);
