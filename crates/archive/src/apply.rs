@@ -415,8 +415,8 @@ impl<'a> Applier<'a> {
         path: &[u8],
     ) -> Result<(), ArchiveError> {
         if self.aufs_links.is_none() {
-            // No entry of the stream can name this root entry (they are all skipped above),
-            // so whatever holds the name was made by this apply and can go.
+            // Entries naming it are skipped above: the name is reserved for this use, and
+            // whatever holds it goes.
             if sfs::stat_at(self.root, AUFS_LINK_DIR)
                 .ctx(|| format!("stat of /{}", show(AUFS_LINK_DIR)))?
                 .is_some()
