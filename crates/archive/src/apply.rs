@@ -6,6 +6,15 @@
 //! the layer, and the final component is created with `*at` calls that never follow it.
 //! OCI whiteouts become overlay ones. On error nothing is rolled back: the caller
 //! discards the staging directory.
+//!
+//! AUFS keeps private names at the root of a branch (`.wh..wh.aufs`, `.wh..wh.orph/`,
+//! `.wh..wh.plnk/`), and tars exported from AUFS layers may carry them. Like Docker, every
+//! entry whose first component starts with `.wh..wh.` is left out of the layer, except the
+//! opaque marker of the root itself. Regular files under `.wh..wh.plnk/` are the shared
+//! inodes of hard links across branches: they are kept aside (in a directory of that name
+//! in the layer root, removed at the end) so that a hardlink entry pointing into
+//! `.wh..wh.plnk/` becomes a link to the file of the same base name. Docker writes a
+//! separate copy of that file for each such link; content and metadata are the same.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -20,6 +29,8 @@ use crate::{ApplyOptions, ApplyStats, ArchiveError};
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// AUFS's directory of pseudo-links (hard-linked files), at the root of a branch.
+const AUFS_LINK_DIR: &[u8] = b".wh..wh.plnk";
 /// Longest name of one path component (NAME_MAX).
 const NAME_MAX: usize = 255;
 /// Longest parent path handed to one `openat2` call.
@@ -65,6 +76,8 @@ struct Applier<'a> {
     /// Directories whose mtime is set once everything else is written.
     dirs: Vec<(Vec<u8>, i64, u32)>,
     buf: Vec<u8>,
+    /// Where the regular files of `.wh..wh.plnk/` are kept until the end, once one was seen.
+    aufs_links: Option<OwnedFd>,
 }
 
 fn clamp_mtime(sec: i64) -> i64 {
@@ -214,6 +227,26 @@ impl<'a> Applier<'a> {
         };
         let path = joined(&comps);
 
+        if parent_comps.contains(&OPAQUE_MARKER) {
+            return Err(invalid(format!(
+                "opaque marker used as a directory: {}",
+                show(&e.path)
+            )));
+        }
+        if name == OPAQUE_MARKER && e.kind != Kind::Regular {
+            return Err(invalid(format!(
+                "opaque marker {} is not a regular file",
+                show(&e.path)
+            )));
+        }
+        if comps[0].starts_with(WHITEOUT_META_PREFIX) && comps[..] != [OPAQUE_MARKER] {
+            if comps[0] == AUFS_LINK_DIR && comps.len() > 1 && e.kind == Kind::Regular {
+                return self.keep_aufs_link(tar, e, name, &path);
+            }
+            tracing::debug!(entry = %show(&e.path), "skipping aufs private entry");
+            return Ok(());
+        }
+
         if let Some(target) = name.strip_prefix(WHITEOUT_PREFIX) {
             if name == OPAQUE_MARKER {
                 let (key, parent) = self.parent(parent_comps, &e.path)?;
@@ -280,22 +313,7 @@ impl<'a> Applier<'a> {
         let p = parent.as_fd();
         let at = |what: &str| format!("{what} /{}", show(&path));
         match e.kind {
-            Kind::Regular => {
-                // Most entries are new: try the create first and make room only on EEXIST
-                // (one syscall per file instead of a stat plus a create).
-                let mut f = match sfs::create_file(p, name, 0o600) {
-                    Err(err) if err.raw_os_error() == Some(libc_errno::EEXIST) => {
-                        self.make_room(p, name, false, &path)?;
-                        sfs::create_file(p, name, 0o600).ctx(|| at("creating"))?
-                    }
-                    r => r.ctx(|| at("creating"))?,
-                };
-                self.write_data(tar, &mut f, e, &path)?;
-                sfs::chown_fd(f.as_fd(), uid, gid).ctx(|| at("chown of"))?;
-                self.apply_xattrs_fd(f.as_fd(), e)?;
-                sfs::chmod_fd(f.as_fd(), mode).ctx(|| at("chmod of"))?;
-                sfs::set_times_fd(f.as_fd(), mtime, nsec).ctx(|| at("setting times of"))?;
-            }
+            Kind::Regular => self.regular(tar, p, name, e, &path)?,
             Kind::Dir => {
                 match sfs::mkdir(p, name, 0o700) {
                     Err(err) if err.raw_os_error() == Some(libc_errno::EEXIST) => {
@@ -359,6 +377,75 @@ impl<'a> Applier<'a> {
         Ok(())
     }
 
+    /// Writes the regular file `name` in `dir` from entry `e` (data, owner, xattrs, mode, times).
+    fn regular<R: Read>(
+        &mut self,
+        tar: &mut TarReader<R>,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        e: &Entry,
+        path: &[u8],
+    ) -> Result<(), ArchiveError> {
+        let (uid, gid) = self.host_ids(e)?;
+        let at = |what: &str| format!("{what} /{}", show(path));
+        // Most entries are new: try the create first and make room only on EEXIST
+        // (one syscall per file instead of a stat plus a create).
+        let mut f = match sfs::create_file(dir, name, 0o600) {
+            Err(err) if err.raw_os_error() == Some(libc_errno::EEXIST) => {
+                self.make_room(dir, name, false, path)?;
+                sfs::create_file(dir, name, 0o600).ctx(|| at("creating"))?
+            }
+            r => r.ctx(|| at("creating"))?,
+        };
+        self.write_data(tar, &mut f, e, path)?;
+        sfs::chown_fd(f.as_fd(), uid, gid).ctx(|| at("chown of"))?;
+        self.apply_xattrs_fd(f.as_fd(), e)?;
+        sfs::chmod_fd(f.as_fd(), e.mode & 0o7777).ctx(|| at("chmod of"))?;
+        sfs::set_times_fd(f.as_fd(), clamp_mtime(e.mtime_sec), e.mtime_nsec.min(999_999_999))
+            .ctx(|| at("setting times of"))
+    }
+
+    /// Keeps the regular file `e` of `.wh..wh.plnk/` aside under its base name `name`, as
+    /// the target of later hardlinks into that directory.
+    fn keep_aufs_link<R: Read>(
+        &mut self,
+        tar: &mut TarReader<R>,
+        e: &Entry,
+        name: &[u8],
+        path: &[u8],
+    ) -> Result<(), ArchiveError> {
+        if self.aufs_links.is_none() {
+            // Entries naming it are skipped above: the name is reserved for this use, and
+            // whatever holds it goes.
+            if sfs::stat_at(self.root, AUFS_LINK_DIR)
+                .ctx(|| format!("stat of /{}", show(AUFS_LINK_DIR)))?
+                .is_some()
+            {
+                self.cached = None;
+                sfs::remove_all(self.root, AUFS_LINK_DIR)
+                    .ctx(|| format!("removing /{}", show(AUFS_LINK_DIR)))?;
+            }
+            sfs::mkdir(self.root, AUFS_LINK_DIR, 0o700)
+                .ctx(|| format!("creating /{}", show(AUFS_LINK_DIR)))?;
+            self.aufs_links = Some(
+                sfs::open_subdir(self.root, AUFS_LINK_DIR)
+                    .ctx(|| format!("opening /{}", show(AUFS_LINK_DIR)))?,
+            );
+        }
+        let dir = self.aufs_links.take().expect("made above");
+        let r = self.regular(tar, dir.as_fd(), name, e, path);
+        self.aufs_links = Some(dir);
+        r
+    }
+
+    /// Removes the files kept for hardlinks into `.wh..wh.plnk/`.
+    fn drop_aufs_links(&mut self) -> Result<(), ArchiveError> {
+        if self.aufs_links.take().is_some() {
+            sfs::remove_all(self.root, AUFS_LINK_DIR).ctx(|| format!("removing /{}", show(AUFS_LINK_DIR)))?;
+        }
+        Ok(())
+    }
+
     /// Resolves a hardlink target inside the layer: (its directory, name, path).
     fn link_target(
         &mut self,
@@ -378,6 +465,20 @@ impl<'a> Applier<'a> {
         };
         if tcomps == comps {
             return Err(bad("links to itself"));
+        }
+        if tcomps[0] == AUFS_LINK_DIR && tcomps.len() > 1 {
+            let kept = match &self.aufs_links {
+                Some(dir) => sfs::stat_at(dir.as_fd(), tname)
+                    .ctx(|| format!("stat of hardlink target {}", show(&e.link)))?
+                    .filter(|st| st.kind == FileKind::Regular)
+                    .map(|_| dir),
+                None => None,
+            };
+            let Some(dir) = kept else {
+                return Err(bad("no such file in the aufs link directory"));
+            };
+            let dir = sfs::reopen_dir(dir.as_fd()).ctx(|| format!("opening /{}", show(AUFS_LINK_DIR)))?;
+            return Ok((dir, tname.to_vec(), joined(&tcomps)));
         }
         let tkey = joined(tparent);
         if tkey.len() > PATH_MAX {
@@ -536,12 +637,14 @@ pub(crate) fn apply_layer<R: Read>(
         cached: None,
         dirs: Vec::new(),
         buf: vec![0u8; 128 * 1024],
+        aufs_links: None,
     };
     let mut entries = 0u64;
     while let Some(e) = tar.next_entry()? {
         entries += 1;
         ap.entry(&mut tar, &e)?;
     }
+    ap.drop_aufs_links()?;
     ap.finish_dirs()?;
     let (digest, tar_bytes) = tar.finish()?;
     let size = crate::walk::dir_size(layer)?;

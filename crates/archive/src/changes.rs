@@ -2,9 +2,12 @@
 //!
 //! [`layer_changes`] follows moby's overlay `changes()`: walk the upper dir only; a
 //! whiteout, and an opaque directory, is a Delete; an entry present below is a Modify,
-//! except a directory whose size, mode and mtime equal the one below (not recorded, its
-//! children still are); anything else is an Add. The parent of an Add or Delete is
-//! added as a Modify unless it was already recorded. Unlike moby (which `stat`s each
+//! except a directory whose size, mode and mtime equal the one below (not recorded by
+//! itself); anything else is an Add. Every directory that holds a change is listed too,
+//! as a Modify unless it was already recorded, the root excepted: what `docker diff`
+//! shows on vfs (moby's `ChangesDirs`, which keeps the directories so that a diff tar
+//! carries their permissions) and what overlay2 shows for a copied-up parent. moby's
+//! overlay walker adds only the direct parent of an Add or Delete. Unlike moby (which `stat`s each
 //! lower dir naively, following symlinks), the lookup below is the merged view of the
 //! lower dirs: their whiteouts and opaque directories hide what is under them, and
 //! symlinks are never followed.
@@ -157,14 +160,15 @@ impl Visitor for LayerChanges<'_> {
         if is_dir {
             self.changed_dirs.insert(path.to_vec());
         }
-        if kind != ChangeKind::Modify {
-            let (parent, _) = split_parent(path);
-            if !parent.is_empty() && self.changed_dirs.insert(parent.to_vec()) {
-                self.changes.push(Change {
-                    path: abs(parent),
-                    kind: ChangeKind::Modify,
-                });
-            }
+        // The directories holding this change, up to the first one already listed (whose
+        // own parents were listed with it).
+        let mut dir = split_parent(path).0;
+        while !dir.is_empty() && self.changed_dirs.insert(dir.to_vec()) {
+            self.changes.push(Change {
+                path: abs(dir),
+                kind: ChangeKind::Modify,
+            });
+            dir = split_parent(dir).0;
         }
         self.changes.push(Change {
             path: abs(path),

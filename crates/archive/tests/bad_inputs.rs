@@ -752,3 +752,92 @@ fn a31_million_files_streamed() {
         .unwrap();
     assert_eq!(s.entries, 1_000_000);
 }
+
+#[test]
+fn a32_aufs_private_names_are_left_out() {
+    if !require_root("a32_aufs_private_names_are_left_out") {
+        return;
+    }
+    let e = env();
+    let mut t = Tar::new();
+    t.file(b".wh..wh.aufs", b"")
+        .dir(b".wh..wh.orph/")
+        .file(b".wh..wh.orph/gone", b"o")
+        .dir(b"./.wh..wh.plnk/")
+        .file_mode(b".wh..wh.plnk/1234.56", b"shared", 0o640)
+        .dir(b"bin/")
+        .hardlink(b"bin/a", b".wh..wh.plnk/1234.56")
+        .hardlink(b"bin/b", b"/.wh..wh.plnk/1234.56")
+        .file(b"etc/f", b"f")
+        .file(b".wh..wh.plnk/later", b"l");
+    e.apply(&t.end()).unwrap();
+    let mut root: Vec<String> = fs::read_dir(&e.layer)
+        .unwrap()
+        .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    assert_eq!(root, ["bin", "etc"], "aufs names left in the layer root");
+    let (a, b) = (
+        fs::symlink_metadata(e.p("bin/a")).unwrap(),
+        fs::symlink_metadata(e.p("bin/b")).unwrap(),
+    );
+    assert_eq!(fs::read(e.p("bin/a")).unwrap(), b"shared");
+    assert_eq!(a.mode() & 0o7777, 0o640, "the pseudo-link's own metadata");
+    assert_eq!(
+        (a.ino(), a.nlink()),
+        (b.ino(), 2),
+        "both links share the kept inode"
+    );
+    assert_eq!(fs::read(e.p("etc/f")).unwrap(), b"f");
+    // a re-diff of the layer carries none of them
+    let d = open_dir(&e.layer);
+    let mut out = Vec::new();
+    lamina_archive::write_layer_diff(fd(&d), &mut out, &DiffOptions::default()).unwrap();
+    let names: Vec<String> = tar_listing(&out)
+        .iter()
+        .map(|l| String::from_utf8_lossy(&l.0).into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".wh.")), "{names:?}");
+
+    // a hardlink into .wh..wh.plnk without its file is refused
+    let e = env();
+    let mut t = Tar::new();
+    t.file(b".wh..wh.plnk/1", b"x").hardlink(b"a", b".wh..wh.plnk/2");
+    let err = e.err(&t.end());
+    assert!(
+        err.contains("invalid archive: bad hardlink: a -> .wh..wh.plnk/2"),
+        "{err}"
+    );
+
+    // the opaque marker of the root is not an aufs private name
+    let e = env();
+    e.apply(&Tar::new().file(b".wh..wh..opq", b"").file(b"x", b"1").end())
+        .unwrap();
+    let d = open_dir(&e.layer);
+    assert!(lamina_sys::fs::is_opaque(fd(&d)).unwrap());
+}
+
+#[test]
+fn a33_opaque_marker_that_is_not_a_file() {
+    let cases: [(Vec<u8>, &str); 4] = [
+        (
+            Tar::new().dir(b"d/").dir(b"d/.wh..wh..opq/").end(),
+            "invalid archive: opaque marker d/.wh..wh..opq/ is not a regular file",
+        ),
+        (
+            Tar::new().file(b"d/.wh..wh..opq/x", b"1").end(),
+            "invalid archive: opaque marker used as a directory: d/.wh..wh..opq/x",
+        ),
+        (
+            Tar::new().symlink(b"d/.wh..wh..opq", b"/etc").end(),
+            "not a regular file",
+        ),
+        (Tar::new().dir(b".wh..wh..opq").end(), "not a regular file"),
+    ];
+    for (tar, want) in cases {
+        let e = env();
+        let err = e.err(&tar);
+        assert!(err.contains(want), "{err}");
+        assert!(!e.p("d/.wh..wh..opq").exists());
+    }
+}

@@ -92,8 +92,56 @@ fn overlay_changes_follow_docker() {
             "A /new/f",
             "C /opt",
             "D /opt/a",
+            "C /var",
             "C /var/cache",
             "A /var/cache/x",
+        ]
+    );
+}
+
+#[test]
+fn overlay_changes_list_every_directory_holding_a_change() {
+    if !require_root("overlay_changes_list_every_directory_holding_a_change") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (lower, upper) = (t.path().join("l"), t.path().join("u"));
+    // Below: d/{h1,h2}, a/b/c/f, a/b/g, a/z, k/l/m/n
+    for f in ["d/h1", "d/h2", "a/b/c/f", "a/b/g", "a/z", "k/l/m/n"] {
+        let p = lower.join(f);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, "1").unwrap();
+    }
+    // Upper, as copy-ups leave it: directories with the metadata of the ones below, then
+    // d/h2 appended to, a/b/c/f rewritten, k/l/m/n deleted, a/b/new added.
+    for d in ["d", "a", "a/b", "a/b/c", "k", "k/l", "k/l/m"] {
+        fs::create_dir_all(upper.join(d)).unwrap();
+    }
+    fs::write(upper.join("d/h2"), "1y").unwrap();
+    fs::write(upper.join("a/b/c/f"), "2").unwrap();
+    fs::write(upper.join("a/b/new"), "n").unwrap();
+    let m = fs::File::open(upper.join("k/l/m")).unwrap();
+    lamina_sys::fs::make_whiteout(fd(&m), b"n").unwrap();
+    for d in ["d", "a", "a/b", "a/b/c", "k", "k/l", "k/l/m"] {
+        set_mtime(&lower.join(d), 1000);
+        set_mtime(&upper.join(d), 1000);
+    }
+    let (u, l) = (open_dir(&upper), open_dir(&lower));
+    let got = show(&layer_changes(fd(&u), &[fd(&l)]).unwrap());
+    assert_eq!(
+        got,
+        [
+            "C /a",
+            "C /a/b",
+            "C /a/b/c",
+            "C /a/b/c/f",
+            "A /a/b/new",
+            "C /d",
+            "C /d/h2",
+            "C /k",
+            "C /k/l",
+            "C /k/l/m",
+            "D /k/l/m/n",
         ]
     );
 }

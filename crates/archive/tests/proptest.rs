@@ -159,8 +159,9 @@ fn diff_of(dir: &Path) -> Vec<u8> {
     out
 }
 
-/// Docker's overlay change rules, written plainly with recursion and paths, for one lower
-/// without whiteouts, opaque dirs or symlinks.
+/// Docker's change rules (overlay walk, every directory holding a change listed as on
+/// vfs), written plainly with recursion and paths, for one lower without whiteouts, opaque
+/// dirs or symlinks.
 fn reference_changes(upper: &Path, lower: &Path) -> Vec<String> {
     fn walk(
         upper: &Path,
@@ -209,15 +210,11 @@ fn reference_changes(upper: &Path, lower: &Path) -> Vec<String> {
                 if md.is_dir() {
                     changed.insert(abs.clone());
                 }
-                if kind != 'C' {
-                    let parent = Path::new(OsStr::from_bytes(&abs))
-                        .parent()
-                        .unwrap()
-                        .as_os_str()
-                        .as_bytes()
-                        .to_vec();
-                    if parent != b"/" && changed.insert(parent.clone()) {
-                        out.push((parent, 'C'));
+                // every directory holding a change, the root excepted
+                for dir in Path::new(OsStr::from_bytes(&abs)).ancestors().skip(1) {
+                    let dir = dir.as_os_str().as_bytes().to_vec();
+                    if dir != b"/" && changed.insert(dir.clone()) {
+                        out.push((dir, 'C'));
                     }
                 }
                 out.push((abs, kind));

@@ -231,8 +231,34 @@ pub struct MooseFsFile {
     /// Quota command, argv with `{size}` (bytes) and `{path}` (default `mfssetquota -L {size} {path}`;
     /// `[]` disables `-o quota=`).
     pub quota_command: Option<Vec<String>>,
-    /// Goal of volumes created without `ReplicationGoal` (default: none, the cluster's own default applies).
+    /// Goal of volumes created without `ReplicationGoal` (default: none, the cluster's own default applies):
+    /// a number (`2` or `"2"`) or a goal name (`"ssd"`).
+    #[serde(default, deserialize_with = "goal_text")]
     pub default_goal: Option<String>,
+}
+
+/// Reads a goal written as a TOML integer or string into its text, which `Goal::parse` then checks.
+fn goal_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct GoalText;
+    impl serde::de::Visitor<'_> for GoalText {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a goal: a number of copies or a goal name")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            if v < 0 {
+                return Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self));
+            }
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(GoalText).map(Some)
 }
 
 fn argv(v: &[&str]) -> Vec<String> {
@@ -477,6 +503,29 @@ mod tests {
     }
 
     #[test]
+    fn goals_as_numbers_or_names() {
+        use lamina_volume::Goal;
+        for (value, want) in [
+            ("2", Goal::Copies(2)),
+            ("\"2\"", Goal::Copies(2)),
+            ("9", Goal::Copies(9)),
+            ("\"ssd_2-copies\"", Goal::Named("ssd_2-copies".into())),
+        ] {
+            let text = format!("[volumes.moosefs]\nmaster = \"h:1\"\ndefault_goal = {value}");
+            let file: FileConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{value}: {e}"));
+            let v = volume_settings(file.volumes, Path::new("/d"), None)
+                .unwrap()
+                .unwrap();
+            assert_eq!(v.moosefs.unwrap().default_goal, Some(want), "{value}");
+        }
+        let file: FileConfig = toml::from_str("[volumes.moosefs]\nmaster = \"h:1\"").unwrap();
+        let v = volume_settings(file.volumes, Path::new("/d"), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.moosefs.unwrap().default_goal, None, "no default goal");
+    }
+
+    #[test]
     fn bad_volumes_tables() {
         for (text, want) in [
             ("[volumes]\nbakend = \"local\"", "unknown field"),
@@ -506,6 +555,19 @@ mod tests {
             (
                 "[volumes.moosefs]\nmaster = \"h:1\"\ndefault_goal = \"10\"",
                 "1-9",
+            ),
+            ("[volumes.moosefs]\nmaster = \"h:1\"\ndefault_goal = 10", "1-9"),
+            (
+                "[volumes.moosefs]\nmaster = \"h:1\"\ndefault_goal = -1",
+                "invalid value: integer `-1`",
+            ),
+            (
+                "[volumes.moosefs]\nmaster = \"h:1\"\ndefault_goal = 2.5",
+                "a goal: a number of copies or a goal name",
+            ),
+            (
+                "[volumes.moosefs]\nmaster = \"h:1\"\ndefault_goal = true",
+                "a goal: a number of copies or a goal name",
             ),
         ] {
             let e = toml::from_str::<FileConfig>(text)

@@ -52,7 +52,3 @@ impl VolumeError {
         }
     }
 }
-
-pub(crate) fn db_err(e: impl std::fmt::Display) -> VolumeError {
-    VolumeError::CorruptMetadata(format!("volume database: {e}"))
-}

@@ -1,14 +1,31 @@
 //! Per-host bookkeeping in redb (`<data root>/volumes/meta.redb`): mount counts per (volume, mount ID),
 //! and a cache of the volumes seen, used to answer `Get`/`List` while a cluster is unreachable.
+//!
+//! redb refuses every transaction after one of its writes failed (`PreviousIo`). [`Bookkeeping`] reopens
+//! the file at the next transaction after an I/O error (redb's recovery then returns the last committed
+//! state), so a full disk or a transient write error costs the calls that hit it, not every later call until
+//! a restart. A file that cannot be opened for writing (read-only filesystem) is not reopened: the old
+//! handle keeps serving reads and writes fail with the cause.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
+    TransactionError, WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
 
-use crate::error::{db_err, VolumeError};
+use crate::error::VolumeError;
 use crate::options::BackendKind;
+
+/// How long a reopen waits for transactions still open on the failed handle.
+const DRAIN: Duration = Duration::from_secs(10);
 
 /// Format version of `meta.redb`; see docs/on-disk-format.md.
 pub const FORMAT_VERSION: u64 = 1;
@@ -55,20 +72,77 @@ impl VolumeRecord {
     }
 }
 
-/// The database.
+/// The database (see the module documentation).
 #[derive(Debug)]
 pub struct Bookkeeping {
-    db: Database,
+    path: PathBuf,
+    current: RwLock<Option<Arc<Database>>>,
+    /// I/O errors seen by operations on this database.
+    failures: AtomicU64,
+    /// `failures` when the handle was (re)opened: a difference means the handle must be reopened.
+    seen: AtomicU64,
+}
+
+/// A write transaction; keeps its database handle alive (a reopen waits for it).
+struct WriteTxn {
+    txn: WriteTransaction,
+    _db: Arc<Database>,
+}
+
+/// A read transaction; keeps its database handle alive (a reopen waits for it).
+struct ReadTxn {
+    txn: ReadTransaction,
+    _db: Arc<Database>,
+}
+
+impl Deref for WriteTxn {
+    type Target = WriteTransaction;
+    fn deref(&self) -> &WriteTransaction {
+        &self.txn
+    }
+}
+
+impl Deref for ReadTxn {
+    type Target = ReadTransaction;
+    fn deref(&self) -> &ReadTransaction {
+        &self.txn
+    }
+}
+
+impl WriteTxn {
+    fn commit(self) -> Result<(), redb::CommitError> {
+        self.txn.commit()
+    }
+}
+
+fn previous_io(e: &TransactionError) -> bool {
+    matches!(e, TransactionError::Storage(StorageError::PreviousIo))
 }
 
 impl Bookkeeping {
     /// Opens or creates the database; refuses a newer format.
     pub fn open(path: &Path) -> Result<Self, VolumeError> {
-        let db = Database::create(path).map_err(|e| db_err(format!("{}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(db_err)?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::Storage(StorageError::Io(source)) => {
+                VolumeError::io(format!("opening {}", path.display()), source)
+            }
+            e => VolumeError::CorruptMetadata(format!("volume database {}: {e}", path.display())),
+        })?;
+        let b = Bookkeeping {
+            path: path.to_path_buf(),
+            current: RwLock::new(Some(Arc::new(db))),
+            failures: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+        };
+        b.init()?;
+        Ok(b)
+    }
+
+    fn init(&self) -> Result<(), VolumeError> {
+        let txn = self.begin_write()?;
         {
-            let mut meta = txn.open_table(META).map_err(db_err)?;
-            let found = meta.get("format").map_err(db_err)?.map(|v| v.value());
+            let mut meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
+            let found = meta.get("format").map_err(|e| self.db_err(e))?.map(|v| v.value());
             match found {
                 Some(v) if v > FORMAT_VERSION => {
                     return Err(VolumeError::CorruptMetadata(format!(
@@ -77,48 +151,181 @@ impl Bookkeeping {
                 }
                 Some(_) => {}
                 None => {
-                    meta.insert("format", FORMAT_VERSION).map_err(db_err)?;
+                    meta.insert("format", FORMAT_VERSION)
+                        .map_err(|e| self.db_err(e))?;
                 }
             }
-            txn.open_table(MOUNTS).map_err(db_err)?;
-            txn.open_table(KNOWN).map_err(db_err)?;
+            txn.open_table(MOUNTS).map_err(|e| self.db_err(e))?;
+            txn.open_table(KNOWN).map_err(|e| self.db_err(e))?;
         }
-        txn.commit().map_err(db_err)?;
-        Ok(Bookkeeping { db })
+        txn.commit().map_err(|e| self.db_err(e))
+    }
+
+    /// Maps a database error once; an I/O error (redb's `Io` or `PreviousIo`) makes the next transaction
+    /// reopen the file.
+    fn db_err(&self, e: impl Into<redb::Error>) -> VolumeError {
+        match e.into() {
+            redb::Error::Io(source) => {
+                self.failures.fetch_add(1, Ordering::SeqCst);
+                VolumeError::io("volume database", source)
+            }
+            redb::Error::PreviousIo => {
+                self.failures.fetch_add(1, Ordering::SeqCst);
+                VolumeError::io(
+                    "volume database",
+                    std::io::Error::other(
+                        "an earlier write failed; the database is reopened at the next call",
+                    ),
+                )
+            }
+            e => VolumeError::CorruptMetadata(format!("volume database: {e}")),
+        }
+    }
+
+    fn handle(&self) -> Result<Arc<Database>, VolumeError> {
+        let failures = self.failures.load(Ordering::SeqCst);
+        if self.seen.load(Ordering::SeqCst) == failures {
+            if let Some(db) = self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                return Ok(db.clone());
+            }
+        }
+        self.reopen(failures)
+    }
+
+    /// Drops the failed handle once no transaction uses it any more, and opens the file again.
+    fn reopen(&self, failures: u64) -> Result<Arc<Database>, VolumeError> {
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if self.seen.load(Ordering::SeqCst) == failures {
+            if let Some(db) = cur.as_ref() {
+                return Ok(db.clone()); // another thread reopened meanwhile
+            }
+        }
+        // A file that cannot be written (read-only filesystem) cannot be reopened: keep the old handle, which
+        // still serves reads; writes fail with the cause until the filesystem is writable again.
+        if let Err(e) = std::fs::OpenOptions::new().write(true).open(&self.path) {
+            return match cur.as_ref() {
+                Some(db) => Ok(db.clone()),
+                None => Err(VolumeError::io(format!("opening {}", self.path.display()), e)),
+            };
+        }
+        let deadline = Instant::now() + DRAIN;
+        if let Some(mut old) = cur.take() {
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still) if Instant::now() < deadline => {
+                        old = still;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(still) => {
+                        *cur = Some(still);
+                        return Err(VolumeError::io(
+                            "volume database",
+                            std::io::Error::other(
+                                "an earlier write failed and transactions still use the database",
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        match Database::create(&self.path) {
+            Ok(db) => {
+                info!(path = %self.path.display(), "volume database reopened after an I/O error");
+                let db = Arc::new(db);
+                *cur = Some(db.clone());
+                self.seen.store(failures, Ordering::SeqCst);
+                Ok(db)
+            }
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "reopening the volume database failed; retried at the next call");
+                Err(self.db_err(e))
+            }
+        }
+    }
+
+    /// Drops `failed` as the current handle (a transaction on it reported `PreviousIo`).
+    fn drop_handle(&self, failed: &Arc<Database>) {
+        self.failures.fetch_add(1, Ordering::SeqCst);
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
+            *cur = None;
+        }
+    }
+
+    fn begin_write(&self) -> Result<WriteTxn, VolumeError> {
+        let db = self.handle()?;
+        match db.begin_write() {
+            Ok(txn) => Ok(WriteTxn { txn, _db: db }),
+            Err(e) if previous_io(&e) => {
+                self.drop_handle(&db);
+                drop(db);
+                let db = self.handle()?;
+                let txn = db.begin_write().map_err(|e| self.db_err(e))?;
+                Ok(WriteTxn { txn, _db: db })
+            }
+            Err(e) => Err(self.db_err(e)),
+        }
+    }
+
+    fn begin_read(&self) -> Result<ReadTxn, VolumeError> {
+        let db = self.handle()?;
+        match db.begin_read() {
+            Ok(txn) => Ok(ReadTxn { txn, _db: db }),
+            Err(e) if previous_io(&e) => {
+                self.drop_handle(&db);
+                drop(db);
+                let db = self.handle()?;
+                let txn = db.begin_read().map_err(|e| self.db_err(e))?;
+                Ok(ReadTxn { txn, _db: db })
+            }
+            Err(e) => Err(self.db_err(e)),
+        }
     }
 
     /// Adds one count for `(name, id)`; returns the volume's new total.
     pub fn add(&self, name: &str, id: &str) -> Result<u64, VolumeError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.begin_write()?;
         {
-            let mut t = txn.open_table(MOUNTS).map_err(db_err)?;
-            let n = t.get((name, id)).map_err(db_err)?.map(|v| v.value()).unwrap_or(0);
-            t.insert((name, id), n + 1).map_err(db_err)?;
+            let mut t = txn.open_table(MOUNTS).map_err(|e| self.db_err(e))?;
+            let n = t
+                .get((name, id))
+                .map_err(|e| self.db_err(e))?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            t.insert((name, id), n + 1).map_err(|e| self.db_err(e))?;
         }
-        txn.commit().map_err(db_err)?;
+        txn.commit().map_err(|e| self.db_err(e))?;
         self.total(name)
     }
 
     /// Releases one count of `(name, id)`. Returns `None` if the id held nothing (not an error: dockerd
     /// sends Unmount after a failed Mount), else the volume's new total.
     pub fn release(&self, name: &str, id: &str) -> Result<Option<u64>, VolumeError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.begin_write()?;
         let held = {
-            let mut t = txn.open_table(MOUNTS).map_err(db_err)?;
-            let n = t.get((name, id)).map_err(db_err)?.map(|v| v.value()).unwrap_or(0);
+            let mut t = txn.open_table(MOUNTS).map_err(|e| self.db_err(e))?;
+            let n = t
+                .get((name, id))
+                .map_err(|e| self.db_err(e))?
+                .map(|v| v.value())
+                .unwrap_or(0);
             match n {
                 0 => false,
                 1 => {
-                    t.remove((name, id)).map_err(db_err)?;
+                    t.remove((name, id)).map_err(|e| self.db_err(e))?;
                     true
                 }
                 n => {
-                    t.insert((name, id), n - 1).map_err(db_err)?;
+                    t.insert((name, id), n - 1).map_err(|e| self.db_err(e))?;
                     true
                 }
             }
         };
-        txn.commit().map_err(db_err)?;
+        txn.commit().map_err(|e| self.db_err(e))?;
         if !held {
             return Ok(None);
         }
@@ -128,23 +335,23 @@ impl Bookkeeping {
     /// Drops every count of `name` (after a failed first mount).
     pub fn clear(&self, name: &str) -> Result<(), VolumeError> {
         let ids: Vec<String> = self.counts(name)?.into_keys().collect();
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.begin_write()?;
         {
-            let mut t = txn.open_table(MOUNTS).map_err(db_err)?;
+            let mut t = txn.open_table(MOUNTS).map_err(|e| self.db_err(e))?;
             for id in &ids {
-                t.remove((name, id.as_str())).map_err(db_err)?;
+                t.remove((name, id.as_str())).map_err(|e| self.db_err(e))?;
             }
         }
-        txn.commit().map_err(db_err)
+        txn.commit().map_err(|e| self.db_err(e))
     }
 
     /// Counts per mount id of `name`.
     pub fn counts(&self, name: &str) -> Result<BTreeMap<String, u64>, VolumeError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let t = txn.open_table(MOUNTS).map_err(db_err)?;
+        let txn = self.begin_read()?;
+        let t = txn.open_table(MOUNTS).map_err(|e| self.db_err(e))?;
         let mut out = BTreeMap::new();
-        for e in t.range((name, "")..).map_err(db_err)? {
-            let (k, v) = e.map_err(db_err)?;
+        for e in t.range((name, "")..).map_err(|e| self.db_err(e))? {
+            let (k, v) = e.map_err(|e| self.db_err(e))?;
             let (n, id) = k.value();
             if n != name {
                 break;
@@ -161,11 +368,11 @@ impl Bookkeeping {
 
     /// Totals of every volume with a count.
     pub fn mounted(&self) -> Result<BTreeMap<String, u64>, VolumeError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let t = txn.open_table(MOUNTS).map_err(db_err)?;
+        let txn = self.begin_read()?;
+        let t = txn.open_table(MOUNTS).map_err(|e| self.db_err(e))?;
         let mut out = BTreeMap::new();
-        for e in t.iter().map_err(db_err)? {
-            let (k, v) = e.map_err(db_err)?;
+        for e in t.iter().map_err(|e| self.db_err(e))? {
+            let (k, v) = e.map_err(|e| self.db_err(e))?;
             *out.entry(k.value().0.to_string()).or_insert(0) += v.value();
         }
         Ok(out)
@@ -176,41 +383,41 @@ impl Bookkeeping {
         if self.known(&rec.name)?.as_ref() == Some(rec) {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.begin_write()?;
         txn.open_table(KNOWN)
-            .map_err(db_err)?
+            .map_err(|e| self.db_err(e))?
             .insert(rec.name.as_str(), rec.encode().as_slice())
-            .map_err(db_err)?;
+            .map_err(|e| self.db_err(e))?;
         lamina_sys::fault::point("volume.create.commit")
             .map_err(|e| crate::backend::io_err("commit volume metadata".into(), e))?;
-        txn.commit().map_err(db_err)
+        txn.commit().map_err(|e| self.db_err(e))
     }
 
     /// Forgets a volume.
     pub fn forget(&self, name: &str) -> Result<(), VolumeError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.begin_write()?;
         txn.open_table(KNOWN)
-            .map_err(db_err)?
+            .map_err(|e| self.db_err(e))?
             .remove(name)
-            .map_err(db_err)?;
-        txn.commit().map_err(db_err)
+            .map_err(|e| self.db_err(e))?;
+        txn.commit().map_err(|e| self.db_err(e))
     }
 
     /// The cached record of `name`.
     pub fn known(&self, name: &str) -> Result<Option<VolumeRecord>, VolumeError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let t = txn.open_table(KNOWN).map_err(db_err)?;
-        let v = t.get(name).map_err(db_err)?;
+        let txn = self.begin_read()?;
+        let t = txn.open_table(KNOWN).map_err(|e| self.db_err(e))?;
+        let v = t.get(name).map_err(|e| self.db_err(e))?;
         v.map(|b| VolumeRecord::decode(b.value())).transpose()
     }
 
     /// Every cached record.
     pub fn all_known(&self) -> Result<Vec<VolumeRecord>, VolumeError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let t = txn.open_table(KNOWN).map_err(db_err)?;
+        let txn = self.begin_read()?;
+        let t = txn.open_table(KNOWN).map_err(|e| self.db_err(e))?;
         let mut out = Vec::new();
-        for e in t.iter().map_err(db_err)? {
-            let (_, v) = e.map_err(db_err)?;
+        for e in t.iter().map_err(|e| self.db_err(e))? {
+            let (_, v) = e.map_err(|e| self.db_err(e))?;
             out.push(VolumeRecord::decode(v.value())?);
         }
         Ok(out)
