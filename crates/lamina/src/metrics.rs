@@ -422,7 +422,19 @@ fn render_verify(out: &mut Exposition) {
 
 /// Store gauges (read now) and the store's persistent counters.
 fn render_store(out: &mut Exposition, store: &Store) {
-    let store_up = match store.overview() {
+    let up = render_store_gauges(out, store);
+    render_store_counters(out, store);
+    out.single(
+        "lamina_store_up",
+        "gauge",
+        "1 when the store answered the gauge queries of this scrape.",
+        u8::from(up),
+    );
+}
+
+/// Layers, bytes and mounts, as `lamina status` shows them. `false` when the store did not answer.
+fn render_store_gauges(out: &mut Exposition, store: &Store) -> bool {
+    match store.overview() {
         Ok(layers) => {
             let bytes: u64 = layers.iter().filter_map(|l| l.record.size).sum();
             let mounts: u64 = layers.iter().map(|l| u64::from(l.mounts)).sum();
@@ -467,13 +479,17 @@ fn render_store(out: &mut Exposition, store: &Store) {
                 "Layers mounted now (referenced, or a mount of a previous run present).",
                 mounted,
             );
-            1
+            true
         }
         Err(e) => {
             debug!(error = %e, "metrics: store overview failed");
-            0
+            false
         }
-    };
+    }
+}
+
+/// The store's operation and garbage collection counters (kept across restarts).
+fn render_store_counters(out: &mut Exposition, store: &Store) {
     let counters = store.counters();
     out.family(
         "lamina_store_operations_total",
@@ -502,12 +518,6 @@ fn render_store(out: &mut Exposition, store: &Store) {
     ] {
         out.single(name, "counter", help, counters.get(key).copied().unwrap_or(0));
     }
-    out.single(
-        "lamina_store_up",
-        "gauge",
-        "1 when the store answered the gauge queries of this scrape.",
-        store_up,
-    );
 }
 
 /// The process: start time, version, scrapes.

@@ -1260,9 +1260,11 @@ fn hostile_apply_does_not_delay_other_calls() {
     }
     let (r, took, headers) = apply.join().unwrap();
     r.ok("ApplyDiff of the flood");
-    let max = worst.iter().map(|(_, d)| *d).max().unwrap_or_default();
+    let mut times: Vec<Duration> = worst.iter().map(|(_, d)| *d).collect();
+    times.sort();
+    let (median, max) = (times[times.len() / 2], times[times.len() - 1]);
     eprintln!(
-        "FIGURE hostile apply ({headers} PAX headers, {took:?}): slowest of {} other calls {max:?} ({:?})",
+        "FIGURE hostile apply ({headers} PAX headers, {took:?}): {} other calls, median {median:?}, slowest {max:?} ({:?})",
         worst.len(),
         worst.iter().max_by_key(|(_, d)| *d).map(|(w, _)| *w)
     );
@@ -1270,8 +1272,14 @@ fn hostile_apply_does_not_delay_other_calls() {
         took >= Duration::from_secs(3),
         "the apply ran while the calls were made"
     );
+    // A call held up by the apply waits until it ends (seconds); on a loaded machine a call that is not
+    // may still take a few hundred milliseconds now and then.
     assert!(
-        max < Duration::from_millis(500),
+        median < Duration::from_millis(100),
+        "median {median:?} behind the hostile apply"
+    );
+    assert!(
+        max < Duration::from_millis(1500),
         "a call waited {max:?} behind the hostile apply"
     );
 }
