@@ -20,7 +20,8 @@ use crate::message::{
 };
 use crate::response::{Handler, Refusal, ResponseBody};
 
-/// Limits and timeouts of the server. The defaults suit dockerd.
+/// Limits and timeouts of the server. The defaults suit the clients of a local daemon (dockerd,
+/// the `lamina` CLI, a Prometheus scraper).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Name of the server in logs and thread names (`plugin`, `admin`, `metrics`).
@@ -37,7 +38,7 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// How long a request head may take to arrive once its first byte came.
     pub head_timeout: Duration,
-    /// How long a JSON request body may take to arrive.
+    /// How long a small request body (JSON) may take to arrive.
     pub body_timeout: Duration,
     /// How long a streamed request body (ApplyDiff) may go without a single byte.
     pub stream_timeout: Duration,
@@ -102,7 +103,7 @@ impl std::fmt::Debug for ShutdownInner {
 }
 
 /// Shuts a socket down in both directions.
-type Closer = Box<dyn Fn() + Send>;
+pub type Closer = Box<dyn Fn() + Send>;
 
 impl Default for ShutdownHandle {
     fn default() -> Self {
@@ -400,7 +401,7 @@ pub trait Listener: Send + 'static {
     /// Makes `accept` block.
     fn set_blocking(&self) -> io::Result<()>;
     /// Something that shuts this socket down, which makes a blocked `accept` return.
-    fn closer(&self) -> io::Result<Box<dyn Fn() + Send>>;
+    fn closer(&self) -> io::Result<Closer>;
 }
 
 /// An accepted connection.
@@ -421,7 +422,7 @@ impl Listener for UnixListener {
     fn set_blocking(&self) -> io::Result<()> {
         self.set_nonblocking(false)
     }
-    fn closer(&self) -> io::Result<Box<dyn Fn() + Send>> {
+    fn closer(&self) -> io::Result<Closer> {
         let s = UnixStream::from(OwnedFd::from(self.try_clone()?));
         Ok(Box::new(move || {
             let _ = s.shutdown(Shutdown::Both);
@@ -437,7 +438,7 @@ impl Listener for TcpListener {
     fn set_blocking(&self) -> io::Result<()> {
         self.set_nonblocking(false)
     }
-    fn closer(&self) -> io::Result<Box<dyn Fn() + Send>> {
+    fn closer(&self) -> io::Result<Closer> {
         let s = TcpStream::from(OwnedFd::from(self.try_clone()?));
         Ok(Box::new(move || {
             let _ = s.shutdown(Shutdown::Both);
