@@ -1,12 +1,15 @@
 //! Maps `POST /<Subsystem>.<Method>` to driver calls: decodes and validates the request,
-//! calls the driver, encodes the reply.
+//! calls the driver, encodes the reply, and reports each counted call to the [`Observer`].
 
 use std::fmt::Write as _;
+use std::io::Write;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lamina_http::{parse_query, read_capped, Body, RequestHead, Response, StreamBody, StreamError};
 
 use crate::error::{ErrorKind, PluginError};
 use crate::graphdriver::{CreateRequest, DiffStream, GraphDriver, InitRequest};
-use crate::http::{parse_query, read_capped, Body, RequestHead};
 use crate::volumedriver::{self as vol, VolumeDriver, VolumeInfo, VolumeRequest};
 use crate::wire::{self, GraphDriverRequest, InitWireRequest};
 
@@ -14,6 +17,38 @@ use crate::wire::{self, GraphDriverRequest, InitWireRequest};
 pub const MAX_ID_LEN: usize = 128;
 /// Default cap on a JSON request body.
 pub const DEFAULT_JSON_BODY_LIMIT: usize = 1024 * 1024;
+/// Content type of JSON replies.
+pub const JSON_CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1+json";
+/// Content type of streamed tar replies.
+pub const TAR_CONTENT_TYPE: &str = "application/x-tar";
+
+/// Told of every counted call once it is over: the endpoint (`GraphDriver.Get`), whether it
+/// succeeded, and how long it took (a Diff: until the last byte of its stream was written).
+pub type Observer = Arc<dyn Fn(&'static str, bool, Duration) + Send + Sync>;
+
+/// The endpoints reported to an [`Observer`]. Cheap calls that cannot fail (`Exists`, `Status`,
+/// `Capabilities`, `Plugin.Activate`) are not.
+pub const OBSERVED_CALLS: &[&str] = &[
+    "GraphDriver.Init",
+    "GraphDriver.Create",
+    "GraphDriver.CreateReadWrite",
+    "GraphDriver.Remove",
+    "GraphDriver.Get",
+    "GraphDriver.Put",
+    "GraphDriver.GetMetadata",
+    "GraphDriver.Cleanup",
+    "GraphDriver.Diff",
+    "GraphDriver.Changes",
+    "GraphDriver.ApplyDiff",
+    "GraphDriver.DiffSize",
+    "VolumeDriver.Create",
+    "VolumeDriver.Remove",
+    "VolumeDriver.Mount",
+    "VolumeDriver.Unmount",
+    "VolumeDriver.Path",
+    "VolumeDriver.Get",
+    "VolumeDriver.List",
+];
 
 /// Quotes `s` for messages and logs: escaped (control characters, quotes, non-ASCII as
 /// `\u{..}`) and truncated to `max_chars` characters.
@@ -198,33 +233,55 @@ impl Endpoint {
             Endpoint::Volume(m) => m.name(),
         }
     }
+
+    /// Whether calls of this endpoint are reported to the observer.
+    fn observed(self) -> bool {
+        OBSERVED_CALLS.contains(&self.name())
+    }
 }
 
-/// What the server sends back.
-pub(crate) enum Payload<'r> {
+/// What a handler answers.
+enum Payload<'r> {
     /// A complete JSON body.
     Json(Vec<u8>),
     /// A tar stream, sent chunked.
     Tar(Box<dyn DiffStream + 'r>),
 }
 
-/// A routed reply.
-pub(crate) struct Reply<'r> {
-    pub status: u16,
-    pub payload: Payload<'r>,
-    /// Close the connection after this reply without reading the rest of the request body.
-    pub close: bool,
-    /// Add `Allow: POST` (405 replies).
-    pub allow_post: bool,
+fn json_response(status: u16, body: Vec<u8>) -> Response<'static> {
+    Response::full(status, Some(JSON_CONTENT_TYPE), body)
 }
 
-impl Reply<'_> {
-    fn json(status: u16, body: Vec<u8>) -> Self {
-        Reply {
-            status,
-            payload: Payload::Json(body),
-            close: false,
-            allow_post: false,
+/// A Diff stream as a response body.
+struct TarBody<'r>(Box<dyn DiffStream + 'r>);
+
+impl StreamBody for TarBody<'_> {
+    fn write_to(self: Box<Self>, out: &mut dyn Write) -> Result<(), StreamError> {
+        self.0.write_to(out).map_err(|e| Box::new(e) as StreamError)
+    }
+}
+
+/// A Diff stream reported to the observer once it was written (or dropped unwritten: a failure).
+struct ObservedDiff<'r> {
+    inner: Option<Box<dyn DiffStream + 'r>>,
+    observer: &'r Observer,
+    name: &'static str,
+    started: Instant,
+}
+
+impl DiffStream for ObservedDiff<'_> {
+    fn write_to(mut self: Box<Self>, out: &mut dyn Write) -> Result<(), PluginError> {
+        let inner = self.inner.take().expect("a Diff stream is written once");
+        let r = inner.write_to(out);
+        (self.observer)(self.name, r.is_ok(), self.started.elapsed());
+        r
+    }
+}
+
+impl Drop for ObservedDiff<'_> {
+    fn drop(&mut self) {
+        if self.inner.is_some() {
+            (self.observer)(self.name, false, self.started.elapsed());
         }
     }
 }
@@ -279,6 +336,7 @@ pub struct Router {
     graph: Option<Arc<dyn GraphDriver>>,
     volume: Option<Arc<dyn VolumeDriver>>,
     json_limit: usize,
+    observer: Option<Observer>,
 }
 
 impl Default for Router {
@@ -303,7 +361,14 @@ impl Router {
             graph: None,
             volume: None,
             json_limit: DEFAULT_JSON_BODY_LIMIT,
+            observer: None,
         }
+    }
+
+    /// Reports every call of [`OBSERVED_CALLS`] to `observer` (metrics).
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Serves `/GraphDriver.*` with `driver`.
@@ -354,12 +419,12 @@ impl Router {
     }
 
     /// Handles one request whose head was read; the body is read (or not) from `body`.
-    pub(crate) fn handle<'r>(&'r self, head: &RequestHead, body: &mut Body<'_>) -> Reply<'r> {
+    pub fn handle<'r>(&'r self, head: &RequestHead, body: &mut Body<'_>) -> Response<'r> {
         let path = head.path();
         let Some(ep) = self.lookup(path) else {
             let err = PluginError::not_found(format!("unknown endpoint {}", quote(path, 100)));
             tracing::warn!(http_method = %quote(&head.method, 16), path = %quote(path, 100), "unknown endpoint");
-            return Reply::json(404, wire::encode_error(&err));
+            return json_response(404, wire::encode_error(&err));
         };
         if head.method != "POST" {
             let err = PluginError::new(
@@ -371,10 +436,10 @@ impl Router {
                 ),
             );
             tracing::warn!(method = ep.name(), http_method = %quote(&head.method, 16), "method not allowed");
-            let mut r = Reply::json(405, wire::encode_error(&err));
-            r.allow_post = true;
-            return r;
+            return json_response(405, wire::encode_error(&err)).header("Allow", "POST");
         }
+        let observer = self.observer.as_ref().filter(|_| ep.observed());
+        let started = observer.map(|_| Instant::now());
         let mut call = Call {
             body,
             json_limit: self.json_limit,
@@ -386,23 +451,36 @@ impl Router {
             Endpoint::Graph(m) => self.graph_call(m, head, &mut call),
             Endpoint::Volume(m) => self.volume_call(m, &mut call),
         };
-        match result {
-            Ok(payload) => Reply {
-                status: 200,
-                payload,
-                close: call.close,
-                allow_post: false,
-            },
-            Err(e) => {
-                tracing::warn!(method = ep.name(), id = %call.id, error = %e, "request failed");
-                Reply {
-                    status: 500,
-                    payload: Payload::Json(wire::encode_error(&e)),
-                    close: call.close,
-                    allow_post: false,
-                }
+        let observe = |ok: bool| {
+            if let (Some(o), Some(t0)) = (observer, started) {
+                o(ep.name(), ok, t0.elapsed());
             }
-        }
+        };
+        let mut resp = match result {
+            Ok(Payload::Json(bytes)) => {
+                observe(true);
+                json_response(200, bytes)
+            }
+            Ok(Payload::Tar(stream)) => {
+                let stream = match (observer, started) {
+                    (Some(observer), Some(started)) => Box::new(ObservedDiff {
+                        inner: Some(stream),
+                        observer,
+                        name: ep.name(),
+                        started,
+                    }),
+                    _ => stream,
+                };
+                Response::stream(TAR_CONTENT_TYPE, Box::new(TarBody(stream)))
+            }
+            Err(e) => {
+                observe(false);
+                tracing::warn!(method = ep.name(), id = %call.id, error = %e, "request failed");
+                json_response(500, wire::encode_error(&e))
+            }
+        };
+        resp.close = call.close;
+        resp
     }
 
     fn activate(&self, call: &mut Call<'_, '_>) -> Result<Payload<'static>, PluginError> {
@@ -558,7 +636,9 @@ impl Router {
             GraphMethod::ApplyDiff => {
                 let mut id = None;
                 let mut parent = None;
-                for (k, v) in parse_query(head.query().unwrap_or(""))? {
+                let query = parse_query(head.query().unwrap_or(""))
+                    .map_err(|e| PluginError::invalid(e.to_string()))?;
+                for (k, v) in query {
                     let slot = match k.as_str() {
                         "id" => &mut id,
                         "parent" => &mut parent,

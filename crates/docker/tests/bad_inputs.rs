@@ -533,3 +533,72 @@ fn malformed_http_gets_400_and_close() {
     assert!(r.err().contains("malformed chunked encoding"), "{}", r.err());
     assert!(c.is_closed());
 }
+
+/// Sends `request` whole before reading anything (as a simple client does), then reads the answer.
+fn send_whole_then_read(srv: &TestServer, request: &[u8]) -> common::Response {
+    let mut c = srv.connect();
+    c.stream()
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let started = Instant::now();
+    c.send(request)
+        .expect("the server reads what the client still sends after refusing it");
+    let r = c.read_response().expect("an answer, not a closed connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert!(c.is_closed());
+    r
+}
+
+#[test]
+fn oversize_requests_written_whole_before_reading_get_an_answer() {
+    let srv = TestServer::start();
+    let huge = "a".repeat(10_000_000);
+    // A 10 MB id in the request line.
+    let r = send_whole_then_read(
+        &srv,
+        format!(
+            "POST /GraphDriver.ApplyDiff?id={huge} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 431);
+    assert_eq!(r.err(), "invalid argument: request head too large");
+    // 10 MB of headers.
+    let r = send_whole_then_read(
+        &srv,
+        format!("POST /GraphDriver.Status HTTP/1.1\r\nX-Padding: {huge}\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(r.status, 431);
+    assert_eq!(r.err(), "invalid argument: request head too large");
+    // A 10 MB id in a JSON body, with Content-Length or chunked.
+    let body = format!(r#"{{"ID":"{huge}"}}"#);
+    let r = send_whole_then_read(&srv, &dockerd_request("/GraphDriver.Get", &body));
+    assert_eq!(r.status, 500);
+    assert_eq!(r.err(), "invalid argument: request body too large");
+    let mut chunked = b"POST /GraphDriver.Get HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for part in body.as_bytes().chunks(1 << 20) {
+        chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        chunked.extend_from_slice(part);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let r = send_whole_then_read(&srv, &chunked);
+    assert_eq!(r.err(), "invalid argument: request body too large");
+    // A 10 MB body to an unknown endpoint, and a malformed head followed by megabytes.
+    let r = send_whole_then_read(&srv, &dockerd_request("/GraphDriver.Nope", &body));
+    assert_eq!(r.status, 404);
+    assert!(r.err().starts_with("not found: unknown endpoint"), "{}", r.err());
+    let r = send_whole_then_read(&srv, format!("GARBAGE\x01\r\n\r\n{huge}").as_bytes());
+    assert_eq!(r.status, 400);
+    assert!(
+        r.err().starts_with("invalid argument: malformed HTTP request"),
+        "{}",
+        r.err()
+    );
+    assert!(srv.fake.calls().is_empty(), "{:?}", srv.fake.calls());
+}

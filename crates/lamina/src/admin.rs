@@ -2,20 +2,24 @@
 //! `<data_root>/admin.sock` (mode 0600, root only), because the store holds an exclusive lock on its data root
 //! and the metadata database cannot be opened twice.
 //!
-//! Protocol: one request per connection, HTTP/1.1. `POST /v1/command` with a JSON body (a [`Request`]); the
-//! answer is `200` with `Content-Type: application/x-ndjson` and `Connection: close`, one JSON object per line:
-//! `{"progress": ...}` events while the command runs, then one `{"result": ...}` or `{"error": "..."}`.
-//! Anything else gets `404`/`400`. Bodies are capped at 1 MiB, heads at 16 KiB.
+//! Protocol: one request per connection, HTTP/1.1, on the [`lamina_http`] server (its connection cap and
+//! timeouts). `POST /v1/command` with a JSON body (a [`Request`]); the answer is `200` with
+//! `Content-Type: application/x-ndjson` and `Connection: close`, one JSON object per line: `{"progress": ...}`
+//! events while the command runs, then one `{"result": ...}` or `{"error": "..."}`. Anything else gets
+//! `404`/`400`. Bodies are capped at 1 MiB, heads at 16 KiB.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
+use lamina_http::{
+    read_capped, Body, Handler, Refusal, RequestHead, Response, ServerConfig, ShutdownHandle, StreamBody,
+    StreamError,
+};
 use lamina_store::Store;
 use serde_json::{json, Value};
 use tracing::{debug, warn};
@@ -24,7 +28,6 @@ use crate::cli::{execute, Request};
 
 /// File name of the admin socket inside the data root.
 pub const ADMIN_SOCKET: &str = "admin.sock";
-const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 1024 * 1024;
 
 /// The admin socket of the data root `root`.
@@ -35,10 +38,8 @@ pub fn socket_path(root: &Path) -> PathBuf {
 /// Binds the admin socket (mode 0600).
 pub fn bind(root: &Path) -> anyhow::Result<UnixListener> {
     let path = socket_path(root);
-    let l = lamina_docker::server::bind_socket_with_mode(&path, 0o600)
-        .with_context(|| format!("binding the admin socket {}", path.display()))?;
-    l.set_nonblocking(true).context("admin socket")?;
-    Ok(l)
+    lamina_http::bind_socket_with_mode(&path, 0o600)
+        .with_context(|| format!("binding the admin socket {}", path.display()))
 }
 
 /// Serves the admin socket on a thread until `stop` is set.
@@ -47,127 +48,81 @@ pub fn spawn(
     store: Arc<Store>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<JoinHandle<()>> {
+    let shutdown = ShutdownHandle::from_flag(stop);
+    let cfg = ServerConfig {
+        name: "admin",
+        ..ServerConfig::default()
+    };
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let store = store.clone();
-                        let _ = std::thread::Builder::new()
-                            .name("admin-conn".into())
-                            .spawn(move || serve_one(conn, &store));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "admin socket accept failed");
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                }
+            if let Err(e) =
+                lamina_http::serve_with_config(listener, Arc::new(Admin { store }), &shutdown, cfg)
+            {
+                warn!(error = %e, "admin socket failed");
             }
         })
         .context("starting the admin thread")
 }
 
-fn read_request(conn: &mut UnixStream) -> anyhow::Result<(String, String, Vec<u8>)> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > MAX_HEAD {
-            bail!("request head too large");
-        }
-        let n = conn.read(&mut chunk)?;
-        if n == 0 {
-            bail!("connection closed before the request head ended");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = std::str::from_utf8(&buf[..head_end]).context("request head is not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next().unwrap_or("").split(' ');
-    let (method, path) = (
-        first.next().unwrap_or("").to_string(),
-        first.next().unwrap_or("").to_string(),
-    );
-    let mut length = 0usize;
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse().context("bad Content-Length")?;
-            }
-        }
-    }
-    if length > MAX_BODY {
-        bail!("request body too large");
-    }
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < length {
-        let n = conn.read(&mut chunk)?;
-        if n == 0 {
-            bail!("connection closed inside the body");
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    body.truncate(length);
-    Ok((method, path, body))
+/// The admin socket's handler.
+struct Admin {
+    store: Arc<Store>,
 }
 
-fn serve_one(mut conn: UnixStream, store: &Store) {
-    let (method, path, body) = match read_request(&mut conn) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = write!(
-                conn,
-                "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-            );
-            debug!(error = %e, "bad admin request");
-            return;
+impl Handler for Admin {
+    fn handle<'h>(&'h self, head: &RequestHead, body: &mut Body<'_>) -> Response<'h> {
+        if head.method != "POST" || head.path() != "/v1/command" {
+            return Response::full(404, None, Vec::new()).closing();
         }
-    };
-    if method != "POST" || path != "/v1/command" {
-        let _ = write!(
-            conn,
-            "HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        );
-        return;
+        let request = match read_capped(body, MAX_BODY) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("bad request: {e}")),
+            Err(e) => {
+                debug!(error = ?e, "bad admin request body");
+                return Response::full(400, None, Vec::new()).closing();
+            }
+        };
+        debug!(?request, "admin request");
+        let run = Command {
+            store: &self.store,
+            request,
+        };
+        Response::stream("application/x-ndjson", Box::new(run)).closing()
     }
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(60)));
-    if conn
-        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return;
+
+    fn refuse(&self, refusal: &Refusal) -> Response<'static> {
+        debug!(status = refusal.status, error = %refusal.message, "bad admin request");
+        Response::full(refusal.status, None, Vec::new()).closing()
     }
-    let line = |v: Value, conn: &mut UnixStream| {
-        let mut s = v.to_string();
-        s.push('\n');
-        let _ = conn.write_all(s.as_bytes());
-    };
-    let request: Request = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            line(json!({ "error": format!("bad request: {e}") }), &mut conn);
-            return;
-        }
-    };
-    debug!(?request, "admin request");
-    let mut progress_conn = match conn.try_clone() {
-        Ok(c) => c,
-        Err(_) => return,
-    };
-    let result = execute(store, &request, &mut |p| {
-        line(json!({ "progress": p }), &mut progress_conn)
-    });
-    match result {
-        Ok(v) => line(json!({ "result": v }), &mut conn),
-        Err(e) => line(json!({ "error": format!("{e:#}") }), &mut conn),
+}
+
+/// One command, run while its answer streams: progress lines, then the result.
+struct Command<'h> {
+    store: &'h Store,
+    request: Result<Request, String>,
+}
+
+fn line(out: &mut dyn Write, v: Value) -> std::io::Result<()> {
+    let mut s = v.to_string();
+    s.push('\n');
+    out.write_all(s.as_bytes())?;
+    out.flush()
+}
+
+impl StreamBody for Command<'_> {
+    fn write_to(self: Box<Self>, out: &mut dyn Write) -> Result<(), StreamError> {
+        let request = match self.request {
+            Ok(r) => r,
+            Err(e) => return Ok(line(out, json!({ "error": e }))?),
+        };
+        let result = execute(self.store, &request, &mut |p| {
+            let _ = line(out, json!({ "progress": p }));
+        });
+        let last = match result {
+            Ok(v) => json!({ "result": v }),
+            Err(e) => json!({ "error": format!("{e:#}") }),
+        };
+        Ok(line(out, last)?)
     }
 }
 

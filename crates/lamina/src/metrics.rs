@@ -1,22 +1,24 @@
-//! Prometheus metrics: per-operation counters and latency histograms kept in atomics, store gauges read at
-//! scrape time, and a small HTTP/1.0 server answering `GET /metrics` in the text exposition format 0.0.4.
+//! Prometheus metrics: per-call counters and latency histograms kept in atomics, store gauges read at
+//! scrape time, and the `/metrics` endpoint (on the [`lamina_http`] server) answering in the text
+//! exposition format 0.0.4.
 //!
-//! Operations are counted at the adapter seam (crates/lamina/src/adapters/): every protocol call goes through
-//! [`observe`]. With no `metrics_address` the registry stays disabled and [`observe`] only runs the call (no
-//! clock read, no atomic). Gauges cost one read of the metadata database and of the mount table per scrape;
+//! Calls are counted where the protocol crates dispatch them: the plugin router and the snapshotter
+//! service report each call (its name, result and duration) to the observer [`plugin_observer`] and
+//! [`snapshotter_observer`] give them. With no `metrics_address` no observer is installed and nothing is
+//! timed or counted. Gauges cost one read of the metadata database and of the mount table per scrape;
 //! no file under `layers/` is read.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use lamina_http::{Body, Handler, Refusal, RequestHead, Response, ServerConfig, ShutdownHandle};
 use lamina_store::Store;
 use tracing::{debug, info, warn};
 
@@ -57,111 +59,21 @@ impl std::fmt::Display for MetricsAddress {
     }
 }
 
-/// An operation counted by [`observe`]: its protocol and its name on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-#[allow(missing_docs)]
-pub enum Op {
-    GdInit,
-    GdCreate,
-    GdCreateReadWrite,
-    GdRemove,
-    GdGet,
-    GdPut,
-    GdGetMetadata,
-    GdCleanup,
-    GdDiff,
-    GdChanges,
-    GdApplyDiff,
-    GdDiffSize,
-    SnPrepare,
-    SnView,
-    SnMounts,
-    SnCommit,
-    SnRemove,
-    SnStat,
-    SnUpdate,
-    SnList,
-    SnUsage,
-    SnCleanup,
-    VolCreate,
-    VolRemove,
-    VolMount,
-    VolUnmount,
-    VolPath,
-    VolGet,
-    VolList,
-}
-
-const OPS: usize = 29;
-
-impl Op {
-    const ALL: [Op; OPS] = [
-        Op::GdInit,
-        Op::GdCreate,
-        Op::GdCreateReadWrite,
-        Op::GdRemove,
-        Op::GdGet,
-        Op::GdPut,
-        Op::GdGetMetadata,
-        Op::GdCleanup,
-        Op::GdDiff,
-        Op::GdChanges,
-        Op::GdApplyDiff,
-        Op::GdDiffSize,
-        Op::SnPrepare,
-        Op::SnView,
-        Op::SnMounts,
-        Op::SnCommit,
-        Op::SnRemove,
-        Op::SnStat,
-        Op::SnUpdate,
-        Op::SnList,
-        Op::SnUsage,
-        Op::SnCleanup,
-        Op::VolCreate,
-        Op::VolRemove,
-        Op::VolMount,
-        Op::VolUnmount,
-        Op::VolPath,
-        Op::VolGet,
-        Op::VolList,
-    ];
-
-    /// `(protocol, op)` label values.
-    pub fn labels(self) -> (&'static str, &'static str) {
-        match self {
-            Op::GdInit => ("graphdriver", "Init"),
-            Op::GdCreate => ("graphdriver", "Create"),
-            Op::GdCreateReadWrite => ("graphdriver", "CreateReadWrite"),
-            Op::GdRemove => ("graphdriver", "Remove"),
-            Op::GdGet => ("graphdriver", "Get"),
-            Op::GdPut => ("graphdriver", "Put"),
-            Op::GdGetMetadata => ("graphdriver", "GetMetadata"),
-            Op::GdCleanup => ("graphdriver", "Cleanup"),
-            Op::GdDiff => ("graphdriver", "Diff"),
-            Op::GdChanges => ("graphdriver", "Changes"),
-            Op::GdApplyDiff => ("graphdriver", "ApplyDiff"),
-            Op::GdDiffSize => ("graphdriver", "DiffSize"),
-            Op::SnPrepare => ("snapshotter", "Prepare"),
-            Op::SnView => ("snapshotter", "View"),
-            Op::SnMounts => ("snapshotter", "Mounts"),
-            Op::SnCommit => ("snapshotter", "Commit"),
-            Op::SnRemove => ("snapshotter", "Remove"),
-            Op::SnStat => ("snapshotter", "Stat"),
-            Op::SnUpdate => ("snapshotter", "Update"),
-            Op::SnList => ("snapshotter", "List"),
-            Op::SnUsage => ("snapshotter", "Usage"),
-            Op::SnCleanup => ("snapshotter", "Cleanup"),
-            Op::VolCreate => ("volume", "Create"),
-            Op::VolRemove => ("volume", "Remove"),
-            Op::VolMount => ("volume", "Mount"),
-            Op::VolUnmount => ("volume", "Unmount"),
-            Op::VolPath => ("volume", "Path"),
-            Op::VolGet => ("volume", "Get"),
-            Op::VolList => ("volume", "List"),
-        }
-    }
+/// The `(protocol, op)` labels of every counted call, in exposition order.
+fn call_labels() -> Vec<(&'static str, &'static str)> {
+    let plugin = |prefix: &'static str, protocol: &'static str| {
+        lamina_docker::OBSERVED_CALLS
+            .iter()
+            .filter_map(move |c| c.strip_prefix(prefix).map(|op| (protocol, op)))
+    };
+    plugin("GraphDriver.", "graphdriver")
+        .chain(
+            lamina_snapshotter::OBSERVED_CALLS
+                .iter()
+                .map(|op| ("snapshotter", *op)),
+        )
+        .chain(plugin("VolumeDriver.", "volume"))
+        .collect()
 }
 
 /// Upper bounds of the latency buckets, in seconds (`+Inf` is implied).
@@ -227,28 +139,21 @@ impl<const N: usize> Histogram<N> {
     }
 }
 
+/// The counters and latencies of one call.
 #[derive(Debug)]
-struct OpStats {
+struct CallStats {
+    protocol: &'static str,
+    op: &'static str,
     ok: AtomicU64,
     error: AtomicU64,
     latency: Histogram<18>,
-}
-
-impl OpStats {
-    const fn new() -> Self {
-        OpStats {
-            ok: AtomicU64::new(0),
-            error: AtomicU64::new(0),
-            latency: Histogram::new(&LATENCY_BUCKETS, 1e6),
-        }
-    }
 }
 
 /// Every metric lamina keeps in memory.
 #[derive(Debug)]
 pub struct Registry {
     enabled: AtomicBool,
-    ops: [OpStats; OPS],
+    calls: OnceLock<Vec<CallStats>>,
     apply_bytes: AtomicU64,
     apply_throughput: Histogram<10>,
     diff_bytes: AtomicU64,
@@ -264,7 +169,7 @@ pub struct Registry {
 /// The process's registry.
 pub static METRICS: Registry = Registry {
     enabled: AtomicBool::new(false),
-    ops: [const { OpStats::new() }; OPS],
+    calls: OnceLock::new(),
     apply_bytes: AtomicU64::new(0),
     apply_throughput: Histogram::new(&THROUGHPUT_BUCKETS, 1.0),
     diff_bytes: AtomicU64::new(0),
@@ -277,40 +182,59 @@ pub static METRICS: Registry = Registry {
     scrapes: AtomicU64::new(0),
 };
 
+impl Registry {
+    fn calls(&self) -> &[CallStats] {
+        self.calls.get_or_init(|| {
+            call_labels()
+                .into_iter()
+                .map(|(protocol, op)| CallStats {
+                    protocol,
+                    op,
+                    ok: AtomicU64::new(0),
+                    error: AtomicU64::new(0),
+                    latency: Histogram::new(&LATENCY_BUCKETS, 1e6),
+                })
+                .collect()
+        })
+    }
+
+    /// Counts one call of `op` of `protocol`.
+    fn record(&self, protocol: &str, op: &str, ok: bool, elapsed: Duration) {
+        let Some(s) = self.calls().iter().find(|s| s.op == op && s.protocol == protocol) else {
+            return;
+        };
+        if ok { &s.ok } else { &s.error }.fetch_add(1, Ordering::Relaxed);
+        s.latency.record(elapsed.as_secs_f64());
+    }
+}
+
 /// Whether metrics are collected (a `metrics_address` is set).
 pub fn enabled() -> bool {
     METRICS.enabled.load(Ordering::Relaxed)
 }
 
-/// A started operation; [`Timer::finish`] records it. `None` inside when metrics are off.
-#[derive(Debug)]
-pub struct Timer(Option<(Op, Instant)>);
-
-impl Timer {
-    /// Starts timing `op` (no clock read when metrics are off).
-    pub fn start(op: Op) -> Timer {
-        Timer(enabled().then(|| (op, Instant::now())))
-    }
-
-    /// Records the operation's result and latency; returns the elapsed time (zero when off).
-    pub fn finish(self, ok: bool) -> Duration {
-        let Some((op, t0)) = self.0 else {
-            return Duration::ZERO;
-        };
-        let elapsed = t0.elapsed();
-        let s = &METRICS.ops[op as usize];
-        if ok { &s.ok } else { &s.error }.fetch_add(1, Ordering::Relaxed);
-        s.latency.record(elapsed.as_secs_f64());
-        elapsed
-    }
+/// The plugin router's observer: `GraphDriver.X` counts as `graphdriver`/`X`, `VolumeDriver.X` as
+/// `volume`/`X`. `None` when metrics are off.
+pub fn plugin_observer() -> Option<lamina_docker::Observer> {
+    enabled().then(|| {
+        Arc::new(|call: &'static str, ok: bool, elapsed: Duration| {
+            let (protocol, op) = match call.split_once('.') {
+                Some(("GraphDriver", op)) => ("graphdriver", op),
+                Some(("VolumeDriver", op)) => ("volume", op),
+                _ => return,
+            };
+            METRICS.record(protocol, op, ok, elapsed);
+        }) as lamina_docker::Observer
+    })
 }
 
-/// Runs `f` as operation `op`, counting its result and latency.
-pub fn observe<T, E>(op: Op, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
-    let t = Timer::start(op);
-    let r = f();
-    t.finish(r.is_ok());
-    r
+/// The snapshotter service's observer. `None` when metrics are off.
+pub fn snapshotter_observer() -> Option<lamina_snapshotter::Observer> {
+    enabled().then(|| {
+        Arc::new(|rpc: &'static str, ok: bool, elapsed: Duration| {
+            METRICS.record("snapshotter", rpc, ok, elapsed);
+        }) as lamina_snapshotter::Observer
+    })
 }
 
 /// Counts `bytes` of tar applied by an ApplyDiff that took `elapsed`.
@@ -360,88 +284,112 @@ pub fn verified(outcome: VerifyOutcome, bytes: u64, elapsed: Duration) {
         .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+/// The exposition being written: `# HELP`/`# TYPE` lines and samples.
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    /// One sample; `labels` is `k="v",...` or empty.
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        if labels.is_empty() {
+            let _ = writeln!(self.0, "{name} {value}");
+        } else {
+            let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
+        }
+    }
+
+    /// A family with a single unlabelled sample.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, "", value);
+    }
 }
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
 /// The whole exposition (text format 0.0.4); `store` gives the gauges.
 pub fn render(store: &Store, started: SystemTime) -> String {
+    METRICS.scrapes.fetch_add(1, Ordering::Relaxed);
+    let mut out = Exposition(String::with_capacity(64 * 1024));
+    render_calls(&mut out);
+    render_transfers(&mut out);
+    render_verify(&mut out);
+    render_store(&mut out, store);
+    render_process(&mut out, started);
+    out.0
+}
+
+/// Calls by protocol, operation and result, and their latencies.
+fn render_calls(out: &mut Exposition) {
     let m = &METRICS;
-    m.scrapes.fetch_add(1, Ordering::Relaxed);
-    let mut out = String::with_capacity(64 * 1024);
-    header(
-        &mut out,
+    out.family(
         "lamina_requests_total",
         "counter",
         "Protocol calls handled, by protocol, operation and result.",
     );
-    for op in Op::ALL {
-        let (proto, name) = op.labels();
-        let s = &m.ops[op as usize];
+    for s in m.calls() {
         for (result, c) in [("ok", &s.ok), ("error", &s.error)] {
-            let _ = writeln!(
-                out,
-                "lamina_requests_total{{protocol=\"{proto}\",op=\"{name}\",result=\"{result}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
+            let labels = format!("protocol=\"{}\",op=\"{}\",result=\"{result}\"", s.protocol, s.op);
+            out.sample("lamina_requests_total", &labels, load(c));
         }
     }
-    header(
-        &mut out,
+    out.family(
         "lamina_request_duration_seconds",
         "histogram",
         "Latency of protocol calls (Diff: until the last byte of the stream was written).",
     );
-    for op in Op::ALL {
-        let (proto, name) = op.labels();
-        let s = &m.ops[op as usize];
-        if s.latency.count() == 0 && !matches!(op, Op::GdGet | Op::GdPut) {
-            // Unused operations would add 21 lines each; Get and Put always show.
+    for s in m.calls() {
+        // Unused operations would add 21 lines each; Get and Put of the graph driver always show.
+        let always = s.protocol == "graphdriver" && matches!(s.op, "Get" | "Put");
+        if s.latency.count() == 0 && !always {
             continue;
         }
         s.latency.expose(
-            &mut out,
+            &mut out.0,
             "lamina_request_duration_seconds",
-            &format!("protocol=\"{proto}\",op=\"{name}\","),
+            &format!("protocol=\"{}\",op=\"{}\",", s.protocol, s.op),
         );
     }
-    header(
-        &mut out,
+}
+
+/// Tar bytes applied and diffed.
+fn render_transfers(out: &mut Exposition) {
+    let m = &METRICS;
+    out.single(
         "lamina_apply_bytes_total",
         "counter",
         "Tar bytes received and applied by ApplyDiff (successful calls) since start.",
+        load(&m.apply_bytes),
     );
-    let _ = writeln!(
-        out,
-        "lamina_apply_bytes_total {}",
-        m.apply_bytes.load(Ordering::Relaxed)
-    );
-    header(
-        &mut out,
+    out.family(
         "lamina_apply_throughput_bytes_per_second",
         "histogram",
         "Throughput of each successful ApplyDiff (tar bytes / call duration).",
     );
     m.apply_throughput
-        .expose(&mut out, "lamina_apply_throughput_bytes_per_second", "");
-    header(
-        &mut out,
+        .expose(&mut out.0, "lamina_apply_throughput_bytes_per_second", "");
+    out.single(
         "lamina_diff_bytes_total",
         "counter",
         "Tar bytes streamed by Diff since start.",
+        load(&m.diff_bytes),
     );
-    let _ = writeln!(
-        out,
-        "lamina_diff_bytes_total {}",
-        m.diff_bytes.load(Ordering::Relaxed)
-    );
-    header(
-        &mut out,
+}
+
+/// verify_on_mount checks.
+fn render_verify(out: &mut Exposition) {
+    let m = &METRICS;
+    out.family(
         "lamina_verify_on_mount_total",
         "counter",
         "Layers checked against their manifest before their first mount (verify_on_mount), by result.",
@@ -452,37 +400,40 @@ pub fn render(store: &Store, started: SystemTime) -> String {
         ("skipped", &m.verify_skipped),
         ("error", &m.verify_error),
     ] {
-        let _ = writeln!(
-            out,
-            "lamina_verify_on_mount_total{{result=\"{r}\"}} {}",
-            c.load(Ordering::Relaxed)
+        out.sample(
+            "lamina_verify_on_mount_total",
+            &format!("result=\"{r}\""),
+            load(c),
         );
     }
-    header(
-        &mut out,
+    out.single(
         "lamina_verify_on_mount_bytes_total",
         "counter",
         "Content bytes read by verify_on_mount.",
+        load(&m.verify_bytes),
     );
-    let _ = writeln!(
-        out,
-        "lamina_verify_on_mount_bytes_total {}",
-        m.verify_bytes.load(Ordering::Relaxed)
-    );
-    header(
-        &mut out,
+    out.single(
         "lamina_verify_on_mount_seconds_total",
         "counter",
         "Time spent by verify_on_mount.",
+        load(&m.verify_nanos) as f64 / 1e9,
     );
-    let _ = writeln!(
-        out,
-        "lamina_verify_on_mount_seconds_total {}",
-        m.verify_nanos.load(Ordering::Relaxed) as f64 / 1e9
-    );
+}
 
-    // Store gauges and persistent counters.
-    let mut store_ok = 1;
+/// Store gauges (read now) and the store's persistent counters.
+fn render_store(out: &mut Exposition, store: &Store) {
+    let up = render_store_gauges(out, store);
+    render_store_counters(out, store);
+    out.single(
+        "lamina_store_up",
+        "gauge",
+        "1 when the store answered the gauge queries of this scrape.",
+        u8::from(up),
+    );
+}
+
+/// Layers, bytes and mounts, as `lamina status` shows them. `false` when the store did not answer.
+fn render_store_gauges(out: &mut Exposition, store: &Store) -> bool {
     match store.overview() {
         Ok(layers) => {
             let bytes: u64 = layers.iter().filter_map(|l| l.record.size).sum();
@@ -492,60 +443,61 @@ pub fn render(store: &Store, started: SystemTime) -> String {
             for l in &layers {
                 *per_ns.entry(l.record.ns.as_str()).or_default() += 1;
             }
-            header(&mut out, "lamina_store_layers", "gauge", "Layers in the store.");
-            let _ = writeln!(out, "lamina_store_layers {}", layers.len());
-            header(
-                &mut out,
+            out.single(
+                "lamina_store_layers",
+                "gauge",
+                "Layers in the store.",
+                layers.len(),
+            );
+            out.family(
                 "lamina_store_namespace_layers",
                 "gauge",
                 "Layers in the store, by engine namespace.",
             );
             for (ns, n) in per_ns {
-                let _ = writeln!(
-                    out,
-                    "lamina_store_namespace_layers{{namespace=\"{}\"}} {n}",
-                    escape(ns)
+                out.sample(
+                    "lamina_store_namespace_layers",
+                    &format!("namespace=\"{}\"", escape(ns)),
+                    n,
                 );
             }
-            header(
-                &mut out,
+            out.single(
                 "lamina_store_bytes",
                 "gauge",
                 "Bytes of layer content as recorded at apply/commit (what `lamina status` calls bytes).",
+                bytes,
             );
-            let _ = writeln!(out, "lamina_store_bytes {bytes}");
-            header(
-                &mut out,
+            out.single(
                 "lamina_store_mounts",
                 "gauge",
                 "Mount references held now (sum over layers).",
+                mounts,
             );
-            let _ = writeln!(out, "lamina_store_mounts {mounts}");
-            header(
-                &mut out,
+            out.single(
                 "lamina_store_mounted_layers",
                 "gauge",
                 "Layers mounted now (referenced, or a mount of a previous run present).",
+                mounted,
             );
-            let _ = writeln!(out, "lamina_store_mounted_layers {mounted}");
+            true
         }
         Err(e) => {
-            store_ok = 0;
             debug!(error = %e, "metrics: store overview failed");
+            false
         }
     }
+}
+
+/// The store's operation and garbage collection counters (kept across restarts).
+fn render_store_counters(out: &mut Exposition, store: &Store) {
     let counters = store.counters();
-    header(
-        &mut out,
+    out.family(
         "lamina_store_operations_total",
         "counter",
         "The store's own operation counters (kept across restarts; `lamina status` counters).",
     );
-    for (k, v) in &counters {
-        if k.starts_with("gc_") {
-            continue;
-        }
-        let _ = writeln!(out, "lamina_store_operations_total{{counter=\"{k}\"}} {v}");
+    for (k, v) in counters.iter().filter(|(k, _)| !k.starts_with("gc_")) {
+        out.sample("lamina_store_operations_total", &format!("counter=\"{k}\""), v);
     }
     for (name, key, help) in [
         (
@@ -564,50 +516,70 @@ pub fn render(store: &Store, started: SystemTime) -> String {
             "Bytes freed by garbage collection (kept across restarts).",
         ),
     ] {
-        header(&mut out, name, "counter", help);
-        let _ = writeln!(out, "{name} {}", counters.get(key).copied().unwrap_or(0));
+        out.single(name, "counter", help, counters.get(key).copied().unwrap_or(0));
     }
-    header(
-        &mut out,
-        "lamina_store_up",
-        "gauge",
-        "1 when the store answered the gauge queries of this scrape.",
-    );
-    let _ = writeln!(out, "lamina_store_up {store_ok}");
-    header(
-        &mut out,
-        "lamina_start_time_seconds",
-        "gauge",
-        "Start time of this lamina process (Unix time).",
-    );
+}
+
+/// The process: start time, version, scrapes.
+fn render_process(out: &mut Exposition, started: SystemTime) {
     let start = started
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
-    let _ = writeln!(out, "lamina_start_time_seconds {start}");
-    header(
-        &mut out,
-        "lamina_build_info",
+    out.single(
+        "lamina_start_time_seconds",
         "gauge",
-        "Version of this lamina binary.",
+        "Start time of this lamina process (Unix time).",
+        start,
     );
-    let _ = writeln!(
-        out,
-        "lamina_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
+    out.family("lamina_build_info", "gauge", "Version of this lamina binary.");
+    out.sample(
+        "lamina_build_info",
+        &format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
+        1,
     );
-    header(
-        &mut out,
+    out.single(
         "lamina_metrics_scrapes_total",
         "counter",
         "Scrapes of this endpoint, this one included.",
+        load(&METRICS.scrapes),
     );
-    let _ = writeln!(
-        out,
-        "lamina_metrics_scrapes_total {}",
-        m.scrapes.load(Ordering::Relaxed)
-    );
-    out
+}
+
+/// Content type of the exposition.
+const EXPOSITION_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+/// The `/metrics` handler: HTTP/1.0 answers, one request per connection.
+struct Scrapes {
+    store: Arc<Store>,
+    started: SystemTime,
+}
+
+impl Handler for Scrapes {
+    fn handle<'h>(&'h self, head: &RequestHead, _body: &mut Body<'_>) -> Response<'h> {
+        let resp = match (head.method.as_str(), head.path()) {
+            ("GET" | "HEAD", "/metrics") => Response::full(
+                200,
+                Some(EXPOSITION_TYPE),
+                render(&self.store, self.started).into_bytes(),
+            ),
+            ("GET" | "HEAD", _) => {
+                Response::full(404, Some(PLAIN), b"lamina serves /metrics only\n".to_vec())
+            }
+            _ => Response::full(405, Some(PLAIN), b"use GET\n".to_vec()),
+        };
+        resp.http10()
+    }
+
+    fn refuse(&self, refusal: &Refusal) -> Response<'static> {
+        Response::full(
+            refusal.status,
+            Some(PLAIN),
+            format!("{}\n", refusal.message).into_bytes(),
+        )
+        .http10()
+    }
 }
 
 enum Listener {
@@ -625,16 +597,12 @@ pub struct Endpoint {
 pub fn bind(address: &MetricsAddress) -> anyhow::Result<Endpoint> {
     let listener = match address {
         MetricsAddress::Tcp(a) => {
-            let l = TcpListener::bind(a).with_context(|| format!("binding the metrics address {a}"))?;
-            l.set_nonblocking(true)?;
-            Listener::Tcp(l)
+            Listener::Tcp(TcpListener::bind(a).with_context(|| format!("binding the metrics address {a}"))?)
         }
-        MetricsAddress::Unix(p) => {
-            let l = lamina_docker::server::bind_socket_with_mode(p, 0o600)
-                .with_context(|| format!("binding the metrics socket {}", p.display()))?;
-            l.set_nonblocking(true)?;
-            Listener::Unix(l)
-        }
+        MetricsAddress::Unix(p) => Listener::Unix(
+            lamina_http::bind_socket_with_mode(p, 0o600)
+                .with_context(|| format!("binding the metrics socket {}", p.display()))?,
+        ),
     };
     METRICS.enabled.store(true, Ordering::Relaxed);
     Ok(Endpoint {
@@ -657,30 +625,25 @@ impl Endpoint {
 
     /// Serves scrapes on a thread until `stop`; removes a unix socket at the end.
     pub fn spawn(self, store: Arc<Store>, stop: Arc<AtomicBool>) -> anyhow::Result<JoinHandle<()>> {
-        let started = SystemTime::now();
         info!(address = %self.local_address(), "serving Prometheus metrics at /metrics");
+        let handler = Arc::new(Scrapes {
+            store,
+            started: SystemTime::now(),
+        });
+        let shutdown = ShutdownHandle::from_flag(stop);
+        let cfg = ServerConfig {
+            name: "metrics",
+            ..ServerConfig::default()
+        };
         std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    let accepted: std::io::Result<Box<dyn Conn>> = match &self.listener {
-                        Listener::Tcp(l) => l.accept().map(|(c, _)| Box::new(c) as Box<dyn Conn>),
-                        Listener::Unix(l) => l.accept().map(|(c, _)| Box::new(c) as Box<dyn Conn>),
-                    };
-                    match accepted {
-                        Ok(mut c) => {
-                            if let Err(e) = serve_one(c.as_mut(), &store, started) {
-                                debug!(error = %e, "metrics request failed");
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "metrics accept failed");
-                            std::thread::sleep(Duration::from_millis(200));
-                        }
-                    }
+                let served = match self.listener {
+                    Listener::Tcp(l) => lamina_http::serve_with_config(l, handler, &shutdown, cfg),
+                    Listener::Unix(l) => lamina_http::serve_with_config(l, handler, &shutdown, cfg),
+                };
+                if let Err(e) = served {
+                    warn!(error = %e, "metrics endpoint failed");
                 }
                 if let MetricsAddress::Unix(p) = &self.address {
                     let _ = std::fs::remove_file(p);
@@ -688,75 +651,6 @@ impl Endpoint {
             })
             .context("starting the metrics thread")
     }
-}
-
-trait Conn: Read + Write {
-    fn prepare(&mut self) -> std::io::Result<()>;
-}
-
-impl Conn for std::net::TcpStream {
-    fn prepare(&mut self) -> std::io::Result<()> {
-        self.set_nonblocking(false)?;
-        self.set_read_timeout(Some(Duration::from_secs(5)))?;
-        self.set_write_timeout(Some(Duration::from_secs(10)))
-    }
-}
-
-impl Conn for std::os::unix::net::UnixStream {
-    fn prepare(&mut self) -> std::io::Result<()> {
-        self.set_nonblocking(false)?;
-        self.set_read_timeout(Some(Duration::from_secs(5)))?;
-        self.set_write_timeout(Some(Duration::from_secs(10)))
-    }
-}
-
-/// Answers one request (HTTP/1.0 style: one response, then close).
-fn serve_one(conn: &mut dyn Conn, store: &Store, started: SystemTime) -> anyhow::Result<()> {
-    conn.prepare()?;
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        if buf.len() > 8192 {
-            bail!("request head too large");
-        }
-        let n = conn.read(&mut chunk)?;
-        if n == 0 {
-            bail!("connection closed before the request head ended");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut first = head.lines().next().unwrap_or("").split(' ');
-    let (method, target) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, ctype, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(store, started),
-        ),
-        ("GET" | "HEAD", _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "lamina serves /metrics only\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
-            "use GET\n".to_string(),
-        ),
-    };
-    let mut resp = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if method != "HEAD" {
-        resp.extend_from_slice(body.as_bytes());
-    }
-    conn.write_all(&resp)?;
-    conn.flush()?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -800,11 +694,14 @@ mod tests {
     }
 
     #[test]
-    fn every_op_has_distinct_labels() {
+    fn every_call_has_distinct_labels() {
         let mut seen = std::collections::HashSet::new();
-        for (i, op) in Op::ALL.iter().enumerate() {
-            assert_eq!(*op as usize, i);
-            assert!(seen.insert(op.labels()));
+        for (protocol, op) in call_labels() {
+            assert!(seen.insert((protocol, op)), "{protocol} {op}");
         }
+        assert_eq!(seen.len(), 29);
+        assert!(seen.contains(&("graphdriver", "ApplyDiff")));
+        assert!(seen.contains(&("snapshotter", "Prepare")));
+        assert!(seen.contains(&("volume", "Mount")));
     }
 }

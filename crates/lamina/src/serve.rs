@@ -1,8 +1,9 @@
 //! `lamina serve`: open the store, bind the sockets, serve until SIGTERM/SIGINT.
 //!
-//! The Docker plugin server is blocking (a thread per connection, see docs/architecture.md) and runs on the
-//! main thread; the containerd snapshotter is gRPC and runs in a tokio runtime on its own thread, calling
-//! the store on tokio's blocking pool. One flag stops both.
+//! The Docker plugin socket, the admin socket and the metrics endpoint are served by the blocking HTTP server
+//! of `lamina-http` (a thread per connection, see docs/architecture.md); the plugin socket on the main thread.
+//! The containerd snapshotter is gRPC and runs in a tokio runtime on its own thread, calling the store on
+//! tokio's blocking pool. One flag stops them all.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,6 +86,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             }
             let graph = Arc::new(graph);
             let mut router = Router::new().with_graph_driver(graph);
+            if let Some(observer) = crate::metrics::plugin_observer() {
+                router = router.with_observer(observer);
+            }
             // Volumes are served on the plugin socket only; the service mounts its cluster (if any) now.
             if let Some(cfg) = settings.volumes.clone() {
                 let v =
@@ -108,7 +112,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             }
             let backend = Arc::new(backend);
             let listener =
-                lamina_docker::bind_socket(path).with_context(|| format!("binding {}", path.display()))?;
+                lamina_http::bind_socket(path).with_context(|| format!("binding {}", path.display()))?;
             info!(socket = %path.display(), "serving the containerd snapshotter; name it in containerd's [proxy_plugins]");
             Some((path.clone(), spawn_grpc(listener, backend, shutdown.flag())?))
         }
@@ -197,7 +201,8 @@ fn spawn_grpc(
                         }
                     }
                 };
-                let server = tokio::spawn(lamina_snapshotter::serve(listener, backend, signal));
+                let observer = crate::metrics::snapshotter_observer();
+                let server = tokio::spawn(lamina_snapshotter::serve(listener, backend, observer, signal));
                 // Wait for the stop flag (or an early server failure), then give calls a moment to drain.
                 let mut server = server;
                 loop {

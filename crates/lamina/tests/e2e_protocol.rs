@@ -1167,3 +1167,119 @@ fn crash_during_apply_diff() {
     p.put(&id);
     assert_eq!(p.status_layers(), Some(2));
 }
+
+/// A tar that is nothing but PAX extension headers (each a header block and one data block) for `duration`,
+/// then one small file: a stream that keeps the parser busy without writing anything.
+struct PaxFlood {
+    until: Instant,
+    headers: u64,
+    pending: Vec<u8>,
+    done: bool,
+}
+
+impl PaxFlood {
+    fn new(duration: Duration) -> PaxFlood {
+        PaxFlood {
+            until: Instant::now() + duration,
+            headers: 0,
+            pending: Vec::new(),
+            done: false,
+        }
+    }
+}
+
+impl Read for PaxFlood {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pending.is_empty() && !self.done {
+            if Instant::now() < self.until {
+                let record = b"20 comment=flooding\n";
+                for _ in 0..64 {
+                    self.pending.extend_from_slice(&tar_header(
+                        b"pax",
+                        b'x',
+                        0o644,
+                        record.len() as u64,
+                        b"",
+                    ));
+                    let mut data = [0u8; 512];
+                    data[..record.len()].copy_from_slice(record);
+                    self.pending.extend_from_slice(&data);
+                    self.headers += 1;
+                }
+            } else {
+                self.done = true;
+                self.pending
+                    .extend_from_slice(&tar_header(b"after-the-flood", b'0', 0o644, 3, b""));
+                let mut data = [0u8; 512];
+                data[..3].copy_from_slice(b"ok\n");
+                self.pending.extend_from_slice(&data);
+                self.pending.extend_from_slice(&[0u8; 1024]);
+            }
+        }
+        let n = buf.len().min(self.pending.len());
+        buf[..n].copy_from_slice(&self.pending[..n]);
+        self.pending.drain(..n);
+        Ok(n)
+    }
+}
+
+/// One ApplyDiff parsing a flood of PAX headers must not delay other callers: Status, Exists and a Get/Put of
+/// another layer on other connections are answered quickly while it runs.
+#[test]
+fn hostile_apply_does_not_delay_other_calls() {
+    let Some(p) = proto("hostile_apply_does_not_delay_other_calls") else {
+        return;
+    };
+    p.layer("other", None, &base_tar());
+    p.create("flooded", None);
+    let c = p.lamina.client();
+    let apply = thread::spawn(move || {
+        let mut flood = PaxFlood::new(Duration::from_secs(3));
+        let started = Instant::now();
+        let r = c
+            .apply_diff("flooded", "", &mut flood)
+            .expect("ApplyDiff transport");
+        (r, started.elapsed(), flood.headers)
+    });
+    // Give the apply time to start and take whatever it takes.
+    thread::sleep(Duration::from_millis(500));
+    let mut worst: Vec<(&str, Duration)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        for (what, body) in [
+            ("Status", json!({})),
+            ("Exists", json!({"ID": "other"})),
+            ("Get", json!({"ID": "other"})),
+            ("Put", json!({"ID": "other"})),
+        ] {
+            let t = Instant::now();
+            p.c.call(what, body).ok(what);
+            worst.push((what, t.elapsed()));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (r, took, headers) = apply.join().unwrap();
+    r.ok("ApplyDiff of the flood");
+    let mut times: Vec<Duration> = worst.iter().map(|(_, d)| *d).collect();
+    times.sort();
+    let (median, max) = (times[times.len() / 2], times[times.len() - 1]);
+    eprintln!(
+        "FIGURE hostile apply ({headers} PAX headers, {took:?}): {} other calls, median {median:?}, slowest {max:?} ({:?})",
+        worst.len(),
+        worst.iter().max_by_key(|(_, d)| *d).map(|(w, _)| *w)
+    );
+    assert!(
+        took >= Duration::from_secs(3),
+        "the apply ran while the calls were made"
+    );
+    // A call held up by the apply waits until it ends (seconds); on a loaded machine a call that is not
+    // may still take a few hundred milliseconds now and then.
+    assert!(
+        median < Duration::from_millis(100),
+        "median {median:?} behind the hostile apply"
+    );
+    assert!(
+        max < Duration::from_millis(1500),
+        "a call waited {max:?} behind the hostile apply"
+    );
+}

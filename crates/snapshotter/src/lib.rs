@@ -22,7 +22,7 @@ pub use model::{
 };
 /// Re-exported for callers building requests (timestamps, field masks).
 pub use prost_types;
-pub use service::{serve, SnapshotsService, LIST_BATCH};
+pub use service::{serve, Observer, SnapshotsService, LIST_BATCH, OBSERVED_CALLS};
 /// Re-exported so that clients use the same version.
 pub use tonic;
 

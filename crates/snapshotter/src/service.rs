@@ -1,11 +1,12 @@
-//! The tonic service: checks requests, runs the backend on the blocking pool, maps errors once.
+//! The tonic service: checks requests, runs the backend on the blocking pool, maps errors once, and
+//! reports each call to the [`Observer`].
 
 use std::future::Future;
 use std::os::unix::net::UnixListener;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -25,18 +26,51 @@ static REQUEST_IDS: AtomicU64 = AtomicU64::new(0);
 /// Infos per `List` response message.
 pub const LIST_BATCH: usize = 100;
 
+/// Told of every call that reached the backend once it is over: the RPC (`Prepare`), whether it
+/// succeeded, and how long it took.
+pub type Observer = Arc<dyn Fn(&'static str, bool, Duration) + Send + Sync>;
+
+/// The RPCs reported to an [`Observer`].
+pub const OBSERVED_CALLS: &[&str] = &[
+    "Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "List", "Usage", "Cleanup",
+];
+
 /// The gRPC service over a [`Snapshotter`].
 pub struct SnapshotsService {
     backend: Arc<dyn Snapshotter>,
+    observer: Option<Observer>,
 }
 
 impl SnapshotsService {
     /// Serves `backend`.
     pub fn new(backend: Arc<dyn Snapshotter>) -> Self {
-        SnapshotsService { backend }
+        SnapshotsService {
+            backend,
+            observer: None,
+        }
     }
 
-    async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T, Status>
+    /// Reports every call to `observer` (metrics).
+    pub fn with_observer(mut self, observer: Option<Observer>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Runs one call of RPC `rpc` (logged as `op`) on the blocking pool.
+    async fn run<T, F>(&self, rpc: &'static str, op: &'static str, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Snapshotter) -> crate::Result<T> + Send + 'static,
+    {
+        let started = self.observer.as_ref().map(|_| Instant::now());
+        let out = self.run_blocking(op, f).await;
+        if let (Some(observer), Some(t0)) = (&self.observer, started) {
+            observer(rpc, out.is_ok(), t0.elapsed());
+        }
+        out
+    }
+
+    async fn run_blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Snapshotter) -> crate::Result<T> + Send + 'static,
@@ -121,7 +155,7 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
         parent_in(&r.parent)?;
         let labels = labels_in(r.labels)?;
         let mounts = self
-            .run("prepare", move |b| {
+            .run("Prepare", "prepare", move |b| {
                 b.prepare(&r.snapshotter, &r.key, &r.parent, labels)
             })
             .await?;
@@ -139,7 +173,9 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
         parent_in(&r.parent)?;
         let labels = labels_in(r.labels)?;
         let mounts = self
-            .run("view", move |b| b.view(&r.snapshotter, &r.key, &r.parent, labels))
+            .run("View", "view", move |b| {
+                b.view(&r.snapshotter, &r.key, &r.parent, labels)
+            })
             .await?;
         Ok(Response::new(pb::ViewSnapshotResponse {
             mounts: mounts_out(mounts),
@@ -150,7 +186,7 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
         let r = req.into_inner();
         check_key("key", &r.key)?;
         let mounts = self
-            .run("mounts", move |b| b.mounts(&r.snapshotter, &r.key))
+            .run("Mounts", "mounts", move |b| b.mounts(&r.snapshotter, &r.key))
             .await?;
         Ok(Response::new(pb::MountsResponse {
             mounts: mounts_out(mounts),
@@ -169,7 +205,7 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
             .into());
         }
         let labels = labels_in(r.labels)?;
-        self.run("commit", move |b| {
+        self.run("Commit", "commit", move |b| {
             b.commit(&r.snapshotter, &r.name, &r.key, labels)
         })
         .await?;
@@ -179,7 +215,7 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
     async fn remove(&self, req: Request<pb::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = req.into_inner();
         check_key("key", &r.key)?;
-        self.run("remove", move |b| b.remove(&r.snapshotter, &r.key))
+        self.run("Remove", "remove", move |b| b.remove(&r.snapshotter, &r.key))
             .await?;
         Ok(Response::new(()))
     }
@@ -190,7 +226,9 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
     ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
         let r = req.into_inner();
         check_key("key", &r.key)?;
-        let info = self.run("stat", move |b| b.stat(&r.snapshotter, &r.key)).await?;
+        let info = self
+            .run("Stat", "stat", move |b| b.stat(&r.snapshotter, &r.key))
+            .await?;
         Ok(Response::new(pb::StatSnapshotResponse {
             info: Some(info_out(info)),
         }))
@@ -211,7 +249,9 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
         let change = LabelChange::from_request(&labels, &paths)?;
         let name = info.name;
         let info = self
-            .run("update", move |b| b.update(&r.snapshotter, &name, &change))
+            .run("Update", "update", move |b| {
+                b.update(&r.snapshotter, &name, &change)
+            })
             .await?;
         Ok(Response::new(pb::UpdateSnapshotResponse {
             info: Some(info_out(info)),
@@ -226,7 +266,7 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
     ) -> Result<Response<Self::ListStream>, Status> {
         let r = req.into_inner();
         let filter = Filter::parse_all(&r.filters)?;
-        let infos = self.run("list", move |b| b.list(&r.snapshotter)).await?;
+        let infos = self.run("List", "list", move |b| b.list(&r.snapshotter)).await?;
         let mut batches = Vec::new();
         let mut batch = Vec::new();
         for info in infos.into_iter().filter(|i| filter.matches(i)) {
@@ -247,7 +287,7 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
         let r = req.into_inner();
         check_key("key", &r.key)?;
         let u = self
-            .run("usage", move |b| b.usage(&r.snapshotter, &r.key))
+            .run("Usage", "usage", move |b| b.usage(&r.snapshotter, &r.key))
             .await?;
         Ok(Response::new(pb::UsageResponse {
             size: u.size,
@@ -257,22 +297,25 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
 
     async fn cleanup(&self, req: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
         let r = req.into_inner();
-        self.run("cleanup", move |b| b.cleanup(&r.snapshotter)).await?;
+        self.run("Cleanup", "cleanup", move |b| b.cleanup(&r.snapshotter))
+            .await?;
         Ok(Response::new(()))
     }
 }
 
-/// Serves `backend` on an already bound unix socket until `shutdown` completes. Must run inside a tokio
-/// runtime with I/O and time enabled.
+/// Serves `backend` on an already bound unix socket until `shutdown` completes, reporting calls to
+/// `observer`. Must run inside a tokio runtime with I/O and time enabled.
 pub async fn serve(
     listener: UnixListener,
     backend: Arc<dyn Snapshotter>,
+    observer: Option<Observer>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let svc = pb::snapshots_server::SnapshotsServer::new(SnapshotsService::new(backend));
+    let svc =
+        pb::snapshots_server::SnapshotsServer::new(SnapshotsService::new(backend).with_observer(observer));
     tonic::transport::Server::builder()
         .serve_with_incoming_shutdown(svc, incoming, shutdown)
         .await

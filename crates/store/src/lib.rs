@@ -1161,12 +1161,18 @@ impl Store {
             .map_err(error::db_err)?
             .len()
             .map_err(error::db_err)?;
+        // A slot held by an operation in progress is not waited for (an apply holds its slot for as long as its
+        // stream lasts); it counts as not mounted.
         let mounted = self
             .slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .filter(|s| lock(s).mounts > 0)
+            .filter(|s| match s.try_lock() {
+                Ok(g) => g.mounts > 0,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().mounts > 0,
+                Err(std::sync::TryLockError::WouldBlock) => false,
+            })
             .count() as u64;
         Ok(StoreStatus {
             root: self.root.clone(),

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use lamina_archive::{ArchiveError, IdMap, IdMappings};
 use lamina_docker::{
@@ -17,7 +18,7 @@ use lamina_store::{CreateOptions, DiffPlan, LayerKind, Store, StoreError};
 use lamina_sys::fs::errno;
 use tracing::info;
 
-use crate::metrics::{self, observe, Op, Timer};
+use crate::metrics;
 use crate::mount_check::MountCheck;
 
 const SETTING_HOME: &str = "graphdriver.home";
@@ -141,8 +142,8 @@ impl GraphDriverAdapter {
     }
 }
 
-/// A Diff: timed from the call until the last byte is written.
-struct Stream<'a>(DiffPlan<'a>, Timer);
+/// A Diff, counting the bytes it writes.
+struct Stream<'a>(DiffPlan<'a>);
 
 /// Counts what a Diff writes.
 struct Counting<'a>(&'a mut dyn Write, u64);
@@ -167,58 +168,46 @@ impl Write for Counting<'_> {
 
 impl DiffStream for Stream<'_> {
     fn write_to(self: Box<Self>, out: &mut dyn Write) -> Result<(), PluginError> {
-        let Stream(plan, timer) = *self;
+        let Stream(plan) = *self;
         if !metrics::enabled() {
             return plan.write_to(out).map_err(to_plugin_error);
         }
         let mut counting = Counting(out, 0);
         let r = plan.write_to(&mut counting).map_err(to_plugin_error);
         metrics::diffed(counting.1);
-        timer.finish(r.is_ok());
         r
     }
 }
 
 impl GraphDriver for GraphDriverAdapter {
     fn init(&self, req: InitRequest) -> Result<(), PluginError> {
-        observe(Op::GdInit, || self.init_inner(req))
+        self.init_inner(req)
     }
 
     fn create(&self, req: CreateRequest, read_write: bool) -> Result<(), PluginError> {
-        let op = if read_write {
-            Op::GdCreateReadWrite
-        } else {
-            Op::GdCreate
-        };
-        observe(op, || self.create_inner(req, read_write))
+        self.create_inner(req, read_write)
     }
 
     fn remove(&self, id: &str) -> Result<(), PluginError> {
-        observe(Op::GdRemove, || {
-            self.store
-                .remove(&self.ns(), id)
-                .map(|_| ())
-                .map_err(to_plugin_error)
-        })
+        self.store
+            .remove(&self.ns(), id)
+            .map(|_| ())
+            .map_err(to_plugin_error)
     }
 
     fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {
-        observe(Op::GdGet, || {
-            let ns = self.ns();
-            if let Some(check) = &self.mount_check {
-                let info = self.store.info(&ns, id).map_err(to_plugin_error)?;
-                if info.mounts == 0 {
-                    check.check_stack(&self.store, &info).map_err(to_plugin_error)?;
-                }
+        let ns = self.ns();
+        if let Some(check) = &self.mount_check {
+            let info = self.store.info(&ns, id).map_err(to_plugin_error)?;
+            if info.mounts == 0 {
+                check.check_stack(&self.store, &info).map_err(to_plugin_error)?;
             }
-            self.store.get(&ns, id, mount_label).map_err(to_plugin_error)
-        })
+        }
+        self.store.get(&ns, id, mount_label).map_err(to_plugin_error)
     }
 
     fn put(&self, id: &str) -> Result<(), PluginError> {
-        observe(Op::GdPut, || {
-            self.store.put(&self.ns(), id).map_err(to_plugin_error)
-        })
+        self.store.put(&self.ns(), id).map_err(to_plugin_error)
     }
 
     fn exists(&self, id: &str) -> bool {
@@ -230,37 +219,29 @@ impl GraphDriver for GraphDriverAdapter {
     }
 
     fn get_metadata(&self, id: &str) -> Result<BTreeMap<String, String>, PluginError> {
-        observe(Op::GdGetMetadata, || self.get_metadata_inner(id))
+        self.get_metadata_inner(id)
     }
 
     fn cleanup(&self) -> Result<(), PluginError> {
-        observe(Op::GdCleanup, || {
-            self.store.unmount_all().map_err(to_plugin_error)
-        })
+        self.store.unmount_all().map_err(to_plugin_error)
     }
 
     fn diff(&self, id: &str, parent: &str) -> Result<Box<dyn DiffStream + '_>, PluginError> {
-        let timer = Timer::start(Op::GdDiff);
         let st = self.state();
         match self.store.diff(&st.ns, id, parent, &st.mappings) {
-            Ok(plan) => Ok(Box::new(Stream(plan, timer))),
-            Err(e) => {
-                timer.finish(false);
-                Err(to_plugin_error(e))
-            }
+            Ok(plan) => Ok(Box::new(Stream(plan))),
+            Err(e) => Err(to_plugin_error(e)),
         }
     }
 
     fn changes(&self, id: &str, parent: &str) -> Result<Vec<FileChange>, PluginError> {
-        observe(Op::GdChanges, || self.changes_inner(id, parent))
+        self.changes_inner(id, parent)
     }
 
     fn apply_diff(&self, id: &str, parent: &str, body: &mut dyn Read) -> Result<u64, PluginError> {
-        let timer = Timer::start(Op::GdApplyDiff);
-        let r = self.apply_diff_inner(id, parent, body);
-        let elapsed = timer.finish(r.is_ok());
-        let (size, tar_bytes, number) = r?;
-        metrics::applied(tar_bytes, elapsed);
+        let started = Instant::now();
+        let (size, tar_bytes, number) = self.apply_diff_inner(id, parent, body)?;
+        metrics::applied(tar_bytes, started.elapsed());
         if let Some(check) = &self.mount_check {
             // Written by this process just now: nothing to check before its first mount.
             check.trust(number);
@@ -269,11 +250,9 @@ impl GraphDriver for GraphDriverAdapter {
     }
 
     fn diff_size(&self, id: &str, parent: &str) -> Result<u64, PluginError> {
-        observe(Op::GdDiffSize, || {
-            self.store
-                .diff_size(&self.ns(), id, parent)
-                .map_err(to_plugin_error)
-        })
+        self.store
+            .diff_size(&self.ns(), id, parent)
+            .map_err(to_plugin_error)
     }
 }
 

@@ -15,7 +15,6 @@ use lamina_snapshotter::{Code, Info, Kind, LabelChange, Labels, Mount, SnapshotE
 use lamina_store::{CreateOptions, LayerKind, LayerRecord, Store, StoreError};
 use lamina_sys::fs::errno;
 
-use crate::metrics::{observe, Op};
 use crate::mount_check::MountCheck;
 
 /// Store namespace of a snapshotter name.
@@ -177,66 +176,58 @@ fn lowerdir(lowers: &[PathBuf]) -> String {
 
 impl Snapshotter for SnapshotterAdapter {
     fn prepare(&self, snapshotter: &str, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
-        observe(Op::SnPrepare, || {
-            self.create(snapshotter, key, parent, LayerKind::ReadWrite, labels)
-        })
+        self.create(snapshotter, key, parent, LayerKind::ReadWrite, labels)
     }
 
     fn view(&self, snapshotter: &str, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
-        observe(Op::SnView, || {
-            self.create(snapshotter, key, parent, LayerKind::View, labels)
-        })
+        self.create(snapshotter, key, parent, LayerKind::View, labels)
     }
 
     fn mounts(&self, snapshotter: &str, key: &str) -> Result<Vec<Mount>> {
-        observe(Op::SnMounts, || self.mounts_inner(snapshotter, key))
+        self.mounts_inner(snapshotter, key)
     }
 
     fn commit(&self, snapshotter: &str, name: &str, key: &str, labels: Labels) -> Result<()> {
-        observe(Op::SnCommit, || {
-            let ns = namespace(snapshotter);
-            self.store
-                .commit(&ns, key, name, labels)
-                .map_err(to_snapshot_error)?;
-            if let Some(check) = &self.mount_check {
-                // Frozen by this process: trusted until restart.
-                if let Ok(info) = self.store.info(&ns, name) {
-                    check.trust(info.number);
-                }
+        let ns = namespace(snapshotter);
+        self.store
+            .commit(&ns, key, name, labels)
+            .map_err(to_snapshot_error)?;
+        if let Some(check) = &self.mount_check {
+            // Frozen by this process: trusted until restart.
+            if let Ok(info) = self.store.info(&ns, name) {
+                check.trust(info.number);
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
     fn remove(&self, snapshotter: &str, key: &str) -> Result<()> {
-        observe(Op::SnRemove, || self.remove_inner(snapshotter, key))
+        self.remove_inner(snapshotter, key)
     }
 
     fn stat(&self, snapshotter: &str, key: &str) -> Result<Info> {
-        observe(Op::SnStat, || self.stat_inner(snapshotter, key))
+        self.stat_inner(snapshotter, key)
     }
 
     fn update(&self, snapshotter: &str, name: &str, change: &LabelChange) -> Result<Info> {
-        observe(Op::SnUpdate, || {
-            let ns = namespace(snapshotter);
-            self.store
-                .update_labels(&ns, name, |labels| change.apply(labels))
-                .map_err(to_snapshot_error)?;
-            self.stat_inner(snapshotter, name)
-        })
+        let ns = namespace(snapshotter);
+        self.store
+            .update_labels(&ns, name, |labels| change.apply(labels))
+            .map_err(to_snapshot_error)?;
+        self.stat_inner(snapshotter, name)
     }
 
     fn list(&self, snapshotter: &str) -> Result<Vec<Info>> {
-        observe(Op::SnList, || self.list_inner(snapshotter))
+        self.list_inner(snapshotter)
     }
 
     fn usage(&self, snapshotter: &str, key: &str) -> Result<Usage> {
-        observe(Op::SnUsage, || self.usage_inner(snapshotter, key))
+        self.usage_inner(snapshotter, key)
     }
 
     fn cleanup(&self, _snapshotter: &str) -> Result<()> {
         // Removed layers leave view at once and are deleted in the background; nothing is deferred here.
-        observe(Op::SnCleanup, || Ok(()))
+        Ok(())
     }
 }
 

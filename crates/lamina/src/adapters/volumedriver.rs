@@ -9,8 +9,6 @@ use lamina_docker::{ErrorKind, PluginError, Scope, VolumeDriver, VolumeInfo};
 use lamina_sys::fs::errno;
 use lamina_volume::{VolumeError, VolumeManager, VolumeView};
 
-use crate::metrics::{observe, Op};
-
 /// Serves `/VolumeDriver.*` from a [`VolumeManager`].
 #[derive(Debug)]
 pub struct VolumeDriverAdapter {
@@ -59,49 +57,37 @@ fn info(v: VolumeView) -> VolumeInfo {
 
 impl VolumeDriver for VolumeDriverAdapter {
     fn create(&self, name: &str, opts: &BTreeMap<String, String>) -> Result<(), PluginError> {
-        observe(Op::VolCreate, || {
-            self.volumes.create(name, opts).map_err(to_plugin_error)
-        })
+        self.volumes.create(name, opts).map_err(to_plugin_error)
     }
 
     fn remove(&self, name: &str) -> Result<(), PluginError> {
-        observe(Op::VolRemove, || {
-            self.volumes.remove(name).map_err(to_plugin_error)
-        })
+        self.volumes.remove(name).map_err(to_plugin_error)
     }
 
     fn mount(&self, name: &str, id: &str) -> Result<PathBuf, PluginError> {
-        observe(Op::VolMount, || {
-            self.volumes.mount(name, id).map_err(to_plugin_error)
-        })
+        self.volumes.mount(name, id).map_err(to_plugin_error)
     }
 
     fn unmount(&self, name: &str, id: &str) -> Result<(), PluginError> {
-        observe(Op::VolUnmount, || {
-            self.volumes.unmount(name, id).map_err(to_plugin_error)
-        })
+        self.volumes.unmount(name, id).map_err(to_plugin_error)
     }
 
     fn path(&self, name: &str) -> Result<Option<PathBuf>, PluginError> {
-        observe(Op::VolPath, || self.volumes.path(name).map_err(to_plugin_error))
+        self.volumes.path(name).map_err(to_plugin_error)
     }
 
     fn get(&self, name: &str) -> Result<VolumeInfo, PluginError> {
-        observe(Op::VolGet, || {
-            self.volumes.get(name).map(info).map_err(to_plugin_error)
-        })
+        self.volumes.get(name).map(info).map_err(to_plugin_error)
     }
 
     fn list(&self) -> Result<Vec<VolumeInfo>, PluginError> {
-        observe(Op::VolList, || {
-            Ok(self
-                .volumes
-                .list()
-                .map_err(to_plugin_error)?
-                .into_iter()
-                .map(info)
-                .collect())
-        })
+        Ok(self
+            .volumes
+            .list()
+            .map_err(to_plugin_error)?
+            .into_iter()
+            .map(info)
+            .collect())
     }
 
     fn scope(&self) -> Scope {

@@ -1,16 +1,15 @@
-//! The HTTP/1.1 subset a plugin socket needs: request heads (via `httparse`), bodies framed by
-//! `Content-Length` or `Transfer-Encoding: chunked` exposed as [`Read`], JSON and chunked
-//! responses, and query-string decoding.
+//! HTTP/1.1 messages: request heads (via `httparse`), bodies framed by `Content-Length` or
+//! `Transfer-Encoding: chunked` exposed as [`Read`], response heads, chunked response bodies, and
+//! query-string decoding.
 //!
-//! Everything here is blocking and works on any byte stream; timeouts are applied through
-//! a crate-private transport trait, which is a no-op for in-memory streams.
+//! Everything here is blocking and works on any byte stream; timeouts are applied through the
+//! [`Transport`] trait, which is a no-op for in-memory streams.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
-
-use crate::error::PluginError;
 
 /// Size of the connection's read buffer; also the cap on a request head.
 pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
@@ -25,11 +24,6 @@ const DIRECT_READ_MIN: usize = 4096;
 /// Size of the chunks written for streamed responses.
 const OUT_CHUNK: usize = 64 * 1024;
 
-/// Content type of JSON replies.
-pub const JSON_CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1+json";
-/// Content type of streamed tar replies.
-pub const TAR_CONTENT_TYPE: &str = "application/x-tar";
-
 /// When a blocking read must give up.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Deadline {
@@ -40,14 +34,28 @@ pub(crate) enum Deadline {
 }
 
 /// A byte stream whose read timeout can be changed between reads.
-pub(crate) trait Transport: Read + Write {
+pub trait Transport: Read + Write {
     /// Sets the timeout of subsequent reads; `None` blocks forever.
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Ends the sending direction (the peer reads end of stream) while reading goes on.
+    fn shutdown_write(&mut self) -> io::Result<()>;
 }
 
 impl Transport for UnixStream {
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, timeout)
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+    }
+}
+
+impl Transport for TcpStream {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
     }
 }
 
@@ -71,6 +79,9 @@ impl<S: Write> Write for NoTimeouts<S> {
 
 impl<S: Read + Write> Transport for NoTimeouts<S> {
     fn set_read_timeout(&mut self, _timeout: Option<Duration>) -> io::Result<()> {
+        Ok(())
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
@@ -350,6 +361,26 @@ impl<T: Transport> Conn<T> {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(HeadError::TimedOut),
                 Err(_) => return Err(HeadError::Closed),
+            }
+        }
+    }
+}
+
+impl<T: Transport> Conn<T> {
+    /// After a refusal: ends the sending direction, then reads and discards what the client still
+    /// sends (at most `limit` bytes, until `until`), so that a client that writes its whole request
+    /// before reading gets to read the answer instead of a broken pipe.
+    pub(crate) fn linger(&mut self, limit: u64, until: Instant) {
+        if self.io.shutdown_write().is_err() {
+            return;
+        }
+        self.start = 0;
+        self.end = 0;
+        let mut seen = 0u64;
+        while seen < limit {
+            match self.read_into_buf(Deadline::At(until)) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen += n as u64,
             }
         }
     }
@@ -679,7 +710,7 @@ impl Read for Body<'_> {
 
 /// Reads a whole body into memory, refusing more than `cap` bytes.
 /// `Err(None)`: over the cap. `Err(Some(e))`: I/O or framing error.
-pub(crate) fn read_capped(body: &mut Body<'_>, cap: usize) -> Result<Vec<u8>, Option<io::Error>> {
+pub fn read_capped(body: &mut Body<'_>, cap: usize) -> Result<Vec<u8>, Option<io::Error>> {
     let mut out = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -712,40 +743,42 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Serialises a complete response with a `Content-Length` body.
-pub(crate) fn json_response(
-    status: u16,
-    body: &[u8],
-    close: bool,
-    head_only: bool,
-    extra: &[(&str, &str)],
-) -> Vec<u8> {
-    let mut head = String::with_capacity(160);
-    let _ = write!(
-        head,
-        "HTTP/1.1 {status} {}\r\nContent-Type: {JSON_CONTENT_TYPE}\r\nContent-Length: {}\r\n",
-        reason(status),
-        body.len()
-    );
-    for (k, v) in extra {
-        let _ = write!(head, "{k}: {v}\r\n");
-    }
-    if close {
-        head.push_str("Connection: close\r\n");
-    }
-    head.push_str("\r\n");
-    let mut out = head.into_bytes();
-    if !head_only {
-        out.extend_from_slice(body);
-    }
-    out
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResponseFraming {
+    /// `Content-Length: n`.
+    Length(usize),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the connection closes.
+    Close,
 }
 
-/// Head of a streamed (chunked, or close-delimited for HTTP/1.0) response.
-pub(crate) fn stream_response_head(content_type: &str, chunked: bool, close: bool) -> Vec<u8> {
-    let mut head = format!("HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n");
-    if chunked {
-        head.push_str("Transfer-Encoding: chunked\r\n");
+/// Serialises a response head: status line, `Content-Type` (if any), framing, `extra` headers,
+/// `Connection: close` if `close`.
+pub(crate) fn response_head(
+    http10: bool,
+    status: u16,
+    content_type: Option<&str>,
+    framing: ResponseFraming,
+    extra: &[(&str, &str)],
+    close: bool,
+) -> Vec<u8> {
+    let version = if http10 { "1.0" } else { "1.1" };
+    let mut head = String::with_capacity(160);
+    let _ = write!(head, "HTTP/{version} {status} {}\r\n", reason(status));
+    if let Some(t) = content_type {
+        let _ = write!(head, "Content-Type: {t}\r\n");
+    }
+    match framing {
+        ResponseFraming::Length(n) => {
+            let _ = write!(head, "Content-Length: {n}\r\n");
+        }
+        ResponseFraming::Chunked => head.push_str("Transfer-Encoding: chunked\r\n"),
+        ResponseFraming::Close => {}
+    }
+    for (k, v) in extra {
+        let _ = write!(head, "{k}: {v}\r\n");
     }
     if close {
         head.push_str("Connection: close\r\n");
@@ -823,8 +856,13 @@ impl<W: Write + ?Sized> Write for ChunkedWriter<'_, W> {
     }
 }
 
+/// A query string that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed query string: {0}")]
+pub struct QueryError(&'static str);
+
 /// Decodes `%XX` escapes and `+` (as a space), like Go's `url.ParseQuery`.
-pub fn percent_decode(s: &str) -> Result<String, PluginError> {
+pub fn percent_decode(s: &str) -> Result<String, QueryError> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -837,7 +875,7 @@ pub fn percent_decode(s: &str) -> Result<String, PluginError> {
                     bytes.get(i + 2).copied().and_then(hex),
                 ) {
                     (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
-                    _ => return Err(PluginError::invalid("malformed query string: bad percent escape")),
+                    _ => return Err(QueryError("bad percent escape")),
                 }
                 i += 3;
             }
@@ -851,11 +889,11 @@ pub fn percent_decode(s: &str) -> Result<String, PluginError> {
             }
         }
     }
-    String::from_utf8(out).map_err(|_| PluginError::invalid("malformed query string: not UTF-8"))
+    String::from_utf8(out).map_err(|_| QueryError("not UTF-8"))
 }
 
 /// Splits a query string into decoded `(key, value)` pairs, in order, duplicates kept.
-pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, PluginError> {
+pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, QueryError> {
     let mut out = Vec::new();
     for part in q.split('&') {
         if part.is_empty() {
@@ -1269,13 +1307,22 @@ mod tests {
 
     #[test]
     fn responses() {
-        let r = json_response(500, br#"{"Err":"x"}"#, true, false, &[("Allow", "POST")]);
-        let s = String::from_utf8(r).unwrap();
-        assert!(s.starts_with("HTTP/1.1 500 Internal Server Error\r\n"));
-        assert!(s.contains("Content-Type: application/vnd.docker.plugins.v1+json\r\n"));
-        assert!(s.contains("Content-Length: 11\r\n"));
-        assert!(s.contains("Connection: close\r\n"));
-        assert!(s.contains("Allow: POST\r\n"));
-        assert!(s.ends_with("\r\n\r\n{\"Err\":\"x\"}"));
+        let r = response_head(
+            false,
+            500,
+            Some("application/json"),
+            ResponseFraming::Length(11),
+            &[("Allow", "POST")],
+            true,
+        );
+        assert_eq!(
+            String::from_utf8(r).unwrap(),
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 11\r\nAllow: POST\r\nConnection: close\r\n\r\n"
+        );
+        let r = response_head(true, 404, None, ResponseFraming::Close, &[], true);
+        assert_eq!(
+            String::from_utf8(r).unwrap(),
+            "HTTP/1.0 404 Not Found\r\nConnection: close\r\n\r\n"
+        );
     }
 }
