@@ -176,7 +176,7 @@ impl Store {
             if !watched.iter().any(|w| mp.starts_with(w)) {
                 continue;
             }
-            if let Some(n) = crate::parse_merged(&layers_dir, &mp) {
+            if let Some(n) = crate::open::parse_merged(&layers_dir, &mp) {
                 if known_before.contains(&n) || self.in_flight_contains(&self.layer_dir(n)) {
                     continue;
                 }

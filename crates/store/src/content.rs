@@ -1,0 +1,326 @@
+//! Layer content: apply a tar, and diff, changes and diff size against a parent.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use lamina_archive::{ApplyOptions, ApplyStats, Change, DiffOptions, IdMappings};
+use lamina_sys::{fault, mount};
+use tracing::{debug, warn};
+
+use crate::{
+    error, lock, meta::LAYERS, meta::PENDING, mkdir, open_dir, remove_tree, Counter, InFlight, LayerRecord,
+    LayerState, MountGuard, Result, Store, StoreError, MANIFEST_FILE,
+};
+
+impl Store {
+    /// Puts a layer whose apply was interrupted back to empty, as created (its `diff/` replaced by an
+    /// empty directory, no manifest, state `Empty`), and drops its `pending` row. Used by the start-up
+    /// recovery and by `gc`.
+    pub(crate) fn reset_interrupted_apply(&self, n: u64) -> Result<()> {
+        if self.record_by_number(n)?.is_some() {
+            let diff = self.layer_dir(n).join("diff");
+            if diff.exists() {
+                let trash = self.trash_path(n);
+                std::fs::rename(&diff, &trash)
+                    .map_err(|e| StoreError::io(format!("move {}", diff.display()), e))?;
+                remove_tree(&trash);
+            }
+            let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
+            mkdir(&diff, 0o755)?;
+            self.update_record(n, |r| {
+                r.state = LayerState::Empty;
+                r.size = None;
+                r.digest = None;
+                r.manifest = None;
+            })?;
+        }
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        txn.open_table(PENDING)
+            .map_err(error::db_err)?
+            .remove(n)
+            .map_err(error::db_err)?;
+        txn.commit().map_err(error::db_err)
+    }
+
+    /// Unpacks an uncompressed tar into an empty layer. The layer becomes visible with its content
+    /// only once the whole stream was applied and synced; on error it stays empty.
+    pub fn apply(
+        &self,
+        ns: &str,
+        name: &str,
+        input: &mut dyn Read,
+        mappings: &IdMappings,
+    ) -> Result<ApplyStats> {
+        let (n, _) = self.require(ns, name)?;
+        let slot = self.slot(n);
+        let guard = lock(&slot);
+        let (n2, rec) = self.require(ns, name)?;
+        if n2 != n {
+            return Err(StoreError::NotFound(format!("layer {name}")));
+        }
+        if guard.mounts > 0 {
+            return Err(StoreError::InUse(format!("layer {name} is mounted")));
+        }
+        if rec.state != LayerState::Empty {
+            return Err(StoreError::AlreadyExists(format!(
+                "layer {name} already has content"
+            )));
+        }
+        if rec.max_size.is_some() {
+            // The staged tree cannot be renamed into another btrfs subvolume or xfs project.
+            return Err(StoreError::Precondition(format!(
+                "layer {name} has a size limit; its content is written through its mount, not applied"
+            )));
+        }
+        let seq = self.staging_seq.fetch_add(1, Ordering::SeqCst);
+        let staging_name = format!("{n:x}-{seq}");
+        let staging = self.root.join("staging").join(&staging_name);
+        let _owned = InFlight::new(&self.in_flight, staging.clone());
+        {
+            let txn = self.db.begin_write().map_err(error::db_err)?;
+            txn.open_table(PENDING)
+                .map_err(error::db_err)?
+                .insert(n, staging_name.as_str())
+                .map_err(error::db_err)?;
+            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let mut r = rec.clone();
+            r.state = LayerState::Applying;
+            layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
+            drop(layers);
+            fault::point("store.apply.begin.commit").map_err(|e| StoreError::io("commit metadata", e))?;
+            txn.commit().map_err(error::db_err)?;
+        }
+        let finish = |stats: &ApplyStats| -> Result<()> {
+            let txn = self.db.begin_write().map_err(error::db_err)?;
+            txn.open_table(PENDING)
+                .map_err(error::db_err)?
+                .remove(n)
+                .map_err(error::db_err)?;
+            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let mut r = rec.clone();
+            r.state = LayerState::Applied;
+            r.size = Some(stats.size);
+            r.digest = Some(stats.digest.clone());
+            r.manifest = None;
+            layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
+            drop(layers);
+            fault::point("store.apply.finish.commit").map_err(|e| StoreError::io("commit metadata", e))?;
+            txn.commit().map_err(error::db_err)
+        };
+        let result = self
+            .apply_staged(n, &staging, input, mappings)
+            .and_then(|stats| finish(&stats).map(|()| stats));
+        match result {
+            Ok(stats) => {
+                drop(guard);
+                let _ = fault::point("store.apply.done");
+                // The content manifest is written in the background: ApplyDiff does not wait for a second
+                // read of the layer (it took ApplyDiff from 1.35 s to 2.2 s for 215 MB / 44k files).
+                self.seal_later(n);
+                self.counters.add(Counter::Applies, 1);
+                self.counters.add(Counter::ApplyBytes, stats.tar_bytes);
+                debug!(ns, name, layer = n, size = stats.size, digest = %stats.digest, "applied");
+                Ok(stats)
+            }
+            Err(e) => {
+                remove_tree(&staging);
+                // A failure after the rename (the second sync, the final commit) leaves the content in diff/:
+                // the layer goes back to empty as created (diff/ replaced, record Empty, pending row dropped),
+                // so nothing half applied is visible and a retry applies again. If that fails too (read-only
+                // or failing disk), the record stays Applying and the next start does it.
+                let diff = self.layer_dir(n).join("diff");
+                let filled = std::fs::read_dir(&diff).is_ok_and(|mut d| d.next().is_some());
+                let reset = if filled {
+                    self.reset_interrupted_apply(n)
+                } else {
+                    let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
+                    (|| {
+                        let txn = self.db.begin_write().map_err(error::db_err)?;
+                        txn.open_table(PENDING)
+                            .map_err(error::db_err)?
+                            .remove(n)
+                            .map_err(error::db_err)?;
+                        txn.open_table(LAYERS)
+                            .map_err(error::db_err)?
+                            .insert(n, rec.encode().as_slice())
+                            .map_err(error::db_err)?;
+                        fault::point("store.apply.rollback.commit")
+                            .map_err(|e| StoreError::io("commit metadata", e))?;
+                        txn.commit().map_err(error::db_err)
+                    })()
+                };
+                if let Err(e2) = reset {
+                    warn!(ns, name, layer = n, error = %e2, "could not reset the failed apply; the next start will");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn apply_staged(
+        &self,
+        n: u64,
+        staging: &Path,
+        input: &mut dyn Read,
+        mappings: &IdMappings,
+    ) -> Result<ApplyStats> {
+        fault::point("store.apply.stage").map_err(|e| StoreError::io("create staging directory", e))?;
+        mkdir(staging, 0o755)?;
+        let dirfd = open_dir(staging)?;
+        let opts = ApplyOptions {
+            id_mappings: mappings.clone(),
+        };
+        let stats = lamina_archive::apply_layer(dirfd.as_fd(), input, &opts)?;
+        // The root of the layer keeps the mode of an empty diff dir unless the tar set it.
+        fault::point("store.apply.syncfs")
+            .and_then(|()| mount::syncfs(staging))
+            .map_err(|e| StoreError::io("sync staged layer", e))?;
+        let diff = self.layer_dir(n).join("diff");
+        fault::point("store.apply.rename")
+            .and_then(|()| std::fs::rename(staging, &diff))
+            .map_err(|e| StoreError::io(format!("move staged layer into {}", diff.display()), e))?;
+        fault::point("store.apply.syncfs2")
+            .and_then(|()| mount::syncfs(&diff))
+            .map_err(|e| StoreError::io("sync layer", e))?;
+        Ok(stats)
+    }
+
+    pub(crate) fn is_direct_parent(&self, rec: &LayerRecord, ns: &str, parent: &str) -> Result<bool> {
+        match (rec.parent, parent.is_empty()) {
+            (None, true) => Ok(true),
+            (None, false) | (Some(_), true) => Ok(false),
+            (Some(p), false) => Ok(self.lookup(ns, parent)?.map(|(pn, _)| pn) == Some(p)),
+        }
+    }
+
+    /// Prepares a tar of `name` relative to `parent` (`""` = the whole tree). Errors about the
+    /// request come back here; the returned plan then streams with [`DiffPlan::write_to`].
+    pub fn diff(&self, ns: &str, name: &str, parent: &str, mappings: &IdMappings) -> Result<DiffPlan<'_>> {
+        let (_, rec) = self.require(ns, name)?;
+        self.counters.add(Counter::Diffs, 1);
+        let opts = DiffOptions {
+            id_mappings: mappings.clone(),
+        };
+        if self.is_direct_parent(&rec, ns, parent)? {
+            let info = self.info(ns, name)?;
+            return Ok(DiffPlan {
+                kind: PlanKind::Native(info.diff_dir),
+                opts,
+            });
+        }
+        let (new, old) = self.tree_views(ns, name, parent)?;
+        Ok(DiffPlan {
+            kind: PlanKind::Trees { new, old },
+            opts,
+        })
+    }
+
+    /// Changes of `name` relative to `parent`.
+    pub fn changes(&self, ns: &str, name: &str, parent: &str) -> Result<Vec<Change>> {
+        let info = self.info(ns, name)?;
+        if self.is_direct_parent(&info.record, ns, parent)? {
+            let upper = open_dir(&info.diff_dir)?;
+            let lowers: Vec<File> = info
+                .lower_dirs
+                .iter()
+                .map(|p| open_dir(p))
+                .collect::<Result<_>>()?;
+            let lower_fds: Vec<_> = lowers.iter().map(|f| f.as_fd()).collect();
+            return Ok(lamina_archive::layer_changes(upper.as_fd(), &lower_fds)?);
+        }
+        let (new, old) = self.tree_views(ns, name, parent)?;
+        tree_changes(&new, old.as_ref())
+    }
+
+    /// Mounted merged views of `name` and of `parent` (`""` = none), for naive comparisons
+    /// against a layer that is not the direct parent.
+    pub(crate) fn tree_views(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: &str,
+    ) -> Result<(MountGuard<'_>, Option<MountGuard<'_>>)> {
+        let old = if parent.is_empty() {
+            None
+        } else {
+            Some(MountGuard::new(self, ns, parent)?)
+        };
+        Ok((MountGuard::new(self, ns, name)?, old))
+    }
+
+    /// Size of `name`'s changes relative to `parent`, in bytes.
+    pub fn diff_size(&self, ns: &str, name: &str, parent: &str) -> Result<u64> {
+        let info = self.info(ns, name)?;
+        if self.is_direct_parent(&info.record, ns, parent)? {
+            let dir = open_dir(&info.diff_dir)?;
+            return Ok(lamina_archive::dir_size(dir.as_fd())?);
+        }
+        let (new, old) = self.tree_views(ns, name, parent)?;
+        let changes = tree_changes(&new, old.as_ref())?;
+        let mut total = 0u64;
+        for c in changes
+            .iter()
+            .filter(|c| c.kind != lamina_archive::ChangeKind::Delete)
+        {
+            let rel = Path::new(std::ffi::OsStr::from_bytes(
+                c.path.strip_prefix(b"/").unwrap_or(&c.path),
+            ));
+            if let Ok(md) = std::fs::symlink_metadata(new.path.join(rel)) {
+                if md.is_file() {
+                    total += md.len();
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+pub(crate) fn tree_changes(new: &MountGuard<'_>, old: Option<&MountGuard<'_>>) -> Result<Vec<Change>> {
+    let new_fd = open_dir(&new.path)?;
+    let old_fd = old.map(|o| open_dir(&o.path)).transpose()?;
+    Ok(lamina_archive::tree_changes(
+        new_fd.as_fd(),
+        old_fd.as_ref().map(|f| f.as_fd()),
+    )?)
+}
+
+enum PlanKind<'a> {
+    Native(PathBuf),
+    Trees {
+        new: MountGuard<'a>,
+        old: Option<MountGuard<'a>>,
+    },
+}
+
+/// A tar ready to be streamed; see [`Store::diff`].
+pub struct DiffPlan<'a> {
+    kind: PlanKind<'a>,
+    opts: DiffOptions,
+}
+
+impl DiffPlan<'_> {
+    /// Streams the tar into `out`.
+    pub fn write_to(self, out: &mut dyn Write) -> Result<()> {
+        match &self.kind {
+            PlanKind::Native(dir) => {
+                let fd = open_dir(dir)?;
+                lamina_archive::write_layer_diff(fd.as_fd(), out, &self.opts)?;
+            }
+            PlanKind::Trees { new, old } => {
+                let new_fd = open_dir(&new.path)?;
+                let old_fd = old.as_ref().map(|o| open_dir(&o.path)).transpose()?;
+                lamina_archive::write_tree_diff(
+                    new_fd.as_fd(),
+                    old_fd.as_ref().map(|f| f.as_fd()),
+                    out,
+                    &self.opts,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}

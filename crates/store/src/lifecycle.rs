@@ -1,0 +1,385 @@
+//! Layer lifecycle: create, commit (freeze under a new name), relabel, remove.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use lamina_sys::mount::MAX_OVERLAY_LOWERS;
+use lamina_sys::{fault, mount};
+use redb::ReadableTable;
+use tracing::{debug, warn};
+
+use crate::{
+    error, lock, meta::CHILDREN, meta::LAYERS, meta::META, meta::NAMES, meta::PENDING, meta::STATS, mkdir,
+    now_ns, open_dir, quota, remove_tree, Counter, CreateOptions, InFlight, LayerKind, LayerRecord,
+    LayerState, Result, Store, StoreError, MAX_DEPTH, MIN_SIZE,
+};
+
+impl Store {
+    /// Makes `layers/<n>/{diff,work,merged}`; with `max_size`, `layers/<n>` itself carries the size limit.
+    pub(crate) fn make_layer_dirs(&self, n: u64, max_size: Option<u64>) -> Result<()> {
+        let dir = self.layer_dir(n);
+        match max_size {
+            Some(size) => quota::create_limited_dir(&self.root.join("layers"), &format!("{n:x}"), n, size)?,
+            None => mkdir(&dir, 0o700)?,
+        }
+        mkdir(&dir.join("diff"), 0o755)?;
+        mkdir(&dir.join("work"), 0o700)?;
+        mkdir(&dir.join("merged"), 0o755)?;
+        Ok(())
+    }
+
+    pub(crate) fn trash_path(&self, n: u64) -> PathBuf {
+        let seq = self.staging_seq.fetch_add(1, Ordering::SeqCst);
+        self.root
+            .join("trash")
+            .join(format!("{n:x}-{seq}-{}", std::process::id()))
+    }
+
+    /// Creates an empty layer `name` in `ns` on top of `parent` (same namespace).
+    pub fn create(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<&str>,
+        kind: LayerKind,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.create_checked(ns, name, parent, kind, labels, None)
+    }
+
+    /// Like [`Store::create`], but the parent must be of kind `parent_kind` (a snapshotter builds only on
+    /// committed layers); otherwise [`StoreError::Precondition`]. Checked in the creating transaction.
+    pub fn create_checked(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<&str>,
+        kind: LayerKind,
+        labels: BTreeMap<String, String>,
+        parent_kind: Option<LayerKind>,
+    ) -> Result<()> {
+        let opts = CreateOptions {
+            parent_kind,
+            ..CreateOptions::default()
+        };
+        self.create_with(ns, name, parent, kind, labels, &opts)
+    }
+
+    /// Creates an empty layer with [`CreateOptions`] (parent kind check, size limit).
+    pub fn create_with(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<&str>,
+        kind: LayerKind,
+        labels: BTreeMap<String, String>,
+        opts: &CreateOptions,
+    ) -> Result<()> {
+        let parent_kind = opts.parent_kind;
+        if let Some(size) = opts.max_size {
+            if size < MIN_SIZE {
+                return Err(StoreError::InvalidArgument(format!(
+                    "size limit {size} is below the smallest, {MIN_SIZE} bytes"
+                )));
+            }
+        }
+        if parent == Some(name) {
+            return Err(StoreError::InvalidArgument(format!(
+                "layer {name} cannot be its own parent"
+            )));
+        }
+        let n = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let _owned = InFlight::new(&self.in_flight, self.layer_dir(n));
+        // Directories first: a crash before the commit leaves a directory without a record,
+        // which the next start removes.
+        fault::point("store.create.mkdir").map_err(|e| StoreError::io("create layer directories", e))?;
+        if let Err(e) = self.make_layer_dirs(n, opts.max_size) {
+            // Nothing half-made stays behind (a subvolume with its qgroup included).
+            remove_tree(&self.layer_dir(n));
+            return Err(e);
+        }
+        let result = (|| {
+            let txn = self.db.begin_write().map_err(error::db_err)?;
+            {
+                let mut names = txn.open_table(NAMES).map_err(error::db_err)?;
+                if names.get((ns, name)).map_err(error::db_err)?.is_some() {
+                    return Err(StoreError::AlreadyExists(format!("layer {name}")));
+                }
+                let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+                let (parent_n, depth) = match parent {
+                    None => (None, 0),
+                    Some(p) => {
+                        let pn = names
+                            .get((ns, p))
+                            .map_err(error::db_err)?
+                            .map(|v| v.value())
+                            .ok_or_else(|| StoreError::NotFound(format!("parent {p}")))?;
+                        let prec = {
+                            let v = layers.get(pn).map_err(error::db_err)?;
+                            let v =
+                                v.ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {pn}")))?;
+                            LayerRecord::decode(v.value())?
+                        };
+                        if let Some(want) = parent_kind {
+                            if prec.kind != want {
+                                return Err(StoreError::Precondition(format!(
+                                    "parent {p} is {:?}, not {want:?}",
+                                    prec.kind
+                                )));
+                            }
+                        }
+                        if prec.depth + 1 > MAX_DEPTH {
+                            return Err(StoreError::LimitExceeded(format!(
+                                "layer {name} would sit on {} layers; overlay stacks at most {MAX_OVERLAY_LOWERS}",
+                                prec.depth + 1
+                            )));
+                        }
+                        (Some(pn), prec.depth + 1)
+                    }
+                };
+                let now = now_ns();
+                let rec = LayerRecord {
+                    ns: ns.to_string(),
+                    name: name.to_string(),
+                    parent: parent_n,
+                    depth,
+                    kind,
+                    state: LayerState::Empty,
+                    size: None,
+                    digest: None,
+                    created_ns: now,
+                    updated_ns: now,
+                    inodes: None,
+                    labels,
+                    manifest: None,
+                    max_size: opts.max_size,
+                };
+                names.insert((ns, name), n).map_err(error::db_err)?;
+                layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
+                if let Some(pn) = parent_n {
+                    txn.open_table(CHILDREN)
+                        .map_err(error::db_err)?
+                        .insert((pn, n), ())
+                        .map_err(error::db_err)?;
+                }
+                let mut meta = txn.open_table(META).map_err(error::db_err)?;
+                let stored = meta
+                    .get("next_id")
+                    .map_err(error::db_err)?
+                    .map(|v| v.value())
+                    .unwrap_or(1);
+                meta.insert("next_id", stored.max(n + 1)).map_err(error::db_err)?;
+            }
+            fault::point("store.create.commit").map_err(|e| StoreError::io("commit metadata", e))?;
+            txn.commit().map_err(error::db_err)
+        })();
+        if let Err(e) = result {
+            remove_tree(&self.layer_dir(n));
+            return Err(e);
+        }
+        // After the work: only `kill`/`sleep` make sense here, an error action is ignored.
+        let _ = fault::point("store.create.done");
+        debug!(ns, name, layer = n, "created layer");
+        Ok(())
+    }
+
+    /// Removes a layer: unmounts it if mounted (as overlay2 does), refuses if it has children.
+    /// Removing an unknown layer succeeds (dockerd retries removals); the result tells whether it existed.
+    pub fn remove(&self, ns: &str, name: &str) -> Result<bool> {
+        let Some((n, _)) = self.lookup(ns, name)? else {
+            return Ok(false);
+        };
+        let slot = self.slot(n);
+        let mut guard = lock(&slot);
+        // Re-check under the layer lock.
+        let Some((n2, rec)) = self.lookup(ns, name)? else {
+            return Ok(false);
+        };
+        if n2 != n {
+            return Err(StoreError::InUse(format!(
+                "layer {name} was replaced concurrently"
+            )));
+        }
+        if self.has_children(n)? {
+            return Err(StoreError::InUse(format!("layer {name} has child layers")));
+        }
+        let dir = self.layer_dir(n);
+        if guard.mounts > 0 || mount::is_mount_point(&dir.join("merged")).unwrap_or(false) {
+            fault::point("store.remove.unmount")
+                .and_then(|()| mount::unmount(&dir.join("merged"), false))
+                .map_err(|e| {
+                    StoreError::InUse(format!("layer {name} is mounted and cannot be unmounted: {e}"))
+                })?;
+            guard.mounts = 0;
+        }
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        {
+            // A child may have been created since the check above.
+            let children = txn.open_table(CHILDREN).map_err(error::db_err)?;
+            if children
+                .range((n, 0)..=(n, u64::MAX))
+                .map_err(error::db_err)?
+                .next()
+                .is_some()
+            {
+                return Err(StoreError::InUse(format!("layer {name} has child layers")));
+            }
+        }
+        {
+            txn.open_table(NAMES)
+                .map_err(error::db_err)?
+                .remove((ns, name))
+                .map_err(error::db_err)?;
+            txn.open_table(LAYERS)
+                .map_err(error::db_err)?
+                .remove(n)
+                .map_err(error::db_err)?;
+            txn.open_table(PENDING)
+                .map_err(error::db_err)?
+                .remove(n)
+                .map_err(error::db_err)?;
+            if let Some(p) = rec.parent {
+                txn.open_table(CHILDREN)
+                    .map_err(error::db_err)?
+                    .remove((p, n))
+                    .map_err(error::db_err)?;
+            }
+            txn.open_table(STATS)
+                .map_err(error::db_err)?
+                .remove(n)
+                .map_err(error::db_err)?;
+        }
+        fault::point("store.remove.commit").map_err(|e| StoreError::io("commit metadata", e))?;
+        txn.commit().map_err(error::db_err)?;
+        // Out of view at once; the content goes in the background.
+        let trash = self.trash_path(n);
+        let owned = InFlight::new(&self.in_flight, trash.clone());
+        let limited = rec.max_size.is_some().then(|| self.root.clone());
+        match fault::point("store.remove.rename").and_then(|()| std::fs::rename(&dir, &trash)) {
+            Ok(()) => {
+                std::thread::spawn(move || {
+                    // A size-limited layer's subvolume and qgroup go with the tree (see `remove_tree`).
+                    remove_tree(&trash);
+                    if let Some(root) = limited {
+                        quota::release_project(&root, n);
+                    }
+                    drop(owned);
+                });
+            }
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "could not move removed layer to trash; removing in place")
+            }
+        }
+        if dir.exists() {
+            remove_tree(&dir);
+            if rec.max_size.is_some() {
+                quota::release_project(&self.root, n);
+            }
+        }
+        drop(guard);
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+        let _ = fault::point("store.remove.done");
+        debug!(ns, name, layer = n, "removed layer");
+        Ok(true)
+    }
+
+    /// Freezes the writable layer `key` under the new name `name` (same number, same directory, no copy):
+    /// its kind becomes [`LayerKind::ReadOnly`], its labels are replaced by `labels`, its creation time is now, and its disk usage is
+    /// recorded. `key` disappears. A view or an already frozen layer gives [`StoreError::Precondition`], an
+    /// existing `name` [`StoreError::AlreadyExists`], a mounted layer [`StoreError::InUse`].
+    pub fn commit(
+        &self,
+        ns: &str,
+        key: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<LayerRecord> {
+        let (n, _) = self.require(ns, key)?;
+        let slot = self.slot(n);
+        let guard = lock(&slot);
+        let (n2, rec) = self.require(ns, key)?;
+        if n2 != n {
+            return Err(StoreError::NotFound(format!("layer {key}")));
+        }
+        if rec.kind != LayerKind::ReadWrite {
+            return Err(StoreError::Precondition(format!(
+                "{key} is not an active (writable) layer"
+            )));
+        }
+        if guard.mounts > 0 {
+            return Err(StoreError::InUse(format!("layer {key} is mounted")));
+        }
+        // Usage first (it reads the tree); the layer cannot change kind meanwhile: we hold its lock.
+        let usage = {
+            let dir = open_dir(&self.layer_dir(n).join("diff"))?;
+            lamina_archive::disk_usage(dir.as_fd())?
+        };
+        // The content must be on disk before the record says it is frozen.
+        fault::point("store.commit.syncfs")
+            .and_then(|()| mount::syncfs(&self.layer_dir(n)))
+            .map_err(|e| StoreError::io("sync committed layer", e))?;
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        let rec = {
+            let mut names = txn.open_table(NAMES).map_err(error::db_err)?;
+            if names.get((ns, name)).map_err(error::db_err)?.is_some() {
+                return Err(StoreError::AlreadyExists(format!("layer {name}")));
+            }
+            names.remove((ns, key)).map_err(error::db_err)?;
+            names.insert((ns, name), n).map_err(error::db_err)?;
+            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let mut r = rec;
+            r.name = name.to_string();
+            r.kind = LayerKind::ReadOnly;
+            r.labels = labels;
+            r.size = Some(usage.bytes);
+            r.inodes = Some(usage.inodes);
+            r.manifest = None;
+            // A committed snapshot is a new snapshot to containerd: created (and updated) now.
+            r.created_ns = now_ns();
+            r.updated_ns = r.created_ns;
+            layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
+            r
+        };
+        fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
+        txn.commit().map_err(error::db_err)?;
+        drop(guard);
+        let _ = fault::point("store.commit.done");
+        // As after an apply: the manifest is written in the background, Commit does not wait for it.
+        self.seal_later(n);
+        self.counters.add(Counter::Commits, 1);
+        debug!(ns, key, name, layer = n, "committed layer");
+        Ok(rec)
+    }
+
+    /// Changes the labels of `name` with `f` in one transaction and moves its update time.
+    pub fn update_labels(
+        &self,
+        ns: &str,
+        name: &str,
+        f: impl FnOnce(&mut BTreeMap<String, String>),
+    ) -> Result<LayerRecord> {
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        let rec = {
+            let names = txn.open_table(NAMES).map_err(error::db_err)?;
+            let n = names
+                .get((ns, name))
+                .map_err(error::db_err)?
+                .map(|v| v.value())
+                .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))?;
+            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let mut rec = {
+                let v = layers.get(n).map_err(error::db_err)?;
+                let v = v.ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {n}")))?;
+                LayerRecord::decode(v.value())?
+            };
+            f(&mut rec.labels);
+            rec.updated_ns = now_ns();
+            layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
+            rec
+        };
+        txn.commit().map_err(error::db_err)?;
+        Ok(rec)
+    }
+}
