@@ -12,8 +12,8 @@ use lamina_sys::{fault, mount};
 use tracing::{debug, warn};
 
 use crate::{
-    error, lock, meta::LAYERS, meta::PENDING, mkdir, open_dir, remove_tree, Counter, InFlight, LayerRecord,
-    LayerState, MountGuard, Result, Store, StoreError, MANIFEST_FILE,
+    lock, mkdir, open_dir, remove_tree, Counter, InFlight, LayerRecord, LayerState, MountGuard, Result,
+    Store, StoreError, MANIFEST_FILE,
 };
 
 impl Store {
@@ -38,12 +38,9 @@ impl Store {
                 r.manifest = None;
             })?;
         }
-        let txn = self.db.begin_write().map_err(error::db_err)?;
-        txn.open_table(PENDING)
-            .map_err(error::db_err)?
-            .remove(n)
-            .map_err(error::db_err)?;
-        txn.commit().map_err(error::db_err)
+        let txn = self.write()?;
+        txn.remove_pending(n)?;
+        txn.commit()
     }
 
     /// Unpacks an uncompressed tar into an empty layer. The layer becomes visible with its content
@@ -81,35 +78,25 @@ impl Store {
         let staging = self.root.join("staging").join(&staging_name);
         let _owned = InFlight::new(&self.in_flight, staging.clone());
         {
-            let txn = self.db.begin_write().map_err(error::db_err)?;
-            txn.open_table(PENDING)
-                .map_err(error::db_err)?
-                .insert(n, staging_name.as_str())
-                .map_err(error::db_err)?;
-            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let txn = self.write()?;
+            txn.put_pending(n, &staging_name)?;
             let mut r = rec.clone();
             r.state = LayerState::Applying;
-            layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
-            drop(layers);
+            txn.put_layer(n, &r)?;
             fault::point("store.apply.begin.commit").map_err(|e| StoreError::io("commit metadata", e))?;
-            txn.commit().map_err(error::db_err)?;
+            txn.commit()?;
         }
         let finish = |stats: &ApplyStats| -> Result<()> {
-            let txn = self.db.begin_write().map_err(error::db_err)?;
-            txn.open_table(PENDING)
-                .map_err(error::db_err)?
-                .remove(n)
-                .map_err(error::db_err)?;
-            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let txn = self.write()?;
+            txn.remove_pending(n)?;
             let mut r = rec.clone();
             r.state = LayerState::Applied;
             r.size = Some(stats.size);
             r.digest = Some(stats.digest.clone());
             r.manifest = None;
-            layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
-            drop(layers);
+            txn.put_layer(n, &r)?;
             fault::point("store.apply.finish.commit").map_err(|e| StoreError::io("commit metadata", e))?;
-            txn.commit().map_err(error::db_err)
+            txn.commit()
         };
         let result = self
             .apply_staged(n, &staging, input, mappings)
@@ -139,18 +126,12 @@ impl Store {
                 } else {
                     let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
                     (|| {
-                        let txn = self.db.begin_write().map_err(error::db_err)?;
-                        txn.open_table(PENDING)
-                            .map_err(error::db_err)?
-                            .remove(n)
-                            .map_err(error::db_err)?;
-                        txn.open_table(LAYERS)
-                            .map_err(error::db_err)?
-                            .insert(n, rec.encode().as_slice())
-                            .map_err(error::db_err)?;
+                        let txn = self.write()?;
+                        txn.remove_pending(n)?;
+                        txn.put_layer(n, &rec)?;
                         fault::point("store.apply.rollback.commit")
                             .map_err(|e| StoreError::io("commit metadata", e))?;
-                        txn.commit().map_err(error::db_err)
+                        txn.commit()
                     })()
                 };
                 if let Err(e2) = reset {

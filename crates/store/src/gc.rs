@@ -20,13 +20,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use lamina_sys::mount;
-use redb::ReadableTable;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::meta::{LAYERS, PENDING};
 use crate::stats::Counter;
-use crate::{error, lock, open_dir, remove_tree, LayerRecord, Result, Store, StoreError};
+use crate::{lock, open_dir, remove_tree, LayerRecord, Result, Store, StoreError};
 
 /// What a piece of garbage is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -190,16 +188,7 @@ impl Store {
             });
         }
         // 2. Interrupted applies.
-        let pending: Vec<(u64, String)> = {
-            let txn = self.db.begin_read().map_err(error::db_err)?;
-            let t = txn.open_table(PENDING).map_err(error::db_err)?;
-            let mut v = Vec::new();
-            for row in t.iter().map_err(error::db_err)? {
-                let (k, v2) = row.map_err(error::db_err)?;
-                v.push((k.value(), v2.value().to_string()));
-            }
-            v
-        };
+        let pending = self.read()?.pending()?;
         let mut pending_staging = HashSet::new();
         for (n, staging) in pending {
             let path = self.root.join("staging").join(&staging);
@@ -439,22 +428,7 @@ impl Store {
     }
 
     fn known_layers(&self) -> Result<HashSet<u64>> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let t = txn.open_table(LAYERS).map_err(error::db_err)?;
-        let mut s = HashSet::new();
-        for row in t.iter().map_err(error::db_err)? {
-            s.insert(row.map_err(error::db_err)?.0.value());
-        }
-        Ok(s)
-    }
-
-    pub(crate) fn record_by_number(&self, n: u64) -> Result<Option<LayerRecord>> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let t = txn.open_table(LAYERS).map_err(error::db_err)?;
-        t.get(n)
-            .map_err(error::db_err)?
-            .map(|v| LayerRecord::decode(v.value()))
-            .transpose()
+        self.read()?.layer_numbers()
     }
 
     fn in_flight_contains(&self, p: &Path) -> bool {

@@ -26,6 +26,7 @@ mod open;
 mod query;
 mod quota;
 mod stats;
+mod tables;
 mod verify;
 
 use std::collections::{HashMap, HashSet};

@@ -7,13 +7,11 @@ use std::sync::atomic::Ordering;
 
 use lamina_sys::mount::MAX_OVERLAY_LOWERS;
 use lamina_sys::{fault, mount};
-use redb::ReadableTable;
 use tracing::{debug, warn};
 
 use crate::{
-    error, lock, meta::CHILDREN, meta::LAYERS, meta::META, meta::NAMES, meta::PENDING, meta::STATS, mkdir,
-    now_ns, open_dir, quota, remove_tree, Counter, CreateOptions, InFlight, LayerKind, LayerRecord,
-    LayerState, Result, Store, StoreError, MAX_DEPTH, MIN_SIZE,
+    lock, mkdir, now_ns, open_dir, quota, remove_tree, Counter, CreateOptions, InFlight, LayerKind,
+    LayerRecord, LayerState, Result, Store, StoreError, MAX_DEPTH, MIN_SIZE,
 };
 
 impl Store {
@@ -101,79 +99,59 @@ impl Store {
             return Err(e);
         }
         let result = (|| {
-            let txn = self.db.begin_write().map_err(error::db_err)?;
-            {
-                let mut names = txn.open_table(NAMES).map_err(error::db_err)?;
-                if names.get((ns, name)).map_err(error::db_err)?.is_some() {
-                    return Err(StoreError::AlreadyExists(format!("layer {name}")));
-                }
-                let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-                let (parent_n, depth) = match parent {
-                    None => (None, 0),
-                    Some(p) => {
-                        let pn = names
-                            .get((ns, p))
-                            .map_err(error::db_err)?
-                            .map(|v| v.value())
-                            .ok_or_else(|| StoreError::NotFound(format!("parent {p}")))?;
-                        let prec = {
-                            let v = layers.get(pn).map_err(error::db_err)?;
-                            let v =
-                                v.ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {pn}")))?;
-                            LayerRecord::decode(v.value())?
-                        };
-                        if let Some(want) = parent_kind {
-                            if prec.kind != want {
-                                return Err(StoreError::Precondition(format!(
-                                    "parent {p} is {:?}, not {want:?}",
-                                    prec.kind
-                                )));
-                            }
-                        }
-                        if prec.depth + 1 > MAX_DEPTH {
-                            return Err(StoreError::LimitExceeded(format!(
-                                "layer {name} would sit on {} layers; overlay stacks at most {MAX_OVERLAY_LOWERS}",
-                                prec.depth + 1
+            let txn = self.write()?;
+            if txn.number(ns, name)?.is_some() {
+                return Err(StoreError::AlreadyExists(format!("layer {name}")));
+            }
+            let (parent_n, depth) = match parent {
+                None => (None, 0),
+                Some(p) => {
+                    let pn = txn
+                        .number(ns, p)?
+                        .ok_or_else(|| StoreError::NotFound(format!("parent {p}")))?;
+                    let prec = txn.require_layer(pn)?;
+                    if let Some(want) = parent_kind {
+                        if prec.kind != want {
+                            return Err(StoreError::Precondition(format!(
+                                "parent {p} is {:?}, not {want:?}",
+                                prec.kind
                             )));
                         }
-                        (Some(pn), prec.depth + 1)
                     }
-                };
-                let now = now_ns();
-                let rec = LayerRecord {
-                    ns: ns.to_string(),
-                    name: name.to_string(),
-                    parent: parent_n,
-                    depth,
-                    kind,
-                    state: LayerState::Empty,
-                    size: None,
-                    digest: None,
-                    created_ns: now,
-                    updated_ns: now,
-                    inodes: None,
-                    labels,
-                    manifest: None,
-                    max_size: opts.max_size,
-                };
-                names.insert((ns, name), n).map_err(error::db_err)?;
-                layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
-                if let Some(pn) = parent_n {
-                    txn.open_table(CHILDREN)
-                        .map_err(error::db_err)?
-                        .insert((pn, n), ())
-                        .map_err(error::db_err)?;
+                    if prec.depth + 1 > MAX_DEPTH {
+                        return Err(StoreError::LimitExceeded(format!(
+                            "layer {name} would sit on {} layers; overlay stacks at most {MAX_OVERLAY_LOWERS}",
+                            prec.depth + 1
+                        )));
+                    }
+                    (Some(pn), prec.depth + 1)
                 }
-                let mut meta = txn.open_table(META).map_err(error::db_err)?;
-                let stored = meta
-                    .get("next_id")
-                    .map_err(error::db_err)?
-                    .map(|v| v.value())
-                    .unwrap_or(1);
-                meta.insert("next_id", stored.max(n + 1)).map_err(error::db_err)?;
+            };
+            let now = now_ns();
+            let rec = LayerRecord {
+                ns: ns.to_string(),
+                name: name.to_string(),
+                parent: parent_n,
+                depth,
+                kind,
+                state: LayerState::Empty,
+                size: None,
+                digest: None,
+                created_ns: now,
+                updated_ns: now,
+                inodes: None,
+                labels,
+                manifest: None,
+                max_size: opts.max_size,
+            };
+            txn.put_name(ns, name, n)?;
+            txn.put_layer(n, &rec)?;
+            if let Some(pn) = parent_n {
+                txn.add_child(pn, n)?;
             }
+            txn.raise_next_id(n + 1)?;
             fault::point("store.create.commit").map_err(|e| StoreError::io("commit metadata", e))?;
-            txn.commit().map_err(error::db_err)
+            txn.commit()
         })();
         if let Err(e) = result {
             remove_tree(&self.layer_dir(n));
@@ -202,7 +180,7 @@ impl Store {
                 "layer {name} was replaced concurrently"
             )));
         }
-        if self.has_children(n)? {
+        if self.read()?.has_children(n)? {
             return Err(StoreError::InUse(format!("layer {name} has child layers")));
         }
         let dir = self.layer_dir(n);
@@ -214,45 +192,15 @@ impl Store {
                 })?;
             guard.mounts = 0;
         }
-        let txn = self.db.begin_write().map_err(error::db_err)?;
-        {
-            // A child may have been created since the check above.
-            let children = txn.open_table(CHILDREN).map_err(error::db_err)?;
-            if children
-                .range((n, 0)..=(n, u64::MAX))
-                .map_err(error::db_err)?
-                .next()
-                .is_some()
-            {
-                return Err(StoreError::InUse(format!("layer {name} has child layers")));
-            }
+        let txn = self.write()?;
+        // A child may have been created since the check above.
+        if txn.has_children(n)? {
+            return Err(StoreError::InUse(format!("layer {name} has child layers")));
         }
-        {
-            txn.open_table(NAMES)
-                .map_err(error::db_err)?
-                .remove((ns, name))
-                .map_err(error::db_err)?;
-            txn.open_table(LAYERS)
-                .map_err(error::db_err)?
-                .remove(n)
-                .map_err(error::db_err)?;
-            txn.open_table(PENDING)
-                .map_err(error::db_err)?
-                .remove(n)
-                .map_err(error::db_err)?;
-            if let Some(p) = rec.parent {
-                txn.open_table(CHILDREN)
-                    .map_err(error::db_err)?
-                    .remove((p, n))
-                    .map_err(error::db_err)?;
-            }
-            txn.open_table(STATS)
-                .map_err(error::db_err)?
-                .remove(n)
-                .map_err(error::db_err)?;
-        }
+        txn.remove_name(ns, name)?;
+        txn.remove_layer(n, rec.parent)?;
         fault::point("store.remove.commit").map_err(|e| StoreError::io("commit metadata", e))?;
-        txn.commit().map_err(error::db_err)?;
+        txn.commit()?;
         // Out of view at once; the content goes in the background.
         let trash = self.trash_path(n);
         let owned = InFlight::new(&self.in_flight, trash.clone());
@@ -320,30 +268,25 @@ impl Store {
         fault::point("store.commit.syncfs")
             .and_then(|()| mount::syncfs(&self.layer_dir(n)))
             .map_err(|e| StoreError::io("sync committed layer", e))?;
-        let txn = self.db.begin_write().map_err(error::db_err)?;
-        let rec = {
-            let mut names = txn.open_table(NAMES).map_err(error::db_err)?;
-            if names.get((ns, name)).map_err(error::db_err)?.is_some() {
-                return Err(StoreError::AlreadyExists(format!("layer {name}")));
-            }
-            names.remove((ns, key)).map_err(error::db_err)?;
-            names.insert((ns, name), n).map_err(error::db_err)?;
-            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-            let mut r = rec;
-            r.name = name.to_string();
-            r.kind = LayerKind::ReadOnly;
-            r.labels = labels;
-            r.size = Some(usage.bytes);
-            r.inodes = Some(usage.inodes);
-            r.manifest = None;
-            // A committed snapshot is a new snapshot to containerd: created (and updated) now.
-            r.created_ns = now_ns();
-            r.updated_ns = r.created_ns;
-            layers.insert(n, r.encode().as_slice()).map_err(error::db_err)?;
-            r
-        };
+        let txn = self.write()?;
+        if txn.number(ns, name)?.is_some() {
+            return Err(StoreError::AlreadyExists(format!("layer {name}")));
+        }
+        txn.remove_name(ns, key)?;
+        txn.put_name(ns, name, n)?;
+        let mut rec = rec;
+        rec.name = name.to_string();
+        rec.kind = LayerKind::ReadOnly;
+        rec.labels = labels;
+        rec.size = Some(usage.bytes);
+        rec.inodes = Some(usage.inodes);
+        rec.manifest = None;
+        // A committed snapshot is a new snapshot to containerd: created (and updated) now.
+        rec.created_ns = now_ns();
+        rec.updated_ns = rec.created_ns;
+        txn.put_layer(n, &rec)?;
         fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
-        txn.commit().map_err(error::db_err)?;
+        txn.commit()?;
         drop(guard);
         let _ = fault::point("store.commit.done");
         // As after an apply: the manifest is written in the background, Commit does not wait for it.
@@ -360,26 +303,15 @@ impl Store {
         name: &str,
         f: impl FnOnce(&mut BTreeMap<String, String>),
     ) -> Result<LayerRecord> {
-        let txn = self.db.begin_write().map_err(error::db_err)?;
-        let rec = {
-            let names = txn.open_table(NAMES).map_err(error::db_err)?;
-            let n = names
-                .get((ns, name))
-                .map_err(error::db_err)?
-                .map(|v| v.value())
-                .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))?;
-            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-            let mut rec = {
-                let v = layers.get(n).map_err(error::db_err)?;
-                let v = v.ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {n}")))?;
-                LayerRecord::decode(v.value())?
-            };
-            f(&mut rec.labels);
-            rec.updated_ns = now_ns();
-            layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
-            rec
-        };
-        txn.commit().map_err(error::db_err)?;
+        let txn = self.write()?;
+        let n = txn
+            .number(ns, name)?
+            .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))?;
+        let mut rec = txn.require_layer(n)?;
+        f(&mut rec.labels);
+        rec.updated_ns = now_ns();
+        txn.put_layer(n, &rec)?;
+        txn.commit()?;
         Ok(rec)
     }
 }

@@ -8,14 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use lamina_sys::lock::LockFile;
 use lamina_sys::mount;
-use redb::ReadableTable;
 use tracing::{info, warn};
 
-use crate::{
-    db, error, meta, meta::CHILDREN, meta::COUNTERS, meta::LAYERS, meta::META, meta::NAMES, meta::PENDING,
-    meta::SETTINGS, meta::STATS, mkdir, remove_tree, stats, verify, OpenMode, Result, Store, StoreError,
-    FORMAT_VERSION,
-};
+use crate::{db, mkdir, remove_tree, stats, verify, OpenMode, Result, Store, StoreError, FORMAT_VERSION};
 
 impl Store {
     /// Opens (creating if needed) the store at `root`, takes its lock, and recovers from a crash:
@@ -74,57 +69,31 @@ impl Store {
         Ok(store)
     }
 
+    /// Creates the metadata tables, or migrates them to the current format in one transaction (a crash
+    /// leaves either format, never a mix), and loads the next layer number.
     pub(crate) fn init_meta(&self) -> Result<()> {
-        let txn = self.db.begin_write().map_err(error::db_err)?;
-        {
-            let mut meta = txn.open_table(META).map_err(error::db_err)?;
-            let format = meta.get("format").map_err(error::db_err)?.map(|v| v.value());
-            match format {
-                None => {
-                    meta.insert("format", FORMAT_VERSION).map_err(error::db_err)?;
-                }
-                Some(v) if v > FORMAT_VERSION => {
-                    return Err(StoreError::CorruptMetadata(format!(
-                        "metadata format {v} is newer than supported {FORMAT_VERSION}; use a newer lamina"
-                    )))
-                }
-                Some(v) if v < FORMAT_VERSION => {
-                    if v == 1 {
-                        // Format 1 -> 2: timestamps in nanoseconds, plus an update time.
-                        let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-                        let mut rows = Vec::new();
-                        for row in layers.iter().map_err(error::db_err)? {
-                            let (k, v) = row.map_err(error::db_err)?;
-                            rows.push((k.value(), meta::migrate_v1_record(v.value())?));
-                        }
-                        for (k, v) in &rows {
-                            layers.insert(*k, v.as_slice()).map_err(error::db_err)?;
-                        }
-                    }
-                    // Format 2 -> 3: the `stats` and `counters` tables (created below, empty) and the
-                    // optional `manifest` field of a record (absent in old records). Every step runs in the
-                    // transaction of the version bump, so a crash leaves either format, never a mix.
-                    meta.insert("format", FORMAT_VERSION).map_err(error::db_err)?;
-                    info!("migrated metadata from format {v} to {FORMAT_VERSION}");
-                }
-                Some(_) => {}
+        let txn = self.write()?;
+        match txn.format()? {
+            None => txn.set_format(FORMAT_VERSION)?,
+            Some(v) if v > FORMAT_VERSION => {
+                return Err(StoreError::CorruptMetadata(format!(
+                    "metadata format {v} is newer than supported {FORMAT_VERSION}; use a newer lamina"
+                )))
             }
-            let next = meta
-                .get("next_id")
-                .map_err(error::db_err)?
-                .map(|v| v.value())
-                .unwrap_or(1);
-            self.next_id.store(next.max(1), Ordering::SeqCst);
-            // Make every table exist so read transactions can open them.
-            txn.open_table(NAMES).map_err(error::db_err)?;
-            txn.open_table(LAYERS).map_err(error::db_err)?;
-            txn.open_table(CHILDREN).map_err(error::db_err)?;
-            txn.open_table(PENDING).map_err(error::db_err)?;
-            txn.open_table(SETTINGS).map_err(error::db_err)?;
-            txn.open_table(STATS).map_err(error::db_err)?;
-            txn.open_table(COUNTERS).map_err(error::db_err)?;
+            Some(v) if v < FORMAT_VERSION => {
+                if v == 1 {
+                    txn.migrate_v1_records()?;
+                }
+                // Format 2 -> 3: the `stats` and `counters` tables (created below, empty) and the optional
+                // `manifest` field of a record (absent in old records).
+                txn.set_format(FORMAT_VERSION)?;
+                info!("migrated metadata from format {v} to {FORMAT_VERSION}");
+            }
+            Some(_) => {}
         }
-        txn.commit().map_err(error::db_err)
+        self.next_id.store(txn.next_id()?.max(1), Ordering::SeqCst);
+        txn.create_tables()?;
+        txn.commit()
     }
 
     pub(crate) fn recover(&self) -> Result<()> {
@@ -140,29 +109,13 @@ impl Store {
             }
         }
         // 2. Interrupted applies: the layer goes back to empty, as created.
-        let pending: Vec<u64> = {
-            let txn = self.db.begin_read().map_err(error::db_err)?;
-            let t = txn.open_table(PENDING).map_err(error::db_err)?;
-            let mut v = Vec::new();
-            for row in t.iter().map_err(error::db_err)? {
-                v.push(row.map_err(error::db_err)?.0.value());
-            }
-            v
-        };
-        for n in pending {
+        let pending = self.read()?.pending()?;
+        for (n, _) in pending {
             warn!(layer = n, "rolling back an apply interrupted by a crash");
             self.reset_interrupted_apply(n)?;
         }
         // 3. Directories without a record.
-        let known: std::collections::HashSet<u64> = {
-            let txn = self.db.begin_read().map_err(error::db_err)?;
-            let t = txn.open_table(LAYERS).map_err(error::db_err)?;
-            let mut s = std::collections::HashSet::new();
-            for row in t.iter().map_err(error::db_err)? {
-                s.insert(row.map_err(error::db_err)?.0.value());
-            }
-            s
-        };
+        let known = self.read()?.layer_numbers()?;
         // Mounts first: nothing may be deleted through a live mount.
         let layers_dir = self.root.join("layers");
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());

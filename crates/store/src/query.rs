@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 
 use lamina_sys::mount;
 use lamina_sys::mount::MAX_OVERLAY_LOWERS;
-use redb::{ReadableTable, ReadableTableMetadata};
 
 use crate::{
-    error, lock, meta::CHILDREN, meta::LAYERS, meta::NAMES, meta::SETTINGS, open_dir, LayerInfo, LayerKind,
-    LayerRecord, Result, Slot, Store, StoreError, StoreStatus, FORMAT_VERSION,
+    lock, open_dir,
+    tables::{Reader, Writer},
+    LayerInfo, LayerKind, LayerRecord, Result, Slot, Store, StoreError, StoreStatus, FORMAT_VERSION,
 };
 
 impl Store {
@@ -39,12 +39,7 @@ impl Store {
 
     /// Store-wide figures.
     pub fn status(&self) -> Result<StoreStatus> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let layers = txn
-            .open_table(LAYERS)
-            .map_err(error::db_err)?
-            .len()
-            .map_err(error::db_err)?;
+        let layers = self.read()?.layer_count()?;
         let mounted = self
             .slots
             .lock()
@@ -63,44 +58,23 @@ impl Store {
 
     /// Number of layers in one namespace.
     pub fn count(&self, ns: &str) -> Result<u64> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let names = txn.open_table(NAMES).map_err(error::db_err)?;
-        let mut count = 0;
-        for row in names.range((ns, "")..).map_err(error::db_err)? {
-            let row = row.map_err(error::db_err)?;
-            if row.0.value().0 != ns {
-                break;
-            }
-            count += 1;
-        }
-        Ok(count)
+        Ok(self.read()?.names_in(ns)?.len() as u64)
     }
 
     /// All layers of all namespaces, by number.
     pub fn list(&self) -> Result<Vec<(u64, LayerRecord)>> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let t = txn.open_table(LAYERS).map_err(error::db_err)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(error::db_err)? {
-            let (k, v) = row.map_err(error::db_err)?;
-            out.push((k.value(), LayerRecord::decode(v.value())?));
-        }
-        Ok(out)
+        self.read()?.layers()
     }
 
     /// The record of `name` and its parent's name (same namespace).
     pub fn record(&self, ns: &str, name: &str) -> Result<(LayerRecord, Option<String>)> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let names = txn.open_table(NAMES).map_err(error::db_err)?;
-        let n = names
-            .get((ns, name))
-            .map_err(error::db_err)?
-            .map(|v| v.value())
+        let txn = self.read()?;
+        let n = txn
+            .number(ns, name)?
             .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))?;
-        let layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-        let rec = read_record(&layers, n)?;
+        let rec = txn.require_layer(n)?;
         let parent = match rec.parent {
-            Some(p) => Some(read_record(&layers, p)?.name),
+            Some(p) => Some(txn.require_layer(p)?.name),
             None => None,
         };
         Ok((rec, parent))
@@ -109,18 +83,11 @@ impl Store {
     /// Every layer of one namespace with its parent's name, in name order, from one consistent snapshot
     /// of the metadata.
     pub fn list_ns(&self, ns: &str) -> Result<Vec<(LayerRecord, Option<String>)>> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let names = txn.open_table(NAMES).map_err(error::db_err)?;
-        let layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+        let txn = self.read()?;
         let mut recs = Vec::new();
         let mut by_number = HashMap::new();
-        for row in names.range((ns, "")..).map_err(error::db_err)? {
-            let (k, v) = row.map_err(error::db_err)?;
-            if k.value().0 != ns {
-                break;
-            }
-            let n = v.value();
-            let rec = read_record(&layers, n)?;
+        for (_, n) in txn.names_in(ns)? {
+            let rec = txn.require_layer(n)?;
             by_number.insert(n, rec.name.clone());
             recs.push(rec);
         }
@@ -129,7 +96,7 @@ impl Store {
             let parent = match rec.parent {
                 Some(p) => Some(match by_number.get(&p) {
                     Some(name) => name.clone(),
-                    None => read_record(&layers, p)?.name,
+                    None => txn.require_layer(p)?.name,
                 }),
                 None => None,
             };
@@ -151,32 +118,28 @@ impl Store {
 
     /// Reads a remembered setting.
     pub fn setting(&self, key: &str) -> Result<Option<String>> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let t = txn.open_table(SETTINGS).map_err(error::db_err)?;
-        Ok(t.get(key).map_err(error::db_err)?.map(|v| v.value().to_string()))
+        self.read()?.setting(key)
     }
 
     /// Remembers a setting across restarts.
     pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
-        let txn = self.db.begin_write().map_err(error::db_err)?;
-        txn.open_table(SETTINGS)
-            .map_err(error::db_err)?
-            .insert(key, value)
-            .map_err(error::db_err)?;
-        txn.commit().map_err(error::db_err)
+        let txn = self.write()?;
+        txn.set_setting(key, value)?;
+        txn.commit()
+    }
+
+    /// A consistent view of the metadata.
+    pub(crate) fn read(&self) -> Result<Reader> {
+        Reader::begin(&self.db)
+    }
+
+    /// A write transaction on the metadata.
+    pub(crate) fn write(&self) -> Result<Writer> {
+        Writer::begin(&self.db)
     }
 
     pub(crate) fn lookup(&self, ns: &str, name: &str) -> Result<Option<(u64, LayerRecord)>> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let names = txn.open_table(NAMES).map_err(error::db_err)?;
-        let Some(n) = names.get((ns, name)).map_err(error::db_err)?.map(|v| v.value()) else {
-            return Ok(None);
-        };
-        let layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-        let rec = layers.get(n).map_err(error::db_err)?.ok_or_else(|| {
-            StoreError::CorruptMetadata(format!("name {name:?} points at missing layer {n}"))
-        })?;
-        Ok(Some((n, LayerRecord::decode(rec.value())?)))
+        self.read()?.lookup(ns, name)
     }
 
     pub(crate) fn require(&self, ns: &str, name: &str) -> Result<(u64, LayerRecord)> {
@@ -184,50 +147,23 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))
     }
 
+    /// The record of layer `n`, if it exists.
+    pub(crate) fn record_by_number(&self, n: u64) -> Result<Option<LayerRecord>> {
+        self.read()?.layer(n)
+    }
+
     /// Layer numbers of the parent chain of `rec`, nearest first.
     pub(crate) fn chain(&self, rec: &LayerRecord) -> Result<Vec<u64>> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-        let mut out = Vec::with_capacity(rec.depth as usize);
-        let mut next = rec.parent;
-        while let Some(p) = next {
-            if out.len() > MAX_OVERLAY_LOWERS {
-                return Err(StoreError::CorruptMetadata(format!(
-                    "parent chain of {} loops",
-                    rec.name
-                )));
-            }
-            out.push(p);
-            let v = layers
-                .get(p)
-                .map_err(error::db_err)?
-                .ok_or_else(|| StoreError::CorruptMetadata(format!("missing parent layer {p}")))?;
-            next = LayerRecord::decode(v.value())?.parent;
-        }
-        Ok(out)
+        self.read()?.chain(rec, MAX_OVERLAY_LOWERS)
     }
 
-    pub(crate) fn has_children(&self, n: u64) -> Result<bool> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let children = txn.open_table(CHILDREN).map_err(error::db_err)?;
-        let mut range = children.range((n, 0)..=(n, u64::MAX)).map_err(error::db_err)?;
-        Ok(range.next().is_some())
-    }
-
+    /// Changes the record of layer `n` with `f` in one transaction.
     pub(crate) fn update_record(&self, n: u64, f: impl FnOnce(&mut LayerRecord)) -> Result<LayerRecord> {
-        let txn = self.db.begin_write().map_err(error::db_err)?;
-        let rec = {
-            let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-            let mut rec = {
-                let v = layers.get(n).map_err(error::db_err)?;
-                let v = v.ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {n}")))?;
-                LayerRecord::decode(v.value())?
-            };
-            f(&mut rec);
-            layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
-            rec
-        };
-        txn.commit().map_err(error::db_err)?;
+        let txn = self.write()?;
+        let mut rec = txn.require_layer(n)?;
+        f(&mut rec);
+        txn.put_layer(n, &rec)?;
+        txn.commit()?;
         Ok(rec)
     }
 
@@ -244,12 +180,4 @@ impl Store {
     pub fn root(&self) -> &Path {
         &self.root
     }
-}
-
-pub(crate) fn read_record(layers: &impl ReadableTable<u64, &'static [u8]>, n: u64) -> Result<LayerRecord> {
-    let v = layers
-        .get(n)
-        .map_err(error::db_err)?
-        .ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {n}")))?;
-    LayerRecord::decode(v.value())
 }

@@ -10,32 +10,26 @@ use std::time::{Duration, Instant};
 use lamina_archive::manifest::{self, VerifyOutcome};
 use serde::Serialize;
 
-use redb::ReadableTable;
 use tracing::{debug, warn};
 
-use crate::meta::LAYERS;
-use crate::{error, open_dir, LayerKind, LayerRecord, LayerState, Result, Store, StoreError};
+use crate::tables::Writer;
+use crate::{open_dir, LayerKind, LayerRecord, LayerState, Result, Store, StoreError};
 use lamina_sys::fault;
 
 /// Writes the manifest of layer `n` (directory `dir`) and records its digest if the layer still wants one.
 fn seal(db: &crate::db::Db, n: u64, dir: &Path) -> Result<()> {
     let digest = write_manifest_file(&dir.join("diff"), &dir.join(MANIFEST_FILE))?;
-    let txn = db.begin_write().map_err(error::db_err)?;
-    {
-        let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-        let rec = match layers.get(n).map_err(error::db_err)? {
-            Some(v) => LayerRecord::decode(v.value())?,
-            None => return Ok(()),
-        };
-        if !wants_manifest(&rec) {
-            return Ok(());
-        }
-        let mut rec = rec;
-        rec.manifest = Some(digest);
-        layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
+    let txn = Writer::begin(db)?;
+    let Some(mut rec) = txn.layer(n)? else {
+        return Ok(());
+    };
+    if !wants_manifest(&rec) {
+        return Ok(());
     }
+    rec.manifest = Some(digest);
+    txn.put_layer(n, &rec)?;
     fault::point("store.seal.commit").map_err(|e| StoreError::io("commit metadata", e))?;
-    txn.commit().map_err(error::db_err)
+    txn.commit()
 }
 
 /// File name of a layer's manifest, beside `diff/`.
