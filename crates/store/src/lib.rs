@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lamina_sys::lock::LockFile;
-use lamina_sys::mount::MAX_OVERLAY_LOWERS;
+use lamina_sys::mount::{self as sys_mount, MAX_OVERLAY_LOWERS};
 use tracing::warn;
 
 pub use content::DiffPlan;
@@ -46,9 +46,11 @@ pub use error::{Result, StoreError};
 pub use gc::{Garbage, GarbageKind, GcOptions, GcReport, Kept};
 pub use meta::{LayerKind, LayerRecord, LayerState, LayerStats, FORMAT_VERSION};
 pub use mounts::MountGuard;
+pub use open::{OpenMode, OpenOptions};
 pub use quota::{parse_size, MIN_SIZE, SIZE_LABEL};
 pub use stats::{Counter, LayerOverview};
-pub use verify::{VerifyResult, VerifyStatus, MANIFEST_FILE};
+pub use sys_mount::MountSpec;
+pub use verify::{CheckHook, CheckOutcome, VerifyResult, VerifyStatus, MANIFEST_FILE};
 
 /// Most layers below one layer: its mount stacks them all as overlay lower directories.
 pub const MAX_DEPTH: u32 = MAX_OVERLAY_LOWERS as u32;
@@ -100,7 +102,7 @@ pub struct CreateOptions {
 }
 
 /// Lower directories of a mount, top-most first, and their layer numbers.
-type Lowers = (Arc<Vec<PathBuf>>, Arc<Vec<u64>>);
+pub(crate) type Lowers = (Arc<Vec<PathBuf>>, Arc<Vec<u64>>);
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -117,17 +119,6 @@ pub(crate) fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
     slot.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// How [`Store::open_with`] opens a data root.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpenMode {
-    /// The daemon: recover from a crash (roll back interrupted applies, remove leftovers, detach stale
-    /// mounts, count the mounts of a previous run).
-    Serve,
-    /// An operator's command while no daemon runs: nothing is changed behind the operator's back (`lamina
-    /// gc` shows and removes the leftovers a crash left); metadata is still migrated to the current format.
-    Admin,
-}
-
 /// The layer store. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Store {
     root: PathBuf,
@@ -140,6 +131,8 @@ pub struct Store {
     /// Paths that operations in flight own (layer dirs being created, staging dirs being filled, trash being
     /// deleted): garbage collection leaves them alone.
     in_flight: Arc<Mutex<HashSet<PathBuf>>>,
+    /// `verify_on_mount`, when on.
+    mount_check: Option<verify::MountCheck>,
     _lock: LockFile,
 }
 

@@ -75,6 +75,24 @@ impl Store {
         labels: BTreeMap<String, String>,
         opts: &CreateOptions,
     ) -> Result<()> {
+        self.create_layer(ns, name, parent.map(|p| (p, None)), kind, labels, opts)
+            .map(|_| ())
+    }
+
+    /// Creates an empty layer; gives its number and record. `parent` is the parent's name and, when the
+    /// caller resolved it already, its number: the creating transaction then refuses a parent that was
+    /// replaced meanwhile ([`StoreError::NotFound`]).
+    pub(crate) fn create_layer(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<(&str, Option<u64>)>,
+        kind: LayerKind,
+        labels: BTreeMap<String, String>,
+        opts: &CreateOptions,
+    ) -> Result<(u64, LayerRecord)> {
+        let expected_parent = parent.and_then(|p| p.1);
+        let parent = parent.map(|p| p.0);
         let parent_kind = opts.parent_kind;
         if let Some(size) = opts.max_size {
             if size < MIN_SIZE {
@@ -108,6 +126,7 @@ impl Store {
                 Some(p) => {
                     let pn = txn
                         .number(ns, p)?
+                        .filter(|pn| expected_parent.is_none_or(|e| e == *pn))
                         .ok_or_else(|| StoreError::NotFound(format!("parent {p}")))?;
                     let prec = txn.require_layer(pn)?;
                     if let Some(want) = parent_kind {
@@ -151,16 +170,20 @@ impl Store {
             }
             txn.raise_next_id(n + 1)?;
             fault::point("store.create.commit").map_err(|e| StoreError::io("commit metadata", e))?;
-            txn.commit()
+            txn.commit()?;
+            Ok(rec)
         })();
-        if let Err(e) = result {
-            remove_tree(&self.layer_dir(n));
-            return Err(e);
-        }
+        let rec = match result {
+            Ok(rec) => rec,
+            Err(e) => {
+                remove_tree(&self.layer_dir(n));
+                return Err(e);
+            }
+        };
         // After the work: only `kill`/`sleep` make sense here, an error action is ignored.
         let _ = fault::point("store.create.done");
         debug!(ns, name, layer = n, "created layer");
-        Ok(())
+        Ok((n, rec))
     }
 
     /// Removes a layer: unmounts it if mounted (as overlay2 does), refuses if it has children.
@@ -289,6 +312,8 @@ impl Store {
         txn.commit()?;
         drop(guard);
         let _ = fault::point("store.commit.done");
+        // Frozen by this store: trusted by `verify_on_mount` until the store is dropped.
+        self.trust(n);
         // As after an apply: the manifest is written in the background, Commit does not wait for it.
         self.seal_later(n);
         self.counters.add(Counter::Commits, 1);

@@ -10,7 +10,42 @@ use lamina_sys::lock::LockFile;
 use lamina_sys::mount;
 use tracing::{info, warn};
 
-use crate::{db, mkdir, remove_tree, stats, verify, OpenMode, Result, Store, StoreError, FORMAT_VERSION};
+use crate::verify::CheckHook;
+use crate::{db, mkdir, remove_tree, stats, verify, Result, Store, StoreError, FORMAT_VERSION};
+
+/// How [`Store::open_with`] opens a data root.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The daemon: recover from a crash (roll back interrupted applies, remove leftovers, detach stale
+    /// mounts, count the mounts of a previous run).
+    #[default]
+    Serve,
+    /// An operator's command while no daemon runs: nothing is changed behind the operator's back (`lamina
+    /// gc` shows and removes the leftovers a crash left); metadata is still migrated to the current format.
+    Admin,
+}
+
+/// Options of [`Store::open_with_options`].
+#[derive(Clone, Default)]
+pub struct OpenOptions {
+    /// Serve or Admin.
+    pub mode: OpenMode,
+    /// `verify_on_mount`: check every frozen layer of a stack against its content manifest before the first
+    /// mount (or mount description) of that stack since the store was opened, and refuse a mismatch with
+    /// [`StoreError::CorruptMetadata`]. Layers frozen by this store are trusted.
+    pub verify_on_mount: bool,
+    /// Told the outcome of every such check.
+    pub on_check: Option<CheckHook>,
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("mode", &self.mode)
+            .field("verify_on_mount", &self.verify_on_mount)
+            .finish_non_exhaustive()
+    }
+}
 
 impl Store {
     /// Opens (creating if needed) the store at `root`, takes its lock, and recovers from a crash:
@@ -23,6 +58,18 @@ impl Store {
 
     /// Opens the store at `root` in `mode`; see [`OpenMode`].
     pub fn open_with(root: &Path, mode: OpenMode) -> Result<Store> {
+        Store::open_with_options(
+            root,
+            OpenOptions {
+                mode,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    /// Opens the store at `root` with [`OpenOptions`].
+    pub fn open_with_options(root: &Path, opts: OpenOptions) -> Result<Store> {
+        let mode = opts.mode;
         if !root.is_absolute() {
             return Err(StoreError::InvalidArgument(format!(
                 "data root {} is not absolute",
@@ -52,6 +99,9 @@ impl Store {
             staging_seq: AtomicU64::new(0),
             counters: stats::Counters::default(),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
+            mount_check: opts
+                .verify_on_mount
+                .then(|| verify::MountCheck::new(opts.on_check.clone())),
             _lock: lock,
         };
         store.init_meta()?;

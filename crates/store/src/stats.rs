@@ -212,7 +212,13 @@ impl Store {
     /// below it.
     pub fn note_external_mount(&self, ns: &str, name: &str) -> Result<()> {
         let (n, rec) = self.require(ns, name)?;
-        let chain = self.chain(&rec)?;
+        let (_, chain) = self.lowers_of(n, &rec)?;
+        self.note_external_use(n, &chain);
+        Ok(())
+    }
+
+    /// [`Store::note_external_mount`] of layer `n`, whose stack holds `below`.
+    pub(crate) fn note_external_use(&self, n: u64, below: &[u64]) {
         let now = now_ns();
         {
             let slot = self.slot(n);
@@ -222,9 +228,8 @@ impl Store {
             g.stats.last_used_ns = now;
             g.stats_dirty = true;
         }
-        self.note_uses(&chain, now);
+        self.note_uses(below, now);
         self.counters.add(Counter::SnapshotMounts, 1);
-        Ok(())
     }
 
     /// The counters of layer `n` (zero for an unknown layer).

@@ -18,7 +18,6 @@ use lamina_sys::fs::errno;
 use tracing::info;
 
 use crate::metrics::{self, observe, Op, Timer};
-use crate::mount_check::MountCheck;
 
 const SETTING_HOME: &str = "graphdriver.home";
 const SETTING_MAPS: &str = "graphdriver.idmaps";
@@ -34,8 +33,6 @@ struct DriverState {
 pub struct GraphDriverAdapter {
     store: Arc<Store>,
     state: RwLock<DriverState>,
-    /// `verify_on_mount`.
-    mount_check: Option<Arc<MountCheck>>,
 }
 
 /// Maps a store error to the wire error, once.
@@ -122,14 +119,7 @@ impl GraphDriverAdapter {
                 ns: format!("docker:{home}"),
                 mappings,
             }),
-            mount_check: None,
         })
-    }
-
-    /// Checks frozen layers against their manifests before their first mount (`verify_on_mount`).
-    pub fn with_mount_check(mut self, check: Arc<MountCheck>) -> Self {
-        self.mount_check = Some(check);
-        self
     }
 
     fn state(&self) -> DriverState {
@@ -204,14 +194,9 @@ impl GraphDriver for GraphDriverAdapter {
 
     fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {
         observe(Op::GdGet, || {
-            let ns = self.ns();
-            if let Some(check) = &self.mount_check {
-                let info = self.store.info(&ns, id).map_err(to_plugin_error)?;
-                if info.mounts == 0 {
-                    check.check_stack(&self.store, &info).map_err(to_plugin_error)?;
-                }
-            }
-            self.store.get(&ns, id, mount_label).map_err(to_plugin_error)
+            self.store
+                .get(&self.ns(), id, mount_label)
+                .map_err(to_plugin_error)
         })
     }
 
@@ -259,12 +244,8 @@ impl GraphDriver for GraphDriverAdapter {
         let timer = Timer::start(Op::GdApplyDiff);
         let r = self.apply_diff_inner(id, parent, body);
         let elapsed = timer.finish(r.is_ok());
-        let (size, tar_bytes, number) = r?;
+        let (size, tar_bytes) = r?;
         metrics::applied(tar_bytes, elapsed);
-        if let Some(check) = &self.mount_check {
-            // Written by this process just now: nothing to check before its first mount.
-            check.trust(number);
-        }
         Ok(size)
     }
 
@@ -382,28 +363,20 @@ impl GraphDriverAdapter {
             .collect())
     }
 
-    /// ApplyDiff; gives the layer's size, the tar bytes read and the layer's number.
+    /// ApplyDiff; gives the layer's size and the tar bytes read. The store refuses a layer created on
+    /// another parent than `parent`.
     fn apply_diff_inner(
         &self,
         id: &str,
         parent: &str,
         body: &mut dyn Read,
-    ) -> Result<(u64, u64, u64), PluginError> {
+    ) -> Result<(u64, u64), PluginError> {
         let st = self.state();
-        let info = self.store.info(&st.ns, id).map_err(to_plugin_error)?;
-        if !parent.is_empty() {
-            let expected = self.store.info(&st.ns, parent).map_err(to_plugin_error)?;
-            if info.record.parent != Some(expected.number) {
-                return Err(PluginError::invalid(format!(
-                    "layer {id} was not created on parent {parent}"
-                )));
-            }
-        }
         let stats = self
             .store
-            .apply(&st.ns, id, body, &st.mappings)
+            .apply_diff(&st.ns, id, parent, body, &st.mappings)
             .map_err(to_plugin_error)?;
-        Ok((stats.size, stats.tar_bytes, info.number))
+        Ok((stats.size, stats.tar_bytes))
     }
 }
 
