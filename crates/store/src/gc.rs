@@ -19,7 +19,6 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use lamina_sys::mount;
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -116,11 +115,9 @@ fn usage_of(path: &Path) -> u64 {
 /// Layer numbers of this store that a mount in the mount table refers to (`<layers_dir>/<hex>/...` in its root
 /// or options). Only paths under this store's own `layers/` count: another store's overlays (another data
 /// root in the same process or on the host) name the same numbers under a different directory.
-fn referenced_by_mounts(layers_dir: &std::path::Path) -> HashSet<u64> {
+fn referenced_by_mounts(table: &str, layers_dir: &std::path::Path) -> HashSet<u64> {
     let mut out = HashSet::new();
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return out;
-    };
+    let text = table;
     let needle = format!("{}/", layers_dir.display());
     for line in text.lines() {
         let mut at = 0;
@@ -170,7 +167,11 @@ impl Store {
             self.root.join("trash"),
         ];
         let known_before = self.known_layers()?;
-        for mp in mount::mounts_under(&self.root).map_err(|e| StoreError::io("read mount table", e))? {
+        for mp in self
+            .mounter
+            .mounts_under(&self.root)
+            .map_err(|e| StoreError::io("read mount table", e))?
+        {
             if !watched.iter().any(|w| mp.starts_with(w)) {
                 continue;
             }
@@ -250,7 +251,8 @@ impl Store {
         // 5. Removed namespaces.
         let mut doomed: Vec<(u64, LayerRecord)> = Vec::new();
         if !opts.removed_namespaces.is_empty() {
-            let referenced = referenced_by_mounts(&layers_dir);
+            let table = self.mounter.mount_table().unwrap_or_default();
+            let referenced = referenced_by_mounts(&table, &layers_dir);
             let all = self.list()?;
             let by_number: BTreeMap<u64, &LayerRecord> = all.iter().map(|(n, r)| (*n, r)).collect();
             let mut keep: BTreeMap<u64, String> = BTreeMap::new();
@@ -349,9 +351,10 @@ impl Store {
         let items = report.items.clone();
         for g in &items {
             let r = match g.kind {
-                GarbageKind::StaleMount => {
-                    mount::unmount(&g.path, true).map_err(|e| StoreError::io("detach stale mount", e))
-                }
+                GarbageKind::StaleMount => self
+                    .mounter
+                    .unmount(&g.path, true)
+                    .map_err(|e| StoreError::io("detach stale mount", e)),
                 GarbageKind::InterruptedApply => self.roll_back_apply(g.layer.unwrap_or(0), &g.path),
                 GarbageKind::Staging | GarbageKind::Trash | GarbageKind::OrphanDir => {
                     self.remove_unowned(&g.path, g.layer)
@@ -382,7 +385,9 @@ impl Store {
             self.staging_seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
         ));
         // Never delete through a mount.
-        if !mount::mounts_under(path)
+        if !self
+            .mounter
+            .mounts_under(path)
             .map_err(|e| StoreError::io("read mount table", e))?
             .is_empty()
         {

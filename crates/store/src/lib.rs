@@ -131,6 +131,8 @@ pub struct Store {
     /// Paths that operations in flight own (layer dirs being created, staging dirs being filled, trash being
     /// deleted): garbage collection leaves them alone.
     in_flight: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Every mount and unmount, and the mount table.
+    mounter: Arc<dyn lamina_sys::mounter::Mounter>,
     /// `verify_on_mount`, when on.
     mount_check: Option<verify::MountCheck>,
     _lock: LockFile,
@@ -210,3 +212,6 @@ fn remove_tree(path: &Path) {
         warn!(path = %path.display(), error = %e, "could not remove");
     }
 }
+
+#[cfg(test)]
+mod tests;

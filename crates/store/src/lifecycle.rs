@@ -207,9 +207,9 @@ impl Store {
             return Err(StoreError::InUse(format!("layer {name} has child layers")));
         }
         let dir = self.layer_dir(n);
-        if guard.mounts > 0 || mount::is_mount_point(&dir.join("merged")).unwrap_or(false) {
+        if guard.mounts > 0 || self.mounter.is_mount_point(&dir.join("merged")).unwrap_or(false) {
             fault::point("store.remove.unmount")
-                .and_then(|()| mount::unmount(&dir.join("merged"), false))
+                .and_then(|()| self.mounter.unmount(&dir.join("merged"), false))
                 .map_err(|e| {
                     StoreError::InUse(format!("layer {name} is mounted and cannot be unmounted: {e}"))
                 })?;

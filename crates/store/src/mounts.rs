@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use lamina_sys::fault;
 use lamina_sys::mount::{MountSpec, OverlaySpec};
-use lamina_sys::{fault, mount};
 use tracing::{debug, warn};
 
 use crate::{
@@ -51,7 +51,7 @@ impl Store {
                     read_only: view,
                 };
                 fault::point("store.get.mount")
-                    .and_then(|()| mount::mount_overlay(&path, &spec))
+                    .and_then(|()| self.mounter.mount(&MountSpec::Overlay(spec), &path))
                     .map_err(|e| {
                         StoreError::io(format!("mount layer {name} ({} layers)", lowers.len() + 1), e)
                     })?;
@@ -203,7 +203,7 @@ impl Store {
             // Detached like overlay2 does: a straggler (a shell cd'ed into it) must not fail the Put.
             let merged = self.layer_dir(n).join("merged");
             fault::point("store.put.unmount")
-                .and_then(|()| mount::unmount(&merged, true))
+                .and_then(|()| self.mounter.unmount(&merged, true))
                 .map_err(|e| StoreError::io(format!("unmount layer {name}"), e))?;
         }
         debug!(ns, name, layer = n, "put");
@@ -223,9 +223,11 @@ impl Store {
             let mut guard = lock(&slot);
             if guard.mounts > 0 {
                 let merged = self.layer_dir(n).join("merged");
-                if let Err(e) = mount::unmount(&merged, false) {
+                if let Err(e) = self.mounter.unmount(&merged, false) {
                     warn!(layer = n, error = %e, "unmount failed, detaching");
-                    mount::unmount(&merged, true).map_err(|e| StoreError::io("detach mount", e))?;
+                    self.mounter
+                        .unmount(&merged, true)
+                        .map_err(|e| StoreError::io("detach mount", e))?;
                 }
                 guard.mounts = 0;
             }

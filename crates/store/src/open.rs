@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lamina_sys::lock::LockFile;
-use lamina_sys::mount;
+use lamina_sys::mounter::{LinuxMounter, Mounter};
 use tracing::{info, warn};
 
 use crate::verify::CheckHook;
@@ -36,6 +36,9 @@ pub struct OpenOptions {
     pub verify_on_mount: bool,
     /// Told the outcome of every such check.
     pub on_check: Option<CheckHook>,
+    /// Mounts through this instead of the kernel ([`LinuxMounter`]): tests use a
+    /// [`lamina_sys::mounter::FakeMounter`].
+    pub mounter: Option<Arc<dyn Mounter>>,
 }
 
 impl std::fmt::Debug for OpenOptions {
@@ -99,6 +102,7 @@ impl Store {
             staging_seq: AtomicU64::new(0),
             counters: stats::Counters::default(),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
+            mounter: opts.mounter.clone().unwrap_or_else(|| Arc::new(LinuxMounter)),
             mount_check: opts
                 .verify_on_mount
                 .then(|| verify::MountCheck::new(opts.on_check.clone())),
@@ -169,7 +173,11 @@ impl Store {
         // Mounts first: nothing may be deleted through a live mount.
         let layers_dir = self.root.join("layers");
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        for mp in mount::mounts_under(&self.root).map_err(|e| StoreError::io("read mount table", e))? {
+        for mp in self
+            .mounter
+            .mounts_under(&self.root)
+            .map_err(|e| StoreError::io("read mount table", e))?
+        {
             // Only the store's own directories are its business: the data root may be the mount point of its own
             // filesystem (a btrfs or xfs for size limits), and `volumes/` holds the volume service's mounts (a
             // MooseFS cluster mount that must survive a restart of lamina).
@@ -191,7 +199,9 @@ impl Store {
                 }
                 _ => {
                     warn!(mount = %mp.display(), "detaching stale mount");
-                    mount::unmount(&mp, true).map_err(|e| StoreError::io("unmount stale mount", e))?;
+                    self.mounter
+                        .unmount(&mp, true)
+                        .map_err(|e| StoreError::io("unmount stale mount", e))?;
                 }
             }
         }

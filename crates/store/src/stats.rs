@@ -253,7 +253,9 @@ impl Store {
     }
 
     fn overview_filtered(&self, only: Option<u64>) -> Result<Vec<LayerOverview>> {
-        let mounted: HashSet<PathBuf> = lamina_sys::mount::mounts_under(&self.root.join("layers"))
+        let mounted: HashSet<PathBuf> = self
+            .mounter
+            .mounts_under(&self.root.join("layers"))
             .map_err(|e| StoreError::io("read mount table", e))?
             .into_iter()
             .collect();

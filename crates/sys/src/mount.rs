@@ -279,7 +279,10 @@ pub fn unmount(target: &Path, detach: bool) -> io::Result<()> {
 
 /// Mount points at or below `dir`, from `/proc/self/mountinfo`, deepest first.
 pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    Ok(mount_points_in(&std::fs::read_to_string("/proc/self/mountinfo")?, dir))
+    Ok(mount_points_in(
+        &std::fs::read_to_string("/proc/self/mountinfo")?,
+        dir,
+    ))
 }
 
 /// Mount points at or below `dir` in `table` (the format of `/proc/self/mountinfo`), deepest first.
