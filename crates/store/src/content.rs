@@ -1,20 +1,15 @@
 //! Layer content: apply a tar, and diff, changes and diff size against a parent.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::path::Path;
 
-use lamina_archive::{ApplyOptions, ApplyStats, Change, DiffOptions, IdMappings};
-use lamina_sys::{fault, mount};
+use lamina_archive::{ApplyStats, Change, DiffOptions, IdMappings};
+use lamina_sys::fault;
 use tracing::{debug, warn};
 
-use crate::{
-    lock, mkdir, open_dir, remove_tree, Counter, InFlight, LayerRecord, LayerState, MountGuard, Result,
-    Store, StoreError, MANIFEST_FILE,
-};
+use crate::{lock, open_dir, Counter, LayerRecord, LayerState, MountGuard, Result, Store, StoreError};
 
 impl Store {
     /// Puts a layer whose apply was interrupted back to empty, as created (its `diff/` replaced by an
@@ -22,15 +17,7 @@ impl Store {
     /// recovery and by `gc`.
     pub(crate) fn reset_interrupted_apply(&self, n: u64) -> Result<()> {
         if self.record_by_number(n)?.is_some() {
-            let diff = self.layer_dir(n).join("diff");
-            if diff.exists() {
-                let trash = self.trash_path(n);
-                std::fs::rename(&diff, &trash)
-                    .map_err(|e| StoreError::io(format!("move {}", diff.display()), e))?;
-                remove_tree(&trash);
-            }
-            let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
-            mkdir(&diff, 0o755)?;
+            self.backend.reset(n)?;
             self.update_record(n, |r| {
                 r.state = LayerState::Empty;
                 r.size = None;
@@ -94,13 +81,10 @@ impl Store {
                 "layer {name} has a size limit; its content is written through its mount, not applied"
             )));
         }
-        let seq = self.staging_seq.fetch_add(1, Ordering::SeqCst);
-        let staging_name = format!("{n:x}-{seq}");
-        let staging = self.root.join("staging").join(&staging_name);
-        let _owned = InFlight::new(&self.in_flight, staging.clone());
+        let staging = self.backend.stage(n);
         {
             let txn = self.write()?;
-            txn.put_pending(n, &staging_name)?;
+            txn.put_pending(n, &staging.token)?;
             let mut r = rec.clone();
             r.state = LayerState::Applying;
             txn.put_layer(n, &r)?;
@@ -120,7 +104,8 @@ impl Store {
             txn.commit()
         };
         let result = self
-            .apply_staged(n, &staging, input, mappings)
+            .backend
+            .apply(n, &staging, input, mappings)
             .and_then(|stats| finish(&stats).map(|()| stats));
         match result {
             Ok(stats) => {
@@ -137,17 +122,14 @@ impl Store {
                 Ok(stats)
             }
             Err(e) => {
-                remove_tree(&staging);
-                // A failure after the rename (the second sync, the final commit) leaves the content in diff/:
-                // the layer goes back to empty as created (diff/ replaced, record Empty, pending row dropped),
-                // so nothing half applied is visible and a retry applies again. If that fails too (read-only
-                // or failing disk), the record stays Applying and the next start does it.
-                let diff = self.layer_dir(n).join("diff");
-                let filled = std::fs::read_dir(&diff).is_ok_and(|mut d| d.next().is_some());
+                // Content that reached the layer (a failure after the rename: the second sync, the final commit)
+                // goes back to empty as created (content replaced, record Empty, pending row dropped), so
+                // nothing half applied is visible and a retry applies again. If that fails too (read-only or
+                // failing disk), the record stays Applying and the next start does it.
+                let filled = self.backend.abandon(n, staging);
                 let reset = if filled {
                     self.reset_interrupted_apply(n)
                 } else {
-                    let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
                     (|| {
                         let txn = self.write()?;
                         txn.remove_pending(n)?;
@@ -165,34 +147,6 @@ impl Store {
         }
     }
 
-    pub(crate) fn apply_staged(
-        &self,
-        n: u64,
-        staging: &Path,
-        input: &mut dyn Read,
-        mappings: &IdMappings,
-    ) -> Result<ApplyStats> {
-        fault::point("store.apply.stage").map_err(|e| StoreError::io("create staging directory", e))?;
-        mkdir(staging, 0o755)?;
-        let dirfd = open_dir(staging)?;
-        let opts = ApplyOptions {
-            id_mappings: mappings.clone(),
-        };
-        let stats = lamina_archive::apply_layer(dirfd.as_fd(), input, &opts)?;
-        // The root of the layer keeps the mode of an empty diff dir unless the tar set it.
-        fault::point("store.apply.syncfs")
-            .and_then(|()| mount::syncfs(staging))
-            .map_err(|e| StoreError::io("sync staged layer", e))?;
-        let diff = self.layer_dir(n).join("diff");
-        fault::point("store.apply.rename")
-            .and_then(|()| std::fs::rename(staging, &diff))
-            .map_err(|e| StoreError::io(format!("move staged layer into {}", diff.display()), e))?;
-        fault::point("store.apply.syncfs2")
-            .and_then(|()| mount::syncfs(&diff))
-            .map_err(|e| StoreError::io("sync layer", e))?;
-        Ok(stats)
-    }
-
     pub(crate) fn is_direct_parent(&self, rec: &LayerRecord, ns: &str, parent: &str) -> Result<bool> {
         match (rec.parent, parent.is_empty()) {
             (None, true) => Ok(true),
@@ -204,15 +158,14 @@ impl Store {
     /// Prepares a tar of `name` relative to `parent` (`""` = the whole tree). Errors about the
     /// request come back here; the returned plan then streams with [`DiffPlan::write_to`].
     pub fn diff(&self, ns: &str, name: &str, parent: &str, mappings: &IdMappings) -> Result<DiffPlan<'_>> {
-        let (_, rec) = self.require(ns, name)?;
+        let (n, rec) = self.require(ns, name)?;
         self.counters.add(Counter::Diffs, 1);
         let opts = DiffOptions {
             id_mappings: mappings.clone(),
         };
         if self.is_direct_parent(&rec, ns, parent)? {
-            let info = self.info(ns, name)?;
             return Ok(DiffPlan {
-                kind: PlanKind::Native(info.diff_dir),
+                kind: PlanKind::Native(self, n),
                 opts,
             });
         }
@@ -225,16 +178,10 @@ impl Store {
 
     /// Changes of `name` relative to `parent`.
     pub fn changes(&self, ns: &str, name: &str, parent: &str) -> Result<Vec<Change>> {
-        let info = self.info(ns, name)?;
-        if self.is_direct_parent(&info.record, ns, parent)? {
-            let upper = open_dir(&info.diff_dir)?;
-            let lowers: Vec<File> = info
-                .lower_dirs
-                .iter()
-                .map(|p| open_dir(p))
-                .collect::<Result<_>>()?;
-            let lower_fds: Vec<_> = lowers.iter().map(|f| f.as_fd()).collect();
-            return Ok(lamina_archive::layer_changes(upper.as_fd(), &lower_fds)?);
+        let (n, rec) = self.require(ns, name)?;
+        if self.is_direct_parent(&rec, ns, parent)? {
+            let below = self.lowers_of(n, &rec)?;
+            return self.backend.changes(n, &below);
         }
         let (new, old) = self.tree_views(ns, name, parent)?;
         tree_changes(&new, old.as_ref())
@@ -258,10 +205,9 @@ impl Store {
 
     /// Size of `name`'s changes relative to `parent`, in bytes.
     pub fn diff_size(&self, ns: &str, name: &str, parent: &str) -> Result<u64> {
-        let info = self.info(ns, name)?;
-        if self.is_direct_parent(&info.record, ns, parent)? {
-            let dir = open_dir(&info.diff_dir)?;
-            return Ok(lamina_archive::dir_size(dir.as_fd())?);
+        let (n, rec) = self.require(ns, name)?;
+        if self.is_direct_parent(&rec, ns, parent)? {
+            return self.backend.diff_size(n);
         }
         let (new, old) = self.tree_views(ns, name, parent)?;
         let changes = tree_changes(&new, old.as_ref())?;
@@ -293,7 +239,8 @@ pub(crate) fn tree_changes(new: &MountGuard<'_>, old: Option<&MountGuard<'_>>) -
 }
 
 enum PlanKind<'a> {
-    Native(PathBuf),
+    /// The layer's own changes against its parent, from the backend.
+    Native(&'a Store, u64),
     Trees {
         new: MountGuard<'a>,
         old: Option<MountGuard<'a>>,
@@ -310,10 +257,7 @@ impl DiffPlan<'_> {
     /// Streams the tar into `out`.
     pub fn write_to(self, out: &mut dyn Write) -> Result<()> {
         match &self.kind {
-            PlanKind::Native(dir) => {
-                let fd = open_dir(dir)?;
-                lamina_archive::write_layer_diff(fd.as_fd(), out, &self.opts)?;
-            }
+            PlanKind::Native(store, n) => store.backend.write_diff(*n, out, &self.opts)?,
             PlanKind::Trees { new, old } => {
                 let new_fd = open_dir(&new.path)?;
                 let old_fd = old.as_ref().map(|o| open_dir(&o.path)).transpose()?;

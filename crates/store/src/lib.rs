@@ -15,6 +15,7 @@
 //!   transactions, so applies and diffs of different layers run in parallel.
 #![forbid(unsafe_code)]
 
+mod backend;
 mod content;
 mod db;
 mod error;
@@ -23,6 +24,7 @@ mod lifecycle;
 mod meta;
 mod mounts;
 mod open;
+mod overlay;
 mod query;
 mod quota;
 mod stats;
@@ -101,14 +103,14 @@ pub struct CreateOptions {
     pub max_size: Option<u64>,
 }
 
-/// Lower directories of a mount, top-most first, and their layer numbers.
-pub(crate) type Lowers = (Arc<Vec<PathBuf>>, Arc<Vec<u64>>);
+/// The layers below one layer (its parent chain), nearest first.
+pub(crate) type Lowers = Arc<Vec<u64>>;
 
 #[derive(Debug, Default)]
 struct Slot {
     mounts: u32,
-    /// Lower directories of the layer's mount, top-most first, and their layer numbers. A parent chain
-    /// never changes, so it is walked in the database once per layer and process, not at every mount.
+    /// The layers below this one, nearest first. A parent chain never changes, so it is walked in the
+    /// database once per layer and process, not at every mount.
     lowers: Option<Lowers>,
     /// Usage counters; `stats_dirty` until [`Store::flush_stats`] wrote them.
     stats: LayerStats,
@@ -126,13 +128,9 @@ pub struct Store {
     seals: Arc<verify::Seals>,
     slots: Mutex<HashMap<u64, Arc<Mutex<Slot>>>>,
     next_id: AtomicU64,
-    staging_seq: AtomicU64,
     counters: stats::Counters,
-    /// Paths that operations in flight own (layer dirs being created, staging dirs being filled, trash being
-    /// deleted): garbage collection leaves them alone.
-    in_flight: Arc<Mutex<HashSet<PathBuf>>>,
-    /// Every mount and unmount, and the mount table.
-    mounter: Arc<dyn lamina_sys::mounter::Mounter>,
+    /// Where layer content lives and how it is mounted.
+    backend: Box<dyn backend::LayerBackend>,
     /// `verify_on_mount`, when on.
     mount_check: Option<verify::MountCheck>,
     _lock: LockFile,

@@ -1,40 +1,18 @@
 //! Layer lifecycle: create, commit (freeze under a new name), relabel, remove.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
+use lamina_sys::fault;
 use lamina_sys::mount::MAX_OVERLAY_LOWERS;
-use lamina_sys::{fault, mount};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
-    lock, mkdir, now_ns, open_dir, quota, remove_tree, Counter, CreateOptions, InFlight, LayerKind,
-    LayerRecord, LayerState, Result, Store, StoreError, MAX_DEPTH, MIN_SIZE,
+    lock, now_ns, Counter, CreateOptions, LayerKind, LayerRecord, LayerState, Result, Store, StoreError,
+    MAX_DEPTH, MIN_SIZE,
 };
 
 impl Store {
-    /// Makes `layers/<n>/{diff,work,merged}`; with `max_size`, `layers/<n>` itself carries the size limit.
-    pub(crate) fn make_layer_dirs(&self, n: u64, max_size: Option<u64>) -> Result<()> {
-        let dir = self.layer_dir(n);
-        match max_size {
-            Some(size) => quota::create_limited_dir(&self.root.join("layers"), &format!("{n:x}"), n, size)?,
-            None => mkdir(&dir, 0o700)?,
-        }
-        mkdir(&dir.join("diff"), 0o755)?;
-        mkdir(&dir.join("work"), 0o700)?;
-        mkdir(&dir.join("merged"), 0o755)?;
-        Ok(())
-    }
-
-    pub(crate) fn trash_path(&self, n: u64) -> PathBuf {
-        let seq = self.staging_seq.fetch_add(1, Ordering::SeqCst);
-        self.root
-            .join("trash")
-            .join(format!("{n:x}-{seq}-{}", std::process::id()))
-    }
-
     /// Creates an empty layer `name` in `ns` on top of `parent` (same namespace).
     pub fn create(
         &self,
@@ -107,15 +85,10 @@ impl Store {
             )));
         }
         let n = self.next_id.fetch_add(1, Ordering::SeqCst);
-        let _owned = InFlight::new(&self.in_flight, self.layer_dir(n));
-        // Directories first: a crash before the commit leaves a directory without a record,
-        // which the next start removes.
+        // Storage first: a crash before the commit leaves storage without a record, which the next start
+        // removes.
         fault::point("store.create.mkdir").map_err(|e| StoreError::io("create layer directories", e))?;
-        if let Err(e) = self.make_layer_dirs(n, opts.max_size) {
-            // Nothing half-made stays behind (a subvolume with its qgroup included).
-            remove_tree(&self.layer_dir(n));
-            return Err(e);
-        }
+        let _owned = self.backend.create(n, opts.max_size)?;
         let result = (|| {
             let txn = self.write()?;
             if txn.number(ns, name)?.is_some() {
@@ -176,7 +149,7 @@ impl Store {
         let rec = match result {
             Ok(rec) => rec,
             Err(e) => {
-                remove_tree(&self.layer_dir(n));
+                self.backend.discard(n);
                 return Err(e);
             }
         };
@@ -206,10 +179,9 @@ impl Store {
         if self.read()?.has_children(n)? {
             return Err(StoreError::InUse(format!("layer {name} has child layers")));
         }
-        let dir = self.layer_dir(n);
-        if guard.mounts > 0 || self.mounter.is_mount_point(&dir.join("merged")).unwrap_or(false) {
+        if guard.mounts > 0 || self.backend.is_mounted(n) {
             fault::point("store.remove.unmount")
-                .and_then(|()| self.mounter.unmount(&dir.join("merged"), false))
+                .and_then(|()| self.backend.unmount(n, false))
                 .map_err(|e| {
                     StoreError::InUse(format!("layer {name} is mounted and cannot be unmounted: {e}"))
                 })?;
@@ -224,31 +196,8 @@ impl Store {
         txn.remove_layer(n, rec.parent)?;
         fault::point("store.remove.commit").map_err(|e| StoreError::io("commit metadata", e))?;
         txn.commit()?;
-        // Out of view at once; the content goes in the background.
-        let trash = self.trash_path(n);
-        let owned = InFlight::new(&self.in_flight, trash.clone());
-        let limited = rec.max_size.is_some().then(|| self.root.clone());
-        match fault::point("store.remove.rename").and_then(|()| std::fs::rename(&dir, &trash)) {
-            Ok(()) => {
-                std::thread::spawn(move || {
-                    // A size-limited layer's subvolume and qgroup go with the tree (see `remove_tree`).
-                    remove_tree(&trash);
-                    if let Some(root) = limited {
-                        quota::release_project(&root, n);
-                    }
-                    drop(owned);
-                });
-            }
-            Err(e) => {
-                warn!(dir = %dir.display(), error = %e, "could not move removed layer to trash; removing in place")
-            }
-        }
-        if dir.exists() {
-            remove_tree(&dir);
-            if rec.max_size.is_some() {
-                quota::release_project(&self.root, n);
-            }
-        }
+        // Out of view at once; the content may go in the background.
+        self.backend.remove(n, rec.max_size);
         drop(guard);
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
         let _ = fault::point("store.remove.done");
@@ -282,15 +231,9 @@ impl Store {
         if guard.mounts > 0 {
             return Err(StoreError::InUse(format!("layer {key} is mounted")));
         }
-        // Usage first (it reads the tree); the layer cannot change kind meanwhile: we hold its lock.
-        let usage = {
-            let dir = open_dir(&self.layer_dir(n).join("diff"))?;
-            lamina_archive::disk_usage(dir.as_fd())?
-        };
-        // The content must be on disk before the record says it is frozen.
-        fault::point("store.commit.syncfs")
-            .and_then(|()| mount::syncfs(&self.layer_dir(n)))
-            .map_err(|e| StoreError::io("sync committed layer", e))?;
+        // Usage first (it reads the tree); the layer cannot change kind meanwhile: we hold its lock. The
+        // content must be on disk before the record says it is frozen.
+        let usage = self.backend.freeze(n)?;
         let txn = self.write()?;
         if txn.number(ns, name)?.is_some() {
             return Err(StoreError::AlreadyExists(format!("layer {name}")));

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use lamina_sys::fault;
-use lamina_sys::mount::{MountSpec, OverlaySpec};
+use lamina_sys::mount::MountSpec;
 use tracing::{debug, warn};
 
 use crate::{
@@ -29,32 +29,19 @@ impl Store {
         if rec.state == LayerState::Applying {
             return Err(StoreError::InUse(format!("layer {name} is being filled")));
         }
-        let dir = self.layer_dir(n);
-        let path = if rec.parent.is_none() {
-            dir.join("diff")
-        } else {
-            dir.join("merged")
-        };
+        let (path, needs_mount) = self.backend.view(n, &rec);
         let mut brought_up = None;
         // A count of zero means not mounted: `open` counted the mounts a previous run left.
         if guard.mounts == 0 {
-            let (lowers, numbers) = self.lowers_locked(&mut guard, &rec)?;
-            self.check_before_mount(std::iter::once(n).chain(numbers.iter().copied()))?;
-            if rec.parent.is_some() {
-                brought_up = Some(numbers);
-                let view = rec.kind == LayerKind::View;
-                let spec = OverlaySpec {
-                    lowers: lowers.to_vec(),
-                    upper: (!view).then(|| dir.join("diff")),
-                    work: (!view).then(|| dir.join("work")),
-                    label: Some(mount_label.to_string()),
-                    read_only: view,
-                };
+            let below = self.lowers_locked(&mut guard, &rec)?;
+            self.check_before_mount(std::iter::once(n).chain(below.iter().copied()))?;
+            if needs_mount {
                 fault::point("store.get.mount")
-                    .and_then(|()| self.mounter.mount(&MountSpec::Overlay(spec), &path))
+                    .and_then(|()| self.backend.mount(n, &rec, &below, mount_label))
                     .map_err(|e| {
-                        StoreError::io(format!("mount layer {name} ({} layers)", lowers.len() + 1), e)
+                        StoreError::io(format!("mount layer {name} ({} layers)", below.len() + 1), e)
                     })?;
+                brought_up = Some(below);
             }
         }
         if brought_up.is_some() {
@@ -99,7 +86,7 @@ impl Store {
                 let (pn, prec) = self
                     .lookup(ns, p)?
                     .ok_or_else(|| StoreError::NotFound(format!("parent {p}")))?;
-                let (_, chain) = self.lowers_of(pn, &prec)?;
+                let chain = self.lowers_of(pn, &prec)?;
                 let mut numbers = Vec::with_capacity(chain.len() + 1);
                 numbers.push(pn);
                 numbers.extend(chain.iter().copied());
@@ -110,13 +97,11 @@ impl Store {
         };
         let parent = parent.map(|p| (p, below.as_ref().map(|b| b.0)));
         let (n, rec) = self.create_layer(ns, name, parent, kind, labels, opts)?;
-        let numbers = below.map(|b| b.1).unwrap_or_default();
-        let lowers: Vec<PathBuf> = numbers.iter().map(|p| self.layer_dir(*p).join("diff")).collect();
-        self.slot(n).lock().unwrap_or_else(|p| p.into_inner()).lowers =
-            Some((Arc::new(lowers.clone()), Arc::new(numbers.clone())));
+        let below = Arc::new(below.map(|b| b.1).unwrap_or_default());
+        lock(&self.slot(n)).lowers = Some(below.clone());
         self.check_before_mount([n])?;
-        self.note_external_use(n, &numbers);
-        Ok(self.describe(n, &rec, &lowers))
+        self.note_external_use(n, &below);
+        Ok(self.backend.describe(n, &rec, &below))
     }
 
     /// Describes the mount of the writable layer or view `name`, for a caller that mounts it itself
@@ -129,45 +114,14 @@ impl Store {
                 "{name} is committed; only active snapshots and views have mounts"
             )));
         }
-        let (lowers, numbers) = self.lowers_of(n, &rec)?;
-        self.check_before_mount(std::iter::once(n).chain(numbers.iter().copied()))?;
-        self.note_external_use(n, &numbers);
-        Ok(self.describe(n, &rec, &lowers))
+        let below = self.lowers_of(n, &rec)?;
+        self.check_before_mount(std::iter::once(n).chain(below.iter().copied()))?;
+        self.note_external_use(n, &below);
+        Ok(self.backend.describe(n, &rec, &below))
     }
 
-    /// The mount of a writable layer or view as containerd's overlayfs snapshotter gives it: a bind mount of
-    /// a parentless active layer and of a view of at most one layer, an overlay otherwise.
-    fn describe(&self, n: u64, rec: &LayerRecord, lowers: &[PathBuf]) -> MountSpec {
-        let dir = self.layer_dir(n);
-        match (rec.kind, lowers) {
-            (LayerKind::View, []) => MountSpec::Bind {
-                source: dir.join("diff"),
-                read_only: true,
-            },
-            (LayerKind::View, [only]) => MountSpec::Bind {
-                source: only.clone(),
-                read_only: true,
-            },
-            (LayerKind::View, _) => MountSpec::Overlay(OverlaySpec {
-                lowers: lowers.to_vec(),
-                read_only: true,
-                ..OverlaySpec::default()
-            }),
-            (_, []) => MountSpec::Bind {
-                source: dir.join("diff"),
-                read_only: false,
-            },
-            (_, _) => MountSpec::Overlay(OverlaySpec {
-                lowers: lowers.to_vec(),
-                upper: Some(dir.join("diff")),
-                work: Some(dir.join("work")),
-                ..OverlaySpec::default()
-            }),
-        }
-    }
-
-    /// The lower directories of layer `n`'s stack and their numbers, top-most first: walked in the database
-    /// once per layer and process (a parent chain never changes), then taken from its slot.
+    /// The layers below layer `n`, nearest first: walked in the database once per layer and process (a parent
+    /// chain never changes), then taken from its slot.
     pub(crate) fn lowers_of(&self, n: u64, rec: &LayerRecord) -> Result<Lowers> {
         let slot = self.slot(n);
         let mut guard = lock(&slot);
@@ -181,11 +135,9 @@ impl Store {
         if rec.parent.is_none() {
             return Ok(Lowers::default());
         }
-        let chain = self.chain(rec)?;
-        let dirs: Vec<PathBuf> = chain.iter().map(|p| self.layer_dir(*p).join("diff")).collect();
-        let pair = (Arc::new(dirs), Arc::new(chain));
-        slot.lowers = Some(pair.clone());
-        Ok(pair)
+        let chain = Arc::new(self.chain(rec)?);
+        slot.lowers = Some(chain.clone());
+        Ok(chain)
     }
 
     /// Releases one [`Store::get`]; unmounts when the count reaches zero. Extra puts are harmless.
@@ -199,11 +151,10 @@ impl Store {
             return Ok(());
         }
         guard.mounts = 0;
-        if rec.parent.is_some() {
+        if self.backend.view(n, &rec).1 {
             // Detached like overlay2 does: a straggler (a shell cd'ed into it) must not fail the Put.
-            let merged = self.layer_dir(n).join("merged");
             fault::point("store.put.unmount")
-                .and_then(|()| self.mounter.unmount(&merged, true))
+                .and_then(|()| self.backend.unmount(n, true))
                 .map_err(|e| StoreError::io(format!("unmount layer {name}"), e))?;
         }
         debug!(ns, name, layer = n, "put");
@@ -222,11 +173,10 @@ impl Store {
         for (n, slot) in slots {
             let mut guard = lock(&slot);
             if guard.mounts > 0 {
-                let merged = self.layer_dir(n).join("merged");
-                if let Err(e) = self.mounter.unmount(&merged, false) {
+                if let Err(e) = self.backend.unmount(n, false) {
                     warn!(layer = n, error = %e, "unmount failed, detaching");
-                    self.mounter
-                        .unmount(&merged, true)
+                    self.backend
+                        .unmount(n, true)
                         .map_err(|e| StoreError::io("detach mount", e))?;
                 }
                 guard.mounts = 0;

@@ -1,6 +1,6 @@
 //! Opening a data root: the lock, the metadata format (created or migrated), and the recovery after a crash.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,8 +10,9 @@ use lamina_sys::lock::LockFile;
 use lamina_sys::mounter::{LinuxMounter, Mounter};
 use tracing::{info, warn};
 
+use crate::overlay::OverlayBackend;
 use crate::verify::CheckHook;
-use crate::{db, mkdir, remove_tree, stats, verify, Result, Store, StoreError, FORMAT_VERSION};
+use crate::{db, lock, stats, verify, Result, Store, StoreError, FORMAT_VERSION};
 
 /// How [`Store::open_with`] opens a data root.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,9 +87,8 @@ impl Store {
             std::io::ErrorKind::WouldBlock => StoreError::Locked(e.to_string()),
             _ => StoreError::io(format!("lock {}", root.display()), e),
         })?;
-        for d in ["layers", "staging", "trash"] {
-            mkdir(&root.join(d), 0o700)?;
-        }
+        let mounter = opts.mounter.clone().unwrap_or_else(|| Arc::new(LinuxMounter));
+        let backend = OverlayBackend::open(root, mounter)?;
         let db_path = root.join("meta.redb");
         let db = db::Db::open(&db_path).map_err(|e| {
             StoreError::CorruptMetadata(format!("{}: {e}; move it away to start empty", db_path.display()))
@@ -99,10 +99,8 @@ impl Store {
             seals: Arc::new(verify::Seals::default()),
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            staging_seq: AtomicU64::new(0),
             counters: stats::Counters::default(),
-            in_flight: Arc::new(Mutex::new(HashSet::new())),
-            mounter: opts.mounter.clone().unwrap_or_else(|| Arc::new(LinuxMounter)),
+            backend: Box::new(backend),
             mount_check: opts
                 .verify_on_mount
                 .then(|| verify::MountCheck::new(opts.on_check.clone())),
@@ -152,94 +150,22 @@ impl Store {
 
     pub(crate) fn recover(&self) -> Result<()> {
         // 1. Staging and trash leftovers.
-        for d in ["staging", "trash"] {
-            let dir = self.root.join(d);
-            for entry in
-                std::fs::read_dir(&dir).map_err(|e| StoreError::io(format!("read {}", dir.display()), e))?
-            {
-                let entry = entry.map_err(|e| StoreError::io(format!("read {}", dir.display()), e))?;
-                info!(path = %entry.path().display(), "removing leftover");
-                remove_tree(&entry.path());
-            }
-        }
+        self.backend.clear_leftovers()?;
         // 2. Interrupted applies: the layer goes back to empty, as created.
         let pending = self.read()?.pending()?;
         for (n, _) in pending {
             warn!(layer = n, "rolling back an apply interrupted by a crash");
             self.reset_interrupted_apply(n)?;
         }
-        // 3. Directories without a record.
+        // 3. Mounts and directories without a record; mounts of known layers are counted once (a running
+        // container may still use them).
         let known = self.read()?.layer_numbers()?;
-        // Mounts first: nothing may be deleted through a live mount.
-        let layers_dir = self.root.join("layers");
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        for mp in self
-            .mounter
-            .mounts_under(&self.root)
-            .map_err(|e| StoreError::io("read mount table", e))?
-        {
-            // Only the store's own directories are its business: the data root may be the mount point of its own
-            // filesystem (a btrfs or xfs for size limits), and `volumes/` holds the volume service's mounts (a
-            // MooseFS cluster mount that must survive a restart of lamina).
-            let own = ["layers", "staging", "trash"]
-                .iter()
-                .any(|d| mp.starts_with(self.root.join(d)));
-            if !own {
-                continue;
-            }
-            match parse_merged(&layers_dir, &mp) {
-                Some(n) if known.contains(&n) => {
-                    info!(layer = n, "keeping mount of a previous run");
-                    slots
-                        .entry(n)
-                        .or_default()
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .mounts = 1;
-                }
-                _ => {
-                    warn!(mount = %mp.display(), "detaching stale mount");
-                    self.mounter
-                        .unmount(&mp, true)
-                        .map_err(|e| StoreError::io("unmount stale mount", e))?;
-                }
-            }
-        }
-        drop(slots);
-        // One read of `layers/`, no per-layer stat: start-up stays well under a second with 10,000 layers on a
-        // cold cache (a stat of every `layers/<n>/diff` took 1.2 s there).
-        let mut present = std::collections::HashSet::new();
-        for entry in std::fs::read_dir(&layers_dir).map_err(|e| StoreError::io("read layers dir", e))? {
-            let entry = entry.map_err(|e| StoreError::io("read layers dir", e))?;
-            let name = entry.file_name();
-            let n = name.to_str().and_then(|s| u64::from_str_radix(s, 16).ok());
-            match n {
-                Some(n) if known.contains(&n) && name.to_str() == Some(format!("{n:x}").as_str()) => {
-                    present.insert(n);
-                }
-                _ => {
-                    warn!(dir = %entry.path().display(), "removing layer directory without a record");
-                    remove_tree(&entry.path());
-                }
-            }
-        }
-        for n in known.iter().filter(|n| !present.contains(n)) {
-            warn!(layer = n, "layer directory missing; recreating it empty");
-            let max_size = self.record_by_number(*n)?.and_then(|r| r.max_size);
-            self.make_layer_dirs(*n, max_size)?;
+        let max_size_of = |n: u64| Ok(self.record_by_number(n)?.and_then(|r| r.max_size));
+        let mounted = self.backend.recover(&known, &max_size_of)?;
+        for n in mounted {
+            lock(&self.slot(n)).mounts = 1;
         }
         info!(root = %self.root.display(), layers = known.len(), "store opened");
         Ok(())
     }
-}
-
-pub(crate) fn parse_merged(layers_dir: &Path, mp: &Path) -> Option<u64> {
-    let rel = mp.strip_prefix(layers_dir).ok()?;
-    let mut comps = rel.components();
-    let n = comps.next()?.as_os_str().to_str()?;
-    let last = comps.next()?.as_os_str();
-    if comps.next().is_some() || last != "merged" {
-        return None;
-    }
-    u64::from_str_radix(n, 16).ok()
 }

@@ -1,15 +1,14 @@
 //! Lookups and listings: names, records, parent chains, figures, settings.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use lamina_sys::mount;
 use lamina_sys::mount::MAX_OVERLAY_LOWERS;
 
 use crate::{
-    lock, open_dir,
+    lock,
     tables::{Reader, Writer},
     LayerInfo, LayerKind, LayerRecord, Result, Slot, Store, StoreError, StoreStatus, FORMAT_VERSION,
 };
@@ -24,14 +23,14 @@ impl Store {
     pub fn info(&self, ns: &str, name: &str) -> Result<LayerInfo> {
         let (n, record) = self.require(ns, name)?;
         let chain = self.chain(&record)?;
-        let dir = self.layer_dir(n);
+        let paths = self.backend.paths(n);
         let mounts = self.slot(n).lock().unwrap_or_else(|p| p.into_inner()).mounts;
         Ok(LayerInfo {
             number: n,
-            lower_dirs: chain.iter().map(|p| self.layer_dir(*p).join("diff")).collect(),
-            diff_dir: dir.join("diff"),
-            work_dir: dir.join("work"),
-            merged_dir: dir.join("merged"),
+            lower_dirs: chain.iter().map(|p| self.backend.paths(*p).content).collect(),
+            diff_dir: paths.content,
+            work_dir: paths.work,
+            merged_dir: paths.merged,
             record,
             mounts,
         })
@@ -112,8 +111,7 @@ impl Store {
         if let (LayerKind::ReadOnly, Some(bytes), Some(inodes)) = (rec.kind, rec.size, rec.inodes) {
             return Ok(lamina_archive::DiskUsage { bytes, inodes });
         }
-        let dir = open_dir(&self.layer_dir(n).join("diff"))?;
-        Ok(lamina_archive::disk_usage(dir.as_fd())?)
+        self.backend.usage(n)
     }
 
     /// Reads a remembered setting.
@@ -170,10 +168,6 @@ impl Store {
     pub(crate) fn slot(&self, n: u64) -> Arc<Mutex<Slot>> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.entry(n).or_default().clone()
-    }
-
-    pub(crate) fn layer_dir(&self, n: u64) -> PathBuf {
-        self.root.join("layers").join(format!("{n:x}"))
     }
 
     /// The data root.

@@ -5,7 +5,7 @@
 //! changed ones in one transaction. `lamina serve` flushes every few seconds and at shutdown, and dropping a
 //! [`Store`] flushes. A crash (kill -9, power loss) loses the counts since the last flush, never more.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -212,7 +212,7 @@ impl Store {
     /// below it.
     pub fn note_external_mount(&self, ns: &str, name: &str) -> Result<()> {
         let (n, rec) = self.require(ns, name)?;
-        let (_, chain) = self.lowers_of(n, &rec)?;
+        let chain = self.lowers_of(n, &rec)?;
         self.note_external_use(n, &chain);
         Ok(())
     }
@@ -253,12 +253,7 @@ impl Store {
     }
 
     fn overview_filtered(&self, only: Option<u64>) -> Result<Vec<LayerOverview>> {
-        let mounted: HashSet<PathBuf> = self
-            .mounter
-            .mounts_under(&self.root.join("layers"))
-            .map_err(|e| StoreError::io("read mount table", e))?
-            .into_iter()
-            .collect();
+        let mounted = self.backend.mounted()?;
         let txn = self.read()?;
         let mut recs: BTreeMap<u64, LayerRecord> = BTreeMap::new();
         match only {
@@ -286,16 +281,15 @@ impl Store {
                 }
                 None => (LayerStats::default(), 0),
             };
-            let dir = self.layer_dir(*n);
             out.push(LayerOverview {
                 number: *n,
-                mounted: mounted.contains(&dir.join("merged")),
+                mounted: mounted.contains(n),
                 record: record.clone(),
                 parent_name,
                 stats,
                 mounts,
                 children: children.get(n).copied().unwrap_or(0),
-                dir,
+                dir: self.backend.paths(*n).dir,
             });
         }
         Ok(out)

@@ -12,13 +12,14 @@ use serde::Serialize;
 
 use tracing::{debug, error, info, warn};
 
+use crate::backend::LayerPaths;
 use crate::tables::Writer;
 use crate::{open_dir, LayerKind, LayerRecord, LayerState, Result, Store, StoreError};
 use lamina_sys::fault;
 
-/// Writes the manifest of layer `n` (directory `dir`) and records its digest if the layer still wants one.
-fn seal(db: &crate::db::Db, n: u64, dir: &Path) -> Result<()> {
-    let digest = write_manifest_file(&dir.join("diff"), &dir.join(MANIFEST_FILE))?;
+/// Writes the manifest of layer `n` (its content in `paths`) and records its digest if the layer still wants one.
+fn seal(db: &crate::db::Db, n: u64, paths: &LayerPaths) -> Result<()> {
+    let digest = write_manifest_file(&paths.content, &paths.manifest)?;
     let txn = Writer::begin(db)?;
     let Some(mut rec) = txn.layer(n)? else {
         return Ok(());
@@ -150,12 +151,12 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
             .insert(n);
         let db = self.db.clone();
-        let dir = self.layer_dir(n);
+        let paths = self.backend.paths(n);
         let seals = self.seals.clone();
         let spawned = std::thread::Builder::new()
             .name("manifest".into())
             .spawn(move || {
-                let result = seal(&db, n, &dir);
+                let result = seal(&db, n, &paths);
                 // The database handle goes before the layer counts as done: a store dropped (and reopened)
                 // after waiting for its seals must find the database closed.
                 drop(db);
@@ -214,8 +215,8 @@ impl Store {
                 _ => skipped("no manifest recorded"),
             });
         };
-        let dir = self.layer_dir(n);
-        let path = dir.join(MANIFEST_FILE);
+        let paths = self.backend.paths(n);
+        let path = paths.manifest.clone();
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) => {
@@ -240,7 +241,7 @@ impl Store {
                 },
             });
         }
-        let diff = open_dir(&dir.join("diff"))?;
+        let diff = open_dir(&paths.content)?;
         let outcome = manifest::verify_manifest(diff.as_fd(), &mut &bytes[..], progress)?;
         Ok(VerifyResult {
             layer: n,
