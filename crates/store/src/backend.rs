@@ -43,8 +43,9 @@ pub(crate) struct LayerPaths {
 pub(crate) struct Staging {
     /// Recorded in the metadata.
     pub token: String,
-    /// The staged content, owned by the apply while it runs.
+    /// The staged content.
     pub path: PathBuf,
+    /// Keeps garbage collection away from the staging while the apply runs.
     pub _owned: InFlight,
 }
 

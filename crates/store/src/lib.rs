@@ -10,7 +10,11 @@
 //!   `syncfs`, renamed over the layer's empty `diff/`, then recorded. A crash at any point leaves
 //!   the layer empty (as created) after [`Store::open`] recovers, never half-filled.
 //! - Mounts are reference counted per layer ([`Store::get`] / [`Store::put`]); overlay stacks use
-//!   the new mount API (no page-size limit, so 128+ layers mount), see `lamina_sys::mount`.
+//!   the new mount API (no page-size limit, so 128+ layers mount), see `lamina_sys::mount`. Callers that
+//!   mount layers themselves get a [`MountSpec`] ([`Store::prepare`], [`Store::mounts`]).
+//! - The rules (parent checks, reference counts, `verify_on_mount`, statistics, what garbage collection may
+//!   take) live here, above two seams: the storage of layers (`backend.rs`, overlay directories today) and
+//!   mounting (`lamina_sys::mounter::Mounter`, faked in the unit tests). See docs/architecture.md.
 //! - Locking is per layer; the metadata database (redb) serialises only its short write
 //!   transactions, so applies and diffs of different layers run in parallel.
 #![forbid(unsafe_code)]

@@ -208,16 +208,8 @@ impl Store {
     }
 
     /// Counts a mount request that the store does not perform itself (the snapshotter's Prepare, View and
-    /// Mounts: containerd mounts what they return): one get of `name` and one use of it and of each layer
-    /// below it.
-    pub fn note_external_mount(&self, ns: &str, name: &str) -> Result<()> {
-        let (n, rec) = self.require(ns, name)?;
-        let chain = self.lowers_of(n, &rec)?;
-        self.note_external_use(n, &chain);
-        Ok(())
-    }
-
-    /// [`Store::note_external_mount`] of layer `n`, whose stack holds `below`.
+    /// Mounts: containerd mounts what they return): one get of layer `n` and one use of it and of each layer
+    /// `below` it.
     pub(crate) fn note_external_use(&self, n: u64, below: &[u64]) {
         let now = now_ns();
         {
