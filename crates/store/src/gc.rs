@@ -141,13 +141,7 @@ impl Store {
                 if !opts.removed_namespaces.contains(&rec.ns) {
                     continue;
                 }
-                let mounts = self
-                    .slots
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(n)
-                    .map(|s| lock(s).mounts)
-                    .unwrap_or(0);
+                let mounts = self.slots.mounts(*n);
                 let reason = if mounts > 0 {
                     Some(format!("mounted ({mounts} references)"))
                 } else if referenced.contains(n) {

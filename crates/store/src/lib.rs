@@ -31,16 +31,17 @@ mod open;
 mod overlay;
 mod query;
 mod quota;
+mod slots;
 mod stats;
 mod tables;
 mod verify;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lamina_sys::lock::LockFile;
@@ -54,6 +55,7 @@ pub use meta::{LayerKind, LayerRecord, LayerState, LayerStats, FORMAT_VERSION};
 pub use mounts::MountGuard;
 pub use open::{OpenMode, OpenOptions};
 pub use quota::{parse_size, MIN_SIZE, SIZE_LABEL};
+use slots::{lock, Lowers, Slot};
 pub use stats::{Counter, LayerOverview};
 pub use sys_mount::MountSpec;
 pub use verify::{CheckHook, CheckOutcome, VerifyResult, VerifyStatus, MANIFEST_FILE};
@@ -107,30 +109,12 @@ pub struct CreateOptions {
     pub max_size: Option<u64>,
 }
 
-/// The layers below one layer (its parent chain), nearest first.
-pub(crate) type Lowers = Arc<Vec<u64>>;
-
-#[derive(Debug, Default)]
-struct Slot {
-    mounts: u32,
-    /// The layers below this one, nearest first. A parent chain never changes, so it is walked in the
-    /// database once per layer and process, not at every mount.
-    lowers: Option<Lowers>,
-    /// Usage counters; `stats_dirty` until [`Store::flush_stats`] wrote them.
-    stats: LayerStats,
-    stats_dirty: bool,
-}
-
-pub(crate) fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
-    slot.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The layer store. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Store {
     root: PathBuf,
     db: Arc<db::Db>,
     seals: Arc<verify::Seals>,
-    slots: Mutex<HashMap<u64, Arc<Mutex<Slot>>>>,
+    slots: slots::Slots,
     next_id: AtomicU64,
     counters: stats::Counters,
     /// Where layer content lives and how it is mounted.

@@ -199,7 +199,7 @@ impl Store {
         // Out of view at once; the content may go in the background.
         self.backend.remove(n, rec.max_size);
         drop(guard);
-        self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+        self.slots.forget(n);
         let _ = fault::point("store.remove.done");
         debug!(ns, name, layer = n, "removed layer");
         Ok(true)

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use lamina_sys::fault;
 use lamina_sys::mount::MountSpec;
@@ -50,12 +50,7 @@ impl Store {
         let now = now_ns();
         let first = guard.mounts == 0;
         guard.mounts += 1;
-        guard.stats.gets += 1;
-        guard.stats.last_used_ns = now;
-        if first {
-            guard.stats.uses += 1;
-        }
-        guard.stats_dirty = true;
+        guard.note_get(now, first);
         debug!(ns, name, layer = n, mounts = guard.mounts, "get");
         drop(guard);
         self.counters.add(Counter::Gets, 1);
@@ -63,7 +58,7 @@ impl Store {
             .add(if first { Counter::Mounts } else { Counter::Hits }, 1);
         if let Some(lowers) = brought_up {
             // After the layer's own lock is released: locks are never nested.
-            self.note_uses(&lowers, now);
+            self.slots.note_uses(&lowers, now);
         }
         Ok(path)
     }
@@ -163,13 +158,7 @@ impl Store {
 
     /// Unmounts every layer this store mounted (engine shutdown).
     pub fn unmount_all(&self) -> Result<()> {
-        let slots: Vec<(u64, Arc<Mutex<Slot>>)> = self
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
+        let slots = self.slots.all();
         for (n, slot) in slots {
             let mut guard = lock(&slot);
             if guard.mounts > 0 {

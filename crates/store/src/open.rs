@@ -1,10 +1,9 @@
 //! Opening a data root: the lock, the metadata format (created or migrated), and the recovery after a crash.
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use lamina_sys::lock::LockFile;
 use lamina_sys::mounter::{LinuxMounter, Mounter};
@@ -97,7 +96,7 @@ impl Store {
             root: root.to_path_buf(),
             db: Arc::new(db),
             seals: Arc::new(verify::Seals::default()),
-            slots: Mutex::new(HashMap::new()),
+            slots: crate::slots::Slots::default(),
             next_id: AtomicU64::new(1),
             counters: stats::Counters::default(),
             backend: Box::new(backend),

@@ -8,7 +8,6 @@ use lamina_sys::mount;
 use lamina_sys::mount::MAX_OVERLAY_LOWERS;
 
 use crate::{
-    lock,
     tables::{Reader, Writer},
     LayerInfo, LayerKind, LayerRecord, Result, Slot, Store, StoreError, StoreStatus, FORMAT_VERSION,
 };
@@ -24,7 +23,7 @@ impl Store {
         let (n, record) = self.require(ns, name)?;
         let chain = self.chain(&record)?;
         let paths = self.backend.paths(n);
-        let mounts = self.slot(n).lock().unwrap_or_else(|p| p.into_inner()).mounts;
+        let mounts = self.slots.mounts(n);
         Ok(LayerInfo {
             number: n,
             lower_dirs: chain.iter().map(|p| self.backend.paths(*p).content).collect(),
@@ -39,13 +38,7 @@ impl Store {
     /// Store-wide figures.
     pub fn status(&self) -> Result<StoreStatus> {
         let layers = self.read()?.layer_count()?;
-        let mounted = self
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|s| lock(s).mounts > 0)
-            .count() as u64;
+        let mounted = self.slots.mounted();
         Ok(StoreStatus {
             root: self.root.clone(),
             backing_fs: mount::filesystem_type(&self.root).unwrap_or_else(|_| "unknown".into()),
@@ -166,8 +159,7 @@ impl Store {
     }
 
     pub(crate) fn slot(&self, n: u64) -> Arc<Mutex<Slot>> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.entry(n).or_default().clone()
+        self.slots.get(n)
     }
 
     /// The data root.

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -128,35 +127,15 @@ impl Store {
                 self.counters.values[c as usize].store(v, Ordering::Relaxed);
             }
         }
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         for (n, s) in txn.all_stats()? {
-            slots
-                .entry(n)
-                .or_default()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .stats = s;
+            self.slots.load_stats(n, s);
         }
         Ok(())
     }
 
     /// Writes changed counters to the database in one transaction. Cheap when nothing changed.
     pub fn flush_stats(&self) -> Result<()> {
-        let slots: Vec<(u64, Arc<std::sync::Mutex<crate::Slot>>)> = self
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
-        let mut changed = Vec::new();
-        for (n, slot) in slots {
-            let mut g = lock(&slot);
-            if g.stats_dirty {
-                g.stats_dirty = false;
-                changed.push((n, g.stats));
-            }
-        }
+        let changed = self.slots.take_dirty();
         let counters_dirty = self.counters.dirty.swap(false, Ordering::Relaxed);
         if changed.is_empty() && !counters_dirty {
             return Ok(());
@@ -174,11 +153,7 @@ impl Store {
         if result.is_err() {
             // Try again at the next flush.
             self.counters.dirty.store(true, Ordering::Relaxed);
-            for (n, _) in &changed {
-                if let Some(slot) = self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(n) {
-                    lock(slot).stats_dirty = true;
-                }
-            }
+            self.slots.mark_dirty(changed.iter().map(|(n, _)| *n));
         }
         result
     }
@@ -196,40 +171,19 @@ impl Store {
         self.counters.add(c, n);
     }
 
-    /// Bumps `uses` of the given layers (the lower layers of a stack just brought up).
-    pub(crate) fn note_uses(&self, layers: &[u64], now: u64) {
-        for n in layers {
-            let slot = self.slot(*n);
-            let mut g = lock(&slot);
-            g.stats.uses += 1;
-            g.stats.last_used_ns = now;
-            g.stats_dirty = true;
-        }
-    }
-
     /// Counts a mount request that the store does not perform itself (the snapshotter's Prepare, View and
     /// Mounts: containerd mounts what they return): one get of layer `n` and one use of it and of each layer
     /// `below` it.
     pub(crate) fn note_external_use(&self, n: u64, below: &[u64]) {
         let now = now_ns();
-        {
-            let slot = self.slot(n);
-            let mut g = lock(&slot);
-            g.stats.gets += 1;
-            g.stats.uses += 1;
-            g.stats.last_used_ns = now;
-            g.stats_dirty = true;
-        }
-        self.note_uses(below, now);
+        lock(&self.slot(n)).note_get(now, true);
+        self.slots.note_uses(below, now);
         self.counters.add(Counter::SnapshotMounts, 1);
     }
 
     /// The counters of layer `n` (zero for an unknown layer).
     pub fn layer_stats(&self, n: u64) -> LayerStats {
-        match self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(&n) {
-            Some(slot) => lock(slot).stats,
-            None => LayerStats::default(),
-        }
+        self.slots.counts(n).0
     }
 
     /// Every layer with its counters, by number.
@@ -266,13 +220,7 @@ impl Store {
                 },
                 None => None,
             };
-            let (stats, mounts) = match self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(n) {
-                Some(slot) => {
-                    let g = lock(slot);
-                    (g.stats, g.mounts)
-                }
-                None => (LayerStats::default(), 0),
-            };
+            let (stats, mounts) = self.slots.counts(*n);
             out.push(LayerOverview {
                 number: *n,
                 mounted: mounted.contains(n),
