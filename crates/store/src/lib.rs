@@ -45,20 +45,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lamina_sys::lock::LockFile;
-use lamina_sys::mount::{self as sys_mount, MAX_OVERLAY_LOWERS};
+use lamina_sys::mount::MAX_OVERLAY_LOWERS;
 use tracing::warn;
 
 pub use content::DiffPlan;
 pub use error::{Result, StoreError};
 pub use gc::{Garbage, GarbageKind, GcOptions, GcReport, Kept};
+pub use lamina_sys::mount::MountSpec;
 pub use meta::{LayerKind, LayerRecord, LayerState, LayerStats, FORMAT_VERSION};
 pub use mounts::MountGuard;
 pub use open::{OpenMode, OpenOptions};
 pub use quota::{parse_size, MIN_SIZE, SIZE_LABEL};
-use slots::{lock, Lowers, Slot};
 pub use stats::{Counter, LayerOverview};
-pub use sys_mount::MountSpec;
 pub use verify::{CheckHook, CheckOutcome, VerifyResult, VerifyStatus, MANIFEST_FILE};
+
+use slots::{lock, Lowers, Slot};
 
 /// Most layers below one layer: its mount stacks them all as overlay lower directories.
 pub const MAX_DEPTH: u32 = MAX_OVERLAY_LOWERS as u32;
