@@ -8,7 +8,6 @@ mod bench;
 mod cli;
 mod config;
 mod metrics;
-mod mount_check;
 mod serve;
 
 use std::path::PathBuf;

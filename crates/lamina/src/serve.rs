@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lamina_docker::{Router, ShutdownHandle};
-use lamina_store::Store;
+use lamina_store::{CheckOutcome, OpenOptions, Store};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -21,7 +21,7 @@ use crate::adapters::graphdriver::GraphDriverAdapter;
 use crate::adapters::snapshotter::SnapshotterAdapter;
 use crate::adapters::volumedriver::VolumeDriverAdapter;
 use crate::config::{LogFormat, Settings};
-use crate::mount_check::MountCheck;
+use crate::metrics::{self, VerifyOutcome};
 
 /// How long in-flight gRPC calls get to finish after a termination signal.
 const GRPC_DRAIN: Duration = Duration::from_secs(5);
@@ -55,13 +55,34 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How the daemon opens its store: recovering (serve mode), with `verify_on_mount` as configured and its
+/// checks counted in the metrics.
+fn store_options(settings: &Settings) -> OpenOptions {
+    OpenOptions {
+        verify_on_mount: settings.verify_on_mount,
+        on_check: Some(Arc::new(|outcome, bytes, elapsed| {
+            let outcome = match outcome {
+                CheckOutcome::Clean => VerifyOutcome::Clean,
+                CheckOutcome::Skipped => VerifyOutcome::Skipped,
+                CheckOutcome::Mismatch => VerifyOutcome::Mismatch,
+                CheckOutcome::Error => VerifyOutcome::Error,
+            };
+            metrics::verified(outcome, bytes, elapsed);
+        })),
+        ..OpenOptions::default()
+    }
+}
+
 /// Runs the daemon with `settings` until a termination signal.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
     init_logging(&settings.log_level, settings.log_format)?;
     let store = Arc::new(
-        Store::open(&settings.data_root)
+        Store::open_with_options(&settings.data_root, store_options(&settings))
             .with_context(|| format!("opening the store at {}", settings.data_root.display()))?,
     );
+    if settings.verify_on_mount {
+        info!("verify_on_mount: frozen layers are checked against their manifests before their first mount");
+    }
     let shutdown = ShutdownHandle::new();
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, shutdown.flag()).context("installing signal handlers")?;
@@ -72,19 +93,11 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         .as_ref()
         .map(crate::metrics::bind)
         .transpose()?;
-    let mount_check = settings.verify_on_mount.then(|| Arc::new(MountCheck::new()));
-    if mount_check.is_some() {
-        info!("verify_on_mount: frozen layers are checked against their manifests before their first mount");
-    }
     let mut volumes = None;
     let plugin = match &settings.socket {
         Some(path) => {
-            let mut graph =
-                GraphDriverAdapter::new(store.clone()).context("restoring graphdriver settings")?;
-            if let Some(c) = &mount_check {
-                graph = graph.with_mount_check(c.clone());
-            }
-            let graph = Arc::new(graph);
+            let graph =
+                Arc::new(GraphDriverAdapter::new(store.clone()).context("restoring graphdriver settings")?);
             let mut router = Router::new().with_graph_driver(graph);
             if let Some(observer) = crate::metrics::plugin_observer() {
                 router = router.with_observer(observer);
@@ -106,11 +119,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let admin_listener = crate::admin::bind(&settings.data_root)?;
     let grpc = match &settings.snapshotter_socket {
         Some(path) => {
-            let mut backend = SnapshotterAdapter::new(store.clone())?;
-            if let Some(c) = &mount_check {
-                backend = backend.with_mount_check(c.clone());
-            }
-            let backend = Arc::new(backend);
+            let backend = Arc::new(SnapshotterAdapter::new(store.clone())?);
             let listener =
                 lamina_http::bind_socket(path).with_context(|| format!("binding {}", path.display()))?;
             info!(socket = %path.display(), "serving the containerd snapshotter; name it in containerd's [proxy_plugins]");

@@ -15,18 +15,14 @@
 //! collection is safe while dockerd and containerd use the store.
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use lamina_sys::mount;
-use redb::ReadableTable;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::meta::{LAYERS, PENDING};
 use crate::stats::Counter;
-use crate::{error, lock, open_dir, remove_tree, LayerRecord, Result, Store, StoreError};
+use crate::{lock, LayerRecord, Result, Store, StoreError};
 
 /// What a piece of garbage is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -100,55 +96,6 @@ pub struct GcOptions {
     pub protected_namespaces: Vec<String>,
 }
 
-fn usage_of(path: &Path) -> u64 {
-    let Ok(md) = std::fs::symlink_metadata(path) else {
-        return 0;
-    };
-    if !md.is_dir() {
-        return std::os::unix::fs::MetadataExt::blocks(&md) * 512;
-    }
-    match open_dir(path) {
-        Ok(f) => lamina_archive::disk_usage(f.as_fd())
-            .map(|u| u.bytes)
-            .unwrap_or(0),
-        Err(_) => 0,
-    }
-}
-
-/// Layer numbers of this store that a mount in the mount table refers to (`<layers_dir>/<hex>/...` in its root
-/// or options). Only paths under this store's own `layers/` count: another store's overlays (another data
-/// root in the same process or on the host) name the same numbers under a different directory.
-fn referenced_by_mounts(layers_dir: &std::path::Path) -> HashSet<u64> {
-    let mut out = HashSet::new();
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return out;
-    };
-    let needle = format!("{}/", layers_dir.display());
-    for line in text.lines() {
-        let mut at = 0;
-        while let Some(i) = line[at..].find(&needle) {
-            let start = at + i;
-            at = start + needle.len();
-            // The path must start there, not be the tail of a longer one (`/x/data/layers/` for `/data/layers/`).
-            let boundary = line[..start]
-                .chars()
-                .next_back()
-                .is_none_or(|c| matches!(c, ' ' | '=' | ':' | ','));
-            if !boundary {
-                continue;
-            }
-            let rest = &line[at..];
-            let hex: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
-            if !hex.is_empty() && rest[hex.len()..].starts_with('/') {
-                if let Ok(n) = u64::from_str_radix(&hex, 16) {
-                    out.insert(n);
-                }
-            }
-        }
-    }
-    out
-}
-
 impl Store {
     /// Finds garbage (see the module docs) and, unless `opts.dry_run`, removes it.
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
@@ -165,103 +112,28 @@ impl Store {
             ..GcReport::default()
         };
         // 1. Mounts. Listed deepest first.
-        let layers_dir = self.root.join("layers");
-        let watched = [
-            layers_dir.clone(),
-            self.root.join("staging"),
-            self.root.join("trash"),
-        ];
         let known_before = self.known_layers()?;
-        for mp in mount::mounts_under(&self.root).map_err(|e| StoreError::io("read mount table", e))? {
-            if !watched.iter().any(|w| mp.starts_with(w)) {
-                continue;
-            }
-            if let Some(n) = crate::parse_merged(&layers_dir, &mp) {
-                if known_before.contains(&n) || self.in_flight_contains(&self.layer_dir(n)) {
-                    continue;
-                }
-            }
-            report.items.push(Garbage {
-                kind: GarbageKind::StaleMount,
-                path: mp,
-                layer: None,
-                name: None,
-                bytes: 0,
-            });
-        }
+        report.items.extend(self.backend.stale_mounts(&known_before)?);
         // 2. Interrupted applies.
-        let pending: Vec<(u64, String)> = {
-            let txn = self.db.begin_read().map_err(error::db_err)?;
-            let t = txn.open_table(PENDING).map_err(error::db_err)?;
-            let mut v = Vec::new();
-            for row in t.iter().map_err(error::db_err)? {
-                let (k, v2) = row.map_err(error::db_err)?;
-                v.push((k.value(), v2.value().to_string()));
-            }
-            v
-        };
+        let pending = self.read()?.pending()?;
         let mut pending_staging = HashSet::new();
         for (n, staging) in pending {
-            let path = self.root.join("staging").join(&staging);
-            if self.in_flight_contains(&path) {
+            let Some(mut g) = self.backend.interrupted_apply(n, &staging) else {
                 continue;
-            }
+            };
             pending_staging.insert(staging);
-            let name = self.record_by_number(n)?.map(|r| format!("{}/{}", r.ns, r.name));
-            report.items.push(Garbage {
-                kind: GarbageKind::InterruptedApply,
-                bytes: usage_of(&path) + usage_of(&self.layer_dir(n).join("diff")),
-                path,
-                layer: Some(n),
-                name,
-            });
+            g.name = self.record_by_number(n)?.map(|r| format!("{}/{}", r.ns, r.name));
+            report.items.push(g);
         }
-        // 3. Staging and trash leftovers: listed first, then compared with the operations in flight.
-        for (dir, kind) in [("staging", GarbageKind::Staging), ("trash", GarbageKind::Trash)] {
-            let entries = list_dir(&self.root.join(dir))?;
-            let busy = self.in_flight_snapshot();
-            for path in entries {
-                let file_name = path
-                    .file_name()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                if busy.contains(&path) || pending_staging.contains(&file_name) || !path.exists() {
-                    continue;
-                }
-                report.items.push(Garbage {
-                    kind,
-                    bytes: usage_of(&path),
-                    path,
-                    layer: None,
-                    name: None,
-                });
-            }
-        }
-        // 4. Layer directories without a record: the in-flight set is read before the records, so a create
-        // that finishes in between is seen in the records.
-        let dirs = list_dir(&layers_dir)?;
-        let busy = self.in_flight_snapshot();
-        let known = self.known_layers()?;
-        for path in dirs {
-            let n = path
-                .file_name()
-                .and_then(|s| s.to_str())
-                .and_then(|s| u64::from_str_radix(s, 16).ok());
-            if busy.contains(&path) || n.is_some_and(|n| known.contains(&n)) {
-                continue;
-            }
-            report.items.push(Garbage {
-                kind: GarbageKind::OrphanDir,
-                bytes: usage_of(&path),
-                path,
-                layer: n,
-                name: None,
-            });
-        }
+        // 3. Leftovers and 4. storage without a record.
+        report.items.extend(
+            self.backend
+                .leftovers(&pending_staging, &|| self.known_layers())?,
+        );
         // 5. Removed namespaces.
         let mut doomed: Vec<(u64, LayerRecord)> = Vec::new();
         if !opts.removed_namespaces.is_empty() {
-            let referenced = referenced_by_mounts(&layers_dir);
+            let referenced = self.backend.referenced();
             let all = self.list()?;
             let by_number: BTreeMap<u64, &LayerRecord> = all.iter().map(|(n, r)| (*n, r)).collect();
             let mut keep: BTreeMap<u64, String> = BTreeMap::new();
@@ -269,13 +141,7 @@ impl Store {
                 if !opts.removed_namespaces.contains(&rec.ns) {
                     continue;
                 }
-                let mounts = self
-                    .slots
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(n)
-                    .map(|s| lock(s).mounts)
-                    .unwrap_or(0);
+                let mounts = self.slots.mounts(*n);
                 let reason = if mounts > 0 {
                     Some(format!("mounted ({mounts} references)"))
                 } else if referenced.contains(n) {
@@ -323,13 +189,14 @@ impl Store {
                     });
                     continue;
                 }
+                let paths = self.backend.paths(*n);
                 let bytes = match rec.size {
                     Some(b) => b,
-                    None => usage_of(&self.layer_dir(*n).join("diff")),
+                    None => self.backend.bytes_of(&paths.content),
                 };
                 report.items.push(Garbage {
                     kind: GarbageKind::RemovedNamespace,
-                    path: self.layer_dir(*n),
+                    path: paths.dir,
                     layer: Some(*n),
                     name: Some(format!("{}/{}", rec.ns, rec.name)),
                     bytes,
@@ -360,14 +227,10 @@ impl Store {
         let items = report.items.clone();
         for g in &items {
             let r = match g.kind {
-                GarbageKind::StaleMount => {
-                    mount::unmount(&g.path, true).map_err(|e| StoreError::io("detach stale mount", e))
-                }
                 GarbageKind::InterruptedApply => self.roll_back_apply(g.layer.unwrap_or(0), &g.path),
-                GarbageKind::Staging | GarbageKind::Trash | GarbageKind::OrphanDir => {
-                    self.remove_unowned(&g.path, g.layer)
-                }
-                GarbageKind::RemovedNamespace => Ok(()),
+                _ => self
+                    .backend
+                    .collect(g, &|n| Ok(self.record_by_number(n)?.is_some())),
             };
             if let Err(e) = r {
                 warn!(path = %g.path.display(), error = %e, "garbage collection could not remove");
@@ -384,100 +247,21 @@ impl Store {
         }
     }
 
-    /// Removes a staging/trash leftover or an orphan layer directory, re-checking under the in-flight lock that
-    /// no operation took it meanwhile (it is renamed into trash under the lock, then deleted).
-    fn remove_unowned(&self, path: &Path, layer: Option<u64>) -> Result<()> {
-        let trash = self.root.join("trash").join(format!(
-            "gc-{}-{}",
-            std::process::id(),
-            self.staging_seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-        ));
-        // Never delete through a mount.
-        if !mount::mounts_under(path)
-            .map_err(|e| StoreError::io("read mount table", e))?
-            .is_empty()
-        {
-            return Err(StoreError::InUse(format!(
-                "{} has a mount below it",
-                path.display()
-            )));
-        }
-        {
-            let busy = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            if busy.contains(path) {
-                return Ok(());
-            }
-            if let Some(n) = layer {
-                if self.record_by_number(n)?.is_some() && path == self.layer_dir(n) {
-                    return Ok(());
-                }
-            }
-            if path.starts_with(self.root.join("trash")) {
-                drop(busy);
-                remove_tree(path);
-                return Ok(());
-            }
-            match std::fs::rename(path, &trash) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(StoreError::io(format!("move {} to trash", path.display()), e)),
-            }
-        }
-        remove_tree(&trash);
-        Ok(())
-    }
-
     /// Rolls an interrupted apply back (as the start-up recovery does), under the layer's lock.
     fn roll_back_apply(&self, n: u64, staging: &Path) -> Result<()> {
         let slot = self.slot(n);
         let _guard = lock(&slot);
-        if self.in_flight_contains(staging) {
+        let token = staging
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !self.backend.drop_staging(&token) {
             return Ok(());
         }
-        remove_tree(staging);
         self.reset_interrupted_apply(n)
     }
 
     fn known_layers(&self) -> Result<HashSet<u64>> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let t = txn.open_table(LAYERS).map_err(error::db_err)?;
-        let mut s = HashSet::new();
-        for row in t.iter().map_err(error::db_err)? {
-            s.insert(row.map_err(error::db_err)?.0.value());
-        }
-        Ok(s)
+        self.read()?.layer_numbers()
     }
-
-    pub(crate) fn record_by_number(&self, n: u64) -> Result<Option<LayerRecord>> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let t = txn.open_table(LAYERS).map_err(error::db_err)?;
-        t.get(n)
-            .map_err(error::db_err)?
-            .map(|v| LayerRecord::decode(v.value()))
-            .transpose()
-    }
-
-    fn in_flight_contains(&self, p: &Path) -> bool {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(p)
-    }
-
-    fn in_flight_snapshot(&self) -> HashSet<PathBuf> {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(format!("read {}", dir.display()), e))? {
-        out.push(
-            entry
-                .map_err(|e| StoreError::io(format!("read {}", dir.display()), e))?
-                .path(),
-        );
-    }
-    out.sort();
-    Ok(out)
 }

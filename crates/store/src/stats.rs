@@ -5,16 +5,14 @@
 //! changed ones in one transaction. `lamina serve` flushes every few seconds and at shutdown, and dropping a
 //! [`Store`] flushes. A crash (kill -9, power loss) loses the counts since the last flush, never more.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 
-use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
-use crate::meta::{LayerStats, CHILDREN, COUNTERS, LAYERS, NAMES, STATS};
-use crate::{error, lock, now_ns, LayerRecord, Result, Store, StoreError};
+use crate::meta::LayerStats;
+use crate::{lock, now_ns, LayerRecord, Result, Store, StoreError};
 
 /// A store-wide operation counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,79 +121,39 @@ pub struct LayerOverview {
 impl Store {
     /// Loads the persisted counters into memory (at open).
     pub(crate) fn load_stats(&self) -> Result<()> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let counters = txn.open_table(COUNTERS).map_err(error::db_err)?;
+        let txn = self.read()?;
         for c in Counter::ALL {
-            if let Some(v) = counters.get(c.name()).map_err(error::db_err)? {
-                self.counters.values[c as usize].store(v.value(), Ordering::Relaxed);
+            if let Some(v) = txn.counter(c.name())? {
+                self.counters.values[c as usize].store(v, Ordering::Relaxed);
             }
         }
-        let stats = txn.open_table(STATS).map_err(error::db_err)?;
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        for row in stats.iter().map_err(error::db_err)? {
-            let (k, v) = row.map_err(error::db_err)?;
-            let s: LayerStats = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::CorruptMetadata(format!("layer stats: {e}")))?;
-            slots
-                .entry(k.value())
-                .or_default()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .stats = s;
+        for (n, s) in txn.all_stats()? {
+            self.slots.load_stats(n, s);
         }
         Ok(())
     }
 
     /// Writes changed counters to the database in one transaction. Cheap when nothing changed.
     pub fn flush_stats(&self) -> Result<()> {
-        let slots: Vec<(u64, Arc<std::sync::Mutex<crate::Slot>>)> = self
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
-        let mut changed = Vec::new();
-        for (n, slot) in slots {
-            let mut g = lock(&slot);
-            if g.stats_dirty {
-                g.stats_dirty = false;
-                changed.push((n, g.stats));
-            }
-        }
+        let changed = self.slots.take_dirty();
         let counters_dirty = self.counters.dirty.swap(false, Ordering::Relaxed);
         if changed.is_empty() && !counters_dirty {
             return Ok(());
         }
         let result = (|| {
-            let txn = self.db.begin_write().map_err(error::db_err)?;
-            {
-                let layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-                let mut stats = txn.open_table(STATS).map_err(error::db_err)?;
-                for (n, s) in &changed {
-                    // A layer removed since: its row must not come back.
-                    if layers.get(*n).map_err(error::db_err)?.is_some() {
-                        let bytes = serde_json::to_vec(s).expect("stats serialise");
-                        stats.insert(*n, bytes.as_slice()).map_err(error::db_err)?;
-                    }
-                }
-                let mut counters = txn.open_table(COUNTERS).map_err(error::db_err)?;
-                for c in Counter::ALL {
-                    counters
-                        .insert(c.name(), self.counters.get(c))
-                        .map_err(error::db_err)?;
-                }
+            let txn = self.write()?;
+            for (n, s) in &changed {
+                txn.put_stats_if_present(*n, s)?;
             }
-            txn.commit().map_err(error::db_err)
+            for c in Counter::ALL {
+                txn.set_counter(c.name(), self.counters.get(c))?;
+            }
+            txn.commit()
         })();
         if result.is_err() {
             // Try again at the next flush.
             self.counters.dirty.store(true, Ordering::Relaxed);
-            for (n, _) in &changed {
-                if let Some(slot) = self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(n) {
-                    lock(slot).stats_dirty = true;
-                }
-            }
+            self.slots.mark_dirty(changed.iter().map(|(n, _)| *n));
         }
         result
     }
@@ -213,43 +171,19 @@ impl Store {
         self.counters.add(c, n);
     }
 
-    /// Bumps `uses` of the given layers (the lower layers of a stack just brought up).
-    pub(crate) fn note_uses(&self, layers: &[u64], now: u64) {
-        for n in layers {
-            let slot = self.slot(*n);
-            let mut g = lock(&slot);
-            g.stats.uses += 1;
-            g.stats.last_used_ns = now;
-            g.stats_dirty = true;
-        }
-    }
-
     /// Counts a mount request that the store does not perform itself (the snapshotter's Prepare, View and
-    /// Mounts: containerd mounts what they return): one get of `name` and one use of it and of each layer
-    /// below it.
-    pub fn note_external_mount(&self, ns: &str, name: &str) -> Result<()> {
-        let (n, rec) = self.require(ns, name)?;
-        let chain = self.chain(&rec)?;
+    /// Mounts: containerd mounts what they return): one get of layer `n` and one use of it and of each layer
+    /// `below` it.
+    pub(crate) fn note_external_use(&self, n: u64, below: &[u64]) {
         let now = now_ns();
-        {
-            let slot = self.slot(n);
-            let mut g = lock(&slot);
-            g.stats.gets += 1;
-            g.stats.uses += 1;
-            g.stats.last_used_ns = now;
-            g.stats_dirty = true;
-        }
-        self.note_uses(&chain, now);
+        lock(&self.slot(n)).note_get(now, true);
+        self.slots.note_uses(below, now);
         self.counters.add(Counter::SnapshotMounts, 1);
-        Ok(())
     }
 
     /// The counters of layer `n` (zero for an unknown layer).
     pub fn layer_stats(&self, n: u64) -> LayerStats {
-        match self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(&n) {
-            Some(slot) => lock(slot).stats,
-            None => LayerStats::default(),
-        }
+        self.slots.counts(n).0
     }
 
     /// Every layer with its counters, by number.
@@ -265,67 +199,37 @@ impl Store {
     }
 
     fn overview_filtered(&self, only: Option<u64>) -> Result<Vec<LayerOverview>> {
-        let mounted: HashSet<PathBuf> = lamina_sys::mount::mounts_under(&self.root.join("layers"))
-            .map_err(|e| StoreError::io("read mount table", e))?
-            .into_iter()
-            .collect();
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let layers = txn.open_table(LAYERS).map_err(error::db_err)?;
+        let mounted = self.backend.mounted()?;
+        let txn = self.read()?;
         let mut recs: BTreeMap<u64, LayerRecord> = BTreeMap::new();
         match only {
             Some(n) => {
-                if let Some(v) = layers.get(n).map_err(error::db_err)? {
-                    recs.insert(n, LayerRecord::decode(v.value())?);
+                if let Some(r) = txn.layer(n)? {
+                    recs.insert(n, r);
                 }
             }
-            None => {
-                for row in layers.iter().map_err(error::db_err)? {
-                    let (k, v) = row.map_err(error::db_err)?;
-                    recs.insert(k.value(), LayerRecord::decode(v.value())?);
-                }
-            }
+            None => recs.extend(txn.layers()?),
         }
-        let mut children: HashMap<u64, u64> = HashMap::new();
-        let ct = txn.open_table(CHILDREN).map_err(error::db_err)?;
-        let range = match only {
-            Some(n) => ct.range((n, 0)..=(n, u64::MAX)),
-            None => ct.range::<(u64, u64)>(..),
-        }
-        .map_err(error::db_err)?;
-        for row in range {
-            let (k, _) = row.map_err(error::db_err)?;
-            *children.entry(k.value().0).or_default() += 1;
-        }
+        let children = txn.child_counts(only)?;
         let mut out = Vec::with_capacity(recs.len());
         for (n, record) in &recs {
             let parent_name = match record.parent {
                 Some(p) => match recs.get(&p) {
                     Some(r) => Some(r.name.clone()),
-                    None => layers
-                        .get(p)
-                        .map_err(error::db_err)?
-                        .map(|v| LayerRecord::decode(v.value()).map(|r| r.name))
-                        .transpose()?,
+                    None => txn.layer(p)?.map(|r| r.name),
                 },
                 None => None,
             };
-            let (stats, mounts) = match self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(n) {
-                Some(slot) => {
-                    let g = lock(slot);
-                    (g.stats, g.mounts)
-                }
-                None => (LayerStats::default(), 0),
-            };
-            let dir = self.layer_dir(*n);
+            let (stats, mounts) = self.slots.counts(*n);
             out.push(LayerOverview {
                 number: *n,
-                mounted: mounted.contains(&dir.join("merged")),
+                mounted: mounted.contains(n),
                 record: record.clone(),
                 parent_name,
                 stats,
                 mounts,
                 children: children.get(n).copied().unwrap_or(0),
-                dir,
+                dir: self.backend.paths(*n).dir,
             });
         }
         Ok(out)
@@ -334,39 +238,33 @@ impl Store {
     /// Resolves a layer given on a command line: a layer number in hex (at most 16 digits), `NAME` with
     /// `ns`, `NAMESPACE/NAME` (the longest namespace that matches), or a `NAME` unique across namespaces.
     pub fn resolve(&self, spec: &str, ns: Option<&str>) -> Result<u64> {
-        let txn = self.db.begin_read().map_err(error::db_err)?;
-        let names = txn.open_table(NAMES).map_err(error::db_err)?;
+        let txn = self.read()?;
         if let Some(ns) = ns {
-            return names
-                .get((ns, spec))
-                .map_err(error::db_err)?
-                .map(|v| v.value())
+            return txn
+                .number(ns, spec)?
                 .ok_or_else(|| StoreError::NotFound(format!("layer {spec:?} in namespace {ns:?}")));
         }
         let hex = spec.strip_prefix("0x").unwrap_or(spec);
         if !hex.is_empty() && hex.len() <= 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             if let Ok(n) = u64::from_str_radix(hex, 16) {
-                let layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-                if layers.get(n).map_err(error::db_err)?.is_some() {
+                if txn.layer(n)?.is_some() {
                     return Ok(n);
                 }
             }
         }
         let mut by_ns: Option<(usize, u64)> = None;
         let mut by_name = Vec::new();
-        for row in names.iter().map_err(error::db_err)? {
-            let (k, v) = row.map_err(error::db_err)?;
-            let (row_ns, row_name) = k.value();
+        for (row_ns, row_name, n) in txn.all_names()? {
             if row_name == spec {
-                by_name.push(v.value());
+                by_name.push(n);
             }
             if spec.len() > row_ns.len()
-                && spec.starts_with(row_ns)
+                && spec.starts_with(row_ns.as_str())
                 && spec.as_bytes()[row_ns.len()] == b'/'
-                && &spec[row_ns.len() + 1..] == row_name
+                && spec[row_ns.len() + 1..] == row_name
                 && by_ns.is_none_or(|(len, _)| row_ns.len() > len)
             {
-                by_ns = Some((row_ns.len(), v.value()));
+                by_ns = Some((row_ns.len(), n));
             }
         }
         if let Some((_, n)) = by_ns {

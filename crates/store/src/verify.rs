@@ -4,38 +4,33 @@ use std::collections::HashSet;
 use std::io::{BufWriter, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use lamina_archive::manifest::{self, VerifyOutcome};
 use serde::Serialize;
 
-use redb::ReadableTable;
-use tracing::{debug, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::meta::LAYERS;
-use crate::{error, open_dir, LayerKind, LayerRecord, LayerState, Result, Store, StoreError};
+use crate::backend::LayerPaths;
+use crate::tables::Writer;
+use crate::{open_dir, LayerKind, LayerRecord, LayerState, Result, Store, StoreError};
 use lamina_sys::fault;
 
-/// Writes the manifest of layer `n` (directory `dir`) and records its digest if the layer still wants one.
-fn seal(db: &crate::db::Db, n: u64, dir: &Path) -> Result<()> {
-    let digest = write_manifest_file(&dir.join("diff"), &dir.join(MANIFEST_FILE))?;
-    let txn = db.begin_write().map_err(error::db_err)?;
-    {
-        let mut layers = txn.open_table(LAYERS).map_err(error::db_err)?;
-        let rec = match layers.get(n).map_err(error::db_err)? {
-            Some(v) => LayerRecord::decode(v.value())?,
-            None => return Ok(()),
-        };
-        if !wants_manifest(&rec) {
-            return Ok(());
-        }
-        let mut rec = rec;
-        rec.manifest = Some(digest);
-        layers.insert(n, rec.encode().as_slice()).map_err(error::db_err)?;
+/// Writes the manifest of layer `n` (its content in `paths`) and records its digest if the layer still wants one.
+fn seal(db: &crate::db::Db, n: u64, paths: &LayerPaths) -> Result<()> {
+    let digest = write_manifest_file(&paths.content, &paths.manifest)?;
+    let txn = Writer::begin(db)?;
+    let Some(mut rec) = txn.layer(n)? else {
+        return Ok(());
+    };
+    if !wants_manifest(&rec) {
+        return Ok(());
     }
+    rec.manifest = Some(digest);
+    txn.put_layer(n, &rec)?;
     fault::point("store.seal.commit").map_err(|e| StoreError::io("commit metadata", e))?;
-    txn.commit().map_err(error::db_err)
+    txn.commit()
 }
 
 /// File name of a layer's manifest, beside `diff/`.
@@ -156,12 +151,12 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
             .insert(n);
         let db = self.db.clone();
-        let dir = self.layer_dir(n);
+        let paths = self.backend.paths(n);
         let seals = self.seals.clone();
         let spawned = std::thread::Builder::new()
             .name("manifest".into())
             .spawn(move || {
-                let result = seal(&db, n, &dir);
+                let result = seal(&db, n, &paths);
                 // The database handle goes before the layer counts as done: a store dropped (and reopened)
                 // after waiting for its seals must find the database closed.
                 drop(db);
@@ -220,8 +215,8 @@ impl Store {
                 _ => skipped("no manifest recorded"),
             });
         };
-        let dir = self.layer_dir(n);
-        let path = dir.join(MANIFEST_FILE);
+        let paths = self.backend.paths(n);
+        let path = paths.manifest.clone();
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) => {
@@ -246,7 +241,7 @@ impl Store {
                 },
             });
         }
-        let diff = open_dir(&dir.join("diff"))?;
+        let diff = open_dir(&paths.content)?;
         let outcome = manifest::verify_manifest(diff.as_fd(), &mut &bytes[..], progress)?;
         Ok(VerifyResult {
             layer: n,
@@ -256,5 +251,119 @@ impl Store {
                 VerifyOutcome::Mismatch { path, detail } => VerifyStatus::Mismatch { path, detail },
             },
         })
+    }
+}
+
+/// What one check of `verify_on_mount` found (see [`crate::OpenOptions::verify_on_mount`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckOutcome {
+    /// The layer matches its manifest.
+    Clean,
+    /// Nothing to check (not frozen, or no manifest).
+    Skipped,
+    /// The layer differs from its manifest: the mount is refused.
+    Mismatch,
+    /// The check itself failed.
+    Error,
+}
+
+/// Called after every check of `verify_on_mount` with its outcome, the content bytes read and the time taken
+/// (the daemon's metrics).
+pub type CheckHook = Arc<dyn Fn(CheckOutcome, u64, Duration) + Send + Sync>;
+
+/// `verify_on_mount`: before the first mount of a stack after a (re)start, each frozen layer in it is checked
+/// against its content manifest; a mismatch refuses the mount. Checked layers are remembered until the store
+/// is dropped, and so are layers frozen by this store (their content was just written by it), so only the
+/// first mount of an old layer pays for a read of its content.
+pub(crate) struct MountCheck {
+    trusted: Mutex<HashSet<u64>>,
+    hook: Option<CheckHook>,
+}
+
+impl std::fmt::Debug for MountCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountCheck").finish_non_exhaustive()
+    }
+}
+
+impl MountCheck {
+    pub(crate) fn new(hook: Option<CheckHook>) -> MountCheck {
+        MountCheck {
+            trusted: Mutex::new(HashSet::new()),
+            hook,
+        }
+    }
+
+    fn is_trusted(&self, n: u64) -> bool {
+        self.trusted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&n)
+    }
+
+    fn trust(&self, n: u64) {
+        self.trusted.lock().unwrap_or_else(|p| p.into_inner()).insert(n);
+    }
+
+    fn report(&self, outcome: CheckOutcome, bytes: u64, elapsed: Duration) {
+        if let Some(hook) = &self.hook {
+            hook(outcome, bytes, elapsed);
+        }
+    }
+}
+
+impl Store {
+    /// Remembers layer `n` as good for `verify_on_mount` (its content was just written by this store).
+    pub(crate) fn trust(&self, n: u64) {
+        if let Some(check) = &self.mount_check {
+            check.trust(n);
+        }
+    }
+
+    /// `verify_on_mount` for the layers of a stack about to be mounted (nothing when the option is off). A
+    /// mismatch gives [`StoreError::CorruptMetadata`] naming the layer and the first differing path.
+    pub(crate) fn check_before_mount(&self, layers: impl IntoIterator<Item = u64>) -> Result<()> {
+        let Some(check) = &self.mount_check else {
+            return Ok(());
+        };
+        for n in layers {
+            if check.is_trusted(n) {
+                continue;
+            }
+            let t0 = Instant::now();
+            let mut bytes = 0u64;
+            let result = self.verify_layer(n, &mut |b| bytes += b);
+            let elapsed = t0.elapsed();
+            let r = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    check.report(CheckOutcome::Error, bytes, elapsed);
+                    return Err(e);
+                }
+            };
+            match r.status {
+                VerifyStatus::Clean { entries, .. } => {
+                    check.report(CheckOutcome::Clean, bytes, elapsed);
+                    info!(layer = %format!("{n:x}"), name = %r.name, entries, bytes,
+                        ms = elapsed.as_millis() as u64, "verified before its first mount");
+                    check.trust(n);
+                }
+                VerifyStatus::Skipped { .. } => {
+                    check.report(CheckOutcome::Skipped, bytes, elapsed);
+                    check.trust(n);
+                }
+                VerifyStatus::Mismatch { path, detail } => {
+                    check.report(CheckOutcome::Mismatch, bytes, elapsed);
+                    error!(layer = %format!("{n:x}"), name = %r.name, path = %path, detail = %detail,
+                        "layer content does not match its manifest; mount refused");
+                    return Err(StoreError::CorruptMetadata(format!(
+                        "verify_on_mount: layer {n:x} ({}) does not match its manifest at {path} ({detail}); \
+                         mount refused (`lamina verify {n:x}` shows it)",
+                        r.name
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -9,6 +9,8 @@
 //!   whiteouts, xattrs that never follow symlinks.
 //! - [`mount`]: overlay and bind mounts (new mount API with a legacy fallback),
 //!   unmounting, reading the mount table.
+//! - [`mounter`]: the [`mounter::Mounter`] seam over mounts and the mount table, with the real
+//!   [`mounter::LinuxMounter`] and a recording [`mounter::FakeMounter`] for tests without root.
 //! - [`lock`]: advisory lock files.
 //! - [`quota`]: size limits (btrfs subvolumes with a qgroup limit, xfs project quota).
 //! - [`fault`]: fault points for the reliability tests (compiled to nothing without the `faults` feature).
@@ -18,4 +20,5 @@ pub mod fault;
 pub mod fs;
 pub mod lock;
 pub mod mount;
+pub mod mounter;
 pub mod quota;

@@ -37,6 +37,80 @@ pub struct OverlaySpec {
     pub read_only: bool,
 }
 
+/// A mount, described: what [`mount`] mounts, or what a caller that mounts it itself (containerd) is told.
+#[derive(Debug, Clone)]
+pub enum MountSpec {
+    /// A bind mount of a directory (recursive when rendered as options).
+    Bind {
+        /// The directory.
+        source: PathBuf,
+        /// Mount read-only.
+        read_only: bool,
+    },
+    /// An overlay stack.
+    Overlay(OverlaySpec),
+}
+
+impl MountSpec {
+    /// The filesystem type as `mount(8)` names it: `bind` or `overlay`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MountSpec::Bind { .. } => "bind",
+            MountSpec::Overlay(_) => "overlay",
+        }
+    }
+
+    /// The mount source: the bound directory, or `overlay`.
+    pub fn source(&self) -> PathBuf {
+        match self {
+            MountSpec::Bind { source, .. } => source.clone(),
+            MountSpec::Overlay(_) => PathBuf::from("overlay"),
+        }
+    }
+
+    /// The `mount(8)` options, for a caller that mounts this itself. A bind is `ro|rw,rbind`. An overlay lists
+    /// `index=off` (when it has an upper directory and the kernel knows the option), `workdir`, `upperdir`,
+    /// `lowerdir` (top-most first) and `context` when labelled; an overlay without an upper directory is
+    /// read-only by construction. Paths are rendered lossily: callers that hand these out use UTF-8 roots.
+    pub fn options(&self) -> Vec<String> {
+        match self {
+            MountSpec::Bind { read_only, .. } => {
+                vec![if *read_only { "ro" } else { "rw" }.into(), "rbind".into()]
+            }
+            MountSpec::Overlay(o) => {
+                let mut out = Vec::with_capacity(5);
+                if o.upper.is_some() && overlay_has_index_option() {
+                    out.push("index=off".to_string());
+                }
+                if let Some(work) = &o.work {
+                    out.push(format!("workdir={}", work.to_string_lossy()));
+                }
+                if let Some(upper) = &o.upper {
+                    out.push(format!("upperdir={}", upper.to_string_lossy()));
+                }
+                let lowers: Vec<String> = o
+                    .lowers
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect();
+                out.push(format!("lowerdir={}", lowers.join(":")));
+                if let Some(label) = o.label.as_deref().filter(|l| !l.is_empty()) {
+                    out.push(format!("context=\"{label}\""));
+                }
+                out
+            }
+        }
+    }
+}
+
+/// Mounts `spec` on `target`.
+pub fn mount(spec: &MountSpec, target: &Path) -> io::Result<()> {
+    match spec {
+        MountSpec::Bind { source, read_only } => bind_mount(source, target, *read_only),
+        MountSpec::Overlay(o) => mount_overlay(target, o),
+    }
+}
+
 fn errno_ctx(e: rustix::io::Errno, what: &str) -> io::Error {
     let e = io::Error::from(e);
     io::Error::new(e.kind(), format!("{what}: {e}"))
@@ -205,10 +279,16 @@ pub fn unmount(target: &Path, detach: bool) -> io::Result<()> {
 
 /// Mount points at or below `dir`, from `/proc/self/mountinfo`, deepest first.
 pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let file = File::open("/proc/self/mountinfo")?;
+    Ok(mount_points_in(
+        &std::fs::read_to_string("/proc/self/mountinfo")?,
+        dir,
+    ))
+}
+
+/// Mount points at or below `dir` in `table` (the format of `/proc/self/mountinfo`), deepest first.
+pub fn mount_points_in(table: &str, dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for line in BufReader::new(file).lines() {
-        let line = line?;
+    for line in table.lines() {
         if let Some(mp) = line.split(' ').nth(4) {
             let mp = PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_mountinfo(mp)));
             if mp.starts_with(dir) {
@@ -218,7 +298,7 @@ pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
     }
     out.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     out.dedup();
-    Ok(out)
+    out
 }
 
 /// Whether `path` is a mount point (present in the mount table).
@@ -277,9 +357,10 @@ pub fn filesystem_type(path: &Path) -> io::Result<String> {
     Ok(best.map(|(_, t)| t).unwrap_or_else(|| "unknown".into()))
 }
 
-/// Whether the running kernel's overlay has the `index` option (its module parameter is visible).
+/// Whether the running kernel's overlay has the `index` option (its module parameter is visible); looked up once.
 pub fn overlay_has_index_option() -> bool {
-    Path::new("/sys/module/overlay/parameters/index").exists()
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| Path::new("/sys/module/overlay/parameters/index").exists())
 }
 
 #[cfg(test)]
@@ -291,6 +372,50 @@ mod tests {
         assert_eq!(unescape_mountinfo("/a\\040b"), b"/a b");
         assert_eq!(unescape_mountinfo("/plain"), b"/plain");
         assert_eq!(unescape_mountinfo("/x\\"), b"/x\\");
+    }
+
+    #[test]
+    fn options_of_descriptions() {
+        let bind = MountSpec::Bind {
+            source: "/d/layers/1/diff".into(),
+            read_only: true,
+        };
+        assert_eq!(
+            (bind.kind(), bind.options()),
+            ("bind", vec!["ro".into(), "rbind".into()])
+        );
+        let view = MountSpec::Overlay(OverlaySpec {
+            lowers: vec!["/d/layers/2/diff".into(), "/d/layers/1/diff".into()],
+            read_only: true,
+            ..OverlaySpec::default()
+        });
+        assert_eq!(
+            view.options(),
+            vec!["lowerdir=/d/layers/2/diff:/d/layers/1/diff".to_string()]
+        );
+        assert_eq!(view.source(), PathBuf::from("overlay"));
+        let active = MountSpec::Overlay(OverlaySpec {
+            lowers: vec!["/d/layers/1/diff".into()],
+            upper: Some("/d/layers/3/diff".into()),
+            work: Some("/d/layers/3/work".into()),
+            ..OverlaySpec::default()
+        });
+        let opts = active.options();
+        assert_eq!(
+            opts.first().map(|o| o == "index=off"),
+            Some(overlay_has_index_option())
+        );
+        assert_eq!(
+            opts.iter()
+                .filter(|o| !o.starts_with("index"))
+                .cloned()
+                .collect::<Vec<_>>(),
+            vec![
+                "workdir=/d/layers/3/work".to_string(),
+                "upperdir=/d/layers/3/diff".to_string(),
+                "lowerdir=/d/layers/1/diff".to_string()
+            ]
+        );
     }
 
     #[test]

@@ -19,7 +19,6 @@ use lamina_sys::fs::errno;
 use tracing::info;
 
 use crate::metrics;
-use crate::mount_check::MountCheck;
 
 const SETTING_HOME: &str = "graphdriver.home";
 const SETTING_MAPS: &str = "graphdriver.idmaps";
@@ -35,8 +34,6 @@ struct DriverState {
 pub struct GraphDriverAdapter {
     store: Arc<Store>,
     state: RwLock<DriverState>,
-    /// `verify_on_mount`.
-    mount_check: Option<Arc<MountCheck>>,
 }
 
 /// Maps a store error to the wire error, once.
@@ -123,14 +120,7 @@ impl GraphDriverAdapter {
                 ns: format!("docker:{home}"),
                 mappings,
             }),
-            mount_check: None,
         })
-    }
-
-    /// Checks frozen layers against their manifests before their first mount (`verify_on_mount`).
-    pub fn with_mount_check(mut self, check: Arc<MountCheck>) -> Self {
-        self.mount_check = Some(check);
-        self
     }
 
     fn state(&self) -> DriverState {
@@ -196,14 +186,9 @@ impl GraphDriver for GraphDriverAdapter {
     }
 
     fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {
-        let ns = self.ns();
-        if let Some(check) = &self.mount_check {
-            let info = self.store.info(&ns, id).map_err(to_plugin_error)?;
-            if info.mounts == 0 {
-                check.check_stack(&self.store, &info).map_err(to_plugin_error)?;
-            }
-        }
-        self.store.get(&ns, id, mount_label).map_err(to_plugin_error)
+        self.store
+            .get(&self.ns(), id, mount_label)
+            .map_err(to_plugin_error)
     }
 
     fn put(&self, id: &str) -> Result<(), PluginError> {
@@ -240,12 +225,8 @@ impl GraphDriver for GraphDriverAdapter {
 
     fn apply_diff(&self, id: &str, parent: &str, body: &mut dyn Read) -> Result<u64, PluginError> {
         let started = Instant::now();
-        let (size, tar_bytes, number) = self.apply_diff_inner(id, parent, body)?;
+        let (size, tar_bytes) = self.apply_diff_inner(id, parent, body)?;
         metrics::applied(tar_bytes, started.elapsed());
-        if let Some(check) = &self.mount_check {
-            // Written by this process just now: nothing to check before its first mount.
-            check.trust(number);
-        }
         Ok(size)
     }
 
@@ -361,28 +342,20 @@ impl GraphDriverAdapter {
             .collect())
     }
 
-    /// ApplyDiff; gives the layer's size, the tar bytes read and the layer's number.
+    /// ApplyDiff; gives the layer's size and the tar bytes read. The store refuses a layer created on
+    /// another parent than `parent`.
     fn apply_diff_inner(
         &self,
         id: &str,
         parent: &str,
         body: &mut dyn Read,
-    ) -> Result<(u64, u64, u64), PluginError> {
+    ) -> Result<(u64, u64), PluginError> {
         let st = self.state();
-        let info = self.store.info(&st.ns, id).map_err(to_plugin_error)?;
-        if !parent.is_empty() {
-            let expected = self.store.info(&st.ns, parent).map_err(to_plugin_error)?;
-            if info.record.parent != Some(expected.number) {
-                return Err(PluginError::invalid(format!(
-                    "layer {id} was not created on parent {parent}"
-                )));
-            }
-        }
         let stats = self
             .store
-            .apply(&st.ns, id, body, &st.mappings)
+            .apply_diff(&st.ns, id, parent, body, &st.mappings)
             .map_err(to_plugin_error)?;
-        Ok((stats.size, stats.tar_bytes, info.number))
+        Ok((stats.size, stats.tar_bytes))
     }
 }
 

@@ -7,15 +7,13 @@
 //! rename in the metadata; no data moves. Mounts follow containerd's overlayfs snapshotter: a bind mount for
 //! a parentless active snapshot and for a view of one layer, overlay otherwise.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lamina_snapshotter::{Code, Info, Kind, LabelChange, Labels, Mount, SnapshotError, Snapshotter, Usage};
-use lamina_store::{CreateOptions, LayerKind, LayerRecord, Store, StoreError};
+use lamina_store::{CreateOptions, LayerKind, LayerRecord, MountSpec, Store, StoreError};
 use lamina_sys::fs::errno;
 
-use crate::mount_check::MountCheck;
 
 /// Store namespace of a snapshotter name.
 pub fn namespace(snapshotter: &str) -> String {
@@ -46,10 +44,6 @@ pub fn to_snapshot_error(e: StoreError) -> SnapshotError {
 #[derive(Debug)]
 pub struct SnapshotterAdapter {
     store: Arc<Store>,
-    /// Whether overlay knows the `index` option (containerd turns the inode index off where it can).
-    index_off: bool,
-    /// `verify_on_mount`.
-    mount_check: Option<Arc<MountCheck>>,
 }
 
 impl SnapshotterAdapter {
@@ -63,26 +57,7 @@ impl SnapshotterAdapter {
         if s.contains([',', ':']) {
             anyhow::bail!("data root {s:?} contains ',' or ':', which overlay mount options cannot carry");
         }
-        Ok(SnapshotterAdapter {
-            store,
-            index_off: lamina_sys::mount::overlay_has_index_option(),
-            mount_check: None,
-        })
-    }
-
-    /// Checks frozen layers against their manifests before containerd first mounts them (`verify_on_mount`).
-    pub fn with_mount_check(mut self, check: Arc<MountCheck>) -> Self {
-        self.mount_check = Some(check);
-        self
-    }
-
-    /// `verify_on_mount` for the stack of `key` (nothing when the setting is off).
-    fn check_stack(&self, ns: &str, key: &str) -> Result<()> {
-        if let Some(check) = &self.mount_check {
-            let info = self.store.info(ns, key).map_err(to_snapshot_error)?;
-            check.check_stack(&self.store, &info).map_err(to_snapshot_error)?;
-        }
-        Ok(())
+        Ok(SnapshotterAdapter { store })
     }
 
     fn create(
@@ -95,12 +70,6 @@ impl SnapshotterAdapter {
     ) -> Result<Vec<Mount>> {
         let ns = namespace(snapshotter);
         let parent = (!parent.is_empty()).then_some(parent);
-        if let Some(p) = parent {
-            // Refuse before creating anything, so a refused Prepare leaves no snapshot behind.
-            if self.mount_check.is_some() && self.store.exists(&ns, p).unwrap_or(false) {
-                self.check_stack(&ns, p)?;
-            }
-        }
         // The size label (containerd's `containerd.io/snapshot/max-size`, bytes) limits an active snapshot; a view
         // has no content of its own, so it is not limited. The label is kept like any other.
         let max_size = match labels.get(lamina_store::SIZE_LABEL) {
@@ -118,8 +87,10 @@ impl SnapshotterAdapter {
             parent_kind: Some(LayerKind::ReadOnly),
             max_size,
         };
-        self.store
-            .create_with(&ns, key, parent, kind, labels, &opts)
+        // One store call: the parent and its chain are resolved once, the mount is described from them.
+        let spec = self
+            .store
+            .prepare(&ns, key, parent, kind, labels, &opts)
             .map_err(|e| match e {
                 StoreError::Precondition(m) => {
                     // containerd's snapshotters call a parent that is not committed an invalid argument.
@@ -127,7 +98,7 @@ impl SnapshotterAdapter {
                 }
                 e => to_snapshot_error(e),
             })?;
-        self.mounts_inner(snapshotter, key)
+        Ok(vec![to_mount(&spec)])
     }
 
     fn info(&self, rec: LayerRecord, parent: Option<String>) -> Info {
@@ -156,22 +127,13 @@ fn time(ns: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
-fn path_str(p: &Path) -> String {
-    // Checked UTF-8 at construction (the data root); the rest is `layers/<hex>/<name>`.
-    p.to_string_lossy().into_owned()
-}
-
-fn bind(source: &Path, read_only: bool) -> Mount {
+/// containerd's form of a mount description (the data root was checked to be UTF-8 without `,` and `:`).
+fn to_mount(spec: &MountSpec) -> Mount {
     Mount {
-        kind: "bind".into(),
-        source: path_str(source),
-        options: vec![if read_only { "ro" } else { "rw" }.into(), "rbind".into()],
+        kind: spec.kind().into(),
+        source: spec.source().to_string_lossy().into_owned(),
+        options: spec.options(),
     }
-}
-
-fn lowerdir(lowers: &[PathBuf]) -> String {
-    let joined: Vec<String> = lowers.iter().map(|p| path_str(p)).collect();
-    format!("lowerdir={}", joined.join(":"))
 }
 
 impl Snapshotter for SnapshotterAdapter {
@@ -191,14 +153,8 @@ impl Snapshotter for SnapshotterAdapter {
         let ns = namespace(snapshotter);
         self.store
             .commit(&ns, key, name, labels)
-            .map_err(to_snapshot_error)?;
-        if let Some(check) = &self.mount_check {
-            // Frozen by this process: trusted until restart.
-            if let Ok(info) = self.store.info(&ns, name) {
-                check.trust(info.number);
-            }
-        }
-        Ok(())
+            .map(|_| ())
+            .map_err(to_snapshot_error)
     }
 
     fn remove(&self, snapshotter: &str, key: &str) -> Result<()> {
@@ -233,50 +189,14 @@ impl Snapshotter for SnapshotterAdapter {
 
 impl SnapshotterAdapter {
     fn mounts_inner(&self, snapshotter: &str, key: &str) -> Result<Vec<Mount>> {
-        let info = self
+        let spec = self
             .store
-            .info(&namespace(snapshotter), key)
-            .map_err(to_snapshot_error)?;
-        if let Some(check) = &self.mount_check {
-            if info.record.kind != LayerKind::ReadOnly {
-                check.check_stack(&self.store, &info).map_err(to_snapshot_error)?;
-            }
-        }
-        if info.record.kind != LayerKind::ReadOnly {
-            // containerd mounts what this returns (Prepare and View come through here too): one use.
-            let _ = self.store.note_external_mount(&namespace(snapshotter), key);
-        }
-        let lowers = &info.lower_dirs;
-        Ok(vec![match (info.record.kind, lowers.len()) {
-            (LayerKind::ReadOnly, _) => {
-                return Err(SnapshotError::new(
-                    Code::FailedPrecondition,
-                    format!("{key} is committed; only active snapshots and views have mounts"),
-                ))
-            }
-            (LayerKind::ReadWrite, 0) => bind(&info.diff_dir, false),
-            (LayerKind::View, 0) => bind(&info.diff_dir, true),
-            (LayerKind::View, 1) => bind(&lowers[0], true),
-            (LayerKind::View, _) => Mount {
-                kind: "overlay".into(),
-                source: "overlay".into(),
-                options: vec![lowerdir(lowers)],
-            },
-            (LayerKind::ReadWrite, _) => {
-                let mut options = Vec::with_capacity(4);
-                if self.index_off {
-                    options.push("index=off".to_string());
-                }
-                options.push(format!("workdir={}", path_str(&info.work_dir)));
-                options.push(format!("upperdir={}", path_str(&info.diff_dir)));
-                options.push(lowerdir(lowers));
-                Mount {
-                    kind: "overlay".into(),
-                    source: "overlay".into(),
-                    options,
-                }
-            }
-        }])
+            .mounts(&namespace(snapshotter), key)
+            .map_err(|e| match e {
+                StoreError::Precondition(m) => SnapshotError::new(Code::FailedPrecondition, m),
+                e => to_snapshot_error(e),
+            })?;
+        Ok(vec![to_mount(&spec)])
     }
 
     fn remove_inner(&self, snapshotter: &str, key: &str) -> Result<()> {

@@ -1,0 +1,155 @@
+//! The backend seam: where a layer's content lives and how it is mounted.
+//!
+//! The store keeps everything that does not depend on the storage above this seam: names and records in the
+//! metadata database, parent checks, per-layer locks and mount reference counts, the `pending` rows of
+//! applies, `verify_on_mount`, usage statistics and the garbage rules (what is in use, what a namespace
+//! removal may take). A [`LayerBackend`] does the storage work on layer numbers: make and drop a layer's
+//! storage, fill it from a tar, describe and bring up its merged view, diff it against its parent, and find
+//! what a crash left behind.
+//!
+//! The first and only implementation is [`crate::overlay::OverlayBackend`]: a directory per layer, stacked
+//! by overlayfs. A block-device backend (each layer an image cloned from its parent's snapshot, holding the
+//! whole tree as a plain filesystem) fits the same calls: `create` clones the parent's snapshot, `apply`
+//! writes into the mounted clone and seals it with a snapshot, `view` is the mounted image and `describe` a
+//! [`MountSpec::Bind`] of it, `write_diff` and `changes` compare the layer's filesystem with its parent's.
+
+use std::collections::HashSet;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use lamina_archive::{ApplyStats, Change, DiffOptions, DiskUsage, IdMappings};
+use lamina_sys::mount::MountSpec;
+
+use crate::{Garbage, InFlight, LayerRecord, Result};
+
+/// The places of one layer that the store reports (`LayerInfo`, the Docker driver's metadata) and where its
+/// content manifest is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LayerPaths {
+    /// Where the layer's storage is.
+    pub dir: PathBuf,
+    /// The layer's own content.
+    pub content: PathBuf,
+    /// Scratch space of a writable mount, beside the content.
+    pub work: PathBuf,
+    /// Where the merged view of a layer with parents is mounted.
+    pub merged: PathBuf,
+    /// The layer's content manifest file.
+    pub manifest: PathBuf,
+}
+
+/// Where an apply is staged; the token is recorded in the `pending` table until the apply is done, so that
+/// recovery and garbage collection find what a crash left.
+pub(crate) struct Staging {
+    /// Recorded in the metadata.
+    pub token: String,
+    /// The staged content.
+    pub path: PathBuf,
+    /// Keeps garbage collection away from the staging while the apply runs.
+    pub _owned: InFlight,
+}
+
+/// The storage operations of the store, on layer numbers. See the module documentation.
+pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
+    /// The places of layer `n`.
+    fn paths(&self, n: u64) -> LayerPaths;
+
+    /// Makes the empty storage of a new layer (with a size limit when asked); the returned guard keeps garbage
+    /// collection away from it until the record is written. Nothing is left behind on error.
+    fn create(&self, n: u64, max_size: Option<u64>) -> Result<InFlight>;
+
+    /// Drops the storage of a layer whose record was never written.
+    fn discard(&self, n: u64);
+
+    /// Drops the storage of a removed layer (its record is gone); may finish in the background.
+    fn remove(&self, n: u64, max_size: Option<u64>);
+
+    /// Makes the content of a writable layer durable before it is recorded frozen; gives its disk usage.
+    fn freeze(&self, n: u64) -> Result<DiskUsage>;
+
+    /// Disk usage of the layer's own content now.
+    fn usage(&self, n: u64) -> Result<DiskUsage>;
+
+    /// Reserves the staging of an apply into layer `n`.
+    fn stage(&self, n: u64) -> Staging;
+
+    /// Unpacks `input` into the staging and makes it the layer's content, durably.
+    fn apply(
+        &self,
+        n: u64,
+        staging: &Staging,
+        input: &mut dyn Read,
+        mappings: &IdMappings,
+    ) -> Result<ApplyStats>;
+
+    /// Cleans up after a failed apply; true if content may have reached the layer (it must be reset).
+    fn abandon(&self, n: u64, staging: Staging) -> bool;
+
+    /// Drops the staging of an apply a crash interrupted (not one still running: false then).
+    fn drop_staging(&self, token: &str) -> bool;
+
+    /// Puts the layer's content back to empty, as created (its manifest goes too).
+    fn reset(&self, n: u64) -> Result<()>;
+
+    /// Streams the layer's own changes against its parent as a tar.
+    fn write_diff(&self, n: u64, out: &mut dyn Write, opts: &DiffOptions) -> Result<()>;
+
+    /// The layer's own changes against its parent; `below` is its chain, nearest first.
+    fn changes(&self, n: u64, below: &[u64]) -> Result<Vec<Change>>;
+
+    /// Bytes of the layer's own changes against its parent.
+    fn diff_size(&self, n: u64) -> Result<u64>;
+
+    /// Where the merged view of layer `n` is, and whether it must be mounted to be there.
+    fn view(&self, n: u64, rec: &LayerRecord) -> (PathBuf, bool);
+
+    /// Brings up the merged view of layer `n` on the layers `below` (nearest first).
+    fn mount(&self, n: u64, rec: &LayerRecord, below: &[u64], label: &str) -> io::Result<()>;
+
+    /// Takes the merged view of layer `n` down; lazily with `detach`.
+    fn unmount(&self, n: u64, detach: bool) -> io::Result<()>;
+
+    /// Whether the merged view of layer `n` is up (whoever brought it up).
+    fn is_mounted(&self, n: u64) -> bool;
+
+    /// The layers whose merged view is up.
+    fn mounted(&self) -> Result<HashSet<u64>>;
+
+    /// The merged view of a writable layer or view for a caller that mounts it itself.
+    fn describe(&self, n: u64, rec: &LayerRecord, below: &[u64]) -> MountSpec;
+
+    /// Start-up, first step: removes the leftovers of operations a crash cut short.
+    fn clear_leftovers(&self) -> Result<()>;
+
+    /// Start-up, after interrupted applies were rolled back: takes down views no known layer owns, removes
+    /// storage without a record, recreates missing storage of `known` layers (`max_size_of` gives their size
+    /// limit), and returns the known layers whose view is still up.
+    fn recover(
+        &self,
+        known: &HashSet<u64>,
+        max_size_of: &dyn Fn(u64) -> Result<Option<u64>>,
+    ) -> Result<Vec<u64>>;
+
+    /// Garbage collection: mounts that belong to no layer (`known`) and no operation in flight.
+    fn stale_mounts(&self, known: &HashSet<u64>) -> Result<Vec<Garbage>>;
+
+    /// Garbage collection: the staging of an interrupted apply of layer `n`, unless it is still running.
+    fn interrupted_apply(&self, n: u64, token: &str) -> Option<Garbage>;
+
+    /// Garbage collection: leftovers and storage without a record; `pending` are staging tokens accounted
+    /// for, `known` is read after the operations in flight, so storage created meanwhile is not taken.
+    fn leftovers(
+        &self,
+        pending: &HashSet<String>,
+        known: &dyn Fn() -> Result<HashSet<u64>>,
+    ) -> Result<Vec<Garbage>>;
+
+    /// Garbage collection: removes one stale mount or leftover that nothing took meanwhile.
+    fn collect(&self, g: &Garbage, is_known: &dyn Fn(u64) -> Result<bool>) -> Result<()>;
+
+    /// Layers that some mount in the system uses (not only this store's views).
+    fn referenced(&self) -> HashSet<u64>;
+
+    /// Bytes on disk of a path this backend reported.
+    fn bytes_of(&self, path: &Path) -> u64;
+}

@@ -1,0 +1,285 @@
+//! Layer lifecycle: create, commit (freeze under a new name), relabel, remove.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use lamina_sys::fault;
+use lamina_sys::mount::MAX_OVERLAY_LOWERS;
+use tracing::debug;
+
+use crate::{
+    lock, now_ns, Counter, CreateOptions, LayerKind, LayerRecord, LayerState, Result, Store, StoreError,
+    MAX_DEPTH, MIN_SIZE,
+};
+
+impl Store {
+    /// Creates an empty layer `name` in `ns` on top of `parent` (same namespace).
+    pub fn create(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<&str>,
+        kind: LayerKind,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.create_checked(ns, name, parent, kind, labels, None)
+    }
+
+    /// Like [`Store::create`], but the parent must be of kind `parent_kind` (a snapshotter builds only on
+    /// committed layers); otherwise [`StoreError::Precondition`]. Checked in the creating transaction.
+    pub fn create_checked(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<&str>,
+        kind: LayerKind,
+        labels: BTreeMap<String, String>,
+        parent_kind: Option<LayerKind>,
+    ) -> Result<()> {
+        let opts = CreateOptions {
+            parent_kind,
+            ..CreateOptions::default()
+        };
+        self.create_with(ns, name, parent, kind, labels, &opts)
+    }
+
+    /// Creates an empty layer with [`CreateOptions`] (parent kind check, size limit).
+    pub fn create_with(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<&str>,
+        kind: LayerKind,
+        labels: BTreeMap<String, String>,
+        opts: &CreateOptions,
+    ) -> Result<()> {
+        self.create_layer(ns, name, parent.map(|p| (p, None)), kind, labels, opts)
+            .map(|_| ())
+    }
+
+    /// Creates an empty layer; gives its number and record. `parent` is the parent's name and, when the
+    /// caller resolved it already, its number: the creating transaction then refuses a parent that was
+    /// replaced meanwhile ([`StoreError::NotFound`]).
+    pub(crate) fn create_layer(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<(&str, Option<u64>)>,
+        kind: LayerKind,
+        labels: BTreeMap<String, String>,
+        opts: &CreateOptions,
+    ) -> Result<(u64, LayerRecord)> {
+        let expected_parent = parent.and_then(|p| p.1);
+        let parent = parent.map(|p| p.0);
+        let parent_kind = opts.parent_kind;
+        if let Some(size) = opts.max_size {
+            if size < MIN_SIZE {
+                return Err(StoreError::InvalidArgument(format!(
+                    "size limit {size} is below the smallest, {MIN_SIZE} bytes"
+                )));
+            }
+        }
+        if parent == Some(name) {
+            return Err(StoreError::InvalidArgument(format!(
+                "layer {name} cannot be its own parent"
+            )));
+        }
+        let n = self.next_id.fetch_add(1, Ordering::SeqCst);
+        // Storage first: a crash before the commit leaves storage without a record, which the next start
+        // removes.
+        fault::point("store.create.mkdir").map_err(|e| StoreError::io("create layer directories", e))?;
+        let _owned = self.backend.create(n, opts.max_size)?;
+        let result = (|| {
+            let txn = self.write()?;
+            if txn.number(ns, name)?.is_some() {
+                return Err(StoreError::AlreadyExists(format!("layer {name}")));
+            }
+            let (parent_n, depth) = match parent {
+                None => (None, 0),
+                Some(p) => {
+                    let pn = txn
+                        .number(ns, p)?
+                        .filter(|pn| expected_parent.is_none_or(|e| e == *pn))
+                        .ok_or_else(|| StoreError::NotFound(format!("parent {p}")))?;
+                    let prec = txn.require_layer(pn)?;
+                    if let Some(want) = parent_kind {
+                        if prec.kind != want {
+                            return Err(StoreError::Precondition(format!(
+                                "parent {p} is {:?}, not {want:?}",
+                                prec.kind
+                            )));
+                        }
+                    }
+                    if prec.depth + 1 > MAX_DEPTH {
+                        return Err(StoreError::LimitExceeded(format!(
+                            "layer {name} would sit on {} layers; overlay stacks at most {MAX_OVERLAY_LOWERS}",
+                            prec.depth + 1
+                        )));
+                    }
+                    (Some(pn), prec.depth + 1)
+                }
+            };
+            let now = now_ns();
+            let rec = LayerRecord {
+                ns: ns.to_string(),
+                name: name.to_string(),
+                parent: parent_n,
+                depth,
+                kind,
+                state: LayerState::Empty,
+                size: None,
+                digest: None,
+                created_ns: now,
+                updated_ns: now,
+                inodes: None,
+                labels,
+                manifest: None,
+                max_size: opts.max_size,
+            };
+            txn.put_name(ns, name, n)?;
+            txn.put_layer(n, &rec)?;
+            if let Some(pn) = parent_n {
+                txn.add_child(pn, n)?;
+            }
+            txn.raise_next_id(n + 1)?;
+            fault::point("store.create.commit").map_err(|e| StoreError::io("commit metadata", e))?;
+            txn.commit()?;
+            Ok(rec)
+        })();
+        let rec = match result {
+            Ok(rec) => rec,
+            Err(e) => {
+                self.backend.discard(n);
+                return Err(e);
+            }
+        };
+        // After the work: only `kill`/`sleep` make sense here, an error action is ignored.
+        let _ = fault::point("store.create.done");
+        debug!(ns, name, layer = n, "created layer");
+        Ok((n, rec))
+    }
+
+    /// Removes a layer: unmounts it if mounted (as overlay2 does), refuses if it has children.
+    /// Removing an unknown layer succeeds (dockerd retries removals); the result tells whether it existed.
+    pub fn remove(&self, ns: &str, name: &str) -> Result<bool> {
+        let Some((n, _)) = self.lookup(ns, name)? else {
+            return Ok(false);
+        };
+        let slot = self.slot(n);
+        let mut guard = lock(&slot);
+        // Re-check under the layer lock.
+        let Some((n2, rec)) = self.lookup(ns, name)? else {
+            return Ok(false);
+        };
+        if n2 != n {
+            return Err(StoreError::InUse(format!(
+                "layer {name} was replaced concurrently"
+            )));
+        }
+        if self.read()?.has_children(n)? {
+            return Err(StoreError::InUse(format!("layer {name} has child layers")));
+        }
+        if guard.mounts > 0 || self.backend.is_mounted(n) {
+            fault::point("store.remove.unmount")
+                .and_then(|()| self.backend.unmount(n, false))
+                .map_err(|e| {
+                    StoreError::InUse(format!("layer {name} is mounted and cannot be unmounted: {e}"))
+                })?;
+            guard.mounts = 0;
+        }
+        let txn = self.write()?;
+        // A child may have been created since the check above.
+        if txn.has_children(n)? {
+            return Err(StoreError::InUse(format!("layer {name} has child layers")));
+        }
+        txn.remove_name(ns, name)?;
+        txn.remove_layer(n, rec.parent)?;
+        fault::point("store.remove.commit").map_err(|e| StoreError::io("commit metadata", e))?;
+        txn.commit()?;
+        // Out of view at once; the content may go in the background.
+        self.backend.remove(n, rec.max_size);
+        drop(guard);
+        self.slots.forget(n);
+        let _ = fault::point("store.remove.done");
+        debug!(ns, name, layer = n, "removed layer");
+        Ok(true)
+    }
+
+    /// Freezes the writable layer `key` under the new name `name` (same number, same directory, no copy):
+    /// its kind becomes [`LayerKind::ReadOnly`], its labels are replaced by `labels`, its creation time is now, and its disk usage is
+    /// recorded. `key` disappears. A view or an already frozen layer gives [`StoreError::Precondition`], an
+    /// existing `name` [`StoreError::AlreadyExists`], a mounted layer [`StoreError::InUse`].
+    pub fn commit(
+        &self,
+        ns: &str,
+        key: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<LayerRecord> {
+        let (n, _) = self.require(ns, key)?;
+        let slot = self.slot(n);
+        let guard = lock(&slot);
+        let (n2, rec) = self.require(ns, key)?;
+        if n2 != n {
+            return Err(StoreError::NotFound(format!("layer {key}")));
+        }
+        if rec.kind != LayerKind::ReadWrite {
+            return Err(StoreError::Precondition(format!(
+                "{key} is not an active (writable) layer"
+            )));
+        }
+        if guard.mounts > 0 {
+            return Err(StoreError::InUse(format!("layer {key} is mounted")));
+        }
+        // Usage first (it reads the tree); the layer cannot change kind meanwhile: we hold its lock. The
+        // content must be on disk before the record says it is frozen.
+        let usage = self.backend.freeze(n)?;
+        let txn = self.write()?;
+        if txn.number(ns, name)?.is_some() {
+            return Err(StoreError::AlreadyExists(format!("layer {name}")));
+        }
+        txn.remove_name(ns, key)?;
+        txn.put_name(ns, name, n)?;
+        let mut rec = rec;
+        rec.name = name.to_string();
+        rec.kind = LayerKind::ReadOnly;
+        rec.labels = labels;
+        rec.size = Some(usage.bytes);
+        rec.inodes = Some(usage.inodes);
+        rec.manifest = None;
+        // A committed snapshot is a new snapshot to containerd: created (and updated) now.
+        rec.created_ns = now_ns();
+        rec.updated_ns = rec.created_ns;
+        txn.put_layer(n, &rec)?;
+        fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
+        txn.commit()?;
+        drop(guard);
+        let _ = fault::point("store.commit.done");
+        // Frozen by this store: trusted by `verify_on_mount` until the store is dropped.
+        self.trust(n);
+        // As after an apply: the manifest is written in the background, Commit does not wait for it.
+        self.seal_later(n);
+        self.counters.add(Counter::Commits, 1);
+        debug!(ns, key, name, layer = n, "committed layer");
+        Ok(rec)
+    }
+
+    /// Changes the labels of `name` with `f` in one transaction and moves its update time.
+    pub fn update_labels(
+        &self,
+        ns: &str,
+        name: &str,
+        f: impl FnOnce(&mut BTreeMap<String, String>),
+    ) -> Result<LayerRecord> {
+        let txn = self.write()?;
+        let n = txn
+            .number(ns, name)?
+            .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))?;
+        let mut rec = txn.require_layer(n)?;
+        f(&mut rec.labels);
+        rec.updated_ns = now_ns();
+        txn.put_layer(n, &rec)?;
+        txn.commit()?;
+        Ok(rec)
+    }
+}

@@ -1,0 +1,170 @@
+//! Opening a data root: the lock, the metadata format (created or migrated), and the recovery after a crash.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use lamina_sys::lock::LockFile;
+use lamina_sys::mounter::{LinuxMounter, Mounter};
+use tracing::{info, warn};
+
+use crate::overlay::OverlayBackend;
+use crate::verify::CheckHook;
+use crate::{db, lock, stats, verify, Result, Store, StoreError, FORMAT_VERSION};
+
+/// How [`Store::open_with`] opens a data root.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The daemon: recover from a crash (roll back interrupted applies, remove leftovers, detach stale
+    /// mounts, count the mounts of a previous run).
+    #[default]
+    Serve,
+    /// An operator's command while no daemon runs: nothing is changed behind the operator's back (`lamina
+    /// gc` shows and removes the leftovers a crash left); metadata is still migrated to the current format.
+    Admin,
+}
+
+/// Options of [`Store::open_with_options`].
+#[derive(Clone, Default)]
+pub struct OpenOptions {
+    /// Serve or Admin.
+    pub mode: OpenMode,
+    /// `verify_on_mount`: check every frozen layer of a stack against its content manifest before the first
+    /// mount (or mount description) of that stack since the store was opened, and refuse a mismatch with
+    /// [`StoreError::CorruptMetadata`]. Layers frozen by this store are trusted.
+    pub verify_on_mount: bool,
+    /// Told the outcome of every such check.
+    pub on_check: Option<CheckHook>,
+    /// Mounts through this instead of the kernel ([`LinuxMounter`]): tests use a
+    /// [`lamina_sys::mounter::FakeMounter`].
+    pub mounter: Option<Arc<dyn Mounter>>,
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("mode", &self.mode)
+            .field("verify_on_mount", &self.verify_on_mount)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, takes its lock, and recovers from a crash:
+    /// staging leftovers are removed, interrupted applies are rolled back, directories without a
+    /// record are deleted, mounts of unknown layers are detached and mounts of known ones are
+    /// counted once (a running container may still use them).
+    pub fn open(root: &Path) -> Result<Store> {
+        Store::open_with(root, OpenMode::Serve)
+    }
+
+    /// Opens the store at `root` in `mode`; see [`OpenMode`].
+    pub fn open_with(root: &Path, mode: OpenMode) -> Result<Store> {
+        Store::open_with_options(
+            root,
+            OpenOptions {
+                mode,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    /// Opens the store at `root` with [`OpenOptions`].
+    pub fn open_with_options(root: &Path, opts: OpenOptions) -> Result<Store> {
+        let mode = opts.mode;
+        if !root.is_absolute() {
+            return Err(StoreError::InvalidArgument(format!(
+                "data root {} is not absolute",
+                root.display()
+            )));
+        }
+        std::fs::create_dir_all(root).map_err(|e| StoreError::io(format!("create {}", root.display()), e))?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| StoreError::io(format!("chmod {}", root.display()), e))?;
+        let lock = LockFile::acquire(&root.join("lock")).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock => StoreError::Locked(e.to_string()),
+            _ => StoreError::io(format!("lock {}", root.display()), e),
+        })?;
+        let mounter = opts.mounter.clone().unwrap_or_else(|| Arc::new(LinuxMounter));
+        let backend = OverlayBackend::open(root, mounter)?;
+        let db_path = root.join("meta.redb");
+        let db = db::Db::open(&db_path).map_err(|e| {
+            StoreError::CorruptMetadata(format!("{}: {e}; move it away to start empty", db_path.display()))
+        })?;
+        let store = Store {
+            root: root.to_path_buf(),
+            db: Arc::new(db),
+            seals: Arc::new(verify::Seals::default()),
+            slots: crate::slots::Slots::default(),
+            next_id: AtomicU64::new(1),
+            counters: stats::Counters::default(),
+            backend: Box::new(backend),
+            mount_check: opts
+                .verify_on_mount
+                .then(|| verify::MountCheck::new(opts.on_check.clone())),
+            _lock: lock,
+        };
+        store.init_meta()?;
+        store.load_stats()?;
+        if mode == OpenMode::Serve {
+            store.recover()?;
+            // Frozen layers without a manifest: written before format 3, or a crash came before the
+            // background writer recorded it.
+            for (n, rec) in store.list()? {
+                if verify::wants_manifest(&rec) {
+                    store.seal_later(n);
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// Creates the metadata tables, or migrates them to the current format in one transaction (a crash
+    /// leaves either format, never a mix), and loads the next layer number.
+    pub(crate) fn init_meta(&self) -> Result<()> {
+        let txn = self.write()?;
+        match txn.format()? {
+            None => txn.set_format(FORMAT_VERSION)?,
+            Some(v) if v > FORMAT_VERSION => {
+                return Err(StoreError::CorruptMetadata(format!(
+                    "metadata format {v} is newer than supported {FORMAT_VERSION}; use a newer lamina"
+                )))
+            }
+            Some(v) if v < FORMAT_VERSION => {
+                if v == 1 {
+                    txn.migrate_v1_records()?;
+                }
+                // Format 2 -> 3: the `stats` and `counters` tables (created below, empty) and the optional
+                // `manifest` field of a record (absent in old records).
+                txn.set_format(FORMAT_VERSION)?;
+                info!("migrated metadata from format {v} to {FORMAT_VERSION}");
+            }
+            Some(_) => {}
+        }
+        self.next_id.store(txn.next_id()?.max(1), Ordering::SeqCst);
+        txn.create_tables()?;
+        txn.commit()
+    }
+
+    pub(crate) fn recover(&self) -> Result<()> {
+        // 1. Staging and trash leftovers.
+        self.backend.clear_leftovers()?;
+        // 2. Interrupted applies: the layer goes back to empty, as created.
+        let pending = self.read()?.pending()?;
+        for (n, _) in pending {
+            warn!(layer = n, "rolling back an apply interrupted by a crash");
+            self.reset_interrupted_apply(n)?;
+        }
+        // 3. Mounts and directories without a record; mounts of known layers are counted once (a running
+        // container may still use them).
+        let known = self.read()?.layer_numbers()?;
+        let max_size_of = |n: u64| Ok(self.record_by_number(n)?.and_then(|r| r.max_size));
+        let mounted = self.backend.recover(&known, &max_size_of)?;
+        for n in mounted {
+            lock(&self.slot(n)).mounts = 1;
+        }
+        info!(root = %self.root.display(), layers = known.len(), "store opened");
+        Ok(())
+    }
+}

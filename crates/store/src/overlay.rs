@@ -1,0 +1,637 @@
+//! The overlay backend: each layer is a directory `layers/<hex n>/` with its own content in `diff/`, a `work/`
+//! directory and a `merged/` mount point; a stack is an overlayfs mount of a layer's `diff/` over the
+//! `diff/` of every layer below it. Applies are unpacked in `staging/` and renamed into place; removed layers
+//! go through `trash/` (see docs/on-disk-format.md).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lamina_archive::{ApplyOptions, ApplyStats, Change, DiffOptions, DiskUsage, IdMappings};
+use lamina_sys::fault;
+use lamina_sys::mount::{self, MountSpec, OverlaySpec};
+use lamina_sys::mounter::Mounter;
+use tracing::{info, warn};
+
+use crate::backend::{LayerBackend, LayerPaths, Staging};
+use crate::{
+    mkdir, open_dir, quota, remove_tree, Garbage, GarbageKind, InFlight, LayerKind, LayerRecord, Result,
+    StoreError, MANIFEST_FILE,
+};
+
+/// Layer directories stacked by overlayfs.
+#[derive(Debug)]
+pub(crate) struct OverlayBackend {
+    root: PathBuf,
+    mounter: Arc<dyn Mounter>,
+    /// Paths that operations in flight own (layer dirs being created, staging dirs being filled, trash being
+    /// deleted): garbage collection leaves them alone.
+    in_flight: Arc<Mutex<HashSet<PathBuf>>>,
+    seq: AtomicU64,
+}
+
+impl OverlayBackend {
+    /// The backend of the data root `root`; makes its `layers/`, `staging/` and `trash/`.
+    pub(crate) fn open(root: &Path, mounter: Arc<dyn Mounter>) -> Result<OverlayBackend> {
+        for d in ["layers", "staging", "trash"] {
+            mkdir(&root.join(d), 0o700)?;
+        }
+        Ok(OverlayBackend {
+            root: root.to_path_buf(),
+            mounter,
+            in_flight: Arc::new(Mutex::new(HashSet::new())),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    fn layer_dir(&self, n: u64) -> PathBuf {
+        self.root.join("layers").join(format!("{n:x}"))
+    }
+
+    fn diff_dir(&self, n: u64) -> PathBuf {
+        self.layer_dir(n).join("diff")
+    }
+
+    fn trash_path(&self, n: u64) -> PathBuf {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        self.root
+            .join("trash")
+            .join(format!("{n:x}-{seq}-{}", std::process::id()))
+    }
+
+    /// Makes `layers/<n>/{diff,work,merged}`; with `max_size`, `layers/<n>` itself carries the size limit.
+    fn make_layer_dirs(&self, n: u64, max_size: Option<u64>) -> Result<()> {
+        let dir = self.layer_dir(n);
+        match max_size {
+            Some(size) => quota::create_limited_dir(&self.root.join("layers"), &format!("{n:x}"), n, size)?,
+            None => mkdir(&dir, 0o700)?,
+        }
+        mkdir(&dir.join("diff"), 0o755)?;
+        mkdir(&dir.join("work"), 0o700)?;
+        mkdir(&dir.join("merged"), 0o755)?;
+        Ok(())
+    }
+
+    fn in_flight_contains(&self, p: &Path) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(p)
+    }
+
+    fn in_flight_snapshot(&self) -> HashSet<PathBuf> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Removes a staging/trash leftover or an orphan layer directory, re-checking under the in-flight lock that
+    /// no operation took it meanwhile (it is renamed into trash under the lock, then deleted).
+    fn remove_unowned(
+        &self,
+        path: &Path,
+        layer: Option<u64>,
+        is_known: &dyn Fn(u64) -> Result<bool>,
+    ) -> Result<()> {
+        let trash = self.root.join("trash").join(format!(
+            "gc-{}-{}",
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::SeqCst)
+        ));
+        // Never delete through a mount.
+        if !self
+            .mounter
+            .mounts_under(path)
+            .map_err(|e| StoreError::io("read mount table", e))?
+            .is_empty()
+        {
+            return Err(StoreError::InUse(format!(
+                "{} has a mount below it",
+                path.display()
+            )));
+        }
+        {
+            let busy = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            if busy.contains(path) {
+                return Ok(());
+            }
+            if let Some(n) = layer {
+                if is_known(n)? && path == self.layer_dir(n) {
+                    return Ok(());
+                }
+            }
+            if path.starts_with(self.root.join("trash")) {
+                drop(busy);
+                remove_tree(path);
+                return Ok(());
+            }
+            match std::fs::rename(path, &trash) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(StoreError::io(format!("move {} to trash", path.display()), e)),
+            }
+        }
+        remove_tree(&trash);
+        Ok(())
+    }
+}
+
+impl LayerBackend for OverlayBackend {
+    fn paths(&self, n: u64) -> LayerPaths {
+        let dir = self.layer_dir(n);
+        LayerPaths {
+            content: dir.join("diff"),
+            work: dir.join("work"),
+            merged: dir.join("merged"),
+            manifest: dir.join(MANIFEST_FILE),
+            dir,
+        }
+    }
+
+    fn create(&self, n: u64, max_size: Option<u64>) -> Result<InFlight> {
+        let owned = InFlight::new(&self.in_flight, self.layer_dir(n));
+        if let Err(e) = self.make_layer_dirs(n, max_size) {
+            // Nothing half-made stays behind (a subvolume with its qgroup included).
+            remove_tree(&self.layer_dir(n));
+            return Err(e);
+        }
+        Ok(owned)
+    }
+
+    fn discard(&self, n: u64) {
+        remove_tree(&self.layer_dir(n));
+    }
+
+    fn remove(&self, n: u64, max_size: Option<u64>) {
+        // Out of view at once; the content goes in the background.
+        let dir = self.layer_dir(n);
+        let trash = self.trash_path(n);
+        let owned = InFlight::new(&self.in_flight, trash.clone());
+        let limited = max_size.is_some().then(|| self.root.clone());
+        match fault::point("store.remove.rename").and_then(|()| std::fs::rename(&dir, &trash)) {
+            Ok(()) => {
+                std::thread::spawn(move || {
+                    // A size-limited layer's subvolume and qgroup go with the tree (see `remove_tree`).
+                    remove_tree(&trash);
+                    if let Some(root) = limited {
+                        quota::release_project(&root, n);
+                    }
+                    drop(owned);
+                });
+            }
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "could not move removed layer to trash; removing in place")
+            }
+        }
+        if dir.exists() {
+            remove_tree(&dir);
+            if max_size.is_some() {
+                quota::release_project(&self.root, n);
+            }
+        }
+    }
+
+    fn freeze(&self, n: u64) -> Result<DiskUsage> {
+        let usage = self.usage(n)?;
+        // The content must be on disk before the record says it is frozen.
+        fault::point("store.commit.syncfs")
+            .and_then(|()| mount::syncfs(&self.layer_dir(n)))
+            .map_err(|e| StoreError::io("sync committed layer", e))?;
+        Ok(usage)
+    }
+
+    fn usage(&self, n: u64) -> Result<DiskUsage> {
+        let dir = open_dir(&self.diff_dir(n))?;
+        Ok(lamina_archive::disk_usage(dir.as_fd())?)
+    }
+
+    fn stage(&self, n: u64) -> Staging {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let token = format!("{n:x}-{seq}");
+        let path = self.root.join("staging").join(&token);
+        Staging {
+            _owned: InFlight::new(&self.in_flight, path.clone()),
+            token,
+            path,
+        }
+    }
+
+    fn apply(
+        &self,
+        n: u64,
+        staging: &Staging,
+        input: &mut dyn Read,
+        mappings: &IdMappings,
+    ) -> Result<ApplyStats> {
+        let staging = staging.path.as_path();
+        fault::point("store.apply.stage").map_err(|e| StoreError::io("create staging directory", e))?;
+        mkdir(staging, 0o755)?;
+        let dirfd = open_dir(staging)?;
+        let opts = ApplyOptions {
+            id_mappings: mappings.clone(),
+        };
+        let stats = lamina_archive::apply_layer(dirfd.as_fd(), input, &opts)?;
+        // The root of the layer keeps the mode of an empty diff dir unless the tar set it.
+        fault::point("store.apply.syncfs")
+            .and_then(|()| mount::syncfs(staging))
+            .map_err(|e| StoreError::io("sync staged layer", e))?;
+        let diff = self.diff_dir(n);
+        fault::point("store.apply.rename")
+            .and_then(|()| std::fs::rename(staging, &diff))
+            .map_err(|e| StoreError::io(format!("move staged layer into {}", diff.display()), e))?;
+        fault::point("store.apply.syncfs2")
+            .and_then(|()| mount::syncfs(&diff))
+            .map_err(|e| StoreError::io("sync layer", e))?;
+        Ok(stats)
+    }
+
+    fn abandon(&self, n: u64, staging: Staging) -> bool {
+        remove_tree(&staging.path);
+        // A failure after the rename (the second sync, the final commit) leaves the content in diff/.
+        let filled = std::fs::read_dir(self.diff_dir(n)).is_ok_and(|mut d| d.next().is_some());
+        if !filled {
+            let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
+        }
+        filled
+    }
+
+    fn drop_staging(&self, token: &str) -> bool {
+        let path = self.root.join("staging").join(token);
+        if self.in_flight_contains(&path) {
+            return false;
+        }
+        remove_tree(&path);
+        true
+    }
+
+    fn reset(&self, n: u64) -> Result<()> {
+        let diff = self.diff_dir(n);
+        if diff.exists() {
+            let trash = self.trash_path(n);
+            std::fs::rename(&diff, &trash)
+                .map_err(|e| StoreError::io(format!("move {}", diff.display()), e))?;
+            remove_tree(&trash);
+        }
+        let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
+        mkdir(&diff, 0o755)
+    }
+
+    fn write_diff(&self, n: u64, out: &mut dyn Write, opts: &DiffOptions) -> Result<()> {
+        let fd = open_dir(&self.diff_dir(n))?;
+        lamina_archive::write_layer_diff(fd.as_fd(), out, opts)?;
+        Ok(())
+    }
+
+    fn changes(&self, n: u64, below: &[u64]) -> Result<Vec<Change>> {
+        let upper = open_dir(&self.diff_dir(n))?;
+        let lowers: Vec<File> = below
+            .iter()
+            .map(|p| open_dir(&self.diff_dir(*p)))
+            .collect::<Result<_>>()?;
+        let lower_fds: Vec<_> = lowers.iter().map(|f| f.as_fd()).collect();
+        Ok(lamina_archive::layer_changes(upper.as_fd(), &lower_fds)?)
+    }
+
+    fn diff_size(&self, n: u64) -> Result<u64> {
+        let dir = open_dir(&self.diff_dir(n))?;
+        Ok(lamina_archive::dir_size(dir.as_fd())?)
+    }
+
+    fn view(&self, n: u64, rec: &LayerRecord) -> (PathBuf, bool) {
+        // A layer without parent is its own merged view.
+        match rec.parent {
+            None => (self.diff_dir(n), false),
+            Some(_) => (self.layer_dir(n).join("merged"), true),
+        }
+    }
+
+    fn mount(&self, n: u64, rec: &LayerRecord, below: &[u64], label: &str) -> io::Result<()> {
+        let dir = self.layer_dir(n);
+        let view = rec.kind == LayerKind::View;
+        let spec = OverlaySpec {
+            lowers: below.iter().map(|p| self.diff_dir(*p)).collect(),
+            upper: (!view).then(|| dir.join("diff")),
+            work: (!view).then(|| dir.join("work")),
+            label: Some(label.to_string()),
+            read_only: view,
+        };
+        self.mounter.mount(&MountSpec::Overlay(spec), &dir.join("merged"))
+    }
+
+    fn unmount(&self, n: u64, detach: bool) -> io::Result<()> {
+        self.mounter.unmount(&self.layer_dir(n).join("merged"), detach)
+    }
+
+    fn is_mounted(&self, n: u64) -> bool {
+        self.mounter
+            .is_mount_point(&self.layer_dir(n).join("merged"))
+            .unwrap_or(false)
+    }
+
+    fn mounted(&self) -> Result<HashSet<u64>> {
+        let layers_dir = self.root.join("layers");
+        Ok(self
+            .mounter
+            .mounts_under(&layers_dir)
+            .map_err(|e| StoreError::io("read mount table", e))?
+            .iter()
+            .filter_map(|mp| parse_merged(&layers_dir, mp))
+            .collect())
+    }
+
+    /// As containerd's overlayfs snapshotter gives it: a bind mount of a parentless active layer and of a
+    /// view of at most one layer, an overlay otherwise.
+    fn describe(&self, n: u64, rec: &LayerRecord, below: &[u64]) -> MountSpec {
+        let lowers: Vec<PathBuf> = below.iter().map(|p| self.diff_dir(*p)).collect();
+        match (rec.kind, lowers.as_slice()) {
+            (LayerKind::View, []) => MountSpec::Bind {
+                source: self.diff_dir(n),
+                read_only: true,
+            },
+            (LayerKind::View, [only]) => MountSpec::Bind {
+                source: only.clone(),
+                read_only: true,
+            },
+            (LayerKind::View, _) => MountSpec::Overlay(OverlaySpec {
+                lowers,
+                read_only: true,
+                ..OverlaySpec::default()
+            }),
+            (_, []) => MountSpec::Bind {
+                source: self.diff_dir(n),
+                read_only: false,
+            },
+            (_, _) => MountSpec::Overlay(OverlaySpec {
+                lowers,
+                upper: Some(self.diff_dir(n)),
+                work: Some(self.layer_dir(n).join("work")),
+                ..OverlaySpec::default()
+            }),
+        }
+    }
+
+    fn clear_leftovers(&self) -> Result<()> {
+        for d in ["staging", "trash"] {
+            let dir = self.root.join(d);
+            for entry in
+                std::fs::read_dir(&dir).map_err(|e| StoreError::io(format!("read {}", dir.display()), e))?
+            {
+                let entry = entry.map_err(|e| StoreError::io(format!("read {}", dir.display()), e))?;
+                info!(path = %entry.path().display(), "removing leftover");
+                remove_tree(&entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn recover(
+        &self,
+        known: &HashSet<u64>,
+        max_size_of: &dyn Fn(u64) -> Result<Option<u64>>,
+    ) -> Result<Vec<u64>> {
+        // Mounts first: nothing may be deleted through a live mount.
+        let layers_dir = self.root.join("layers");
+        let mut kept = Vec::new();
+        for mp in self
+            .mounter
+            .mounts_under(&self.root)
+            .map_err(|e| StoreError::io("read mount table", e))?
+        {
+            // Only the store's own directories are its business: the data root may be the mount point of its own
+            // filesystem (a btrfs or xfs for size limits), and `volumes/` holds the volume service's mounts (a
+            // MooseFS cluster mount that must survive a restart of lamina).
+            let own = ["layers", "staging", "trash"]
+                .iter()
+                .any(|d| mp.starts_with(self.root.join(d)));
+            if !own {
+                continue;
+            }
+            match parse_merged(&layers_dir, &mp) {
+                Some(n) if known.contains(&n) => {
+                    info!(layer = n, "keeping mount of a previous run");
+                    kept.push(n);
+                }
+                _ => {
+                    warn!(mount = %mp.display(), "detaching stale mount");
+                    self.mounter
+                        .unmount(&mp, true)
+                        .map_err(|e| StoreError::io("unmount stale mount", e))?;
+                }
+            }
+        }
+        // One read of `layers/`, no per-layer stat: start-up stays well under a second with 10,000 layers on a
+        // cold cache (a stat of every `layers/<n>/diff` took 1.2 s there).
+        let mut present = HashSet::new();
+        for entry in std::fs::read_dir(&layers_dir).map_err(|e| StoreError::io("read layers dir", e))? {
+            let entry = entry.map_err(|e| StoreError::io("read layers dir", e))?;
+            let name = entry.file_name();
+            let n = name.to_str().and_then(|s| u64::from_str_radix(s, 16).ok());
+            match n {
+                Some(n) if known.contains(&n) && name.to_str() == Some(format!("{n:x}").as_str()) => {
+                    present.insert(n);
+                }
+                _ => {
+                    warn!(dir = %entry.path().display(), "removing layer directory without a record");
+                    remove_tree(&entry.path());
+                }
+            }
+        }
+        for n in known.iter().filter(|n| !present.contains(n)) {
+            warn!(layer = n, "layer directory missing; recreating it empty");
+            self.make_layer_dirs(*n, max_size_of(*n)?)?;
+        }
+        Ok(kept)
+    }
+
+    fn stale_mounts(&self, known: &HashSet<u64>) -> Result<Vec<Garbage>> {
+        let layers_dir = self.root.join("layers");
+        let watched = [
+            layers_dir.clone(),
+            self.root.join("staging"),
+            self.root.join("trash"),
+        ];
+        let mut out = Vec::new();
+        for mp in self
+            .mounter
+            .mounts_under(&self.root)
+            .map_err(|e| StoreError::io("read mount table", e))?
+        {
+            if !watched.iter().any(|w| mp.starts_with(w)) {
+                continue;
+            }
+            if let Some(n) = parse_merged(&layers_dir, &mp) {
+                if known.contains(&n) || self.in_flight_contains(&self.layer_dir(n)) {
+                    continue;
+                }
+            }
+            out.push(Garbage {
+                kind: GarbageKind::StaleMount,
+                path: mp,
+                layer: None,
+                name: None,
+                bytes: 0,
+            });
+        }
+        Ok(out)
+    }
+
+    fn interrupted_apply(&self, n: u64, token: &str) -> Option<Garbage> {
+        let path = self.root.join("staging").join(token);
+        if self.in_flight_contains(&path) {
+            return None;
+        }
+        Some(Garbage {
+            kind: GarbageKind::InterruptedApply,
+            bytes: usage_of(&path) + usage_of(&self.diff_dir(n)),
+            path,
+            layer: Some(n),
+            name: None,
+        })
+    }
+
+    fn leftovers(
+        &self,
+        pending: &HashSet<String>,
+        known: &dyn Fn() -> Result<HashSet<u64>>,
+    ) -> Result<Vec<Garbage>> {
+        let mut out = Vec::new();
+        // Staging and trash leftovers: listed first, then compared with the operations in flight.
+        for (dir, kind) in [("staging", GarbageKind::Staging), ("trash", GarbageKind::Trash)] {
+            let entries = list_dir(&self.root.join(dir))?;
+            let busy = self.in_flight_snapshot();
+            for path in entries {
+                let file_name = path
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if busy.contains(&path) || pending.contains(&file_name) || !path.exists() {
+                    continue;
+                }
+                out.push(Garbage {
+                    kind,
+                    bytes: usage_of(&path),
+                    path,
+                    layer: None,
+                    name: None,
+                });
+            }
+        }
+        // Layer directories without a record: the in-flight set is read before the records, so a create that
+        // finishes in between is seen in the records.
+        let dirs = list_dir(&self.root.join("layers"))?;
+        let busy = self.in_flight_snapshot();
+        let known = known()?;
+        for path in dirs {
+            let n = path
+                .file_name()
+                .and_then(|s| s.to_str())
+                .and_then(|s| u64::from_str_radix(s, 16).ok());
+            if busy.contains(&path) || n.is_some_and(|n| known.contains(&n)) {
+                continue;
+            }
+            out.push(Garbage {
+                kind: GarbageKind::OrphanDir,
+                bytes: usage_of(&path),
+                path,
+                layer: n,
+                name: None,
+            });
+        }
+        Ok(out)
+    }
+
+    fn collect(&self, g: &Garbage, is_known: &dyn Fn(u64) -> Result<bool>) -> Result<()> {
+        match g.kind {
+            GarbageKind::StaleMount => self
+                .mounter
+                .unmount(&g.path, true)
+                .map_err(|e| StoreError::io("detach stale mount", e)),
+            GarbageKind::Staging | GarbageKind::Trash | GarbageKind::OrphanDir => {
+                self.remove_unowned(&g.path, g.layer, is_known)
+            }
+            GarbageKind::InterruptedApply | GarbageKind::RemovedNamespace => Ok(()),
+        }
+    }
+
+    fn referenced(&self) -> HashSet<u64> {
+        let table = self.mounter.mount_table().unwrap_or_default();
+        referenced_by_mounts(&table, &self.root.join("layers"))
+    }
+
+    fn bytes_of(&self, path: &Path) -> u64 {
+        usage_of(path)
+    }
+}
+
+/// The layer number of a mount point `<layers_dir>/<hex>/merged`.
+fn parse_merged(layers_dir: &Path, mp: &Path) -> Option<u64> {
+    let rel = mp.strip_prefix(layers_dir).ok()?;
+    let mut comps = rel.components();
+    let n = comps.next()?.as_os_str().to_str()?;
+    let last = comps.next()?.as_os_str();
+    if comps.next().is_some() || last != "merged" {
+        return None;
+    }
+    u64::from_str_radix(n, 16).ok()
+}
+
+fn usage_of(path: &Path) -> u64 {
+    let Ok(md) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !md.is_dir() {
+        return std::os::unix::fs::MetadataExt::blocks(&md) * 512;
+    }
+    match open_dir(path) {
+        Ok(f) => lamina_archive::disk_usage(f.as_fd())
+            .map(|u| u.bytes)
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Layer numbers of this store that a mount in `table` (mountinfo format) refers to (`<layers_dir>/<hex>/...`
+/// in its root or options). Only paths under this store's own `layers/` count: another store's overlays
+/// (another data root in the same process or on the host) name the same numbers under a different directory.
+fn referenced_by_mounts(table: &str, layers_dir: &Path) -> HashSet<u64> {
+    let mut out = HashSet::new();
+    let needle = format!("{}/", layers_dir.display());
+    for line in table.lines() {
+        let mut at = 0;
+        while let Some(i) = line[at..].find(&needle) {
+            let start = at + i;
+            at = start + needle.len();
+            // The path must start there, not be the tail of a longer one (`/x/data/layers/` for `/data/layers/`).
+            let boundary = line[..start]
+                .chars()
+                .next_back()
+                .is_none_or(|c| matches!(c, ' ' | '=' | ':' | ','));
+            if !boundary {
+                continue;
+            }
+            let rest = &line[at..];
+            let hex: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+            if !hex.is_empty() && rest[hex.len()..].starts_with('/') {
+                if let Ok(n) = u64::from_str_radix(&hex, 16) {
+                    out.insert(n);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(format!("read {}", dir.display()), e))? {
+        out.push(
+            entry
+                .map_err(|e| StoreError::io(format!("read {}", dir.display()), e))?
+                .path(),
+        );
+    }
+    out.sort();
+    Ok(out)
+}

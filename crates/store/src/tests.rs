@@ -1,0 +1,406 @@
+//! Unit tests of the store's rules through a [`FakeMounter`]: reference counting, recovery at open and
+//! garbage collection. Nothing here mounts, changes owners or needs root.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lamina_sys::mount::{MountSpec, OverlaySpec};
+use lamina_sys::mounter::{FakeMounter, MountCall, Mounter};
+
+use crate::tables::Writer;
+use crate::{GarbageKind, GcOptions, LayerKind, LayerState, OpenMode, OpenOptions, Store, StoreError};
+
+const NS: &str = "test";
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    fake: Arc<FakeMounter>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+            fake: Arc::new(FakeMounter::new()),
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn open_mode(&self, mode: OpenMode) -> Store {
+        let mounter: Arc<dyn Mounter> = self.fake.clone();
+        Store::open_with_options(
+            &self.root(),
+            OpenOptions {
+                mode,
+                mounter: Some(mounter),
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn open(&self) -> Store {
+        self.open_mode(OpenMode::Serve)
+    }
+}
+
+fn create(s: &Store, name: &str, parent: Option<&str>, kind: LayerKind) {
+    s.create(NS, name, parent, kind, BTreeMap::new()).unwrap();
+}
+
+/// `base` <- `child` (writable).
+fn two_layers(s: &Store) {
+    create(s, "base", None, LayerKind::ReadOnly);
+    create(s, "child", Some("base"), LayerKind::ReadWrite);
+}
+
+fn merged(s: &Store, name: &str) -> PathBuf {
+    s.info(NS, name).unwrap().merged_dir
+}
+
+#[test]
+fn get_get_put_put_mounts_once_and_unmounts_at_the_last_put() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    two_layers(&s);
+    let p1 = s.get(NS, "child", "").unwrap();
+    let p2 = s.get(NS, "child", "").unwrap();
+    assert_eq!(p1, p2);
+    assert_eq!(p1, merged(&s, "child"));
+    assert_eq!(fx.fake.mount_count(), 1);
+    let info = s.info(NS, "child").unwrap();
+    assert_eq!(info.mounts, 2);
+    match fx.fake.spec_at(&p1) {
+        Some(MountSpec::Overlay(o)) => {
+            assert_eq!(o.lowers, vec![s.info(NS, "base").unwrap().diff_dir]);
+            assert_eq!(o.upper.as_deref(), Some(info.diff_dir.as_path()));
+            assert_eq!(o.work.as_deref(), Some(info.work_dir.as_path()));
+            assert!(!o.read_only);
+        }
+        other => panic!("expected an overlay, got {other:?}"),
+    }
+    s.put(NS, "child").unwrap();
+    assert!(fx.fake.is_mounted(&p1), "still referenced once");
+    s.put(NS, "child").unwrap();
+    assert!(!fx.fake.is_mounted(&p1));
+    assert_eq!(fx.fake.unmount_count(), 1);
+    assert_eq!(s.info(NS, "child").unwrap().mounts, 0);
+    let counters = s.counters();
+    assert_eq!(
+        (
+            counters["gets"],
+            counters["puts"],
+            counters["mounts"],
+            counters["hits"]
+        ),
+        (2, 2, 1, 1)
+    );
+}
+
+#[test]
+fn a_parentless_layer_is_its_own_view_without_a_mount() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    create(&s, "base", None, LayerKind::ReadOnly);
+    let p = s.get(NS, "base", "").unwrap();
+    assert_eq!(p, s.info(NS, "base").unwrap().diff_dir);
+    s.put(NS, "base").unwrap();
+    assert!(fx.fake.calls().is_empty(), "{:?}", fx.fake.calls());
+}
+
+#[test]
+fn put_without_get_is_harmless() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    two_layers(&s);
+    s.put(NS, "child").unwrap();
+    s.put(NS, "child").unwrap();
+    assert_eq!(fx.fake.unmount_count(), 0);
+    // A later get still mounts, and one put releases it.
+    s.get(NS, "child", "").unwrap();
+    s.put(NS, "child").unwrap();
+    assert_eq!((fx.fake.mount_count(), fx.fake.unmount_count()), (1, 1));
+    assert!(matches!(s.put(NS, "nope"), Err(StoreError::NotFound(_))));
+}
+
+#[test]
+fn remove_while_mounted_unmounts_first() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    two_layers(&s);
+    let p = s.get(NS, "child", "").unwrap();
+    s.get(NS, "child", "").unwrap();
+    assert!(
+        matches!(s.remove(NS, "base"), Err(StoreError::InUse(_))),
+        "base has a child"
+    );
+    assert!(s.remove(NS, "child").unwrap());
+    assert!(!fx.fake.is_mounted(&p));
+    assert!(matches!(
+        fx.fake.calls().last(),
+        Some(MountCall::Unmount { detach: false, .. })
+    ));
+    assert!(!s.exists(NS, "child").unwrap());
+    assert!(s.remove(NS, "base").unwrap());
+    assert!(!s.remove(NS, "base").unwrap(), "a second remove finds nothing");
+}
+
+#[test]
+fn a_failed_mount_takes_no_reference() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    two_layers(&s);
+    fx.fake.fail_mounts(true);
+    assert!(s.get(NS, "child", "").is_err());
+    assert_eq!(s.info(NS, "child").unwrap().mounts, 0);
+    fx.fake.fail_mounts(false);
+    s.get(NS, "child", "").unwrap();
+    assert_eq!(s.info(NS, "child").unwrap().mounts, 1);
+}
+
+#[test]
+fn open_counts_mounts_of_a_previous_run_and_detaches_stale_ones() {
+    let fx = Fixture::new();
+    let p = {
+        let s = fx.open();
+        two_layers(&s);
+        s.get(NS, "child", "").unwrap();
+        s.get(NS, "child", "").unwrap();
+        merged(&s, "child")
+    };
+    // The process ended with the stack still mounted (a container runs on it); an unknown layer's mount and
+    // a mount in staging/ are left over too, and a mount outside the store's directories is not its business.
+    let root = fx.root();
+    let stale = root.join("layers/ff/merged");
+    let staged = root.join("staging/x");
+    let volume = root.join("volumes/v/_data");
+    for target in [&stale, &staged, &volume] {
+        fx.fake.preset(
+            target,
+            MountSpec::Bind {
+                source: "/elsewhere".into(),
+                read_only: false,
+            },
+        );
+    }
+    let s = fx.open();
+    assert!(fx.fake.is_mounted(&p), "a kept mount is not touched");
+    assert!(!fx.fake.is_mounted(&stale) && !fx.fake.is_mounted(&staged));
+    assert!(fx.fake.is_mounted(&volume));
+    // Counted once, whatever the previous run's count was: one put unmounts it.
+    assert_eq!(s.info(NS, "child").unwrap().mounts, 1);
+    s.put(NS, "child").unwrap();
+    assert!(!fx.fake.is_mounted(&p));
+}
+
+#[test]
+fn open_rolls_back_an_interrupted_apply() {
+    let fx = Fixture::new();
+    let (n, diff) = {
+        let s = fx.open();
+        create(&s, "l", None, LayerKind::ReadOnly);
+        let info = s.info(NS, "l").unwrap();
+        // As an apply leaves it when the process dies after the rename into diff/ and before the last commit.
+        std::fs::write(info.diff_dir.join("half"), b"x").unwrap();
+        std::fs::create_dir(fx.root().join("staging").join("1-0")).unwrap();
+        let txn = Writer::begin(&s.db).unwrap();
+        let mut rec = info.record.clone();
+        rec.state = LayerState::Applying;
+        txn.put_layer(info.number, &rec).unwrap();
+        txn.put_pending(info.number, "1-0").unwrap();
+        txn.commit().unwrap();
+        (info.number, info.diff_dir)
+    };
+    // An operator's command changes nothing.
+    {
+        let s = fx.open_mode(OpenMode::Admin);
+        assert_eq!(s.record(NS, "l").unwrap().0.state, LayerState::Applying);
+        assert_eq!(s.read().unwrap().pending().unwrap().len(), 1);
+    }
+    let s = fx.open();
+    let (rec, _) = s.record(NS, "l").unwrap();
+    assert_eq!(rec.state, LayerState::Empty);
+    assert!(rec.digest.is_none() && rec.size.is_none());
+    assert!(s.read().unwrap().pending().unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(&diff).unwrap().count(),
+        0,
+        "diff/ is empty again"
+    );
+    assert_eq!(std::fs::read_dir(fx.root().join("staging")).unwrap().count(), 0);
+    assert_eq!(s.info(NS, "l").unwrap().number, n);
+}
+
+#[test]
+fn open_removes_unrecorded_dirs_and_recreates_missing_ones() {
+    let fx = Fixture::new();
+    let diff = {
+        let s = fx.open();
+        create(&s, "l", None, LayerKind::ReadOnly);
+        s.info(NS, "l").unwrap().diff_dir
+    };
+    std::fs::create_dir_all(fx.root().join("layers/abc/diff")).unwrap();
+    std::fs::remove_dir_all(diff.parent().unwrap()).unwrap();
+    let _s = fx.open();
+    assert!(!fx.root().join("layers/abc").exists());
+    assert!(diff.is_dir(), "recreated empty");
+}
+
+fn kinds(report: &crate::GcReport) -> Vec<GarbageKind> {
+    report.items.iter().map(|g| g.kind).collect()
+}
+
+#[test]
+fn gc_removes_orphans_and_leftovers_and_keeps_recorded_layers() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    two_layers(&s);
+    let root = fx.root();
+    std::fs::create_dir_all(root.join("layers/abc/diff")).unwrap();
+    std::fs::create_dir_all(root.join("staging/9-9")).unwrap();
+    std::fs::create_dir_all(root.join("trash/old")).unwrap();
+    let stale = root.join("layers/abc/merged");
+    fx.fake.preset(
+        &stale,
+        MountSpec::Bind {
+            source: "/x".into(),
+            read_only: false,
+        },
+    );
+    let dry = s
+        .gc(&GcOptions {
+            dry_run: true,
+            ..GcOptions::default()
+        })
+        .unwrap();
+    let mut k = kinds(&dry);
+    k.sort();
+    assert_eq!(
+        k,
+        vec![
+            GarbageKind::StaleMount,
+            GarbageKind::Staging,
+            GarbageKind::Trash,
+            GarbageKind::OrphanDir
+        ]
+    );
+    assert!(
+        root.join("layers/abc").exists() && fx.fake.is_mounted(&stale),
+        "a dry run removes nothing"
+    );
+    let report = s.gc(&GcOptions::default()).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(!fx.fake.is_mounted(&stale));
+    assert!(!root.join("layers/abc").exists());
+    assert_eq!(std::fs::read_dir(root.join("staging")).unwrap().count(), 0);
+    for name in ["base", "child"] {
+        assert!(s.info(NS, name).unwrap().diff_dir.is_dir(), "{name} kept");
+    }
+    assert!(
+        s.gc(&GcOptions::default()).unwrap().items.is_empty(),
+        "nothing left"
+    );
+}
+
+#[test]
+fn gc_of_a_removed_namespace_keeps_layers_in_use() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    two_layers(&s);
+    create(&s, "lonely", None, LayerKind::ReadOnly);
+    create(&s, "used", None, LayerKind::ReadOnly);
+    s.get(NS, "child", "").unwrap();
+    // A mount this store does not count refers to `used` (a container of another process).
+    let used = s.info(NS, "used").unwrap();
+    fx.fake.preset(
+        Path::new("/run/elsewhere/merged"),
+        MountSpec::Overlay(OverlaySpec {
+            lowers: vec![used.diff_dir.clone()],
+            ..OverlaySpec::default()
+        }),
+    );
+    let report = s
+        .gc(&GcOptions {
+            removed_namespaces: vec![NS.into()],
+            ..GcOptions::default()
+        })
+        .unwrap();
+    let kept: BTreeMap<String, String> = report
+        .kept
+        .iter()
+        .map(|k| (k.name.clone(), k.reason.clone()))
+        .collect();
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    assert!(kept[&format!("{NS}/child")].starts_with("mounted"), "{kept:?}");
+    // Below a kept layer, and a lower directory of its mount.
+    assert!(kept.contains_key(&format!("{NS}/base")), "{kept:?}");
+    assert!(kept[&format!("{NS}/used")].contains("mount table"), "{kept:?}");
+    assert_eq!(kinds(&report), vec![GarbageKind::RemovedNamespace]);
+    assert!(!s.exists(NS, "lonely").unwrap());
+    for name in ["base", "child", "used"] {
+        assert!(s.exists(NS, name).unwrap(), "{name}");
+    }
+    assert!(matches!(
+        s.gc(&GcOptions {
+            removed_namespaces: vec![NS.into()],
+            protected_namespaces: vec![NS.into()],
+            ..GcOptions::default()
+        }),
+        Err(StoreError::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn containerd_mount_descriptions() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    create(&s, "base", None, LayerKind::ReadOnly);
+    let opts = crate::CreateOptions {
+        parent_kind: Some(LayerKind::ReadOnly),
+        ..crate::CreateOptions::default()
+    };
+    let active = s
+        .prepare(
+            NS,
+            "a",
+            Some("base"),
+            LayerKind::ReadWrite,
+            BTreeMap::new(),
+            &opts,
+        )
+        .unwrap();
+    assert!(matches!(&active, MountSpec::Overlay(o) if o.upper.is_some() && o.lowers.len() == 1));
+    let view = s
+        .prepare(NS, "v", Some("base"), LayerKind::View, BTreeMap::new(), &opts)
+        .unwrap();
+    assert!(
+        matches!(&view, MountSpec::Bind { read_only: true, source } if *source == s.info(NS, "base").unwrap().diff_dir)
+    );
+    let lone = s
+        .prepare(NS, "lone", None, LayerKind::ReadWrite, BTreeMap::new(), &opts)
+        .unwrap();
+    assert!(matches!(lone, MountSpec::Bind { read_only: false, .. }));
+    assert!(matches!(s.mounts(NS, "base"), Err(StoreError::Precondition(_))));
+    assert!(matches!(
+        s.prepare(NS, "b", Some("a"), LayerKind::ReadWrite, BTreeMap::new(), &opts),
+        Err(StoreError::Precondition(_))
+    ));
+    assert!(matches!(
+        s.prepare(
+            NS,
+            "c",
+            Some("missing"),
+            LayerKind::ReadWrite,
+            BTreeMap::new(),
+            &opts
+        ),
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(fx.fake.calls().is_empty(), "containerd mounts these itself");
+    assert_eq!(s.counters()["snapshot_mounts"], 3);
+    assert_eq!(s.layer_stats(s.info(NS, "base").unwrap().number).uses, 2);
+}
