@@ -14,7 +14,6 @@ use lamina_snapshotter::{Code, Info, Kind, LabelChange, Labels, Mount, SnapshotE
 use lamina_store::{CreateOptions, LayerKind, LayerRecord, MountSpec, Store, StoreError};
 use lamina_sys::fs::errno;
 
-
 /// Store namespace of a snapshotter name.
 pub fn namespace(snapshotter: &str) -> String {
     format!("containerd:{snapshotter}")
