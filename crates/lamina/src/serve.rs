@@ -58,7 +58,13 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
 pub fn run(settings: Settings) -> anyhow::Result<()> {
     init_logging(&settings.log_level, settings.log_format)?;
     let store = Arc::new(
-        Store::open(&settings.data_root)
+        Store::open_opts(
+            &settings.data_root,
+            &lamina_store::OpenOptions {
+                quarantine_unknown: settings.quarantine_unknown,
+                ..lamina_store::OpenOptions::default()
+            },
+        )
             .with_context(|| format!("opening the store at {}", settings.data_root.display()))?,
     );
     let shutdown = ShutdownHandle::new();

@@ -4,8 +4,11 @@
 //! - **staging** / **trash** entries that no operation of this process is working on (leftovers of a crash);
 //! - **interrupted applies**: a `pending` row whose apply is not running (lamina died mid-ApplyDiff); the layer
 //!   goes back to empty, as the start-up recovery does;
-//! - **orphan directories** in `layers/` without a record (a create or remove cut short), never one a create
-//!   in progress owns;
+//! - **orphan directories** in `layers/` whose removal this store committed (a row in `removed`: a remove cut
+//!   short), never one a create in progress owns;
+//! - only when asked ([`GcOptions::unknown`], which `lamina gc` sets and the periodic collection does not):
+//!   **unknown directories** in `layers/` (no record, no proof of removal: an older or lost database) and the
+//!   entries of `quarantine/` (see `custody`);
 //! - **stale mounts** below `layers/`, `staging/` or `trash/` that are not the merged view of a known layer
 //!   (mounts of known layers are kept: a running container may use them);
 //! - layers of a **removed namespace**, only when the operator names it (`lamina gc --namespace NS`); a layer
@@ -24,7 +27,7 @@ use redb::ReadableTable;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::meta::{LAYERS, PENDING};
+use crate::meta::{LAYERS, PENDING, REMOVED};
 use crate::stats::Counter;
 use crate::{error, lock, open_dir, remove_tree, LayerRecord, Result, Store, StoreError};
 
@@ -44,6 +47,10 @@ pub enum GarbageKind {
     OrphanDir,
     /// A layer of a namespace the operator declared removed.
     RemovedNamespace,
+    /// A directory in `layers/` that the metadata does not know and that this store never removed.
+    UnknownDir,
+    /// An entry of `quarantine/`.
+    Quarantined,
 }
 
 /// One piece of garbage.
@@ -98,6 +105,9 @@ pub struct GcOptions {
     pub removed_namespaces: Vec<String>,
     /// Namespaces that must never be removed (the graph driver's current one).
     pub protected_namespaces: Vec<String>,
+    /// Also directories the metadata does not know (in `layers/` without proof of removal, and `quarantine/`):
+    /// an operator's explicit request, never the periodic collection.
+    pub unknown: bool,
 }
 
 fn usage_of(path: &Path) -> u64 {
@@ -242,6 +252,7 @@ impl Store {
         let dirs = list_dir(&layers_dir)?;
         let busy = self.in_flight_snapshot();
         let known = self.known_layers()?;
+        let removed = self.removed_layers()?;
         for path in dirs {
             let n = path
                 .file_name()
@@ -250,13 +261,32 @@ impl Store {
             if busy.contains(&path) || n.is_some_and(|n| known.contains(&n)) {
                 continue;
             }
+            let kind = if n.is_some_and(|n| removed.contains(&n)) {
+                GarbageKind::OrphanDir
+            } else if opts.unknown {
+                GarbageKind::UnknownDir
+            } else {
+                continue;
+            };
             report.items.push(Garbage {
-                kind: GarbageKind::OrphanDir,
+                kind,
                 bytes: usage_of(&path),
                 path,
                 layer: n,
                 name: None,
             });
+        }
+        if opts.unknown {
+            let qdir = self.root.join(crate::custody::QUARANTINE_DIR);
+            for path in if qdir.exists() { list_dir(&qdir)? } else { Vec::new() } {
+                report.items.push(Garbage {
+                    kind: GarbageKind::Quarantined,
+                    bytes: usage_of(&path),
+                    path,
+                    layer: None,
+                    name: None,
+                });
+            }
         }
         // 5. Removed namespaces.
         let mut doomed: Vec<(u64, LayerRecord)> = Vec::new();
@@ -364,9 +394,10 @@ impl Store {
                     mount::unmount(&g.path, true).map_err(|e| StoreError::io("detach stale mount", e))
                 }
                 GarbageKind::InterruptedApply => self.roll_back_apply(g.layer.unwrap_or(0), &g.path),
-                GarbageKind::Staging | GarbageKind::Trash | GarbageKind::OrphanDir => {
+                GarbageKind::Staging | GarbageKind::Trash | GarbageKind::OrphanDir | GarbageKind::UnknownDir => {
                     self.remove_unowned(&g.path, g.layer)
                 }
+                GarbageKind::Quarantined => self.remove_quarantined(&g.path),
                 GarbageKind::RemovedNamespace => Ok(()),
             };
             if let Err(e) = r {
@@ -425,6 +456,28 @@ impl Store {
         }
         remove_tree(&trash);
         Ok(())
+    }
+
+    /// Deletes an entry of `quarantine/` (never through a mount).
+    fn remove_quarantined(&self, path: &Path) -> Result<()> {
+        if !mount::mounts_under(path)
+            .map_err(|e| StoreError::io("read mount table", e))?
+            .is_empty()
+        {
+            return Err(StoreError::InUse(format!("{} has a mount below it", path.display())));
+        }
+        remove_tree(path);
+        Ok(())
+    }
+
+    fn removed_layers(&self) -> Result<HashSet<u64>> {
+        let txn = self.db.begin_read().map_err(error::db_err)?;
+        let t = txn.open_table(REMOVED).map_err(error::db_err)?;
+        let mut s = HashSet::new();
+        for row in t.iter().map_err(error::db_err)? {
+            s.insert(row.map_err(error::db_err)?.0.value());
+        }
+        Ok(s)
     }
 
     /// Rolls an interrupted apply back (as the start-up recovery does), under the layer's lock.

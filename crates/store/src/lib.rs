@@ -15,6 +15,7 @@
 //!   transactions, so applies and diffs of different layers run in parallel.
 #![forbid(unsafe_code)]
 
+mod custody;
 mod db;
 mod error;
 mod gc;
@@ -39,12 +40,12 @@ use lamina_sys::fault;
 use lamina_sys::lock::LockFile;
 use lamina_sys::mount::{self, OverlaySpec, MAX_OVERLAY_LOWERS};
 use redb::{ReadableTable, ReadableTableMetadata};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use error::{Result, StoreError};
 pub use gc::{Garbage, GarbageKind, GcOptions, GcReport, Kept};
 pub use meta::{LayerKind, LayerRecord, LayerState, LayerStats, FORMAT_VERSION};
-use meta::{CHILDREN, COUNTERS, LAYERS, META, NAMES, PENDING, SETTINGS, STATS};
+use meta::{CHILDREN, COUNTERS, LAYERS, META, NAMES, PENDING, REMOVED, SETTINGS, STATS};
 pub use quota::{parse_size, MIN_SIZE, SIZE_LABEL};
 pub use stats::{Counter, LayerOverview};
 pub use verify::{VerifyResult, VerifyStatus, MANIFEST_FILE};
@@ -124,6 +125,25 @@ pub enum OpenMode {
 }
 
 /// The layer store. Cheap to share behind an `Arc`; every method takes `&self`.
+/// How [`Store::open_opts`] opens a data root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Serve or admin; see [`OpenMode`].
+    pub mode: OpenMode,
+    /// Go on when the database is new or belongs to another data root while `layers/` holds directories: those
+    /// directories are moved, untouched, to `quarantine/` (without it the open fails and changes nothing).
+    pub quarantine_unknown: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            mode: OpenMode::Serve,
+            quarantine_unknown: false,
+        }
+    }
+}
+
 pub struct Store {
     root: PathBuf,
     db: Arc<db::Db>,
@@ -211,6 +231,18 @@ impl Store {
 
     /// Opens the store at `root` in `mode`; see [`OpenMode`].
     pub fn open_with(root: &Path, mode: OpenMode) -> Result<Store> {
+        Store::open_opts(
+            root,
+            &OpenOptions {
+                mode,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    /// Opens the store at `root` with [`OpenOptions`].
+    pub fn open_opts(root: &Path, opts: &OpenOptions) -> Result<Store> {
+        let mode = opts.mode;
         if !root.is_absolute() {
             return Err(StoreError::InvalidArgument(format!(
                 "data root {} is not absolute",
@@ -218,7 +250,8 @@ impl Store {
             )));
         }
         std::fs::create_dir_all(root).map_err(|e| StoreError::io(format!("create {}", root.display()), e))?;
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+        // Layer directories hold images' setuid binaries and containers' data: no other user may reach them.
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| StoreError::io(format!("chmod {}", root.display()), e))?;
         let lock = LockFile::acquire(&root.join("lock")).map_err(|e| match e.kind() {
             std::io::ErrorKind::WouldBlock => StoreError::Locked(e.to_string()),
@@ -228,6 +261,7 @@ impl Store {
             mkdir(&root.join(d), 0o700)?;
         }
         let db_path = root.join("meta.redb");
+        let db_existed = db_path.exists();
         let db = db::Db::open(&db_path).map_err(|e| {
             StoreError::CorruptMetadata(format!("{}: {e}; move it away to start empty", db_path.display()))
         })?;
@@ -242,7 +276,8 @@ impl Store {
             in_flight: Arc::new(Mutex::new(HashSet::new())),
             _lock: lock,
         };
-        store.init_meta()?;
+        let fresh = store.init_meta()? || !db_existed;
+        store.check_custody(&db_path, fresh, opts.quarantine_unknown)?;
         store.load_stats()?;
         if mode == OpenMode::Serve {
             store.recover()?;
@@ -257,11 +292,14 @@ impl Store {
         Ok(store)
     }
 
-    fn init_meta(&self) -> Result<()> {
+    /// Creates or migrates the tables; true when the database was new (no format recorded).
+    fn init_meta(&self) -> Result<bool> {
         let txn = self.db.begin_write().map_err(error::db_err)?;
+        let fresh;
         {
             let mut meta = txn.open_table(META).map_err(error::db_err)?;
             let format = meta.get("format").map_err(error::db_err)?.map(|v| v.value());
+            fresh = format.is_none();
             match format {
                 None => {
                     meta.insert("format", FORMAT_VERSION).map_err(error::db_err)?;
@@ -306,8 +344,73 @@ impl Store {
             txn.open_table(SETTINGS).map_err(error::db_err)?;
             txn.open_table(STATS).map_err(error::db_err)?;
             txn.open_table(COUNTERS).map_err(error::db_err)?;
+            txn.open_table(REMOVED).map_err(error::db_err)?;
         }
-        txn.commit().map_err(error::db_err)
+        txn.commit().map_err(error::db_err)?;
+        Ok(fresh)
+    }
+
+    /// Checks that the database belongs to this data root (see [`custody`]): a new database beside layer
+    /// directories, or one with another data root's id, is refused unless `quarantine_unknown`; the ids are then
+    /// recorded on both sides.
+    fn check_custody(&self, db_path: &Path, fresh: bool, quarantine_unknown: bool) -> Result<()> {
+        let file_id = custody::read_identity(&self.root)?;
+        let db_id = {
+            let txn = self.db.begin_read().map_err(error::db_err)?;
+            let meta = txn.open_table(META).map_err(error::db_err)?;
+            let id = meta.get("root_id").map_err(error::db_err)?.map(|v| v.value());
+            id
+        };
+        let layers_dir = self.root.join("layers");
+        let dirs = custody::entries(&layers_dir)?.len();
+        let foreign = matches!((db_id, file_id), (Some(d), Some(f)) if d != f);
+        if quarantine_unknown && dirs > 0 && (fresh || foreign) {
+            // None of them is this database's, whatever their numbers.
+            for name in custody::entries(&layers_dir)? {
+                custody::quarantine(&self.root, &layers_dir.join(name))?;
+            }
+        }
+        if !quarantine_unknown && dirs > 0 {
+            if fresh {
+                return Err(custody::refusal(
+                    &self.root,
+                    db_path,
+                    &format!("the metadata database {} is new (it was missing or empty)", db_path.display()),
+                    dirs,
+                ));
+            }
+            if let (Some(d), Some(f)) = (db_id, file_id) {
+                if d != f {
+                    return Err(custody::refusal(
+                        &self.root,
+                        db_path,
+                        &format!(
+                            "the metadata database {} belongs to another data root (id {d:016x}; this one is {f:016x})",
+                            db_path.display()
+                        ),
+                        dirs,
+                    ));
+                }
+            }
+        }
+        // A database without an id (new, or written before ids existed) takes the data root's, or a new one.
+        let id = match (db_id, file_id) {
+            (Some(d), _) => d,
+            (None, Some(f)) if !fresh || dirs == 0 => f,
+            (None, _) => custody::new_id(),
+        };
+        if db_id != Some(id) {
+            let txn = self.db.begin_write().map_err(error::db_err)?;
+            txn.open_table(META)
+                .map_err(error::db_err)?
+                .insert("root_id", id)
+                .map_err(error::db_err)?;
+            txn.commit().map_err(error::db_err)?;
+        }
+        if file_id != Some(id) {
+            custody::write_identity(&self.root, id)?;
+        }
+        Ok(())
     }
 
     fn recover(&self) -> Result<()> {
@@ -340,6 +443,15 @@ impl Store {
         let known: std::collections::HashSet<u64> = {
             let txn = self.db.begin_read().map_err(error::db_err)?;
             let t = txn.open_table(LAYERS).map_err(error::db_err)?;
+            let mut s = std::collections::HashSet::new();
+            for row in t.iter().map_err(error::db_err)? {
+                s.insert(row.map_err(error::db_err)?.0.value());
+            }
+            s
+        };
+        let removed: std::collections::HashSet<u64> = {
+            let txn = self.db.begin_read().map_err(error::db_err)?;
+            let t = txn.open_table(REMOVED).map_err(error::db_err)?;
             let mut s = std::collections::HashSet::new();
             for row in t.iter().map_err(error::db_err)? {
                 s.insert(row.map_err(error::db_err)?.0.value());
@@ -387,16 +499,40 @@ impl Store {
                 Some(n) if known.contains(&n) && name.to_str() == Some(format!("{n:x}").as_str()) => {
                     present.insert(n);
                 }
-                _ => {
-                    warn!(dir = %entry.path().display(), "removing layer directory without a record");
+                Some(n) if removed.contains(&n) && name.to_str() == Some(format!("{n:x}").as_str()) => {
+                    // Its removal was committed before a crash came: it is this store's to delete.
+                    info!(dir = %entry.path().display(), "removing the directory of a removed layer");
                     remove_tree(&entry.path());
+                }
+                _ => {
+                    // Unknown to this database (an older copy of it, or not lamina's): kept, out of the way.
+                    custody::quarantine(&self.root, &entry.path())?;
                 }
             }
         }
+        if !removed.is_empty() {
+            // The deletions must be on disk before their proof goes.
+            mount::syncfs(&layers_dir).map_err(|e| StoreError::io("sync layers", e))?;
+            let txn = self.db.begin_write().map_err(error::db_err)?;
+            {
+                let mut t = txn.open_table(REMOVED).map_err(error::db_err)?;
+                for n in &removed {
+                    if !self.layer_dir(*n).exists() {
+                        t.remove(*n).map_err(error::db_err)?;
+                    }
+                }
+            }
+            txn.commit().map_err(error::db_err)?;
+        }
         for n in known.iter().filter(|n| !present.contains(n)) {
-            warn!(layer = n, "layer directory missing; recreating it empty");
-            let max_size = self.record_by_number(*n)?.and_then(|r| r.max_size);
-            self.make_layer_dirs(*n, max_size)?;
+            let rec = self.record_by_number(*n)?;
+            if rec.as_ref().is_some_and(|r| r.state != LayerState::Empty) {
+                error!(layer = n, "the directory of a layer with content is missing; recreating it empty");
+            } else {
+                // A create's directories not yet on disk when the power went (they are made after its record).
+                info!(layer = n, "layer directory missing; recreating it empty");
+            }
+            self.make_layer_dirs(*n, rec.and_then(|r| r.max_size))?;
         }
         info!(root = %self.root.display(), layers = known.len(), "store opened");
         Ok(())
@@ -419,11 +555,30 @@ impl Store {
     }
 
     /// Makes `layers/<n>/{diff,work,merged}`; with `max_size`, `layers/<n>` itself carries the size limit.
+    ///
+    /// Without a limit the three directories are made in `staging/` and renamed into `layers/` in one step, so
+    /// that a power cut leaves either the whole layer directory or none (a staging leftover, removed at start).
     fn make_layer_dirs(&self, n: u64, max_size: Option<u64>) -> Result<()> {
         let dir = self.layer_dir(n);
         match max_size {
             Some(size) => quota::create_limited_dir(&self.root.join("layers"), &format!("{n:x}"), n, size)?,
-            None => mkdir(&dir, 0o700)?,
+            None => {
+                let seq = self.staging_seq.fetch_add(1, Ordering::SeqCst);
+                let staged = self.root.join("staging").join(format!("new-{n:x}-{seq}"));
+                let _owned = InFlight::new(&self.in_flight, staged.clone());
+                let made = (|| {
+                    mkdir(&staged, 0o700)?;
+                    mkdir(&staged.join("diff"), 0o755)?;
+                    mkdir(&staged.join("work"), 0o700)?;
+                    mkdir(&staged.join("merged"), 0o755)?;
+                    std::fs::rename(&staged, &dir)
+                        .map_err(|e| StoreError::io(format!("move new layer directory to {}", dir.display()), e))
+                })();
+                if made.is_err() {
+                    remove_tree(&staged);
+                }
+                return made;
+            }
         }
         mkdir(&dir.join("diff"), 0o755)?;
         mkdir(&dir.join("work"), 0o700)?;
@@ -453,7 +608,11 @@ impl Store {
     /// empty directory, no manifest, state `Empty`), and drops its `pending` row. Used by the start-up
     /// recovery and by `gc`.
     pub(crate) fn reset_interrupted_apply(&self, n: u64) -> Result<()> {
-        if self.record_by_number(n)?.is_some() {
+        if let Some(rec) = self.record_by_number(n)? {
+            // After a power cut the layer's own directory may be gone too (made after its record, never synced).
+            if !self.layer_dir(n).exists() {
+                self.make_layer_dirs(n, rec.max_size)?;
+            }
             let diff = self.layer_dir(n).join("diff");
             if diff.exists() {
                 let trash = self.trash_path(n);
@@ -463,6 +622,9 @@ impl Store {
             }
             let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
             mkdir(&diff, 0o755)?;
+            for d in ["work", "merged"] {
+                mkdir(&self.layer_dir(n).join(d), if d == "work" { 0o700 } else { 0o755 })?;
+            }
             self.update_record(n, |r| {
                 r.state = LayerState::Empty;
                 r.size = None;
@@ -585,14 +747,13 @@ impl Store {
         }
         let n = self.next_id.fetch_add(1, Ordering::SeqCst);
         let _owned = InFlight::new(&self.in_flight, self.layer_dir(n));
-        // Directories first: a crash before the commit leaves a directory without a record,
-        // which the next start removes.
-        fault::point("store.create.mkdir").map_err(|e| StoreError::io("create layer directories", e))?;
-        if let Err(e) = self.make_layer_dirs(n, opts.max_size) {
-            // Nothing half-made stays behind (a subvolume with its qgroup included).
-            remove_tree(&self.layer_dir(n));
-            return Err(e);
-        }
+        // Nobody may mount it between its record and its directories.
+        let slot = self.slot(n);
+        let _guard = lock(&slot);
+        // The record first, the directories after it: a crash between the two leaves a record without
+        // directories, which the next start makes (an empty layer has nothing to lose); never a directory without
+        // a record, which the store could not tell from data it does not know.
+        let mut created_parent = None;
         let result = (|| {
             let txn = self.db.begin_write().map_err(error::db_err)?;
             {
@@ -632,6 +793,7 @@ impl Store {
                         (Some(pn), prec.depth + 1)
                     }
                 };
+                created_parent = parent_n;
                 let now = now_ns();
                 let rec = LayerRecord {
                     ns: ns.to_string(),
@@ -669,13 +831,47 @@ impl Store {
             txn.commit().map_err(error::db_err)
         })();
         if let Err(e) = result {
+            drop(_guard);
+            self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+            return Err(e);
+        }
+        let made = fault::point("store.create.mkdir")
+            .map_err(|e| StoreError::io("create layer directories", e))
+            .and_then(|()| self.make_layer_dirs(n, opts.max_size));
+        if let Err(e) = made {
+            // Nothing half-made stays behind (a subvolume with its qgroup included), the record goes again.
             remove_tree(&self.layer_dir(n));
+            if let Err(e2) = self.forget_created(ns, name, n, created_parent) {
+                warn!(ns, name, layer = n, error = %e2, "could not drop the record of a failed create; the next start makes its directories");
+            }
+            drop(_guard);
+            self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
             return Err(e);
         }
         // After the work: only `kill`/`sleep` make sense here, an error action is ignored.
         let _ = fault::point("store.create.done");
         debug!(ns, name, layer = n, "created layer");
         Ok(())
+    }
+
+    /// Drops the record of a create whose directories could not be made.
+    fn forget_created(&self, ns: &str, name: &str, n: u64, parent: Option<u64>) -> Result<()> {
+        let txn = self.db.begin_write().map_err(error::db_err)?;
+        txn.open_table(NAMES)
+            .map_err(error::db_err)?
+            .remove((ns, name))
+            .map_err(error::db_err)?;
+        txn.open_table(LAYERS)
+            .map_err(error::db_err)?
+            .remove(n)
+            .map_err(error::db_err)?;
+        if let Some(p) = parent {
+            txn.open_table(CHILDREN)
+                .map_err(error::db_err)?
+                .remove((p, n))
+                .map_err(error::db_err)?;
+        }
+        txn.commit().map_err(error::db_err)
     }
 
     /// Whether `name` exists in `ns`.
@@ -764,6 +960,11 @@ impl Store {
             txn.open_table(STATS)
                 .map_err(error::db_err)?
                 .remove(n)
+                .map_err(error::db_err)?;
+            // The proof, should a crash leave the directory behind, that it is ours to delete.
+            txn.open_table(REMOVED)
+                .map_err(error::db_err)?
+                .insert(n, now_ns())
                 .map_err(error::db_err)?;
         }
         fault::point("store.remove.commit").map_err(|e| StoreError::io("commit metadata", e))?;
