@@ -65,7 +65,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 ..lamina_store::OpenOptions::default()
             },
         )
-            .with_context(|| format!("opening the store at {}", settings.data_root.display()))?,
+        .with_context(|| format!("opening the store at {}", settings.data_root.display()))?,
     );
     let shutdown = ShutdownHandle::new();
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

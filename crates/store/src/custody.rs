@@ -47,7 +47,9 @@ pub(crate) fn read_identity(root: &Path) -> Result<Option<u64>> {
         .split_whitespace()
         .last()
         .and_then(|w| u64::from_str_radix(w, 16).ok())
-        .ok_or_else(|| StoreError::CorruptMetadata(format!("{} does not hold a data root id", path.display())))?;
+        .ok_or_else(|| {
+            StoreError::CorruptMetadata(format!("{} does not hold a data root id", path.display()))
+        })?;
     Ok(Some(id))
 }
 
@@ -95,11 +97,17 @@ pub(crate) fn quarantine(root: &Path, path: &Path) -> Result<PathBuf> {
         .map_err(|e| StoreError::io("read mount table", e))?
         .is_empty()
     {
-        return Err(StoreError::InUse(format!("{} has a mount below it", path.display())));
+        return Err(StoreError::InUse(format!(
+            "{} has a mount below it",
+            path.display()
+        )));
     }
     let qdir = root.join(QUARANTINE_DIR);
     crate::mkdir(&qdir, 0o700)?;
-    let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let target = qdir.join(format!("{name}-{}", now_ns()));
     std::fs::rename(path, &target)
         .map_err(|e| StoreError::io(format!("move {} to {}", path.display(), target.display()), e))?;

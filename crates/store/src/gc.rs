@@ -278,7 +278,11 @@ impl Store {
         }
         if opts.unknown {
             let qdir = self.root.join(crate::custody::QUARANTINE_DIR);
-            for path in if qdir.exists() { list_dir(&qdir)? } else { Vec::new() } {
+            for path in if qdir.exists() {
+                list_dir(&qdir)?
+            } else {
+                Vec::new()
+            } {
                 report.items.push(Garbage {
                     kind: GarbageKind::Quarantined,
                     bytes: usage_of(&path),
@@ -394,9 +398,10 @@ impl Store {
                     mount::unmount(&g.path, true).map_err(|e| StoreError::io("detach stale mount", e))
                 }
                 GarbageKind::InterruptedApply => self.roll_back_apply(g.layer.unwrap_or(0), &g.path),
-                GarbageKind::Staging | GarbageKind::Trash | GarbageKind::OrphanDir | GarbageKind::UnknownDir => {
-                    self.remove_unowned(&g.path, g.layer)
-                }
+                GarbageKind::Staging
+                | GarbageKind::Trash
+                | GarbageKind::OrphanDir
+                | GarbageKind::UnknownDir => self.remove_unowned(&g.path, g.layer),
                 GarbageKind::Quarantined => self.remove_quarantined(&g.path),
                 GarbageKind::RemovedNamespace => Ok(()),
             };
@@ -464,7 +469,10 @@ impl Store {
             .map_err(|e| StoreError::io("read mount table", e))?
             .is_empty()
         {
-            return Err(StoreError::InUse(format!("{} has a mount below it", path.display())));
+            return Err(StoreError::InUse(format!(
+                "{} has a mount below it",
+                path.display()
+            )));
         }
         remove_tree(path);
         Ok(())

@@ -155,11 +155,16 @@ pub struct Store {
     /// Paths that operations in flight own (layer dirs being created, staging dirs being filled, trash being
     /// deleted): garbage collection leaves them alone.
     in_flight: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Set once the open passed its custody check: only then may dropping the store write to the database.
+    ready: std::sync::atomic::AtomicBool,
     _lock: LockFile,
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
+        if !self.ready.load(Ordering::SeqCst) {
+            return;
+        }
         // Manifest writers hold the database; they finish before the lock is released.
         self.wait_sealed();
         if let Err(e) = self.flush_stats() {
@@ -274,10 +279,23 @@ impl Store {
             staging_seq: AtomicU64::new(0),
             counters: stats::Counters::default(),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
+            ready: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
         };
-        let fresh = store.init_meta()? || !db_existed;
-        store.check_custody(&db_path, fresh, opts.quarantine_unknown)?;
+        let (fresh, db_id) = store.peek_meta()?;
+        let id = match store.check_custody(&db_path, fresh || !db_existed, db_id, opts.quarantine_unknown) {
+            Ok(id) => id,
+            Err(e) => {
+                // Refused: nothing changed, not even a database file where there was none.
+                if !db_existed {
+                    let _ = std::fs::remove_file(&db_path);
+                }
+                return Err(e);
+            }
+        };
+        store.ready.store(true, Ordering::SeqCst);
+        store.init_meta()?;
+        store.record_identity(db_id, id)?;
         store.load_stats()?;
         if mode == OpenMode::Serve {
             store.recover()?;
@@ -292,14 +310,11 @@ impl Store {
         Ok(store)
     }
 
-    /// Creates or migrates the tables; true when the database was new (no format recorded).
-    fn init_meta(&self) -> Result<bool> {
+    fn init_meta(&self) -> Result<()> {
         let txn = self.db.begin_write().map_err(error::db_err)?;
-        let fresh;
         {
             let mut meta = txn.open_table(META).map_err(error::db_err)?;
             let format = meta.get("format").map_err(error::db_err)?.map(|v| v.value());
-            fresh = format.is_none();
             match format {
                 None => {
                     meta.insert("format", FORMAT_VERSION).map_err(error::db_err)?;
@@ -346,59 +361,69 @@ impl Store {
             txn.open_table(COUNTERS).map_err(error::db_err)?;
             txn.open_table(REMOVED).map_err(error::db_err)?;
         }
-        txn.commit().map_err(error::db_err)?;
-        Ok(fresh)
+        txn.commit().map_err(error::db_err)
     }
 
-    /// Checks that the database belongs to this data root (see [`custody`]): a new database beside layer
-    /// directories, or one with another data root's id, is refused unless `quarantine_unknown`; the ids are then
-    /// recorded on both sides.
-    fn check_custody(&self, db_path: &Path, fresh: bool, quarantine_unknown: bool) -> Result<()> {
-        let file_id = custody::read_identity(&self.root)?;
-        let db_id = {
-            let txn = self.db.begin_read().map_err(error::db_err)?;
-            let meta = txn.open_table(META).map_err(error::db_err)?;
-            let id = meta.get("root_id").map_err(error::db_err)?.map(|v| v.value());
-            id
+    /// What the database says of itself before anything is written to it: whether it is new (no format
+    /// recorded, or no tables at all) and the data root id it records.
+    fn peek_meta(&self) -> Result<(bool, Option<u64>)> {
+        let txn = self.db.begin_read().map_err(error::db_err)?;
+        let meta = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok((true, None)),
+            Err(e) => return Err(error::db_err(e)),
         };
+        let fresh = meta.get("format").map_err(error::db_err)?.is_none();
+        let id = meta.get("root_id").map_err(error::db_err)?.map(|v| v.value());
+        Ok((fresh, id))
+    }
+
+    /// Checks, before anything is written, that the database belongs to this data root (see [`custody`]): a new
+    /// database beside layer directories, or one with another data root's id, is refused unless
+    /// `quarantine_unknown`, which moves every layer directory to `quarantine/` instead. Returns the id to record.
+    fn check_custody(
+        &self,
+        db_path: &Path,
+        fresh: bool,
+        db_id: Option<u64>,
+        quarantine_unknown: bool,
+    ) -> Result<u64> {
+        let file_id = custody::read_identity(&self.root)?;
         let layers_dir = self.root.join("layers");
-        let dirs = custody::entries(&layers_dir)?.len();
-        let foreign = matches!((db_id, file_id), (Some(d), Some(f)) if d != f);
-        if quarantine_unknown && dirs > 0 && (fresh || foreign) {
+        let dirs = custody::entries(&layers_dir)?;
+        let foreign = match (db_id, file_id) {
+            (Some(d), Some(f)) if d != f => Some((d, f)),
+            _ => None,
+        };
+        if !dirs.is_empty() && (fresh || foreign.is_some()) {
+            if !quarantine_unknown {
+                let what = match foreign {
+                    Some((d, f)) => format!(
+                        "the metadata database {} belongs to another data root (id {d:016x}; this one is {f:016x})",
+                        db_path.display()
+                    ),
+                    None => format!(
+                        "the metadata database {} is new (it was missing or empty)",
+                        db_path.display()
+                    ),
+                };
+                return Err(custody::refusal(&self.root, db_path, &what, dirs.len()));
+            }
             // None of them is this database's, whatever their numbers.
-            for name in custody::entries(&layers_dir)? {
+            for name in &dirs {
                 custody::quarantine(&self.root, &layers_dir.join(name))?;
             }
         }
-        if !quarantine_unknown && dirs > 0 {
-            if fresh {
-                return Err(custody::refusal(
-                    &self.root,
-                    db_path,
-                    &format!("the metadata database {} is new (it was missing or empty)", db_path.display()),
-                    dirs,
-                ));
-            }
-            if let (Some(d), Some(f)) = (db_id, file_id) {
-                if d != f {
-                    return Err(custody::refusal(
-                        &self.root,
-                        db_path,
-                        &format!(
-                            "the metadata database {} belongs to another data root (id {d:016x}; this one is {f:016x})",
-                            db_path.display()
-                        ),
-                        dirs,
-                    ));
-                }
-            }
-        }
         // A database without an id (new, or written before ids existed) takes the data root's, or a new one.
-        let id = match (db_id, file_id) {
+        Ok(match (db_id, file_id) {
             (Some(d), _) => d,
-            (None, Some(f)) if !fresh || dirs == 0 => f,
+            (None, Some(f)) if !fresh => f,
             (None, _) => custody::new_id(),
-        };
+        })
+    }
+
+    /// Records the data root id in the database and in the `identity` file, where either lacks it.
+    fn record_identity(&self, db_id: Option<u64>, id: u64) -> Result<()> {
         if db_id != Some(id) {
             let txn = self.db.begin_write().map_err(error::db_err)?;
             txn.open_table(META)
@@ -407,7 +432,7 @@ impl Store {
                 .map_err(error::db_err)?;
             txn.commit().map_err(error::db_err)?;
         }
-        if file_id != Some(id) {
+        if custody::read_identity(&self.root)? != Some(id) {
             custody::write_identity(&self.root, id)?;
         }
         Ok(())
@@ -527,7 +552,10 @@ impl Store {
         for n in known.iter().filter(|n| !present.contains(n)) {
             let rec = self.record_by_number(*n)?;
             if rec.as_ref().is_some_and(|r| r.state != LayerState::Empty) {
-                error!(layer = n, "the directory of a layer with content is missing; recreating it empty");
+                error!(
+                    layer = n,
+                    "the directory of a layer with content is missing; recreating it empty"
+                );
             } else {
                 // A create's directories not yet on disk when the power went (they are made after its record).
                 info!(layer = n, "layer directory missing; recreating it empty");
@@ -571,8 +599,9 @@ impl Store {
                     mkdir(&staged.join("diff"), 0o755)?;
                     mkdir(&staged.join("work"), 0o700)?;
                     mkdir(&staged.join("merged"), 0o755)?;
-                    std::fs::rename(&staged, &dir)
-                        .map_err(|e| StoreError::io(format!("move new layer directory to {}", dir.display()), e))
+                    std::fs::rename(&staged, &dir).map_err(|e| {
+                        StoreError::io(format!("move new layer directory to {}", dir.display()), e)
+                    })
                 })();
                 if made.is_err() {
                     remove_tree(&staged);
@@ -623,7 +652,10 @@ impl Store {
             let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
             mkdir(&diff, 0o755)?;
             for d in ["work", "merged"] {
-                mkdir(&self.layer_dir(n).join(d), if d == "work" { 0o700 } else { 0o755 })?;
+                mkdir(
+                    &self.layer_dir(n).join(d),
+                    if d == "work" { 0o700 } else { 0o755 },
+                )?;
             }
             self.update_record(n, |r| {
                 r.state = LayerState::Empty;
