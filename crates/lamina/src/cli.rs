@@ -82,6 +82,10 @@ pub enum Request {
         dry_run: bool,
         /// Namespaces declared removed.
         namespaces: Vec<String>,
+        /// Also directories the metadata does not know (`layers/` entries never removed by this store, and
+        /// `quarantine/`): only an operator's `lamina gc` sets it.
+        #[serde(default)]
+        unknown: bool,
     },
     /// Verification.
     Verify {
@@ -195,10 +199,15 @@ pub fn execute(store: &Store, req: &Request, progress: &mut dyn FnMut(Value)) ->
         Request::Status => status(store)?,
         Request::Layers => serde_json::to_value(store.overview()?)?,
         Request::Inspect { layer, namespace } => inspect(store, layer, namespace.as_deref())?,
-        Request::Gc { dry_run, namespaces } => serde_json::to_value(store.gc(&GcOptions {
+        Request::Gc {
+            dry_run,
+            namespaces,
+            unknown,
+        } => serde_json::to_value(store.gc(&GcOptions {
             dry_run: *dry_run,
             removed_namespaces: namespaces.clone(),
             protected_namespaces: protected_namespaces(store),
+            unknown: *unknown,
         })?)?,
         Request::Verify {
             layers,
@@ -413,9 +422,12 @@ pub struct GcArgs {
 
 /// `lamina gc`.
 pub fn run_gc(a: GcArgs) -> anyhow::Result<ExitCode> {
+    // The operator's request: directories the metadata does not know (quarantined ones included) are shown,
+    // and removed without --dry-run; the daemon's periodic collection never touches them.
     let req = Request::Gc {
         dry_run: a.dry_run,
         namespaces: a.namespaces,
+        unknown: true,
     };
     let bar = spinner(
         a.target.json,

@@ -79,6 +79,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `verify_on_mount`.
     pub verify_on_mount: bool,
+    /// `--quarantine-unknown`.
+    pub quarantine_unknown: bool,
 }
 
 impl FileConfig {
@@ -123,6 +125,8 @@ pub struct Flags {
     pub log_format: Option<String>,
     /// `--verify-on-mount`.
     pub verify_on_mount: Option<bool>,
+    /// `--quarantine-unknown` (a flag only: a one-off decision, never a standing setting).
+    pub quarantine_unknown: bool,
 }
 
 /// `none` (or an empty value) turns a socket off.
@@ -168,6 +172,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
         },
         log_format: LogFormat::parse(flags.log_format.or(file.log_format).as_deref().unwrap_or("text"))?,
         verify_on_mount: flags.verify_on_mount.or(file.verify_on_mount).unwrap_or(false),
+        quarantine_unknown: flags.quarantine_unknown,
     };
     if !s.data_root.is_absolute() {
         bail!("data root {} must be an absolute path", s.data_root.display());

@@ -104,6 +104,11 @@ enum Command {
         #[arg(long, value_name = "BOOL", env = "LAMINA_VERIFY_ON_MOUNT", num_args = 0..=1,
             default_missing_value = "true")]
         verify_on_mount: Option<bool>,
+        /// Start even when the metadata database is new (missing or empty) or belongs to another data root
+        /// while layer directories are present: they are moved, untouched, to `<data-root>/quarantine/`
+        /// (`lamina gc` lists and removes them). Without it lamina refuses to start and changes nothing.
+        #[arg(long)]
+        quarantine_unknown: bool,
     },
     /// Store-wide figures: layers, bytes, mounts, operation counts.
     Status(cli::Target),
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
             metrics_address,
             log_format,
             verify_on_mount,
+            quarantine_unknown,
         } => match config_toml {
             Some(text) if !text.trim().is_empty() => config::FileConfig::parse(&text, "--config-toml"),
             _ => config::FileConfig::load(config.as_deref()),
@@ -146,6 +152,7 @@ fn main() -> ExitCode {
                 metrics_address,
                 log_format,
                 verify_on_mount,
+                quarantine_unknown,
             };
             config::resolve(file, flags)
         })

@@ -60,6 +60,7 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
 fn store_options(settings: &Settings) -> OpenOptions {
     OpenOptions {
         verify_on_mount: settings.verify_on_mount,
+        quarantine_unknown: settings.quarantine_unknown,
         on_check: Some(Arc::new(|outcome, bytes, elapsed| {
             let outcome = match outcome {
                 CheckOutcome::Clean => VerifyOutcome::Clean,

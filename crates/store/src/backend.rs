@@ -54,8 +54,10 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// The places of layer `n`.
     fn paths(&self, n: u64) -> LayerPaths;
 
-    /// Makes the empty storage of a new layer (with a size limit when asked); the returned guard keeps garbage
-    /// collection away from it until the record is written. Nothing is left behind on error.
+    /// Makes the empty storage of a new layer (with a size limit when asked), after its record was written (a
+    /// crash in between leaves a record without storage, which [`LayerBackend::recover`] makes). It appears
+    /// whole or not at all. The returned guard keeps garbage collection away from it while it is being made.
+    /// Nothing is left behind on error.
     fn create(&self, n: u64, max_size: Option<u64>) -> Result<InFlight>;
 
     /// Drops the storage of a layer whose record was never written.
@@ -88,7 +90,8 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Drops the staging of an apply a crash interrupted (not one still running: false then).
     fn drop_staging(&self, token: &str) -> bool;
 
-    /// Puts the layer's content back to empty, as created (its manifest goes too).
+    /// Puts the layer's content back to empty, as created (its manifest goes too); makes the layer's storage
+    /// first if a power cut took it (it was made after the record and never synced).
     fn reset(&self, n: u64) -> Result<()>;
 
     /// Streams the layer's own changes against its parent as a tar.
@@ -121,14 +124,26 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Start-up, first step: removes the leftovers of operations a crash cut short.
     fn clear_leftovers(&self) -> Result<()>;
 
-    /// Start-up, after interrupted applies were rolled back: takes down views no known layer owns, removes
-    /// storage without a record, recreates missing storage of `known` layers (`max_size_of` gives their size
-    /// limit), and returns the known layers whose view is still up.
+    /// How many layers' storage there is, known or not (the open refuses a new database beside some).
+    fn stored(&self) -> Result<usize>;
+
+    /// Moves the storage of every layer, untouched, where the store no longer sees it (`quarantine/`): the
+    /// operator's answer to a lost or foreign database.
+    fn quarantine_all(&self) -> Result<()>;
+
+    /// Start-up, after interrupted applies were rolled back: takes down views no known layer owns, deletes the
+    /// storage of `removed` layers (their removal was committed) durably, moves storage that no record explains
+    /// to quarantine (never deleted on the evidence of missing metadata), recreates missing storage of `known`
+    /// layers (`max_size_of` gives their size limit), and returns the known layers whose view is still up.
     fn recover(
         &self,
         known: &HashSet<u64>,
+        removed: &HashSet<u64>,
         max_size_of: &dyn Fn(u64) -> Result<Option<u64>>,
     ) -> Result<Vec<u64>>;
+
+    /// Whether any storage of layer `n` is there.
+    fn exists(&self, n: u64) -> bool;
 
     /// Garbage collection: mounts that belong to no layer (`known`) and no operation in flight.
     fn stale_mounts(&self, known: &HashSet<u64>) -> Result<Vec<Garbage>>;
@@ -136,12 +151,15 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Garbage collection: the staging of an interrupted apply of layer `n`, unless it is still running.
     fn interrupted_apply(&self, n: u64, token: &str) -> Option<Garbage>;
 
-    /// Garbage collection: leftovers and storage without a record; `pending` are staging tokens accounted
-    /// for, `known` is read after the operations in flight, so storage created meanwhile is not taken.
+    /// Garbage collection: leftovers, storage of `removed` layers, and (with `unknown`) storage no record
+    /// explains and quarantined storage; `pending` are staging tokens accounted for, `known` is read after the
+    /// operations in flight, so storage created meanwhile is not taken.
     fn leftovers(
         &self,
         pending: &HashSet<String>,
         known: &dyn Fn() -> Result<HashSet<u64>>,
+        removed: &HashSet<u64>,
+        unknown: bool,
     ) -> Result<Vec<Garbage>>;
 
     /// Garbage collection: removes one stale mount or leftover that nothing took meanwhile.

@@ -4,8 +4,11 @@
 //! - **staging** / **trash** entries that no operation of this process is working on (leftovers of a crash);
 //! - **interrupted applies**: a `pending` row whose apply is not running (lamina died mid-ApplyDiff); the layer
 //!   goes back to empty, as the start-up recovery does;
-//! - **orphan directories** in `layers/` without a record (a create or remove cut short), never one a create
-//!   in progress owns;
+//! - **orphan directories** in `layers/` whose removal this store committed (a row in `removed`: a remove cut
+//!   short), never one a create in progress owns;
+//! - only when an operator asks ([`GcOptions::unknown`], which `lamina gc` sets and the periodic collection
+//!   does not): **unknown directories** in `layers/` (no record and no proof of removal: an older or lost
+//!   database) and the entries of `quarantine/`;
 //! - **stale mounts** below `layers/`, `staging/` or `trash/` that are not the merged view of a known layer
 //!   (mounts of known layers are kept: a running container may use them);
 //! - layers of a **removed namespace**, only when the operator names it (`lamina gc --namespace NS`); a layer
@@ -36,10 +39,14 @@ pub enum GarbageKind {
     Staging,
     /// A leftover in `trash/`.
     Trash,
-    /// A layer directory without a record.
+    /// The directory of a layer whose removal was committed.
     OrphanDir,
     /// A layer of a namespace the operator declared removed.
     RemovedNamespace,
+    /// A directory in `layers/` that no record explains and that this store never removed.
+    UnknownDir,
+    /// An entry of `quarantine/`.
+    Quarantined,
 }
 
 /// One piece of garbage.
@@ -94,6 +101,9 @@ pub struct GcOptions {
     pub removed_namespaces: Vec<String>,
     /// Namespaces that must never be removed (the graph driver's current one).
     pub protected_namespaces: Vec<String>,
+    /// Also what the metadata does not know (unknown `layers/` entries, `quarantine/`): an operator's explicit
+    /// request, never the periodic collection.
+    pub unknown: bool,
 }
 
 impl Store {
@@ -126,10 +136,12 @@ impl Store {
             report.items.push(g);
         }
         // 3. Leftovers and 4. storage without a record.
-        report.items.extend(
-            self.backend
-                .leftovers(&pending_staging, &|| self.known_layers())?,
-        );
+        report.items.extend(self.backend.leftovers(
+            &pending_staging,
+            &|| self.known_layers(),
+            &self.read()?.removed()?,
+            opts.unknown,
+        )?);
         // 5. Removed namespaces.
         let mut doomed: Vec<(u64, LayerRecord)> = Vec::new();
         if !opts.removed_namespaces.is_empty() {

@@ -5,7 +5,7 @@
 //! snapshot keys. Names are never used as paths: every layer gets a small number, and its
 //! directory is `layers/<hex number>/` under the data root (see docs/on-disk-format.md).
 //!
-//! - Create is O(1): one metadata transaction and four `mkdir`s, whatever the depth or size.
+//! - Create is O(1): one metadata transaction, then four `mkdir`s and one rename, whatever the depth or size.
 //! - Content arrives by [`Store::apply`]: the tar is unpacked into `staging/`, flushed with one
 //!   `syncfs`, renamed over the layer's empty `diff/`, then recorded. A crash at any point leaves
 //!   the layer empty (as created) after [`Store::open`] recovers, never half-filled.
@@ -21,6 +21,7 @@
 
 mod backend;
 mod content;
+mod custody;
 mod db;
 mod error;
 mod gc;
@@ -122,11 +123,16 @@ pub struct Store {
     backend: Box<dyn backend::LayerBackend>,
     /// `verify_on_mount`, when on.
     mount_check: Option<verify::MountCheck>,
+    /// Set once the open passed its custody check: only then may dropping the store write to the database.
+    ready: std::sync::atomic::AtomicBool,
     _lock: LockFile,
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
+        if !self.ready.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         // Manifest writers hold the database; they finish before the lock is released.
         self.wait_sealed();
         if let Err(e) = self.flush_stats() {

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use lamina_sys::fault;
 use lamina_sys::mount::MAX_OVERLAY_LOWERS;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{
     lock, now_ns, Counter, CreateOptions, LayerKind, LayerRecord, LayerState, Result, Store, StoreError,
@@ -85,10 +85,13 @@ impl Store {
             )));
         }
         let n = self.next_id.fetch_add(1, Ordering::SeqCst);
-        // Storage first: a crash before the commit leaves storage without a record, which the next start
-        // removes.
-        fault::point("store.create.mkdir").map_err(|e| StoreError::io("create layer directories", e))?;
-        let _owned = self.backend.create(n, opts.max_size)?;
+        // Nothing mounts it between its record and its storage.
+        let slot = self.slot(n);
+        let guard = lock(&slot);
+        // The record first, the storage after it: a crash between the two leaves a record without storage,
+        // which the next start makes (an empty layer has nothing to lose); never storage without a record,
+        // which the store could not tell from data it does not know (docs/on-disk-format.md).
+        let mut created_parent = None;
         let result = (|| {
             let txn = self.write()?;
             if txn.number(ns, name)?.is_some() {
@@ -136,6 +139,7 @@ impl Store {
                 manifest: None,
                 max_size: opts.max_size,
             };
+            created_parent = parent_n;
             txn.put_name(ns, name, n)?;
             txn.put_layer(n, &rec)?;
             if let Some(pn) = parent_n {
@@ -149,10 +153,29 @@ impl Store {
         let rec = match result {
             Ok(rec) => rec,
             Err(e) => {
-                self.backend.discard(n);
+                drop(guard);
+                self.slots.forget(n);
                 return Err(e);
             }
         };
+        let made = fault::point("store.create.mkdir")
+            .map_err(|e| StoreError::io("create layer directories", e))
+            .and_then(|()| self.backend.create(n, opts.max_size));
+        if let Err(e) = made {
+            self.backend.discard(n);
+            let forget = self.write().and_then(|txn| {
+                txn.remove_name(ns, name)?;
+                txn.remove_layer(n, created_parent)?;
+                txn.commit()
+            });
+            if let Err(e2) = forget {
+                warn!(ns, name, layer = n, error = %e2, "could not drop the record of a failed create; the next start makes its directories");
+            }
+            drop(guard);
+            self.slots.forget(n);
+            return Err(e);
+        }
+        drop(guard);
         // After the work: only `kill`/`sleep` make sense here, an error action is ignored.
         let _ = fault::point("store.create.done");
         debug!(ns, name, layer = n, "created layer");
@@ -194,6 +217,8 @@ impl Store {
         }
         txn.remove_name(ns, name)?;
         txn.remove_layer(n, rec.parent)?;
+        // The proof, should a crash leave the storage behind, that it is this store's to delete.
+        txn.put_removed(n, now_ns())?;
         fault::point("store.remove.commit").map_err(|e| StoreError::io("commit metadata", e))?;
         txn.commit()?;
         // Out of view at once; the content may go in the background.

@@ -16,7 +16,11 @@ pub(crate) const LAYERS: TableDefinition<u64, &[u8]> = TableDefinition::new("lay
 pub(crate) const CHILDREN: TableDefinition<(u64, u64), ()> = TableDefinition::new("children");
 /// `layer number -> staging dir name` for applies in progress.
 pub(crate) const PENDING: TableDefinition<u64, &str> = TableDefinition::new("pending");
-/// Store-wide values: `format`, `next_id`.
+/// Layers whose removal was committed: `layer number -> removal time (ns)`. A directory in `layers/` without a
+/// record is deleted at start only when it has a row here (the proof that this store removed it); any other is
+/// moved to `quarantine/`. Rows are dropped at start once their directories are gone and synced.
+pub(crate) const REMOVED: TableDefinition<u64, u64> = TableDefinition::new("removed");
+/// Store-wide values: `format`, `next_id`, `root_id` (matches the data root's `identity` file).
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Store-wide strings (e.g. settings remembered across restarts).
 pub(crate) const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");

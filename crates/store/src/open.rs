@@ -2,7 +2,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use lamina_sys::lock::LockFile;
@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::overlay::OverlayBackend;
 use crate::verify::CheckHook;
-use crate::{db, lock, stats, verify, Result, Store, StoreError, FORMAT_VERSION};
+use crate::{custody, db, lock, stats, verify, Result, Store, StoreError, FORMAT_VERSION};
 
 /// How [`Store::open_with`] opens a data root.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -39,6 +39,10 @@ pub struct OpenOptions {
     /// Mounts through this instead of the kernel ([`LinuxMounter`]): tests use a
     /// [`lamina_sys::mounter::FakeMounter`].
     pub mounter: Option<Arc<dyn Mounter>>,
+    /// Go on when the metadata database is new (missing or empty) or belongs to another data root while layers
+    /// are stored: their storage is moved, untouched, to `quarantine/`. Without it such an open fails and
+    /// changes nothing (see `custody.rs`).
+    pub quarantine_unknown: bool,
 }
 
 impl std::fmt::Debug for OpenOptions {
@@ -46,15 +50,17 @@ impl std::fmt::Debug for OpenOptions {
         f.debug_struct("OpenOptions")
             .field("mode", &self.mode)
             .field("verify_on_mount", &self.verify_on_mount)
+            .field("quarantine_unknown", &self.quarantine_unknown)
             .finish_non_exhaustive()
     }
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`, takes its lock, and recovers from a crash:
-    /// staging leftovers are removed, interrupted applies are rolled back, directories without a
-    /// record are deleted, mounts of unknown layers are detached and mounts of known ones are
-    /// counted once (a running container may still use them).
+    /// Opens (creating if needed) the store at `root`, takes its lock, checks that the database belongs to
+    /// this data root, and recovers from a crash: staging leftovers are removed, interrupted applies are
+    /// rolled back, directories of removed layers are deleted and directories no record explains are moved to
+    /// `quarantine/`, mounts of unknown layers are detached and mounts of known ones are counted once (a
+    /// running container may still use them).
     pub fn open(root: &Path) -> Result<Store> {
         Store::open_with(root, OpenMode::Serve)
     }
@@ -80,7 +86,8 @@ impl Store {
             )));
         }
         std::fs::create_dir_all(root).map_err(|e| StoreError::io(format!("create {}", root.display()), e))?;
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+        // Layer directories hold images' setuid binaries and containers' data: no other user may reach them.
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| StoreError::io(format!("chmod {}", root.display()), e))?;
         let lock = LockFile::acquire(&root.join("lock")).map_err(|e| match e.kind() {
             std::io::ErrorKind::WouldBlock => StoreError::Locked(e.to_string()),
@@ -89,6 +96,7 @@ impl Store {
         let mounter = opts.mounter.clone().unwrap_or_else(|| Arc::new(LinuxMounter));
         let backend = OverlayBackend::open(root, mounter)?;
         let db_path = root.join("meta.redb");
+        let db_existed = db_path.exists();
         let db = db::Db::open(&db_path).map_err(|e| {
             StoreError::CorruptMetadata(format!("{}: {e}; move it away to start empty", db_path.display()))
         })?;
@@ -103,9 +111,23 @@ impl Store {
             mount_check: opts
                 .verify_on_mount
                 .then(|| verify::MountCheck::new(opts.on_check.clone())),
+            ready: AtomicBool::new(false),
             _lock: lock,
         };
+        let (fresh, db_id) = store.read()?.identity()?;
+        let id = match store.check_custody(&db_path, fresh || !db_existed, db_id, opts.quarantine_unknown) {
+            Ok(id) => id,
+            Err(e) => {
+                // Refused: nothing changed, not even a database file where there was none.
+                if !db_existed {
+                    let _ = std::fs::remove_file(&db_path);
+                }
+                return Err(e);
+            }
+        };
+        store.ready.store(true, Ordering::SeqCst);
         store.init_meta()?;
+        store.record_identity(db_id, id)?;
         store.load_stats()?;
         if mode == OpenMode::Serve {
             store.recover()?;
@@ -147,6 +169,61 @@ impl Store {
         txn.commit()
     }
 
+    /// Checks, before anything is written, that the database belongs to this data root (see `custody.rs`): a
+    /// new database beside stored layers, or one with another data root's id, is refused unless
+    /// `quarantine_unknown`, which has the backend move every layer's storage to quarantine instead. Gives the
+    /// id to record.
+    fn check_custody(
+        &self,
+        db_path: &Path,
+        fresh: bool,
+        db_id: Option<u64>,
+        quarantine_unknown: bool,
+    ) -> Result<u64> {
+        let file_id = custody::read_identity(&self.root)?;
+        let stored = self.backend.stored()?;
+        let foreign = match (db_id, file_id) {
+            (Some(d), Some(f)) if d != f => Some((d, f)),
+            _ => None,
+        };
+        if stored > 0 && (fresh || foreign.is_some()) {
+            if !quarantine_unknown {
+                let what = match foreign {
+                    Some((d, f)) => format!(
+                        "the metadata database {} belongs to another data root (id {d:016x}; this one is {f:016x})",
+                        db_path.display()
+                    ),
+                    None => format!(
+                        "the metadata database {} is new (it was missing or empty)",
+                        db_path.display()
+                    ),
+                };
+                return Err(custody::refusal(&self.root, db_path, &what, stored));
+            }
+            // None of them is this database's, whatever their numbers.
+            self.backend.quarantine_all()?;
+        }
+        // A database without an id (new, or written before ids existed) takes the data root's, or a new one.
+        Ok(match (db_id, file_id) {
+            (Some(d), _) => d,
+            (None, Some(f)) if !fresh => f,
+            (None, _) => custody::new_id(),
+        })
+    }
+
+    /// Records the data root id in the database and in the `identity` file, where either lacks it.
+    fn record_identity(&self, db_id: Option<u64>, id: u64) -> Result<()> {
+        if db_id != Some(id) {
+            let txn = self.write()?;
+            txn.set_root_id(id)?;
+            txn.commit()?;
+        }
+        if custody::read_identity(&self.root)? != Some(id) {
+            custody::write_identity(&self.root, id)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn recover(&self) -> Result<()> {
         // 1. Staging and trash leftovers.
         self.backend.clear_leftovers()?;
@@ -159,8 +236,22 @@ impl Store {
         // 3. Mounts and directories without a record; mounts of known layers are counted once (a running
         // container may still use them).
         let known = self.read()?.layer_numbers()?;
+        let removed = self.read()?.removed()?;
         let max_size_of = |n: u64| Ok(self.record_by_number(n)?.and_then(|r| r.max_size));
-        let mounted = self.backend.recover(&known, &max_size_of)?;
+        let mounted = self.backend.recover(&known, &removed, &max_size_of)?;
+        // Proofs of removal whose storage is gone (durably: the backend synced its deletions) are done with.
+        let done: Vec<u64> = removed
+            .iter()
+            .copied()
+            .filter(|n| !self.backend.exists(*n))
+            .collect();
+        if !done.is_empty() {
+            let txn = self.write()?;
+            for n in done {
+                txn.drop_removed(n)?;
+            }
+            txn.commit()?;
+        }
         for n in mounted {
             lock(&self.slot(n)).mounts = 1;
         }

@@ -18,9 +18,10 @@ use lamina_sys::mounter::Mounter;
 use tracing::{info, warn};
 
 use crate::backend::{LayerBackend, LayerPaths, Staging};
+use crate::custody::{self, QUARANTINE_DIR};
 use crate::{
-    mkdir, open_dir, quota, remove_tree, Garbage, GarbageKind, InFlight, LayerKind, LayerRecord, Result,
-    StoreError, MANIFEST_FILE,
+    mkdir, now_ns, open_dir, quota, remove_tree, Garbage, GarbageKind, InFlight, LayerKind, LayerRecord,
+    Result, StoreError, MANIFEST_FILE,
 };
 
 /// Layer directories stacked by overlayfs.
@@ -64,11 +65,36 @@ impl OverlayBackend {
     }
 
     /// Makes `layers/<n>/{diff,work,merged}`; with `max_size`, `layers/<n>` itself carries the size limit.
+    ///
+    /// Without a limit the three directories are made in `staging/` and renamed into `layers/` in one step, so
+    /// that a power cut leaves the whole layer directory or none (a staging leftover, removed at start). A
+    /// limited one (a btrfs subvolume or an xfs project directory) is made in place, and completed at start if
+    /// a cut left part of it.
     fn make_layer_dirs(&self, n: u64, max_size: Option<u64>) -> Result<()> {
         let dir = self.layer_dir(n);
         match max_size {
-            Some(size) => quota::create_limited_dir(&self.root.join("layers"), &format!("{n:x}"), n, size)?,
-            None => mkdir(&dir, 0o700)?,
+            Some(size) if !dir.exists() => {
+                quota::create_limited_dir(&self.root.join("layers"), &format!("{n:x}"), n, size)?
+            }
+            Some(_) => {}
+            None => {
+                let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+                let staged = self.root.join("staging").join(format!("new-{n:x}-{seq}"));
+                let _owned = InFlight::new(&self.in_flight, staged.clone());
+                let made = (|| {
+                    mkdir(&staged, 0o700)?;
+                    mkdir(&staged.join("diff"), 0o755)?;
+                    mkdir(&staged.join("work"), 0o700)?;
+                    mkdir(&staged.join("merged"), 0o755)?;
+                    std::fs::rename(&staged, &dir).map_err(|e| {
+                        StoreError::io(format!("move new layer directory to {}", dir.display()), e)
+                    })
+                })();
+                if made.is_err() {
+                    remove_tree(&staged);
+                }
+                return made;
+            }
         }
         mkdir(&dir.join("diff"), 0o755)?;
         mkdir(&dir.join("work"), 0o700)?;
@@ -85,6 +111,44 @@ impl OverlayBackend {
 
     fn in_flight_snapshot(&self) -> HashSet<PathBuf> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Refuses a path with a mount below it: nothing is ever deleted or moved through a mount.
+    fn refuse_mounted(&self, path: &Path) -> Result<()> {
+        if self
+            .mounter
+            .mounts_under(path)
+            .map_err(|e| StoreError::io("read mount table", e))?
+            .is_empty()
+        {
+            Ok(())
+        } else {
+            Err(StoreError::InUse(format!(
+                "{} has a mount below it",
+                path.display()
+            )))
+        }
+    }
+
+    /// Moves `path` (an entry of `layers/`) to `quarantine/<name>-<unix ns>` unchanged, and makes both names
+    /// durable.
+    fn quarantine(&self, path: &Path) -> Result<()> {
+        self.refuse_mounted(path)?;
+        let qdir = self.root.join(QUARANTINE_DIR);
+        mkdir(&qdir, 0o700)?;
+        let name = path
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let target = qdir.join(format!("{name}-{}", now_ns()));
+        std::fs::rename(path, &target)
+            .map_err(|e| StoreError::io(format!("move {} to {}", path.display(), target.display()), e))?;
+        custody::sync_dir(&qdir)?;
+        if let Some(parent) = path.parent() {
+            custody::sync_dir(parent)?;
+        }
+        warn!(from = %path.display(), to = %target.display(), "directory unknown to the metadata moved to quarantine");
+        Ok(())
     }
 
     /// Removes a staging/trash leftover or an orphan layer directory, re-checking under the in-flight lock that
@@ -267,6 +331,10 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn reset(&self, n: u64) -> Result<()> {
+        if !self.layer_dir(n).exists() {
+            // A power cut took the whole directory (made after the record, never synced).
+            self.make_layer_dirs(n, None)?;
+        }
         let diff = self.diff_dir(n);
         if diff.exists() {
             let trash = self.trash_path(n);
@@ -275,7 +343,9 @@ impl LayerBackend for OverlayBackend {
             remove_tree(&trash);
         }
         let _ = std::fs::remove_file(self.layer_dir(n).join(MANIFEST_FILE));
-        mkdir(&diff, 0o755)
+        mkdir(&diff, 0o755)?;
+        mkdir(&self.layer_dir(n).join("work"), 0o700)?;
+        mkdir(&self.layer_dir(n).join("merged"), 0o755)
     }
 
     fn write_diff(&self, n: u64, out: &mut dyn Write, opts: &DiffOptions) -> Result<()> {
@@ -386,9 +456,25 @@ impl LayerBackend for OverlayBackend {
         Ok(())
     }
 
+    fn stored(&self) -> Result<usize> {
+        Ok(list_dir(&self.root.join("layers"))?.len())
+    }
+
+    fn quarantine_all(&self) -> Result<()> {
+        for path in list_dir(&self.root.join("layers"))? {
+            self.quarantine(&path)?;
+        }
+        Ok(())
+    }
+
+    fn exists(&self, n: u64) -> bool {
+        std::fs::symlink_metadata(self.layer_dir(n)).is_ok()
+    }
+
     fn recover(
         &self,
         known: &HashSet<u64>,
+        removed: &HashSet<u64>,
         max_size_of: &dyn Fn(u64) -> Result<Option<u64>>,
     ) -> Result<Vec<u64>> {
         // Mounts first: nothing may be deleted through a live mount.
@@ -424,21 +510,37 @@ impl LayerBackend for OverlayBackend {
         // One read of `layers/`, no per-layer stat: start-up stays well under a second with 10,000 layers on a
         // cold cache (a stat of every `layers/<n>/diff` took 1.2 s there).
         let mut present = HashSet::new();
+        let mut deleted = false;
         for entry in std::fs::read_dir(&layers_dir).map_err(|e| StoreError::io("read layers dir", e))? {
             let entry = entry.map_err(|e| StoreError::io("read layers dir", e))?;
             let name = entry.file_name();
-            let n = name.to_str().and_then(|s| u64::from_str_radix(s, 16).ok());
+            let n = name
+                .to_str()
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                .filter(|n| name.to_str() == Some(format!("{n:x}").as_str()));
             match n {
-                Some(n) if known.contains(&n) && name.to_str() == Some(format!("{n:x}").as_str()) => {
+                Some(n) if known.contains(&n) => {
                     present.insert(n);
                 }
-                _ => {
-                    warn!(dir = %entry.path().display(), "removing layer directory without a record");
+                Some(n) if removed.contains(&n) => {
+                    // Its removal was committed before the crash: this store's to delete.
+                    info!(dir = %entry.path().display(), "removing the directory of a removed layer");
                     remove_tree(&entry.path());
+                    deleted = true;
+                }
+                _ => {
+                    // No record explains it (an older database, or not lamina's): kept, out of the way.
+                    self.quarantine(&entry.path())?;
                 }
             }
         }
+        if deleted {
+            // The deletions reach the disk before the store drops their proof.
+            mount::syncfs(&layers_dir).map_err(|e| StoreError::io("sync layers", e))?;
+        }
         for n in known.iter().filter(|n| !present.contains(n)) {
+            // A create's directories that had not reached the disk when the power went (they are made after
+            // the record); an empty layer loses nothing.
             warn!(layer = n, "layer directory missing; recreating it empty");
             self.make_layer_dirs(*n, max_size_of(*n)?)?;
         }
@@ -495,6 +597,8 @@ impl LayerBackend for OverlayBackend {
         &self,
         pending: &HashSet<String>,
         known: &dyn Fn() -> Result<HashSet<u64>>,
+        removed: &HashSet<u64>,
+        unknown: bool,
     ) -> Result<Vec<Garbage>> {
         let mut out = Vec::new();
         // Staging and trash leftovers: listed first, then compared with the operations in flight.
@@ -531,13 +635,32 @@ impl LayerBackend for OverlayBackend {
             if busy.contains(&path) || n.is_some_and(|n| known.contains(&n)) {
                 continue;
             }
+            let kind = if n.is_some_and(|n| removed.contains(&n)) {
+                GarbageKind::OrphanDir
+            } else if unknown {
+                GarbageKind::UnknownDir
+            } else {
+                continue;
+            };
             out.push(Garbage {
-                kind: GarbageKind::OrphanDir,
+                kind,
                 bytes: usage_of(&path),
                 path,
                 layer: n,
                 name: None,
             });
+        }
+        let quarantine = self.root.join(QUARANTINE_DIR);
+        if unknown && quarantine.exists() {
+            for path in list_dir(&quarantine)? {
+                out.push(Garbage {
+                    kind: GarbageKind::Quarantined,
+                    bytes: usage_of(&path),
+                    path,
+                    layer: None,
+                    name: None,
+                });
+            }
         }
         Ok(out)
     }
@@ -548,8 +671,13 @@ impl LayerBackend for OverlayBackend {
                 .mounter
                 .unmount(&g.path, true)
                 .map_err(|e| StoreError::io("detach stale mount", e)),
-            GarbageKind::Staging | GarbageKind::Trash | GarbageKind::OrphanDir => {
+            GarbageKind::Staging | GarbageKind::Trash | GarbageKind::OrphanDir | GarbageKind::UnknownDir => {
                 self.remove_unowned(&g.path, g.layer, is_known)
+            }
+            GarbageKind::Quarantined => {
+                self.refuse_mounted(&g.path)?;
+                remove_tree(&g.path);
+                Ok(())
             }
             GarbageKind::InterruptedApply | GarbageKind::RemovedNamespace => Ok(()),
         }

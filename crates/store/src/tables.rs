@@ -10,13 +10,17 @@ use redb::{ReadableTable, ReadableTableMetadata};
 
 use crate::db::{Db, ReadTxn, WriteTxn};
 use crate::error::db_err;
-use crate::meta::{self, LayerStats, CHILDREN, COUNTERS, LAYERS, META, NAMES, PENDING, SETTINGS, STATS};
+use crate::meta::{
+    self, LayerStats, CHILDREN, COUNTERS, LAYERS, META, NAMES, PENDING, REMOVED, SETTINGS, STATS,
+};
 use crate::{LayerRecord, Result, StoreError};
 
 /// Key of the on-disk format version in the `meta` table.
 const FORMAT_KEY: &str = "format";
 /// Key of the next layer number in the `meta` table.
 const NEXT_ID_KEY: &str = "next_id";
+/// `meta` key: the data root id (see `custody.rs`).
+const ROOT_ID_KEY: &str = "root_id";
 
 fn decode_stats(bytes: &[u8]) -> Result<LayerStats> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::CorruptMetadata(format!("layer stats: {e}")))
@@ -209,6 +213,29 @@ impl Reader {
         Ok(out)
     }
 
+    /// Layers whose removal was committed while their storage may still be there.
+    pub(crate) fn removed(&self) -> Result<HashSet<u64>> {
+        let t = self.txn.open_table(REMOVED).map_err(db_err)?;
+        let mut out = HashSet::new();
+        for row in t.iter().map_err(db_err)? {
+            out.insert(row.map_err(db_err)?.0.value());
+        }
+        Ok(out)
+    }
+
+    /// What a database says of itself before anything is written to it: whether it is new (no tables, or no
+    /// format recorded) and the data root id it records.
+    pub(crate) fn identity(&self) -> Result<(bool, Option<u64>)> {
+        let meta = match self.txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok((true, None)),
+            Err(e) => return Err(db_err(e)),
+        };
+        let fresh = meta.get(FORMAT_KEY).map_err(db_err)?.is_none();
+        let id = meta.get(ROOT_ID_KEY).map_err(db_err)?.map(|v| v.value());
+        Ok((fresh, id))
+    }
+
     /// A remembered setting.
     pub(crate) fn setting(&self, key: &str) -> Result<Option<String>> {
         let t = self.txn.open_table(SETTINGS).map_err(db_err)?;
@@ -323,6 +350,28 @@ impl Writer {
         Ok(())
     }
 
+    /// Records that layer `n` was removed: the proof, should a crash leave its storage behind, that the store
+    /// may delete it.
+    pub(crate) fn put_removed(&self, n: u64, at_ns: u64) -> Result<()> {
+        let mut t = self.txn.open_table(REMOVED).map_err(db_err)?;
+        t.insert(n, at_ns).map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Drops the removal proof of layer `n` (its storage is gone, durably).
+    pub(crate) fn drop_removed(&self, n: u64) -> Result<()> {
+        let mut t = self.txn.open_table(REMOVED).map_err(db_err)?;
+        t.remove(n).map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Records the data root id.
+    pub(crate) fn set_root_id(&self, id: u64) -> Result<()> {
+        let mut meta = self.txn.open_table(META).map_err(db_err)?;
+        meta.insert(ROOT_ID_KEY, id).map_err(db_err)?;
+        Ok(())
+    }
+
     /// Marks an apply of layer `n` into `staging/<staging>` as in progress.
     pub(crate) fn put_pending(&self, n: u64, staging: &str) -> Result<()> {
         let mut t = self.txn.open_table(PENDING).map_err(db_err)?;
@@ -393,6 +442,7 @@ impl Writer {
         self.txn.open_table(SETTINGS).map_err(db_err)?;
         self.txn.open_table(STATS).map_err(db_err)?;
         self.txn.open_table(COUNTERS).map_err(db_err)?;
+        self.txn.open_table(REMOVED).map_err(db_err)?;
         Ok(())
     }
 

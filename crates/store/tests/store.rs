@@ -479,3 +479,200 @@ fn commit_freezes_under_a_new_name_without_copying() {
     assert!(s.list_ns("c:").unwrap().is_empty());
     assert!(!s.remove("c:x", "nope").unwrap());
 }
+
+// ---- metadata loss and power cuts (docs/on-disk-format.md, "Custody") ----
+
+/// A store with one applied layer; returns its directory name under `layers/`.
+fn one_applied_layer(root: &std::path::Path, name: &str, data: &[u8]) -> String {
+    let s = Store::open(root).unwrap();
+    create(&s, name, None);
+    s.apply(NS, name, &mut &tar_of(&[("f", data)])[..], &IdMappings::default())
+        .unwrap();
+    s.wait_sealed();
+    format!("{:x}", s.info(NS, name).unwrap().number)
+}
+
+fn refused(root: &std::path::Path) -> String {
+    match Store::open(root) {
+        Err(StoreError::CorruptMetadata(m)) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_missing_or_empty_database_beside_layers_is_refused_and_nothing_is_deleted() {
+    for how in ["missing", "empty"] {
+        let r = Root::new();
+        let dir = one_applied_layer(&r.path(), "a", b"precious");
+        let db = r.path().join("meta.redb");
+        fs::rename(&db, r.path().join("meta.redb.saved")).unwrap();
+        if how == "empty" {
+            drop(redb::Database::create(&db).unwrap());
+        }
+        let msg = refused(&r.path());
+        assert!(
+            msg.contains("is new") && msg.contains("--quarantine-unknown"),
+            "{how}: {msg}"
+        );
+        // A refused start changes nothing: the next one refuses the same way.
+        assert_eq!(refused(&r.path()), msg, "{how}");
+        assert_eq!(db.exists(), how == "empty");
+        assert_eq!(
+            fs::read(r.path().join("layers").join(&dir).join("diff/f")).unwrap(),
+            b"precious",
+            "{how}"
+        );
+        // Restoring the database brings everything back.
+        fs::rename(r.path().join("meta.redb.saved"), &db).unwrap();
+        let s = Store::open(&r.path()).unwrap();
+        assert_eq!(
+            fs::read(s.info(NS, "a").unwrap().diff_dir.join("f")).unwrap(),
+            b"precious"
+        );
+    }
+}
+
+#[test]
+fn a_foreign_database_is_refused() {
+    let r1 = Root::new();
+    let r2 = Root::new();
+    one_applied_layer(&r1.path(), "mine", b"1");
+    one_applied_layer(&r2.path(), "theirs", b"2");
+    fs::copy(r2.path().join("meta.redb"), r1.path().join("meta.redb")).unwrap();
+    let msg = refused(&r1.path());
+    assert!(msg.contains("another data root"), "{msg}");
+}
+
+#[test]
+fn an_older_database_keeps_known_layers_and_quarantines_the_rest_untouched() {
+    let r = Root::new();
+    let a = one_applied_layer(&r.path(), "a", b"old");
+    fs::copy(r.path().join("meta.redb"), r.path().join("old.redb")).unwrap();
+    let b = {
+        let s = Store::open(&r.path()).unwrap();
+        create(&s, "b", None);
+        s.apply(
+            NS,
+            "b",
+            &mut &tar_of(&[("f", b"new")])[..],
+            &IdMappings::default(),
+        )
+        .unwrap();
+        format!("{:x}", s.info(NS, "b").unwrap().number)
+    };
+    fs::rename(r.path().join("old.redb"), r.path().join("meta.redb")).unwrap();
+    let s = Store::open(&r.path()).unwrap();
+    assert_eq!(
+        fs::read(r.path().join("layers").join(&a).join("diff/f")).unwrap(),
+        b"old"
+    );
+    assert!(!s.exists(NS, "b").unwrap());
+    assert!(!r.path().join("layers").join(&b).exists());
+    let q: Vec<_> = fs::read_dir(r.path().join("quarantine"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(fs::read(q[0].join("diff/f")).unwrap(), b"new");
+    // The periodic collection leaves it; an operator's collection lists and removes it.
+    let periodic = s.gc(&lamina_store::GcOptions::default()).unwrap();
+    assert!(periodic.items.is_empty(), "{periodic:?}");
+    let asked = lamina_store::GcOptions {
+        unknown: true,
+        ..lamina_store::GcOptions::default()
+    };
+    let done = s.gc(&asked).unwrap();
+    assert_eq!(done.items.len(), 1, "{done:?}");
+    assert_eq!(done.items[0].kind, lamina_store::GarbageKind::Quarantined);
+    assert!(!q[0].exists());
+}
+
+#[test]
+fn quarantine_unknown_starts_with_every_directory_moved_aside() {
+    let r = Root::new();
+    let dir = one_applied_layer(&r.path(), "a", b"keep me");
+    fs::remove_file(r.path().join("meta.redb")).unwrap();
+    let opts = lamina_store::OpenOptions {
+        quarantine_unknown: true,
+        ..lamina_store::OpenOptions::default()
+    };
+    let s = Store::open_with_options(&r.path(), opts).unwrap();
+    assert_eq!(s.list().unwrap().len(), 0);
+    assert!(!r.path().join("layers").join(&dir).exists());
+    let q: Vec<_> = fs::read_dir(r.path().join("quarantine"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(q.len(), 1);
+    assert_eq!(fs::read(q[0].join("diff/f")).unwrap(), b"keep me");
+    drop(s);
+    // The new database is this data root's from now on.
+    Store::open(&r.path()).unwrap();
+}
+
+#[test]
+fn a_removed_layer_directory_left_by_a_crash_is_deleted_at_start() {
+    let r = Root::new();
+    let dir = one_applied_layer(&r.path(), "a", b"gone");
+    let layer = r.path().join("layers").join(&dir);
+    let copy = r.path().join("copy");
+    fs::create_dir_all(copy.join("diff")).unwrap();
+    fs::write(copy.join("diff/f"), b"gone").unwrap();
+    {
+        let s = Store::open(&r.path()).unwrap();
+        assert!(s.remove(NS, "a").unwrap());
+    }
+    // What a crash between the commit of the removal and the rename into trash leaves.
+    fs::rename(&copy, &layer).unwrap();
+    let _s = Store::open(&r.path()).unwrap();
+    assert!(!layer.exists());
+    assert!(!r.path().join("quarantine").exists());
+}
+
+#[test]
+fn a_record_whose_directories_never_reached_the_disk_starts_cleanly() {
+    // What a power cut after a create (record durable, directories not) and during the apply that followed
+    // leaves: the layer's pending row, no `layers/<n>` at all.
+    let r = Root::new();
+    let (number, dir) = {
+        let s = Store::open(&r.path()).unwrap();
+        create(&s, "a", None);
+        create(&s, "b", None);
+        let n = s.info(NS, "a").unwrap().number;
+        (
+            n,
+            s.info(NS, "a").unwrap().diff_dir.parent().unwrap().to_path_buf(),
+        )
+    };
+    {
+        let db = redb::Database::create(r.path().join("meta.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(redb::TableDefinition::<u64, &str>::new("pending"))
+            .unwrap()
+            .insert(number, format!("{number:x}-3").as_str())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    fs::remove_dir_all(&dir).unwrap();
+    let b_dir = r.path().join("layers").join(format!("{:x}", number + 1));
+    fs::remove_dir_all(b_dir.join("work")).unwrap();
+    let s = Store::open(&r.path()).unwrap();
+    assert_eq!(s.record(NS, "a").unwrap().0.state, LayerState::Empty);
+    s.apply(NS, "a", &mut &tar_of(&[("f", b"x")])[..], &IdMappings::default())
+        .unwrap();
+    assert_eq!(fs::read(dir.join("diff/f")).unwrap(), b"x");
+    assert!(s.exists(NS, "b").unwrap());
+}
+
+#[test]
+fn the_data_root_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let r = Root::new();
+    fs::create_dir_all(r.path()).unwrap();
+    fs::set_permissions(r.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let _s = Store::open(&r.path()).unwrap();
+    assert_eq!(
+        fs::metadata(r.path()).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+}

@@ -25,6 +25,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lamina_sys::fault;
+use lamina_sys::fs::errno;
 use tracing::{info, warn};
 
 use crate::command::{path_arg, CommandTemplate};
@@ -242,6 +243,12 @@ impl VolumeDir {
                 .and_then(|()| fs::DirBuilder::new().mode(0o755).create(&dir));
             match made {
                 Ok(()) => {
+                    // The new name must be on disk before the record that makes it a volume (a power cut
+                    // keeps a synced record but not an unsynced mkdir).
+                    if let Err(e) = sync_dir(&self.root) {
+                        let _ = fs::remove_dir_all(&dir);
+                        return Err(io_err(format!("syncing {}", self.root.display()), e));
+                    }
                     if let Err(e) = self.finish(&rec, tools) {
                         // Not left behind half-made.
                         let _ = fs::remove_dir_all(&dir);
@@ -346,10 +353,24 @@ impl VolumeDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => warn!(volume = %name, error = %e, "cannot remove the volume's record"),
         }
+        // Acknowledged removals stay removed after a power cut: the rename (and the record's removal) are made
+        // durable before Remove answers.
+        sync_dir(&self.root).map_err(|e| io_err(format!("syncing {}", self.root.display()), e))?;
+        let meta = self.root.join(META_DIR);
+        sync_dir(&meta).map_err(|e| io_err(format!("syncing {}", meta.display()), e))?;
         if on_remove == OnRemove::Delete {
             fs::remove_dir_all(&trash).map_err(|e| io_err(format!("deleting {}", trash.display()), e))?;
         }
         Ok(())
+    }
+}
+
+/// fsync of a directory: the names created, renamed or removed in it reach the disk.
+/// A filesystem that cannot sync a directory (some FUSE ones) answers EINVAL or ENOTSUP: nothing to wait for.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    match fs::File::open(dir)?.sync_all() {
+        Err(e) if matches!(e.raw_os_error(), Some(errno::EINVAL | errno::EOPNOTSUPP)) => Ok(()),
+        other => other,
     }
 }
 
