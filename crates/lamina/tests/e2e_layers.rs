@@ -252,13 +252,14 @@ fn gc_removes_exactly_the_planted_garbage() {
         .parse()
         .unwrap();
 
-    // 1. While lamina runs: an orphan directory, found and removed through the daemon.
+    // 1. While lamina runs: a directory no record explains (never removed by this store, so an "unknown"
+    // directory that only an operator's gc takes), found and removed through the daemon.
     fs::create_dir_all(root.join("layers/fff0/diff")).unwrap();
     fs::write(root.join("layers/fff0/diff/x"), vec![1u8; 5000]).unwrap();
     let dry = cli_json(&root, &["gc", "--dry-run"]);
     assert_eq!(
         kinds(&dry, &root),
-        vec![("orphan_dir".into(), "layers/fff0".into())],
+        vec![("unknown_dir".into(), "layers/fff0".into())],
         "{dry:#}"
     );
     let done = cli_json(&root, &["gc"]);
@@ -314,8 +315,8 @@ fn gc_removes_exactly_the_planted_garbage() {
     assert_eq!(staged.len(), 1, "{staged:?}");
     let mut expected = vec![
         ("interrupted_apply".to_string(), staged[0].clone()),
-        ("orphan_dir".to_string(), "layers/fff1".to_string()),
-        ("orphan_dir".to_string(), "layers/fff2".to_string()),
+        ("unknown_dir".to_string(), "layers/fff1".to_string()),
+        ("unknown_dir".to_string(), "layers/fff2".to_string()),
         ("stale_mount".to_string(), "layers/fff1/merged".to_string()),
     ];
     expected.sort();
