@@ -47,9 +47,31 @@ pub const E2E_ROOT: &str = "/var/tmp/lamina-e2e";
 /// Where dockerd looks for v1 plugin sockets (hard-coded in dockerd).
 pub const PLUGIN_DIR: &str = "/run/docker/plugins";
 
-/// The lamina binary built by cargo for this test run.
+/// The lamina binary under test: `LAMINA_BIN` if set, else `lamina` in the cargo target directory of the
+/// running executable (`target/debug/deps/<test>-<hash>` -> `target/debug/lamina`).
 pub fn lamina_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_lamina"))
+    workspace_bin("lamina", "LAMINA_BIN")
+}
+
+/// A binary of this workspace: the path in `env_var` if set, else `name` next to the running executable (or
+/// one directory up, from `deps/`). Panics with the command that builds it when it is missing.
+pub fn workspace_bin(name: &str, env_var: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_var) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("executable directory").to_path_buf();
+    if dir.file_name() == Some(OsStr::new("deps")) {
+        dir.pop();
+    }
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first with `cargo build --workspace --all-targets` (test builds of lamina carry \
+         the fault points), or point {env_var} at a binary",
+        bin.display()
+    );
+    bin
 }
 
 // ------------------------------------------------------------------------------------------------------------
