@@ -4,14 +4,12 @@
 //!
 //! Needs root (SKIPPED otherwise; under CI=true it fails instead).
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use common::*;
+use lamina_testkit::*;
 
 /// Loop devices whose backing file lies under `dir` (`losetup -a`).
 fn loops_under(dir: &Path) -> Vec<String> {

@@ -4,15 +4,13 @@
 //! (own root, state, sockets and config naming lamina under `[proxy_plugins]`), imports OCI image archives the
 //! test builds itself from busybox-static (no registry, no network) and runs containers with `ctr run`. Tests
 //! need root, containerd, ctr, runc and busybox-static; without them they print `SKIPPED` (and fail under
-//! `CI=true`). They run one at a time (see `common::serial`).
+//! `CI=true`). They run one at a time (see `lamina_testkit::serial`).
 //!
 //! `LAMINA_E2E_SNAPSHOTTER=overlayfs` runs the same tests against containerd's built-in overlayfs snapshotter
 //! instead of lamina, which validates the tests' own expectations (lamina-only checks are then left out).
 //!
 //! The figures test (`unpack_figures`, ignored by default) times `ctr images import` with lamina and with
 //! overlayfs: `cargo test -p lamina --test e2e_containerd -- --ignored --nocapture unpack_figures`.
-
-mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -22,8 +20,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
-use common::containerd::*;
-use common::*;
+use lamina_testkit::containerd::*;
+use lamina_testkit::*;
 
 /// One lamina (when the snapshotter under test is lamina) and one containerd using it. Fields drop in order:
 /// containerd (and its shims) stops before lamina, the test directory goes next, the serialisation guard last.

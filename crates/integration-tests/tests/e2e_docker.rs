@@ -2,12 +2,10 @@
 //!
 //! Every test starts its own lamina and its own dockerd (plus a second dockerd on the built-in `vfs` driver
 //! where that one serves as the oracle). Tests need root, dockerd, containerd, runc and busybox-static; without
-//! them they print `SKIPPED` (and fail under `CI=true`). They run one at a time (see `common::serial`).
+//! them they print `SKIPPED` (and fail under `CI=true`). They run one at a time (see `lamina_testkit::serial`).
 //!
 //! `LAMINA_E2E_DRIVER=vfs` runs the same tests against dockerd's built-in vfs driver instead of lamina, which
 //! validates the tests' own expectations (lamina-specific checks are then left out).
-
-mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,7 +14,7 @@ use std::sync::MutexGuard;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use lamina_testkit::*;
 
 /// One lamina (unless the driver under test is vfs) and one dockerd using it. Fields drop in order: dockerd
 /// stops before lamina, and the serialisation guard is released last.

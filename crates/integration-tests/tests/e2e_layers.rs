@@ -3,8 +3,6 @@
 //! directly). Needs root, dockerd, containerd, runc and busybox-static; without them the tests say SKIPPED (and
 //! fail under CI=true).
 
-mod common;
-
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -14,7 +12,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::*;
+use lamina_testkit::*;
 use serde_json::Value;
 
 fn lamina_cli(root: &Path, args: &[&str]) -> Output {

@@ -9,8 +9,6 @@
 //! overhead of metrics on Get p50 in `metrics_overhead_on_get_p50` (ignored by default: a benchmark;
 //! `cargo test -p lamina --test e2e_metrics -- --ignored --nocapture`).
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{Read, Write};
@@ -19,9 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
 use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
 use lamina_snapshotter::tonic::transport::Channel;
+use lamina_testkit::*;
 use pb::snapshots_client::SnapshotsClient;
 use serde_json::{json, Value};
 

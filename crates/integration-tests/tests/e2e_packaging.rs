@@ -9,15 +9,13 @@
 //! Needs root, dockerd, containerd, runc, busybox-static; the .deb test also needs `cargo-deb`, apt-get and
 //! dpkg. Without them the tests print SKIPPED (and fail under CI=true). They run one at a time.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::plugin::*;
-use common::*;
+use lamina_testkit::plugin::*;
+use lamina_testkit::*;
 
 /// Runs `docker <args>` with a deadline: a hang (the classic failure of `docker build` with `VOLUME` on
 /// graphdriver plugins) fails the test instead of blocking it. Returns stdout.
@@ -471,12 +469,12 @@ fn deb_install_serve_purge() {
 #[test]
 fn v2_plugin_moosefs_volumes() {
     let test = "v2_plugin_moosefs_volumes";
-    if !require_docker(test) || !common::moosefs::require_moosefs(test) {
+    if !require_docker(test) || !lamina_testkit::moosefs::require_moosefs(test) {
         return;
     }
     let _g = serial();
     // Declared first, dropped last: dockerd (and with it the plugin and its mfsmount) stops before the cluster.
-    let cluster = common::moosefs::MooseCluster::start("plugin");
+    let cluster = lamina_testkit::moosefs::MooseCluster::start("plugin");
     let d = Dockerd::start("vfs");
     busybox_image(&d, "bb:1");
     // The whole config in one settable env variable, as a user would `docker plugin set` it.

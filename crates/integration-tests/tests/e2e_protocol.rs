@@ -6,8 +6,6 @@
 //! still answer `/Plugin.Activate`, a sentinel tree outside the data root (and the host files an escaping tar
 //! aims at) must be unchanged, and after a restart previously created layers must still be there.
 
-mod common;
-
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -20,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use common::*;
+use lamina_testkit::*;
 
 /// A lamina with an initialised GraphDriver (dockerd calls Init once, before anything else).
 struct Proto {

@@ -10,8 +10,6 @@
 //! The `btrfs` program only checks what lamina did (`btrfs qgroup show`, `btrfs subvolume list`). The xfs
 //! project-quota path is tested in crates/store/tests/quota.rs (it skips only on kernels without XFS quota).
 
-mod common;
-
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
@@ -19,11 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::containerd::LaminaSnap;
-use common::*;
 use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
 use lamina_snapshotter::proto::containerd::types::Mount;
 use lamina_snapshotter::tonic::{self, transport::Channel, Code};
+use lamina_testkit::containerd::LaminaSnap;
+use lamina_testkit::*;
 use pb::snapshots_client::SnapshotsClient;
 
 const SIZE_LABEL: &str = "containerd.io/snapshot/max-size";

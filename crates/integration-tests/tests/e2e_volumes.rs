@@ -4,9 +4,7 @@
 //!
 //! Needs root, dockerd, containerd, runc, busybox-static, and for the MooseFS tests `ip`, `nsenter` and the
 //! MooseFS packages (installed with apt-get when missing). Without them the tests print SKIPPED (and fail
-//! under CI=true). They run one at a time (see `common::serial`).
-
-mod common;
+//! under CI=true). They run one at a time (see `lamina_testkit::serial`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,8 +12,8 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::moosefs::{require_moosefs, MooseCluster};
-use common::*;
+use lamina_testkit::moosefs::{require_moosefs, MooseCluster};
+use lamina_testkit::*;
 use serde_json::json;
 
 const ID1: &str = "1111111111111111111111111111111111111111111111111111111111111111";

@@ -20,16 +20,14 @@
 //! Run: `cargo test -p lamina --test reliability_corpus -- --nocapture`
 //! (full: `LAMINA_RELIABILITY=full cargo test -p lamina --test reliability_corpus -- --nocapture`).
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::json;
 
-use common::reliability::*;
-use common::*;
+use lamina_testkit::reliability::*;
+use lamina_testkit::*;
 
 /// Where the names and targets of one archive point.
 struct Aim {

@@ -20,8 +20,6 @@
 //! Sizes: 12 trees by default (CI), `LAMINA_RELIABILITY=full` 200, or `LAMINA_RELIABILITY_TREES=N`.
 //! Run: `cargo test -p lamina --test reliability_differential -- --nocapture`.
 
-mod common;
-
 use std::fs::{self, File};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
@@ -33,8 +31,8 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use common::reliability::*;
-use common::*;
+use lamina_testkit::reliability::*;
+use lamina_testkit::*;
 
 const UIDS: &[u32] = &[0, 1, 33, 1000, 65534, 123_456, 4_000_000];
 const FILE_MODES: &[u32] = &[

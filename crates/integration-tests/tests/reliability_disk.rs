@@ -7,18 +7,15 @@
 //! was), no staging directory is left, and once space returns (or the filesystem is writable again, or the
 //! fault has passed) the same operation succeeds on the same running daemon.
 
-mod common;
-mod faults;
-
 use std::fs;
 use std::io::{self, Read};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::reliability::Rng;
-use common::*;
-use faults::*;
+use lamina_testkit::faults::*;
+use lamina_testkit::reliability::Rng;
+use lamina_testkit::*;
 use serde_json::json;
 
 const DISK_MIB: u64 = 96;
@@ -36,10 +33,10 @@ struct BigTar {
 
 impl BigTar {
     fn new(name: &str, size: u64) -> BigTar {
-        let mut hd = common::reliability::Hdr::new(name.as_bytes(), b'0');
+        let mut hd = lamina_testkit::reliability::Hdr::new(name.as_bytes(), b'0');
         hd.size = size;
         BigTar {
-            head: common::reliability::header_block(&hd).to_vec(),
+            head: lamina_testkit::reliability::header_block(&hd).to_vec(),
             size,
             pos: 0,
             rng: Rng::new(size),
@@ -229,7 +226,7 @@ fn full_readonly_and_failing_disks() {
         checks: 0,
         problems: Vec::new(),
     };
-    let mut rng = Rng::new(common::reliability::base_seed() ^ 0xd15c);
+    let mut rng = Rng::new(lamina_testkit::reliability::base_seed() ^ 0xd15c);
 
     // ---- EIO at the apply write points (one daemon; each ApplyDiff fails at the next point) ----
     assert!(d.start(Some(&armed.join(",")), &hits));

@@ -23,8 +23,6 @@
 //! (installed with apt-get when missing; SKIPPED otherwise, a failure under CI=true).
 //! Run: `cargo test -p lamina --test reliability_distributed -- --nocapture --test-threads 1`.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
 use std::hash::{DefaultHasher, Hasher};
@@ -36,9 +34,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
-use common::moosefs::{require_moosefs, MooseCluster};
-use common::reliability::*;
-use common::*;
+use lamina_testkit::moosefs::{require_moosefs, MooseCluster};
+use lamina_testkit::reliability::*;
+use lamina_testkit::*;
 
 const ID1: &str = "d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1";
 const ID2: &str = "d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2d2";

@@ -10,18 +10,15 @@
 //! Size: one kill per (operation, point) pair per round; `LAMINA_RELIABILITY_KILL_ROUNDS` rounds (CI 1, full
 //! 25) plus `LAMINA_RELIABILITY_RANDOM_KILLS` random-time kills (CI 20, full 250).
 
-mod common;
-mod faults;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::reliability::{self, Rng};
-use common::*;
-use faults::*;
+use lamina_testkit::faults::*;
+use lamina_testkit::reliability::{self, Rng};
+use lamina_testkit::*;
 use serde_json::json;
 
 const BASE: &str = "killbase";

@@ -13,8 +13,6 @@
 //! Sizes: `LAMINA_RELIABILITY=full`, or `LAMINA_RELIABILITY_REQUESTS`, `LAMINA_RELIABILITY_SLOW_CONNS`,
 //! `LAMINA_RELIABILITY_LOAD_SECS`. Run: `cargo test -p lamina --test reliability_protocol -- --nocapture`.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -27,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use common::reliability::*;
-use common::*;
+use lamina_testkit::reliability::*;
+use lamina_testkit::*;
 
 struct Daemon {
     lamina: Lamina,

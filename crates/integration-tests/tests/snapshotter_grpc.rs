@@ -5,18 +5,16 @@
 //! runs in its own tier (tests/conformance, scripts/conformance.sh); the containerd e2e tier is
 //! e2e_containerd.rs.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::containerd::LaminaSnap;
-use common::{require_root, PluginClient, TestDir};
 use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
 use lamina_snapshotter::proto::containerd::types::Mount;
 use lamina_snapshotter::tonic::{self, transport::Channel, Code};
+use lamina_testkit::containerd::LaminaSnap;
+use lamina_testkit::{require_root, PluginClient, TestDir};
 use pb::snapshots_client::SnapshotsClient;
 
 const SN: &str = "lamina";
@@ -318,7 +316,7 @@ fn state_machine_mounts_and_removal_rules() {
     api.remove("c1").unwrap();
     api.prepare("c1", "").unwrap();
     api.remove("c1").unwrap();
-    let gone = common::poll(Duration::from_secs(10), || {
+    let gone = lamina_testkit::poll(Duration::from_secs(10), || {
         layer_dirs(&lamina).is_empty().then_some(())
     });
     assert!(gone.is_some(), "layer dirs left: {:?}", layer_dirs(&lamina));
@@ -410,8 +408,8 @@ fn names_and_engines_are_kept_apart() {
     let dir = TestDir::new("snap-ns");
     let mut lamina = LaminaSnap::new(&dir.join("l"));
     // Both front doors on one store.
-    let plugin_sock =
-        PathBuf::from(common::PLUGIN_DIR).join(format!("{}.sock", common::unique_name("lamina-ns")));
+    let plugin_sock = PathBuf::from(lamina_testkit::PLUGIN_DIR)
+        .join(format!("{}.sock", lamina_testkit::unique_name("lamina-ns")));
     lamina.extra_args = vec!["--socket".into(), plugin_sock.to_str().unwrap().into()];
     lamina.spawn();
     lamina.wait_ready();

@@ -4,7 +4,6 @@
 //!
 //! Sizes: the bounded (CI) size runs under `cargo test`; `LAMINA_RELIABILITY=full` selects the full size.
 //! Individual counts can be overridden with the variables named by each test.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};

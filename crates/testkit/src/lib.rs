@@ -1,4 +1,5 @@
-//! Shared harness for lamina's end-to-end tests.
+//! lamina's test kit: the one harness of the integration tests (`crates/integration-tests`) and the benchmark
+//! (`crates/bench`).
 //!
 //! - [`Lamina`]: a `lamina serve` process with its own data root and a unique plugin socket under
 //!   `/run/docker/plugins/` (the only place dockerd looks for v1 plugins, shared by every test, hence the
@@ -19,9 +20,8 @@
 //! Test directories live under `/var/tmp/lamina-e2e` (the root filesystem here, ext4). Overlay upper dirs on
 //! tmpfs also work on this kernel (checked on 6.18: whiteouts and opaque dirs are created), but a
 //! disk-backed directory keeps large layers out of memory.
-#![allow(dead_code)]
 pub mod containerd;
-
+pub mod faults;
 pub mod moosefs;
 pub mod plugin;
 pub mod reliability;

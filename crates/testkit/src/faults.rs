@@ -1,7 +1,6 @@
 //! Shared by the fault tests (`reliability_kill.rs`, `reliability_disk.rs`): a `lamina serve` with every front
 //! door (plugin socket, snapshotter socket, volumes) started with or without armed fault points
 //! (`LAMINA_FAULTS`, see `lamina_sys::fault`), and small protocol helpers.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -12,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::reliability::{RawTar, Rng};
-use crate::common::*;
+use crate::reliability::{RawTar, Rng};
+use crate::*;
 use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
 use lamina_snapshotter::tonic::transport::Channel;
 use pb::snapshots_client::SnapshotsClient;
