@@ -1,4 +1,4 @@
-//! `lamina bench --quick` end to end, for correctness only (no timing is asserted): it runs every workload on a
+//! `lamina-bench --quick` end to end, for correctness only (no timing is asserted): it runs every workload on a
 //! fresh loop-backed ext4, writes results.md, results.json and one SVG per workload, measures lamina and a
 //! baseline in each, and leaves no loop device, mount or process behind.
 //!
@@ -33,11 +33,11 @@ fn bench_quick_runs_every_workload_and_writes_the_report() {
     // leftover checks below see only this run.
     let work = dir.join("work");
 
-    let list = Command::new(lamina_bin())
-        .args(["bench", "--list"])
+    let list = Command::new(lamina_bench_bin())
+        .arg("--list")
         .output()
-        .expect("lamina bench --list");
-    assert!(list.status.success(), "lamina bench --list failed");
+        .expect("lamina-bench --list");
+    assert!(list.status.success(), "lamina-bench --list failed");
     let names: Vec<String> = String::from_utf8_lossy(&list.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
@@ -50,21 +50,22 @@ fn bench_quick_runs_every_workload_and_writes_the_report() {
     }
 
     let t0 = Instant::now();
-    let child = Command::new(lamina_bin())
-        .args(["bench", "--quick", "--fs", "ext4", "--out"])
+    let child = Command::new(lamina_bench_bin())
+        .env("LAMINA_BIN", lamina_bin())
+        .args(["--quick", "--fs", "ext4", "--out"])
         .arg(&out)
         .arg("--work")
         .arg(&work)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("start lamina bench");
+        .expect("start lamina-bench");
     let bench_pid = child.id();
-    let run = child.wait_with_output().expect("run lamina bench");
+    let run = child.wait_with_output().expect("run lamina-bench");
     let took = t0.elapsed();
     let stderr = String::from_utf8_lossy(&run.stderr);
     eprintln!(
-        "lamina bench --quick took {took:.1?}; stderr tail:\n{}",
+        "lamina-bench --quick took {took:.1?}; stderr tail:\n{}",
         truncate_tail(&stderr, 3000)
     );
 
@@ -104,7 +105,7 @@ fn bench_quick_runs_every_workload_and_writes_the_report() {
 
     assert!(
         run.status.success(),
-        "lamina bench --quick failed ({}):\n{stderr}",
+        "lamina-bench --quick failed ({}):\n{stderr}",
         run.status
     );
 

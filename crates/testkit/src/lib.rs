@@ -53,25 +53,38 @@ pub fn lamina_bin() -> PathBuf {
     workspace_bin("lamina", "LAMINA_BIN")
 }
 
+/// The benchmark binary: `LAMINA_BENCH_BIN` if set, else `lamina-bench` next to [`lamina_bin`]'s default place.
+pub fn lamina_bench_bin() -> PathBuf {
+    workspace_bin("lamina-bench", "LAMINA_BENCH_BIN")
+}
+
 /// A binary of this workspace: the path in `env_var` if set, else `name` next to the running executable (or
 /// one directory up, from `deps/`). Panics with the command that builds it when it is missing.
 pub fn workspace_bin(name: &str, env_var: &str) -> PathBuf {
+    find_workspace_bin(name, env_var).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`workspace_bin`] without the panic: the error says how to build the binary.
+pub fn find_workspace_bin(name: &str, env_var: &str) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os(env_var) {
-        return PathBuf::from(p);
+        return Ok(PathBuf::from(p));
     }
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe.parent().expect("executable directory").to_path_buf();
+    let exe = std::env::current_exe().map_err(|e| format!("finding the running executable: {e}"))?;
+    let mut dir = exe.parent().unwrap_or(Path::new("/")).to_path_buf();
     if dir.file_name() == Some(OsStr::new("deps")) {
         dir.pop();
     }
     let bin = dir.join(name);
-    assert!(
-        bin.is_file(),
-        "{} not found: build it first with `cargo build --workspace --all-targets` (test builds of lamina carry \
-         the fault points), or point {env_var} at a binary",
-        bin.display()
-    );
-    bin
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} not found: build it first (`cargo build --workspace --all-targets` for the tests, whose lamina carries \
+             the fault points; `cargo build --release -p lamina -p lamina-bench` for the benchmark), or point {env_var} \
+             at a binary",
+            bin.display()
+        ))
+    }
 }
 
 // ------------------------------------------------------------------------------------------------------------

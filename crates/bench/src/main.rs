@@ -1,8 +1,11 @@
-//! `lamina bench`: lamina against the built-in alternatives (overlay2, containerd's overlayfs snapshotter,
+//! `lamina-bench`: lamina against the built-in alternatives (overlay2, containerd's overlayfs snapshotter,
 //! GNU tar, bind mounts, bare mfsmount), measured in the same run on a fresh loop-backed filesystem.
 //!
+//! It starts the `lamina` binary next to its own (`cargo build --release -p lamina -p lamina-bench`), or the
+//! one `LAMINA_BIN` names, and builds on the engines of `lamina-testkit`.
+//!
 //! The shape, shared by every workload module:
-//! - The runner (this module) parses the arguments, makes one fresh loop-backed filesystem per kind asked
+//! - The runner (`runner.rs`) parses the arguments, makes one fresh loop-backed filesystem per kind asked
 //!   for (ext4, xfs), mounts it under a private directory and hands each workload a [`Ctx`].
 //! - A workload is a [`Workload`]: a name, and a function that measures lamina **and** its baseline with the
 //!   engines it starts itself (each with its own roots and sockets on the scratch filesystem, stopped by PID
@@ -27,10 +30,34 @@ pub mod engines_ctr;
 pub mod volume;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
+use clap::Parser;
 use serde::Serialize;
 
-pub use runner::{run, BenchArgs};
+use runner::{run, BenchArgs};
+
+/// Command line of `lamina-bench`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "lamina-bench",
+    version,
+    about = "Benchmarks lamina against the built-in alternatives on fresh loop-backed filesystems (needs root)."
+)]
+struct Cli {
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lamina-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// Filesystem kinds a run can use for its scratch space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -57,7 +84,7 @@ pub struct Ctx {
     pub scratch: PathBuf,
     /// The results directory (`--out`); workloads may leave raw logs under `out/raw/`.
     pub out: PathBuf,
-    /// This binary, for starting `lamina serve`.
+    /// The `lamina` binary, for starting `lamina serve`.
     pub lamina_exe: PathBuf,
     /// Progress display: [`Ctx::say`] sets the current step.
     pub progress: Progress,

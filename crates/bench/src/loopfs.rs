@@ -181,7 +181,7 @@ pub fn install_signal_teardown() -> Result<()> {
             thread::sleep(Duration::from_millis(100));
             continue;
         };
-        eprintln!("\nlamina bench: interrupted; tearing down the loop filesystems");
+        eprintln!("\nlamina-bench: interrupted; tearing down the loop filesystems");
         // dockerds' exec roots of this run live outside the loop filesystems.
         let mine = format!("{}-", std::process::id());
         let run_dir = Path::new(super::engines::RUN_DIR);

@@ -1,4 +1,4 @@
-//! The `lamina bench` runner: arguments, the workload registry, the loop-backed filesystems and the run loop.
+//! The `lamina-bench` runner: arguments, the workload registry, the loop-backed filesystems and the run loop.
 
 use std::fs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -13,7 +13,7 @@ use super::loopfs::{free_bytes, install_signal_teardown, LoopFs};
 use super::report::{self, load_avg, Machine, RunInfo, WorkloadResult};
 use super::{graph, Ctx, FsKind, Progress, Workload};
 
-/// `lamina bench` arguments.
+/// `lamina-bench` arguments.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// The small version (CI): every workload end to end in under 2 minutes; figures are not meaningful.
@@ -75,7 +75,7 @@ fn have(tool: &str) -> bool {
             .any(|d| Path::new(d).join(tool).exists())
 }
 
-/// Runs `lamina bench`.
+/// Runs `lamina-bench`.
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let all = workloads();
     if args.list {
@@ -91,11 +91,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     let out = args.out.clone().context("--out DIR is required")?;
     if !lamina_sys::fs::running_as_root() {
-        bail!("lamina bench needs root (loop devices, mounts, drop_caches, dockerd); run it with sudo");
+        bail!("lamina-bench needs root (loop devices, mounts, drop_caches, dockerd); run it with sudo");
     }
     for t in TOOLS {
         if !have(t) {
-            bail!("lamina bench needs the `{t}` program");
+            bail!("lamina-bench needs the `{t}` program");
         }
     }
     let mut kinds = if !args.fs.is_empty() {
@@ -174,7 +174,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     install_signal_teardown()?;
     if cfg!(debug_assertions) && !args.quick {
         eprintln!(
-            "lamina bench: this is a debug build; its figures say little (cargo build --release -p lamina)"
+            "lamina-bench: this is a debug build; its figures say little (cargo build --release -p lamina -p lamina-bench)"
         );
     }
 
@@ -182,7 +182,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let date = report::utc_now();
     let load0 = load_avg();
-    let lamina_exe = std::env::current_exe().context("finding this binary")?;
+    let lamina_exe =
+        lamina_testkit::find_workspace_bin("lamina", "LAMINA_BIN").map_err(anyhow::Error::msg)?;
     let tag = format!("run{}", std::process::id());
     let mut results: Vec<WorkloadResult> = Vec::new();
     let mut filesystems = Vec::new();
@@ -305,7 +306,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     report::write(&out, &info, &results)?;
     let failed = results.iter().filter(|r| r.error.is_some()).count();
     eprintln!(
-        "lamina bench: {} workload run(s), {failed} failed, {:.0} s; results in {}",
+        "lamina-bench: {} workload run(s), {failed} failed, {:.0} s; results in {}",
         results.len(),
         info.duration_s,
         out.join("results.md").display()
@@ -350,7 +351,7 @@ fn clear_dir(dir: &Path) {
     unmount_under(dir);
     if let Err(e) = fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
-            eprintln!("lamina bench: could not remove {}: {e}", dir.display());
+            eprintln!("lamina-bench: could not remove {}: {e}", dir.display());
         }
     }
 }
