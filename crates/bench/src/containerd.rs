@@ -24,9 +24,10 @@ use lamina_snapshotter::tonic;
 use pb::snapshots_client::SnapshotsClient;
 use tonic::transport::Channel;
 
+use super::engines::{start, Lamina};
 use super::engines_ctr::{
-    busybox_tree, drop_caches, oci_archive, percentile, run as run_cmd, Containerd, LaminaServe, RunDir,
-    TarWriter, CTR_NAMESPACE, PROXY_NAME,
+    busybox_tree, drop_caches, oci_archive, percentile, run as run_cmd, Containerd, RunDir, TarWriter,
+    CTR_NAMESPACE, PROXY_NAME,
 };
 use super::{Ctx, Figure, Unit, Workload};
 
@@ -312,7 +313,10 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     let run_dir = RunDir::new()?;
     let sock = run_dir.path.join("snap.sock");
     ctx.say("starting lamina and containerd");
-    let lamina = LaminaServe::start(&ctx.lamina_exe, &lamina_dir, None, Some(&sock), &[])?;
+    let mut lamina = Lamina::in_dir("lam", &lamina_dir).snapshotter(&sock);
+    lamina.log_level = "warn".into();
+    lamina.exe = ctx.lamina_exe.clone();
+    let lamina = start(lamina);
     let ctrd = Containerd::start(&dir.join("containerd"), &run_dir.path, &sock)?;
     let plugins = ctrd.ctr(&["plugins", "ls"])?;
     anyhow::ensure!(

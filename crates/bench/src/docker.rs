@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
-use super::engines::{busybox_image, drop_caches, unique_name, Dockerd, LaminaProc, LaminaSpec, PLUGIN_DIR};
+use super::engines::{busybox_image, drop_caches, lamina, start, unique_name, Dockerd, Lamina, PLUGIN_DIR};
 use super::engines_ctr::{
     busybox_tree, cgroup_page_cache, meminfo_cached, run as run_cmd, RunDir, TarWriter, TimingProxy,
 };
@@ -70,7 +70,7 @@ struct Engines {
     lamina_d: Dockerd,
     overlay_d: Dockerd,
     proxy: Option<TimingProxy>,
-    _lamina: LaminaProc,
+    _lamina: Lamina,
     _run_dir: RunDir,
 }
 
@@ -78,18 +78,17 @@ impl Engines {
     /// Both daemons, with busybox imported as [`BUSYBOX_TAG`] into each.
     fn start(ctx: &Ctx, with_proxy: bool) -> anyhow::Result<Engines> {
         ctx.say("starting lamina and two dockerds");
-        let name = unique_name();
+        let name = unique_name("bench");
         // lamina's own socket (behind the proxy) on a short path.
         let run_dir = RunDir::new()?;
         let (lamina, proxy) = if with_proxy {
-            let mut spec = LaminaSpec::new(ctx, "lam");
-            spec.socket = run_dir.path.join("plugin.sock");
-            let lamina = spec.start()?;
+            let lamina = start(lamina(ctx, "lam").plugin_socket(&run_dir.path.join("plugin.sock")));
             let listen = Path::new(PLUGIN_DIR).join(format!("{name}.sock"));
-            let proxy = TimingProxy::start(&listen, lamina.socket())?;
+            let proxy = TimingProxy::start(&listen, &lamina.socket)?;
             (lamina, Some(proxy))
         } else {
-            (LaminaSpec::new(ctx, "lam").docker_plugin(&name).start()?, None)
+            let plugin_socket = Path::new(PLUGIN_DIR).join(format!("{name}.sock"));
+            (start(lamina(ctx, "lam").plugin_socket(&plugin_socket)), None)
         };
         // Both daemons start at the same time (each takes a few seconds).
         let (ld, od) = thread::scope(|s| {

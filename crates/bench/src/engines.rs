@@ -1,4 +1,4 @@
-//! Lean launchers for the engines a benchmark measures: `lamina serve`, dockerd (with its own containerd),
+//! The engines a benchmark measures, on `lamina-testkit`'s launchers: `lamina serve`, dockerd (with its own containerd),
 //! plus the helpers every workload needs (a busybox image, an RSS sampler, dropping caches).
 //!
 //! Every process gets its own directories under the workload's scratch dir and is stopped **by PID** in
@@ -11,151 +11,28 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::client::PluginClient;
-use super::Ctx;
+pub use lamina_testkit::{
+    kill_pids_referencing, pids_referencing, signal, stop_child, tail, unique_name, unmount_under, Lamina,
+    Session, PLUGIN_DIR,
+};
 
-/// Where dockerd looks for v1 plugin sockets (fixed in dockerd).
-pub const PLUGIN_DIR: &str = "/run/docker/plugins";
+use super::Ctx;
 /// Short-pathed runtime directories of the dockerds a run starts (exec roots, API sockets).
 pub const RUN_DIR: &str = "/run/lamina-bench";
 /// dockerd of Debian's docker.io (20.10, the last series with graph-driver plugins).
 pub const DOCKERD: &str = "/usr/sbin/dockerd";
 /// The docker CLI matching it (not whichever `docker` comes first in PATH).
 pub const DOCKER_CLI: &str = "/usr/bin/docker";
-
-static SEQ: AtomicUsize = AtomicUsize::new(0);
-
-/// A short name unique to this process and call: `lamina-bench-<pid>-<n>` (for plugin sockets, namespaces).
-pub fn unique_name() -> String {
-    let n = SEQ.fetch_add(1, Ordering::SeqCst);
-    format!("lamina-bench-{}-{n}", std::process::id())
-}
-
-// ------------------------------------------------------------------------------------------------------------
-// Processes
-// ------------------------------------------------------------------------------------------------------------
-
-/// Sends `sig` (`TERM`, `KILL`) to one PID with kill(1) (this crate has no unsafe code for kill(2)).
-pub fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// True if `pid` exists and is not a zombie.
-pub fn pid_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next());
-            !matches!(state, Some("Z") | Some("X") | None)
-        }
-        Err(_) => false,
-    }
-}
-
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) => return Some(st),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-            _ => return None,
-        }
-    }
-}
-
-/// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status when the process ended by itself.
-pub fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
-    if let Ok(Some(st)) = child.try_wait() {
-        return Some(st);
-    }
-    signal(child.id(), "TERM");
-    if let Some(st) = wait_timeout(child, grace) {
-        return Some(st);
-    }
-    eprintln!("bench: pid {} ignored SIGTERM for {grace:?}: SIGKILL", child.id());
-    let _ = child.kill();
-    let _ = child.wait();
-    None
-}
-
-/// PIDs (other than ours) whose command line mentions `dir`.
-pub fn pids_referencing(dir: &Path) -> Vec<u32> {
-    let me = std::process::id();
-    let needle = dir.as_os_str().as_bytes();
-    let mut pids = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        if !needle.is_empty() && cmd.windows(needle.len()).any(|w| w == needle) && pid_alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-/// SIGKILLs every process whose command line names `dir` and waits (up to 10 s) until they are gone.
-pub fn kill_pids_referencing(dir: &Path) {
-    let pids = pids_referencing(dir);
-    if pids.is_empty() {
-        return;
-    }
-    eprintln!("bench: killing leftover processes of {}: {pids:?}", dir.display());
-    for &p in &pids {
-        signal(p, "KILL");
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pids.iter().any(|&p| pid_alive(p)) && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Lazily unmounts everything mounted at or below `dir`, deepest first.
-pub fn unmount_under(dir: &Path) {
-    for _ in 0..5 {
-        let mounts = lamina_sys::mount::mounts_under(dir).unwrap_or_default();
-        if mounts.is_empty() {
-            return;
-        }
-        for m in mounts {
-            let _ = lamina_sys::mount::unmount(&m, true);
-        }
-    }
-}
-
-/// The last `n` lines of a log file (for error messages).
-pub fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 fn open_log(path: &Path) -> Result<fs::File> {
     fs::OpenOptions::new()
@@ -186,203 +63,44 @@ pub fn run_checked(cmd: &mut Command) -> Result<Output> {
 // lamina serve
 // ------------------------------------------------------------------------------------------------------------
 
-/// How to start one `lamina serve`.
-#[derive(Debug, Clone)]
-pub struct LaminaSpec {
-    /// `--data-root`.
-    pub data_root: PathBuf,
-    /// `--socket` (the Docker plugin socket).
-    pub socket: PathBuf,
-    /// `--snapshotter-socket`; `None` passes `none`.
-    pub snapshotter_socket: Option<PathBuf>,
-    /// stdout and stderr, appended.
-    pub log: PathBuf,
-    /// `--log-level`.
-    pub log_level: String,
-    /// Extra arguments after the ones above.
-    pub extra_args: Vec<String>,
-    /// The `lamina` binary.
-    pub exe: PathBuf,
+/// A `lamina serve` (not started) whose data root, plugin socket and log live in `ctx.scratch/<tag>/`; no
+/// snapshotter socket.
+pub fn lamina(ctx: &Ctx, tag: &str) -> Lamina {
+    let dir = ctx.scratch.join(tag);
+    let mut l = Lamina::in_dir(tag, &dir).plugin_socket(&dir.join("plugin.sock"));
+    l.log_level = "warn".into();
+    l.exe = ctx.lamina_exe.clone();
+    l
 }
 
-impl LaminaSpec {
-    /// A daemon whose data root, plugin socket and log live in `ctx.scratch/<tag>/`; no snapshotter socket.
-    pub fn new(ctx: &Ctx, tag: &str) -> LaminaSpec {
-        let dir = ctx.scratch.join(tag);
-        LaminaSpec {
-            data_root: dir.join("data"),
-            socket: dir.join("plugin.sock"),
-            snapshotter_socket: None,
-            log: dir.join("lamina.log"),
-            log_level: "warn".into(),
-            extra_args: Vec::new(),
-            exe: ctx.lamina_exe.clone(),
-        }
-    }
-
-    /// Serve the plugin socket where dockerd finds it: `/run/docker/plugins/<name>.sock`, so
-    /// `dockerd -s <name>` uses this daemon. Use a [`unique_name`].
-    pub fn docker_plugin(mut self, name: &str) -> LaminaSpec {
-        self.socket = Path::new(PLUGIN_DIR).join(format!("{name}.sock"));
-        self
-    }
-
-    /// Also serve the containerd snapshotter socket, next to the data root.
-    pub fn with_snapshotter(mut self) -> LaminaSpec {
-        let dir = self.data_root.parent().unwrap_or(Path::new("/")).to_path_buf();
-        self.snapshotter_socket = Some(dir.join("snapshotter.sock"));
-        self
-    }
-
-    /// Starts the daemon and waits until the plugin socket answers `Plugin.Activate`.
-    pub fn start(self) -> Result<LaminaProc> {
-        LaminaProc::start(self)
-    }
+/// Starts `l` and waits until its sockets answer.
+pub fn start(mut l: Lamina) -> Lamina {
+    l.spawn();
+    l.wait_ready();
+    l
 }
 
-/// A running `lamina serve`, stopped by PID when dropped (its mounts under the data root are then detached).
-pub struct LaminaProc {
-    /// How it was started.
-    pub spec: LaminaSpec,
-    /// Time from spawn until `Plugin.Activate` answered.
-    pub ready_after: Duration,
-    child: Option<Child>,
+/// SIGTERM and wait; fails unless lamina exits 0.
+pub fn stop(l: &mut Lamina) -> Result<()> {
+    let st = l.stop();
+    if !st.success() {
+        bail!("lamina serve exited with {st}; log:\n{}", l.log_tail());
+    }
+    Ok(())
 }
 
-impl LaminaProc {
-    /// Spawns `lamina serve` per `spec` and waits (up to 60 s) until the plugin socket answers.
-    pub fn start(spec: LaminaSpec) -> Result<LaminaProc> {
-        if let Some(dir) = spec.log.parent() {
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        if let Some(dir) = spec.socket.parent() {
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        if fs::symlink_metadata(&spec.socket).is_ok_and(|m| m.file_type().is_socket()) {
-            fs::remove_file(&spec.socket).ok();
-        }
-        let log = open_log(&spec.log)?;
-        let mut cmd = Command::new(&spec.exe);
-        cmd.arg("serve")
-            .arg("--data-root")
-            .arg(&spec.data_root)
-            .arg("--socket")
-            .arg(&spec.socket)
-            .arg("--snapshotter-socket")
-            .arg(spec.snapshotter_socket.as_deref().unwrap_or(Path::new("none")))
-            .arg("--log-level")
-            .arg(&spec.log_level)
-            .args(&spec.extra_args)
-            .env("NO_COLOR", "1")
-            .env_remove("LAMINA_CONFIG")
-            .env_remove("LAMINA_CONFIG_TOML")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let t0 = Instant::now();
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", spec.exe.display()))?;
-        let mut p = LaminaProc {
-            spec,
-            ready_after: Duration::ZERO,
-            child: Some(child),
-        };
-        p.wait_ready(t0)?;
-        Ok(p)
-    }
-
-    fn wait_ready(&mut self, t0: Instant) -> Result<()> {
-        let deadline = t0 + Duration::from_secs(60);
-        loop {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
-                self.child = None;
-                bail!(
-                    "lamina serve exited during start-up ({st}); log {}:\n{}",
-                    self.spec.log.display(),
-                    tail(&self.spec.log, 20)
-                );
-            }
-            let mut c = PluginClient::new(&self.spec.socket);
-            c.timeout = Duration::from_secs(5);
-            if c.call("Plugin.Activate", &serde_json::json!({})).is_ok() {
-                self.ready_after = t0.elapsed();
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "lamina serve did not answer on {} within 60 s; log:\n{}",
-                    self.spec.socket.display(),
-                    tail(&self.spec.log, 20)
-                );
-            }
-            thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// PID of the daemon (for RSS and CPU sampling).
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    /// The plugin socket.
-    pub fn socket(&self) -> &Path {
-        &self.spec.socket
-    }
-
-    /// A new keep-alive client on the plugin socket.
-    pub fn client(&self) -> PluginClient {
-        PluginClient::new(&self.spec.socket)
-    }
-
-    /// A client that has done dockerd's handshake (`Plugin.Activate`, `GraphDriver.Init`).
-    pub fn graph_client(&self) -> Result<PluginClient> {
-        let mut c = self.client();
-        let home = self
-            .spec
-            .data_root
-            .parent()
-            .unwrap_or(Path::new("/"))
-            .join("home");
-        c.handshake(&home)?;
-        Ok(c)
-    }
-
-    /// SIGTERM and wait (30 s, then SIGKILL); fails if it had to be killed or exited non-zero.
-    pub fn stop(&mut self) -> Result<()> {
-        let Some(mut c) = self.child.take() else {
-            return Ok(());
-        };
-        let st = stop_child(&mut c, Duration::from_secs(30));
-        self.cleanup();
-        match st {
-            Some(st) if st.success() => Ok(()),
-            Some(st) => bail!(
-                "lamina serve exited with {st}; log:\n{}",
-                tail(&self.spec.log, 20)
-            ),
-            None => bail!("lamina serve ignored SIGTERM for 30 s and was killed"),
-        }
-    }
-
-    fn cleanup(&self) {
-        unmount_under(&self.spec.data_root);
-        if self.spec.socket.starts_with(PLUGIN_DIR)
-            && fs::symlink_metadata(&self.spec.socket).is_ok_and(|m| m.file_type().is_socket())
-        {
-            let _ = fs::remove_file(&self.spec.socket);
-        }
-    }
+/// A keep-alive session on the plugin socket (600 s per call).
+pub fn session(l: &Lamina) -> Session {
+    let mut c = l.client().session();
+    c.set_timeout(Duration::from_secs(600));
+    c
 }
 
-impl Drop for LaminaProc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            stop_child(&mut c, Duration::from_secs(10));
-        }
-        // Also after a failed start or an explicit stop (then there is nothing left to do but it is cheap).
-        self.cleanup();
-    }
+/// A session that has done dockerd's handshake (`Plugin.Activate`, `GraphDriver.Init`).
+pub fn graph_session(l: &Lamina) -> Result<Session> {
+    let mut c = session(l);
+    c.handshake(&l.dir().join("home"))?;
+    Ok(c)
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -415,7 +133,7 @@ impl Dockerd {
         for sub in ["root", "cli"] {
             fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let id = unique_name();
+        let id = unique_name("bench");
         // The exec root and API socket go to a short path on /run: containerd's sockets below the exec root
         // must fit in a unix socket address (104 bytes for containerd), which a scratch path may not.
         let run = Path::new(RUN_DIR).join(id.trim_start_matches("lamina-bench-"));

@@ -144,81 +144,8 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// lamina on sockets of our choosing
+// runtime directories
 // ------------------------------------------------------------------------------------------------------------
-
-/// `lamina serve` with a data root and sockets chosen by the workload.
-pub struct LaminaServe {
-    /// The process.
-    pub proc: Proc,
-    /// `--data-root`.
-    pub data_root: PathBuf,
-    /// The plugin socket, if served.
-    pub socket: Option<PathBuf>,
-    /// The snapshotter socket, if served.
-    pub snapshotter_socket: Option<PathBuf>,
-}
-
-impl LaminaServe {
-    /// Starts `lamina serve` in `dir` (data root `dir/data`, log `dir/lamina.log`) and waits until every socket
-    /// asked for accepts connections. `extra` goes after the other arguments.
-    pub fn start(
-        exe: &Path,
-        dir: &Path,
-        socket: Option<&Path>,
-        snapshotter_socket: Option<&Path>,
-        extra: &[&str],
-    ) -> anyhow::Result<LaminaServe> {
-        fs::create_dir_all(dir)?;
-        let data_root = dir.join("data");
-        let none = Path::new("none");
-        let mut cmd = Command::new(exe);
-        cmd.arg("serve")
-            .arg("--data-root")
-            .arg(&data_root)
-            .arg("--socket")
-            .arg(socket.unwrap_or(none))
-            .arg("--snapshotter-socket")
-            .arg(snapshotter_socket.unwrap_or(none))
-            .arg("--log-level")
-            .arg("warn")
-            .args(extra)
-            .env("NO_COLOR", "1")
-            .env_remove("LAMINA_CONFIG")
-            .env_remove("LAMINA_CONFIG_TOML");
-        let mut proc = Proc::spawn(
-            "lamina serve",
-            cmd,
-            &dir.join("lamina.log"),
-            Duration::from_secs(15),
-        )?;
-        for s in [socket, snapshotter_socket].into_iter().flatten() {
-            let ok = wait_for(Duration::from_secs(30), || {
-                proc.check_alive().is_err() || UnixStream::connect(s).is_ok()
-            });
-            proc.check_alive()?;
-            if !ok {
-                bail!("lamina's socket {} not ready within 30 s", s.display());
-            }
-        }
-        Ok(LaminaServe {
-            proc,
-            data_root,
-            socket: socket.map(Path::to_path_buf),
-            snapshotter_socket: snapshotter_socket.map(Path::to_path_buf),
-        })
-    }
-}
-
-impl Drop for LaminaServe {
-    fn drop(&mut self) {
-        self.proc.stop();
-        unmount_under(&self.data_root);
-        for s in [&self.socket, &self.snapshotter_socket].into_iter().flatten() {
-            let _ = fs::remove_file(s);
-        }
-    }
-}
 
 /// A short-pathed directory for sockets, `/run/lamina-bench/<pid>-<n>` (a scratch path may be too long for a
 /// unix socket address); removed on drop.
@@ -230,7 +157,7 @@ pub struct RunDir {
 impl RunDir {
     /// Creates a fresh one.
     pub fn new() -> anyhow::Result<RunDir> {
-        let id = super::engines::unique_name();
+        let id = super::engines::unique_name("bench");
         let path = Path::new(super::engines::RUN_DIR).join(id.trim_start_matches("lamina-bench-"));
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(RunDir { path })

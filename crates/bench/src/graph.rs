@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::client::PluginClient;
 use super::engines::{
-    drop_caches, proc_cpu_secs, run_checked, unique_name, unmount_under, warm_file, Dockerd, LaminaSpec,
-    RssSampler,
+    drop_caches, graph_session, lamina, proc_cpu_secs, run_checked, session, start, stop, unique_name,
+    unmount_under, warm_file, Dockerd, Lamina, RssSampler, Session, PLUGIN_DIR,
 };
 use super::targen::{gen_tar, hex_id, now_seed, tiny_tar, TarSpec, TarStats};
 use super::{percentile, Ctx, Figure, Unit, Workload};
@@ -130,7 +129,7 @@ fn make_tar(ctx: &Ctx, case: &TarCase, name: &str) -> Result<(PathBuf, TarStats)
 }
 
 /// Create + ApplyDiff of `tar` as a new layer; returns (seconds, layer id).
-fn lamina_apply(c: &mut PluginClient, tar: &Path) -> Result<(f64, String)> {
+fn lamina_apply(c: &mut Session, tar: &Path) -> Result<(f64, String)> {
     let id = hex_id(now_seed());
     let mut f = fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?;
     let t0 = Instant::now();
@@ -202,8 +201,8 @@ fn applydiff(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
 
     // 1. Straight through the plugin socket vs GNU tar, runs alternating so drift hits both alike.
     {
-        let lamina = LaminaSpec::new(ctx, "lamina").start()?;
-        let mut c = lamina.graph_client()?;
+        let lamina = start(lamina(ctx, "lamina"));
+        let mut c = graph_session(&lamina)?;
         for (case, tar) in cases.iter().zip(&tars) {
             let mut gnu = Figure::new("applydiff", case.label, "gnu-tar+syncfs", "wall", Unit::Seconds);
             let mut lam =
@@ -231,9 +230,9 @@ fn applydiff(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
                 ctx.say(format!("{}: lamina run {run}/{}", case.label, ctx.runs));
                 drop_caches()?;
                 warm_file(tar)?;
-                let cpu0 = proc_cpu_secs(&lamina.pid().to_string());
+                let cpu0 = proc_cpu_secs(&lamina.pid().unwrap_or(0).to_string());
                 let (secs, id) = lamina_apply(&mut c, tar)?;
-                let cpu1 = proc_cpu_secs(&lamina.pid().to_string());
+                let cpu1 = proc_cpu_secs(&lamina.pid().unwrap_or(0).to_string());
                 lam.push(secs);
                 if let (Some(a), Some(b)) = (cpu0, cpu1) {
                     lam_cpu.push(b - a);
@@ -251,10 +250,10 @@ fn applydiff(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
 
     // 2. docker load of an image made of the same layer: dockerd on lamina vs dockerd on overlay2.
     ctx.say("starting dockerd on overlay2 and on lamina");
-    let plugin = unique_name();
-    let lamina = LaminaSpec::new(ctx, "lamina-docker")
-        .docker_plugin(&plugin)
-        .start()?;
+    let plugin = unique_name("bench");
+    let lamina = start(
+        lamina(ctx, "lamina-docker").plugin_socket(&Path::new(PLUGIN_DIR).join(format!("{plugin}.sock"))),
+    );
     let on_lamina = Dockerd::start(ctx, "dockerd-lamina", &plugin)?;
     let on_overlay2 = Dockerd::start(ctx, "dockerd-overlay2", "overlay2")?;
     for (i, (case, tar)) in cases.iter().zip(&tars).enumerate() {
@@ -355,8 +354,8 @@ fn get_goal(depth: usize) -> Option<&'static str> {
 fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
     let iters = ctx.pick(20, 500);
     let warmup = ctx.pick(3, 30);
-    let lamina = LaminaSpec::new(ctx, "lamina").start()?;
-    let mut c = lamina.graph_client()?;
+    let lamina = start(lamina(ctx, "lamina"));
+    let mut c = graph_session(&lamina)?;
     for depth in DEPTHS {
         let case = format!("depth {depth}");
         ctx.say(format!("{case}: building the layer chain"));
@@ -444,7 +443,7 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
 }
 
 /// `iters` container-like cycles after `warmup` untimed ones: CreateReadWrite, Get, Put, Remove.
-fn lamina_cycles(c: &mut PluginClient, parent: &str, warmup: usize, iters: usize, seed: u64) -> Result<Lat> {
+fn lamina_cycles(c: &mut Session, parent: &str, warmup: usize, iters: usize, seed: u64) -> Result<Lat> {
     let mut lat = Lat::default();
     for i in 0..warmup + iters {
         let id = hex_id(seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
@@ -551,18 +550,16 @@ fn start10k(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
     } else {
         "10,000 layers"
     };
-    let full = LaminaSpec::new(ctx, "full");
     {
-        let lamina = full.clone().start()?;
+        let lamina = start(lamina(ctx, "full"));
         // Full: image layers with content (Create + ApplyDiff). Quick: Create only (an ApplyDiff costs two
         // syncfs; start-up does the same per-layer work for empty and filled layers).
-        build_layers(ctx, &lamina.spec, n, !ctx.quick)?;
+        build_layers(ctx, &lamina, n, !ctx.quick)?;
     }
-    let empty = LaminaSpec::new(ctx, "empty");
-    drop(empty.clone().start()?);
+    drop(start(lamina(ctx, "empty")));
 
     let mut figs = Vec::new();
-    for (spec, subject) in [(&full, "lamina"), (&empty, "lamina, empty store")] {
+    for (tag, subject) in [("full", "lamina"), ("empty", "lamina, empty store")] {
         let mut cold = Figure::new("start10k", case, subject, "start (cold cache)", Unit::Seconds);
         let mut warm = Figure::new("start10k", case, subject, "start (warm cache)", Unit::Seconds);
         if subject == "lamina" {
@@ -572,13 +569,13 @@ fn start10k(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         for run in 1..=ctx.runs {
             ctx.say(format!("{subject}: cold start {run}/{}", ctx.runs));
             drop_caches()?;
-            let mut p = spec.clone().start()?;
+            let mut p = start(lamina(ctx, tag));
             cold.push(p.ready_after.as_secs_f64());
-            p.stop()?;
+            stop(&mut p)?;
             ctx.say(format!("{subject}: warm start {run}/{}", ctx.runs));
-            let mut p = spec.clone().start()?;
+            let mut p = start(lamina(ctx, tag));
             warm.push(p.ready_after.as_secs_f64());
-            p.stop()?;
+            stop(&mut p)?;
         }
         figs.push(cold);
         figs.push(warm);
@@ -589,7 +586,7 @@ fn start10k(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
 
 /// Fills the store of a running daemon with `n` image layers (Create, plus an ApplyDiff of a one-file tar when
 /// `apply`), in chains of 50, from 4 clients at once.
-fn build_layers(ctx: &Ctx, spec: &LaminaSpec, n: usize, apply: bool) -> Result<()> {
+fn build_layers(ctx: &Ctx, lamina: &Lamina, n: usize, apply: bool) -> Result<()> {
     const CLIENTS: usize = 4;
     const CHAIN: usize = 50;
     let started = Instant::now();
@@ -597,10 +594,9 @@ fn build_layers(ctx: &Ctx, spec: &LaminaSpec, n: usize, apply: bool) -> Result<(
     let results: Vec<Result<()>> = thread::scope(|s| {
         let handles: Vec<_> = (0..CLIENTS)
             .map(|t| {
-                let socket = spec.socket.clone();
-                let home = spec.data_root.parent().unwrap_or(Path::new("/")).join("home");
+                let mut c = session(lamina);
+                let home = lamina.dir().join("home");
                 s.spawn(move || -> Result<()> {
-                    let mut c = PluginClient::new(&socket);
                     c.handshake(&home)?;
                     let mut parent = String::new();
                     for i in (t..n).step_by(CLIENTS) {
@@ -663,11 +659,11 @@ fn rss(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         for run in 1..=ctx.runs {
             ctx.say(format!("{}: lamina run {run}/{}", case.label, ctx.runs));
             // A fresh daemon per run: its peak covers this one ApplyDiff (and start-up).
-            let lamina = LaminaSpec::new(ctx, &format!("lamina{i}-{run}")).start()?;
-            let mut c = lamina.graph_client()?;
+            let lamina = start(lamina(ctx, &format!("lamina{i}-{run}")));
+            let mut c = graph_session(&lamina)?;
             drop_caches()?;
             warm_file(&tar)?;
-            let sampler = RssSampler::start(lamina.pid(), Duration::from_millis(10));
+            let sampler = RssSampler::start(lamina.pid().unwrap_or(0), Duration::from_millis(10));
             lamina_apply(&mut c, &tar)?;
             lam.push(sampler.finish().peak_mib());
             drop(c);

@@ -16,18 +16,17 @@
 //!
 //! Timings are never asserted: `--quick` (CI) checks that every workload runs end to end.
 
-pub mod client;
-pub mod engines;
+mod engines;
 mod graph;
-pub mod loopfs;
+mod loopfs;
 mod report;
 mod runner;
-pub mod targen;
+mod targen;
 // bench-b's workloads and their engines.
-pub mod containerd;
-pub mod docker;
-pub mod engines_ctr;
-pub mod volume;
+mod containerd;
+mod docker;
+mod engines_ctr;
+mod volume;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

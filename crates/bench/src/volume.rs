@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 
-use super::engines::LaminaSpec;
+use super::engines::{lamina, session, start};
 use super::engines_ctr::{
     drop_caches, fill_random, have_moosefs, open_direct, percentile, AlignedBuf, MooseCluster, RunDir,
 };
@@ -162,11 +162,10 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         fs::create_dir_all(d)?;
     }
     let run_dir = RunDir::new()?;
-    let mut spec = LaminaSpec::new(ctx, "lam");
-    spec.socket = run_dir.path.join("plugin.sock");
+    let mut spec = lamina(ctx, "lam").plugin_socket(&run_dir.path.join("plugin.sock"));
     spec.extra_args = vec!["--volumes-mount-base".into(), mount_base.display().to_string()];
-    let lamina = spec.start()?;
-    let mut c = lamina.client();
+    let lamina = start(spec);
+    let mut c = session(&lamina);
     c.call("VolumeDriver.Create", &json!({"Name": VOL, "Opts": {}}))
         .context("create the volume")?;
     let name_id = json!({"Name": VOL, "ID": MOUNT_ID});
@@ -339,8 +338,7 @@ fn moosefs(ctx: &Ctx, dir: &Path, plan: &IoPlan, figs: &mut Vec<Figure>) -> anyh
     let mount_base = dir.join("mnt");
     fs::create_dir_all(&mount_base)?;
     let run_dir = RunDir::new()?;
-    let mut spec = LaminaSpec::new(ctx, "mfslam");
-    spec.socket = run_dir.path.join("plugin.sock");
+    let mut spec = lamina(ctx, "mfslam").plugin_socket(&run_dir.path.join("plugin.sock"));
     let toml = format!(
         "[volumes]\nbackend = \"moosefs\"\n[volumes.moosefs]\nmaster = \"{}:9421\"\nremote_path = \"/docker/volumes\"\n",
         cluster.master_host
@@ -352,8 +350,8 @@ fn moosefs(ctx: &Ctx, dir: &Path, plan: &IoPlan, figs: &mut Vec<Figure>) -> anyh
         toml,
     ];
     ctx.say("MooseFS: Mount/Unmount");
-    let lamina = spec.start()?;
-    let mut c = lamina.client();
+    let lamina = start(spec);
+    let mut c = session(&lamina);
     c.call("VolumeDriver.Create", &json!({"Name": VOL, "Opts": {}}))
         .context("create the MooseFS volume")?;
     let name_id = json!({"Name": VOL, "ID": MOUNT_ID});

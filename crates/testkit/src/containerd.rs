@@ -386,17 +386,12 @@ impl Drop for Containerd {
 // lamina as snapshotter
 // ------------------------------------------------------------------------------------------------------------
 
-/// `lamina serve --data-root D --socket none --snapshotter-socket S` for one test.
+/// `lamina serve --data-root D --socket none --snapshotter-socket S` for one test: a [`Lamina`] whose `socket`
+/// here is the snapshotter socket.
 pub struct LaminaSnap {
-    /// `--data-root`.
-    pub data_root: PathBuf,
     /// `--snapshotter-socket`.
     pub socket: PathBuf,
-    /// stdout+stderr of every run, appended.
-    pub log: PathBuf,
-    /// Extra arguments after the harness's own.
-    pub extra_args: Vec<String>,
-    child: Option<Child>,
+    lamina: Lamina,
 }
 
 impl LaminaSnap {
@@ -411,129 +406,29 @@ impl LaminaSnap {
 
     /// Prepares the paths without starting the process.
     pub fn new(dir: &Path) -> LaminaSnap {
-        fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("snap.sock");
         LaminaSnap {
-            data_root: dir.join("data"),
-            socket: dir.join("snap.sock"),
-            log: dir.join("lamina.log"),
-            extra_args: Vec::new(),
-            child: None,
+            lamina: Lamina::in_dir("snapshotter", dir).snapshotter(&socket),
+            socket,
         }
     }
 
     /// `layers/` of the data root, where the store keeps one directory per layer.
     pub fn layers_dir(&self) -> PathBuf {
-        self.data_root.join("layers")
-    }
-
-    /// Starts the process (no readiness wait).
-    pub fn spawn(&mut self) {
-        assert!(self.child.is_none() || !self.running(), "lamina already running");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let _ = writeln!(&log, "===== harness: starting lamina (snapshotter) =====");
-        let child = Command::new(lamina_bin())
-            .arg("serve")
-            .arg("--data-root")
-            .arg(&self.data_root)
-            .arg("--socket")
-            .arg("none")
-            .arg("--snapshotter-socket")
-            .arg(&self.socket)
-            .arg("--log-level")
-            .arg(std::env::var("LAMINA_E2E_LOG_LEVEL").unwrap_or_else(|_| "debug".into()))
-            .args(&self.extra_args)
-            .env("RUST_BACKTRACE", "1")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", lamina_bin().display()));
-        self.child = Some(child);
-    }
-
-    /// Waits until the snapshotter socket accepts a connection; panics (with the log) if lamina exits or 30 s
-    /// pass.
-    pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("lamina exited during start-up ({st}); log:\n{}", self.log_tail());
-            }
-            if UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "lamina's snapshotter socket {} not accepting within 30 s; log:\n{}",
-                    self.socket.display(),
-                    self.log_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// True while the process runs.
-    pub fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// PID of the running process.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// Sends `sig` (`TERM`, `INT`, `KILL`) and waits (30 s); returns the exit status. Panics if lamina does
-    /// not exit.
-    pub fn stop_with(&mut self, sig: &str) -> ExitStatus {
-        let mut c = self.child.take().expect("lamina is not running");
-        signal(c.id(), sig);
-        match wait_timeout(&mut c, Duration::from_secs(30)) {
-            Some(st) => st,
-            None => {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!(
-                    "lamina did not exit within 30 s of SIG{sig}; log:\n{}",
-                    self.log_tail()
-                );
-            }
-        }
-    }
-
-    /// Starts again on the same data root and socket and waits until ready.
-    pub fn start_again(&mut self) {
-        self.spawn();
-        self.wait_ready();
-    }
-
-    pub fn log_tail(&self) -> String {
-        tail(&self.log, log_lines())
+        self.lamina.data_root.join("layers")
     }
 }
 
-impl Drop for LaminaSnap {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if stop_child(&mut c, Duration::from_secs(10)).is_none() {
-                eprintln!("lamina had to be killed");
-            }
-        }
-        if thread::panicking() {
-            eprintln!(
-                "----- lamina log ({}) -----\n{}\n-----",
-                self.log.display(),
-                log_excerpt(&self.log)
-            );
-        }
-        unmount_under(&self.data_root);
+impl std::ops::Deref for LaminaSnap {
+    type Target = Lamina;
+    fn deref(&self) -> &Lamina {
+        &self.lamina
+    }
+}
+
+impl std::ops::DerefMut for LaminaSnap {
+    fn deref_mut(&mut self) -> &mut Lamina {
+        &mut self.lamina
     }
 }
 

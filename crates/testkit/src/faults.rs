@@ -4,12 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use crate::reliability::{RawTar, Rng};
 use crate::*;
@@ -22,9 +19,8 @@ use serde_json::{json, Value};
 pub const SN: &str = "lamina";
 
 /// One `lamina serve` with the plugin socket, the snapshotter socket and volumes, started with or without
-/// armed fault points. The harness's [`Lamina`] owns the directories and cleans mounts and sockets up.
+/// armed fault points: a [`Lamina`] with its directories, sockets and clean-up.
 pub struct Daemon {
-    child: Option<Child>,
     pub snap_socket: PathBuf,
     pub config: PathBuf,
     pub base: Lamina,
@@ -32,7 +28,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn new(name: &str) -> Daemon {
-        let base = Lamina::new(name);
+        let mut base = Lamina::new(name);
         let config = base.dir().join("config.toml");
         fs::write(
             &config,
@@ -42,9 +38,12 @@ impl Daemon {
             ),
         )
         .unwrap();
+        let snap_socket = base.dir().join("snap.sock");
+        base.snapshotter_socket = snap_socket.clone();
+        base.log_level = "info".into();
+        base.extra_args = vec!["--config".into(), config.display().to_string()];
         Daemon {
-            child: None,
-            snap_socket: base.dir().join("snap.sock"),
+            snap_socket,
             config,
             base,
         }
@@ -55,57 +54,22 @@ impl Daemon {
     }
 
     pub fn spawn(&mut self, faults: Option<&str>, hits: &Path) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.base.log)
-            .unwrap();
-        let _ = writeln!(&log, "===== kill driver: start, faults {faults:?} =====");
-        let mut cmd = Command::new(lamina_bin());
-        cmd.arg("serve")
-            .arg("--data-root")
-            .arg(&self.base.data_root)
-            .arg("--socket")
-            .arg(&self.base.socket)
-            .arg("--snapshotter-socket")
-            .arg(&self.snap_socket)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--log-level")
-            .arg("info")
-            .env("NO_COLOR", "1")
-            .env("RUST_BACKTRACE", "1")
-            .env("LAMINA_FAULTS", faults.unwrap_or(""))
-            .env("LAMINA_FAULTS_LOG", hits)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        self.child = Some(cmd.spawn().unwrap());
+        self.base.env = vec![
+            ("LAMINA_FAULTS".into(), faults.unwrap_or("").into()),
+            ("LAMINA_FAULTS_LOG".into(), hits.display().to_string()),
+        ];
+        self.base.spawn();
     }
 
     /// Waits for both sockets; false if the process exited first.
     pub fn wait_ready(&mut self) -> bool {
-        let client = self.base.client();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return false;
-                }
-            }
-            if client.activate().is_ok_and(|r| r.status == 200)
-                && fs::symlink_metadata(&self.snap_socket).is_ok_and(|m| m.file_type().is_socket())
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lamina did not start; log:\n{}",
-                self.base.log_tail()
-            );
-            thread::sleep(Duration::from_millis(20));
+        match self.base.poll_ready(Duration::from_secs(60)) {
+            Ready::Up(_) => {}
+            Ready::Exited(_) => return false,
+            Ready::TimedOut => panic!("lamina did not start; log:\n{}", self.base.log_tail()),
         }
-        client
+        self.base
+            .client()
             .call("Init", json!({"Home": self.base.dir().join("docker-root")}))
             .ok("Init");
         true
@@ -117,32 +81,25 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.base.pid().unwrap()
     }
 
     /// Waits up to `t` for the process to end (after a kill point fired).
     pub fn exited_within(&mut self, t: Duration) -> bool {
-        let c = self.child.as_mut().unwrap();
-        wait_timeout(c, t).is_some()
+        self.base.wait_exit(t).is_some()
     }
 
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.base.kill9();
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            stop_child(&mut c, Duration::from_secs(30));
-        }
+        self.base.terminate(Duration::from_secs(30));
     }
 
+    /// Reaps a process that ended by itself.
     pub fn gone(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.wait();
-        }
+        self.base.wait_exit(Duration::from_secs(3600));
     }
 
     pub fn client(&self) -> PluginClient {

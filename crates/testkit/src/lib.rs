@@ -22,6 +22,7 @@
 //! disk-backed directory keeps large layers out of memory.
 pub mod containerd;
 pub mod faults;
+mod lamina;
 pub mod moosefs;
 pub mod plugin;
 pub mod reliability;
@@ -33,7 +34,7 @@ use std::fs;
 use std::hash::{DefaultHasher, Hasher};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -41,6 +42,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
+
+pub use lamina::{Lamina, Ready};
 
 /// Where every test directory is created.
 pub const E2E_ROOT: &str = "/var/tmp/lamina-e2e";
@@ -447,7 +450,7 @@ pub fn log_excerpt(path: &Path) -> String {
     )
 }
 
-fn log_lines() -> usize {
+pub(crate) fn log_lines() -> usize {
     std::env::var("LAMINA_E2E_LOG_LINES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -479,223 +482,6 @@ pub fn run_ok(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-// ------------------------------------------------------------------------------------------------------------
-// lamina
-// ------------------------------------------------------------------------------------------------------------
-
-/// A `lamina serve` process for one test.
-pub struct Lamina {
-    /// Plugin name, also the `-s` value for dockerd.
-    pub name: String,
-    /// `/run/docker/plugins/<name>.sock`.
-    pub socket: PathBuf,
-    /// `--data-root`.
-    pub data_root: PathBuf,
-    /// stderr and stdout of every run, appended.
-    pub log: PathBuf,
-    /// Extra arguments after `serve ...` (e.g. `--config FILE`).
-    pub extra_args: Vec<String>,
-    child: Option<Child>,
-    dir: TestDir,
-}
-
-impl Lamina {
-    /// Starts `lamina serve` with a fresh data root and waits until `/Plugin.Activate` answers.
-    pub fn start(name: &str) -> Lamina {
-        let mut l = Lamina::new(name);
-        l.spawn();
-        l.wait_ready();
-        l
-    }
-
-    /// Prepares directories without starting the process.
-    pub fn new(name: &str) -> Lamina {
-        let dir = TestDir::new(name);
-        let data_root = dir.join("data");
-        fs::create_dir_all(PLUGIN_DIR).unwrap();
-        Lamina {
-            name: name.to_string(),
-            socket: Path::new(PLUGIN_DIR).join(format!("{name}.sock")),
-            data_root,
-            log: dir.join("lamina.log"),
-            extra_args: Vec::new(),
-            child: None,
-            dir,
-        }
-    }
-
-    /// The per-test directory (the data root is `data/` inside it).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// The command line used to start this instance, with `socket` instead of ours if given.
-    pub fn command(&self, socket: Option<&Path>) -> Command {
-        let mut cmd = Command::new(lamina_bin());
-        cmd.arg("serve")
-            .arg("--data-root")
-            .arg(&self.data_root)
-            .arg("--socket")
-            .arg(socket.unwrap_or(&self.socket))
-            // GraphDriver tests: no snapshotter socket (the default path would be shared by every test).
-            .arg("--snapshotter-socket")
-            .arg("none")
-            .arg("--log-level")
-            .arg(std::env::var("LAMINA_E2E_LOG_LEVEL").unwrap_or_else(|_| "debug".into()))
-            .args(&self.extra_args)
-            .env("RUST_BACKTRACE", "1")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    /// Starts the process (no readiness wait).
-    pub fn spawn(&mut self) {
-        assert!(
-            self.child.is_none() || !self.running(),
-            "lamina {} already running",
-            self.name
-        );
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let _ = writeln!(&log, "===== harness: starting lamina =====");
-        let child = self
-            .command(None)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", lamina_bin().display()));
-        self.child = Some(child);
-    }
-
-    /// Waits until the socket answers `POST /Plugin.Activate` with 200; panics (with the log) if lamina exits
-    /// or 30 s pass.
-    pub fn wait_ready(&mut self) {
-        let client = self.client();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(st)) = child.try_wait() {
-                    panic!(
-                        "lamina {} exited during start-up ({st}); log:\n{}",
-                        self.name,
-                        tail(&self.log, log_lines())
-                    );
-                }
-            }
-            if let Ok(resp) = client.activate() {
-                if resp.status == 200 {
-                    return;
-                }
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "lamina {} did not answer /Plugin.Activate within 30 s; log:\n{}",
-                    self.name,
-                    tail(&self.log, log_lines())
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// True while the process runs.
-    pub fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// PID of the running process.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM and wait (30 s); returns the exit status. Panics if lamina does not exit.
-    pub fn stop(&mut self) -> ExitStatus {
-        self.stop_with("TERM")
-    }
-
-    /// Sends `sig` (`TERM`, `INT`) and waits (30 s); returns the exit status. Panics if lamina does not exit.
-    pub fn stop_with(&mut self, sig: &str) -> ExitStatus {
-        let mut c = self.child.take().expect("lamina is not running");
-        signal(c.id(), sig);
-        match wait_timeout(&mut c, Duration::from_secs(30)) {
-            Some(st) => st,
-            None => {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!(
-                    "lamina {} did not exit within 30 s of SIG{sig}; log:\n{}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-        }
-    }
-
-    /// Starts again on the same data root and socket (after `kill9` or `stop`) and waits until ready.
-    pub fn start_again(&mut self) {
-        self.spawn();
-        self.wait_ready();
-    }
-
-    /// Clean stop (SIGTERM) and start again.
-    pub fn restart(&mut self) {
-        if self.running() {
-            let st = self.stop();
-            assert!(
-                st.success(),
-                "lamina exited with {st} on SIGTERM; log:\n{}",
-                self.log_tail()
-            );
-        }
-        self.start_again();
-    }
-
-    /// A raw protocol client for this instance's socket.
-    pub fn client(&self) -> PluginClient {
-        PluginClient::new(&self.socket)
-    }
-
-    pub fn log_tail(&self) -> String {
-        tail(&self.log, log_lines())
-    }
-}
-
-impl Drop for Lamina {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if stop_child(&mut c, Duration::from_secs(10)).is_none() {
-                eprintln!("lamina {} had to be killed", self.name);
-            }
-        }
-        if thread::panicking() {
-            eprintln!(
-                "----- lamina {} log ({}) -----\n{}\n-----",
-                self.name,
-                self.log.display(),
-                log_excerpt(&self.log)
-            );
-        }
-        unmount_under(&self.data_root);
-        if fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket()) {
-            let _ = fs::remove_file(&self.socket);
-        }
-    }
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -1128,7 +914,12 @@ pub enum Body<'a> {
     Chunked(&'a mut dyn Read),
 }
 
-/// An HTTP/1.1 client for the plugin socket that behaves like dockerd 20.10's plugin client.
+/// Size of each chunk of a chunked upload.
+const PIECE: usize = 64 * 1024;
+
+/// An HTTP/1.1 client for the plugin socket that behaves like dockerd 20.10's plugin client (POST, no
+/// Content-Type, compact JSON with a trailing newline, chunked ApplyDiff with the ids in the query). Each
+/// request opens a connection; [`PluginClient::session`] keeps one open, as dockerd does.
 #[derive(Debug, Clone)]
 pub struct PluginClient {
     pub socket: PathBuf,
@@ -1157,10 +948,8 @@ impl PluginClient {
     /// `POST /GraphDriver.<method>` with `json` encoded as Go's json.Encoder does (compact + `\n`).
     /// Panics on transport errors (the daemon must always answer).
     pub fn call(&self, method: &str, json: serde_json::Value) -> HttpResponse {
-        let mut body = serde_json::to_vec(&json).unwrap();
-        body.push(b'\n');
         let path = format!("/GraphDriver.{method}");
-        self.post_raw(&path, &body)
+        self.post_raw(&path, &go_json(&json))
             .unwrap_or_else(|e| panic!("{path}: transport error {e}"))
     }
 
@@ -1187,59 +976,220 @@ impl PluginClient {
         extra_headers: &[(&str, &str)],
         body: Body<'_>,
     ) -> io::Result<HttpResponse> {
-        let mut stream = UnixStream::connect(&self.socket)?;
+        let mut r = self.connect()?;
+        let write_result = send_request(r.get_mut(), method, path, extra_headers, body);
+        // A server may refuse before reading the whole body and close: still try to read its answer.
+        match read_response(&mut r) {
+            Ok(resp) => Ok(resp),
+            Err(read_err) => Err(write_result.err().unwrap_or(read_err)),
+        }
+    }
+
+    /// A keep-alive session on this socket (nothing is connected yet).
+    pub fn session(&self) -> Session {
+        Session {
+            client: self.clone(),
+            conn: None,
+            connects: 0,
+        }
+    }
+
+    fn connect(&self) -> io::Result<BufReader<UnixStream>> {
+        let stream = UnixStream::connect(&self.socket)?;
         stream.set_read_timeout(Some(self.timeout))?;
         stream.set_write_timeout(Some(self.timeout))?;
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: \r\nUser-Agent: Go-http-client/1.1\r\n\
-             Accept: application/vnd.docker.plugins.v1.2+json\r\n"
-        );
-        for (k, v) in extra_headers {
-            let _ = write!(head, "{k}: {v}\r\n");
+        Ok(BufReader::with_capacity(PIECE, stream))
+    }
+}
+
+/// `json` as Go's json.Encoder writes it: compact, with a trailing newline.
+fn go_json(json: &serde_json::Value) -> Vec<u8> {
+    let mut body = serde_json::to_vec(json).expect("JSON");
+    body.push(b'\n');
+    body
+}
+
+/// One keep-alive connection of a [`PluginClient`], reopened when the server closes it; calls decode the reply
+/// and turn a plugin `Err` (or a status other than 200) into an error.
+pub struct Session {
+    client: PluginClient,
+    conn: Option<BufReader<UnixStream>>,
+    /// Connections opened so far (1 when keep-alive held throughout).
+    pub connects: u64,
+}
+
+impl Session {
+    /// Read/write timeout per call.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.client.timeout = timeout;
+        self.conn = None;
+    }
+
+    fn stream(&mut self) -> io::Result<&mut BufReader<UnixStream>> {
+        if self.conn.is_none() {
+            self.conn = Some(self.client.connect()?);
+            self.connects += 1;
         }
-        let write_result = match body {
+        Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    /// Sends one request on the kept connection and reads the whole response. A request that cannot be sent
+    /// on a reused connection (closed by the server's idle timeout) is sent once more on a new one.
+    pub fn request(&mut self, method: &str, path: &str, body: Body<'_>) -> io::Result<HttpResponse> {
+        let reused = self.conn.is_some();
+        let sent = match body {
             Body::Fixed(bytes) => {
-                let _ = write!(
-                    head,
-                    "Content-Length: {}\r\nAccept-Encoding: gzip\r\n\r\n",
-                    bytes.len()
-                );
-                stream
-                    .write_all(head.as_bytes())
-                    .and_then(|_| stream.write_all(bytes))
+                let first = send_request(self.stream()?.get_mut(), method, path, &[], Body::Fixed(bytes));
+                match first {
+                    Err(_) if reused => {
+                        self.conn = None;
+                        send_request(self.stream()?.get_mut(), method, path, &[], Body::Fixed(bytes))
+                    }
+                    other => other,
+                }
             }
-            Body::Chunked(reader) => {
-                head.push_str("Transfer-Encoding: chunked\r\nAccept-Encoding: gzip\r\n\r\n");
-                stream
-                    .write_all(head.as_bytes())
-                    .and_then(|_| write_chunked(&mut stream, reader))
-            }
+            Body::Chunked(r) => send_request(self.stream()?.get_mut(), method, path, &[], Body::Chunked(r)),
         };
-        // A server may refuse before reading the whole body and close: still try to read its answer.
-        match read_response(&mut stream) {
-            Ok(r) => Ok(r),
-            Err(read_err) => Err(write_result.err().unwrap_or(read_err)),
+        let resp = read_response(self.stream()?);
+        let close = match (&sent, &resp) {
+            (Ok(()), Ok(r)) => {
+                r.header("Connection")
+                    .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                    || (r.header("Content-Length").is_none() && r.header("Transfer-Encoding").is_none())
+            }
+            _ => true,
+        };
+        if close {
+            self.conn = None;
+        }
+        match (sent, resp) {
+            (_, Ok(r)) => Ok(r),
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => Err(e),
+        }
+    }
+
+    /// POST `/endpoint` with a JSON body; returns the decoded reply, or the plugin's `Err` as an error.
+    pub fn call(&mut self, endpoint: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let resp = self
+            .request("POST", &format!("/{endpoint}"), Body::Fixed(&go_json(body)))
+            .map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
+        decode(endpoint, &resp)
+    }
+
+    /// What dockerd sends first after discovering a graph-driver plugin: `Plugin.Activate` and
+    /// `GraphDriver.Init` (with `home` as the driver home).
+    pub fn handshake(&mut self, home: &Path) -> anyhow::Result<()> {
+        self.call("Plugin.Activate", &serde_json::json!({}))?;
+        self.call(
+            "GraphDriver.Init",
+            &serde_json::json!({"Home": home, "Opts": null, "UIDMaps": null, "GIDMaps": null}),
+        )?;
+        Ok(())
+    }
+
+    /// `GraphDriver.ApplyDiff` with a chunked body read from `input`; returns the `Size` reply.
+    pub fn apply_diff(&mut self, id: &str, parent: &str, input: &mut dyn Read) -> anyhow::Result<u64> {
+        let path = format!("/GraphDriver.ApplyDiff?id={id}&parent={parent}");
+        let resp = self
+            .request("POST", &path, Body::Chunked(input))
+            .map_err(|e| anyhow::anyhow!("GraphDriver.ApplyDiff: {e}"))?;
+        let v = decode("GraphDriver.ApplyDiff", &resp)?;
+        v.get("Size")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| anyhow::anyhow!("ApplyDiff reply without Size: {v}"))
+    }
+}
+
+/// The JSON of a plugin reply; its `Err`, a status other than 200 or a body that is not JSON as an error.
+fn decode(endpoint: &str, resp: &HttpResponse) -> anyhow::Result<serde_json::Value> {
+    let v: serde_json::Value = if resp.body.is_empty() {
+        serde_json::json!({})
+    } else {
+        serde_json::from_slice(&resp.body).map_err(|e| {
+            anyhow::anyhow!(
+                "{endpoint}: HTTP {} with a non-JSON body ({e}): {}",
+                resp.status,
+                resp.text()
+            )
+        })?
+    };
+    if let Some(err) = resp.err() {
+        anyhow::bail!("{endpoint}: HTTP {}: {err}", resp.status);
+    }
+    if resp.status != 200 {
+        anyhow::bail!("{endpoint}: HTTP {}: {v}", resp.status);
+    }
+    Ok(v)
+}
+
+/// Writes the request head (the headers dockerd 20.10 sends) and the body.
+fn send_request(
+    stream: &mut UnixStream,
+    method: &str,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+    body: Body<'_>,
+) -> io::Result<()> {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: \r\nUser-Agent: Go-http-client/1.1\r\n\
+         Accept: application/vnd.docker.plugins.v1.2+json\r\n"
+    );
+    for (k, v) in extra_headers {
+        let _ = write!(head, "{k}: {v}\r\n");
+    }
+    match body {
+        Body::Fixed(bytes) => {
+            let _ = write!(
+                head,
+                "Content-Length: {}\r\nAccept-Encoding: gzip\r\n\r\n",
+                bytes.len()
+            );
+            let mut req = head.into_bytes();
+            req.extend_from_slice(bytes);
+            stream.write_all(&req)
+        }
+        Body::Chunked(reader) => {
+            head.push_str("Transfer-Encoding: chunked\r\nAccept-Encoding: gzip\r\n\r\n");
+            stream.write_all(head.as_bytes())?;
+            write_chunked(stream, reader)
         }
     }
 }
 
+/// Streams `r` as HTTP chunks of up to 64 KiB, one write each.
 fn write_chunked(w: &mut impl Write, r: &mut dyn Read) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
+    const PREFIX: usize = 8; // "ffff\r\n" fits; the size is right-aligned in the prefix.
+    let mut buf = vec![0u8; PREFIX + PIECE + 2];
     loop {
-        let n = r.read(&mut buf)?;
+        let n = read_full(r, &mut buf[PREFIX..PREFIX + PIECE])?;
         if n == 0 {
             break;
         }
-        write!(w, "{n:x}\r\n")?;
-        w.write_all(&buf[..n])?;
-        w.write_all(b"\r\n")?;
+        let size = format!("{n:x}\r\n");
+        let start = PREFIX - size.len();
+        buf[start..PREFIX].copy_from_slice(size.as_bytes());
+        buf[PREFIX + n..PREFIX + n + 2].copy_from_slice(b"\r\n");
+        w.write_all(&buf[start..PREFIX + n + 2])?;
     }
     w.write_all(b"0\r\n\r\n")?;
     w.flush()
 }
 
-fn read_response(stream: &mut UnixStream) -> io::Result<HttpResponse> {
-    let mut r = BufReader::new(stream);
+/// Reads until `buf` is full or the reader ends.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn read_response(r: &mut impl BufRead) -> io::Result<HttpResponse> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     if line.is_empty() {
