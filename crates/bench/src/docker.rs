@@ -18,7 +18,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
-use super::engines::{busybox_image, drop_caches, lamina, start, unique_name, Dockerd, Lamina, PLUGIN_DIR};
+use super::engines::{
+    busybox_image, dockerd, drop_caches, lamina, start, unique_name, Dockerd, Lamina, PLUGIN_DIR,
+};
 use super::engines_ctr::{
     busybox_tree, cgroup_page_cache, meminfo_cached, run as run_cmd, RunDir, TarWriter, TimingProxy,
 };
@@ -92,8 +94,8 @@ impl Engines {
         };
         // Both daemons start at the same time (each takes a few seconds).
         let (ld, od) = thread::scope(|s| {
-            let l = s.spawn(|| Dockerd::start(ctx, "dl", &name));
-            let o = s.spawn(|| Dockerd::start(ctx, "do", BASELINE));
+            let l = s.spawn(|| dockerd(ctx, "dl", &name));
+            let o = s.spawn(|| dockerd(ctx, "do", BASELINE));
             (l.join(), o.join())
         });
         let lamina_d = ld.map_err(|_| anyhow::anyhow!("dockerd start panicked"))??;
@@ -107,7 +109,7 @@ impl Engines {
         };
         ctx.say("importing busybox");
         for d in e.both() {
-            busybox_image(d.1, BUSYBOX_TAG)?;
+            busybox_image(d.1, BUSYBOX_TAG);
         }
         Ok(e)
     }
@@ -218,15 +220,15 @@ fn run_commit(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                     "sh",
                     "-c",
                     "head -c 1024 /dev/urandom > /change.bin",
-                ])?;
+                ]);
                 run_cmd(&mut std::process::Command::new("sync"))?;
                 let (before, _) = totals.get();
                 let t = Instant::now();
-                d.ok(&["commit", &c, &format!("bench-committed:{k}-{r}")])?;
+                d.ok(&["commit", &c, &format!("bench-committed:{k}-{r}")]);
                 wall.push(secs(t) * 1000.0);
                 share.push((totals.get().0 - before).as_secs_f64() * 1000.0);
-                d.ok(&["rm", &c])?;
-                d.ok(&["rmi", &format!("bench-committed:{k}-{r}")])?;
+                d.ok(&["rm", &c]);
+                d.ok(&["rmi", &format!("bench-committed:{k}-{r}")]);
             }
             figs.push(figure(
                 "commit",
@@ -241,7 +243,7 @@ fn run_commit(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                 f.goal = Some("<= 50 ms".into());
                 figs.push(f);
             }
-            d.ok(&["rmi", &tag])?;
+            d.ok(&["rmi", &tag]);
         }
     }
     Ok(())
@@ -265,12 +267,12 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             let (before, calls_before) = totals.get();
             let t = Instant::now();
             for c in &names {
-                d.ok(&["run", "-d", "--name", c, BUSYBOX_TAG, "sleep", "1000"])?;
+                d.ok(&["run", "-d", "--name", c, BUSYBOX_TAG, "sleep", "1000"]);
             }
             let created = secs(t);
             let t2 = Instant::now();
             for c in &names {
-                d.ok(&["rm", "-f", c])?;
+                d.ok(&["rm", "-f", c]);
             }
             let removed = secs(t2);
             runs[j][0].push(created);
@@ -394,14 +396,14 @@ fn run_build(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             let tag = format!("bench-build:{r}");
             drop_caches()?;
             let t = Instant::now();
-            d.ok(&["build", "--no-cache", "-q", "-t", &tag, &context_s])?;
+            d.ok(&["build", "--no-cache", "-q", "-t", &tag, &context_s]);
             samples[j].push(secs(t));
-            let count = d.ok(&["run", "--rm", &tag, "cat", "/data/count"])?;
+            let count = d.ok(&["run", "--rm", &tag, "cat", "/data/count"]);
             anyhow::ensure!(
                 count.trim().parse::<u64>().is_ok_and(|c| c > 0),
                 "build result: {count}"
             );
-            d.ok(&["rmi", &tag])?;
+            d.ok(&["rmi", &tag]);
         }
     }
     let [l, o] = samples;
@@ -439,8 +441,8 @@ fn run_pagecache(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             let names: Vec<String> = (0..n).map(|i| format!("pc{r}-{i}")).collect();
             let mut pids = Vec::new();
             for c in &names {
-                d.ok(&["run", "-d", "--name", c, tag, "sleep", "1000"])?;
-                let pid: u32 = d.ok(&["inspect", "-f", "{{.State.Pid}}", c])?.trim().parse()?;
+                d.ok(&["run", "-d", "--name", c, tag, "sleep", "1000"]);
+                let pid: u32 = d.ok(&["inspect", "-f", "{{.State.Pid}}", c]).trim().parse()?;
                 pids.push(pid);
             }
             drop_caches()?;
@@ -448,7 +450,7 @@ fn run_pagecache(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             for (i, c) in names.iter().enumerate() {
                 let cg_before = cgroup_page_cache(pids[i]);
                 let m_before = meminfo_cached();
-                d.ok(&["exec", c, "sh", "-c", "cat /data/shared.bin > /dev/null"])?;
+                d.ok(&["exec", c, "sh", "-c", "cat /data/shared.bin > /dev/null"]);
                 let m_after = meminfo_cached();
                 let added = match (cg_before, cgroup_page_cache(pids[i])) {
                     (Some(b), Some(a)) => mib(a.saturating_sub(b)),
@@ -471,7 +473,7 @@ fn run_pagecache(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             }
             let mut rm = vec!["rm", "-f"];
             rm.extend(names.iter().map(String::as_str));
-            d.ok(&rm)?;
+            d.ok(&rm);
         }
     }
     let [l, o] = out;

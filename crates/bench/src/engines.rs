@@ -11,28 +11,24 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 pub use lamina_testkit::{
-    kill_pids_referencing, pids_referencing, signal, stop_child, tail, unique_name, unmount_under, Lamina,
-    Session, PLUGIN_DIR,
+    busybox_image, kill_pids_referencing, signal, unique_name, unmount_under, Dockerd, Lamina, Session,
+    PLUGIN_DIR,
 };
 
 use super::Ctx;
+
 /// Short-pathed runtime directories of the dockerds a run starts (exec roots, API sockets).
 pub const RUN_DIR: &str = "/run/lamina-bench";
-/// dockerd of Debian's docker.io (20.10, the last series with graph-driver plugins).
-pub const DOCKERD: &str = "/usr/sbin/dockerd";
-/// The docker CLI matching it (not whichever `docker` comes first in PATH).
-pub const DOCKER_CLI: &str = "/usr/bin/docker";
 
 fn open_log(path: &Path) -> Result<fs::File> {
     fs::OpenOptions::new()
@@ -107,283 +103,24 @@ pub fn graph_session(l: &Lamina) -> Result<Session> {
 // dockerd
 // ------------------------------------------------------------------------------------------------------------
 
-/// A dockerd with its own data root (in `ctx.scratch/<tag>/`), exec root and API socket (in [`RUN_DIR`]) and
-/// containerd namespaces.
+/// Starts a dockerd (`-s <driver>`) with its data in `ctx.scratch/<tag>/` and its exec root and API socket in
+/// [`RUN_DIR`]`/<pid>-<n>`, and waits until `docker info` reports that driver.
 ///
 /// dockerd 20.10 starts its own containerd unless a system one answers on /run/containerd/containerd.sock;
 /// the unique namespaces keep this daemon's images and containers apart in both cases.
-pub struct Dockerd {
-    /// `-s` value: `overlay2` or a plugin name.
-    pub driver: String,
-    /// `unix://<dir>/docker.sock`, for `DOCKER_HOST`.
-    pub host: String,
-    /// dockerd's log.
-    pub log: PathBuf,
-    dir: PathBuf,
-    run: PathBuf,
-    child: Option<Child>,
-    cleaned: bool,
+pub fn dockerd(ctx: &Ctx, tag: &str, driver: &str) -> Result<Dockerd> {
+    let mut d = Dockerd::in_dirs(driver, &ctx.scratch.join(tag), &Path::new(RUN_DIR).join(run_id()));
+    d.log_level = "warn".into();
+    d.spawn();
+    d.wait_ready();
+    Ok(d)
 }
 
-impl Dockerd {
-    /// Starts dockerd with `-s <driver>` (plus `--experimental` unless the driver is built in) and waits
-    /// (up to 90 s: dockerd retries a plugin that is not up yet) until `docker info` reports that driver.
-    pub fn start(ctx: &Ctx, tag: &str, driver: &str) -> Result<Dockerd> {
-        let dir = ctx.scratch.join(tag);
-        for sub in ["root", "cli"] {
-            fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let id = unique_name("bench");
-        // The exec root and API socket go to a short path on /run: containerd's sockets below the exec root
-        // must fit in a unix socket address (104 bytes for containerd), which a scratch path may not.
-        let run = Path::new(RUN_DIR).join(id.trim_start_matches("lamina-bench-"));
-        fs::create_dir_all(run.join("exec")).with_context(|| format!("creating {}", run.display()))?;
-        let log_path = dir.join("dockerd.log");
-        let log = open_log(&log_path)?;
-        let builtin = matches!(
-            driver,
-            "overlay2" | "vfs" | "btrfs" | "devicemapper" | "fuse-overlayfs"
-        );
-        let host = format!("unix://{}", run.join("docker.sock").display());
-        let mut cmd = Command::new(DOCKERD);
-        cmd.arg("--data-root")
-            .arg(dir.join("root"))
-            .arg("--exec-root")
-            .arg(run.join("exec"))
-            .arg("--pidfile")
-            .arg(run.join("dockerd.pid"))
-            .arg("-H")
-            .arg(&host)
-            .arg("-s")
-            .arg(driver)
-            .args([
-                "--iptables=false",
-                "--ip6tables=false",
-                "--bridge=none",
-                "--ip-forward=false",
-                "--ip-masq=false",
-                "--userland-proxy=false",
-                "--shutdown-timeout=3",
-                "--log-level=warn",
-            ])
-            .arg(format!("--containerd-namespace={id}"))
-            .arg(format!("--containerd-plugins-namespace={id}-p"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        if !builtin {
-            cmd.arg("--experimental");
-        }
-        let child = cmd.spawn().with_context(|| format!("starting {DOCKERD}"))?;
-        let mut d = Dockerd {
-            driver: driver.to_string(),
-            host,
-            log: log_path,
-            dir,
-            run,
-            child: Some(child),
-            cleaned: false,
-        };
-        d.wait_ready()?;
-        Ok(d)
-    }
-
-    fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
-                self.child = None;
-                bail!(
-                    "dockerd -s {} exited during start-up ({st}); log:\n{}",
-                    self.driver,
-                    tail(&self.log, 20)
-                );
-            }
-            let out = self.docker_cmd(&["info", "--format", "{{.Driver}}"]).output();
-            if let Ok(out) = out {
-                if out.status.success() {
-                    let driver = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                    if driver != self.driver {
-                        bail!(
-                            "dockerd reports storage driver {driver:?}, asked for {:?}",
-                            self.driver
-                        );
-                    }
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "dockerd -s {} not ready within 90 s; log:\n{}",
-                    self.driver,
-                    tail(&self.log, 20)
-                );
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// This daemon's directory on the scratch filesystem (`root/`, `cli/`, `dockerd.log`).
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// dockerd's `--data-root`.
-    pub fn data_root(&self) -> PathBuf {
-        self.dir.join("root")
-    }
-
-    /// PID of dockerd.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    /// A `docker` CLI command (Debian's 20.10 client) aimed at this daemon, with a private CLI config.
-    pub fn docker_cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(DOCKER_CLI);
-        cmd.args(args)
-            .env("DOCKER_HOST", &self.host)
-            .env("DOCKER_CONFIG", self.dir.join("cli"))
-            .env("DOCKER_BUILDKIT", "0")
-            .env_remove("DOCKER_CONTEXT")
-            .env_remove("DOCKER_TLS_VERIFY")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    /// Runs `docker <args>`; fails (with stderr) unless it exits 0.
-    pub fn docker(&self, args: &[&str]) -> Result<Output> {
-        let out = self
-            .docker_cmd(args)
-            .output()
-            .with_context(|| format!("running {DOCKER_CLI}"))?;
-        if !out.status.success() {
-            bail!(
-                "`docker {}` failed ({}) on dockerd -s {}: {}",
-                args.join(" "),
-                out.status,
-                self.driver,
-                String::from_utf8_lossy(&out.stderr).trim_end()
-            );
-        }
-        Ok(out)
-    }
-
-    /// Runs `docker <args>` and returns its trimmed stdout.
-    pub fn ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.docker(args)?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
-    }
-
-    /// SIGTERM and wait (60 s, then SIGKILL); then its containerd and shims, then its mounts.
-    pub fn stop(&mut self) -> Result<()> {
-        let st = self
-            .child
-            .take()
-            .map(|mut c| stop_child(&mut c, Duration::from_secs(60)));
-        self.cleanup();
-        match st {
-            Some(None) => bail!("dockerd ignored SIGTERM for 60 s and was killed"),
-            _ => Ok(()),
-        }
-    }
-
-    /// The exec root (`/run/lamina-bench/<pid>-<n>/exec`).
-    pub fn exec_root(&self) -> PathBuf {
-        self.run.join("exec")
-    }
-
-    fn cleanup(&mut self) {
-        self.cleaned = true;
-        // containerd exits on its own shortly after dockerd; give it a moment, then kill what is left.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while (!pids_referencing(&self.run).is_empty() || !pids_referencing(&self.dir).is_empty())
-            && Instant::now() < deadline
-        {
-            thread::sleep(Duration::from_millis(100));
-        }
-        kill_pids_referencing(&self.run);
-        kill_pids_referencing(&self.dir);
-        unmount_under(&self.run);
-        unmount_under(&self.dir);
-        let _ = fs::remove_dir_all(&self.run);
-        let _ = fs::remove_dir(RUN_DIR);
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            stop_child(&mut c, Duration::from_secs(30));
-        }
-        // Also after a failed start: the containerd it started may still run.
-        if !self.cleaned {
-            self.cleanup();
-        }
-    }
-}
-
-// ------------------------------------------------------------------------------------------------------------
-// busybox image
-// ------------------------------------------------------------------------------------------------------------
-
-/// The static busybox (Debian's busybox-static).
-fn busybox_path() -> Result<PathBuf> {
-    ["/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .context("busybox not found: install busybox-static")
-}
-
-/// Writes a minimal root filesystem to `dir`: busybox plus one symlink per applet, `/etc/passwd`, `/etc/group`,
-/// `/tmp` (1777), `/root`.
-pub fn busybox_rootfs(dir: &Path) -> Result<()> {
-    let busybox = busybox_path()?;
-    for d in ["bin", "etc", "tmp", "root"] {
-        fs::create_dir_all(dir.join(d))?;
-    }
-    fs::copy(&busybox, dir.join("bin/busybox"))?;
-    fs::set_permissions(dir.join("bin/busybox"), fs::Permissions::from_mode(0o755))?;
-    fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777))?;
-    fs::set_permissions(dir.join("root"), fs::Permissions::from_mode(0o700))?;
-    let list = run_checked(Command::new(&busybox).arg("--list"))?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines().map(str::trim) {
-        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
-            continue;
-        }
-        let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
-    }
-    fs::write(
-        dir.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-    )?;
-    fs::write(dir.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
-    Ok(())
-}
-
-/// `docker import`s a busybox rootfs (tarred with GNU tar) as `tag`; returns the image id.
-pub fn busybox_image(docker: &Dockerd, tag: &str) -> Result<String> {
-    let safe: String = tag
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let rootfs = docker.dir().join(format!("bb-rootfs-{safe}"));
-    let tarball = docker.dir().join(format!("bb-{safe}.tar"));
-    busybox_rootfs(&rootfs)?;
-    run_checked(
-        Command::new("tar")
-            .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tarball)
-            .arg("."),
-    )?;
-    fs::remove_dir_all(&rootfs).ok();
-    let tarball_s = tarball.to_string_lossy().into_owned();
-    let id = docker.ok(&["import", "--change", "CMD [\"/bin/sh\"]", &tarball_s, tag])?;
-    fs::remove_file(&tarball).ok();
-    Ok(id)
+/// `<pid>-<n>`, unique to this process and call: the name of a runtime directory under [`RUN_DIR`].
+pub fn run_id() -> String {
+    unique_name("bench")
+        .trim_start_matches("lamina-test-bench-")
+        .to_string()
 }
 
 // ------------------------------------------------------------------------------------------------------------

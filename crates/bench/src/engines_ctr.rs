@@ -157,8 +157,8 @@ pub struct RunDir {
 impl RunDir {
     /// Creates a fresh one.
     pub fn new() -> anyhow::Result<RunDir> {
-        let id = super::engines::unique_name("bench");
-        let path = Path::new(super::engines::RUN_DIR).join(id.trim_start_matches("lamina-bench-"));
+        let id = super::engines::run_id();
+        let path = Path::new(super::engines::RUN_DIR).join(id);
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(RunDir { path })
     }

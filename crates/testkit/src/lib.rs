@@ -497,19 +497,29 @@ pub fn docker_cli() -> PathBuf {
     find_bin("docker").unwrap_or_else(|| PathBuf::from("docker"))
 }
 
-/// A dockerd (with its own containerd) for one test.
+/// A dockerd (with its own containerd, which it starts and stops) for one test or benchmark: Debian's docker.io
+/// 20.10 (the last series that loads graph-driver plugins), with its own data root, exec root, API socket and
+/// containerd namespaces, and no networking set-up (`--iptables=false --bridge=none --ip-forward=false
+/// --ip-masq=false`).
 pub struct Dockerd {
     /// `-s` value.
     pub driver: String,
-    /// `unix://<dir>/docker.sock`, for `DOCKER_HOST`.
+    /// `unix://<run>/docker.sock`, for `DOCKER_HOST`.
     pub host: String,
     /// dockerd's log (all runs, appended).
     pub log: PathBuf,
+    /// `--log-level` (`debug` by default).
+    pub log_level: String,
     /// Extra daemon flags.
     pub extra_args: Vec<String>,
     child: Option<Child>,
     id: String,
-    dir: TestDir,
+    /// `root/`, `cli/` and the log.
+    dir: PathBuf,
+    /// The exec root (`exec/`), API socket and pid file: a short path, as containerd's sockets below the exec
+    /// root must fit in a unix socket address.
+    run: PathBuf,
+    _dir: Option<TestDir>,
 }
 
 impl Dockerd {
@@ -521,29 +531,43 @@ impl Dockerd {
         d
     }
 
-    /// Prepares directories without starting the daemon.
+    /// Prepares a fresh test directory (removed on drop) without starting the daemon.
     pub fn new(driver: &str) -> Dockerd {
         let id = unique_name("dockerd")
             .trim_start_matches("lamina-test-")
             .to_string();
         let dir = TestDir::new(&format!("d-{id}"));
-        for sub in ["root", "exec", "cli"] {
-            fs::create_dir_all(dir.join(sub)).unwrap();
+        let mut d = Dockerd::in_dirs(driver, dir.path(), dir.path());
+        d._dir = Some(dir);
+        d
+    }
+
+    /// A daemon with its data in `dir` and its exec root and API socket in `run` (both created; `run` is removed
+    /// on drop when it is not `dir`); not started.
+    pub fn in_dirs(driver: &str, dir: &Path, run: &Path) -> Dockerd {
+        let id = unique_name("dockerd")
+            .trim_start_matches("lamina-test-")
+            .to_string();
+        for sub in [dir.join("root"), dir.join("cli"), run.join("exec")] {
+            fs::create_dir_all(&sub).unwrap_or_else(|e| panic!("create {}: {e}", sub.display()));
         }
         Dockerd {
             driver: driver.to_string(),
-            host: format!("unix://{}", dir.join("docker.sock").display()),
+            host: format!("unix://{}", run.join("docker.sock").display()),
             log: dir.join("dockerd.log"),
+            log_level: "debug".into(),
             extra_args: Vec::new(),
             child: None,
             id,
-            dir,
+            dir: dir.to_path_buf(),
+            run: run.to_path_buf(),
+            _dir: None,
         }
     }
 
-    /// The per-test directory.
+    /// The daemon's directory (`root/`, `cli/`, the log).
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.dir
     }
 
     /// dockerd's `--data-root`.
@@ -551,7 +575,8 @@ impl Dockerd {
         self.dir.join("root")
     }
 
-    fn spawn(&mut self) {
+    /// Starts the process (no readiness wait).
+    pub fn spawn(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -562,9 +587,9 @@ impl Dockerd {
         cmd.arg("--data-root")
             .arg(self.dir.join("root"))
             .arg("--exec-root")
-            .arg(self.dir.join("exec"))
+            .arg(self.run.join("exec"))
             .arg("--pidfile")
-            .arg(self.dir.join("dockerd.pid"))
+            .arg(self.run.join("dockerd.pid"))
             .arg("-H")
             .arg(&self.host)
             .arg("--experimental")
@@ -580,8 +605,8 @@ impl Dockerd {
                 "--ip-masq=false",
                 "--userland-proxy=false",
                 "--shutdown-timeout=3",
-                "--log-level=debug",
             ])
+            .arg(format!("--log-level={}", self.log_level))
             .arg(format!("--containerd-namespace=e2e-{}", self.id))
             .arg(format!("--containerd-plugins-namespace=e2e-{}-p", self.id))
             .args(&self.extra_args)
@@ -591,9 +616,10 @@ impl Dockerd {
         self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("spawn dockerd: {e}")));
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until `docker info` reports our storage driver; panics (with the log) if dockerd exits or 90 s pass.
+    pub fn wait_ready(&mut self) {
         // dockerd retries a missing plugin for ~15 s before giving up, so allow more than that.
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!(
@@ -610,12 +636,12 @@ impl Dockerd {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "dockerd -s {} not ready within 60 s; log:\n{}",
+                    "dockerd -s {} not ready within 90 s; log:\n{}",
                     self.driver,
                     self.log_tail()
                 );
             }
-            thread::sleep(Duration::from_millis(200));
+            thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -637,11 +663,16 @@ impl Dockerd {
         self.docker_cmd(args).output().expect("run docker CLI")
     }
 
-    /// Runs `docker <args>`, panics (with the daemon log) unless it succeeds; returns trimmed stdout.
+    /// Runs `docker <args>`, panics unless it succeeds; returns trimmed stdout.
     pub fn ok(&self, args: &[&str]) -> String {
+        self.try_ok(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs `docker <args>`; its trimmed stdout, or an error with its output unless it succeeds.
+    pub fn try_ok(&self, args: &[&str]) -> Result<String, String> {
         let out = self.docker(args);
-        self.check(args, &out);
-        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+        self.check(args, &out)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
     }
 
     /// Runs `docker <args>` with `input` on stdin; panics unless it succeeds; returns trimmed stdout.
@@ -660,21 +691,22 @@ impl Dockerd {
         });
         let out = child.wait_with_output().unwrap();
         let _ = writer.join();
-        self.check(args, &out);
+        self.check(args, &out).unwrap_or_else(|e| panic!("{e}"));
         String::from_utf8_lossy(&out.stdout).trim_end().to_string()
     }
 
-    fn check(&self, args: &[&str], out: &Output) {
-        if !out.status.success() {
-            panic!(
-                "`docker {}` failed ({}) on dockerd -s {}:\nstdout: {}\nstderr: {}",
-                args.join(" "),
-                out.status,
-                self.driver,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+    fn check(&self, args: &[&str], out: &Output) -> Result<(), String> {
+        if out.status.success() {
+            return Ok(());
         }
+        Err(format!(
+            "`docker {}` failed ({}) on dockerd -s {}:\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            out.status,
+            self.driver,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 
     /// PID of the running daemon.
@@ -696,7 +728,7 @@ impl Dockerd {
             )
         });
         // Its containerd exits on its own shortly after.
-        let exec = self.dir.join("exec");
+        let exec = self.run.join("exec");
         poll(Duration::from_secs(10), || {
             pids_referencing(&exec).is_empty().then_some(())
         });
@@ -741,8 +773,16 @@ impl Drop for Dockerd {
             );
         }
         // containerd, shims and containers of this daemon, then mounts (TestDir's drop does the rest).
-        kill_pids_referencing(self.dir.path());
-        unmount_under(self.dir.path());
+        for d in [&self.run, &self.dir] {
+            kill_pids_referencing(d);
+            unmount_under(d);
+        }
+        if self.run != self.dir {
+            let _ = fs::remove_dir_all(&self.run);
+            if let Some(parent) = self.run.parent() {
+                let _ = fs::remove_dir(parent);
+            }
+        }
     }
 }
 
