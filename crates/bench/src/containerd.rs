@@ -26,10 +26,11 @@ use tonic::transport::Channel;
 
 use super::engines::{start, Lamina};
 use super::engines_ctr::{
-    busybox_tree, drop_caches, oci_archive, percentile, run as run_cmd, Containerd, RunDir, TarWriter,
-    CTR_NAMESPACE, PROXY_NAME,
+    busybox_tree, drop_caches, oci_archive, percentile, run as run_cmd, RunDir, TarWriter, CTR_NAMESPACE,
+    PROXY_NAME,
 };
 use super::{Ctx, Figure, Unit, Workload};
+use lamina_testkit::containerd::Containerd;
 
 /// The workload.
 pub const SNAPSHOTTER: Workload = Workload {
@@ -257,8 +258,9 @@ fn unpack(ctx: &Ctx, dir: &Path, ctrd: &Containerd, figs: &mut Vec<Figure>) -> a
     let image = "bench.local/unpack:1";
     let sync = || run_cmd(&mut Command::new("sync"));
     let clean = || -> anyhow::Result<()> {
-        ctrd.ctr(&["images", "rm", "--sync", image])?;
-        ctrd.gc_now()
+        ctrd.ctr_ok(&["images", "rm", "--sync", image]);
+        ctrd.gc_now();
+        Ok(())
     };
     let mut samples: HashMap<(&str, &str), Vec<f64>> = HashMap::new();
     for _ in 0..ctx.runs {
@@ -266,17 +268,17 @@ fn unpack(ctx: &Ctx, dir: &Path, ctrd: &Containerd, figs: &mut Vec<Figure>) -> a
         drop_caches()?;
         sync()?;
         let t = Instant::now();
-        ctrd.ctr(&["images", "import", "--no-unpack", &archive])?;
+        ctrd.ctr_ok(&["images", "import", "--no-unpack", &archive]);
         let ingest = t.elapsed().as_secs_f64();
         clean()?;
         for sn in [PROXY_NAME, BASELINE] {
             drop_caches()?;
             let t = Instant::now();
-            ctrd.ctr(&["images", "import", "--snapshotter", sn, &archive])?;
+            ctrd.ctr_ok(&["images", "import", "--snapshotter", sn, &archive]);
             let import = t.elapsed().as_secs_f64();
             sync()?;
             let with_sync = t.elapsed().as_secs_f64();
-            let list = ctrd.ctr(&["snapshots", "--snapshotter", sn, "ls"])?;
+            let list = ctrd.ctr_ok(&["snapshots", "--snapshotter", sn, "ls"]);
             anyhow::ensure!(
                 list.lines().count() > 1,
                 "{sn}: no snapshots after import:\n{list}"
@@ -317,8 +319,12 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     lamina.log_level = "warn".into();
     lamina.exe = ctx.lamina_exe.clone();
     let lamina = start(lamina);
-    let ctrd = Containerd::start(&dir.join("containerd"), &run_dir.path, &sock)?;
-    let plugins = ctrd.ctr(&["plugins", "ls"])?;
+    let mut ctrd = Containerd::configure(&dir.join("containerd"), &run_dir.path, Some(&sock), "info");
+    ctrd.namespace = CTR_NAMESPACE.into();
+    ctrd.ctr_timeout = "600s".into();
+    ctrd.spawn();
+    ctrd.wait_ready();
+    let plugins = ctrd.ctr_ok(&["plugins", "ls"]);
     anyhow::ensure!(
         plugins
             .lines()

@@ -21,8 +21,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 pub use lamina_testkit::{
-    busybox_image, kill_pids_referencing, signal, unique_name, unmount_under, Dockerd, Lamina, Session,
-    PLUGIN_DIR,
+    busybox_image, kill_pids_referencing, unique_name, unmount_under, Dockerd, Lamina, Session, PLUGIN_DIR,
 };
 
 use super::Ctx;

@@ -22,10 +22,9 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::engines::{lamina, session, start};
-use super::engines_ctr::{
-    drop_caches, fill_random, have_moosefs, open_direct, percentile, AlignedBuf, MooseCluster, RunDir,
-};
+use super::engines_ctr::{drop_caches, fill_random, open_direct, percentile, AlignedBuf, RunDir};
 use super::{Ctx, Figure, Unit, Workload};
+use lamina_testkit::moosefs::{have_moosefs, MooseCluster};
 
 /// The workload.
 pub const VOLUME: Workload = Workload {
@@ -329,9 +328,9 @@ fn compare_io(
 /// subfolder, and the I/O loop in the volume against the same loop on the bare mount.
 fn moosefs(ctx: &Ctx, dir: &Path, plan: &IoPlan, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     ctx.say("starting a MooseFS cluster");
-    let cluster = MooseCluster::start(&dir.join("cluster"))?;
-    let bare_mnt = cluster.dir.join("bare-mnt");
-    cluster.mount(&bare_mnt, "/")?;
+    let cluster = MooseCluster::start_in(&dir.join("cluster"), 2);
+    let bare_mnt = cluster.dir().join("bare-mnt");
+    cluster.mount(&bare_mnt, "/");
     let bare = bare_mnt.join("bare-io");
     fs::create_dir_all(&bare)?;
     fs::create_dir_all(bare_mnt.join("mount-test"))?;
@@ -341,7 +340,7 @@ fn moosefs(ctx: &Ctx, dir: &Path, plan: &IoPlan, figs: &mut Vec<Figure>) -> anyh
     let mut spec = lamina(ctx, "mfslam").plugin_socket(&run_dir.path.join("plugin.sock"));
     let toml = format!(
         "[volumes]\nbackend = \"moosefs\"\n[volumes.moosefs]\nmaster = \"{}:9421\"\nremote_path = \"/docker/volumes\"\n",
-        cluster.master_host
+        cluster.master_host()
     );
     spec.extra_args = vec![
         "--volumes-mount-base".into(),
@@ -358,7 +357,7 @@ fn moosefs(ctx: &Ctx, dir: &Path, plan: &IoPlan, figs: &mut Vec<Figure>) -> anyh
     let iters = 20;
     let case = "moosefs volume";
     let (mut lm, mut lu, mut bm, mut bu) = (vec![], vec![], vec![], vec![]);
-    let target = cluster.dir.join("bare-mount-target");
+    let target = cluster.dir().join("bare-mount-target");
     for _ in 0..ctx.runs {
         let (mut m, mut u, mut m2, mut u2) = (vec![], vec![], vec![], vec![]);
         for _ in 0..iters {
@@ -369,7 +368,7 @@ fn moosefs(ctx: &Ctx, dir: &Path, plan: &IoPlan, figs: &mut Vec<Figure>) -> anyh
             c.call("VolumeDriver.Unmount", &name_id)?;
             u.push(us(t.elapsed()));
             let t = Instant::now();
-            cluster.mount(&target, "/mount-test")?;
+            cluster.mount(&target, "/mount-test");
             m2.push(us(t.elapsed()));
             let t = Instant::now();
             // Detached (lazily): a plain unmount right after mfsmount returns answers EBUSY.

@@ -73,6 +73,8 @@ pub struct Containerd {
     pub address: PathBuf,
     /// containerd namespace used by [`Containerd::ctr`].
     pub namespace: String,
+    /// `ctr --timeout` of [`Containerd::ctr`] and the `ctr_ok` family (`LAMINA_E2E_CTR_TIMEOUT`, else `300s`).
+    pub ctr_timeout: String,
     /// stdout+stderr of every run, appended.
     pub log: PathBuf,
     /// The generated `config.toml`.
@@ -90,8 +92,14 @@ impl Containerd {
         c
     }
 
-    /// Prepares directories and the config without starting containerd.
+    /// Prepares directories and the config (debug log) without starting containerd.
     pub fn new(dir: &Path, proxy: Option<&Path>) -> Containerd {
+        Containerd::configure(dir, dir, proxy, "debug")
+    }
+
+    /// Prepares directories and the config without starting containerd: everything below `dir` but the GRPC
+    /// and ttrpc sockets, which go to `sockets` (a unix socket address must fit in 108 bytes).
+    pub fn configure(dir: &Path, sockets: &Path, proxy: Option<&Path>, log_level: &str) -> Containerd {
         let root = dir.join("root");
         let state = dir.join("state");
         for d in [
@@ -100,10 +108,11 @@ impl Containerd {
             &dir.join("tmp"),
             &dir.join("fifo"),
             &dir.join("runc"),
+            &sockets.to_path_buf(),
         ] {
             fs::create_dir_all(d).unwrap();
         }
-        let address = dir.join("c.sock");
+        let address = sockets.join("c.sock");
         let config = dir.join("config.toml");
         let mut toml = String::new();
         let q = |p: &Path| format!("{:?}", p.to_str().expect("utf-8 path"));
@@ -120,8 +129,8 @@ impl Containerd {
         )
         .unwrap();
         writeln!(toml, "[grpc]\n  address = {}", q(&address)).unwrap();
-        writeln!(toml, "[ttrpc]\n  address = {}", q(&dir.join("c.sock.ttrpc"))).unwrap();
-        writeln!(toml, "[debug]\n  level = \"debug\"").unwrap();
+        writeln!(toml, "[ttrpc]\n  address = {}", q(&sockets.join("c.sock.ttrpc"))).unwrap();
+        writeln!(toml, "[debug]\n  level = \"{log_level}\"").unwrap();
         writeln!(toml, "[metrics]\n  address = \"\"").unwrap();
         // No immediate GC pass after each deletion or every 100 mutations: snapshots made with ctr's view have
         // no GC root until the test labels them. containerd still schedules a deferred pass after deletions
@@ -147,13 +156,15 @@ impl Containerd {
             state,
             address,
             namespace: format!("e2e-{}", n.trim_start_matches("lamina-test-ns-")),
+            ctr_timeout: ctr_timeout(),
             log: dir.join("containerd.log"),
             config,
             child: None,
         }
     }
 
-    fn spawn(&mut self) {
+    /// Starts the process (no readiness wait).
+    pub fn spawn(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -174,7 +185,8 @@ impl Containerd {
         self.child = Some(child);
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until `ctr version` answers; panics (with the log) if containerd exits or 30 s pass.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -195,7 +207,7 @@ impl Containerd {
 
     /// `ctr --address <sock> -n <namespace> --timeout T <args>` (not yet run).
     pub fn ctr_cmd(&self, args: &[&str]) -> Command {
-        self.ctr_cmd_timeout(&ctr_timeout(), args)
+        self.ctr_cmd_timeout(&self.ctr_timeout, args)
     }
 
     /// Like [`Containerd::ctr_cmd`] with another `--timeout` (e.g. `20s`).
@@ -233,20 +245,25 @@ impl Containerd {
 
     /// Runs ctr with `args` in namespace `ns`, panics unless it succeeds; returns stdout.
     pub fn ctr_ok_in(&self, ns: &str, args: &[&str]) -> String {
+        self.try_ctr_in(ns, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs ctr with `args` in namespace `ns`; its stdout, or an error with its output unless it succeeds.
+    pub fn try_ctr_in(&self, ns: &str, args: &[&str]) -> Result<String, String> {
         let out = self
-            .ctr_cmd_in(ns, &ctr_timeout(), args)
+            .ctr_cmd_in(ns, &self.ctr_timeout, args)
             .output()
-            .expect("run ctr");
+            .map_err(|e| format!("run ctr: {e}"))?;
         if !out.status.success() {
-            panic!(
+            return Err(format!(
                 "`ctr {}` failed ({}):\nstdout: {}\nstderr: {}",
                 args.join(" "),
                 out.status,
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
-            );
+            ));
         }
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs ctr with `args`, panics if it succeeds; returns stderr (the error message).

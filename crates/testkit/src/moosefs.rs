@@ -30,7 +30,8 @@ const MFS_PACKAGES: &[&str] = &[
 /// The empty metadata file shipped by moosefs-master.
 const EMPTY_METADATA: &str = "/var/lib/mfs/metadata.mfs.empty";
 
-fn have_moosefs() -> bool {
+/// True if the MooseFS programs and the empty metadata file are installed.
+pub fn have_moosefs() -> bool {
     MFS_BINS.iter().all(|b| find_bin(b).is_some()) && Path::new(EMPTY_METADATA).exists()
 }
 
@@ -68,7 +69,8 @@ pub struct MooseCluster {
     pub start_time: Duration,
     master: Option<Child>,
     chunkservers: Vec<Option<Child>>,
-    dir: TestDir,
+    dir: PathBuf,
+    _dir: Option<TestDir>,
 }
 
 /// A free `198.18.X` block (no address of it on the host yet).
@@ -103,10 +105,17 @@ impl MooseCluster {
 
     /// Like [`MooseCluster::start`] with `n` chunkservers (1-8) at `198.18.X.2` .. `198.18.X.(n+1)`.
     pub fn start_n(tag: &str, n_cs: usize) -> MooseCluster {
+        let dir = TestDir::new(&unique_name(&format!("mfs-{tag}")));
+        let mut c = MooseCluster::start_in(dir.path(), n_cs);
+        c._dir = Some(dir);
+        c
+    }
+
+    /// Like [`MooseCluster::start_n`] with configs, disks and logs in `dir` (created, not removed).
+    pub fn start_in(dir: &Path, n_cs: usize) -> MooseCluster {
         assert!((1..=8).contains(&n_cs), "1-8 chunkservers");
         let t0 = Instant::now();
-        let name = unique_name(&format!("mfs-{tag}"));
-        let dir = TestDir::new(&name);
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         let n = SEQ_MFS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let ns = format!("lmfs{}-{n}", std::process::id());
         let prefix = free_prefix();
@@ -117,7 +126,8 @@ impl MooseCluster {
             start_time: Duration::ZERO,
             master: None,
             chunkservers: (0..n_cs).map(|_| None).collect(),
-            dir,
+            dir: dir.to_path_buf(),
+            _dir: None,
         };
         ip(&["netns", "add", &ns]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
@@ -155,7 +165,7 @@ impl MooseCluster {
         ]);
         ip(&["link", "set", &format!("{veth}h"), "up"]);
 
-        let b = c.dir.path().to_path_buf();
+        let b = c.dir.clone();
         fs::create_dir_all(b.join("master")).unwrap();
         for i in 1..=n_cs {
             fs::create_dir_all(b.join(format!("cs{i}/hdd"))).unwrap();
@@ -369,7 +379,7 @@ impl MooseCluster {
 
     /// The cluster's own directory (logs, configs, disks).
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.dir
     }
 
     /// The daemons' logs (last lines each).
@@ -396,7 +406,7 @@ impl Drop for MooseCluster {
             eprintln!("----- MooseFS cluster {} -----\n{}", self.ns, self.logs());
         }
         // Client mounts of this cluster first (they would block on a dead master), then the daemons by PID.
-        unmount_under(self.dir.path());
+        unmount_under(&self.dir);
         for c in self.chunkservers.iter_mut().flatten() {
             stop_child(c, Duration::from_secs(10));
         }
