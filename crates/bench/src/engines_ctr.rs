@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 pub use super::engines::drop_caches;
+pub use lamina_testkit::{fill_random, TarWriter};
 
 /// The static busybox of busybox-static.
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -275,101 +276,6 @@ fn proxy_connection(client: UnixStream, upstream: &Path, totals: &ProxyTotals) -
 // ------------------------------------------------------------------------------------------------------------
 // Streaming tar writer and generated content
 // ------------------------------------------------------------------------------------------------------------
-
-/// Fills `buf` with cheap pseudo-random bytes (xorshift64*) from `seed`: incompressible, deterministic.
-pub fn fill_random(seed: u64, buf: &mut [u8]) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
-}
-
-/// A ustar stream written to any writer: names must fit the 100-byte field.
-pub struct TarWriter<W: Write> {
-    out: W,
-}
-
-impl<W: Write> TarWriter<W> {
-    /// Wraps `out`.
-    pub fn new(out: W) -> Self {
-        TarWriter { out }
-    }
-
-    fn header(&mut self, name: &str, typeflag: u8, mode: u32, size: u64, link: &str) -> io::Result<()> {
-        if name.len() > 100 || link.len() > 100 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "tar name too long"));
-        }
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        let mut octal = |at: usize, len: usize, v: u64| {
-            let s = format!("{v:0w$o}", w = len - 1);
-            h[at..at + len - 1].copy_from_slice(s.as_bytes());
-        };
-        octal(100, 8, u64::from(mode));
-        octal(108, 8, 0);
-        octal(116, 8, 0);
-        octal(124, 12, size);
-        octal(136, 12, 1_700_000_000);
-        h[156] = typeflag;
-        h[157..157 + link.len()].copy_from_slice(link.as_bytes());
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-        self.out.write_all(&h)
-    }
-
-    /// A directory (`name` ends with `/`).
-    pub fn dir(&mut self, name: &str, mode: u32) -> io::Result<()> {
-        self.header(name, b'5', mode, 0, "")
-    }
-
-    /// A symbolic link.
-    pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
-        self.header(name, b'2', 0o777, 0, target)
-    }
-
-    /// A regular file with `data`.
-    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> io::Result<()> {
-        self.header(name, b'0', mode, data.len() as u64, "")?;
-        self.out.write_all(data)?;
-        self.pad(data.len() as u64)
-    }
-
-    /// A regular file of `size` pseudo-random bytes generated from `seed`, written in 1 MiB pieces (never held
-    /// in memory whole).
-    pub fn random_file(&mut self, name: &str, size: u64, seed: u64) -> io::Result<()> {
-        self.header(name, b'0', 0o644, size, "")?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = size;
-        let mut piece = 0u64;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            fill_random(seed ^ (piece << 32) ^ piece, &mut buf[..n]);
-            self.out.write_all(&buf[..n])?;
-            left -= n as u64;
-            piece += 1;
-        }
-        self.pad(size)
-    }
-
-    fn pad(&mut self, size: u64) -> io::Result<()> {
-        let pad = ((512 - size % 512) % 512) as usize;
-        self.out.write_all(&[0u8; 512][..pad])
-    }
-
-    /// The end-of-archive blocks; returns the writer.
-    pub fn finish(mut self) -> io::Result<W> {
-        self.out.write_all(&[0u8; 1024])?;
-        self.out.flush()?;
-        Ok(self.out)
-    }
-}
 
 /// Writes a busybox root filesystem (static `/bin/busybox`, one symlink per applet, `/etc/passwd`,
 /// `/etc/group`, `/tmp`, `/root`) into a tar stream.

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 
 /// Deterministic pseudo-random numbers (splitmix64).
 pub struct Rng(pub u64);
@@ -95,54 +95,16 @@ pub struct TarStats {
 
 /// Largest small file; keeps the log-normal tail from producing a handful of huge files.
 const MAX_SMALL: f64 = 16.0 * 1024.0 * 1024.0;
-const MTIME: u64 = 1_700_000_000;
 
 fn small_sizes(z: &[f64], median: f64, sigma: f64) -> impl Iterator<Item = u64> + '_ {
     z.iter()
         .map(move |z| (median * (sigma * z).exp()).min(MAX_SMALL).round() as u64)
 }
 
-/// Writes `value` as NUL-terminated zero-padded octal filling `field`.
-fn octal(field: &mut [u8], value: u64) -> Result<()> {
-    let digits = field.len() - 1;
-    let s = format!("{value:0digits$o}");
-    if s.len() > digits {
-        bail!("value {value} does not fit a {}-byte tar field", field.len());
-    }
-    field[..digits].copy_from_slice(s.as_bytes());
-    field[digits] = 0;
-    Ok(())
-}
-
-fn ustar_header(path: &str, dir: bool, size: u64) -> Result<[u8; 512]> {
-    let mut h = [0u8; 512];
-    let p = path.as_bytes();
-    if p.len() <= 100 {
-        h[..p.len()].copy_from_slice(p);
-    } else {
-        let cut = p[..p.len().min(156)]
-            .iter()
-            .rposition(|&c| c == b'/')
-            .filter(|&i| p.len() - i - 1 <= 100)
-            .ok_or_else(|| anyhow!("path too long for ustar: {path}"))?;
-        h[345..345 + cut].copy_from_slice(&p[..cut]);
-        h[..p.len() - cut - 1].copy_from_slice(&p[cut + 1..]);
-    }
-    octal(&mut h[100..108], if dir { 0o755 } else { 0o644 })?;
-    octal(&mut h[108..116], 0)?;
-    octal(&mut h[116..124], 0)?;
-    octal(&mut h[124..136], size)?;
-    octal(&mut h[136..148], MTIME)?;
-    h[156] = if dir { b'5' } else { b'0' };
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[265..269].copy_from_slice(b"root");
-    h[297..301].copy_from_slice(b"root");
-    h[148..156].fill(b' ');
-    let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
-    let s = format!("{sum:06o}\0 ");
-    h[148..156].copy_from_slice(s.as_bytes());
-    Ok(h)
+/// ustar header of a generated entry (mode 755 for directories, 644 for files).
+fn ustar_header(path: &str, dir: bool, size: u64) -> [u8; 512] {
+    let (flag, mode) = if dir { (b'5', 0o755) } else { (b'0', 0o644) };
+    lamina_testkit::tar_header(path.as_bytes(), flag, mode, size, b"")
 }
 
 struct TarWriter<W: Write> {
@@ -163,7 +125,7 @@ impl<W: Write> TarWriter<W> {
     }
 
     fn dir(&mut self, path: &str) -> Result<()> {
-        let h = ustar_header(&format!("{path}/"), true, 0)?;
+        let h = ustar_header(&format!("{path}/"), true, 0);
         self.put(&h)?;
         self.entries += 1;
         self.dirs += 1;
@@ -171,7 +133,7 @@ impl<W: Write> TarWriter<W> {
     }
 
     fn file(&mut self, path: &str, size: u64) -> Result<()> {
-        let h = ustar_header(path, false, size)?;
+        let h = ustar_header(path, false, size);
         self.put(&h)?;
         let mut left = size;
         while left > 0 {
@@ -275,16 +237,9 @@ pub fn gen_tar(out: &Path, spec: &TarSpec) -> Result<TarStats> {
 /// An in-memory tar holding one small file, for building layer chains.
 pub fn tiny_tar(name: &str) -> Result<Vec<u8>> {
     let body = format!("layer {name}\n");
-    let mut v = Vec::with_capacity(2048);
-    v.extend_from_slice(&ustar_header(
-        &format!("layer-{name}.txt"),
-        false,
-        body.len() as u64,
-    )?);
-    v.extend_from_slice(body.as_bytes());
-    v.resize(v.len().div_ceil(512) * 512, 0);
-    v.resize(v.len() + 1024, 0);
-    Ok(v)
+    Ok(lamina_testkit::TarBuilder::new()
+        .file(&format!("layer-{name}.txt"), 0o644, body.as_bytes())
+        .finish())
 }
 
 // ---------------------------------------------------------------------------------------------

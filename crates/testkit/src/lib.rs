@@ -1303,10 +1303,11 @@ fn read_response(r: &mut impl BufRead) -> io::Result<HttpResponse> {
 // Tar streams
 // ------------------------------------------------------------------------------------------------------------
 
-/// Builds ustar streams by hand, so that entries well-behaved tools refuse to write can be made.
+/// Builds ustar streams by hand in memory, so that entries well-behaved tools refuse to write can be made: a
+/// [`TarWriter`] into a `Vec`.
 #[derive(Default)]
 pub struct TarBuilder {
-    buf: Vec<u8>,
+    w: TarWriter<Vec<u8>>,
 }
 
 /// ustar header of one entry.
@@ -1352,6 +1353,90 @@ pub fn tar_header(name: &[u8], typeflag: u8, mode: u32, size: u64, linkname: &[u
     h
 }
 
+/// Writes ustar entries to any writer, streaming (file contents are never held whole when they come from
+/// [`TarWriter::random_file`]).
+#[derive(Default)]
+pub struct TarWriter<W: Write> {
+    out: W,
+}
+
+impl<W: Write> TarWriter<W> {
+    /// Wraps `out`.
+    pub fn new(out: W) -> Self {
+        TarWriter { out }
+    }
+
+    /// Any entry: header, data, padding. Names that do not fit ustar are an error.
+    pub fn entry(
+        &mut self,
+        name: &[u8],
+        typeflag: u8,
+        mode: u32,
+        data: &[u8],
+        linkname: &[u8],
+    ) -> io::Result<()> {
+        self.header(name, typeflag, mode, data.len() as u64, linkname)?;
+        self.out.write_all(data)?;
+        self.pad(data.len() as u64)
+    }
+
+    fn header(&mut self, name: &[u8], typeflag: u8, mode: u32, size: u64, linkname: &[u8]) -> io::Result<()> {
+        if name.len() > 255 || linkname.len() > 100 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "tar name too long"));
+        }
+        self.out
+            .write_all(&tar_header(name, typeflag, mode, size, linkname))
+    }
+
+    /// A directory (`name` ends with `/`).
+    pub fn dir(&mut self, name: &str, mode: u32) -> io::Result<()> {
+        self.entry(name.as_bytes(), b'5', mode, b"", b"")
+    }
+
+    /// A symbolic link.
+    pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
+        self.entry(name.as_bytes(), b'2', 0o777, b"", target.as_bytes())
+    }
+
+    /// A hard link to an earlier entry.
+    pub fn hardlink(&mut self, name: &str, target: &str) -> io::Result<()> {
+        self.entry(name.as_bytes(), b'1', 0o644, b"", target.as_bytes())
+    }
+
+    /// A regular file with `data`.
+    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+        self.entry(name.as_bytes(), b'0', mode, data, b"")
+    }
+
+    /// A regular file of `size` pseudo-random bytes generated from `seed`, written in 1 MiB pieces.
+    pub fn random_file(&mut self, name: &str, size: u64, seed: u64) -> io::Result<()> {
+        self.header(name.as_bytes(), b'0', 0o644, size, b"")?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = size;
+        let mut piece = 0u64;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            fill_random(seed ^ (piece << 32) ^ piece, &mut buf[..n]);
+            self.out.write_all(&buf[..n])?;
+            left -= n as u64;
+            piece += 1;
+        }
+        self.pad(size)
+    }
+
+    fn pad(&mut self, size: u64) -> io::Result<()> {
+        let pad = ((512 - size % 512) % 512) as usize;
+        self.out.write_all(&[0u8; 512][..pad])
+    }
+
+    /// The end-of-archive blocks; returns the writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.out.write_all(&[0u8; 1024])?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
 impl TarBuilder {
     pub fn new() -> TarBuilder {
         TarBuilder::default()
@@ -1359,11 +1444,9 @@ impl TarBuilder {
 
     /// Any entry: header, data, padding.
     pub fn entry(&mut self, name: &[u8], typeflag: u8, mode: u32, data: &[u8], linkname: &[u8]) -> &mut Self {
-        self.buf
-            .extend_from_slice(&tar_header(name, typeflag, mode, data.len() as u64, linkname));
-        self.buf.extend_from_slice(data);
-        let pad = (512 - data.len() % 512) % 512;
-        self.buf.extend(std::iter::repeat_n(0u8, pad));
+        self.w
+            .entry(name, typeflag, mode, data, linkname)
+            .unwrap_or_else(|e| panic!("tar entry {}: {e}", String::from_utf8_lossy(name)));
         self
     }
 
@@ -1385,14 +1468,14 @@ impl TarBuilder {
 
     /// The stream with its two zero blocks.
     pub fn finish(&self) -> Vec<u8> {
-        let mut v = self.buf.clone();
+        let mut v = self.w.out.clone();
         v.extend(std::iter::repeat_n(0u8, 1024));
         v
     }
 
     /// The stream without end-of-archive blocks.
     pub fn unterminated(&self) -> Vec<u8> {
-        self.buf.clone()
+        self.w.out.clone()
     }
 }
 
