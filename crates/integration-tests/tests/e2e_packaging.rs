@@ -309,11 +309,11 @@ fn deb_install_serve_purge() {
     {
         return;
     }
-    if find_cargo_deb().is_none() {
-        if in_ci() {
-            panic!("deb_install_serve_purge needs cargo-deb (cargo install cargo-deb --locked), and CI=true forbids skipping");
-        }
-        eprintln!("\n******** SKIPPED: deb_install_serve_purge needs cargo-deb ********\n");
+    if !require(
+        "deb_install_serve_purge",
+        "cargo-deb (cargo install cargo-deb --locked)",
+        find_cargo_deb().is_some(),
+    ) {
         return;
     }
     let work = TestDir::new(&unique_name("deb"));

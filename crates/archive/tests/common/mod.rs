@@ -1,5 +1,5 @@
-//! Shared helpers for the integration tests: a raw tar fixture builder, tree snapshots
-//! and the root check.
+//! Shared helpers for the integration tests: a raw tar fixture builder and tree snapshots (the root check is
+//! `lamina-testkit`'s).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -10,18 +10,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
-
-/// Whether root-only tests can run. Not root: a loud skip, or a panic under `CI=true`.
-pub fn require_root(test: &str) -> bool {
-    if lamina_sys::fs::running_as_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root and CI=true");
-    }
-    eprintln!("!!!! SKIPPED (needs root): {test}");
-    false
-}
 
 pub fn major(dev: u64) -> u64 {
     ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff)
