@@ -322,7 +322,7 @@ fn kill_points_and_random_kills() {
     let quiet = d.base.dir().join("hits-clean.log");
     assert!(d.start(None, &quiet));
     if !lamina_sys::fault::ENABLED {
-        // Integration tests always build the binary with the lamina crate's dev-dependency features.
+        // `cargo build --workspace --all-targets` builds the lamina binary with the faults feature.
         eprintln!("note: the test crate itself is built without the faults feature");
     }
     // The bases: a graph-driver layer and a committed snapshot.
