@@ -6,7 +6,7 @@
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -15,36 +15,8 @@ use std::time::Duration;
 use lamina_testkit::*;
 use serde_json::Value;
 
-fn lamina_cli(root: &Path, args: &[&str]) -> Output {
-    Command::new(lamina_bin())
-        .args(args)
-        .arg("--data-root")
-        .arg(root)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
-}
-
-fn cli_ok(root: &Path, args: &[&str]) -> String {
-    let out = lamina_cli(root, args);
-    assert!(
-        out.status.success(),
-        "lamina {args:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn cli_json(root: &Path, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    serde_json::from_str(&cli_ok(root, &a)).unwrap()
-}
-
 fn docker_ns(root: &Path) -> String {
-    let layers = cli_json(root, &["layers", "ls"]);
+    let layers = lamina_cli_json(root, &["layers", "ls"]);
     layers
         .as_array()
         .unwrap()
@@ -94,7 +66,7 @@ fn verify_digest_and_statistics() {
         .docker
         .ok(&["image", "inspect", "-f", "{{index .RootFS.Layers 0}}", "bb:1"]);
     assert_eq!(sha256sum(&tarball), diff_id, "tar digest vs DiffID");
-    let layers = cli_json(&root, &["layers", "ls"]);
+    let layers = lamina_cli_json(&root, &["layers", "ls"]);
     let image_layer = layers
         .as_array()
         .unwrap()
@@ -107,7 +79,7 @@ fn verify_digest_and_statistics() {
     let name = image_layer["record"]["name"].as_str().unwrap().to_string();
 
     // Verification: clean, then a flipped byte, through the daemon.
-    let out = cli_ok(&root, &["verify", "--all"]);
+    let out = lamina_cli_ok(&root, &["verify", "--all"]);
     assert!(out.contains("0 mismatched"), "{out}");
     let victim = root.join(format!("layers/{number:x}/diff/bin/busybox"));
     let mut bytes = fs::read(&victim).unwrap();
@@ -124,7 +96,7 @@ fn verify_digest_and_statistics() {
     assert_eq!(by_name.status.code(), Some(1));
     bytes[1000] ^= 1;
     fs::write(&victim, &bytes).unwrap();
-    let out = cli_ok(&root, &["verify", &format!("{number:x}")]);
+    let out = lamina_cli_ok(&root, &["verify", &format!("{number:x}")]);
     assert!(out.contains("ok "), "{out}");
 
     // Statistics: a scripted Get/Put sequence on a fresh layer over the image layer.
@@ -143,22 +115,23 @@ fn verify_digest_and_statistics() {
     }
     c.call("Get", serde_json::json!({"ID": "statlayer", "MountLabel": ""}))
         .ok("get");
-    let inspect = |root: &Path| cli_json(root, &["layers", "inspect", "statlayer", "--namespace", &ns]);
+    let inspect =
+        |root: &Path| lamina_cli_json(root, &["layers", "inspect", "statlayer", "--namespace", &ns]);
     let v = inspect(&root);
     assert_eq!(v["stats"]["gets"], 4, "{v:#}");
     assert_eq!(v["stats"]["uses"], 2, "{v:#}");
     assert_eq!(v["mounts"], 1, "{v:#}");
     let image_uses = |root: &Path| {
-        cli_json(root, &["layers", "inspect", &format!("{number:x}")])["stats"]["uses"]
+        lamina_cli_json(root, &["layers", "inspect", &format!("{number:x}")])["stats"]["uses"]
             .as_u64()
             .unwrap()
     };
     let before = image_uses(&root);
     assert!(before >= 2, "the image layer was below two bring-ups: {before}");
     c.call("Put", serde_json::json!({"ID": "statlayer"})).ok("put");
-    let top = cli_ok(&root, &["layers", "top", "-n", "3"]);
+    let top = lamina_cli_ok(&root, &["layers", "top", "-n", "3"]);
     assert!(top.contains(&format!("{number:x} ")), "{top}");
-    let status = cli_json(&root, &["status"]);
+    let status = lamina_cli_json(&root, &["status"]);
     assert!(status["counters"]["gets"].as_u64().unwrap() >= 4, "{status:#}");
     assert!(status["counters"]["puts"].as_u64().unwrap() >= 4, "{status:#}");
 
@@ -253,13 +226,13 @@ fn gc_removes_exactly_the_planted_garbage() {
     // 1. While lamina runs: an orphan directory, found and removed through the daemon.
     fs::create_dir_all(root.join("layers/fff0/diff")).unwrap();
     fs::write(root.join("layers/fff0/diff/x"), vec![1u8; 5000]).unwrap();
-    let dry = cli_json(&root, &["gc", "--dry-run"]);
+    let dry = lamina_cli_json(&root, &["gc", "--dry-run"]);
     assert_eq!(
         kinds(&dry, &root),
         vec![("orphan_dir".into(), "layers/fff0".into())],
         "{dry:#}"
     );
-    let done = cli_json(&root, &["gc"]);
+    let done = lamina_cli_json(&root, &["gc"]);
     assert_eq!(kinds(&done, &root), kinds(&dry, &root));
     assert!(!root.join("layers/fff0").exists());
 
@@ -304,7 +277,7 @@ fn gc_removes_exactly_the_planted_garbage() {
     );
     fs::create_dir_all(root.join("layers/fff2")).unwrap();
 
-    let dry = cli_json(&root, &["gc", "--dry-run"]);
+    let dry = lamina_cli_json(&root, &["gc", "--dry-run"]);
     let staged: Vec<String> = fs::read_dir(&staging)
         .unwrap()
         .map(|e| format!("staging/{}", e.unwrap().file_name().to_string_lossy()))
@@ -319,10 +292,10 @@ fn gc_removes_exactly_the_planted_garbage() {
     expected.sort();
     assert_eq!(kinds(&dry, &root), expected, "{dry:#}");
     assert!(dry["bytes"].as_u64().unwrap() > 0);
-    let text = cli_ok(&root, &["gc", "--dry-run"]);
+    let text = lamina_cli_ok(&root, &["gc", "--dry-run"]);
     assert!(text.contains("would remove interrupted_apply"), "{text}");
 
-    let done = cli_json(&root, &["gc"]);
+    let done = lamina_cli_json(&root, &["gc"]);
     assert_eq!(kinds(&done, &root), expected, "{done:#}");
     assert!(done["errors"].as_array().unwrap().is_empty(), "{done:#}");
     assert!(!root.join("layers/fff1").exists() && !root.join("layers/fff2").exists());
@@ -330,7 +303,7 @@ fn gc_removes_exactly_the_planted_garbage() {
     assert!(mounts_under(&root.join("layers"))
         .iter()
         .all(|m| !m.starts_with(root.join("layers/fff1"))));
-    let again = cli_json(&root, &["gc", "--dry-run"]);
+    let again = lamina_cli_json(&root, &["gc", "--dry-run"]);
     assert!(again["items"].as_array().unwrap().is_empty(), "{again:#}");
     // The container kept running throughout (dockerd cannot exec while its plugin is down: look directly).
     assert!(pid_alive(pid));
@@ -341,7 +314,7 @@ fn gc_removes_exactly_the_planted_garbage() {
 
     // lamina again: the rolled-back layer takes a retry, docker works, the container stops cleanly.
     s.lamina.start_again();
-    let v = cli_json(&root, &["layers", "inspect", "halfway", "--namespace", &ns]);
+    let v = lamina_cli_json(&root, &["layers", "inspect", "halfway", "--namespace", &ns]);
     assert_eq!(v["record"]["state"], "Empty", "{v:#}");
     let small = TarBuilder::new().file("ok", 0o644, b"ok").finish();
     c.apply_diff("halfway", "", &mut &small[..]).unwrap().ok("retry");

@@ -14,7 +14,6 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
@@ -124,23 +123,6 @@ fn requests(m: &BTreeMap<String, f64>, proto: &str, op: &str, result: &str) -> u
         m,
         &format!("lamina_requests_total{{protocol=\"{proto}\",op=\"{op}\",result=\"{result}\"}}"),
     ) as u64
-}
-
-fn lamina_cli_json(root: &Path, args: &[&str]) -> Value {
-    let out = Command::new(lamina_bin())
-        .args(args)
-        .arg("--data-root")
-        .arg(root)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lamina {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 struct Snap {

@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use crate::reliability::{RawTar, Rng};
@@ -109,26 +108,7 @@ impl Daemon {
     }
 
     pub fn cli(&self, args: &[&str]) -> Value {
-        let out = Command::new(lamina_bin())
-            .args(args)
-            .arg("--data-root")
-            .arg(self.root())
-            .arg("--json")
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lamina {args:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "lamina {args:?}: not JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        lamina_cli_json(self.root(), args)
     }
 }
 

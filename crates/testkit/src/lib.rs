@@ -56,6 +56,38 @@ pub fn lamina_bin() -> PathBuf {
     workspace_bin("lamina", "LAMINA_BIN")
 }
 
+/// `lamina <args> --data-root <root>` (the CLI of the binary under test), whatever the outcome.
+pub fn lamina_cli(root: &Path, args: &[&str]) -> Output {
+    Command::new(lamina_bin())
+        .args(args)
+        .arg("--data-root")
+        .arg(root)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", lamina_bin().display()))
+}
+
+/// [`lamina_cli`]; panics unless it succeeds; returns stdout.
+pub fn lamina_cli_ok(root: &Path, args: &[&str]) -> String {
+    let out = lamina_cli(root, args);
+    assert!(
+        out.status.success(),
+        "lamina {args:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// [`lamina_cli_ok`] with `--json`, parsed.
+pub fn lamina_cli_json(root: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = lamina_cli_ok(root, &a);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("lamina {args:?}: not JSON ({e}): {out}"))
+}
+
 /// The benchmark binary: `LAMINA_BENCH_BIN` if set, else `lamina-bench` next to [`lamina_bin`]'s default place.
 pub fn lamina_bench_bin() -> PathBuf {
     workspace_bin("lamina-bench", "LAMINA_BENCH_BIN")
