@@ -254,15 +254,7 @@ impl Containerd {
             .ctr_cmd_in(ns, &self.ctr_timeout, args)
             .output()
             .map_err(|e| format!("run ctr: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "`ctr {}` failed ({}):\nstdout: {}\nstderr: {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
+        check_output(&format!("ctr {}", args.join(" ")), &out)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 

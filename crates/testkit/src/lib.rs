@@ -70,13 +70,7 @@ pub fn lamina_cli(root: &Path, args: &[&str]) -> Output {
 /// [`lamina_cli`]; panics unless it succeeds; returns stdout.
 pub fn lamina_cli_ok(root: &Path, args: &[&str]) -> String {
     let out = lamina_cli(root, args);
-    assert!(
-        out.status.success(),
-        "lamina {args:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_output(&format!("lamina {args:?}"), &out).unwrap_or_else(|e| panic!("{e}"));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -527,16 +521,23 @@ pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T>
     }
 }
 
-/// Runs a command, panicking with its output if it fails.
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+/// `Ok` if `out` is a success, else an error naming `what` with the exit status, stdout and stderr.
+pub fn check_output(what: &str, out: &Output) -> Result<(), String> {
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "`{what}` failed ({}):\nstdout: {}\nstderr: {}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
+    ))
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    check_output(&format!("{cmd:?}"), &out).unwrap_or_else(|e| panic!("{e}"));
     out
 }
 
@@ -752,17 +753,8 @@ impl Dockerd {
     }
 
     fn check(&self, args: &[&str], out: &Output) -> Result<(), String> {
-        if out.status.success() {
-            return Ok(());
-        }
-        Err(format!(
-            "`docker {}` failed ({}) on dockerd -s {}:\nstdout: {}\nstderr: {}",
-            args.join(" "),
-            out.status,
-            self.driver,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
+        check_output(&format!("docker {}", args.join(" ")), out)
+            .map_err(|e| format!("{e} (dockerd -s {})", self.driver))
     }
 
     /// PID of the running daemon.
