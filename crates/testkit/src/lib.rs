@@ -1722,14 +1722,7 @@ impl Sentinel {
 
     /// Records every entry below each of `trees` plus each of `files` (which may not exist).
     pub fn capture(trees: &[&Path], files: &[&Path]) -> Sentinel {
-        let mut recorded = BTreeMap::new();
-        for t in trees {
-            recorded.insert(t.to_path_buf(), entry_state(t));
-            for p in walk(t) {
-                let st = entry_state(&p);
-                recorded.insert(p, st);
-            }
-        }
+        let mut recorded = record_trees(trees, entry_state);
         for f in files {
             recorded.insert(f.to_path_buf(), entry_state(f));
         }
@@ -1741,26 +1734,49 @@ impl Sentinel {
 
     /// Panics with every difference since `capture`.
     pub fn assert_unchanged(&self, case: &str) {
-        let mut diffs = Vec::new();
-        for (p, before) in &self.recorded {
-            let now = entry_state(p);
-            if &now != before {
-                diffs.push(format!("{}: {before:?} -> {now:?}", p.display()));
-            }
-        }
-        for t in &self.trees {
-            for p in walk(t) {
-                if !self.recorded.contains_key(&p) {
-                    diffs.push(format!("{}: new entry", p.display()));
-                }
-            }
-        }
+        let diffs = tree_diffs(&self.recorded, &self.trees, entry_state);
         assert!(
             diffs.is_empty(),
             "{case}: changed outside the layer:\n{}",
             diffs.join("\n")
         );
     }
+}
+
+/// The state of every entry at and below each of `trees`.
+pub(crate) fn record_trees<S>(trees: &[&Path], state: impl Fn(&Path) -> S) -> BTreeMap<PathBuf, S> {
+    let mut recorded = BTreeMap::new();
+    for t in trees {
+        recorded.insert(t.to_path_buf(), state(t));
+        for p in walk(t) {
+            let st = state(&p);
+            recorded.insert(p, st);
+        }
+    }
+    recorded
+}
+
+/// Every difference between `recorded` and now: changed or removed entries, and entries new below `trees`.
+pub(crate) fn tree_diffs<S: PartialEq + std::fmt::Debug>(
+    recorded: &BTreeMap<PathBuf, S>,
+    trees: &[PathBuf],
+    state: impl Fn(&Path) -> S,
+) -> Vec<String> {
+    let mut diffs = Vec::new();
+    for (p, before) in recorded {
+        let now = state(p);
+        if &now != before {
+            diffs.push(format!("{}: {before:?} -> {now:?}", p.display()));
+        }
+    }
+    for t in trees {
+        for p in walk(t) {
+            if !recorded.contains_key(&p) {
+                diffs.push(format!("{}: new entry", p.display()));
+            }
+        }
+    }
+    diffs
 }
 
 /// Names (non-recursively) in `dir` that contain `marker`.

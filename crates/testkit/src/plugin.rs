@@ -91,13 +91,7 @@ impl ManagedPlugin {
     /// `docker plugin create NAME DIR` (disabled).
     pub fn create(d: &Dockerd, name: &str, dir: &Path) -> ManagedPlugin {
         d.ok(&["plugin", "create", name, dir.to_str().unwrap()]);
-        let id = d.ok(&["plugin", "inspect", "--format", "{{.Id}}", name]);
-        assert_eq!(id.len(), 64, "plugin id {id:?}");
-        ManagedPlugin {
-            name: name.to_string(),
-            id,
-            data_root: d.data_root(),
-        }
+        ManagedPlugin::adopt(d, name)
     }
 
     /// A plugin that already exists on `d` (installed with `docker plugin install`).

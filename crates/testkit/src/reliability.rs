@@ -434,37 +434,15 @@ impl DeepSentinel {
     }
 
     pub fn capture(roots: &[&Path]) -> DeepSentinel {
-        let mut recorded = BTreeMap::new();
-        for r in roots {
-            recorded.insert(r.to_path_buf(), deep_state(r));
-            for p in super::walk(r) {
-                let st = deep_state(&p);
-                recorded.insert(p, st);
-            }
-        }
         DeepSentinel {
             roots: roots.iter().map(|p| p.to_path_buf()).collect(),
-            recorded,
+            recorded: super::record_trees(roots, deep_state),
         }
     }
 
     /// Every difference since `capture` (changed, removed or new entries).
     pub fn diffs(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (p, before) in &self.recorded {
-            let now = deep_state(p);
-            if &now != before {
-                out.push(format!("{}: {before:?} -> {now:?}", p.display()));
-            }
-        }
-        for r in &self.roots {
-            for p in super::walk(r) {
-                if !self.recorded.contains_key(&p) {
-                    out.push(format!("{}: new entry", p.display()));
-                }
-            }
-        }
-        out
+        super::tree_diffs(&self.recorded, &self.roots, deep_state)
     }
 }
 
