@@ -29,28 +29,13 @@ use super::Ctx;
 /// Short-pathed runtime directories of the dockerds a run starts (exec roots, API sockets).
 pub const RUN_DIR: &str = "/run/lamina-bench";
 
-fn open_log(path: &Path) -> Result<fs::File> {
-    fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))
-}
-
-/// Runs a command to completion; fails with its stderr unless it exits 0.
+/// Runs a command to completion (stdin closed); fails with its output unless it exits 0.
 pub fn run_checked(cmd: &mut Command) -> Result<Output> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim_end(),
-            String::from_utf8_lossy(&out.stdout).trim_end()
-        );
-    }
+    lamina_testkit::check_output(&format!("{cmd:?}"), &out).map_err(anyhow::Error::msg)?;
     Ok(out)
 }
 
