@@ -25,8 +25,27 @@ pub struct Daemon {
     pub base: Lamina,
 }
 
+/// True if the lamina binary under test was built with the fault points (`lamina-sys` feature `faults`).
+pub fn binary_has_fault_points() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::process::Command::new("grep")
+            .args(["-q", "-a", "-F", "LAMINA_FAULTS_LOG"])
+            .arg(lamina_bin())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
 impl Daemon {
+    /// A daemon for the fault tests; panics if the binary has no fault points (a build without test targets,
+    /// e.g. `cargo build -p lamina`, replaced the test build).
     pub fn new(name: &str) -> Daemon {
+        assert!(
+            binary_has_fault_points(),
+            "{} has no fault points: build it with `cargo build --workspace --all-targets`",
+            lamina_bin().display()
+        );
         let mut base = Lamina::new(name);
         let config = base.dir().join("config.toml");
         fs::write(
