@@ -234,7 +234,7 @@ fn build_classic_dockerfile_effects() {
     let Some(s) = setup("build") else { return };
     busybox_image(&s.docker, "bb:1");
     build(&s.docker, "built:1");
-    let effects = s.docker.ok(&[
+    let check = [
         "run",
         "--rm",
         "--network",
@@ -243,7 +243,8 @@ fn build_classic_dockerfile_effects() {
         "sh",
         "-c",
         CHECK_EFFECTS,
-    ]);
+    ];
+    let effects = s.docker.ok(&check);
     assert_eq!(
         effects, EXPECTED_EFFECTS,
         "effects of the Dockerfile as seen in a container"
@@ -258,16 +259,7 @@ fn build_classic_dockerfile_effects() {
     let vfs = vfs_with_busybox("bb:1");
     build(&vfs, "built:1");
     assert_eq!(
-        vfs.ok(&[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "built:1",
-            "sh",
-            "-c",
-            CHECK_EFFECTS
-        ]),
+        vfs.ok(&check),
         EXPECTED_EFFECTS,
         "oracle (vfs) disagrees with the expected effects"
     );

@@ -1654,15 +1654,7 @@ pub struct EntryState {
 pub fn entry_state(p: &Path) -> Option<EntryState> {
     let m = fs::symlink_metadata(p).ok()?;
     let ft = m.file_type();
-    let kind = if ft.is_file() {
-        "file"
-    } else if ft.is_dir() {
-        "dir"
-    } else if ft.is_symlink() {
-        "symlink"
-    } else {
-        "other"
-    };
+    let kind = reliability::kind_of(&ft);
     let content = if ft.is_file() {
         let mut h = DefaultHasher::new();
         h.write(&fs::read(p).unwrap_or_default());

@@ -321,7 +321,8 @@ pub struct DeepState {
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
-fn kind_of(ft: &fs::FileType) -> &'static str {
+/// The type of an entry: `file`, `dir`, `symlink`, `char`, `block`, `fifo` or `socket`.
+pub(crate) fn kind_of(ft: &fs::FileType) -> &'static str {
     if ft.is_file() {
         "file"
     } else if ft.is_dir() {

@@ -29,20 +29,6 @@ pub struct Tar {
     pub buf: Vec<u8>,
 }
 
-pub fn pax_record(key: &[u8], value: &[u8]) -> Vec<u8> {
-    let body = key.len() + value.len() + 3;
-    let mut len = body + 1;
-    while len.to_string().len() + body != len {
-        len += 1;
-    }
-    let mut r = format!("{len} ").into_bytes();
-    r.extend_from_slice(key);
-    r.push(b'=');
-    r.extend_from_slice(value);
-    r.push(b'\n');
-    r
-}
-
 pub struct H<'a> {
     pub name: &'a [u8],
     pub flag: u8,
@@ -148,7 +134,7 @@ impl Tar {
     pub fn pax(&mut self, records: &[(&[u8], &[u8])]) -> &mut Self {
         let mut body = Vec::new();
         for (k, v) in records {
-            body.extend(pax_record(k, v));
+            body.extend(lamina_testkit::reliability::pax_record(k, v));
         }
         let mut h = H::new(b"././@PaxHeader", b'x');
         h.size = body.len() as u64;
