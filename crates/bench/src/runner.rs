@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use super::engines::unmount_under;
-use super::loopfs::{free_bytes, install_signal_teardown, LoopFs};
+use super::loopfs::{free_bytes, install_signal_teardown, ScratchFs};
 use super::report::{self, load_avg, Machine, RunInfo, WorkloadResult};
 use super::{graph, Ctx, FsKind, Progress, Workload};
 
@@ -195,7 +195,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         }
         progress.set_prefix(kind.name());
         progress.say(&format!("making a {size_gib} GiB loop-backed {}", kind.name()));
-        let lfs = match LoopFs::create(&work, kind, need, &tag) {
+        let lfs = match ScratchFs::create(&work, kind, need, &tag) {
             Ok(l) => l,
             Err(e) => {
                 let e = format!("making the loop-backed {}: {e:#}", kind.name());

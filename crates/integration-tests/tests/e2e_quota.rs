@@ -27,35 +27,10 @@ use pb::snapshots_client::SnapshotsClient;
 const SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
 const TEN_MIB: u64 = 10 << 20;
 
-/// A loop-backed filesystem (`mkfs.<fs>` on a sparse image, `mount -o loop`) mounted on `target`. Unmounted on
-/// drop if still mounted (the harness's `unmount_under` of the data root usually did it first); `-o loop` makes
-/// the loop device go with the last unmount.
-struct LoopMount {
-    target: PathBuf,
-}
-
-impl LoopMount {
-    fn new(fs_type: &str, image: &Path, size_mb: u64, target: &Path) -> LoopMount {
-        fs::File::create(image).unwrap().set_len(size_mb << 20).unwrap();
-        let mut mkfs = Command::new(find_bin(&format!("mkfs.{fs_type}")).expect("mkfs"));
-        if fs_type == "ext4" {
-            mkfs.args(["-q", "-F"]);
-        } else {
-            mkfs.arg("-q");
-        }
-        run_ok(mkfs.arg(image));
-        fs::create_dir_all(target).unwrap();
-        run_ok(Command::new("mount").args(["-o", "loop"]).arg(image).arg(target));
-        LoopMount {
-            target: target.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        unmount_under(&self.target);
-    }
+/// A loop-backed `fs_type` filesystem of `size_mb` MiB (image `image`) mounted on `target`.
+fn loop_mount(fs_type: &str, image: &Path, size_mb: u64, target: &Path) -> LoopFs {
+    let mkfs_args: &[&str] = if fs_type == "ext4" { &["-q", "-F"] } else { &["-q"] };
+    LoopFs::create(image, target, fs_type, mkfs_args, size_mb << 20).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn require_quota_tools(test: &str) -> bool {
@@ -138,7 +113,7 @@ fn layer_entries(data_root: &Path) -> Vec<PathBuf> {
 struct Setup {
     docker: Dockerd,
     lamina: Lamina,
-    _fs: LoopMount,
+    _fs: LoopFs,
     _serial: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
@@ -149,7 +124,7 @@ fn setup(test: &str, fs_type: &str) -> Option<Setup> {
     let serial = serial();
     let mut lamina = Lamina::new(&unique_name(test));
     let image = lamina.dir().join(format!("quota-{fs_type}.img"));
-    let fs = LoopMount::new(fs_type, &image, 1024, &lamina.data_root);
+    let fs = loop_mount(fs_type, &image, 1024, &lamina.data_root);
     lamina.spawn();
     lamina.wait_ready();
     let docker = Dockerd::start(&lamina.name);
@@ -380,7 +355,7 @@ fn snapshotter_max_size_label_on_btrfs() {
     }
     let dir = TestDir::new(&unique_name("snap-quota"));
     let mut lamina = LaminaSnap::new(&dir.join("l"));
-    let _fs = LoopMount::new("btrfs", &dir.join("quota-btrfs.img"), 1024, &lamina.data_root);
+    let _fs = loop_mount("btrfs", &dir.join("quota-btrfs.img"), 1024, &lamina.data_root);
     lamina.spawn();
     lamina.wait_ready();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -458,7 +433,7 @@ fn snapshotter_max_size_label_on_ext4_is_a_clear_error() {
     }
     let dir = TestDir::new(&unique_name("snap-quota-ext4"));
     let mut lamina = LaminaSnap::new(&dir.join("l"));
-    let _fs = LoopMount::new("ext4", &dir.join("quota-ext4.img"), 128, &lamina.data_root);
+    let _fs = loop_mount("ext4", &dir.join("quota-ext4.img"), 128, &lamina.data_root);
     lamina.spawn();
     lamina.wait_ready();
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -23,6 +23,7 @@
 pub mod containerd;
 pub mod faults;
 mod lamina;
+mod loopfs;
 pub mod moosefs;
 pub mod plugin;
 pub mod reliability;
@@ -44,6 +45,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use lamina::{Lamina, Ready};
+pub use loopfs::{teardown_all as teardown_loop_filesystems, LoopFs};
 
 /// Where every test directory is created.
 pub const E2E_ROOT: &str = "/var/tmp/lamina-e2e";
