@@ -347,22 +347,33 @@ fn umount(target: &Path) {
     run_ok(Command::new("umount").arg(target));
 }
 
-#[test]
-fn snapshotter_max_size_label_on_btrfs() {
-    let test = "snapshotter_max_size_label_on_btrfs";
-    if !require_quota_tools(test) {
-        return;
-    }
-    let dir = TestDir::new(&unique_name("snap-quota"));
+/// A test directory, lamina as a snapshotter on a loop-backed `fs_type` data root of `size_mb` MiB in it,
+/// and a client of its socket.
+fn snapshotter_on(tag: &str, fs_type: &str, size_mb: u64) -> (TestDir, LaminaSnap, LoopFs, Api) {
+    let dir = TestDir::new(&unique_name(tag));
     let mut lamina = LaminaSnap::new(&dir.join("l"));
-    let _fs = loop_mount("btrfs", &dir.join("quota-btrfs.img"), 1024, &lamina.data_root);
+    let fs = loop_mount(
+        fs_type,
+        &dir.join(format!("quota-{fs_type}.img")),
+        size_mb,
+        &lamina.data_root,
+    );
     lamina.spawn();
     lamina.wait_ready();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt
         .block_on(lamina_snapshotter::client::connect(&lamina.socket))
         .unwrap();
-    let mut api = Api { rt, client };
+    (dir, lamina, fs, Api { rt, client })
+}
+
+#[test]
+fn snapshotter_max_size_label_on_btrfs() {
+    let test = "snapshotter_max_size_label_on_btrfs";
+    if !require_quota_tools(test) {
+        return;
+    }
+    let (dir, lamina, _fs, mut api) = snapshotter_on("snap-quota", "btrfs", 1024);
     let root = lamina.data_root.clone();
     let ten = TEN_MIB.to_string();
 
@@ -431,16 +442,7 @@ fn snapshotter_max_size_label_on_ext4_is_a_clear_error() {
     if !require_quota_tools(test) {
         return;
     }
-    let dir = TestDir::new(&unique_name("snap-quota-ext4"));
-    let mut lamina = LaminaSnap::new(&dir.join("l"));
-    let _fs = loop_mount("ext4", &dir.join("quota-ext4.img"), 128, &lamina.data_root);
-    lamina.spawn();
-    lamina.wait_ready();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = rt
-        .block_on(lamina_snapshotter::client::connect(&lamina.socket))
-        .unwrap();
-    let mut api = Api { rt, client };
+    let (_dir, lamina, _fs, mut api) = snapshotter_on("snap-quota-ext4", "ext4", 128);
     let e = api
         .prepare("a", "", &[(SIZE_LABEL, &TEN_MIB.to_string())])
         .unwrap_err();
