@@ -343,6 +343,16 @@ struct Lat {
     put_remove: Vec<f64>,
 }
 
+impl Lat {
+    /// One cycle from its five instants: start, created, got, put, removed.
+    fn record(&mut self, [t0, t1, t2, t3, t4]: [Instant; 5]) {
+        self.create_get.push((t2 - t0).as_secs_f64());
+        self.get.push((t2 - t1).as_secs_f64());
+        self.put.push((t3 - t2).as_secs_f64());
+        self.put_remove.push((t4 - t2).as_secs_f64());
+    }
+}
+
 fn get_goal(depth: usize) -> Option<&'static str> {
     match depth {
         0..=10 => Some("<= 0.3 ms"),
@@ -463,10 +473,7 @@ fn lamina_cycles(c: &mut Session, parent: &str, warmup: usize, iters: usize, see
             bail!("Get replied without a Dir: {v}");
         }
         if i >= warmup {
-            lat.create_get.push((t2 - t0).as_secs_f64());
-            lat.get.push((t2 - t1).as_secs_f64());
-            lat.put.push((t3 - t2).as_secs_f64());
-            lat.put_remove.push((t4 - t2).as_secs_f64());
+            lat.record([t0, t1, t2, t3, t4]);
         }
     }
     Ok(lat)
@@ -524,10 +531,7 @@ impl FloorDir {
             fs::remove_dir_all(&dir)?;
             let t4 = Instant::now();
             if i >= warmup {
-                lat.create_get.push((t2 - t0).as_secs_f64());
-                lat.get.push((t2 - t1).as_secs_f64());
-                lat.put.push((t3 - t2).as_secs_f64());
-                lat.put_remove.push((t4 - t2).as_secs_f64());
+                lat.record([t0, t1, t2, t3, t4]);
             }
         }
         Ok(lat)
