@@ -2,12 +2,13 @@
 # Runs every test tier of lamina, in this order:
 #   1. cargo fmt --check            4. cargo test --workspace (unit, protocol and e2e tiers)
 #   2. cargo clippy -D warnings     5. containerd's snapshotter conformance suite (Go, scripts/conformance.sh)
-#   3. one cargo build of all targets, reused by the tiers
+#   3. one cargo build of all targets, reused by the tiers (it also builds target/debug/lamina with its
+#      fault points and lamina-bench, which crates/integration-tests starts)
 #                                   6. fuzz smoke runs (30 s per target) for every crates/*/fuzz
 # Installs missing system packages (docker.io, containerd, protobuf-compiler, Go and containerd's Go
 # sources, busybox-static, btrfs-progs and xfsprogs for the quota and benchmark filesystems, MooseFS) with
-# apt-get. The e2e tiers need root: they start their own lamina and dockerd processes (see
-# crates/lamina/tests/common/mod.rs).
+# apt-get. The e2e tiers (crates/integration-tests) need root: they start their own lamina and dockerd
+# processes (see crates/testkit).
 # Exits non-zero on the first failure. Environment: FUZZ_SECONDS (30), SKIP_FUZZ=1, CI=true (tests that
 # lack a prerequisite fail instead of printing SKIPPED).
 set -euo pipefail
@@ -39,8 +40,8 @@ if ((${#missing[@]})); then
     apt-get update
     apt-get install -y --no-install-recommends "${missing[@]}"
 fi
-# crates/lamina/tests/e2e_packaging.rs: the .deb test builds the package with cargo-deb (the managed-plugin
-# test's private registry is Debian's docker-registry, in the list above, started by the test on 127.0.0.1).
+# crates/integration-tests/tests/e2e_packaging.rs: the .deb test builds the package with cargo-deb (the
+# managed-plugin test's private registry is Debian's docker-registry, in the list above, started by the test on 127.0.0.1).
 if ! cargo deb --version >/dev/null 2>&1; then
     step "installing cargo-deb"
     cargo install cargo-deb --locked
@@ -56,6 +57,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
+# The integration tests start these binaries; a test build of lamina carries the fault points.
+for bin in lamina lamina-bench; do
+    [[ -x ${CARGO_TARGET_DIR:-target}/debug/$bin ]] || die "${CARGO_TARGET_DIR:-target}/debug/$bin was not built"
+done
 
 # ---- tests ------------------------------------------------------------------------------------
 # The e2e binaries serialise their own daemon-starting tests; cargo runs test binaries one after another.

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use lamina_archive::{apply_layer, ApplyOptions, ApplyStats, ArchiveError, DiffOptions};
+use lamina_testkit::require_root;
 
 struct Env {
     _t: tempfile::TempDir,

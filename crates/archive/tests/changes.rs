@@ -10,6 +10,7 @@ use common::*;
 use lamina_archive::{
     apply_layer, layer_changes, tree_changes, write_tree_diff, ApplyOptions, Change, ChangeKind, DiffOptions,
 };
+use lamina_testkit::require_root;
 
 fn show(changes: &[Change]) -> Vec<String> {
     changes

@@ -7,6 +7,7 @@ use std::os::unix::fs::MetadataExt;
 
 use common::*;
 use lamina_archive::{apply_layer, dir_size, write_layer_diff, ApplyOptions, DiffOptions, IdMap, IdMappings};
+use lamina_testkit::require_root;
 
 fn apply(
     dir: &std::path::Path,

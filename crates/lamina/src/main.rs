@@ -4,7 +4,6 @@
 
 mod adapters;
 mod admin;
-mod bench;
 mod cli;
 mod config;
 mod metrics;
@@ -119,8 +118,6 @@ enum Command {
     Gc(cli::GcArgs),
     /// Check layers against their content manifests; exits 1 on a mismatch.
     Verify(cli::VerifyArgs),
-    /// Benchmarks lamina against the built-in alternatives on fresh loop-backed filesystems (needs root).
-    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -162,7 +159,6 @@ fn main() -> ExitCode {
         Command::Layers(c) => cli::run_layers(c),
         Command::Gc(a) => cli::run_gc(a),
         Command::Verify(a) => cli::run_verify(a),
-        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,5 @@
-//! Shared helpers for the integration tests: a raw tar fixture builder, tree snapshots
-//! and the root check.
+//! Shared helpers for the integration tests: a raw tar fixture builder and tree snapshots (the root check is
+//! `lamina-testkit`'s).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -10,18 +10,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
-
-/// Whether root-only tests can run. Not root: a loud skip, or a panic under `CI=true`.
-pub fn require_root(test: &str) -> bool {
-    if lamina_sys::fs::running_as_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root and CI=true");
-    }
-    eprintln!("!!!! SKIPPED (needs root): {test}");
-    false
-}
 
 pub fn major(dev: u64) -> u64 {
     ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff)
@@ -39,20 +27,6 @@ pub fn open_dir(p: &Path) -> File {
 #[derive(Default)]
 pub struct Tar {
     pub buf: Vec<u8>,
-}
-
-pub fn pax_record(key: &[u8], value: &[u8]) -> Vec<u8> {
-    let body = key.len() + value.len() + 3;
-    let mut len = body + 1;
-    while len.to_string().len() + body != len {
-        len += 1;
-    }
-    let mut r = format!("{len} ").into_bytes();
-    r.extend_from_slice(key);
-    r.push(b'=');
-    r.extend_from_slice(value);
-    r.push(b'\n');
-    r
 }
 
 pub struct H<'a> {
@@ -160,7 +134,7 @@ impl Tar {
     pub fn pax(&mut self, records: &[(&[u8], &[u8])]) -> &mut Self {
         let mut body = Vec::new();
         for (k, v) in records {
-            body.extend(pax_record(k, v));
+            body.extend(lamina_testkit::reliability::pax_record(k, v));
         }
         let mut h = H::new(b"././@PaxHeader", b'x');
         h.size = body.len() as u64;

@@ -1,0 +1,341 @@
+//! `snapshotter`: lamina as containerd's proxy snapshotter against containerd's built-in `overlayfs`
+//! snapshotter, both driven through one private containerd 1.6.
+//!
+//! - **Calls.** containerd's own Snapshots gRPC service on its socket, with `snapshotter: "lamina"` or
+//!   `"overlayfs"` in each request and the `containerd-namespace` header: per depth (1 and 128 committed
+//!   parents), `iters` × (Prepare + Mounts timed together; Commit timed; Remove of the commit untimed). p50 and
+//!   p99 per run. Both paths include containerd's metadata store (bolt); lamina has one more gRPC hop
+//!   (containerd → lamina's socket).
+//! - **Unpack.** `ctr images import` of an OCI archive of uncompressed layers built here, with each
+//!   snapshotter, timed alone and followed by a `sync` (lamina makes each layer durable with one `syncfs`;
+//!   containerd's overlayfs snapshotter does not sync), minus the same import with `--no-unpack` (content
+//!   ingest only) measured in the same run. The image is removed and containerd's GC run between imports.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::BufWriter;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
+use lamina_snapshotter::tonic;
+use pb::snapshots_client::SnapshotsClient;
+use tonic::transport::Channel;
+
+use super::engines::{start, Lamina};
+use super::engines_ctr::{
+    busybox_tree, drop_caches, oci_archive, percentile, run as run_cmd, RunDir, TarWriter, CTR_NAMESPACE,
+    PROXY_NAME,
+};
+use super::{Ctx, Figure, Unit, Workload};
+use lamina_testkit::containerd::Containerd;
+
+/// The workload.
+pub const SNAPSHOTTER: Workload = Workload {
+    name: "snapshotter",
+    about: "containerd snapshotter: Prepare+Mounts and Commit p50/p99 at depth 1 and 128, and image unpack \
+            (ctr images import), lamina (proxy plugin) vs containerd's overlayfs, through one containerd 1.6",
+    per_fs: true,
+    run,
+};
+
+const NAME: &str = "snapshotter";
+const BASELINE: &str = "overlayfs";
+const GC_ROOT: &str = "containerd.io/gc.root";
+
+fn request<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "containerd-namespace",
+        CTR_NAMESPACE.parse().expect("ascii namespace"),
+    );
+    r
+}
+
+fn labels() -> HashMap<String, String> {
+    HashMap::from([(GC_ROOT.to_string(), "2023-11-14T22:13:20Z".to_string())])
+}
+
+/// One Prepare(+Mounts)/Commit/Remove cycle on top of `parent`; returns the two timed durations.
+async fn cycle(
+    c: &mut SnapshotsClient<Channel>,
+    snapshotter: &str,
+    key: &str,
+    parent: &str,
+) -> anyhow::Result<(Duration, Duration)> {
+    let t = Instant::now();
+    c.prepare(request(pb::PrepareSnapshotRequest {
+        snapshotter: snapshotter.into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: labels(),
+    }))
+    .await
+    .with_context(|| format!("{snapshotter}: Prepare {key}"))?;
+    let mounts = c
+        .mounts(request(pb::MountsRequest {
+            snapshotter: snapshotter.into(),
+            key: key.into(),
+        }))
+        .await
+        .with_context(|| format!("{snapshotter}: Mounts {key}"))?;
+    let prepare = t.elapsed();
+    anyhow::ensure!(
+        !mounts.get_ref().mounts.is_empty(),
+        "{snapshotter}: no mounts for {key}"
+    );
+    let name = format!("{key}-c");
+    let t = Instant::now();
+    c.commit(request(pb::CommitSnapshotRequest {
+        snapshotter: snapshotter.into(),
+        name: name.clone(),
+        key: key.into(),
+        labels: labels(),
+        parent: String::new(),
+    }))
+    .await
+    .with_context(|| format!("{snapshotter}: Commit {key}"))?;
+    let commit = t.elapsed();
+    c.remove(request(pb::RemoveSnapshotRequest {
+        snapshotter: snapshotter.into(),
+        key: name,
+    }))
+    .await
+    .with_context(|| format!("{snapshotter}: Remove {key}"))?;
+    Ok((prepare, commit))
+}
+
+/// Builds a chain of `depth` committed snapshots; returns the top one's name.
+async fn chain(c: &mut SnapshotsClient<Channel>, snapshotter: &str, depth: usize) -> anyhow::Result<String> {
+    let mut parent = String::new();
+    for i in 0..depth {
+        let key = format!("chain{depth}-{i}");
+        c.prepare(request(pb::PrepareSnapshotRequest {
+            snapshotter: snapshotter.into(),
+            key: key.clone(),
+            parent: parent.clone(),
+            labels: labels(),
+        }))
+        .await
+        .with_context(|| format!("{snapshotter}: Prepare {key}"))?;
+        let name = format!("{key}-c");
+        c.commit(request(pb::CommitSnapshotRequest {
+            snapshotter: snapshotter.into(),
+            name: name.clone(),
+            key,
+            labels: labels(),
+            parent: String::new(),
+        }))
+        .await
+        .with_context(|| format!("{snapshotter}: Commit chain {i}"))?;
+        parent = name;
+    }
+    Ok(parent)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn calls(ctx: &Ctx, ctrd: &Containerd, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
+    let iters = if ctx.quick { 20 } else { 500 };
+    // --quick: a shallower deep chain (building 128 layers per snapshotter costs seconds on a loaded machine).
+    let depths: [usize; 2] = if ctx.quick { [1, 16] } else { [1, 128] };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = lamina_snapshotter::client::connect(&ctrd.address)
+            .await
+            .context("connect to containerd's socket")?;
+        for depth in depths {
+            let case = format!("depth {depth}");
+            ctx.say(format!("snapshot calls at depth {depth}"));
+            let mut tops = HashMap::new();
+            for sn in [PROXY_NAME, BASELINE] {
+                tops.insert(sn, chain(&mut client, sn, depth).await?);
+            }
+            let mut out: HashMap<(&str, &str), Vec<f64>> = HashMap::new();
+            for r in 0..ctx.runs {
+                // Interleaved: each run measures both snapshotters back to back.
+                for sn in [PROXY_NAME, BASELINE] {
+                    let top = &tops[sn];
+                    // Warm-up (connections, caches).
+                    for w in 0..5 {
+                        cycle(&mut client, sn, &format!("warm{depth}-{r}-{w}"), top).await?;
+                    }
+                    let (mut p, mut c) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+                    for i in 0..iters {
+                        let (tp, tc) = cycle(&mut client, sn, &format!("d{depth}-r{r}-{i}"), top).await?;
+                        p.push(ms(tp));
+                        c.push(ms(tc));
+                    }
+                    for (metric, samples) in [("prepare+mounts", &mut p), ("commit", &mut c)] {
+                        out.entry((sn, metric))
+                            .or_default()
+                            .push(percentile(samples, 50.0));
+                        let p99 = percentile(samples, 99.0);
+                        out.entry((
+                            sn,
+                            if metric == "commit" {
+                                "commit p99"
+                            } else {
+                                "prepare+mounts p99"
+                            },
+                        ))
+                        .or_default()
+                        .push(p99);
+                    }
+                }
+            }
+            for sn in [PROXY_NAME, BASELINE] {
+                for (metric, key) in [
+                    ("prepare+mounts p50", "prepare+mounts"),
+                    ("prepare+mounts p99", "prepare+mounts p99"),
+                    ("commit p50", "commit"),
+                    ("commit p99", "commit p99"),
+                ] {
+                    let mut f = Figure::new(NAME, case.clone(), sn, metric, Unit::Millis);
+                    f.samples = out.remove(&(sn, key)).unwrap_or_default();
+                    if sn == PROXY_NAME && metric.ends_with("p50") {
+                        f.goal = Some("<= 1 ms".into());
+                    }
+                    figs.push(f);
+                }
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Writes the layers of the unpack image into `dir` and packs it as an OCI archive; returns (archive, case).
+fn build_image(ctx: &Ctx, dir: &Path) -> anyhow::Result<(std::path::PathBuf, String)> {
+    // (layers, small files per layer, large file per layer)
+    let (layers, files, large) = if ctx.quick {
+        (2usize, 300u64, 4u64 << 20)
+    } else {
+        (4, 10_000, 32 << 20)
+    };
+    fs::create_dir_all(dir)?;
+    let mut paths = Vec::new();
+    for l in 0..layers {
+        let p = dir.join(format!("layer{l}.tar"));
+        let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, fs::File::create(&p)?));
+        if l == 0 {
+            busybox_tree(&mut tar)?;
+        }
+        tar.dir(&format!("l{l}/"), 0o755)?;
+        for d in 0..(files / 100).max(1) {
+            tar.dir(&format!("l{l}/d{d}/"), 0o755)?;
+        }
+        for i in 0..files {
+            // 1-8 KiB, deterministic.
+            let size = 1024 + (i * 2654435761 % 7168);
+            tar.random_file(&format!("l{l}/d{}/f{i}", i / 100), size, (l as u64) << 40 | i)?;
+        }
+        tar.random_file(&format!("l{l}/large.bin"), large, 0xfeed + l as u64)?;
+        tar.finish()?;
+        paths.push(p);
+    }
+    let archive = dir.join("image.tar");
+    let bytes = oci_archive(&dir.join("layout"), "bench.local/unpack:1", &paths, &archive)?;
+    let case = format!(
+        "{} layers, {:.0} MB, {} files",
+        layers,
+        bytes as f64 / 1e6,
+        layers as u64 * (files + 1)
+    );
+    Ok((archive, case))
+}
+
+fn unpack(ctx: &Ctx, dir: &Path, ctrd: &Containerd, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
+    ctx.say("writing the OCI image");
+    let (archive, case) = build_image(ctx, &dir.join("image"))?;
+    ctx.say(format!("ctr images import ({case})"));
+    let archive = archive.to_str().context("utf-8 path")?.to_string();
+    let image = "bench.local/unpack:1";
+    let sync = || run_cmd(&mut Command::new("sync"));
+    let clean = || -> anyhow::Result<()> {
+        ctrd.ctr_ok(&["images", "rm", "--sync", image]);
+        ctrd.gc_now();
+        Ok(())
+    };
+    let mut samples: HashMap<(&str, &str), Vec<f64>> = HashMap::new();
+    for _ in 0..ctx.runs {
+        // Content ingest alone, for the unpack estimate.
+        drop_caches()?;
+        sync()?;
+        let t = Instant::now();
+        ctrd.ctr_ok(&["images", "import", "--no-unpack", &archive]);
+        let ingest = t.elapsed().as_secs_f64();
+        clean()?;
+        for sn in [PROXY_NAME, BASELINE] {
+            drop_caches()?;
+            let t = Instant::now();
+            ctrd.ctr_ok(&["images", "import", "--snapshotter", sn, &archive]);
+            let import = t.elapsed().as_secs_f64();
+            sync()?;
+            let with_sync = t.elapsed().as_secs_f64();
+            let list = ctrd.ctr_ok(&["snapshots", "--snapshotter", sn, "ls"]);
+            anyhow::ensure!(
+                list.lines().count() > 1,
+                "{sn}: no snapshots after import:\n{list}"
+            );
+            clean()?;
+            samples.entry((sn, "import")).or_default().push(import);
+            samples.entry((sn, "import+sync")).or_default().push(with_sync);
+            samples
+                .entry((sn, "unpack"))
+                .or_default()
+                .push((import - ingest).max(0.0));
+            samples
+                .entry((sn, "unpack+sync"))
+                .or_default()
+                .push((with_sync - ingest).max(0.0));
+        }
+    }
+    for sn in [PROXY_NAME, BASELINE] {
+        for metric in ["import", "import+sync", "unpack", "unpack+sync"] {
+            let mut f = Figure::new(NAME, case.clone(), sn, metric, Unit::Seconds);
+            f.samples = samples.remove(&(sn, metric)).unwrap_or_default();
+            figs.push(f);
+        }
+    }
+    let _ = fs::remove_file(&archive);
+    Ok(())
+}
+
+fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
+    let dir = ctx.scratch.clone();
+    let lamina_dir = dir.join("lam");
+    fs::create_dir_all(&lamina_dir)?;
+    // Sockets on a short path; everything else on the scratch filesystem.
+    let run_dir = RunDir::new()?;
+    let sock = run_dir.path.join("snap.sock");
+    ctx.say("starting lamina and containerd");
+    let mut lamina = Lamina::in_dir("lam", &lamina_dir).snapshotter(&sock);
+    lamina.log_level = "warn".into();
+    lamina.exe = ctx.lamina_exe.clone();
+    let lamina = start(lamina);
+    let mut ctrd = Containerd::configure(&dir.join("containerd"), &run_dir.path, Some(&sock), "info");
+    ctrd.namespace = CTR_NAMESPACE.into();
+    ctrd.ctr_timeout = "600s".into();
+    ctrd.spawn();
+    ctrd.wait_ready();
+    let plugins = ctrd.ctr_ok(&["plugins", "ls"]);
+    anyhow::ensure!(
+        plugins
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(PROXY_NAME) && l.trim_end().ends_with("ok")),
+        "containerd does not list the lamina proxy snapshotter as ok:\n{plugins}"
+    );
+    calls(ctx, &ctrd, figs)?;
+    unpack(ctx, &dir, &ctrd, figs)?;
+    // containerd first (it holds connections to lamina), then lamina.
+    drop(ctrd);
+    drop(lamina);
+    drop(run_dir);
+    Ok(())
+}

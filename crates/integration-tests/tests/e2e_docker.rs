@@ -1,0 +1,820 @@
+//! End-to-end tests: a real dockerd 20.10 (`--experimental -s <plugin>`) using lamina as its storage driver.
+//!
+//! Every test starts its own lamina and its own dockerd (plus a second dockerd on the built-in `vfs` driver
+//! where that one serves as the oracle). Tests need root, dockerd, containerd, runc and busybox-static; without
+//! them they print `SKIPPED` (and fail under `CI=true`). They run one at a time (see `lamina_testkit::serial`).
+//!
+//! `LAMINA_E2E_DRIVER=vfs` runs the same tests against dockerd's built-in vfs driver instead of lamina, which
+//! validates the tests' own expectations (lamina-specific checks are then left out).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::MutexGuard;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lamina_testkit::*;
+
+/// One lamina (unless the driver under test is vfs) and one dockerd using it. Fields drop in order: dockerd
+/// stops before lamina, and the serialisation guard is released last.
+struct Setup {
+    docker: Dockerd,
+    lamina: Option<Lamina>,
+    _serial: Option<MutexGuard<'static, ()>>,
+}
+
+fn setup(test: &str) -> Option<Setup> {
+    if !require_docker(test) {
+        return None;
+    }
+    let serial = serial();
+    let started = Instant::now();
+    let (docker, lamina) = if std::env::var("LAMINA_E2E_DRIVER").as_deref() == Ok("vfs") {
+        (Dockerd::start("vfs"), None)
+    } else {
+        let lamina = Lamina::start(&unique_name(test));
+        (Dockerd::start(&lamina.name), Some(lamina))
+    };
+    eprintln!("[{test}] lamina + dockerd ready in {:?}", started.elapsed());
+    Some(Setup {
+        docker,
+        lamina,
+        _serial: serial,
+    })
+}
+
+impl Setup {
+    fn lamina(&mut self) -> Option<&mut Lamina> {
+        self.lamina.as_mut()
+    }
+
+    /// The `Layers` row of lamina's `docker info` status.
+    fn status_layers(&self) -> Option<u64> {
+        self.status_row("layers")
+    }
+
+    /// A numeric row of lamina's `docker info` status.
+    fn status_row(&self, name: &str) -> Option<u64> {
+        self.docker
+            .driver_status()
+            .into_iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(k, v)| {
+                v.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("status row {k:?} has value {v:?}"))
+            })
+    }
+}
+
+/// Prints, for every path of the container's root filesystem (own filesystem only; /proc, /sys, /dev and the
+/// files dockerd bind-mounts are left out, and so is the /data volume: on vfs it shares the host's st_dev, so
+/// -xdev would not stop there), its type, mode, owner, link count, size, content digest or link
+/// target. Two containers with the same line-for-line output have the same visible tree.
+const LIST_TREE: &str = r#"find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /etc/hosts -o -path /etc/hostname -o -path /etc/resolv.conf -o -path /data \) -prune -o -print | sort | while read -r p; do
+  if [ -L "$p" ]; then echo "$p L $(stat -c '%u:%g' "$p") -> $(readlink "$p")"
+  elif [ -f "$p" ]; then echo "$p F $(stat -c '%a %u:%g %h %s' "$p") $(md5sum < "$p" | cut -d' ' -f1)"
+  elif [ -d "$p" ]; then echo "$p D $(stat -c '%a %u:%g' "$p")"
+  else echo "$p O $(stat -c '%F %a %u:%g %t:%T' "$p")"; fi
+done"#;
+
+fn list_tree(d: &Dockerd, image: &str) -> String {
+    d.ok(&["run", "--rm", "--network", "none", image, "sh", "-c", LIST_TREE])
+}
+
+/// Line-by-line difference of two listings, for assertion messages.
+fn diff_lines(left_name: &str, left: &str, right_name: &str, right: &str) -> String {
+    let l: std::collections::BTreeSet<&str> = left.lines().collect();
+    let r: std::collections::BTreeSet<&str> = right.lines().collect();
+    let mut out = String::new();
+    for x in l.difference(&r) {
+        out.push_str(&format!("only on {left_name}: {x}\n"));
+    }
+    for x in r.difference(&l) {
+        out.push_str(&format!("only on {right_name}: {x}\n"));
+    }
+    out
+}
+
+fn assert_same_tree(what: &str, a_name: &str, a: &str, b_name: &str, b: &str) {
+    assert!(
+        a == b,
+        "{what}: visible trees differ ({} vs {} lines):\n{}",
+        a.lines().count(),
+        b.lines().count(),
+        diff_lines(a_name, a, b_name, b)
+    );
+}
+
+fn sorted_lines(s: &str) -> String {
+    let mut v: Vec<&str> = s.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
+    v.sort_by(|a, b| a.get(2..).cmp(&b.get(2..)).then(a.cmp(b)));
+    v.join("\n")
+}
+
+/// A vfs dockerd with the busybox image, for oracles.
+fn vfs_with_busybox(tag: &str) -> Dockerd {
+    let vfs = Dockerd::start("vfs");
+    busybox_image(&vfs, tag);
+    vfs
+}
+
+#[test]
+fn discovery_and_status() {
+    let Some(mut s) = setup("discovery") else { return };
+    let name = s.docker.driver.clone();
+    assert_eq!(s.docker.ok(&["info", "--format", "{{.Driver}}"]), name);
+    if s.lamina().is_some() {
+        let rows = s.docker.driver_status();
+        eprintln!("docker info status rows: {rows:?}");
+        assert!(!rows.is_empty(), "lamina reported no Status rows");
+        assert_eq!(
+            s.status_layers(),
+            Some(0),
+            "fresh store must report Layers 0; rows: {rows:?}"
+        );
+        let info = s.docker.ok(&["info"]);
+        assert!(
+            info.contains(&format!("Storage Driver: {name}")),
+            "docker info:\n{info}"
+        );
+    }
+}
+
+#[test]
+fn import_and_run_hello() {
+    let Some(s) = setup("hello") else { return };
+    busybox_image(&s.docker, "bb:1");
+    let out = s
+        .docker
+        .ok(&["run", "--rm", "--network", "none", "bb:1", "echo", "hello"]);
+    assert_eq!(out, "hello");
+    // the same image again, and a container writing into its layer
+    let out = s.docker.ok(&[
+        "run",
+        "--rm",
+        "bb:1",
+        "sh",
+        "-c",
+        "echo data > /tmp/x && cat /tmp/x && ls /bin/busybox",
+    ]);
+    assert_eq!(out, "data\n/bin/busybox");
+}
+
+const DOCKERFILE: &str = r#"FROM bb:1
+COPY ctx.txt /ctx/ctx.txt
+COPY ctx-dir/ /ctx/dir/
+RUN mkdir -p /d/sub /keep /data \
+ && echo old > /d/f && echo lower > /d/g && echo deep > /d/sub/h \
+ && echo base > /keep/over && echo gone > /keep/del && echo src > /keep/hl-src \
+ && echo seed > /data/seed && echo 'app:x:1000:1000::/home/app:/bin/sh' >> /etc/passwd
+RUN echo new-content > /keep/over && rm /keep/del && rm -rf /d && mkdir /d && echo new > /d/f \
+ && rm /bin/true && echo 'grp:x:5:' > /etc/group
+RUN ln /keep/hl-src /keep/hl && ln -s /keep/over /keep/sym && ln -s ../keep /rel-sym \
+ && chmod 4750 /keep/hl-src && chown 123:456 /keep/over && chmod 0700 /d && chown -h 7:8 /keep/sym
+VOLUME /data
+CMD ["sh"]
+"#;
+
+/// Prints each effect of DOCKERFILE on one line.
+const CHECK_EFFECTS: &str = r#"
+echo "ctx=$(cat /ctx/ctx.txt)"
+echo "ctxdir=$(cat /ctx/dir/a) $(stat -c '%a' /ctx/dir/a) $(cat /ctx/dir/n/b)"
+echo "over=$(cat /keep/over) $(stat -c '%u:%g' /keep/over)"
+echo "del=$(test -e /keep/del && echo present || echo absent)"
+echo "d=$(ls -A /d | tr '\n' ' ')$(cat /d/f) $(stat -c '%a' /d)"
+echo "true=$(test -e /bin/true -o -L /bin/true && echo present || echo absent)"
+echo "group=$(cat /etc/group)"
+echo "passwd=$(grep -c '^app:' /etc/passwd)"
+echo "hl=$(cat /keep/hl) $(stat -c '%a %h' /keep/hl) $(test /keep/hl -ef /keep/hl-src && echo same-inode)"
+echo "sym=$(readlink /keep/sym) $(cat /keep/sym) $(stat -c '%u:%g' /keep/sym)"
+echo "relsym=$(readlink /rel-sym) $(ls /rel-sym/ | tr '\n' ' ')"
+echo "data=$(cat /data/seed) $(grep -c ' /data ' /proc/self/mountinfo)"
+"#;
+
+const EXPECTED_EFFECTS: &str = "ctx=from the build context
+ctxdir=A 600 B
+over=new-content 123:456
+del=absent
+d=f new 700
+true=absent
+group=grp:x:5:
+passwd=1
+hl=src 4750 2 same-inode
+sym=/keep/over new-content 7:8
+relsym=../keep hl hl-src over sym 
+data=seed 1";
+
+fn write_context(dir: &Path) {
+    fs::create_dir_all(dir.join("ctx-dir/n")).unwrap();
+    fs::write(dir.join("Dockerfile"), DOCKERFILE).unwrap();
+    fs::write(dir.join("ctx.txt"), "from the build context\n").unwrap();
+    fs::write(dir.join("ctx-dir/a"), "A\n").unwrap();
+    fs::write(dir.join("ctx-dir/n/b"), "B\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.join("ctx-dir/a"), fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn build(d: &Dockerd, tag: &str) {
+    let ctx = d.dir().join(format!("ctx-{}", tag.replace(':', "_")));
+    write_context(&ctx);
+    let out = d.docker(&["build", "--network", "none", "-t", tag, ctx.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "docker build on -s {} failed:\n{}\n{}",
+        d.driver,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn build_classic_dockerfile_effects() {
+    let Some(s) = setup("build") else { return };
+    busybox_image(&s.docker, "bb:1");
+    build(&s.docker, "built:1");
+    let check = [
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "built:1",
+        "sh",
+        "-c",
+        CHECK_EFFECTS,
+    ];
+    let effects = s.docker.ok(&check);
+    assert_eq!(
+        effects, EXPECTED_EFFECTS,
+        "effects of the Dockerfile as seen in a container"
+    );
+    let vols = s
+        .docker
+        .ok(&["image", "inspect", "-f", "{{json .Config.Volumes}}", "built:1"]);
+    assert_eq!(vols, r#"{"/data":{}}"#);
+
+    // the whole visible tree equals the one built by dockerd's own vfs driver
+    let tree = list_tree(&s.docker, "built:1");
+    let vfs = vfs_with_busybox("bb:1");
+    build(&vfs, "built:1");
+    assert_eq!(
+        vfs.ok(&check),
+        EXPECTED_EFFECTS,
+        "oracle (vfs) disagrees with the expected effects"
+    );
+    assert_same_tree(
+        "built:1",
+        &s.docker.driver,
+        &tree,
+        "vfs",
+        &list_tree(&vfs, "built:1"),
+    );
+}
+
+const DIFF_STEPS: &str = "echo x > /new && rm /etc/group && echo y >> /etc/passwd && mkdir -p /a/b \
+     && echo z > /a/b/c && rm -rf /tmp && ln -s /x /lnk && rm /bin/vi && mkdir /root/r";
+
+const EXPECTED_DIFF: &str = "A /a
+A /a/b
+A /a/b/c
+C /bin
+D /bin/vi
+C /etc
+D /etc/group
+C /etc/passwd
+A /lnk
+A /new
+C /root
+A /root/r
+D /tmp";
+
+#[test]
+fn docker_diff_exact() {
+    let Some(s) = setup("diff") else { return };
+    busybox_image(&s.docker, "bb:1");
+    let run = [
+        "run",
+        "--name",
+        "c1",
+        "--network",
+        "none",
+        "bb:1",
+        "sh",
+        "-c",
+        DIFF_STEPS,
+    ];
+    s.docker.ok(&run);
+    let got = sorted_lines(&s.docker.ok(&["diff", "c1"]));
+    let vfs = vfs_with_busybox("bb:1");
+    vfs.ok(&run);
+    let oracle = sorted_lines(&vfs.ok(&["diff", "c1"]));
+    assert_eq!(
+        oracle, EXPECTED_DIFF,
+        "oracle (vfs) disagrees with the written expectation"
+    );
+    assert_eq!(got, EXPECTED_DIFF, "docker diff on {}", s.docker.driver);
+    // DiffSize (docker ps -s) answers
+    let size = s
+        .docker
+        .ok(&["ps", "-a", "-s", "--filter", "name=c1", "--format", "{{.Size}}"]);
+    assert!(size.contains("B (virtual "), "docker ps -s: {size:?}");
+    // a container that changed nothing has an empty diff
+    s.docker
+        .ok(&["run", "--name", "c2", "--network", "none", "bb:1", "true"]);
+    assert_eq!(s.docker.ok(&["diff", "c2"]), "");
+}
+
+#[test]
+fn commit_then_run() {
+    let Some(s) = setup("commit") else { return };
+    let d = &s.docker;
+    busybox_image(d, "bb:1");
+    d.ok(&[
+        "run",
+        "--name",
+        "c1",
+        "bb:1",
+        "sh",
+        "-c",
+        "echo committed > /c.txt && rm /etc/group && mkdir -p /x/y && echo 1 > /x/y/z && rm -rf /root && mkdir /root && echo r > /root/new",
+    ]);
+    d.ok(&["commit", "c1", "committed:1"]);
+    let check = "cat /c.txt; test -e /etc/group || echo no-group; cat /x/y/z; ls -A /root";
+    assert_eq!(
+        d.ok(&["run", "--rm", "committed:1", "sh", "-c", check]),
+        "committed\nno-group\n1\nnew"
+    );
+    // a second generation on top of the committed image, from a running container
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "c2",
+        "committed:1",
+        "sh",
+        "-c",
+        "echo two >> /c.txt && rm /x/y/z && sleep 1000",
+    ]);
+    thread::sleep(Duration::from_millis(500));
+    d.ok(&["commit", "c2", "committed:2"]);
+    d.ok(&["rm", "-f", "c2"]);
+    assert_eq!(
+        d.ok(&[
+            "run",
+            "--rm",
+            "committed:2",
+            "sh",
+            "-c",
+            "cat /c.txt; ls -A /x/y | wc -l"
+        ]),
+        "committed\ntwo\n0"
+    );
+    let layers = d.ok(&["image", "inspect", "-f", "{{len .RootFS.Layers}}", "committed:2"]);
+    assert_eq!(layers, "3");
+}
+
+#[test]
+fn save_load_roundtrip_with_vfs() {
+    let Some(s) = setup("saveload") else { return };
+    let d = &s.docker;
+    busybox_image(d, "bb:1");
+    build(d, "built:1");
+    let vfs = vfs_with_busybox("bb:1");
+
+    // lamina -> vfs
+    let tarball = d.dir().join("built.tar");
+    d.ok(&["save", "-o", tarball.to_str().unwrap(), "built:1"]);
+    vfs.ok(&["load", "-i", tarball.to_str().unwrap()]);
+    let layers = |x: &Dockerd, img: &str| x.ok(&["image", "inspect", "-f", "{{json .RootFS.Layers}}", img]);
+    assert_eq!(
+        layers(d, "built:1"),
+        layers(&vfs, "built:1"),
+        "DiffIDs after save | load into vfs"
+    );
+    let on_lamina = list_tree(d, "built:1");
+    assert_same_tree(
+        "loaded into vfs",
+        &d.driver,
+        &on_lamina,
+        "vfs",
+        &list_tree(&vfs, "built:1"),
+    );
+
+    // vfs -> lamina (tars written by dockerd's own archive code, with whiteouts and opaque dirs)
+    build(&vfs, "vbuilt:1");
+    let vtar = vfs.dir().join("vbuilt.tar");
+    vfs.ok(&["save", "-o", vtar.to_str().unwrap(), "vbuilt:1"]);
+    d.ok(&["load", "-i", vtar.to_str().unwrap()]);
+    assert_eq!(
+        layers(d, "vbuilt:1"),
+        layers(&vfs, "vbuilt:1"),
+        "DiffIDs after save on vfs | load"
+    );
+    assert_same_tree(
+        "loaded from vfs",
+        &d.driver,
+        &list_tree(d, "vbuilt:1"),
+        "vfs",
+        &list_tree(&vfs, "vbuilt:1"),
+    );
+    assert_eq!(
+        d.ok(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "vbuilt:1",
+            "sh",
+            "-c",
+            CHECK_EFFECTS
+        ]),
+        EXPECTED_EFFECTS
+    );
+}
+
+/// Mount points that name `root`.
+fn mounts_naming(root: &Path) -> Vec<String> {
+    let needle = root.to_str().unwrap();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn rm_and_rmi_leave_nothing() {
+    let Some(mut s) = setup("rmrmi") else { return };
+    let data_root: Option<PathBuf> = s.lamina().map(|l| l.data_root.clone());
+    let before = data_root.as_deref().map(tree_snapshot);
+    let layer_dirs_before = data_root.as_deref().map(layer_dir_count);
+    let d = &s.docker;
+    busybox_image(d, "bb:1");
+    build(d, "built:1");
+    d.ok(&["run", "--name", "stopped", "built:1", "sh", "-c", "echo x > /x"]);
+    d.ok(&["create", "--name", "created", "bb:1", "true"]);
+    d.ok(&["run", "-d", "--name", "running", "bb:1", "sleep", "1000"]);
+    d.ok(&["commit", "stopped", "committed:1"]);
+    d.ok(&["run", "--rm", "committed:1", "cat", "/x"]);
+    if s.lamina.is_some() {
+        let n = s.status_layers().expect("Layers row");
+        assert!(
+            n >= 10,
+            "lamina reports only {n} layers while images and containers exist"
+        );
+    }
+
+    let d = &s.docker;
+    let ids = d.ok(&["ps", "-aq"]);
+    let mut args = vec!["rm", "-f", "-v"];
+    args.extend(ids.lines());
+    d.ok(&args);
+    // tagged images first; their untagged parents (build steps) go with them
+    for _ in 0..5 {
+        let imgs = d.ok(&["images", "-q"]);
+        if imgs.is_empty() {
+            break;
+        }
+        let mut imgs: Vec<&str> = imgs.lines().collect();
+        imgs.sort();
+        imgs.dedup();
+        let mut args = vec!["rmi", "-f"];
+        args.extend(imgs);
+        // parents listed before their children are refused; the next round gets them
+        let _ = d.docker(&args);
+    }
+    assert_eq!(d.ok(&["images", "-aq"]), "");
+    d.ok(&["volume", "prune", "-f"]);
+
+    if let (Some(root), Some(before)) = (data_root, before) {
+        assert_eq!(s.status_layers(), Some(0), "Layers row after removing everything");
+        assert_eq!(
+            s.status_row("mounted layers"),
+            Some(0),
+            "Mounted Layers row after removing everything"
+        );
+        assert_store_empty(&root, &before, layer_dirs_before.unwrap_or(0));
+    }
+}
+
+/// Number of layer directories (`<data root>/layers/*`, docs/on-disk-format.md).
+fn layer_dir_count(root: &Path) -> usize {
+    fs::read_dir(root.join("layers"))
+        .map(|rd| rd.count())
+        .unwrap_or(0)
+}
+
+/// After everything was removed: no mounts name the data root, the layer directory count is back to its
+/// start value and nothing new is left in the data root (removed layers may take a moment to leave trash/).
+fn assert_store_empty(root: &Path, before: &std::collections::BTreeSet<(PathBuf, bool)>, layer_dirs: usize) {
+    let mounts = mounts_naming(root);
+    assert!(
+        mounts.is_empty(),
+        "mounts left under the data root:\n{}",
+        mounts.join("\n")
+    );
+    let settled = poll(Duration::from_secs(15), || {
+        (layer_dir_count(root) == layer_dirs && leaked_paths(before, &tree_snapshot(root)).is_empty())
+            .then_some(())
+    });
+    if settled.is_none() {
+        let leaked = leaked_paths(before, &tree_snapshot(root));
+        panic!(
+            "data root not back to its start state: {} layer dirs (was {layer_dirs}); left: {:#?}",
+            layer_dir_count(root),
+            &leaked[..leaked.len().min(50)]
+        );
+    }
+}
+
+#[test]
+fn dockerd_restart_then_start_attach() {
+    let Some(mut s) = setup("dockerdrestart") else {
+        return;
+    };
+    busybox_image(&s.docker, "bb:1");
+    let script = "cat /state 2>/dev/null || echo none; echo run >> /state";
+    assert_eq!(
+        s.docker.ok(&["run", "--name", "c1", "bb:1", "sh", "-c", script]),
+        "none"
+    );
+    s.docker
+        .ok(&["run", "-d", "--name", "r1", "bb:1", "sleep", "1000"]);
+    s.docker.restart();
+    assert_eq!(s.docker.ok(&["start", "-a", "c1"]), "run");
+    assert_eq!(s.docker.ok(&["start", "-a", "c1"]), "run\nrun");
+    // the container that was running when dockerd stopped
+    s.docker.ok(&["start", "r1"]);
+    assert_eq!(s.docker.ok(&["exec", "r1", "echo", "alive"]), "alive");
+    s.docker.ok(&["rm", "-f", "r1", "c1"]);
+    assert_eq!(s.docker.ok(&["run", "--rm", "bb:1", "echo", "after"]), "after");
+}
+
+/// lamina goes away (SIGKILL or SIGTERM) and comes back while dockerd keeps running; dockerd never calls
+/// Init again, so lamina must recover its state from disk by itself.
+fn lamina_restart_under_dockerd(test: &str, kill9: bool) {
+    let Some(mut s) = setup(test) else { return };
+    if s.lamina.is_none() {
+        eprintln!("{test}: driver is vfs, nothing to restart");
+        return;
+    }
+    let root = s.lamina.as_ref().unwrap().data_root.clone();
+    let before = tree_snapshot(&root);
+    let layer_dirs_before = layer_dir_count(&root);
+    busybox_image(&s.docker, "bb:1");
+    let script = "cat /f 2>/dev/null; echo x >> /f";
+    assert_eq!(
+        s.docker.ok(&["run", "--name", "c1", "bb:1", "sh", "-c", script]),
+        ""
+    );
+    s.docker.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "r1",
+        "bb:1",
+        "sh",
+        "-c",
+        "echo before > /r && sleep 1000",
+    ]);
+    let layers_before = s.status_layers();
+
+    let lamina = s.lamina.as_mut().unwrap();
+    if kill9 {
+        lamina.kill9();
+    } else {
+        let st = lamina.stop();
+        assert!(
+            st.success(),
+            "lamina exited with {st} on SIGTERM; log:\n{}",
+            lamina.log_tail()
+        );
+    }
+    lamina.start_again();
+
+    let d = &s.docker;
+    assert_eq!(s.status_layers(), layers_before, "Layers row after the restart");
+    assert_eq!(
+        d.ok(&["run", "--rm", "bb:1", "echo", "new container"]),
+        "new container"
+    );
+    assert_eq!(d.ok(&["start", "-a", "c1"]), "x");
+    assert_eq!(sorted_lines(&d.ok(&["diff", "c1"])), "A /f");
+    // the running container kept its mount, and its Put/Remove after the restart work
+    assert_eq!(d.ok(&["exec", "r1", "cat", "/r"]), "before");
+    assert_eq!(sorted_lines(&d.ok(&["diff", "r1"])), "A /r");
+    d.ok(&["commit", "r1", "fromrunning:1"]);
+    assert_eq!(d.ok(&["run", "--rm", "fromrunning:1", "cat", "/r"]), "before");
+    d.ok(&["stop", "-t", "1", "r1"]);
+    d.ok(&["rm", "r1", "c1"]);
+    d.ok(&["rmi", "fromrunning:1", "bb:1"]);
+    assert_eq!(s.status_layers(), Some(0), "Layers row after removing everything");
+    assert_eq!(
+        s.status_row("mounted layers"),
+        Some(0),
+        "Mounted Layers row after removing everything"
+    );
+    assert_store_empty(&root, &before, layer_dirs_before);
+}
+
+#[test]
+fn lamina_kill9_restart_under_running_dockerd() {
+    lamina_restart_under_dockerd("kill9", true);
+}
+
+#[test]
+fn lamina_sigterm_restart_under_running_dockerd() {
+    lamina_restart_under_dockerd("sigterm", false);
+}
+
+/// SHA-256 of every file of `dir/big`, as `sha256sum big/* | sha256sum` prints it.
+fn big_digest_host(root: &Path) -> String {
+    let out = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("cd \"$1\" && sha256sum big/* | sha256sum")
+            .arg("sh")
+            .arg(root),
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// kill -9 of lamina in the middle of a `docker import` of a ~200 MB layer: afterwards the import either
+/// failed (and a retry works) or produced a complete image; a half-written layer is never visible.
+#[test]
+fn crash_kill9_during_docker_import() {
+    let Some(mut s) = setup("crashimport") else { return };
+    if s.lamina.is_none() {
+        eprintln!("crash test: driver is vfs, nothing to crash");
+        return;
+    }
+    // rootfs: busybox + 200 files of 1 MiB of random content
+    let root = s.docker.dir().join("bigroot");
+    busybox_rootfs(&root);
+    fs::create_dir_all(root.join("big")).unwrap();
+    for i in 0..200 {
+        fs::write(root.join(RandomTar::name(i)), RandomTar::content(i, 1 << 20)).unwrap();
+    }
+    let expected = big_digest_host(&root);
+    let tarball = s.docker.dir().join("big.tar");
+    run_ok(
+        Command::new("tar")
+            .args(["--numeric-owner", "-C"])
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tarball)
+            .arg("."),
+    );
+    fs::remove_dir_all(&root).unwrap();
+
+    let data_root = s.lamina.as_ref().unwrap().data_root.clone();
+    let base = bytes_under(&data_root);
+    let import = s
+        .docker
+        .docker_cmd(&["import", tarball.to_str().unwrap(), "big:1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait until lamina has written a good part of the layer, then kill it
+    let written = poll(Duration::from_secs(60), || {
+        (bytes_under(&data_root) > base + (40 << 20)).then_some(())
+    });
+    let lamina = s.lamina.as_mut().unwrap();
+    assert!(
+        written.is_some(),
+        "lamina never wrote 40 MB of the import; log:\n{}",
+        lamina.log_tail()
+    );
+    lamina.kill9();
+    let killed_at = Instant::now();
+    thread::sleep(Duration::from_millis(300));
+    lamina.start_again();
+    eprintln!("lamina restarted {:?} after kill -9", killed_at.elapsed());
+    let out = import.wait_with_output().unwrap();
+    let first =
+        String::from_utf8_lossy(&out.stdout).trim().to_string() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("docker import during the crash: {} {first}", out.status);
+
+    let digest_in = |img: &str| {
+        s.docker.ok(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            img,
+            "sh",
+            "-c",
+            "cd / && sha256sum big/* | sha256sum",
+        ])
+    };
+    if out.status.success() {
+        // dockerd retried the call and the import succeeded: the image must be complete
+        assert_eq!(
+            digest_in("big:1"),
+            expected,
+            "image imported across the crash has different content"
+        );
+    }
+    // a retried import always works and gives the complete content
+    s.docker.ok(&["import", tarball.to_str().unwrap(), "big:2"]);
+    assert_eq!(
+        digest_in("big:2"),
+        expected,
+        "re-imported image has different content"
+    );
+    let layers = s.status_layers().unwrap();
+    let images = s.docker.ok(&["images", "-q"]).lines().count() as u64;
+    assert_eq!(
+        layers, images,
+        "lamina's Layers row vs dockerd's images (one layer each)"
+    );
+
+    eprintln!(
+        "after the crash test: data root holds {} bytes",
+        bytes_under(&data_root)
+    );
+}
+
+/// `docker diff` lists every directory that holds a change (the root excepted), as dockerd's vfs driver does:
+/// an image with nested directories, imported on lamina and on vfs, and a container changing files deep in
+/// them.
+#[test]
+fn docker_diff_lists_parent_directories_like_vfs() {
+    const STEPS: &str = "echo y >> /d/h2 && echo z >> /n1/n2/n3/f && touch /n1/m/new && rm /k/l/gone \
+         && chmod 700 /p/q && mkdir -p /n1/n2/fresh/deeper && echo w > /n1/n2/fresh/deeper/w";
+    const EXPECTED: &str = "C /d
+C /d/h2
+C /k
+C /k/l
+D /k/l/gone
+C /n1
+C /n1/m
+A /n1/m/new
+C /n1/n2
+A /n1/n2/fresh
+A /n1/n2/fresh/deeper
+A /n1/n2/fresh/deeper/w
+C /n1/n2/n3
+C /n1/n2/n3/f
+C /p
+C /p/q";
+    let Some(s) = setup("diffparents") else { return };
+    let rootfs = s.docker.dir().join("nested-rootfs");
+    busybox_rootfs(&rootfs);
+    for (file, text) in [
+        ("d/h1", "1\n"),
+        ("d/h2", "2\n"),
+        ("n1/n2/n3/f", "f\n"),
+        ("n1/m/keep", "k\n"),
+        ("k/l/gone", "g\n"),
+        ("k/l/stay", "s\n"),
+        ("p/q/r", "r\n"),
+    ] {
+        let path = rootfs.join(file);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, text).unwrap();
+    }
+    let tarball = s.docker.dir().join("nested.tar");
+    run_ok(
+        Command::new("tar")
+            .arg("--numeric-owner")
+            .arg("--owner=0")
+            .arg("--group=0")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tarball)
+            .arg("."),
+    );
+    let tarball = tarball.to_str().unwrap();
+    let run = |d: &Dockerd| {
+        d.ok(&["import", tarball, "nested:1"]);
+        d.ok(&[
+            "run",
+            "--name",
+            "c1",
+            "--network",
+            "none",
+            "nested:1",
+            "sh",
+            "-c",
+            STEPS,
+        ]);
+        d.ok(&["diff", "c1"])
+    };
+    let got = run(&s.docker);
+    let vfs = Dockerd::start("vfs");
+    let oracle = sorted_lines(&run(&vfs));
+    assert_eq!(
+        oracle, EXPECTED,
+        "oracle (vfs) disagrees with the written expectation"
+    );
+    assert_eq!(sorted_lines(&got), EXPECTED, "docker diff on {}", s.docker.driver);
+    if s.lamina.is_some() {
+        // lamina answers in walk order: each directory before what it holds, siblings by name
+        assert_eq!(got, EXPECTED, "order of docker diff on {}", s.docker.driver);
+    }
+}
