@@ -152,6 +152,12 @@ impl Db {
         }
     }
 
+    /// Why the file cannot be opened for writing (a read-only filesystem), if it cannot: a reopen would fail,
+    /// so the failed handle is kept for whatever it still serves.
+    fn unwritable(&self) -> Option<std::io::Error> {
+        std::fs::OpenOptions::new().write(true).open(&self.path).err()
+    }
+
     fn forget(&self, failed: &Arc<Database>) {
         let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
         if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
@@ -165,6 +171,9 @@ impl Db {
         match db.begin_write() {
             Ok(txn) => Ok(WriteTxn { txn, _db: db }),
             Err(e) if failed_io(&e) => {
+                if let Some(io) = self.unwritable() {
+                    return Err(TransactionError::Storage(StorageError::Io(io)));
+                }
                 self.forget(&db);
                 drop(db);
                 let db = self.handle()?;
@@ -181,6 +190,9 @@ impl Db {
         match db.begin_read() {
             Ok(txn) => Ok(ReadTxn { txn, _db: db }),
             Err(e) if failed_io(&e) => {
+                if let Some(io) = self.unwritable() {
+                    return Err(TransactionError::Storage(StorageError::Io(io)));
+                }
                 self.forget(&db);
                 drop(db);
                 let db = self.handle()?;
