@@ -132,7 +132,8 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     fn quarantine_all(&self) -> Result<()>;
 
     /// Start-up, after interrupted applies were rolled back: takes down views no known layer owns, deletes the
-    /// storage of `removed` layers (their removal was committed) durably, moves storage that no record explains
+    /// storage of `removed` layers (their removal was committed) and makes every deletion of theirs durable (the
+    /// store drops their proofs next), moves storage that no record explains
     /// to quarantine (never deleted on the evidence of missing metadata), recreates missing storage of `known`
     /// layers (`max_size_of` gives their size limit), and returns the known layers whose view is still up.
     fn recover(

@@ -534,8 +534,9 @@ impl LayerBackend for OverlayBackend {
                 }
             }
         }
-        if deleted {
-            // The deletions reach the disk before the store drops their proof.
+        if deleted || !removed.is_empty() {
+            // The store drops the proofs of removal next: the deletions (these, and the renames into trash/ of
+            // the removals before the last start, which nothing synced) must be on disk first.
             mount::syncfs(&layers_dir).map_err(|e| StoreError::io("sync layers", e))?;
         }
         for n in known.iter().filter(|n| !present.contains(n)) {

@@ -25,6 +25,8 @@ pub struct LoopFs {
     pub device: String,
     /// The sparse backing file.
     pub image: PathBuf,
+    /// `ext4`, `xfs`, ...
+    pub fs_type: String,
 }
 
 fn run(cmd: &mut Command) -> Result<String, String> {
@@ -54,6 +56,7 @@ impl LoopFs {
             mnt: mnt.to_path_buf(),
             device: String::new(),
             image: image.to_path_buf(),
+            fs_type: fs_type.to_string(),
         };
         let device = run(Command::new("losetup")
             .args(["--direct-io=on", "--find", "--show"])
@@ -71,6 +74,36 @@ impl LoopFs {
         fs::create_dir_all(mnt).map_err(|e| format!("creating {}: {e}", mnt.display()))?;
         run(Command::new("mount").arg(&me.device).arg(mnt))?;
         Ok(me)
+    }
+
+    /// What a power cut leaves: the filesystem is shut down at once without flushing its journal or log
+    /// (`xfs_io -x -c shutdown`, the `FS_IOC_SHUTDOWN` ioctl with "no log flush", which ext4 and xfs both
+    /// implement): every later write fails, and only what was already on disk survives the next mount.
+    pub fn cut_power(&self) -> Result<(), String> {
+        run(Command::new("xfs_io")
+            .args(["-x", "-c", "shutdown"])
+            .arg(&self.mnt))
+        .map(|_| ())
+    }
+
+    /// Unmounts everything at and below the mount point (the processes using it must be stopped first), waits
+    /// until the kernel has let go of the filesystem, and mounts the device again: the journal or log is
+    /// replayed, as at a boot after a power cut.
+    pub fn remount(&self) -> Result<(), String> {
+        unmount_under(&self.mnt);
+        let dev = self.device.trim_start_matches("/dev/");
+        let sysfs = PathBuf::from(format!("/sys/fs/{}/{dev}", self.fs_type));
+        for _ in 0..200 {
+            if !sysfs.exists() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        if sysfs.exists() {
+            return Err(format!("{} is still in use after its unmount", self.device));
+        }
+        fs::create_dir_all(&self.mnt).map_err(|e| format!("creating {}: {e}", self.mnt.display()))?;
+        run(Command::new("mount").arg(&self.device).arg(&self.mnt)).map(|_| ())
     }
 
     /// The mount options the kernel reports for it (`/proc/self/mountinfo`).
