@@ -45,26 +45,7 @@ fn kill_points_and_random_kills() {
     assert!(first.is_empty(), "before any kill: {first:#?}");
 
     // The plan: every (operation, point) pair per round, then random-time kills.
-    let mut plan: Vec<(&'static str, Option<&'static str>)> = Vec::new();
-    for _ in 0..rounds {
-        for (op, points) in OPS {
-            for p in *points {
-                plan.push((op, Some(p)));
-            }
-        }
-    }
-    let random_ops = [
-        "apply",
-        "apply",
-        "create",
-        "remove",
-        "commit",
-        "get",
-        "volume_create",
-    ];
-    for _ in 0..randoms {
-        plan.push((*rng.pick(&random_ops), None));
-    }
+    let plan = plan(rounds, randoms, &mut rng);
 
     let mut kills = 0u64;
     let mut not_reached: BTreeMap<String, u64> = BTreeMap::new();

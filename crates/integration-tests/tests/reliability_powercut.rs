@@ -69,26 +69,7 @@ fn run_on(fs_type: &str, rounds: u64, randoms: u64, rng: &mut Rng) -> Tally {
         "{fs_type}: after a cut with only the bases: {first:#?}"
     );
 
-    let mut plan: Vec<(&'static str, Option<&'static str>)> = Vec::new();
-    for _ in 0..rounds {
-        for (op, points) in OPS {
-            for p in *points {
-                plan.push((op, Some(p)));
-            }
-        }
-    }
-    let random_ops = [
-        "apply",
-        "apply",
-        "create",
-        "remove",
-        "commit",
-        "get",
-        "volume_create",
-    ];
-    for _ in 0..randoms {
-        plan.push((*rng.pick(&random_ops), None));
-    }
+    let plan = plan(rounds, randoms, rng);
 
     let mut t = Tally::default();
     for (i, (op, point)) in plan.iter().enumerate() {

@@ -324,6 +324,32 @@ pub fn make_bases(d: &Daemon, rng: &mut Rng) -> Model {
     model
 }
 
+/// What a crash tier runs: every (operation, point) pair once per round, then `randoms` operations crashed at a
+/// random moment (`None`).
+pub fn plan(rounds: u64, randoms: u64, rng: &mut Rng) -> Vec<(&'static str, Option<&'static str>)> {
+    let mut plan = Vec::new();
+    for _ in 0..rounds {
+        for (op, points) in OPS {
+            for p in *points {
+                plan.push((*op, Some(*p)));
+            }
+        }
+    }
+    let random_ops = [
+        "apply",
+        "apply",
+        "create",
+        "remove",
+        "commit",
+        "get",
+        "volume_create",
+    ];
+    for _ in 0..randoms {
+        plan.push((*rng.pick(&random_ops), None));
+    }
+    plan
+}
+
 /// A case for `op` with fresh random content (`big`: a tar of a few MB instead of a few KB).
 pub fn new_case(rng: &mut Rng, i: usize, op: &'static str, big: bool) -> Case {
     let (tar, files) = make_tar(rng, big);
