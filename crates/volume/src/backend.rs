@@ -362,6 +362,12 @@ pub(crate) fn describe(r: &VolumeRecord) -> String {
     if let Some(q) = r.quota {
         s.push_str(&format!(", quota {q}"));
     }
+    if let Some(z) = r.size {
+        s.push_str(&format!(", size {z}"));
+    }
+    if let Some(f) = &r.fs {
+        s.push_str(&format!(", fs {f}"));
+    }
     s
 }
 
@@ -647,6 +653,8 @@ mod tests {
             opts: goal
                 .map(|g| BTreeMap::from([("ReplicationGoal".to_string(), g.to_string())]))
                 .unwrap_or_default(),
+            size: None,
+            fs: None,
         }
     }
 
