@@ -276,8 +276,16 @@ impl Rbd {
         self.timeout.as_secs().max(1).to_string()
     }
 
-    /// Cluster options every client program gets.
+    /// Cluster options of the `rbd` calls; rbd-fuse gets them without the OSD operation timeout (a slow OSD
+    /// must not turn into I/O errors in a mounted filesystem).
     fn client_args(&self) -> Vec<String> {
+        let t = self.secs();
+        let mut v = self.fuse_args();
+        v.extend(["--rados_osd_op_timeout".into(), t]);
+        v
+    }
+
+    fn fuse_args(&self) -> Vec<String> {
         let t = self.secs();
         vec![
             "-c".into(),
@@ -287,8 +295,6 @@ impl Rbd {
             "--client_mount_timeout".into(),
             t.clone(),
             "--rados_mon_op_timeout".into(),
-            t.clone(),
-            "--rados_osd_op_timeout".into(),
             t,
         ]
     }
@@ -404,9 +410,17 @@ impl Rbd {
     pub fn release(&self, name: &str) -> Result<(), VolumeError> {
         match self.holder(name)? {
             Some(l) if l.id == self.lock_id() => {
+                // The locker is the `rbd lock add` call that exited long ago: nothing to blocklist.
                 self.cli_ok(
                     "unlocking the image",
-                    &["lock", "rm", &self.spec(name), &l.id, &l.locker],
+                    &[
+                        "--rbd_blocklist_on_break_lock=false",
+                        "lock",
+                        "rm",
+                        &self.spec(name),
+                        &l.id,
+                        &l.locker,
+                    ],
                 )?;
                 Ok(())
             }
@@ -519,7 +533,7 @@ impl Rbd {
             .map_err(|e| VolumeError::io(format!("opening {}", self.log().display()), e))?;
         let err = log.try_clone().map_err(|e| VolumeError::io("dup", e))?;
         let mut cmd = Command::new(&self.cfg.rbd_fuse);
-        cmd.args(self.client_args())
+        cmd.args(self.fuse_args())
             .args(["-p", &self.cfg.pool, "-r", image])
             .arg(at)
             .arg("-f")
