@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lamina_testkit::ceph::{require_ceph, CephCluster, ObjectStore};
+use lamina_testkit::faults::binary_has_fault_points;
 use lamina_testkit::*;
 use serde_json::json;
 
@@ -326,6 +327,108 @@ fn rbd_volumes_two_hosts() {
     assert_eq!(mounts_under(&h1.lamina.data_root), Vec::<PathBuf>::new());
     assert_eq!(mounts_under(&h2.lamina.data_root), Vec::<PathBuf>::new());
     eprintln!("[{test}] Create, Mount and Remove with the cluster down: {took:?}");
+}
+
+/// lamina killed (fault point `kill`) in the middle of a Create and of a Mount: after a restart, the half-made
+/// attachment is taken down (its rbd-fuse stopped by PID, its loop device detached, the lock released), the
+/// image without a record is made again by the next Create, and the counted Mount is completed.
+#[test]
+fn rbd_volumes_kill9_mid_operation() {
+    let test = "rbd_volumes_kill9_mid_operation";
+    if !require_ceph(test) {
+        return;
+    }
+    assert!(
+        binary_has_fault_points(),
+        "{} has no fault points: build it with `cargo build --workspace --all-targets`",
+        lamina_bin().display()
+    );
+    let _serial = serial();
+    let cluster = CephCluster::start("kill9");
+    let pool = cluster.pool.clone();
+    let (mut l, mount_base) = lamina_on("rbdk", "hostk", &cluster);
+    let state = l.data_root.join("volumes/rbd");
+    let restart = |l: &mut Lamina, faults: Option<&str>| {
+        l.kill9();
+        l.env.retain(|(k, _)| k != "LAMINA_FAULTS");
+        if let Some(f) = faults {
+            l.env.push(("LAMINA_FAULTS".into(), f.into()));
+        }
+        l.start_again();
+    };
+
+    // Killed after mkfs, with the image attached and mounted but no record written.
+    restart(&mut l, Some("volume.rbd.create.formatted=kill"));
+    let mut body = serde_json::to_vec(&json!({"Name": "k1", "Opts": {}})).unwrap();
+    body.push(b'\n');
+    let _ = l.client().post_raw("/VolumeDriver.Create", &body);
+    assert!(
+        l.wait_exit(Duration::from_secs(30)).is_some(),
+        "the kill point did not fire"
+    );
+    assert_eq!(cluster.images(&pool), vec!["lamina-vol-k1".to_string()]);
+    assert_eq!(cluster.locks(&pool, "lamina-vol-k1").len(), 1);
+    let half = {
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(state.join("k1/attached.json")).unwrap()).unwrap();
+        (
+            v["fuse_pid"].as_u64().unwrap() as u32,
+            v["device"].as_str().unwrap().to_string(),
+        )
+    };
+    assert!(pid_alive(half.0));
+    assert!(!mounts_under(&l.data_root).is_empty());
+    restart(&mut l, None);
+    let gone = poll(Duration::from_secs(10), || (!pid_alive(half.0)).then_some(()));
+    assert!(
+        gone.is_some(),
+        "rbd-fuse {} of the interrupted Create still runs",
+        half.0
+    );
+    let root = l.data_root.display().to_string();
+    assert!(!loop_backing(&half.1).is_some_and(|b| b.starts_with(&root)));
+    assert_eq!(mounts_under(&l.data_root), Vec::<PathBuf>::new());
+    assert!(
+        cluster.locks(&pool, "lamina-vol-k1").is_empty(),
+        "the restart released the lock"
+    );
+    let c = l.client();
+    let listed = vcall(&c, "List", json!({})).ok("List");
+    assert_eq!(listed["Volumes"], json!([]), "a half-made volume is not listed");
+    vcall(&c, "Get", json!({"Name": "k1"})).expect_err("Get half-made", "not found");
+    vcall(&c, "Create", json!({"Name": "k1", "Opts": {}})).ok("Create after the interrupted one");
+    vcall(&c, "Get", json!({"Name": "k1"})).ok("Get");
+
+    // Killed after the attachment, before the bind mount: the count is recorded, so the restart completes it.
+    restart(&mut l, Some("volume.rbd.mount.attached=kill"));
+    let mut body = serde_json::to_vec(&json!({"Name": "k1", "ID": ID1})).unwrap();
+    body.push(b'\n');
+    let _ = l.client().post_raw("/VolumeDriver.Mount", &body);
+    assert!(
+        l.wait_exit(Duration::from_secs(30)).is_some(),
+        "the kill point did not fire"
+    );
+    let att = attachment(&l, "k1");
+    restart(&mut l, None);
+    let c = l.client();
+    let p = vcall(&c, "Path", json!({"Name": "k1"})).ok("Path after the restart");
+    let mp = mount_base.join("k1");
+    assert_eq!(p["Mountpoint"], mp.display().to_string());
+    assert_eq!(
+        attachment(&l, "k1"),
+        att,
+        "the attachment was taken over, not made again"
+    );
+    fs::write(mp.join("f"), b"after restart").unwrap();
+    vcall(&c, "Unmount", json!({"Name": "k1", "ID": ID1})).ok("Unmount");
+    let gone = poll(Duration::from_secs(10), || (!pid_alive(att.0)).then_some(()));
+    assert!(gone.is_some(), "rbd-fuse {} still runs", att.0);
+    assert!(!loop_backing(&att.1).is_some_and(|b| b.starts_with(&root)));
+    assert_eq!(mounts_under(&l.data_root), Vec::<PathBuf>::new());
+    assert!(!is_mounted(&mp));
+    assert!(cluster.locks(&pool, "lamina-vol-k1").is_empty());
+    vcall(&c, "Remove", json!({"Name": "k1"})).ok("Remove");
+    assert_eq!(cluster.images(&pool), Vec::<String>::new());
 }
 
 /// The filesystem type of the mount at `p` (from /proc/self/mountinfo).

@@ -413,7 +413,8 @@ impl VolumeManager {
             .unwrap_or(r.cfg.default_fs);
         r.acquire(name)?;
         let done = r.attach(name, fs_type).and_then(|_| {
-            lamina_sys::mount::bind_mount(&loc.dir, mp, false)
+            lamina_sys::fault::point("volume.rbd.mount.attached")
+                .and_then(|()| lamina_sys::mount::bind_mount(&loc.dir, mp, false))
                 .map_err(|e| VolumeError::io(format!("mounting {}", loc.dir.display()), e))
         });
         if let Err(e) = done {

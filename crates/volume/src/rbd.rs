@@ -699,8 +699,12 @@ impl Rbd {
             if out.code != Some(17) {
                 return Err(classify("creating the image", &self.cfg.pool, &out));
             }
-            // The image exists: wait (briefly) for its record, written last by whoever creates it.
-            let deadline = Instant::now() + self.timeout;
+            // The image exists: wait (briefly) for its record, written last by whoever creates it. Whoever
+            // creates it takes its lock right after `rbd create`; an image without a record that is unlocked
+            // after a second, or locked by this host (whose Creates of one name are serialised), is what an
+            // interrupted Create left.
+            let started = Instant::now();
+            let deadline = started + self.timeout;
             loop {
                 match self.lookup(&name)? {
                     Lookup::Found(existing) if existing.same_request(&rec) => {
@@ -714,26 +718,26 @@ impl Rbd {
                         )))
                     }
                     Lookup::Missing => break,
-                    Lookup::Unrecorded if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(200))
-                    }
-                    Lookup::Unrecorded => {
-                        match self.holder(&name)? {
-                            Some(l) if l.id != self.lock_id() => {
-                                return Err(VolumeError::AlreadyExists(format!(
-                                    "image {spec} exists without lamina's record and is locked by {} ({}): a Create in progress there, or one interrupted (then remove the image with `rbd rm`)",
-                                    l.host().map(|h| format!("host {}", quote(h))).unwrap_or_else(|| "another client".into()),
-                                    l.id
-                                )))
-                            }
-                            _ => {
-                                warn!(volume = %name, image = %spec, "removing an image left by an interrupted Create");
-                                self.undo_create(&name);
-                                break;
-                            }
-                        }
-                    }
+                    Lookup::Unrecorded => {}
                 }
+                let interrupted = match self.holder(&name)? {
+                    Some(l) if l.id == self.lock_id() => true,
+                    Some(l) if Instant::now() >= deadline => {
+                        return Err(VolumeError::AlreadyExists(format!(
+                            "image {spec} exists without lamina's record and is locked by {} ({}): a Create in progress there, or one interrupted (then remove the image with `rbd rm`)",
+                            l.host().map(|h| format!("host {}", quote(h))).unwrap_or_else(|| "another client".into()),
+                            l.id
+                        )))
+                    }
+                    Some(_) => false,
+                    None => started.elapsed() >= Duration::from_secs(1),
+                };
+                if interrupted {
+                    warn!(volume = %name, image = %spec, "removing an image left by an interrupted Create");
+                    self.undo_create(&name);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
         Err(VolumeError::BackendUnavailable(format!(
@@ -749,6 +753,8 @@ impl Rbd {
         let detached = self.detach(name);
         made?;
         detached?;
+        lamina_sys::fault::point("volume.rbd.create.record")
+            .map_err(|e| VolumeError::io("writing the volume record", e))?;
         let json = String::from_utf8(rec.encode()).unwrap_or_default();
         self.cli_ok(
             "writing the volume record",
@@ -783,6 +789,7 @@ impl Rbd {
         let data = fsdir.join("data");
         fs::create_dir(&data).map_err(|e| VolumeError::io(format!("creating {}", data.display()), e))?;
         lamina_sys::mount::syncfs(&fsdir)
+            .and_then(|()| lamina_sys::fault::point("volume.rbd.create.formatted"))
             .map_err(|e| VolumeError::io(format!("syncing {}", fsdir.display()), e))
     }
 
