@@ -3,13 +3,14 @@
 //! host ids. Images reach the host through rbd-fuse and a loop device (this kernel has no rbd driver).
 //!
 //! Needs root, dockerd, containerd, runc, busybox-static and the Ceph packages (ceph-mon, ceph-osd,
-//! ceph-common, rbd-fuse). Without them the tests print SKIPPED (and fail under CI=true).
+//! ceph-common, rbd-fuse; ceph-mgr for the quota test). Without them the tests print SKIPPED (and fail under
+//! CI=true).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lamina_testkit::ceph::{require_ceph, CephCluster, ObjectStore};
+use lamina_testkit::ceph::{require_ceph, require_ceph_mgr, CephCluster, ObjectStore};
 use lamina_testkit::faults::binary_has_fault_points;
 use lamina_testkit::*;
 use serde_json::json;
@@ -44,14 +45,17 @@ struct Host {
 }
 
 fn lamina_on(tag: &str, host_id: &str, cluster: &CephCluster) -> (Lamina, PathBuf) {
+    lamina_on_pool(tag, host_id, cluster, &cluster.pool)
+}
+
+fn lamina_on_pool(tag: &str, host_id: &str, cluster: &CephCluster, pool: &str) -> (Lamina, PathBuf) {
     let mut lamina = Lamina::new(&unique_name(tag));
     let mount_base = lamina.dir().join("mnt");
     let text = format!(
         "[volumes]\nmount_base = \"{}\"\nbackend = \"rbd\"\ntimeout_secs = 5\n\
-         [volumes.rbd]\nceph_conf = \"{}\"\npool = \"{}\"\nhost = \"{host_id}\"\nmap = \"fuse\"\nsize = \"64M\"\n",
+         [volumes.rbd]\nceph_conf = \"{}\"\npool = \"{pool}\"\nhost = \"{host_id}\"\nmap = \"fuse\"\nsize = \"64M\"\n",
         mount_base.display(),
         cluster.conf().display(),
-        cluster.pool
     );
     let cfg = lamina.dir().join("config.toml");
     fs::write(&cfg, text).unwrap();
@@ -429,6 +433,82 @@ fn rbd_volumes_kill9_mid_operation() {
     assert!(cluster.locks(&pool, "lamina-vol-k1").is_empty());
     vcall(&c, "Remove", json!({"Name": "k1"})).ok("Remove");
     assert_eq!(cluster.images(&pool), Vec::<String>::new());
+}
+
+/// A pool that does not exist, then one over its quota (needs a mgr: the monitors learn the pool's usage from
+/// it): classed errors well within dockerd's timeouts, nothing attached; service resumes once there is room.
+#[test]
+fn rbd_volumes_pool_missing_and_quota() {
+    let test = "rbd_volumes_pool_missing_and_quota";
+    if !require_ceph_mgr(test) {
+        return;
+    }
+    let _serial = serial();
+    let mut cluster = CephCluster::start("quota");
+    let (l, mount_base) = lamina_on_pool("rbdq", "hostq", &cluster, "vols");
+    let c = l.client();
+    let t = Instant::now();
+    let e = vcall(&c, "Create", json!({"Name": "q1", "Opts": {}}))
+        .expect_err("Create in a missing pool", "backend unavailable");
+    assert!(e.contains("pool \"vols\" does not exist"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    cluster.create_pool("vols");
+    vcall(&c, "Create", json!({"Name": "q1", "Opts": {}})).ok("Create");
+    cluster.start_mgr();
+    cluster.ceph_ok(&["osd", "pool", "set-quota", "vols", "max_bytes", "8388608"]);
+    let filler = cluster.dir().join("filler");
+    fs::write(&filler, vec![7u8; 16 << 20]).unwrap();
+    run_ok(
+        std::process::Command::new(find_bin("rados").unwrap())
+            .arg("-c")
+            .arg(cluster.conf())
+            .args(["-p", "vols", "put", "filler"])
+            .arg(&filler),
+    );
+    let t = Instant::now();
+    let full = poll(Duration::from_secs(90), || {
+        cluster
+            .pool_flags("vols")
+            .iter()
+            .any(|f| f == "full_quota")
+            .then_some(())
+    });
+    assert!(full.is_some(), "the pool was not flagged full_quota within 90 s");
+    eprintln!(
+        "[{test}] pool flagged full_quota {:?} after the write",
+        t.elapsed()
+    );
+
+    let t = Instant::now();
+    let e = vcall(&c, "Create", json!({"Name": "q2", "Opts": {}}))
+        .expect_err("Create in a pool over its quota", "no space");
+    assert!(e.contains("pool \"vols\" is over its quota"), "{e}");
+    let e = vcall(&c, "Mount", json!({"Name": "q1", "ID": ID1}))
+        .expect_err("Mount in a pool over its quota", "no space");
+    assert!(e.contains("over its quota"), "{e}");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(40), "{took:?}");
+    eprintln!("[{test}] Create and Mount refused for the quota in {took:?}");
+    assert_eq!(mounts_under(&l.data_root), Vec::<PathBuf>::new());
+    assert!(!is_mounted(&mount_base.join("q1")));
+    assert!(!l.data_root.join("volumes/rbd/q1").exists());
+
+    // Room again: the quota lifted, the filler removed.
+    cluster.ceph_ok(&["osd", "pool", "set-quota", "vols", "max_bytes", "0"]);
+    let clear = poll(Duration::from_secs(60), || {
+        (!cluster.pool_flags("vols").iter().any(|f| f.starts_with("full"))).then_some(())
+    });
+    assert!(clear.is_some(), "the pool stayed full");
+    let mut rm = std::process::Command::new(find_bin("rados").unwrap());
+    rm.arg("-c")
+        .arg(cluster.conf())
+        .args(["-p", "vols", "rm", "filler"]);
+    run_ok(&mut rm);
+    vcall(&c, "Mount", json!({"Name": "q1", "ID": ID1})).ok("Mount with room");
+    vcall(&c, "Unmount", json!({"Name": "q1", "ID": ID1})).ok("Unmount");
+    vcall(&c, "Remove", json!({"Name": "q1"})).ok("Remove");
+    assert_eq!(cluster.images("vols"), Vec::<String>::new());
 }
 
 /// The filesystem type of the mount at `p` (from /proc/self/mountinfo).

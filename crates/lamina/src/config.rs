@@ -234,6 +234,8 @@ pub struct RbdFile {
     pub rbd: Option<PathBuf>,
     /// The `rbd-fuse` program (default `rbd-fuse`).
     pub rbd_fuse: Option<PathBuf>,
+    /// The `ceph` program (default `ceph`).
+    pub ceph: Option<PathBuf>,
 }
 
 /// Letters, digits, `_`, `.`, `-` (what a pool, client id, host id or image prefix may hold here).
@@ -283,6 +285,7 @@ fn rbd_settings(r: RbdFile) -> anyhow::Result<lamina_volume::RbdConfig> {
         host_id: word("host", host, false)?,
         rbd: r.rbd.unwrap_or_else(|| "rbd".into()),
         rbd_fuse: r.rbd_fuse.unwrap_or_else(|| "rbd-fuse".into()),
+        ceph: r.ceph.unwrap_or_else(|| "ceph".into()),
     })
 }
 

@@ -5,7 +5,8 @@
 //! second where bluestore on a sparse file takes 2-3 s, and a volume test writes a few MiB;
 //! [`ObjectStore::Bluestore`] (on a sparse 10 GiB file in the test directory) is there for tests that need
 //! data to survive an OSD restart. Without a mgr the cluster serves RBD normally; what needs a mgr (pool
-//! usage statistics, and with them pool quotas) is not available.
+//! usage statistics, and with them pool quotas) is not available: [`CephCluster::start_mgr`] adds one (about
+//! 300 MB of RSS; a pool over its quota is flagged full about 8 s after the mgr starts).
 //!
 //! Addresses: the monitor listens on `127.0.0.1:P` (msgr v2) and `P+1` (v1), with `P` chosen free per cluster,
 //! so that two test binaries can each run one; the OSD binds its public and cluster messengers to 127.0.0.1
@@ -42,6 +43,30 @@ const CEPH_PACKAGES: &[&str] = &["ceph-mon", "ceph-osd", "ceph-common", "rbd-fus
 /// True if the Ceph programs are installed.
 pub fn have_ceph() -> bool {
     CEPH_BINS.iter().all(|b| find_bin(b).is_some())
+}
+
+/// True if `ceph-mgr` is installed (package ceph-mgr; only the pool quota test needs it).
+pub fn have_ceph_mgr() -> bool {
+    find_bin("ceph-mgr").is_some()
+}
+
+/// [`require_ceph`] and the ceph-mgr package (installed with apt-get when missing).
+pub fn require_ceph_mgr(test: &str) -> bool {
+    if !require_ceph(test) {
+        return false;
+    }
+    if !have_ceph_mgr() {
+        static INSTALL: std::sync::Once = std::sync::Once::new();
+        INSTALL.call_once(|| {
+            eprintln!("installing ceph-mgr with apt-get");
+            let st = Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "ceph-mgr"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+            eprintln!("apt-get: {st:?}");
+        });
+    }
+    have_ceph_mgr() || super::skip(test, "the ceph-mgr package")
 }
 
 /// True if this kernel has the rbd block driver (`rbd device map` works). Not needed by the tests: images
@@ -103,6 +128,7 @@ pub struct CephCluster {
     pub pool: String,
     mon: Option<Child>,
     osd: Option<Child>,
+    mgr: Option<Child>,
     osd_id: String,
     dir: PathBuf,
     _dir: Option<TestDir>,
@@ -192,6 +218,8 @@ impl CephCluster {
              rbd default features = layering\n\
              [mon]\n\
              mon data = {b}/$name\n\
+             [mgr]\n\
+             mgr data = {b}/$name\n\
              [osd]\n\
              osd data = {b}/$name\n\
              osd objectstore = {objectstore}\n\
@@ -212,6 +240,7 @@ impl CephCluster {
             pool: "rbd".into(),
             mon: None,
             osd: None,
+            mgr: None,
             osd_id: String::new(),
             dir: dir.to_path_buf(),
             _dir: None,
@@ -237,8 +266,7 @@ impl CephCluster {
         let out = mkfs.output().unwrap();
         check_output("ceph-osd --mkfs", &out).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
         c.start_osd();
-        c.ceph_ok(&["osd", "pool", "create", "rbd", "8", "8"]);
-        c.rbd_ok(&["pool", "init", "rbd"]);
+        c.create_pool("rbd");
         c.start_time = t0.elapsed();
         eprintln!(
             "Ceph cluster ({objectstore}) at 127.0.0.1:{port} up in {:?} ({})",
@@ -297,11 +325,49 @@ impl CephCluster {
         assert!(up.is_some(), "the OSD was not up within 60 s:\n{}", self.logs());
     }
 
-    /// Stops the whole cluster by PID (clients, OSD, monitor), as `Drop` does; the directory stays.
+    /// Starts a mgr (`mgr.x`) in the foreground and waits until the monitor reports it available (60 s).
+    pub fn start_mgr(&mut self) {
+        fs::create_dir_all(self.dir.join("mgr.x")).unwrap();
+        let mut cmd = self.daemon_cmd("ceph-mgr");
+        cmd.args(["-i", "x", "-f"]);
+        self.mgr = Some(self.spawn_logged(cmd, "mgr.x.out"));
+        let up = poll(Duration::from_secs(60), || {
+            let out = self.ceph(&["mgr", "stat", "--format", "json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            (v["available"] == true).then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "ceph-mgr was not available within 60 s:\n{}",
+            self.logs()
+        );
+    }
+
+    /// The flags of `pool` (`full`, `full_quota`, ...).
+    pub fn pool_flags(&self, pool: &str) -> Vec<String> {
+        let out = self.ceph_ok(&["osd", "pool", "ls", "detail", "--format", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v.as_array()
+            .and_then(|a| a.iter().find(|p| p["pool_name"] == pool))
+            .and_then(|p| p["flags_names"].as_str())
+            .map(|f| f.split(',').map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// Creates a pool of 8 placement groups initialised for RBD.
+    pub fn create_pool(&self, pool: &str) {
+        self.ceph_ok(&["osd", "pool", "create", pool, "8", "8"]);
+        self.rbd_ok(&["pool", "init", pool]);
+    }
+
+    /// Stops the whole cluster by PID (clients, OSD, mgr, monitor), as `Drop` does; the directory stays.
     pub fn stop(&mut self) {
         self.stop_clients();
         if let Some(mut o) = self.osd.take() {
             stop_child(&mut o, Duration::from_secs(15));
+        }
+        if let Some(mut m) = self.mgr.take() {
+            stop_child(&mut m, Duration::from_secs(10));
         }
         if let Some(mut m) = self.mon.take() {
             stop_child(&mut m, Duration::from_secs(10));
@@ -310,7 +376,10 @@ impl CephCluster {
 
     /// SIGKILLs the monitor and the OSD (the cluster disappears mid-operation); clients are left alone.
     pub fn kill(&mut self) {
-        for c in [self.osd.take(), self.mon.take()].into_iter().flatten() {
+        for c in [self.osd.take(), self.mgr.take(), self.mon.take()]
+            .into_iter()
+            .flatten()
+        {
             let mut c = c;
             let _ = c.kill();
             let _ = c.wait();
@@ -319,10 +388,7 @@ impl CephCluster {
 
     /// Client processes of this cluster (their command line names its directory), other than its daemons.
     pub fn client_pids(&self) -> Vec<u32> {
-        let own: Vec<u32> = [&self.mon, &self.osd]
-            .iter()
-            .filter_map(|c| c.as_ref().map(Child::id))
-            .collect();
+        let own = self.daemon_pids();
         pids_referencing(&self.dir)
             .into_iter()
             .filter(|p| !own.contains(p))
@@ -352,9 +418,9 @@ impl CephCluster {
         }
     }
 
-    /// PIDs of the monitor and the OSD while they run.
+    /// PIDs of the monitor, the OSD and the mgr while they run.
     pub fn daemon_pids(&self) -> Vec<u32> {
-        [&self.mon, &self.osd]
+        [&self.mon, &self.osd, &self.mgr]
             .iter()
             .filter_map(|c| c.as_ref().map(Child::id))
             .collect()
@@ -446,7 +512,7 @@ impl CephCluster {
             .map(|rd| {
                 rd.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with("mon.") || n.starts_with("osd."))
+                    .filter(|n| n.starts_with("mon.") || n.starts_with("osd.") || n.starts_with("mgr."))
                     .collect()
             })
             .unwrap_or_default();

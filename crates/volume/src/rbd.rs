@@ -127,6 +127,8 @@ pub struct RbdConfig {
     pub rbd: PathBuf,
     /// The `rbd-fuse` program.
     pub rbd_fuse: PathBuf,
+    /// The `ceph` program (asked for the pool's flags when an operation times out).
+    pub ceph: PathBuf,
 }
 
 /// Whether `name` can be part of an image name (and of rbd-fuse's file name): letters, digits, `_`, `.`,
@@ -313,8 +315,67 @@ impl Rbd {
         if out.success() {
             Ok(out.stdout)
         } else {
-            Err(classify(what, &self.cfg.pool, &out))
+            Err(self.fail(what, &out))
         }
+    }
+
+    /// Classifies a failed `rbd` call. An operation that timed out after the client had connected is what a
+    /// full pool looks like (Ceph pauses writes to a pool over its quota, it does not fail them): the pool's
+    /// flags tell that apart from OSDs that do not answer.
+    fn fail(&self, what: &str, out: &CommandOutput) -> VolumeError {
+        let e = classify(what, &self.cfg.pool, out);
+        let connected = !out.stderr.contains("couldn't connect to the cluster")
+            && !out.stderr.contains("monclient")
+            && !out.stderr.contains("mon config");
+        let timed_out = out.code == Some(110) || out.stderr.contains("(110)");
+        if !(timed_out && connected) {
+            return e;
+        }
+        match self.pool_flags() {
+            Some(f) if f.iter().any(|x| x == "full_quota") => VolumeError::NoSpace(format!(
+                "pool {} is over its quota ({what}: Ceph holds writes to it until it has room again)",
+                quote(&self.cfg.pool)
+            )),
+            Some(f) if f.iter().any(|x| x == "full") => VolumeError::NoSpace(format!(
+                "pool {} is full ({what}: Ceph holds writes to it until it has room again)",
+                quote(&self.cfg.pool)
+            )),
+            _ => VolumeError::BackendUnavailable(format!(
+                "the Ceph OSDs do not answer within {} s ({what}): {}",
+                self.secs(),
+                out.summary()
+            )),
+        }
+    }
+
+    /// The flags of the pool (`full`, `full_quota`, ...), from `ceph osd pool ls detail`.
+    fn pool_flags(&self) -> Option<Vec<String>> {
+        let mut argv = vec![
+            path_arg(&self.cfg.ceph),
+            "-c".into(),
+            path_arg(&self.cfg.ceph_conf),
+            "--id".into(),
+            self.cfg.client_id.clone(),
+            "--connect-timeout".into(),
+            self.secs(),
+        ];
+        argv.extend(["osd", "pool", "ls", "detail", "--format", "json"].map(String::from));
+        let out = run_argv(&argv, self.timeout + Duration::from_secs(5)).ok()?;
+        if !out.success() {
+            return None;
+        }
+        let pools: Vec<serde_json::Value> = serde_json::from_str(out.stdout.trim()).ok()?;
+        let pool = pools
+            .iter()
+            .find(|p| p["pool_name"].as_str() == Some(self.cfg.pool.as_str()))?;
+        Some(
+            pool["flags_names"]
+                .as_str()
+                .unwrap_or_default()
+                .split(',')
+                .map(str::to_string)
+                .collect(),
+        )
     }
 
     /// Names of the volumes in the pool (images with the prefix, complete or not).
@@ -344,7 +405,7 @@ impl Rbd {
         } else if text.contains("(2)") && !text.contains("error opening pool") {
             Ok(Lookup::Unrecorded)
         } else {
-            Err(classify("reading the volume record", &self.cfg.pool, &out))
+            Err(self.fail("reading the volume record", &out))
         }
     }
 
@@ -403,7 +464,7 @@ impl Rbd {
                 return Ok(());
             }
         }
-        Err(classify("locking the image", &self.cfg.pool, &out))
+        Err(self.fail("locking the image", &out))
     }
 
     /// Releases this host's lock on `name`'s image, if held.
@@ -697,7 +758,7 @@ impl Rbd {
                 };
             }
             if out.code != Some(17) {
-                return Err(classify("creating the image", &self.cfg.pool, &out));
+                return Err(self.fail("creating the image", &out));
             }
             // The image exists: wait (briefly) for its record, written last by whoever creates it. Whoever
             // creates it takes its lock right after `rbd create`; an image without a record that is unlocked
@@ -875,7 +936,7 @@ impl Rbd {
                 quote(name)
             )));
         }
-        Err(classify("removing the image", &self.cfg.pool, &out))
+        Err(self.fail("removing the image", &out))
     }
 }
 
