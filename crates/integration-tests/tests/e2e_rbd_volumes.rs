@@ -49,10 +49,21 @@ fn lamina_on(tag: &str, host_id: &str, cluster: &CephCluster) -> (Lamina, PathBu
 }
 
 fn lamina_on_pool(tag: &str, host_id: &str, cluster: &CephCluster, pool: &str) -> (Lamina, PathBuf) {
+    lamina_with(tag, host_id, cluster, pool, "")
+}
+
+/// A lamina whose volumes live in `pool`, with `extra` lines in `[volumes]`.
+fn lamina_with(
+    tag: &str,
+    host_id: &str,
+    cluster: &CephCluster,
+    pool: &str,
+    extra: &str,
+) -> (Lamina, PathBuf) {
     let mut lamina = Lamina::new(&unique_name(tag));
     let mount_base = lamina.dir().join("mnt");
     let text = format!(
-        "[volumes]\nmount_base = \"{}\"\nbackend = \"rbd\"\ntimeout_secs = 5\n\
+        "[volumes]\nmount_base = \"{}\"\nbackend = \"rbd\"\ntimeout_secs = 5\n{extra}\
          [volumes.rbd]\nceph_conf = \"{}\"\npool = \"{pool}\"\nhost = \"{host_id}\"\nmap = \"fuse\"\nsize = \"64M\"\n",
         mount_base.display(),
         cluster.conf().display(),
@@ -350,7 +361,7 @@ fn rbd_volumes_kill9_mid_operation() {
     let _serial = serial();
     let cluster = CephCluster::start("kill9");
     let pool = cluster.pool.clone();
-    let (mut l, mount_base) = lamina_on("rbdk", "hostk", &cluster);
+    let (mut l, mount_base) = lamina_with("rbdk", "hostk", &cluster, &pool, "on_remove = \"trash\"\n");
     let state = l.data_root.join("volumes/rbd");
     let restart = |l: &mut Lamina, faults: Option<&str>| {
         l.kill9();
@@ -431,8 +442,11 @@ fn rbd_volumes_kill9_mid_operation() {
     assert_eq!(mounts_under(&l.data_root), Vec::<PathBuf>::new());
     assert!(!is_mounted(&mp));
     assert!(cluster.locks(&pool, "lamina-vol-k1").is_empty());
+    // on_remove = "trash": the image goes to the pool's trash.
     vcall(&c, "Remove", json!({"Name": "k1"})).ok("Remove");
     assert_eq!(cluster.images(&pool), Vec::<String>::new());
+    let trash = cluster.rbd_ok(&["trash", "ls", "--format", "json", &pool]);
+    assert!(trash.contains("\"lamina-vol-k1\""), "{trash}");
 }
 
 /// A pool that does not exist, then one over its quota (needs a mgr: the monitors learn the pool's usage from

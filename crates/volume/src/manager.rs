@@ -323,7 +323,7 @@ impl VolumeManager {
                 if r.attached(name) {
                     r.detach(name)?;
                 }
-                r.remove(name)?
+                r.remove(name, on_remove == OnRemove::Trash)?
             }
         }
         let _ = fs::remove_dir(self.mountpoint(name));

@@ -918,15 +918,21 @@ impl Rbd {
         }
     }
 
-    /// Removes `name`'s image: refused while another host holds its lock or has it open; this host's own
-    /// leftover lock is released first.
-    pub fn remove(&self, name: &str) -> Result<(), VolumeError> {
+    /// Removes `name`'s image (`rbd rm`), or with `trash` moves it to the pool's trash (`rbd trash mv`:
+    /// listed by `rbd trash ls`, restorable with `rbd trash restore`): refused while another host holds its lock
+    /// or has it open; this host's own leftover lock is released first.
+    pub fn remove(&self, name: &str, trash: bool) -> Result<(), VolumeError> {
         match self.holder(name)? {
             Some(l) if l.id == self.lock_id() => self.release(name)?,
             Some(l) => return Err(self.held_elsewhere(name, &l)),
             None => {}
         }
-        let out = self.cli(&["rm", "--no-progress", &self.spec(name)])?;
+        let spec = self.spec(name);
+        let out = if trash {
+            self.cli(&["trash", "mv", &spec])?
+        } else {
+            self.cli(&["rm", "--no-progress", &spec])?
+        };
         if out.success() {
             return Ok(());
         }
