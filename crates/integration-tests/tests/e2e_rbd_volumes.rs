@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lamina_testkit::ceph::{require_ceph, require_ceph_mgr, CephCluster, ObjectStore};
+use lamina_testkit::ceph::{have_krbd, require_ceph, require_ceph_mgr, CephCluster, ObjectStore};
 use lamina_testkit::faults::binary_has_fault_points;
 use lamina_testkit::*;
 use serde_json::json;
@@ -523,6 +523,43 @@ fn rbd_volumes_pool_missing_and_quota() {
     vcall(&c, "Unmount", json!({"Name": "q1", "ID": ID1})).ok("Unmount");
     vcall(&c, "Remove", json!({"Name": "q1"})).ok("Remove");
     assert_eq!(cluster.images("vols"), Vec::<String>::new());
+}
+
+/// `map = "krbd"`: the image mapped by the kernel's rbd driver. Skipped (naming the feature, also under CI) on
+/// kernels without rbd, such as the ones lamina is developed on: this path has not run there.
+#[test]
+fn rbd_volumes_krbd() {
+    let test = "rbd_volumes_krbd";
+    if !require_ceph(test) || !require_kernel_feature(test, "rbd (/sys/bus/rbd)", have_krbd()) {
+        return;
+    }
+    let _serial = serial();
+    let cluster = CephCluster::start("krbd");
+    let pool = cluster.pool.clone();
+    let (l, mount_base) = lamina_with("rbdkr", "hostkr", &cluster, &pool, "");
+    // The configuration written by lamina_with says map = "fuse"; this test's lamina is restarted with krbd.
+    let cfg = l.dir().join("config.toml");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("map = \"fuse\"", "map = \"krbd\"");
+    fs::write(&cfg, text).unwrap();
+    let mut l = l;
+    l.restart();
+    let c = l.client();
+    vcall(&c, "Create", json!({"Name": "kr", "Opts": {}})).ok("Create");
+    let m = vcall(&c, "Mount", json!({"Name": "kr", "ID": ID1})).ok("Mount");
+    let mp = PathBuf::from(m["Mountpoint"].as_str().unwrap());
+    fs::write(mp.join("f"), b"krbd").unwrap();
+    let st: serde_json::Value =
+        serde_json::from_slice(&fs::read(l.data_root.join("volumes/rbd/kr/attached.json")).unwrap()).unwrap();
+    let dev = st["device"].as_str().unwrap().to_string();
+    assert!(dev.starts_with("/dev/rbd"), "{st}");
+    vcall(&c, "Unmount", json!({"Name": "kr", "ID": ID1})).ok("Unmount");
+    assert!(!Path::new(&dev).exists(), "{dev} still mapped");
+    assert_eq!(mounts_under(&l.data_root), Vec::<PathBuf>::new());
+    assert!(!is_mounted(&mount_base.join("kr")));
+    vcall(&c, "Remove", json!({"Name": "kr"})).ok("Remove");
+    assert_eq!(cluster.images(&pool), Vec::<String>::new());
 }
 
 /// The filesystem type of the mount at `p` (from /proc/self/mountinfo).
