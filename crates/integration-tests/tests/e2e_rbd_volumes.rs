@@ -584,10 +584,27 @@ fn cluster_start_times() {
     if !require_ceph(test) {
         return;
     }
+    let rss = |pid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
     for store in [ObjectStore::Memstore, ObjectStore::Bluestore] {
         let mut c = CephCluster::start_with("times", store);
+        let idle: Vec<String> = c.daemon_pids().into_iter().map(rss).collect();
+        // 64 MiB written into an image.
+        let data = c.dir().join("data");
+        fs::write(&data, vec![1u8; 64 << 20]).unwrap();
+        c.rbd_ok(&["import", "--no-progress", data.to_str().unwrap(), "rbd/img"]);
+        let busy: Vec<String> = c.daemon_pids().into_iter().map(rss).collect();
         let t = Instant::now();
         c.stop();
-        eprintln!("{store:?}: start {:?}, stop {:?}", c.start_time, t.elapsed());
+        eprintln!(
+            "{store:?}: start {:?}, stop {:?}; RSS (mon, osd) idle {idle:?}, after 64 MiB {busy:?}",
+            c.start_time,
+            t.elapsed()
+        );
     }
 }

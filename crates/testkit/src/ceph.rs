@@ -1,8 +1,9 @@
 //! A throw-away Ceph cluster for the RBD tests: one monitor and one OSD on 127.0.0.1, one replica per object,
 //! cephx off, every file (config, monmap, mon store, OSD store, run dir, logs) in one test directory, no mgr.
 //!
-//! The OSD keeps its objects in RAM (`memstore`, a 2 GiB device) by default: its mkfs takes a tenth of a
-//! second where bluestore on a sparse file takes 2-3 s, and a volume test writes a few MiB;
+//! The OSD keeps its objects in RAM (`memstore`, a 2 GiB device) by default: the cluster is up in 7.3-8.3 s
+//! where bluestore on a sparse file takes 10.9-11.6 s, and a volume test writes a few MiB (measured RSS of the
+//! memstore OSD: 39 MB idle, 171 MB after 64 MiB written; bluestore: 47 and 65 MB);
 //! [`ObjectStore::Bluestore`] (on a sparse 10 GiB file in the test directory) is there for tests that need
 //! data to survive an OSD restart. Without a mgr the cluster serves RBD normally; what needs a mgr (pool
 //! usage statistics, and with them pool quotas) is not available: [`CephCluster::start_mgr`] adds one (about
