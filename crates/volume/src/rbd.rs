@@ -875,6 +875,9 @@ impl Rbd {
                 .trim()
                 .to_string()
         } else {
+            // Written before the spawn too: after a crash right behind it the state names the directory whose
+            // FUSE mount to take down (rbd-fuse exits by itself once it is unmounted).
+            self.write_state(name, &st)?;
             let child = self.spawn_fuse(&image, &fuse)?;
             st.fuse_pid = Some(child.id());
             st.fuse_start = start_time(child.id());
