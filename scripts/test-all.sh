@@ -30,7 +30,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolc
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=()
-for pkg in docker.io containerd protobuf-compiler golang-go golang-github-containerd-containerd-dev busybox-static docker-registry btrfs-progs xfsprogs moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux; do
+for pkg in docker.io containerd protobuf-compiler golang-go golang-github-containerd-containerd-dev busybox-static docker-registry btrfs-progs xfsprogs moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux ceph-mon ceph-osd ceph-mgr ceph-common rbd-fuse; do
     installed "$pkg" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

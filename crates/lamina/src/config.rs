@@ -201,7 +201,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
 pub struct VolumesFile {
     /// Serve the VolumeDriver protocol (default true).
     pub enabled: Option<bool>,
-    /// `local` (default) or `moosefs`: the backend of volumes created without `-o backend=`.
+    /// `local` (default), `moosefs` or `rbd`: the backend of volumes created without `-o backend=`.
     pub backend: Option<String>,
     /// Volumes are mounted at `<mount_base>/<name>` (default `/mnt/docker-volumes`).
     pub mount_base: Option<PathBuf>,
@@ -211,6 +211,87 @@ pub struct VolumesFile {
     pub timeout_secs: Option<u64>,
     /// The MooseFS/LizardFS backend.
     pub moosefs: Option<MooseFsFile>,
+    /// The Ceph RBD backend.
+    pub rbd: Option<RbdFile>,
+}
+
+/// The `[volumes.rbd]` table; see docs/rbd.md.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdFile {
+    /// Ceph configuration file (default `/etc/ceph/ceph.conf`).
+    pub ceph_conf: Option<PathBuf>,
+    /// Client id, `--id` (default `admin`).
+    pub client: Option<String>,
+    /// Pool of the images (default `rbd`).
+    pub pool: Option<String>,
+    /// Image name = prefix + volume name (default `lamina-vol-`).
+    pub image_prefix: Option<String>,
+    /// Size of volumes created without `-o size=` (default `10G`).
+    pub size: Option<String>,
+    /// `ext4` (default) or `xfs`: filesystem of volumes created without `-o fs=`.
+    pub fs: Option<String>,
+    /// `auto` (default), `krbd` or `fuse`: how images reach this host.
+    pub map: Option<String>,
+    /// This host's name in the image locks (default: the host name); unique per host sharing the pool.
+    pub host: Option<String>,
+    /// The `rbd` program (default `rbd`).
+    pub rbd: Option<PathBuf>,
+    /// The `rbd-fuse` program (default `rbd-fuse`).
+    pub rbd_fuse: Option<PathBuf>,
+    /// The `ceph` program (default `ceph`).
+    pub ceph: Option<PathBuf>,
+}
+
+/// Letters, digits, `_`, `.`, `-` (what a pool, client id, host id or image prefix may hold here).
+fn plain_word(s: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && !s.starts_with('-')
+}
+
+fn rbd_settings(r: RbdFile) -> anyhow::Result<lamina_volume::RbdConfig> {
+    use lamina_volume::{FsType, MapMode};
+    let word = |what: &str, v: String, allow_empty: bool| -> anyhow::Result<String> {
+        if (v.is_empty() && !allow_empty) || !plain_word(&v) {
+            bail!("[volumes.rbd] {what} {v:?}: letters, digits, '_', '.' and '-' only");
+        }
+        Ok(v)
+    };
+    let host = match r.host {
+        Some(h) => h,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .context("[volumes.rbd] host is not set and the host name cannot be read")?,
+    };
+    let size = r.size.unwrap_or_else(|| "10G".into());
+    let default_size = lamina_volume::options::parse_size_of("size", &size)
+        .map_err(|e| anyhow::anyhow!("[volumes.rbd] {e}"))?;
+    let fs = r.fs.unwrap_or_else(|| "ext4".into());
+    let map = r.map.unwrap_or_else(|| "auto".into());
+    let ceph_conf = r.ceph_conf.unwrap_or_else(|| "/etc/ceph/ceph.conf".into());
+    if !ceph_conf.is_absolute() {
+        bail!("[volumes.rbd] ceph_conf must be an absolute path");
+    }
+    Ok(lamina_volume::RbdConfig {
+        ceph_conf,
+        client_id: word("client", r.client.unwrap_or_else(|| "admin".into()), false)?,
+        pool: word("pool", r.pool.unwrap_or_else(|| "rbd".into()), false)?,
+        image_prefix: word(
+            "image_prefix",
+            r.image_prefix.unwrap_or_else(|| "lamina-vol-".into()),
+            true,
+        )?,
+        default_size,
+        default_fs: FsType::parse(&fs)
+            .with_context(|| format!("[volumes.rbd] fs {fs:?}: must be \"ext4\" or \"xfs\""))?,
+        map: MapMode::parse(&map)
+            .with_context(|| format!("[volumes.rbd] map {map:?}: must be \"auto\", \"krbd\" or \"fuse\""))?,
+        host_id: word("host", host, false)?,
+        rbd: r.rbd.unwrap_or_else(|| "rbd".into()),
+        rbd_fuse: r.rbd_fuse.unwrap_or_else(|| "rbd-fuse".into()),
+        ceph: r.ceph.unwrap_or_else(|| "ceph".into()),
+    })
 }
 
 /// The `[volumes.moosefs]` table.
@@ -302,7 +383,7 @@ pub fn volume_settings(
     let backend = match file.backend.as_deref() {
         None => BackendKind::Local,
         Some(b) => BackendKind::parse(b)
-            .with_context(|| format!("[volumes] backend {b:?}: must be \"local\" or \"moosefs\""))?,
+            .with_context(|| format!("[volumes] backend {b:?}: must be \"local\", \"moosefs\" or \"rbd\""))?,
     };
     let on_remove = match file.on_remove.as_deref() {
         None | Some("delete") => OnRemove::Delete,
@@ -402,6 +483,10 @@ pub fn volume_settings(
     if backend == BackendKind::Moosefs && moosefs.is_none() {
         bail!("[volumes] backend = \"moosefs\" needs a [volumes.moosefs] table");
     }
+    let rbd = file.rbd.map(rbd_settings).transpose()?;
+    if backend == BackendKind::Rbd && rbd.is_none() {
+        bail!("[volumes] backend = \"rbd\" needs a [volumes.rbd] table");
+    }
     Ok(Some(lamina_volume::VolumeConfig {
         state_dir,
         default_backend: backend,
@@ -409,6 +494,7 @@ pub fn volume_settings(
         on_remove,
         timeout,
         moosefs,
+        rbd,
     }))
 }
 
@@ -642,6 +728,49 @@ mod tests {
         ] {
             let e = resolve(FileConfig::parse(text, "t").unwrap(), Flags::default()).unwrap_err();
             assert!(format!("{e:#}").contains(want), "{text}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn rbd_volumes_table() {
+        let text = r#"
+            [volumes]
+            backend = "rbd"
+            [volumes.rbd]
+            ceph_conf = "/etc/ceph/test.conf"
+            pool = "vols"
+            size = "1G"
+            fs = "xfs"
+            map = "fuse"
+            host = "node-1"
+        "#;
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let v = volume_settings(file.volumes, Path::new("/d"), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.default_backend, lamina_volume::BackendKind::Rbd);
+        let r = v.rbd.unwrap();
+        assert_eq!(r.pool, "vols");
+        assert_eq!(r.default_size, 1 << 30);
+        assert_eq!(r.default_fs, lamina_volume::FsType::Xfs);
+        assert_eq!(r.map, lamina_volume::MapMode::Fuse);
+        assert_eq!(r.host_id, "node-1");
+        assert_eq!(r.client_id, "admin");
+        assert_eq!(r.image_prefix, "lamina-vol-");
+        for (bad, want) in [
+            ("[volumes]\nbackend = \"rbd\"\n", "needs a [volumes.rbd] table"),
+            (
+                "[volumes.rbd]\nmap = \"nbd\"\n",
+                "must be \"auto\", \"krbd\" or \"fuse\"",
+            ),
+            ("[volumes.rbd]\nfs = \"btrfs\"\n", "must be \"ext4\" or \"xfs\""),
+            ("[volumes.rbd]\npool = \"a b\"\n", "letters, digits"),
+            ("[volumes.rbd]\nsize = \"lots\"\n", "not a size"),
+            ("[volumes.rbd]\nceph_conf = \"rel.conf\"\n", "absolute"),
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let e = volume_settings(file.volumes, Path::new("/d"), None).unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{bad}: {e:#}");
         }
     }
 

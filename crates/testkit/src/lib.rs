@@ -20,6 +20,7 @@
 //! Test directories live under `/var/tmp/lamina-e2e` (the root filesystem here, ext4). Overlay upper dirs on
 //! tmpfs also work on this kernel (checked on 6.18: whiteouts and opaque dirs are created), but a
 //! disk-backed directory keeps large layers out of memory.
+pub mod ceph;
 pub mod containerd;
 pub mod crash;
 pub mod faults;

@@ -383,6 +383,12 @@ pub(crate) fn describe(r: &VolumeRecord) -> String {
     if let Some(q) = r.quota {
         s.push_str(&format!(", quota {q}"));
     }
+    if let Some(z) = r.size {
+        s.push_str(&format!(", size {z}"));
+    }
+    if let Some(f) = &r.fs {
+        s.push_str(&format!(", fs {f}"));
+    }
     s
 }
 
@@ -668,6 +674,8 @@ mod tests {
             opts: goal
                 .map(|g| BTreeMap::from([("ReplicationGoal".to_string(), g.to_string())]))
                 .unwrap_or_default(),
+            size: None,
+            fs: None,
         }
     }
 

@@ -18,6 +18,9 @@ pub enum VolumeError {
     /// A legal request this configuration cannot serve (e.g. a goal on the local backend).
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The cluster has no room: a pool over its quota, or full.
+    #[error("no space: {0}")]
+    NoSpace(String),
     /// The distributed filesystem (master, mount, tools) cannot be reached or timed out.
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),

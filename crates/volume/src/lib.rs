@@ -1,5 +1,6 @@
 //! Docker volumes for lamina: a directory per volume on the local disk or on a MooseFS (LizardFS-compatible)
-//! cluster, exposed on the host by bind mounts counted per mount ID.
+//! cluster, or an RBD image with a filesystem per volume in a Ceph pool, exposed on the host by bind mounts
+//! counted per mount ID.
 //!
 //! Layers of this crate, bottom up:
 //! - [`name`] and [`options`]: what a volume name and the `-o` options may be (pure parsers).
@@ -7,6 +8,7 @@
 //! - [`meta`]: the per-host bookkeeping in redb (mount counts, cache of known volumes).
 //! - [`backend`]: the shared directory layout, the concurrent-Create protocol, lamina's mfsmount, the master
 //!   probe and the deadlines around FUSE calls.
+//! - [`rbd`]: the RBD backend: images, advisory locks, rbd-fuse + loop (or krbd) attachments.
 //! - [`manager`]: [`VolumeManager`], the operations of the VolumeDriver protocol.
 //!
 //! The crate knows nothing of HTTP or Docker's wire format; the binary's adapter maps [`VolumeError`] to the
@@ -20,6 +22,7 @@ pub mod manager;
 pub mod meta;
 pub mod name;
 pub mod options;
+pub mod rbd;
 pub mod time;
 
 pub use backend::{MooseFsConfig, OnRemove};
@@ -27,4 +30,5 @@ pub use command::CommandTemplate;
 pub use error::VolumeError;
 pub use manager::{VolumeConfig, VolumeManager, VolumeView, DEFAULT_MOUNT_BASE};
 pub use name::validate_name;
-pub use options::{parse_options, BackendKind, CreateOptions, Goal};
+pub use options::{parse_options, parse_options_for, BackendKind, CreateOptions, Goal};
+pub use rbd::{FsType, MapMode, RbdConfig};

@@ -19,7 +19,8 @@ use crate::command::{parse_getgoal, path_arg};
 use crate::error::VolumeError;
 use crate::meta::{Bookkeeping, VolumeRecord};
 use crate::name::{quote, validate_name};
-use crate::options::{parse_options, BackendKind};
+use crate::options::{parse_options_for, BackendKind};
+use crate::rbd::{check_image_name, FsType, Lookup, Rbd, RbdConfig};
 use crate::time::{now_secs, rfc3339};
 
 /// How long a Mount waits for a mounted MooseFS volume to answer before counting it as alive.
@@ -43,6 +44,8 @@ pub struct VolumeConfig {
     pub timeout: Duration,
     /// The MooseFS backend, when configured.
     pub moosefs: Option<MooseFsConfig>,
+    /// The RBD backend, when configured.
+    pub rbd: Option<RbdConfig>,
 }
 
 /// One volume as Get and List report it.
@@ -62,6 +65,8 @@ pub struct VolumeView {
 struct Located {
     kind: BackendKind,
     dir: PathBuf,
+    /// The record, where finding the volume read it (rbd).
+    rec: Option<VolumeRecord>,
 }
 
 /// The volume service of one lamina.
@@ -71,6 +76,7 @@ pub struct VolumeManager {
     db: Bookkeeping,
     local: VolumeDir,
     mfs: Option<MooseFs>,
+    rbd: Option<Rbd>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
@@ -97,20 +103,22 @@ impl VolumeManager {
                 warn!(error = %e, "MooseFS backend not available yet; every call retries");
             }
         }
+        let rbd = cfg.rbd.clone().map(|r| Rbd::new(r, cfg.timeout, &cfg.state_dir));
         let mgr = VolumeManager {
             cfg,
             db,
             local,
             mfs,
+            rbd,
             locks: Mutex::new(HashMap::new()),
         };
         mgr.reconcile();
         Ok(mgr)
     }
 
-    /// `global` when the default backend is the shared one.
+    /// `global` when the default backend is a shared one.
     pub fn is_global(&self) -> bool {
-        self.cfg.default_backend == BackendKind::Moosefs
+        matches!(self.cfg.default_backend, BackendKind::Moosefs | BackendKind::Rbd)
     }
 
     /// The mountpoint of `name` on this host.
@@ -129,6 +137,12 @@ impl VolumeManager {
         })
     }
 
+    fn rbd(&self) -> Result<&Rbd, VolumeError> {
+        self.rbd.as_ref().ok_or_else(|| {
+            VolumeError::Unsupported("the rbd backend is not configured ([volumes.rbd])".into())
+        })
+    }
+
     fn not_found(name: &str) -> VolumeError {
         VolumeError::NotFound(format!("volume {} does not exist", quote(name)))
     }
@@ -139,6 +153,7 @@ impl VolumeManager {
             return Ok(Located {
                 kind: BackendKind::Local,
                 dir: self.local.dir(name),
+                rec: None,
             });
         }
         if let Some(m) = &self.mfs {
@@ -147,7 +162,19 @@ impl VolumeManager {
                 return Ok(Located {
                     kind: BackendKind::Moosefs,
                     dir: m.vols.dir(name),
+                    rec: None,
                 });
+            }
+        }
+        if let Some(r) = &self.rbd {
+            if check_image_name(name).is_ok() {
+                if let Some(rec) = r.record(name)? {
+                    return Ok(Located {
+                        kind: BackendKind::Rbd,
+                        dir: r.data_dir(name),
+                        rec: Some(rec),
+                    });
+                }
             }
         }
         Err(Self::not_found(name))
@@ -156,7 +183,7 @@ impl VolumeManager {
     /// `/VolumeDriver.Create`.
     pub fn create(&self, name: &str, opts: &BTreeMap<String, String>) -> Result<(), VolumeError> {
         validate_name(name)?;
-        let o = parse_options(opts)?;
+        let o = parse_options_for(opts, self.cfg.default_backend)?;
         let kind = o.backend.unwrap_or(self.cfg.default_backend);
         let mut rec = VolumeRecord {
             version: 1,
@@ -166,6 +193,8 @@ impl VolumeManager {
             goal: None,
             quota: o.quota,
             opts: opts.clone(),
+            size: None,
+            fs: None,
         };
         let l = self.lock(name);
         let _g = l.lock().unwrap_or_else(|e| e.into_inner());
@@ -188,7 +217,45 @@ impl VolumeManager {
                         )));
                     }
                 }
+                if let Some(r) = &self.rbd {
+                    if check_image_name(name).is_ok() {
+                        if let Ok(Some(_)) = r.record(name) {
+                            return Err(VolumeError::AlreadyExists(format!(
+                                "volume {} exists on backend rbd",
+                                quote(name)
+                            )));
+                        }
+                    }
+                }
                 self.local.create(rec, &CreateTools::default())?
+            }
+            BackendKind::Rbd => {
+                let r = self.rbd()?;
+                if o.goal.is_some() {
+                    return Err(VolumeError::Unsupported(
+                        "ReplicationGoal needs the moosefs backend (this volume would be rbd: the pool's size sets the copies)".into(),
+                    ));
+                }
+                if o.quota.is_some() {
+                    return Err(VolumeError::Unsupported(
+                        "quota needs the moosefs backend; an rbd volume takes -o size=".into(),
+                    ));
+                }
+                check_image_name(name)?;
+                if self.local.exists(name)? {
+                    return Err(VolumeError::AlreadyExists(format!(
+                        "volume {} exists on backend local",
+                        quote(name)
+                    )));
+                }
+                let size = o.size.unwrap_or(r.cfg.default_size);
+                let fs_type =
+                    o.fs.as_deref()
+                        .and_then(FsType::parse)
+                        .unwrap_or(r.cfg.default_fs);
+                rec.size = Some(size);
+                rec.fs = Some(fs_type.as_str().to_string());
+                r.create(rec, size, fs_type)?
             }
             BackendKind::Moosefs => {
                 let m = self.mfs()?;
@@ -251,6 +318,13 @@ impl VolumeManager {
                 self.mfs()?
                     .run("removing the volume", move |v| v.discard(&n, on_remove))?
             }
+            BackendKind::Rbd => {
+                let r = self.rbd()?;
+                if r.attached(name) {
+                    r.detach(name)?;
+                }
+                r.remove(name, on_remove == OnRemove::Trash)?
+            }
         }
         let _ = fs::remove_dir(self.mountpoint(name));
         self.db.forget(name)?;
@@ -273,7 +347,7 @@ impl VolumeManager {
         }
         let loc = self.locate(name)?;
         let total = self.db.add(name, id)?;
-        if let Err(e) = self.bind(&loc, &mp, mounted) {
+        if let Err(e) = self.bind(name, &loc, &mp, mounted) {
             let _ = self.db.release(name, id);
             return Err(e);
         }
@@ -286,6 +360,16 @@ impl VolumeManager {
     /// endpoint is not connected".
     /// A mount that does not answer quickly (master down) counts as alive: nothing better can be made now.
     fn dead_mount(&self, name: &str, mp: &Path) -> bool {
+        if let Some(r) = &self.rbd {
+            if r.attached(name) {
+                if r.alive(name) {
+                    return false;
+                }
+                warn!(volume = %name, mountpoint = %mp.display(),
+                    "volume mount is dead (its rbd-fuse or filesystem is gone): mounting it again");
+                return true;
+            }
+        }
         let Some(m) = &self.mfs else { return false };
         if self.local.exists(name).unwrap_or(false) {
             return false;
@@ -298,7 +382,7 @@ impl VolumeManager {
         false
     }
 
-    fn bind(&self, loc: &Located, mp: &Path, stale: bool) -> Result<(), VolumeError> {
+    fn bind(&self, name: &str, loc: &Located, mp: &Path, stale: bool) -> Result<(), VolumeError> {
         if stale {
             let _ = lamina_sys::mount::unmount(mp, true);
         }
@@ -313,7 +397,46 @@ impl VolumeManager {
                         .map_err(|e| io_err(format!("mounting {}", src.display()), e))
                 })
             }
+            BackendKind::Rbd => self.bind_rbd(name, loc, mp),
         }
+    }
+
+    /// Locks the image for this host, attaches it, and binds its `data/` at `mp`; on failure nothing stays
+    /// attached or locked.
+    fn bind_rbd(&self, name: &str, loc: &Located, mp: &Path) -> Result<(), VolumeError> {
+        let r = self.rbd()?;
+        let fs_type = loc
+            .rec
+            .as_ref()
+            .and_then(|r| r.fs.as_deref())
+            .and_then(FsType::parse)
+            .unwrap_or(r.cfg.default_fs);
+        r.acquire(name)?;
+        let done = r.attach(name, fs_type).and_then(|_| {
+            lamina_sys::fault::point("volume.rbd.mount.attached")
+                .and_then(|()| lamina_sys::mount::bind_mount(&loc.dir, mp, false))
+                .map_err(|e| VolumeError::io(format!("mounting {}", loc.dir.display()), e))
+        });
+        if let Err(e) = done {
+            if let Err(e2) = r.detach(name).and_then(|()| r.release(name)) {
+                warn!(volume = %name, error = %e2, "cannot take down a failed mount");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Takes down the image of `name` on this host (after its bind mount is gone) and releases the lock.
+    fn detach_rbd(&self, name: &str) -> Result<(), VolumeError> {
+        let Some(r) = &self.rbd else { return Ok(()) };
+        if !r.attached(name) {
+            return Ok(());
+        }
+        r.detach(name)?;
+        if let Err(e) = r.release(name) {
+            warn!(volume = %name, error = %e, "cannot release the RBD lock; this host's next Mount, Unmount or Remove of it retries");
+        }
+        Ok(())
     }
 
     /// `/VolumeDriver.Unmount`: an ID that holds nothing is not an error.
@@ -329,6 +452,7 @@ impl VolumeManager {
             Some(0) => {
                 let mp = self.mountpoint(name);
                 release_mount(&mp)?;
+                self.detach_rbd(name)?;
                 info!(volume = %name, id = %id, "volume unmounted");
                 Ok(())
             }
@@ -360,6 +484,14 @@ impl VolumeManager {
             status.insert("Backend".into(), "local".into());
             status.insert("Directory".into(), path_arg(&self.local.dir(name)));
             rec
+        } else if self.rbd.is_some()
+            && (self.mfs.is_none()
+                || self
+                    .db
+                    .known(name)?
+                    .is_some_and(|k| k.backend == BackendKind::Rbd))
+        {
+            return self.get_rbd(name, status, mountpoint);
         } else if let Some(m) = &self.mfs {
             let n = name.to_string();
             let getgoal = m.cfg.getgoal_command.clone();
@@ -383,6 +515,7 @@ impl VolumeManager {
                 Ok(Some((rec, goal)))
             });
             match found {
+                Ok(None) if self.rbd.is_some() => return self.get_rbd(name, status, mountpoint),
                 Ok(None) => return Err(Self::not_found(name)),
                 Ok(Some((rec, goal))) => {
                     status.insert("Backend".into(), "moosefs".into());
@@ -431,6 +564,68 @@ impl VolumeManager {
             created_at: rec.as_ref().map(|r| rfc3339(r.created)),
             status,
         })
+    }
+
+    /// Get of a volume of the rbd backend: its record and lock from the pool; from the cache (with a `State`
+    /// row) while the cluster is unreachable.
+    fn get_rbd(
+        &self,
+        name: &str,
+        mut status: BTreeMap<String, String>,
+        mountpoint: Option<PathBuf>,
+    ) -> Result<VolumeView, VolumeError> {
+        let r = self.rbd()?;
+        if check_image_name(name).is_err() {
+            return Err(Self::not_found(name));
+        }
+        status.insert("Backend".into(), "rbd".into());
+        status.insert("Image".into(), format!("{}/{}", r.cfg.pool, r.image(name)));
+        match r.lookup(name) {
+            Ok(Lookup::Found(rec)) => {
+                if let Some(z) = rec.size {
+                    status.insert("Size".into(), z.to_string());
+                }
+                if let Some(f) = &rec.fs {
+                    status.insert("Filesystem".into(), f.clone());
+                }
+                match r.holder(name) {
+                    Ok(Some(l)) => {
+                        status.insert(
+                            "MountedOn".into(),
+                            l.host()
+                                .map(str::to_string)
+                                .unwrap_or_else(|| format!("{} ({})", l.locker, l.id)),
+                        );
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        status.insert("MountedOn".into(), format!("unknown ({e})"));
+                    }
+                }
+                self.db.remember(&rec)?;
+                Ok(VolumeView {
+                    name: name.to_string(),
+                    mountpoint,
+                    created_at: Some(rfc3339(rec.created)),
+                    status,
+                })
+            }
+            Ok(_) => Err(Self::not_found(name)),
+            Err(e @ VolumeError::BackendUnavailable(_)) => match self.db.known(name)? {
+                Some(cached) if cached.backend == BackendKind::Rbd => {
+                    warn!(volume = %name, error = %e, "answering Get from the cache");
+                    status.insert("State".into(), e.to_string());
+                    Ok(VolumeView {
+                        name: name.to_string(),
+                        mountpoint,
+                        created_at: Some(rfc3339(cached.created)),
+                        status,
+                    })
+                }
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     /// `/VolumeDriver.List`: the local directory and the cluster directory (the cached cluster volumes
@@ -486,6 +681,42 @@ impl VolumeManager {
                 Err(e) => return Err(e),
             }
         }
+        if let Some(r) = &self.rbd {
+            match r.names() {
+                Ok(names) => {
+                    let set: std::collections::BTreeSet<&str> = names.iter().map(String::as_str).collect();
+                    for k in self.db.all_known()? {
+                        if k.backend == BackendKind::Rbd && !set.contains(k.name.as_str()) {
+                            self.db.forget(&k.name)?;
+                        }
+                    }
+                    for n in &names {
+                        let created = match self.db.known(n)? {
+                            Some(k) if k.backend == BackendKind::Rbd => Some(k.created),
+                            _ => match r.lookup(n)? {
+                                Lookup::Found(rec) => {
+                                    self.db.remember(&rec)?;
+                                    Some(rec.created)
+                                }
+                                // Not a volume (yet): a Create in progress or interrupted.
+                                _ => continue,
+                            },
+                        };
+                        out.entry(n.clone()).or_insert_with(|| view(n, created));
+                    }
+                }
+                Err(e @ VolumeError::BackendUnavailable(_)) => {
+                    warn!(error = %e, "listing cached RBD volumes");
+                    for k in self.db.all_known()? {
+                        if k.backend == BackendKind::Rbd {
+                            out.entry(k.name.clone())
+                                .or_insert_with(|| view(&k.name, Some(k.created)));
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok(out.into_values().collect())
     }
 
@@ -505,10 +736,25 @@ impl VolumeManager {
                 info!(volume = %name, total, "volume still mounted from before the restart");
                 continue;
             }
-            match self.locate(name).and_then(|loc| self.bind(&loc, &mp, mounted)) {
+            match self
+                .locate(name)
+                .and_then(|loc| self.bind(name, &loc, &mp, mounted))
+            {
                 Ok(()) => info!(volume = %name, total, "volume mounted again after the restart"),
                 Err(e) => {
                     warn!(volume = %name, total, error = %e, "cannot mount a counted volume again; Mount will retry")
+                }
+            }
+        }
+        if let Some(r) = &self.rbd {
+            for name in r.attached_names() {
+                if mounted.contains_key(&name) {
+                    continue;
+                }
+                warn!(volume = %name, "taking down an RBD image attached without a mount count");
+                let _ = release_mount(&self.mountpoint(&name));
+                if let Err(e) = self.detach_rbd(&name) {
+                    warn!(volume = %name, error = %e, "cannot take down an uncounted RBD image");
                 }
             }
         }

@@ -53,6 +53,12 @@ pub struct VolumeRecord {
     /// The `-o` options as given.
     #[serde(default)]
     pub opts: BTreeMap<String, String>,
+    /// Image size in bytes (rbd backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Filesystem (rbd backend): `ext4` or `xfs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<String>,
 }
 
 impl VolumeRecord {
@@ -68,7 +74,11 @@ impl VolumeRecord {
 
     /// Whether a Create with `other`'s settings asks for the same volume.
     pub fn same_request(&self, other: &VolumeRecord) -> bool {
-        self.backend == other.backend && self.goal == other.goal && self.quota == other.quota
+        self.backend == other.backend
+            && self.goal == other.goal
+            && self.quota == other.quota
+            && self.size == other.size
+            && self.fs == other.fs
     }
 }
 
@@ -437,6 +447,8 @@ mod tests {
             goal: Some("2".into()),
             quota: None,
             opts: BTreeMap::new(),
+            size: None,
+            fs: None,
         }
     }
 

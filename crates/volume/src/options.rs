@@ -2,7 +2,8 @@
 //!
 //! Known keys (case-insensitive): `ReplicationGoal` (a number 1–9 or a goal name of `[A-Za-z0-9_-]`),
 //! `quota` (a size: `1048576`, `512K`, `10M`, `1G`, `2T`, binary multiples, optional `i`/`iB`/`B`) and
-//! `backend` (`local` or `moosefs`). Any other key is refused, and so is any key or value holding a shell
+//! `backend` (`local`, `moosefs` or `rbd`); for volumes of the rbd backend, `size` (a size, as `quota`) and `fs`
+//! (`ext4` or `xfs`) instead of `ReplicationGoal` and `quota`. Any other key is refused, and so is any key or value holding a shell
 //! metacharacter or whitespace, even though lamina never runs a shell: such a value is a mistake or an
 //! attack, never a goal or a size.
 
@@ -33,6 +34,8 @@ pub enum BackendKind {
     Local,
     /// A directory per volume on a MooseFS (or LizardFS) cluster.
     Moosefs,
+    /// An RBD image with a filesystem per volume, in a Ceph pool.
+    Rbd,
 }
 
 impl BackendKind {
@@ -41,14 +44,16 @@ impl BackendKind {
         match self {
             BackendKind::Local => "local",
             BackendKind::Moosefs => "moosefs",
+            BackendKind::Rbd => "rbd",
         }
     }
 
-    /// Parses `local` or `moosefs` (LizardFS is served by `moosefs`).
+    /// Parses `local`, `moosefs` (LizardFS is served by `moosefs`) or `rbd`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "local" => Some(BackendKind::Local),
             "moosefs" => Some(BackendKind::Moosefs),
+            "rbd" => Some(BackendKind::Rbd),
             _ => None,
         }
     }
@@ -124,14 +129,23 @@ pub struct CreateOptions {
     pub goal: Option<Goal>,
     /// `quota=`, in bytes.
     pub quota: Option<u64>,
+    /// `size=`, in bytes (rbd).
+    pub size: Option<u64>,
+    /// `fs=` (rbd): `ext4` or `xfs`.
+    pub fs: Option<String>,
 }
 
 /// Parses a size with an optional binary suffix (`K`, `M`, `G`, `T`, `P`, each optionally followed by `i`,
 /// `iB` or `B`; a bare `B` means bytes).
 pub fn parse_size(s: &str) -> Result<u64, VolumeError> {
+    parse_size_of("quota", s)
+}
+
+/// [`parse_size`] for the option `what` (named in errors).
+pub fn parse_size_of(what: &str, s: &str) -> Result<u64, VolumeError> {
     let bad = || {
         VolumeError::InvalidArgument(format!(
-            "quota {}: not a size like 1048576, 512K, 10M or 1G",
+            "{what} {}: not a size like 1048576, 512K, 10M or 1G",
             quote(s)
         ))
     };
@@ -153,7 +167,7 @@ pub fn parse_size(s: &str) -> Result<u64, VolumeError> {
     let v = n.checked_mul(1u64 << shift).ok_or_else(bad)?;
     if v == 0 {
         return Err(VolumeError::InvalidArgument(format!(
-            "quota {}: must be more than 0",
+            "{what} {}: must be more than 0",
             quote(s)
         )));
     }
@@ -179,7 +193,21 @@ fn check_chars(what: &str, s: &str) -> Result<(), VolumeError> {
 }
 
 /// Parses `Opts`; refuses unknown keys, repeated keys (in different case), bad values and shell metacharacters.
+/// `size` and `fs` are known only with `backend=rbd`; see [`parse_options_for`].
 pub fn parse_options(opts: &BTreeMap<String, String>) -> Result<CreateOptions, VolumeError> {
+    parse_options_for(opts, BackendKind::Local)
+}
+
+/// [`parse_options`] where a volume without `backend=` goes to `default`: `size` and `fs` are known when the
+/// volume's backend is rbd.
+pub fn parse_options_for(
+    opts: &BTreeMap<String, String>,
+    default: BackendKind,
+) -> Result<CreateOptions, VolumeError> {
+    let rbd = opts
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("backend"))
+        .map_or(default == BackendKind::Rbd, |(_, v)| v == "rbd");
     let mut out = CreateOptions::default();
     let mut seen = std::collections::BTreeSet::new();
     for (k, v) in opts {
@@ -195,18 +223,33 @@ pub fn parse_options(opts: &BTreeMap<String, String>) -> Result<CreateOptions, V
         match key.as_str() {
             "replicationgoal" => out.goal = Some(Goal::parse(v)?),
             "quota" => out.quota = Some(parse_size(v)?),
+            "size" if rbd => out.size = Some(parse_size_of("size", v)?),
+            "fs" if rbd => {
+                if !matches!(v.as_str(), "ext4" | "xfs") {
+                    return Err(VolumeError::InvalidArgument(format!(
+                        "fs {}: must be \"ext4\" or \"xfs\"",
+                        quote(v)
+                    )));
+                }
+                out.fs = Some(v.clone())
+            }
             "backend" => {
                 out.backend = Some(BackendKind::parse(v).ok_or_else(|| {
                     VolumeError::InvalidArgument(format!(
-                        "backend {}: must be \"local\" or \"moosefs\"",
+                        "backend {}: must be \"local\" or \"moosefs\" or \"rbd\"",
                         quote(v)
                     ))
                 })?)
             }
             _ => {
                 return Err(VolumeError::InvalidArgument(format!(
-                    "unknown option {} (known: ReplicationGoal, quota, backend)",
-                    quote(k)
+                    "unknown option {} (known: {})",
+                    quote(k),
+                    if rbd {
+                        "size, fs, backend"
+                    } else {
+                        "ReplicationGoal, quota, backend"
+                    }
                 )))
             }
         }
@@ -280,7 +323,8 @@ mod tests {
             CreateOptions {
                 backend: Some(BackendKind::Moosefs),
                 goal: Some(Goal::Copies(2)),
-                quota: Some(10 << 20)
+                quota: Some(10 << 20),
+                ..CreateOptions::default()
             }
         );
         assert_eq!(parse_options(&BTreeMap::new()).unwrap(), CreateOptions::default());
@@ -288,6 +332,52 @@ mod tests {
             parse_options(&opts(&[("replicationgoal", "fast")])).unwrap().goal,
             Some(Goal::Named("fast".into()))
         );
+    }
+
+    #[test]
+    fn rbd_options() {
+        let o = parse_options(&opts(&[("backend", "rbd"), ("size", "1G"), ("fs", "xfs")])).unwrap();
+        assert_eq!(o.backend, Some(BackendKind::Rbd));
+        assert_eq!(o.size, Some(1 << 30));
+        assert_eq!(o.fs.as_deref(), Some("xfs"));
+        let o = parse_options_for(&opts(&[("Size", "10M")]), BackendKind::Rbd).unwrap();
+        assert_eq!(o.size, Some(10 << 20), "rbd is the default backend");
+        for (pairs, default, want) in [
+            (
+                vec![("size", "1G")],
+                BackendKind::Moosefs,
+                "unknown option \"size\" (known: ReplicationGoal",
+            ),
+            (
+                vec![("backend", "local"), ("fs", "xfs")],
+                BackendKind::Rbd,
+                "unknown option \"fs\"",
+            ),
+            (
+                vec![("fs", "btrfs")],
+                BackendKind::Rbd,
+                "fs \"btrfs\": must be \"ext4\" or \"xfs\"",
+            ),
+            (
+                vec![("size", "0")],
+                BackendKind::Rbd,
+                "size \"0\": must be more than 0",
+            ),
+            (
+                vec![("size", "big")],
+                BackendKind::Rbd,
+                "size \"big\": not a size",
+            ),
+            (
+                vec![("bogus", "1")],
+                BackendKind::Rbd,
+                "(known: size, fs, backend)",
+            ),
+        ] {
+            let e = parse_options_for(&opts(&pairs), default).unwrap_err().to_string();
+            assert!(e.starts_with("invalid argument: "), "{pairs:?}: {e}");
+            assert!(e.contains(want), "{pairs:?}: {e}");
+        }
     }
 
     #[test]

@@ -47,6 +47,8 @@ fn rec(name: &str, filler: usize) -> VolumeRecord {
         created: 1,
         goal: None,
         quota: None,
+        size: None,
+        fs: None,
         opts: BTreeMap::from([("pad".to_string(), "x".repeat(filler))]),
     }
 }

@@ -18,6 +18,7 @@ fn config(state: &Path) -> VolumeConfig {
         on_remove: OnRemove::Delete,
         timeout: Duration::from_secs(10),
         moosefs: None,
+        rbd: None,
     }
 }
 

@@ -30,6 +30,7 @@ pub fn to_plugin_error(e: VolumeError) -> PluginError {
         VolumeError::AlreadyExists(_) => ErrorKind::AlreadyExists,
         VolumeError::InUse(_) => ErrorKind::InUse,
         VolumeError::Unsupported(_) => ErrorKind::Unsupported,
+        VolumeError::NoSpace(_) => ErrorKind::NoSpace,
         VolumeError::BackendUnavailable(_) => ErrorKind::BackendUnavailable,
         VolumeError::CorruptMetadata(_) => ErrorKind::CorruptMetadata,
         VolumeError::Io { .. } => match e.raw_os_error() {
