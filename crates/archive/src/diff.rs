@@ -8,7 +8,7 @@ use lamina_sys::fs::{self as sfs, FileKind, FileStat};
 
 use crate::tar_write::{TarWriter, WHeader, WKind};
 use crate::util::{is_overlay_xattr, join, show, split_parent, to_container, IoContext};
-use crate::walk::{walk, Visitor};
+use crate::walk::{walk, Found, Visitor};
 use crate::{ArchiveError, ChangeKind, DiffOptions, IdMappings};
 
 /// (name, value) pairs.
@@ -72,13 +72,7 @@ impl<W: Write> Emitter<'_, W> {
 
     /// Writes `name` (in `dir`, at relative `path`) as one entry. Directories are
     /// written without their children. Sockets are skipped.
-    fn emit(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        path: &[u8],
-        name: &[u8],
-        st: &FileStat,
-    ) -> Result<(), ArchiveError> {
+    fn emit(&mut self, Found { dir, path, name, st }: Found<'_>) -> Result<(), ArchiveError> {
         let (uid, gid) = self.ids(st, path)?;
         let mut h = WHeader {
             path,
@@ -182,20 +176,14 @@ struct LayerDiff<'a, W: Write> {
 }
 
 impl<W: Write> Visitor for LayerDiff<'_, W> {
-    fn entry(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        path: &[u8],
-        name: &[u8],
-        st: &FileStat,
-    ) -> Result<bool, ArchiveError> {
+    fn entry(&mut self, Found { dir, path, name, st }: Found<'_>) -> Result<bool, ArchiveError> {
         if st.is_whiteout() {
             let (uid, gid) = self.em.ids(st, path)?;
             self.em
                 .marker(&whiteout_path(path), 0o600, uid, gid, st.mtime_sec)?;
             return Ok(false);
         }
-        self.em.emit(dir, path, name, st)?;
+        self.em.emit(Found { dir, path, name, st })?;
         if st.kind == FileKind::Dir {
             let d = sfs::open_subdir(dir, name).ctx(|| format!("opening /{}", show(path)))?;
             if sfs::is_opaque(d.as_fd()).ctx(|| format!("reading xattrs of /{}", show(path)))? {
@@ -251,7 +239,12 @@ pub(crate) fn write_tree_diff<W: Write>(
         let (parent, name) = split_parent(path);
         let dir = sfs::open_dir_beneath(new, parent).ctx(|| format!("opening /{}", show(parent)))?;
         match sfs::stat_at(dir.as_fd(), name).ctx(|| format!("stat of /{}", show(path)))? {
-            Some(st) => em.emit(dir.as_fd(), path, name, &st)?,
+            Some(st) => em.emit(Found {
+                dir: dir.as_fd(),
+                path,
+                name,
+                st: &st,
+            })?,
             None => tracing::debug!(path = %show(path), "changed entry vanished before it was written"),
         }
     }
