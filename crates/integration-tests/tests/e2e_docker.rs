@@ -778,17 +778,7 @@ C /p/q";
         fs::write(&path, text).unwrap();
     }
     let tarball = s.docker.dir().join("nested.tar");
-    run_ok(
-        Command::new("tar")
-            .arg("--numeric-owner")
-            .arg("--owner=0")
-            .arg("--group=0")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tarball)
-            .arg("."),
-    );
+    tar_dir(&rootfs, &tarball);
     let tarball = tarball.to_str().unwrap();
     let run = |d: &Dockerd| {
         d.ok(&["import", tarball, "nested:1"]);

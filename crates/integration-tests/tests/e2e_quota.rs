@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -314,20 +313,6 @@ impl Api {
 }
 
 /// Writes `mb` MiB of zeros into `path`, synced; the first error.
-fn write_mb(path: &Path, mb: usize) -> std::io::Result<()> {
-    let mut f = fs::File::create(path)?;
-    let buf = vec![0u8; 1 << 20];
-    for _ in 0..mb {
-        f.write_all(&buf)?;
-    }
-    f.sync_all()
-}
-
-fn is_quota_error(e: &std::io::Error) -> bool {
-    // EDQUOT (122) or ENOSPC (28).
-    matches!(e.raw_os_error(), Some(122 | 28))
-}
-
 /// Mounts what Prepare returned on `target` with mount(8), as containerd would.
 fn mount_snapshot(m: &[Mount], target: &Path) {
     assert_eq!(m.len(), 1, "{m:?}");

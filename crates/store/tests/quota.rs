@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,20 +11,7 @@ use std::time::{Duration, Instant};
 
 use lamina_store::{CreateOptions, GarbageKind, GcOptions, LayerKind, Store, StoreError};
 
-fn in_ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
-}
-
-fn require_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    if in_ci() {
-        panic!("{test} needs root (loop mounts), and CI=true");
-    }
-    eprintln!("\n******** SKIPPED: {test} needs root (loop mounts) ********\n");
-    false
-}
+use lamina_testkit::{is_quota_error, require_root, write_mb};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| {
@@ -127,20 +113,6 @@ fn opts(size: u64) -> CreateOptions {
 }
 
 /// Writes `mb` MiB of zeros into `path` and syncs; the first error.
-fn write_mb(path: &Path, mb: usize) -> std::io::Result<()> {
-    let mut f = fs::File::create(path)?;
-    let buf = vec![0u8; 1 << 20];
-    for _ in 0..mb {
-        f.write_all(&buf)?;
-    }
-    f.sync_all()
-}
-
-fn is_quota_error(e: &std::io::Error) -> bool {
-    use lamina_sys::fs::errno::{EDQUOT, ENOSPC};
-    matches!(e.raw_os_error(), Some(EDQUOT | ENOSPC))
-}
-
 fn subvolume_id(path: &Path) -> u64 {
     let f = fs::File::open(path).unwrap();
     lamina_sys::quota::btrfs_subvolume_id(f.as_fd()).unwrap()

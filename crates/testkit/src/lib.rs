@@ -889,6 +889,37 @@ fn elf_has_interpreter(elf: &[u8]) -> bool {
     })
 }
 
+/// Writes `mb` MiB of zeros to a new file at `path` and syncs it: the write error is what a size limit answers.
+pub fn write_mb(path: &Path, mb: usize) -> std::io::Result<()> {
+    let mut f = fs::File::create(path)?;
+    let buf = vec![0u8; 1 << 20];
+    for _ in 0..mb {
+        f.write_all(&buf)?;
+    }
+    f.sync_all()
+}
+
+/// Whether `e` is what a quota answers: EDQUOT or ENOSPC.
+pub fn is_quota_error(e: &std::io::Error) -> bool {
+    use lamina_sys::fs::errno::{EDQUOT, ENOSPC};
+    matches!(e.raw_os_error(), Some(EDQUOT | ENOSPC))
+}
+
+/// Tars the contents of `dir` into `tarball` with the `tar` CLI, every entry owned by 0:0.
+pub fn tar_dir(dir: &Path, tarball: &Path) {
+    run_ok(
+        Command::new("tar")
+            .arg("--numeric-owner")
+            .arg("--owner=0")
+            .arg("--group=0")
+            .arg("-C")
+            .arg(dir)
+            .arg("-cf")
+            .arg(tarball)
+            .arg("."),
+    );
+}
+
 /// Builds a busybox rootfs, tars it with the `tar` CLI and `docker import`s it as `tag`. Returns the image id.
 pub fn busybox_image(docker: &Dockerd, tag: &str) -> String {
     let safe: String = tag
@@ -899,17 +930,7 @@ pub fn busybox_image(docker: &Dockerd, tag: &str) -> String {
     let tarball = docker.dir().join(format!("bb-{safe}.tar"));
     if !tarball.exists() {
         busybox_rootfs(&rootfs);
-        run_ok(
-            Command::new("tar")
-                .arg("--numeric-owner")
-                .arg("--owner=0")
-                .arg("--group=0")
-                .arg("-C")
-                .arg(&rootfs)
-                .arg("-cf")
-                .arg(&tarball)
-                .arg("."),
-        );
+        tar_dir(&rootfs, &tarball);
         let _ = fs::remove_dir_all(&rootfs);
     }
     docker.ok(&[
