@@ -8,14 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::reliability::{RawTar, Rng};
+use crate::snapshots::SnapshotApi;
 use crate::*;
-use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
-use lamina_snapshotter::tonic::transport::Channel;
-use pb::snapshots_client::SnapshotsClient;
 use serde_json::{json, Value};
 
 /// The snapshotter name used in requests.
-pub const SN: &str = "lamina";
+pub use crate::snapshots::SN;
 
 /// One `lamina serve` with the plugin socket, the snapshotter socket and volumes, started with or without
 /// armed fault points: a [`Lamina`] with its directories, sockets and clean-up.
@@ -137,31 +135,21 @@ impl Drop for Daemon {
     }
 }
 
-/// The snapshots API over the snapshotter socket.
+/// The snapshots API over the snapshotter socket, errors as text.
 pub struct Snap {
-    pub rt: tokio::runtime::Runtime,
-    pub client: SnapshotsClient<Channel>,
+    pub api: SnapshotApi,
 }
 
 impl Snap {
     pub fn connect(socket: &Path) -> Snap {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let client = rt
-            .block_on(lamina_snapshotter::client::connect(socket))
-            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-        Snap { rt, client }
+        Snap {
+            api: SnapshotApi::connect(socket),
+        }
     }
 
     pub fn prepare(&self, key: &str, parent: &str) -> Result<(), String> {
-        let req = pb::PrepareSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: Default::default(),
-        };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.prepare(req))
+        self.api
+            .prepare(key, parent)
             .map(|_| ())
             .map_err(|s| s.to_string())
     }
@@ -176,30 +164,13 @@ impl Snap {
         key: &str,
         labels: std::collections::HashMap<String, String>,
     ) -> Result<(), String> {
-        let req = pb::CommitSnapshotRequest {
-            snapshotter: SN.into(),
-            name: name.into(),
-            key: key.into(),
-            labels,
-            parent: String::new(),
-        };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.commit(req))
-            .map(|_| ())
+        self.api
+            .commit_with(name, key, labels, "")
             .map_err(|s| s.to_string())
     }
 
     pub fn remove(&self, key: &str) -> Result<(), String> {
-        let req = pb::RemoveSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-        };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.remove(req))
-            .map(|_| ())
-            .map_err(|s| s.to_string())
+        self.api.remove(key).map_err(|s| s.to_string())
     }
 }
 

@@ -28,6 +28,7 @@ mod loopfs;
 pub mod moosefs;
 pub mod plugin;
 pub mod reliability;
+pub mod snapshots;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
