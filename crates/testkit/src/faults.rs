@@ -196,22 +196,15 @@ pub fn make_tar(rng: &mut Rng, big: bool) -> (Vec<u8>, BTreeMap<String, Vec<u8>>
 
 /// Regular files below `dir`, relative names → content.
 pub fn files_in(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            let ft = e.file_type().unwrap();
-            if ft.is_dir() {
-                stack.push(p);
-            } else if ft.is_file() {
-                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
-                out.insert(rel, fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
+    walk(dir)
+        .into_iter()
+        .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+        .map(|p| {
+            let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+            let data = fs::read(&p).unwrap();
+            (rel, data)
+        })
+        .collect()
 }
 
 pub fn names_in(dir: &Path) -> BTreeSet<String> {
