@@ -822,6 +822,30 @@ fn goal_value(groups: &[((String, String), Vec<&Figure>)], unit: Unit) -> Option
 mod tests {
     use super::*;
 
+    /// A `getput` result on `fs` with `figures`.
+    fn getput(about: &'static str, fs: FsKind, figures: Vec<Figure>) -> WorkloadResult {
+        WorkloadResult {
+            name: "getput",
+            about,
+            fs,
+            error: None,
+            seconds: 1.0,
+            figures,
+        }
+    }
+
+    /// lamina's Get p50 at depth 1, with its goal.
+    fn lamina_get_p50() -> Figure {
+        fig(
+            "depth 1",
+            "lamina",
+            "Get p50",
+            Unit::Micros,
+            &[200.0, 300.0, 250.0],
+        )
+        .goal("<= 0.3 ms")
+    }
+
     fn fig(case: &str, subject: &str, metric: &str, unit: Unit, samples: &[f64]) -> Figure {
         let mut f = Figure::new("getput", case, subject, metric, unit);
         f.samples = samples.to_vec();
@@ -851,25 +875,15 @@ mod tests {
 
     #[test]
     fn rows_pair_lamina_with_each_baseline() {
-        let r = WorkloadResult {
-            name: "getput",
-            about: "x",
-            fs: FsKind::Ext4,
-            error: None,
-            seconds: 1.0,
-            figures: vec![
-                fig(
-                    "depth 1",
-                    "lamina",
-                    "Get p50",
-                    Unit::Micros,
-                    &[200.0, 300.0, 250.0],
-                )
-                .goal("<= 0.3 ms"),
+        let r = getput(
+            "x",
+            FsKind::Ext4,
+            vec![
+                lamina_get_p50(),
                 fig("depth 1", "overlay-syscalls", "Get p50", Unit::Micros, &[100.0]),
                 fig("depth 1", "lamina", "start", Unit::Seconds, &[0.5]),
             ],
-        };
+        );
         let rows = rows(&r);
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].lamina, Some(250.0));
@@ -880,21 +894,11 @@ mod tests {
 
     #[test]
     fn svg_is_well_formed_enough() {
-        let r = WorkloadResult {
-            name: "getput",
-            about: "Create+Get, Get, Put, Put+Remove of a RW layer <at depth>",
-            fs: FsKind::Xfs,
-            error: None,
-            seconds: 1.0,
-            figures: vec![
-                fig(
-                    "depth 1",
-                    "lamina",
-                    "Get p50",
-                    Unit::Micros,
-                    &[200.0, 300.0, 250.0],
-                )
-                .goal("<= 0.3 ms"),
+        let r = getput(
+            "Create+Get, Get, Put, Put+Remove of a RW layer <at depth>",
+            FsKind::Xfs,
+            vec![
+                lamina_get_p50(),
                 fig(
                     "depth 1",
                     "overlay-syscalls",
@@ -911,7 +915,7 @@ mod tests {
                 ),
                 fig("depth 1", "lamina", "Put p99", Unit::Micros, &[900.0]),
             ],
-        };
+        );
         let svg = svg("getput", &[&r]);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("&lt;at depth&gt;"));
