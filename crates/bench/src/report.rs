@@ -278,36 +278,24 @@ pub fn rows(r: &WorkloadResult) -> Vec<Row> {
             .as_deref()
             .and_then(|g| goal_met(g, lam_med.unwrap_or(f64::NAN), unit, &ratios));
         let runs = lam.map_or(0, |f| f.samples.len());
+        let row = |baseline: Option<(String, f64)>| Row {
+            workload: r.name.to_owned(),
+            case: case.clone(),
+            fs: r.fs,
+            metric: metric.clone(),
+            unit,
+            lamina: lam_med,
+            ratio: baseline.as_ref().and_then(|(_, bm)| lam_med.map(|l| l / bm)),
+            baseline,
+            goal: goal.clone(),
+            met,
+            runs,
+        };
         if bases.is_empty() {
-            out.push(Row {
-                workload: r.name.to_owned(),
-                case: case.clone(),
-                fs: r.fs,
-                metric: metric.clone(),
-                unit,
-                lamina: lam_med,
-                baseline: None,
-                ratio: None,
-                goal: goal.clone(),
-                met,
-                runs,
-            });
+            out.push(row(None));
         }
         for b in bases {
-            let bm = convert(b.median(), b.unit, unit);
-            out.push(Row {
-                workload: r.name.to_owned(),
-                case: case.clone(),
-                fs: r.fs,
-                metric: metric.clone(),
-                unit,
-                lamina: lam_med,
-                baseline: Some((b.subject.clone(), bm)),
-                ratio: lam_med.map(|l| l / bm),
-                goal: goal.clone(),
-                met,
-                runs,
-            });
+            out.push(row(Some((b.subject.clone(), convert(b.median(), b.unit, unit)))));
         }
     }
     out
