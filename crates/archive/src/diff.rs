@@ -6,7 +6,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use lamina_sys::fs::{self as sfs, FileKind, FileStat};
 
-use crate::tar_write::{TarWriter, WHeader, WKind};
+use crate::tar_read::Kind;
+use crate::tar_write::{TarWriter, WHeader};
 use crate::util::{is_overlay_xattr, join, show, split_parent, to_container, IoContext};
 use crate::walk::{walk, Found, Visitor};
 use crate::{ArchiveError, ChangeKind, DiffOptions, IdMappings};
@@ -76,7 +77,7 @@ impl<W: Write> Emitter<'_, W> {
         let (uid, gid) = self.ids(st, path)?;
         let mut h = WHeader {
             path,
-            kind: WKind::Regular,
+            kind: Kind::Regular,
             mode: st.perm,
             uid,
             gid,
@@ -90,7 +91,7 @@ impl<W: Write> Emitter<'_, W> {
         if st.kind != FileKind::Dir && st.nlink > 1 {
             if let Some(first) = self.links.get(&(st.dev, st.ino)) {
                 let first = first.clone();
-                h.kind = WKind::Hardlink;
+                h.kind = Kind::Hardlink;
                 h.link = &first;
                 return self.tw.header(&h).ctx(werr(path));
             }
@@ -113,14 +114,14 @@ impl<W: Write> Emitter<'_, W> {
             FileKind::Dir => {
                 let d = sfs::open_subdir(dir, name).ctx(|| format!("opening /{}", show(path)))?;
                 let xattrs = self.xattrs_fd(d.as_fd(), path)?;
-                h.kind = WKind::Dir;
+                h.kind = Kind::Dir;
                 h.xattrs = &xattrs;
                 self.tw.header(&h).ctx(werr(path))
             }
             FileKind::Symlink => {
                 let target = sfs::readlink(dir, name).ctx(|| format!("reading symlink /{}", show(path)))?;
                 let xattrs = self.xattrs_at(dir, name, path)?;
-                h.kind = WKind::Symlink;
+                h.kind = Kind::Symlink;
                 h.mode = 0o777;
                 h.link = &target;
                 h.xattrs = &xattrs;
@@ -129,9 +130,9 @@ impl<W: Write> Emitter<'_, W> {
             FileKind::CharDev | FileKind::BlockDev | FileKind::Fifo => {
                 let xattrs = self.xattrs_at(dir, name, path)?;
                 h.kind = match st.kind {
-                    FileKind::CharDev => WKind::Char,
-                    FileKind::BlockDev => WKind::Block,
-                    _ => WKind::Fifo,
+                    FileKind::CharDev => Kind::Char,
+                    FileKind::BlockDev => Kind::Block,
+                    _ => Kind::Fifo,
                 };
                 h.dev_major = st.rdev_major;
                 h.dev_minor = st.rdev_minor;
@@ -149,7 +150,7 @@ impl<W: Write> Emitter<'_, W> {
     fn marker(&mut self, path: &[u8], mode: u32, uid: u32, gid: u32, mtime: i64) -> Result<(), ArchiveError> {
         let h = WHeader {
             path,
-            kind: WKind::Regular,
+            kind: Kind::Regular,
             mode,
             uid,
             gid,

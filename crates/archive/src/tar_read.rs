@@ -29,7 +29,7 @@ pub(crate) const MAX_EXTENSION: u64 = 1 << 20;
 /// Cap on the number of chunks in a sparse map.
 const MAX_SPARSE_CHUNKS: usize = 1 << 16;
 
-/// Type of an entry after extension headers were folded in.
+/// Type of an entry: read (after extension headers were folded in) or to be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     Regular,
