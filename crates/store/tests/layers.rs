@@ -163,12 +163,7 @@ fn gc_finds_and_removes_exactly_the_planted_garbage() {
 
     let s = Store::open_with(&root, OpenMode::Admin).unwrap();
     // Directories the metadata does not know are the operator's call: the periodic collection leaves them.
-    let periodic = s
-        .gc(&GcOptions {
-            dry_run: true,
-            ..GcOptions::default()
-        })
-        .unwrap();
+    let periodic = s.gc(&GcOptions::default().dry_run()).unwrap();
     assert!(
         periodic.items.iter().all(|g| g.kind != GarbageKind::UnknownDir),
         "{periodic:#?}"
@@ -177,12 +172,7 @@ fn gc_finds_and_removes_exactly_the_planted_garbage() {
         unknown: true,
         ..GcOptions::default()
     };
-    let dry = s
-        .gc(&GcOptions {
-            dry_run: true,
-            ..asked.clone()
-        })
-        .unwrap();
+    let dry = s.gc(&asked.dry_run()).unwrap();
     let mut kinds: Vec<(GarbageKind, String)> = dry
         .items
         .iter()
