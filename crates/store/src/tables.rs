@@ -89,6 +89,15 @@ fn chain_in(
     Ok(out)
 }
 
+/// The keys of a table keyed by layer number.
+fn keys_of<V: Value + 'static>(t: &impl ReadableTable<u64, V>) -> Result<HashSet<u64>> {
+    let mut out = HashSet::new();
+    for row in t.iter().map_err(db_err)? {
+        out.insert(row.map_err(db_err)?.0.value());
+    }
+    Ok(out)
+}
+
 /// The lookups a [`Reader`] and a [`Writer`] both answer (a writer sees its own writes).
 macro_rules! lookups {
     () => {
@@ -154,12 +163,7 @@ impl Reader {
 
     /// Every layer number.
     pub(crate) fn layer_numbers(&self) -> Result<HashSet<u64>> {
-        let t = self.txn.open_table(LAYERS).map_err(db_err)?;
-        let mut out = HashSet::new();
-        for row in t.iter().map_err(db_err)? {
-            out.insert(row.map_err(db_err)?.0.value());
-        }
-        Ok(out)
+        keys_of(&self.txn.open_table(LAYERS).map_err(db_err)?)
     }
 
     /// Number of layers (all namespaces).
@@ -223,12 +227,7 @@ impl Reader {
 
     /// Layers whose removal was committed while their storage may still be there.
     pub(crate) fn removed(&self) -> Result<HashSet<u64>> {
-        let t = self.txn.open_table(REMOVED).map_err(db_err)?;
-        let mut out = HashSet::new();
-        for row in t.iter().map_err(db_err)? {
-            out.insert(row.map_err(db_err)?.0.value());
-        }
-        Ok(out)
+        keys_of(&self.txn.open_table(REMOVED).map_err(db_err)?)
     }
 
     /// What a database says of itself before anything is written to it: whether it is new (no tables, or no

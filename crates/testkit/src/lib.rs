@@ -374,6 +374,26 @@ pub fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     None
 }
 
+/// [`stop_child`] on the child in `child`, if any, saying so when `what` had to be killed.
+pub fn stop_owned_child(child: &mut Option<Child>, grace: Duration, what: &str) {
+    if let Some(mut c) = child.take() {
+        if stop_child(&mut c, grace).is_none() {
+            eprintln!("{what} had to be killed");
+        }
+    }
+}
+
+/// While a test panics, prints the end of `what`'s log for the failure report.
+pub fn print_log_if_panicking(what: &str, log: &Path) {
+    if thread::panicking() {
+        eprintln!(
+            "----- {what} log ({}) -----\n{}\n-----",
+            log.display(),
+            log_excerpt(log)
+        );
+    }
+}
+
 /// PIDs (other than ours) whose command line mentions `dir`: containerd, shims, daemons of that test.
 pub fn pids_referencing(dir: &Path) -> Vec<u32> {
     let me = std::process::id();
@@ -781,19 +801,9 @@ impl Dockerd {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if stop_child(&mut c, Duration::from_secs(30)).is_none() {
-                eprintln!("dockerd -s {} had to be killed", self.driver);
-            }
-        }
-        if thread::panicking() {
-            eprintln!(
-                "----- dockerd -s {} log ({}) -----\n{}\n-----",
-                self.driver,
-                self.log.display(),
-                log_excerpt(&self.log)
-            );
-        }
+        let what = format!("dockerd -s {}", self.driver);
+        stop_owned_child(&mut self.child, Duration::from_secs(30), &what);
+        print_log_if_panicking(&what, &self.log);
         // containerd, shims and containers of this daemon, then mounts (TestDir's drop does the rest).
         for d in [&self.run, &self.dir] {
             kill_pids_referencing(d);
