@@ -25,7 +25,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use lamina_sys::fs::{self as sfs, FileKind, FileStat, OPAQUE_XATTR};
 
 use crate::util::{cmp_paths, join, show, split_parent, IoContext};
-use crate::walk::{walk, Visitor};
+use crate::walk::{walk, Found, Visitor};
 use crate::{ArchiveError, Change, ChangeKind};
 
 fn abs(path: &[u8]) -> Vec<u8> {
@@ -118,13 +118,7 @@ impl LayerChanges<'_> {
 }
 
 impl Visitor for LayerChanges<'_> {
-    fn entry(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        path: &[u8],
-        name: &[u8],
-        st: &FileStat,
-    ) -> Result<bool, ArchiveError> {
+    fn entry(&mut self, Found { dir, path, name, st }: Found<'_>) -> Result<bool, ArchiveError> {
         let is_dir = st.kind == FileKind::Dir;
         let deleted = st.is_whiteout() || (is_dir && opaque_at(dir, name, path)?);
         let below = self.lookup(name)?;
@@ -272,13 +266,7 @@ impl<'a> TreeChanges<'a> {
 }
 
 impl Visitor for TreeChanges<'_> {
-    fn entry(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        path: &[u8],
-        name: &[u8],
-        st: &FileStat,
-    ) -> Result<bool, ArchiveError> {
+    fn entry(&mut self, Found { dir, path, name, st }: Found<'_>) -> Result<bool, ArchiveError> {
         let old_st = match self.old_dir()? {
             Some(od) => sfs::stat_at(od, name)
                 .ctx(|| format!("stat of old /{}", show(path)))?

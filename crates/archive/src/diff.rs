@@ -6,9 +6,10 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use lamina_sys::fs::{self as sfs, FileKind, FileStat};
 
-use crate::tar_write::{TarWriter, WHeader, WKind};
+use crate::tar_read::Kind;
+use crate::tar_write::{TarWriter, WHeader};
 use crate::util::{is_overlay_xattr, join, show, split_parent, to_container, IoContext};
-use crate::walk::{walk, Visitor};
+use crate::walk::{walk, Found, Visitor};
 use crate::{ArchiveError, ChangeKind, DiffOptions, IdMappings};
 
 /// (name, value) pairs.
@@ -72,17 +73,11 @@ impl<W: Write> Emitter<'_, W> {
 
     /// Writes `name` (in `dir`, at relative `path`) as one entry. Directories are
     /// written without their children. Sockets are skipped.
-    fn emit(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        path: &[u8],
-        name: &[u8],
-        st: &FileStat,
-    ) -> Result<(), ArchiveError> {
+    fn emit(&mut self, Found { dir, path, name, st }: Found<'_>) -> Result<(), ArchiveError> {
         let (uid, gid) = self.ids(st, path)?;
         let mut h = WHeader {
             path,
-            kind: WKind::Regular,
+            kind: Kind::Regular,
             mode: st.perm,
             uid,
             gid,
@@ -96,7 +91,7 @@ impl<W: Write> Emitter<'_, W> {
         if st.kind != FileKind::Dir && st.nlink > 1 {
             if let Some(first) = self.links.get(&(st.dev, st.ino)) {
                 let first = first.clone();
-                h.kind = WKind::Hardlink;
+                h.kind = Kind::Hardlink;
                 h.link = &first;
                 return self.tw.header(&h).ctx(werr(path));
             }
@@ -119,14 +114,14 @@ impl<W: Write> Emitter<'_, W> {
             FileKind::Dir => {
                 let d = sfs::open_subdir(dir, name).ctx(|| format!("opening /{}", show(path)))?;
                 let xattrs = self.xattrs_fd(d.as_fd(), path)?;
-                h.kind = WKind::Dir;
+                h.kind = Kind::Dir;
                 h.xattrs = &xattrs;
                 self.tw.header(&h).ctx(werr(path))
             }
             FileKind::Symlink => {
                 let target = sfs::readlink(dir, name).ctx(|| format!("reading symlink /{}", show(path)))?;
                 let xattrs = self.xattrs_at(dir, name, path)?;
-                h.kind = WKind::Symlink;
+                h.kind = Kind::Symlink;
                 h.mode = 0o777;
                 h.link = &target;
                 h.xattrs = &xattrs;
@@ -135,9 +130,9 @@ impl<W: Write> Emitter<'_, W> {
             FileKind::CharDev | FileKind::BlockDev | FileKind::Fifo => {
                 let xattrs = self.xattrs_at(dir, name, path)?;
                 h.kind = match st.kind {
-                    FileKind::CharDev => WKind::Char,
-                    FileKind::BlockDev => WKind::Block,
-                    _ => WKind::Fifo,
+                    FileKind::CharDev => Kind::Char,
+                    FileKind::BlockDev => Kind::Block,
+                    _ => Kind::Fifo,
                 };
                 h.dev_major = st.rdev_major;
                 h.dev_minor = st.rdev_minor;
@@ -155,7 +150,7 @@ impl<W: Write> Emitter<'_, W> {
     fn marker(&mut self, path: &[u8], mode: u32, uid: u32, gid: u32, mtime: i64) -> Result<(), ArchiveError> {
         let h = WHeader {
             path,
-            kind: WKind::Regular,
+            kind: Kind::Regular,
             mode,
             uid,
             gid,
@@ -182,20 +177,14 @@ struct LayerDiff<'a, W: Write> {
 }
 
 impl<W: Write> Visitor for LayerDiff<'_, W> {
-    fn entry(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        path: &[u8],
-        name: &[u8],
-        st: &FileStat,
-    ) -> Result<bool, ArchiveError> {
+    fn entry(&mut self, Found { dir, path, name, st }: Found<'_>) -> Result<bool, ArchiveError> {
         if st.is_whiteout() {
             let (uid, gid) = self.em.ids(st, path)?;
             self.em
                 .marker(&whiteout_path(path), 0o600, uid, gid, st.mtime_sec)?;
             return Ok(false);
         }
-        self.em.emit(dir, path, name, st)?;
+        self.em.emit(Found { dir, path, name, st })?;
         if st.kind == FileKind::Dir {
             let d = sfs::open_subdir(dir, name).ctx(|| format!("opening /{}", show(path)))?;
             if sfs::is_opaque(d.as_fd()).ctx(|| format!("reading xattrs of /{}", show(path)))? {
@@ -251,7 +240,12 @@ pub(crate) fn write_tree_diff<W: Write>(
         let (parent, name) = split_parent(path);
         let dir = sfs::open_dir_beneath(new, parent).ctx(|| format!("opening /{}", show(parent)))?;
         match sfs::stat_at(dir.as_fd(), name).ctx(|| format!("stat of /{}", show(path)))? {
-            Some(st) => em.emit(dir.as_fd(), path, name, &st)?,
+            Some(st) => em.emit(Found {
+                dir: dir.as_fd(),
+                path,
+                name,
+                st: &st,
+            })?,
             None => tracing::debug!(path = %show(path), "changed entry vanished before it was written"),
         }
     }

@@ -30,7 +30,7 @@ use lamina_sys::fs::{self as sfs, FileKind, FileStat};
 use sha2::{Digest, Sha256};
 
 use crate::util::{show, IoContext};
-use crate::walk::{walk, Visitor};
+use crate::walk::{walk, Found, Visitor};
 use crate::ArchiveError;
 
 const HEADER: &str = "lamina-manifest 1";
@@ -238,13 +238,7 @@ impl Writer<'_, '_> {
 }
 
 impl Visitor for Writer<'_, '_> {
-    fn entry(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        path: &[u8],
-        name: &[u8],
-        st: &FileStat,
-    ) -> Result<bool, ArchiveError> {
+    fn entry(&mut self, Found { dir, path, name, st }: Found<'_>) -> Result<bool, ArchiveError> {
         let line = self.d.line(dir, path, Some(name), st)?;
         self.entries += 1;
         self.emit(&line)?;
@@ -314,13 +308,7 @@ impl Checker<'_, '_> {
 }
 
 impl Visitor for Checker<'_, '_> {
-    fn entry(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        path: &[u8],
-        name: &[u8],
-        st: &FileStat,
-    ) -> Result<bool, ArchiveError> {
+    fn entry(&mut self, Found { dir, path, name, st }: Found<'_>) -> Result<bool, ArchiveError> {
         let line = self.d.line(dir, path, Some(name), st)?;
         self.compare(path, line)?;
         Ok(true)

@@ -29,7 +29,7 @@ pub(crate) const MAX_EXTENSION: u64 = 1 << 20;
 /// Cap on the number of chunks in a sparse map.
 const MAX_SPARSE_CHUNKS: usize = 1 << 16;
 
-/// Type of an entry after extension headers were folded in.
+/// Type of an entry: read (after extension headers were folded in) or to be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     Regular,
@@ -827,19 +827,7 @@ mod tests {
     #[test]
     fn pax_records_by_length() {
         let mut pax = Pax::default();
-        let rec = |k: &[u8], v: &[u8]| {
-            let body_len = k.len() + v.len() + 3;
-            let mut n = body_len + 1;
-            while n.to_string().len() + body_len != n {
-                n += 1;
-            }
-            let mut r = format!("{n} ").into_bytes();
-            r.extend_from_slice(k);
-            r.push(b'=');
-            r.extend_from_slice(v);
-            r.push(b'\n');
-            r
-        };
+        let rec = lamina_testkit::reliability::pax_record;
         let mut data = rec(b"path", b"a\nb");
         data.extend(rec(b"SCHILY.xattr.security.capability", b"\x01\n\x00\x0a"));
         data.extend(rec(b"mtime", b"-1.5"));

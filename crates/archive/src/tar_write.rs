@@ -6,26 +6,16 @@ use std::io::{self, BufWriter, Read, Write};
 
 use tar::{EntryType, Header};
 
-const BLOCK: usize = 512;
+use crate::tar_read::Kind;
 
-/// What an entry is, for the writer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum WKind {
-    Regular,
-    Hardlink,
-    Symlink,
-    Char,
-    Block,
-    Dir,
-    Fifo,
-}
+const BLOCK: usize = 512;
 
 /// One header to write.
 #[derive(Debug, Clone)]
 pub(crate) struct WHeader<'a> {
     /// Relative path without a trailing slash.
     pub path: &'a [u8],
-    pub kind: WKind,
+    pub kind: Kind,
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
@@ -79,7 +69,7 @@ impl<W: Write> TarWriter<W> {
 
     pub(crate) fn header(&mut self, h: &WHeader<'_>) -> io::Result<()> {
         let mut path = h.path.to_vec();
-        if h.kind == WKind::Dir {
+        if h.kind == Kind::Dir {
             path.push(b'/');
         }
         let mut pax = Vec::new();
@@ -124,21 +114,22 @@ impl<W: Write> TarWriter<W> {
         hdr.set_mode(h.mode & 0o7777);
         hdr.set_uid(u64::from(h.uid));
         hdr.set_gid(u64::from(h.gid));
-        hdr.set_size(if matches!(h.kind, WKind::Regular) {
+        hdr.set_size(if matches!(h.kind, Kind::Regular) {
             h.size
         } else {
             0
         });
         hdr.set_entry_type(match h.kind {
-            WKind::Regular => EntryType::Regular,
-            WKind::Hardlink => EntryType::Link,
-            WKind::Symlink => EntryType::Symlink,
-            WKind::Char => EntryType::Char,
-            WKind::Block => EntryType::Block,
-            WKind::Dir => EntryType::Directory,
-            WKind::Fifo => EntryType::Fifo,
+            Kind::Regular => EntryType::Regular,
+            Kind::Hardlink => EntryType::Link,
+            Kind::Symlink => EntryType::Symlink,
+            Kind::Char => EntryType::Char,
+            Kind::Block => EntryType::Block,
+            Kind::Dir => EntryType::Directory,
+            Kind::Fifo => EntryType::Fifo,
+            Kind::Other(flag) => EntryType::new(flag),
         });
-        if matches!(h.kind, WKind::Char | WKind::Block) {
+        if matches!(h.kind, Kind::Char | Kind::Block) {
             hdr.set_device_major(h.dev_major)?;
             hdr.set_device_minor(h.dev_minor)?;
         }

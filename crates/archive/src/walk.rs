@@ -13,18 +13,23 @@ use lamina_sys::fs::{self as sfs, FileKind, FileStat};
 use crate::util::{join, show, IoContext};
 use crate::ArchiveError;
 
+/// One entry met by a walk.
+#[derive(Clone, Copy)]
+pub(crate) struct Found<'a> {
+    /// The directory holding the entry.
+    pub dir: BorrowedFd<'a>,
+    /// The entry's path relative to the walk root.
+    pub path: &'a [u8],
+    /// The entry's name in `dir`.
+    pub name: &'a [u8],
+    /// The entry's `lstat`.
+    pub st: &'a FileStat,
+}
+
 /// Receives the entries of a walk.
 pub(crate) trait Visitor {
-    /// Called for each entry below the root with the directory holding it, the entry's
-    /// relative path and name, and its `lstat`. Returning `true` for a directory walks
-    /// into it.
-    fn entry(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        path: &[u8],
-        name: &[u8],
-        st: &FileStat,
-    ) -> Result<bool, ArchiveError>;
+    /// Called for each entry below the root. Returning `true` for a directory walks into it.
+    fn entry(&mut self, e: Found<'_>) -> Result<bool, ArchiveError>;
 
     /// Called when the children of a directory entered through [`Visitor::entry`] are done.
     fn leave(&mut self, _path: &[u8]) -> Result<(), ArchiveError> {
@@ -70,7 +75,12 @@ pub(crate) fn walk(root: BorrowedFd<'_>, v: &mut impl Visitor) -> Result<(), Arc
             else {
                 continue; // vanished since the directory was read
             };
-            let descend = v.entry(cur.as_fd(), &entry_path, &name, &st)?;
+            let descend = v.entry(Found {
+                dir: cur.as_fd(),
+                path: &entry_path,
+                name: &name,
+                st: &st,
+            })?;
             if descend && st.kind == FileKind::Dir {
                 let sub = sfs::open_subdir(cur.as_fd(), &name)
                     .ctx(|| format!("opening directory /{}", show(&entry_path)))?;
@@ -118,7 +128,7 @@ struct SizeVisitor {
 }
 
 impl Visitor for SizeVisitor {
-    fn entry(&mut self, _: BorrowedFd<'_>, _: &[u8], _: &[u8], st: &FileStat) -> Result<bool, ArchiveError> {
+    fn entry(&mut self, Found { st, .. }: Found<'_>) -> Result<bool, ArchiveError> {
         if st.kind == FileKind::Regular && (st.nlink <= 1 || self.seen.insert((st.dev, st.ino))) {
             self.total = self.total.saturating_add(st.size);
         }
@@ -141,7 +151,7 @@ struct UsageVisitor {
 }
 
 impl Visitor for UsageVisitor {
-    fn entry(&mut self, _: BorrowedFd<'_>, _: &[u8], _: &[u8], st: &FileStat) -> Result<bool, ArchiveError> {
+    fn entry(&mut self, Found { st, .. }: Found<'_>) -> Result<bool, ArchiveError> {
         if st.nlink <= 1 || st.kind == FileKind::Dir || self.seen.insert((st.dev, st.ino)) {
             self.usage.inodes += 1;
             self.usage.bytes = self.usage.bytes.saturating_add(st.blocks.saturating_mul(512));
@@ -170,14 +180,8 @@ mod tests {
 
     struct Collect(Vec<String>);
     impl Visitor for Collect {
-        fn entry(
-            &mut self,
-            _: BorrowedFd<'_>,
-            p: &[u8],
-            _: &[u8],
-            _: &FileStat,
-        ) -> Result<bool, ArchiveError> {
-            self.0.push(String::from_utf8_lossy(p).into_owned());
+        fn entry(&mut self, e: Found<'_>) -> Result<bool, ArchiveError> {
+            self.0.push(String::from_utf8_lossy(e.path).into_owned());
             Ok(true)
         }
         fn leave(&mut self, p: &[u8]) -> Result<(), ArchiveError> {

@@ -661,6 +661,19 @@ struct Generated {
     make: fn(u64) -> Vec<u8>,
 }
 
+impl Generated {
+    /// `n` entries, the `i`th made by `make(i)`.
+    fn new(n: u64, make: fn(u64) -> Vec<u8>) -> Generated {
+        Generated {
+            n,
+            i: 0,
+            pending: vec![],
+            pos: 0,
+            make,
+        }
+    }
+}
+
 impl Read for Generated {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.pos == self.pending.len() {
@@ -699,16 +712,7 @@ fn many_files(i: u64) -> Vec<u8> {
 #[test]
 fn a30_too_many_hardlinks() {
     let e = env();
-    let r = e.apply_with(
-        Generated {
-            n: 70_000,
-            i: 0,
-            pending: vec![],
-            pos: 0,
-            make: many_links,
-        },
-        &ApplyOptions::default(),
-    );
+    let r = e.apply_with(Generated::new(70_000, many_links), &ApplyOptions::default());
     match r {
         Err(ArchiveError::LimitExceeded(m)) => assert!(m.contains("too many hard links"), "{m}"),
         // Filesystems without a per-inode link limit (tmpfs, xfs) take them all.
@@ -721,16 +725,7 @@ fn a30_too_many_hardlinks() {
 fn a31_many_files_streamed() {
     let e = env();
     let s = e
-        .apply_with(
-            Generated {
-                n: 20_000,
-                i: 0,
-                pending: vec![],
-                pos: 0,
-                make: many_files,
-            },
-            &ApplyOptions::default(),
-        )
+        .apply_with(Generated::new(20_000, many_files), &ApplyOptions::default())
         .unwrap();
     assert_eq!(s.entries, 20_000);
 }
@@ -740,16 +735,7 @@ fn a31_many_files_streamed() {
 fn a31_million_files_streamed() {
     let e = env();
     let s = e
-        .apply_with(
-            Generated {
-                n: 1_000_000,
-                i: 0,
-                pending: vec![],
-                pos: 0,
-                make: many_files,
-            },
-            &ApplyOptions::default(),
-        )
+        .apply_with(Generated::new(1_000_000, many_files), &ApplyOptions::default())
         .unwrap();
     assert_eq!(s.entries, 1_000_000);
 }

@@ -58,6 +58,39 @@ fn labels() -> HashMap<String, String> {
     HashMap::from([(GC_ROOT.to_string(), "2023-11-14T22:13:20Z".to_string())])
 }
 
+/// Prepare of `key` on `parent` (labelled as a GC root).
+async fn prepare(
+    c: &mut SnapshotsClient<Channel>,
+    snapshotter: &str,
+    key: &str,
+    parent: &str,
+) -> Result<(), tonic::Status> {
+    let req = pb::PrepareSnapshotRequest {
+        snapshotter: snapshotter.into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: labels(),
+    };
+    c.prepare(request(req)).await.map(|_| ())
+}
+
+/// Commit of `key` as `name` (labelled as a GC root).
+async fn commit(
+    c: &mut SnapshotsClient<Channel>,
+    snapshotter: &str,
+    name: &str,
+    key: &str,
+) -> Result<(), tonic::Status> {
+    let req = pb::CommitSnapshotRequest {
+        snapshotter: snapshotter.into(),
+        name: name.into(),
+        key: key.into(),
+        labels: labels(),
+        parent: String::new(),
+    };
+    c.commit(request(req)).await.map(|_| ())
+}
+
 /// One Prepare(+Mounts)/Commit/Remove cycle on top of `parent`; returns the two timed durations.
 async fn cycle(
     c: &mut SnapshotsClient<Channel>,
@@ -66,14 +99,9 @@ async fn cycle(
     parent: &str,
 ) -> anyhow::Result<(Duration, Duration)> {
     let t = Instant::now();
-    c.prepare(request(pb::PrepareSnapshotRequest {
-        snapshotter: snapshotter.into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: labels(),
-    }))
-    .await
-    .with_context(|| format!("{snapshotter}: Prepare {key}"))?;
+    prepare(c, snapshotter, key, parent)
+        .await
+        .with_context(|| format!("{snapshotter}: Prepare {key}"))?;
     let mounts = c
         .mounts(request(pb::MountsRequest {
             snapshotter: snapshotter.into(),
@@ -88,15 +116,9 @@ async fn cycle(
     );
     let name = format!("{key}-c");
     let t = Instant::now();
-    c.commit(request(pb::CommitSnapshotRequest {
-        snapshotter: snapshotter.into(),
-        name: name.clone(),
-        key: key.into(),
-        labels: labels(),
-        parent: String::new(),
-    }))
-    .await
-    .with_context(|| format!("{snapshotter}: Commit {key}"))?;
+    commit(c, snapshotter, &name, key)
+        .await
+        .with_context(|| format!("{snapshotter}: Commit {key}"))?;
     let commit = t.elapsed();
     c.remove(request(pb::RemoveSnapshotRequest {
         snapshotter: snapshotter.into(),
@@ -112,24 +134,13 @@ async fn chain(c: &mut SnapshotsClient<Channel>, snapshotter: &str, depth: usize
     let mut parent = String::new();
     for i in 0..depth {
         let key = format!("chain{depth}-{i}");
-        c.prepare(request(pb::PrepareSnapshotRequest {
-            snapshotter: snapshotter.into(),
-            key: key.clone(),
-            parent: parent.clone(),
-            labels: labels(),
-        }))
-        .await
-        .with_context(|| format!("{snapshotter}: Prepare {key}"))?;
+        prepare(c, snapshotter, &key, &parent)
+            .await
+            .with_context(|| format!("{snapshotter}: Prepare {key}"))?;
         let name = format!("{key}-c");
-        c.commit(request(pb::CommitSnapshotRequest {
-            snapshotter: snapshotter.into(),
-            name: name.clone(),
-            key,
-            labels: labels(),
-            parent: String::new(),
-        }))
-        .await
-        .with_context(|| format!("{snapshotter}: Commit chain {i}"))?;
+        commit(c, snapshotter, &name, &key)
+            .await
+            .with_context(|| format!("{snapshotter}: Commit chain {i}"))?;
         parent = name;
     }
     Ok(parent)

@@ -278,36 +278,24 @@ pub fn rows(r: &WorkloadResult) -> Vec<Row> {
             .as_deref()
             .and_then(|g| goal_met(g, lam_med.unwrap_or(f64::NAN), unit, &ratios));
         let runs = lam.map_or(0, |f| f.samples.len());
+        let row = |baseline: Option<(String, f64)>| Row {
+            workload: r.name.to_owned(),
+            case: case.clone(),
+            fs: r.fs,
+            metric: metric.clone(),
+            unit,
+            lamina: lam_med,
+            ratio: baseline.as_ref().and_then(|(_, bm)| lam_med.map(|l| l / bm)),
+            baseline,
+            goal: goal.clone(),
+            met,
+            runs,
+        };
         if bases.is_empty() {
-            out.push(Row {
-                workload: r.name.to_owned(),
-                case: case.clone(),
-                fs: r.fs,
-                metric: metric.clone(),
-                unit,
-                lamina: lam_med,
-                baseline: None,
-                ratio: None,
-                goal: goal.clone(),
-                met,
-                runs,
-            });
+            out.push(row(None));
         }
         for b in bases {
-            let bm = convert(b.median(), b.unit, unit);
-            out.push(Row {
-                workload: r.name.to_owned(),
-                case: case.clone(),
-                fs: r.fs,
-                metric: metric.clone(),
-                unit,
-                lamina: lam_med,
-                baseline: Some((b.subject.clone(), bm)),
-                ratio: lam_med.map(|l| l / bm),
-                goal: goal.clone(),
-                met,
-                runs,
-            });
+            out.push(row(Some((b.subject.clone(), convert(b.median(), b.unit, unit)))));
         }
     }
     out
@@ -822,6 +810,30 @@ fn goal_value(groups: &[((String, String), Vec<&Figure>)], unit: Unit) -> Option
 mod tests {
     use super::*;
 
+    /// A `getput` result on `fs` with `figures`.
+    fn getput(about: &'static str, fs: FsKind, figures: Vec<Figure>) -> WorkloadResult {
+        WorkloadResult {
+            name: "getput",
+            about,
+            fs,
+            error: None,
+            seconds: 1.0,
+            figures,
+        }
+    }
+
+    /// lamina's Get p50 at depth 1, with its goal.
+    fn lamina_get_p50() -> Figure {
+        fig(
+            "depth 1",
+            "lamina",
+            "Get p50",
+            Unit::Micros,
+            &[200.0, 300.0, 250.0],
+        )
+        .goal("<= 0.3 ms")
+    }
+
     fn fig(case: &str, subject: &str, metric: &str, unit: Unit, samples: &[f64]) -> Figure {
         let mut f = Figure::new("getput", case, subject, metric, unit);
         f.samples = samples.to_vec();
@@ -851,25 +863,15 @@ mod tests {
 
     #[test]
     fn rows_pair_lamina_with_each_baseline() {
-        let r = WorkloadResult {
-            name: "getput",
-            about: "x",
-            fs: FsKind::Ext4,
-            error: None,
-            seconds: 1.0,
-            figures: vec![
-                fig(
-                    "depth 1",
-                    "lamina",
-                    "Get p50",
-                    Unit::Micros,
-                    &[200.0, 300.0, 250.0],
-                )
-                .goal("<= 0.3 ms"),
+        let r = getput(
+            "x",
+            FsKind::Ext4,
+            vec![
+                lamina_get_p50(),
                 fig("depth 1", "overlay-syscalls", "Get p50", Unit::Micros, &[100.0]),
                 fig("depth 1", "lamina", "start", Unit::Seconds, &[0.5]),
             ],
-        };
+        );
         let rows = rows(&r);
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].lamina, Some(250.0));
@@ -880,21 +882,11 @@ mod tests {
 
     #[test]
     fn svg_is_well_formed_enough() {
-        let r = WorkloadResult {
-            name: "getput",
-            about: "Create+Get, Get, Put, Put+Remove of a RW layer <at depth>",
-            fs: FsKind::Xfs,
-            error: None,
-            seconds: 1.0,
-            figures: vec![
-                fig(
-                    "depth 1",
-                    "lamina",
-                    "Get p50",
-                    Unit::Micros,
-                    &[200.0, 300.0, 250.0],
-                )
-                .goal("<= 0.3 ms"),
+        let r = getput(
+            "Create+Get, Get, Put, Put+Remove of a RW layer <at depth>",
+            FsKind::Xfs,
+            vec![
+                lamina_get_p50(),
                 fig(
                     "depth 1",
                     "overlay-syscalls",
@@ -911,7 +903,7 @@ mod tests {
                 ),
                 fig("depth 1", "lamina", "Put p99", Unit::Micros, &[900.0]),
             ],
-        };
+        );
         let svg = svg("getput", &[&r]);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("&lt;at depth&gt;"));

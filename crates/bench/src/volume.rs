@@ -25,6 +25,7 @@ use super::engines::{lamina, session, start};
 use super::engines_ctr::{drop_caches, fill_random, open_direct, percentile, AlignedBuf, RunDir};
 use super::{Ctx, Figure, Unit, Workload};
 use lamina_testkit::moosefs::{have_moosefs, MooseCluster};
+use lamina_testkit::Session;
 
 /// The workload.
 pub const VOLUME: Workload = Workload {
@@ -42,6 +43,64 @@ const MOUNT_ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef01234567
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
+}
+
+/// Mounts the volume named in `name_id`; its mount point.
+fn mount_volume(c: &mut Session, name_id: &serde_json::Value) -> anyhow::Result<PathBuf> {
+    let r = c.call("VolumeDriver.Mount", name_id)?;
+    let mountpoint = r
+        .get("Mountpoint")
+        .and_then(|v| v.as_str())
+        .context("Mount answered without a Mountpoint")?;
+    Ok(PathBuf::from(mountpoint))
+}
+
+/// p50 and p99 of mount and unmount times (µs), one sample of each per run.
+#[derive(Default)]
+struct MountTimes {
+    m50: Vec<f64>,
+    m99: Vec<f64>,
+    u50: Vec<f64>,
+    u99: Vec<f64>,
+}
+
+impl MountTimes {
+    /// Times `iters` mount/unmount pairs on `state` after 10 unmeasured ones; adds their percentiles.
+    fn run<S>(
+        &mut self,
+        iters: usize,
+        state: &mut S,
+        mut mount: impl FnMut(&mut S) -> anyhow::Result<()>,
+        mut unmount: impl FnMut(&mut S) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let (mut m, mut u) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+        for i in 0..iters + 10 {
+            let t = Instant::now();
+            mount(state)?;
+            let tm = t.elapsed();
+            let t = Instant::now();
+            unmount(state)?;
+            let tu = t.elapsed();
+            if i >= 10 {
+                m.push(us(tm));
+                u.push(us(tu));
+            }
+        }
+        self.m50.push(percentile(&mut m, 50.0));
+        self.m99.push(percentile(&mut m, 99.0));
+        self.u50.push(percentile(&mut u, 50.0));
+        self.u99.push(percentile(&mut u, 99.0));
+        Ok(())
+    }
+
+    /// Adds the four figures of `subject`; the index of the first (mount p50).
+    fn push(self, figs: &mut Vec<Figure>, case: &str, subject: &str) -> usize {
+        let i = push(figs, case, subject, "mount p50", Unit::Micros, self.m50);
+        push(figs, case, subject, "mount p99", Unit::Micros, self.m99);
+        push(figs, case, subject, "unmount p50", Unit::Micros, self.u50);
+        push(figs, case, subject, "unmount p99", Unit::Micros, self.u99);
+        i
+    }
 }
 
 fn push(
@@ -173,59 +232,42 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     ctx.say("Mount/Unmount vs bind mounts");
     let iters = if ctx.quick { 100 } else { 2000 };
     let case = "local volume";
-    let (mut lm50, mut lm99, mut lu50, mut lu99) = (vec![], vec![], vec![], vec![]);
-    let (mut bm50, mut bm99, mut bu50, mut bu99) = (vec![], vec![], vec![], vec![]);
+    let (mut lam, mut bind) = (MountTimes::default(), MountTimes::default());
     for _ in 0..ctx.runs {
-        let (mut m, mut u) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
-        for i in 0..iters + 10 {
-            let t = Instant::now();
-            let r = c.call("VolumeDriver.Mount", &name_id)?;
-            let tm = t.elapsed();
-            anyhow::ensure!(
-                r.get("Mountpoint")
-                    .and_then(|v| v.as_str())
-                    .is_some_and(|s| !s.is_empty()),
-                "Mount answered without a Mountpoint: {r}"
-            );
-            let t = Instant::now();
-            c.call("VolumeDriver.Unmount", &name_id)?;
-            let tu = t.elapsed();
-            if i >= 10 {
-                m.push(us(tm));
-                u.push(us(tu));
-            }
-        }
-        lm50.push(percentile(&mut m, 50.0));
-        lm99.push(percentile(&mut m, 99.0));
-        lu50.push(percentile(&mut u, 50.0));
-        lu99.push(percentile(&mut u, 99.0));
-        let (mut m, mut u) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
-        for i in 0..iters + 10 {
-            let t = Instant::now();
-            lamina_sys::mount::bind_mount(&bind_src, &bind_dst, false)?;
-            let tm = t.elapsed();
-            let t = Instant::now();
-            lamina_sys::mount::unmount(&bind_dst, false)?;
-            let tu = t.elapsed();
-            if i >= 10 {
-                m.push(us(tm));
-                u.push(us(tu));
-            }
-        }
-        bm50.push(percentile(&mut m, 50.0));
-        bm99.push(percentile(&mut m, 99.0));
-        bu50.push(percentile(&mut u, 50.0));
-        bu99.push(percentile(&mut u, 99.0));
+        lam.run(
+            iters,
+            &mut c,
+            |c| {
+                let r = c.call("VolumeDriver.Mount", &name_id)?;
+                anyhow::ensure!(
+                    r.get("Mountpoint")
+                        .and_then(|v| v.as_str())
+                        .is_some_and(|s| !s.is_empty()),
+                    "Mount answered without a Mountpoint: {r}"
+                );
+                Ok(())
+            },
+            |c| {
+                c.call("VolumeDriver.Unmount", &name_id)?;
+                Ok(())
+            },
+        )?;
+        bind.run(
+            iters,
+            &mut (),
+            |_| {
+                lamina_sys::mount::bind_mount(&bind_src, &bind_dst, false)?;
+                Ok(())
+            },
+            |_| {
+                lamina_sys::mount::unmount(&bind_dst, false)?;
+                Ok(())
+            },
+        )?;
     }
-    let i = push(figs, case, "lamina", "mount p50", Unit::Micros, lm50);
+    let i = lam.push(figs, case, "lamina");
     figs[i].goal = Some("<= 1 ms".into());
-    push(figs, case, "lamina", "mount p99", Unit::Micros, lm99);
-    push(figs, case, "lamina", "unmount p50", Unit::Micros, lu50);
-    push(figs, case, "lamina", "unmount p99", Unit::Micros, lu99);
-    push(figs, case, "bind-mount", "mount p50", Unit::Micros, bm50);
-    push(figs, case, "bind-mount", "mount p99", Unit::Micros, bm99);
-    push(figs, case, "bind-mount", "unmount p50", Unit::Micros, bu50);
-    push(figs, case, "bind-mount", "unmount p99", Unit::Micros, bu99);
+    bind.push(figs, case, "bind-mount");
 
     // ---- I/O through the volume vs the bare directory ----
     let plan = if ctx.quick {
@@ -240,12 +282,7 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         }
     };
     ctx.say("I/O through the volume and on the bare directory");
-    let r = c.call("VolumeDriver.Mount", &name_id)?;
-    let mountpoint = PathBuf::from(
-        r.get("Mountpoint")
-            .and_then(|v| v.as_str())
-            .context("Mount answered without a Mountpoint")?,
-    );
+    let mountpoint = mount_volume(&mut c, &name_id)?;
     compare_io(ctx, &plan, "local", (&mountpoint, "bare-dir", &bare), figs)?;
     c.call("VolumeDriver.Unmount", &name_id)?;
     c.call("VolumeDriver.Remove", &json!({"Name": VOL}))?;
@@ -386,12 +423,7 @@ fn moosefs(ctx: &Ctx, dir: &Path, plan: &IoPlan, figs: &mut Vec<Figure>) -> anyh
     push(figs, case, "mfsmount", "mount p50", Unit::Micros, bm);
     push(figs, case, "mfsmount", "unmount p50", Unit::Micros, bu);
     ctx.say("MooseFS: I/O through the volume and on a bare mfsmount");
-    let r = c.call("VolumeDriver.Mount", &name_id)?;
-    let mountpoint = PathBuf::from(
-        r.get("Mountpoint")
-            .and_then(|v| v.as_str())
-            .context("Mount answered without a Mountpoint")?,
-    );
+    let mountpoint = mount_volume(&mut c, &name_id)?;
     compare_io(ctx, plan, "moosefs", (&mountpoint, "mfsmount", &bare), figs)?;
     c.call("VolumeDriver.Unmount", &name_id)?;
     c.call("VolumeDriver.Remove", &json!({"Name": VOL}))?;

@@ -492,6 +492,25 @@ impl Router {
         })))
     }
 
+    /// Reads a GraphDriver request body, notes its id on the call and logs the call (with the parent for the
+    /// methods that take one).
+    fn graph_request(
+        call: &mut Call<'_, '_>,
+        m: GraphMethod,
+        with_parent: bool,
+    ) -> Result<GraphDriverRequest, PluginError> {
+        let r: GraphDriverRequest = call.json()?;
+        if let Some(id) = &r.id {
+            call.note_id(id);
+        }
+        if with_parent {
+            tracing::debug!(method = m.name(), id = %call.id, parent = %quote(r.parent.as_deref().unwrap_or(""), 80), "call");
+        } else {
+            tracing::debug!(method = m.name(), id = %call.id, "call");
+        }
+        Ok(r)
+    }
+
     fn graph_call<'r>(
         &'r self,
         m: GraphMethod,
@@ -521,11 +540,7 @@ impl Router {
                 json(&wire::EmptyResponse {})
             }
             GraphMethod::Create | GraphMethod::CreateReadWrite => {
-                let r: GraphDriverRequest = call.json()?;
-                if let Some(id) = &r.id {
-                    call.note_id(id);
-                }
-                tracing::debug!(method = m.name(), id = %call.id, parent = %quote(r.parent.as_deref().unwrap_or(""), 80), "call");
+                let r = Self::graph_request(call, m, true)?;
                 let id = required_id(r.id)?;
                 let parent = optional_parent(r.parent)?;
                 if parent == id {
@@ -544,11 +559,7 @@ impl Router {
                 json(&wire::EmptyResponse {})
             }
             GraphMethod::Remove | GraphMethod::Put | GraphMethod::Get | GraphMethod::GetMetadata => {
-                let r: GraphDriverRequest = call.json()?;
-                if let Some(id) = &r.id {
-                    call.note_id(id);
-                }
-                tracing::debug!(method = m.name(), id = %call.id, "call");
+                let r = Self::graph_request(call, m, false)?;
                 let id = required_id(r.id)?;
                 match m {
                     GraphMethod::Remove => {
@@ -576,11 +587,7 @@ impl Router {
                 }
             }
             GraphMethod::Exists => {
-                let r: GraphDriverRequest = call.json()?;
-                if let Some(id) = &r.id {
-                    call.note_id(id);
-                }
-                tracing::debug!(method = m.name(), id = %call.id, "call");
+                let r = Self::graph_request(call, m, false)?;
                 let exists = match required_id(r.id) {
                     Ok(id) => g.exists(&id),
                     Err(_) => false,
@@ -608,11 +615,7 @@ impl Router {
                 })
             }
             GraphMethod::Diff | GraphMethod::Changes | GraphMethod::DiffSize => {
-                let r: GraphDriverRequest = call.json()?;
-                if let Some(id) = &r.id {
-                    call.note_id(id);
-                }
-                tracing::debug!(method = m.name(), id = %call.id, parent = %quote(r.parent.as_deref().unwrap_or(""), 80), "call");
+                let r = Self::graph_request(call, m, true)?;
                 let id = required_id(r.id)?;
                 let parent = optional_parent(r.parent)?;
                 match m {

@@ -414,61 +414,41 @@ pub trait Connection: Transport + Send + Sized + 'static {
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
-impl Listener for UnixListener {
-    type Stream = UnixStream;
-    fn accept_stream(&self) -> io::Result<UnixStream> {
-        self.accept().map(|(s, _)| s)
-    }
-    fn set_blocking(&self) -> io::Result<()> {
-        self.set_nonblocking(false)
-    }
-    fn closer(&self) -> io::Result<Closer> {
-        let s = UnixStream::from(OwnedFd::from(self.try_clone()?));
-        Ok(Box::new(move || {
-            let _ = s.shutdown(Shutdown::Both);
-        }))
-    }
+/// The [`Listener`] and [`Connection`] impls of a std socket pair (unix or TCP), which have the same methods.
+macro_rules! socket_impls {
+    ($listener:ty, $stream:ident) => {
+        impl Listener for $listener {
+            type Stream = $stream;
+            fn accept_stream(&self) -> io::Result<$stream> {
+                self.accept().map(|(s, _)| s)
+            }
+            fn set_blocking(&self) -> io::Result<()> {
+                self.set_nonblocking(false)
+            }
+            fn closer(&self) -> io::Result<Closer> {
+                let s = $stream::from(OwnedFd::from(self.try_clone()?));
+                Ok(Box::new(move || {
+                    let _ = s.shutdown(Shutdown::Both);
+                }))
+            }
+        }
+
+        impl Connection for $stream {
+            fn try_clone(&self) -> io::Result<Self> {
+                $stream::try_clone(self)
+            }
+            fn shutdown_both(&self) {
+                let _ = self.shutdown(Shutdown::Both);
+            }
+            fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+                $stream::set_write_timeout(self, timeout)
+            }
+        }
+    };
 }
 
-impl Listener for TcpListener {
-    type Stream = TcpStream;
-    fn accept_stream(&self) -> io::Result<TcpStream> {
-        self.accept().map(|(s, _)| s)
-    }
-    fn set_blocking(&self) -> io::Result<()> {
-        self.set_nonblocking(false)
-    }
-    fn closer(&self) -> io::Result<Closer> {
-        let s = TcpStream::from(OwnedFd::from(self.try_clone()?));
-        Ok(Box::new(move || {
-            let _ = s.shutdown(Shutdown::Both);
-        }))
-    }
-}
-
-impl Connection for UnixStream {
-    fn try_clone(&self) -> io::Result<Self> {
-        UnixStream::try_clone(self)
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
-    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        UnixStream::set_write_timeout(self, timeout)
-    }
-}
-
-impl Connection for TcpStream {
-    fn try_clone(&self) -> io::Result<Self> {
-        TcpStream::try_clone(self)
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
-    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        TcpStream::set_write_timeout(self, timeout)
-    }
-}
+socket_impls!(UnixListener, UnixStream);
+socket_impls!(TcpListener, TcpStream);
 
 /// Serves every request of one connection given as an in-memory (or any) byte stream, with the
 /// default configuration and without timeouts, until the input ends or the connection must be

@@ -9,17 +9,15 @@
 //! overhead of metrics on Get p50 in `metrics_overhead_on_get_p50` (ignored by default: a benchmark;
 //! `cargo test -p lamina --test e2e_metrics -- --ignored --nocapture`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
-use lamina_snapshotter::tonic::transport::Channel;
+use lamina_testkit::snapshots::SnapshotApi;
 use lamina_testkit::*;
-use pb::snapshots_client::SnapshotsClient;
 use serde_json::{json, Value};
 
 /// The build of the lamina binary under test (figures of a debug build are much slower: unoptimised sha256).
@@ -125,126 +123,53 @@ fn requests(m: &BTreeMap<String, f64>, proto: &str, op: &str, result: &str) -> u
     ) as u64
 }
 
-struct Snap {
-    rt: tokio::runtime::Runtime,
-    client: SnapshotsClient<Channel>,
-}
+/// The testkit client, each call expected to succeed unless its name says otherwise.
+struct Snap(SnapshotApi);
 
 impl Snap {
     fn connect(socket: &Path) -> Snap {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let client = rt
-            .block_on(lamina_snapshotter::client::connect(socket))
-            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-        Snap { rt, client }
+        Snap(SnapshotApi::connect(socket))
     }
 
     fn prepare(&self, key: &str, parent: &str) {
-        let mut c = self.client.clone();
-        let req = pb::PrepareSnapshotRequest {
-            snapshotter: "lamina".into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: HashMap::new(),
-        };
-        self.rt.block_on(c.prepare(req)).expect("Prepare");
+        self.0.prepare(key, parent).expect("Prepare");
     }
 
     /// Prepare of a parentless snapshot; the directory its bind mount would show.
     fn prepare_path(&self, key: &str, parent: &str) -> PathBuf {
-        let mut c = self.client.clone();
-        let req = pb::PrepareSnapshotRequest {
-            snapshotter: "lamina".into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: HashMap::new(),
-        };
-        let mounts = self
-            .rt
-            .block_on(c.prepare(req))
-            .expect("Prepare")
-            .into_inner()
-            .mounts;
+        let mounts = self.0.prepare(key, parent).expect("Prepare");
         assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
         PathBuf::from(&mounts[0].source)
     }
 
     fn prepare_err(&self, key: &str, parent: &str) -> String {
-        let mut c = self.client.clone();
-        let req = pb::PrepareSnapshotRequest {
-            snapshotter: "lamina".into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: HashMap::new(),
-        };
-        self.rt
-            .block_on(c.prepare(req))
-            .expect_err("Prepare must fail")
-            .message()
-            .to_string()
+        let e = self.0.prepare(key, parent).expect_err("Prepare must fail");
+        e.message().to_string()
     }
 
     fn mounts_err(&self, key: &str) -> String {
-        let mut c = self.client.clone();
-        let req = pb::MountsRequest {
-            snapshotter: "lamina".into(),
-            key: key.into(),
-        };
-        self.rt
-            .block_on(c.mounts(req))
-            .expect_err("Mounts must fail")
-            .message()
-            .to_string()
+        let e = self.0.mounts(key).expect_err("Mounts must fail");
+        e.message().to_string()
     }
 
     fn exists(&self, key: &str) -> bool {
-        let mut c = self.client.clone();
-        let req = pb::StatSnapshotRequest {
-            snapshotter: "lamina".into(),
-            key: key.into(),
-        };
-        self.rt.block_on(c.stat(req)).is_ok()
+        self.0.stat(key).is_ok()
     }
 
     fn view(&self, key: &str, parent: &str) {
-        let mut c = self.client.clone();
-        let req = pb::ViewSnapshotRequest {
-            snapshotter: "lamina".into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: HashMap::new(),
-        };
-        self.rt.block_on(c.view(req)).expect("View");
+        self.0.view(key, parent).expect("View");
     }
 
     fn mounts(&self, key: &str) {
-        let mut c = self.client.clone();
-        let req = pb::MountsRequest {
-            snapshotter: "lamina".into(),
-            key: key.into(),
-        };
-        self.rt.block_on(c.mounts(req)).expect("Mounts");
+        self.0.mounts(key).expect("Mounts");
     }
 
     fn commit(&self, name: &str, key: &str) {
-        let mut c = self.client.clone();
-        let req = pb::CommitSnapshotRequest {
-            snapshotter: "lamina".into(),
-            name: name.into(),
-            key: key.into(),
-            labels: HashMap::new(),
-            parent: String::new(),
-        };
-        self.rt.block_on(c.commit(req)).expect("Commit");
+        self.0.commit(name, key).expect("Commit");
     }
 
     fn remove(&self, key: &str) -> bool {
-        let mut c = self.client.clone();
-        let req = pb::RemoveSnapshotRequest {
-            snapshotter: "lamina".into(),
-            key: key.into(),
-        };
-        self.rt.block_on(c.remove(req)).is_ok()
+        self.0.remove(key).is_ok()
     }
 }
 

@@ -10,19 +10,16 @@
 //! The `btrfs` program only checks what lamina did (`btrfs qgroup show`, `btrfs subvolume list`). The xfs
 //! project-quota path is tested in crates/store/tests/quota.rs (it skips only on kernels without XFS quota).
 
-use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
 use lamina_snapshotter::proto::containerd::types::Mount;
-use lamina_snapshotter::tonic::{self, transport::Channel, Code};
+use lamina_snapshotter::tonic::Code;
 use lamina_testkit::containerd::LaminaSnap;
+use lamina_testkit::snapshots::{SnapshotApi, SN};
 use lamina_testkit::*;
-use pb::snapshots_client::SnapshotsClient;
 
 const SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
 const TEN_MIB: u64 = 10 << 20;
@@ -249,85 +246,6 @@ fn docker_storage_opt_size_on_ext4_is_a_clear_error() {
 // containerd snapshotter API
 // ------------------------------------------------------------------------------------------------------------
 
-const SN: &str = "lamina";
-
-struct Api {
-    rt: tokio::runtime::Runtime,
-    client: SnapshotsClient<Channel>,
-}
-
-impl Api {
-    fn prepare(
-        &mut self,
-        key: &str,
-        parent: &str,
-        labels: &[(&str, &str)],
-    ) -> Result<Vec<Mount>, tonic::Status> {
-        let req = pb::PrepareSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<HashMap<_, _>>(),
-        };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.prepare(req)).map(|r| r.into_inner().mounts)
-    }
-
-    fn commit(&mut self, name: &str, key: &str) -> Result<(), tonic::Status> {
-        let req = pb::CommitSnapshotRequest {
-            snapshotter: SN.into(),
-            name: name.into(),
-            key: key.into(),
-            labels: HashMap::new(),
-            parent: String::new(),
-        };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.commit(req)).map(|_| ())
-    }
-
-    fn remove(&mut self, key: &str) -> Result<(), tonic::Status> {
-        let req = pb::RemoveSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-        };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.remove(req)).map(|_| ())
-    }
-
-    fn labels(&mut self, key: &str) -> HashMap<String, String> {
-        let req = pb::StatSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-        };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.stat(req))
-            .unwrap()
-            .into_inner()
-            .info
-            .unwrap()
-            .labels
-    }
-}
-
-/// Writes `mb` MiB of zeros into `path`, synced; the first error.
-fn write_mb(path: &Path, mb: usize) -> std::io::Result<()> {
-    let mut f = fs::File::create(path)?;
-    let buf = vec![0u8; 1 << 20];
-    for _ in 0..mb {
-        f.write_all(&buf)?;
-    }
-    f.sync_all()
-}
-
-fn is_quota_error(e: &std::io::Error) -> bool {
-    // EDQUOT (122) or ENOSPC (28).
-    matches!(e.raw_os_error(), Some(122 | 28))
-}
-
 /// Mounts what Prepare returned on `target` with mount(8), as containerd would.
 fn mount_snapshot(m: &[Mount], target: &Path) {
     assert_eq!(m.len(), 1, "{m:?}");
@@ -349,7 +267,7 @@ fn umount(target: &Path) {
 
 /// A test directory, lamina as a snapshotter on a loop-backed `fs_type` data root of `size_mb` MiB in it,
 /// and a client of its socket.
-fn snapshotter_on(tag: &str, fs_type: &str, size_mb: u64) -> (TestDir, LaminaSnap, LoopFs, Api) {
+fn snapshotter_on(tag: &str, fs_type: &str, size_mb: u64) -> (TestDir, LaminaSnap, LoopFs, SnapshotApi) {
     let dir = TestDir::new(&unique_name(tag));
     let mut lamina = LaminaSnap::new(&dir.join("l"));
     let fs = loop_mount(
@@ -360,11 +278,8 @@ fn snapshotter_on(tag: &str, fs_type: &str, size_mb: u64) -> (TestDir, LaminaSna
     );
     lamina.spawn();
     lamina.wait_ready();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = rt
-        .block_on(lamina_snapshotter::client::connect(&lamina.socket))
-        .unwrap();
-    (dir, lamina, fs, Api { rt, client })
+    let api = SnapshotApi::connect(&lamina.socket);
+    (dir, lamina, fs, api)
 }
 
 #[test]
@@ -373,12 +288,12 @@ fn snapshotter_max_size_label_on_btrfs() {
     if !require_quota_tools(test) {
         return;
     }
-    let (dir, lamina, _fs, mut api) = snapshotter_on("snap-quota", "btrfs", 1024);
+    let (dir, lamina, _fs, api) = snapshotter_on("snap-quota", "btrfs", 1024);
     let root = lamina.data_root.clone();
     let ten = TEN_MIB.to_string();
 
     // A parentless active snapshot: a bind mount of its own directory.
-    let m = api.prepare("a", "", &[(SIZE_LABEL, &ten)]).unwrap();
+    let m = api.prepare_in(SN, "a", "", &[(SIZE_LABEL, &ten)]).unwrap();
     assert_eq!(m[0].r#type, "bind", "{m:?}");
     let q = limited_qgroups(&root);
     assert!(q.iter().any(|(_, max)| *max == TEN_MIB), "{q:?}");
@@ -389,12 +304,16 @@ fn snapshotter_max_size_label_on_btrfs() {
     fs::remove_file(target.join("big")).unwrap();
     write_mb(&target.join("base-file"), 1).unwrap();
     umount(&target);
-    assert_eq!(api.labels("a").get(SIZE_LABEL), Some(&ten), "the label is kept");
+    assert_eq!(
+        api.stat("a").unwrap().labels.get(SIZE_LABEL),
+        Some(&ten),
+        "the label is kept"
+    );
     // Commit keeps working; the limit stays with the committed layer.
     api.commit("a-c", "a").unwrap();
 
     // An active snapshot on a parent: overlay, as containerd mounts it.
-    let m = api.prepare("b", "a-c", &[(SIZE_LABEL, &ten)]).unwrap();
+    let m = api.prepare_in(SN, "b", "a-c", &[(SIZE_LABEL, &ten)]).unwrap();
     assert_eq!(m[0].r#type, "overlay", "{m:?}");
     let target = dir.join("mnt-b");
     mount_snapshot(&m, &target);
@@ -410,7 +329,7 @@ fn snapshotter_max_size_label_on_btrfs() {
     assert_eq!(limited.len(), 2, "{limited:?}");
 
     // Without the label: no limit.
-    let m = api.prepare("c", "a-c", &[]).unwrap();
+    let m = api.prepare_in(SN, "c", "a-c", &[]).unwrap();
     let target = dir.join("mnt-c");
     mount_snapshot(&m, &target);
     write_mb(&target.join("big"), 20).expect("no limit without the label");
@@ -419,7 +338,7 @@ fn snapshotter_max_size_label_on_btrfs() {
     // Bad values: InvalidArgument, nothing left.
     let before = layer_entries(&root);
     for bad in ["abc", "0", "-1", "10X"] {
-        let e = api.prepare("bad", "", &[(SIZE_LABEL, bad)]).unwrap_err();
+        let e = api.prepare_in(SN, "bad", "", &[(SIZE_LABEL, bad)]).unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
         assert!(e.message().contains(SIZE_LABEL), "{}", e.message());
     }
@@ -442,9 +361,9 @@ fn snapshotter_max_size_label_on_ext4_is_a_clear_error() {
     if !require_quota_tools(test) {
         return;
     }
-    let (_dir, lamina, _fs, mut api) = snapshotter_on("snap-quota-ext4", "ext4", 128);
+    let (_dir, lamina, _fs, api) = snapshotter_on("snap-quota-ext4", "ext4", 128);
     let e = api
-        .prepare("a", "", &[(SIZE_LABEL, &TEN_MIB.to_string())])
+        .prepare_in(SN, "a", "", &[(SIZE_LABEL, &TEN_MIB.to_string())])
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(
@@ -454,7 +373,7 @@ fn snapshotter_max_size_label_on_ext4_is_a_clear_error() {
     );
     assert!(layer_entries(&lamina.data_root).is_empty(), "nothing may be left");
     // Without the label it works as usual.
-    api.prepare("b", "", &[]).unwrap();
+    api.prepare_in(SN, "b", "", &[]).unwrap();
     drop(api);
     drop(lamina);
 }

@@ -12,123 +12,44 @@ use std::time::Duration;
 
 use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
 use lamina_snapshotter::proto::containerd::types::Mount;
-use lamina_snapshotter::tonic::{self, transport::Channel, Code};
+use lamina_snapshotter::tonic::{self, Code};
 use lamina_testkit::containerd::LaminaSnap;
+use lamina_testkit::snapshots::{labels_map, SnapshotApi, SN};
 use lamina_testkit::{require_root, PluginClient, TestDir};
-use pb::snapshots_client::SnapshotsClient;
 
-const SN: &str = "lamina";
+/// The testkit client plus the calls only these tests make.
+struct Api(SnapshotApi);
 
-struct Api {
-    rt: tokio::runtime::Runtime,
-    client: SnapshotsClient<Channel>,
+impl std::ops::Deref for Api {
+    type Target = SnapshotApi;
+    fn deref(&self) -> &SnapshotApi {
+        &self.0
+    }
 }
 
 impl Api {
     fn connect(socket: &Path) -> Api {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let client = rt
-            .block_on(lamina_snapshotter::client::connect(socket))
-            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-        Api { rt, client }
-    }
-
-    fn prepare_in(
-        &mut self,
-        sn: &str,
-        key: &str,
-        parent: &str,
-        labels: &[(&str, &str)],
-    ) -> Result<Vec<Mount>, tonic::Status> {
-        let req = pb::PrepareSnapshotRequest {
-            snapshotter: sn.into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: to_map(labels),
-        };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.prepare(req)).map(|r| r.into_inner().mounts)
-    }
-
-    fn prepare(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
-        self.prepare_in(SN, key, parent, &[])
-    }
-
-    fn view(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
-        let req = pb::ViewSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: HashMap::new(),
-        };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.view(req)).map(|r| r.into_inner().mounts)
-    }
-
-    fn mounts(&mut self, key: &str) -> Result<Vec<Mount>, tonic::Status> {
-        let req = pb::MountsRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-        };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.mounts(req)).map(|r| r.into_inner().mounts)
+        Api(SnapshotApi::connect(socket))
     }
 
     fn commit_with(
-        &mut self,
+        &self,
         name: &str,
         key: &str,
         labels: &[(&str, &str)],
         parent: &str,
     ) -> Result<(), tonic::Status> {
-        let req = pb::CommitSnapshotRequest {
-            snapshotter: SN.into(),
-            name: name.into(),
-            key: key.into(),
-            labels: to_map(labels),
-            parent: parent.into(),
-        };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.commit(req)).map(|_| ())
+        self.0.commit_with(name, key, labels_map(labels), parent)
     }
 
-    fn commit(&mut self, name: &str, key: &str) -> Result<(), tonic::Status> {
-        self.commit_with(name, key, &[], "")
-    }
-
-    fn remove(&mut self, key: &str) -> Result<(), tonic::Status> {
-        let req = pb::RemoveSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-        };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.remove(req)).map(|_| ())
-    }
-
-    fn stat(&mut self, key: &str) -> Result<pb::Info, tonic::Status> {
-        let req = pb::StatSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-        };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.stat(req))
-            .map(|r| r.into_inner().info.expect("info"))
-    }
-
-    fn update(
-        &mut self,
-        name: &str,
-        labels: &[(&str, &str)],
-        paths: &[&str],
-    ) -> Result<pb::Info, tonic::Status> {
+    fn update(&self, name: &str, labels: &[(&str, &str)], paths: &[&str]) -> Result<pb::Info, tonic::Status> {
         let req = pb::UpdateSnapshotRequest {
             snapshotter: SN.into(),
             info: Some(pb::Info {
                 name: name.into(),
                 parent: "ignored-parent".into(),
                 kind: pb::Kind::View as i32,
-                labels: to_map(labels),
+                labels: labels_map(labels),
                 ..Default::default()
             }),
             update_mask: (!paths.is_empty()).then(|| lamina_snapshotter::prost_types::FieldMask {
@@ -141,7 +62,7 @@ impl Api {
             .map(|r| r.into_inner().info.expect("info"))
     }
 
-    fn list_in(&mut self, sn: &str, filters: &[&str]) -> Result<Vec<pb::Info>, tonic::Status> {
+    fn list_in(&self, sn: &str, filters: &[&str]) -> Result<Vec<pb::Info>, tonic::Status> {
         let req = pb::ListSnapshotsRequest {
             snapshotter: sn.into(),
             filters: filters.iter().map(|f| f.to_string()).collect(),
@@ -157,7 +78,7 @@ impl Api {
         })
     }
 
-    fn names(&mut self, filters: &[&str]) -> Vec<String> {
+    fn names(&self, filters: &[&str]) -> Vec<String> {
         let mut v: Vec<String> = self
             .list_in(SN, filters)
             .unwrap()
@@ -168,7 +89,7 @@ impl Api {
         v
     }
 
-    fn usage(&mut self, key: &str) -> Result<(i64, i64), tonic::Status> {
+    fn usage(&self, key: &str) -> Result<(i64, i64), tonic::Status> {
         let req = pb::UsageRequest {
             snapshotter: SN.into(),
             key: key.into(),
@@ -183,13 +104,6 @@ impl Api {
 fn ts(t: &Option<lamina_snapshotter::prost_types::Timestamp>) -> (i64, i32) {
     let t = t.as_ref().expect("timestamp");
     (t.seconds, t.nanos)
-}
-
-fn to_map(labels: &[(&str, &str)]) -> HashMap<String, String> {
-    labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 #[track_caller]
@@ -223,7 +137,7 @@ fn layer_dirs(lamina: &LaminaSnap) -> Vec<PathBuf> {
 
 #[test]
 fn state_machine_mounts_and_removal_rules() {
-    let (_dir, lamina, mut api) = start("snap-state");
+    let (_dir, lamina, api) = start("snap-state");
     // Keys are opaque: slashes, spaces, absolute paths.
     let k1 = "/abs/key with space/1";
     let m = api.prepare(k1, "").unwrap();
@@ -254,7 +168,7 @@ fn state_machine_mounts_and_removal_rules() {
     expect_code(api.commit("c1b", k1), Code::NotFound);
     let c1 = api.stat("c1").unwrap();
     assert_eq!(c1.kind, pb::Kind::Committed as i32);
-    assert_eq!(c1.labels, to_map(&[("a", "1")]));
+    assert_eq!(c1.labels, labels_map(&[("a", "1")]));
     expect_code(api.mounts("c1"), Code::FailedPrecondition);
 
     // An active snapshot on c1: overlay with c1's content as the only lower.
@@ -324,19 +238,19 @@ fn state_machine_mounts_and_removal_rules() {
 
 #[test]
 fn labels_update_with_field_paths() {
-    let (_dir, _lamina, mut api) = start("snap-labels");
+    let (_dir, _lamina, api) = start("snap-labels");
     api.prepare_in(SN, "k", "", &[("l1", "v1"), ("l2", "v2"), ("empty", "")])
         .unwrap();
     let st = api.stat("k").unwrap();
     assert_eq!(
         st.labels,
-        to_map(&[("l1", "v1"), ("l2", "v2")]),
+        labels_map(&[("l1", "v1"), ("l2", "v2")]),
         "empty values are no label"
     );
     std::thread::sleep(Duration::from_millis(5));
     // No mask: replace all labels; parent and kind in the request are ignored.
     let u = api.update("k", &[("l3", "v3")], &[]).unwrap();
-    assert_eq!(u.labels, to_map(&[("l3", "v3")]));
+    assert_eq!(u.labels, labels_map(&[("l3", "v3")]));
     assert_eq!((u.kind, u.parent.as_str()), (pb::Kind::Active as i32, ""));
     assert_eq!(u.created_at, st.created_at);
     assert!(
@@ -350,7 +264,7 @@ fn labels_update_with_field_paths() {
     let u = api
         .update("k", &[("l1", "new")], &["labels.l1", "labels.l4"])
         .unwrap();
-    assert_eq!(u.labels, to_map(&[("l1", "new")]));
+    assert_eq!(u.labels, labels_map(&[("l1", "new")]));
     assert_eq!(api.stat("k").unwrap().labels, u.labels);
     // Only labels are mutable.
     for path in ["parent", "name", "kind", "created_at"] {
@@ -359,12 +273,12 @@ fn labels_update_with_field_paths() {
     expect_code(api.update("nope", &[], &[]), Code::NotFound);
     // Commit replaces the labels with the commit's.
     api.commit_with("c", "k", &[("committed", "yes")], "").unwrap();
-    assert_eq!(api.stat("c").unwrap().labels, to_map(&[("committed", "yes")]));
+    assert_eq!(api.stat("c").unwrap().labels, labels_map(&[("committed", "yes")]));
 }
 
 #[test]
 fn bad_input_is_refused_and_leaves_nothing() {
-    let (_dir, lamina, mut api) = start("snap-bad");
+    let (_dir, lamina, api) = start("snap-bad");
     expect_code(api.prepare("", ""), Code::InvalidArgument);
     expect_code(api.view("", ""), Code::InvalidArgument);
     expect_code(api.prepare(&"k".repeat(5000), ""), Code::InvalidArgument);
@@ -413,7 +327,7 @@ fn names_and_engines_are_kept_apart() {
     lamina.extra_args = vec!["--socket".into(), plugin_sock.to_str().unwrap().into()];
     lamina.spawn();
     lamina.wait_ready();
-    let mut api = Api::connect(&lamina.socket);
+    let api = Api::connect(&lamina.socket);
     api.prepare_in("a", "same", "", &[]).unwrap();
     api.prepare_in("b", "same", "", &[]).unwrap();
     expect_code(api.prepare_in("a", "same", "", &[]), Code::AlreadyExists);
@@ -529,7 +443,7 @@ fn a_chain_of_130_layers_mounts_with_every_layer_visible() {
     if !require_root("a_chain_of_130_layers_mounts_with_every_layer_visible") {
         return;
     }
-    let (dir, lamina, mut api) = start("snap-130");
+    let (dir, lamina, api) = start("snap-130");
     let target = dir.join("mnt");
     std::fs::create_dir(&target).unwrap();
     let layers = lamina.layers_dir();

@@ -106,6 +106,16 @@ pub struct GcOptions {
     pub unknown: bool,
 }
 
+impl GcOptions {
+    /// The same collection as a dry run: it only lists.
+    pub fn dry_run(&self) -> GcOptions {
+        GcOptions {
+            dry_run: true,
+            ..self.clone()
+        }
+    }
+}
+
 impl Store {
     /// Finds garbage (see the module docs) and, unless `opts.dry_run`, removes it.
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {

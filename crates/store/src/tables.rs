@@ -4,9 +4,10 @@
 //! becomes visible, all or nothing, at [`Writer::commit`]. Both speak in layer numbers, records and names;
 //! errors come back as [`StoreError`]s (database failures through `error::db_err`).
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 
-use redb::{ReadableTable, ReadableTableMetadata};
+use redb::{Key, ReadableTable, ReadableTableMetadata, TableDefinition, Value};
 
 use crate::db::{Db, ReadTxn, WriteTxn};
 use crate::error::db_err;
@@ -88,6 +89,40 @@ fn chain_in(
     Ok(out)
 }
 
+/// The keys of a table keyed by layer number.
+fn keys_of<V: Value + 'static>(t: &impl ReadableTable<u64, V>) -> Result<HashSet<u64>> {
+    let mut out = HashSet::new();
+    for row in t.iter().map_err(db_err)? {
+        out.insert(row.map_err(db_err)?.0.value());
+    }
+    Ok(out)
+}
+
+/// The lookups a [`Reader`] and a [`Writer`] both answer (a writer sees its own writes).
+macro_rules! lookups {
+    () => {
+        /// The number `(ns, name)` names.
+        pub(crate) fn number(&self, ns: &str, name: &str) -> Result<Option<u64>> {
+            number_of(&self.txn.open_table(NAMES).map_err(db_err)?, ns, name)
+        }
+
+        /// The record of layer `n`.
+        pub(crate) fn layer(&self, n: u64) -> Result<Option<LayerRecord>> {
+            record_of(&self.txn.open_table(LAYERS).map_err(db_err)?, n)
+        }
+
+        /// The record of layer `n`, which must exist (a number taken from another record or a name).
+        pub(crate) fn require_layer(&self, n: u64) -> Result<LayerRecord> {
+            require_record(&self.txn.open_table(LAYERS).map_err(db_err)?, n)
+        }
+
+        /// Whether layer `n` has children.
+        pub(crate) fn has_children(&self, n: u64) -> Result<bool> {
+            has_children_in(&self.txn.open_table(CHILDREN).map_err(db_err)?, n)
+        }
+    };
+}
+
 /// One consistent view of the metadata.
 pub(crate) struct Reader {
     txn: ReadTxn,
@@ -108,29 +143,11 @@ impl Reader {
         lookup_in(&names, &layers, ns, name)
     }
 
-    /// The number `(ns, name)` names.
-    pub(crate) fn number(&self, ns: &str, name: &str) -> Result<Option<u64>> {
-        number_of(&self.txn.open_table(NAMES).map_err(db_err)?, ns, name)
-    }
-
-    /// The record of layer `n`.
-    pub(crate) fn layer(&self, n: u64) -> Result<Option<LayerRecord>> {
-        record_of(&self.txn.open_table(LAYERS).map_err(db_err)?, n)
-    }
-
-    /// The record of layer `n`, which must exist (a number taken from another record or a name).
-    pub(crate) fn require_layer(&self, n: u64) -> Result<LayerRecord> {
-        require_record(&self.txn.open_table(LAYERS).map_err(db_err)?, n)
-    }
+    lookups!();
 
     /// Layer numbers of the parent chain of `rec`, nearest first.
     pub(crate) fn chain(&self, rec: &LayerRecord, limit: usize) -> Result<Vec<u64>> {
         chain_in(&self.txn.open_table(LAYERS).map_err(db_err)?, rec, limit)
-    }
-
-    /// Whether layer `n` has children.
-    pub(crate) fn has_children(&self, n: u64) -> Result<bool> {
-        has_children_in(&self.txn.open_table(CHILDREN).map_err(db_err)?, n)
     }
 
     /// Every layer, by number.
@@ -146,12 +163,7 @@ impl Reader {
 
     /// Every layer number.
     pub(crate) fn layer_numbers(&self) -> Result<HashSet<u64>> {
-        let t = self.txn.open_table(LAYERS).map_err(db_err)?;
-        let mut out = HashSet::new();
-        for row in t.iter().map_err(db_err)? {
-            out.insert(row.map_err(db_err)?.0.value());
-        }
-        Ok(out)
+        keys_of(&self.txn.open_table(LAYERS).map_err(db_err)?)
     }
 
     /// Number of layers (all namespaces).
@@ -215,12 +227,7 @@ impl Reader {
 
     /// Layers whose removal was committed while their storage may still be there.
     pub(crate) fn removed(&self) -> Result<HashSet<u64>> {
-        let t = self.txn.open_table(REMOVED).map_err(db_err)?;
-        let mut out = HashSet::new();
-        for row in t.iter().map_err(db_err)? {
-            out.insert(row.map_err(db_err)?.0.value());
-        }
-        Ok(out)
+        keys_of(&self.txn.open_table(REMOVED).map_err(db_err)?)
     }
 
     /// What a database says of itself before anything is written to it: whether it is new (no tables, or no
@@ -278,112 +285,86 @@ impl Writer {
         self.txn.commit().map_err(db_err)
     }
 
-    /// The number `(ns, name)` names.
-    pub(crate) fn number(&self, ns: &str, name: &str) -> Result<Option<u64>> {
-        number_of(&self.txn.open_table(NAMES).map_err(db_err)?, ns, name)
+    /// Writes `key -> value` into `table`.
+    fn insert<'k, 'v, K: Key + 'static, V: Value + 'static>(
+        &self,
+        table: TableDefinition<'_, K, V>,
+        key: impl Borrow<K::SelfType<'k>>,
+        value: impl Borrow<V::SelfType<'v>>,
+    ) -> Result<()> {
+        let mut t = self.txn.open_table(table).map_err(db_err)?;
+        t.insert(key, value).map_err(db_err)?;
+        Ok(())
     }
 
-    /// The record of layer `n`.
-    pub(crate) fn layer(&self, n: u64) -> Result<Option<LayerRecord>> {
-        record_of(&self.txn.open_table(LAYERS).map_err(db_err)?, n)
+    /// Drops `key` from `table`.
+    fn remove<'k, K: Key + 'static, V: Value + 'static>(
+        &self,
+        table: TableDefinition<'_, K, V>,
+        key: impl Borrow<K::SelfType<'k>>,
+    ) -> Result<()> {
+        let mut t = self.txn.open_table(table).map_err(db_err)?;
+        t.remove(key).map_err(db_err)?;
+        Ok(())
     }
 
-    /// The record of layer `n`, which must exist.
-    pub(crate) fn require_layer(&self, n: u64) -> Result<LayerRecord> {
-        require_record(&self.txn.open_table(LAYERS).map_err(db_err)?, n)
-    }
-
-    /// Whether layer `n` has children.
-    pub(crate) fn has_children(&self, n: u64) -> Result<bool> {
-        has_children_in(&self.txn.open_table(CHILDREN).map_err(db_err)?, n)
-    }
+    lookups!();
 
     /// Writes the record of layer `n`.
     pub(crate) fn put_layer(&self, n: u64, rec: &LayerRecord) -> Result<()> {
-        let mut t = self.txn.open_table(LAYERS).map_err(db_err)?;
-        t.insert(n, rec.encode().as_slice()).map_err(db_err)?;
-        Ok(())
+        self.insert(LAYERS, n, rec.encode().as_slice())
     }
 
     /// Names layer `n` `(ns, name)`.
     pub(crate) fn put_name(&self, ns: &str, name: &str, n: u64) -> Result<()> {
-        let mut t = self.txn.open_table(NAMES).map_err(db_err)?;
-        t.insert((ns, name), n).map_err(db_err)?;
-        Ok(())
+        self.insert(NAMES, (ns, name), n)
     }
 
     /// Drops the name `(ns, name)`.
     pub(crate) fn remove_name(&self, ns: &str, name: &str) -> Result<()> {
-        let mut t = self.txn.open_table(NAMES).map_err(db_err)?;
-        t.remove((ns, name)).map_err(db_err)?;
-        Ok(())
+        self.remove(NAMES, (ns, name))
     }
 
     /// Records `child` as a child of `parent`.
     pub(crate) fn add_child(&self, parent: u64, child: u64) -> Result<()> {
-        let mut t = self.txn.open_table(CHILDREN).map_err(db_err)?;
-        t.insert((parent, child), ()).map_err(db_err)?;
-        Ok(())
+        self.insert(CHILDREN, (parent, child), ())
     }
 
     /// Drops every row of layer `n` (record, pending apply, child link to `parent`, stats); its name is
     /// dropped with [`Writer::remove_name`].
     pub(crate) fn remove_layer(&self, n: u64, parent: Option<u64>) -> Result<()> {
-        self.txn
-            .open_table(LAYERS)
-            .map_err(db_err)?
-            .remove(n)
-            .map_err(db_err)?;
+        self.remove(LAYERS, n)?;
         self.remove_pending(n)?;
         if let Some(p) = parent {
-            self.txn
-                .open_table(CHILDREN)
-                .map_err(db_err)?
-                .remove((p, n))
-                .map_err(db_err)?;
+            self.remove(CHILDREN, (p, n))?;
         }
-        self.txn
-            .open_table(STATS)
-            .map_err(db_err)?
-            .remove(n)
-            .map_err(db_err)?;
-        Ok(())
+        self.remove(STATS, n)
     }
 
     /// Records that layer `n` was removed: the proof, should a crash leave its storage behind, that the store
     /// may delete it.
     pub(crate) fn put_removed(&self, n: u64, at_ns: u64) -> Result<()> {
-        let mut t = self.txn.open_table(REMOVED).map_err(db_err)?;
-        t.insert(n, at_ns).map_err(db_err)?;
-        Ok(())
+        self.insert(REMOVED, n, at_ns)
     }
 
     /// Drops the removal proof of layer `n` (its storage is gone, durably).
     pub(crate) fn drop_removed(&self, n: u64) -> Result<()> {
-        let mut t = self.txn.open_table(REMOVED).map_err(db_err)?;
-        t.remove(n).map_err(db_err)?;
-        Ok(())
+        self.remove(REMOVED, n)
     }
 
     /// Records the data root id.
     pub(crate) fn set_root_id(&self, id: u64) -> Result<()> {
-        let mut meta = self.txn.open_table(META).map_err(db_err)?;
-        meta.insert(ROOT_ID_KEY, id).map_err(db_err)?;
-        Ok(())
+        self.insert(META, ROOT_ID_KEY, id)
     }
 
     /// Marks an apply of layer `n` into `staging/<staging>` as in progress.
     pub(crate) fn put_pending(&self, n: u64, staging: &str) -> Result<()> {
-        let mut t = self.txn.open_table(PENDING).map_err(db_err)?;
-        t.insert(n, staging).map_err(db_err)?;
-        Ok(())
+        self.insert(PENDING, n, staging)
     }
 
     /// Drops the in-progress mark of layer `n`.
     pub(crate) fn remove_pending(&self, n: u64) -> Result<()> {
-        let mut t = self.txn.open_table(PENDING).map_err(db_err)?;
-        t.remove(n).map_err(db_err)?;
-        Ok(())
+        self.remove(PENDING, n)
     }
 
     /// Raises the stored next layer number to at least `next`.
@@ -414,9 +395,7 @@ impl Writer {
 
     /// Records the format version.
     pub(crate) fn set_format(&self, v: u64) -> Result<()> {
-        let mut meta = self.txn.open_table(META).map_err(db_err)?;
-        meta.insert(FORMAT_KEY, v).map_err(db_err)?;
-        Ok(())
+        self.insert(META, FORMAT_KEY, v)
     }
 
     /// Format 1 -> 2: rewrites every layer record (timestamps in nanoseconds, plus an update time).

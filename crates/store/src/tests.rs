@@ -274,23 +274,13 @@ fn gc_removes_orphans_and_leftovers_and_keeps_recorded_layers() {
         },
     );
     // The periodic collection leaves a directory no record explains; an operator's takes it.
-    let periodic = s
-        .gc(&GcOptions {
-            dry_run: true,
-            ..GcOptions::default()
-        })
-        .unwrap();
+    let periodic = s.gc(&GcOptions::default().dry_run()).unwrap();
     assert!(!kinds(&periodic).contains(&GarbageKind::UnknownDir));
     let asked = GcOptions {
         unknown: true,
         ..GcOptions::default()
     };
-    let dry = s
-        .gc(&GcOptions {
-            dry_run: true,
-            ..asked.clone()
-        })
-        .unwrap();
+    let dry = s.gc(&asked.dry_run()).unwrap();
     let mut k = kinds(&dry);
     k.sort();
     assert_eq!(

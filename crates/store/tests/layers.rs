@@ -2,74 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::PathBuf;
 
-use lamina_archive::IdMappings;
 use lamina_store::{GarbageKind, GcOptions, LayerKind, OpenMode, Store, VerifyStatus};
 
-fn require_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root (mounts), and CI=true");
-    }
-    eprintln!("SKIPPED: {test} needs root (mounts)");
-    false
-}
-
-struct Root {
-    dir: tempfile::TempDir,
-}
-
-impl Root {
-    fn new() -> Root {
-        Root {
-            dir: tempfile::Builder::new()
-                .prefix("lamina-layers-test")
-                .tempdir_in("/var/tmp")
-                .unwrap(),
-        }
-    }
-    fn path(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        if let Ok(mounts) = lamina_sys::mount::mounts_under(self.dir.path()) {
-            for m in mounts {
-                let _ = lamina_sys::mount::unmount(&m, true);
-            }
-        }
-    }
-}
-
-fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_mtime(1_600_000_000);
-        h.set_entry_type(tar::EntryType::Regular);
-        b.append_data(&mut h, name, *data).unwrap();
-    }
-    b.into_inner().unwrap()
-}
-
-const NS: &str = "test";
-
-fn layer(s: &Store, name: &str, parent: Option<&str>, files: &[(&str, &[u8])]) -> u64 {
-    s.create(NS, name, parent, LayerKind::ReadOnly, BTreeMap::new())
-        .unwrap();
-    if !files.is_empty() {
-        s.apply(NS, name, &mut &tar_of(files)[..], &IdMappings::default())
-            .unwrap();
-    }
-    s.info(NS, name).unwrap().number
-}
+mod common;
+use common::*;
 
 #[test]
 fn counters_follow_get_put_and_survive_a_restart() {
@@ -226,12 +163,7 @@ fn gc_finds_and_removes_exactly_the_planted_garbage() {
 
     let s = Store::open_with(&root, OpenMode::Admin).unwrap();
     // Directories the metadata does not know are the operator's call: the periodic collection leaves them.
-    let periodic = s
-        .gc(&GcOptions {
-            dry_run: true,
-            ..GcOptions::default()
-        })
-        .unwrap();
+    let periodic = s.gc(&GcOptions::default().dry_run()).unwrap();
     assert!(
         periodic.items.iter().all(|g| g.kind != GarbageKind::UnknownDir),
         "{periodic:#?}"
@@ -240,12 +172,7 @@ fn gc_finds_and_removes_exactly_the_planted_garbage() {
         unknown: true,
         ..GcOptions::default()
     };
-    let dry = s
-        .gc(&GcOptions {
-            dry_run: true,
-            ..asked.clone()
-        })
-        .unwrap();
+    let dry = s.gc(&asked.dry_run()).unwrap();
     let mut kinds: Vec<(GarbageKind, String)> = dry
         .items
         .iter()

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,20 +11,7 @@ use std::time::{Duration, Instant};
 
 use lamina_store::{CreateOptions, GarbageKind, GcOptions, LayerKind, Store, StoreError};
 
-fn in_ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
-}
-
-fn require_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    if in_ci() {
-        panic!("{test} needs root (loop mounts), and CI=true");
-    }
-    eprintln!("\n******** SKIPPED: {test} needs root (loop mounts) ********\n");
-    false
-}
+use lamina_testkit::{is_quota_error, require_root, write_mb};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| {
@@ -119,26 +105,19 @@ fn btrfs_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("btrfs"))
 }
 
-fn opts(size: u64) -> CreateOptions {
-    CreateOptions {
+/// Creates the read-write layer `(ns, name)` on `parent` limited to `size` bytes.
+fn create_sized(
+    store: &Store,
+    ns: &str,
+    name: &str,
+    parent: Option<&str>,
+    size: u64,
+) -> Result<(), StoreError> {
+    let opts = CreateOptions {
         max_size: Some(size),
         ..CreateOptions::default()
-    }
-}
-
-/// Writes `mb` MiB of zeros into `path` and syncs; the first error.
-fn write_mb(path: &Path, mb: usize) -> std::io::Result<()> {
-    let mut f = fs::File::create(path)?;
-    let buf = vec![0u8; 1 << 20];
-    for _ in 0..mb {
-        f.write_all(&buf)?;
-    }
-    f.sync_all()
-}
-
-fn is_quota_error(e: &std::io::Error) -> bool {
-    use lamina_sys::fs::errno::{EDQUOT, ENOSPC};
-    matches!(e.raw_os_error(), Some(EDQUOT | ENOSPC))
+    };
+    store.create_with(ns, name, parent, LayerKind::ReadWrite, BTreeMap::new(), &opts)
 }
 
 fn subvolume_id(path: &Path) -> u64 {
@@ -198,27 +177,9 @@ fn btrfs_limit_is_enforced_and_removal_frees_subvolume_and_qgroup() {
     store
         .create(ns, "base", None, LayerKind::ReadOnly, BTreeMap::new())
         .unwrap();
-    let e = store
-        .create_with(
-            ns,
-            "tiny",
-            Some("base"),
-            LayerKind::ReadWrite,
-            BTreeMap::new(),
-            &opts(4096),
-        )
-        .unwrap_err();
+    let e = create_sized(&store, ns, "tiny", Some("base"), 4096).unwrap_err();
     assert!(matches!(e, StoreError::InvalidArgument(_)), "{e}");
-    store
-        .create_with(
-            ns,
-            "c1",
-            Some("base"),
-            LayerKind::ReadWrite,
-            BTreeMap::new(),
-            &opts(10 << 20),
-        )
-        .unwrap();
+    create_sized(&store, ns, "c1", Some("base"), 10 << 20).unwrap();
     store
         .create(ns, "free", Some("base"), LayerKind::ReadWrite, BTreeMap::new())
         .unwrap();
@@ -275,16 +236,7 @@ fn btrfs_commit_keeps_the_limit_and_gc_removes_leftover_subvolumes() {
     let lfs = LoopFs::new("btrfs", 400, "").expect("mount a loop-backed btrfs");
     let store = Store::open(&lfs.root()).unwrap();
     let ns = "containerd:q";
-    store
-        .create_with(
-            ns,
-            "active",
-            None,
-            LayerKind::ReadWrite,
-            BTreeMap::new(),
-            &opts(8 << 20),
-        )
-        .unwrap();
+    create_sized(&store, ns, "active", None, 8 << 20).unwrap();
     let diff = store.info(ns, "active").unwrap().diff_dir;
     write_mb(&diff.join("f"), 1).unwrap();
     let rec = store.commit(ns, "active", "frozen", BTreeMap::new()).unwrap();
@@ -296,16 +248,7 @@ fn btrfs_commit_keeps_the_limit_and_gc_removes_leftover_subvolumes() {
     let id = subvolume_id(diff.parent().unwrap());
     assert!(qgroups(&lfs.mnt).iter().any(|(g, _)| *g == format!("0/{id}")));
     // A child of the committed, limited layer mounts (lowers in another subvolume).
-    store
-        .create_with(
-            ns,
-            "child",
-            Some("frozen"),
-            LayerKind::ReadWrite,
-            BTreeMap::new(),
-            &opts(8 << 20),
-        )
-        .unwrap();
+    create_sized(&store, ns, "child", Some("frozen"), 8 << 20).unwrap();
     let m = store.get(ns, "child", "").unwrap();
     assert!(m.join("f").exists());
     store.put(ns, "child").unwrap();
@@ -361,16 +304,7 @@ fn ext4_refuses_a_size_and_leaves_nothing() {
     }
     let lfs = LoopFs::new("ext4", 64, "").expect("mount a loop-backed ext4");
     let store = Store::open(&lfs.root()).unwrap();
-    let e = store
-        .create_with(
-            "docker:q",
-            "c1",
-            None,
-            LayerKind::ReadWrite,
-            BTreeMap::new(),
-            &opts(10 << 20),
-        )
-        .unwrap_err();
+    let e = create_sized(&store, "docker:q", "c1", None, 10 << 20).unwrap_err();
     assert!(matches!(e, StoreError::QuotaUnsupported { .. }), "{e}");
     assert!(e.to_string().starts_with("quota not supported on ext4 ("), "{e}");
     assert!(!store.exists("docker:q", "c1").unwrap());
@@ -413,16 +347,7 @@ fn xfs_project_quota() {
     {
         let lfs = LoopFs::new("xfs", 320, "").expect("mount a loop-backed xfs without quota");
         let store = Store::open(&lfs.root()).unwrap();
-        let e = store
-            .create_with(
-                "docker:q",
-                "c1",
-                None,
-                LayerKind::ReadWrite,
-                BTreeMap::new(),
-                &opts(10 << 20),
-            )
-            .unwrap_err();
+        let e = create_sized(&store, "docker:q", "c1", None, 10 << 20).unwrap_err();
         assert!(e.to_string().starts_with("quota not supported on xfs ("), "{e}");
         assert!(e.to_string().contains("prjquota"), "{e}");
         assert!(fs::read_dir(lfs.root().join("layers")).unwrap().next().is_none());
@@ -463,16 +388,7 @@ fn xfs_project_quota() {
     store
         .create(ns, "base", None, LayerKind::ReadOnly, BTreeMap::new())
         .unwrap();
-    store
-        .create_with(
-            ns,
-            "c1",
-            Some("base"),
-            LayerKind::ReadWrite,
-            BTreeMap::new(),
-            &opts(10 << 20),
-        )
-        .unwrap();
+    create_sized(&store, ns, "c1", Some("base"), 10 << 20).unwrap();
     let info = store.info(ns, "c1").unwrap();
     let dir = fs::File::open(info.diff_dir.parent().unwrap()).unwrap();
     assert_eq!(

@@ -4,71 +4,13 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::path::PathBuf;
 
 use lamina_archive::IdMappings;
 use lamina_store::{LayerKind, LayerState, Store, StoreError};
 use redb::ReadableTable;
 
-fn require_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root (mounts), and CI=true");
-    }
-    eprintln!("SKIPPED: {test} needs root (mounts)");
-    false
-}
-
-struct Root {
-    dir: tempfile::TempDir,
-}
-
-impl Root {
-    fn new() -> Root {
-        // /var/tmp: a disk filesystem (overlay upper dirs need xattrs and d_type).
-        Root {
-            dir: tempfile::Builder::new()
-                .prefix("lamina-store-test")
-                .tempdir_in("/var/tmp")
-                .unwrap(),
-        }
-    }
-    fn path(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        if let Ok(mounts) = lamina_sys::mount::mounts_under(self.dir.path()) {
-            for m in mounts {
-                let _ = lamina_sys::mount::unmount(&m, true);
-            }
-        }
-    }
-}
-
-fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_mtime(1_600_000_000);
-        h.set_entry_type(tar::EntryType::Regular);
-        b.append_data(&mut h, name, *data).unwrap();
-    }
-    b.into_inner().unwrap()
-}
-
-const NS: &str = "test";
-
-fn create(s: &Store, name: &str, parent: Option<&str>) {
-    s.create(NS, name, parent, LayerKind::ReadOnly, BTreeMap::new())
-        .unwrap();
-}
+mod common;
+use common::*;
 
 #[test]
 fn create_remove_and_errors() {
@@ -124,13 +66,7 @@ fn get_put_refcount_and_stable_path() {
     let r = Root::new();
     let s = Store::open(&r.path()).unwrap();
     create(&s, "base", None);
-    s.apply(
-        NS,
-        "base",
-        &mut &tar_of(&[("etc/motd", b"hello\n")])[..],
-        &IdMappings::default(),
-    )
-    .unwrap();
+    apply_files(&s, "base", &[("etc/motd", b"hello\n")]);
     s.create(NS, "rw", Some("base"), LayerKind::ReadWrite, BTreeMap::new())
         .unwrap();
     let p1 = s.get(NS, "rw", "").unwrap();
@@ -168,13 +104,7 @@ fn chains_of_128_and_more_mount() {
         let name = format!("l{i}");
         create(&s, &name, parent.as_deref());
         let file = format!("f{i}");
-        s.apply(
-            NS,
-            &name,
-            &mut &tar_of(&[(file.as_str(), b"x")])[..],
-            &IdMappings::default(),
-        )
-        .unwrap();
+        apply_files(&s, &name, &[(file.as_str(), b"x")]);
         parent = Some(name);
     }
     for depth in [1usize, 10, 128, 501] {
@@ -240,13 +170,7 @@ fn restart_removes_orphans_and_keeps_live_mounts() {
     {
         let s = Store::open(&r.path()).unwrap();
         create(&s, "base", None);
-        s.apply(
-            NS,
-            "base",
-            &mut &tar_of(&[("keep", b"k")])[..],
-            &IdMappings::default(),
-        )
-        .unwrap();
+        apply_files(&s, "base", &[("keep", b"k")]);
         create(&s, "child", Some("base"));
         // Leave a live mount, a staging dir and a layer dir without a record, as a crash would.
         s.get(NS, "child", "").unwrap();
@@ -278,13 +202,7 @@ fn restart_rolls_back_an_apply_left_pending() {
     let (number, staging) = {
         let s = Store::open(&r.path()).unwrap();
         create(&s, "a", None);
-        s.apply(
-            NS,
-            "a",
-            &mut &tar_of(&[("half", b"h")])[..],
-            &IdMappings::default(),
-        )
-        .unwrap();
+        apply_files(&s, "a", &[("half", b"h")]);
         (
             s.info(NS, "a").unwrap().number,
             format!("{:x}-9", s.info(NS, "a").unwrap().number),
@@ -315,13 +233,7 @@ fn restart_rolls_back_an_apply_left_pending() {
     );
     assert_eq!(fs::read_dir(r.path().join("staging")).unwrap().count(), 0);
     // The retried apply succeeds.
-    s.apply(
-        NS,
-        "a",
-        &mut &tar_of(&[("full", b"f")])[..],
-        &IdMappings::default(),
-    )
-    .unwrap();
+    apply_files(&s, "a", &[("full", b"f")]);
     assert_eq!(fs::read(info.diff_dir.join("full")).unwrap(), b"f");
 }
 
@@ -486,8 +398,7 @@ fn commit_freezes_under_a_new_name_without_copying() {
 fn one_applied_layer(root: &std::path::Path, name: &str, data: &[u8]) -> String {
     let s = Store::open(root).unwrap();
     create(&s, name, None);
-    s.apply(NS, name, &mut &tar_of(&[("f", data)])[..], &IdMappings::default())
-        .unwrap();
+    apply_files(&s, name, &[("f", data)]);
     s.wait_sealed();
     format!("{:x}", s.info(NS, name).unwrap().number)
 }
@@ -551,13 +462,7 @@ fn an_older_database_keeps_known_layers_and_quarantines_the_rest_untouched() {
     let b = {
         let s = Store::open(&r.path()).unwrap();
         create(&s, "b", None);
-        s.apply(
-            NS,
-            "b",
-            &mut &tar_of(&[("f", b"new")])[..],
-            &IdMappings::default(),
-        )
-        .unwrap();
+        apply_files(&s, "b", &[("f", b"new")]);
         format!("{:x}", s.info(NS, "b").unwrap().number)
     };
     fs::rename(r.path().join("old.redb"), r.path().join("meta.redb")).unwrap();
@@ -658,8 +563,7 @@ fn a_record_whose_directories_never_reached_the_disk_starts_cleanly() {
     fs::remove_dir_all(b_dir.join("work")).unwrap();
     let s = Store::open(&r.path()).unwrap();
     assert_eq!(s.record(NS, "a").unwrap().0.state, LayerState::Empty);
-    s.apply(NS, "a", &mut &tar_of(&[("f", b"x")])[..], &IdMappings::default())
-        .unwrap();
+    apply_files(&s, "a", &[("f", b"x")]);
     assert_eq!(fs::read(dir.join("diff/f")).unwrap(), b"x");
     assert!(s.exists(NS, "b").unwrap());
 }

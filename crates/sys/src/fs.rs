@@ -542,27 +542,11 @@ pub fn set_xattr_at(dir: BorrowedFd<'_>, name: &[u8], key: &[u8], value: &[u8]) 
     )?)
 }
 
-fn list_with(mut f: impl FnMut(&mut [u8]) -> Result<usize, Errno>) -> io::Result<Vec<Vec<u8>>> {
-    let mut size = 256;
-    loop {
-        let mut buf = vec![0u8; size];
-        match f(&mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf
-                    .split(|&b| b == 0)
-                    .filter(|s| !s.is_empty())
-                    .map(<[u8]>::to_vec)
-                    .collect());
-            }
-            Err(Errno::RANGE) if size < (1 << 24) => size *= 4,
-            Err(Errno::NOTSUP) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-fn get_with(mut f: impl FnMut(&mut [u8]) -> Result<usize, Errno>) -> io::Result<Option<Vec<u8>>> {
+/// Calls `f` with a buffer grown until the value fits; `None` when `f` fails with one of the `absent` errors.
+fn read_growing(
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, Errno>,
+    absent: &[Errno],
+) -> io::Result<Option<Vec<u8>>> {
     let mut size = 256;
     loop {
         let mut buf = vec![0u8; size];
@@ -572,10 +556,23 @@ fn get_with(mut f: impl FnMut(&mut [u8]) -> Result<usize, Errno>) -> io::Result<
                 return Ok(Some(buf));
             }
             Err(Errno::RANGE) if size < (1 << 24) => size *= 4,
-            Err(Errno::NODATA) | Err(Errno::NOTSUP) => return Ok(None),
+            Err(e) if absent.contains(&e) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+fn list_with(f: impl FnMut(&mut [u8]) -> Result<usize, Errno>) -> io::Result<Vec<Vec<u8>>> {
+    let buf = read_growing(f, &[Errno::NOTSUP])?.unwrap_or_default();
+    Ok(buf
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect())
+}
+
+fn get_with(f: impl FnMut(&mut [u8]) -> Result<usize, Errno>) -> io::Result<Option<Vec<u8>>> {
+    read_growing(f, &[Errno::NODATA, Errno::NOTSUP])
 }
 
 /// Names of the xattrs of an open file or directory (empty when unsupported).

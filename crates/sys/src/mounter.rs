@@ -102,20 +102,16 @@ impl FakeMounter {
 
     /// Number of mount calls that succeeded so far.
     pub fn mount_count(&self) -> usize {
-        let st = self.state();
-        st.calls
-            .iter()
-            .filter(|c| matches!(c, MountCall::Mount { .. }))
-            .count()
+        self.count(|c| matches!(c, MountCall::Mount { .. }))
     }
 
     /// Number of effective unmounts so far.
     pub fn unmount_count(&self) -> usize {
-        let st = self.state();
-        st.calls
-            .iter()
-            .filter(|c| matches!(c, MountCall::Unmount { .. }))
-            .count()
+        self.count(|c| matches!(c, MountCall::Unmount { .. }))
+    }
+
+    fn count(&self, which: impl Fn(&MountCall) -> bool) -> usize {
+        self.state().calls.iter().filter(|c| which(c)).count()
     }
 
     /// Targets mounted now, in path order.

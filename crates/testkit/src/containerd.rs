@@ -369,24 +369,14 @@ impl Containerd {
         while tasks.iter().any(|&p| pid_alive(p)) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(50));
         }
-        if let Some(mut c) = self.child.take() {
-            if stop_child(&mut c, Duration::from_secs(15)).is_none() {
-                eprintln!("containerd had to be killed");
-            }
-        }
+        stop_owned_child(&mut self.child, Duration::from_secs(15), "containerd");
     }
 }
 
 impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
-        if thread::panicking() {
-            eprintln!(
-                "----- containerd log ({}) -----\n{}\n-----",
-                self.log.display(),
-                log_excerpt(&self.log)
-            );
-        }
+        print_log_if_panicking("containerd", &self.log);
         unmount_under(&self.dir);
     }
 }

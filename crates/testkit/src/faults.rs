@@ -8,14 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::reliability::{RawTar, Rng};
+use crate::snapshots::SnapshotApi;
 use crate::*;
-use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
-use lamina_snapshotter::tonic::transport::Channel;
-use pb::snapshots_client::SnapshotsClient;
 use serde_json::{json, Value};
 
 /// The snapshotter name used in requests.
-pub const SN: &str = "lamina";
+pub use crate::snapshots::SN;
 
 /// One `lamina serve` with the plugin socket, the snapshotter socket and volumes, started with or without
 /// armed fault points: a [`Lamina`] with its directories, sockets and clean-up.
@@ -137,31 +135,21 @@ impl Drop for Daemon {
     }
 }
 
-/// The snapshots API over the snapshotter socket.
+/// The snapshots API over the snapshotter socket, errors as text.
 pub struct Snap {
-    pub rt: tokio::runtime::Runtime,
-    pub client: SnapshotsClient<Channel>,
+    pub api: SnapshotApi,
 }
 
 impl Snap {
     pub fn connect(socket: &Path) -> Snap {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let client = rt
-            .block_on(lamina_snapshotter::client::connect(socket))
-            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-        Snap { rt, client }
+        Snap {
+            api: SnapshotApi::connect(socket),
+        }
     }
 
     pub fn prepare(&self, key: &str, parent: &str) -> Result<(), String> {
-        let req = pb::PrepareSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: Default::default(),
-        };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.prepare(req))
+        self.api
+            .prepare(key, parent)
             .map(|_| ())
             .map_err(|s| s.to_string())
     }
@@ -176,30 +164,13 @@ impl Snap {
         key: &str,
         labels: std::collections::HashMap<String, String>,
     ) -> Result<(), String> {
-        let req = pb::CommitSnapshotRequest {
-            snapshotter: SN.into(),
-            name: name.into(),
-            key: key.into(),
-            labels,
-            parent: String::new(),
-        };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.commit(req))
-            .map(|_| ())
+        self.api
+            .commit_with(name, key, labels, "")
             .map_err(|s| s.to_string())
     }
 
     pub fn remove(&self, key: &str) -> Result<(), String> {
-        let req = pb::RemoveSnapshotRequest {
-            snapshotter: SN.into(),
-            key: key.into(),
-        };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.remove(req))
-            .map(|_| ())
-            .map_err(|s| s.to_string())
+        self.api.remove(key).map_err(|s| s.to_string())
     }
 }
 
@@ -225,22 +196,15 @@ pub fn make_tar(rng: &mut Rng, big: bool) -> (Vec<u8>, BTreeMap<String, Vec<u8>>
 
 /// Regular files below `dir`, relative names → content.
 pub fn files_in(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            let ft = e.file_type().unwrap();
-            if ft.is_dir() {
-                stack.push(p);
-            } else if ft.is_file() {
-                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
-                out.insert(rel, fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
+    walk(dir)
+        .into_iter()
+        .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+        .map(|p| {
+            let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+            let data = fs::read(&p).unwrap();
+            (rel, data)
+        })
+        .collect()
 }
 
 pub fn names_in(dir: &Path) -> BTreeSet<String> {

@@ -10,8 +10,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::{
-    lamina_bin, log_excerpt, log_lines, signal, stop_child, tail, unmount_under, wait_timeout, PluginClient,
-    TestDir, PLUGIN_DIR,
+    lamina_bin, log_lines, print_log_if_panicking, signal, stop_child, stop_owned_child, tail, unmount_under,
+    wait_timeout, PluginClient, TestDir, PLUGIN_DIR,
 };
 
 /// The value of `--socket` / `--snapshotter-socket` that serves nothing.
@@ -325,19 +325,9 @@ impl Lamina {
 
 impl Drop for Lamina {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if stop_child(&mut c, Duration::from_secs(10)).is_none() {
-                eprintln!("lamina {} had to be killed", self.name);
-            }
-        }
-        if thread::panicking() {
-            eprintln!(
-                "----- lamina {} log ({}) -----\n{}\n-----",
-                self.name,
-                self.log.display(),
-                log_excerpt(&self.log)
-            );
-        }
+        let what = format!("lamina {}", self.name);
+        stop_owned_child(&mut self.child, Duration::from_secs(10), &what);
+        print_log_if_panicking(&what, &self.log);
         unmount_under(&self.data_root);
         for s in self.sockets() {
             if fs::symlink_metadata(s).is_ok_and(|m| m.file_type().is_socket()) {

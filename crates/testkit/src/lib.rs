@@ -29,6 +29,7 @@ mod loopfs;
 pub mod moosefs;
 pub mod plugin;
 pub mod reliability;
+pub mod snapshots;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -298,39 +299,9 @@ fn sweep_stale() {
     });
 }
 
-/// Decodes the octal escapes (`\040`) of /proc/self/mountinfo fields.
-fn unescape_mountinfo(field: &str) -> PathBuf {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
-        {
-            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    PathBuf::from(OsStr::from_bytes(&out))
-}
-
 /// Mount points at or below `dir`, deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut v: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    v.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    v.dedup();
-    v
+    lamina_sys::mount::mounts_under(dir).unwrap_or_default()
 }
 
 /// Lazily unmounts everything mounted at or below `dir`.
@@ -402,6 +373,26 @@ pub fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     let _ = child.kill();
     let _ = child.wait();
     None
+}
+
+/// [`stop_child`] on the child in `child`, if any, saying so when `what` had to be killed.
+pub fn stop_owned_child(child: &mut Option<Child>, grace: Duration, what: &str) {
+    if let Some(mut c) = child.take() {
+        if stop_child(&mut c, grace).is_none() {
+            eprintln!("{what} had to be killed");
+        }
+    }
+}
+
+/// While a test panics, prints the end of `what`'s log for the failure report.
+pub fn print_log_if_panicking(what: &str, log: &Path) {
+    if thread::panicking() {
+        eprintln!(
+            "----- {what} log ({}) -----\n{}\n-----",
+            log.display(),
+            log_excerpt(log)
+        );
+    }
 }
 
 /// PIDs (other than ours) whose command line mentions `dir`: containerd, shims, daemons of that test.
@@ -811,19 +802,9 @@ impl Dockerd {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if stop_child(&mut c, Duration::from_secs(30)).is_none() {
-                eprintln!("dockerd -s {} had to be killed", self.driver);
-            }
-        }
-        if thread::panicking() {
-            eprintln!(
-                "----- dockerd -s {} log ({}) -----\n{}\n-----",
-                self.driver,
-                self.log.display(),
-                log_excerpt(&self.log)
-            );
-        }
+        let what = format!("dockerd -s {}", self.driver);
+        stop_owned_child(&mut self.child, Duration::from_secs(30), &what);
+        print_log_if_panicking(&what, &self.log);
         // containerd, shims and containers of this daemon, then mounts (TestDir's drop does the rest).
         for d in [&self.run, &self.dir] {
             kill_pids_referencing(d);
@@ -890,6 +871,37 @@ fn elf_has_interpreter(elf: &[u8]) -> bool {
     })
 }
 
+/// Writes `mb` MiB of zeros to a new file at `path` and syncs it: the write error is what a size limit answers.
+pub fn write_mb(path: &Path, mb: usize) -> std::io::Result<()> {
+    let mut f = fs::File::create(path)?;
+    let buf = vec![0u8; 1 << 20];
+    for _ in 0..mb {
+        f.write_all(&buf)?;
+    }
+    f.sync_all()
+}
+
+/// Whether `e` is what a quota answers: EDQUOT or ENOSPC.
+pub fn is_quota_error(e: &std::io::Error) -> bool {
+    use lamina_sys::fs::errno::{EDQUOT, ENOSPC};
+    matches!(e.raw_os_error(), Some(EDQUOT | ENOSPC))
+}
+
+/// Tars the contents of `dir` into `tarball` with the `tar` CLI, every entry owned by 0:0.
+pub fn tar_dir(dir: &Path, tarball: &Path) {
+    run_ok(
+        Command::new("tar")
+            .arg("--numeric-owner")
+            .arg("--owner=0")
+            .arg("--group=0")
+            .arg("-C")
+            .arg(dir)
+            .arg("-cf")
+            .arg(tarball)
+            .arg("."),
+    );
+}
+
 /// Builds a busybox rootfs, tars it with the `tar` CLI and `docker import`s it as `tag`. Returns the image id.
 pub fn busybox_image(docker: &Dockerd, tag: &str) -> String {
     let safe: String = tag
@@ -900,17 +912,7 @@ pub fn busybox_image(docker: &Dockerd, tag: &str) -> String {
     let tarball = docker.dir().join(format!("bb-{safe}.tar"));
     if !tarball.exists() {
         busybox_rootfs(&rootfs);
-        run_ok(
-            Command::new("tar")
-                .arg("--numeric-owner")
-                .arg("--owner=0")
-                .arg("--group=0")
-                .arg("-C")
-                .arg(&rootfs)
-                .arg("-cf")
-                .arg(&tarball)
-                .arg("."),
-        );
+        tar_dir(&rootfs, &tarball);
         let _ = fs::remove_dir_all(&rootfs);
     }
     docker.ok(&[
