@@ -181,12 +181,17 @@ impl Store {
         quarantine_unknown: bool,
     ) -> Result<u64> {
         let file_id = custody::read_identity(&self.root)?;
-        let stored = self.backend.stored()?;
         let foreign = match (db_id, file_id) {
             (Some(d), Some(f)) if d != f => Some((d, f)),
             _ => None,
         };
-        if stored > 0 && (fresh || foreign.is_some()) {
+        // The storage is counted only when the database is in doubt: a normal start reads `layers/` once.
+        let stored = if fresh || foreign.is_some() {
+            self.backend.stored()?
+        } else {
+            0
+        };
+        if stored > 0 {
             if !quarantine_unknown {
                 let what = match foreign {
                     Some((d, f)) => format!(
