@@ -949,18 +949,20 @@ mod tests {
         )
     }
 
+    // Deadlines far above anything these in-memory reads take, also on a loaded machine: these tests are about
+    // parsing, and a 1 s deadline once turned a descheduled thread into a "too slow" answer.
     const LIMITS: HeadLimits = HeadLimits {
         max_headers: 8,
-        idle_timeout: Duration::from_secs(1),
-        head_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(30),
+        head_timeout: Duration::from_secs(30),
     };
 
     fn body_of(c: &mut Conn<NoTimeouts<Mem>>, framing: Framing) -> io::Result<Vec<u8>> {
         let mut b = Body::new(
             c,
             framing,
-            Deadline::PerRead(Duration::from_secs(1)),
-            Duration::from_secs(1),
+            Deadline::PerRead(Duration::from_secs(30)),
+            Duration::from_secs(30),
         );
         let mut out = Vec::new();
         b.read_to_end(&mut out)?;
