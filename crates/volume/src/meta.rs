@@ -1,31 +1,21 @@
 //! Per-host bookkeeping in redb (`<data root>/volumes/meta.redb`): mount counts per (volume, mount ID),
 //! and a cache of the volumes seen, used to answer `Get`/`List` while a cluster is unreachable.
 //!
-//! redb refuses every transaction after one of its writes failed (`PreviousIo`). [`Bookkeeping`] reopens
-//! the file at the next transaction after an I/O error (redb's recovery then returns the last committed
-//! state), so a full disk or a transient write error costs the calls that hit it, not every later call until
-//! a restart. A file that cannot be opened for writing (read-only filesystem) is not reopened: the old
-//! handle keeps serving reads and writes fail with the cause.
+//! redb refuses every transaction after one of its writes failed (`PreviousIo`). The handle is
+//! `lamina_metadb::Db`, shared with the layer store: it reopens the file at the next transaction after an I/O
+//! error (redb's recovery then returns the last committed state), so a full disk or a transient write error
+//! costs the calls that hit it, not every later call until a restart. A file that cannot be opened for writing
+//! (read-only filesystem) is not reopened: the old handle keeps serving reads and writes fail with the cause.
 
 use std::collections::BTreeMap;
-use std::ops::Deref;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
-    TransactionError, WriteTransaction,
-};
+use lamina_metadb::{Db, ReadTxn, WriteTxn};
+use redb::{ReadableTable, StorageError, TableDefinition};
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
 
 use crate::error::VolumeError;
 use crate::options::BackendKind;
-
-/// How long a reopen waits for transactions still open on the failed handle.
-const DRAIN: Duration = Duration::from_secs(10);
 
 /// Format version of `meta.redb`; see docs/on-disk-format.md.
 pub const FORMAT_VERSION: u64 = 1;
@@ -82,68 +72,27 @@ impl VolumeRecord {
     }
 }
 
-/// The database (see the module documentation).
-#[derive(Debug)]
+/// The database (see the module documentation), reopened after an I/O failure by `lamina-metadb`.
 pub struct Bookkeeping {
-    path: PathBuf,
-    current: RwLock<Option<Arc<Database>>>,
-    /// I/O errors seen by operations on this database.
-    failures: AtomicU64,
-    /// `failures` when the handle was (re)opened: a difference means the handle must be reopened.
-    seen: AtomicU64,
+    db: Db,
 }
 
-/// A write transaction; keeps its database handle alive (a reopen waits for it).
-struct WriteTxn {
-    txn: WriteTransaction,
-    _db: Arc<Database>,
-}
-
-/// A read transaction; keeps its database handle alive (a reopen waits for it).
-struct ReadTxn {
-    txn: ReadTransaction,
-    _db: Arc<Database>,
-}
-
-impl Deref for WriteTxn {
-    type Target = WriteTransaction;
-    fn deref(&self) -> &WriteTransaction {
-        &self.txn
+impl std::fmt::Debug for Bookkeeping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bookkeeping").finish_non_exhaustive()
     }
-}
-
-impl Deref for ReadTxn {
-    type Target = ReadTransaction;
-    fn deref(&self) -> &ReadTransaction {
-        &self.txn
-    }
-}
-
-impl WriteTxn {
-    fn commit(self) -> Result<(), redb::CommitError> {
-        self.txn.commit()
-    }
-}
-
-fn previous_io(e: &TransactionError) -> bool {
-    matches!(e, TransactionError::Storage(StorageError::PreviousIo))
 }
 
 impl Bookkeeping {
     /// Opens or creates the database; refuses a newer format.
     pub fn open(path: &Path) -> Result<Self, VolumeError> {
-        let db = Database::create(path).map_err(|e| match e {
+        let db = Db::open(path).map_err(|e| match e {
             redb::DatabaseError::Storage(StorageError::Io(source)) => {
                 VolumeError::io(format!("opening {}", path.display()), source)
             }
             e => VolumeError::CorruptMetadata(format!("volume database {}: {e}", path.display())),
         })?;
-        let b = Bookkeeping {
-            path: path.to_path_buf(),
-            current: RwLock::new(Some(Arc::new(db))),
-            failures: AtomicU64::new(0),
-            seen: AtomicU64::new(0),
-        };
+        let b = Bookkeeping { db };
         b.init()?;
         Ok(b)
     }
@@ -176,11 +125,11 @@ impl Bookkeeping {
     fn db_err(&self, e: impl Into<redb::Error>) -> VolumeError {
         match e.into() {
             redb::Error::Io(source) => {
-                self.failures.fetch_add(1, Ordering::SeqCst);
+                lamina_metadb::note_io_failure();
                 VolumeError::io("volume database", source)
             }
             redb::Error::PreviousIo => {
-                self.failures.fetch_add(1, Ordering::SeqCst);
+                lamina_metadb::note_io_failure();
                 VolumeError::io(
                     "volume database",
                     std::io::Error::other(
@@ -192,108 +141,12 @@ impl Bookkeeping {
         }
     }
 
-    fn handle(&self) -> Result<Arc<Database>, VolumeError> {
-        let failures = self.failures.load(Ordering::SeqCst);
-        if self.seen.load(Ordering::SeqCst) == failures {
-            if let Some(db) = self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                return Ok(db.clone());
-            }
-        }
-        self.reopen(failures)
-    }
-
-    /// Drops the failed handle once no transaction uses it any more, and opens the file again.
-    fn reopen(&self, failures: u64) -> Result<Arc<Database>, VolumeError> {
-        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
-        if self.seen.load(Ordering::SeqCst) == failures {
-            if let Some(db) = cur.as_ref() {
-                return Ok(db.clone()); // another thread reopened meanwhile
-            }
-        }
-        // A file that cannot be written (read-only filesystem) cannot be reopened: keep the old handle, which
-        // still serves reads; writes fail with the cause until the filesystem is writable again.
-        if let Err(e) = std::fs::OpenOptions::new().write(true).open(&self.path) {
-            return match cur.as_ref() {
-                Some(db) => Ok(db.clone()),
-                None => Err(VolumeError::io(format!("opening {}", self.path.display()), e)),
-            };
-        }
-        let deadline = Instant::now() + DRAIN;
-        if let Some(mut old) = cur.take() {
-            loop {
-                match Arc::try_unwrap(old) {
-                    Ok(db) => {
-                        drop(db);
-                        break;
-                    }
-                    Err(still) if Instant::now() < deadline => {
-                        old = still;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(still) => {
-                        *cur = Some(still);
-                        return Err(VolumeError::io(
-                            "volume database",
-                            std::io::Error::other(
-                                "an earlier write failed and transactions still use the database",
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        match Database::create(&self.path) {
-            Ok(db) => {
-                info!(path = %self.path.display(), "volume database reopened after an I/O error");
-                let db = Arc::new(db);
-                *cur = Some(db.clone());
-                self.seen.store(failures, Ordering::SeqCst);
-                Ok(db)
-            }
-            Err(e) => {
-                warn!(path = %self.path.display(), error = %e, "reopening the volume database failed; retried at the next call");
-                Err(self.db_err(e))
-            }
-        }
-    }
-
-    /// Drops `failed` as the current handle (a transaction on it reported `PreviousIo`).
-    fn drop_handle(&self, failed: &Arc<Database>) {
-        self.failures.fetch_add(1, Ordering::SeqCst);
-        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
-        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
-            *cur = None;
-        }
-    }
-
     fn begin_write(&self) -> Result<WriteTxn, VolumeError> {
-        let db = self.handle()?;
-        match db.begin_write() {
-            Ok(txn) => Ok(WriteTxn { txn, _db: db }),
-            Err(e) if previous_io(&e) => {
-                self.drop_handle(&db);
-                drop(db);
-                let db = self.handle()?;
-                let txn = db.begin_write().map_err(|e| self.db_err(e))?;
-                Ok(WriteTxn { txn, _db: db })
-            }
-            Err(e) => Err(self.db_err(e)),
-        }
+        self.db.begin_write().map_err(|e| self.db_err(e))
     }
 
     fn begin_read(&self) -> Result<ReadTxn, VolumeError> {
-        let db = self.handle()?;
-        match db.begin_read() {
-            Ok(txn) => Ok(ReadTxn { txn, _db: db }),
-            Err(e) if previous_io(&e) => {
-                self.drop_handle(&db);
-                drop(db);
-                let db = self.handle()?;
-                let txn = db.begin_read().map_err(|e| self.db_err(e))?;
-                Ok(ReadTxn { txn, _db: db })
-            }
-            Err(e) => Err(self.db_err(e)),
-        }
+        self.db.begin_read().map_err(|e| self.db_err(e))
     }
 
     /// Adds one count for `(name, id)`; returns the volume's new total.
@@ -513,7 +366,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.redb");
         {
-            let db = Database::create(&p).unwrap();
+            let db = redb::Database::create(&p).unwrap();
             let txn = db.begin_write().unwrap();
             txn.open_table(META)
                 .unwrap()
