@@ -50,17 +50,6 @@ fn ok_within(d: &Dockerd, args: &[&str], limit: Duration) -> String {
     }
 }
 
-fn docker_err(d: &Dockerd, args: &[&str]) -> String {
-    let out = d.docker(args);
-    assert!(
-        !out.status.success(),
-        "`docker {}` should have failed; stdout: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 /// A plugin name unique to this test run, with its tag (dockerd stores it tag-qualified).
 fn plugin_name(base: &str) -> String {
     format!("{}:latest", unique_name(base))
@@ -135,7 +124,7 @@ fn v2_plugin_as_graphdriver() {
     assert!(diff.contains("A /etc/motd"), "{diff}");
 
     // A plugin in use as the storage driver cannot be disabled.
-    let err = docker_err(&d, &["plugin", "disable", &plugin.name]);
+    let err = d.fails(&["plugin", "disable", &plugin.name]);
     assert!(err.contains("in use"), "disable while in use: {err}");
 
     // commit
@@ -277,7 +266,7 @@ fn v2_plugin_as_volume_driver() {
     );
 
     // disable / enable keeps the volume and its data.
-    let err = docker_err(&d, &["plugin", "disable", &plugin.name]);
+    let err = d.fails(&["plugin", "disable", &plugin.name]);
     assert!(err.contains("in use"), "disable with a volume: {err}");
     d.ok(&["plugin", "disable", "-f", &plugin.name]);
     assert!(plugin.pids().is_empty(), "plugin still running after disable");

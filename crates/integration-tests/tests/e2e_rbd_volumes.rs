@@ -18,25 +18,6 @@ use serde_json::json;
 const ID1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 const ID2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
-/// `POST /VolumeDriver.<method>` like dockerd.
-fn vcall(c: &PluginClient, method: &str, json: serde_json::Value) -> HttpResponse {
-    let mut body = serde_json::to_vec(&json).unwrap();
-    body.push(b'\n');
-    let path = format!("/VolumeDriver.{method}");
-    c.post_raw(&path, &body)
-        .unwrap_or_else(|e| panic!("{path}: transport error {e}"))
-}
-
-fn is_mounted(p: &Path) -> bool {
-    mounts_under(p).iter().any(|m| m == p)
-}
-
-fn docker_err(d: &Dockerd, args: &[&str]) -> String {
-    let out = d.docker(args);
-    assert!(!out.status.success(), "`docker {}` should fail", args.join(" "));
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 /// One dockerd+lamina pair on the cluster.
 struct Host {
     docker: Dockerd,
@@ -133,7 +114,7 @@ fn rbd_volumes_two_hosts() {
     let h2 = host("rbd2", "host2", &cluster);
     let (c1, c2) = (h1.lamina.client(), h2.lamina.client());
     let pool = cluster.pool.clone();
-    let caps = vcall(&c1, "Capabilities", json!({})).ok("Capabilities");
+    let caps = c1.volume_call("Capabilities", json!({})).ok("Capabilities");
     assert_eq!(caps, json!({"Capabilities": {"Scope": "global"}}));
 
     // Bad options: classed, nothing created.
@@ -155,11 +136,14 @@ fn rbd_volumes_two_hosts() {
         ),
         (json!({"quota": "1G"}), "unsupported", "-o size="),
     ] {
-        let e =
-            vcall(&c1, "Create", json!({"Name": "bad", "Opts": opts})).expect_err(&format!("{opts}"), class);
+        let e = c1
+            .volume_call("Create", json!({"Name": "bad", "Opts": opts}))
+            .expect_err(&format!("{opts}"), class);
         assert!(e.contains(want), "{opts}: {e}");
     }
-    let e = vcall(&c1, "Create", json!({"Name": "a@b"})).expect_err("image name", "invalid argument");
+    let e = c1
+        .volume_call("Create", json!({"Name": "a@b"}))
+        .expect_err("image name", "invalid argument");
     assert!(e.contains("cannot name an RBD image"), "{e}");
     assert_eq!(cluster.images(&pool), Vec::<String>::new());
 
@@ -190,7 +174,8 @@ fn rbd_volumes_two_hosts() {
     h2.docker.ok(&[
         "volume", "create", "-d", &d2, "-o", "size=96M", "-o", "fs=ext4", "v1",
     ]);
-    let e = vcall(&c2, "Create", json!({"Name": "v1", "Opts": {"size": "1G"}}))
+    let e = c2
+        .volume_call("Create", json!({"Name": "v1", "Opts": {"size": "1G"}}))
         .expect_err("Create with other settings", "already exists");
     assert!(e.contains("size 100663296, fs ext4"), "{e}");
     let v = h2.docker.ok(&["volume", "inspect", "v1"]);
@@ -230,15 +215,21 @@ fn rbd_volumes_two_hosts() {
     assert_eq!(locks.len(), 1);
     assert_eq!(locks[0].0, "lamina:host1");
     let t = Instant::now();
-    let e = vcall(&c2, "Mount", json!({"Name": "v1", "ID": ID1})).expect_err("Mount on host 2", "in use");
+    let e = c2
+        .volume_call("Mount", json!({"Name": "v1", "ID": ID1}))
+        .expect_err("Mount on host 2", "in use");
     assert!(e.contains("mounted on host \"host1\""), "{e}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert!(!is_mounted(&h2.mount_base.join("v1")));
-    let e = docker_err(&h2.docker, &["run", "--rm", "-v", "v1:/data", &img2, "true"]);
+    let e = h2.docker.fails(&["run", "--rm", "-v", "v1:/data", &img2, "true"]);
     assert!(e.contains("in use") && e.contains("host1"), "{e}");
-    let e = vcall(&c2, "Remove", json!({"Name": "v1"})).expect_err("Remove on host 2", "in use");
+    let e = c2
+        .volume_call("Remove", json!({"Name": "v1"}))
+        .expect_err("Remove on host 2", "in use");
     assert!(e.contains("host1"), "{e}");
-    let e = vcall(&c1, "Remove", json!({"Name": "v1"})).expect_err("Remove on host 1", "in use");
+    let e = c1
+        .volume_call("Remove", json!({"Name": "v1"}))
+        .expect_err("Remove on host 1", "in use");
     assert!(e.contains("mounted on this host"), "{e}");
 
     // lamina on host 1 killed with the volume mounted: the container keeps it, a new lamina takes it over.
@@ -246,11 +237,15 @@ fn rbd_volumes_two_hosts() {
     assert!(pid_alive(att1.0), "rbd-fuse outlives lamina");
     h1.lamina.start_again();
     assert_eq!(h1.docker.ok(&["exec", "c1", "cat", "/data/msg"]), "from-host-1");
-    let g = vcall(&c1, "Get", json!({"Name": "v1"})).ok("Get after restart");
+    let g = c1
+        .volume_call("Get", json!({"Name": "v1"}))
+        .ok("Get after restart");
     assert_eq!(g["Volume"]["Status"]["Mounts"], "1", "{g}");
     assert_eq!(g["Volume"]["Status"]["MountedOn"], "host1", "{g}");
-    vcall(&c1, "Mount", json!({"Name": "v1", "ID": ID2})).ok("Mount of a mounted volume");
-    vcall(&c1, "Unmount", json!({"Name": "v1", "ID": ID2})).ok("Unmount");
+    c1.volume_call("Mount", json!({"Name": "v1", "ID": ID2}))
+        .ok("Mount of a mounted volume");
+    c1.volume_call("Unmount", json!({"Name": "v1", "ID": ID2}))
+        .ok("Unmount");
     h1.docker
         .ok(&["exec", "c1", "sh", "-c", "echo again >> /data/msg"]);
     h1.docker.ok(&["rm", "-f", "c1"]);
@@ -266,15 +261,16 @@ fn rbd_volumes_two_hosts() {
 
     // Plugin-level timings on host 2, and an xfs volume.
     let t = Instant::now();
-    vcall(
-        &c2,
+    c2.volume_call(
         "Create",
         json!({"Name": "x1", "Opts": {"fs": "xfs", "size": "320M"}}),
     )
     .ok("Create xfs");
     let t_create_xfs = t.elapsed();
     let t = Instant::now();
-    let m = vcall(&c2, "Mount", json!({"Name": "x1", "ID": ID1})).ok("Mount xfs");
+    let m = c2
+        .volume_call("Mount", json!({"Name": "x1", "ID": ID1}))
+        .ok("Mount xfs");
     let t_mount = t.elapsed();
     let mp = PathBuf::from(m["Mountpoint"].as_str().unwrap());
     fs::write(mp.join("f"), b"xfs data").unwrap();
@@ -284,27 +280,30 @@ fn rbd_volumes_two_hosts() {
     );
     let att2 = attachment(&h2.lamina, "x1");
     let t = Instant::now();
-    vcall(&c2, "Unmount", json!({"Name": "x1", "ID": ID1})).ok("Unmount xfs");
+    c2.volume_call("Unmount", json!({"Name": "x1", "ID": ID1}))
+        .ok("Unmount xfs");
     let t_unmount = t.elapsed();
     assert_released(&h2, "x1", &att2);
     // Same request again: no error; other settings: already exists.
-    vcall(
-        &c1,
+    c1.volume_call(
         "Create",
         json!({"Name": "x1", "Opts": {"fs": "xfs", "size": "320M"}}),
     )
     .ok("Create again");
-    let e = vcall(&c1, "Create", json!({"Name": "x1", "Opts": {"size": "1G"}}))
+    let e = c1
+        .volume_call("Create", json!({"Name": "x1", "Opts": {"size": "1G"}}))
         .expect_err("Create with other settings", "already exists");
     assert!(e.contains("size 335544320, fs xfs"), "{e}");
     let t = Instant::now();
-    vcall(&c1, "Remove", json!({"Name": "x1"})).ok("Remove xfs");
+    c1.volume_call("Remove", json!({"Name": "x1"})).ok("Remove xfs");
     let t_remove = t.elapsed();
 
     // Remove through dockerd: the pool is empty again.
     h1.docker.ok(&["volume", "rm", "v1"]);
     assert_eq!(cluster.images(&pool), Vec::<String>::new());
-    let e = vcall(&c2, "Get", json!({"Name": "v1"})).expect_err("Get removed", "not found");
+    let e = c2
+        .volume_call("Get", json!({"Name": "v1"}))
+        .expect_err("Get removed", "not found");
     assert!(e.contains("does not exist"), "{e}");
     let ls = h2.docker.ok(&["volume", "ls", "-q"]);
     assert!(!ls.lines().any(|l| l == "v1"), "{ls}");
@@ -316,22 +315,29 @@ fn rbd_volumes_two_hosts() {
 
     // The cluster stopped: classed errors well within dockerd's timeouts; Get of a known volume answers from
     // the cache.
-    vcall(&c1, "Create", json!({"Name": "known", "Opts": {}})).ok("Create before the stop");
-    vcall(&c1, "Get", json!({"Name": "known"})).ok("Get before the stop");
+    c1.volume_call("Create", json!({"Name": "known", "Opts": {}}))
+        .ok("Create before the stop");
+    c1.volume_call("Get", json!({"Name": "known"}))
+        .ok("Get before the stop");
     cluster.kill();
     let t = Instant::now();
-    let e = vcall(&c2, "Create", json!({"Name": "while-down", "Opts": {}}))
+    let e = c2
+        .volume_call("Create", json!({"Name": "while-down", "Opts": {}}))
         .expect_err("Create with the cluster down", "backend unavailable");
     assert!(e.contains("unreachable"), "{e}");
-    let e = vcall(&c1, "Mount", json!({"Name": "known", "ID": ID1}))
+    let e = c1
+        .volume_call("Mount", json!({"Name": "known", "ID": ID1}))
         .expect_err("Mount with the cluster down", "backend unavailable");
     assert!(e.contains("unreachable"), "{e}");
-    let e = vcall(&c1, "Remove", json!({"Name": "known"}))
+    let e = c1
+        .volume_call("Remove", json!({"Name": "known"}))
         .expect_err("Remove with the cluster down", "backend unavailable");
     assert!(e.contains("unreachable"), "{e}");
     let took = t.elapsed();
     assert!(took < Duration::from_secs(40), "three errors took {took:?}");
-    let g = vcall(&c1, "Get", json!({"Name": "known"})).ok("Get from the cache");
+    let g = c1
+        .volume_call("Get", json!({"Name": "known"}))
+        .ok("Get from the cache");
     assert!(
         g["Volume"]["Status"]["State"]
             .as_str()
@@ -408,11 +414,13 @@ fn rbd_volumes_kill9_mid_operation() {
         "the restart released the lock"
     );
     let c = l.client();
-    let listed = vcall(&c, "List", json!({})).ok("List");
+    let listed = c.volume_call("List", json!({})).ok("List");
     assert_eq!(listed["Volumes"], json!([]), "a half-made volume is not listed");
-    vcall(&c, "Get", json!({"Name": "k1"})).expect_err("Get half-made", "not found");
-    vcall(&c, "Create", json!({"Name": "k1", "Opts": {}})).ok("Create after the interrupted one");
-    vcall(&c, "Get", json!({"Name": "k1"})).ok("Get");
+    c.volume_call("Get", json!({"Name": "k1"}))
+        .expect_err("Get half-made", "not found");
+    c.volume_call("Create", json!({"Name": "k1", "Opts": {}}))
+        .ok("Create after the interrupted one");
+    c.volume_call("Get", json!({"Name": "k1"})).ok("Get");
 
     // Killed after the attachment, before the bind mount: the count is recorded, so the restart completes it.
     restart(&mut l, Some("volume.rbd.mount.attached=kill"));
@@ -426,7 +434,9 @@ fn rbd_volumes_kill9_mid_operation() {
     let att = attachment(&l, "k1");
     restart(&mut l, None);
     let c = l.client();
-    let p = vcall(&c, "Path", json!({"Name": "k1"})).ok("Path after the restart");
+    let p = c
+        .volume_call("Path", json!({"Name": "k1"}))
+        .ok("Path after the restart");
     let mp = mount_base.join("k1");
     assert_eq!(p["Mountpoint"], mp.display().to_string());
     assert_eq!(
@@ -435,7 +445,8 @@ fn rbd_volumes_kill9_mid_operation() {
         "the attachment was taken over, not made again"
     );
     fs::write(mp.join("f"), b"after restart").unwrap();
-    vcall(&c, "Unmount", json!({"Name": "k1", "ID": ID1})).ok("Unmount");
+    c.volume_call("Unmount", json!({"Name": "k1", "ID": ID1}))
+        .ok("Unmount");
     let gone = poll(Duration::from_secs(10), || (!pid_alive(att.0)).then_some(()));
     assert!(gone.is_some(), "rbd-fuse {} still runs", att.0);
     assert!(!loop_backing(&att.1).is_some_and(|b| b.starts_with(&root)));
@@ -443,7 +454,7 @@ fn rbd_volumes_kill9_mid_operation() {
     assert!(!is_mounted(&mp));
     assert!(cluster.locks(&pool, "lamina-vol-k1").is_empty());
     // on_remove = "trash": the image goes to the pool's trash.
-    vcall(&c, "Remove", json!({"Name": "k1"})).ok("Remove");
+    c.volume_call("Remove", json!({"Name": "k1"})).ok("Remove");
     assert_eq!(cluster.images(&pool), Vec::<String>::new());
     let trash = cluster.rbd_ok(&["trash", "ls", "--format", "json", &pool]);
     assert!(trash.contains("\"lamina-vol-k1\""), "{trash}");
@@ -462,13 +473,15 @@ fn rbd_volumes_pool_missing_and_quota() {
     let (l, mount_base) = lamina_on_pool("rbdq", "hostq", &cluster, "vols");
     let c = l.client();
     let t = Instant::now();
-    let e = vcall(&c, "Create", json!({"Name": "q1", "Opts": {}}))
+    let e = c
+        .volume_call("Create", json!({"Name": "q1", "Opts": {}}))
         .expect_err("Create in a missing pool", "backend unavailable");
     assert!(e.contains("pool \"vols\" does not exist"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 
     cluster.create_pool("vols");
-    vcall(&c, "Create", json!({"Name": "q1", "Opts": {}})).ok("Create");
+    c.volume_call("Create", json!({"Name": "q1", "Opts": {}}))
+        .ok("Create");
     cluster.start_mgr();
     cluster.ceph_ok(&["osd", "pool", "set-quota", "vols", "max_bytes", "8388608"]);
     let filler = cluster.dir().join("filler");
@@ -495,10 +508,12 @@ fn rbd_volumes_pool_missing_and_quota() {
     );
 
     let t = Instant::now();
-    let e = vcall(&c, "Create", json!({"Name": "q2", "Opts": {}}))
+    let e = c
+        .volume_call("Create", json!({"Name": "q2", "Opts": {}}))
         .expect_err("Create in a pool over its quota", "no space");
     assert!(e.contains("pool \"vols\" is over its quota"), "{e}");
-    let e = vcall(&c, "Mount", json!({"Name": "q1", "ID": ID1}))
+    let e = c
+        .volume_call("Mount", json!({"Name": "q1", "ID": ID1}))
         .expect_err("Mount in a pool over its quota", "no space");
     assert!(e.contains("over its quota"), "{e}");
     let took = t.elapsed();
@@ -519,9 +534,11 @@ fn rbd_volumes_pool_missing_and_quota() {
         .arg(cluster.conf())
         .args(["-p", "vols", "rm", "filler"]);
     run_ok(&mut rm);
-    vcall(&c, "Mount", json!({"Name": "q1", "ID": ID1})).ok("Mount with room");
-    vcall(&c, "Unmount", json!({"Name": "q1", "ID": ID1})).ok("Unmount");
-    vcall(&c, "Remove", json!({"Name": "q1"})).ok("Remove");
+    c.volume_call("Mount", json!({"Name": "q1", "ID": ID1}))
+        .ok("Mount with room");
+    c.volume_call("Unmount", json!({"Name": "q1", "ID": ID1}))
+        .ok("Unmount");
+    c.volume_call("Remove", json!({"Name": "q1"})).ok("Remove");
     assert_eq!(cluster.images("vols"), Vec::<String>::new());
 }
 
@@ -546,19 +563,23 @@ fn rbd_volumes_krbd() {
     let mut l = l;
     l.restart();
     let c = l.client();
-    vcall(&c, "Create", json!({"Name": "kr", "Opts": {}})).ok("Create");
-    let m = vcall(&c, "Mount", json!({"Name": "kr", "ID": ID1})).ok("Mount");
+    c.volume_call("Create", json!({"Name": "kr", "Opts": {}}))
+        .ok("Create");
+    let m = c
+        .volume_call("Mount", json!({"Name": "kr", "ID": ID1}))
+        .ok("Mount");
     let mp = PathBuf::from(m["Mountpoint"].as_str().unwrap());
     fs::write(mp.join("f"), b"krbd").unwrap();
     let st: serde_json::Value =
         serde_json::from_slice(&fs::read(l.data_root.join("volumes/rbd/kr/attached.json")).unwrap()).unwrap();
     let dev = st["device"].as_str().unwrap().to_string();
     assert!(dev.starts_with("/dev/rbd"), "{st}");
-    vcall(&c, "Unmount", json!({"Name": "kr", "ID": ID1})).ok("Unmount");
+    c.volume_call("Unmount", json!({"Name": "kr", "ID": ID1}))
+        .ok("Unmount");
     assert!(!Path::new(&dev).exists(), "{dev} still mapped");
     assert_eq!(mounts_under(&l.data_root), Vec::<PathBuf>::new());
     assert!(!is_mounted(&mount_base.join("kr")));
-    vcall(&c, "Remove", json!({"Name": "kr"})).ok("Remove");
+    c.volume_call("Remove", json!({"Name": "kr"})).ok("Remove");
     assert_eq!(cluster.images(&pool), Vec::<String>::new());
 }
 

@@ -32,29 +32,10 @@ fn configure(l: &mut Lamina, volumes_toml: &str) -> PathBuf {
     mount_base
 }
 
-/// `POST /VolumeDriver.<method>` like dockerd (compact JSON and a newline).
-fn vcall(c: &PluginClient, method: &str, json: serde_json::Value) -> HttpResponse {
-    let mut body = serde_json::to_vec(&json).unwrap();
-    body.push(b'\n');
-    let path = format!("/VolumeDriver.{method}");
-    c.post_raw(&path, &body)
-        .unwrap_or_else(|e| panic!("{path}: transport error {e}"))
-}
-
-fn is_mounted(p: &Path) -> bool {
-    mounts_under(p).iter().any(|m| m == p)
-}
-
 fn inspect(d: &Dockerd, name: &str) -> serde_json::Value {
     let out = d.ok(&["volume", "inspect", name]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v[0].clone()
-}
-
-fn docker_err(d: &Dockerd, args: &[&str]) -> String {
-    let out = d.docker(args);
-    assert!(!out.status.success(), "`docker {}` should fail", args.join(" "));
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn names_in(dir: &Path) -> Vec<String> {
@@ -85,11 +66,11 @@ fn bad_inputs(c: &PluginClient, backend_root: &Path) {
         (long.as_str(), "256 bytes"),
     ] {
         for m in ["Create", "Get", "Remove", "Path"] {
-            let r = vcall(c, m, json!({"Name": name}));
+            let r = c.volume_call(m, json!({"Name": name}));
             let e = r.expect_err(&format!("{m} {name:?}"), "invalid argument");
             assert!(e.contains(want), "{m} {name:?}: {e}");
         }
-        let r = vcall(c, "Mount", json!({"Name": name, "ID": ID1}));
+        let r = c.volume_call("Mount", json!({"Name": name, "ID": ID1}));
         r.expect_err(&format!("Mount {name:?}"), "invalid argument");
     }
     for (opts, want) in [
@@ -110,7 +91,7 @@ fn bad_inputs(c: &PluginClient, backend_root: &Path) {
         (json!({"backend": "nfs"}), "must be \"local\" or \"moosefs\""),
         (json!({"quota": "lots"}), "not a size"),
     ] {
-        let r = vcall(c, "Create", json!({"Name": "badopts", "Opts": opts}));
+        let r = c.volume_call("Create", json!({"Name": "badopts", "Opts": opts}));
         let e = r.expect_err(&format!("Create with {opts}"), "invalid argument");
         assert!(e.contains(want), "{opts}: {e}");
     }
@@ -135,15 +116,11 @@ fn local_backend_with_dockerd() {
     let c = &lamina.client();
     let act = c.activate().unwrap().json();
     assert_eq!(act["Implements"], json!(["GraphDriver", "VolumeDriver"]), "{act}");
-    let caps = vcall(c, "Capabilities", json!({})).ok("Capabilities");
+    let caps = c.volume_call("Capabilities", json!({})).ok("Capabilities");
     assert_eq!(caps, json!({"Capabilities": {"Scope": "local"}}));
     let root = lamina.data_root.join("volumes/local");
     bad_inputs(c, &root);
-    let r = vcall(
-        c,
-        "Create",
-        json!({"Name": "g", "Opts": {"ReplicationGoal": "2"}}),
-    );
+    let r = c.volume_call("Create", json!({"Name": "g", "Opts": {"ReplicationGoal": "2"}}));
     let e = r.expect_err("goal on local", "unsupported");
     assert!(e.contains("needs the moosefs backend"), "{e}");
 
@@ -162,12 +139,9 @@ fn local_backend_with_dockerd() {
         "{v}"
     );
     assert!(docker.ok(&["volume", "ls", "-q"]).lines().any(|l| l == "v1"));
-    let e = docker_err(&docker, &["volume", "create", "-d", &drv, "-o", "bogus=1", "v2"]);
+    let e = docker.fails(&["volume", "create", "-d", &drv, "-o", "bogus=1", "v2"]);
     assert!(e.contains("invalid argument: unknown option \"bogus\""), "{e}");
-    let e = docker_err(
-        &docker,
-        &["volume", "create", "-d", &drv, "-o", "ReplicationGoal=1;id", "v2"],
-    );
+    let e = docker.fails(&["volume", "create", "-d", &drv, "-o", "ReplicationGoal=1;id", "v2"]);
     assert!(e.contains("shell metacharacter ';'"), "{e}");
     assert!(!root.join("v2").exists());
 
@@ -191,28 +165,35 @@ fn local_backend_with_dockerd() {
         "run", "-d", "--name", "c1", "-v", "v1:/data", &img, "sleep", "1000",
     ]);
     assert!(is_mounted(&mp));
-    let e = vcall(c, "Remove", json!({"Name": "v1"})).expect_err("Remove in use", "in use");
+    let e = c
+        .volume_call("Remove", json!({"Name": "v1"}))
+        .expect_err("Remove in use", "in use");
     assert!(e.contains("mounted on this host"), "{e}");
-    let e = docker_err(&docker, &["volume", "rm", "v1"]);
+    let e = docker.fails(&["volume", "rm", "v1"]);
     assert!(e.contains("in use"), "{e}");
 
     // A lamina restart keeps the count and the mount.
     lamina.restart();
-    let p = vcall(c, "Path", json!({"Name": "v1"})).ok("Path");
+    let p = c.volume_call("Path", json!({"Name": "v1"})).ok("Path");
     assert_eq!(p["Mountpoint"], mp.display().to_string());
-    let g = vcall(c, "Get", json!({"Name": "v1"})).ok("Get");
+    let g = c.volume_call("Get", json!({"Name": "v1"})).ok("Get");
     assert_eq!(g["Volume"]["Status"]["Mounts"], "1", "{g}");
     assert_eq!(docker.ok(&["exec", "c1", "cat", "/data/f"]), "hello");
     // Counted per ID: a second Mount of the same ID needs two Unmounts.
-    vcall(c, "Mount", json!({"Name": "v1", "ID": ID2})).ok("Mount");
-    vcall(c, "Mount", json!({"Name": "v1", "ID": ID2})).ok("Mount");
-    vcall(c, "Unmount", json!({"Name": "v1", "ID": ID2})).ok("Unmount");
-    vcall(c, "Unmount", json!({"Name": "v1", "ID": ID2})).ok("Unmount");
-    vcall(c, "Unmount", json!({"Name": "v1", "ID": ID2})).ok("Unmount of a released id");
+    c.volume_call("Mount", json!({"Name": "v1", "ID": ID2}))
+        .ok("Mount");
+    c.volume_call("Mount", json!({"Name": "v1", "ID": ID2}))
+        .ok("Mount");
+    c.volume_call("Unmount", json!({"Name": "v1", "ID": ID2}))
+        .ok("Unmount");
+    c.volume_call("Unmount", json!({"Name": "v1", "ID": ID2}))
+        .ok("Unmount");
+    c.volume_call("Unmount", json!({"Name": "v1", "ID": ID2}))
+        .ok("Unmount of a released id");
     assert!(is_mounted(&mp));
     docker.ok(&["rm", "-f", "c1"]);
     assert!(!is_mounted(&mp), "the last Unmount releases the mount");
-    let p = vcall(c, "Path", json!({"Name": "v1"})).ok("Path");
+    let p = c.volume_call("Path", json!({"Name": "v1"})).ok("Path");
     assert_eq!(p["Mountpoint"], "");
 
     // docker run -v with a volume that does not exist yet: dockerd creates it through the plugin.
@@ -233,7 +214,9 @@ fn local_backend_with_dockerd() {
 
     docker.ok(&["volume", "rm", "v1", "newvol"]);
     assert_eq!(names_in(&root), Vec::<String>::new(), "Remove deletes the data");
-    let e = vcall(c, "Get", json!({"Name": "v1"})).expect_err("Get removed", "not found");
+    let e = c
+        .volume_call("Get", json!({"Name": "v1"}))
+        .expect_err("Get removed", "not found");
     assert!(e.contains("does not exist"), "{e}");
 }
 
@@ -280,7 +263,7 @@ fn moosefs_two_hosts() {
     let mut h1 = host("vol-mfs1", &cluster);
     let h2 = host("vol-mfs2", &cluster);
     let (c1, c2) = (h1.lamina.client(), h2.lamina.client());
-    let caps = vcall(&c1, "Capabilities", json!({})).ok("Capabilities");
+    let caps = c1.volume_call("Capabilities", json!({})).ok("Capabilities");
     assert_eq!(caps, json!({"Capabilities": {"Scope": "global"}}));
     let cluster_root = h1.lamina.data_root.join("volumes/moosefs/docker/volumes");
     let cluster_root2 = h2.lamina.data_root.join("volumes/moosefs/docker/volumes");
@@ -338,18 +321,15 @@ fn moosefs_two_hosts() {
     assert_eq!(got, "from-host-1");
 
     // A goal the goal command refuses: a clear error, nothing left in the cluster.
-    let e = docker_err(
-        &h1.docker,
-        &[
-            "volume",
-            "create",
-            "-d",
-            &d1,
-            "-o",
-            "ReplicationGoal=fast",
-            "named",
-        ],
-    );
+    let e = h1.docker.fails(&[
+        "volume",
+        "create",
+        "-d",
+        &d1,
+        "-o",
+        "ReplicationGoal=fast",
+        "named",
+    ]);
     assert!(
         e.contains("invalid argument: the goal command refused ReplicationGoal \"fast\""),
         "{e}"
@@ -359,15 +339,13 @@ fn moosefs_two_hosts() {
     // Concurrent Create of one name on both hosts: one volume, no error for identical requests.
     let (a, b) = (c1.clone(), c2.clone());
     let t1 = thread::spawn(move || {
-        vcall(
-            &a,
+        a.volume_call(
             "Create",
             json!({"Name": "race", "Opts": {"ReplicationGoal": "2"}}),
         )
     });
     let t2 = thread::spawn(move || {
-        vcall(
-            &b,
+        b.volume_call(
             "Create",
             json!({"Name": "race", "Opts": {"ReplicationGoal": "2"}}),
         )
@@ -375,12 +353,12 @@ fn moosefs_two_hosts() {
     t1.join().unwrap().ok("Create race on host 1");
     t2.join().unwrap().ok("Create race on host 2");
     assert_eq!(names_in(&cluster_root).iter().filter(|n| *n == "race").count(), 1);
-    let e = vcall(
-        &c2,
-        "Create",
-        json!({"Name": "race", "Opts": {"ReplicationGoal": "1"}}),
-    )
-    .expect_err("Create with other settings", "already exists");
+    let e = c2
+        .volume_call(
+            "Create",
+            json!({"Name": "race", "Opts": {"ReplicationGoal": "1"}}),
+        )
+        .expect_err("Create with other settings", "already exists");
     assert!(e.contains("ReplicationGoal 2"), "{e}");
 
     // In use on host 1: docker volume rm fails, and so does the plugin's Remove.
@@ -397,26 +375,33 @@ fn moosefs_two_hosts() {
     ]);
     let mp1 = h1.mount_base.join("shared1");
     assert!(is_mounted(&mp1));
-    let e = docker_err(&h1.docker, &["volume", "rm", "shared1"]);
+    let e = h1.docker.fails(&["volume", "rm", "shared1"]);
     assert!(e.contains("in use"), "{e}");
-    let e = vcall(&c1, "Remove", json!({"Name": "shared1"})).expect_err("Remove in use", "in use");
+    let e = c1
+        .volume_call("Remove", json!({"Name": "shared1"}))
+        .expect_err("Remove in use", "in use");
     assert!(e.contains("mounted on this host"), "{e}");
 
     // A lamina restart in the middle keeps the mount counts (and the container's data path).
     h1.lamina.restart();
-    let g = vcall(&c1, "Get", json!({"Name": "shared1"})).ok("Get after restart");
+    let g = c1
+        .volume_call("Get", json!({"Name": "shared1"}))
+        .ok("Get after restart");
     assert_eq!(g["Volume"]["Status"]["Mounts"], "1", "{g}");
     assert_eq!(g["Volume"]["Mountpoint"], mp1.display().to_string());
     assert_eq!(h1.docker.ok(&["exec", "c1", "cat", "/data/msg"]), "from-host-1");
-    vcall(&c1, "Remove", json!({"Name": "shared1"})).expect_err("Remove in use after restart", "in use");
+    c1.volume_call("Remove", json!({"Name": "shared1"}))
+        .expect_err("Remove in use after restart", "in use");
 
     // The master killed: clear errors within the Docker timeouts, Get of known volumes still answers.
     cluster.kill_master();
     let t = Instant::now();
-    let e = vcall(&c2, "Create", json!({"Name": "while-down", "Opts": {}}))
+    let e = c2
+        .volume_call("Create", json!({"Name": "while-down", "Opts": {}}))
         .expect_err("Create with the master down", "backend unavailable");
     assert!(e.contains("unreachable"), "{e}");
-    let e = vcall(&c2, "Mount", json!({"Name": "single", "ID": ID1}))
+    let e = c2
+        .volume_call("Mount", json!({"Name": "single", "ID": ID1}))
         .expect_err("Mount with the master down", "backend unavailable");
     assert!(e.contains("unreachable"), "{e}");
     assert!(
@@ -424,7 +409,9 @@ fn moosefs_two_hosts() {
         "errors took {:?}",
         t.elapsed()
     );
-    let g = vcall(&c2, "Get", json!({"Name": "shared1"})).ok("Get from the cache");
+    let g = c2
+        .volume_call("Get", json!({"Name": "shared1"}))
+        .ok("Get from the cache");
     assert!(
         g["Volume"]["Status"]["State"]
             .as_str()
@@ -432,16 +419,18 @@ fn moosefs_two_hosts() {
             .contains("unreachable"),
         "{g}"
     );
-    let e = docker_err(&h2.docker, &["volume", "create", "-d", &d2, "down2"]);
+    let e = h2.docker.fails(&["volume", "create", "-d", &d2, "down2"]);
     assert!(e.contains("backend unavailable"), "{e}");
     // The running container on host 1 keeps its (already mounted) volume; a Mount of it is only counted.
-    vcall(&c1, "Mount", json!({"Name": "shared1", "ID": ID2})).ok("Mount of a mounted volume");
-    vcall(&c1, "Unmount", json!({"Name": "shared1", "ID": ID2})).ok("Unmount");
+    c1.volume_call("Mount", json!({"Name": "shared1", "ID": ID2}))
+        .ok("Mount of a mounted volume");
+    c1.volume_call("Unmount", json!({"Name": "shared1", "ID": ID2}))
+        .ok("Unmount");
 
     // The master back: service resumes by itself.
     cluster.start_master(true);
     let back = poll(Duration::from_secs(90), || {
-        let r = vcall(&c2, "Create", json!({"Name": "after", "Opts": {}}));
+        let r = c2.volume_call("Create", json!({"Name": "after", "Opts": {}}));
         (r.status == 200).then_some(())
     });
     assert!(back.is_some(), "no recovery within 90 s after the master restart");

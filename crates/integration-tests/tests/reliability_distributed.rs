@@ -145,10 +145,6 @@ fn unmount(c: &PluginClient, name: &str, id: &str) {
     vcall(c, "Unmount", json!({"Name": name, "ID": id})).expect_ok();
 }
 
-fn is_mounted(p: &Path) -> bool {
-    mounts_under(p).iter().any(|m| m == p)
-}
-
 /// `mfsmount` processes serving `dir` (their command line names the mountpoint below it).
 fn mfsmount_pids(dir: &Path) -> Vec<u32> {
     pids_referencing(dir)

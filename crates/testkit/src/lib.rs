@@ -304,6 +304,11 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     lamina_sys::mount::mounts_under(dir).unwrap_or_default()
 }
 
+/// Whether something is mounted exactly at `p`.
+pub fn is_mounted(p: &Path) -> bool {
+    mounts_under(p).iter().any(|m| m == p)
+}
+
 /// Lazily unmounts everything mounted at or below `dir`.
 pub fn unmount_under(dir: &Path) {
     for _ in 0..5 {
@@ -720,6 +725,18 @@ impl Dockerd {
         self.try_ok(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Runs `docker <args>`, panics if it succeeds; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            !out.status.success(),
+            "`docker {}` should have failed; stdout: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// Runs `docker <args>`; its trimmed stdout, or an error with its output unless it succeeds.
     pub fn try_ok(&self, args: &[&str]) -> Result<String, String> {
         let out = self.docker(args);
@@ -1043,6 +1060,13 @@ impl PluginClient {
     /// Panics on transport errors (the daemon must always answer).
     pub fn call(&self, method: &str, json: serde_json::Value) -> HttpResponse {
         let path = format!("/GraphDriver.{method}");
+        self.post_raw(&path, &go_json(&json))
+            .unwrap_or_else(|e| panic!("{path}: transport error {e}"))
+    }
+
+    /// `POST /VolumeDriver.<method>`, encoded like [`PluginClient::call`]; panics on transport errors.
+    pub fn volume_call(&self, method: &str, json: serde_json::Value) -> HttpResponse {
+        let path = format!("/VolumeDriver.{method}");
         self.post_raw(&path, &go_json(&json))
             .unwrap_or_else(|e| panic!("{path}: transport error {e}"))
     }
