@@ -45,7 +45,10 @@ pub(crate) fn read_identity(root: &Path) -> Result<Option<u64>> {
         .last()
         .and_then(|w| u64::from_str_radix(w, 16).ok())
         .ok_or_else(|| {
-            StoreError::CorruptMetadata(format!("{} does not hold a data root id", path.display()))
+            StoreError::CorruptMetadata(format!(
+                "{} does not hold a data root id; remove it and lamina writes the database's id again",
+                path.display()
+            ))
         })?;
     Ok(Some(id))
 }
