@@ -36,6 +36,87 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// Check frozen layers against their manifests before their first mount after a start.
     pub verify_on_mount: Option<bool>,
+    /// The cluster: the shared directory, this host's id, lease timings; see docs/cluster.md.
+    pub cluster: Option<ClusterFile>,
+}
+
+/// The `[cluster]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// The directory on a distributed filesystem that every host of the cluster mounts (absent: no shared
+    /// tier; MooseFS volumes keep their leases beside the volumes either way).
+    pub dir: Option<PathBuf>,
+    /// This host's id, unique in the cluster (default: made once and kept in `<data_root>/host-id`).
+    pub host_id: Option<String>,
+    /// A host silent this long counts as gone; an unrenewed claim this old expires (default 30).
+    pub lease_secs: Option<u64>,
+    /// How often this host refreshes its heartbeat (default 5).
+    pub heartbeat_secs: Option<u64>,
+}
+
+/// The file in the data root that keeps this host's generated cluster id.
+#[allow(dead_code)] // used by the volume lease wiring, next
+pub const HOST_ID_FILE: &str = "host-id";
+
+/// The resolved `[cluster]` table (always present: the timings and host id also serve the volume lease).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// The shared directory (None: no shared tier).
+    pub dir: Option<PathBuf>,
+    /// This host's id (None: the one kept in `<data_root>/host-id`, made at the first start).
+    pub host_id: Option<lamina_lease::HostId>,
+    /// The lease.
+    pub lease: std::time::Duration,
+    /// The heartbeat interval.
+    pub heartbeat: std::time::Duration,
+}
+
+#[allow(dead_code)] // used by the volume lease wiring, next
+impl ClusterSettings {
+    /// This host's id: the configured one, else the one kept in the data root (made when missing).
+    pub fn host_id(&self, data_root: &Path) -> anyhow::Result<lamina_lease::HostId> {
+        match &self.host_id {
+            Some(h) => Ok(h.clone()),
+            None => lamina_lease::HostId::load_or_create(&data_root.join(HOST_ID_FILE))
+                .context("[cluster] host_id is not set and the data root's host-id cannot be used"),
+        }
+    }
+}
+
+/// Checks `[cluster]` and fills in the defaults.
+pub fn cluster_settings(file: Option<ClusterFile>) -> anyhow::Result<ClusterSettings> {
+    let file = file.unwrap_or_default();
+    if let Some(d) = &file.dir {
+        if !d.is_absolute() {
+            bail!("[cluster] dir {} must be an absolute path", d.display());
+        }
+    }
+    let host_id = file
+        .host_id
+        .map(|h| lamina_lease::HostId::new(h).map_err(|e| anyhow::anyhow!("[cluster] host_id: {e}")))
+        .transpose()?;
+    let heartbeat = file
+        .heartbeat_secs
+        .map_or(lamina_lease::DEFAULT_HEARTBEAT, std::time::Duration::from_secs);
+    let lease = match file.lease_secs {
+        Some(l @ 0..=86_400) => std::time::Duration::from_secs(l),
+        Some(l) => bail!("[cluster] lease_secs {l}: at most 86400"),
+        None => lamina_lease::DEFAULT_LEASE.max(2 * heartbeat),
+    };
+    let c = lamina_lease::LeaseConfig {
+        dir: PathBuf::new(),
+        host: lamina_lease::HostId::new("check")?,
+        lease,
+        heartbeat,
+    };
+    c.check().map_err(|e| anyhow::anyhow!("[cluster] {e}"))?;
+    Ok(ClusterSettings {
+        dir: file.dir,
+        host_id,
+        lease,
+        heartbeat,
+    })
 }
 
 /// How log lines are written to stderr.
@@ -81,6 +162,8 @@ pub struct Settings {
     pub verify_on_mount: bool,
     /// `--quarantine-unknown`.
     pub quarantine_unknown: bool,
+    /// `[cluster]`.
+    pub cluster: ClusterSettings,
 }
 
 impl FileConfig {
@@ -173,6 +256,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
         log_format: LogFormat::parse(flags.log_format.or(file.log_format).as_deref().unwrap_or("text"))?,
         verify_on_mount: flags.verify_on_mount.or(file.verify_on_mount).unwrap_or(false),
         quarantine_unknown: flags.quarantine_unknown,
+        cluster: cluster_settings(file.cluster)?,
     };
     if !s.data_root.is_absolute() {
         bail!("data root {} must be an absolute path", s.data_root.display());
@@ -191,6 +275,11 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
     }
     if sockets.len() == 2 && sockets[0] == sockets[1] {
         bail!("the plugin socket and the snapshotter socket must differ");
+    }
+    if let Some(d) = &s.cluster.dir {
+        if d.starts_with(&s.data_root) {
+            bail!("[cluster] dir must not live inside the data root");
+        }
     }
     Ok(s)
 }
@@ -771,6 +860,54 @@ mod tests {
             let file: FileConfig = toml::from_str(bad).unwrap();
             let e = volume_settings(file.volumes, Path::new("/d"), None).unwrap_err();
             assert!(format!("{e:#}").contains(want), "{bad}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn cluster_table() {
+        let d = resolve(FileConfig::default(), Flags::default()).unwrap().cluster;
+        assert_eq!(d.dir, None);
+        assert_eq!(d.host_id, None);
+        assert_eq!(d.lease, lamina_lease::DEFAULT_LEASE);
+        assert_eq!(d.heartbeat, lamina_lease::DEFAULT_HEARTBEAT);
+        let file = FileConfig::parse(
+            "[cluster]\ndir = \"/mnt/mfs/lamina\"\nhost_id = \"node-1\"\nlease_secs = 6\nheartbeat_secs = 2",
+            "t",
+        )
+        .unwrap();
+        let c = resolve(file, Flags::default()).unwrap().cluster;
+        assert_eq!(c.dir, Some(PathBuf::from("/mnt/mfs/lamina")));
+        assert_eq!(c.host_id.as_ref().map(|h| h.as_str()), Some("node-1"));
+        assert_eq!(c.lease, std::time::Duration::from_secs(6));
+        assert_eq!(c.heartbeat, std::time::Duration::from_secs(2));
+        assert_eq!(c.host_id(Path::new("/nonexistent")).unwrap().as_str(), "node-1");
+        let long_beat = FileConfig::parse("[cluster]\nheartbeat_secs = 20", "t").unwrap();
+        let c = resolve(long_beat, Flags::default()).unwrap().cluster;
+        assert_eq!(
+            c.lease,
+            std::time::Duration::from_secs(40),
+            "the default lease follows the heartbeat"
+        );
+        let t = tempfile::tempdir().unwrap();
+        let id = d.host_id(t.path()).unwrap();
+        assert_eq!(d.host_id(t.path()).unwrap(), id, "kept in the data root");
+        assert!(t.path().join(HOST_ID_FILE).exists());
+        for (text, want) in [
+            ("[cluster]\ndir = \"rel\"", "absolute"),
+            (
+                "[cluster]\ndir = \"/var/lib/lamina/tier\"",
+                "inside the data root",
+            ),
+            ("[cluster]\nhost_id = \"a b\"", "letters"),
+            ("[cluster]\nlease_secs = 3\nheartbeat_secs = 2", "twice"),
+            ("[cluster]\nheartbeat_secs = 0", "at least 1 s"),
+            ("[cluster]\nlease_secs = 100000", "at most"),
+            ("[cluster]\nleas_secs = 3", "unknown field"),
+        ] {
+            let e = FileConfig::parse(text, "t")
+                .and_then(|f| resolve(f, Flags::default()))
+                .unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{text}: {e:#}");
         }
     }
 

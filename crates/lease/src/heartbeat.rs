@@ -1,0 +1,77 @@
+//! The heartbeat thread.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use tracing::{info, warn};
+
+use crate::Lease;
+
+/// A running heartbeat: beats every interval until stopped or dropped.
+#[derive(Debug)]
+pub struct Heartbeat {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    pub(crate) fn start(lease: Lease) -> Heartbeat {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("lamina-heartbeat".into())
+            .spawn(move || {
+                let interval = lease.config().heartbeat;
+                let mut failing = false;
+                loop {
+                    match lease.beat() {
+                        Ok(()) if failing => {
+                            info!(host = %lease.host(), "heartbeat reaches the lease directory again");
+                            failing = false;
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            if !failing || !lease.is_fresh() {
+                                warn!(host = %lease.host(), error = %e, fresh = lease.is_fresh(), "heartbeat failed");
+                            }
+                            failing = true;
+                        }
+                    }
+                    let (m, cv) = &*s;
+                    let stopped = m.lock().unwrap_or_else(|e| e.into_inner());
+                    let (stopped, _) = cv
+                        .wait_timeout_while(stopped, interval, |stop| !*stop)
+                        .unwrap_or_else(|e| e.into_inner());
+                    if *stopped {
+                        return;
+                    }
+                }
+            })
+            .ok();
+        if thread.is_none() {
+            warn!("cannot start the heartbeat thread");
+        }
+        Heartbeat { stop, thread }
+    }
+
+    /// Stops the thread and waits for it (the last heartbeat stays: the host counts as alive until the
+    /// lease runs out).
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        let (m, cv) = &*self.stop;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
