@@ -213,9 +213,16 @@ impl VolumeManager {
             .into_keys()
             .filter(|n| !self.local.exists(n).unwrap_or(false))
             .collect();
-        let l = m.run("opening the volume lease", move |_| {
+        let l = m.run("opening the volume lease", move |v| {
             let l = lamina_lease::Lease::open(cfg).map_err(lease_err)?;
-            sync_references(&l, &mounted)?;
+            // A counted volume removed while this host was away (silent longer than the lease) is not held.
+            let mut held = Vec::new();
+            for n in mounted {
+                if v.exists(&n)? {
+                    held.push(n);
+                }
+            }
+            sync_references(&l, &held)?;
             Ok(l)
         })?;
         info!(host = %l.host(), dir = %l.config().dir.display(), lease_secs = lc.lease.as_secs(),
