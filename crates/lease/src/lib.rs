@@ -49,7 +49,7 @@ use tracing::{debug, warn};
 
 pub use claim::{Claim, ClaimInfo};
 pub use error::LeaseError;
-pub use heartbeat::Heartbeat;
+pub use heartbeat::{Heartbeat, STOP_WAIT};
 pub use names::{HostId, MAX_NAME};
 
 use claim::ClaimState;
