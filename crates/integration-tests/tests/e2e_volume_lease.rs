@@ -36,19 +36,13 @@ fn host(tag: &str, cluster: &MooseCluster, host_id: Option<&str>) -> Host {
     let id = host_id
         .map(|h| format!("host_id = \"{h}\"\n"))
         .unwrap_or_default();
-    let cfg = lamina.dir().join("config.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "[volumes]\nmount_base = \"{}\"\nbackend = \"moosefs\"\ntimeout_secs = 8\n\
-             [volumes.moosefs]\nmaster = \"{}\"\n\
-             [cluster]\n{id}lease_secs = {LEASE_SECS}\nheartbeat_secs = 1\n",
-            mount_base.display(),
-            cluster.master_addr()
-        ),
-    )
-    .unwrap();
-    lamina.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    lamina.use_config(&format!(
+        "[volumes]\nmount_base = \"{}\"\nbackend = \"moosefs\"\ntimeout_secs = 8\n\
+         [volumes.moosefs]\nmaster = \"{}\"\n\
+         [cluster]\n{id}lease_secs = {LEASE_SECS}\nheartbeat_secs = 1\n",
+        mount_base.display(),
+        cluster.master_addr()
+    ));
     lamina.spawn();
     lamina.wait_ready();
     let c = lamina.client();
