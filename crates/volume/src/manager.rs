@@ -454,15 +454,6 @@ impl VolumeManager {
             return Ok(mp);
         }
         let loc = self.locate(name)?;
-        if loc.kind == BackendKind::Moosefs {
-            if let Some(l) = self.volume_lease()? {
-                let n = name.to_string();
-                self.mfs()?
-                    .run("recording the mount in the volume lease", move |_| {
-                        hold_for_mount(&l, &n)
-                    })?;
-            }
-        }
         let total = self.db.add(name, id)?;
         if let Err(e) = self.bind(name, &loc, &mp, mounted) {
             let _ = self.db.release(name, id);
@@ -512,7 +503,14 @@ impl VolumeManager {
                 .map_err(|e| VolumeError::io(format!("mounting {}", loc.dir.display()), e)),
             BackendKind::Moosefs => {
                 let (src, dst) = (loc.dir.clone(), mp.to_path_buf());
+                // This host's reference in the volume lease comes first: a Remove on another host that lists
+                // the holders after it refuses; one that claimed the removal before it makes this fail.
+                let lease = self.volume_lease()?;
+                let n = name.to_string();
                 self.mfs()?.run("mounting the volume", move |_| {
+                    if let Some(l) = &lease {
+                        hold_for_mount(l, &n)?;
+                    }
                     lamina_sys::mount::bind_mount(&src, &dst, false)
                         .map_err(|e| io_err(format!("mounting {}", src.display()), e))
                 })
