@@ -113,3 +113,54 @@ pub(crate) fn sync_references(l: &Lease, mounted: &[String]) -> Result<(), Volum
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lamina_lease::LeaseConfig;
+
+    fn lease(dir: &std::path::Path, host: &str) -> Lease {
+        Lease::open(LeaseConfig {
+            dir: dir.to_path_buf(),
+            host: HostId::new(host).unwrap(),
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(5),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn remove_and_mount_see_each_other() {
+        let t = tempfile::tempdir().unwrap();
+        let (h1, h2) = (lease(t.path(), "node-1"), lease(t.path(), "node-2"));
+        hold_for_mount(&h2, "v").unwrap();
+        let e = check_remove(&h1, "v").unwrap_err().to_string();
+        assert!(
+            e.starts_with("in use: volume \"v\" is mounted on host node-2 (last heartbeat 0 s ago)")
+                && e.contains("more than 30 s"),
+            "{e}"
+        );
+        // This host's own (stale) reference does not block: its mount counts decide.
+        hold_for_mount(&h1, "w").unwrap();
+        drop(check_remove(&h1, "w").unwrap());
+
+        let removing = check_remove(&h1, "x").unwrap();
+        let e = hold_for_mount(&h2, "x").unwrap_err().to_string();
+        assert_eq!(e, "in use: volume \"x\" is being removed by host node-1");
+        assert!(
+            h2.references(VOLUME_KIND).unwrap().iter().all(|n| n != "x"),
+            "the refused hold is dropped"
+        );
+        let e = check_remove(&h2, "x").unwrap_err().to_string();
+        assert_eq!(e, "in use: volume \"x\" is being removed by host node-1");
+        drop(removing);
+        hold_for_mount(&h2, "x").unwrap();
+
+        sync_references(&h2, &["x".to_string(), "y".to_string()]).unwrap();
+        assert_eq!(
+            h2.references(VOLUME_KIND).unwrap(),
+            ["x", "y"],
+            "v dropped, y held"
+        );
+    }
+}
