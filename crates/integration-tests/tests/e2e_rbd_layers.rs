@@ -12,22 +12,29 @@ use std::time::{Duration, Instant};
 
 use lamina_testkit::ceph::{require_ceph, CephCluster, ObjectStore};
 use lamina_testkit::docker_fixtures::*;
+use lamina_testkit::faults::binary_has_fault_points;
 use lamina_testkit::*;
+use serde_json::json;
 
 const PREFIX: &str = "e2e-layer-";
 
-/// A lamina whose layers are images `PREFIX<n>` in the cluster's pool (started).
-fn lamina_on(tag: &str, cluster: &CephCluster) -> Lamina {
+/// A lamina whose layers are images `PREFIX<n>` in `pool` (not started).
+fn lamina_config(tag: &str, cluster: &CephCluster, pool: &str, timeout_secs: u64) -> Lamina {
     let mut lamina = Lamina::new(&unique_name(tag));
     let text = format!(
-        "[store]\nbackend = \"rbd\"\n[store.rbd]\nceph_conf = \"{}\"\npool = \"{}\"\nimage_prefix = \"{PREFIX}\"\n\
-         map = \"fuse\"\nsize = \"1G\"\ntimeout_secs = 10\n",
+        "[store]\nbackend = \"rbd\"\n[store.rbd]\nceph_conf = \"{}\"\npool = \"{pool}\"\nimage_prefix = \"{PREFIX}\"\n\
+         map = \"fuse\"\nsize = \"1G\"\ntimeout_secs = {timeout_secs}\n",
         cluster.conf().display(),
-        cluster.pool,
     );
     let cfg = lamina.dir().join("config.toml");
     fs::write(&cfg, text).unwrap();
     lamina.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    lamina
+}
+
+/// A lamina whose layers are images `PREFIX<n>` in the cluster's pool (started).
+fn lamina_on(tag: &str, cluster: &CephCluster) -> Lamina {
+    let mut lamina = lamina_config(tag, cluster, &cluster.pool, 10);
     lamina.spawn();
     lamina.wait_ready();
     lamina
@@ -217,4 +224,231 @@ fn rbd_layers_under_dockerd() {
         lamina.log_tail()
     );
     cluster.stop();
+}
+
+/// Kills lamina and starts it again, with `faults` armed (or none).
+fn restart(l: &mut Lamina, faults: Option<&str>) {
+    l.kill9();
+    l.env.retain(|(k, _)| k != "LAMINA_FAULTS");
+    if let Some(f) = faults {
+        l.env.push(("LAMINA_FAULTS".into(), f.into()));
+    }
+    l.start_again();
+}
+
+/// Sends a plugin call to a lamina armed to die in it, and waits for the death.
+fn call_and_die(l: &mut Lamina, method: &str, body: serde_json::Value) {
+    let mut b = serde_json::to_vec(&body).unwrap();
+    b.push(b'\n');
+    let _ = l.client().post_raw(&format!("/GraphDriver.{method}"), &b);
+    assert!(
+        l.wait_exit(Duration::from_secs(60)).is_some(),
+        "the kill point in {method} did not fire; log:\n{}",
+        l.log_tail()
+    );
+}
+
+fn changes(c: &PluginClient, id: &str, parent: &str) -> Vec<String> {
+    let v = c
+        .call("Changes", json!({"ID": id, "Parent": parent}))
+        .ok("Changes");
+    let mut out: Vec<String> = v["Changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("{} {}", c["Kind"], c["Path"].as_str().unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn rbd_layers_kill9_mid_operation() {
+    let test = "rbd_layers_kill9_mid_operation";
+    if !require_root(test) || !require_ceph(test) {
+        return;
+    }
+    assert!(
+        binary_has_fault_points(),
+        "{} has no fault points: build it with `cargo build --workspace --all-targets`",
+        lamina_bin().display()
+    );
+    let _serial = serial();
+    let mut cluster = CephCluster::start_with("layerkill", ObjectStore::Memstore);
+    let mut l = lamina_on("rbdkill", &cluster);
+    let c = l.client();
+    let base = TarBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/a", 0o644, b"a")
+        .file("etc/b", 0o644, b"b")
+        .finish();
+    let top = TarBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/.wh.a", 0o644, b"")
+        .file("etc/c", 0o644, b"c")
+        .finish();
+    c.call("Create", json!({"ID": "l1"})).ok("Create l1");
+    c.apply_diff("l1", "", &mut &base[..]).unwrap().ok("ApplyDiff l1");
+    c.call("Create", json!({"ID": "l2", "Parent": "l1"}))
+        .ok("Create l2");
+
+    // Applied but not sealed: the restart puts the layer back to empty; the apply is done again.
+    restart(&mut l, Some("store.rbd.seal.snap=kill"));
+    let mut tar = &top[..];
+    let _ = l.client().apply_diff("l2", "l1", &mut tar);
+    assert!(
+        l.wait_exit(Duration::from_secs(60)).is_some(),
+        "the seal's kill point did not fire"
+    );
+    restart(&mut l, None);
+    let c = l.client();
+    assert_eq!(
+        changes(&c, "l2", "l1"),
+        Vec::<String>::new(),
+        "l2 is empty again after the restart"
+    );
+    c.apply_diff("l2", "l1", &mut &top[..])
+        .unwrap()
+        .ok("ApplyDiff l2 again");
+    assert_eq!(changes(&c, "l2", "l1"), ["0 /etc", "1 /etc/c", "2 /etc/a"]);
+    assert_eq!(layer_images(&cluster).len(), 2);
+
+    // Mapped but not mounted: the restart takes the attachment down (rbd-fuse, loop device).
+    restart(&mut l, Some("rbd.attach.mapped=kill"));
+    call_and_die(&mut l, "Get", json!({"ID": "l2", "MountLabel": ""}));
+    assert!(!cluster.client_pids().is_empty(), "rbd-fuse runs after the kill");
+    restart(&mut l, None);
+    let clean = poll(Duration::from_secs(15), || {
+        (cluster.client_pids().is_empty() && loops_under(&l.data_root).is_empty()).then_some(())
+    });
+    assert!(
+        clean.is_some(),
+        "left after the restart: rbd-fuse {:?}, loops {:?}",
+        cluster.client_pids(),
+        loops_under(&l.data_root)
+    );
+    let c = l.client();
+    let dir = c.call("Get", json!({"ID": "l2", "MountLabel": ""})).ok("Get l2")["Dir"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(fs::read_to_string(Path::new(&dir).join("etc/c")).unwrap(), "c");
+    assert!(!Path::new(&dir).join("etc/a").exists());
+
+    // Mounted, counted by nobody (killed before the Get answered), and lamina killed again with it mounted:
+    // the restart keeps it (a container may use it) and the last Put takes it down.
+    restart(&mut l, None);
+    let c = l.client();
+    assert!(
+        is_mounted(Path::new(&dir)),
+        "the mount of a known layer survives the restart"
+    );
+    c.call("Put", json!({"ID": "l2"})).ok("Put l2");
+    assert!(!is_mounted(Path::new(&dir)));
+
+    // Recorded but no image yet: the restart makes it.
+    restart(&mut l, Some("store.create.mkdir=kill"));
+    call_and_die(&mut l, "Create", json!({"ID": "l3", "Parent": "l2"}));
+    assert_eq!(layer_images(&cluster).len(), 2);
+    restart(&mut l, None);
+    assert_eq!(
+        layer_images(&cluster).len(),
+        3,
+        "the restart made the recorded layer's image"
+    );
+    let c = l.client();
+    assert_eq!(changes(&c, "l3", "l2"), Vec::<String>::new());
+
+    // Cloned and recorded, killed before the answer: a Remove takes it.
+    restart(&mut l, Some("store.create.done=kill"));
+    call_and_die(&mut l, "Create", json!({"ID": "l4", "Parent": "l2"}));
+    restart(&mut l, None);
+    let c = l.client();
+    for id in ["l4", "l3", "l2", "l1"] {
+        c.call("Remove", json!({"ID": id})).ok(&format!("Remove {id}"));
+    }
+    assert_nothing_left(&l, &cluster);
+    drop(l);
+    cluster.stop();
+}
+
+#[test]
+fn rbd_layers_errors_and_clone_figures() {
+    let test = "rbd_layers_errors_and_clone_figures";
+    if !require_root(test) || !require_ceph(test) {
+        return;
+    }
+    let _serial = serial();
+    let mut cluster = CephCluster::start_with("layererr", ObjectStore::Memstore);
+
+    // A pool that does not exist: the store does not open, and says why.
+    let mut nopool = lamina_config("rbdnopool", &cluster, "nopool", 5);
+    nopool.spawn();
+    match nopool.poll_ready(Duration::from_secs(30)) {
+        Ready::Exited(st) => assert!(!st.success()),
+        other => panic!("lamina opened a data root on a missing pool: {other:?}"),
+    }
+    let log = fs::read_to_string(&nopool.log).unwrap_or_default();
+    assert!(
+        log.contains("backend unavailable: pool \"nopool\" does not exist"),
+        "{}",
+        nopool.log_tail()
+    );
+    drop(nopool);
+
+    let mut l = lamina_config("rbdfig", &cluster, &cluster.pool, 5);
+    l.spawn();
+    l.wait_ready();
+    let c = l.client();
+    // Children of a small and of a big parent: a clone costs the same.
+    let mut figures = Vec::new();
+    for (id, mb) in [("small", 10u64), ("big", 200)] {
+        let mut w = TarWriter::new(Vec::new());
+        w.random_file("data", mb << 20, mb).unwrap();
+        let tar = w.finish().unwrap();
+        c.call("Create", json!({"ID": id})).ok("Create parent");
+        let t = Instant::now();
+        c.apply_diff(id, "", &mut &tar[..])
+            .unwrap()
+            .ok("ApplyDiff parent");
+        let apply = t.elapsed();
+        let child = format!("{id}-child");
+        let t = Instant::now();
+        c.call("CreateReadWrite", json!({"ID": child, "Parent": id}))
+            .ok("Create child");
+        let create = t.elapsed();
+        let t = Instant::now();
+        c.call("Get", json!({"ID": child, "MountLabel": ""}))
+            .ok("Get child");
+        let get = t.elapsed();
+        c.call("Put", json!({"ID": child})).ok("Put child");
+        eprintln!(
+            "[rbd layers] parent {mb} MB: ApplyDiff {apply:?} ({:.0} MB/s), Create of a child {create:?}, first Get {get:?}",
+            mb as f64 / apply.as_secs_f64()
+        );
+        figures.push(create);
+    }
+    assert!(
+        figures.iter().all(|d| *d < Duration::from_secs(10)),
+        "Create of a child took {figures:?}"
+    );
+    for id in ["small-child", "small", "big-child", "big"] {
+        c.call("Remove", json!({"ID": id})).ok(&format!("Remove {id}"));
+    }
+    assert_nothing_left(&l, &cluster);
+
+    // The cluster gone: a classed error within the deadline (5 s per call), nothing half-made.
+    cluster.kill();
+    let t = Instant::now();
+    let e = c
+        .call("Create", json!({"ID": "x"}))
+        .expect_err("Create without a cluster", "backend unavailable");
+    let took = t.elapsed();
+    eprintln!("[rbd layers] Create with the cluster down: {took:?}: {e}");
+    assert!(
+        took < Duration::from_secs(20),
+        "Create with the cluster down took {took:?}"
+    );
+    assert!(e.contains("unreachable") || e.contains("do not answer"), "{e}");
+    assert!(mounts_under(&l.data_root).is_empty());
 }

@@ -92,9 +92,11 @@ impl Rbd {
             self.detach(dir)?;
         }
         let t0 = Instant::now();
-        let r = self
-            .map_device(dir, image, read_only)
-            .and_then(|dev| self.mount_fs(dir, image, &dev, fs_type, read_only));
+        let r = self.map_device(dir, image, read_only).and_then(|dev| {
+            lamina_sys::fault::point("rbd.attach.mapped")
+                .map_err(|e| RbdError::io("after mapping the image", e))?;
+            self.mount_fs(dir, image, &dev, fs_type, read_only)
+        });
         if let Err(e) = &r {
             warn!(dir = %dir.display(), error = %e, "attaching failed; taking it down");
             if let Err(e2) = self.detach(dir) {

@@ -279,12 +279,18 @@ impl RbdBackend {
             }
         };
         if let Err(e) = made {
-            if let Err(e2) = self
-                .rbd
-                .detach(&self.adir(n))
-                .and_then(|()| self.rbd.remove_image(&self.image(n)))
-            {
-                warn!(layer = n, error = %e2, "cannot remove a half-made image");
+            // With the cluster out of reach the removal would only wait for the same deadline again: the
+            // image (if the cluster made it) has no record once the store drops the layer's, and the next
+            // start removes it.
+            let removal = match &e {
+                StoreError::Unavailable(_) => self.rbd.detach(&self.adir(n)),
+                _ => self
+                    .rbd
+                    .detach(&self.adir(n))
+                    .and_then(|()| self.rbd.remove_image(&self.image(n))),
+            };
+            if let Err(e2) = removal {
+                warn!(layer = n, error = %e2, "cannot remove a half-made image; the next start does");
             }
             return Err(e);
         }
@@ -410,8 +416,10 @@ impl LayerBackend for RbdBackend {
     }
 
     fn discard(&self, n: u64) {
-        if let Err(e) = self.remove_image(n) {
-            warn!(layer = n, error = %e, "cannot remove the image of a discarded layer");
+        // A failed create removed what it made (or left it to the next start when the cluster was out of
+        // reach); only what is attached here remains to undo.
+        if let Err(e) = self.force_detach(n) {
+            warn!(layer = n, error = %e, "cannot detach a discarded layer");
         }
     }
 
