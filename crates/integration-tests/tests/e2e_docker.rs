@@ -363,25 +363,7 @@ fn rm_and_rmi_leave_nothing() {
     }
 
     let d = &s.docker;
-    let ids = d.ok(&["ps", "-aq"]);
-    let mut args = vec!["rm", "-f", "-v"];
-    args.extend(ids.lines());
-    d.ok(&args);
-    // tagged images first; their untagged parents (build steps) go with them
-    for _ in 0..5 {
-        let imgs = d.ok(&["images", "-q"]);
-        if imgs.is_empty() {
-            break;
-        }
-        let mut imgs: Vec<&str> = imgs.lines().collect();
-        imgs.sort();
-        imgs.dedup();
-        let mut args = vec!["rmi", "-f"];
-        args.extend(imgs);
-        // parents listed before their children are refused; the next round gets them
-        let _ = d.docker(&args);
-    }
-    assert_eq!(d.ok(&["images", "-aq"]), "");
+    remove_everything(d);
     d.ok(&["volume", "prune", "-f"]);
 
     if let (Some(root), Some(before)) = (data_root, before) {

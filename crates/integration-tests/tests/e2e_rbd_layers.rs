@@ -187,25 +187,7 @@ fn rbd_layers_under_dockerd() {
     d.ok(&["rm", "-f", "running"]);
 
     // rm and rmi: nothing left in the pool or on the host.
-    let ids = d.ok(&["ps", "-aq"]);
-    if !ids.is_empty() {
-        let mut args = vec!["rm", "-f", "-v"];
-        args.extend(ids.lines());
-        d.ok(&args);
-    }
-    for _ in 0..5 {
-        let imgs = d.ok(&["images", "-q"]);
-        if imgs.is_empty() {
-            break;
-        }
-        let mut imgs: Vec<&str> = imgs.lines().collect();
-        imgs.sort();
-        imgs.dedup();
-        let mut args = vec!["rmi", "-f"];
-        args.extend(imgs);
-        let _ = d.docker(&args);
-    }
-    assert_eq!(d.ok(&["images", "-aq"]), "");
+    remove_everything(&d);
     assert_nothing_left(&lamina, &cluster);
 
     // The data root is an rbd one: opening it as an overlay store is refused, naming both.

@@ -232,29 +232,6 @@ pub fn is_image_name(name: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn argv(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn run_captures_and_times_out() {
-        let ok = run_argv(
-            &argv(&["sh", "-c", "echo out; echo err >&2; exit 3"]),
-            Duration::from_secs(10),
-        )
-        .unwrap();
-        assert_eq!(ok.code, Some(3));
-        assert_eq!(ok.stdout, "out\n");
-        assert_eq!(ok.summary(), "exited with 3: err");
-        let e = run_argv(&argv(&["sleep", "10"]), Duration::from_millis(200))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("backend unavailable: `sleep 10` did not finish"),
-            "{e}"
-        );
-    }
-
     #[test]
     fn names_and_modes() {
         for ok in ["v1", "a.b-c_d", "9"] {

@@ -213,22 +213,27 @@ impl Store {
         }
         let (new, old) = self.tree_views(ns, name, parent)?;
         let changes = tree_changes(&new, old.as_ref())?;
-        let mut total = 0u64;
-        for c in changes
-            .iter()
-            .filter(|c| c.kind != lamina_archive::ChangeKind::Delete)
-        {
-            let rel = Path::new(std::ffi::OsStr::from_bytes(
-                c.path.strip_prefix(b"/").unwrap_or(&c.path),
-            ));
-            if let Ok(md) = std::fs::symlink_metadata(new.path.join(rel)) {
-                if md.is_file() {
-                    total += md.len();
-                }
+        Ok(changed_bytes(&new.path, &changes))
+    }
+}
+
+/// Bytes of the regular files among `changes` (deletions left out) in the tree at `root`.
+pub(crate) fn changed_bytes(root: &Path, changes: &[Change]) -> u64 {
+    let mut total = 0u64;
+    for c in changes
+        .iter()
+        .filter(|c| c.kind != lamina_archive::ChangeKind::Delete)
+    {
+        let rel = Path::new(std::ffi::OsStr::from_bytes(
+            c.path.strip_prefix(b"/").unwrap_or(&c.path),
+        ));
+        if let Ok(md) = std::fs::symlink_metadata(root.join(rel)) {
+            if md.is_file() {
+                total += md.len();
             }
         }
-        Ok(total)
     }
+    total
 }
 
 pub(crate) fn tree_changes(new: &MountGuard<'_>, old: Option<&MountGuard<'_>>) -> Result<Vec<Change>> {

@@ -376,23 +376,6 @@ impl RbdBackend {
     }
 }
 
-/// Bytes of regular files among `changes` (not deletions) in the tree at `root`.
-fn changed_bytes(root: &Path, changes: &[Change]) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    changes
-        .iter()
-        .filter(|c| c.kind != lamina_archive::ChangeKind::Delete)
-        .filter_map(|c| {
-            let rel = Path::new(std::ffi::OsStr::from_bytes(
-                c.path.strip_prefix(b"/").unwrap_or(&c.path),
-            ));
-            std::fs::symlink_metadata(root.join(rel)).ok()
-        })
-        .filter(|md| md.is_file())
-        .map(|md| md.len())
-        .sum()
-}
-
 impl LayerBackend for RbdBackend {
     fn paths(&self, n: u64) -> LayerPaths {
         let dir = self.adir(n);
@@ -555,7 +538,7 @@ impl LayerBackend for RbdBackend {
             let new_fd = open_dir(new)?;
             let old_fd = old.map(open_dir).transpose()?;
             let changes = lamina_archive::tree_changes(new_fd.as_fd(), old_fd.as_ref().map(|f| f.as_fd()))?;
-            Ok(changed_bytes(new, &changes))
+            Ok(crate::content::changed_bytes(new, &changes))
         })
     }
 

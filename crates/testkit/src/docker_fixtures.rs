@@ -120,3 +120,28 @@ A /new
 C /root
 A /root/r
 D /tmp";
+
+/// `docker rm -f -v` of every container, then `docker rmi -f` of every image until none is left (asserted).
+pub fn remove_everything(d: &Dockerd) {
+    let ids = d.ok(&["ps", "-aq"]);
+    if !ids.is_empty() {
+        let mut args = vec!["rm", "-f", "-v"];
+        args.extend(ids.lines());
+        d.ok(&args);
+    }
+    // tagged images first; their untagged parents (build steps) go with them
+    for _ in 0..5 {
+        let imgs = d.ok(&["images", "-q"]);
+        if imgs.is_empty() {
+            break;
+        }
+        let mut imgs: Vec<&str> = imgs.lines().collect();
+        imgs.sort();
+        imgs.dedup();
+        let mut args = vec!["rmi", "-f"];
+        args.extend(imgs);
+        // parents listed before their children are refused; the next round gets them
+        let _ = d.docker(&args);
+    }
+    assert_eq!(d.ok(&["images", "-aq"]), "");
+}

@@ -472,19 +472,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn image_names_and_modes() {
+    fn image_names_and_locks() {
         for ok in ["v1", "a.b-c_d", "9"] {
             check_image_name(ok).unwrap();
         }
         for bad in ["", "-x", ".x", "a b", "a@b", "é", &"x".repeat(129)] {
             assert!(check_image_name(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(MapMode::parse("fuse"), Some(MapMode::Fuse));
-        assert!(!MapMode::Fuse.uses_krbd());
-        assert!(MapMode::Krbd.uses_krbd());
-        assert_eq!(MapMode::Auto.uses_krbd(), Path::new("/sys/bus/rbd").exists());
-        assert_eq!(FsType::parse("xfs"), Some(FsType::Xfs));
-        assert_eq!(FsType::parse("btrfs"), None);
         let l = ImageLock {
             id: "lamina:h2".into(),
             locker: "client.1".into(),
