@@ -434,3 +434,83 @@ fn rbd_layers_errors_and_clone_figures() {
     assert!(e.contains("unreachable") || e.contains("do not answer"), "{e}");
     assert!(mounts_under(&l.data_root).is_empty());
 }
+
+/// Mounts the one mount a Prepare/View of the rbd backend answers (a bind of the layer's filesystem) at
+/// `target`, as containerd does.
+fn mount_snapshot(mounts: &[lamina_snapshotter::proto::containerd::types::Mount], target: &Path) {
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    let m = &mounts[0];
+    assert_eq!(m.r#type, "bind", "{m:?}");
+    fs::create_dir_all(target).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "bind", &m.source])
+        .arg(target)
+        .args(["-o", &m.options.join(",")])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount {m:?} failed");
+}
+
+fn umount(target: &Path) {
+    assert!(std::process::Command::new("umount")
+        .arg(target)
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn rbd_layers_containerd_snapshotter() {
+    let test = "rbd_layers_containerd_snapshotter";
+    if !require_root(test) || !require_ceph(test) {
+        return;
+    }
+    let _serial = serial();
+    let mut cluster = CephCluster::start_with("layersnap", ObjectStore::Memstore);
+    let pool = cluster.pool.clone();
+    let l = lamina_config("rbdsnap", &cluster, &pool, 10);
+    let sock = l.dir().join("snap.sock");
+    let mut l = l.snapshotter(&sock);
+    l.spawn();
+    l.wait_ready();
+    let api = lamina_testkit::snapshots::SnapshotApi::connect(&sock);
+    let mnt = l.dir().join("mnt");
+
+    // An active snapshot on nothing: an empty filesystem, written through containerd's bind mount.
+    let m = timed("Prepare (base: image + mkfs)", || api.prepare("a", "").unwrap());
+    mount_snapshot(&m, &mnt);
+    assert_eq!(fs::read_dir(&mnt).unwrap().count(), 0, "a new layer is empty");
+    fs::create_dir(mnt.join("etc")).unwrap();
+    fs::write(mnt.join("etc/a"), "a").unwrap();
+    fs::write(mnt.join("etc/b"), "b").unwrap();
+    umount(&mnt);
+    timed("Commit (base)", || api.commit("base", "a").unwrap());
+
+    // A child: a clone of the seal, holding the whole tree.
+    let m = timed("Prepare (child: clone)", || api.prepare("b", "base").unwrap());
+    mount_snapshot(&m, &mnt);
+    assert_eq!(fs::read_to_string(mnt.join("etc/a")).unwrap(), "a");
+    fs::remove_file(mnt.join("etc/a")).unwrap();
+    fs::write(mnt.join("etc/c"), "c").unwrap();
+    umount(&mnt);
+    assert_eq!(api.mounts("b").unwrap(), m, "Mounts answers what Prepare did");
+    api.commit("top", "b").unwrap();
+
+    // A view: read-only.
+    let m = api.view("v", "top").unwrap();
+    mount_snapshot(&m, &mnt);
+    assert!(!mnt.join("etc/a").exists());
+    assert_eq!(fs::read_to_string(mnt.join("etc/c")).unwrap(), "c");
+    assert!(fs::write(mnt.join("x"), "x").is_err(), "a view is read-only");
+    umount(&mnt);
+
+    // Removal rules are the store's: a parent with children stays.
+    assert!(api.remove("top").is_err(), "top has the view as child");
+    for key in ["v", "top", "base"] {
+        api.remove(key).unwrap_or_else(|e| panic!("Remove {key}: {e}"));
+    }
+    assert_nothing_left(&l, &cluster);
+    drop(api);
+    drop(l);
+    cluster.stop();
+}

@@ -332,6 +332,20 @@ impl Rbd {
                         out.summary()
                     )));
                 }
+                // A loop device still open after `losetup -d` is only marked to go at its last close: the
+                // filesystem is still mounted somewhere (a container's mount namespace). rbd-fuse must keep
+                // serving it; the attachment stays recorded for a later detach.
+                let busy = || loop_backing(dev).is_some_and(|b| b.starts_with(&fuse));
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while busy() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if busy() {
+                    return Err(RbdError::InUse(format!(
+                        "{dev} of image {} is still open: its filesystem is mounted elsewhere",
+                        st.image
+                    )));
+                }
             }
         }
         if lamina_sys::mount::is_mount_point(&fuse).unwrap_or(false) {

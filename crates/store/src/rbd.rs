@@ -229,16 +229,21 @@ impl RbdBackend {
         if self.is_sealed(n)? {
             return Ok(());
         }
-        {
-            let h = self.hold_of(n);
-            let h = h.lock().unwrap_or_else(|p| p.into_inner());
-            if h.count > 0 && !h.external {
-                return Err(StoreError::InUse(format!(
-                    "layer {n:x} is mounted: it cannot be sealed for a child"
-                )));
-            }
+        // Under the layer's hold lock: nobody attaches it between the detach and the snapshot, and the next
+        // attach finds it sealed (read-only).
+        let h = self.hold_of(n);
+        let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+        if self.sealed.lock().unwrap_or_else(|p| p.into_inner()).contains(&n) {
+            return Ok(());
         }
-        self.force_detach(n)?;
+        if h.count > 0 && !h.external {
+            return Err(StoreError::InUse(format!(
+                "layer {n:x} is mounted: it cannot be sealed for a child"
+            )));
+        }
+        h.count = 0;
+        h.external = false;
+        self.rbd.detach(&self.adir(n))?;
         let snap = format!("{}@{SEAL}", self.rbd.spec(&self.image(n)));
         fault::point("store.rbd.seal.snap").map_err(|e| StoreError::io("snapshot", e))?;
         let out = self.rbd.cli(&["snap", "create", "--no-progress", &snap])?;
