@@ -1,7 +1,8 @@
 //! The `rbdlayers` workload: the RBD layer backend (`[store] backend = "rbd"`, docs/rbd.md) beside the overlay
 //! backend on the same machine, through the graph-driver protocol: Create of a child on a small and on a big
 //! parent (a clone: flat in the parent's size), a container layer's start and removal (CreateReadWrite, Get,
-//! Put, Remove), ApplyDiff throughput; and the Ceph side's own floor (`rbd bench`, 4 MiB writes).
+//! Put, Remove), ApplyDiff throughput; and the Ceph side's own floor (`rbd bench`, 4 MiB writes). Subject
+//! `lamina` is the rbd backend, `lamina-overlay` the overlay backend.
 //!
 //! The cluster is testkit's `CephCluster` (one monitor, one memstore OSD on 127.0.0.1): its data lives in RAM,
 //! so the big parent is 100 MB in `--quick` and 1 GB otherwise. Without the Ceph packages the workload records
@@ -83,8 +84,10 @@ fn measure(ctx: &Ctx, cluster: &CephCluster, figs: &mut Vec<Figure>) -> anyhow::
         ),
     )?;
     rbd.extra_args = vec!["--config".into(), cfg.display().to_string()];
-    let mut engines: Vec<(&str, Lamina)> =
-        vec![("rbd", start(rbd)), ("overlay", start(lamina(ctx, "overlay")))];
+    let mut engines: Vec<(&str, Lamina)> = vec![
+        ("lamina", start(rbd)),
+        ("lamina-overlay", start(lamina(ctx, "overlay"))),
+    ];
     let big = ctx.pick(100, 1024);
     let cases = [
         (10u64, "10 MB parent".to_string()),
