@@ -184,6 +184,9 @@ fn rbd_layers_under_dockerd() {
         got.contains("A /state\n") || got.contains("A /state2"),
         "docker diff after the restart: {got}"
     );
+    // And stopped cleanly (SIGTERM): the same.
+    timed("lamina restart (SIGTERM)", || lamina.restart());
+    assert_eq!(d.ok(&["exec", "running", "cat", "/state2"]), "after");
     d.ok(&["rm", "-f", "running"]);
 
     // rm and rmi: nothing left in the pool or on the host.
