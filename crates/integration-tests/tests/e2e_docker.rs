@@ -69,30 +69,6 @@ impl Setup {
     }
 }
 
-/// Line-by-line difference of two listings, for assertion messages.
-fn diff_lines(left_name: &str, left: &str, right_name: &str, right: &str) -> String {
-    let l: std::collections::BTreeSet<&str> = left.lines().collect();
-    let r: std::collections::BTreeSet<&str> = right.lines().collect();
-    let mut out = String::new();
-    for x in l.difference(&r) {
-        out.push_str(&format!("only on {left_name}: {x}\n"));
-    }
-    for x in r.difference(&l) {
-        out.push_str(&format!("only on {right_name}: {x}\n"));
-    }
-    out
-}
-
-fn assert_same_tree(what: &str, a_name: &str, a: &str, b_name: &str, b: &str) {
-    assert!(
-        a == b,
-        "{what}: visible trees differ ({} vs {} lines):\n{}",
-        a.lines().count(),
-        b.lines().count(),
-        diff_lines(a_name, a, b_name, b)
-    );
-}
-
 /// A vfs dockerd with the busybox image, for oracles.
 fn vfs_with_busybox(tag: &str) -> Dockerd {
     let vfs = Dockerd::start("vfs");

@@ -159,6 +159,46 @@ fn rbd_layers_under_dockerd() {
     let vols = d.ok(&["image", "inspect", "-f", "{{json .Config.Volumes}}", "built:1"]);
     assert_eq!(vols, r#"{"/data":{}}"#);
 
+    // save | load into a vfs dockerd: the same DiffIDs and tree; and back, with dockerd's own tars (opaque
+    // directories and whiteouts as its archive code writes them) applied as deletions.
+    let vfs = Dockerd::start("vfs");
+    busybox_image(&vfs, "bb:1");
+    let layers = |x: &Dockerd, img: &str| x.ok(&["image", "inspect", "-f", "{{json .RootFS.Layers}}", img]);
+    let tarball = d.dir().join("built.tar");
+    timed("docker save", || {
+        d.ok(&["save", "-o", tarball.to_str().unwrap(), "built:1"])
+    });
+    vfs.ok(&["load", "-i", tarball.to_str().unwrap()]);
+    assert_eq!(
+        layers(&d, "built:1"),
+        layers(&vfs, "built:1"),
+        "DiffIDs after save | load into vfs"
+    );
+    assert_same_tree(
+        "loaded into vfs",
+        "rbd",
+        &list_tree(&d, "built:1"),
+        "vfs",
+        &list_tree(&vfs, "built:1"),
+    );
+    build(&vfs, "vbuilt:1");
+    let vtar = vfs.dir().join("vbuilt.tar");
+    vfs.ok(&["save", "-o", vtar.to_str().unwrap(), "vbuilt:1"]);
+    timed("docker load", || d.ok(&["load", "-i", vtar.to_str().unwrap()]));
+    assert_eq!(
+        layers(&d, "vbuilt:1"),
+        layers(&vfs, "vbuilt:1"),
+        "DiffIDs after save on vfs | load"
+    );
+    assert_same_tree(
+        "loaded from vfs",
+        "rbd",
+        &list_tree(&d, "vbuilt:1"),
+        "vfs",
+        &list_tree(&vfs, "vbuilt:1"),
+    );
+    drop(vfs);
+
     // lamina killed (-9) with a container running: the container keeps its tree, lamina takes it back.
     d.ok(&[
         "run",

@@ -24,6 +24,31 @@ pub fn list_tree(d: &Dockerd, image: &str) -> String {
     d.ok(&["run", "--rm", "--network", "none", image, "sh", "-c", LIST_TREE])
 }
 
+/// Line-by-line difference of two listings, for assertion messages.
+pub fn diff_lines(left_name: &str, left: &str, right_name: &str, right: &str) -> String {
+    let l: std::collections::BTreeSet<&str> = left.lines().collect();
+    let r: std::collections::BTreeSet<&str> = right.lines().collect();
+    let mut out = String::new();
+    for x in l.difference(&r) {
+        out.push_str(&format!("only on {left_name}: {x}\n"));
+    }
+    for x in r.difference(&l) {
+        out.push_str(&format!("only on {right_name}: {x}\n"));
+    }
+    out
+}
+
+/// Asserts two tree listings are equal, naming the lines only one side has.
+pub fn assert_same_tree(what: &str, a_name: &str, a: &str, b_name: &str, b: &str) {
+    assert!(
+        a == b,
+        "{what}: visible trees differ ({} vs {} lines):\n{}",
+        a.lines().count(),
+        b.lines().count(),
+        diff_lines(a_name, a, b_name, b)
+    );
+}
+
 /// The lines of a `docker diff` output, sorted by path.
 pub fn sorted_lines(s: &str) -> String {
     let mut v: Vec<&str> = s.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
