@@ -824,6 +824,53 @@ mod tests {
     }
 
     #[test]
+    fn store_backend_table() {
+        assert_eq!(store_settings(None).unwrap(), None);
+        let file: FileConfig = toml::from_str("[store]\nbackend = \"overlay\"\n").unwrap();
+        assert_eq!(store_settings(file.store).unwrap(), None);
+        let text = r#"
+            [store]
+            backend = "rbd"
+            [store.rbd]
+            ceph_conf = "/etc/ceph/test.conf"
+            pool = "layers"
+            size = "5G"
+            map = "fuse"
+        "#;
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let r = store_settings(file.store).unwrap().unwrap();
+        assert_eq!(r.cluster.pool, "layers");
+        assert_eq!(r.cluster.map, lamina_rbd::MapMode::Fuse);
+        assert_eq!(r.size, 5 << 30);
+        assert_eq!(r.fs, lamina_rbd::FsType::Ext4);
+        assert_eq!(r.image_prefix, "lamina-layer-");
+        assert_eq!(r.timeout, std::time::Duration::from_secs(10));
+        for (bad, want) in [
+            ("[store]\nbackend = \"zfs\"\n", "must be \"overlay\" or \"rbd\""),
+            (
+                "[store]\nbackend = \"rbd\"\n[store.rbd]\nfs = \"btrfs\"\n",
+                "must be \"ext4\" or \"xfs\"",
+            ),
+            (
+                "[store]\nbackend = \"rbd\"\n[store.rbd]\nimage_prefix = \"\"\n",
+                "letters, digits",
+            ),
+            (
+                "[store]\nbackend = \"rbd\"\n[store.rbd]\nceph_conf = \"x\"\n",
+                "absolute",
+            ),
+            (
+                "[store]\nbackend = \"rbd\"\n[store.rbd]\ntimeout_secs = 0\n",
+                "must be 1-100",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let e = store_settings(file.store).unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{bad}: {e:#}");
+        }
+    }
+
+    #[test]
     fn rbd_volumes_table() {
         let text = r#"
             [volumes]
