@@ -557,3 +557,87 @@ fn rbd_layers_containerd_snapshotter() {
     drop(l);
     cluster.stop();
 }
+
+#[test]
+fn rbd_layers_under_containerd() {
+    use lamina_testkit::containerd::{
+        require_containerd, whiteout_image, Containerd, PROXY_NAME, WHITEOUT_EXPECTED, WHITEOUT_IMAGE,
+        WHITEOUT_SCRIPT,
+    };
+    let test = "rbd_layers_under_containerd";
+    if !require_containerd(test) || !require_ceph(test) {
+        return;
+    }
+    let _serial = serial();
+    let mut cluster = CephCluster::start_with("layerctrd", ObjectStore::Memstore);
+    let pool = cluster.pool.clone();
+    let l = lamina_config("rbdctrd", &cluster, &pool, 10);
+    let sock = l.dir().join("snap.sock");
+    let mut l = l.snapshotter(&sock);
+    l.spawn();
+    l.wait_ready();
+    let dir = TestDir::new(&unique_name(test));
+    let ctrd = Containerd::start(&dir.join("containerd"), Some(&sock));
+    let work = dir.join("work");
+    fs::create_dir_all(&work).unwrap();
+    let image = whiteout_image(&work);
+    timed("ctr images import (3 layers)", || {
+        ctrd.ctr_ok(&[
+            "images",
+            "import",
+            "--snapshotter",
+            PROXY_NAME,
+            image.tar.to_str().unwrap(),
+        ])
+    });
+    assert_eq!(layer_images(&cluster).len(), 3, "one image per layer");
+    let run = |id: &str, script: &str| {
+        let fifo = ctrd.fifo_dir();
+        let runc_root = ctrd.runc_root();
+        ctrd.ctr_ok(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            PROXY_NAME,
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--runc-root",
+            runc_root.to_str().unwrap(),
+            WHITEOUT_IMAGE,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+    };
+    let out = timed("ctr run --rm", || run("c1", WHITEOUT_SCRIPT));
+    assert_eq!(
+        out, WHITEOUT_EXPECTED,
+        "whiteouts and the opaque directory applied as deletions"
+    );
+    let out = run(
+        "c2",
+        "echo changed > /etc/lamina/layer1 && rm /etc/lamina/layer2 && touch /gone.txt && cat /etc/lamina/layer1",
+    );
+    assert_eq!(out, "changed\n");
+    assert_eq!(
+        run("c3", WHITEOUT_SCRIPT),
+        WHITEOUT_EXPECTED,
+        "a container's writes stay in its own layer"
+    );
+
+    ctrd.ctr_ok(&["images", "rm", "--sync", WHITEOUT_IMAGE]);
+    let gone = poll(Duration::from_secs(60), || {
+        ctrd.gc_now();
+        layer_images(&cluster).is_empty().then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "images left after `ctr images rm` + GC: {:?}",
+        layer_images(&cluster)
+    );
+    assert_nothing_left(&l, &cluster);
+    drop(ctrd);
+    drop(l);
+    cluster.stop();
+}
