@@ -123,16 +123,7 @@ fn build_classic_dockerfile_effects() {
     let Some(s) = setup("build") else { return };
     busybox_image(&s.docker, "bb:1");
     build(&s.docker, "built:1");
-    let check = [
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "built:1",
-        "sh",
-        "-c",
-        CHECK_EFFECTS,
-    ];
+    let check = CHECK_RUN;
     let effects = s.docker.ok(&check);
     assert_eq!(
         effects, EXPECTED_EFFECTS,
@@ -165,17 +156,7 @@ fn build_classic_dockerfile_effects() {
 fn docker_diff_exact() {
     let Some(s) = setup("diff") else { return };
     busybox_image(&s.docker, "bb:1");
-    let run = [
-        "run",
-        "--name",
-        "c1",
-        "--network",
-        "none",
-        "bb:1",
-        "sh",
-        "-c",
-        DIFF_STEPS,
-    ];
+    let run = DIFF_RUN;
     s.docker.ok(&run);
     let got = sorted_lines(&s.docker.ok(&["diff", "c1"]));
     let vfs = vfs_with_busybox("bb:1");

@@ -115,17 +115,7 @@ fn rbd_layers_under_dockerd() {
     assert_eq!(out, "hello");
 
     // docker diff of a container against its image (init layer as parent).
-    let run = [
-        "run",
-        "--name",
-        "c1",
-        "--network",
-        "none",
-        "bb:1",
-        "sh",
-        "-c",
-        DIFF_STEPS,
-    ];
+    let run = DIFF_RUN;
     d.ok(&run);
     let got = timed("docker diff", || sorted_lines(&d.ok(&["diff", "c1"])));
     assert_eq!(got, EXPECTED_DIFF, "docker diff on the rbd backend");
@@ -142,16 +132,7 @@ fn rbd_layers_under_dockerd() {
 
     // classic docker build: changed and deleted files, an opaque directory, hardlinks, VOLUME.
     timed("docker build (classic, 7 steps)", || build(&d, "built:1"));
-    let effects = d.ok(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "built:1",
-        "sh",
-        "-c",
-        CHECK_EFFECTS,
-    ]);
+    let effects = d.ok(&CHECK_RUN);
     assert_eq!(
         effects, EXPECTED_EFFECTS,
         "effects of the Dockerfile on the rbd backend"

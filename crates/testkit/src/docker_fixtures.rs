@@ -88,6 +88,18 @@ echo "relsym=$(readlink /rel-sym) $(ls /rel-sym/ | tr '\n' ' ')"
 echo "data=$(cat /data/seed) $(grep -c ' /data ' /proc/self/mountinfo)"
 "#;
 
+/// `docker run` of [`CHECK_EFFECTS`] in a container of `built:1`.
+pub const CHECK_RUN: [&str; 8] = [
+    "run",
+    "--rm",
+    "--network",
+    "none",
+    "built:1",
+    "sh",
+    "-c",
+    CHECK_EFFECTS,
+];
+
 /// What [`CHECK_EFFECTS`] prints in a container of the image built from [`DOCKERFILE`].
 pub const EXPECTED_EFFECTS: &str = "ctx=from the build context
 ctxdir=A 600 B
@@ -130,6 +142,19 @@ pub fn build(d: &Dockerd, tag: &str) {
 /// A container command whose `docker diff` is [`EXPECTED_DIFF`].
 pub const DIFF_STEPS: &str = "echo x > /new && rm /etc/group && echo y >> /etc/passwd && mkdir -p /a/b \
      && echo z > /a/b/c && rm -rf /tmp && ln -s /x /lnk && rm /bin/vi && mkdir /root/r";
+
+/// `docker run` of [`DIFF_STEPS`] in a container `c1` of `bb:1`.
+pub const DIFF_RUN: [&str; 9] = [
+    "run",
+    "--name",
+    "c1",
+    "--network",
+    "none",
+    "bb:1",
+    "sh",
+    "-c",
+    DIFF_STEPS,
+];
 
 /// The sorted `docker diff` of [`DIFF_STEPS`] on `bb:1`.
 pub const EXPECTED_DIFF: &str = "A /a
