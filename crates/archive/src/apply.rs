@@ -24,7 +24,7 @@ use lamina_sys::fs::{self as sfs, errno as libc_errno, FileKind};
 
 use crate::tar_read::{Entry, Kind, TarReader};
 use crate::util::{invalid, io_err, is_overlay_xattr, show, to_host, IoContext};
-use crate::{ApplyOptions, ApplyStats, ArchiveError};
+use crate::{ApplyOptions, ApplyStats, ArchiveError, Whiteouts};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
@@ -78,6 +78,8 @@ struct Applier<'a> {
     buf: Vec<u8>,
     /// Where the regular files of `.wh..wh.plnk/` are kept until the end, once one was seen.
     aufs_links: Option<OwnedFd>,
+    /// With [`Whiteouts::Delete`]: the paths this stream wrote, which an opaque marker keeps.
+    written: std::collections::HashSet<Vec<u8>>,
 }
 
 fn clamp_mtime(sec: i64) -> i64 {
@@ -251,6 +253,19 @@ impl<'a> Applier<'a> {
             if name == OPAQUE_MARKER {
                 let (key, parent) = self.parent(parent_comps, &e.path)?;
                 let dir = sfs::reopen_dir(parent.as_fd()).ctx(|| format!("opening /{}", show(&key)))?;
+                if self.opts.whiteouts == Whiteouts::Delete {
+                    self.cached = None;
+                    for child in
+                        sfs::read_dir_names(dir.as_fd()).ctx(|| format!("listing /{}", show(&key)))?
+                    {
+                        let child_path = crate::util::join(&key, &child);
+                        if !self.written.contains(&child_path) {
+                            sfs::remove_all(dir.as_fd(), &child)
+                                .ctx(|| format!("emptying opaque /{}", show(&child_path)))?;
+                        }
+                    }
+                    return Ok(());
+                }
                 sfs::set_opaque(dir.as_fd()).ctx(|| format!("marking /{} opaque", show(&key)))?;
                 self.cached = Some((key, parent));
                 return Ok(());
@@ -266,6 +281,9 @@ impl<'a> Applier<'a> {
             let (key, parent) = self.parent(parent_comps, &e.path)?;
             let target_path = crate::util::join(&key, target);
             self.make_room(parent.as_fd(), target, false, &target_path)?;
+            if self.opts.whiteouts == Whiteouts::Delete {
+                return Ok(());
+            }
             sfs::make_whiteout(parent.as_fd(), target)
                 .map_err(|err| device_error(err, &target_path, "creating whiteout"))?;
             sfs::chown_at(parent.as_fd(), target, uid, gid)
@@ -297,6 +315,9 @@ impl<'a> Applier<'a> {
             _ => {}
         }
 
+        if self.opts.whiteouts == Whiteouts::Delete {
+            self.written.insert(path.clone());
+        }
         let (uid, gid) = self.host_ids(e)?;
         let mode = e.mode & 0o7777;
         let mtime = clamp_mtime(e.mtime_sec);
@@ -638,6 +659,7 @@ pub(crate) fn apply_layer<R: Read>(
         dirs: Vec::new(),
         buf: vec![0u8; 128 * 1024],
         aufs_links: None,
+        written: std::collections::HashSet::new(),
     };
     let mut entries = 0u64;
     while let Some(e) = tar.next_entry()? {

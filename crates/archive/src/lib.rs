@@ -69,11 +69,26 @@ pub struct IdMappings {
     pub gids: Vec<IdMap>,
 }
 
+/// What [`apply_layer`] makes of the tar's whiteouts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// Overlay whiteouts: a `0:0` character device per deleted path and the `trusted.overlay.opaque` xattr on
+    /// an opaque directory (the layer directory is an overlay upper dir).
+    #[default]
+    Overlay,
+    /// Deletions in a full tree: the deleted path is removed, an opaque directory loses every entry the
+    /// stream did not write before its marker (the layer directory holds the whole filesystem, as a clone of
+    /// its parent's image does).
+    Delete,
+}
+
 /// Options for [`apply_layer`].
 #[derive(Debug, Clone, Default)]
 pub struct ApplyOptions {
     /// Container ids in the tar are mapped to host ids with these.
     pub id_mappings: IdMappings,
+    /// Overlay whiteouts or deletions.
+    pub whiteouts: Whiteouts,
 }
 
 /// Options for the diff writers.

@@ -174,6 +174,7 @@ fn id_mappings_both_ways() {
         &tar.end()[..],
         &ApplyOptions {
             id_mappings: maps.clone(),
+            ..ApplyOptions::default()
         },
     )
     .unwrap();
@@ -197,7 +198,15 @@ fn id_mappings_both_ways() {
     h.uid = 70_000;
     let mut tar = Tar::new();
     tar.header(&h);
-    let err = apply_layer(fd(&d), &tar.end()[..], &ApplyOptions { id_mappings: maps }).unwrap_err();
+    let err = apply_layer(
+        fd(&d),
+        &tar.end()[..],
+        &ApplyOptions {
+            id_mappings: maps,
+            ..ApplyOptions::default()
+        },
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("outside the id mapping"), "{err}");
 }
 
@@ -335,4 +344,39 @@ fn gnu_tar_extracts_our_diff_identically() {
     child.stdin.take().unwrap().write_all(&out).unwrap();
     assert!(child.wait().unwrap().success());
     assert_eq!(snapshot(&a, true), snapshot(&b, true));
+}
+
+#[test]
+fn whiteouts_as_deletions_in_a_full_tree() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    fs::create_dir_all(root.join("old/sub")).unwrap();
+    fs::write(root.join("old/gone"), "g").unwrap();
+    fs::write(root.join("old/sub/deep"), "d").unwrap();
+    fs::write(root.join("old/stays"), "s").unwrap();
+    fs::create_dir_all(root.join("opq/x")).unwrap();
+    fs::write(root.join("opq/before"), "b").unwrap();
+    let mut tar = Tar::new();
+    tar.file(b"old/.wh.gone", b"").file(b"old/.wh.sub", b"");
+    // Written before the marker in the same stream: kept; what was there before: gone.
+    tar.dir(b"opq/")
+        .file(b"opq/new", b"n")
+        .file(b"opq/.wh..wh..opq", b"");
+    let d = open_dir(root);
+    let opts = ApplyOptions {
+        whiteouts: lamina_archive::Whiteouts::Delete,
+        ..ApplyOptions::default()
+    };
+    apply_layer(fd(&d), &tar.end()[..], &opts).unwrap();
+    let names = |p: &str| {
+        let mut v: Vec<String> = fs::read_dir(root.join(p))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names("old"), ["stays"]);
+    assert_eq!(names("opq"), ["new"]);
+    assert_eq!(fs::read_to_string(root.join("opq/new")).unwrap(), "n");
 }

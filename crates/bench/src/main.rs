@@ -26,6 +26,7 @@ mod targen;
 mod containerd;
 mod docker;
 mod engines_ctr;
+mod rbd;
 mod volume;
 
 use std::path::PathBuf;

@@ -55,6 +55,7 @@ pub fn workloads() -> Vec<Workload> {
         super::docker::PAGECACHE,
         super::containerd::SNAPSHOTTER,
         super::volume::VOLUME,
+        super::rbd::RBD_LAYERS,
     ]);
     v
 }

@@ -38,6 +38,8 @@ pub struct FileConfig {
     pub verify_on_mount: Option<bool>,
     /// The cluster: the shared directory, this host's id, lease timings; see docs/cluster.md.
     pub cluster: Option<ClusterFile>,
+    /// The layer store's backend; see docs/rbd.md.
+    pub store: Option<crate::store_config::StoreFile>,
 }
 
 /// The `[cluster]` table.
@@ -162,6 +164,8 @@ pub struct Settings {
     pub quarantine_unknown: bool,
     /// `[cluster]`.
     pub cluster: ClusterSettings,
+    /// `[store] backend = "rbd"`: layers as RBD images.
+    pub store_rbd: Option<lamina_store::RbdLayers>,
 }
 
 impl FileConfig {
@@ -255,6 +259,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
         verify_on_mount: flags.verify_on_mount.or(file.verify_on_mount).unwrap_or(false),
         quarantine_unknown: flags.quarantine_unknown,
         cluster: cluster_settings(file.cluster)?,
+        store_rbd: crate::store_config::store_settings(file.store)?,
     };
     if !s.data_root.is_absolute() {
         bail!("data root {} must be an absolute path", s.data_root.display());
@@ -331,7 +336,7 @@ pub struct RbdFile {
 }
 
 /// Letters, digits, `_`, `.`, `-` (what a pool, client id, host id or image prefix may hold here).
-fn plain_word(s: &str) -> bool {
+pub(crate) fn plain_word(s: &str) -> bool {
     s.chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
         && !s.starts_with('-')

@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod metrics;
 mod serve;
+mod store_config;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

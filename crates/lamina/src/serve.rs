@@ -61,6 +61,7 @@ fn store_options(settings: &Settings) -> OpenOptions {
     OpenOptions {
         verify_on_mount: settings.verify_on_mount,
         quarantine_unknown: settings.quarantine_unknown,
+        rbd: settings.store_rbd.clone(),
         on_check: Some(Arc::new(|outcome, bytes, elapsed| {
             let outcome = match outcome {
                 CheckOutcome::Clean => VerifyOutcome::Clean,

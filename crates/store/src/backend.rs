@@ -58,7 +58,7 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// crash in between leaves a record without storage, which [`LayerBackend::recover`] makes). It appears
     /// whole or not at all. The returned guard keeps garbage collection away from it while it is being made.
     /// Nothing is left behind on error.
-    fn create(&self, n: u64, max_size: Option<u64>) -> Result<InFlight>;
+    fn create(&self, n: u64, parent: Option<u64>, max_size: Option<u64>) -> Result<InFlight>;
 
     /// Drops the storage of a layer whose record was never written.
     fn discard(&self, n: u64);
@@ -90,18 +90,18 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Drops the staging of an apply a crash interrupted (not one still running: false then).
     fn drop_staging(&self, token: &str) -> bool;
 
-    /// Puts the layer's content back to empty, as created (its manifest goes too); makes the layer's storage
-    /// first if a power cut took it (it was made after the record and never synced).
-    fn reset(&self, n: u64) -> Result<()>;
+    /// Puts the layer's content back to empty, as created on `parent` (its manifest goes too); makes the
+    /// layer's storage first if a power cut took it (it was made after the record and never synced).
+    fn reset(&self, n: u64, parent: Option<u64>) -> Result<()>;
 
-    /// Streams the layer's own changes against its parent as a tar.
-    fn write_diff(&self, n: u64, out: &mut dyn Write, opts: &DiffOptions) -> Result<()>;
+    /// Streams the layer's own changes against its parent as a tar; `below` is its chain, nearest first.
+    fn write_diff(&self, n: u64, below: &[u64], out: &mut dyn Write, opts: &DiffOptions) -> Result<()>;
 
     /// The layer's own changes against its parent; `below` is its chain, nearest first.
     fn changes(&self, n: u64, below: &[u64]) -> Result<Vec<Change>>;
 
-    /// Bytes of the layer's own changes against its parent.
-    fn diff_size(&self, n: u64) -> Result<u64>;
+    /// Bytes of the layer's own changes against its parent; `below` is its chain, nearest first.
+    fn diff_size(&self, n: u64, below: &[u64]) -> Result<u64>;
 
     /// Where the merged view of layer `n` is, and whether it must be mounted to be there.
     fn view(&self, n: u64, rec: &LayerRecord) -> (PathBuf, bool);
@@ -118,8 +118,15 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// The layers whose merged view is up.
     fn mounted(&self) -> Result<HashSet<u64>>;
 
-    /// The merged view of a writable layer or view for a caller that mounts it itself.
-    fn describe(&self, n: u64, rec: &LayerRecord, below: &[u64]) -> MountSpec;
+    /// The merged view of a writable layer or view for a caller that mounts it itself (a block backend
+    /// attaches the layer's filesystem here, until the layer is committed or removed).
+    fn describe(&self, n: u64, rec: &LayerRecord, below: &[u64]) -> Result<MountSpec>;
+
+    /// Whether the store keeps content manifests of this backend's frozen layers (read from
+    /// [`LayerPaths::content`] without a mount).
+    fn manifests(&self) -> bool {
+        true
+    }
 
     /// Start-up, first step: removes the leftovers of operations a crash cut short.
     fn clear_leftovers(&self) -> Result<()>;
@@ -135,12 +142,12 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// storage of `removed` layers (their removal was committed) and makes every deletion of theirs durable (the
     /// store drops their proofs next), moves storage that no record explains
     /// to quarantine (never deleted on the evidence of missing metadata), recreates missing storage of `known`
-    /// layers (`max_size_of` gives their size limit), and returns the known layers whose view is still up.
+    /// layers (`record_of` gives their records), and returns the known layers whose view is still up.
     fn recover(
         &self,
         known: &HashSet<u64>,
         removed: &HashSet<u64>,
-        max_size_of: &dyn Fn(u64) -> Result<Option<u64>>,
+        record_of: &dyn Fn(u64) -> Result<Option<LayerRecord>>,
     ) -> Result<Vec<u64>>;
 
     /// Whether any storage of layer `n` is there.

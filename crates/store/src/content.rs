@@ -16,8 +16,8 @@ impl Store {
     /// empty directory, no manifest, state `Empty`), and drops its `pending` row. Used by the start-up
     /// recovery and by `gc`.
     pub(crate) fn reset_interrupted_apply(&self, n: u64) -> Result<()> {
-        if self.record_by_number(n)?.is_some() {
-            self.backend.reset(n)?;
+        if let Some(rec) = self.record_by_number(n)? {
+            self.backend.reset(n, rec.parent)?;
             self.update_record(n, |r| {
                 r.state = LayerState::Empty;
                 r.size = None;
@@ -164,8 +164,9 @@ impl Store {
             id_mappings: mappings.clone(),
         };
         if self.is_direct_parent(&rec, ns, parent)? {
+            let below = self.lowers_of(n, &rec)?;
             return Ok(DiffPlan {
-                kind: PlanKind::Native(self, n),
+                kind: PlanKind::Native(self, n, below),
                 opts,
             });
         }
@@ -207,26 +208,32 @@ impl Store {
     pub fn diff_size(&self, ns: &str, name: &str, parent: &str) -> Result<u64> {
         let (n, rec) = self.require(ns, name)?;
         if self.is_direct_parent(&rec, ns, parent)? {
-            return self.backend.diff_size(n);
+            let below = self.lowers_of(n, &rec)?;
+            return self.backend.diff_size(n, &below);
         }
         let (new, old) = self.tree_views(ns, name, parent)?;
         let changes = tree_changes(&new, old.as_ref())?;
-        let mut total = 0u64;
-        for c in changes
-            .iter()
-            .filter(|c| c.kind != lamina_archive::ChangeKind::Delete)
-        {
-            let rel = Path::new(std::ffi::OsStr::from_bytes(
-                c.path.strip_prefix(b"/").unwrap_or(&c.path),
-            ));
-            if let Ok(md) = std::fs::symlink_metadata(new.path.join(rel)) {
-                if md.is_file() {
-                    total += md.len();
-                }
+        Ok(changed_bytes(&new.path, &changes))
+    }
+}
+
+/// Bytes of the regular files among `changes` (deletions left out) in the tree at `root`.
+pub(crate) fn changed_bytes(root: &Path, changes: &[Change]) -> u64 {
+    let mut total = 0u64;
+    for c in changes
+        .iter()
+        .filter(|c| c.kind != lamina_archive::ChangeKind::Delete)
+    {
+        let rel = Path::new(std::ffi::OsStr::from_bytes(
+            c.path.strip_prefix(b"/").unwrap_or(&c.path),
+        ));
+        if let Ok(md) = std::fs::symlink_metadata(root.join(rel)) {
+            if md.is_file() {
+                total += md.len();
             }
         }
-        Ok(total)
     }
+    total
 }
 
 pub(crate) fn tree_changes(new: &MountGuard<'_>, old: Option<&MountGuard<'_>>) -> Result<Vec<Change>> {
@@ -240,7 +247,7 @@ pub(crate) fn tree_changes(new: &MountGuard<'_>, old: Option<&MountGuard<'_>>) -
 
 enum PlanKind<'a> {
     /// The layer's own changes against its parent, from the backend.
-    Native(&'a Store, u64),
+    Native(&'a Store, u64, crate::Lowers),
     Trees {
         new: MountGuard<'a>,
         old: Option<MountGuard<'a>>,
@@ -257,7 +264,7 @@ impl DiffPlan<'_> {
     /// Streams the tar into `out`.
     pub fn write_to(self, out: &mut dyn Write) -> Result<()> {
         match &self.kind {
-            PlanKind::Native(store, n) => store.backend.write_diff(*n, out, &self.opts)?,
+            PlanKind::Native(store, n, below) => store.backend.write_diff(*n, below, out, &self.opts)?,
             PlanKind::Trees { new, old } => {
                 let new_fd = open_dir(&new.path)?;
                 let old_fd = old.as_ref().map(|o| open_dir(&o.path)).transpose()?;

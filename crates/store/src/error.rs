@@ -47,6 +47,12 @@ pub enum StoreError {
         /// Why, and what would work.
         reason: String,
     },
+    /// The storage backend (a Ceph cluster) cannot be reached, or did not answer in time.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// The storage backend has no room (a pool over its quota, or full).
+    #[error("no space: {0}")]
+    NoSpace(String),
     /// Another process holds the data root.
     #[error("data root is locked: {0}")]
     Locked(String),

@@ -32,6 +32,7 @@ mod open;
 mod overlay;
 mod query;
 mod quota;
+mod rbd;
 mod slots;
 mod stats;
 mod tables;
@@ -57,6 +58,7 @@ pub use meta::{LayerKind, LayerRecord, LayerState, LayerStats, FORMAT_VERSION};
 pub use mounts::MountGuard;
 pub use open::{OpenMode, OpenOptions};
 pub use quota::{parse_size, MIN_SIZE, SIZE_LABEL};
+pub use rbd::{RbdLayers, SEAL};
 pub use stats::{Counter, LayerOverview};
 pub use verify::{CheckHook, CheckOutcome, VerifyResult, VerifyStatus, MANIFEST_FILE};
 

@@ -160,7 +160,7 @@ impl Store {
         };
         let made = fault::point("store.create.mkdir")
             .map_err(|e| StoreError::io("create layer directories", e))
-            .and_then(|()| self.backend.create(n, opts.max_size));
+            .and_then(|()| self.backend.create(n, rec.parent, opts.max_size));
         if let Err(e) = made {
             self.backend.discard(n);
             let forget = self.write().and_then(|txn| {

@@ -96,7 +96,7 @@ impl Store {
         lock(&self.slot(n)).lowers = Some(below.clone());
         self.check_before_mount([n])?;
         self.note_external_use(n, &below);
-        Ok(self.backend.describe(n, &rec, &below))
+        self.backend.describe(n, &rec, &below)
     }
 
     /// Describes the mount of the writable layer or view `name`, for a caller that mounts it itself
@@ -112,7 +112,7 @@ impl Store {
         let below = self.lowers_of(n, &rec)?;
         self.check_before_mount(std::iter::once(n).chain(below.iter().copied()))?;
         self.note_external_use(n, &below);
-        Ok(self.backend.describe(n, &rec, &below))
+        self.backend.describe(n, &rec, &below)
     }
 
     /// The layers below layer `n`, nearest first: walked in the database once per layer and process (a parent

@@ -9,9 +9,14 @@ use lamina_sys::lock::LockFile;
 use lamina_sys::mounter::{LinuxMounter, Mounter};
 use tracing::{info, warn};
 
+use crate::backend::LayerBackend;
 use crate::overlay::OverlayBackend;
+use crate::rbd::{RbdBackend, RbdLayers};
 use crate::verify::CheckHook;
 use crate::{custody, db, lock, stats, verify, Result, Store, StoreError, FORMAT_VERSION};
+
+/// The setting naming the backend of the data root: `overlay`, or `rbd:<pool>/<image prefix>`.
+const BACKEND_SETTING: &str = "backend";
 
 /// How [`Store::open_with`] opens a data root.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -43,6 +48,9 @@ pub struct OpenOptions {
     /// are stored: their storage is moved, untouched, to `quarantine/`. Without it such an open fails and
     /// changes nothing (see `custody.rs`).
     pub quarantine_unknown: bool,
+    /// Layers as RBD images in a Ceph pool (`[store] backend = "rbd"`) instead of overlay directories. The data
+    /// root records its backend when it is made, and is opened only with the same one.
+    pub rbd: Option<RbdLayers>,
 }
 
 impl std::fmt::Debug for OpenOptions {
@@ -51,6 +59,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("mode", &self.mode)
             .field("verify_on_mount", &self.verify_on_mount)
             .field("quarantine_unknown", &self.quarantine_unknown)
+            .field("rbd", &self.rbd)
             .finish_non_exhaustive()
     }
 }
@@ -94,7 +103,10 @@ impl Store {
             _ => StoreError::io(format!("lock {}", root.display()), e),
         })?;
         let mounter = opts.mounter.clone().unwrap_or_else(|| Arc::new(LinuxMounter));
-        let backend = OverlayBackend::open(root, mounter)?;
+        let backend: Box<dyn LayerBackend> = match &opts.rbd {
+            None => Box::new(OverlayBackend::open(root, mounter)?),
+            Some(cfg) => Box::new(RbdBackend::open(root, cfg.clone())?),
+        };
         let db_path = root.join("meta.redb");
         let db_existed = db_path.exists();
         let db = db::Db::open(&db_path).map_err(|e| {
@@ -107,7 +119,7 @@ impl Store {
             slots: crate::slots::Slots::default(),
             next_id: AtomicU64::new(1),
             counters: stats::Counters::default(),
-            backend: Box::new(backend),
+            backend,
             mount_check: opts
                 .verify_on_mount
                 .then(|| verify::MountCheck::new(opts.on_check.clone())),
@@ -125,8 +137,17 @@ impl Store {
                 return Err(e);
             }
         };
+        let chosen = opts
+            .rbd
+            .as_ref()
+            .map(RbdLayers::identity)
+            .unwrap_or_else(|| "overlay".into());
+        store.check_backend(&chosen, fresh || !db_existed)?;
         store.ready.store(true, Ordering::SeqCst);
         store.init_meta()?;
+        if store.setting(BACKEND_SETTING)?.is_none() {
+            store.set_setting(BACKEND_SETTING, &chosen)?;
+        }
         store.record_identity(db_id, id)?;
         store.load_stats()?;
         if mode == OpenMode::Serve {
@@ -216,6 +237,26 @@ impl Store {
         })
     }
 
+    /// Refuses to open a data root made with another backend (or another pool or image prefix): its layers
+    /// would look missing. A database from before backends were recorded is an overlay one.
+    fn check_backend(&self, chosen: &str, fresh: bool) -> Result<()> {
+        if fresh {
+            return Ok(());
+        }
+        let recorded = match self.read()?.setting(BACKEND_SETTING) {
+            Ok(v) => v.unwrap_or_else(|| "overlay".into()),
+            Err(_) => "overlay".into(),
+        };
+        if recorded != chosen {
+            return Err(StoreError::Precondition(format!(
+                "data root {} holds layers of the {recorded} backend, configured: {chosen}; configure [store] as \
+                 when the data root was made, or use another data root",
+                self.root.display()
+            )));
+        }
+        Ok(())
+    }
+
     /// Records the data root id in the database and in the `identity` file, where either lacks it.
     fn record_identity(&self, db_id: Option<u64>, id: u64) -> Result<()> {
         if db_id != Some(id) {
@@ -242,8 +283,8 @@ impl Store {
         // container may still use them).
         let known = self.read()?.layer_numbers()?;
         let removed = self.read()?.removed()?;
-        let max_size_of = |n: u64| Ok(self.record_by_number(n)?.and_then(|r| r.max_size));
-        let mounted = self.backend.recover(&known, &removed, &max_size_of)?;
+        let record_of = |n: u64| self.record_by_number(n);
+        let mounted = self.backend.recover(&known, &removed, &record_of)?;
         // Proofs of removal whose storage is gone (durably: the backend synced its deletions) are done with.
         let done: Vec<u64> = removed
             .iter()

@@ -214,7 +214,7 @@ impl LayerBackend for OverlayBackend {
         }
     }
 
-    fn create(&self, n: u64, max_size: Option<u64>) -> Result<InFlight> {
+    fn create(&self, n: u64, _parent: Option<u64>, max_size: Option<u64>) -> Result<InFlight> {
         let owned = InFlight::new(&self.in_flight, self.layer_dir(n));
         if let Err(e) = self.make_layer_dirs(n, max_size) {
             // Nothing half-made stays behind (a subvolume with its qgroup included).
@@ -295,6 +295,7 @@ impl LayerBackend for OverlayBackend {
         let dirfd = open_dir(staging)?;
         let opts = ApplyOptions {
             id_mappings: mappings.clone(),
+            ..ApplyOptions::default()
         };
         let stats = lamina_archive::apply_layer(dirfd.as_fd(), input, &opts)?;
         // The root of the layer keeps the mode of an empty diff dir unless the tar set it.
@@ -330,7 +331,7 @@ impl LayerBackend for OverlayBackend {
         true
     }
 
-    fn reset(&self, n: u64) -> Result<()> {
+    fn reset(&self, n: u64, _parent: Option<u64>) -> Result<()> {
         if !self.layer_dir(n).exists() {
             // A power cut took the whole directory (made after the record, never synced).
             self.make_layer_dirs(n, None)?;
@@ -348,7 +349,7 @@ impl LayerBackend for OverlayBackend {
         mkdir(&self.layer_dir(n).join("merged"), 0o755)
     }
 
-    fn write_diff(&self, n: u64, out: &mut dyn Write, opts: &DiffOptions) -> Result<()> {
+    fn write_diff(&self, n: u64, _below: &[u64], out: &mut dyn Write, opts: &DiffOptions) -> Result<()> {
         let fd = open_dir(&self.diff_dir(n))?;
         lamina_archive::write_layer_diff(fd.as_fd(), out, opts)?;
         Ok(())
@@ -364,7 +365,7 @@ impl LayerBackend for OverlayBackend {
         Ok(lamina_archive::layer_changes(upper.as_fd(), &lower_fds)?)
     }
 
-    fn diff_size(&self, n: u64) -> Result<u64> {
+    fn diff_size(&self, n: u64, _below: &[u64]) -> Result<u64> {
         let dir = open_dir(&self.diff_dir(n))?;
         Ok(lamina_archive::dir_size(dir.as_fd())?)
     }
@@ -413,9 +414,9 @@ impl LayerBackend for OverlayBackend {
 
     /// As containerd's overlayfs snapshotter gives it: a bind mount of a parentless active layer and of a
     /// view of at most one layer, an overlay otherwise.
-    fn describe(&self, n: u64, rec: &LayerRecord, below: &[u64]) -> MountSpec {
+    fn describe(&self, n: u64, rec: &LayerRecord, below: &[u64]) -> Result<MountSpec> {
         let lowers: Vec<PathBuf> = below.iter().map(|p| self.diff_dir(*p)).collect();
-        match (rec.kind, lowers.as_slice()) {
+        Ok(match (rec.kind, lowers.as_slice()) {
             (LayerKind::View, []) => MountSpec::Bind {
                 source: self.diff_dir(n),
                 read_only: true,
@@ -439,7 +440,7 @@ impl LayerBackend for OverlayBackend {
                 work: Some(self.layer_dir(n).join("work")),
                 ..OverlaySpec::default()
             }),
-        }
+        })
     }
 
     fn clear_leftovers(&self) -> Result<()> {
@@ -475,7 +476,7 @@ impl LayerBackend for OverlayBackend {
         &self,
         known: &HashSet<u64>,
         removed: &HashSet<u64>,
-        max_size_of: &dyn Fn(u64) -> Result<Option<u64>>,
+        record_of: &dyn Fn(u64) -> Result<Option<LayerRecord>>,
     ) -> Result<Vec<u64>> {
         // Mounts first: nothing may be deleted through a live mount.
         let layers_dir = self.root.join("layers");
@@ -543,7 +544,7 @@ impl LayerBackend for OverlayBackend {
             // A create's directories that had not reached the disk when the power went (they are made after
             // the record); an empty layer loses nothing.
             warn!(layer = n, "layer directory missing; recreating it empty");
-            self.make_layer_dirs(*n, max_size_of(*n)?)?;
+            self.make_layer_dirs(*n, record_of(*n)?.and_then(|r| r.max_size))?;
         }
         Ok(kept)
     }

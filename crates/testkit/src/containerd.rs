@@ -432,6 +432,69 @@ impl std::ops::DerefMut for LaminaSnap {
 }
 
 // ------------------------------------------------------------------------------------------------------------
+// The whiteout image (a three-layer OCI archive with a deleted file, an opaque directory and a deleted
+// file in a kept directory), shared by the containerd tests of every store backend
+// ------------------------------------------------------------------------------------------------------------
+
+pub const WHITEOUT_IMAGE: &str = "lamina.test/e2e/whiteouts:1";
+
+/// Three layers: busybox plus files (layer 1); a deleted file (`.wh.gone.txt`), an opaque directory
+/// (`opq/.wh..wh..opq`) and new files (layer 2); an overwritten file and a file deleted inside a directory
+/// (layer 3).
+pub fn whiteout_image(work: &Path) -> ImageArchive {
+    let mut img = OciImage::new(&work.join("oci-whiteouts"), WHITEOUT_IMAGE);
+
+    let l1 = work.join("l1");
+    busybox_rootfs(&l1);
+    fs::create_dir_all(l1.join("etc/lamina")).unwrap();
+    fs::create_dir_all(l1.join("opq")).unwrap();
+    fs::create_dir_all(l1.join("keepdir")).unwrap();
+    fs::write(l1.join("etc/lamina/layer1"), "layer one\n").unwrap();
+    fs::write(l1.join("etc/lamina/over"), "over from layer 1\n").unwrap();
+    fs::write(l1.join("gone.txt"), "deleted by layer 2\n").unwrap();
+    fs::write(l1.join("opq/lower-only"), "hidden by the opaque dir\n").unwrap();
+    fs::write(l1.join("opq/shared"), "shared from layer 1\n").unwrap();
+    fs::write(l1.join("keepdir/a"), "a from layer 1\n").unwrap();
+    img.add_layer_dir(&l1);
+    fs::remove_dir_all(&l1).unwrap();
+
+    let mut l2 = TarBuilder::new();
+    l2.dir("etc/", 0o755)
+        .dir("etc/lamina/", 0o755)
+        .file("etc/lamina/layer2", 0o644, b"layer two\n")
+        .file(".wh.gone.txt", 0o644, b"")
+        .dir("opq/", 0o755)
+        .file("opq/.wh..wh..opq", 0o644, b"")
+        .file("opq/shared", 0o644, b"shared from layer 2\n")
+        .file("opq/upper-only", 0o644, b"upper\n")
+        .dir("keepdir/", 0o755)
+        .file("keepdir/b", 0o644, b"b from layer 2\n");
+    img.add_layer_tar(&l2.finish());
+
+    let mut l3 = TarBuilder::new();
+    l3.dir("etc/", 0o755)
+        .dir("etc/lamina/", 0o755)
+        .file("etc/lamina/layer3", 0o644, b"layer three\n")
+        .file("etc/lamina/over", 0o644, b"over from layer 3\n")
+        .dir("keepdir/", 0o755)
+        .file("keepdir/.wh.a", 0o644, b"");
+    img.add_layer_tar(&l3.finish());
+
+    img.write_archive(&work.join("whiteouts.tar"))
+}
+
+/// Prints one line per property of the whiteout image that the tests check.
+pub const WHITEOUT_SCRIPT: &str = r#"cat /etc/lamina/layer1 /etc/lamina/layer2 /etc/lamina/layer3 /etc/lamina/over
+if [ -e /gone.txt ]; then echo gone.txt=present; else echo gone.txt=absent; fi
+echo "opq: $(ls -A /opq | tr '\n' ' ')"
+cat /opq/shared
+echo "keepdir: $(ls -A /keepdir | tr '\n' ' ')""#;
+
+/// What [`WHITEOUT_SCRIPT`] prints in a container of [`whiteout_image`].
+pub const WHITEOUT_EXPECTED: &str = "layer one\nlayer two\nlayer three\nover from layer 3\ngone.txt=absent\n\
+opq: shared upper-only \nshared from layer 2\nkeepdir: b \n";
+
+// ------------------------------------------------------------------------------------------------------------
 // sha256 and tar files
 // ------------------------------------------------------------------------------------------------------------
 

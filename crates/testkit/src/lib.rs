@@ -23,6 +23,7 @@
 pub mod ceph;
 pub mod containerd;
 pub mod crash;
+pub mod docker_fixtures;
 pub mod faults;
 mod lamina;
 mod loopfs;

@@ -4,9 +4,7 @@
 //! loaded: not empty, a program name first, only known placeholders. Building it substitutes values inside
 //! each argument (so `--goal={goal}` works); a value can never add or split arguments.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::VolumeError;
 
@@ -19,16 +17,7 @@ pub struct CommandTemplate {
     argv: Vec<String>,
 }
 
-/// The output of a finished command.
-#[derive(Debug, Clone)]
-pub struct CommandOutput {
-    /// Exit code (`None` when killed by a signal).
-    pub code: Option<i32>,
-    /// Standard output.
-    pub stdout: String,
-    /// Standard error.
-    pub stderr: String,
-}
+pub use lamina_rbd::CommandOutput;
 
 impl CommandTemplate {
     /// Checks `argv`: non-empty, a non-empty program, no NUL, and only placeholders from `allowed`.
@@ -94,79 +83,7 @@ impl CommandTemplate {
 /// Runs `argv` (no shell), capturing its output, killing it after `timeout`. A program that cannot be
 /// started or does not finish in time is [`VolumeError::BackendUnavailable`].
 pub fn run_argv(argv: &[String], timeout: Duration) -> Result<CommandOutput, VolumeError> {
-    let shown = argv.join(" ");
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| VolumeError::BackendUnavailable(format!("cannot run {}: {e}", argv[0])))?;
-    let mut out_pipe = child.stdout.take();
-    let mut err_pipe = child.stderr.take();
-    let out_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(p) = out_pipe.as_mut() {
-            let _ = p.take(1 << 20).read_to_end(&mut s);
-        }
-        s
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(p) = err_pipe.as_mut() {
-            let _ = p.take(1 << 20).read_to_end(&mut s);
-        }
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(VolumeError::BackendUnavailable(format!(
-                    "`{shown}` did not finish within {} s",
-                    timeout.as_secs_f32()
-                )));
-            }
-            Err(e) => return Err(VolumeError::io(format!("waiting for `{shown}`"), e)),
-        }
-    };
-    let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
-    Ok(CommandOutput {
-        code: status.code(),
-        stdout,
-        stderr,
-    })
-}
-
-impl CommandOutput {
-    /// Whether the command exited with 0.
-    pub fn success(&self) -> bool {
-        self.code == Some(0)
-    }
-
-    /// A one-line summary for error messages: exit code and the last non-empty line of stderr (or stdout).
-    pub fn summary(&self) -> String {
-        let last = |s: &str| {
-            s.lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(|l| l.trim().to_string())
-        };
-        let msg = last(&self.stderr)
-            .or_else(|| last(&self.stdout))
-            .unwrap_or_default();
-        let code = self
-            .code
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "a signal".into());
-        let msg: String = msg.chars().take(200).collect();
-        format!("exited with {code}: {msg}")
-    }
+    Ok(lamina_rbd::run_argv(argv, timeout)?)
 }
 
 /// Parses `mfsgetgoal`/`lizardfs getgoal` output (`PATH: GOAL`) into the goal.
@@ -178,12 +95,12 @@ pub fn parse_getgoal(stdout: &str) -> Option<String> {
 
 /// A path as a placeholder value (paths lamina builds are UTF-8: the root is configured as a string and
 /// names are strings).
-pub(crate) fn path_arg(p: &std::path::Path) -> String {
-    p.to_string_lossy().into_owned()
-}
+pub(crate) use lamina_rbd::path_arg;
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     fn argv(v: &[&str]) -> Vec<String> {

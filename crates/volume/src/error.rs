@@ -55,3 +55,16 @@ impl VolumeError {
         }
     }
 }
+
+impl From<lamina_rbd::RbdError> for VolumeError {
+    fn from(e: lamina_rbd::RbdError) -> Self {
+        use lamina_rbd::RbdError as R;
+        match e {
+            R::Unavailable(m) => VolumeError::BackendUnavailable(m),
+            R::NoSpace(m) => VolumeError::NoSpace(m),
+            R::InUse(m) => VolumeError::InUse(m),
+            R::NotFound(m) => VolumeError::NotFound(m),
+            R::Io { context, source } => VolumeError::Io { context, source },
+        }
+    }
+}

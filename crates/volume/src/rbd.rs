@@ -22,19 +22,16 @@
 //! configured deadline and a process deadline a little longer, so an unreachable cluster is a classed error
 //! well within dockerd's timeouts.
 
-use std::collections::HashMap;
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use lamina_rbd::Cluster;
+pub use lamina_rbd::{FsType, MapMode};
+use serde::Deserialize;
+use tracing::warn;
 
 use crate::backend::Created;
-use crate::command::{path_arg, run_argv, CommandOutput};
 use crate::error::VolumeError;
 use crate::meta::VolumeRecord;
 use crate::name::quote;
@@ -43,66 +40,6 @@ use crate::name::quote;
 pub const RECORD_KEY: &str = "lamina.volume";
 /// Prefix of lamina's advisory lock ids (`lamina:<host>`).
 pub const LOCK_PREFIX: &str = "lamina:";
-
-/// How images reach this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MapMode {
-    /// The kernel's rbd driver: `rbd device map` gives `/dev/rbdN`.
-    Krbd,
-    /// One `rbd-fuse` per image and a loop device over the file it exposes.
-    Fuse,
-    /// `krbd` when the kernel has rbd (`/sys/bus/rbd` exists), else `fuse`.
-    Auto,
-}
-
-impl MapMode {
-    /// Parses `krbd`, `fuse` or `auto`.
-    pub fn parse(s: &str) -> Option<MapMode> {
-        match s {
-            "krbd" => Some(MapMode::Krbd),
-            "fuse" => Some(MapMode::Fuse),
-            "auto" => Some(MapMode::Auto),
-            _ => None,
-        }
-    }
-
-    /// Whether images are mapped with the kernel driver on this host.
-    pub fn uses_krbd(self) -> bool {
-        match self {
-            MapMode::Krbd => true,
-            MapMode::Fuse => false,
-            MapMode::Auto => Path::new("/sys/bus/rbd").exists(),
-        }
-    }
-}
-
-/// A volume's filesystem.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsType {
-    /// ext4.
-    Ext4,
-    /// xfs.
-    Xfs,
-}
-
-impl FsType {
-    /// Parses `ext4` or `xfs`.
-    pub fn parse(s: &str) -> Option<FsType> {
-        match s {
-            "ext4" => Some(FsType::Ext4),
-            "xfs" => Some(FsType::Xfs),
-            _ => None,
-        }
-    }
-
-    /// `ext4` or `xfs`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FsType::Ext4 => "ext4",
-            FsType::Xfs => "xfs",
-        }
-    }
-}
 
 /// Settings of the RBD backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,12 +71,7 @@ pub struct RbdConfig {
 /// Whether `name` can be part of an image name (and of rbd-fuse's file name): letters, digits, `_`, `.`,
 /// `-`, starting with a letter or digit.
 pub fn check_image_name(name: &str) -> Result<(), VolumeError> {
-    let ok = name.len() <= 128
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok {
+    if lamina_rbd::is_image_name(name) {
         Ok(())
     } else {
         Err(VolumeError::InvalidArgument(format!(
@@ -179,18 +111,6 @@ pub(crate) enum Lookup {
     Found(VolumeRecord),
 }
 
-/// How an image is attached on this host, persisted in `attached.json`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct Attached {
-    image: String,
-    /// rbd-fuse's PID and its start time (field 22 of `/proc/PID/stat`), which tells it from a reused PID.
-    fuse_pid: Option<u32>,
-    fuse_start: Option<u64>,
-    /// `/dev/loopN` or `/dev/rbdN`.
-    device: Option<String>,
-    krbd: bool,
-}
-
 /// The RBD backend of one lamina.
 #[derive(Debug)]
 pub struct Rbd {
@@ -198,43 +118,27 @@ pub struct Rbd {
     pub cfg: RbdConfig,
     timeout: Duration,
     dir: PathBuf,
-    children: Mutex<HashMap<String, Child>>,
-}
-
-/// Classifies a failed `rbd` call.
-pub fn classify(what: &str, pool: &str, out: &CommandOutput) -> VolumeError {
-    let text = format!("{}\n{}", out.stderr, out.stdout);
-    let summary = out.summary();
-    let has = |s: &str| text.contains(s);
-    if out.code == Some(110) || has("couldn't connect to the cluster") || has("(110)") || has("timed out") {
-        VolumeError::BackendUnavailable(format!("the Ceph cluster is unreachable ({what}): {summary}"))
-    } else if has("error opening pool") {
-        VolumeError::BackendUnavailable(format!(
-            "pool {} does not exist in the Ceph cluster ({what}): {summary}",
-            quote(pool)
-        ))
-    } else if out.code == Some(122) || has("(122)") || has("quota exceeded") {
-        VolumeError::NoSpace(format!(
-            "pool {} is over its quota ({what}): {summary}",
-            quote(pool)
-        ))
-    } else if out.code == Some(28) || has("(28)") {
-        VolumeError::NoSpace(format!("the Ceph cluster is full ({what}): {summary}"))
-    } else if out.code == Some(16) || has("(16)") || has("still has watchers") {
-        VolumeError::InUse(format!("{what}: the image is busy (open on a host): {summary}"))
-    } else {
-        VolumeError::BackendUnavailable(format!("{what}: {summary}"))
-    }
+    client: lamina_rbd::Rbd,
 }
 
 impl Rbd {
     /// Sets up; `state_dir` is lamina's volume directory (`<data root>/volumes`).
     pub fn new(cfg: RbdConfig, timeout: Duration, state_dir: &Path) -> Rbd {
+        let dir = state_dir.join("rbd");
+        let cluster = Cluster {
+            ceph_conf: cfg.ceph_conf.clone(),
+            client_id: cfg.client_id.clone(),
+            pool: cfg.pool.clone(),
+            map: cfg.map,
+            rbd: cfg.rbd.clone(),
+            rbd_fuse: cfg.rbd_fuse.clone(),
+            ceph: cfg.ceph.clone(),
+        };
         Rbd {
+            client: lamina_rbd::Rbd::new(cluster, timeout, &dir.join("rbd-fuse.log")),
             cfg,
             timeout,
-            dir: state_dir.join("rbd"),
-            children: Mutex::new(HashMap::new()),
+            dir,
         }
     }
 
@@ -258,7 +162,7 @@ impl Rbd {
 
     /// Where the filesystem of `name` is mounted on this host.
     pub fn fs_dir(&self, name: &str) -> PathBuf {
-        self.vdir(name).join("fs")
+        lamina_rbd::Rbd::fs_dir(&self.vdir(name))
     }
 
     /// The directory containers see: `data/` in the filesystem.
@@ -266,123 +170,23 @@ impl Rbd {
         self.fs_dir(name).join("data")
     }
 
-    fn state_file(&self, name: &str) -> PathBuf {
-        self.vdir(name).join("attached.json")
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.join("rbd-fuse.log")
-    }
-
-    fn secs(&self) -> String {
-        self.timeout.as_secs().max(1).to_string()
-    }
-
-    /// Cluster options of the `rbd` calls; rbd-fuse gets them without the OSD operation timeout (a slow OSD
-    /// must not turn into I/O errors in a mounted filesystem).
-    fn client_args(&self) -> Vec<String> {
-        let t = self.secs();
-        let mut v = self.fuse_args();
-        v.extend(["--rados_osd_op_timeout".into(), t]);
-        v
-    }
-
-    fn fuse_args(&self) -> Vec<String> {
-        let t = self.secs();
-        vec![
-            "-c".into(),
-            path_arg(&self.cfg.ceph_conf),
-            "--id".into(),
-            self.cfg.client_id.clone(),
-            "--client_mount_timeout".into(),
-            t.clone(),
-            "--rados_mon_op_timeout".into(),
-            t,
-        ]
-    }
-
     /// Runs `rbd ARGS` with the cluster timeouts and a process deadline.
-    fn cli(&self, args: &[&str]) -> Result<CommandOutput, VolumeError> {
-        let mut argv = vec![path_arg(&self.cfg.rbd)];
-        argv.extend(self.client_args());
-        argv.extend(args.iter().map(|s| s.to_string()));
-        run_argv(&argv, self.timeout + Duration::from_secs(5))
+    fn cli(&self, args: &[&str]) -> Result<lamina_rbd::CommandOutput, VolumeError> {
+        Ok(self.client.cli(args)?)
     }
 
     /// `rbd ARGS`, classified on failure; returns stdout.
     fn cli_ok(&self, what: &str, args: &[&str]) -> Result<String, VolumeError> {
-        let out = self.cli(args)?;
-        if out.success() {
-            Ok(out.stdout)
-        } else {
-            Err(self.fail(what, &out))
-        }
+        Ok(self.client.cli_ok(what, args)?)
     }
 
-    /// Classifies a failed `rbd` call. An operation that timed out after the client had connected is what a
-    /// full pool looks like (Ceph pauses writes to a pool over its quota, it does not fail them): the pool's
-    /// flags tell that apart from OSDs that do not answer.
-    fn fail(&self, what: &str, out: &CommandOutput) -> VolumeError {
-        let e = classify(what, &self.cfg.pool, out);
-        let connected = !out.stderr.contains("couldn't connect to the cluster")
-            && !out.stderr.contains("monclient")
-            && !out.stderr.contains("mon config");
-        let timed_out = out.code == Some(110) || out.stderr.contains("(110)");
-        if !(timed_out && connected) {
-            return e;
-        }
-        match self.pool_flags() {
-            Some(f) if f.iter().any(|x| x == "full_quota") => VolumeError::NoSpace(format!(
-                "pool {} is over its quota ({what}: Ceph holds writes to it until it has room again)",
-                quote(&self.cfg.pool)
-            )),
-            Some(f) if f.iter().any(|x| x == "full") => VolumeError::NoSpace(format!(
-                "pool {} is full ({what}: Ceph holds writes to it until it has room again)",
-                quote(&self.cfg.pool)
-            )),
-            _ => VolumeError::BackendUnavailable(format!(
-                "the Ceph OSDs do not answer within {} s ({what}): {}",
-                self.secs(),
-                out.summary()
-            )),
-        }
-    }
-
-    /// The flags of the pool (`full`, `full_quota`, ...), from `ceph osd pool ls detail`.
-    fn pool_flags(&self) -> Option<Vec<String>> {
-        let mut argv = vec![
-            path_arg(&self.cfg.ceph),
-            "-c".into(),
-            path_arg(&self.cfg.ceph_conf),
-            "--id".into(),
-            self.cfg.client_id.clone(),
-            "--connect-timeout".into(),
-            self.secs(),
-        ];
-        argv.extend(["osd", "pool", "ls", "detail", "--format", "json"].map(String::from));
-        let out = run_argv(&argv, self.timeout + Duration::from_secs(5)).ok()?;
-        if !out.success() {
-            return None;
-        }
-        let pools: Vec<serde_json::Value> = serde_json::from_str(out.stdout.trim()).ok()?;
-        let pool = pools
-            .iter()
-            .find(|p| p["pool_name"].as_str() == Some(self.cfg.pool.as_str()))?;
-        Some(
-            pool["flags_names"]
-                .as_str()
-                .unwrap_or_default()
-                .split(',')
-                .map(str::to_string)
-                .collect(),
-        )
+    fn fail(&self, what: &str, out: &lamina_rbd::CommandOutput) -> VolumeError {
+        self.client.fail(what, out).into()
     }
 
     /// Names of the volumes in the pool (images with the prefix, complete or not).
     pub fn names(&self) -> Result<Vec<String>, VolumeError> {
-        let out = self.cli_ok("listing the pool", &["ls", "--format", "json", &self.cfg.pool])?;
-        let images: Vec<String> = serde_json::from_str(out.trim())
-            .map_err(|e| VolumeError::BackendUnavailable(format!("rbd ls: unexpected output: {e}")))?;
+        let images = self.client.images()?;
         let mut v: Vec<String> = images
             .iter()
             .filter_map(|i| i.strip_prefix(&self.cfg.image_prefix))
@@ -489,24 +293,9 @@ impl Rbd {
         }
     }
 
-    fn read_state(&self, name: &str) -> Option<Attached> {
-        let b = fs::read(self.state_file(name)).ok()?;
-        serde_json::from_slice(&b).ok()
-    }
-
-    fn write_state(&self, name: &str, st: &Attached) -> Result<(), VolumeError> {
-        let p = self.state_file(name);
-        let tmp = p.with_extension("tmp");
-        let bytes = serde_json::to_vec(st).unwrap_or_default();
-        fs::write(&tmp, bytes)
-            .and_then(|()| fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| fs::rename(&tmp, &p))
-            .map_err(|e| VolumeError::io(format!("writing {}", p.display()), e))
-    }
-
     /// Whether `name` has anything attached on this host (a state file).
     pub fn attached(&self, name: &str) -> bool {
-        self.state_file(name).exists()
+        lamina_rbd::Rbd::attached(&self.vdir(name))
     }
 
     /// Volumes with something attached on this host.
@@ -516,7 +305,7 @@ impl Rbd {
         };
         let mut v: Vec<String> = rd
             .flatten()
-            .filter(|e| e.path().join("attached.json").exists())
+            .filter(|e| e.path().join(lamina_rbd::STATE_FILE).exists())
             .filter_map(|e| e.file_name().into_string().ok())
             .collect();
         v.sort();
@@ -525,214 +314,22 @@ impl Rbd {
 
     /// Whether the attachment of `name` is complete and its rbd-fuse (if any) still runs.
     pub fn alive(&self, name: &str) -> bool {
-        let Some(st) = self.read_state(name) else {
-            return false;
-        };
-        let fuse_ok =
-            st.krbd || matches!((st.fuse_pid, st.fuse_start), (Some(p), Some(s)) if same_process(p, s));
-        fuse_ok && lamina_sys::mount::is_mount_point(&self.fs_dir(name)).unwrap_or(false)
+        lamina_rbd::Rbd::alive(&self.vdir(name))
     }
 
     /// Maps `name`'s image on this host and mounts its filesystem at [`Rbd::fs_dir`]; the caller holds the
     /// lock. Anything left of an earlier attachment that is not alive is taken down first; on failure
     /// nothing stays attached.
     pub fn attach(&self, name: &str, fs_type: FsType) -> Result<PathBuf, VolumeError> {
-        if self.alive(name) {
-            return Ok(self.fs_dir(name));
-        }
-        if self.attached(name) {
-            warn!(volume = %name, "taking down what an earlier attachment left");
-            self.detach(name)?;
-        }
-        let t0 = Instant::now();
-        let r = self.attach_new(name, fs_type);
-        if let Err(e) = &r {
-            warn!(volume = %name, error = %e, "attaching failed; taking it down");
-            if let Err(e2) = self.detach(name) {
-                warn!(volume = %name, error = %e2, "cannot take down a failed attachment");
-            }
-        } else {
-            info!(volume = %name, image = %self.spec(name), ms = t0.elapsed().as_millis() as u64, "RBD image attached");
-        }
-        r
-    }
-
-    fn attach_new(&self, name: &str, fs_type: FsType) -> Result<PathBuf, VolumeError> {
-        let dev = self.map_device(name)?;
-        self.mount_fs(name, &dev, fs_type)?;
-        Ok(self.fs_dir(name))
-    }
-
-    /// Mounts the filesystem on `dev` at [`Rbd::fs_dir`].
-    fn mount_fs(&self, name: &str, dev: &str, fs_type: FsType) -> Result<(), VolumeError> {
-        let mut argv: Vec<String> = vec!["mount".into(), "-t".into(), fs_type.as_str().into()];
-        match fs_type {
-            // Unwritten RBD extents read as zeros: the inode tables need no background zeroing.
-            FsType::Ext4 => argv.extend(["-o".into(), "noinit_itable".into()]),
-            // A copy of an image would carry the same UUID.
-            FsType::Xfs => argv.extend(["-o".into(), "nouuid".into()]),
-        }
-        argv.push(dev.to_string());
-        argv.push(path_arg(&self.fs_dir(name)));
-        let out = run_argv(&argv, self.timeout)?;
-        if !out.success() {
-            return Err(VolumeError::BackendUnavailable(format!(
-                "mounting {dev} ({}) of image {}: {}",
-                fs_type.as_str(),
-                self.spec(name),
-                out.summary()
-            )));
-        }
-        Ok(())
-    }
-
-    fn spawn_fuse(&self, image: &str, at: &Path) -> Result<Child, VolumeError> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())
-            .map_err(|e| VolumeError::io(format!("opening {}", self.log().display()), e))?;
-        let err = log.try_clone().map_err(|e| VolumeError::io("dup", e))?;
-        let mut cmd = Command::new(&self.cfg.rbd_fuse);
-        cmd.args(self.fuse_args())
-            .args(["-p", &self.cfg.pool, "-r", image])
-            .arg(at)
-            .arg("-f")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(err))
-            // Its own process group: a signal to lamina's group does not stop the volumes in use.
-            .process_group(0);
-        cmd.spawn().map_err(|e| {
-            VolumeError::BackendUnavailable(format!("cannot run {}: {e}", self.cfg.rbd_fuse.display()))
-        })
-    }
-
-    /// Waits until rbd-fuse exposes the image file; fails (classified from its log) when it exits first.
-    fn wait_for_file(&self, name: &str, file: &Path) -> Result<(), VolumeError> {
-        let deadline = Instant::now() + self.timeout + Duration::from_secs(2);
-        loop {
-            if fs::metadata(file).is_ok_and(|m| m.is_file()) {
-                return Ok(());
-            }
-            let exited = {
-                let mut ch = self.children.lock().unwrap_or_else(|e| e.into_inner());
-                match ch.get_mut(name).map(Child::try_wait) {
-                    Some(Ok(Some(st))) => {
-                        ch.remove(name);
-                        Some(st)
-                    }
-                    _ => None,
-                }
-            };
-            if let Some(st) = exited {
-                let tail = last_lines(&self.log(), 3);
-                let out = CommandOutput {
-                    code: st.code(),
-                    stdout: String::new(),
-                    stderr: tail,
-                };
-                let e = classify("starting rbd-fuse", &self.cfg.pool, &out);
-                return Err(match e {
-                    VolumeError::BackendUnavailable(m) if out.stderr.contains("mon config") => {
-                        VolumeError::BackendUnavailable(format!("the Ceph cluster is unreachable: {m}"))
-                    }
-                    e => e,
-                });
-            }
-            if Instant::now() > deadline {
-                return Err(VolumeError::BackendUnavailable(format!(
-                    "rbd-fuse did not expose {} within {} s",
-                    file.display(),
-                    self.timeout.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Ok(self
+            .client
+            .attach(&self.vdir(name), &self.image(name), fs_type, false)?)
     }
 
     /// Unmounts `name`'s filesystem, detaches its device, stops its rbd-fuse (by PID, checked against its
     /// start time) and removes the state; each step is skipped when already done.
     pub fn detach(&self, name: &str) -> Result<(), VolumeError> {
-        let st = self.read_state(name).unwrap_or_default();
-        let vdir = self.vdir(name);
-        let fsdir = self.fs_dir(name);
-        if lamina_sys::mount::is_mount_point(&fsdir).unwrap_or(false) {
-            lamina_sys::mount::unmount(&fsdir, false)
-                .map_err(|e| VolumeError::io(format!("unmounting {}", fsdir.display()), e))?;
-        }
-        if let Some(dev) = &st.device {
-            if st.krbd {
-                self.cli_ok("unmapping the image", &["device", "unmap", dev])?;
-            } else if loop_backing(dev).is_some_and(|b| b.starts_with(vdir.join("fuse"))) {
-                let out = run_argv(&["losetup".into(), "-d".into(), dev.clone()], self.timeout)?;
-                if !out.success() {
-                    return Err(VolumeError::BackendUnavailable(format!(
-                        "detaching {dev}: losetup {}",
-                        out.summary()
-                    )));
-                }
-            }
-        }
-        let fuse = vdir.join("fuse");
-        if lamina_sys::mount::is_mount_point(&fuse).unwrap_or(false) {
-            if let Err(e) = lamina_sys::mount::unmount(&fuse, false) {
-                warn!(mountpoint = %fuse.display(), error = %e, "unmounting rbd-fuse failed; detaching it");
-                let _ = lamina_sys::mount::unmount(&fuse, true);
-            }
-        }
-        self.stop_fuse(name, &st);
-        let _ = fs::remove_file(self.state_file(name));
-        for d in [&fsdir, &fuse, &vdir] {
-            let _ = fs::remove_dir(d);
-        }
-        Ok(())
-    }
-
-    /// Waits for rbd-fuse to exit after its unmount (it closes the image first: about 1 s), then SIGTERM,
-    /// then SIGKILL.
-    fn stop_fuse(&self, name: &str, st: &Attached) {
-        let child = self
-            .children
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        if let Some(mut c) = child {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            warn!(volume = %name, pid = c.id(), "rbd-fuse did not exit after its unmount: killing it");
-            let _ = c.kill();
-            let _ = c.wait();
-            return;
-        }
-        let (Some(pid), Some(start)) = (st.fuse_pid, st.fuse_start) else {
-            return;
-        };
-        // Not our child (started before a restart): its exit is seen in /proc.
-        for (wait, sig) in [(5, None), (2, Some("-TERM")), (2, Some("-KILL"))] {
-            if let Some(sig) = sig {
-                if !same_process(pid, start) {
-                    return;
-                }
-                warn!(volume = %name, pid, signal = sig, "stopping rbd-fuse");
-                let _ = run_argv(
-                    &["kill".into(), sig.into(), pid.to_string()],
-                    Duration::from_secs(5),
-                );
-            }
-            let deadline = Instant::now() + Duration::from_secs(wait);
-            while Instant::now() < deadline {
-                if !same_process(pid, start) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        Ok(self.client.detach(&self.vdir(name))?)
     }
 
     /// Creates the image, its filesystem (with `data/` at its root) and, last, its record. A Create that
@@ -825,91 +422,12 @@ impl Rbd {
     }
 
     fn format(&self, name: &str, fs_type: FsType) -> Result<(), VolumeError> {
-        let dev = self.map_device(name)?;
-        let argv: Vec<String> = match fs_type {
-            // Unwritten RBD extents read as zeros: nothing needs zeroing or discarding.
-            FsType::Ext4 => vec![
-                "mkfs.ext4".into(),
-                "-q".into(),
-                "-E".into(),
-                "nodiscard,lazy_itable_init=1,lazy_journal_init=1".into(),
-                dev.clone(),
-            ],
-            FsType::Xfs => vec!["mkfs.xfs".into(), "-q".into(), "-K".into(), dev.clone()],
-        };
-        let out = run_argv(&argv, self.timeout * 3)?;
-        if !out.success() {
-            return Err(VolumeError::BackendUnavailable(format!(
-                "{} on {dev}: {}",
-                argv[0],
-                out.summary()
-            )));
-        }
-        self.mount_fs(name, &dev, fs_type)?;
-        let fsdir = self.fs_dir(name);
+        let fsdir = self.client.format(&self.vdir(name), &self.image(name), fs_type)?;
         let data = fsdir.join("data");
         fs::create_dir(&data).map_err(|e| VolumeError::io(format!("creating {}", data.display()), e))?;
         lamina_sys::mount::syncfs(&fsdir)
             .and_then(|()| lamina_sys::fault::point("volume.rbd.create.formatted"))
             .map_err(|e| VolumeError::io(format!("syncing {}", fsdir.display()), e))
-    }
-
-    /// Maps the image on this host: `rbd device map`, or rbd-fuse and a loop device over its file (direct
-    /// I/O: the page cache of the filesystem above is the only one). The state file is written as soon as
-    /// there is something to find after a crash.
-    fn map_device(&self, name: &str) -> Result<String, VolumeError> {
-        let vdir = self.vdir(name);
-        let fuse = vdir.join("fuse");
-        fs::create_dir_all(&fuse).map_err(|e| VolumeError::io(format!("creating {}", fuse.display()), e))?;
-        fs::create_dir_all(self.fs_dir(name))
-            .map_err(|e| VolumeError::io(format!("creating {}", self.fs_dir(name).display()), e))?;
-        let image = self.image(name);
-        let mut st = Attached {
-            image: image.clone(),
-            ..Attached::default()
-        };
-        let dev = if self.cfg.map.uses_krbd() {
-            st.krbd = true;
-            self.write_state(name, &st)?;
-            self.cli_ok("mapping the image", &["device", "map", &self.spec(name)])?
-                .trim()
-                .to_string()
-        } else {
-            // Written before the spawn too: after a crash right behind it the state names the directory whose
-            // FUSE mount to take down (rbd-fuse exits by itself once it is unmounted).
-            self.write_state(name, &st)?;
-            let child = self.spawn_fuse(&image, &fuse)?;
-            st.fuse_pid = Some(child.id());
-            st.fuse_start = start_time(child.id());
-            self.children
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(name.to_string(), child);
-            self.write_state(name, &st)?;
-            let file = fuse.join(&image);
-            self.wait_for_file(name, &file)?;
-            let out = run_argv(
-                &[
-                    "losetup".into(),
-                    "--direct-io=on".into(),
-                    "-f".into(),
-                    "--show".into(),
-                    path_arg(&file),
-                ],
-                self.timeout,
-            )?;
-            if !out.success() {
-                return Err(VolumeError::BackendUnavailable(format!(
-                    "attaching a loop device to {}: losetup {}",
-                    file.display(),
-                    out.summary()
-                )));
-            }
-            out.stdout.trim().to_string()
-        };
-        st.device = Some(dev.clone());
-        self.write_state(name, &st)?;
-        Ok(dev)
     }
 
     /// Takes a half-made volume away: detached, unlocked, image removed (each best effort).
@@ -949,118 +467,23 @@ impl Rbd {
     }
 }
 
-/// Start time (clock ticks since boot, field 22 of `/proc/PID/stat`) of a live, non-zombie process.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the comm field: state is field 3, start time field 22.
-    if matches!(f.first(), Some(&"Z") | Some(&"X")) {
-        return None;
-    }
-    f.get(19)?.parse().ok()
-}
-
-/// True while `pid` is the process that started at `start`.
-fn same_process(pid: u32, start: u64) -> bool {
-    start_time(pid) == Some(start)
-}
-
-/// The backing file of a loop device (`/dev/loopN`), from sysfs.
-fn loop_backing(dev: &str) -> Option<PathBuf> {
-    let n = dev.strip_prefix("/dev/")?;
-    let s = fs::read_to_string(format!("/sys/block/{n}/loop/backing_file")).ok()?;
-    Some(PathBuf::from(s.trim_end()))
-}
-
-fn last_lines(p: &Path, n: usize) -> String {
-    let text = fs::read(p)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn out(code: i32, stderr: &str) -> CommandOutput {
-        CommandOutput {
-            code: Some(code),
-            stdout: String::new(),
-            stderr: stderr.into(),
-        }
-    }
-
     #[test]
-    fn rbd_errors_are_classed() {
-        let e = classify(
-            "listing the pool",
-            "rbd",
-            &out(110, "monclient(hunting): authenticate timed out after 3\nrbd: couldn't connect to the cluster!\nrbd: listing images failed: (110) Connection timed out"),
-        )
-        .to_string();
-        assert!(
-            e.starts_with("backend unavailable: the Ceph cluster is unreachable"),
-            "{e}"
-        );
-        let e = classify(
-            "x",
-            "nopool",
-            &out(
-                2,
-                "rbd: error opening pool 'nopool': (2) No such file or directory",
-            ),
-        )
-        .to_string();
-        assert!(
-            e.starts_with("backend unavailable: pool \"nopool\" does not exist"),
-            "{e}"
-        );
-        let e = classify(
-            "creating the image",
-            "rbd",
-            &out(122, "rbd: create error: (122) Disk quota exceeded"),
-        )
-        .to_string();
-        assert!(e.starts_with("no space: pool \"rbd\" is over its quota"), "{e}");
-        let e = classify(
-            "removing the image",
-            "rbd",
-            &out(16, "rbd: error: image still has watchers"),
-        )
-        .to_string();
-        assert!(e.starts_with("in use: "), "{e}");
-    }
-
-    #[test]
-    fn image_names_and_modes() {
+    fn image_names_and_locks() {
         for ok in ["v1", "a.b-c_d", "9"] {
             check_image_name(ok).unwrap();
         }
         for bad in ["", "-x", ".x", "a b", "a@b", "é", &"x".repeat(129)] {
             assert!(check_image_name(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(MapMode::parse("fuse"), Some(MapMode::Fuse));
-        assert!(!MapMode::Fuse.uses_krbd());
-        assert!(MapMode::Krbd.uses_krbd());
-        assert_eq!(MapMode::Auto.uses_krbd(), Path::new("/sys/bus/rbd").exists());
-        assert_eq!(FsType::parse("xfs"), Some(FsType::Xfs));
-        assert_eq!(FsType::parse("btrfs"), None);
         let l = ImageLock {
             id: "lamina:h2".into(),
             locker: "client.1".into(),
             address: String::new(),
         };
         assert_eq!(l.host(), Some("h2"));
-    }
-
-    #[test]
-    fn process_identity() {
-        let me = std::process::id();
-        let s = start_time(me).unwrap();
-        assert!(same_process(me, s));
-        assert!(!same_process(me, s + 1));
     }
 }

@@ -46,6 +46,8 @@ pub fn to_plugin_error(e: StoreError) -> PluginError {
         StoreError::LimitExceeded(_) => ErrorKind::LimitExceeded,
         StoreError::QuotaUnsupported { .. } => ErrorKind::Unsupported,
         StoreError::CorruptMetadata(_) => ErrorKind::CorruptMetadata,
+        StoreError::Unavailable(_) => ErrorKind::BackendUnavailable,
+        StoreError::NoSpace(_) => ErrorKind::NoSpace,
         StoreError::Archive(ArchiveError::InvalidArchive(_)) => ErrorKind::InvalidArchive,
         StoreError::Archive(ArchiveError::Unsupported(_)) => ErrorKind::Unsupported,
         StoreError::Archive(ArchiveError::LimitExceeded(_)) => ErrorKind::LimitExceeded,

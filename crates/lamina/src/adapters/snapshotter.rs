@@ -28,7 +28,8 @@ pub fn to_snapshot_error(e: StoreError) -> SnapshotError {
         StoreError::InUse(_) | StoreError::Precondition(_) => Code::FailedPrecondition,
         StoreError::LimitExceeded(_) => Code::ResourceExhausted,
         StoreError::QuotaUnsupported { .. } => Code::FailedPrecondition,
-        StoreError::Locked(_) => Code::Unavailable,
+        StoreError::Locked(_) | StoreError::Unavailable(_) => Code::Unavailable,
+        StoreError::NoSpace(_) => Code::ResourceExhausted,
         StoreError::CorruptMetadata(_) | StoreError::Archive(_) | StoreError::Io { .. } => {
             match e.raw_os_error() {
                 Some(errno::ENOSPC | errno::EDQUOT) => Code::ResourceExhausted,

@@ -1,0 +1,234 @@
+//! The `rbdlayers` workload: the RBD layer backend (`[store] backend = "rbd"`, docs/rbd.md) beside the overlay
+//! backend on the same machine, through the graph-driver protocol: Create of a child on a small and on a big
+//! parent (a clone: flat in the parent's size), a container layer's start and removal (CreateReadWrite, Get,
+//! Put, Remove), ApplyDiff throughput; and the Ceph side's own floor (`rbd bench`, 4 MiB writes). Subject
+//! `lamina` is the rbd backend, `lamina-overlay` the overlay backend.
+//!
+//! The cluster is testkit's `CephCluster` (one monitor, one memstore OSD on 127.0.0.1): its data lives in RAM,
+//! so the big parent is 100 MB in `--quick` and 1 GB otherwise. Without the Ceph packages the workload records
+//! a `skipped` figure.
+
+use std::fs;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use super::engines::{graph_session, lamina, start};
+use super::{Ctx, Figure, Unit, Workload};
+use lamina_testkit::ceph::{have_ceph, CephCluster, ObjectStore};
+use lamina_testkit::{Lamina, TarWriter};
+
+/// The workload.
+pub const RBD_LAYERS: Workload = Workload {
+    name: "rbdlayers",
+    about:
+        "RBD layer backend beside overlay: Create of a child on a small and a big parent, container layer \
+            start/remove, ApplyDiff MB/s; `rbd bench` write as the Ceph floor",
+    per_fs: false,
+    run,
+};
+
+const NAME: &str = "rbdlayers";
+
+fn push(figs: &mut Vec<Figure>, case: &str, subject: &str, metric: &str, unit: Unit, samples: Vec<f64>) {
+    let mut f = Figure::new(NAME, case, subject, metric, unit);
+    f.samples = samples;
+    f.lower_is_better = !matches!(unit, Unit::MBps | Unit::OpsPerSec);
+    figs.push(f);
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// A tar of one file of `mb` MB, written to `path` (not held in memory).
+fn tar_file(path: &Path, mb: u64) -> anyhow::Result<()> {
+    let mut w = TarWriter::new(std::io::BufWriter::new(fs::File::create(path)?));
+    w.random_file("data", mb << 20, mb)?;
+    w.finish()?;
+    Ok(())
+}
+
+fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
+    if !have_ceph() {
+        push(
+            figs,
+            "Ceph packages not installed",
+            "lamina",
+            "skipped",
+            Unit::Count,
+            vec![0.0],
+        );
+        return Ok(());
+    }
+    ctx.say("starting a Ceph cluster (memstore)");
+    let mut cluster = CephCluster::start_in(&ctx.scratch.join("ceph"), ObjectStore::Memstore);
+    let result = measure(ctx, &cluster, figs);
+    cluster.stop();
+    result
+}
+
+fn measure(ctx: &Ctx, cluster: &CephCluster, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
+    let mut rbd = lamina(ctx, "rbd");
+    let cfg = rbd.dir().join("config.toml");
+    fs::create_dir_all(rbd.dir())?;
+    fs::write(
+        &cfg,
+        format!(
+            "[store]\nbackend = \"rbd\"\n[store.rbd]\nceph_conf = \"{}\"\npool = \"{}\"\nimage_prefix = \
+             \"bench-\"\nmap = \"fuse\"\nsize = \"5G\"\n",
+            cluster.conf().display(),
+            cluster.pool
+        ),
+    )?;
+    rbd.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    let mut engines: Vec<(&str, Lamina)> = vec![
+        ("lamina", start(rbd)),
+        ("lamina-overlay", start(lamina(ctx, "overlay"))),
+    ];
+    let big = ctx.pick(100, 1024);
+    let cases = [
+        (10u64, "10 MB parent".to_string()),
+        (big, format!("{big} MB parent")),
+    ];
+    for (mb, _) in &cases {
+        tar_file(&ctx.scratch.join(format!("layer-{mb}.tar")), *mb)?;
+    }
+    for (subject, l) in &mut engines {
+        let mut c = graph_session(l)?;
+        for (mb, case) in &cases {
+            ctx.say(format!("{subject}: ApplyDiff of {case}"));
+            let parent = format!("p{mb}");
+            c.call("GraphDriver.Create", &json!({"ID": parent, "Parent": ""}))?;
+            let mut tar = fs::File::open(ctx.scratch.join(format!("layer-{mb}.tar")))?;
+            let t = Instant::now();
+            c.apply_diff(&parent, "", &mut tar)?;
+            let secs = t.elapsed().as_secs_f64();
+            push(
+                figs,
+                case,
+                subject,
+                "ApplyDiff",
+                Unit::MBps,
+                vec![*mb as f64 / secs],
+            );
+            ctx.say(format!("{subject}: Create of a child on the {case}"));
+            let mut create = Vec::new();
+            for i in 0..ctx.runs {
+                let child = format!("c{mb}-{i}");
+                let t = Instant::now();
+                c.call("GraphDriver.Create", &json!({"ID": child, "Parent": parent}))?;
+                create.push(ms(t));
+                c.call("GraphDriver.Remove", &json!({"ID": child}))?;
+            }
+            push(figs, case, subject, "Create of a child", Unit::Millis, create);
+        }
+        ctx.say(format!("{subject}: container layer start/remove"));
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        for i in 0..ctx.runs {
+            let id = format!("ctr-{i}");
+            let t = Instant::now();
+            c.call("GraphDriver.CreateReadWrite", &json!({"ID": id, "Parent": "p10"}))?;
+            c.call("GraphDriver.Get", &json!({"ID": id, "MountLabel": ""}))?;
+            up.push(ms(t));
+            let t = Instant::now();
+            c.call("GraphDriver.Put", &json!({"ID": id}))?;
+            c.call("GraphDriver.Remove", &json!({"ID": id}))?;
+            down.push(ms(t));
+        }
+        push(
+            figs,
+            "container layer",
+            subject,
+            "start (create + get)",
+            Unit::Millis,
+            up,
+        );
+        push(
+            figs,
+            "container layer",
+            subject,
+            "remove (put + remove)",
+            Unit::Millis,
+            down,
+        );
+        for (mb, _) in &cases {
+            c.call("GraphDriver.Remove", &json!({"ID": format!("p{mb}")}))?;
+        }
+        drop(c);
+        cleanup(l)?;
+    }
+    ctx.say("rbd bench (4 MiB writes, 4 threads, 256 MiB)");
+    let pool = &cluster.pool;
+    let img = format!("{pool}/bench-floor");
+    cluster.rbd_ok(&["create", "--size", "1G", &img]);
+    let out = cluster.rbd_ok(&[
+        "bench",
+        "--io-type",
+        "write",
+        "--io-size",
+        "4M",
+        "--io-threads",
+        "4",
+        "--io-total",
+        "256M",
+        "--io-pattern",
+        "seq",
+        &img,
+    ]);
+    cluster.rbd_ok(&["rm", "--no-progress", &img]);
+    push(
+        figs,
+        "4 MiB seq writes",
+        "rbd bench",
+        "write",
+        Unit::MBps,
+        vec![bench_mbps(&out)?],
+    );
+    Ok(())
+}
+
+fn cleanup(l: &mut Lamina) -> anyhow::Result<()> {
+    let st = l.stop();
+    if !st.success() {
+        bail!("lamina serve exited with {st}; log:\n{}", l.log_tail());
+    }
+    Ok(())
+}
+
+/// MB/s from the summary line of `rbd bench` (`elapsed: 1   ops: 64   ops/sec: 52.1   bytes/sec: 208 MiB/s`).
+fn bench_mbps(out: &str) -> anyhow::Result<f64> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.contains("bytes/sec:"))
+        .context("rbd bench printed no summary")?;
+    let rest = line.split("bytes/sec:").nth(1).unwrap_or_default().trim();
+    let mut it = rest.split_whitespace();
+    let v: f64 = it
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .context("rbd bench bytes/sec")?;
+    let scale = match it.next().unwrap_or_default() {
+        "GiB/s" => 1024.0 * 1.048_576,
+        "MiB/s" => 1.048_576,
+        "KiB/s" => 1.048_576 / 1024.0,
+        _ => 1.0 / 1e6,
+    };
+    Ok(v * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rbd_bench_summary() {
+        let out = "bench  type write io_size 4194304\n  SEC  OPS\nelapsed: 0   ops: 64   ops/sec: 132.2   bytes/sec: 529 MiB/s\n";
+        assert!((bench_mbps(out).unwrap() - 554.7).abs() < 0.1);
+        assert!(bench_mbps("nothing").is_err());
+    }
+}

@@ -1,0 +1,624 @@
+//! End-to-end tests of lamina's RBD layer backend (`[store] backend = "rbd"`): dockerd 20.10 with `-s lamina`
+//! on a data root whose layers are RBD images in a throw-away Ceph cluster (testkit's `CephCluster`: one
+//! monitor, one memstore OSD, on 127.0.0.1). Images reach the host through rbd-fuse and a loop device (this
+//! kernel has no rbd driver).
+//!
+//! Needs root, dockerd, containerd, runc, busybox-static and the Ceph packages (ceph-mon, ceph-osd,
+//! ceph-common, rbd-fuse). Without them the tests print SKIPPED (and fail under CI=true).
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use lamina_testkit::ceph::{require_ceph, CephCluster, ObjectStore};
+use lamina_testkit::docker_fixtures::*;
+use lamina_testkit::faults::binary_has_fault_points;
+use lamina_testkit::*;
+use serde_json::json;
+
+const PREFIX: &str = "e2e-layer-";
+
+/// A lamina whose layers are images `PREFIX<n>` in `pool` (not started).
+fn lamina_config(tag: &str, cluster: &CephCluster, pool: &str, timeout_secs: u64) -> Lamina {
+    let mut lamina = Lamina::new(&unique_name(tag));
+    let text = format!(
+        "[store]\nbackend = \"rbd\"\n[store.rbd]\nceph_conf = \"{}\"\npool = \"{pool}\"\nimage_prefix = \"{PREFIX}\"\n\
+         map = \"fuse\"\nsize = \"1G\"\ntimeout_secs = {timeout_secs}\n",
+        cluster.conf().display(),
+    );
+    let cfg = lamina.dir().join("config.toml");
+    fs::write(&cfg, text).unwrap();
+    lamina.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    lamina
+}
+
+/// A lamina whose layers are images `PREFIX<n>` in the cluster's pool (started).
+fn lamina_on(tag: &str, cluster: &CephCluster) -> Lamina {
+    let mut lamina = lamina_config(tag, cluster, &cluster.pool, 10);
+    lamina.spawn();
+    lamina.wait_ready();
+    lamina
+}
+
+/// This data root's images in the pool.
+fn layer_images(cluster: &CephCluster) -> Vec<String> {
+    cluster
+        .images(&cluster.pool)
+        .into_iter()
+        .filter(|i| i.starts_with(PREFIX))
+        .collect()
+}
+
+/// Loop devices reading from below `root`.
+fn loops_under(root: &Path) -> Vec<String> {
+    let root = root.display().to_string();
+    let Ok(rd) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let b = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            b.trim_end().starts_with(&root).then_some(name)
+        })
+        .collect()
+}
+
+/// Nothing of the store is left on the host or in the pool: no image, no mount, no loop device, no rbd-fuse.
+fn assert_nothing_left(lamina: &Lamina, cluster: &CephCluster) {
+    let settled = poll(Duration::from_secs(20), || {
+        (layer_images(cluster).is_empty()
+            && cluster.client_pids().is_empty()
+            && mounts_under(&lamina.data_root).is_empty()
+            && loops_under(&lamina.data_root).is_empty())
+        .then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "left behind: images {:?}, rbd-fuse/clients {:?}, mounts {:?}, loops {:?}; log:\n{}",
+        layer_images(cluster),
+        cluster.client_pids(),
+        mounts_under(&lamina.data_root),
+        loops_under(&lamina.data_root),
+        lamina.log_tail()
+    );
+}
+
+fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    eprintln!("[rbd layers] {what}: {:?}", t.elapsed());
+    r
+}
+
+#[test]
+fn rbd_layers_under_dockerd() {
+    let test = "rbd_layers_under_dockerd";
+    if !require_docker(test) || !require_ceph(test) {
+        return;
+    }
+    let _serial = serial();
+    // Declared first, dropped last: dockerd and lamina stop (and unmount) before the cluster goes away.
+    let mut cluster = CephCluster::start_with("layers", ObjectStore::Memstore);
+    let mut lamina = lamina_on("rbdlayers", &cluster);
+    let d = Dockerd::start(&lamina.name);
+
+    timed("docker import (busybox)", || busybox_image(&d, "bb:1"));
+    assert_eq!(
+        layer_images(&cluster).len(),
+        1,
+        "one image for the imported layer"
+    );
+    let out = timed("docker run --rm echo", || {
+        d.ok(&["run", "--rm", "--network", "none", "bb:1", "echo", "hello"])
+    });
+    assert_eq!(out, "hello");
+
+    // docker diff of a container against its image (init layer as parent).
+    let run = DIFF_RUN;
+    d.ok(&run);
+    let got = timed("docker diff", || sorted_lines(&d.ok(&["diff", "c1"])));
+    assert_eq!(got, EXPECTED_DIFF, "docker diff on the rbd backend");
+    let size = d.ok(&["ps", "-a", "-s", "--filter", "name=c1", "--format", "{{.Size}}"]);
+    assert!(size.contains("B (virtual "), "docker ps -s: {size:?}");
+
+    // docker commit: the container's changes become an image layer cloned from the image's.
+    timed("docker commit", || d.ok(&["commit", "c1", "committed:1"]));
+    let out = d.ok(&[
+        "run", "--rm", "--network", "none", "committed:1", "sh", "-c",
+        "cat /new /a/b/c; test -e /etc/group && echo group || echo no-group; test -e /bin/vi && echo vi || echo no-vi",
+    ]);
+    assert_eq!(out, "x\nz\nno-group\nno-vi");
+
+    // classic docker build: changed and deleted files, an opaque directory, hardlinks, VOLUME.
+    timed("docker build (classic, 7 steps)", || build(&d, "built:1"));
+    let effects = d.ok(&CHECK_RUN);
+    assert_eq!(
+        effects, EXPECTED_EFFECTS,
+        "effects of the Dockerfile on the rbd backend"
+    );
+    let vols = d.ok(&["image", "inspect", "-f", "{{json .Config.Volumes}}", "built:1"]);
+    assert_eq!(vols, r#"{"/data":{}}"#);
+
+    // save | load into a vfs dockerd: the same DiffIDs and tree; and back, with dockerd's own tars (opaque
+    // directories and whiteouts as its archive code writes them) applied as deletions.
+    let vfs = Dockerd::start("vfs");
+    busybox_image(&vfs, "bb:1");
+    let layers = |x: &Dockerd, img: &str| x.ok(&["image", "inspect", "-f", "{{json .RootFS.Layers}}", img]);
+    let tarball = d.dir().join("built.tar");
+    timed("docker save", || {
+        d.ok(&["save", "-o", tarball.to_str().unwrap(), "built:1"])
+    });
+    vfs.ok(&["load", "-i", tarball.to_str().unwrap()]);
+    assert_eq!(
+        layers(&d, "built:1"),
+        layers(&vfs, "built:1"),
+        "DiffIDs after save | load into vfs"
+    );
+    assert_same_tree(
+        "loaded into vfs",
+        "rbd",
+        &list_tree(&d, "built:1"),
+        "vfs",
+        &list_tree(&vfs, "built:1"),
+    );
+    build(&vfs, "vbuilt:1");
+    let vtar = vfs.dir().join("vbuilt.tar");
+    vfs.ok(&["save", "-o", vtar.to_str().unwrap(), "vbuilt:1"]);
+    timed("docker load", || d.ok(&["load", "-i", vtar.to_str().unwrap()]));
+    assert_eq!(
+        layers(&d, "vbuilt:1"),
+        layers(&vfs, "vbuilt:1"),
+        "DiffIDs after save on vfs | load"
+    );
+    assert_same_tree(
+        "loaded from vfs",
+        "rbd",
+        &list_tree(&d, "vbuilt:1"),
+        "vfs",
+        &list_tree(&vfs, "vbuilt:1"),
+    );
+    drop(vfs);
+
+    // lamina killed (-9) with a container running: the container keeps its tree, lamina takes it back.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "running",
+        "--network",
+        "none",
+        "built:1",
+        "sleep",
+        "1000",
+    ]);
+    d.ok(&["exec", "running", "sh", "-c", "echo before > /state"]);
+    lamina.kill9();
+    timed("lamina start after kill -9", || lamina.start_again());
+    assert_eq!(
+        d.ok(&["exec", "running", "cat", "/state", "/keep/over"]),
+        "before\nnew-content"
+    );
+    d.ok(&["exec", "running", "sh", "-c", "echo after > /state2"]);
+    let got = sorted_lines(&d.ok(&["diff", "running"]));
+    assert!(
+        got.contains("A /state\n") || got.contains("A /state2"),
+        "docker diff after the restart: {got}"
+    );
+    // And stopped cleanly (SIGTERM): the same.
+    timed("lamina restart (SIGTERM)", || lamina.restart());
+    assert_eq!(d.ok(&["exec", "running", "cat", "/state2"]), "after");
+    d.ok(&["rm", "-f", "running"]);
+
+    // rm and rmi: nothing left in the pool or on the host.
+    remove_everything(&d);
+    assert_nothing_left(&lamina, &cluster);
+
+    // The data root is an rbd one: opening it as an overlay store is refused, naming both.
+    drop(d);
+    lamina.stop();
+    lamina.extra_args.clear();
+    lamina.spawn();
+    match lamina.poll_ready(Duration::from_secs(30)) {
+        Ready::Exited(st) => assert!(!st.success()),
+        other => panic!("lamina opened an rbd data root as overlay: {other:?}"),
+    }
+    let log = fs::read_to_string(&lamina.log).unwrap_or_default();
+    assert!(
+        log.contains("holds layers of the rbd:"),
+        "refusal not logged:\n{}",
+        lamina.log_tail()
+    );
+    cluster.stop();
+}
+
+/// Kills lamina and starts it again, with `faults` armed (or none).
+fn restart(l: &mut Lamina, faults: Option<&str>) {
+    l.kill9();
+    l.env.retain(|(k, _)| k != "LAMINA_FAULTS");
+    if let Some(f) = faults {
+        l.env.push(("LAMINA_FAULTS".into(), f.into()));
+    }
+    l.start_again();
+}
+
+/// Sends a plugin call to a lamina armed to die in it, and waits for the death.
+fn call_and_die(l: &mut Lamina, method: &str, body: serde_json::Value) {
+    let mut b = serde_json::to_vec(&body).unwrap();
+    b.push(b'\n');
+    let _ = l.client().post_raw(&format!("/GraphDriver.{method}"), &b);
+    assert!(
+        l.wait_exit(Duration::from_secs(60)).is_some(),
+        "the kill point in {method} did not fire; log:\n{}",
+        l.log_tail()
+    );
+}
+
+fn changes(c: &PluginClient, id: &str, parent: &str) -> Vec<String> {
+    let v = c
+        .call("Changes", json!({"ID": id, "Parent": parent}))
+        .ok("Changes");
+    let mut out: Vec<String> = v["Changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("{} {}", c["Kind"], c["Path"].as_str().unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn rbd_layers_kill9_mid_operation() {
+    let test = "rbd_layers_kill9_mid_operation";
+    if !require_root(test) || !require_ceph(test) {
+        return;
+    }
+    assert!(
+        binary_has_fault_points(),
+        "{} has no fault points: build it with `cargo build --workspace --all-targets`",
+        lamina_bin().display()
+    );
+    let _serial = serial();
+    let mut cluster = CephCluster::start_with("layerkill", ObjectStore::Memstore);
+    let mut l = lamina_on("rbdkill", &cluster);
+    let c = l.client();
+    let base = TarBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/a", 0o644, b"a")
+        .file("etc/b", 0o644, b"b")
+        .finish();
+    let top = TarBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/.wh.a", 0o644, b"")
+        .file("etc/c", 0o644, b"c")
+        .finish();
+    c.call("Create", json!({"ID": "l1"})).ok("Create l1");
+    c.apply_diff("l1", "", &mut &base[..]).unwrap().ok("ApplyDiff l1");
+    c.call("Create", json!({"ID": "l2", "Parent": "l1"}))
+        .ok("Create l2");
+
+    // Applied but not sealed: the restart puts the layer back to empty; the apply is done again.
+    restart(&mut l, Some("store.rbd.seal.snap=kill"));
+    let mut tar = &top[..];
+    let _ = l.client().apply_diff("l2", "l1", &mut tar);
+    assert!(
+        l.wait_exit(Duration::from_secs(60)).is_some(),
+        "the seal's kill point did not fire"
+    );
+    restart(&mut l, None);
+    let c = l.client();
+    assert_eq!(
+        changes(&c, "l2", "l1"),
+        Vec::<String>::new(),
+        "l2 is empty again after the restart"
+    );
+    c.apply_diff("l2", "l1", &mut &top[..])
+        .unwrap()
+        .ok("ApplyDiff l2 again");
+    assert_eq!(changes(&c, "l2", "l1"), ["0 /etc", "1 /etc/c", "2 /etc/a"]);
+    assert_eq!(layer_images(&cluster).len(), 2);
+
+    // Mapped but not mounted: the restart takes the attachment down (rbd-fuse, loop device).
+    restart(&mut l, Some("rbd.attach.mapped=kill"));
+    call_and_die(&mut l, "Get", json!({"ID": "l2", "MountLabel": ""}));
+    assert!(!cluster.client_pids().is_empty(), "rbd-fuse runs after the kill");
+    restart(&mut l, None);
+    let clean = poll(Duration::from_secs(15), || {
+        (cluster.client_pids().is_empty() && loops_under(&l.data_root).is_empty()).then_some(())
+    });
+    assert!(
+        clean.is_some(),
+        "left after the restart: rbd-fuse {:?}, loops {:?}",
+        cluster.client_pids(),
+        loops_under(&l.data_root)
+    );
+    let c = l.client();
+    let dir = c.call("Get", json!({"ID": "l2", "MountLabel": ""})).ok("Get l2")["Dir"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(fs::read_to_string(Path::new(&dir).join("etc/c")).unwrap(), "c");
+    assert!(!Path::new(&dir).join("etc/a").exists());
+
+    // Mounted, counted by nobody (killed before the Get answered), and lamina killed again with it mounted:
+    // the restart keeps it (a container may use it) and the last Put takes it down.
+    restart(&mut l, None);
+    let c = l.client();
+    assert!(
+        is_mounted(Path::new(&dir)),
+        "the mount of a known layer survives the restart"
+    );
+    c.call("Put", json!({"ID": "l2"})).ok("Put l2");
+    assert!(!is_mounted(Path::new(&dir)));
+
+    // Recorded but no image yet: the restart makes it.
+    restart(&mut l, Some("store.create.mkdir=kill"));
+    call_and_die(&mut l, "Create", json!({"ID": "l3", "Parent": "l2"}));
+    assert_eq!(layer_images(&cluster).len(), 2);
+    restart(&mut l, None);
+    assert_eq!(
+        layer_images(&cluster).len(),
+        3,
+        "the restart made the recorded layer's image"
+    );
+    let c = l.client();
+    assert_eq!(changes(&c, "l3", "l2"), Vec::<String>::new());
+
+    // Cloned and recorded, killed before the answer: a Remove takes it.
+    restart(&mut l, Some("store.create.done=kill"));
+    call_and_die(&mut l, "Create", json!({"ID": "l4", "Parent": "l2"}));
+    restart(&mut l, None);
+    let c = l.client();
+    for id in ["l4", "l3", "l2", "l1"] {
+        c.call("Remove", json!({"ID": id})).ok(&format!("Remove {id}"));
+    }
+    assert_nothing_left(&l, &cluster);
+    drop(l);
+    cluster.stop();
+}
+
+#[test]
+fn rbd_layers_errors_and_clone_figures() {
+    let test = "rbd_layers_errors_and_clone_figures";
+    if !require_root(test) || !require_ceph(test) {
+        return;
+    }
+    let _serial = serial();
+    let mut cluster = CephCluster::start_with("layererr", ObjectStore::Memstore);
+
+    // A pool that does not exist: the store does not open, and says why.
+    let mut nopool = lamina_config("rbdnopool", &cluster, "nopool", 5);
+    nopool.spawn();
+    match nopool.poll_ready(Duration::from_secs(30)) {
+        Ready::Exited(st) => assert!(!st.success()),
+        other => panic!("lamina opened a data root on a missing pool: {other:?}"),
+    }
+    let log = fs::read_to_string(&nopool.log).unwrap_or_default();
+    assert!(
+        log.contains("backend unavailable: pool \"nopool\" does not exist"),
+        "{}",
+        nopool.log_tail()
+    );
+    drop(nopool);
+
+    let mut l = lamina_config("rbdfig", &cluster, &cluster.pool, 5);
+    l.spawn();
+    l.wait_ready();
+    let c = l.client();
+    // Children of a small and of a big parent: a clone costs the same.
+    let mut figures = Vec::new();
+    for (id, mb) in [("small", 10u64), ("big", 200)] {
+        let mut w = TarWriter::new(Vec::new());
+        w.random_file("data", mb << 20, mb).unwrap();
+        let tar = w.finish().unwrap();
+        c.call("Create", json!({"ID": id})).ok("Create parent");
+        let t = Instant::now();
+        c.apply_diff(id, "", &mut &tar[..])
+            .unwrap()
+            .ok("ApplyDiff parent");
+        let apply = t.elapsed();
+        let child = format!("{id}-child");
+        let t = Instant::now();
+        c.call("CreateReadWrite", json!({"ID": child, "Parent": id}))
+            .ok("Create child");
+        let create = t.elapsed();
+        let t = Instant::now();
+        c.call("Get", json!({"ID": child, "MountLabel": ""}))
+            .ok("Get child");
+        let get = t.elapsed();
+        c.call("Put", json!({"ID": child})).ok("Put child");
+        eprintln!(
+            "[rbd layers] parent {mb} MB: ApplyDiff {apply:?} ({:.0} MB/s), Create of a child {create:?}, first Get {get:?}",
+            mb as f64 / apply.as_secs_f64()
+        );
+        figures.push(create);
+    }
+    assert!(
+        figures.iter().all(|d| *d < Duration::from_secs(10)),
+        "Create of a child took {figures:?}"
+    );
+    for id in ["small-child", "small", "big-child", "big"] {
+        c.call("Remove", json!({"ID": id})).ok(&format!("Remove {id}"));
+    }
+    assert_nothing_left(&l, &cluster);
+
+    // The cluster gone: a classed error within the deadline (5 s per call), nothing half-made.
+    cluster.kill();
+    let t = Instant::now();
+    let e = c
+        .call("Create", json!({"ID": "x"}))
+        .expect_err("Create without a cluster", "backend unavailable");
+    let took = t.elapsed();
+    eprintln!("[rbd layers] Create with the cluster down: {took:?}: {e}");
+    assert!(
+        took < Duration::from_secs(20),
+        "Create with the cluster down took {took:?}"
+    );
+    assert!(e.contains("unreachable") || e.contains("do not answer"), "{e}");
+    assert!(mounts_under(&l.data_root).is_empty());
+}
+
+/// Mounts the one mount a Prepare/View of the rbd backend answers (a bind of the layer's filesystem) at
+/// `target`, as containerd does.
+fn mount_snapshot(mounts: &[lamina_snapshotter::proto::containerd::types::Mount], target: &Path) {
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    let m = &mounts[0];
+    assert_eq!(m.r#type, "bind", "{m:?}");
+    fs::create_dir_all(target).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "bind", &m.source])
+        .arg(target)
+        .args(["-o", &m.options.join(",")])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount {m:?} failed");
+}
+
+fn umount(target: &Path) {
+    assert!(std::process::Command::new("umount")
+        .arg(target)
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn rbd_layers_containerd_snapshotter() {
+    let test = "rbd_layers_containerd_snapshotter";
+    if !require_root(test) || !require_ceph(test) {
+        return;
+    }
+    let _serial = serial();
+    let mut cluster = CephCluster::start_with("layersnap", ObjectStore::Memstore);
+    let pool = cluster.pool.clone();
+    let l = lamina_config("rbdsnap", &cluster, &pool, 10);
+    let sock = l.dir().join("snap.sock");
+    let mut l = l.snapshotter(&sock);
+    l.spawn();
+    l.wait_ready();
+    let api = lamina_testkit::snapshots::SnapshotApi::connect(&sock);
+    let mnt = l.dir().join("mnt");
+
+    // An active snapshot on nothing: an empty filesystem, written through containerd's bind mount.
+    let m = timed("Prepare (base: image + mkfs)", || api.prepare("a", "").unwrap());
+    mount_snapshot(&m, &mnt);
+    assert_eq!(fs::read_dir(&mnt).unwrap().count(), 0, "a new layer is empty");
+    fs::create_dir(mnt.join("etc")).unwrap();
+    fs::write(mnt.join("etc/a"), "a").unwrap();
+    fs::write(mnt.join("etc/b"), "b").unwrap();
+    umount(&mnt);
+    timed("Commit (base)", || api.commit("base", "a").unwrap());
+
+    // A child: a clone of the seal, holding the whole tree.
+    let m = timed("Prepare (child: clone)", || api.prepare("b", "base").unwrap());
+    mount_snapshot(&m, &mnt);
+    assert_eq!(fs::read_to_string(mnt.join("etc/a")).unwrap(), "a");
+    fs::remove_file(mnt.join("etc/a")).unwrap();
+    fs::write(mnt.join("etc/c"), "c").unwrap();
+    umount(&mnt);
+    assert_eq!(api.mounts("b").unwrap(), m, "Mounts answers what Prepare did");
+    api.commit("top", "b").unwrap();
+
+    // A view: read-only.
+    let m = api.view("v", "top").unwrap();
+    mount_snapshot(&m, &mnt);
+    assert!(!mnt.join("etc/a").exists());
+    assert_eq!(fs::read_to_string(mnt.join("etc/c")).unwrap(), "c");
+    assert!(fs::write(mnt.join("x"), "x").is_err(), "a view is read-only");
+    umount(&mnt);
+
+    // Removal rules are the store's: a parent with children stays.
+    assert!(api.remove("top").is_err(), "top has the view as child");
+    for key in ["v", "top", "base"] {
+        api.remove(key).unwrap_or_else(|e| panic!("Remove {key}: {e}"));
+    }
+    assert_nothing_left(&l, &cluster);
+    drop(api);
+    drop(l);
+    cluster.stop();
+}
+
+#[test]
+fn rbd_layers_under_containerd() {
+    use lamina_testkit::containerd::{
+        require_containerd, whiteout_image, Containerd, PROXY_NAME, WHITEOUT_EXPECTED, WHITEOUT_IMAGE,
+        WHITEOUT_SCRIPT,
+    };
+    let test = "rbd_layers_under_containerd";
+    if !require_containerd(test) || !require_ceph(test) {
+        return;
+    }
+    let _serial = serial();
+    let mut cluster = CephCluster::start_with("layerctrd", ObjectStore::Memstore);
+    let pool = cluster.pool.clone();
+    let l = lamina_config("rbdctrd", &cluster, &pool, 10);
+    let sock = l.dir().join("snap.sock");
+    let mut l = l.snapshotter(&sock);
+    l.spawn();
+    l.wait_ready();
+    let dir = TestDir::new(&unique_name(test));
+    let ctrd = Containerd::start(&dir.join("containerd"), Some(&sock));
+    let work = dir.join("work");
+    fs::create_dir_all(&work).unwrap();
+    let image = whiteout_image(&work);
+    timed("ctr images import (3 layers)", || {
+        ctrd.ctr_ok(&[
+            "images",
+            "import",
+            "--snapshotter",
+            PROXY_NAME,
+            image.tar.to_str().unwrap(),
+        ])
+    });
+    assert_eq!(layer_images(&cluster).len(), 3, "one image per layer");
+    let run = |id: &str, script: &str| {
+        let fifo = ctrd.fifo_dir();
+        let runc_root = ctrd.runc_root();
+        ctrd.ctr_ok(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            PROXY_NAME,
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--runc-root",
+            runc_root.to_str().unwrap(),
+            WHITEOUT_IMAGE,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+    };
+    let out = timed("ctr run --rm", || run("c1", WHITEOUT_SCRIPT));
+    assert_eq!(
+        out, WHITEOUT_EXPECTED,
+        "whiteouts and the opaque directory applied as deletions"
+    );
+    let out = run(
+        "c2",
+        "echo changed > /etc/lamina/layer1 && rm /etc/lamina/layer2 && touch /gone.txt && cat /etc/lamina/layer1",
+    );
+    assert_eq!(out, "changed\n");
+    assert_eq!(
+        run("c3", WHITEOUT_SCRIPT),
+        WHITEOUT_EXPECTED,
+        "a container's writes stay in its own layer"
+    );
+
+    ctrd.ctr_ok(&["images", "rm", "--sync", WHITEOUT_IMAGE]);
+    let gone = poll(Duration::from_secs(60), || {
+        ctrd.gc_now();
+        layer_images(&cluster).is_empty().then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "images left after `ctr images rm` + GC: {:?}",
+        layer_images(&cluster)
+    );
+    assert_nothing_left(&l, &cluster);
+    drop(ctrd);
+    drop(l);
+    cluster.stop();
+}
