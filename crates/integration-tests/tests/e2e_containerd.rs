@@ -39,10 +39,9 @@ fn setup(test: &str) -> Option<Setup> {
 
 /// Starts lamina (if `snapshotter` is the proxy's name) and containerd for `test`.
 fn setup_with(test: &str, snapshotter: &str) -> Option<Setup> {
-    if !require_containerd(test) {
+    let Some(serial) = serial_if(require_containerd(test)) else {
         return None;
-    }
-    let serial = serial();
+    };
     let started = Instant::now();
     let dir = TestDir::new(&unique_name(test));
     let lamina = (snapshotter == PROXY_NAME).then(|| LaminaSnap::start(&dir.join("lamina")));

@@ -39,10 +39,9 @@ struct Setup {
 }
 
 fn setup(test: &str) -> Option<Setup> {
-    if !require_docker(test) {
+    let Some(serial) = serial_if(require_docker(test)) else {
         return None;
-    }
-    let serial = serial();
+    };
     let lamina = Lamina::start(&unique_name(test));
     let docker = Dockerd::start(&lamina.name);
     Some(Setup {

@@ -194,10 +194,9 @@ fn json_log_lines(log: &Path) -> Vec<Value> {
 #[test]
 fn metrics_count_the_calls_and_logs_carry_request_ids() {
     let test = "metrics_count_the_calls";
-    if !require_root(test) {
+    let Some(_serial) = serial_if(require_root(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut lamina = Lamina::new(&unique_name("metrics"));
     let metrics_sock = lamina.dir().join("metrics.sock");
     let snap_sock = lamina.dir().join("snap.sock");
@@ -476,10 +475,9 @@ fn metrics_count_the_calls_and_logs_carry_request_ids() {
 #[test]
 fn verify_on_mount_refuses_a_changed_layer() {
     let test = "verify_on_mount_refuses_a_changed_layer";
-    if !require_root(test) {
+    let Some(_serial) = serial_if(require_root(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut lamina = Lamina::new(&unique_name("verifymount"));
     // TCP this time (the other test scrapes a unix socket).
     let metrics_addr = format!("127.0.0.1:{}", free_port());
@@ -614,10 +612,9 @@ fn verify_on_mount_refuses_a_changed_layer() {
 #[ignore]
 fn metrics_overhead_on_get_p50() {
     let test = "metrics_overhead_on_get_p50";
-    if !require_root(test) {
+    let Some(_serial) = serial_if(require_root(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let pairs: usize = std::env::var("LAMINA_BENCH_PAIRS")
         .ok()
         .and_then(|s| s.parse().ok())

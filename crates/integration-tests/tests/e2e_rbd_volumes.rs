@@ -104,10 +104,9 @@ fn assert_released(h: &Host, name: &str, (pid, dev): &(u32, String)) {
 #[test]
 fn rbd_volumes_two_hosts() {
     let test = "rbd_volumes_two_hosts";
-    if !require_docker(test) || !require_ceph(test) {
+    let Some(_serial) = serial_if(require_docker(test) && require_ceph(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     // Declared first, dropped last: hosts stop (and unmount) before the cluster goes away.
     let mut cluster = CephCluster::start_with("vols", ObjectStore::Memstore);
     let mut h1 = host("rbd1", "host1", &cluster);
@@ -465,10 +464,9 @@ fn rbd_volumes_kill9_mid_operation() {
 #[test]
 fn rbd_volumes_pool_missing_and_quota() {
     let test = "rbd_volumes_pool_missing_and_quota";
-    if !require_ceph_mgr(test) {
+    let Some(_serial) = serial_if(require_ceph_mgr(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut cluster = CephCluster::start("quota");
     let (l, mount_base) = lamina_on_pool("rbdq", "hostq", &cluster, "vols");
     let c = l.client();
@@ -547,10 +545,11 @@ fn rbd_volumes_pool_missing_and_quota() {
 #[test]
 fn rbd_volumes_krbd() {
     let test = "rbd_volumes_krbd";
-    if !require_ceph(test) || !require_kernel_feature(test, "rbd (/sys/bus/rbd)", have_krbd()) {
+    let Some(_serial) =
+        serial_if(require_ceph(test) && require_kernel_feature(test, "rbd (/sys/bus/rbd)", have_krbd()))
+    else {
         return;
-    }
-    let _serial = serial();
+    };
     let cluster = CephCluster::start("krbd");
     let pool = cluster.pool.clone();
     let (l, mount_base) = lamina_with("rbdkr", "hostkr", &cluster, &pool, "");

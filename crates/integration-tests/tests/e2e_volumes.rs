@@ -105,10 +105,9 @@ fn bad_inputs(c: &PluginClient, backend_root: &Path) {
 #[test]
 fn local_backend_with_dockerd() {
     let test = "local_backend_with_dockerd";
-    if !require_docker(test) {
+    let Some(_serial) = serial_if(require_docker(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut lamina = Lamina::new(&unique_name("vol-local"));
     let mount_base = configure(&mut lamina, "backend = \"local\"\n");
     lamina.spawn();
@@ -254,10 +253,9 @@ fn mfs_tool(args: &[&str]) -> String {
 #[test]
 fn moosefs_two_hosts() {
     let test = "moosefs_two_hosts";
-    if !require_docker(test) || !require_moosefs(test) {
+    let Some(_serial) = serial_if(require_docker(test) && require_moosefs(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     // Declared first, dropped last: hosts stop (and unmount) before the cluster goes away.
     let mut cluster = MooseCluster::start("two-hosts");
     let mut h1 = host("vol-mfs1", &cluster);

@@ -256,10 +256,9 @@ fn hex_id(n: u64) -> String {
 #[test]
 fn lamina_extracts_like_gnu_tar() {
     let test = "lamina_extracts_like_gnu_tar";
-    if !require_root(test) || !require_bin(test, "tar") {
+    let Some(_serial) = serial_if(require_root(test) && require_bin(test, "tar")) else {
         return;
-    }
-    let _serial = serial();
+    };
     let trees = count("LAMINA_RELIABILITY_TREES", 12, 200);
     let lamina = Lamina::start(&unique_name("differential"));
     let c = lamina.client();

@@ -184,12 +184,12 @@ fn ro_op(d: &Daemon, i: usize, small: &[u8]) -> Result<(), String> {
 
 #[test]
 fn full_readonly_and_failing_disks() {
-    if !require_root("full_readonly_and_failing_disks")
-        || !require_bin("full_readonly_and_failing_disks", "mkfs.ext4")
-    {
+    let Some(_serial) = serial_if(
+        require_root("full_readonly_and_failing_disks")
+            && require_bin("full_readonly_and_failing_disks", "mkfs.ext4"),
+    ) else {
         return;
-    }
-    let _serial = serial();
+    };
     let t0 = Instant::now();
     let mut d = Daemon::new(&unique_name("faults-disk"));
     let fsdir = d.base.dir().join("disk");

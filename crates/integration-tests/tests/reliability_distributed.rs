@@ -503,13 +503,6 @@ fn wait_registered(cluster: &MooseCluster, n: usize) -> Duration {
     t.elapsed()
 }
 
-fn start_test(test: &str) -> Option<Option<std::sync::MutexGuard<'static, ()>>> {
-    if !require_moosefs(test) {
-        return None;
-    }
-    Some(serial())
-}
-
 // ------------------------------------------------------------------------------------------------------------
 // 1. A chunkserver killed during writes
 // ------------------------------------------------------------------------------------------------------------
@@ -517,7 +510,7 @@ fn start_test(test: &str) -> Option<Option<std::sync::MutexGuard<'static, ()>>> 
 #[test]
 fn chunkserver_killed_during_writes() {
     let test = "chunkserver_killed_during_writes";
-    let Some(_serial) = start_test(test) else {
+    let Some(_serial) = serial_if(require_moosefs(test)) else {
         return;
     };
     let files = count("LAMINA_RELIABILITY_DIST_FILES", 120, 1000) as usize;
@@ -662,7 +655,7 @@ fn calls_while_down(c: &PluginClient, n: usize, round: usize) -> (Vec<Call>, BTr
 #[test]
 fn master_restarted() {
     let test = "master_restarted";
-    let Some(_serial) = start_test(test) else {
+    let Some(_serial) = serial_if(require_moosefs(test)) else {
         return;
     };
     let rounds = count("LAMINA_RELIABILITY_DIST_ROUNDS", 1, 3).max(1) as usize;
@@ -887,7 +880,7 @@ fn known_mounts(c: &PluginClient, names: &[&str]) -> Vec<(String, String, String
 #[test]
 fn lamina_restarted() {
     let test = "lamina_restarted";
-    let Some(_serial) = start_test(test) else {
+    let Some(_serial) = serial_if(require_moosefs(test)) else {
         return;
     };
     let cycles = count("LAMINA_RELIABILITY_DIST_ROUNDS", 1, 5).max(1) as usize;
@@ -1079,7 +1072,7 @@ fn stat_errno(p: &Path) -> Option<i32> {
 #[test]
 fn mfsmount_killed() {
     let test = "mfsmount_killed";
-    let Some(_serial) = start_test(test) else {
+    let Some(_serial) = serial_if(require_moosefs(test)) else {
         return;
     };
     let t_all = Instant::now();

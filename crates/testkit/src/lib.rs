@@ -215,6 +215,12 @@ pub fn serial() -> Option<MutexGuard<'static, ()>> {
     Some(LOCK.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// A test's start: when `present` (its `require_*` checks) holds, the [`serial`] guard; `None` (skip the test)
+/// otherwise. `let Some(_serial) = serial_if(require_root(test)) else { return; };`
+pub fn serial_if(present: bool) -> Option<Option<MutexGuard<'static, ()>>> {
+    present.then(serial)
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Names, directories, mounts, processes
 // ------------------------------------------------------------------------------------------------------------

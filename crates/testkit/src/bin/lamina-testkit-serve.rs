@@ -150,7 +150,13 @@ fn run(args: Args) -> Result<bool> {
 /// True when stdin is a pipe or a socket, whose end of file means the caller is gone (not `/dev/null`, which
 /// ends at once).
 fn stdin_is_pipe() -> Result<bool> {
-    let fd = io::stdin().as_fd().try_clone_to_owned().context("duplicating stdin")?;
-    let ft = fs::File::from(fd).metadata().context("stat of stdin")?.file_type();
+    let fd = io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating stdin")?;
+    let ft = fs::File::from(fd)
+        .metadata()
+        .context("stat of stdin")?
+        .file_type();
     Ok(ft.is_fifo() || ft.is_socket())
 }
