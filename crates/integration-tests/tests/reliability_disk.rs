@@ -213,14 +213,14 @@ fn full_readonly_and_failing_disks() {
     d.base.data_root = fsdir.join("data");
     let hits = d.base.dir().join("hits.log");
     // Every apply/create/commit/volume write point fails once (the first hit of each), in order.
-    let eio_points = [
-        "store.apply.begin.commit",
-        "store.apply.stage",
-        "store.apply.syncfs",
-        "store.apply.rename",
-        "store.apply.syncfs2",
-        "store.apply.finish.commit",
-    ];
+    // The apply's points from its first commit up to its finishing one.
+    let apply_points = lamina_testkit::crash::points_of("apply");
+    let finish = apply_points
+        .iter()
+        .position(|p| *p == "store.apply.finish.commit")
+        .unwrap();
+    let eio_points = &apply_points[..=finish];
+    assert_eq!(eio_points.first(), Some(&"store.apply.begin.commit"));
     let armed: Vec<String> = eio_points.iter().map(|p| format!("{p}=eio@1")).collect();
     let mut f = Findings {
         checks: 0,
