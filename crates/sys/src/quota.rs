@@ -192,29 +192,21 @@ fn vol_args(name: &[u8]) -> io::Result<Box<BtrfsVolArgs>> {
 
 /// Creates the btrfs subvolume `name` in directory `parent` (`BTRFS_IOC_SUBVOL_CREATE`), mode 0755.
 pub fn btrfs_create_subvolume(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
-    let mut args = vol_args(name)?;
-    // SAFETY: `args` is a boxed `btrfs_ioctl_vol_args` of the size the request encodes, NUL-terminated name.
-    unsafe {
-        ioctl_raw(
-            parent,
-            BTRFS_IOC_SUBVOL_CREATE,
-            (&mut *args as *mut BtrfsVolArgs).cast(),
-        )
-    }
+    vol_ioctl(parent, BTRFS_IOC_SUBVOL_CREATE, name)
 }
 
 /// Destroys the subvolume `name` in directory `parent` with all its content (`BTRFS_IOC_SNAP_DESTROY`).
 /// The space is freed by the filesystem's cleaner after the next transaction commit ([`btrfs_sync`]).
 pub fn btrfs_destroy_subvolume(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+    vol_ioctl(parent, BTRFS_IOC_SNAP_DESTROY, name)
+}
+
+/// The btrfs ioctl `request` (one whose argument is a `btrfs_ioctl_vol_args`: SUBVOL_CREATE, SNAP_DESTROY) on
+/// `parent` for `name`.
+fn vol_ioctl(parent: BorrowedFd<'_>, request: u64, name: &[u8]) -> io::Result<()> {
     let mut args = vol_args(name)?;
-    // SAFETY: as in `btrfs_create_subvolume`.
-    unsafe {
-        ioctl_raw(
-            parent,
-            BTRFS_IOC_SNAP_DESTROY,
-            (&mut *args as *mut BtrfsVolArgs).cast(),
-        )
-    }
+    // SAFETY: `args` is a boxed `btrfs_ioctl_vol_args` (NUL-terminated name) of the size `request` encodes.
+    unsafe { ioctl_raw(parent, request, (&mut *args as *mut BtrfsVolArgs).cast()) }
 }
 
 /// Commits the current transaction of the btrfs holding `fd` (`BTRFS_IOC_SYNC`); this also wakes the cleaner

@@ -619,28 +619,14 @@ fn run_to_log(argv: &[String], log: &Path, timeout: Duration) -> Result<(), Volu
         .stderr(Stdio::from(err))
         .spawn()
         .map_err(|e| VolumeError::BackendUnavailable(format!("cannot run {}: {e}", argv[0])))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) if st.success() => return Ok(()),
-            Ok(Some(st)) => {
-                let tail = last_line(log);
-                return Err(VolumeError::BackendUnavailable(format!(
-                    "`{shown}` failed ({st}): {tail}"
-                )));
-            }
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(VolumeError::BackendUnavailable(format!(
-                    "`{shown}` did not finish within {} s",
-                    timeout.as_secs_f32()
-                )));
-            }
-            Err(e) => return Err(VolumeError::io(format!("waiting for `{shown}`"), e)),
-        }
+    let st = crate::command::wait_within(&mut child, &shown, timeout)?;
+    if st.success() {
+        return Ok(());
     }
+    let tail = last_line(log);
+    Err(VolumeError::BackendUnavailable(format!(
+        "`{shown}` failed ({st}): {tail}"
+    )))
 }
 
 fn last_line(p: &Path) -> String {

@@ -5,7 +5,7 @@
 //! each argument (so `--goal={goal}` works); a value can never add or split arguments.
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::VolumeError;
@@ -118,22 +118,7 @@ pub fn run_argv(argv: &[String], timeout: Duration) -> Result<CommandOutput, Vol
         }
         s
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(VolumeError::BackendUnavailable(format!(
-                    "`{shown}` did not finish within {} s",
-                    timeout.as_secs_f32()
-                )));
-            }
-            Err(e) => return Err(VolumeError::io(format!("waiting for `{shown}`"), e)),
-        }
-    };
+    let status = wait_within(&mut child, &shown, timeout)?;
     let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
     Ok(CommandOutput {
@@ -275,5 +260,29 @@ mod tests {
         );
         assert_eq!(parse_getgoal("/x/y: ssd_fast\n").as_deref(), Some("ssd_fast"));
         assert_eq!(parse_getgoal("").as_deref(), None);
+    }
+}
+
+/// Waits for `child` (the command `shown`) to exit; kills and reaps it when `timeout` passes first.
+pub(crate) fn wait_within(
+    child: &mut Child,
+    shown: &str,
+    timeout: Duration,
+) -> Result<ExitStatus, VolumeError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Ok(st),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(VolumeError::BackendUnavailable(format!(
+                    "`{shown}` did not finish within {} s",
+                    timeout.as_secs_f32()
+                )));
+            }
+            Err(e) => return Err(VolumeError::io(format!("waiting for `{shown}`"), e)),
+        }
     }
 }
