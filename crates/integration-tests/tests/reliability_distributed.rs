@@ -490,19 +490,6 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn wait_registered(cluster: &MooseCluster, n: usize) -> Duration {
-    let t = Instant::now();
-    let ok = poll(Duration::from_secs(60), || {
-        (cluster.registered_chunkservers() >= n).then_some(())
-    });
-    assert!(
-        ok.is_some(),
-        "{n} chunkservers not registered again within 60 s:\n{}",
-        cluster.logs()
-    );
-    t.elapsed()
-}
-
 // ------------------------------------------------------------------------------------------------------------
 // 1. A chunkserver killed during writes
 // ------------------------------------------------------------------------------------------------------------
@@ -560,7 +547,7 @@ fn chunkserver_killed_during_writes() {
             // Back after a few more files; the next round kills another one.
             w.wait_progress(files * (2 * r + 2) / (2 * rounds + 1), Duration::from_secs(300));
             cluster.start_chunkserver(victim);
-            let reg = wait_registered(&cluster, 3);
+            let reg = cluster.wait_registered(3, Duration::from_secs(60));
             eprintln!(
                 "[{test}] round {r}: chunkserver {} registered again after {}",
                 victim + 1,
@@ -593,7 +580,7 @@ fn chunkserver_killed_during_writes() {
     check_acked(&cluster, "view-down", "cskill", Some(&mp), &log.acked);
     let read_down = t.elapsed();
     cluster.start_chunkserver(victim);
-    let reg = wait_registered(&cluster, 3);
+    let reg = cluster.wait_registered(3, Duration::from_secs(60));
     check_acked(&cluster, "view-back", "cskill", Some(&mp), &log.acked);
     eprintln!(
         "[{test}] acknowledged {} files, lost 0 (checked with chunkserver {} down in {}, and again after it \

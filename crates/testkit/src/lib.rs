@@ -74,9 +74,7 @@ pub fn lamina_cli(root: &Path, args: &[&str]) -> Output {
 
 /// [`lamina_cli`]; panics unless it succeeds; returns stdout.
 pub fn lamina_cli_ok(root: &Path, args: &[&str]) -> String {
-    let out = lamina_cli(root, args);
-    check_output(&format!("lamina {args:?}"), &out).unwrap_or_else(|e| panic!("{e}"));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout_of(&format!("lamina {args:?}"), &lamina_cli(root, args)).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// [`lamina_cli_ok`] with `--json`, parsed.
@@ -538,6 +536,24 @@ pub fn check_output(what: &str, out: &Output) -> Result<(), String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     ))
+}
+
+/// Installs Debian `packages` with `apt-get install` (no recommends, non-interactive), saying so on stderr; a
+/// failure is only reported: the caller checks what it needs afterwards.
+pub fn apt_install(packages: &[&str]) {
+    eprintln!("installing {} with apt-get", packages.join(" "));
+    let st = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    eprintln!("apt-get: {st:?}");
+}
+
+/// The stdout of the command `what` that gave `out`, or the error of [`check_output`].
+pub fn stdout_of(what: &str, out: &Output) -> Result<String, String> {
+    check_output(what, out)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs a command, panicking with its output if it fails.

@@ -42,15 +42,7 @@ pub fn require_moosefs(test: &str) -> bool {
     }
     if !have_moosefs() {
         static INSTALL: std::sync::Once = std::sync::Once::new();
-        INSTALL.call_once(|| {
-            eprintln!("installing {} with apt-get", MFS_PACKAGES.join(" "));
-            let st = Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(MFS_PACKAGES)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status();
-            eprintln!("apt-get: {st:?}");
-        });
+        INSTALL.call_once(|| super::apt_install(MFS_PACKAGES));
     }
     have_moosefs()
         || super::skip(
@@ -203,17 +195,23 @@ impl MooseCluster {
         for i in 0..n_cs {
             c.start_chunkserver(i);
         }
-        let ok = poll(Duration::from_secs(30), || {
-            (c.registered_chunkservers() >= n_cs).then_some(())
-        });
-        assert!(
-            ok.is_some(),
-            "{n_cs} chunkservers did not register within 30 s:\n{}",
-            c.logs()
-        );
+        c.wait_registered(n_cs, Duration::from_secs(30));
         c.start_time = t0.elapsed();
         eprintln!("MooseFS cluster {} ({prefix}.1) up in {:?}", c.ns, c.start_time);
         c
+    }
+
+    /// Waits until `n` chunkservers are registered with the master; panics with the logs after `timeout`.
+    /// The time it took.
+    pub fn wait_registered(&self, n: usize, timeout: Duration) -> Duration {
+        let t = Instant::now();
+        let ok = poll(timeout, || (self.registered_chunkservers() >= n).then_some(()));
+        assert!(
+            ok.is_some(),
+            "{n} chunkservers not registered within {timeout:?}:\n{}",
+            self.logs()
+        );
+        t.elapsed()
     }
 
     fn in_ns(&self, prog: &str) -> Command {
