@@ -120,8 +120,7 @@ fn local_backend_with_dockerd() {
     let root = lamina.data_root.join("volumes/local");
     bad_inputs(c, &root);
     let r = c.volume_call("Create", json!({"Name": "g", "Opts": {"ReplicationGoal": "2"}}));
-    let e = r.expect_err("goal on local", "unsupported");
-    assert!(e.contains("needs the moosefs backend"), "{e}");
+    r.expect_err_containing("goal on local", "unsupported", "needs the moosefs backend");
 
     // dockerd uses lamina for both its layers and the volumes.
     let docker = Dockerd::start(&lamina.name);
@@ -164,10 +163,8 @@ fn local_backend_with_dockerd() {
         "run", "-d", "--name", "c1", "-v", "v1:/data", &img, "sleep", "1000",
     ]);
     assert!(is_mounted(&mp));
-    let e = c
-        .volume_call("Remove", json!({"Name": "v1"}))
-        .expect_err("Remove in use", "in use");
-    assert!(e.contains("mounted on this host"), "{e}");
+    c.volume_call("Remove", json!({"Name": "v1"}))
+        .expect_err_containing("Remove in use", "in use", "mounted on this host");
     let e = docker.fails(&["volume", "rm", "v1"]);
     assert!(e.contains("in use"), "{e}");
 
@@ -213,10 +210,11 @@ fn local_backend_with_dockerd() {
 
     docker.ok(&["volume", "rm", "v1", "newvol"]);
     assert_eq!(names_in(&root), Vec::<String>::new(), "Remove deletes the data");
-    let e = c
-        .volume_call("Get", json!({"Name": "v1"}))
-        .expect_err("Get removed", "not found");
-    assert!(e.contains("does not exist"), "{e}");
+    c.volume_call("Get", json!({"Name": "v1"})).expect_err_containing(
+        "Get removed",
+        "not found",
+        "does not exist",
+    );
 }
 
 /// One dockerd+lamina pair on the cluster.
@@ -351,13 +349,15 @@ fn moosefs_two_hosts() {
     t1.join().unwrap().ok("Create race on host 1");
     t2.join().unwrap().ok("Create race on host 2");
     assert_eq!(names_in(&cluster_root).iter().filter(|n| *n == "race").count(), 1);
-    let e = c2
-        .volume_call(
-            "Create",
-            json!({"Name": "race", "Opts": {"ReplicationGoal": "1"}}),
-        )
-        .expect_err("Create with other settings", "already exists");
-    assert!(e.contains("ReplicationGoal 2"), "{e}");
+    c2.volume_call(
+        "Create",
+        json!({"Name": "race", "Opts": {"ReplicationGoal": "1"}}),
+    )
+    .expect_err_containing(
+        "Create with other settings",
+        "already exists",
+        "ReplicationGoal 2",
+    );
 
     // In use on host 1: docker volume rm fails, and so does the plugin's Remove.
     h1.docker.ok(&[
@@ -375,10 +375,8 @@ fn moosefs_two_hosts() {
     assert!(is_mounted(&mp1));
     let e = h1.docker.fails(&["volume", "rm", "shared1"]);
     assert!(e.contains("in use"), "{e}");
-    let e = c1
-        .volume_call("Remove", json!({"Name": "shared1"}))
-        .expect_err("Remove in use", "in use");
-    assert!(e.contains("mounted on this host"), "{e}");
+    c1.volume_call("Remove", json!({"Name": "shared1"}))
+        .expect_err_containing("Remove in use", "in use", "mounted on this host");
 
     // A lamina restart in the middle keeps the mount counts (and the container's data path).
     h1.lamina.restart();
@@ -394,14 +392,14 @@ fn moosefs_two_hosts() {
     // The master killed: clear errors within the Docker timeouts, Get of known volumes still answers.
     cluster.kill_master();
     let t = Instant::now();
-    let e = c2
-        .volume_call("Create", json!({"Name": "while-down", "Opts": {}}))
-        .expect_err("Create with the master down", "backend unavailable");
-    assert!(e.contains("unreachable"), "{e}");
-    let e = c2
-        .volume_call("Mount", json!({"Name": "single", "ID": ID1}))
-        .expect_err("Mount with the master down", "backend unavailable");
-    assert!(e.contains("unreachable"), "{e}");
+    c2.volume_call("Create", json!({"Name": "while-down", "Opts": {}}))
+        .expect_err_containing(
+            "Create with the master down",
+            "backend unavailable",
+            "unreachable",
+        );
+    c2.volume_call("Mount", json!({"Name": "single", "ID": ID1}))
+        .expect_err_containing("Mount with the master down", "backend unavailable", "unreachable");
     assert!(
         t.elapsed() < Duration::from_secs(25),
         "errors took {:?}",

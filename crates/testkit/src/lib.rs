@@ -1025,6 +1025,14 @@ impl HttpResponse {
         );
         err
     }
+
+    /// [`Self::expect_err`], and panics unless the `Err` also mentions `needle`.
+    #[track_caller]
+    pub fn expect_err_containing(&self, what: &str, class: &str, needle: &str) -> String {
+        let err = self.expect_err(what, class);
+        assert!(err.contains(needle), "{what}: {err}");
+        err
+    }
 }
 
 /// Shortens `s` to at most `n` bytes (on a char boundary) for messages.
