@@ -216,7 +216,7 @@ fn metrics_count_the_calls_and_logs_carry_request_ids() {
     lamina.wait_ready();
     let c = lamina.client();
     let home = lamina.dir().join("docker-root");
-    c.call("Init", json!({"Home": home})).ok("Init");
+    c.init(&home);
 
     // Graph driver: a chain of three applied layers, two containers, Gets and Puts, some failures.
     let mut tar_bytes = 0u64;
@@ -493,21 +493,11 @@ fn verify_on_mount_refuses_a_changed_layer() {
     lamina.spawn();
     lamina.wait_ready();
     let c = lamina.client();
-    c.call("Init", json!({"Home": lamina.dir().join("docker-root")}))
-        .ok("Init");
+    c.init(&lamina.dir().join("docker-root"));
     // Two small layers (base <- mid), and a ~50 MB layer; a container on each stack.
-    c.call("Create", json!({"ID": "base", "Parent": ""})).ok("Create");
-    c.apply_diff("base", "", &mut &small_tar(1)[..])
-        .unwrap()
-        .ok("ApplyDiff");
-    c.call("Create", json!({"ID": "mid", "Parent": "base"}))
-        .ok("Create");
-    c.apply_diff("mid", "base", &mut &small_tar(2)[..])
-        .unwrap()
-        .ok("ApplyDiff");
-    c.call("Create", json!({"ID": "big", "Parent": ""})).ok("Create");
-    let mut big = RandomTar::new(50, 1 << 20);
-    c.apply_diff("big", "", &mut big).unwrap().ok("ApplyDiff big");
+    c.layer("base", "", &mut &small_tar(1)[..]);
+    c.layer("mid", "base", &mut &small_tar(2)[..]);
+    c.layer("big", "", &mut RandomTar::new(50, 1 << 20));
     for (ctr, parent) in [("c-mid", "mid"), ("c-big", "big"), ("c-base", "base")] {
         c.call("CreateReadWrite", json!({"ID": ctr, "Parent": parent}))
             .ok("CreateReadWrite");
@@ -630,12 +620,8 @@ fn metrics_overhead_on_get_p50() {
         l.spawn();
         l.wait_ready();
         let c = l.client();
-        c.call("Init", json!({"Home": l.dir().join("docker-root")}))
-            .ok("Init");
-        c.call("Create", json!({"ID": "img", "Parent": ""})).ok("Create");
-        c.apply_diff("img", "", &mut &small_tar(1)[..])
-            .unwrap()
-            .ok("ApplyDiff");
+        c.init(&l.dir().join("docker-root"));
+        c.layer("img", "", &mut &small_tar(1)[..]);
         c.call("CreateReadWrite", json!({"ID": "ctr", "Parent": "img"}))
             .ok("CreateReadWrite");
         l

@@ -36,7 +36,7 @@ fn proto(test: &str) -> Option<Proto> {
     let lamina = Lamina::start(&unique_name(test));
     let c = lamina.client();
     let home = lamina.dir().join("docker-root").join(&lamina.name);
-    c.call("Init", json!({"Home": home})).ok("Init");
+    c.init(&home);
     c.call("Capabilities", json!({})).ok("Capabilities");
     Some(Proto {
         lamina,
@@ -728,28 +728,24 @@ fn escaping_tars_stay_inside_the_layer() {
             (t, Some((vec!["v".into(), inside], false)))
         },
     );
-    let vs = victim_s.clone();
-    add(
-        "symlink to the victim dir, then whiteout v/.wh.file",
-        &move |_m| {
+    for (name, marker_file) in [
+        (
+            "symlink to the victim dir, then whiteout v/.wh.file",
+            "v/.wh.file",
+        ),
+        (
+            "symlink to the victim dir, then opaque v/.wh..wh..opq",
+            "v/.wh..wh..opq",
+        ),
+    ] {
+        add(name, &|_m| {
             let t = TarBuilder::new()
-                .symlink("v", &vs)
-                .file("v/.wh.file", 0o644, b"")
+                .symlink("v", &victim_s)
+                .file(marker_file, 0o644, b"")
                 .finish();
             (t, Some((vec!["v".into()], false)))
-        },
-    );
-    let vs = victim_s.clone();
-    add(
-        "symlink to the victim dir, then opaque v/.wh..wh..opq",
-        &move |_m| {
-            let t = TarBuilder::new()
-                .symlink("v", &vs)
-                .file("v/.wh..wh..opq", 0o644, b"")
-                .finish();
-            (t, Some((vec!["v".into()], false)))
-        },
-    );
+        });
+    }
     let vs = victim_s.clone();
     add(
         "symlink to the victim dir, then hardlink v/new -> a/f",

@@ -675,7 +675,7 @@ fn confinement_corpus() {
     lamina.wait_ready();
     let c = lamina.client();
     let home = lamina.dir().join("docker-root");
-    c.call("Init", json!({"Home": home})).ok("Init");
+    c.init(&home);
 
     // victims: one beside the data root, one in /tmp
     let v1 = lamina.dir().join("victim");

@@ -262,8 +262,7 @@ fn lamina_extracts_like_gnu_tar() {
     let trees = count("LAMINA_RELIABILITY_TREES", 12, 200);
     let lamina = Lamina::start(&unique_name("differential"));
     let c = lamina.client();
-    c.call("Init", json!({"Home": lamina.dir().join("docker-root")}))
-        .ok("Init");
+    c.init(&lamina.dir().join("docker-root"));
     let work = lamina.dir().join("work");
     let seed0 = base_seed();
     let started = Instant::now();

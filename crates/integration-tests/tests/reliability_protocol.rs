@@ -41,8 +41,7 @@ fn daemon(test: &str) -> Option<Daemon> {
     let lamina = Lamina::start(&unique_name(test));
     let mut c = lamina.client();
     c.timeout = Duration::from_secs(60);
-    c.call("Init", json!({"Home": lamina.dir().join("docker-root")}))
-        .ok("Init");
+    c.init(&lamina.dir().join("docker-root"));
     Some(Daemon {
         lamina,
         c,

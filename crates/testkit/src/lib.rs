@@ -1101,6 +1101,21 @@ impl PluginClient {
             .unwrap_or_else(|e| panic!("{path}: transport error {e}"))
     }
 
+    /// `Init` with `home`; panics unless it succeeds.
+    pub fn init(&self, home: &Path) {
+        self.call("Init", serde_json::json!({"Home": home})).ok("Init");
+    }
+
+    /// `Create` of the layer `id` on `parent` (`""`: none), then `ApplyDiff` of `tar` into it; panics unless both
+    /// succeed.
+    pub fn layer(&self, id: &str, parent: &str, tar: &mut dyn Read) {
+        self.call("Create", serde_json::json!({"ID": id, "Parent": parent}))
+            .ok(&format!("Create {id}"));
+        self.apply_diff(id, parent, tar)
+            .unwrap_or_else(|e| panic!("ApplyDiff {id}: {e}"))
+            .ok(&format!("ApplyDiff {id}"));
+    }
+
     /// `POST /GraphDriver.ApplyDiff?id=<id>&parent=<parent>` (not escaped, like dockerd) with a chunked tar.
     pub fn apply_diff(&self, id: &str, parent: &str, tar: &mut dyn Read) -> io::Result<HttpResponse> {
         self.apply_diff_query(&format!("id={id}&parent={parent}"), tar)
