@@ -37,6 +37,14 @@ fn setup(test: &str) -> Option<Setup> {
     setup_with(test, &snapshotter_under_test())
 }
 
+/// [`setup`], then the whiteout image (see [`whiteout_image`]) built and imported.
+fn setup_with_image(test: &str) -> Option<(Setup, ImageArchive)> {
+    let s = setup(test)?;
+    let image = whiteout_image(&s.work());
+    s.import(&image);
+    Some((s, image))
+}
+
 /// Starts lamina (if `snapshotter` is the proxy's name) and containerd for `test`.
 fn setup_with(test: &str, snapshotter: &str) -> Option<Setup> {
     let Some(serial) = serial_if(require_containerd(test)) else {
@@ -534,11 +542,9 @@ fn deep_image(work: &Path, n: usize) -> (ImageArchive, usize) {
 /// snapshot.
 #[test]
 fn import_and_run_with_whiteouts() {
-    let Some(s) = setup("ctrd-import-run") else {
+    let Some((s, image)) = setup_with_image("ctrd-import-run") else {
         return;
     };
-    let image = whiteout_image(&s.work());
-    s.import(&image);
 
     let rows = s.list();
     for (i, chain) in image.chain_ids.iter().enumerate() {
@@ -577,11 +583,9 @@ fn import_and_run_with_whiteouts() {
 /// `ctr snapshots` ls / info / tree / usage / prepare / mounts / commit / view / label / rm.
 #[test]
 fn snapshot_commands() {
-    let Some(s) = setup("ctrd-snap-cmds") else {
+    let Some((s, image)) = setup_with_image("ctrd-snap-cmds") else {
         return;
     };
-    let image = whiteout_image(&s.work());
-    s.import(&image);
     let [c1, c2, c3] = [
         image.chain_ids[0].as_str(),
         image.chain_ids[1].as_str(),
@@ -724,11 +728,9 @@ fn snapshot_commands() {
 /// limits; odd keys (slashes, blanks, non-ASCII, long) work.
 #[test]
 fn bad_input_through_ctr() {
-    let Some(s) = setup("ctrd-bad-input") else {
+    let Some((s, image)) = setup_with_image("ctrd-bad-input") else {
         return;
     };
-    let image = whiteout_image(&s.work());
-    s.import(&image);
     let c1 = image.chain_ids[0].as_str();
     let c3 = image.chain_ids[2].as_str();
     let mut seen = BTreeMap::new();
@@ -816,11 +818,9 @@ fn bad_input_through_ctr() {
 /// no mounts left in the test directory.
 #[test]
 fn image_rm_and_gc_leave_nothing() {
-    let Some(s) = setup("ctrd-gc") else {
+    let Some((s, image)) = setup_with_image("ctrd-gc") else {
         return;
     };
-    let image = whiteout_image(&s.work());
-    s.import(&image);
     assert_eq!(s.run(WHITEOUT_IMAGE, WHITEOUT_SCRIPT), WHITEOUT_EXPECTED);
     // Snapshots the user made and removed through ctr (removal in the backend is GC's job).
     s.snap(&["prepare", "tmp-a", &image.chain_ids[2]]);
@@ -1006,11 +1006,9 @@ fn restart_lamina_while_containerd_runs() {
 /// layers are left.
 #[test]
 fn parallel_containers_and_snapshot_calls() {
-    let Some(s) = setup("ctrd-parallel") else {
+    let Some((s, image)) = setup_with_image("ctrd-parallel") else {
         return;
     };
-    let image = whiteout_image(&s.work());
-    s.import(&image);
     let c3 = image.chain_ids[2].as_str();
     let s = &s;
     std::thread::scope(|scope| {

@@ -91,15 +91,12 @@ pub fn require_ceph(test: &str) -> bool {
     {
         return false;
     }
-    if !have_ceph() {
-        static INSTALL: std::sync::Once = std::sync::Once::new();
-        INSTALL.call_once(|| super::apt_install(CEPH_PACKAGES));
-    }
-    have_ceph()
-        || super::skip(
-            test,
-            "the Ceph packages (ceph-mon, ceph-osd, ceph-common, rbd-fuse)",
-        )
+    super::require_packages(
+        test,
+        "the Ceph packages (ceph-mon, ceph-osd, ceph-common, rbd-fuse)",
+        have_ceph,
+        CEPH_PACKAGES,
+    )
 }
 
 /// Where the OSD keeps its objects.

@@ -538,16 +538,25 @@ pub fn check_output(what: &str, out: &Output) -> Result<(), String> {
     ))
 }
 
-/// Installs Debian `packages` with `apt-get install` (no recommends, non-interactive), saying so on stderr; a
-/// failure is only reported: the caller checks what it needs afterwards.
-pub fn apt_install(packages: &[&str]) {
-    eprintln!("installing {} with apt-get", packages.join(" "));
-    let st = Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(packages)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status();
-    eprintln!("apt-get: {st:?}");
+/// True when `have()` holds, once `packages` are installed if it did not (one `apt-get install` per package
+/// list and test process); otherwise a skip (a failure under CI) saying that `test` needs `what`.
+pub fn require_packages(test: &str, what: &str, have: fn() -> bool, packages: &[&str]) -> bool {
+    static TRIED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    if !have() {
+        let key = packages.join(" ");
+        let mut tried = TRIED.lock().unwrap_or_else(|e| e.into_inner());
+        if !tried.contains(&key) {
+            eprintln!("installing {key} with apt-get");
+            let st = Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+            eprintln!("apt-get: {st:?}");
+            tried.push(key);
+        }
+    }
+    have() || skip(test, what)
 }
 
 /// The stdout of the command `what` that gave `out`, or the error of [`check_output`].

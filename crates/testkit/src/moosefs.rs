@@ -40,15 +40,12 @@ pub fn require_moosefs(test: &str) -> bool {
     if !require_root(test) || !require_bin(test, "ip") || !require_bin(test, "nsenter") {
         return false;
     }
-    if !have_moosefs() {
-        static INSTALL: std::sync::Once = std::sync::Once::new();
-        INSTALL.call_once(|| super::apt_install(MFS_PACKAGES));
-    }
-    have_moosefs()
-        || super::skip(
-            test,
-            "the MooseFS packages (moosefs-master, -chunkserver, -client, -cli)",
-        )
+    super::require_packages(
+        test,
+        "the MooseFS packages (moosefs-master, -chunkserver, -client, -cli)",
+        have_moosefs,
+        MFS_PACKAGES,
+    )
 }
 
 /// A running test cluster.
