@@ -109,7 +109,11 @@ fn layer_entries(data_root: &Path) -> Vec<PathBuf> {
 /// unmounts its data root), the loop mount, then the serialisation guard.
 struct Setup {
     docker: Dockerd,
-    lamina: Lamina,
+    _lamina: Lamina,
+    /// lamina's data root (on the loop filesystem).
+    data_root: PathBuf,
+    /// The busybox image, loaded into dockerd.
+    img: String,
     _fs: LoopFs,
     _serial: Option<std::sync::MutexGuard<'static, ()>>,
 }
@@ -124,9 +128,12 @@ fn setup(test: &str, fs_type: &str) -> Option<Setup> {
     lamina.spawn();
     lamina.wait_ready();
     let docker = Dockerd::start(&lamina.name);
+    let img = busybox_image(&docker, "quota-bb");
     Some(Setup {
         docker,
-        lamina,
+        data_root: lamina.data_root.clone(),
+        img,
+        _lamina: lamina,
         _fs: fs,
         _serial: serial,
     })
@@ -145,8 +152,7 @@ fn docker_storage_opt_size_on_btrfs() {
     let Some(s) = setup("docker_storage_opt_size_on_btrfs", "btrfs") else {
         return;
     };
-    let data_root = s.lamina.data_root.clone();
-    let img = busybox_image(&s.docker, "quota-bb");
+    let (data_root, img) = (&s.data_root, &s.img);
     let before = limited_qgroups(&data_root);
 
     // Writing past the size fails inside the container.
@@ -225,8 +231,7 @@ fn docker_storage_opt_size_on_ext4_is_a_clear_error() {
     let Some(s) = setup("docker_storage_opt_size_on_ext4_is_a_clear_error", "ext4") else {
         return;
     };
-    let data_root = s.lamina.data_root.clone();
-    let img = busybox_image(&s.docker, "quota-bb");
+    let (data_root, img) = (&s.data_root, &s.img);
     let layers_before = layer_entries(&data_root);
     let out = s
         .docker

@@ -173,11 +173,7 @@ const RO_OPS: [&str; 3] = ["ApplyDiff", "Create", "volume Create"];
 fn ro_op(d: &Daemon, i: usize, small: &[u8]) -> Result<(), String> {
     match i {
         0 => apply(d, "ro-apply", "base", small),
-        1 => gcall(
-            d,
-            "Create",
-            json!({"ID": "ro-c", "Parent": "base", "MountLabel": ""}),
-        ),
+        1 => gcreate(d, "ro-c", "base"),
         _ => vcall(d, "Create", json!({"Name": "vol3", "Opts": {}})).map(|_| ()),
     }
 }
@@ -230,19 +226,9 @@ fn full_readonly_and_failing_disks() {
 
     // ---- EIO at the apply write points (one daemon; each ApplyDiff fails at the next point) ----
     assert!(d.start(Some(&armed.join(",")), &hits));
-    gcall(
-        &d,
-        "Create",
-        json!({"ID": "base", "Parent": "", "MountLabel": ""}),
-    )
-    .unwrap();
+    gcreate(&d, "base", "").unwrap();
     let (small, small_files) = make_tar(&mut rng, false);
-    gcall(
-        &d,
-        "Create",
-        json!({"ID": "eio", "Parent": "base", "MountLabel": ""}),
-    )
-    .unwrap();
+    gcreate(&d, "eio", "base").unwrap();
     let before = records(&d);
     let used_before = used(&fsdir);
     for p in eio_points {
@@ -289,22 +275,14 @@ fn full_readonly_and_failing_disks() {
     assert!(d.start(Some(&armed.join(",")), &hits));
     let before = records(&d);
     for p in &other[..2] {
-        let e = err_text(gcall(
-            &d,
-            "Create",
-            json!({"ID": "c1", "Parent": "base", "MountLabel": ""}),
-        ));
+        let e = err_text(gcreate(&d, "c1", "base"));
         f.expect(
             e.as_deref().is_some_and(|e| e.contains("input/output error")),
             format!("EIO at {p}: answer {e:?}"),
         );
         f.expect(records(&d) == before, format!("EIO at {p}: records changed"));
     }
-    let r = gcall(
-        &d,
-        "Create",
-        json!({"ID": "c1", "Parent": "base", "MountLabel": ""}),
-    );
+    let r = gcreate(&d, "c1", "base");
     f.expect(r.is_ok(), format!("Create after EIO: {r:?}"));
     let s = Snap::connect(&d.snap_socket);
     s.prepare("active", "").unwrap();
@@ -341,12 +319,7 @@ fn full_readonly_and_failing_disks() {
 
     // ---- ENOSPC in the middle of an ApplyDiff: a layer larger than the free space ----
     assert!(d.start(None, &hits));
-    gcall(
-        &d,
-        "Create",
-        json!({"ID": "big", "Parent": "base", "MountLabel": ""}),
-    )
-    .unwrap();
+    gcreate(&d, "big", "base").unwrap();
     let before = records(&d);
     let used_before = used(&fsdir);
     let mut tar = BigTar::new("huge", (DISK_MIB + 32) << 20);
@@ -380,12 +353,7 @@ fn full_readonly_and_failing_disks() {
     let s = Snap::connect(&d.snap_socket);
     s.prepare("active2", "").unwrap();
     fs::write(layer_dir(&d, "active2").join("diff/data"), vec![7u8; 100_000]).unwrap();
-    gcall(
-        &d,
-        "Create",
-        json!({"ID": "full-apply", "Parent": "base", "MountLabel": ""}),
-    )
-    .unwrap();
+    gcreate(&d, "full-apply", "base").unwrap();
     // A commit whose record needs new database pages (800 labels of 4,000 bytes: 3.2 MB).
     s.prepare("active3", "").unwrap();
     let big_labels: std::collections::HashMap<String, String> =
@@ -395,16 +363,7 @@ fn full_readonly_and_failing_disks() {
     let before = records(&d);
     let (mid, mid_files) = make_tar(&mut rng, true);
     let full_ops: Vec<NamedOp> = vec![
-        (
-            "Create",
-            Box::new(|| {
-                gcall(
-                    &d,
-                    "Create",
-                    json!({"ID": "full-c", "Parent": "base", "MountLabel": ""}),
-                )
-            }),
-        ),
+        ("Create", Box::new(|| gcreate(&d, "full-c", "base"))),
         ("Commit", Box::new(|| s.commit("committed2", "active2"))),
         (
             "Commit with 3 MB of labels",
@@ -456,12 +415,7 @@ fn full_readonly_and_failing_disks() {
     // A plain `mount -o remount,ro` is refused while lamina holds files open for writing (its database), so
     // the read-only switch is what the kernel does on a filesystem error with `errors=remount-ro`
     // (ext4's `trigger_fs_error`); it lasts until the filesystem is unmounted, checked and mounted again.
-    gcall(
-        &d,
-        "Create",
-        json!({"ID": "ro-apply", "Parent": "base", "MountLabel": ""}),
-    )
-    .unwrap();
+    gcreate(&d, "ro-apply", "base").unwrap();
     drop(full_ops);
     let before = records(&d);
     let dev =
