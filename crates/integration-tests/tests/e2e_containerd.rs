@@ -173,37 +173,23 @@ impl Setup {
     fn run_in(&self, ns: &str, image: &str, script: &str) -> String {
         static N: AtomicUsize = AtomicUsize::new(0);
         let id = format!("c{}", N.fetch_add(1, Ordering::SeqCst));
-        let fifo = self.ctrd.fifo_dir();
-        let runc_root = self.ctrd.runc_root();
-        self.ctrd.ctr_ok_in(
-            ns,
-            &[
-                "run",
-                "--rm",
-                "--snapshotter",
-                &self.snapshotter,
-                "--fifo-dir",
-                fifo.to_str().unwrap(),
-                "--runc-root",
-                runc_root.to_str().unwrap(),
-                image,
-                &id,
-                "/bin/sh",
-                "-c",
-                script,
-            ],
-        )
+        self.ctr_run(ns, &["--rm"], image, &id, script)
     }
 
     /// `ctr run -d --null-io` of a long-running container `id` (its shell runs `script`, then sleeps).
     fn run_detached(&self, image: &str, id: &str, script: &str) {
+        let script = format!("{script}; exec sleep 100000");
+        self.ctr_run(&self.ctrd.namespace, &["-d", "--null-io"], image, id, &script);
+    }
+
+    /// `ctr run <flags> --snapshotter <under test> IMAGE ID /bin/sh -c SCRIPT` in namespace `ns` (containerd's
+    /// fifo and runc directories of this test); returns stdout.
+    fn ctr_run(&self, ns: &str, flags: &[&str], image: &str, id: &str, script: &str) -> String {
         let fifo = self.ctrd.fifo_dir();
         let runc_root = self.ctrd.runc_root();
-        let script = format!("{script}; exec sleep 100000");
-        self.ctrd.ctr_ok(&[
-            "run",
-            "-d",
-            "--null-io",
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[
             "--snapshotter",
             &self.snapshotter,
             "--fifo-dir",
@@ -214,8 +200,9 @@ impl Setup {
             id,
             "/bin/sh",
             "-c",
-            &script,
+            script,
         ]);
+        self.ctrd.ctr_ok_in(ns, &args)
     }
 
     /// `ctr task exec` of a shell script in running container `id`; returns stdout.

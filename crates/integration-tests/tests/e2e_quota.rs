@@ -152,8 +152,7 @@ fn docker_storage_opt_size_on_btrfs() {
     let Some(s) = setup("docker_storage_opt_size_on_btrfs", "btrfs") else {
         return;
     };
-    let (data_root, img) = (&s.data_root, &s.img);
-    let before = limited_qgroups(&data_root);
+    let before = limited_qgroups(&s.data_root);
 
     // Writing past the size fails inside the container.
     let out = s.docker.ok(&[
@@ -162,7 +161,7 @@ fn docker_storage_opt_size_on_btrfs() {
         "limited",
         "--storage-opt",
         "size=10M",
-        &img,
+        &s.img,
         "sh",
         "-c",
         "dd if=/dev/zero of=/big bs=1M count=20 2>&1; echo rc=$?; rm -f /big; dd if=/dev/zero of=/small bs=1M count=2 2>&1 && echo small-ok",
@@ -175,7 +174,7 @@ fn docker_storage_opt_size_on_btrfs() {
     assert!(out.contains("rc=1"), "{out}");
     assert!(out.contains("small-ok"), "2 MiB fit in 10 MiB: {out}");
     // dockerd creates the container's layer and its -init layer with the same options: both are limited.
-    let limited: Vec<(u64, u64)> = limited_qgroups(&data_root)
+    let limited: Vec<(u64, u64)> = limited_qgroups(&s.data_root)
         .into_iter()
         .filter(|q| !before.contains(q) && q.1 == TEN_MIB)
         .collect();
@@ -185,14 +184,14 @@ fn docker_storage_opt_size_on_btrfs() {
         "two 10 MiB qgroups (layer and -init): {limited:?}"
     );
     let ids: Vec<u64> = limited.iter().map(|q| q.0).collect();
-    let subs = subvolume_ids(&data_root);
+    let subs = subvolume_ids(&s.data_root);
     assert!(ids.iter().all(|id| subs.contains(id)), "{ids:?} in {subs:?}");
 
     // A container without a size has no limit.
     let out = s.docker.ok(&[
         "run",
         "--rm",
-        &img,
+        &s.img,
         "sh",
         "-c",
         "dd if=/dev/zero of=/big bs=1M count=20 2>&1 && echo unlimited-ok",
@@ -201,20 +200,22 @@ fn docker_storage_opt_size_on_btrfs() {
 
     // Removing the container frees the quota objects.
     s.docker.ok(&["rm", "limited"]);
-    wait_gone(&data_root, &ids);
+    wait_gone(&s.data_root, &ids);
 
     // Bad sizes: clear errors, nothing created.
-    let layers_before = layer_entries(&data_root);
+    let layers_before = layer_entries(&s.data_root);
     for bad in ["abc", "0", "-1", "10X"] {
         let out = s
             .docker
-            .docker(&["create", "--storage-opt", &format!("size={bad}"), &img]);
+            .docker(&["create", "--storage-opt", &format!("size={bad}"), &s.img]);
         let text = output_text(&out);
         assert!(!out.status.success(), "size={bad} accepted: {text}");
         assert!(text.contains("invalid size"), "size={bad}: {text}");
         eprintln!("size={bad}: {}", text.trim());
     }
-    let out = s.docker.docker(&["create", "--storage-opt", "colour=blue", &img]);
+    let out = s
+        .docker
+        .docker(&["create", "--storage-opt", "colour=blue", &s.img]);
     assert!(!out.status.success());
     assert!(
         output_text(&out).contains("not supported"),
@@ -222,8 +223,8 @@ fn docker_storage_opt_size_on_btrfs() {
         output_text(&out)
     );
     assert_eq!(s.docker.ok(&["ps", "-aq"]), "", "no container may be left");
-    assert_eq!(layer_entries(&data_root), layers_before, "no layer may be left");
-    assert_eq!(limited_qgroups(&data_root), before, "no qgroup may be left");
+    assert_eq!(layer_entries(&s.data_root), layers_before, "no layer may be left");
+    assert_eq!(limited_qgroups(&s.data_root), before, "no qgroup may be left");
 }
 
 #[test]
@@ -231,19 +232,18 @@ fn docker_storage_opt_size_on_ext4_is_a_clear_error() {
     let Some(s) = setup("docker_storage_opt_size_on_ext4_is_a_clear_error", "ext4") else {
         return;
     };
-    let (data_root, img) = (&s.data_root, &s.img);
-    let layers_before = layer_entries(&data_root);
+    let layers_before = layer_entries(&s.data_root);
     let out = s
         .docker
-        .docker(&["run", "--rm", "--storage-opt", "size=10M", &img, "true"]);
+        .docker(&["run", "--rm", "--storage-opt", "size=10M", &s.img, "true"]);
     let text = output_text(&out);
     eprintln!("ext4: {}", text.trim());
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("quota not supported on ext4 ("), "{text}");
     assert_eq!(s.docker.ok(&["ps", "-aq"]), "", "no container may be left");
-    assert_eq!(layer_entries(&data_root), layers_before, "no layer may be left");
+    assert_eq!(layer_entries(&s.data_root), layers_before, "no layer may be left");
     // Without a size, containers run as usual.
-    assert_eq!(s.docker.ok(&["run", "--rm", &img, "echo", "fine"]), "fine");
+    assert_eq!(s.docker.ok(&["run", "--rm", &s.img, "echo", "fine"]), "fine");
 }
 
 // ------------------------------------------------------------------------------------------------------------
