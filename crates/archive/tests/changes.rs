@@ -10,7 +10,6 @@ use common::*;
 use lamina_archive::{
     apply_layer, layer_changes, tree_changes, write_tree_diff, ApplyOptions, Change, ChangeKind, DiffOptions,
 };
-use lamina_testkit::require_root;
 
 fn show(changes: &[Change]) -> Vec<String> {
     changes
@@ -35,10 +34,9 @@ fn set_mtime(p: &Path, sec: i64) {
 
 #[test]
 fn overlay_changes_follow_docker() {
-    if !require_root("overlay_changes_follow_docker") {
+    let Some(t) = root_tempdir("overlay_changes_follow_docker") else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    };
     let (lower2, lower1, upper) = (t.path().join("l2"), t.path().join("l1"), t.path().join("u"));
     for d in [&lower2, &lower1, &upper] {
         fs::create_dir(d).unwrap();
@@ -102,10 +100,9 @@ fn overlay_changes_follow_docker() {
 
 #[test]
 fn overlay_changes_list_every_directory_holding_a_change() {
-    if !require_root("overlay_changes_list_every_directory_holding_a_change") {
+    let Some(t) = root_tempdir("overlay_changes_list_every_directory_holding_a_change") else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    };
     let (lower, upper) = (t.path().join("l"), t.path().join("u"));
     // Below: d/{h1,h2}, a/b/c/f, a/b/g, a/z, k/l/m/n
     for f in ["d/h1", "d/h2", "a/b/c/f", "a/b/g", "a/z", "k/l/m/n"] {

@@ -50,10 +50,9 @@ fn sample_layer() -> Vec<u8> {
 
 #[test]
 fn apply_sample_then_roundtrip() {
-    if !require_root("apply_sample_then_roundtrip") {
+    let Some(t) = root_tempdir("apply_sample_then_roundtrip") else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    };
     let (a, b) = (t.path().join("a"), t.path().join("b"));
     fs::create_dir(&a).unwrap();
     fs::create_dir(&b).unwrap();
@@ -147,10 +146,9 @@ fn long_names_roundtrip() {
 
 #[test]
 fn id_mappings_both_ways() {
-    if !require_root("id_mappings_both_ways") {
+    let Some(t) = root_tempdir("id_mappings_both_ways") else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    };
     let maps = IdMappings {
         uids: vec![IdMap {
             container_id: 0,

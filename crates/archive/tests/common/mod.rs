@@ -11,6 +11,11 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+/// A fresh temporary directory for `test`, or `None` (skip the test) when not root.
+pub fn root_tempdir(test: &str) -> Option<tempfile::TempDir> {
+    lamina_testkit::require_root(test).then(|| tempfile::tempdir().unwrap())
+}
+
 pub fn major(dev: u64) -> u64 {
     ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff)
 }
