@@ -205,16 +205,8 @@ fn gc_removes_exactly_the_planted_garbage() {
     let Some(mut s) = setup("layersgc") else { return };
     let root = s.lamina.data_root.clone();
     busybox_image(&s.docker, "bb:1");
-    s.docker.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "r1",
-        "bb:1",
-        "sh",
-        "-c",
-        "echo alive > /a && sleep 1000",
-    ]);
+    s.docker
+        .run_detached("r1", "bb:1", "echo alive > /a && sleep 1000");
     let ns = docker_ns(&root);
     let pid: u32 = s
         .docker

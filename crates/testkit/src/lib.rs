@@ -756,6 +756,11 @@ impl Dockerd {
         self.try_ok(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// `docker run -d --name <name> <image> sh -c <script>`: a background container; panics unless it starts.
+    pub fn run_detached(&self, name: &str, image: &str, script: &str) {
+        self.ok(&["run", "-d", "--name", name, image, "sh", "-c", script]);
+    }
+
     /// Runs `docker <args>`, panics if it succeeds; returns its stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.docker(args);
