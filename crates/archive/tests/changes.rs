@@ -205,9 +205,7 @@ fn tree_changes_and_diff() {
 #[test]
 fn deep_trees_work_everywhere() {
     let t = tempfile::tempdir().unwrap();
-    let (a, b) = (t.path().join("a"), t.path().join("b"));
-    fs::create_dir(&a).unwrap();
-    fs::create_dir(&b).unwrap();
+    let (a, b) = two_dirs(t.path(), "a", "b");
     let mut tar = Tar::new();
     let mut p = String::new();
     for _ in 0..1000 {

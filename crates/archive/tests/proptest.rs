@@ -256,14 +256,6 @@ fn makeable(items: Vec<Item>) -> Vec<Item> {
         .collect()
 }
 
-/// Two fresh empty directories `a` and `b` in `dir`.
-fn two_dirs(dir: &Path, a: &str, b: &str) -> (PathBuf, PathBuf) {
-    let (a, b) = (dir.join(a), dir.join(b));
-    fs::create_dir(&a).unwrap();
-    fs::create_dir(&b).unwrap();
-    (a, b)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
 
