@@ -270,8 +270,16 @@ fn umount(target: &Path) {
 }
 
 /// A test directory, lamina as a snapshotter on a loop-backed `fs_type` data root of `size_mb` MiB in it,
-/// and a client of its socket.
-fn snapshotter_on(tag: &str, fs_type: &str, size_mb: u64) -> (TestDir, LaminaSnap, LoopFs, SnapshotApi) {
+/// and a client of its socket; `None` (skip `test`) without root or the quota tools.
+fn snapshotter_on(
+    test: &str,
+    tag: &str,
+    fs_type: &str,
+    size_mb: u64,
+) -> Option<(TestDir, LaminaSnap, LoopFs, SnapshotApi)> {
+    if !require_quota_tools(test) {
+        return None;
+    }
     let dir = TestDir::new(&unique_name(tag));
     let mut lamina = LaminaSnap::new(&dir.join("l"));
     let fs = loop_mount(
@@ -283,16 +291,16 @@ fn snapshotter_on(tag: &str, fs_type: &str, size_mb: u64) -> (TestDir, LaminaSna
     lamina.spawn();
     lamina.wait_ready();
     let api = SnapshotApi::connect(&lamina.socket);
-    (dir, lamina, fs, api)
+    Some((dir, lamina, fs, api))
 }
 
 #[test]
 fn snapshotter_max_size_label_on_btrfs() {
-    let test = "snapshotter_max_size_label_on_btrfs";
-    if !require_quota_tools(test) {
+    let Some((dir, lamina, _fs, api)) =
+        snapshotter_on("snapshotter_max_size_label_on_btrfs", "snap-quota", "btrfs", 1024)
+    else {
         return;
-    }
-    let (dir, lamina, _fs, api) = snapshotter_on("snap-quota", "btrfs", 1024);
+    };
     let root = lamina.data_root.clone();
     let ten = TEN_MIB.to_string();
 
@@ -361,11 +369,14 @@ fn snapshotter_max_size_label_on_btrfs() {
 
 #[test]
 fn snapshotter_max_size_label_on_ext4_is_a_clear_error() {
-    let test = "snapshotter_max_size_label_on_ext4_is_a_clear_error";
-    if !require_quota_tools(test) {
+    let Some((_dir, lamina, _fs, api)) = snapshotter_on(
+        "snapshotter_max_size_label_on_ext4_is_a_clear_error",
+        "snap-quota-ext4",
+        "ext4",
+        128,
+    ) else {
         return;
-    }
-    let (_dir, lamina, _fs, api) = snapshotter_on("snap-quota-ext4", "ext4", 128);
+    };
     let e = api
         .prepare_in(SN, "a", "", &[(SIZE_LABEL, &TEN_MIB.to_string())])
         .unwrap_err();
