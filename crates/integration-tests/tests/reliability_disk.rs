@@ -150,6 +150,20 @@ impl Findings {
             self.problems.push(w);
         }
     }
+
+    /// Expects the refusal `e` of the call `what` to mention `cause`.
+    fn expect_answer(&mut self, e: Option<&str>, cause: &str, what: &str) {
+        self.expect(
+            e.is_some_and(|e| e.contains(cause)),
+            format!("{what}: answer {e:?}"),
+        );
+    }
+
+    /// Expects the layer records to be the same as `before` after `what`.
+    fn expect_records(&mut self, d: &Daemon, before: &[String], what: &str) {
+        let now = records(d);
+        self.expect(now == before, format!("{what}: records changed: {now:?}"));
+    }
 }
 
 fn err_text(r: Result<(), String>) -> Option<String> {
@@ -233,14 +247,8 @@ fn full_readonly_and_failing_disks() {
     let used_before = used(&fsdir);
     for p in eio_points {
         let e = err_text(apply(&d, "eio", "base", &small));
-        f.expect(
-            e.as_deref().is_some_and(|e| e.contains("input/output error")),
-            format!("EIO at {p}: answer {e:?}"),
-        );
-        f.expect(
-            records(&d) == before,
-            format!("EIO at {p}: records changed: {:?}", records(&d)),
-        );
+        f.expect_answer(e.as_deref(), "input/output error", &format!("EIO at {p}"));
+        f.expect_records(&d, &before, &format!("EIO at {p}"));
         f.expect(staging_empty(&d), format!("EIO at {p}: staging left"));
         f.expect(
             files_in(&layer_dir(&d, "eio").join("diff")).is_empty(),
@@ -276,11 +284,8 @@ fn full_readonly_and_failing_disks() {
     let before = records(&d);
     for p in &other[..2] {
         let e = err_text(gcreate(&d, "c1", "base"));
-        f.expect(
-            e.as_deref().is_some_and(|e| e.contains("input/output error")),
-            format!("EIO at {p}: answer {e:?}"),
-        );
-        f.expect(records(&d) == before, format!("EIO at {p}: records changed"));
+        f.expect_answer(e.as_deref(), "input/output error", &format!("EIO at {p}"));
+        f.expect_records(&d, &before, &format!("EIO at {p}"));
     }
     let r = gcreate(&d, "c1", "base");
     f.expect(r.is_ok(), format!("Create after EIO: {r:?}"));
@@ -290,11 +295,8 @@ fn full_readonly_and_failing_disks() {
     let before = records(&d);
     for p in &other[2..4] {
         let e = err_text(s.commit("committed", "active"));
-        f.expect(
-            e.as_deref().is_some_and(|e| e.contains("input/output error")),
-            format!("EIO at {p}: answer {e:?}"),
-        );
-        f.expect(records(&d) == before, format!("EIO at {p}: records changed"));
+        f.expect_answer(e.as_deref(), "input/output error", &format!("EIO at {p}"));
+        f.expect_records(&d, &before, &format!("EIO at {p}"));
     }
     let r = s.commit("committed", "active");
     f.expect(r.is_ok(), format!("Commit after EIO: {r:?}"));
@@ -302,10 +304,7 @@ fn full_readonly_and_failing_disks() {
         let e = vcall(&d, "Create", json!({"Name": "vol", "Opts": {}}))
             .err()
             .map(|e| e.to_lowercase());
-        f.expect(
-            e.as_deref().is_some_and(|e| e.contains("input/output error")),
-            format!("EIO at {p}: answer {e:?}"),
-        );
+        f.expect_answer(e.as_deref(), "input/output error", &format!("EIO at {p}"));
         let vols = names_in(&d.root().join("volumes/local"));
         let recs = names_in(&d.root().join("volumes/local/.lamina"));
         f.expect(
@@ -330,15 +329,8 @@ fn full_readonly_and_failing_disks() {
     let used_full = used(&fsdir);
     eprintln!("ENOSPC apply answer: {r:?}");
     let e = err_text(r);
-    f.expect(
-        e.as_deref()
-            .is_some_and(|e| e.contains("no space left on device")),
-        format!("ENOSPC apply: answer {e:?}"),
-    );
-    f.expect(
-        records(&d) == before,
-        format!("ENOSPC apply: records changed: {:?}", records(&d)),
-    );
+    f.expect_answer(e.as_deref(), "no space left on device", "ENOSPC apply");
+    f.expect_records(&d, &before, "ENOSPC apply");
     f.expect(staging_empty(&d), "ENOSPC apply: staging left");
     let u = used_settles(&fsdir, used_before + (2 << 20));
     eprintln!("ENOSPC apply: used before {used_before}, at the answer {used_full}, settled {u}");
@@ -432,15 +424,13 @@ fn full_readonly_and_failing_disks() {
         let r = ro_op(&d, i, &small);
         ro_answers.push(format!("{what}: {r:?}"));
         let e = err_text(r);
-        f.expect(
-            e.as_deref().is_some_and(|e| e.contains("read-only file system")),
-            format!("read-only, {what}: answer {e:?}"),
+        f.expect_answer(
+            e.as_deref(),
+            "read-only file system",
+            &format!("read-only, {what}"),
         );
     }
-    f.expect(
-        records(&d) == before,
-        format!("read-only: records changed: {:?}", records(&d)),
-    );
+    f.expect_records(&d, &before, "read-only");
     d.stop();
     run_ok(Command::new("umount").arg(&fsdir));
     let fsck = Command::new("e2fsck").arg("-fy").arg(&img).output().unwrap();
@@ -455,10 +445,7 @@ fn full_readonly_and_failing_disks() {
             .arg(&fsdir),
     );
     assert!(d.start(None, &hits));
-    f.expect(
-        records(&d) == before,
-        format!("writable again: records changed: {:?}", records(&d)),
-    );
+    f.expect_records(&d, &before, "writable again");
     f.expect(staging_empty(&d), "writable again: staging left");
     for (i, what) in RO_OPS.iter().enumerate() {
         let r = ro_op(&d, i, &small);
