@@ -10,6 +10,7 @@ use common::*;
 use lamina_archive::{
     apply_layer, layer_changes, tree_changes, write_tree_diff, ApplyOptions, Change, ChangeKind, DiffOptions,
 };
+use lamina_testkit::write_files;
 
 fn show(changes: &[Change]) -> Vec<String> {
     changes
@@ -42,13 +43,15 @@ fn overlay_changes_follow_docker() {
         fs::create_dir(d).unwrap();
     }
     // Bottom lower: etc/{passwd,hosts}, var/cache/x, opt/a, home/
-    fs::create_dir_all(lower2.join("etc")).unwrap();
-    fs::write(lower2.join("etc/passwd"), "p").unwrap();
-    fs::write(lower2.join("etc/hosts"), "h").unwrap();
-    fs::create_dir_all(lower2.join("var/cache")).unwrap();
-    fs::write(lower2.join("var/cache/x"), "x").unwrap();
-    fs::create_dir_all(lower2.join("opt")).unwrap();
-    fs::write(lower2.join("opt/a"), "a").unwrap();
+    write_files(
+        &lower2,
+        &[
+            ("etc/passwd", "p"),
+            ("etc/hosts", "h"),
+            ("var/cache/x", "x"),
+            ("opt/a", "a"),
+        ],
+    );
     // Top lower: deletes etc/hosts (whiteout), makes var/cache opaque and empty.
     fs::create_dir_all(lower1.join("etc")).unwrap();
     let etc1 = fs::File::open(lower1.join("etc")).unwrap();
@@ -60,16 +63,18 @@ fn overlay_changes_follow_docker() {
     // Upper: modifies etc/passwd, re-adds etc/hosts (hidden below: an Add), adds
     // var/cache/x (hidden by the opaque lower: an Add), deletes opt/a, adds new/f,
     // copies up opt with the same metadata (not recorded by itself).
-    fs::create_dir_all(upper.join("etc")).unwrap();
-    fs::write(upper.join("etc/passwd"), "p2").unwrap();
-    fs::write(upper.join("etc/hosts"), "h2").unwrap();
-    fs::create_dir_all(upper.join("var/cache")).unwrap();
-    fs::write(upper.join("var/cache/x"), "x2").unwrap();
+    write_files(
+        &upper,
+        &[
+            ("etc/passwd", "p2"),
+            ("etc/hosts", "h2"),
+            ("var/cache/x", "x2"),
+            ("new/f", "f"),
+        ],
+    );
     fs::create_dir_all(upper.join("opt")).unwrap();
     let opt = fs::File::open(upper.join("opt")).unwrap();
     lamina_sys::fs::make_whiteout(fd(&opt), b"a").unwrap();
-    fs::create_dir_all(upper.join("new")).unwrap();
-    fs::write(upper.join("new/f"), "f").unwrap();
     fs::create_dir(upper.join("same")).unwrap();
     fs::create_dir(lower2.join("same")).unwrap();
     for d in ["etc", "var", "var/cache", "opt", "same"] {

@@ -445,15 +445,17 @@ fn whiteout_image(work: &Path) -> ImageArchive {
 
     let l1 = work.join("l1");
     busybox_rootfs(&l1);
-    fs::create_dir_all(l1.join("etc/lamina")).unwrap();
-    fs::create_dir_all(l1.join("opq")).unwrap();
-    fs::create_dir_all(l1.join("keepdir")).unwrap();
-    fs::write(l1.join("etc/lamina/layer1"), "layer one\n").unwrap();
-    fs::write(l1.join("etc/lamina/over"), "over from layer 1\n").unwrap();
-    fs::write(l1.join("gone.txt"), "deleted by layer 2\n").unwrap();
-    fs::write(l1.join("opq/lower-only"), "hidden by the opaque dir\n").unwrap();
-    fs::write(l1.join("opq/shared"), "shared from layer 1\n").unwrap();
-    fs::write(l1.join("keepdir/a"), "a from layer 1\n").unwrap();
+    write_files(
+        &l1,
+        &[
+            ("etc/lamina/layer1", "layer one\n"),
+            ("etc/lamina/over", "over from layer 1\n"),
+            ("gone.txt", "deleted by layer 2\n"),
+            ("opq/lower-only", "hidden by the opaque dir\n"),
+            ("opq/shared", "shared from layer 1\n"),
+            ("keepdir/a", "a from layer 1\n"),
+        ],
+    );
     img.add_layer_dir(&l1);
     fs::remove_dir_all(&l1).unwrap();
 

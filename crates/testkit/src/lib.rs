@@ -924,6 +924,17 @@ fn elf_has_interpreter(elf: &[u8]) -> bool {
     })
 }
 
+/// Writes each `(path, content)` of `files` below `dir`, creating the directories on the way.
+pub fn write_files(dir: &Path, files: &[(&str, &str)]) {
+    for (path, content) in files {
+        let p = dir.join(path);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).unwrap_or_else(|e| panic!("create {}: {e}", parent.display()));
+        }
+        fs::write(&p, content).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    }
+}
+
 /// Writes `mb` MiB of zeros to a new file at `path` and syncs it: the write error is what a size limit answers.
 pub fn write_mb(path: &Path, mb: usize) -> std::io::Result<()> {
     let mut f = fs::File::create(path)?;
