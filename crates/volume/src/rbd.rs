@@ -289,15 +289,23 @@ impl Rbd {
 
     fn fuse_args(&self) -> Vec<String> {
         let t = self.secs();
+        let mut v = self.identity_args();
+        v.extend([
+            "--client_mount_timeout".into(),
+            t.clone(),
+            "--rados_mon_op_timeout".into(),
+            t,
+        ]);
+        v
+    }
+
+    /// The cluster's config file and the client id, which every Ceph tool is given.
+    fn identity_args(&self) -> Vec<String> {
         vec![
             "-c".into(),
             path_arg(&self.cfg.ceph_conf),
             "--id".into(),
             self.cfg.client_id.clone(),
-            "--client_mount_timeout".into(),
-            t.clone(),
-            "--rados_mon_op_timeout".into(),
-            t,
         ]
     }
 
@@ -350,15 +358,9 @@ impl Rbd {
 
     /// The flags of the pool (`full`, `full_quota`, ...), from `ceph osd pool ls detail`.
     fn pool_flags(&self) -> Option<Vec<String>> {
-        let mut argv = vec![
-            path_arg(&self.cfg.ceph),
-            "-c".into(),
-            path_arg(&self.cfg.ceph_conf),
-            "--id".into(),
-            self.cfg.client_id.clone(),
-            "--connect-timeout".into(),
-            self.secs(),
-        ];
+        let mut argv = vec![path_arg(&self.cfg.ceph)];
+        argv.extend(self.identity_args());
+        argv.extend(["--connect-timeout".into(), self.secs()]);
         argv.extend(["osd", "pool", "ls", "detail", "--format", "json"].map(String::from));
         let out = run_argv(&argv, self.timeout + Duration::from_secs(5)).ok()?;
         if !out.success() {
