@@ -53,9 +53,7 @@ fn overlay_changes_follow_docker() {
         ],
     );
     // Top lower: deletes etc/hosts (whiteout), makes var/cache opaque and empty.
-    fs::create_dir_all(lower1.join("etc")).unwrap();
-    let etc1 = fs::File::open(lower1.join("etc")).unwrap();
-    lamina_sys::fs::make_whiteout(fd(&etc1), b"hosts").unwrap();
+    whiteout(&lower1.join("etc"), "hosts");
     fs::create_dir_all(lower1.join("var/cache")).unwrap();
     let cache1 = fs::File::open(lower1.join("var/cache")).unwrap();
     lamina_sys::fs::set_opaque(fd(&cache1)).unwrap();
@@ -72,9 +70,7 @@ fn overlay_changes_follow_docker() {
             ("new/f", "f"),
         ],
     );
-    fs::create_dir_all(upper.join("opt")).unwrap();
-    let opt = fs::File::open(upper.join("opt")).unwrap();
-    lamina_sys::fs::make_whiteout(fd(&opt), b"a").unwrap();
+    whiteout(&upper.join("opt"), "a");
     fs::create_dir(upper.join("same")).unwrap();
     fs::create_dir(lower2.join("same")).unwrap();
     for d in ["etc", "var", "var/cache", "opt", "same"] {
@@ -123,8 +119,7 @@ fn overlay_changes_list_every_directory_holding_a_change() {
     fs::write(upper.join("d/h2"), "1y").unwrap();
     fs::write(upper.join("a/b/c/f"), "2").unwrap();
     fs::write(upper.join("a/b/new"), "n").unwrap();
-    let m = fs::File::open(upper.join("k/l/m")).unwrap();
-    lamina_sys::fs::make_whiteout(fd(&m), b"n").unwrap();
+    whiteout(&upper.join("k/l/m"), "n");
     for d in ["d", "a", "a/b", "a/b/c", "k", "k/l", "k/l/m"] {
         set_mtime(&lower.join(d), 1000);
         set_mtime(&upper.join(d), 1000);

@@ -24,6 +24,13 @@ pub fn two_dirs(dir: &Path, a: &str, b: &str) -> (PathBuf, PathBuf) {
     (a, b)
 }
 
+/// An overlay whiteout for `name` in the directory `dir` (created if missing).
+pub fn whiteout(dir: &Path, name: &str) {
+    fs::create_dir_all(dir).unwrap();
+    let d = File::open(dir).unwrap();
+    lamina_sys::fs::make_whiteout(d.as_fd(), name.as_bytes()).unwrap();
+}
+
 pub fn major(dev: u64) -> u64 {
     ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff)
 }
