@@ -44,6 +44,8 @@ import (
 	"github.com/containerd/containerd/snapshots/proxy"
 	"github.com/containerd/containerd/snapshots/testsuite"
 	"google.golang.org/grpc"
+
+	snapdial "./snapdial"
 )
 
 const (
@@ -220,16 +222,7 @@ func (s *server) dial(ctx context.Context, socket string) (*grpc.ClientConn, err
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	return grpc.DialContext(dctx, "unix://"+socket,
-		grpc.WithInsecure(),
-		grpc.WithBlock(),
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		}),
-	)
+	return snapdial.Dial(ctx, socket)
 }
 
 // stop sends SIGTERM to the process (by PID), waits, and falls back to SIGKILL of its process
