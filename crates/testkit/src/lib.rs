@@ -1119,6 +1119,36 @@ impl PluginClient {
             .unwrap_or_else(|e| panic!("{path}: transport error {e}"))
     }
 
+    /// `/VolumeDriver.Get` of `name` (panics unless it succeeds): the `Status.State` it reports, `""` if none.
+    pub fn volume_state(&self, name: &str) -> String {
+        let g = self
+            .volume_call("Get", serde_json::json!({"Name": name}))
+            .ok(&format!("Get {name}"));
+        g["Volume"]["Status"]["State"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Makes each `(method, body, cause)` volume call and panics unless it is refused with an `Err` of `class`
+    /// that names `cause` (`when` completes the messages, e.g. `with the cluster down`); the time they took.
+    pub fn expect_volume_refusals(
+        &self,
+        calls: &[(&str, serde_json::Value, &str)],
+        when: &str,
+        class: &str,
+    ) -> Duration {
+        let t = Instant::now();
+        for (method, body, cause) in calls {
+            self.volume_call(method, body.clone()).expect_err_containing(
+                &format!("{method} {when}"),
+                class,
+                cause,
+            );
+        }
+        t.elapsed()
+    }
+
     /// `POST /VolumeDriver.<method>`, encoded like [`PluginClient::call`]; panics on transport errors.
     pub fn volume_call(&self, method: &str, json: serde_json::Value) -> HttpResponse {
         let path = format!("/VolumeDriver.{method}");
