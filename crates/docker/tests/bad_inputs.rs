@@ -29,6 +29,15 @@ fn assert_driver_not_called(srv: &TestServer) {
     );
 }
 
+/// Posts `body` to each of `paths`; panics unless each answers `status` with an `Err` starting with `prefix`.
+fn expect_refused(c: &mut Client, paths: &[&str], body: &str, status: u16, prefix: &str) {
+    for path in paths {
+        let r = c.call(path, body);
+        assert_eq!(r.status, status, "{path}");
+        assert!(r.err().starts_with(prefix), "{path}: {}", r.err());
+    }
+}
+
 fn bad_ids() -> Vec<&'static str> {
     vec![
         "/",
@@ -200,17 +209,19 @@ fn b4_ten_megabyte_id_is_answered_quickly_without_buffering() {
 #[test]
 fn b13_unknown_ids() {
     let (_srv, mut c) = TestServer::connected();
-    for path in [
-        "/GraphDriver.Get",
-        "/GraphDriver.Diff",
-        "/GraphDriver.Changes",
-        "/GraphDriver.DiffSize",
-        "/GraphDriver.GetMetadata",
-    ] {
-        let r = c.call(path, r#"{"ID":"unknown"}"#);
-        assert_eq!(r.status, 500);
-        assert!(r.err().starts_with("not found: "), "{path}: {}", r.err());
-    }
+    expect_refused(
+        &mut c,
+        &[
+            "/GraphDriver.Get",
+            "/GraphDriver.Diff",
+            "/GraphDriver.Changes",
+            "/GraphDriver.DiffSize",
+            "/GraphDriver.GetMetadata",
+        ],
+        r#"{"ID":"unknown"}"#,
+        500,
+        "not found: ",
+    );
     let r = c.call("/GraphDriver.Exists", r#"{"ID":"unknown"}"#);
     assert_eq!((r.status, r.json()), (200, json!({"Exists": false})));
     let r = c.call("/GraphDriver.Exists", r#"{"ID":"../x"}"#);
@@ -367,25 +378,23 @@ fn c6_deep_nesting() {
 #[test]
 fn c7_unknown_endpoint_wrong_method_dotdot() {
     let (srv, mut c) = TestServer::connected();
-    for path in [
-        "/GraphDriver.Frobnicate",
-        "/GraphDriver.",
-        "/graphdriver.get",
-        "/GraphDriver.Get/../GraphDriver.Remove",
-        "/../GraphDriver.Get",
-        "/GraphDriver.Get/",
-        "/VolumeDriver.Create",
-        "/",
-        "*",
-    ] {
-        let r = c.call(path, r#"{"ID":"a"}"#);
-        assert_eq!(r.status, 404, "{path}");
-        assert!(
-            r.err().starts_with("not found: unknown endpoint \""),
-            "{path}: {}",
-            r.err()
-        );
-    }
+    expect_refused(
+        &mut c,
+        &[
+            "/GraphDriver.Frobnicate",
+            "/GraphDriver.",
+            "/graphdriver.get",
+            "/GraphDriver.Get/../GraphDriver.Remove",
+            "/../GraphDriver.Get",
+            "/GraphDriver.Get/",
+            "/VolumeDriver.Create",
+            "/",
+            "*",
+        ],
+        r#"{"ID":"a"}"#,
+        404,
+        "not found: unknown endpoint \"",
+    );
     for method in ["GET", "PUT", "DELETE", "OPTIONS"] {
         let raw = format!("{method} /GraphDriver.Get HTTP/1.1\r\nHost: \r\n\r\n");
         c.send(raw.as_bytes()).unwrap();
