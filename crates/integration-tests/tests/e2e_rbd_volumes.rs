@@ -42,16 +42,11 @@ fn lamina_with(
     extra: &str,
 ) -> (Lamina, PathBuf) {
     let mut lamina = Lamina::new(&unique_name(tag));
-    let mount_base = lamina.dir().join("mnt");
-    let text = format!(
-        "[volumes]\nmount_base = \"{}\"\nbackend = \"rbd\"\ntimeout_secs = 5\n{extra}\
+    let mount_base = lamina.volumes_config(&format!(
+        "backend = \"rbd\"\ntimeout_secs = 5\n{extra}\
          [volumes.rbd]\nceph_conf = \"{}\"\npool = \"{pool}\"\nhost = \"{host_id}\"\nmap = \"fuse\"\nsize = \"64M\"\n",
-        mount_base.display(),
         cluster.conf().display(),
-    );
-    let cfg = lamina.dir().join("config.toml");
-    fs::write(&cfg, text).unwrap();
-    lamina.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    ));
     lamina.spawn();
     lamina.wait_ready();
     (lamina, mount_base)

@@ -20,18 +20,6 @@ const ID1: &str = "1111111111111111111111111111111111111111111111111111111111111
 const ID2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
 /// Writes `config.toml` in the lamina's directory and passes it with `--config`; returns the mount base.
-fn configure(l: &mut Lamina, volumes_toml: &str) -> PathBuf {
-    let mount_base = l.dir().join("mnt");
-    let text = format!(
-        "[volumes]\nmount_base = \"{}\"\n{volumes_toml}",
-        mount_base.display()
-    );
-    let cfg = l.dir().join("config.toml");
-    fs::write(&cfg, text).unwrap();
-    l.extra_args = vec!["--config".into(), cfg.display().to_string()];
-    mount_base
-}
-
 fn inspect(d: &Dockerd, name: &str) -> serde_json::Value {
     let out = d.ok(&["volume", "inspect", name]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -109,7 +97,7 @@ fn local_backend_with_dockerd() {
         return;
     };
     let mut lamina = Lamina::new(&unique_name("vol-local"));
-    let mount_base = configure(&mut lamina, "backend = \"local\"\n");
+    let mount_base = lamina.volumes_config("backend = \"local\"\n");
     lamina.spawn();
     lamina.wait_ready();
     let c = &lamina.client();
@@ -226,8 +214,7 @@ struct Host {
 
 fn host(tag: &str, cluster: &MooseCluster) -> Host {
     let mut lamina = Lamina::new(&unique_name(tag));
-    let mount_base = configure(
-        &mut lamina,
+    let mount_base = lamina.volumes_config(
         &format!(
             "backend = \"moosefs\"\ntimeout_secs = 8\n[volumes.moosefs]\nmaster = \"{}\"\nmount_options = [\"mfsioretries=3\"]\n",
             cluster.master_addr()

@@ -122,6 +122,21 @@ impl Lamina {
         self
     }
 
+    /// Gives lamina a config file (`config.toml` in its directory, `--config`, replacing the extra arguments)
+    /// whose `[volumes]` section has `mount_base` = `mnt/` in its directory followed by `volumes_toml` (more
+    /// keys of `[volumes]`, then any subsections); returns that mount base.
+    pub fn volumes_config(&mut self, volumes_toml: &str) -> PathBuf {
+        let mount_base = self.workdir.join("mnt");
+        let text = format!(
+            "[volumes]\nmount_base = \"{}\"\n{volumes_toml}",
+            mount_base.display()
+        );
+        let cfg = self.workdir.join("config.toml");
+        fs::write(&cfg, text).unwrap_or_else(|e| panic!("write {}: {e}", cfg.display()));
+        self.extra_args = vec!["--config".into(), cfg.display().to_string()];
+        mount_base
+    }
+
     /// The directory of this instance (the data root is `data/` inside it).
     pub fn dir(&self) -> &Path {
         &self.workdir
