@@ -191,9 +191,16 @@ fn json_log_lines(log: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// lamina (`tag`) serving the plugin socket and a snapshotter socket (`snap.sock` in its directory), with the
-/// arguments `args` makes of its directory, started and ready; and the snapshotter socket.
-fn started_with_snapshotter(tag: &str, args: impl FnOnce(&Path) -> Vec<String>) -> (Lamina, PathBuf) {
+/// The start of a test here: root (`None`: skip `test`), the serial guard, and lamina (`tag`) serving the
+/// plugin socket and a snapshotter socket (`snap.sock` in its directory) with the arguments `args` makes of its
+/// directory, started and ready; and the snapshotter socket. Bound as `let Some((_serial, lamina, sock))`,
+/// lamina stops before the guard goes.
+fn start_with_snapshotter(
+    test: &str,
+    tag: &str,
+    args: impl FnOnce(&Path) -> Vec<String>,
+) -> Option<(Option<std::sync::MutexGuard<'static, ()>>, Lamina, PathBuf)> {
+    let serial = serial_if(require_root(test))?;
     let mut lamina = Lamina::new(&unique_name(tag));
     let snap_sock = lamina.dir().join("snap.sock");
     lamina.extra_args = args(lamina.dir());
@@ -202,16 +209,13 @@ fn started_with_snapshotter(tag: &str, args: impl FnOnce(&Path) -> Vec<String>) 
         .extend(["--snapshotter-socket".into(), snap_sock.display().to_string()]);
     lamina.spawn();
     lamina.wait_ready();
-    (lamina, snap_sock)
+    Some((serial, lamina, snap_sock))
 }
 
 #[test]
 fn metrics_count_the_calls_and_logs_carry_request_ids() {
     let test = "metrics_count_the_calls";
-    let Some(_serial) = serial_if(require_root(test)) else {
-        return;
-    };
-    let (mut lamina, snap_sock) = started_with_snapshotter("metrics", |dir| {
+    let Some((_serial, mut lamina, snap_sock)) = start_with_snapshotter(test, "metrics", |dir| {
         vec![
             "--metrics-address".into(),
             format!("unix:{}", dir.join("metrics.sock").display()),
@@ -222,7 +226,9 @@ fn metrics_count_the_calls_and_logs_carry_request_ids() {
             "--volumes-mount-base".into(),
             dir.join("vols").display().to_string(),
         ]
-    });
+    }) else {
+        return;
+    };
     let metrics_sock = lamina.dir().join("metrics.sock");
     let c = lamina.client();
     let home = lamina.dir().join("docker-root");
@@ -470,19 +476,18 @@ fn metrics_count_the_calls_and_logs_carry_request_ids() {
 #[test]
 fn verify_on_mount_refuses_a_changed_layer() {
     let test = "verify_on_mount_refuses_a_changed_layer";
-    let Some(_serial) = serial_if(require_root(test)) else {
-        return;
-    };
     // TCP this time (the other test scrapes a unix socket).
     let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let (mut lamina, snap_sock) = started_with_snapshotter("verifymount", |_| {
+    let Some((_serial, mut lamina, snap_sock)) = start_with_snapshotter(test, "verifymount", |_| {
         vec![
             "--log-level".into(),
             "info".into(),
             "--metrics-address".into(),
             metrics_addr.clone(),
         ]
-    });
+    }) else {
+        return;
+    };
     let c = lamina.client();
     c.init(&lamina.dir().join("docker-root"));
     // Two small layers (base <- mid), and a ~50 MB layer; a container on each stack.
