@@ -47,9 +47,7 @@ fn setup_with_image(test: &str) -> Option<(Setup, ImageArchive)> {
 
 /// Starts lamina (if `snapshotter` is the proxy's name) and containerd for `test`.
 fn setup_with(test: &str, snapshotter: &str) -> Option<Setup> {
-    let Some(serial) = serial_if(require_containerd(test)) else {
-        return None;
-    };
+    let serial = serial_if(require_containerd(test))?;
     let started = Instant::now();
     let dir = TestDir::new(&unique_name(test));
     let lamina = (snapshotter == PROXY_NAME).then(|| LaminaSnap::start(&dir.join("lamina")));

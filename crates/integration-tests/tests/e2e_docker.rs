@@ -25,9 +25,7 @@ struct Setup {
 }
 
 fn setup(test: &str) -> Option<Setup> {
-    let Some(serial) = serial_if(require_docker(test)) else {
-        return None;
-    };
+    let serial = serial_if(require_docker(test))?;
     let started = Instant::now();
     let (docker, lamina) = if std::env::var("LAMINA_E2E_DRIVER").as_deref() == Ok("vfs") {
         (Dockerd::start("vfs"), None)

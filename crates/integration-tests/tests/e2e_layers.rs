@@ -39,9 +39,7 @@ struct Setup {
 }
 
 fn setup(test: &str) -> Option<Setup> {
-    let Some(serial) = serial_if(require_docker(test)) else {
-        return None;
-    };
+    let serial = serial_if(require_docker(test))?;
     let lamina = Lamina::start(&unique_name(test));
     let docker = Dockerd::start(&lamina.name);
     Some(Setup {

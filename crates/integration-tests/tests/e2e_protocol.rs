@@ -28,11 +28,7 @@ struct Proto {
 }
 
 fn proto(test: &str) -> Option<Proto> {
-    let Some(serial) =
-        serial_if(require_root(test) && require_bin(test, "umount") && require_bin(test, "tar"))
-    else {
-        return None;
-    };
+    let serial = serial_if(require_root(test) && require_bin(test, "umount") && require_bin(test, "tar"))?;
     let lamina = Lamina::start(&unique_name(test));
     let c = lamina.client();
     let home = lamina.dir().join("docker-root").join(&lamina.name);

@@ -119,9 +119,7 @@ struct Setup {
 }
 
 fn setup(test: &str, fs_type: &str) -> Option<Setup> {
-    let Some(serial) = serial_if(require_docker(test) && require_quota_tools(test)) else {
-        return None;
-    };
+    let serial = serial_if(require_docker(test) && require_quota_tools(test))?;
     let mut lamina = Lamina::new(&unique_name(test));
     let image = lamina.dir().join(format!("quota-{fs_type}.img"));
     let fs = loop_mount(fs_type, &image, 1024, &lamina.data_root);

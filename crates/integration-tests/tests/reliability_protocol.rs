@@ -35,9 +35,7 @@ struct Daemon {
 }
 
 fn daemon(test: &str) -> Option<Daemon> {
-    let Some(serial) = serial_if(require_root(test)) else {
-        return None;
-    };
+    let serial = serial_if(require_root(test))?;
     let lamina = Lamina::start(&unique_name(test));
     let mut c = lamina.client();
     c.timeout = Duration::from_secs(60);

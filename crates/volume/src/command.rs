@@ -167,6 +167,30 @@ pub(crate) fn path_arg(p: &std::path::Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// Waits for `child` (the command `shown`) to exit; kills and reaps it when `timeout` passes first.
+pub(crate) fn wait_within(
+    child: &mut Child,
+    shown: &str,
+    timeout: Duration,
+) -> Result<ExitStatus, VolumeError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Ok(st),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(VolumeError::BackendUnavailable(format!(
+                    "`{shown}` did not finish within {} s",
+                    timeout.as_secs_f32()
+                )));
+            }
+            Err(e) => return Err(VolumeError::io(format!("waiting for `{shown}`"), e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,29 +284,5 @@ mod tests {
         );
         assert_eq!(parse_getgoal("/x/y: ssd_fast\n").as_deref(), Some("ssd_fast"));
         assert_eq!(parse_getgoal("").as_deref(), None);
-    }
-}
-
-/// Waits for `child` (the command `shown`) to exit; kills and reaps it when `timeout` passes first.
-pub(crate) fn wait_within(
-    child: &mut Child,
-    shown: &str,
-    timeout: Duration,
-) -> Result<ExitStatus, VolumeError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) => return Ok(st),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(VolumeError::BackendUnavailable(format!(
-                    "`{shown}` did not finish within {} s",
-                    timeout.as_secs_f32()
-                )));
-            }
-            Err(e) => return Err(VolumeError::io(format!("waiting for `{shown}`"), e)),
-        }
     }
 }
