@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
@@ -93,7 +93,15 @@ fn run(args: Args) -> Result<bool> {
     lamina.log_level = args.log_level.clone();
     lamina.extra_args = args.extra.clone();
     lamina.spawn();
-    match lamina.poll_ready(Duration::from_secs(args.start_timeout)) {
+    // Waits in slices, so that a stop asked for during the start is not held up by it.
+    let deadline = Instant::now() + Duration::from_secs(args.start_timeout);
+    let ready = loop {
+        match lamina.poll_ready(Duration::from_millis(200)) {
+            Ready::TimedOut if Instant::now() < deadline && !stop.load(Ordering::SeqCst) => continue,
+            r => break r,
+        }
+    };
+    match ready {
         Ready::Up(after) => {
             let socket = [&args.snapshotter_socket, &args.socket]
                 .into_iter()
@@ -116,7 +124,7 @@ fn run(args: Args) -> Result<bool> {
         }
         Ready::TimedOut => {
             eprintln!(
-                "lamina-testkit-serve: lamina did not answer within {} s",
+                "lamina-testkit-serve: lamina did not answer within {} s, or a stop came first",
                 args.start_timeout
             );
             lamina.terminate(Duration::from_secs(args.stop_timeout));
