@@ -60,9 +60,11 @@ struct Host {
 
 fn host(tag: &str, cluster: &MooseCluster) -> Host {
     let mut lamina = Lamina::new(&unique_name(tag));
-    let mount_base = lamina.volumes_config(&format!(
-        "backend = \"moosefs\"\ntimeout_secs = {TIMEOUT_SECS}\n\
+    let mount_base = lamina.dir().join("mnt");
+    lamina.use_config(&format!(
+        "[volumes]\nmount_base = \"{}\"\nbackend = \"moosefs\"\ntimeout_secs = {TIMEOUT_SECS}\n\
          [volumes.moosefs]\nmaster = \"{}\"\ndefault_goal = \"2\"\n",
+        mount_base.display(),
         cluster.master_addr()
     ));
     lamina.spawn();

@@ -122,18 +122,24 @@ impl Lamina {
         self
     }
 
-    /// Gives lamina a config file (`config.toml` in its directory, `--config`, replacing the extra arguments)
-    /// whose `[volumes]` section has `mount_base` = `mnt/` in its directory followed by `volumes_toml` (more
-    /// keys of `[volumes]`, then any subsections); returns that mount base.
-    pub fn volumes_config(&mut self, volumes_toml: &str) -> PathBuf {
-        let mount_base = self.workdir.join("mnt");
-        let text = format!(
-            "[volumes]\nmount_base = \"{}\"\n{volumes_toml}",
-            mount_base.display()
-        );
+    /// Writes `text` to `config.toml` in this instance's directory and starts it with `--config` that file
+    /// (replacing [`Lamina::extra_args`]); returns the file's path.
+    pub fn use_config(&mut self, text: &str) -> PathBuf {
         let cfg = self.workdir.join("config.toml");
         fs::write(&cfg, text).unwrap_or_else(|e| panic!("write {}: {e}", cfg.display()));
         self.extra_args = vec!["--config".into(), cfg.display().to_string()];
+        cfg
+    }
+
+    /// [`Lamina::use_config`] with a `[volumes]` section whose `mount_base` is `mnt/` in this instance's
+    /// directory, followed by `volumes_toml` (more keys of `[volumes]`, then any subsections); returns that
+    /// mount base.
+    pub fn volumes_config(&mut self, volumes_toml: &str) -> PathBuf {
+        let mount_base = self.workdir.join("mnt");
+        self.use_config(&format!(
+            "[volumes]\nmount_base = \"{}\"\n{volumes_toml}",
+            mount_base.display()
+        ));
         mount_base
     }
 
