@@ -316,6 +316,7 @@ fn deb_install_serve_purge() {
         String::from_utf8_lossy(&run_ok(Command::new("dpkg-deb").arg("-c").arg(&deb)).stdout).into_owned();
     for f in [
         "./usr/bin/lamina",
+        "./usr/bin/lamina-bench",
         "./etc/lamina/config.toml",
         "lamina.service",
         "./usr/share/doc/lamina/README.md",
