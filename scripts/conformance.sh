@@ -9,7 +9,8 @@
 #                                   and 128, each backend on the same fresh loop-backed ext4 made
 #                                   under WORK_PARENT and torn down afterwards (not part of CI)
 #
-# Backends: "lamina" (lamina serve --snapshotter-socket) and "overlayfs" (tests/conformance/overlayd:
+# Backends: "lamina" (lamina serve --snapshotter-socket, started by the test kit's launcher
+# target/<profile>/lamina-testkit-serve) and "overlayfs" (tests/conformance/overlayd:
 # containerd's built-in overlayfs snapshotter served over gRPC, the reference that validates the
 # harness). Sources: tests/conformance/. Go builds in GOPATH mode from Debian's packages only
 # (golang-go, golang-github-containerd-containerd-dev, installed with apt-get when missing); nothing
@@ -18,8 +19,9 @@
 # Needs root (the suite mounts overlays; the bench makes a loop device). Not root: the test mode
 # prints SKIPPED and exits 0, or fails under CI=true; the bench mode fails.
 #
-# Environment: BACKENDS ("overlayfs lamina"), LAMINA_BIN (use this binary, do not run cargo),
-# NO_BUILD=1 (no cargo build; use the existing binary), LAMINA_LOG_LEVEL (e.g. debug), CI=true, TEST_TIMEOUT (10m),
+# Environment: BACKENDS ("overlayfs lamina"), LAMINA_BIN (use this lamina binary), LAMINA_TESTKIT_SERVE
+# (use this launcher; with both set, cargo does not run), NO_BUILD=1 (no cargo build; use the existing
+# binaries), LAMINA_LOG_LEVEL (e.g. debug), CI=true, TEST_TIMEOUT (10m),
 # TEST_RUN (a -test.run regexp for the suite's subtests, e.g. 'Conformance/Basic$').
 # Bench only: ITERS (200), WARMUP (10), DEPTHS (1,128), RUNS (1; backends alternate within a run,
 # several runs add a block of medians), IMG_SIZE (4G),
@@ -109,18 +111,17 @@ log "go build: $(elapsed "$build_start") s"
 if [[ " $BACKENDS " == *" lamina "* ]]; then
     profile=debug
     [[ $MODE == bench ]] && profile=release
-    if [[ -n ${LAMINA_BIN:-} ]]; then
-        LAMINA_BIN=$(realpath "$LAMINA_BIN")
-    else
-        LAMINA_BIN=$TARGET/$profile/lamina
-        if [[ ${NO_BUILD:-0} != 1 ]]; then
-            command -v cargo >/dev/null || die "cargo not found (needed to build lamina; or set LAMINA_BIN)"
-            log "cargo build $([[ $profile == release ]] && echo --release) -p lamina"
-            (cd "$ROOT" && cargo build $([[ $profile == release ]] && echo --release) -p lamina) >&2 ||
-                die "cargo build -p lamina failed"
-        fi
+    if [[ -z ${LAMINA_BIN:-} || -z ${LAMINA_TESTKIT_SERVE:-} ]] && [[ ${NO_BUILD:-0} != 1 ]]; then
+        command -v cargo >/dev/null || die "cargo not found (needed to build lamina; or set LAMINA_BIN and LAMINA_TESTKIT_SERVE)"
+        release=$([[ $profile == release ]] && echo --release || true)
+        log "cargo build $release -p lamina -p lamina-testkit --bin lamina --bin lamina-testkit-serve"
+        (cd "$ROOT" && cargo build $release -p lamina -p lamina-testkit --bin lamina --bin lamina-testkit-serve) >&2 ||
+            die "cargo build of lamina and lamina-testkit-serve failed"
     fi
+    LAMINA_BIN=$(realpath "${LAMINA_BIN:-$TARGET/$profile/lamina}")
+    LAMINA_TESTKIT_SERVE=$(realpath "${LAMINA_TESTKIT_SERVE:-$TARGET/$profile/lamina-testkit-serve}")
     [[ -x $LAMINA_BIN ]] || die "lamina binary $LAMINA_BIN missing"
+    [[ -x $LAMINA_TESTKIT_SERVE ]] || die "launcher $LAMINA_TESTKIT_SERVE missing (cargo build -p lamina-testkit)"
 fi
 
 # ---- test mode --------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ run_tests() {
         (
             cd "$ROOT/tests/conformance"
             CONFORMANCE_BACKEND=$b CONFORMANCE_LOG_DIR=$logdir LAMINA_BIN=${LAMINA_BIN:-} \
-                OVERLAYD_BIN=$BIN/overlayd \
+                LAMINA_TESTKIT_SERVE=${LAMINA_TESTKIT_SERVE:-} OVERLAYD_BIN=$BIN/overlayd \
                 exec "$BIN/conformance.test" -test.v -test.timeout "${TEST_TIMEOUT:-10m}" \
                 -test.run "${TEST_RUN:-TestSnapshotterConformance}"
         ) >"$out" 2>&1 || rc=$?
@@ -197,12 +198,13 @@ stop_server() {
     local pid=$SERVER_PID i
     SERVER_PID=""
     kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
+    # 20 s: lamina-testkit-serve gives lamina 10 s, then detaches its mounts
+    for ((i = 0; i < 200; i++)); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
     if kill -0 "$pid" 2>/dev/null; then
-        log "pid $pid ignored SIGTERM for 10 s: SIGKILL"
+        log "pid $pid ignored SIGTERM for 20 s: SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
     fi
     wait "$pid" 2>/dev/null || true
@@ -218,17 +220,21 @@ bench_teardown() {
 }
 
 start_server() { # backend root socket logfile
-    local b=$1 root=$2 sock=$3 logfile=$4 i
+    local b=$1 root=$2 sock=$3 logfile=$4 ready=$3 i
     case $b in
         lamina)
-            "$LAMINA_BIN" serve --data-root "$root" --socket none --snapshotter-socket "$sock" \
-                ${LAMINA_LOG_LEVEL:+--log-level "$LAMINA_LOG_LEVEL"} >"$logfile" 2>&1 &
+            # the launcher writes the ready file once lamina answers on the socket
+            ready=$logfile.ready
+            rm -f "$ready"
+            : >"$logfile"
+            "$LAMINA_TESTKIT_SERVE" --data-root "$root" --snapshotter-socket "$sock" --log "$logfile" \
+                --ready-file "$ready" ${LAMINA_LOG_LEVEL:+--log-level "$LAMINA_LOG_LEVEL"} >>"$logfile" 2>&1 &
             ;;
         overlayfs) "$BIN/overlayd" --root "$root" --socket "$sock" >"$logfile" 2>&1 & ;;
     esac
     SERVER_PID=$!
     for ((i = 0; i < 200; i++)); do
-        [[ -S $sock ]] && return 0
+        [[ -e $ready ]] && return 0
         kill -0 "$SERVER_PID" 2>/dev/null || break
         sleep 0.1
     done

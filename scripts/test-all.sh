@@ -57,8 +57,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
-# The integration tests start these binaries; a test build of lamina carries the fault points.
-for bin in lamina lamina-bench; do
+# The integration tests, the bench and the conformance suite start these binaries; a test build of lamina carries
+# the fault points.
+for bin in lamina lamina-bench lamina-testkit-serve; do
     [[ -x ${CARGO_TARGET_DIR:-target}/debug/$bin ]] || die "${CARGO_TARGET_DIR:-target}/debug/$bin was not built"
 done
 

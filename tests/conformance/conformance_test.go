@@ -7,13 +7,18 @@
 // the connection with snapshots/proxy. The cleanup closes the connection and stops the process
 // by PID (SIGTERM, then SIGKILL after a grace period); it runs also when the test fails.
 //
+// lamina is started by lamina-testkit-serve, the test kit's launcher of lamina serve (crates/testkit):
+// it stops lamina on SIGTERM, or when the pipe on its stdin closes because this process died.
+//
 // Environment:
 //
 //	CONFORMANCE_BACKEND  lamina (default) or overlayfs (the stand-in in ./overlayd, which serves
 //	                     containerd's built-in overlayfs snapshotter; used to validate the harness)
-//	LAMINA_BIN           lamina binary (default ../../target/debug/lamina, relative to this dir)
+//	LAMINA_TESTKIT_SERVE the launcher (default ../../target/debug/lamina-testkit-serve, relative to
+//	                     this dir)
+//	LAMINA_BIN           lamina binary (default: the lamina next to the launcher)
 //	OVERLAYD_BIN         stand-in binary (default ../../target/conformance/bin/overlayd)
-//	LAMINA_LOG_LEVEL     passed to lamina serve --log-level (e.g. debug)
+//	LAMINA_LOG_LEVEL     lamina's --log-level (e.g. debug)
 //	CONFORMANCE_LOG_DIR  keep each backend process's output there (default: inside the test root)
 //	CI=true              a missing prerequisite (root) fails instead of skipping
 //
@@ -39,18 +44,22 @@ import (
 	"github.com/containerd/containerd/snapshots/proxy"
 	"github.com/containerd/containerd/snapshots/testsuite"
 	"google.golang.org/grpc"
+
+	snapdial "./snapdial"
 )
 
 const (
 	startTimeout = 20 * time.Second
-	stopTimeout  = 10 * time.Second
+	// lamina-testkit-serve gives lamina 10 s to exit on SIGTERM, then detaches its mounts
+	stopTimeout = 20 * time.Second
 )
 
 // backend describes how to start one snapshotter server for a test root.
 type backend struct {
 	name string // suite name and snapshotter name sent in every request
 	bin  string
-	args func(root, socket string) []string
+	args func(root, socket, logPath string) []string
+	env  []string // added to this process's environment
 }
 
 func selectBackend(t *testing.T) backend {
@@ -60,23 +69,28 @@ func selectBackend(t *testing.T) backend {
 	}
 	switch kind {
 	case "lamina":
+		var env []string
+		if os.Getenv("LAMINA_BIN") != "" {
+			env = append(env, "LAMINA_BIN="+envPath("LAMINA_BIN", ""))
+		}
 		return backend{
 			name: "lamina",
-			bin:  envPath("LAMINA_BIN", "../../target/debug/lamina"),
-			args: func(root, socket string) []string {
-				args := []string{"serve", "--data-root", filepath.Join(root, "lamina"),
-					"--socket", "none", "--snapshotter-socket", socket}
+			bin:  envPath("LAMINA_TESTKIT_SERVE", "../../target/debug/lamina-testkit-serve"),
+			args: func(root, socket, logPath string) []string {
+				args := []string{"--data-root", filepath.Join(root, "lamina"),
+					"--snapshotter-socket", socket, "--log", logPath}
 				if level := os.Getenv("LAMINA_LOG_LEVEL"); level != "" {
 					args = append(args, "--log-level", level)
 				}
 				return args
 			},
+			env: env,
 		}
 	case "overlayfs":
 		return backend{
 			name: "overlayfs",
 			bin:  envPath("OVERLAYD_BIN", "../../target/conformance/bin/overlayd"),
-			args: func(root, socket string) []string {
+			args: func(root, socket, _ string) []string {
 				return []string{"--root", filepath.Join(root, "overlayfs"), "--socket", socket}
 			},
 		}
@@ -136,20 +150,26 @@ func startBackend(ctx context.Context, b backend, root string) (snapshots.Snapsh
 		// root is <tmp>/snapshot-suite-<name>-<random>/root: the random part names the log
 		logPath = filepath.Join(dir, filepath.Base(filepath.Dir(root))+".log")
 	}
-	logFile, err := os.Create(logPath)
+	// Appending: the launcher and the lamina it starts both write to this file.
+	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, nil, err
 	}
 	defer logFile.Close() // the child keeps its own descriptor
 
-	cmd := exec.Command(b.bin, b.args(root, socket)...)
+	cmd := exec.Command(b.bin, b.args(root, socket, logPath)...)
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
-	cmd.Env = append(os.Environ(), "NO_COLOR=1") // plain text in the log files
-	// Own process group, so that the SIGKILL fallback also reaches helpers the backend may
-	// have spawned; if this test process dies without running the cleanup, the kernel
-	// stops the child.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.Env = append(append(os.Environ(), "NO_COLOR=1"), b.env...) // NO_COLOR: plain text in the log files
+	// A pipe that no one writes to: it closes when this test process dies without running the
+	// cleanup, and the launcher then stops lamina.
+	// (cmd keeps the writing end and closes it in Wait.)
+	if _, err := cmd.StdinPipe(); err != nil {
+		return nil, nil, err
+	}
+	// Own process group, so that the SIGKILL fallback also reaches the processes the backend
+	// started (the launcher's lamina).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, nil, fmt.Errorf("start %s: %w", b.bin, err)
 	}
@@ -202,16 +222,7 @@ func (s *server) dial(ctx context.Context, socket string) (*grpc.ClientConn, err
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	return grpc.DialContext(dctx, "unix://"+socket,
-		grpc.WithInsecure(),
-		grpc.WithBlock(),
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		}),
-	)
+	return snapdial.Dial(ctx, socket)
 }
 
 // stop sends SIGTERM to the process (by PID), waits, and falls back to SIGKILL of its process

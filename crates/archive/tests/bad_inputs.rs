@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use lamina_archive::{apply_layer, ApplyOptions, ApplyStats, ArchiveError, DiffOptions};
-use lamina_testkit::require_root;
+use lamina_testkit::{require_root, write_files};
 
 struct Env {
     _t: tempfile::TempDir,
@@ -25,12 +25,15 @@ fn env() -> Env {
     let t = tempfile::tempdir().unwrap();
     let top = t.path().to_path_buf();
     let base = top.join("x/y/z");
-    fs::create_dir_all(base.join("victim/etc")).unwrap();
-    fs::create_dir_all(base.join("victim/usr/bin")).unwrap();
     fs::create_dir_all(top.join("tmp")).unwrap();
-    fs::write(base.join("victim/etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
-    fs::write(base.join("victim/etc/shadow"), "root:*:1::::::\n").unwrap();
-    fs::write(base.join("victim/usr/bin/env"), "#!env").unwrap();
+    write_files(
+        &base.join("victim"),
+        &[
+            ("etc/passwd", "root:x:0:0::/root:/bin/sh\n"),
+            ("etc/shadow", "root:*:1::::::\n"),
+            ("usr/bin/env", "#!env"),
+        ],
+    );
     symlink("usr/lib", base.join("victim/lib")).unwrap();
     symlink("/run", base.join("victim/run")).unwrap();
     fs::write(top.join("x/secret"), "s").unwrap();

@@ -10,7 +10,7 @@ use common::*;
 use lamina_archive::{
     apply_layer, layer_changes, tree_changes, write_tree_diff, ApplyOptions, Change, ChangeKind, DiffOptions,
 };
-use lamina_testkit::require_root;
+use lamina_testkit::write_files;
 
 fn show(changes: &[Change]) -> Vec<String> {
     changes
@@ -35,26 +35,25 @@ fn set_mtime(p: &Path, sec: i64) {
 
 #[test]
 fn overlay_changes_follow_docker() {
-    if !require_root("overlay_changes_follow_docker") {
+    let Some(t) = root_tempdir("overlay_changes_follow_docker") else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    };
     let (lower2, lower1, upper) = (t.path().join("l2"), t.path().join("l1"), t.path().join("u"));
     for d in [&lower2, &lower1, &upper] {
         fs::create_dir(d).unwrap();
     }
     // Bottom lower: etc/{passwd,hosts}, var/cache/x, opt/a, home/
-    fs::create_dir_all(lower2.join("etc")).unwrap();
-    fs::write(lower2.join("etc/passwd"), "p").unwrap();
-    fs::write(lower2.join("etc/hosts"), "h").unwrap();
-    fs::create_dir_all(lower2.join("var/cache")).unwrap();
-    fs::write(lower2.join("var/cache/x"), "x").unwrap();
-    fs::create_dir_all(lower2.join("opt")).unwrap();
-    fs::write(lower2.join("opt/a"), "a").unwrap();
+    write_files(
+        &lower2,
+        &[
+            ("etc/passwd", "p"),
+            ("etc/hosts", "h"),
+            ("var/cache/x", "x"),
+            ("opt/a", "a"),
+        ],
+    );
     // Top lower: deletes etc/hosts (whiteout), makes var/cache opaque and empty.
-    fs::create_dir_all(lower1.join("etc")).unwrap();
-    let etc1 = fs::File::open(lower1.join("etc")).unwrap();
-    lamina_sys::fs::make_whiteout(fd(&etc1), b"hosts").unwrap();
+    whiteout(&lower1.join("etc"), "hosts");
     fs::create_dir_all(lower1.join("var/cache")).unwrap();
     let cache1 = fs::File::open(lower1.join("var/cache")).unwrap();
     lamina_sys::fs::set_opaque(fd(&cache1)).unwrap();
@@ -62,16 +61,16 @@ fn overlay_changes_follow_docker() {
     // Upper: modifies etc/passwd, re-adds etc/hosts (hidden below: an Add), adds
     // var/cache/x (hidden by the opaque lower: an Add), deletes opt/a, adds new/f,
     // copies up opt with the same metadata (not recorded by itself).
-    fs::create_dir_all(upper.join("etc")).unwrap();
-    fs::write(upper.join("etc/passwd"), "p2").unwrap();
-    fs::write(upper.join("etc/hosts"), "h2").unwrap();
-    fs::create_dir_all(upper.join("var/cache")).unwrap();
-    fs::write(upper.join("var/cache/x"), "x2").unwrap();
-    fs::create_dir_all(upper.join("opt")).unwrap();
-    let opt = fs::File::open(upper.join("opt")).unwrap();
-    lamina_sys::fs::make_whiteout(fd(&opt), b"a").unwrap();
-    fs::create_dir_all(upper.join("new")).unwrap();
-    fs::write(upper.join("new/f"), "f").unwrap();
+    write_files(
+        &upper,
+        &[
+            ("etc/passwd", "p2"),
+            ("etc/hosts", "h2"),
+            ("var/cache/x", "x2"),
+            ("new/f", "f"),
+        ],
+    );
+    whiteout(&upper.join("opt"), "a");
     fs::create_dir(upper.join("same")).unwrap();
     fs::create_dir(lower2.join("same")).unwrap();
     for d in ["etc", "var", "var/cache", "opt", "same"] {
@@ -102,10 +101,9 @@ fn overlay_changes_follow_docker() {
 
 #[test]
 fn overlay_changes_list_every_directory_holding_a_change() {
-    if !require_root("overlay_changes_list_every_directory_holding_a_change") {
+    let Some(t) = root_tempdir("overlay_changes_list_every_directory_holding_a_change") else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    };
     let (lower, upper) = (t.path().join("l"), t.path().join("u"));
     // Below: d/{h1,h2}, a/b/c/f, a/b/g, a/z, k/l/m/n
     for f in ["d/h1", "d/h2", "a/b/c/f", "a/b/g", "a/z", "k/l/m/n"] {
@@ -121,8 +119,7 @@ fn overlay_changes_list_every_directory_holding_a_change() {
     fs::write(upper.join("d/h2"), "1y").unwrap();
     fs::write(upper.join("a/b/c/f"), "2").unwrap();
     fs::write(upper.join("a/b/new"), "n").unwrap();
-    let m = fs::File::open(upper.join("k/l/m")).unwrap();
-    lamina_sys::fs::make_whiteout(fd(&m), b"n").unwrap();
+    whiteout(&upper.join("k/l/m"), "n");
     for d in ["d", "a", "a/b", "a/b/c", "k", "k/l", "k/l/m"] {
         set_mtime(&lower.join(d), 1000);
         set_mtime(&upper.join(d), 1000);
@@ -208,9 +205,7 @@ fn tree_changes_and_diff() {
 #[test]
 fn deep_trees_work_everywhere() {
     let t = tempfile::tempdir().unwrap();
-    let (a, b) = (t.path().join("a"), t.path().join("b"));
-    fs::create_dir(&a).unwrap();
-    fs::create_dir(&b).unwrap();
+    let (a, b) = two_dirs(t.path(), "a", "b");
     let mut tar = Tar::new();
     let mut p = String::new();
     for _ in 0..1000 {

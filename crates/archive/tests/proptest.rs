@@ -247,20 +247,23 @@ impl CharZero for fs::FileType {
     }
 }
 
+/// `items` without whiteouts and opaque markers unless running as root (making those needs root).
+fn makeable(items: Vec<Item>) -> Vec<Item> {
+    let root = lamina_sys::fs::running_as_root();
+    items
+        .into_iter()
+        .filter(|i| root || !matches!(i.node, Node::Whiteout | Node::Opaque))
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn diff_apply_roundtrip(items in items(true)) {
-        let root = lamina_sys::fs::running_as_root();
-        let items: Vec<Item> = items
-            .into_iter()
-            .filter(|i| root || !matches!(i.node, Node::Whiteout | Node::Opaque))
-            .collect();
+        let items = makeable(items);
         let t = tempfile::tempdir().unwrap();
-        let (a, b) = (t.path().join("a"), t.path().join("b"));
-        fs::create_dir(&a).unwrap();
-        fs::create_dir(&b).unwrap();
+        let (a, b) = two_dirs(t.path(), "a", "b");
         materialize(&a, &items);
         let tar1 = diff_of(&a);
         let bd = open_dir(&b);
@@ -274,17 +277,11 @@ proptest! {
 
     #[test]
     fn layer_changes_match_reference(lower_items in items(false), upper_items in items(true)) {
-        let root = lamina_sys::fs::running_as_root();
         let lower_items: Vec<Item> =
             lower_items.into_iter().filter(|i| !matches!(i.node, Node::Symlink { .. })).collect();
-        let upper_items: Vec<Item> = upper_items
-            .into_iter()
-            .filter(|i| root || !matches!(i.node, Node::Whiteout | Node::Opaque))
-            .collect();
+        let upper_items = makeable(upper_items);
         let t = tempfile::tempdir().unwrap();
-        let (l, u) = (t.path().join("l"), t.path().join("u"));
-        fs::create_dir(&l).unwrap();
-        fs::create_dir(&u).unwrap();
+        let (l, u) = two_dirs(t.path(), "l", "u");
         materialize(&l, &lower_items);
         materialize(&u, &upper_items);
         let (ld, ud) = (open_dir(&l), open_dir(&u));

@@ -50,13 +50,10 @@ fn sample_layer() -> Vec<u8> {
 
 #[test]
 fn apply_sample_then_roundtrip() {
-    if !require_root("apply_sample_then_roundtrip") {
+    let Some(t) = root_tempdir("apply_sample_then_roundtrip") else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let (a, b) = (t.path().join("a"), t.path().join("b"));
-    fs::create_dir(&a).unwrap();
-    fs::create_dir(&b).unwrap();
+    };
+    let (a, b) = two_dirs(t.path(), "a", "b");
     let tar = sample_layer();
     let stats = apply(&a, &tar).unwrap();
     assert_eq!(stats.tar_bytes, tar.len() as u64);
@@ -118,9 +115,7 @@ fn last_entry_wins() {
 #[test]
 fn long_names_roundtrip() {
     let t = tempfile::tempdir().unwrap();
-    let (a, b) = (t.path().join("a"), t.path().join("b"));
-    fs::create_dir(&a).unwrap();
-    fs::create_dir(&b).unwrap();
+    let (a, b) = two_dirs(t.path(), "a", "b");
     let long_path = format!("{}/{}", "d".repeat(150), "f".repeat(150));
     let gnu_path = format!("{}/{}", "g".repeat(120), "h".repeat(120));
     let long_target = "t".repeat(200);
@@ -147,10 +142,9 @@ fn long_names_roundtrip() {
 
 #[test]
 fn id_mappings_both_ways() {
-    if !require_root("id_mappings_both_ways") {
+    let Some(t) = root_tempdir("id_mappings_both_ways") else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    };
     let maps = IdMappings {
         uids: vec![IdMap {
             container_id: 0,
@@ -310,9 +304,7 @@ fn gnu_tar_extracts_our_diff_identically() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let (a, b) = (t.path().join("a"), t.path().join("b"));
-    fs::create_dir(&a).unwrap();
-    fs::create_dir(&b).unwrap();
+    let (a, b) = two_dirs(t.path(), "a", "b");
     let long_path = format!("{}/{}", "d".repeat(150), "f".repeat(150));
     let mut tar = Tar::new();
     tar.dir(b"etc/").file_mode(b"etc/passwd", b"root\n", 0o640);

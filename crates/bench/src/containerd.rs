@@ -208,8 +208,8 @@ fn calls(ctx: &Ctx, ctrd: &Containerd, figs: &mut Vec<Figure>) -> anyhow::Result
                     ("commit p50", "commit"),
                     ("commit p99", "commit p99"),
                 ] {
-                    let mut f = Figure::new(NAME, case.clone(), sn, metric, Unit::Millis);
-                    f.samples = out.remove(&(sn, key)).unwrap_or_default();
+                    let mut f = Figure::new(NAME, case.clone(), sn, metric, Unit::Millis)
+                        .samples(out.remove(&(sn, key)).unwrap_or_default());
                     if sn == PROXY_NAME && metric.ends_with("p50") {
                         f.goal = Some("<= 1 ms".into());
                     }
@@ -309,9 +309,10 @@ fn unpack(ctx: &Ctx, dir: &Path, ctrd: &Containerd, figs: &mut Vec<Figure>) -> a
     }
     for sn in [PROXY_NAME, BASELINE] {
         for metric in ["import", "import+sync", "unpack", "unpack+sync"] {
-            let mut f = Figure::new(NAME, case.clone(), sn, metric, Unit::Seconds);
-            f.samples = samples.remove(&(sn, metric)).unwrap_or_default();
-            figs.push(f);
+            figs.push(
+                Figure::new(NAME, case.clone(), sn, metric, Unit::Seconds)
+                    .samples(samples.remove(&(sn, metric)).unwrap_or_default()),
+            );
         }
     }
     let _ = fs::remove_file(&archive);

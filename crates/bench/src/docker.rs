@@ -183,9 +183,7 @@ fn figure(
     unit: Unit,
     samples: Vec<f64>,
 ) -> Figure {
-    let mut f = Figure::new(workload, case, subject, metric, unit);
-    f.samples = samples;
-    f
+    Figure::new(workload, case, subject, metric, unit).samples(samples)
 }
 
 // ------------------------------------------------------------------------------------------------------------

@@ -249,6 +249,12 @@ impl Figure {
         self
     }
 
+    /// Sets the samples.
+    pub fn samples(mut self, samples: Vec<f64>) -> Self {
+        self.samples = samples;
+        self
+    }
+
     /// Adds one sample.
     pub fn push(&mut self, v: f64) {
         self.samples.push(v);

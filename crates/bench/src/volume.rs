@@ -111,8 +111,7 @@ fn push(
     unit: Unit,
     samples: Vec<f64>,
 ) -> usize {
-    let mut f = Figure::new(NAME, case, subject, metric, unit);
-    f.samples = samples;
+    let mut f = Figure::new(NAME, case, subject, metric, unit).samples(samples);
     f.lower_is_better = !matches!(unit, Unit::MBps | Unit::OpsPerSec);
     figs.push(f);
     figs.len() - 1

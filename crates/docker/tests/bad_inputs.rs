@@ -29,6 +29,15 @@ fn assert_driver_not_called(srv: &TestServer) {
     );
 }
 
+/// Posts `body` to each of `paths`; panics unless each answers `status` with an `Err` starting with `prefix`.
+fn expect_refused(c: &mut Client, paths: &[&str], body: &str, status: u16, prefix: &str) {
+    for path in paths {
+        let r = c.call(path, body);
+        assert_eq!(r.status, status, "{path}");
+        assert!(r.err().starts_with(prefix), "{path}: {}", r.err());
+    }
+}
+
 fn bad_ids() -> Vec<&'static str> {
     vec![
         "/",
@@ -52,8 +61,7 @@ fn bad_ids() -> Vec<&'static str> {
 
 #[test]
 fn b1_b2_bad_ids_are_invalid_argument_and_never_reach_the_driver() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (srv, mut c) = TestServer::connected();
     for id in bad_ids() {
         let id_json = serde_json::to_string(id).unwrap();
         for path in ID_ENDPOINTS {
@@ -106,8 +114,7 @@ fn b1_b2_bad_ids_are_invalid_argument_and_never_reach_the_driver() {
 
 #[test]
 fn b3_empty_or_missing_id_on_every_call() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (srv, mut c) = TestServer::connected();
     for path in ID_ENDPOINTS {
         for body in [
             "",
@@ -135,8 +142,7 @@ fn b3_empty_or_missing_id_on_every_call() {
 
 #[test]
 fn b4_long_ids() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (_srv, mut c) = TestServer::connected();
     // 128 bytes is fine, 129 and 300 are not.
     let ok = "a".repeat(128);
     let r = c.call("/GraphDriver.Create", &format!(r#"{{"ID":"{ok}"}}"#));
@@ -202,19 +208,20 @@ fn b4_ten_megabyte_id_is_answered_quickly_without_buffering() {
 
 #[test]
 fn b13_unknown_ids() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
-    for path in [
-        "/GraphDriver.Get",
-        "/GraphDriver.Diff",
-        "/GraphDriver.Changes",
-        "/GraphDriver.DiffSize",
-        "/GraphDriver.GetMetadata",
-    ] {
-        let r = c.call(path, r#"{"ID":"unknown"}"#);
-        assert_eq!(r.status, 500);
-        assert!(r.err().starts_with("not found: "), "{path}: {}", r.err());
-    }
+    let (_srv, mut c) = TestServer::connected();
+    expect_refused(
+        &mut c,
+        &[
+            "/GraphDriver.Get",
+            "/GraphDriver.Diff",
+            "/GraphDriver.Changes",
+            "/GraphDriver.DiffSize",
+            "/GraphDriver.GetMetadata",
+        ],
+        r#"{"ID":"unknown"}"#,
+        500,
+        "not found: ",
+    );
     let r = c.call("/GraphDriver.Exists", r#"{"ID":"unknown"}"#);
     assert_eq!((r.status, r.json()), (200, json!({"Exists": false})));
     let r = c.call("/GraphDriver.Exists", r#"{"ID":"../x"}"#);
@@ -223,8 +230,7 @@ fn b13_unknown_ids() {
 
 #[test]
 fn c1_malformed_json() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (srv, mut c) = TestServer::connected();
     let mut cases: Vec<Vec<u8>> = vec![
         br#"{"ID":"#.to_vec(),
         br#"{"ID":"a"} garbage"#.to_vec(),
@@ -266,8 +272,7 @@ fn c1_malformed_json() {
 
 #[test]
 fn c2_c3_missing_and_wrong_types() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (srv, mut c) = TestServer::connected();
     let r = c.call("/GraphDriver.Create", r#"{"Parent":"x"}"#);
     assert_eq!(r.err(), "invalid argument: missing ID");
     for (path, body) in [
@@ -308,8 +313,7 @@ fn c2_c3_missing_and_wrong_types() {
 
 #[test]
 fn c4_empty_bodies() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (_srv, mut c) = TestServer::connected();
     for body in ["", "{}", "null"] {
         for path in [
             "/Plugin.Activate",
@@ -331,8 +335,7 @@ fn c4_empty_bodies() {
 
 #[test]
 fn c5_huge_content_length_with_little_data_is_refused_at_once() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (_srv, mut c) = TestServer::connected();
     let started = Instant::now();
     c.send(b"POST /GraphDriver.Get HTTP/1.1\r\nHost: \r\nContent-Length: 10000000000\r\n\r\n{\"ID\":\"a\"}")
         .unwrap();
@@ -344,29 +347,19 @@ fn c5_huge_content_length_with_little_data_is_refused_at_once() {
 
 #[test]
 fn c6_deep_nesting() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
-    let deep = "[".repeat(100_000);
-    let r = c.call("/GraphDriver.Get", &deep);
-    assert!(
-        r.err().starts_with("invalid argument: malformed request body"),
-        "{}",
-        r.err()
-    );
-    let inner = format!(r#"{{"ID":"a","X":{}}}"#, "[".repeat(100_000));
-    let r = c.call("/GraphDriver.Get", &inner);
-    assert!(
-        r.err().starts_with("invalid argument: malformed request body"),
-        "{}",
-        r.err()
-    );
-    let inner = format!(r#"{{"ID":"a","X":{}{}}}"#, "[".repeat(200), "]".repeat(200));
-    let r = c.call("/GraphDriver.Get", &inner);
-    assert!(
-        r.err().starts_with("invalid argument: malformed request body"),
-        "{}",
-        r.err()
-    );
+    let (_srv, mut c) = TestServer::connected();
+    for body in [
+        "[".repeat(100_000),
+        format!(r#"{{"ID":"a","X":{}}}"#, "[".repeat(100_000)),
+        format!(r#"{{"ID":"a","X":{}{}}}"#, "[".repeat(200), "]".repeat(200)),
+    ] {
+        let r = c.call("/GraphDriver.Get", &body);
+        assert!(
+            r.err().starts_with("invalid argument: malformed request body"),
+            "{}",
+            r.err()
+        );
+    }
     // Moderate nesting in an unknown field is fine.
     let ok = format!(r#"{{"ID":"a","X":{}{}}}"#, "[".repeat(50), "]".repeat(50));
     let r = c.call("/GraphDriver.Get", &ok);
@@ -375,27 +368,24 @@ fn c6_deep_nesting() {
 
 #[test]
 fn c7_unknown_endpoint_wrong_method_dotdot() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
-    for path in [
-        "/GraphDriver.Frobnicate",
-        "/GraphDriver.",
-        "/graphdriver.get",
-        "/GraphDriver.Get/../GraphDriver.Remove",
-        "/../GraphDriver.Get",
-        "/GraphDriver.Get/",
-        "/VolumeDriver.Create",
-        "/",
-        "*",
-    ] {
-        let r = c.call(path, r#"{"ID":"a"}"#);
-        assert_eq!(r.status, 404, "{path}");
-        assert!(
-            r.err().starts_with("not found: unknown endpoint \""),
-            "{path}: {}",
-            r.err()
-        );
-    }
+    let (srv, mut c) = TestServer::connected();
+    expect_refused(
+        &mut c,
+        &[
+            "/GraphDriver.Frobnicate",
+            "/GraphDriver.",
+            "/graphdriver.get",
+            "/GraphDriver.Get/../GraphDriver.Remove",
+            "/../GraphDriver.Get",
+            "/GraphDriver.Get/",
+            "/VolumeDriver.Create",
+            "/",
+            "*",
+        ],
+        r#"{"ID":"a"}"#,
+        404,
+        "not found: unknown endpoint \"",
+    );
     for method in ["GET", "PUT", "DELETE", "OPTIONS"] {
         let raw = format!("{method} /GraphDriver.Get HTTP/1.1\r\nHost: \r\n\r\n");
         c.send(raw.as_bytes()).unwrap();
@@ -417,9 +407,7 @@ fn c7_unknown_endpoint_wrong_method_dotdot() {
 
 #[test]
 fn c8_unknown_fields_are_ignored() {
-    let srv = TestServer::start();
-    srv.fake.add_layer("a");
-    let mut c = srv.connect();
+    let (_srv, mut c) = TestServer::connected_with(&["a"]);
     let r = c.call(
         "/GraphDriver.Get",
         r#"{"ID":"a","NewField":{"x":[1,2,{"y":null}]},"Other":7}"#,
@@ -440,9 +428,7 @@ fn c8_unknown_fields_are_ignored() {
 
 #[test]
 fn c13_apply_diff_query() {
-    let srv = TestServer::start();
-    srv.fake.add_layer("a");
-    let mut c = srv.connect();
+    let (srv, mut c) = TestServer::connected_with(&["a"]);
     for (q, want) in [
         ("id=..%2F..%2Fetc", "invalid argument: invalid id \"../../etc\""),
         (
@@ -483,8 +469,7 @@ fn c13_apply_diff_query() {
 
 #[test]
 fn head_too_large_is_refused() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (_srv, mut c) = TestServer::connected();
     let raw = format!(
         "POST /GraphDriver.ApplyDiff?id={} HTTP/1.1\r\n\r\n",
         "a".repeat(10_000_000)

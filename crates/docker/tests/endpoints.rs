@@ -11,8 +11,7 @@ const B: &str = "9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b1a0f9e8
 
 #[test]
 fn activate_with_empty_body() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (_srv, mut c) = TestServer::connected();
     let r = c.call("/Plugin.Activate", "");
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -24,8 +23,7 @@ fn activate_with_empty_body() {
 
 #[test]
 fn all_endpoints_on_one_keep_alive_connection() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (srv, mut c) = TestServer::connected();
 
     let r = c.call(
         "/GraphDriver.Init",
@@ -131,8 +129,7 @@ fn all_endpoints_on_one_keep_alive_connection() {
 
 #[test]
 fn errors_are_500_with_err() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (_srv, mut c) = TestServer::connected();
     let r = c.call("/GraphDriver.Get", r#"{"ID":"nope"}"#);
     assert_eq!(r.status, 500);
     assert_eq!(
@@ -147,8 +144,7 @@ fn errors_are_500_with_err() {
 
 #[test]
 fn capabilities_status_cleanup_accept_empty_null_and_object() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (_srv, mut c) = TestServer::connected();
     for body in ["", "{}", "null", " "] {
         for path in [
             "/GraphDriver.Capabilities",
@@ -163,8 +159,7 @@ fn capabilities_status_cleanup_accept_empty_null_and_object() {
 
 #[test]
 fn apply_diff_refused_before_reading_small_body_keeps_connection() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (_srv, mut c) = TestServer::connected();
     // Unknown layer: the driver refuses without reading; a small body is drained.
     let r = c.apply_diff("id=unknown&parent=", &[1u8; 1000]);
     assert_eq!(r.status, 500);
@@ -175,8 +170,7 @@ fn apply_diff_refused_before_reading_small_body_keeps_connection() {
 
 #[test]
 fn apply_diff_refused_before_reading_big_body_closes_connection() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (_srv, mut c) = TestServer::connected();
     c.apply_diff_head("id=unknown&parent=").unwrap();
     // Like Go's client, keep writing the body while reading the response.
     let mut w = common::Client::new(c.stream().try_clone().unwrap());

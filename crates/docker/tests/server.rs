@@ -99,9 +99,7 @@ fn diff_error_mid_stream_aborts_the_connection() {
 
 #[test]
 fn c10_client_gone_mid_apply_diff_and_mid_diff() {
-    let srv = TestServer::start();
-    srv.fake.add_layer("a");
-    let mut c = srv.connect();
+    let (srv, mut c) = TestServer::connected_with(&["a"]);
     c.apply_diff_head("id=a").unwrap();
     c.send_chunk(&[0u8; 1000]).unwrap();
     drop(c);
@@ -230,9 +228,7 @@ fn connection_limit_evicts_the_longest_idle_connection() {
 
 #[test]
 fn pipelined_requests_over_the_socket() {
-    let srv = TestServer::start();
-    srv.fake.add_layer("a");
-    let mut c = srv.connect();
+    let (_srv, mut c) = TestServer::connected_with(&["a"]);
     let mut raw = common::dockerd_request("/GraphDriver.Exists", "{\"ID\":\"a\"}\n");
     raw.extend(common::dockerd_request("/GraphDriver.Diff", "{\"ID\":\"a\"}\n"));
     raw.extend(common::dockerd_request("/GraphDriver.Exists", "{\"ID\":\"b\"}\n"));
@@ -246,8 +242,7 @@ fn pipelined_requests_over_the_socket() {
 
 #[test]
 fn connection_close_http10_and_expect_continue() {
-    let srv = TestServer::start();
-    let mut c = srv.connect();
+    let (srv, mut c) = TestServer::connected();
     c.send(b"POST /GraphDriver.Status HTTP/1.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
         .unwrap();
     let r = c.read_response().unwrap();
@@ -299,9 +294,7 @@ fn shutdown_closes_idle_connections_at_once() {
 
 #[test]
 fn shutdown_lets_in_flight_requests_finish() {
-    let srv = TestServer::start();
-    srv.fake.add_layer("a");
-    let mut c = srv.connect();
+    let (srv, mut c) = TestServer::connected_with(&["a"]);
     c.apply_diff_head("id=a").unwrap();
     c.send_chunk(b"abc").unwrap();
     // Let the server start the request (a head not yet read when shutdown comes is dropped).

@@ -23,10 +23,11 @@ fn loops_under(dir: &Path) -> Vec<String> {
 
 #[test]
 fn bench_quick_runs_every_workload_and_writes_the_report() {
-    if !require_root("bench_quick_runs_every_workload_and_writes_the_report") {
+    let Some(_serial) = serial_if(require_root(
+        "bench_quick_runs_every_workload_and_writes_the_report",
+    )) else {
         return;
-    }
-    let _serial = serial();
+    };
     let dir = TestDir::new(&unique_name("bench"));
     let out = dir.join("out");
     // The work dir (loop backing files, mount points) must not be under --out; it gets its own name so the

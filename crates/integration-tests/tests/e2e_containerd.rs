@@ -37,12 +37,17 @@ fn setup(test: &str) -> Option<Setup> {
     setup_with(test, &snapshotter_under_test())
 }
 
+/// [`setup`], then the whiteout image (see [`whiteout_image`]) built and imported.
+fn setup_with_image(test: &str) -> Option<(Setup, ImageArchive)> {
+    let s = setup(test)?;
+    let image = whiteout_image(&s.work());
+    s.import(&image);
+    Some((s, image))
+}
+
 /// Starts lamina (if `snapshotter` is the proxy's name) and containerd for `test`.
 fn setup_with(test: &str, snapshotter: &str) -> Option<Setup> {
-    if !require_containerd(test) {
-        return None;
-    }
-    let serial = serial();
+    let serial = serial_if(require_containerd(test))?;
     let started = Instant::now();
     let dir = TestDir::new(&unique_name(test));
     let lamina = (snapshotter == PROXY_NAME).then(|| LaminaSnap::start(&dir.join("lamina")));
@@ -166,37 +171,23 @@ impl Setup {
     fn run_in(&self, ns: &str, image: &str, script: &str) -> String {
         static N: AtomicUsize = AtomicUsize::new(0);
         let id = format!("c{}", N.fetch_add(1, Ordering::SeqCst));
-        let fifo = self.ctrd.fifo_dir();
-        let runc_root = self.ctrd.runc_root();
-        self.ctrd.ctr_ok_in(
-            ns,
-            &[
-                "run",
-                "--rm",
-                "--snapshotter",
-                &self.snapshotter,
-                "--fifo-dir",
-                fifo.to_str().unwrap(),
-                "--runc-root",
-                runc_root.to_str().unwrap(),
-                image,
-                &id,
-                "/bin/sh",
-                "-c",
-                script,
-            ],
-        )
+        self.ctr_run(ns, &["--rm"], image, &id, script)
     }
 
     /// `ctr run -d --null-io` of a long-running container `id` (its shell runs `script`, then sleeps).
     fn run_detached(&self, image: &str, id: &str, script: &str) {
+        let script = format!("{script}; exec sleep 100000");
+        self.ctr_run(&self.ctrd.namespace, &["-d", "--null-io"], image, id, &script);
+    }
+
+    /// `ctr run <flags> --snapshotter <under test> IMAGE ID /bin/sh -c SCRIPT` in namespace `ns` (containerd's
+    /// fifo and runc directories of this test); returns stdout.
+    fn ctr_run(&self, ns: &str, flags: &[&str], image: &str, id: &str, script: &str) -> String {
         let fifo = self.ctrd.fifo_dir();
         let runc_root = self.ctrd.runc_root();
-        let script = format!("{script}; exec sleep 100000");
-        self.ctrd.ctr_ok(&[
-            "run",
-            "-d",
-            "--null-io",
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[
             "--snapshotter",
             &self.snapshotter,
             "--fifo-dir",
@@ -207,8 +198,9 @@ impl Setup {
             id,
             "/bin/sh",
             "-c",
-            &script,
+            script,
         ]);
+        self.ctrd.ctr_ok_in(ns, &args)
     }
 
     /// `ctr task exec` of a shell script in running container `id`; returns stdout.
@@ -478,11 +470,9 @@ fn deep_image(work: &Path, n: usize) -> (ImageArchive, usize) {
 /// snapshot.
 #[test]
 fn import_and_run_with_whiteouts() {
-    let Some(s) = setup("ctrd-import-run") else {
+    let Some((s, image)) = setup_with_image("ctrd-import-run") else {
         return;
     };
-    let image = whiteout_image(&s.work());
-    s.import(&image);
 
     let rows = s.list();
     for (i, chain) in image.chain_ids.iter().enumerate() {
@@ -521,11 +511,9 @@ fn import_and_run_with_whiteouts() {
 /// `ctr snapshots` ls / info / tree / usage / prepare / mounts / commit / view / label / rm.
 #[test]
 fn snapshot_commands() {
-    let Some(s) = setup("ctrd-snap-cmds") else {
+    let Some((s, image)) = setup_with_image("ctrd-snap-cmds") else {
         return;
     };
-    let image = whiteout_image(&s.work());
-    s.import(&image);
     let [c1, c2, c3] = [
         image.chain_ids[0].as_str(),
         image.chain_ids[1].as_str(),
@@ -668,11 +656,9 @@ fn snapshot_commands() {
 /// limits; odd keys (slashes, blanks, non-ASCII, long) work.
 #[test]
 fn bad_input_through_ctr() {
-    let Some(s) = setup("ctrd-bad-input") else {
+    let Some((s, image)) = setup_with_image("ctrd-bad-input") else {
         return;
     };
-    let image = whiteout_image(&s.work());
-    s.import(&image);
     let c1 = image.chain_ids[0].as_str();
     let c3 = image.chain_ids[2].as_str();
     let mut seen = BTreeMap::new();
@@ -760,11 +746,9 @@ fn bad_input_through_ctr() {
 /// no mounts left in the test directory.
 #[test]
 fn image_rm_and_gc_leave_nothing() {
-    let Some(s) = setup("ctrd-gc") else {
+    let Some((s, image)) = setup_with_image("ctrd-gc") else {
         return;
     };
-    let image = whiteout_image(&s.work());
-    s.import(&image);
     assert_eq!(s.run(WHITEOUT_IMAGE, WHITEOUT_SCRIPT), WHITEOUT_EXPECTED);
     // Snapshots the user made and removed through ctr (removal in the backend is GC's job).
     s.snap(&["prepare", "tmp-a", &image.chain_ids[2]]);
@@ -950,11 +934,9 @@ fn restart_lamina_while_containerd_runs() {
 /// layers are left.
 #[test]
 fn parallel_containers_and_snapshot_calls() {
-    let Some(s) = setup("ctrd-parallel") else {
+    let Some((s, image)) = setup_with_image("ctrd-parallel") else {
         return;
     };
-    let image = whiteout_image(&s.work());
-    s.import(&image);
     let c3 = image.chain_ids[2].as_str();
     let s = &s;
     std::thread::scope(|scope| {

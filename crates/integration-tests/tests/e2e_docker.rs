@@ -26,10 +26,7 @@ struct Setup {
 }
 
 fn setup(test: &str) -> Option<Setup> {
-    if !require_docker(test) {
-        return None;
-    }
-    let serial = serial();
+    let serial = serial_if(require_docker(test))?;
     let started = Instant::now();
     let (docker, lamina) = if std::env::var("LAMINA_E2E_DRIVER").as_deref() == Ok("vfs") {
         (Dockerd::start("vfs"), None)
@@ -199,16 +196,11 @@ fn commit_then_run() {
         "committed\nno-group\n1\nnew"
     );
     // a second generation on top of the committed image, from a running container
-    d.ok(&[
-        "run",
-        "-d",
-        "--name",
+    d.run_detached(
         "c2",
         "committed:1",
-        "sh",
-        "-c",
         "echo two >> /c.txt && rm /x/y/z && sleep 1000",
-    ]);
+    );
     thread::sleep(Duration::from_millis(500));
     d.ok(&["commit", "c2", "committed:2"]);
     d.ok(&["rm", "-f", "c2"]);
@@ -404,16 +396,8 @@ fn lamina_restart_under_dockerd(test: &str, kill9: bool) {
         s.docker.ok(&["run", "--name", "c1", "bb:1", "sh", "-c", script]),
         ""
     );
-    s.docker.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "r1",
-        "bb:1",
-        "sh",
-        "-c",
-        "echo before > /r && sleep 1000",
-    ]);
+    s.docker
+        .run_detached("r1", "bb:1", "echo before > /r && sleep 1000");
     let layers_before = s.status_layers();
 
     let lamina = s.lamina.as_mut().unwrap();

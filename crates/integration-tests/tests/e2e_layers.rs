@@ -39,10 +39,7 @@ struct Setup {
 }
 
 fn setup(test: &str) -> Option<Setup> {
-    if !require_docker(test) {
-        return None;
-    }
-    let serial = serial();
+    let serial = serial_if(require_docker(test))?;
     let lamina = Lamina::start(&unique_name(test));
     let docker = Dockerd::start(&lamina.name);
     Some(Setup {
@@ -206,16 +203,8 @@ fn gc_removes_exactly_the_planted_garbage() {
     let Some(mut s) = setup("layersgc") else { return };
     let root = s.lamina.data_root.clone();
     busybox_image(&s.docker, "bb:1");
-    s.docker.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "r1",
-        "bb:1",
-        "sh",
-        "-c",
-        "echo alive > /a && sleep 1000",
-    ]);
+    s.docker
+        .run_detached("r1", "bb:1", "echo alive > /a && sleep 1000");
     let ns = docker_ns(&root);
     let pid: u32 = s
         .docker

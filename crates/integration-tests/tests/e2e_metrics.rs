@@ -191,33 +191,48 @@ fn json_log_lines(log: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The start of a test here: root (`None`: skip `test`), the serial guard, and lamina (`tag`) serving the
+/// plugin socket and a snapshotter socket (`snap.sock` in its directory) with the arguments `args` makes of its
+/// directory, started and ready; and the snapshotter socket. Bound as `let Some((_serial, lamina, sock))`,
+/// lamina stops before the guard goes.
+fn start_with_snapshotter(
+    test: &str,
+    tag: &str,
+    args: impl FnOnce(&Path) -> Vec<String>,
+) -> Option<(Option<std::sync::MutexGuard<'static, ()>>, Lamina, PathBuf)> {
+    let serial = serial_if(require_root(test))?;
+    let mut lamina = Lamina::new(&unique_name(tag));
+    let snap_sock = lamina.dir().join("snap.sock");
+    lamina.extra_args = args(lamina.dir());
+    lamina
+        .extra_args
+        .extend(["--snapshotter-socket".into(), snap_sock.display().to_string()]);
+    lamina.spawn();
+    lamina.wait_ready();
+    Some((serial, lamina, snap_sock))
+}
+
 #[test]
 fn metrics_count_the_calls_and_logs_carry_request_ids() {
     let test = "metrics_count_the_calls";
-    if !require_root(test) {
+    let Some((_serial, mut lamina, snap_sock)) = start_with_snapshotter(test, "metrics", |dir| {
+        vec![
+            "--metrics-address".into(),
+            format!("unix:{}", dir.join("metrics.sock").display()),
+            "--log-format".into(),
+            "json".into(),
+            "--log-level".into(),
+            "debug".into(),
+            "--volumes-mount-base".into(),
+            dir.join("vols").display().to_string(),
+        ]
+    }) else {
         return;
-    }
-    let _serial = serial();
-    let mut lamina = Lamina::new(&unique_name("metrics"));
+    };
     let metrics_sock = lamina.dir().join("metrics.sock");
-    let snap_sock = lamina.dir().join("snap.sock");
-    lamina.extra_args = vec![
-        "--snapshotter-socket".into(),
-        snap_sock.display().to_string(),
-        "--metrics-address".into(),
-        format!("unix:{}", metrics_sock.display()),
-        "--log-format".into(),
-        "json".into(),
-        "--log-level".into(),
-        "debug".into(),
-        "--volumes-mount-base".into(),
-        lamina.dir().join("vols").display().to_string(),
-    ];
-    lamina.spawn();
-    lamina.wait_ready();
     let c = lamina.client();
     let home = lamina.dir().join("docker-root");
-    c.call("Init", json!({"Home": home})).ok("Init");
+    c.init(&home);
 
     // Graph driver: a chain of three applied layers, two containers, Gets and Puts, some failures.
     let mut tar_bytes = 0u64;
@@ -308,27 +323,29 @@ fn metrics_count_the_calls_and_logs_carry_request_ids() {
     let m = parse_exposition(&scrape(&metrics_sock));
     let status = lamina_cli_json(&lamina.data_root, &["status"]);
 
-    let gd = |op: &str, r: &str| requests(&m, "graphdriver", op, r);
-    assert_eq!(gd("Init", "ok"), 1);
-    assert_eq!(gd("Create", "ok"), 3);
-    assert_eq!(gd("CreateReadWrite", "ok"), 3);
-    assert_eq!(gd("ApplyDiff", "ok"), 3);
-    assert_eq!(gd("ApplyDiff", "error"), 0);
-    assert_eq!(gd("Get", "ok"), gets);
-    assert_eq!(gd("Get", "error"), 2);
-    assert_eq!(gd("Put", "ok"), puts);
-    assert_eq!(gd("Put", "error"), 0);
-    assert_eq!(gd("GetMetadata", "ok"), 1);
-    assert_eq!(gd("Remove", "ok"), 1);
-    assert_eq!(gd("Remove", "error"), 1);
-    assert_eq!(gd("Diff", "ok"), 1);
-    let sn = |op: &str, r: &str| requests(&m, "snapshotter", op, r);
-    assert_eq!(sn("Prepare", "ok"), 3);
-    assert_eq!(sn("Commit", "ok"), 2);
-    assert_eq!(sn("View", "ok"), 1);
-    assert_eq!(sn("Mounts", "ok"), 2);
-    assert_eq!(sn("Remove", "ok"), 1);
-    assert_eq!(sn("Remove", "error"), 1);
+    for (proto, op, result, want) in [
+        ("graphdriver", "Init", "ok", 1),
+        ("graphdriver", "Create", "ok", 3),
+        ("graphdriver", "CreateReadWrite", "ok", 3),
+        ("graphdriver", "ApplyDiff", "ok", 3),
+        ("graphdriver", "ApplyDiff", "error", 0),
+        ("graphdriver", "Get", "ok", gets),
+        ("graphdriver", "Get", "error", 2),
+        ("graphdriver", "Put", "ok", puts),
+        ("graphdriver", "Put", "error", 0),
+        ("graphdriver", "GetMetadata", "ok", 1),
+        ("graphdriver", "Remove", "ok", 1),
+        ("graphdriver", "Remove", "error", 1),
+        ("graphdriver", "Diff", "ok", 1),
+        ("snapshotter", "Prepare", "ok", 3),
+        ("snapshotter", "Commit", "ok", 2),
+        ("snapshotter", "View", "ok", 1),
+        ("snapshotter", "Mounts", "ok", 2),
+        ("snapshotter", "Remove", "ok", 1),
+        ("snapshotter", "Remove", "error", 1),
+    ] {
+        assert_eq!(requests(&m, proto, op, result), want, "{proto} {op} {result}");
+    }
     let vo = |op: &str, r: &str| requests(&m, "volume", op, r);
     assert_eq!(
         (vo("Create", "ok"), vo("Mount", "ok"), vo("Mount", "error")),
@@ -372,45 +389,28 @@ fn metrics_count_the_calls_and_logs_carry_request_ids() {
     assert!(sample(&m, "lamina_diff_bytes_total") >= diff.body.len() as f64 - 64.0);
 
     // Gauges and persistent counters agree with `lamina status`.
-    assert_eq!(
-        sample(&m, "lamina_store_layers"),
-        status["layers"].as_f64().unwrap()
-    );
-    assert_eq!(
-        sample(&m, "lamina_store_bytes"),
-        status["bytes"].as_f64().unwrap()
-    );
-    assert_eq!(
-        sample(&m, "lamina_store_mounts"),
-        status["mounts"].as_f64().unwrap()
-    );
+    let counters = &status["counters"];
+    for (metric, in_status) in [
+        ("lamina_store_layers", &status["layers"]),
+        ("lamina_store_bytes", &status["bytes"]),
+        ("lamina_store_mounts", &status["mounts"]),
+        ("lamina_store_mounted_layers", &status["mounted_layers"]),
+        ("lamina_gc_runs_total", &counters["gc_runs"]),
+        ("lamina_gc_removed_total", &counters["gc_removed"]),
+        ("lamina_gc_removed_bytes_total", &counters["gc_bytes"]),
+        (
+            "lamina_store_operations_total{counter=\"gets\"}",
+            &counters["gets"],
+        ),
+    ] {
+        assert_eq!(sample(&m, metric), in_status.as_f64().unwrap(), "{metric}");
+    }
     assert_eq!(
         sample(&m, "lamina_store_mounts"),
         2.0,
         "ctr1 and ctr2 stay mounted"
     );
-    assert_eq!(
-        sample(&m, "lamina_store_mounted_layers"),
-        status["mounted_layers"].as_f64().unwrap()
-    );
-    let counters = &status["counters"];
-    assert_eq!(
-        sample(&m, "lamina_gc_runs_total"),
-        counters["gc_runs"].as_f64().unwrap()
-    );
     assert!(sample(&m, "lamina_gc_runs_total") >= 1.0);
-    assert_eq!(
-        sample(&m, "lamina_gc_removed_total"),
-        counters["gc_removed"].as_f64().unwrap()
-    );
-    assert_eq!(
-        sample(&m, "lamina_gc_removed_bytes_total"),
-        counters["gc_bytes"].as_f64().unwrap()
-    );
-    assert_eq!(
-        sample(&m, "lamina_store_operations_total{counter=\"gets\"}"),
-        counters["gets"].as_f64().unwrap()
-    );
     assert_eq!(sample(&m, "lamina_store_up"), 1.0);
 
     // Other paths and methods are refused.
@@ -476,40 +476,24 @@ fn metrics_count_the_calls_and_logs_carry_request_ids() {
 #[test]
 fn verify_on_mount_refuses_a_changed_layer() {
     let test = "verify_on_mount_refuses_a_changed_layer";
-    if !require_root(test) {
-        return;
-    }
-    let _serial = serial();
-    let mut lamina = Lamina::new(&unique_name("verifymount"));
     // TCP this time (the other test scrapes a unix socket).
     let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let snap_sock = lamina.dir().join("snap.sock");
-    lamina.extra_args = vec![
-        "--log-level".into(),
-        "info".into(),
-        "--metrics-address".into(),
-        metrics_addr.clone(),
-        "--snapshotter-socket".into(),
-        snap_sock.display().to_string(),
-    ];
-    lamina.spawn();
-    lamina.wait_ready();
+    let Some((_serial, mut lamina, snap_sock)) = start_with_snapshotter(test, "verifymount", |_| {
+        vec![
+            "--log-level".into(),
+            "info".into(),
+            "--metrics-address".into(),
+            metrics_addr.clone(),
+        ]
+    }) else {
+        return;
+    };
     let c = lamina.client();
-    c.call("Init", json!({"Home": lamina.dir().join("docker-root")}))
-        .ok("Init");
+    c.init(&lamina.dir().join("docker-root"));
     // Two small layers (base <- mid), and a ~50 MB layer; a container on each stack.
-    c.call("Create", json!({"ID": "base", "Parent": ""})).ok("Create");
-    c.apply_diff("base", "", &mut &small_tar(1)[..])
-        .unwrap()
-        .ok("ApplyDiff");
-    c.call("Create", json!({"ID": "mid", "Parent": "base"}))
-        .ok("Create");
-    c.apply_diff("mid", "base", &mut &small_tar(2)[..])
-        .unwrap()
-        .ok("ApplyDiff");
-    c.call("Create", json!({"ID": "big", "Parent": ""})).ok("Create");
-    let mut big = RandomTar::new(50, 1 << 20);
-    c.apply_diff("big", "", &mut big).unwrap().ok("ApplyDiff big");
+    c.layer("base", "", &mut &small_tar(1)[..]);
+    c.layer("mid", "base", &mut &small_tar(2)[..]);
+    c.layer("big", "", &mut RandomTar::new(50, 1 << 20));
     for (ctr, parent) in [("c-mid", "mid"), ("c-big", "big"), ("c-base", "base")] {
         c.call("CreateReadWrite", json!({"ID": ctr, "Parent": parent}))
             .ok("CreateReadWrite");
@@ -614,10 +598,9 @@ fn verify_on_mount_refuses_a_changed_layer() {
 #[ignore]
 fn metrics_overhead_on_get_p50() {
     let test = "metrics_overhead_on_get_p50";
-    if !require_root(test) {
+    let Some(_serial) = serial_if(require_root(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let pairs: usize = std::env::var("LAMINA_BENCH_PAIRS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -633,12 +616,8 @@ fn metrics_overhead_on_get_p50() {
         l.spawn();
         l.wait_ready();
         let c = l.client();
-        c.call("Init", json!({"Home": l.dir().join("docker-root")}))
-            .ok("Init");
-        c.call("Create", json!({"ID": "img", "Parent": ""})).ok("Create");
-        c.apply_diff("img", "", &mut &small_tar(1)[..])
-            .unwrap()
-            .ok("ApplyDiff");
+        c.init(&l.dir().join("docker-root"));
+        c.layer("img", "", &mut &small_tar(1)[..]);
         c.call("CreateReadWrite", json!({"ID": "ctr", "Parent": "img"}))
             .ok("CreateReadWrite");
         l

@@ -316,6 +316,7 @@ fn deb_install_serve_purge() {
         String::from_utf8_lossy(&run_ok(Command::new("dpkg-deb").arg("-c").arg(&deb)).stdout).into_owned();
     for f in [
         "./usr/bin/lamina",
+        "./usr/bin/lamina-bench",
         "./etc/lamina/config.toml",
         "lamina.service",
         "./usr/share/doc/lamina/README.md",
@@ -458,10 +459,9 @@ fn deb_install_serve_purge() {
 #[test]
 fn v2_plugin_moosefs_volumes() {
     let test = "v2_plugin_moosefs_volumes";
-    if !require_docker(test) || !lamina_testkit::moosefs::require_moosefs(test) {
+    let Some(_g) = serial_if(require_docker(test) && lamina_testkit::moosefs::require_moosefs(test)) else {
         return;
-    }
-    let _g = serial();
+    };
     // Declared first, dropped last: dockerd (and with it the plugin and its mfsmount) stops before the cluster.
     let cluster = lamina_testkit::moosefs::MooseCluster::start("plugin");
     let d = Dockerd::start("vfs");
@@ -538,10 +538,9 @@ fn v2_plugin_moosefs_volumes() {
 #[test]
 fn v2_plugin_push_and_install() {
     let test = "v2_plugin_push_and_install";
-    if !require_docker(test) || !require_bin(test, "docker-registry") {
+    let Some(_g) = serial_if(require_docker(test) && require_bin(test, "docker-registry")) else {
         return;
-    }
-    let _g = serial();
+    };
     let reg_dir = TestDir::new(&unique_name("registry"));
     let registry = Registry::start(reg_dir.path());
     let d = Dockerd::start("vfs");

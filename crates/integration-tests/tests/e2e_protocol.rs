@@ -28,14 +28,11 @@ struct Proto {
 }
 
 fn proto(test: &str) -> Option<Proto> {
-    if !require_root(test) || !require_bin(test, "umount") || !require_bin(test, "tar") {
-        return None;
-    }
-    let serial = serial();
+    let serial = serial_if(require_root(test) && require_bin(test, "umount") && require_bin(test, "tar"))?;
     let lamina = Lamina::start(&unique_name(test));
     let c = lamina.client();
     let home = lamina.dir().join("docker-root").join(&lamina.name);
-    c.call("Init", json!({"Home": home})).ok("Init");
+    c.init(&home);
     c.call("Capabilities", json!({})).ok("Capabilities");
     Some(Proto {
         lamina,
@@ -624,6 +621,37 @@ struct EscapeCase {
     accept_with: Acceptance,
 }
 
+/// Panics (naming `what`) unless the layer `id` is gone or shows its parent's view `base_view`, i.e. nothing of
+/// a failed ApplyDiff is visible; true if it is there.
+fn as_created_or_gone(p: &Proto, id: &str, base_view: &[String], what: &str) -> bool {
+    match p.get(id) {
+        Ok(dir) => {
+            let view = listing(&dir);
+            p.put(id);
+            assert_eq!(view, base_view, "{what}: the layer's view changed");
+            true
+        }
+        Err(r) => {
+            r.expect_err(&format!("{what}: Get"), "not found");
+            false
+        }
+    }
+}
+
+/// Gets the layer `id`, panics (naming `what`) unless each of `paths` is in its view (not following symlinks),
+/// and puts it.
+fn assert_in_view(p: &Proto, id: &str, what: &str, paths: &[String]) {
+    let dir = p.get(id).unwrap_or_else(|r| panic!("{what}: Get: {}", r.text()));
+    for rel in paths {
+        assert!(
+            fs::symlink_metadata(dir.join(rel)).is_ok(),
+            "{what}: {rel} is not in the layer's view: {:#?}",
+            listing(&dir)
+        );
+    }
+    p.put(id);
+}
+
 #[test]
 fn escaping_tars_stay_inside_the_layer() {
     let Some(p) = proto("escape") else { return };
@@ -656,99 +684,81 @@ fn escaping_tars_stay_inside_the_layer() {
             accept_with,
         });
     };
-    add("../name", &|m| {
-        (
-            TarBuilder::new().file(&format!("../{m}"), 0o644, b"x").finish(),
-            None,
-        )
-    });
-    add("a/../../name", &|m| {
-        (
-            TarBuilder::new()
-                .file(&format!("a/../../{m}"), 0o644, b"x")
-                .finish(),
-            None,
-        )
-    });
-    add("./../name", &|m| {
-        (
-            TarBuilder::new().file(&format!("./../{m}"), 0o644, b"x").finish(),
-            None,
-        )
-    });
-    add("many ../ to /tmp", &|m| {
-        (
-            TarBuilder::new()
-                .file(&format!("{}tmp/{m}", "../".repeat(20)), 0o644, b"x")
-                .finish(),
-            None,
-        )
-    });
+    // One regular file at <prefix><marker>: refused (None), or kept inside the layer at <dir><marker>.
+    for (name, prefix, inside) in [
+        ("../name", "../".to_string(), None),
+        ("a/../../name", "a/../../".into(), None),
+        ("./../name", "./../".into(), None),
+        ("many ../ to /tmp", format!("{}tmp/", "../".repeat(20)), None),
+        ("absolute /etc/name", "/etc/".into(), Some(("etc/", true))),
+        ("absolute //etc/name", "//etc/".into(), Some(("etc/", true))),
+        ("absolute /../name", "/../".into(), Some(("", false))),
+    ] {
+        add(name, &|m| {
+            let t = TarBuilder::new()
+                .file(&format!("{prefix}{m}"), 0o644, b"x")
+                .finish();
+            (t, inside.map(|(dir, strict)| (vec![format!("{dir}{m}")], strict)))
+        });
+    }
     add("directory ../name", &|m| {
         (TarBuilder::new().dir(&format!("../{m}"), 0o755).finish(), None)
     });
-    add("absolute /etc/name", &|m| {
-        let t = TarBuilder::new().file(&format!("/etc/{m}"), 0o644, b"x").finish();
-        (t, Some((vec![format!("etc/{m}")], true)))
-    });
-    add("absolute //etc/name", &|m| {
-        let t = TarBuilder::new()
-            .file(&format!("//etc/{m}"), 0o644, b"x")
-            .finish();
-        (t, Some((vec![format!("etc/{m}")], true)))
-    });
-    add("absolute /../name", &|m| {
-        let t = TarBuilder::new().file(&format!("/../{m}"), 0o644, b"x").finish();
-        (t, Some((vec![m.to_string()], false)))
-    });
-    add("symlink lnk -> /etc, then lnk/name", &|m| {
-        let t = TarBuilder::new()
-            .symlink("lnk", "/etc")
-            .file(&format!("lnk/{m}"), 0o644, b"x")
-            .finish();
-        (t, Some((vec!["lnk".into(), format!("etc/{m}")], false)))
-    });
-    add("symlink up -> ../../../../.., then up/tmp/name", &|m| {
-        let t = TarBuilder::new()
-            .symlink("up", "../../../../..")
-            .file(&format!("up/tmp/{m}"), 0o644, b"x")
-            .finish();
-        (t, Some((vec!["up".into(), format!("tmp/{m}")], false)))
-    });
-    let vs = victim_s.clone();
-    add(
-        "symlink to the victim dir, then overwrite victim/file",
-        &move |_m| {
+    // A symlink `link` -> `target`, then a file through it: kept inside the layer, where the link resolves
+    // against the layer root, with `link` and `inside` in the view (MARKER: the case's marker).
+    let victim_file = victim_s.trim_start_matches('/').to_string() + "/file";
+    for (name, link, target, file, data, inside) in [
+        (
+            "symlink lnk -> /etc, then lnk/name",
+            "lnk",
+            "/etc",
+            "lnk/MARKER",
+            &b"x"[..],
+            vec!["etc/MARKER"],
+        ),
+        (
+            "symlink up -> ../../../../.., then up/tmp/name",
+            "up",
+            "../../../../..",
+            "up/tmp/MARKER",
+            b"x",
+            vec!["tmp/MARKER"],
+        ),
+        (
+            "symlink to the victim dir, then overwrite victim/file",
+            "v",
+            &victim_s,
+            "v/file",
+            b"overwritten",
+            vec![victim_file.as_str()],
+        ),
+        (
+            "symlink to the victim dir, then whiteout v/.wh.file",
+            "v",
+            &victim_s,
+            "v/.wh.file",
+            b"",
+            vec![],
+        ),
+        (
+            "symlink to the victim dir, then opaque v/.wh..wh..opq",
+            "v",
+            &victim_s,
+            "v/.wh..wh..opq",
+            b"",
+            vec![],
+        ),
+    ] {
+        add(name, &|m| {
             let t = TarBuilder::new()
-                .symlink("v", &vs)
-                .file("v/file", 0o644, b"overwritten")
+                .symlink(link, target)
+                .file(&file.replace("MARKER", m), 0o644, data)
                 .finish();
-            let inside = vs.trim_start_matches('/').to_string() + "/file";
-            (t, Some((vec!["v".into(), inside], false)))
-        },
-    );
-    let vs = victim_s.clone();
-    add(
-        "symlink to the victim dir, then whiteout v/.wh.file",
-        &move |_m| {
-            let t = TarBuilder::new()
-                .symlink("v", &vs)
-                .file("v/.wh.file", 0o644, b"")
-                .finish();
-            (t, Some((vec!["v".into()], false)))
-        },
-    );
-    let vs = victim_s.clone();
-    add(
-        "symlink to the victim dir, then opaque v/.wh..wh..opq",
-        &move |_m| {
-            let t = TarBuilder::new()
-                .symlink("v", &vs)
-                .file("v/.wh..wh..opq", 0o644, b"")
-                .finish();
-            (t, Some((vec!["v".into()], false)))
-        },
-    );
+            let mut paths = vec![link.to_string()];
+            paths.extend(inside.iter().map(|p| p.replace("MARKER", m)));
+            (t, Some((paths, false)))
+        });
+    }
     let vs = victim_s.clone();
     add(
         "symlink to the victim dir, then hardlink v/new -> a/f",
@@ -783,38 +793,22 @@ fn escaping_tars_stay_inside_the_layer() {
             None,
         )
     });
-    add("whiteout .wh..", &|_m| {
-        (TarBuilder::new().file(".wh..", 0o644, b"").finish(), None)
-    });
-    add("whiteout .wh...", &|_m| {
-        (TarBuilder::new().file(".wh...", 0o644, b"").finish(), None)
-    });
-    add("whiteout etc/.wh...", &|_m| {
-        (
-            TarBuilder::new()
-                .dir("etc", 0o755)
-                .file("etc/.wh...", 0o644, b"")
-                .finish(),
-            None,
-        )
-    });
-    add("whiteout a/.wh..", &|_m| {
-        (
-            TarBuilder::new()
-                .dir("a", 0o755)
-                .file("a/.wh..", 0o644, b"")
-                .finish(),
-            None,
-        )
-    });
-    add("whiteout ../.wh.name", &|m| {
-        (
-            TarBuilder::new()
-                .file(&format!("../.wh.{m}"), 0o644, b"")
-                .finish(),
-            None,
-        )
-    });
+    // Whiteouts naming no entry, or one outside the layer (MARKER: the case's marker), in `dir` if given.
+    for (name, dir, file) in [
+        ("whiteout .wh..", None, ".wh.."),
+        ("whiteout .wh...", None, ".wh..."),
+        ("whiteout etc/.wh...", Some("etc"), "etc/.wh..."),
+        ("whiteout a/.wh..", Some("a"), "a/.wh.."),
+        ("whiteout ../.wh.name", None, "../.wh.MARKER"),
+    ] {
+        add(name, &|m| {
+            let mut t = TarBuilder::new();
+            if let Some(d) = dir {
+                t.dir(d, 0o755);
+            }
+            (t.file(&file.replace("MARKER", m), 0o644, b"").finish(), None)
+        });
+    }
 
     let search_dirs: Vec<PathBuf> = ["/", "/etc", "/tmp", "/var/tmp", E2E_ROOT]
         .iter()
@@ -837,18 +831,7 @@ fn escaping_tars_stay_inside_the_layer() {
                     r.text()
                 )
             });
-            let dir = p
-                .get(&id)
-                .unwrap_or_else(|r| panic!("{}: Get after ApplyDiff: {}", case.name, r.text()));
-            for rel in paths {
-                assert!(
-                    fs::symlink_metadata(dir.join(rel)).is_ok(),
-                    "{}: accepted, but {rel} is not in the layer's view: {:#?}",
-                    case.name,
-                    listing(&dir)
-                );
-            }
-            p.put(&id);
+            assert_in_view(&p, &id, &format!("{}: accepted", case.name), paths);
             accepted.push((case.name.to_string(), paths.clone()));
             "accepted"
         } else {
@@ -861,20 +844,7 @@ fn escaping_tars_stay_inside_the_layer() {
             }
             r.expect_err(case.name, "invalid archive");
             // U3: nothing of the refused tar is visible; the layer is as created (= its parent's view) or gone
-            match p.get(&id) {
-                Ok(dir) => {
-                    let view = listing(&dir);
-                    p.put(&id);
-                    assert_eq!(
-                        view, base_view,
-                        "{}: refused, but the layer's view changed",
-                        case.name
-                    );
-                }
-                Err(r) => {
-                    r.expect_err(&format!("{}: Get after refusal", case.name), "not found");
-                }
-            }
+            as_created_or_gone(&p, &id, &base_view, &format!("{}: refused", case.name));
             let in_root: Vec<PathBuf> = walk(&p.lamina.data_root)
                 .into_iter()
                 .filter(|x| x.file_name().is_some_and(|f| f.to_string_lossy().contains(&m)))
@@ -925,17 +895,7 @@ fn escaping_tars_stay_inside_the_layer() {
     for (n, case) in cases.iter().enumerate() {
         let id = hex_id(100 + n as u64);
         if let Some((_, paths)) = accepted.iter().find(|(name, _)| name == case.name) {
-            let dir = p
-                .get(&id)
-                .unwrap_or_else(|r| panic!("{}: Get after restart: {}", case.name, r.text()));
-            for rel in paths {
-                assert!(
-                    fs::symlink_metadata(dir.join(rel)).is_ok(),
-                    "{}: {rel} lost in restart",
-                    case.name
-                );
-            }
-            p.put(&id);
+            assert_in_view(&p, &id, &format!("{}: after the restart", case.name), paths);
         }
     }
     sentinel.assert_unchanged("after restart");
@@ -980,16 +940,7 @@ fn broken_tars_leave_no_half_layer() {
         let r = p.apply(&id, &base, tar);
         r.expect_err(name, "invalid archive");
         p.alive(name);
-        match p.get(&id) {
-            Ok(dir) => {
-                let view = listing(&dir);
-                p.put(&id);
-                assert_eq!(view, base_view, "{name}: refused, but the layer's view changed");
-            }
-            Err(r) => {
-                r.expect_err(&format!("{name}: Get after refusal"), "not found");
-            }
-        }
+        as_created_or_gone(&p, &id, &base_view, &format!("{name}: refused"));
     }
     // empty bodies are empty layers
     for (n, body) in [Vec::new(), vec![0u8; 1024]].iter().enumerate() {
@@ -1118,16 +1069,8 @@ fn crash_during_apply_diff() {
 
     p.lamina.start_again();
     p.alive("restart after kill -9");
-    match p.get(&id) {
-        Ok(dir) => {
-            let view = listing(&dir);
-            p.put(&id);
-            assert_eq!(view, base_view, "half-written layer visible after the crash");
-        }
-        Err(r) => {
-            r.expect_err("Get of the crashed layer", "not found");
-            p.create(&id, Some(&base));
-        }
+    if !as_created_or_gone(&p, &id, &base_view, "after the crash mid-ApplyDiff") {
+        p.create(&id, Some(&base));
     }
     let staged = bytes_under(&p.lamina.data_root).saturating_sub(bytes_before);
     assert!(

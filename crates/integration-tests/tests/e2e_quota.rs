@@ -109,25 +109,29 @@ fn layer_entries(data_root: &Path) -> Vec<PathBuf> {
 /// unmounts its data root), the loop mount, then the serialisation guard.
 struct Setup {
     docker: Dockerd,
-    lamina: Lamina,
+    _lamina: Lamina,
+    /// lamina's data root (on the loop filesystem).
+    data_root: PathBuf,
+    /// The busybox image, loaded into dockerd.
+    img: String,
     _fs: LoopFs,
     _serial: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
 fn setup(test: &str, fs_type: &str) -> Option<Setup> {
-    if !require_docker(test) || !require_quota_tools(test) {
-        return None;
-    }
-    let serial = serial();
+    let serial = serial_if(require_docker(test) && require_quota_tools(test))?;
     let mut lamina = Lamina::new(&unique_name(test));
     let image = lamina.dir().join(format!("quota-{fs_type}.img"));
     let fs = loop_mount(fs_type, &image, 1024, &lamina.data_root);
     lamina.spawn();
     lamina.wait_ready();
     let docker = Dockerd::start(&lamina.name);
+    let img = busybox_image(&docker, "quota-bb");
     Some(Setup {
         docker,
-        lamina,
+        data_root: lamina.data_root.clone(),
+        img,
+        _lamina: lamina,
         _fs: fs,
         _serial: serial,
     })
@@ -146,9 +150,7 @@ fn docker_storage_opt_size_on_btrfs() {
     let Some(s) = setup("docker_storage_opt_size_on_btrfs", "btrfs") else {
         return;
     };
-    let data_root = s.lamina.data_root.clone();
-    let img = busybox_image(&s.docker, "quota-bb");
-    let before = limited_qgroups(&data_root);
+    let before = limited_qgroups(&s.data_root);
 
     // Writing past the size fails inside the container.
     let out = s.docker.ok(&[
@@ -157,7 +159,7 @@ fn docker_storage_opt_size_on_btrfs() {
         "limited",
         "--storage-opt",
         "size=10M",
-        &img,
+        &s.img,
         "sh",
         "-c",
         "dd if=/dev/zero of=/big bs=1M count=20 2>&1; echo rc=$?; rm -f /big; dd if=/dev/zero of=/small bs=1M count=2 2>&1 && echo small-ok",
@@ -170,7 +172,7 @@ fn docker_storage_opt_size_on_btrfs() {
     assert!(out.contains("rc=1"), "{out}");
     assert!(out.contains("small-ok"), "2 MiB fit in 10 MiB: {out}");
     // dockerd creates the container's layer and its -init layer with the same options: both are limited.
-    let limited: Vec<(u64, u64)> = limited_qgroups(&data_root)
+    let limited: Vec<(u64, u64)> = limited_qgroups(&s.data_root)
         .into_iter()
         .filter(|q| !before.contains(q) && q.1 == TEN_MIB)
         .collect();
@@ -180,14 +182,14 @@ fn docker_storage_opt_size_on_btrfs() {
         "two 10 MiB qgroups (layer and -init): {limited:?}"
     );
     let ids: Vec<u64> = limited.iter().map(|q| q.0).collect();
-    let subs = subvolume_ids(&data_root);
+    let subs = subvolume_ids(&s.data_root);
     assert!(ids.iter().all(|id| subs.contains(id)), "{ids:?} in {subs:?}");
 
     // A container without a size has no limit.
     let out = s.docker.ok(&[
         "run",
         "--rm",
-        &img,
+        &s.img,
         "sh",
         "-c",
         "dd if=/dev/zero of=/big bs=1M count=20 2>&1 && echo unlimited-ok",
@@ -196,20 +198,22 @@ fn docker_storage_opt_size_on_btrfs() {
 
     // Removing the container frees the quota objects.
     s.docker.ok(&["rm", "limited"]);
-    wait_gone(&data_root, &ids);
+    wait_gone(&s.data_root, &ids);
 
     // Bad sizes: clear errors, nothing created.
-    let layers_before = layer_entries(&data_root);
+    let layers_before = layer_entries(&s.data_root);
     for bad in ["abc", "0", "-1", "10X"] {
         let out = s
             .docker
-            .docker(&["create", "--storage-opt", &format!("size={bad}"), &img]);
+            .docker(&["create", "--storage-opt", &format!("size={bad}"), &s.img]);
         let text = output_text(&out);
         assert!(!out.status.success(), "size={bad} accepted: {text}");
         assert!(text.contains("invalid size"), "size={bad}: {text}");
         eprintln!("size={bad}: {}", text.trim());
     }
-    let out = s.docker.docker(&["create", "--storage-opt", "colour=blue", &img]);
+    let out = s
+        .docker
+        .docker(&["create", "--storage-opt", "colour=blue", &s.img]);
     assert!(!out.status.success());
     assert!(
         output_text(&out).contains("not supported"),
@@ -217,8 +221,8 @@ fn docker_storage_opt_size_on_btrfs() {
         output_text(&out)
     );
     assert_eq!(s.docker.ok(&["ps", "-aq"]), "", "no container may be left");
-    assert_eq!(layer_entries(&data_root), layers_before, "no layer may be left");
-    assert_eq!(limited_qgroups(&data_root), before, "no qgroup may be left");
+    assert_eq!(layer_entries(&s.data_root), layers_before, "no layer may be left");
+    assert_eq!(limited_qgroups(&s.data_root), before, "no qgroup may be left");
 }
 
 #[test]
@@ -226,20 +230,18 @@ fn docker_storage_opt_size_on_ext4_is_a_clear_error() {
     let Some(s) = setup("docker_storage_opt_size_on_ext4_is_a_clear_error", "ext4") else {
         return;
     };
-    let data_root = s.lamina.data_root.clone();
-    let img = busybox_image(&s.docker, "quota-bb");
-    let layers_before = layer_entries(&data_root);
+    let layers_before = layer_entries(&s.data_root);
     let out = s
         .docker
-        .docker(&["run", "--rm", "--storage-opt", "size=10M", &img, "true"]);
+        .docker(&["run", "--rm", "--storage-opt", "size=10M", &s.img, "true"]);
     let text = output_text(&out);
     eprintln!("ext4: {}", text.trim());
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("quota not supported on ext4 ("), "{text}");
     assert_eq!(s.docker.ok(&["ps", "-aq"]), "", "no container may be left");
-    assert_eq!(layer_entries(&data_root), layers_before, "no layer may be left");
+    assert_eq!(layer_entries(&s.data_root), layers_before, "no layer may be left");
     // Without a size, containers run as usual.
-    assert_eq!(s.docker.ok(&["run", "--rm", &img, "echo", "fine"]), "fine");
+    assert_eq!(s.docker.ok(&["run", "--rm", &s.img, "echo", "fine"]), "fine");
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -266,8 +268,16 @@ fn umount(target: &Path) {
 }
 
 /// A test directory, lamina as a snapshotter on a loop-backed `fs_type` data root of `size_mb` MiB in it,
-/// and a client of its socket.
-fn snapshotter_on(tag: &str, fs_type: &str, size_mb: u64) -> (TestDir, LaminaSnap, LoopFs, SnapshotApi) {
+/// and a client of its socket; `None` (skip `test`) without root or the quota tools.
+fn snapshotter_on(
+    test: &str,
+    tag: &str,
+    fs_type: &str,
+    size_mb: u64,
+) -> Option<(TestDir, LaminaSnap, LoopFs, SnapshotApi)> {
+    if !require_quota_tools(test) {
+        return None;
+    }
     let dir = TestDir::new(&unique_name(tag));
     let mut lamina = LaminaSnap::new(&dir.join("l"));
     let fs = loop_mount(
@@ -279,16 +289,16 @@ fn snapshotter_on(tag: &str, fs_type: &str, size_mb: u64) -> (TestDir, LaminaSna
     lamina.spawn();
     lamina.wait_ready();
     let api = SnapshotApi::connect(&lamina.socket);
-    (dir, lamina, fs, api)
+    Some((dir, lamina, fs, api))
 }
 
 #[test]
 fn snapshotter_max_size_label_on_btrfs() {
-    let test = "snapshotter_max_size_label_on_btrfs";
-    if !require_quota_tools(test) {
+    let Some((dir, lamina, _fs, api)) =
+        snapshotter_on("snapshotter_max_size_label_on_btrfs", "snap-quota", "btrfs", 1024)
+    else {
         return;
-    }
-    let (dir, lamina, _fs, api) = snapshotter_on("snap-quota", "btrfs", 1024);
+    };
     let root = lamina.data_root.clone();
     let ten = TEN_MIB.to_string();
 
@@ -357,11 +367,14 @@ fn snapshotter_max_size_label_on_btrfs() {
 
 #[test]
 fn snapshotter_max_size_label_on_ext4_is_a_clear_error() {
-    let test = "snapshotter_max_size_label_on_ext4_is_a_clear_error";
-    if !require_quota_tools(test) {
+    let Some((_dir, lamina, _fs, api)) = snapshotter_on(
+        "snapshotter_max_size_label_on_ext4_is_a_clear_error",
+        "snap-quota-ext4",
+        "ext4",
+        128,
+    ) else {
         return;
-    }
-    let (_dir, lamina, _fs, api) = snapshotter_on("snap-quota-ext4", "ext4", 128);
+    };
     let e = api
         .prepare_in(SN, "a", "", &[(SIZE_LABEL, &TEN_MIB.to_string())])
         .unwrap_err();

@@ -42,16 +42,11 @@ fn lamina_with(
     extra: &str,
 ) -> (Lamina, PathBuf) {
     let mut lamina = Lamina::new(&unique_name(tag));
-    let mount_base = lamina.dir().join("mnt");
-    let text = format!(
-        "[volumes]\nmount_base = \"{}\"\nbackend = \"rbd\"\ntimeout_secs = 5\n{extra}\
+    let mount_base = lamina.volumes_config(&format!(
+        "backend = \"rbd\"\ntimeout_secs = 5\n{extra}\
          [volumes.rbd]\nceph_conf = \"{}\"\npool = \"{pool}\"\nhost = \"{host_id}\"\nmap = \"fuse\"\nsize = \"64M\"\n",
-        mount_base.display(),
         cluster.conf().display(),
-    );
-    let cfg = lamina.dir().join("config.toml");
-    fs::write(&cfg, text).unwrap();
-    lamina.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    ));
     lamina.spawn();
     lamina.wait_ready();
     (lamina, mount_base)
@@ -104,10 +99,9 @@ fn assert_released(h: &Host, name: &str, (pid, dev): &(u32, String)) {
 #[test]
 fn rbd_volumes_two_hosts() {
     let test = "rbd_volumes_two_hosts";
-    if !require_docker(test) || !require_ceph(test) {
+    let Some(_serial) = serial_if(require_docker(test) && require_ceph(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     // Declared first, dropped last: hosts stop (and unmount) before the cluster goes away.
     let mut cluster = CephCluster::start_with("vols", ObjectStore::Memstore);
     let mut h1 = host("rbd1", "host1", &cluster);
@@ -141,10 +135,8 @@ fn rbd_volumes_two_hosts() {
             .expect_err(&format!("{opts}"), class);
         assert!(e.contains(want), "{opts}: {e}");
     }
-    let e = c1
-        .volume_call("Create", json!({"Name": "a@b"}))
-        .expect_err("image name", "invalid argument");
-    assert!(e.contains("cannot name an RBD image"), "{e}");
+    c1.volume_call("Create", json!({"Name": "a@b"}))
+        .expect_err_containing("image name", "invalid argument", "cannot name an RBD image");
     assert_eq!(cluster.images(&pool), Vec::<String>::new());
 
     // Create with a size through dockerd; the image and its record are in the pool.
@@ -174,10 +166,12 @@ fn rbd_volumes_two_hosts() {
     h2.docker.ok(&[
         "volume", "create", "-d", &d2, "-o", "size=96M", "-o", "fs=ext4", "v1",
     ]);
-    let e = c2
-        .volume_call("Create", json!({"Name": "v1", "Opts": {"size": "1G"}}))
-        .expect_err("Create with other settings", "already exists");
-    assert!(e.contains("size 100663296, fs ext4"), "{e}");
+    c2.volume_call("Create", json!({"Name": "v1", "Opts": {"size": "1G"}}))
+        .expect_err_containing(
+            "Create with other settings",
+            "already exists",
+            "size 100663296, fs ext4",
+        );
     let v = h2.docker.ok(&["volume", "inspect", "v1"]);
     let v: serde_json::Value = serde_json::from_str(&v).unwrap();
     assert_eq!(v[0]["Driver"], d2.as_str(), "host 2 sees the volume: {v}");
@@ -215,22 +209,16 @@ fn rbd_volumes_two_hosts() {
     assert_eq!(locks.len(), 1);
     assert_eq!(locks[0].0, "lamina:host1");
     let t = Instant::now();
-    let e = c2
-        .volume_call("Mount", json!({"Name": "v1", "ID": ID1}))
-        .expect_err("Mount on host 2", "in use");
-    assert!(e.contains("mounted on host \"host1\""), "{e}");
+    c2.volume_call("Mount", json!({"Name": "v1", "ID": ID1}))
+        .expect_err_containing("Mount on host 2", "in use", "mounted on host \"host1\"");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert!(!is_mounted(&h2.mount_base.join("v1")));
     let e = h2.docker.fails(&["run", "--rm", "-v", "v1:/data", &img2, "true"]);
     assert!(e.contains("in use") && e.contains("host1"), "{e}");
-    let e = c2
-        .volume_call("Remove", json!({"Name": "v1"}))
-        .expect_err("Remove on host 2", "in use");
-    assert!(e.contains("host1"), "{e}");
-    let e = c1
-        .volume_call("Remove", json!({"Name": "v1"}))
-        .expect_err("Remove on host 1", "in use");
-    assert!(e.contains("mounted on this host"), "{e}");
+    c2.volume_call("Remove", json!({"Name": "v1"}))
+        .expect_err_containing("Remove on host 2", "in use", "host1");
+    c1.volume_call("Remove", json!({"Name": "v1"}))
+        .expect_err_containing("Remove on host 1", "in use", "mounted on this host");
 
     // lamina on host 1 killed with the volume mounted: the container keeps it, a new lamina takes it over.
     h1.lamina.kill9();
@@ -290,10 +278,12 @@ fn rbd_volumes_two_hosts() {
         json!({"Name": "x1", "Opts": {"fs": "xfs", "size": "320M"}}),
     )
     .ok("Create again");
-    let e = c1
-        .volume_call("Create", json!({"Name": "x1", "Opts": {"size": "1G"}}))
-        .expect_err("Create with other settings", "already exists");
-    assert!(e.contains("size 335544320, fs xfs"), "{e}");
+    c1.volume_call("Create", json!({"Name": "x1", "Opts": {"size": "1G"}}))
+        .expect_err_containing(
+            "Create with other settings",
+            "already exists",
+            "size 335544320, fs xfs",
+        );
     let t = Instant::now();
     c1.volume_call("Remove", json!({"Name": "x1"})).ok("Remove xfs");
     let t_remove = t.elapsed();
@@ -301,10 +291,8 @@ fn rbd_volumes_two_hosts() {
     // Remove through dockerd: the pool is empty again.
     h1.docker.ok(&["volume", "rm", "v1"]);
     assert_eq!(cluster.images(&pool), Vec::<String>::new());
-    let e = c2
-        .volume_call("Get", json!({"Name": "v1"}))
-        .expect_err("Get removed", "not found");
-    assert!(e.contains("does not exist"), "{e}");
+    c2.volume_call("Get", json!({"Name": "v1"}))
+        .expect_err_containing("Get removed", "not found", "does not exist");
     let ls = h2.docker.ok(&["volume", "ls", "-q"]);
     assert!(!ls.lines().any(|l| l == "v1"), "{ls}");
     eprintln!(
@@ -320,31 +308,22 @@ fn rbd_volumes_two_hosts() {
     c1.volume_call("Get", json!({"Name": "known"}))
         .ok("Get before the stop");
     cluster.kill();
-    let t = Instant::now();
-    let e = c2
-        .volume_call("Create", json!({"Name": "while-down", "Opts": {}}))
-        .expect_err("Create with the cluster down", "backend unavailable");
-    assert!(e.contains("unreachable"), "{e}");
-    let e = c1
-        .volume_call("Mount", json!({"Name": "known", "ID": ID1}))
-        .expect_err("Mount with the cluster down", "backend unavailable");
-    assert!(e.contains("unreachable"), "{e}");
-    let e = c1
-        .volume_call("Remove", json!({"Name": "known"}))
-        .expect_err("Remove with the cluster down", "backend unavailable");
-    assert!(e.contains("unreachable"), "{e}");
-    let took = t.elapsed();
-    assert!(took < Duration::from_secs(40), "three errors took {took:?}");
-    let g = c1
-        .volume_call("Get", json!({"Name": "known"}))
-        .ok("Get from the cache");
-    assert!(
-        g["Volume"]["Status"]["State"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("unreachable"),
-        "{g}"
+    let down = "with the cluster down";
+    let took = c2.expect_volume_refusals(
+        &[("Create", json!({"Name": "while-down", "Opts": {}}), "unreachable")],
+        down,
+        "backend unavailable",
+    ) + c1.expect_volume_refusals(
+        &[
+            ("Mount", json!({"Name": "known", "ID": ID1}), "unreachable"),
+            ("Remove", json!({"Name": "known"}), "unreachable"),
+        ],
+        down,
+        "backend unavailable",
     );
+    assert!(took < Duration::from_secs(40), "three errors took {took:?}");
+    let state = c1.volume_state("known");
+    assert!(state.contains("unreachable"), "Get from the cache: {state}");
     assert_eq!(mounts_under(&h1.lamina.data_root), Vec::<PathBuf>::new());
     assert_eq!(mounts_under(&h2.lamina.data_root), Vec::<PathBuf>::new());
     eprintln!("[{test}] Create, Mount and Remove with the cluster down: {took:?}");
@@ -465,18 +444,19 @@ fn rbd_volumes_kill9_mid_operation() {
 #[test]
 fn rbd_volumes_pool_missing_and_quota() {
     let test = "rbd_volumes_pool_missing_and_quota";
-    if !require_ceph_mgr(test) {
+    let Some(_serial) = serial_if(require_ceph_mgr(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut cluster = CephCluster::start("quota");
     let (l, mount_base) = lamina_on_pool("rbdq", "hostq", &cluster, "vols");
     let c = l.client();
     let t = Instant::now();
-    let e = c
-        .volume_call("Create", json!({"Name": "q1", "Opts": {}}))
-        .expect_err("Create in a missing pool", "backend unavailable");
-    assert!(e.contains("pool \"vols\" does not exist"), "{e}");
+    c.volume_call("Create", json!({"Name": "q1", "Opts": {}}))
+        .expect_err_containing(
+            "Create in a missing pool",
+            "backend unavailable",
+            "pool \"vols\" does not exist",
+        );
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 
     cluster.create_pool("vols");
@@ -507,16 +487,18 @@ fn rbd_volumes_pool_missing_and_quota() {
         t.elapsed()
     );
 
-    let t = Instant::now();
-    let e = c
-        .volume_call("Create", json!({"Name": "q2", "Opts": {}}))
-        .expect_err("Create in a pool over its quota", "no space");
-    assert!(e.contains("pool \"vols\" is over its quota"), "{e}");
-    let e = c
-        .volume_call("Mount", json!({"Name": "q1", "ID": ID1}))
-        .expect_err("Mount in a pool over its quota", "no space");
-    assert!(e.contains("over its quota"), "{e}");
-    let took = t.elapsed();
+    let took = c.expect_volume_refusals(
+        &[
+            (
+                "Create",
+                json!({"Name": "q2", "Opts": {}}),
+                "pool \"vols\" is over its quota",
+            ),
+            ("Mount", json!({"Name": "q1", "ID": ID1}), "over its quota"),
+        ],
+        "in a pool over its quota",
+        "no space",
+    );
     assert!(took < Duration::from_secs(40), "{took:?}");
     eprintln!("[{test}] Create and Mount refused for the quota in {took:?}");
     assert_eq!(mounts_under(&l.data_root), Vec::<PathBuf>::new());
@@ -547,10 +529,11 @@ fn rbd_volumes_pool_missing_and_quota() {
 #[test]
 fn rbd_volumes_krbd() {
     let test = "rbd_volumes_krbd";
-    if !require_ceph(test) || !require_kernel_feature(test, "rbd (/sys/bus/rbd)", have_krbd()) {
+    let Some(_serial) =
+        serial_if(require_ceph(test) && require_kernel_feature(test, "rbd (/sys/bus/rbd)", have_krbd()))
+    else {
         return;
-    }
-    let _serial = serial();
+    };
     let cluster = CephCluster::start("krbd");
     let pool = cluster.pool.clone();
     let (l, mount_base) = lamina_with("rbdkr", "hostkr", &cluster, &pool, "");

@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lamina_testkit::moosefs::{require_moosefs, MooseCluster};
 use lamina_testkit::*;
@@ -20,18 +20,6 @@ const ID1: &str = "1111111111111111111111111111111111111111111111111111111111111
 const ID2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
 /// Writes `config.toml` in the lamina's directory and passes it with `--config`; returns the mount base.
-fn configure(l: &mut Lamina, volumes_toml: &str) -> PathBuf {
-    let mount_base = l.dir().join("mnt");
-    let text = format!(
-        "[volumes]\nmount_base = \"{}\"\n{volumes_toml}",
-        mount_base.display()
-    );
-    let cfg = l.dir().join("config.toml");
-    fs::write(&cfg, text).unwrap();
-    l.extra_args = vec!["--config".into(), cfg.display().to_string()];
-    mount_base
-}
-
 fn inspect(d: &Dockerd, name: &str) -> serde_json::Value {
     let out = d.ok(&["volume", "inspect", name]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -105,12 +93,11 @@ fn bad_inputs(c: &PluginClient, backend_root: &Path) {
 #[test]
 fn local_backend_with_dockerd() {
     let test = "local_backend_with_dockerd";
-    if !require_docker(test) {
+    let Some(_serial) = serial_if(require_docker(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut lamina = Lamina::new(&unique_name("vol-local"));
-    let mount_base = configure(&mut lamina, "backend = \"local\"\n");
+    let mount_base = lamina.volumes_config("backend = \"local\"\n");
     lamina.spawn();
     lamina.wait_ready();
     let c = &lamina.client();
@@ -121,8 +108,7 @@ fn local_backend_with_dockerd() {
     let root = lamina.data_root.join("volumes/local");
     bad_inputs(c, &root);
     let r = c.volume_call("Create", json!({"Name": "g", "Opts": {"ReplicationGoal": "2"}}));
-    let e = r.expect_err("goal on local", "unsupported");
-    assert!(e.contains("needs the moosefs backend"), "{e}");
+    r.expect_err_containing("goal on local", "unsupported", "needs the moosefs backend");
 
     // dockerd uses lamina for both its layers and the volumes.
     let docker = Dockerd::start(&lamina.name);
@@ -165,10 +151,8 @@ fn local_backend_with_dockerd() {
         "run", "-d", "--name", "c1", "-v", "v1:/data", &img, "sleep", "1000",
     ]);
     assert!(is_mounted(&mp));
-    let e = c
-        .volume_call("Remove", json!({"Name": "v1"}))
-        .expect_err("Remove in use", "in use");
-    assert!(e.contains("mounted on this host"), "{e}");
+    c.volume_call("Remove", json!({"Name": "v1"}))
+        .expect_err_containing("Remove in use", "in use", "mounted on this host");
     let e = docker.fails(&["volume", "rm", "v1"]);
     assert!(e.contains("in use"), "{e}");
 
@@ -214,10 +198,11 @@ fn local_backend_with_dockerd() {
 
     docker.ok(&["volume", "rm", "v1", "newvol"]);
     assert_eq!(names_in(&root), Vec::<String>::new(), "Remove deletes the data");
-    let e = c
-        .volume_call("Get", json!({"Name": "v1"}))
-        .expect_err("Get removed", "not found");
-    assert!(e.contains("does not exist"), "{e}");
+    c.volume_call("Get", json!({"Name": "v1"})).expect_err_containing(
+        "Get removed",
+        "not found",
+        "does not exist",
+    );
 }
 
 /// One dockerd+lamina pair on the cluster.
@@ -229,8 +214,7 @@ struct Host {
 
 fn host(tag: &str, cluster: &MooseCluster) -> Host {
     let mut lamina = Lamina::new(&unique_name(tag));
-    let mount_base = configure(
-        &mut lamina,
+    let mount_base = lamina.volumes_config(
         &format!(
             "backend = \"moosefs\"\ntimeout_secs = 8\n[volumes.moosefs]\nmaster = \"{}\"\nmount_options = [\"mfsioretries=3\"]\n",
             cluster.master_addr()
@@ -254,10 +238,9 @@ fn mfs_tool(args: &[&str]) -> String {
 #[test]
 fn moosefs_two_hosts() {
     let test = "moosefs_two_hosts";
-    if !require_docker(test) || !require_moosefs(test) {
+    let Some(_serial) = serial_if(require_docker(test) && require_moosefs(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     // Declared first, dropped last: hosts stop (and unmount) before the cluster goes away.
     let mut cluster = MooseCluster::start("two-hosts");
     let mut h1 = host("vol-mfs1", &cluster);
@@ -353,13 +336,15 @@ fn moosefs_two_hosts() {
     t1.join().unwrap().ok("Create race on host 1");
     t2.join().unwrap().ok("Create race on host 2");
     assert_eq!(names_in(&cluster_root).iter().filter(|n| *n == "race").count(), 1);
-    let e = c2
-        .volume_call(
-            "Create",
-            json!({"Name": "race", "Opts": {"ReplicationGoal": "1"}}),
-        )
-        .expect_err("Create with other settings", "already exists");
-    assert!(e.contains("ReplicationGoal 2"), "{e}");
+    c2.volume_call(
+        "Create",
+        json!({"Name": "race", "Opts": {"ReplicationGoal": "1"}}),
+    )
+    .expect_err_containing(
+        "Create with other settings",
+        "already exists",
+        "ReplicationGoal 2",
+    );
 
     // In use on host 1: docker volume rm fails, and so does the plugin's Remove.
     h1.docker.ok(&[
@@ -377,10 +362,8 @@ fn moosefs_two_hosts() {
     assert!(is_mounted(&mp1));
     let e = h1.docker.fails(&["volume", "rm", "shared1"]);
     assert!(e.contains("in use"), "{e}");
-    let e = c1
-        .volume_call("Remove", json!({"Name": "shared1"}))
-        .expect_err("Remove in use", "in use");
-    assert!(e.contains("mounted on this host"), "{e}");
+    c1.volume_call("Remove", json!({"Name": "shared1"}))
+        .expect_err_containing("Remove in use", "in use", "mounted on this host");
 
     // A lamina restart in the middle keeps the mount counts (and the container's data path).
     h1.lamina.restart();
@@ -395,30 +378,17 @@ fn moosefs_two_hosts() {
 
     // The master killed: clear errors within the Docker timeouts, Get of known volumes still answers.
     cluster.kill_master();
-    let t = Instant::now();
-    let e = c2
-        .volume_call("Create", json!({"Name": "while-down", "Opts": {}}))
-        .expect_err("Create with the master down", "backend unavailable");
-    assert!(e.contains("unreachable"), "{e}");
-    let e = c2
-        .volume_call("Mount", json!({"Name": "single", "ID": ID1}))
-        .expect_err("Mount with the master down", "backend unavailable");
-    assert!(e.contains("unreachable"), "{e}");
-    assert!(
-        t.elapsed() < Duration::from_secs(25),
-        "errors took {:?}",
-        t.elapsed()
+    let took = c2.expect_volume_refusals(
+        &[
+            ("Create", json!({"Name": "while-down", "Opts": {}}), "unreachable"),
+            ("Mount", json!({"Name": "single", "ID": ID1}), "unreachable"),
+        ],
+        "with the master down",
+        "backend unavailable",
     );
-    let g = c2
-        .volume_call("Get", json!({"Name": "shared1"}))
-        .ok("Get from the cache");
-    assert!(
-        g["Volume"]["Status"]["State"]
-            .as_str()
-            .unwrap()
-            .contains("unreachable"),
-        "{g}"
-    );
+    assert!(took < Duration::from_secs(25), "errors took {took:?}");
+    let state = c2.volume_state("shared1");
+    assert!(state.contains("unreachable"), "Get from the cache: {state}");
     let e = h2.docker.fails(&["volume", "create", "-d", &d2, "down2"]);
     assert!(e.contains("backend unavailable"), "{e}");
     // The running container on host 1 keeps its (already mounted) volume; a Mount of it is only counted.

@@ -665,10 +665,9 @@ fn no_xattr_filter(_: &[u8]) -> bool {
 #[test]
 fn confinement_corpus() {
     let test = "confinement_corpus";
-    if !require_root(test) {
+    let Some(_serial) = serial_if(require_root(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let n_archives = count("LAMINA_RELIABILITY_ARCHIVES", 500, 5000);
     let seed0 = base_seed();
     let mut lamina = Lamina::new(&unique_name("corpus"));
@@ -676,7 +675,7 @@ fn confinement_corpus() {
     lamina.wait_ready();
     let c = lamina.client();
     let home = lamina.dir().join("docker-root");
-    c.call("Init", json!({"Home": home})).ok("Init");
+    c.init(&home);
 
     // victims: one beside the data root, one in /tmp
     let v1 = lamina.dir().join("victim");

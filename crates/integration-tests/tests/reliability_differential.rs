@@ -256,15 +256,13 @@ fn hex_id(n: u64) -> String {
 #[test]
 fn lamina_extracts_like_gnu_tar() {
     let test = "lamina_extracts_like_gnu_tar";
-    if !require_root(test) || !require_bin(test, "tar") {
+    let Some(_serial) = serial_if(require_root(test) && require_bin(test, "tar")) else {
         return;
-    }
-    let _serial = serial();
+    };
     let trees = count("LAMINA_RELIABILITY_TREES", 12, 200);
     let lamina = Lamina::start(&unique_name("differential"));
     let c = lamina.client();
-    c.call("Init", json!({"Home": lamina.dir().join("docker-root")}))
-        .ok("Init");
+    c.init(&lamina.dir().join("docker-root"));
     let work = lamina.dir().join("work");
     let seed0 = base_seed();
     let started = Instant::now();

@@ -150,6 +150,20 @@ impl Findings {
             self.problems.push(w);
         }
     }
+
+    /// Expects the refusal `e` of the call `what` to mention `cause`.
+    fn expect_answer(&mut self, e: Option<&str>, cause: &str, what: &str) {
+        self.expect(
+            e.is_some_and(|e| e.contains(cause)),
+            format!("{what}: answer {e:?}"),
+        );
+    }
+
+    /// Expects the layer records to be the same as `before` after `what`.
+    fn expect_records(&mut self, d: &Daemon, before: &[String], what: &str) {
+        let now = records(d);
+        self.expect(now == before, format!("{what}: records changed: {now:?}"));
+    }
 }
 
 fn err_text(r: Result<(), String>) -> Option<String> {
@@ -173,23 +187,19 @@ const RO_OPS: [&str; 3] = ["ApplyDiff", "Create", "volume Create"];
 fn ro_op(d: &Daemon, i: usize, small: &[u8]) -> Result<(), String> {
     match i {
         0 => apply(d, "ro-apply", "base", small),
-        1 => gcall(
-            d,
-            "Create",
-            json!({"ID": "ro-c", "Parent": "base", "MountLabel": ""}),
-        ),
+        1 => gcreate(d, "ro-c", "base"),
         _ => vcall(d, "Create", json!({"Name": "vol3", "Opts": {}})).map(|_| ()),
     }
 }
 
 #[test]
 fn full_readonly_and_failing_disks() {
-    if !require_root("full_readonly_and_failing_disks")
-        || !require_bin("full_readonly_and_failing_disks", "mkfs.ext4")
-    {
+    let Some(_serial) = serial_if(
+        require_root("full_readonly_and_failing_disks")
+            && require_bin("full_readonly_and_failing_disks", "mkfs.ext4"),
+    ) else {
         return;
-    }
-    let _serial = serial();
+    };
     let t0 = Instant::now();
     let mut d = Daemon::new(&unique_name("faults-disk"));
     let fsdir = d.base.dir().join("disk");
@@ -213,14 +223,14 @@ fn full_readonly_and_failing_disks() {
     d.base.data_root = fsdir.join("data");
     let hits = d.base.dir().join("hits.log");
     // Every apply/create/commit/volume write point fails once (the first hit of each), in order.
-    let eio_points = [
-        "store.apply.begin.commit",
-        "store.apply.stage",
-        "store.apply.syncfs",
-        "store.apply.rename",
-        "store.apply.syncfs2",
-        "store.apply.finish.commit",
-    ];
+    // The apply's points from its first commit up to its finishing one.
+    let apply_points = lamina_testkit::crash::points_of("apply");
+    let finish = apply_points
+        .iter()
+        .position(|p| *p == "store.apply.finish.commit")
+        .unwrap();
+    let eio_points = &apply_points[..=finish];
+    assert_eq!(eio_points.first(), Some(&"store.apply.begin.commit"));
     let armed: Vec<String> = eio_points.iter().map(|p| format!("{p}=eio@1")).collect();
     let mut f = Findings {
         checks: 0,
@@ -230,31 +240,15 @@ fn full_readonly_and_failing_disks() {
 
     // ---- EIO at the apply write points (one daemon; each ApplyDiff fails at the next point) ----
     assert!(d.start(Some(&armed.join(",")), &hits));
-    gcall(
-        &d,
-        "Create",
-        json!({"ID": "base", "Parent": "", "MountLabel": ""}),
-    )
-    .unwrap();
+    gcreate(&d, "base", "").unwrap();
     let (small, small_files) = make_tar(&mut rng, false);
-    gcall(
-        &d,
-        "Create",
-        json!({"ID": "eio", "Parent": "base", "MountLabel": ""}),
-    )
-    .unwrap();
+    gcreate(&d, "eio", "base").unwrap();
     let before = records(&d);
     let used_before = used(&fsdir);
     for p in eio_points {
         let e = err_text(apply(&d, "eio", "base", &small));
-        f.expect(
-            e.as_deref().is_some_and(|e| e.contains("input/output error")),
-            format!("EIO at {p}: answer {e:?}"),
-        );
-        f.expect(
-            records(&d) == before,
-            format!("EIO at {p}: records changed: {:?}", records(&d)),
-        );
+        f.expect_answer(e.as_deref(), "input/output error", &format!("EIO at {p}"));
+        f.expect_records(&d, &before, &format!("EIO at {p}"));
         f.expect(staging_empty(&d), format!("EIO at {p}: staging left"));
         f.expect(
             files_in(&layer_dir(&d, "eio").join("diff")).is_empty(),
@@ -289,22 +283,11 @@ fn full_readonly_and_failing_disks() {
     assert!(d.start(Some(&armed.join(",")), &hits));
     let before = records(&d);
     for p in &other[..2] {
-        let e = err_text(gcall(
-            &d,
-            "Create",
-            json!({"ID": "c1", "Parent": "base", "MountLabel": ""}),
-        ));
-        f.expect(
-            e.as_deref().is_some_and(|e| e.contains("input/output error")),
-            format!("EIO at {p}: answer {e:?}"),
-        );
-        f.expect(records(&d) == before, format!("EIO at {p}: records changed"));
+        let e = err_text(gcreate(&d, "c1", "base"));
+        f.expect_answer(e.as_deref(), "input/output error", &format!("EIO at {p}"));
+        f.expect_records(&d, &before, &format!("EIO at {p}"));
     }
-    let r = gcall(
-        &d,
-        "Create",
-        json!({"ID": "c1", "Parent": "base", "MountLabel": ""}),
-    );
+    let r = gcreate(&d, "c1", "base");
     f.expect(r.is_ok(), format!("Create after EIO: {r:?}"));
     let s = Snap::connect(&d.snap_socket);
     s.prepare("active", "").unwrap();
@@ -312,11 +295,8 @@ fn full_readonly_and_failing_disks() {
     let before = records(&d);
     for p in &other[2..4] {
         let e = err_text(s.commit("committed", "active"));
-        f.expect(
-            e.as_deref().is_some_and(|e| e.contains("input/output error")),
-            format!("EIO at {p}: answer {e:?}"),
-        );
-        f.expect(records(&d) == before, format!("EIO at {p}: records changed"));
+        f.expect_answer(e.as_deref(), "input/output error", &format!("EIO at {p}"));
+        f.expect_records(&d, &before, &format!("EIO at {p}"));
     }
     let r = s.commit("committed", "active");
     f.expect(r.is_ok(), format!("Commit after EIO: {r:?}"));
@@ -324,10 +304,7 @@ fn full_readonly_and_failing_disks() {
         let e = vcall(&d, "Create", json!({"Name": "vol", "Opts": {}}))
             .err()
             .map(|e| e.to_lowercase());
-        f.expect(
-            e.as_deref().is_some_and(|e| e.contains("input/output error")),
-            format!("EIO at {p}: answer {e:?}"),
-        );
+        f.expect_answer(e.as_deref(), "input/output error", &format!("EIO at {p}"));
         let vols = names_in(&d.root().join("volumes/local"));
         let recs = names_in(&d.root().join("volumes/local/.lamina"));
         f.expect(
@@ -341,12 +318,7 @@ fn full_readonly_and_failing_disks() {
 
     // ---- ENOSPC in the middle of an ApplyDiff: a layer larger than the free space ----
     assert!(d.start(None, &hits));
-    gcall(
-        &d,
-        "Create",
-        json!({"ID": "big", "Parent": "base", "MountLabel": ""}),
-    )
-    .unwrap();
+    gcreate(&d, "big", "base").unwrap();
     let before = records(&d);
     let used_before = used(&fsdir);
     let mut tar = BigTar::new("huge", (DISK_MIB + 32) << 20);
@@ -357,15 +329,8 @@ fn full_readonly_and_failing_disks() {
     let used_full = used(&fsdir);
     eprintln!("ENOSPC apply answer: {r:?}");
     let e = err_text(r);
-    f.expect(
-        e.as_deref()
-            .is_some_and(|e| e.contains("no space left on device")),
-        format!("ENOSPC apply: answer {e:?}"),
-    );
-    f.expect(
-        records(&d) == before,
-        format!("ENOSPC apply: records changed: {:?}", records(&d)),
-    );
+    f.expect_answer(e.as_deref(), "no space left on device", "ENOSPC apply");
+    f.expect_records(&d, &before, "ENOSPC apply");
     f.expect(staging_empty(&d), "ENOSPC apply: staging left");
     let u = used_settles(&fsdir, used_before + (2 << 20));
     eprintln!("ENOSPC apply: used before {used_before}, at the answer {used_full}, settled {u}");
@@ -380,12 +345,7 @@ fn full_readonly_and_failing_disks() {
     let s = Snap::connect(&d.snap_socket);
     s.prepare("active2", "").unwrap();
     fs::write(layer_dir(&d, "active2").join("diff/data"), vec![7u8; 100_000]).unwrap();
-    gcall(
-        &d,
-        "Create",
-        json!({"ID": "full-apply", "Parent": "base", "MountLabel": ""}),
-    )
-    .unwrap();
+    gcreate(&d, "full-apply", "base").unwrap();
     // A commit whose record needs new database pages (800 labels of 4,000 bytes: 3.2 MB).
     s.prepare("active3", "").unwrap();
     let big_labels: std::collections::HashMap<String, String> =
@@ -395,16 +355,7 @@ fn full_readonly_and_failing_disks() {
     let before = records(&d);
     let (mid, mid_files) = make_tar(&mut rng, true);
     let full_ops: Vec<NamedOp> = vec![
-        (
-            "Create",
-            Box::new(|| {
-                gcall(
-                    &d,
-                    "Create",
-                    json!({"ID": "full-c", "Parent": "base", "MountLabel": ""}),
-                )
-            }),
-        ),
+        ("Create", Box::new(|| gcreate(&d, "full-c", "base"))),
         ("Commit", Box::new(|| s.commit("committed2", "active2"))),
         (
             "Commit with 3 MB of labels",
@@ -456,12 +407,7 @@ fn full_readonly_and_failing_disks() {
     // A plain `mount -o remount,ro` is refused while lamina holds files open for writing (its database), so
     // the read-only switch is what the kernel does on a filesystem error with `errors=remount-ro`
     // (ext4's `trigger_fs_error`); it lasts until the filesystem is unmounted, checked and mounted again.
-    gcall(
-        &d,
-        "Create",
-        json!({"ID": "ro-apply", "Parent": "base", "MountLabel": ""}),
-    )
-    .unwrap();
+    gcreate(&d, "ro-apply", "base").unwrap();
     drop(full_ops);
     let before = records(&d);
     let dev =
@@ -478,15 +424,13 @@ fn full_readonly_and_failing_disks() {
         let r = ro_op(&d, i, &small);
         ro_answers.push(format!("{what}: {r:?}"));
         let e = err_text(r);
-        f.expect(
-            e.as_deref().is_some_and(|e| e.contains("read-only file system")),
-            format!("read-only, {what}: answer {e:?}"),
+        f.expect_answer(
+            e.as_deref(),
+            "read-only file system",
+            &format!("read-only, {what}"),
         );
     }
-    f.expect(
-        records(&d) == before,
-        format!("read-only: records changed: {:?}", records(&d)),
-    );
+    f.expect_records(&d, &before, "read-only");
     d.stop();
     run_ok(Command::new("umount").arg(&fsdir));
     let fsck = Command::new("e2fsck").arg("-fy").arg(&img).output().unwrap();
@@ -501,10 +445,7 @@ fn full_readonly_and_failing_disks() {
             .arg(&fsdir),
     );
     assert!(d.start(None, &hits));
-    f.expect(
-        records(&d) == before,
-        format!("writable again: records changed: {:?}", records(&d)),
-    );
+    f.expect_records(&d, &before, "writable again");
     f.expect(staging_empty(&d), "writable again: staging left");
     for (i, what) in RO_OPS.iter().enumerate() {
         let r = ro_op(&d, i, &small);

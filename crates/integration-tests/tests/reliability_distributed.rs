@@ -484,26 +484,6 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn wait_registered(cluster: &MooseCluster, n: usize) -> Duration {
-    let t = Instant::now();
-    let ok = poll(Duration::from_secs(60), || {
-        (cluster.registered_chunkservers() >= n).then_some(())
-    });
-    assert!(
-        ok.is_some(),
-        "{n} chunkservers not registered again within 60 s:\n{}",
-        cluster.logs()
-    );
-    t.elapsed()
-}
-
-fn start_test(test: &str) -> Option<Option<std::sync::MutexGuard<'static, ()>>> {
-    if !require_moosefs(test) {
-        return None;
-    }
-    Some(serial())
-}
-
 // ------------------------------------------------------------------------------------------------------------
 // 1. A chunkserver killed during writes
 // ------------------------------------------------------------------------------------------------------------
@@ -511,7 +491,7 @@ fn start_test(test: &str) -> Option<Option<std::sync::MutexGuard<'static, ()>>> 
 #[test]
 fn chunkserver_killed_during_writes() {
     let test = "chunkserver_killed_during_writes";
-    let Some(_serial) = start_test(test) else {
+    let Some(_serial) = serial_if(require_moosefs(test)) else {
         return;
     };
     let files = count("LAMINA_RELIABILITY_DIST_FILES", 120, 1000) as usize;
@@ -561,7 +541,7 @@ fn chunkserver_killed_during_writes() {
             // Back after a few more files; the next round kills another one.
             w.wait_progress(files * (2 * r + 2) / (2 * rounds + 1), Duration::from_secs(300));
             cluster.start_chunkserver(victim);
-            let reg = wait_registered(&cluster, 3);
+            let reg = cluster.wait_registered(3, Duration::from_secs(60));
             eprintln!(
                 "[{test}] round {r}: chunkserver {} registered again after {}",
                 victim + 1,
@@ -594,7 +574,7 @@ fn chunkserver_killed_during_writes() {
     check_acked(&cluster, "view-down", "cskill", Some(&mp), &log.acked);
     let read_down = t.elapsed();
     cluster.start_chunkserver(victim);
-    let reg = wait_registered(&cluster, 3);
+    let reg = cluster.wait_registered(3, Duration::from_secs(60));
     check_acked(&cluster, "view-back", "cskill", Some(&mp), &log.acked);
     eprintln!(
         "[{test}] acknowledged {} files, lost 0 (checked with chunkserver {} down in {}, and again after it \
@@ -656,7 +636,7 @@ fn calls_while_down(c: &PluginClient, n: usize, round: usize) -> (Vec<Call>, BTr
 #[test]
 fn master_restarted() {
     let test = "master_restarted";
-    let Some(_serial) = start_test(test) else {
+    let Some(_serial) = serial_if(require_moosefs(test)) else {
         return;
     };
     let rounds = count("LAMINA_RELIABILITY_DIST_ROUNDS", 1, 3).max(1) as usize;
@@ -881,7 +861,7 @@ fn known_mounts(c: &PluginClient, names: &[&str]) -> Vec<(String, String, String
 #[test]
 fn lamina_restarted() {
     let test = "lamina_restarted";
-    let Some(_serial) = start_test(test) else {
+    let Some(_serial) = serial_if(require_moosefs(test)) else {
         return;
     };
     let cycles = count("LAMINA_RELIABILITY_DIST_ROUNDS", 1, 5).max(1) as usize;
@@ -1073,7 +1053,7 @@ fn stat_errno(p: &Path) -> Option<i32> {
 #[test]
 fn mfsmount_killed() {
     let test = "mfsmount_killed";
-    let Some(_serial) = start_test(test) else {
+    let Some(_serial) = serial_if(require_moosefs(test)) else {
         return;
     };
     let t_all = Instant::now();

@@ -22,10 +22,9 @@ use lamina_testkit::*;
 
 #[test]
 fn kill_points_and_random_kills() {
-    if !require_root("kill_points_and_random_kills") {
+    let Some(_serial) = serial_if(require_root("kill_points_and_random_kills")) else {
         return;
-    }
-    let _serial = serial();
+    };
     let rounds = reliability::count("LAMINA_RELIABILITY_KILL_ROUNDS", 1, 25);
     let randoms = reliability::count("LAMINA_RELIABILITY_RANDOM_KILLS", 20, 250);
     let mut rng = Rng::new(reliability::base_seed() ^ 0x6b11);

@@ -158,13 +158,13 @@ fn run_on(fs_type: &str, rounds: u64, randoms: u64, rng: &mut Rng) -> Tally {
 
 #[test]
 fn power_cuts_at_points_and_random_moments() {
-    if !require_root("power_cuts_at_points_and_random_moments")
-        || !require_bin("power_cuts_at_points_and_random_moments", "xfs_io")
-        || !require_bin("power_cuts_at_points_and_random_moments", "mkfs.xfs")
-    {
+    let Some(_serial) = serial_if(
+        require_root("power_cuts_at_points_and_random_moments")
+            && require_bin("power_cuts_at_points_and_random_moments", "xfs_io")
+            && require_bin("power_cuts_at_points_and_random_moments", "mkfs.xfs"),
+    ) else {
         return;
-    }
-    let _serial = serial();
+    };
     let rounds = reliability::count("LAMINA_RELIABILITY_POWERCUT_ROUNDS", 1, 15);
     let randoms = reliability::count("LAMINA_RELIABILITY_RANDOM_CUTS", 10, 150);
     let mut rng = Rng::new(reliability::base_seed() ^ 0x9c07);

@@ -35,15 +35,11 @@ struct Daemon {
 }
 
 fn daemon(test: &str) -> Option<Daemon> {
-    if !require_root(test) {
-        return None;
-    }
-    let serial = serial();
+    let serial = serial_if(require_root(test))?;
     let lamina = Lamina::start(&unique_name(test));
     let mut c = lamina.client();
     c.timeout = Duration::from_secs(60);
-    c.call("Init", json!({"Home": lamina.dir().join("docker-root")}))
-        .ok("Init");
+    c.init(&lamina.dir().join("docker-root"));
     Some(Daemon {
         lamina,
         c,

@@ -16,13 +16,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context};
-use lamina_http::{
-    read_capped, Body, Handler, Refusal, RequestHead, Response, ServerConfig, ShutdownHandle, StreamBody,
-    StreamError,
-};
+use lamina_http::{read_capped, Body, Handler, Refusal, RequestHead, Response, StreamBody, StreamError};
 use lamina_store::Store;
 use serde_json::{json, Value};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::cli::{execute, Request};
 
@@ -48,21 +45,9 @@ pub fn spawn(
     store: Arc<Store>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let shutdown = ShutdownHandle::from_flag(stop);
-    let cfg = ServerConfig {
-        name: "admin",
-        ..ServerConfig::default()
-    };
-    std::thread::Builder::new()
-        .name("admin".into())
-        .spawn(move || {
-            if let Err(e) =
-                lamina_http::serve_with_config(listener, Arc::new(Admin { store }), &shutdown, cfg)
-            {
-                warn!(error = %e, "admin socket failed");
-            }
-        })
-        .context("starting the admin thread")
+    crate::serve::spawn_http_thread("admin", stop, move |shutdown, cfg| {
+        lamina_http::serve_with_config(listener, Arc::new(Admin { store }), shutdown, cfg)
+    })
 }
 
 /// The admin socket's handler.

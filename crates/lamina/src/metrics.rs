@@ -18,9 +18,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use lamina_http::{Body, Handler, Refusal, RequestHead, Response, ServerConfig, ShutdownHandle};
+use lamina_http::{Body, Handler, Refusal, RequestHead, Response};
 use lamina_store::Store;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// Where the metrics endpoint listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -630,26 +630,16 @@ impl Endpoint {
             store,
             started: SystemTime::now(),
         });
-        let shutdown = ShutdownHandle::from_flag(stop);
-        let cfg = ServerConfig {
-            name: "metrics",
-            ..ServerConfig::default()
-        };
-        std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                let served = match self.listener {
-                    Listener::Tcp(l) => lamina_http::serve_with_config(l, handler, &shutdown, cfg),
-                    Listener::Unix(l) => lamina_http::serve_with_config(l, handler, &shutdown, cfg),
-                };
-                if let Err(e) = served {
-                    warn!(error = %e, "metrics endpoint failed");
-                }
-                if let MetricsAddress::Unix(p) = &self.address {
-                    let _ = std::fs::remove_file(p);
-                }
-            })
-            .context("starting the metrics thread")
+        crate::serve::spawn_http_thread("metrics", stop, move |shutdown, cfg| {
+            let served = match self.listener {
+                Listener::Tcp(l) => lamina_http::serve_with_config(l, handler, shutdown, cfg),
+                Listener::Unix(l) => lamina_http::serve_with_config(l, handler, shutdown, cfg),
+            };
+            if let MetricsAddress::Unix(p) = &self.address {
+                let _ = std::fs::remove_file(p);
+            }
+            served
+        })
     }
 }
 

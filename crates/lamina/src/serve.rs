@@ -315,3 +315,27 @@ fn spawn_housekeeping(
         })
         .context("starting the housekeeping thread")
 }
+
+/// Runs the HTTP server `name` (the admin socket, `/metrics`) on a thread of that name until `stop` is set:
+/// `serve` gets the shutdown handle and the default server settings named `name`; its error is logged.
+pub(crate) fn spawn_http_thread(
+    name: &'static str,
+    stop: Arc<AtomicBool>,
+    serve: impl FnOnce(&lamina_http::ShutdownHandle, lamina_http::ServerConfig) -> std::io::Result<()>
+        + Send
+        + 'static,
+) -> anyhow::Result<JoinHandle<()>> {
+    let shutdown = lamina_http::ShutdownHandle::from_flag(stop);
+    let cfg = lamina_http::ServerConfig {
+        name,
+        ..lamina_http::ServerConfig::default()
+    };
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Err(e) = serve(&shutdown, cfg) {
+                warn!(server = name, error = %e, "server failed");
+            }
+        })
+        .with_context(|| format!("starting the {name} thread"))
+}

@@ -169,28 +169,25 @@ impl Db {
 
     /// Begins a write transaction, reopening the database first if a previous write failed.
     pub fn begin_write(&self) -> Result<WriteTxn, TransactionError> {
-        let db = self.handle()?;
-        match db.begin_write() {
-            Ok(txn) => Ok(WriteTxn { txn, _db: db }),
-            Err(e) if failed_io(&e) => {
-                if let Some(io) = self.unwritable() {
-                    return Err(TransactionError::Storage(StorageError::Io(io)));
-                }
-                self.forget(&db);
-                drop(db);
-                let db = self.handle()?;
-                let txn = db.begin_write()?;
-                Ok(WriteTxn { txn, _db: db })
-            }
-            Err(e) => Err(e),
-        }
+        let (txn, db) = self.begin(Database::begin_write)?;
+        Ok(WriteTxn { txn, _db: db })
     }
 
     /// Begins a read transaction, reopening the database first if a previous write failed.
     pub fn begin_read(&self) -> Result<ReadTxn, TransactionError> {
+        let (txn, db) = self.begin(Database::begin_read)?;
+        Ok(ReadTxn { txn, _db: db })
+    }
+
+    /// Runs `begin` on the current handle; after an I/O failure, on a reopened one (unless the file cannot be
+    /// opened for writing). The transaction and the handle it was begun on.
+    fn begin<T>(
+        &self,
+        begin: impl Fn(&Database) -> Result<T, TransactionError>,
+    ) -> Result<(T, Arc<Database>), TransactionError> {
         let db = self.handle()?;
-        match db.begin_read() {
-            Ok(txn) => Ok(ReadTxn { txn, _db: db }),
+        match begin(&db) {
+            Ok(txn) => Ok((txn, db)),
             Err(e) if failed_io(&e) => {
                 if let Some(io) = self.unwritable() {
                     return Err(TransactionError::Storage(StorageError::Io(io)));
@@ -198,8 +195,8 @@ impl Db {
                 self.forget(&db);
                 drop(db);
                 let db = self.handle()?;
-                let txn = db.begin_read()?;
-                Ok(ReadTxn { txn, _db: db })
+                let txn = begin(&db)?;
+                Ok((txn, db))
             }
             Err(e) => Err(e),
         }

@@ -22,7 +22,7 @@ mod cli;
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub use attach::STATE_FILE;
@@ -188,10 +188,22 @@ pub fn run_argv(argv: &[String], timeout: Duration) -> Result<CommandOutput, Rbd
         }
         s
     });
+    let status = wait_within(&mut child, &shown, timeout)?;
+    let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+    Ok(CommandOutput {
+        code: status.code(),
+        stdout,
+        stderr,
+    })
+}
+
+/// Waits for `child` (the command `shown`) to exit; kills and reaps it when `timeout` passes first.
+pub fn wait_within(child: &mut Child, shown: &str, timeout: Duration) -> Result<ExitStatus, RbdError> {
     let deadline = Instant::now() + timeout;
-    let status = loop {
+    loop {
         match child.try_wait() {
-            Ok(Some(st)) => break st,
+            Ok(Some(st)) => return Ok(st),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
             Ok(None) => {
                 let _ = child.kill();
@@ -203,14 +215,7 @@ pub fn run_argv(argv: &[String], timeout: Duration) -> Result<CommandOutput, Rbd
             }
             Err(e) => return Err(RbdError::io(format!("waiting for `{shown}`"), e)),
         }
-    };
-    let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
-    Ok(CommandOutput {
-        code: status.code(),
-        stdout,
-        stderr,
-    })
+    }
 }
 
 /// A path as a command argument (paths lamina builds are UTF-8).

@@ -26,6 +26,15 @@ impl Fixture {
         }
     }
 
+    /// A fixture and a store open on it holding [`two_layers`]; bound as `let (fx, s) = ...`, the store drops
+    /// first.
+    fn with_two_layers() -> (Fixture, Store) {
+        let fx = Fixture::new();
+        let s = fx.open();
+        two_layers(&s);
+        (fx, s)
+    }
+
     fn root(&self) -> PathBuf {
         self.dir.path().join("root")
     }
@@ -64,9 +73,7 @@ fn merged(s: &Store, name: &str) -> PathBuf {
 
 #[test]
 fn get_get_put_put_mounts_once_and_unmounts_at_the_last_put() {
-    let fx = Fixture::new();
-    let s = fx.open();
-    two_layers(&s);
+    let (fx, s) = Fixture::with_two_layers();
     let p1 = s.get(NS, "child", "").unwrap();
     let p2 = s.get(NS, "child", "").unwrap();
     assert_eq!(p1, p2);
@@ -114,9 +121,7 @@ fn a_parentless_layer_is_its_own_view_without_a_mount() {
 
 #[test]
 fn put_without_get_is_harmless() {
-    let fx = Fixture::new();
-    let s = fx.open();
-    two_layers(&s);
+    let (fx, s) = Fixture::with_two_layers();
     s.put(NS, "child").unwrap();
     s.put(NS, "child").unwrap();
     assert_eq!(fx.fake.unmount_count(), 0);
@@ -129,9 +134,7 @@ fn put_without_get_is_harmless() {
 
 #[test]
 fn remove_while_mounted_unmounts_first() {
-    let fx = Fixture::new();
-    let s = fx.open();
-    two_layers(&s);
+    let (fx, s) = Fixture::with_two_layers();
     let p = s.get(NS, "child", "").unwrap();
     s.get(NS, "child", "").unwrap();
     assert!(
@@ -151,9 +154,7 @@ fn remove_while_mounted_unmounts_first() {
 
 #[test]
 fn a_failed_mount_takes_no_reference() {
-    let fx = Fixture::new();
-    let s = fx.open();
-    two_layers(&s);
+    let (fx, s) = Fixture::with_two_layers();
     fx.fake.fail_mounts(true);
     assert!(s.get(NS, "child", "").is_err());
     assert_eq!(s.info(NS, "child").unwrap().mounts, 0);
@@ -258,9 +259,7 @@ fn kinds(report: &crate::GcReport) -> Vec<GarbageKind> {
 
 #[test]
 fn gc_removes_orphans_and_leftovers_and_keeps_recorded_layers() {
-    let fx = Fixture::new();
-    let s = fx.open();
-    two_layers(&s);
+    let (fx, s) = Fixture::with_two_layers();
     let root = fx.root();
     std::fs::create_dir_all(root.join("layers/abc/diff")).unwrap();
     std::fs::create_dir_all(root.join("staging/9-9")).unwrap();
@@ -312,9 +311,7 @@ fn gc_removes_orphans_and_leftovers_and_keeps_recorded_layers() {
 
 #[test]
 fn gc_of_a_removed_namespace_keeps_layers_in_use() {
-    let fx = Fixture::new();
-    let s = fx.open();
-    two_layers(&s);
+    let (fx, s) = Fixture::with_two_layers();
     create(&s, "lonely", None, LayerKind::ReadOnly);
     create(&s, "used", None, LayerKind::ReadOnly);
     s.get(NS, "child", "").unwrap();

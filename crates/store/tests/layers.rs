@@ -10,10 +10,9 @@ use common::*;
 
 #[test]
 fn counters_follow_get_put_and_survive_a_restart() {
-    if !require_root("counters_follow_get_put_and_survive_a_restart") {
+    let Some(r) = root_for("counters_follow_get_put_and_survive_a_restart") else {
         return;
-    }
-    let r = Root::new();
+    };
     let (a, b, c) = {
         let s = Store::open(&r.path()).unwrap();
         let a = layer(&s, "a", None, &[("f", b"1")]);
@@ -67,11 +66,9 @@ fn counters_follow_get_put_and_survive_a_restart() {
 
 #[test]
 fn manifest_recorded_at_apply_and_verify_finds_a_flipped_byte() {
-    if !require_root("manifest_recorded_at_apply_and_verify_finds_a_flipped_byte") {
+    let Some((r, s)) = root_store("manifest_recorded_at_apply_and_verify_finds_a_flipped_byte") else {
         return;
-    }
-    let r = Root::new();
-    let s = Store::open(&r.path()).unwrap();
+    };
     let a = layer(&s, "a", None, &[("etc/motd", b"hello"), ("bin/sh", b"#!")]);
     let b = layer(&s, "b", Some("a"), &[("x", b"xx")]);
     // Manifests are written in the background after an apply.
@@ -128,10 +125,9 @@ fn manifest_recorded_at_apply_and_verify_finds_a_flipped_byte() {
 
 #[test]
 fn gc_finds_and_removes_exactly_the_planted_garbage() {
-    if !require_root("gc_finds_and_removes_exactly_the_planted_garbage") {
+    let Some(r) = root_for("gc_finds_and_removes_exactly_the_planted_garbage") else {
         return;
-    }
-    let r = Root::new();
+    };
     let root = r.path();
     let (keep, pending) = {
         let s = Store::open(&root).unwrap();
@@ -213,11 +209,9 @@ fn gc_finds_and_removes_exactly_the_planted_garbage() {
 
 #[test]
 fn gc_of_a_removed_namespace_keeps_what_is_in_use() {
-    if !require_root("gc_of_a_removed_namespace_keeps_what_is_in_use") {
+    let Some((_r, s)) = root_store("gc_of_a_removed_namespace_keeps_what_is_in_use") else {
         return;
-    }
-    let r = Root::new();
-    let s = Store::open(&r.path()).unwrap();
+    };
     let old = "docker:/old/home";
     let mk = |name: &str, parent: Option<&str>| {
         s.create(old, name, parent, LayerKind::ReadOnly, BTreeMap::new())

@@ -166,13 +166,26 @@ fn wait_gone(mnt: &Path, id: u64) {
     }
 }
 
+/// A store on a fresh loop-backed `fs_type` of `mb` MiB for `test`, or `None` (skip the test) when not root. Bound
+/// as `let Some((lfs, store)) = ...`, the store drops before its filesystem.
+fn loop_store(test: &str, fs_type: &str, mb: u64) -> Option<(LoopFs, Store)> {
+    if !require_root(test) {
+        return None;
+    }
+    let lfs = LoopFs::new(fs_type, mb, "").unwrap_or_else(|e| panic!("mount a loop-backed {fs_type}: {e}"));
+    let store = Store::open(&lfs.root()).unwrap();
+    Some((lfs, store))
+}
+
 #[test]
 fn btrfs_limit_is_enforced_and_removal_frees_subvolume_and_qgroup() {
-    if !require_root("btrfs_limit_is_enforced_and_removal_frees_subvolume_and_qgroup") {
+    let Some((lfs, store)) = loop_store(
+        "btrfs_limit_is_enforced_and_removal_frees_subvolume_and_qgroup",
+        "btrfs",
+        400,
+    ) else {
         return;
-    }
-    let lfs = LoopFs::new("btrfs", 400, "").expect("mount a loop-backed btrfs");
-    let store = Store::open(&lfs.root()).unwrap();
+    };
     let ns = "docker:q";
     store
         .create(ns, "base", None, LayerKind::ReadOnly, BTreeMap::new())
@@ -230,11 +243,13 @@ fn btrfs_limit_is_enforced_and_removal_frees_subvolume_and_qgroup() {
 
 #[test]
 fn btrfs_commit_keeps_the_limit_and_gc_removes_leftover_subvolumes() {
-    if !require_root("btrfs_commit_keeps_the_limit_and_gc_removes_leftover_subvolumes") {
+    let Some((lfs, store)) = loop_store(
+        "btrfs_commit_keeps_the_limit_and_gc_removes_leftover_subvolumes",
+        "btrfs",
+        400,
+    ) else {
         return;
-    }
-    let lfs = LoopFs::new("btrfs", 400, "").expect("mount a loop-backed btrfs");
-    let store = Store::open(&lfs.root()).unwrap();
+    };
     let ns = "containerd:q";
     create_sized(&store, ns, "active", None, 8 << 20).unwrap();
     let diff = store.info(ns, "active").unwrap().diff_dir;
@@ -299,11 +314,9 @@ fn btrfs_commit_keeps_the_limit_and_gc_removes_leftover_subvolumes() {
 
 #[test]
 fn ext4_refuses_a_size_and_leaves_nothing() {
-    if !require_root("ext4_refuses_a_size_and_leaves_nothing") {
+    let Some((lfs, store)) = loop_store("ext4_refuses_a_size_and_leaves_nothing", "ext4", 64) else {
         return;
-    }
-    let lfs = LoopFs::new("ext4", 64, "").expect("mount a loop-backed ext4");
-    let store = Store::open(&lfs.root()).unwrap();
+    };
     let e = create_sized(&store, "docker:q", "c1", None, 10 << 20).unwrap_err();
     assert!(matches!(e, StoreError::QuotaUnsupported { .. }), "{e}");
     assert!(e.to_string().starts_with("quota not supported on ext4 ("), "{e}");

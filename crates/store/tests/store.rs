@@ -60,11 +60,9 @@ fn second_open_is_refused() {
 
 #[test]
 fn get_put_refcount_and_stable_path() {
-    if !require_root("get_put_refcount_and_stable_path") {
+    let Some((_r, s)) = root_store("get_put_refcount_and_stable_path") else {
         return;
-    }
-    let r = Root::new();
-    let s = Store::open(&r.path()).unwrap();
+    };
     create(&s, "base", None);
     apply_files(&s, "base", &[("etc/motd", b"hello\n")]);
     s.create(NS, "rw", Some("base"), LayerKind::ReadWrite, BTreeMap::new())
@@ -94,11 +92,9 @@ fn get_put_refcount_and_stable_path() {
 
 #[test]
 fn chains_of_128_and_more_mount() {
-    if !require_root("chains_of_128_and_more_mount") {
+    let Some((_r, s)) = root_store("chains_of_128_and_more_mount") else {
         return;
-    }
-    let r = Root::new();
-    let s = Store::open(&r.path()).unwrap();
+    };
     let mut parent: Option<String> = None;
     for i in 0..=500 {
         let name = format!("l{i}");
@@ -139,11 +135,9 @@ fn depth_above_kernel_limit_is_refused_at_create() {
 
 #[test]
 fn failed_apply_leaves_layer_empty_and_retry_works() {
-    if !require_root("failed_apply_leaves_layer_empty_and_retry_works") {
+    let Some((r, s)) = root_store("failed_apply_leaves_layer_empty_and_retry_works") else {
         return;
-    }
-    let r = Root::new();
-    let s = Store::open(&r.path()).unwrap();
+    };
     create(&s, "a", None);
     let good = tar_of(&[("a", b"1"), ("b", b"2")]);
     let cut = &good[..512 + 100];
@@ -163,10 +157,9 @@ fn failed_apply_leaves_layer_empty_and_retry_works() {
 
 #[test]
 fn restart_removes_orphans_and_keeps_live_mounts() {
-    if !require_root("restart_removes_orphans_and_keeps_live_mounts") {
+    let Some(r) = root_for("restart_removes_orphans_and_keeps_live_mounts") else {
         return;
-    }
-    let r = Root::new();
+    };
     {
         let s = Store::open(&r.path()).unwrap();
         create(&s, "base", None);
@@ -195,10 +188,9 @@ fn restart_removes_orphans_and_keeps_live_mounts() {
 
 #[test]
 fn restart_rolls_back_an_apply_left_pending() {
-    if !require_root("restart_rolls_back_an_apply_left_pending") {
+    let Some(r) = root_for("restart_rolls_back_an_apply_left_pending") else {
         return;
-    }
-    let r = Root::new();
+    };
     let (number, staging) = {
         let s = Store::open(&r.path()).unwrap();
         create(&s, "a", None);

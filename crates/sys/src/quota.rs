@@ -178,6 +178,15 @@ unsafe fn ioctl_raw(fd: BorrowedFd<'_>, request: u64, arg: *mut libc::c_void) ->
     }
 }
 
+/// Issues `ioctl(fd, request, arg)` with `arg` passed by pointer.
+///
+/// # Safety
+/// `T` must be the exact type and size `request` encodes, valid for the reads and writes the request does.
+unsafe fn ioctl_arg<T>(fd: BorrowedFd<'_>, request: u64, arg: &mut T) -> io::Result<()> {
+    // SAFETY: the caller guarantees the type; `arg` is a live exclusive reference.
+    unsafe { ioctl_raw(fd, request, (arg as *mut T).cast()) }
+}
+
 fn vol_args(name: &[u8]) -> io::Result<Box<BtrfsVolArgs>> {
     if name.is_empty() || name.len() > BTRFS_PATH_NAME_MAX || name.contains(&b'/') || name.contains(&0) {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -192,29 +201,21 @@ fn vol_args(name: &[u8]) -> io::Result<Box<BtrfsVolArgs>> {
 
 /// Creates the btrfs subvolume `name` in directory `parent` (`BTRFS_IOC_SUBVOL_CREATE`), mode 0755.
 pub fn btrfs_create_subvolume(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
-    let mut args = vol_args(name)?;
-    // SAFETY: `args` is a boxed `btrfs_ioctl_vol_args` of the size the request encodes, NUL-terminated name.
-    unsafe {
-        ioctl_raw(
-            parent,
-            BTRFS_IOC_SUBVOL_CREATE,
-            (&mut *args as *mut BtrfsVolArgs).cast(),
-        )
-    }
+    vol_ioctl(parent, BTRFS_IOC_SUBVOL_CREATE, name)
 }
 
 /// Destroys the subvolume `name` in directory `parent` with all its content (`BTRFS_IOC_SNAP_DESTROY`).
 /// The space is freed by the filesystem's cleaner after the next transaction commit ([`btrfs_sync`]).
 pub fn btrfs_destroy_subvolume(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+    vol_ioctl(parent, BTRFS_IOC_SNAP_DESTROY, name)
+}
+
+/// The btrfs ioctl `request` (one whose argument is a `btrfs_ioctl_vol_args`: SUBVOL_CREATE, SNAP_DESTROY) on
+/// `parent` for `name`.
+fn vol_ioctl(parent: BorrowedFd<'_>, request: u64, name: &[u8]) -> io::Result<()> {
     let mut args = vol_args(name)?;
-    // SAFETY: as in `btrfs_create_subvolume`.
-    unsafe {
-        ioctl_raw(
-            parent,
-            BTRFS_IOC_SNAP_DESTROY,
-            (&mut *args as *mut BtrfsVolArgs).cast(),
-        )
-    }
+    // SAFETY: `args` is a boxed `btrfs_ioctl_vol_args` (NUL-terminated name) of the size `request` encodes.
+    unsafe { ioctl_arg(parent, request, &mut *args) }
 }
 
 /// Commits the current transaction of the btrfs holding `fd` (`BTRFS_IOC_SYNC`); this also wakes the cleaner
@@ -237,13 +238,7 @@ pub fn btrfs_subvolume_id(dir: BorrowedFd<'_>) -> io::Result<u64> {
         name: [0; 4080],
     });
     // SAFETY: `args` is a boxed `btrfs_ioctl_ino_lookup_args` of the size the request encodes.
-    unsafe {
-        ioctl_raw(
-            dir,
-            BTRFS_IOC_INO_LOOKUP,
-            (&mut *args as *mut BtrfsInoLookupArgs).cast(),
-        )?
-    };
+    unsafe { ioctl_arg(dir, BTRFS_IOC_INO_LOOKUP, &mut *args)? };
     Ok(args.treeid)
 }
 
@@ -255,13 +250,7 @@ pub fn btrfs_enable_quota(fd: BorrowedFd<'_>) -> io::Result<()> {
         status: 0,
     };
     // SAFETY: `args` is a `btrfs_ioctl_quota_ctl_args` of the size the request encodes.
-    unsafe {
-        ioctl_raw(
-            fd,
-            BTRFS_IOC_QUOTA_CTL,
-            (&mut args as *mut BtrfsQuotaCtlArgs).cast(),
-        )
-    }
+    unsafe { ioctl_arg(fd, BTRFS_IOC_QUOTA_CTL, &mut args) }
 }
 
 /// Sets the referenced-bytes limit of qgroup `0/<subvol_id>` (`BTRFS_IOC_QGROUP_LIMIT`, `max_rfer`); `fd` is
@@ -278,13 +267,7 @@ pub fn btrfs_limit(fd: BorrowedFd<'_>, subvol_id: u64, max_bytes: u64) -> io::Re
         },
     };
     // SAFETY: `args` is a `btrfs_ioctl_qgroup_limit_args` of the size the request encodes.
-    unsafe {
-        ioctl_raw(
-            fd,
-            BTRFS_IOC_QGROUP_LIMIT,
-            (&mut args as *mut BtrfsQgroupLimitArgs).cast(),
-        )
-    }
+    unsafe { ioctl_arg(fd, BTRFS_IOC_QGROUP_LIMIT, &mut args) }
 }
 
 /// Deletes qgroup `0/<subvol_id>` (`BTRFS_IOC_QGROUP_CREATE` with `create = 0`). The kernel answers `EBUSY`
@@ -296,13 +279,7 @@ pub fn btrfs_remove_qgroup(fd: BorrowedFd<'_>, subvol_id: u64) -> io::Result<()>
         qgroupid: subvol_id,
     };
     // SAFETY: `args` is a `btrfs_ioctl_qgroup_create_args` of the size the request encodes.
-    unsafe {
-        ioctl_raw(
-            fd,
-            BTRFS_IOC_QGROUP_CREATE,
-            (&mut args as *mut BtrfsQgroupCreateArgs).cast(),
-        )
-    }
+    unsafe { ioctl_arg(fd, BTRFS_IOC_QGROUP_CREATE, &mut args) }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -448,7 +425,7 @@ pub fn xfs_project_quota_enforced(fd: BorrowedFd<'_>) -> io::Result<bool> {
 pub fn project_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
     let mut x = FsXattr::default();
     // SAFETY: `x` is a `struct fsxattr` of the size the request encodes.
-    unsafe { ioctl_raw(fd, FS_IOC_FSGETXATTR, (&mut x as *mut FsXattr).cast())? };
+    unsafe { ioctl_arg(fd, FS_IOC_FSGETXATTR, &mut x)? };
     Ok(x.projid)
 }
 
@@ -457,11 +434,11 @@ pub fn project_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
 pub fn set_project_id(dir: BorrowedFd<'_>, id: u32) -> io::Result<()> {
     let mut x = FsXattr::default();
     // SAFETY: `x` is a `struct fsxattr` of the size the request encodes.
-    unsafe { ioctl_raw(dir, FS_IOC_FSGETXATTR, (&mut x as *mut FsXattr).cast())? };
+    unsafe { ioctl_arg(dir, FS_IOC_FSGETXATTR, &mut x)? };
     x.projid = id;
     x.xflags |= FS_XFLAG_PROJINHERIT;
     // SAFETY: as above.
-    unsafe { ioctl_raw(dir, FS_IOC_FSSETXATTR, (&mut x as *mut FsXattr).cast()) }
+    unsafe { ioctl_arg(dir, FS_IOC_FSSETXATTR, &mut x) }
 }
 
 /// Sets the block hard and soft limit of project `id` to `max_bytes` (0 removes the limit) on the filesystem

@@ -91,23 +91,12 @@ pub fn require_ceph(test: &str) -> bool {
     {
         return false;
     }
-    if !have_ceph() {
-        static INSTALL: std::sync::Once = std::sync::Once::new();
-        INSTALL.call_once(|| {
-            eprintln!("installing {} with apt-get", CEPH_PACKAGES.join(" "));
-            let st = Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(CEPH_PACKAGES)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status();
-            eprintln!("apt-get: {st:?}");
-        });
-    }
-    have_ceph()
-        || super::skip(
-            test,
-            "the Ceph packages (ceph-mon, ceph-osd, ceph-common, rbd-fuse)",
-        )
+    super::require_packages(
+        test,
+        "the Ceph packages (ceph-mon, ceph-osd, ceph-common, rbd-fuse)",
+        have_ceph,
+        CEPH_PACKAGES,
+    )
 }
 
 /// Where the OSD keeps its objects.
@@ -439,40 +428,43 @@ impl CephCluster {
 
     /// Runs `ceph ARGS` against this cluster (10 s connect timeout).
     pub fn ceph(&self, args: &[&str]) -> Output {
-        Command::new(find_bin("ceph").unwrap_or_else(|| "ceph".into()))
-            .arg("-c")
-            .arg(self.conf())
-            .args(["--connect-timeout", "10"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("spawn ceph: {e}"))
+        self.tool("ceph", &["--connect-timeout", "10"], args)
     }
 
     /// `ceph ARGS`, panicking with the output on failure; returns stdout.
     pub fn ceph_ok(&self, args: &[&str]) -> String {
-        let out = self.ceph(args);
-        check_output(&format!("ceph {}", args.join(" ")), &out).unwrap_or_else(|e| panic!("{e}"));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.tool_ok("ceph", args, self.ceph(args))
     }
 
     /// Runs `rbd ARGS` against this cluster (10 s mon timeouts).
     pub fn rbd(&self, args: &[&str]) -> Output {
-        Command::new(find_bin("rbd").unwrap_or_else(|| "rbd".into()))
-            .arg("-c")
-            .arg(self.conf())
-            .args(["--client_mount_timeout", "10", "--rados_mon_op_timeout", "10"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("spawn rbd: {e}"))
+        self.tool(
+            "rbd",
+            &["--client_mount_timeout", "10", "--rados_mon_op_timeout", "10"],
+            args,
+        )
     }
 
     /// `rbd ARGS`, panicking with the output on failure; returns stdout.
     pub fn rbd_ok(&self, args: &[&str]) -> String {
-        let out = self.rbd(args);
-        check_output(&format!("rbd {}", args.join(" ")), &out).unwrap_or_else(|e| panic!("{e}"));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.tool_ok("rbd", args, self.rbd(args))
+    }
+
+    /// Runs the Ceph tool `bin` with this cluster's config, its `timeouts` options and `args`.
+    fn tool(&self, bin: &str, timeouts: &[&str], args: &[&str]) -> Output {
+        Command::new(find_bin(bin).unwrap_or_else(|| bin.into()))
+            .arg("-c")
+            .arg(self.conf())
+            .args(timeouts)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"))
+    }
+
+    /// The stdout of `bin ARGS` that gave `out`; panics with the output unless it succeeded.
+    fn tool_ok(&self, bin: &str, args: &[&str], out: Output) -> String {
+        stdout_of(&format!("{bin} {}", args.join(" ")), &out).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The images of `pool` (`rbd ls`).

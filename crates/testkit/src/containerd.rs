@@ -254,8 +254,7 @@ impl Containerd {
             .ctr_cmd_in(ns, &self.ctr_timeout, args)
             .output()
             .map_err(|e| format!("run ctr: {e}"))?;
-        check_output(&format!("ctr {}", args.join(" ")), &out)?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(&format!("ctr {}", args.join(" ")), &out)
     }
 
     /// Runs ctr with `args`, panics if it succeeds; returns stderr (the error message).

@@ -76,6 +76,14 @@ pub const OPS: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// The fault points of the operation `op` in [`OPS`], in the order it passes them; panics for an unknown `op`.
+pub fn points_of(op: &str) -> &'static [&'static str] {
+    OPS.iter()
+        .find(|(o, _)| *o == op)
+        .map(|(_, p)| *p)
+        .unwrap_or_else(|| panic!("no operation {op} in crash::OPS"))
+}
+
 /// What the test expects to find in the store.
 #[derive(Default)]
 pub struct Model {

@@ -256,6 +256,15 @@ pub fn gcall(d: &Daemon, method: &str, body: Value) -> Result<(), String> {
     }
 }
 
+/// `/GraphDriver.Create` of the layer `id` on `parent` (`""`: none), as dockerd sends it.
+pub fn gcreate(d: &Daemon, id: &str, parent: &str) -> Result<(), String> {
+    gcall(
+        d,
+        "Create",
+        serde_json::json!({"ID": id, "Parent": parent, "MountLabel": ""}),
+    )
+}
+
 pub fn vcall(d: &Daemon, method: &str, body: Value) -> Result<Value, String> {
     let mut b = serde_json::to_vec(&body).unwrap();
     b.push(b'\n');

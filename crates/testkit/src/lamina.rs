@@ -321,6 +321,18 @@ impl Lamina {
         self.start_again();
     }
 
+    /// [`Lamina::use_config`] with a `[volumes]` section whose `mount_base` is `mnt/` in this instance's
+    /// directory, followed by `volumes_toml` (more keys of `[volumes]`, then any subsections); returns that
+    /// mount base.
+    pub fn volumes_config(&mut self, volumes_toml: &str) -> PathBuf {
+        let mount_base = self.workdir.join("mnt");
+        self.use_config(&format!(
+            "[volumes]\nmount_base = \"{}\"\n{volumes_toml}",
+            mount_base.display()
+        ));
+        mount_base
+    }
+
     /// A raw protocol client for this instance's plugin socket.
     pub fn client(&self) -> PluginClient {
         PluginClient::new(&self.socket)

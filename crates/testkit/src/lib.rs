@@ -75,9 +75,7 @@ pub fn lamina_cli(root: &Path, args: &[&str]) -> Output {
 
 /// [`lamina_cli`]; panics unless it succeeds; returns stdout.
 pub fn lamina_cli_ok(root: &Path, args: &[&str]) -> String {
-    let out = lamina_cli(root, args);
-    check_output(&format!("lamina {args:?}"), &out).unwrap_or_else(|e| panic!("{e}"));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout_of(&format!("lamina {args:?}"), &lamina_cli(root, args)).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// [`lamina_cli_ok`] with `--json`, parsed.
@@ -214,6 +212,12 @@ pub fn serial() -> Option<MutexGuard<'static, ()>> {
         return None;
     }
     Some(LOCK.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// A test's start: when `present` (its `require_*` checks) holds, the [`serial`] guard; `None` (skip the test)
+/// otherwise. `let Some(_serial) = serial_if(require_root(test)) else { return; };`
+pub fn serial_if(present: bool) -> Option<Option<MutexGuard<'static, ()>>> {
+    present.then(serial)
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -535,6 +539,33 @@ pub fn check_output(what: &str, out: &Output) -> Result<(), String> {
     ))
 }
 
+/// True when `have()` holds, once `packages` are installed if it did not (one `apt-get install` per package
+/// list and test process); otherwise a skip (a failure under CI) saying that `test` needs `what`.
+pub fn require_packages(test: &str, what: &str, have: fn() -> bool, packages: &[&str]) -> bool {
+    static TRIED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    if !have() {
+        let key = packages.join(" ");
+        let mut tried = TRIED.lock().unwrap_or_else(|e| e.into_inner());
+        if !tried.contains(&key) {
+            eprintln!("installing {key} with apt-get");
+            let st = Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+            eprintln!("apt-get: {st:?}");
+            tried.push(key);
+        }
+    }
+    have() || skip(test, what)
+}
+
+/// The stdout of the command `what` that gave `out`, or the error of [`check_output`].
+pub fn stdout_of(what: &str, out: &Output) -> Result<String, String> {
+    check_output(what, out)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Runs a command, panicking with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
@@ -726,6 +757,11 @@ impl Dockerd {
         self.try_ok(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// `docker run -d --name <name> <image> sh -c <script>`: a background container; panics unless it starts.
+    pub fn run_detached(&self, name: &str, image: &str, script: &str) {
+        self.ok(&["run", "-d", "--name", name, image, "sh", "-c", script]);
+    }
+
     /// Runs `docker <args>`, panics if it succeeds; returns its stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.docker(args);
@@ -889,6 +925,17 @@ fn elf_has_interpreter(elf: &[u8]) -> bool {
     })
 }
 
+/// Writes each `(path, content)` of `files` below `dir`, creating the directories on the way.
+pub fn write_files(dir: &Path, files: &[(&str, &str)]) {
+    for (path, content) in files {
+        let p = dir.join(path);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).unwrap_or_else(|e| panic!("create {}: {e}", parent.display()));
+        }
+        fs::write(&p, content).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    }
+}
+
 /// Writes `mb` MiB of zeros to a new file at `path` and syncs it: the write error is what a size limit answers.
 pub fn write_mb(path: &Path, mb: usize) -> std::io::Result<()> {
     let mut f = fs::File::create(path)?;
@@ -1004,6 +1051,14 @@ impl HttpResponse {
         );
         err
     }
+
+    /// [`Self::expect_err`], and panics unless the `Err` also mentions `needle`.
+    #[track_caller]
+    pub fn expect_err_containing(&self, what: &str, class: &str, needle: &str) -> String {
+        let err = self.expect_err(what, class);
+        assert!(err.contains(needle), "{what}: {err}");
+        err
+    }
 }
 
 /// Shortens `s` to at most `n` bytes (on a char boundary) for messages.
@@ -1065,11 +1120,56 @@ impl PluginClient {
             .unwrap_or_else(|e| panic!("{path}: transport error {e}"))
     }
 
+    /// `/VolumeDriver.Get` of `name` (panics unless it succeeds): the `Status.State` it reports, `""` if none.
+    pub fn volume_state(&self, name: &str) -> String {
+        let g = self
+            .volume_call("Get", serde_json::json!({"Name": name}))
+            .ok(&format!("Get {name}"));
+        g["Volume"]["Status"]["State"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Makes each `(method, body, cause)` volume call and panics unless it is refused with an `Err` of `class`
+    /// that names `cause` (`when` completes the messages, e.g. `with the cluster down`); the time they took.
+    pub fn expect_volume_refusals(
+        &self,
+        calls: &[(&str, serde_json::Value, &str)],
+        when: &str,
+        class: &str,
+    ) -> Duration {
+        let t = Instant::now();
+        for (method, body, cause) in calls {
+            self.volume_call(method, body.clone()).expect_err_containing(
+                &format!("{method} {when}"),
+                class,
+                cause,
+            );
+        }
+        t.elapsed()
+    }
+
     /// `POST /VolumeDriver.<method>`, encoded like [`PluginClient::call`]; panics on transport errors.
     pub fn volume_call(&self, method: &str, json: serde_json::Value) -> HttpResponse {
         let path = format!("/VolumeDriver.{method}");
         self.post_raw(&path, &go_json(&json))
             .unwrap_or_else(|e| panic!("{path}: transport error {e}"))
+    }
+
+    /// `Init` with `home`; panics unless it succeeds.
+    pub fn init(&self, home: &Path) {
+        self.call("Init", serde_json::json!({"Home": home})).ok("Init");
+    }
+
+    /// `Create` of the layer `id` on `parent` (`""`: none), then `ApplyDiff` of `tar` into it; panics unless both
+    /// succeed.
+    pub fn layer(&self, id: &str, parent: &str, tar: &mut dyn Read) {
+        self.call("Create", serde_json::json!({"ID": id, "Parent": parent}))
+            .ok(&format!("Create {id}"));
+        self.apply_diff(id, parent, tar)
+            .unwrap_or_else(|e| panic!("ApplyDiff {id}: {e}"))
+            .ok(&format!("ApplyDiff {id}"));
     }
 
     /// `POST /GraphDriver.ApplyDiff?id=<id>&parent=<parent>` (not escaped, like dockerd) with a chunked tar.

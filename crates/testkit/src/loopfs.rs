@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::Duration;
 
-use super::{check_output, kill_pids_referencing, unmount_under};
+use super::{kill_pids_referencing, stdout_of, unmount_under};
 
 /// What is set up, for [`teardown_all`]: (mount point, loop device, backing file).
 type Live = (PathBuf, Option<String>, PathBuf);
@@ -31,8 +31,7 @@ pub struct LoopFs {
 
 fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
-    check_output(&format!("{cmd:?}"), &out)?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(&format!("{cmd:?}"), &out)
 }
 
 impl LoopFs {

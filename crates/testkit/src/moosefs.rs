@@ -40,23 +40,12 @@ pub fn require_moosefs(test: &str) -> bool {
     if !require_root(test) || !require_bin(test, "ip") || !require_bin(test, "nsenter") {
         return false;
     }
-    if !have_moosefs() {
-        static INSTALL: std::sync::Once = std::sync::Once::new();
-        INSTALL.call_once(|| {
-            eprintln!("installing {} with apt-get", MFS_PACKAGES.join(" "));
-            let st = Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(MFS_PACKAGES)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status();
-            eprintln!("apt-get: {st:?}");
-        });
-    }
-    have_moosefs()
-        || super::skip(
-            test,
-            "the MooseFS packages (moosefs-master, -chunkserver, -client, -cli)",
-        )
+    super::require_packages(
+        test,
+        "the MooseFS packages (moosefs-master, -chunkserver, -client, -cli)",
+        have_moosefs,
+        MFS_PACKAGES,
+    )
 }
 
 /// A running test cluster.
@@ -203,17 +192,23 @@ impl MooseCluster {
         for i in 0..n_cs {
             c.start_chunkserver(i);
         }
-        let ok = poll(Duration::from_secs(30), || {
-            (c.registered_chunkservers() >= n_cs).then_some(())
-        });
-        assert!(
-            ok.is_some(),
-            "{n_cs} chunkservers did not register within 30 s:\n{}",
-            c.logs()
-        );
+        c.wait_registered(n_cs, Duration::from_secs(30));
         c.start_time = t0.elapsed();
         eprintln!("MooseFS cluster {} ({prefix}.1) up in {:?}", c.ns, c.start_time);
         c
+    }
+
+    /// Waits until `n` chunkservers are registered with the master; panics with the logs after `timeout`.
+    /// The time it took.
+    pub fn wait_registered(&self, n: usize, timeout: Duration) -> Duration {
+        let t = Instant::now();
+        let ok = poll(timeout, || (self.registered_chunkservers() >= n).then_some(()));
+        assert!(
+            ok.is_some(),
+            "{n} chunkservers not registered within {timeout:?}:\n{}",
+            self.logs()
+        );
+        t.elapsed()
     }
 
     fn in_ns(&self, prog: &str) -> Command {

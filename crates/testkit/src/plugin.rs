@@ -183,6 +183,7 @@ pub fn build_deb(work: &Path) -> PathBuf {
     let target = work.join("target");
     fs::create_dir_all(target.join("release")).unwrap();
     fs::copy(lamina_bin(), target.join("release/lamina")).unwrap();
+    fs::copy(lamina_bench_bin(), target.join("release/lamina-bench")).unwrap();
     let out_dir = work.join("deb");
     let o = Command::new(cargo_deb)
         .arg("deb")

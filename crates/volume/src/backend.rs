@@ -619,28 +619,14 @@ fn run_to_log(argv: &[String], log: &Path, timeout: Duration) -> Result<(), Volu
         .stderr(Stdio::from(err))
         .spawn()
         .map_err(|e| VolumeError::BackendUnavailable(format!("cannot run {}: {e}", argv[0])))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) if st.success() => return Ok(()),
-            Ok(Some(st)) => {
-                let tail = last_line(log);
-                return Err(VolumeError::BackendUnavailable(format!(
-                    "`{shown}` failed ({st}): {tail}"
-                )));
-            }
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(VolumeError::BackendUnavailable(format!(
-                    "`{shown}` did not finish within {} s",
-                    timeout.as_secs_f32()
-                )));
-            }
-            Err(e) => return Err(VolumeError::io(format!("waiting for `{shown}`"), e)),
-        }
+    let st = lamina_rbd::wait_within(&mut child, &shown, timeout)?;
+    if st.success() {
+        return Ok(());
     }
+    let tail = last_line(log);
+    Err(VolumeError::BackendUnavailable(format!(
+        "`{shown}` failed ({st}): {tail}"
+    )))
 }
 
 fn last_line(p: &Path) -> String {
@@ -694,13 +680,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn create_same_and_conflict() {
+    /// A prepared volume directory in a fresh temporary directory (which the caller keeps).
+    fn volume_dir() -> (tempfile::TempDir, VolumeDir) {
         let t = tempfile::tempdir().unwrap();
         let v = VolumeDir {
             root: t.path().join("vols"),
         };
         v.prepare().unwrap();
+        (t, v)
+    }
+
+    #[test]
+    fn create_same_and_conflict() {
+        let (_t, v) = volume_dir();
         let ok = tools(&["true", "{goal}", "{path}"]);
         assert!(matches!(
             v.create(rec("a", Some("2")), &ok).unwrap(),
@@ -725,11 +717,7 @@ mod tests {
 
     #[test]
     fn refused_goal_leaves_nothing() {
-        let t = tempfile::tempdir().unwrap();
-        let v = VolumeDir {
-            root: t.path().to_path_buf(),
-        };
-        v.prepare().unwrap();
+        let (_t, v) = volume_dir();
         let bad = tools(&[
             "sh",
             "-c",
@@ -748,32 +736,24 @@ mod tests {
 
     #[test]
     fn discard_delete_and_trash() {
-        let t = tempfile::tempdir().unwrap();
-        let v = VolumeDir {
-            root: t.path().to_path_buf(),
-        };
-        v.prepare().unwrap();
+        let (_t, v) = volume_dir();
         let none = CreateTools::default();
         v.create(rec("d", None), &none).unwrap();
         fs::write(v.dir("d").join("f"), b"x").unwrap();
         v.discard("d", OnRemove::Delete).unwrap();
         assert!(!v.exists("d").unwrap());
-        assert_eq!(fs::read_dir(t.path().join(".lamina/trash")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(v.root.join(".lamina/trash")).unwrap().count(), 0);
         v.create(rec("k", None), &none).unwrap();
         v.discard("k", OnRemove::Trash).unwrap();
         assert!(!v.exists("k").unwrap());
-        assert_eq!(fs::read_dir(t.path().join(".lamina/trash")).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(v.root.join(".lamina/trash")).unwrap().count(), 1);
         let e = v.discard("k", OnRemove::Trash).unwrap_err().to_string();
         assert!(e.starts_with("not found: "), "{e}");
     }
 
     #[test]
     fn adopted_directories() {
-        let t = tempfile::tempdir().unwrap();
-        let v = VolumeDir {
-            root: t.path().to_path_buf(),
-        };
-        v.prepare().unwrap();
+        let (_t, v) = volume_dir();
         fs::create_dir(v.dir("foreign")).unwrap();
         let t0 = Instant::now();
         assert!(matches!(

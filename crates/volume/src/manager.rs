@@ -790,12 +790,7 @@ impl VolumeManager {
                 }
                 Err(e @ VolumeError::BackendUnavailable(_)) => {
                     warn!(error = %e, "listing cached MooseFS volumes");
-                    for k in self.db.all_known()? {
-                        if k.backend == BackendKind::Moosefs {
-                            out.entry(k.name.clone())
-                                .or_insert_with(|| view(&k.name, Some(k.created)));
-                        }
-                    }
+                    self.add_cached(BackendKind::Moosefs, &mut out, &view)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -826,17 +821,28 @@ impl VolumeManager {
                 }
                 Err(e @ VolumeError::BackendUnavailable(_)) => {
                     warn!(error = %e, "listing cached RBD volumes");
-                    for k in self.db.all_known()? {
-                        if k.backend == BackendKind::Rbd {
-                            out.entry(k.name.clone())
-                                .or_insert_with(|| view(&k.name, Some(k.created)));
-                        }
-                    }
+                    self.add_cached(BackendKind::Rbd, &mut out, &view)?;
                 }
                 Err(e) => return Err(e),
             }
         }
         Ok(out.into_values().collect())
+    }
+
+    /// Adds the volumes of the `kind` backend known from earlier listings (its cluster is unreachable) to `out`.
+    fn add_cached(
+        &self,
+        kind: BackendKind,
+        out: &mut BTreeMap<String, VolumeView>,
+        view: &impl Fn(&str, Option<u64>) -> VolumeView,
+    ) -> Result<(), VolumeError> {
+        for k in self.db.all_known()? {
+            if k.backend == kind {
+                out.entry(k.name.clone())
+                    .or_insert_with(|| view(&k.name, Some(k.created)));
+            }
+        }
+        Ok(())
     }
 
     /// Re-creates missing bind mounts of counted volumes; detaches bind mounts nobody counts.

@@ -149,16 +149,25 @@ impl Bookkeeping {
         self.db.begin_read().map_err(|e| self.db_err(e))
     }
 
+    /// The count `(name, id)` holds in the mounts table `t` (0 for none).
+    fn count(
+        &self,
+        t: &impl ReadableTable<(&'static str, &'static str), u64>,
+        name: &str,
+        id: &str,
+    ) -> Result<u64, VolumeError> {
+        Ok(t.get((name, id))
+            .map_err(|e| self.db_err(e))?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
     /// Adds one count for `(name, id)`; returns the volume's new total.
     pub fn add(&self, name: &str, id: &str) -> Result<u64, VolumeError> {
         let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(MOUNTS).map_err(|e| self.db_err(e))?;
-            let n = t
-                .get((name, id))
-                .map_err(|e| self.db_err(e))?
-                .map(|v| v.value())
-                .unwrap_or(0);
+            let n = self.count(&t, name, id)?;
             t.insert((name, id), n + 1).map_err(|e| self.db_err(e))?;
         }
         txn.commit().map_err(|e| self.db_err(e))?;
@@ -171,11 +180,7 @@ impl Bookkeeping {
         let txn = self.begin_write()?;
         let held = {
             let mut t = txn.open_table(MOUNTS).map_err(|e| self.db_err(e))?;
-            let n = t
-                .get((name, id))
-                .map_err(|e| self.db_err(e))?
-                .map(|v| v.value())
-                .unwrap_or(0);
+            let n = self.count(&t, name, id)?;
             match n {
                 0 => false,
                 1 => {

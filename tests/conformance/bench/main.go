@@ -21,7 +21,6 @@ import (
 	"flag"
 	"fmt"
 	"math"
-	"net"
 	"os"
 	"sort"
 	"strconv"
@@ -34,7 +33,8 @@ import (
 	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/containerd/snapshots/proxy"
-	"google.golang.org/grpc"
+
+	snapdial "../snapdial"
 )
 
 type result struct {
@@ -69,7 +69,7 @@ func main() {
 	}
 
 	ctx := namespaces.WithNamespace(context.Background(), "snapbench")
-	conn, err := dial(ctx, *socket)
+	conn, err := snapdial.Dial(ctx, *socket)
 	if err != nil {
 		fatalf("dial %s: %v", *socket, err)
 	}
@@ -85,19 +85,6 @@ func main() {
 		results = append(results, rs...)
 	}
 	print(*backend, results, *tsv)
-}
-
-func dial(ctx context.Context, socket string) (*grpc.ClientConn, error) {
-	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	return grpc.DialContext(dctx, "unix://"+socket,
-		grpc.WithInsecure(),
-		grpc.WithBlock(),
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		}),
-	)
 }
 
 // benchDepth builds a chain of depth committed layers, times both operations on its top,

@@ -3,13 +3,33 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
+use std::fs::{self, File};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+
+/// A fresh temporary directory for `test`, or `None` (skip the test) when not root.
+pub fn root_tempdir(test: &str) -> Option<tempfile::TempDir> {
+    lamina_testkit::require_root(test).then(|| tempfile::tempdir().unwrap())
+}
+
+/// Two fresh empty directories `a` and `b` in `dir`.
+pub fn two_dirs(dir: &Path, a: &str, b: &str) -> (PathBuf, PathBuf) {
+    let (a, b) = (dir.join(a), dir.join(b));
+    fs::create_dir(&a).unwrap();
+    fs::create_dir(&b).unwrap();
+    (a, b)
+}
+
+/// An overlay whiteout for `name` in the directory `dir` (created if missing).
+pub fn whiteout(dir: &Path, name: &str) {
+    fs::create_dir_all(dir).unwrap();
+    let d = File::open(dir).unwrap();
+    lamina_sys::fs::make_whiteout(d.as_fd(), name.as_bytes()).unwrap();
+}
 
 pub fn major(dev: u64) -> u64 {
     ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff)

@@ -216,6 +216,21 @@ impl TestServer {
         Client::new(UnixStream::connect(&self.path).unwrap())
     }
 
+    /// A started server and one client connected to it.
+    pub fn connected() -> (Self, Client) {
+        Self::connected_with(&[])
+    }
+
+    /// A started server whose fake driver holds `layers`, and one client connected to it.
+    pub fn connected_with(layers: &[&str]) -> (Self, Client) {
+        let srv = Self::start();
+        for id in layers {
+            srv.fake.add_layer(id);
+        }
+        let c = srv.connect();
+        (srv, c)
+    }
+
     /// Requests shutdown and waits for `serve` to return.
     pub fn stop(&mut self) -> io::Result<()> {
         self.shutdown.shutdown();

@@ -42,6 +42,19 @@ impl Drop for Root {
     }
 }
 
+/// A fresh [`Root`] for `test`, or `None` (skip the test) when not root.
+pub fn root_for(test: &str) -> Option<Root> {
+    require_root(test).then(Root::new)
+}
+
+/// A store open on a fresh [`Root`] for `test`, or `None` (skip the test) when not root. Bound as
+/// `let Some((r, s)) = ...`, the store drops before its root.
+pub fn root_store(test: &str) -> Option<(Root, Store)> {
+    let r = root_for(test)?;
+    let s = Store::open(&r.path()).unwrap();
+    Some((r, s))
+}
+
 /// A tar of regular files (mode 0644, a fixed mtime).
 pub fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
