@@ -53,8 +53,11 @@ impl Store {
         labels: BTreeMap<String, String>,
         opts: &CreateOptions,
     ) -> Result<()> {
-        self.create_layer(ns, name, parent.map(|p| (p, None)), kind, labels, opts)
-            .map(|_| ())
+        let (n, rec) = self.create_layer(ns, name, parent.map(|p| (p, None)), kind, labels, opts)?;
+        if let Some(pn) = rec.parent {
+            self.inherit_lowers(n, pn)?;
+        }
+        Ok(())
     }
 
     /// Creates an empty layer; gives its number and record. `parent` is the parent's name and, when the

@@ -306,6 +306,26 @@ pub fn is_mount_point(path: &Path) -> io::Result<bool> {
     Ok(mounts_under(path)?.iter().any(|p| p == path))
 }
 
+/// Whether `path` is the root of a mount, from one `statx` (no mount table read): `Some(false)` for a missing
+/// path, `None` where the kernel does not report mount roots (before Linux 5.8).
+pub fn is_mount_root(path: &Path) -> io::Result<Option<bool>> {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags};
+    match statx(
+        CWD,
+        path,
+        AtFlags::NO_AUTOMOUNT | AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::empty(),
+    ) {
+        Ok(st) => Ok(st
+            .stx_attributes_mask
+            .contains(StatxAttributes::MOUNT_ROOT)
+            .then(|| st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT))),
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => Ok(Some(false)),
+        Err(rustix::io::Errno::NOSYS) => Ok(None),
+        Err(e) => Err(errno_ctx(e, &format!("statx {}", path.display()))),
+    }
+}
+
 fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -422,5 +442,18 @@ mod tests {
     fn root_is_a_mount_point() {
         assert!(is_mount_point(Path::new("/")).unwrap());
         assert!(!filesystem_type(Path::new("/")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn mount_roots_from_statx() {
+        if let Some(root) = is_mount_root(Path::new("/")).unwrap() {
+            assert!(root);
+            let dir = std::env::temp_dir().join(format!("lamina-sys-mount-root-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let plain = is_mount_root(&dir);
+            std::fs::remove_dir(&dir).unwrap();
+            assert_eq!(plain.unwrap(), Some(false));
+        }
+        assert_eq!(is_mount_root(Path::new("/nonexistent/lamina")).unwrap(), Some(false));
     }
 }
