@@ -399,6 +399,9 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         for subject in ["lamina", "overlay-syscalls"] {
             for m in names {
                 let mut f = metric(subject, m);
+                if subject != "lamina" {
+                    f = f.floor();
+                }
                 if subject == "lamina" {
                     if m == "Get p50" {
                         if let Some(g) = get_goal(depth) {
@@ -411,6 +414,9 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
                 figs.push(f);
             }
         }
+        // lamina's own part of a Get (RPC, lookups, option string): its p50 minus the floor's, per run.
+        let mut own =
+            Figure::new("getput", &case, "lamina", "Get p50 own part", Unit::Micros).goal("<= 0.06 ms");
         for run in 1..=ctx.runs {
             ctx.say(format!("{case}: lamina, run {run}/{} ({iters} cycles)", ctx.runs));
             let lam = lamina_cycles(
@@ -425,6 +431,7 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
                 ctx.runs
             ));
             let bare = floor.cycles(warmup, iters)?;
+            own.push((percentile(&lam.get, 50.0) - percentile(&bare.get, 50.0)) * 1e6);
             for (k, lat) in [(0usize, &lam), (8, &bare)] {
                 for (j, (v, p)) in [
                     (&lat.get, 50.0),
@@ -444,6 +451,7 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
             }
         }
         out.extend(figs);
+        out.push(own);
         for id in ids.iter().rev() {
             c.call("GraphDriver.Remove", &json!({"ID": id}))?;
         }
@@ -479,43 +487,47 @@ fn lamina_cycles(c: &mut Session, parent: &str, warmup: usize, iters: usize, see
     Ok(lat)
 }
 
-/// The floor: `depth` tiny lower directories on the same filesystem, mounted as an overlay with a fresh upper
-/// and work directory per cycle through lamina-sys (the calls lamina makes), unmounted detached as lamina's Put.
-struct FloorDir {
+/// The floor: `depth` tiny lower directories on the same filesystem, laid out as lamina lays out its layers
+/// (`<base>/data/layers/<n>/diff`, at the depth lamina's data root has below the scratch directory: the kernel
+/// walks every path and checks every ancestor of each layer at mount time, so a shallower floor would count
+/// that walk as lamina's), mounted as an overlay with a fresh layer directory (`diff`, `work`, `merged`) per
+/// cycle through lamina-sys (the calls lamina makes), unmounted detached as lamina's Put.
+pub(crate) struct FloorDir {
     base: PathBuf,
+    layers: PathBuf,
     lowers: Vec<PathBuf>,
 }
 
 impl FloorDir {
-    fn new(base: &Path, depth: usize) -> Result<FloorDir> {
+    pub(crate) fn new(base: &Path, depth: usize) -> Result<FloorDir> {
+        let layers = base.join("data").join("layers");
         let mut lowers = Vec::with_capacity(depth);
         for i in 0..depth {
-            let l = base.join(format!("l{i}"));
+            let l = layers.join(format!("{:x}", i + 1)).join("diff");
             fs::create_dir_all(&l)?;
             fs::write(l.join(format!("layer-{i}.txt")), format!("layer {i}\n"))?;
             lowers.push(l);
         }
         // Top-most lower first, as lamina orders them.
         lowers.reverse();
-        fs::create_dir_all(base.join("merged"))?;
-        fs::create_dir_all(base.join("rw"))?;
         Ok(FloorDir {
             base: base.to_path_buf(),
+            layers,
             lowers,
         })
     }
 
     fn cycles(&self, warmup: usize, iters: usize) -> Result<Lat> {
         use lamina_sys::mount::{mount_overlay, unmount, OverlaySpec};
-        let merged = self.base.join("merged");
         let mut lat = Lat::default();
         for i in 0..warmup + iters {
-            let dir = self.base.join("rw").join(i.to_string());
-            let (upper, work) = (dir.join("diff"), dir.join("work"));
+            let dir = self.layers.join(format!("c{i:x}"));
+            let (upper, work, merged) = (dir.join("diff"), dir.join("work"), dir.join("merged"));
             let t0 = Instant::now();
             fs::create_dir(&dir)?;
             fs::create_dir(&upper)?;
             fs::create_dir(&work)?;
+            fs::create_dir(&merged)?;
             let t1 = Instant::now();
             let spec = OverlaySpec {
                 lowers: self.lowers.clone(),
@@ -537,7 +549,21 @@ impl FloorDir {
         Ok(lat)
     }
 
-    fn remove(self) {
+    /// The kernel work of `n` containers' storage as dockerd asks for it (per container: two layer directories
+    /// made and removed, three overlay mounts and unmounts), in seconds.
+    pub(crate) fn containers(&self, n: usize) -> Result<f64> {
+        let lat = self.cycles(0, 2 * n)?;
+        let full: f64 = lat
+            .create_get
+            .iter()
+            .zip(&lat.put_remove)
+            .map(|(a, b)| a + b)
+            .sum();
+        let again: f64 = lat.get.iter().zip(&lat.put).take(n).map(|(a, b)| a + b).sum();
+        Ok(full + again)
+    }
+
+    pub(crate) fn remove(self) {
         unmount_under(&self.base);
         let _ = fs::remove_dir_all(&self.base);
     }
