@@ -364,7 +364,11 @@ fn get_goal(depth: usize) -> Option<&'static str> {
 fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
     let iters = ctx.pick(20, 500);
     let warmup = ctx.pick(3, 30);
-    let lamina = start(lamina(ctx, "lamina"));
+    let mut spec = lamina(ctx, "lamina");
+    // lamina's own latency histograms: the server-side time of each Get, without the RPC.
+    let metrics = spec.dir().join("metrics.sock");
+    spec.extra_args = vec!["--metrics-address".into(), format!("unix:{}", metrics.display())];
+    let lamina = start(spec);
     let mut c = graph_session(&lamina)?;
     for depth in DEPTHS {
         let case = format!("depth {depth}");
@@ -417,8 +421,10 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         // lamina's own part of a Get (RPC, lookups, option string): its p50 minus the floor's, per run.
         let mut own =
             Figure::new("getput", &case, "lamina", "Get p50 own part", Unit::Micros).goal("<= 0.06 ms");
+        let mut server = Figure::new("getput", &case, "lamina", "Get server-side mean", Unit::Micros);
         for run in 1..=ctx.runs {
             ctx.say(format!("{case}: lamina, run {run}/{} ({iters} cycles)", ctx.runs));
+            let (sum0, n0) = served(&metrics, "Get")?;
             let lam = lamina_cycles(
                 &mut c,
                 &top,
@@ -426,6 +432,8 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
                 iters,
                 seed.rotate_left(17).wrapping_add(run as u64),
             )?;
+            let (sum1, n1) = served(&metrics, "Get")?;
+            server.push((sum1 - sum0) / (n1 - n0).max(1.0) * 1e6);
             ctx.say(format!(
                 "{case}: overlay syscalls, run {run}/{} ({iters} cycles)",
                 ctx.runs
@@ -452,12 +460,33 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         }
         out.extend(figs);
         out.push(own);
+        out.push(server);
         for id in ids.iter().rev() {
             c.call("GraphDriver.Remove", &json!({"ID": id}))?;
         }
         floor.remove();
     }
     Ok(())
+}
+
+/// Seconds spent in, and number of, lamina's GraphDriver `op` calls so far, from its metrics socket (the time
+/// from the request's dispatch to its answer, without the RPC).
+fn served(metrics: &Path, op: &str) -> Result<(f64, f64)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(metrics)
+        .with_context(|| format!("connect {}", metrics.display()))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lamina\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let labels = format!("{{protocol=\"graphdriver\",op=\"{op}\"}}");
+    let value = |name: &str| {
+        let key = format!("lamina_request_duration_seconds_{name}{labels} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("no {key} in lamina's metrics"))
+    };
+    Ok((value("sum")?, value("count")?))
 }
 
 /// `iters` container-like cycles after `warmup` untimed ones: CreateReadWrite, Get, Put, Remove.
