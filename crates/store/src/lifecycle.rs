@@ -55,7 +55,10 @@ impl Store {
     ) -> Result<()> {
         let (n, rec) = self.create_layer(ns, name, parent.map(|p| (p, None)), kind, labels, opts)?;
         if let Some(pn) = rec.parent {
-            self.inherit_lowers(n, pn)?;
+            // The layer exists: a failure here only leaves its chain to be read at its first mount.
+            if let Err(e) = self.inherit_lowers(n, pn) {
+                warn!(ns, name, layer = n, error = %e, "could not take the parent's chain");
+            }
         }
         Ok(())
     }

@@ -214,12 +214,21 @@ fn in_dir<T>(dir: &Path, f: impl FnOnce() -> T) -> Option<T> {
         }
         let back = own.as_ref()?;
         rustix::process::fchdir(&target).ok()?;
-        let out = f();
-        if rustix::process::fchdir(back).is_err() {
+        // Back also if `f` panics.
+        let _back = Back(back);
+        Some(f())
+    })
+}
+
+/// Moves the thread's working directory back to the directory it holds when dropped.
+struct Back<'a>(&'a OwnedFd);
+
+impl Drop for Back<'_> {
+    fn drop(&mut self) {
+        if rustix::process::fchdir(self.0).is_err() {
             let _ = rustix::process::chdir("/");
         }
-        Some(out)
-    })
+    }
 }
 
 fn mount_overlay_new_api(target: &Path, spec: &OverlaySpec) -> Result<(), NewApiError> {
