@@ -6,11 +6,11 @@
 //! directories are then passed as `/proc/self/fd/N` of directory handles opened for the call,
 //! which keeps each entry about 18 bytes long whatever the data root's path is.
 //!
-//! The kernel walks every path it is given, component by component, once per mount; at 128 layers under a
-//! deep data root that walk costs more than the rest of lamina's part of a mount. So the new-API mount
-//! passes its directories relative to their nearest common directory, from a thread whose working
-//! directory is its own (`unshare(CLONE_FS)`, once per thread) and is moved there for the call and back.
-//! `/proc/self/mountinfo` then shows those relative names.
+//! The kernel walks every path it is given, component by component, once per mount (a 128-layer mount took
+//! 1.39 ms with paths nine directories deep against 1.11 ms with short ones on the development machine). So
+//! the new-API mount passes its directories relative to their nearest common directory, from a thread whose
+//! working directory is its own (`unshare(CLONE_FS)`, once per thread) and is moved there for the call and
+//! back. `/proc/self/mountinfo` then shows those relative names.
 
 use std::ffi::CString;
 use std::fs::File;
