@@ -9,6 +9,7 @@
 //! - `build`: `docker build --no-cache` (classic builder) of a 10-step Dockerfile on the imported busybox.
 //! - `pagecache`: page cache added by N containers of one image reading the same file.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -22,8 +23,10 @@ use super::engines::{
     busybox_image, dockerd, drop_caches, lamina, start, unique_name, Dockerd, Lamina, PLUGIN_DIR,
 };
 use super::engines_ctr::{
-    busybox_tree, cgroup_page_cache, meminfo_cached, run as run_cmd, RunDir, TarWriter, TimingProxy,
+    busybox_tree, calls_between, cgroup_page_cache, meminfo_cached, run as run_cmd, RunDir, TarWriter,
+    TimingProxy,
 };
+use super::graph::FloorDir;
 use super::{Ctx, Figure, Unit, Workload};
 
 /// `commit` workload.
@@ -208,6 +211,7 @@ fn run_commit(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             import_generated(d, &tag, &files)?;
             ctx.say(format!("{subject}: commits on the {case}"));
             let (mut wall, mut share) = (Vec::new(), Vec::new());
+            let (mut diff_wall, mut diff_share) = (Vec::new(), Vec::new());
             for r in 0..ctx.runs {
                 let c = format!("commit-{k}-{r}");
                 d.ok(&[
@@ -220,6 +224,15 @@ fn run_commit(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                     "head -c 1024 /dev/urandom > /change.bin",
                 ]);
                 run_cmd(&mut std::process::Command::new("sync"))?;
+                // `docker diff` (the driver's Changes): proportional to the change, not to the image.
+                let (before, _) = totals.get();
+                let t = Instant::now();
+                let listed = d.ok(&["diff", &c]);
+                diff_wall.push(secs(t) * 1000.0);
+                diff_share.push((totals.get().0 - before).as_secs_f64() * 1000.0);
+                if !listed.contains("/change.bin") {
+                    bail!("docker diff of {c} on {subject} does not list /change.bin: {listed}");
+                }
                 let (before, _) = totals.get();
                 let t = Instant::now();
                 d.ok(&["commit", &c, &format!("bench-committed:{k}-{r}")]);
@@ -236,9 +249,27 @@ fn run_commit(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                 Unit::Millis,
                 wall,
             ));
+            figs.push(figure(
+                "commit",
+                case,
+                subject,
+                "docker diff",
+                Unit::Millis,
+                diff_wall,
+            ));
             if subject == "lamina" {
                 let mut f = figure("commit", case, subject, "storage share", Unit::Millis, share);
                 f.goal = Some("<= 50 ms".into());
+                figs.push(f);
+                let mut f = figure(
+                    "commit",
+                    case,
+                    subject,
+                    "docker diff storage share",
+                    Unit::Millis,
+                    diff_share,
+                );
+                f.goal = Some("<= 100 ms".into());
                 figs.push(f);
             }
             d.ok(&["rmi", &tag]);
@@ -258,11 +289,17 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     let totals = e.proxy.as_ref().context("proxy")?.totals.clone();
     let mut runs: [[Vec<f64>; 3]; 2] = Default::default();
     let (mut share, mut calls) = (Vec::new(), Vec::new());
+    // Per plugin call: (calls per container, µs per call) of each run.
+    let mut per_call: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    // The kernel's part: a container's two layers on a one-layer image (two lowers), without a daemon.
+    let floor_dir = FloorDir::new(&ctx.scratch.join("floor"), 2)?;
+    let mut floor = Vec::new();
     for r in 0..ctx.runs {
         for (j, (subject, d)) in e.both().iter().enumerate() {
             ctx.say(format!("{subject}: run {} of {}", r + 1, ctx.runs));
             let names: Vec<String> = (0..n).map(|i| format!("c{r}-{i}")).collect();
             let (before, calls_before) = totals.get();
+            let by_call_before = totals.by_call();
             let t = Instant::now();
             for c in &names {
                 d.ok(&["run", "-d", "--name", c, BUSYBOX_TAG, "sleep", "1000"]);
@@ -280,9 +317,17 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                 let (after, calls_after) = totals.get();
                 share.push((after - before).as_secs_f64());
                 calls.push((calls_after - calls_before) as f64);
+                for (call, count, took) in calls_between(&by_call_before, &totals.by_call()) {
+                    let e = per_call.entry(call).or_default();
+                    e.0.push(count as f64 / n as f64);
+                    e.1.push(took.as_secs_f64() * 1e6 / count as f64);
+                }
             }
         }
+        ctx.say(format!("kernel floor: run {} of {}", r + 1, ctx.runs));
+        floor.push(floor_dir.containers(n)?);
     }
+    floor_dir.remove();
     let [l, o] = runs;
     for (subject, [c, rm, total]) in [("lamina", l), (BASELINE, o)] {
         figs.push(figure(
@@ -318,8 +363,19 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         Unit::Seconds,
         share,
     );
-    f.goal = Some(format!("<= {:.2} s", 0.1 * n as f64 / 100.0));
+    f.goal = Some(format!("<= {:.2} s", 0.3 * n as f64 / 100.0));
     figs.push(f);
+    figs.push(
+        figure(
+            "containers100",
+            &case,
+            "kernel-floor",
+            "storage share",
+            Unit::Seconds,
+            floor,
+        )
+        .floor(),
+    );
     figs.push(figure(
         "containers100",
         &case,
@@ -328,6 +384,25 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         Unit::Count,
         calls,
     ));
+    for (call, (count, micros)) in per_call {
+        let call = call.trim_start_matches('/');
+        figs.push(figure(
+            "containers100",
+            &case,
+            "lamina",
+            &format!("{call} per container"),
+            Unit::Count,
+            count,
+        ));
+        figs.push(figure(
+            "containers100",
+            &case,
+            "lamina",
+            &format!("{call} per call"),
+            Unit::Micros,
+            micros,
+        ));
+    }
     Ok(())
 }
 

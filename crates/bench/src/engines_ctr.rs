@@ -2,6 +2,7 @@
 //! the plugin socket, a tar writer that streams, an OCI image archive, and helpers for direct I/O and
 //! page-cache accounting. The engines themselves (containerd, MooseFS) are `lamina-testkit`'s.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -9,7 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,8 @@ impl Drop for RunDir {
 pub struct ProxyTotals {
     nanos: AtomicU64,
     calls: AtomicU64,
+    /// Per call (the request path without its query, e.g. `/GraphDriver.Get`): count and time.
+    by_call: Mutex<BTreeMap<String, (u64, Duration)>>,
 }
 
 impl ProxyTotals {
@@ -77,6 +80,42 @@ impl ProxyTotals {
             self.calls.load(Ordering::SeqCst),
         )
     }
+
+    /// Count and time of each call so far, by request path.
+    pub fn by_call(&self) -> BTreeMap<String, (u64, Duration)> {
+        self.by_call.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn record(&self, call: &str, took: Duration) {
+        self.nanos.fetch_add(took.as_nanos() as u64, Ordering::SeqCst);
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut m = self.by_call.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(call.to_string()).or_default();
+        e.0 += 1;
+        e.1 += took;
+    }
+}
+
+/// The calls made between two [`ProxyTotals::by_call`] readings: per call, count and time.
+pub fn calls_between(
+    before: &BTreeMap<String, (u64, Duration)>,
+    after: &BTreeMap<String, (u64, Duration)>,
+) -> Vec<(String, u64, Duration)> {
+    after
+        .iter()
+        .filter_map(|(k, (n, t))| {
+            let (n0, t0) = before.get(k).copied().unwrap_or_default();
+            (*n > n0).then(|| (k.clone(), n - n0, t.saturating_sub(t0)))
+        })
+        .collect()
+}
+
+/// The request path of an HTTP request head, without its query.
+fn request_path(head: &[u8]) -> String {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let target = line.split(|b| *b == b' ').nth(1).unwrap_or_default();
+    let path = target.split(|b| *b == b'?').next().unwrap_or_default();
+    String::from_utf8_lossy(path).into_owned()
 }
 
 /// Listens on `listen` and forwards each HTTP/1.1 request to `upstream` (one upstream connection per client
@@ -250,10 +289,7 @@ fn proxy_connection(client: UnixStream, upstream: &Path, totals: &ProxyTotals) -
         let until_close = matches!(kind, Body::UntilClose);
         copy_body(&mut from_server, &mut to_client, kind)?;
         to_client.flush()?;
-        totals
-            .nanos
-            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::SeqCst);
-        totals.calls.fetch_add(1, Ordering::SeqCst);
+        totals.record(&request_path(&head), start.elapsed());
         if until_close {
             let _ = to_client.shutdown(std::net::Shutdown::Both);
             return Ok(());

@@ -364,7 +364,11 @@ fn get_goal(depth: usize) -> Option<&'static str> {
 fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
     let iters = ctx.pick(20, 500);
     let warmup = ctx.pick(3, 30);
-    let lamina = start(lamina(ctx, "lamina"));
+    let mut spec = lamina(ctx, "lamina");
+    // lamina's own latency histograms: the server-side time of each Get, without the RPC.
+    let metrics = spec.dir().join("metrics.sock");
+    spec.extra_args = vec!["--metrics-address".into(), format!("unix:{}", metrics.display())];
+    let lamina = start(spec);
     let mut c = graph_session(&lamina)?;
     for depth in DEPTHS {
         let case = format!("depth {depth}");
@@ -399,6 +403,9 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         for subject in ["lamina", "overlay-syscalls"] {
             for m in names {
                 let mut f = metric(subject, m);
+                if subject != "lamina" {
+                    f = f.floor();
+                }
                 if subject == "lamina" {
                     if m == "Get p50" {
                         if let Some(g) = get_goal(depth) {
@@ -411,8 +418,13 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
                 figs.push(f);
             }
         }
+        // lamina's own part of a Get (RPC, lookups, option string): its p50 minus the floor's, per run.
+        let mut own =
+            Figure::new("getput", &case, "lamina", "Get p50 own part", Unit::Micros).goal("<= 0.06 ms");
+        let mut server = Figure::new("getput", &case, "lamina", "Get server-side mean", Unit::Micros);
         for run in 1..=ctx.runs {
             ctx.say(format!("{case}: lamina, run {run}/{} ({iters} cycles)", ctx.runs));
+            let (sum0, n0) = served(&metrics, "Get")?;
             let lam = lamina_cycles(
                 &mut c,
                 &top,
@@ -420,11 +432,14 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
                 iters,
                 seed.rotate_left(17).wrapping_add(run as u64),
             )?;
+            let (sum1, n1) = served(&metrics, "Get")?;
+            server.push((sum1 - sum0) / (n1 - n0).max(1.0) * 1e6);
             ctx.say(format!(
                 "{case}: overlay syscalls, run {run}/{} ({iters} cycles)",
                 ctx.runs
             ));
             let bare = floor.cycles(warmup, iters)?;
+            own.push((percentile(&lam.get, 50.0) - percentile(&bare.get, 50.0)) * 1e6);
             for (k, lat) in [(0usize, &lam), (8, &bare)] {
                 for (j, (v, p)) in [
                     (&lat.get, 50.0),
@@ -444,12 +459,34 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
             }
         }
         out.extend(figs);
+        out.push(own);
+        out.push(server);
         for id in ids.iter().rev() {
             c.call("GraphDriver.Remove", &json!({"ID": id}))?;
         }
         floor.remove();
     }
     Ok(())
+}
+
+/// Seconds spent in, and number of, lamina's GraphDriver `op` calls so far, from its metrics socket (the time
+/// from the request's dispatch to its answer, without the RPC).
+fn served(metrics: &Path, op: &str) -> Result<(f64, f64)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(metrics)
+        .with_context(|| format!("connect {}", metrics.display()))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lamina\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let labels = format!("{{protocol=\"graphdriver\",op=\"{op}\"}}");
+    let value = |name: &str| {
+        let key = format!("lamina_request_duration_seconds_{name}{labels} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("no {key} in lamina's metrics"))
+    };
+    Ok((value("sum")?, value("count")?))
 }
 
 /// `iters` container-like cycles after `warmup` untimed ones: CreateReadWrite, Get, Put, Remove.
@@ -479,43 +516,47 @@ fn lamina_cycles(c: &mut Session, parent: &str, warmup: usize, iters: usize, see
     Ok(lat)
 }
 
-/// The floor: `depth` tiny lower directories on the same filesystem, mounted as an overlay with a fresh upper
-/// and work directory per cycle through lamina-sys (the calls lamina makes), unmounted detached as lamina's Put.
-struct FloorDir {
+/// The floor: `depth` tiny lower directories on the same filesystem, laid out as lamina lays out its layers
+/// (`<base>/data/layers/<n>/diff`, at the depth lamina's data root has below the scratch directory: the kernel
+/// walks every path and checks every ancestor of each layer at mount time, so a shallower floor would count
+/// that walk as lamina's), mounted as an overlay with a fresh layer directory (`diff`, `work`, `merged`) per
+/// cycle through lamina-sys (the calls lamina makes), unmounted detached as lamina's Put.
+pub(crate) struct FloorDir {
     base: PathBuf,
+    layers: PathBuf,
     lowers: Vec<PathBuf>,
 }
 
 impl FloorDir {
-    fn new(base: &Path, depth: usize) -> Result<FloorDir> {
+    pub(crate) fn new(base: &Path, depth: usize) -> Result<FloorDir> {
+        let layers = base.join("data").join("layers");
         let mut lowers = Vec::with_capacity(depth);
         for i in 0..depth {
-            let l = base.join(format!("l{i}"));
+            let l = layers.join(format!("{:x}", i + 1)).join("diff");
             fs::create_dir_all(&l)?;
             fs::write(l.join(format!("layer-{i}.txt")), format!("layer {i}\n"))?;
             lowers.push(l);
         }
         // Top-most lower first, as lamina orders them.
         lowers.reverse();
-        fs::create_dir_all(base.join("merged"))?;
-        fs::create_dir_all(base.join("rw"))?;
         Ok(FloorDir {
             base: base.to_path_buf(),
+            layers,
             lowers,
         })
     }
 
     fn cycles(&self, warmup: usize, iters: usize) -> Result<Lat> {
         use lamina_sys::mount::{mount_overlay, unmount, OverlaySpec};
-        let merged = self.base.join("merged");
         let mut lat = Lat::default();
         for i in 0..warmup + iters {
-            let dir = self.base.join("rw").join(i.to_string());
-            let (upper, work) = (dir.join("diff"), dir.join("work"));
+            let dir = self.layers.join(format!("c{i:x}"));
+            let (upper, work, merged) = (dir.join("diff"), dir.join("work"), dir.join("merged"));
             let t0 = Instant::now();
             fs::create_dir(&dir)?;
             fs::create_dir(&upper)?;
             fs::create_dir(&work)?;
+            fs::create_dir(&merged)?;
             let t1 = Instant::now();
             let spec = OverlaySpec {
                 lowers: self.lowers.clone(),
@@ -537,7 +578,21 @@ impl FloorDir {
         Ok(lat)
     }
 
-    fn remove(self) {
+    /// The kernel work of `n` containers' storage as dockerd asks for it (per container: two layer directories
+    /// made and removed, three overlay mounts and unmounts), in seconds.
+    pub(crate) fn containers(&self, n: usize) -> Result<f64> {
+        let lat = self.cycles(0, 2 * n)?;
+        let full: f64 = lat
+            .create_get
+            .iter()
+            .zip(&lat.put_remove)
+            .map(|(a, b)| a + b)
+            .sum();
+        let again: f64 = lat.get.iter().zip(&lat.put).take(n).map(|(a, b)| a + b).sum();
+        Ok(full + again)
+    }
+
+    pub(crate) fn remove(self) {
         unmount_under(&self.base);
         let _ = fs::remove_dir_all(&self.base);
     }

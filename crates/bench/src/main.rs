@@ -219,6 +219,9 @@ pub struct Figure {
     pub goal: Option<String>,
     /// Filled in by the runner.
     pub fs: Option<FsKind>,
+    /// The subject is a floor (the bare kernel work of the same operations, no daemon): shown in the report's
+    /// floor column; the ratio is taken against it only where no other baseline exists.
+    pub floor: bool,
 }
 
 impl Figure {
@@ -240,7 +243,14 @@ impl Figure {
             lower_is_better: true,
             goal: None,
             fs: None,
+            floor: false,
         }
+    }
+
+    /// Marks the figure as a floor.
+    pub fn floor(mut self) -> Self {
+        self.floor = true;
+        self
     }
 
     /// Sets the goal (e.g. `<= 1.1x gnu-tar+syncfs`, `<= 0.3 ms`, `<= 64 MiB`).

@@ -238,6 +238,8 @@ pub struct Row {
     pub baseline: Option<(String, f64)>,
     /// lamina / baseline.
     pub ratio: Option<f64>,
+    /// The floor's subject and median, where the workload measures one.
+    pub floor: Option<(String, f64)>,
     /// The goal, when one was set.
     pub goal: Option<String>,
     /// Whether it was met (None: no goal or not checkable).
@@ -278,6 +280,16 @@ pub fn rows(r: &WorkloadResult) -> Vec<Row> {
             .as_deref()
             .and_then(|g| goal_met(g, lam_med.unwrap_or(f64::NAN), unit, &ratios));
         let runs = lam.map_or(0, |f| f.samples.len());
+        let floor = bases
+            .iter()
+            .find(|f| f.floor)
+            .map(|f| (f.subject.clone(), convert(f.median(), f.unit, unit)));
+        // A floor is a row's baseline only where nothing else is.
+        let bases: Vec<&&Figure> = if bases.iter().any(|f| !f.floor) {
+            bases.into_iter().filter(|f| !f.floor).collect()
+        } else {
+            bases
+        };
         let row = |baseline: Option<(String, f64)>| Row {
             workload: r.name.to_owned(),
             case: case.clone(),
@@ -287,6 +299,7 @@ pub fn rows(r: &WorkloadResult) -> Vec<Row> {
             lamina: lam_med,
             ratio: baseline.as_ref().and_then(|(_, bm)| lam_med.map(|l| l / bm)),
             baseline,
+            floor: floor.clone(),
             goal: goal.clone(),
             met,
             runs,
@@ -357,6 +370,8 @@ pub fn write(out: &Path, info: &RunInfo, results: &[WorkloadResult]) -> Result<(
                 "baseline": r.baseline.as_ref().map(|b| &b.0),
                 "baseline_median": r.baseline.as_ref().and_then(|b| finite(b.1)),
                 "ratio": r.ratio.and_then(finite), "goal": r.goal, "met": r.met,
+                "floor": r.floor.as_ref().map(|b| &b.0),
+                "floor_median": r.floor.as_ref().and_then(|b| finite(b.1)),
             })
         })
         .collect();
@@ -454,15 +469,19 @@ fn markdown(info: &RunInfo, results: &[WorkloadResult], rows: &[Row]) -> String 
         }
         let _ = writeln!(
             m,
-            "| case | fs | metric | lamina | baseline | baseline median | lamina / baseline | goal | met? |"
+            "| case | fs | metric | lamina | floor | baseline | baseline median | lamina / baseline | goal | met? |"
         );
-        let _ = writeln!(m, "|---|---|---|---:|---|---:|---:|---|---|");
+        let _ = writeln!(m, "|---|---|---|---:|---:|---|---:|---:|---|---|");
         for r in mine {
             let u = r.unit.label();
             let lam = r.lamina.map_or("–".into(), |v| format!("{} {u}", fmt_num(v)));
             let (bn, bm) = r.baseline.as_ref().map_or(("–".into(), "–".into()), |(n, v)| {
                 (n.clone(), format!("{} {u}", fmt_num(*v)))
             });
+            let floor = r
+                .floor
+                .as_ref()
+                .map_or("–".into(), |(n, v)| format!("{} {u} ({n})", fmt_num(*v)));
             let ratio = r.ratio.map_or("–".into(), |x| format!("{x:.2}×"));
             let met = match r.met {
                 Some(true) => "yes",
@@ -471,7 +490,7 @@ fn markdown(info: &RunInfo, results: &[WorkloadResult], rows: &[Row]) -> String 
             };
             let _ = writeln!(
                 m,
-                "| {} | {} | {} | {lam} | {bn} | {bm} | {ratio} | {} | {met} |",
+                "| {} | {} | {} | {lam} | {floor} | {bn} | {bm} | {ratio} | {} | {met} |",
                 r.case,
                 r.fs.name(),
                 r.metric,
@@ -878,6 +897,29 @@ mod tests {
         assert_eq!(rows[0].ratio, Some(2.5));
         assert_eq!(rows[0].met, Some(true));
         assert!(rows[1].baseline.is_none());
+    }
+
+    #[test]
+    fn floors_get_their_own_column() {
+        let r = getput(
+            "x",
+            FsKind::Ext4,
+            vec![
+                lamina_get_p50(),
+                fig("depth 1", "bare", "Get p50", Unit::Micros, &[50.0]).floor(),
+                fig("depth 1", "overlay2", "Get p50", Unit::Micros, &[200.0]),
+                fig("depth 2", "lamina", "Get p50", Unit::Micros, &[300.0]),
+                fig("depth 2", "bare", "Get p50", Unit::Micros, &[100.0]).floor(),
+            ],
+        );
+        let rows = rows(&r);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].baseline, Some(("overlay2".into(), 200.0)));
+        assert_eq!(rows[0].floor, Some(("bare".into(), 50.0)));
+        // Only a floor: it is the baseline too.
+        assert_eq!(rows[1].baseline, Some(("bare".into(), 100.0)));
+        assert_eq!(rows[1].ratio, Some(3.0));
+        assert_eq!(rows[1].floor, Some(("bare".into(), 100.0)));
     }
 
     #[test]

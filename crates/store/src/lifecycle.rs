@@ -53,8 +53,14 @@ impl Store {
         labels: BTreeMap<String, String>,
         opts: &CreateOptions,
     ) -> Result<()> {
-        self.create_layer(ns, name, parent.map(|p| (p, None)), kind, labels, opts)
-            .map(|_| ())
+        let (n, rec) = self.create_layer(ns, name, parent.map(|p| (p, None)), kind, labels, opts)?;
+        if let Some(pn) = rec.parent {
+            // The layer exists: a failure here only leaves its chain to be read at its first mount.
+            if let Err(e) = self.inherit_lowers(n, pn) {
+                warn!(ns, name, layer = n, error = %e, "could not take the parent's chain");
+            }
+        }
+        Ok(())
     }
 
     /// Creates an empty layer; gives its number and record. `parent` is the parent's name and, when the

@@ -123,6 +123,29 @@ impl Store {
         self.lowers_locked(&mut guard, rec)
     }
 
+    /// Gives the new layer `n` its chain from its parent `pn`'s (walked in the database once per parent and
+    /// process), so that its first mount reads nothing: a container layer's chain is its image's.
+    pub(crate) fn inherit_lowers(&self, n: u64, pn: u64) -> Result<()> {
+        let parent = self.slot(pn);
+        let cached = lock(&parent).lowers.clone();
+        let above = match cached {
+            Some(l) => l,
+            None => match self.record_by_number(pn)? {
+                Some(prec) => self.lowers_of(pn, &prec)?,
+                None => return Ok(()),
+            },
+        };
+        let mut chain = Vec::with_capacity(above.len() + 1);
+        chain.push(pn);
+        chain.extend(above.iter().copied());
+        let slot = self.slot(n);
+        let mut guard = lock(&slot);
+        if guard.lowers.is_none() {
+            guard.lowers = Some(Arc::new(chain));
+        }
+        Ok(())
+    }
+
     fn lowers_locked(&self, slot: &mut Slot, rec: &LayerRecord) -> Result<Lowers> {
         if let Some(l) = &slot.lowers {
             return Ok(l.clone());

@@ -72,6 +72,38 @@ fn merged(s: &Store, name: &str) -> PathBuf {
 }
 
 #[test]
+fn a_new_layer_is_mounted_on_its_parents_chain_nearest_first() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    create(&s, "a", None, LayerKind::ReadOnly);
+    create(&s, "b", Some("a"), LayerKind::ReadOnly);
+    // The chain of `b` is read once (its own first mount), then taken over by the layers created on it.
+    let pb = s.get(NS, "b", "").unwrap();
+    s.put(NS, "b").unwrap();
+    create(&s, "c", Some("b"), LayerKind::ReadOnly);
+    create(&s, "d", Some("c"), LayerKind::ReadWrite);
+    let pd = s.get(NS, "d", "").unwrap();
+    let diff = |n: &str| s.info(NS, n).unwrap().diff_dir;
+    match fx.fake.spec_at(&pd) {
+        Some(MountSpec::Overlay(o)) => assert_eq!(o.lowers, vec![diff("c"), diff("b"), diff("a")]),
+        other => panic!("expected an overlay, got {other:?}"),
+    }
+    assert_ne!(pb, pd);
+    // A layer on a parent whose chain was never read (reopened store) gets the same.
+    drop(s);
+    let s = fx.open();
+    create(&s, "e", Some("d"), LayerKind::ReadWrite);
+    let pe = s.get(NS, "e", "").unwrap();
+    let diff = |n: &str| s.info(NS, n).unwrap().diff_dir;
+    match fx.fake.spec_at(&pe) {
+        Some(MountSpec::Overlay(o)) => {
+            assert_eq!(o.lowers, vec![diff("d"), diff("c"), diff("b"), diff("a")])
+        }
+        other => panic!("expected an overlay, got {other:?}"),
+    }
+}
+
+#[test]
 fn get_get_put_put_mounts_once_and_unmounts_at_the_last_put() {
     let (fx, s) = Fixture::with_two_layers();
     let p1 = s.get(NS, "child", "").unwrap();

@@ -49,6 +49,15 @@ impl Mounter for LinuxMounter {
     fn mount_table(&self) -> io::Result<String> {
         std::fs::read_to_string("/proc/self/mountinfo")
     }
+
+    /// One `statx` of `path` (whether it is the root of a mount); the mount table where the kernel does not
+    /// tell.
+    fn is_mount_point(&self, path: &Path) -> io::Result<bool> {
+        match mount::is_mount_root(path)? {
+            Some(root) => Ok(root),
+            None => Ok(self.mounts_under(path)?.iter().any(|p| p == path)),
+        }
+    }
 }
 
 /// One call a [`FakeMounter`] received.
