@@ -43,6 +43,8 @@ pub struct OpenOptions {
     /// are stored: their storage is moved, untouched, to `quarantine/`. Without it such an open fails and
     /// changes nothing (see `custody.rs`).
     pub quarantine_unknown: bool,
+    /// Take part in a cluster tier (docs/cluster.md).
+    pub tier: Option<crate::TierOptions>,
 }
 
 impl std::fmt::Debug for OpenOptions {
@@ -51,6 +53,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("mode", &self.mode)
             .field("verify_on_mount", &self.verify_on_mount)
             .field("quarantine_unknown", &self.quarantine_unknown)
+            .field("tier", &self.tier)
             .finish_non_exhaustive()
     }
 }
@@ -95,6 +98,7 @@ impl Store {
         })?;
         let mounter = opts.mounter.clone().unwrap_or_else(|| Arc::new(LinuxMounter));
         let backend = OverlayBackend::open(root, mounter)?;
+        let tier = opts.tier.clone().map(crate::tier::Tier::open).transpose()?;
         let db_path = root.join("meta.redb");
         let db_existed = db_path.exists();
         let db = db::Db::open(&db_path).map_err(|e| {
@@ -111,6 +115,7 @@ impl Store {
             mount_check: opts
                 .verify_on_mount
                 .then(|| verify::MountCheck::new(opts.on_check.clone())),
+            tier,
             ready: AtomicBool::new(false),
             _lock: lock,
         };
