@@ -118,6 +118,16 @@ impl Tier {
         for d in SUBDIRS {
             mkdir(&opts.dir.join(d), 0o755)?;
         }
+        // Publications this host's previous run left half-written (it died): nobody else finishes them.
+        let own = format!("@{}", opts.lease.host());
+        if let Ok(rd) = std::fs::read_dir(opts.dir.join("staging")) {
+            for e in rd.filter_map(|e| e.ok()) {
+                if e.file_name().to_string_lossy().ends_with(&own) {
+                    info!(path = %e.path().display(), "removing a publication cut short");
+                    remove_tree(&e.path());
+                }
+            }
+        }
         Ok(Tier {
             opts,
             claims: Mutex::new(HashMap::new()),

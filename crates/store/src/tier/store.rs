@@ -55,7 +55,11 @@ impl Store {
             return Ok(rec.kind == LayerKind::ReadOnly);
         }
         let deadline = Instant::now() + tier.options().claim_wait;
+        // While another host unpacks, only the layer's name is looked up each poll (one lookup on the metadata
+        // server); the claim is tried again now and then, so that a dead host's claim is taken over.
+        let claim_every = (tier.lease().config().lease / 3).max(Duration::from_secs(1));
         let mut waited = false;
+        let mut next_claim = Instant::now();
         loop {
             if tier.has(hex) {
                 let t0 = Instant::now();
@@ -63,32 +67,35 @@ impl Store {
                 debug!(
                     ns,
                     name,
-                    ms = t0.elapsed().as_millis() as u64,
+                    us = t0.elapsed().as_micros() as u64,
                     waited,
                     "layer taken from the cluster tier"
                 );
                 return Ok(made);
             }
-            match tier.claim(hex)? {
-                Claimed::Taken => return Ok(false),
-                Claimed::HeldBy(host) => {
-                    if Instant::now() >= deadline {
-                        warn!(
-                            chain = name,
-                            host, "another host's unpack takes too long; unpacking here too"
-                        );
-                        return Ok(false);
+            if Instant::now() >= next_claim {
+                match tier.claim(hex)? {
+                    Claimed::Taken => return Ok(false),
+                    Claimed::HeldBy(host) => {
+                        if !waited {
+                            info!(
+                                chain = name,
+                                host, "another host is unpacking this layer; waiting for it"
+                            );
+                            waited = true;
+                        }
                     }
-                    if !waited {
-                        info!(
-                            chain = name,
-                            host, "another host is unpacking this layer; waiting for it"
-                        );
-                        waited = true;
-                    }
-                    std::thread::sleep(POLL);
                 }
+                next_claim = Instant::now() + claim_every;
             }
+            if Instant::now() >= deadline {
+                warn!(
+                    chain = name,
+                    "another host's unpack takes too long; unpacking here too"
+                );
+                return Ok(false);
+            }
+            std::thread::sleep(POLL);
         }
     }
 
