@@ -202,8 +202,19 @@ impl Cluster {
         )
     }
 
-    fn log_mark(&self) -> u64 {
-        fs::metadata(self.registry.log()).map(|m| m.len()).unwrap_or(0)
+    /// Host `h`'s pull with unpack of `reference`: its time and the requests the registry logged meanwhile;
+    /// the master's operation counters are printed after it.
+    fn pull(&self, h: &ClusterHost, reference: &str) -> (Duration, Vec<(String, String)>) {
+        let mark = fs::metadata(self.registry.log()).map(|m| m.len()).unwrap_or(0);
+        let t = pull_with_unpack(&h.ctrd, PROXY_NAME, reference)
+            .unwrap_or_else(|e| panic!("{} pull: {e}\nlamina:\n{}", h.host, h.lamina.log_tail()));
+        let requests = registry_requests(self.registry.log(), mark);
+        eprintln!(
+            "master operations after {}'s pull:\n{}",
+            h.host,
+            master_ops(&self.mfs)
+        );
+        (t, requests)
     }
 
     /// Every published layer is whole: content, manifest and seal.
@@ -250,10 +261,7 @@ fn second_host_pulls_nothing_the_cluster_has() {
         "[{test}] master operations before the pulls:\n{}",
         master_ops(&cl.mfs)
     );
-    let mark = cl.log_mark();
-    let t_a = pull_with_unpack(&a.ctrd, PROXY_NAME, &reference)
-        .unwrap_or_else(|e| panic!("host A pull: {e}\nlamina A:\n{}", a.lamina.log_tail()));
-    let reqs_a = registry_requests(cl.registry.log(), mark);
+    let (t_a, reqs_a) = cl.pull(a, &reference);
     let gets_a = blob_gets(&reqs_a, &layer_digests);
     assert_eq!(
         gets_a.len(),
@@ -272,20 +280,8 @@ fn second_host_pulls_nothing_the_cluster_has() {
         fs::read_dir(cl.tier_b.join("staging")).unwrap().next().is_none(),
         "no publication is left half-made in staging/"
     );
-    eprintln!(
-        "[{test}] master operations after host A's pull:\n{}",
-        master_ops(&cl.mfs)
-    );
-
     // Host B: the registry serves it the manifest and config only.
-    let mark = cl.log_mark();
-    let t_b = pull_with_unpack(&b.ctrd, PROXY_NAME, &reference)
-        .unwrap_or_else(|e| panic!("host B pull: {e}\nlamina B:\n{}", b.lamina.log_tail()));
-    let reqs_b = registry_requests(cl.registry.log(), mark);
-    eprintln!(
-        "[{test}] master operations after host B's pull:\n{}",
-        master_ops(&cl.mfs)
-    );
+    let (t_b, reqs_b) = cl.pull(b, &reference);
     let gets_b = blob_gets(&reqs_b, &layer_digests);
     assert!(
         gets_b.is_empty(),

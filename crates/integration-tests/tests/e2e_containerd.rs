@@ -164,28 +164,9 @@ impl Setup {
 
     /// [`Setup::run`] in containerd namespace `ns`.
     fn run_in(&self, ns: &str, image: &str, script: &str) -> String {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let id = format!("c{}", N.fetch_add(1, Ordering::SeqCst));
-        let fifo = self.ctrd.fifo_dir();
-        let runc_root = self.ctrd.runc_root();
-        self.ctrd.ctr_ok_in(
-            ns,
-            &[
-                "run",
-                "--rm",
-                "--snapshotter",
-                &self.snapshotter,
-                "--fifo-dir",
-                fifo.to_str().unwrap(),
-                "--runc-root",
-                runc_root.to_str().unwrap(),
-                image,
-                &id,
-                "/bin/sh",
-                "-c",
-                script,
-            ],
-        )
+        self.ctrd
+            .run_script_in(ns, &self.snapshotter, image, script)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `ctr run -d --null-io` of a long-running container `id` (its shell runs `script`, then sleeps).

@@ -215,12 +215,23 @@ pub fn registry_requests(log: &Path, from: u64) -> Vec<(String, String)> {
 impl Containerd {
     /// `ctr run --rm` of `/bin/sh -c script` in a new container of `image` on `snapshotter`; gives stdout.
     pub fn run_script(&self, snapshotter: &str, image: &str, script: &str) -> Result<String, String> {
+        self.run_script_in(&self.namespace, snapshotter, image, script)
+    }
+
+    /// [`Containerd::run_script`] in containerd namespace `ns`.
+    pub fn run_script_in(
+        &self,
+        ns: &str,
+        snapshotter: &str,
+        image: &str,
+        script: &str,
+    ) -> Result<String, String> {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let id = format!("cl{}", N.fetch_add(1, Ordering::SeqCst));
+        let id = format!("c{}", N.fetch_add(1, Ordering::SeqCst));
         let fifo = self.fifo_dir();
         let runc_root = self.runc_root();
         self.try_ctr_in(
-            &self.namespace,
+            ns,
             &[
                 "run",
                 "--rm",

@@ -439,3 +439,6 @@ pub(crate) struct TierGarbage {
     pub path: PathBuf,
     pub bytes: u64,
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,176 @@
+//! The tier between two stores on one shared directory (a plain temporary directory here): publication,
+//! adoption, the publish race, waiting on another host's claim, and garbage collection across hosts. Nothing
+//! here mounts or needs root.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lamina_lease::{HostId, Lease, LeaseConfig};
+use lamina_sys::mounter::{FakeMounter, Mounter};
+
+use crate::{GarbageKind, GcOptions, LayerKind, OpenOptions, Store, TierOptions};
+
+const NS: &str = "containerd:lamina";
+
+fn chain(n: u8) -> String {
+    format!("sha256:{}", format!("{n:02x}").repeat(32))
+}
+
+fn lease(tier: &Path, host: &str) -> Lease {
+    Lease::open(LeaseConfig {
+        dir: tier.to_path_buf(),
+        host: HostId::new(host).unwrap(),
+        lease: Duration::from_secs(2),
+        heartbeat: Duration::from_secs(1),
+    })
+    .unwrap()
+}
+
+fn open(root: &Path, tier: &Path, lease: &Lease) -> Store {
+    let mounter: Arc<dyn Mounter> = Arc::new(FakeMounter::new());
+    Store::open_with_options(
+        root,
+        OpenOptions {
+            mounter: Some(mounter),
+            tier: Some(TierOptions {
+                dir: tier.to_path_buf(),
+                lease: lease.clone(),
+                claim_wait: Duration::from_secs(1),
+            }),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// A committed layer `name` holding `file` with `text`, unpacked here as containerd would (write, commit).
+fn unpack(s: &Store, name: &str, file: &str, text: &str) {
+    let key = format!("extract {name}");
+    s.create(NS, &key, None, LayerKind::ReadWrite, BTreeMap::new())
+        .unwrap();
+    std::fs::write(s.info(NS, &key).unwrap().diff_dir.join(file), text).unwrap();
+    s.commit(NS, &key, name, BTreeMap::new()).unwrap();
+}
+
+fn tier_gc(s: &Store, dry_run: bool) -> Vec<String> {
+    s.gc(&GcOptions {
+        dry_run,
+        ..GcOptions::default()
+    })
+    .unwrap()
+    .items
+    .into_iter()
+    .filter(|g| g.kind == GarbageKind::TierLayer)
+    .filter_map(|g| g.name)
+    .collect()
+}
+
+#[test]
+fn a_published_layer_is_adopted_by_another_host_and_collected_when_no_host_holds_it() {
+    let d = tempfile::tempdir().unwrap();
+    let tier = d.path().join("tier");
+    std::fs::create_dir_all(&tier).unwrap();
+    let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
+    let a = open(&d.path().join("a"), &tier, &la);
+    let b = open(&d.path().join("b"), &tier, &lb);
+    let c1 = chain(1);
+
+    // Host A unpacks and publishes.
+    assert!(
+        !a.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap(),
+        "not in the tier: A unpacks"
+    );
+    unpack(&a, "a/1/layer", "hello", "hi\n");
+    assert!(a.publish_shared(NS, "a/1/layer", &c1).unwrap());
+    let hex = c1.trim_start_matches("sha256:");
+    let published = tier.join("layers").join(hex);
+    assert_eq!(
+        std::fs::read_to_string(published.join("diff/hello")).unwrap(),
+        "hi\n"
+    );
+    assert!(published.join("seal.json").exists() && published.join("manifest").exists());
+    assert!(std::fs::read_dir(tier.join("staging")).unwrap().next().is_none());
+    assert!(
+        tier.join("refs/layer").join(hex).join("a").exists(),
+        "the publisher references it"
+    );
+
+    // Host B adopts it: a committed layer named by the chain id whose content is the tier's.
+    let labels = BTreeMap::from([("containerd.io/snapshot.ref".to_string(), c1.clone())]);
+    assert!(b.adopt_shared(NS, &c1, None, labels.clone()).unwrap());
+    let (rec, _) = b.record(NS, &c1).unwrap();
+    assert_eq!(rec.kind, LayerKind::ReadOnly);
+    assert_eq!(rec.shared.as_deref(), Some(c1.as_str()));
+    assert_eq!(rec.labels, labels);
+    assert!(rec.manifest.is_some() && rec.size.is_some());
+    let diff = b.info(NS, &c1).unwrap().diff_dir;
+    assert!(std::fs::symlink_metadata(&diff).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_to_string(diff.join("hello")).unwrap(), "hi\n");
+    assert!(
+        b.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap(),
+        "asked again: it exists"
+    );
+
+    // Host B's own unpack of the same layer loses the publication cleanly.
+    unpack(&b, "b/2/layer", "hello", "hi\n");
+    assert!(!b.publish_shared(NS, "b/2/layer", &c1).unwrap());
+    assert!(std::fs::read_dir(tier.join("staging")).unwrap().next().is_none());
+
+    // Collection: nothing while a live host holds the layer, even after the publisher dropped it.
+    std::thread::sleep(Duration::from_millis(2100));
+    la.beat().unwrap();
+    lb.beat().unwrap();
+    assert!(tier_gc(&a, true).is_empty());
+    assert!(a.remove(NS, "a/1/layer").unwrap());
+    assert!(tier_gc(&a, false).is_empty(), "host B still holds it");
+    assert!(
+        !tier.join("refs/layer").join(hex).join("a").exists(),
+        "A's reference went with its layer"
+    );
+    assert!(published.exists());
+    assert_eq!(std::fs::read_to_string(diff.join("hello")).unwrap(), "hi\n");
+    assert!(b.remove(NS, &c1).unwrap());
+    assert!(b.remove(NS, "b/2/layer").unwrap());
+    assert_eq!(tier_gc(&b, true), vec![c1.clone()], "the dry run lists it");
+    assert!(published.exists(), "a dry run removes nothing");
+    assert_eq!(tier_gc(&b, false), vec![c1.clone()]);
+    assert!(!published.exists());
+}
+
+#[test]
+fn a_prepare_waits_for_another_hosts_claim_then_unpacks_itself() {
+    let d = tempfile::tempdir().unwrap();
+    let tier = d.path().join("tier");
+    std::fs::create_dir_all(&tier).unwrap();
+    let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
+    let a = open(&d.path().join("a"), &tier, &la);
+    let b = open(&d.path().join("b"), &tier, &lb);
+    let c2 = chain(2);
+    assert!(
+        !a.adopt_shared(NS, &c2, None, BTreeMap::new()).unwrap(),
+        "A claims"
+    );
+    let t0 = Instant::now();
+    assert!(
+        !b.adopt_shared(NS, &c2, None, BTreeMap::new()).unwrap(),
+        "B gives up waiting"
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(1), "B waited for A's claim");
+    // A publishes while B waits: B adopts it.
+    let c3 = chain(3);
+    assert!(!a.adopt_shared(NS, &c3, None, BTreeMap::new()).unwrap());
+    std::thread::scope(|s| {
+        let waiting = s.spawn(|| b.adopt_shared(NS, &c3, None, BTreeMap::new()).unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        unpack(&a, "a/3", "x", "3");
+        a.publish_shared(NS, "a/3", &c3).unwrap();
+        assert!(
+            waiting.join().unwrap(),
+            "B adopted the layer A published while it waited"
+        );
+    });
+    let diff = b.info(NS, &c3).unwrap().diff_dir;
+    assert_eq!(std::fs::read_to_string(diff.join("x")).unwrap(), "3");
+}
