@@ -2,6 +2,7 @@
 //! the heartbeat, and the tier's part of garbage collection.
 
 use std::collections::{BTreeMap, HashSet};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -194,6 +195,86 @@ impl Store {
             "layer shared with the cluster tier"
         );
         Ok(published)
+    }
+
+    /// After an apply (Docker's `ApplyDiff`): when the layer's chain id (its DiffID on its parents' chain) is
+    /// published in the tier, the layer's content becomes the tier's and the local copy is dropped; this host
+    /// references the tier layer. Gives whether it did. The tar was read and unpacked all the same (the chain id
+    /// is known only once it is read): what this saves is the local copy, not the transfer.
+    pub fn share_applied(&self, ns: &str, name: &str) -> Result<bool> {
+        let Some(tier) = self.tier() else {
+            return Ok(false);
+        };
+        let (n, rec) = self.require(ns, name)?;
+        let Some(chain) = self.applied_chain(&rec)? else {
+            return Ok(false);
+        };
+        let hex = chain_hex(&chain).map(str::to_string).unwrap_or_default();
+        if rec.shared.is_some() || !tier.has(&hex) {
+            return Ok(false);
+        }
+        tier.hold(&hex)?;
+        let seal = tier.seal(&hex)?;
+        // The background manifest of the apply reads the local copy: it finishes first.
+        self.wait_sealed();
+        let slot = self.slot(n);
+        let guard = lock(&slot);
+        if guard.mounts > 0 || self.backend.is_mounted(n) || self.lookup(ns, name)?.map(|(m, _)| m) != Some(n)
+        {
+            return Ok(false);
+        }
+        let paths = self.backend.paths(n);
+        std::fs::copy(tier.layer_dir(&hex).join(crate::MANIFEST_FILE), &paths.manifest)
+            .map_err(|e| tier_io("copy manifest", e))?;
+        self.update_record(n, |r| {
+            r.shared = Some(chain.clone());
+            r.manifest = Some(seal.manifest.clone());
+        })?;
+        // The link appears in place of the local copy in one step; the local copy goes after.
+        let dir = crate::open_dir(&paths.dir)?;
+        let content = paths
+            .content
+            .file_name()
+            .map(|s| s.as_encoded_bytes().to_vec())
+            .unwrap_or_default();
+        let tmp = b"diff.tier".to_vec();
+        let _ = lamina_sys::fs::unlink(dir.as_fd(), &tmp);
+        lamina_sys::fs::symlink(
+            tier.content(&hex).as_os_str().as_encoded_bytes(),
+            dir.as_fd(),
+            &tmp,
+        )
+        .and_then(|()| lamina_sys::fs::exchange(dir.as_fd(), &content, &tmp))
+        .map_err(|e| tier_io(format!("link {} to the tier", paths.content.display()), e))?;
+        crate::remove_tree(&paths.dir.join("diff.tier"));
+        drop(guard);
+        info!(
+            ns,
+            name, chain, "applied layer stored in the cluster tier instead of a local copy"
+        );
+        Ok(true)
+    }
+
+    /// The chain id of an applied layer: its DiffID, on its parent's chain id (every layer below applied too).
+    fn applied_chain(&self, rec: &crate::LayerRecord) -> Result<Option<String>> {
+        let Some(own) = rec.digest.clone() else {
+            return Ok(None);
+        };
+        let mut digests = vec![own];
+        for p in self.chain(rec)? {
+            match self.record_by_number(p)?.and_then(|r| r.digest) {
+                Some(d) => digests.push(d),
+                None => return Ok(None),
+            }
+        }
+        let mut chain: Option<String> = None;
+        for d in digests.iter().rev() {
+            chain = Some(match chain {
+                None => d.clone(),
+                Some(c) => lamina_archive::manifest::digest_of(format!("{c} {d}").as_bytes()),
+            });
+        }
+        Ok(chain)
     }
 
     /// The chain ids (hex) of the layers this store holds, published here or linked from the tier.

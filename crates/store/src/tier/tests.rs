@@ -174,3 +174,54 @@ fn a_prepare_waits_for_another_hosts_claim_then_unpacks_itself() {
     let diff = b.info(NS, &c3).unwrap().diff_dir;
     assert_eq!(std::fs::read_to_string(diff.join("x")).unwrap(), "3");
 }
+
+#[test]
+fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
+    let d = tempfile::tempdir().unwrap();
+    let tier = d.path().join("tier");
+    std::fs::create_dir_all(&tier).unwrap();
+    let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
+    let a = open(&d.path().join("a"), &tier, &la);
+    let b = open(&d.path().join("b"), &tier, &lb);
+    // A layer tar; as the only layer, its chain id is its DiffID.
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(3);
+    h.set_mode(0o644);
+    h.set_cksum();
+    builder.append_data(&mut h, "motd", &b"hi\n"[..]).unwrap();
+    let bytes = builder.into_inner().unwrap();
+    let diff_id = lamina_archive::manifest::digest_of(&bytes);
+    // Not in the tier yet: the applied layer stays local.
+    b.create("docker:/x", "first", None, LayerKind::ReadOnly, BTreeMap::new())
+        .unwrap();
+    b.apply("docker:/x", "first", &mut &bytes[..], &Default::default())
+        .unwrap();
+    assert!(!b.share_applied("docker:/x", "first").unwrap());
+    // Host A publishes the same content under that chain id; host B's next apply of it links the tier.
+    unpack(&a, "a/1", "motd", "hi\n");
+    assert!(a.publish_shared(NS, "a/1", &diff_id).unwrap());
+    b.create("docker:/x", "second", None, LayerKind::ReadOnly, BTreeMap::new())
+        .unwrap();
+    b.apply("docker:/x", "second", &mut &bytes[..], &Default::default())
+        .unwrap();
+    assert!(b.share_applied("docker:/x", "second").unwrap());
+    let info = b.info("docker:/x", "second").unwrap();
+    assert!(std::fs::symlink_metadata(&info.diff_dir)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(info.diff_dir.join("motd")).unwrap(),
+        "hi\n"
+    );
+    assert!(
+        !info.diff_dir.with_file_name("diff.tier").exists(),
+        "the local copy is gone"
+    );
+    assert_eq!(
+        b.record("docker:/x", "second").unwrap().0.shared.as_deref(),
+        Some(diff_id.as_str())
+    );
+    assert!(!b.share_applied("docker:/x", "second").unwrap(), "once");
+}
