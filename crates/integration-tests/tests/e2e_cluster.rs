@@ -300,6 +300,22 @@ fn second_host_pulls_nothing_the_cluster_has() {
         eprintln!("[{test}] host B: {l}");
     }
 
+    // Cluster statistics, read from the tier: every layer held by both hosts.
+    let top = lamina_cli_json(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"]);
+    for c in &archive.chain_ids {
+        let row = top
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["chain"] == c.as_str())
+            .unwrap_or_else(|| panic!("{c} in layers top --cluster: {top}"));
+        assert_eq!(row["live_hosts"], 2, "{row}");
+    }
+    eprintln!(
+        "[{test}] lamina layers top --cluster:\n{}",
+        lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster"])
+    );
+
     // Host B runs the image from the tier's layers: exactly the image's files.
     let listing = b
         .ctrd

@@ -59,7 +59,7 @@ pub use mounts::MountGuard;
 pub use open::{OpenMode, OpenOptions};
 pub use quota::{parse_size, MIN_SIZE, SIZE_LABEL};
 pub use stats::{Counter, LayerOverview};
-pub use tier::{TierOptions, TierSummary};
+pub use tier::{TierLayer, TierOptions, TierSummary};
 pub use verify::{CheckHook, CheckOutcome, VerifyResult, VerifyStatus, MANIFEST_FILE};
 
 use slots::{lock, Lowers, Slot};

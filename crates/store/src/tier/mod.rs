@@ -40,7 +40,7 @@ use crate::{mkdir, now_ns, open_dir, remove_tree, Result, StoreError};
 /// The kind of the tier's references and claims in the lease directory.
 const KIND: &str = "layer";
 
-pub use store::TierSummary;
+pub use store::{TierLayer, TierSummary};
 
 /// Where the tier is and how this host takes part.
 #[derive(Debug, Clone)]

@@ -1,11 +1,11 @@
 //! The store's side of the tier: a local record whose content is a published layer, publication at commit,
 //! the heartbeat, and the tier's part of garbage collection.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use super::{chain_hex, tier_io, Claimed, TierGarbageKind};
@@ -14,6 +14,25 @@ use crate::{lock, now_ns, CreateOptions, LayerKind, Result, Store, StoreError};
 
 /// How often a Prepare waiting for another host's unpack looks again.
 const POLL: Duration = Duration::from_millis(200);
+
+/// One layer of the tier, as `lamina layers top --cluster` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TierLayer {
+    /// `sha256:<hex>`.
+    pub chain: String,
+    /// Bytes of its content (allocated, as the publishing host measured it).
+    pub bytes: u64,
+    /// Files, directories and links.
+    pub inodes: u64,
+    /// Hosts that reference it (holding it: linked from the tier, or their own copy).
+    pub hosts: Vec<String>,
+    /// How many of them are alive.
+    pub live_hosts: usize,
+    /// The host that published it.
+    pub published_by: String,
+    /// When (unix nanoseconds).
+    pub published_ns: u64,
+}
 
 /// The tier as `lamina layers top --cluster` and the status show it.
 #[derive(Debug, Clone, Serialize)]
@@ -306,6 +325,41 @@ impl Store {
             layers: tier.layers()?.len(),
             held: self.held_shared()?.len(),
         }))
+    }
+
+    /// Every layer of the tier with the hosts that hold it, read from the tier alone (`None` without a tier).
+    pub fn tier_layers(&self) -> Result<Option<Vec<TierLayer>>> {
+        let Some(tier) = self.tier() else {
+            return Ok(None);
+        };
+        let mut holders: HashMap<String, Vec<lamina_lease::HostState>> = tier
+            .lease()
+            .all_references(super::KIND)
+            .map_err(super::lease_err)?
+            .into_iter()
+            .collect();
+        let mut out = Vec::new();
+        for hex in tier.layers()? {
+            let seal = tier.seal(&hex).ok();
+            let mut hosts: Vec<(String, bool)> = holders
+                .remove(&hex)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|h| (h.host.as_str().to_string(), h.alive))
+                .collect();
+            hosts.sort();
+            out.push(TierLayer {
+                chain: format!("sha256:{hex}"),
+                bytes: seal.as_ref().map(|s| s.bytes).unwrap_or(0),
+                inodes: seal.as_ref().map(|s| s.inodes).unwrap_or(0),
+                live_hosts: hosts.iter().filter(|(_, alive)| *alive).count(),
+                hosts: hosts.into_iter().map(|(h, _)| h).collect(),
+                published_by: seal.as_ref().map(|s| s.host.clone()).unwrap_or_default(),
+                published_ns: seal.map(|s| s.published_ns).unwrap_or(0),
+            });
+        }
+        out.sort_by_key(|l| std::cmp::Reverse((l.live_hosts, l.bytes)));
+        Ok(Some(out))
     }
 
     /// Garbage collection's tier part: brings this host's references in line with the layers it holds (not in

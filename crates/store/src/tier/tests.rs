@@ -112,6 +112,11 @@ fn a_published_layer_is_adopted_by_another_host_and_collected_when_no_host_holds
         b.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap(),
         "asked again: it exists"
     );
+    let top = a.tier_layers().unwrap().unwrap();
+    assert_eq!(top.len(), 1);
+    assert_eq!((top[0].chain.as_str(), top[0].live_hosts), (c1.as_str(), 2));
+    assert_eq!(top[0].hosts, vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(top[0].published_by, "a");
 
     // Host B's own unpack of the same layer loses the publication cleanly.
     unpack(&b, "b/2/layer", "hello", "hi\n");
