@@ -504,3 +504,49 @@ fn killed_host_leaves_no_partial_layer() {
         "host A's restart removed its cut-short publication: {staging:?}"
     );
 }
+
+#[test]
+fn a_stopped_master_fails_pulls_fast_and_they_work_again_after_it() {
+    let test = "a_stopped_master_fails_pulls_fast_and_they_work_again_after_it";
+    let Some(mut cl) = setup(test) else { return };
+    let (first, _, expect) = cl.image("before", image_mb(8), 4);
+    let (second, _, _) = cl.image("during", image_mb(8), 5);
+    cl.pull(&cl.a, &first);
+    cl.mfs.kill_master();
+    // A pull that needs the tier fails with the tier's error, soon.
+    let t0 = Instant::now();
+    let err =
+        pull_with_unpack(&cl.b.ctrd, PROXY_NAME, &second).expect_err("a pull without the tier's master");
+    eprintln!(
+        "[{test}] pull with the master down failed after {:.1} s: {err}",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(err.contains("cluster tier"), "the error names the tier: {err}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "the pull failed fast");
+    // Host A's layers are local (it unpacked them): its containers keep working.
+    let listing_cmd = "find /data -type f -exec stat -c '%n %s' {} + | sort";
+    let got = cl.a.ctrd.run_script(PROXY_NAME, &first, listing_cmd).unwrap();
+    assert_eq!(
+        got,
+        format!("{}\n", expect.join("\n")),
+        "host A runs its local image"
+    );
+    // The master comes back: the same pull works, without an operator.
+    cl.mfs.start_master(true);
+    let mut last = String::new();
+    let pulled = poll(Duration::from_secs(90), || {
+        match pull_with_unpack(&cl.b.ctrd, PROXY_NAME, &second) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                last = e;
+                std::thread::sleep(Duration::from_secs(1));
+                None
+            }
+        }
+    });
+    assert!(
+        pulled.is_some(),
+        "pull after the master came back: {last}\n{}",
+        cl.b.lamina.log_tail()
+    );
+}

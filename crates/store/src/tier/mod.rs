@@ -98,6 +98,34 @@ fn lease_err(e: LeaseError) -> StoreError {
     }
 }
 
+/// The longest a call that needs the shared filesystem waits for it: a metadata server that does not answer
+/// (stopped, or cut off) makes the call fail with a clear error instead of hanging the caller.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `f` (a call on the shared filesystem) on its own thread and gives up after [`CALL_TIMEOUT`]; a thread
+/// stuck in the filesystem finishes when the filesystem answers again.
+fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("tier-call".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| tier_io("start a call", e))?;
+    rx.recv_timeout(CALL_TIMEOUT).map_err(|_| {
+        tier_io(
+            what,
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the shared filesystem did not answer within {} s (is its metadata server up?)",
+                    CALL_TIMEOUT.as_secs()
+                ),
+            ),
+        )
+    })
+}
+
 /// What [`Tier::claim`] found.
 pub(crate) enum Claimed {
     /// This host holds the claim now.
@@ -149,7 +177,8 @@ impl Tier {
 
     /// Claims the unpack of layer `hex` for this host (kept until [`Tier::release`]).
     pub(crate) fn claim(&self, hex: &str) -> Result<Claimed> {
-        match self.opts.lease.claim(KIND, hex) {
+        let (lease, name) = (self.opts.lease.clone(), hex.to_string());
+        match bounded("claim", move || lease.claim(KIND, &name))? {
             Ok(c) => {
                 self.claims
                     .lock()
@@ -213,8 +242,14 @@ impl Tier {
     }
 
     /// Whether layer `hex` is published.
-    pub(crate) fn has(&self, hex: &str) -> bool {
-        std::fs::symlink_metadata(self.layer_dir(hex)).is_ok()
+    pub(crate) fn has(&self, hex: &str) -> Result<bool> {
+        let path = self.layer_dir(hex);
+        let what = format!("look up {}", path.display());
+        bounded(&what.clone(), move || match std::fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(tier_io(what, e)),
+        })?
     }
 
     /// The seal of a published layer.
@@ -255,7 +290,7 @@ impl Tier {
             match std::fs::rename(&staging, self.layer_dir(hex)) {
                 Ok(()) => Ok(true),
                 // A published layer is never empty, so a rename onto it fails instead of replacing it.
-                Err(e) if self.has(hex) => {
+                Err(e) if self.has(hex).unwrap_or(false) => {
                     debug!(chain, error = %e, "another host published the layer first");
                     Ok(false)
                 }

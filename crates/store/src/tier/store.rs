@@ -81,7 +81,7 @@ impl Store {
         let mut waited = false;
         let mut next_claim = Instant::now();
         loop {
-            if tier.has(hex) {
+            if tier.has(hex)? {
                 let t0 = Instant::now();
                 let made = self.link_shared(ns, name, parent, labels, hex)?;
                 debug!(
@@ -198,10 +198,10 @@ impl Store {
             )));
         }
         let t0 = Instant::now();
-        let result = if tier.has(hex) {
-            Ok(false)
-        } else {
-            tier.publish(hex, chain, &self.backend.paths(n).content)
+        let result = match tier.has(hex) {
+            Ok(true) => Ok(false),
+            Ok(false) => tier.publish(hex, chain, &self.backend.paths(n).content),
+            Err(e) => Err(e),
         };
         tier.release(hex);
         let published = result?;
@@ -229,7 +229,7 @@ impl Store {
             return Ok(false);
         };
         let hex = chain_hex(&chain).map(str::to_string).unwrap_or_default();
-        if rec.shared.is_some() || !tier.has(&hex) {
+        if rec.shared.is_some() || !tier.has(&hex)? {
             return Ok(false);
         }
         tier.hold(&hex)?;
