@@ -227,8 +227,18 @@ impl SnapshotterAdapter {
     }
 
     fn remove_inner(&self, snapshotter: &str, key: &str) -> Result<()> {
+        // An active snapshot of an unpack that was given up: its claim in the cluster tier goes with it.
+        let abandoned = match self.store.record(&namespace(snapshotter), key) {
+            Ok((rec, _)) if rec.kind == LayerKind::ReadWrite => rec.labels.get(SNAPSHOT_REF).cloned(),
+            _ => None,
+        };
         match self.store.remove(&namespace(snapshotter), key) {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                if let Some(chain) = abandoned {
+                    self.store.release_shared_claim(&chain);
+                }
+                Ok(())
+            }
             Ok(false) => Err(SnapshotError::not_found(format!("snapshot {key} does not exist"))),
             Err(StoreError::InUse(m)) => Err(SnapshotError::new(
                 Code::FailedPrecondition,

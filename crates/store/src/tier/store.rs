@@ -185,6 +185,14 @@ impl Store {
         Ok(true)
     }
 
+    /// Gives up this host's claim on the layer with chain id `chain` (its unpack was abandoned), so that
+    /// another host waiting for it unpacks it without waiting for the claim to expire.
+    pub fn release_shared_claim(&self, chain: &str) {
+        if let (Some(tier), Some(hex)) = (self.tier(), chain_hex(chain)) {
+            tier.release(hex);
+        }
+    }
+
     /// Publishes the committed layer `name` of `ns` to the cluster tier as chain id `chain`, unless it is there
     /// already; drops this host's claim on it and references it. Gives whether this call published it.
     pub fn publish_shared(&self, ns: &str, name: &str, chain: &str) -> Result<bool> {

@@ -230,3 +230,29 @@ fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
     );
     assert!(!b.share_applied("docker:/x", "second").unwrap(), "once");
 }
+
+#[test]
+fn an_abandoned_unpack_releases_its_claim_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let tier = d.path().join("tier");
+    std::fs::create_dir_all(&tier).unwrap();
+    let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
+    let a = open(&d.path().join("a"), &tier, &la);
+    let b = open(&d.path().join("b"), &tier, &lb);
+    let c4 = chain(4);
+    assert!(
+        !a.adopt_shared(NS, &c4, None, BTreeMap::new()).unwrap(),
+        "A claims"
+    );
+    a.release_shared_claim(&c4);
+    let t0 = Instant::now();
+    assert!(
+        !b.adopt_shared(NS, &c4, None, BTreeMap::new()).unwrap(),
+        "B claims"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "B did not wait: {:?}",
+        t0.elapsed()
+    );
+}
