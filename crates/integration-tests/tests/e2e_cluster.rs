@@ -231,6 +231,27 @@ impl Cluster {
     }
 }
 
+/// Host `h`'s pull of `reference`, tried again every second until it succeeds within `timeout`.
+fn pull_eventually(h: &ClusterHost, reference: &str, timeout: Duration) {
+    let mut last = String::new();
+    let pulled = poll(timeout, || {
+        match pull_with_unpack(&h.ctrd, PROXY_NAME, reference) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                last = e;
+                std::thread::sleep(Duration::from_secs(1));
+                None
+            }
+        }
+    });
+    assert!(
+        pulled.is_some(),
+        "{} pull: {last}\n{}",
+        h.host,
+        h.lamina.log_tail()
+    );
+}
+
 /// Lines of `log` (a lamina log) that contain every one of `words`.
 fn log_lines(log: &Path, words: &[&str]) -> Vec<String> {
     fs::read_to_string(log)
@@ -469,22 +490,7 @@ fn killed_host_leaves_no_partial_layer() {
     // Host A restarts consistent: it pulls the image (from the tier) and runs it.
     cl.a.lamina.start_again();
     // containerd's connection to the proxy snapshotter comes back after its gRPC reconnect backoff.
-    let mut last = String::new();
-    let pulled = poll(Duration::from_secs(60), || {
-        match pull_with_unpack(&cl.a.ctrd, PROXY_NAME, &reference) {
-            Ok(_) => Some(()),
-            Err(e) => {
-                last = e;
-                std::thread::sleep(Duration::from_secs(1));
-                None
-            }
-        }
-    });
-    assert!(
-        pulled.is_some(),
-        "host A after restart: {last}\n{}",
-        cl.a.lamina.log_tail()
-    );
+    pull_eventually(&cl.a, &reference, Duration::from_secs(60));
     let got =
         cl.a.ctrd
             .run_script(
@@ -533,20 +539,5 @@ fn a_stopped_master_fails_pulls_fast_and_they_work_again_after_it() {
     );
     // The master comes back: the same pull works, without an operator.
     cl.mfs.start_master(true);
-    let mut last = String::new();
-    let pulled = poll(Duration::from_secs(90), || {
-        match pull_with_unpack(&cl.b.ctrd, PROXY_NAME, &second) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                last = e;
-                std::thread::sleep(Duration::from_secs(1));
-                None
-            }
-        }
-    });
-    assert!(
-        pulled.is_some(),
-        "pull after the master came back: {last}\n{}",
-        cl.b.lamina.log_tail()
-    );
+    pull_eventually(&cl.b, &second, Duration::from_secs(90));
 }

@@ -45,6 +45,35 @@ fn open(root: &Path, tier: &Path, lease: &Lease) -> Store {
     .unwrap()
 }
 
+/// Two hosts, `a` and `b`, on one tier directory.
+struct Hosts {
+    _dir: tempfile::TempDir,
+    tier: std::path::PathBuf,
+    la: Lease,
+    lb: Lease,
+    a: Store,
+    b: Store,
+}
+
+impl Hosts {
+    fn new() -> Hosts {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = dir.path().join("tier");
+        std::fs::create_dir_all(&tier).unwrap();
+        let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
+        let a = open(&dir.path().join("a"), &tier, &la);
+        let b = open(&dir.path().join("b"), &tier, &lb);
+        Hosts {
+            _dir: dir,
+            tier,
+            la,
+            lb,
+            a,
+            b,
+        }
+    }
+}
+
 /// A committed layer `name` holding `file` with `text`, unpacked here as containerd would (write, commit).
 fn unpack(s: &Store, name: &str, file: &str, text: &str) {
     let key = format!("extract {name}");
@@ -69,12 +98,8 @@ fn tier_gc(s: &Store, dry_run: bool) -> Vec<String> {
 
 #[test]
 fn a_published_layer_is_adopted_by_another_host_and_collected_when_no_host_holds_it() {
-    let d = tempfile::tempdir().unwrap();
-    let tier = d.path().join("tier");
-    std::fs::create_dir_all(&tier).unwrap();
-    let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
-    let a = open(&d.path().join("a"), &tier, &la);
-    let b = open(&d.path().join("b"), &tier, &lb);
+    let h = Hosts::new();
+    let (tier, la, lb, a, b) = (&h.tier, &h.la, &h.lb, &h.a, &h.b);
     let c1 = chain(1);
 
     // Host A unpacks and publishes.
@@ -82,7 +107,7 @@ fn a_published_layer_is_adopted_by_another_host_and_collected_when_no_host_holds
         !a.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap(),
         "not in the tier: A unpacks"
     );
-    unpack(&a, "a/1/layer", "hello", "hi\n");
+    unpack(a, "a/1/layer", "hello", "hi\n");
     assert!(a.publish_shared(NS, "a/1/layer", &c1).unwrap());
     let hex = c1.trim_start_matches("sha256:");
     let published = tier.join("layers").join(hex);
@@ -119,7 +144,7 @@ fn a_published_layer_is_adopted_by_another_host_and_collected_when_no_host_holds
     assert_eq!(top[0].published_by, "a");
 
     // Host B's own unpack of the same layer loses the publication cleanly.
-    unpack(&b, "b/2/layer", "hello", "hi\n");
+    unpack(b, "b/2/layer", "hello", "hi\n");
     assert!(!b.publish_shared(NS, "b/2/layer", &c1).unwrap());
     assert!(std::fs::read_dir(tier.join("staging")).unwrap().next().is_none());
 
@@ -127,9 +152,9 @@ fn a_published_layer_is_adopted_by_another_host_and_collected_when_no_host_holds
     std::thread::sleep(Duration::from_millis(2100));
     la.beat().unwrap();
     lb.beat().unwrap();
-    assert!(tier_gc(&a, true).is_empty());
+    assert!(tier_gc(a, true).is_empty());
     assert!(a.remove(NS, "a/1/layer").unwrap());
-    assert!(tier_gc(&a, false).is_empty(), "host B still holds it");
+    assert!(tier_gc(a, false).is_empty(), "host B still holds it");
     assert!(
         !tier.join("refs/layer").join(hex).join("a").exists(),
         "A's reference went with its layer"
@@ -138,20 +163,16 @@ fn a_published_layer_is_adopted_by_another_host_and_collected_when_no_host_holds
     assert_eq!(std::fs::read_to_string(diff.join("hello")).unwrap(), "hi\n");
     assert!(b.remove(NS, &c1).unwrap());
     assert!(b.remove(NS, "b/2/layer").unwrap());
-    assert_eq!(tier_gc(&b, true), vec![c1.clone()], "the dry run lists it");
+    assert_eq!(tier_gc(b, true), vec![c1.clone()], "the dry run lists it");
     assert!(published.exists(), "a dry run removes nothing");
-    assert_eq!(tier_gc(&b, false), vec![c1.clone()]);
+    assert_eq!(tier_gc(b, false), vec![c1.clone()]);
     assert!(!published.exists());
 }
 
 #[test]
 fn a_prepare_waits_for_another_hosts_claim_then_unpacks_itself() {
-    let d = tempfile::tempdir().unwrap();
-    let tier = d.path().join("tier");
-    std::fs::create_dir_all(&tier).unwrap();
-    let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
-    let a = open(&d.path().join("a"), &tier, &la);
-    let b = open(&d.path().join("b"), &tier, &lb);
+    let h = Hosts::new();
+    let (a, b) = (&h.a, &h.b);
     let c2 = chain(2);
     assert!(
         !a.adopt_shared(NS, &c2, None, BTreeMap::new()).unwrap(),
@@ -169,7 +190,7 @@ fn a_prepare_waits_for_another_hosts_claim_then_unpacks_itself() {
     std::thread::scope(|s| {
         let waiting = s.spawn(|| b.adopt_shared(NS, &c3, None, BTreeMap::new()).unwrap());
         std::thread::sleep(Duration::from_millis(300));
-        unpack(&a, "a/3", "x", "3");
+        unpack(a, "a/3", "x", "3");
         a.publish_shared(NS, "a/3", &c3).unwrap();
         assert!(
             waiting.join().unwrap(),
@@ -182,12 +203,8 @@ fn a_prepare_waits_for_another_hosts_claim_then_unpacks_itself() {
 
 #[test]
 fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
-    let d = tempfile::tempdir().unwrap();
-    let tier = d.path().join("tier");
-    std::fs::create_dir_all(&tier).unwrap();
-    let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
-    let a = open(&d.path().join("a"), &tier, &la);
-    let b = open(&d.path().join("b"), &tier, &lb);
+    let h = Hosts::new();
+    let (a, b) = (&h.a, &h.b);
     // A layer tar; as the only layer, its chain id is its DiffID.
     let mut builder = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
@@ -204,7 +221,7 @@ fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
         .unwrap();
     assert!(!b.share_applied("docker:/x", "first").unwrap());
     // Host A publishes the same content under that chain id; host B's next apply of it links the tier.
-    unpack(&a, "a/1", "motd", "hi\n");
+    unpack(a, "a/1", "motd", "hi\n");
     assert!(a.publish_shared(NS, "a/1", &diff_id).unwrap());
     b.create("docker:/x", "second", None, LayerKind::ReadOnly, BTreeMap::new())
         .unwrap();
@@ -233,12 +250,8 @@ fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
 
 #[test]
 fn an_abandoned_unpack_releases_its_claim_at_once() {
-    let d = tempfile::tempdir().unwrap();
-    let tier = d.path().join("tier");
-    std::fs::create_dir_all(&tier).unwrap();
-    let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
-    let a = open(&d.path().join("a"), &tier, &la);
-    let b = open(&d.path().join("b"), &tier, &lb);
+    let h = Hosts::new();
+    let (a, b) = (&h.a, &h.b);
     let c4 = chain(4);
     assert!(
         !a.adopt_shared(NS, &c4, None, BTreeMap::new()).unwrap(),
