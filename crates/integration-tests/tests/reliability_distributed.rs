@@ -61,18 +61,12 @@ struct Host {
 fn host(tag: &str, cluster: &MooseCluster) -> Host {
     let mut lamina = Lamina::new(&unique_name(tag));
     let mount_base = lamina.dir().join("mnt");
-    let cfg = lamina.dir().join("config.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "[volumes]\nmount_base = \"{}\"\nbackend = \"moosefs\"\ntimeout_secs = {TIMEOUT_SECS}\n\
-             [volumes.moosefs]\nmaster = \"{}\"\ndefault_goal = \"2\"\n",
-            mount_base.display(),
-            cluster.master_addr()
-        ),
-    )
-    .unwrap();
-    lamina.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    lamina.use_config(&format!(
+        "[volumes]\nmount_base = \"{}\"\nbackend = \"moosefs\"\ntimeout_secs = {TIMEOUT_SECS}\n\
+         [volumes.moosefs]\nmaster = \"{}\"\ndefault_goal = \"2\"\n",
+        mount_base.display(),
+        cluster.master_addr()
+    ));
     lamina.spawn();
     lamina.wait_ready();
     let mut c = lamina.client();

@@ -56,7 +56,6 @@ pub struct ClusterFile {
 }
 
 /// The file in the data root that keeps this host's generated cluster id.
-#[allow(dead_code)] // used by the volume lease wiring, next
 pub const HOST_ID_FILE: &str = "host-id";
 
 /// The resolved `[cluster]` table (always present: the timings and host id also serve the volume lease).
@@ -72,7 +71,6 @@ pub struct ClusterSettings {
     pub heartbeat: std::time::Duration,
 }
 
-#[allow(dead_code)] // used by the volume lease wiring, next
 impl ClusterSettings {
     /// This host's id: the configured one, else the one kept in the data root (made when missing).
     pub fn host_id(&self, data_root: &Path) -> anyhow::Result<lamina_lease::HostId> {
@@ -584,6 +582,7 @@ pub fn volume_settings(
         timeout,
         moosefs,
         rbd,
+        lease: None,
     }))
 }
 

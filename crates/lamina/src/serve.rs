@@ -108,7 +108,14 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 router = router.with_observer(observer);
             }
             // Volumes are served on the plugin socket only; the service mounts its cluster (if any) now.
-            if let Some(cfg) = settings.volumes.clone() {
+            if let Some(mut cfg) = settings.volumes.clone() {
+                if cfg.moosefs.is_some() {
+                    cfg.lease = Some(lamina_volume::VolumeLeaseConfig {
+                        host: settings.cluster.host_id(&settings.data_root)?,
+                        lease: settings.cluster.lease,
+                        heartbeat: settings.cluster.heartbeat,
+                    });
+                }
                 let v =
                     Arc::new(lamina_volume::VolumeManager::open(cfg).context("opening the volume service")?);
                 router = router.with_volume_driver(Arc::new(VolumeDriverAdapter::new(v.clone())));
@@ -134,6 +141,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let admin = crate::admin::spawn(admin_listener, store.clone(), shutdown.flag())?;
     let housekeeping = spawn_housekeeping(store.clone(), shutdown.flag(), settings.gc_interval)?;
+    let lease_keeper = match &volumes {
+        Some(v) => spawn_lease_keeper(v.clone(), shutdown.flag())?,
+        None => None,
+    };
     let metrics = match metrics {
         Some(m) => Some(m.spawn(store.clone(), shutdown.flag())?),
         None => None,
@@ -171,6 +182,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     }
     for s in sockets {
         let _ = std::fs::remove_file(&s);
+    }
+    if let Some(k) = lease_keeper {
+        let _ = k.join();
     }
     if let Some(v) = &volumes {
         v.shutdown();
@@ -241,6 +255,33 @@ fn spawn_grpc(
         })
         .context("starting the snapshotter thread")?;
     Ok(handle)
+}
+
+/// Opens the volume lease once the cluster is reachable (a no-op once it is open), every heartbeat
+/// interval until `stop`; `None` when the volume service has no lease.
+fn spawn_lease_keeper(
+    volumes: Arc<lamina_volume::VolumeManager>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Option<JoinHandle<()>>> {
+    let Some(every) = volumes.lease_interval() else {
+        return Ok(None);
+    };
+    std::thread::Builder::new()
+        .name("volume-lease".into())
+        .spawn(move || {
+            let tick = Duration::from_millis(100);
+            let mut since = Duration::ZERO;
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(tick);
+                since += tick;
+                if since >= every {
+                    since = Duration::ZERO;
+                    volumes.maintain_lease();
+                }
+            }
+        })
+        .map(Some)
+        .context("starting the volume lease thread")
 }
 
 /// Flushes usage counters every [`STATS_FLUSH`] and runs the periodic garbage collection, until `stop`.

@@ -2,14 +2,16 @@
 //!
 //! `claims/<kind>/<name>` holds `{"host","token"}`. It appears by `link(2)` of a complete temporary file
 //! (one of two concurrent claimers gets `EEXIST`), is renewed by renaming a fresh file over it (its mtime
-//! is the filesystem's clock at the renewal), and expires a lease after its mtime. A taker of an expired
-//! claim first renames it aside to a name of its own (one of two concurrent takers gets `ENOENT`), checks
-//! that what it moved is the expired claim it judged, and only then links its own.
+//! is the filesystem's clock at the renewal), and expires a lease after its mtime. Takers of an expired claim
+//! first link a takeover lock named after that claim's token (`.takeover-<hash>`; one of them gets it, the
+//! others see the claim as held by it), read the claim again under the lock, and only if it is still the
+//! same expired claim rename their own over it. A takeover lock older than the lease (its taker died) is
+//! passed by linking the lock named after that lock's token.
 //!
-//! An owner renews only while less than `lease - heartbeat` has passed since its last renewal began, by
-//! its own monotonic clock, and otherwise counts the claim as lost; so a taker (which waits a full lease on
-//! the filesystem's clock) never races a renewal unless the two clocks' rates differ by more than the
-//! heartbeat's share of the lease.
+//! An owner renews (and removes at release) only while less than `lease - heartbeat` has passed since its
+//! last renewal began, by its own monotonic clock, and otherwise counts the claim as lost; so a taker (which
+//! waits a full lease on the filesystem's clock) never races a renewal unless the two clocks' rates differ by
+//! more than the heartbeat's share of the lease.
 
 use std::fs;
 use std::io::ErrorKind;
@@ -162,72 +164,154 @@ impl Lease {
             token: token.clone(),
         })
         .unwrap_or_default();
+        let mut last = None;
         for _ in 0..8 {
             let started = Instant::now();
             let tmp = self.write_temp(&dir, &content)?;
             let linked = fs::hard_link(&tmp, &path);
+            match linked {
+                Ok(()) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Ok(self.claimed(kind, name, path, token, started));
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(LeaseError::io(format!("linking {}", path.display()), e));
+                }
+            }
+            let taken = self.take_over(&dir, &path, &tmp, &content, started);
+            let _ = fs::remove_file(&tmp);
+            match taken? {
+                TakeOver::Done(info) => {
+                    warn!(kind, name, host = %info.host, "took over an expired claim");
+                    return Ok(self.claimed(kind, name, path, token, started));
+                }
+                TakeOver::Held(info) => return Err(held_by(kind, name, info)),
+                TakeOver::Changed(info) => last = info,
+            }
+        }
+        match last {
+            Some(info) => Err(held_by(kind, name, info)),
+            None => Err(LeaseError::io(
+                format!("claiming {}", path.display()),
+                std::io::Error::new(ErrorKind::WouldBlock, "the claim kept changing"),
+            )),
+        }
+    }
+
+    fn claimed(&self, kind: &str, name: &str, path: PathBuf, token: String, started: Instant) -> Claim {
+        let state = Arc::new(ClaimState {
+            kind: kind.to_string(),
+            name: name.to_string(),
+            path,
+            token,
+            renewed: Mutex::new(started),
+            lost: Mutex::new(None),
+            released: AtomicBool::new(false),
+        });
+        self.inner
+            .claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&state));
+        debug!(kind, name, "claimed");
+        Claim {
+            lease: self.clone(),
+            state,
+        }
+    }
+
+    /// After a claimer found `path` taken: replaces it with `tmp` (this host's claim, `content`) if it has
+    /// expired. Of the takers of one expired claim, only the one that links the takeover lock of that claim's
+    /// token first may replace it, and only after reading the same expired claim again under the lock.
+    fn take_over(
+        &self,
+        dir: &Path,
+        path: &Path,
+        tmp: &Path,
+        content: &[u8],
+        started: Instant,
+    ) -> Result<TakeOver, LeaseError> {
+        let Some((current, mtime)) = read_claim(path)? else {
+            return Ok(TakeOver::Changed(None));
+        };
+        let now = self.now()?;
+        let info = self.info(&current, mtime, now, path)?;
+        if !info.expired {
+            return Ok(TakeOver::Held(info));
+        }
+        let locks = match self.takeover_lock(dir, path, &current.token, content, now)? {
+            Ok(locks) => locks,
+            Err(taker) => return Ok(TakeOver::Held(taker)),
+        };
+        let cfg = self.config();
+        let result = match read_claim(path)? {
+            Some((again, t)) if again.token == current.token && t == mtime => {
+                if started.elapsed() + cfg.heartbeat >= cfg.lease {
+                    // This host was too slow: its lock may count as expired for the next taker.
+                    Ok(TakeOver::Changed(Some(info)))
+                } else {
+                    fs::rename(tmp, path)
+                        .map(|()| TakeOver::Done(info))
+                        .map_err(|e| LeaseError::io(format!("taking over {}", path.display()), e))
+                }
+            }
+            Some((other, t)) => Ok(TakeOver::Changed(Some(self.info(&other, t, now, path)?))),
+            None => Ok(TakeOver::Changed(None)),
+        };
+        for l in locks {
+            let _ = fs::remove_file(l);
+        }
+        result
+    }
+
+    /// Links the takeover lock of the claim generation `gen` at `path`: `Ok(locks to remove afterwards)`,
+    /// or `Err(the taker holding it)`. A lock older than the lease (its taker died) is passed by linking the
+    /// lock of that lock's generation.
+    fn takeover_lock(
+        &self,
+        dir: &Path,
+        path: &Path,
+        gen: &str,
+        content: &[u8],
+        now: SystemTime,
+    ) -> Result<Result<Vec<PathBuf>, ClaimInfo>, LeaseError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut gen = gen.to_string();
+        let mut chain = Vec::new();
+        for _ in 0..8 {
+            let lock = dir.join(format!(
+                ".takeover-{:016x}",
+                fnv1a(&[name.as_bytes(), b"\0", gen.as_bytes()])
+            ));
+            let tmp = self.write_temp(dir, content)?;
+            let linked = fs::hard_link(&tmp, &lock);
             let _ = fs::remove_file(&tmp);
             match linked {
                 Ok(()) => {
-                    let state = Arc::new(ClaimState {
-                        kind: kind.to_string(),
-                        name: name.to_string(),
-                        path,
-                        token,
-                        renewed: Mutex::new(started),
-                        lost: Mutex::new(None),
-                        released: AtomicBool::new(false),
-                    });
-                    self.inner
-                        .claims
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(Arc::downgrade(&state));
-                    debug!(kind, name, "claimed");
-                    return Ok(Claim {
-                        lease: self.clone(),
-                        state,
-                    });
+                    chain.push(lock);
+                    return Ok(Ok(chain));
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(LeaseError::io(format!("linking {}", path.display()), e)),
+                Err(e) => return Err(LeaseError::io(format!("linking {}", lock.display()), e)),
             }
-            let Some((current, mtime)) = read_claim(&path)? else {
+            let Some((holder, t)) = read_claim(&lock)? else {
                 continue;
             };
-            let now = self.now()?;
-            let info = self.info(&current, mtime, now, &path)?;
+            let info = self.info(&holder, t, now, &lock)?;
             if !info.expired {
-                return Err(held_by(kind, name, info));
+                return Ok(Err(info));
             }
-            // Move the expired claim aside; of two takers, one finds it gone.
-            let stale = self.temp_name(&dir, "stale");
-            match fs::rename(&path, &stale) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(LeaseError::io(format!("moving aside {}", path.display()), e)),
-            }
-            let moved = read_claim(&stale)?;
-            let judged = match &moved {
-                Some((c, t)) => c.token == current.token && *t == mtime,
-                None => false,
-            };
-            if judged {
-                warn!(kind, name, host = %info.host, "taking over an expired claim");
-                let _ = fs::remove_file(&stale);
-                continue;
-            }
-            // What was moved is not the claim judged expired (it was renewed or replaced in between): put
-            // it back, unless yet another claim took its place.
-            let _ = fs::hard_link(&stale, &path);
-            let _ = fs::remove_file(&stale);
-            if let Some((c, t)) = moved {
-                return Err(held_by(kind, name, self.info(&c, t, now, &path)?));
-            }
+            chain.push(lock);
+            gen = holder.token;
         }
         Err(LeaseError::io(
-            format!("claiming {}", path.display()),
-            std::io::Error::new(ErrorKind::WouldBlock, "the claim kept changing"),
+            format!("taking over {}", path.display()),
+            std::io::Error::new(ErrorKind::WouldBlock, "too many stale takeover locks"),
         ))
     }
 
@@ -269,6 +353,28 @@ impl Lease {
         *c.renewed.lock().unwrap_or_else(|e| e.into_inner()) = started;
         Ok(())
     }
+}
+
+/// What a takeover attempt found.
+enum TakeOver {
+    /// This host's claim replaced the expired one (whose holder is given).
+    Done(ClaimInfo),
+    /// The claim, or the takeover of it, is held (not expired).
+    Held(ClaimInfo),
+    /// The claim changed meanwhile (the current one, if any): look again.
+    Changed(Option<ClaimInfo>),
+}
+
+/// FNV-1a, 64 bits: the same on every host and build (names of takeover locks).
+pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in *p {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
 }
 
 fn held_by(kind: &str, name: &str, info: ClaimInfo) -> LeaseError {
@@ -319,6 +425,18 @@ impl Claim {
 
     fn release_inner(&self) -> Result<(), LeaseError> {
         if self.state.released.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let cfg = self.lease.config();
+        let since = self
+            .state
+            .renewed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        if since + cfg.heartbeat >= cfg.lease {
+            // It may have expired and been taken over: removing the file now could remove the new claim.
+            debug!(kind = %self.state.kind, name = %self.state.name, "claim left to expire at release");
             return Ok(());
         }
         match read_claim(&self.state.path)? {

@@ -7,6 +7,9 @@ use tracing::{info, warn};
 
 use crate::Lease;
 
+/// How long [`Heartbeat::stop`] waits for a beat in progress.
+pub const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A running heartbeat: beats every interval until stopped or dropped.
 #[derive(Debug)]
 pub struct Heartbeat {
@@ -54,8 +57,9 @@ impl Heartbeat {
         Heartbeat { stop, thread }
     }
 
-    /// Stops the thread and waits for it (the last heartbeat stays: the host counts as alive until the
-    /// lease runs out).
+    /// Stops the thread and waits for it, at most [`STOP_WAIT`]: a beat blocked on an unreachable
+    /// filesystem (a FUSE call on a mount whose server is gone can block for minutes) is left to finish on
+    /// its own and beats no more. The last heartbeat stays: the host counts as alive until the lease runs out.
     pub fn stop(mut self) {
         self.stop_inner();
     }
@@ -65,7 +69,15 @@ impl Heartbeat {
         *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
         cv.notify_all();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let deadline = std::time::Instant::now() + STOP_WAIT;
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                warn!("the heartbeat thread is blocked on the lease directory; leaving it behind");
+            }
         }
     }
 }

@@ -7,8 +7,8 @@
 //! - create-exclusive (`O_CREAT|O_EXCL`) of a temporary file with a unique name;
 //! - `link(2)` of a complete temporary file to a claim's name, failing with `EEXIST` when it exists: the
 //!   claim appears whole or not at all, and one of two concurrent claimers wins;
-//! - `rename(2)` within one directory, replacing the target: heartbeats and renewals replace their file
-//!   whole; a takeover moves an expired claim aside, and one of two concurrent takers wins;
+//! - `rename(2)` within one directory, replacing the target: heartbeats, renewals and takeovers replace
+//!   their file whole (a takeover only under its takeover lock, itself taken by `link(2)`);
 //! - `unlink(2)` and `rmdir(2)` of an empty directory (fails with `ENOTEMPTY` otherwise);
 //! - `mkdir(2)`.
 //!
@@ -28,11 +28,12 @@
 //! clock/.now-…                 probes of the filesystem's clock (created, read, removed)
 //! refs/<kind>/<name>/<host>    <host> references <name>; counts only while <host> is alive
 //! claims/<kind>/<name>         exclusive claim: {"host","token"}; expires a lease after its mtime
-//! */.tmp-<host>-…  .stale-…    temporaries of one operation
+//! claims/<kind>/.takeover-<h>  lock of the takeover of an expired claim (h: hash of name and token)
+//! */.tmp-<host>-…              temporaries of one operation
 //! ```
 #![forbid(unsafe_code)]
 
-mod claim;
+pub(crate) mod claim;
 pub mod error;
 mod heartbeat;
 mod names;
@@ -49,7 +50,7 @@ use tracing::{debug, warn};
 
 pub use claim::{Claim, ClaimInfo};
 pub use error::LeaseError;
-pub use heartbeat::Heartbeat;
+pub use heartbeat::{Heartbeat, STOP_WAIT};
 pub use names::{HostId, MAX_NAME};
 
 use claim::ClaimState;
@@ -186,9 +187,7 @@ impl Lease {
             let Ok(rd) = fs::read_dir(&d) else { continue };
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
-                if (n.starts_with(".tmp-") || n.starts_with(".now-") || n.starts_with(".stale-"))
-                    && n.contains(&mine)
-                {
+                if (n.starts_with(".tmp-") || n.starts_with(".now-")) && n.contains(&mine) {
                     debug!(path = %e.path().display(), "removing a temporary left by a crash");
                     let _ = fs::remove_file(e.path());
                 }

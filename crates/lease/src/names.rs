@@ -17,14 +17,8 @@ impl HostId {
     /// Checks `id`.
     pub fn new(id: impl Into<String>) -> Result<HostId, LeaseError> {
         let id = id.into();
-        let bad = |reason| LeaseError::BadName {
-            what: "host id",
-            value: id.clone(),
-            reason,
-        };
-        if id.is_empty() || id.len() > MAX_NAME {
-            return Err(bad("must be 1-200 bytes"));
-        }
+        let bad = |reason| bad_name("host id", &id, reason);
+        check_len("host id", &id)?;
         if !id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
@@ -103,19 +97,16 @@ fn random_hex() -> String {
 /// A kind of referenced or claimed thing (`layer`, `volume`, `unpack`…): lower-case letters, digits, `_`,
 /// `-`.
 pub(crate) fn check_kind(kind: &str) -> Result<(), LeaseError> {
-    let bad = |reason| LeaseError::BadName {
-        what: "kind",
-        value: kind.to_string(),
-        reason,
-    };
-    if kind.is_empty() || kind.len() > MAX_NAME {
-        return Err(bad("must be 1-200 bytes"));
-    }
+    check_len("kind", kind)?;
     if !kind
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
     {
-        return Err(bad("lower-case letters, digits, '_' and '-' only"));
+        return Err(bad_name(
+            "kind",
+            kind,
+            "lower-case letters, digits, '_' and '-' only",
+        ));
     }
     Ok(())
 }
@@ -123,19 +114,28 @@ pub(crate) fn check_kind(kind: &str) -> Result<(), LeaseError> {
 /// A thing's name (a chain id `sha256:…`, a volume name): one file name, not starting with `.` (names
 /// starting with `.` are the lease directory's temporaries).
 pub(crate) fn check_name(name: &str) -> Result<(), LeaseError> {
-    let bad = |reason| LeaseError::BadName {
-        what: "name",
-        value: name.to_string(),
-        reason,
-    };
-    if name.is_empty() || name.len() > MAX_NAME {
-        return Err(bad("must be 1-200 bytes"));
-    }
+    let bad = |reason| bad_name("name", name, reason);
+    check_len("name", name)?;
     if name.starts_with('.') {
         return Err(bad("must not start with '.'"));
     }
     if name.contains(['/', '\0']) {
         return Err(bad("must not contain '/' or NUL"));
+    }
+    Ok(())
+}
+
+fn bad_name(what: &'static str, value: &str, reason: &'static str) -> LeaseError {
+    LeaseError::BadName {
+        what,
+        value: value.to_string(),
+        reason,
+    }
+}
+
+fn check_len(what: &'static str, value: &str) -> Result<(), LeaseError> {
+    if value.is_empty() || value.len() > MAX_NAME {
+        return Err(bad_name(what, value, "must be 1-200 bytes"));
     }
     Ok(())
 }

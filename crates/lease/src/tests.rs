@@ -168,23 +168,25 @@ fn renewal_moves_the_expiry() {
     drop(c);
 }
 
+/// Every lease claims `k`/`name` at once; how many got it.
+fn race(leases: &[Lease], name: &str) -> usize {
+    let won: Vec<Option<Claim>> = std::thread::scope(|s| {
+        let hs: Vec<_> = leases
+            .iter()
+            .map(|l| s.spawn(move || l.claim("k", name).ok()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    won.iter().flatten().count()
+}
+
 #[test]
 fn concurrent_claimers_one_wins() {
     let t = tempfile::tempdir().unwrap();
     let leases: Vec<Lease> = (0..8).map(|i| lease(t.path(), &format!("h{i}"))).collect();
     for round in 0..20 {
         let name = format!("n{round}");
-        let won: Vec<Option<Claim>> = std::thread::scope(|s| {
-            let hs: Vec<_> = leases
-                .iter()
-                .map(|l| {
-                    let name = name.clone();
-                    s.spawn(move || l.claim("k", &name).ok())
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        assert_eq!(won.iter().flatten().count(), 1, "round {round}");
+        assert_eq!(race(&leases, &name), 1, "round {round}");
     }
 }
 
@@ -197,17 +199,7 @@ fn concurrent_takers_of_an_expired_claim_one_wins() {
         let name = format!("n{round}");
         std::mem::forget(dead.claim("k", &name).unwrap());
         age(&t.path().join("claims/k").join(&name), Duration::from_secs(60));
-        let won: Vec<Option<Claim>> = std::thread::scope(|s| {
-            let hs: Vec<_> = leases
-                .iter()
-                .map(|l| {
-                    let name = name.clone();
-                    s.spawn(move || l.claim("k", &name).ok())
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        assert_eq!(won.iter().flatten().count(), 1, "round {round}");
+        assert_eq!(race(&leases, &name), 1, "round {round}");
     }
 }
 
@@ -282,4 +274,38 @@ fn the_heartbeat_thread_beats_and_stops() {
     std::thread::sleep(Duration::from_millis(1200));
     let t2 = fs::metadata(&hb).unwrap().modified().unwrap();
     assert!(t2 < SystemTime::now() - Duration::from_secs(3000), "stopped");
+}
+
+#[test]
+fn a_taker_that_died_does_not_block_the_next() {
+    let t = tempfile::tempdir().unwrap();
+    let (dead, b) = (lease(t.path(), "dead"), lease(t.path(), "b"));
+    std::mem::forget(dead.claim("k", "n").unwrap());
+    let claim = t.path().join("claims/k/n");
+    age(&claim, Duration::from_secs(60));
+    let text = fs::read_to_string(&claim).unwrap();
+    let token = serde_json::from_str::<serde_json::Value>(&text).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Another taker linked the takeover lock of that claim and is still working: the claim is its.
+    let lock = t.path().join(format!(
+        "claims/k/.takeover-{:016x}",
+        claim::fnv1a(&[b"n", b"\0", token.as_bytes()])
+    ));
+    fs::write(&lock, r#"{"host":"taker","token":"taker-1"}"#).unwrap();
+    match b.claim("k", "n") {
+        Err(LeaseError::HeldBy { host, .. }) => assert_eq!(host, "taker"),
+        other => panic!("{other:?}"),
+    }
+    // That taker died: its lock expires too, and the next taker gets the claim.
+    age(&lock, Duration::from_secs(60));
+    let c = b.claim("k", "n").unwrap();
+    assert_eq!(b.claim_state("k", "n").unwrap().unwrap().host.as_str(), "b");
+    let left: Vec<_> = fs::read_dir(t.path().join("claims/k"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, ["n"], "the locks are removed");
+    drop(c);
 }

@@ -122,6 +122,15 @@ impl Lamina {
         self
     }
 
+    /// Writes `text` to `config.toml` in this instance's directory and starts it with `--config` that file
+    /// (replacing [`Lamina::extra_args`]); returns the file's path.
+    pub fn use_config(&mut self, text: &str) -> PathBuf {
+        let cfg = self.workdir.join("config.toml");
+        fs::write(&cfg, text).unwrap_or_else(|e| panic!("write {}: {e}", cfg.display()));
+        self.extra_args = vec!["--config".into(), cfg.display().to_string()];
+        cfg
+    }
+
     /// The directory of this instance (the data root is `data/` inside it).
     pub fn dir(&self) -> &Path {
         &self.workdir

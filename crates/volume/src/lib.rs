@@ -9,6 +9,7 @@
 //! - [`backend`]: the shared directory layout, the concurrent-Create protocol, lamina's mfsmount, the master
 //!   probe and the deadlines around FUSE calls.
 //! - [`rbd`]: the RBD backend: images, advisory locks, rbd-fuse + loop (or krbd) attachments.
+//! - [`lease`]: which hosts have a MooseFS volume mounted (so that Remove elsewhere is refused).
 //! - [`manager`]: [`VolumeManager`], the operations of the VolumeDriver protocol.
 //!
 //! The crate knows nothing of HTTP or Docker's wire format; the binary's adapter maps [`VolumeError`] to the
@@ -18,6 +19,7 @@
 pub mod backend;
 pub mod command;
 pub mod error;
+pub mod lease;
 pub mod manager;
 pub mod meta;
 pub mod name;
@@ -28,6 +30,7 @@ pub mod time;
 pub use backend::{MooseFsConfig, OnRemove};
 pub use command::CommandTemplate;
 pub use error::VolumeError;
+pub use lease::VolumeLeaseConfig;
 pub use manager::{VolumeConfig, VolumeManager, VolumeView, DEFAULT_MOUNT_BASE};
 pub use name::validate_name;
 pub use options::{parse_options, parse_options_for, BackendKind, CreateOptions, Goal};

@@ -14,9 +14,14 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use crate::backend::{describe, io_err, CreateTools, Created, MooseFs, MooseFsConfig, OnRemove, VolumeDir};
+use crate::backend::{
+    describe, io_err, CreateTools, Created, MooseFs, MooseFsConfig, OnRemove, VolumeDir, META_DIR,
+};
 use crate::command::{parse_getgoal, path_arg};
 use crate::error::VolumeError;
+use crate::lease::{
+    check_remove, hold_for_mount, lease_err, sync_references, VolumeLeaseConfig, LEASE_DIR, VOLUME_KIND,
+};
 use crate::meta::{Bookkeeping, VolumeRecord};
 use crate::name::{quote, validate_name};
 use crate::options::{parse_options_for, BackendKind};
@@ -46,6 +51,8 @@ pub struct VolumeConfig {
     pub moosefs: Option<MooseFsConfig>,
     /// The RBD backend, when configured.
     pub rbd: Option<RbdConfig>,
+    /// The lease of MooseFS volumes across hosts (None: Remove checks this host's mounts only).
+    pub lease: Option<VolumeLeaseConfig>,
 }
 
 /// One volume as Get and List report it.
@@ -78,6 +85,8 @@ pub struct VolumeManager {
     mfs: Option<MooseFs>,
     rbd: Option<Rbd>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// The volume lease once opened, with its heartbeat thread.
+    lease: Mutex<Option<(lamina_lease::Lease, lamina_lease::Heartbeat)>>,
 }
 
 impl VolumeManager {
@@ -111,8 +120,10 @@ impl VolumeManager {
             mfs,
             rbd,
             locks: Mutex::new(HashMap::new()),
+            lease: Mutex::new(None),
         };
         mgr.reconcile();
+        mgr.maintain_lease();
         Ok(mgr)
     }
 
@@ -178,6 +189,94 @@ impl VolumeManager {
             }
         }
         Err(Self::not_found(name))
+    }
+
+    /// This host's volume lease: opened at the first call with the cluster reachable, its references then
+    /// made equal to the mounted cluster volumes, and its heartbeat started. `None` when not configured.
+    fn volume_lease(&self) -> Result<Option<lamina_lease::Lease>, VolumeError> {
+        let (Some(lc), Some(m)) = (&self.cfg.lease, &self.mfs) else {
+            return Ok(None);
+        };
+        let mut slot = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((l, _)) = &*slot {
+            return Ok(Some(l.clone()));
+        }
+        let cfg = lamina_lease::LeaseConfig {
+            dir: m.vols.root.join(META_DIR).join(LEASE_DIR),
+            host: lc.host.clone(),
+            lease: lc.lease,
+            heartbeat: lc.heartbeat,
+        };
+        let mounted: Vec<String> = self
+            .db
+            .mounted()?
+            .into_keys()
+            .filter(|n| !self.local.exists(n).unwrap_or(false))
+            .collect();
+        let l = m.run("opening the volume lease", move |v| {
+            let l = lamina_lease::Lease::open(cfg).map_err(lease_err)?;
+            // A counted volume removed while this host was away (silent longer than the lease) is not held.
+            let mut held = Vec::new();
+            for n in mounted {
+                if v.exists(&n)? {
+                    held.push(n);
+                }
+            }
+            sync_references(&l, &held)?;
+            Ok(l)
+        })?;
+        info!(host = %l.host(), dir = %l.config().dir.display(), lease_secs = lc.lease.as_secs(),
+            "volume lease opened");
+        let hb = l.start_heartbeat();
+        *slot = Some((l.clone(), hb));
+        Ok(Some(l))
+    }
+
+    /// Opens the volume lease if it is configured and not open yet (at start, and again every heartbeat
+    /// interval while the cluster is unreachable, so that this host's mounts count again as soon as it is
+    /// back). A failure is only logged.
+    pub fn maintain_lease(&self) {
+        if let Err(e) = self.volume_lease() {
+            warn!(error = %e, "volume lease not available yet; retried");
+        }
+    }
+
+    /// The heartbeat interval of the volume lease, when configured.
+    pub fn lease_interval(&self) -> Option<Duration> {
+        self.cfg
+            .lease
+            .as_ref()
+            .filter(|_| self.mfs.is_some())
+            .map(|l| l.heartbeat)
+    }
+
+    /// Drops this host's reference to a cluster volume after its last Unmount; a failure is only logged (the
+    /// next start of lamina makes the references equal to the mount counts again).
+    fn drop_reference(&self, name: &str) {
+        let (Some(m), Some(_)) = (&self.mfs, &self.cfg.lease) else {
+            return;
+        };
+        if self.local.exists(name).unwrap_or(false)
+            || self
+                .db
+                .known(name)
+                .ok()
+                .flatten()
+                .is_some_and(|k| k.backend == BackendKind::Rbd)
+        {
+            return;
+        }
+        let n = name.to_string();
+        let done = self.volume_lease().and_then(|l| match l {
+            Some(l) => m.run("dropping the volume lease reference", move |_| {
+                l.release(VOLUME_KIND, &n).map_err(lease_err)
+            }),
+            None => Ok(()),
+        });
+        if let Err(e) = done {
+            warn!(volume = %name, error = %e,
+                "cannot drop this host's reference in the volume lease; it still blocks Remove on other hosts until lamina restarts or this host is silent for the lease");
+        }
     }
 
     /// `/VolumeDriver.Create`.
@@ -315,8 +414,17 @@ impl VolumeManager {
             BackendKind::Local => self.local.discard(name, on_remove)?,
             BackendKind::Moosefs => {
                 let n = name.to_string();
-                self.mfs()?
-                    .run("removing the volume", move |v| v.discard(&n, on_remove))?
+                let lease = self.volume_lease()?;
+                self.mfs()?.run("removing the volume", move |v| {
+                    let claim = lease.as_ref().map(|l| check_remove(l, &n)).transpose()?;
+                    v.discard(&n, on_remove)?;
+                    if let Some(l) = &lease {
+                        let _ = l.prune_dead(VOLUME_KIND, &n);
+                        let _ = l.release(VOLUME_KIND, &n);
+                    }
+                    drop(claim);
+                    Ok(())
+                })?
             }
             BackendKind::Rbd => {
                 let r = self.rbd()?;
@@ -349,6 +457,9 @@ impl VolumeManager {
         let total = self.db.add(name, id)?;
         if let Err(e) = self.bind(name, &loc, &mp, mounted) {
             let _ = self.db.release(name, id);
+            if loc.kind == BackendKind::Moosefs && self.db.total(name).unwrap_or(1) == 0 {
+                self.drop_reference(name);
+            }
             return Err(e);
         }
         info!(volume = %name, id = %id, total, mountpoint = %mp.display(), "volume mounted");
@@ -392,7 +503,14 @@ impl VolumeManager {
                 .map_err(|e| VolumeError::io(format!("mounting {}", loc.dir.display()), e)),
             BackendKind::Moosefs => {
                 let (src, dst) = (loc.dir.clone(), mp.to_path_buf());
+                // This host's reference in the volume lease comes first: a Remove on another host that lists
+                // the holders after it refuses; one that claimed the removal before it makes this fail.
+                let lease = self.volume_lease()?;
+                let n = name.to_string();
                 self.mfs()?.run("mounting the volume", move |_| {
+                    if let Some(l) = &lease {
+                        hold_for_mount(l, &n)?;
+                    }
                     lamina_sys::mount::bind_mount(&src, &dst, false)
                         .map_err(|e| io_err(format!("mounting {}", src.display()), e))
                 })
@@ -453,6 +571,7 @@ impl VolumeManager {
                 let mp = self.mountpoint(name);
                 release_mount(&mp)?;
                 self.detach_rbd(name)?;
+                self.drop_reference(name);
                 info!(volume = %name, id = %id, "volume unmounted");
                 Ok(())
             }
@@ -786,6 +905,9 @@ impl VolumeManager {
 
     /// Unmounts lamina's cluster mount (volume bind mounts stay for running containers).
     pub fn shutdown(&self) {
+        // The heartbeat stops first (it must not write below a detached mountpoint); the last one stays, so
+        // this host's mounts keep blocking Remove elsewhere for one lease.
+        drop(self.lease.lock().unwrap_or_else(|e| e.into_inner()).take());
         if let Some(m) = &self.mfs {
             m.shutdown();
         }

@@ -19,6 +19,7 @@ fn config(state: &Path) -> VolumeConfig {
         timeout: Duration::from_secs(10),
         moosefs: None,
         rbd: None,
+        lease: None,
     }
 }
 
