@@ -267,13 +267,10 @@ impl ClusterHost {
     /// heartbeat a third of it), then containerd below `dir/containerd`.
     pub fn start(dir: &Path, tier: &Path, host: &str, lease_secs: u64) -> ClusterHost {
         let mut lamina = super::containerd::LaminaSnap::new(&dir.join("lamina"));
-        lamina.env.push((
-            "LAMINA_CONFIG_TOML".into(),
-            format!(
-                "[cluster]\ndir = {:?}\nhost_id = {host:?}\nlease_secs = {lease_secs}\nheartbeat_secs = {}\n",
-                tier.to_str().expect("utf-8 tier path"),
-                (lease_secs / 3).max(1)
-            ),
+        lamina.use_config(&format!(
+            "[cluster]\ndir = {:?}\nhost_id = {host:?}\nlease_secs = {lease_secs}\nheartbeat_secs = {}\n",
+            tier.to_str().expect("utf-8 tier path"),
+            (lease_secs / 3).max(1)
         ));
         lamina.spawn();
         lamina.wait_ready();
