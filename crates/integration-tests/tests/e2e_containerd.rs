@@ -169,9 +169,9 @@ impl Setup {
 
     /// [`Setup::run`] in containerd namespace `ns`.
     fn run_in(&self, ns: &str, image: &str, script: &str) -> String {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let id = format!("c{}", N.fetch_add(1, Ordering::SeqCst));
-        self.ctr_run(ns, &["--rm"], image, &id, script)
+        self.ctrd
+            .run_script_in(ns, &self.snapshotter, image, script)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `ctr run -d --null-io` of a long-running container `id` (its shell runs `script`, then sleeps).

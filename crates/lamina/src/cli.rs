@@ -47,6 +47,10 @@ pub enum LayersCommand {
         /// How many.
         #[arg(short = 'n', long, default_value_t = 10)]
         count: usize,
+        /// The cluster tier's layers instead, by how many live hosts hold them (read from the tier: needs the
+        /// daemon of a host with `[cluster] dir`).
+        #[arg(long)]
+        cluster: bool,
     },
     /// One layer in detail (disk usage measured now).
     Inspect {
@@ -76,6 +80,8 @@ pub enum Request {
         /// `--namespace`.
         namespace: Option<String>,
     },
+    /// The cluster tier's layers.
+    ClusterLayers,
     /// Garbage collection.
     Gc {
         /// List only.
@@ -198,6 +204,10 @@ pub fn execute(store: &Store, req: &Request, progress: &mut dyn FnMut(Value)) ->
     Ok(match req {
         Request::Status => status(store)?,
         Request::Layers => serde_json::to_value(store.overview()?)?,
+        Request::ClusterLayers => match store.tier_layers()? {
+            Some(l) => serde_json::to_value(l)?,
+            None => anyhow::bail!("this lamina is in no cluster (no [cluster] dir, or no daemon serving it)"),
+        },
         Request::Inspect { layer, namespace } => inspect(store, layer, namespace.as_deref())?,
         Request::Gc {
             dry_run,
@@ -373,7 +383,37 @@ pub fn run_layers(cmd: LayersCommand) -> anyhow::Result<ExitCode> {
                 print_table(&layers);
             }
         }
-        LayersCommand::Top { target, count } => {
+        LayersCommand::Top {
+            target,
+            count,
+            cluster: true,
+        } => {
+            let v = dispatch(&target, &Request::ClusterLayers, &mut |_| {})?;
+            let mut layers: Vec<lamina_store::TierLayer> =
+                serde_json::from_value(v).context("tier layers")?;
+            layers.truncate(count);
+            if target.json {
+                print_json(&serde_json::to_value(&layers)?)?;
+            } else {
+                println!(
+                    "{:<19} {:>10} {:>8} {:>5} {:>5} {:<16} HOSTS",
+                    "CHAIN", "SIZE", "FILES", "LIVE", "ALL", "PUBLISHED BY"
+                );
+                for l in &layers {
+                    println!(
+                        "{:<19} {:>10} {:>8} {:>5} {:>5} {:<16} {}",
+                        l.chain.get(..19).unwrap_or(&l.chain),
+                        human(l.bytes),
+                        l.inodes,
+                        l.live_hosts,
+                        l.hosts.len(),
+                        l.published_by,
+                        l.hosts.join(",")
+                    );
+                }
+            }
+        }
+        LayersCommand::Top { target, count, .. } => {
             let v = dispatch(&target, &Request::Layers, &mut |_| {})?;
             let mut layers: Vec<LayerOverview> = serde_json::from_value(v).context("layer list")?;
             layers.sort_by(|a, b| {

@@ -5,6 +5,7 @@
 mod adapters;
 mod admin;
 mod cli;
+mod cluster;
 mod config;
 mod metrics;
 mod serve;

@@ -78,8 +78,12 @@ fn store_options(settings: &Settings) -> OpenOptions {
 /// Runs the daemon with `settings` until a termination signal.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
     init_logging(&settings.log_level, settings.log_format)?;
+    let mut options = store_options(&settings);
+    // The cluster tier: this host's lease on the shared directory, beating until the daemon stops.
+    let (tier, _heartbeat) = crate::cluster::tier_options(&settings)?.unzip();
+    options.tier = tier;
     let store = Arc::new(
-        Store::open_with_options(&settings.data_root, store_options(&settings))
+        Store::open_with_options(&settings.data_root, options)
             .with_context(|| format!("opening the store at {}", settings.data_root.display()))?,
     );
     if settings.verify_on_mount {

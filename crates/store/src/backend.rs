@@ -178,4 +178,14 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
 
     /// Bytes on disk of a path this backend reported.
     fn bytes_of(&self, path: &Path) -> u64;
+
+    /// Makes the directory `content` (a published layer of the cluster tier, never changed) the content of
+    /// the new, empty layer `n`: its own content directory becomes a symbolic link to it, so that stacks take
+    /// it as a lower directory. For backends whose content is a directory.
+    fn link_content(&self, n: u64, content: &Path) -> Result<()> {
+        let own = self.paths(n).content;
+        std::fs::remove_dir(&own)
+            .and_then(|()| std::os::unix::fs::symlink(content, &own))
+            .map_err(|e| crate::StoreError::io(format!("link {} to {}", own.display(), content.display()), e))
+    }
 }

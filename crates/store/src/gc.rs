@@ -47,6 +47,10 @@ pub enum GarbageKind {
     UnknownDir,
     /// An entry of `quarantine/`.
     Quarantined,
+    /// A layer of the cluster tier that no live host holds (removed by the tier's own collection).
+    TierLayer,
+    /// A publication cut short or trash in the cluster tier.
+    TierLeftover,
 }
 
 /// One piece of garbage.
@@ -229,6 +233,10 @@ impl Store {
         report.bytes = report.items.iter().map(|g| g.bytes).sum();
         if !opts.dry_run {
             self.collect(&mut report, &mut doomed);
+        }
+        // 6. The cluster tier (it removes its own garbage).
+        self.tier_gc(opts.dry_run, &mut report);
+        if !opts.dry_run {
             self.add_to(Counter::GcRuns, 1);
             let removed = report.items.len().saturating_sub(report.errors.len()) as u64;
             self.add_to(Counter::GcRemoved, removed);

@@ -36,6 +36,7 @@ mod rbd;
 mod slots;
 mod stats;
 mod tables;
+mod tier;
 mod verify;
 
 use std::collections::HashSet;
@@ -60,6 +61,7 @@ pub use open::{OpenMode, OpenOptions};
 pub use quota::{parse_size, MIN_SIZE, SIZE_LABEL};
 pub use rbd::{RbdLayers, SEAL};
 pub use stats::{Counter, LayerOverview};
+pub use tier::{TierLayer, TierOptions, TierSummary};
 pub use verify::{CheckHook, CheckOutcome, VerifyResult, VerifyStatus, MANIFEST_FILE};
 
 use slots::{lock, Lowers, Slot};
@@ -125,6 +127,8 @@ pub struct Store {
     backend: Box<dyn backend::LayerBackend>,
     /// `verify_on_mount`, when on.
     mount_check: Option<verify::MountCheck>,
+    /// The cluster tier, when the store takes part in one.
+    tier: Option<tier::Tier>,
     /// Set once the open passed its custody check: only then may dropping the store write to the database.
     ready: std::sync::atomic::AtomicBool,
     _lock: LockFile,

@@ -144,6 +144,7 @@ impl Store {
                 labels,
                 manifest: None,
                 max_size: opts.max_size,
+                shared: None,
             };
             created_parent = parent_n;
             txn.put_name(ns, name, n)?;

@@ -89,6 +89,11 @@ pub struct LayerRecord {
     /// xfs project with a quota (see `quota.rs`). Absent means no limit; an optional field, no format change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<u64>,
+    /// The chain id under which the layer's content is in the cluster tier (`sha256:<hex>`): published from
+    /// this store, or linked from the tier (its content is then the tier's directory). An optional field, no
+    /// format change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<String>,
 }
 
 /// Usage counters of one layer, kept in memory and flushed to the `stats` table in batches.

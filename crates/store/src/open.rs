@@ -51,6 +51,8 @@ pub struct OpenOptions {
     /// Layers as RBD images in a Ceph pool (`[store] backend = "rbd"`) instead of overlay directories. The data
     /// root records its backend when it is made, and is opened only with the same one.
     pub rbd: Option<RbdLayers>,
+    /// Take part in a cluster tier (docs/cluster.md).
+    pub tier: Option<crate::TierOptions>,
 }
 
 impl std::fmt::Debug for OpenOptions {
@@ -60,6 +62,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("verify_on_mount", &self.verify_on_mount)
             .field("quarantine_unknown", &self.quarantine_unknown)
             .field("rbd", &self.rbd)
+            .field("tier", &self.tier)
             .finish_non_exhaustive()
     }
 }
@@ -103,10 +106,16 @@ impl Store {
             _ => StoreError::io(format!("lock {}", root.display()), e),
         })?;
         let mounter = opts.mounter.clone().unwrap_or_else(|| Arc::new(LinuxMounter));
+        if opts.rbd.is_some() && opts.tier.is_some() {
+            return Err(StoreError::InvalidArgument(
+                "a cluster tier holds directory layers: it cannot be used with the rbd backend".into(),
+            ));
+        }
         let backend: Box<dyn LayerBackend> = match &opts.rbd {
             None => Box::new(OverlayBackend::open(root, mounter)?),
             Some(cfg) => Box::new(RbdBackend::open(root, cfg.clone())?),
         };
+        let tier = opts.tier.clone().map(crate::tier::Tier::open).transpose()?;
         let db_path = root.join("meta.redb");
         let db_existed = db_path.exists();
         let db = db::Db::open(&db_path).map_err(|e| {
@@ -123,6 +132,7 @@ impl Store {
             mount_check: opts
                 .verify_on_mount
                 .then(|| verify::MountCheck::new(opts.on_check.clone())),
+            tier,
             ready: AtomicBool::new(false),
             _lock: lock,
         };

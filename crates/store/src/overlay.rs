@@ -681,7 +681,10 @@ impl LayerBackend for OverlayBackend {
                 remove_tree(&g.path);
                 Ok(())
             }
-            GarbageKind::InterruptedApply | GarbageKind::RemovedNamespace => Ok(()),
+            GarbageKind::InterruptedApply
+            | GarbageKind::RemovedNamespace
+            | GarbageKind::TierLayer
+            | GarbageKind::TierLeftover => Ok(()),
         }
     }
 

@@ -302,6 +302,18 @@ pub fn symlink(target: &[u8], dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()
     Ok(rfs::symlinkat(name_arg(target), dir, name_arg(name))?)
 }
 
+/// Swaps the entries `a` and `b` of `dir` in one step (`renameat2(RENAME_EXCHANGE)`): each name shows the one
+/// entry or the other, never neither.
+pub fn exchange(dir: BorrowedFd<'_>, a: &[u8], b: &[u8]) -> io::Result<()> {
+    Ok(rfs::renameat_with(
+        dir,
+        name_arg(a),
+        dir,
+        name_arg(b),
+        rfs::RenameFlags::EXCHANGE,
+    )?)
+}
+
 /// Hard-links `old_dir/old_name` as `new_dir/new_name`; a symlink is linked itself.
 pub fn hardlink(
     old_dir: BorrowedFd<'_>,

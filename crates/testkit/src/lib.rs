@@ -21,6 +21,7 @@
 //! tmpfs also work on this kernel (checked on 6.18: whiteouts and opaque dirs are created), but a
 //! disk-backed directory keeps large layers out of memory.
 pub mod ceph;
+pub mod cluster;
 pub mod containerd;
 pub mod crash;
 pub mod docker_fixtures;

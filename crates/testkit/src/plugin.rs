@@ -320,6 +320,11 @@ impl Registry {
         }
         r
     }
+
+    /// The registry's log, with one access-log line per request (`"GET /v2/... HTTP/1.1" 200 ...`).
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
 }
 
 impl Drop for Registry {

@@ -357,6 +357,10 @@ impl GraphDriverAdapter {
             .store
             .apply_diff(&st.ns, id, parent, body, &st.mappings)
             .map_err(to_plugin_error)?;
+        // On a host of a cluster, a layer already in the shared tier keeps no second, local copy.
+        if let Err(e) = self.store.share_applied(&st.ns, id) {
+            tracing::warn!(id, error = %e, "could not store the applied layer in the cluster tier");
+        }
         Ok((stats.size, stats.tar_bytes))
     }
 }

@@ -6,6 +6,10 @@
 //! [`LayerKind::ReadWrite`], committed = [`LayerKind::ReadOnly`], view = [`LayerKind::View`]. Commit is a
 //! rename in the metadata; no data moves. Mounts follow containerd's overlayfs snapshotter: a bind mount for
 //! a parentless active snapshot and for a view of one layer, overlay otherwise.
+//!
+//! With a cluster tier, the remote-snapshotter contract: a `Prepare` labelled `containerd.io/snapshot.ref`
+//! with a chain id the store can take from the tier makes that committed snapshot and answers `AlreadyExists`
+//! (containerd then fetches and unpacks nothing for it); a `Commit` with that label publishes the layer.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,6 +17,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lamina_snapshotter::{Code, Info, Kind, LabelChange, Labels, Mount, SnapshotError, Snapshotter, Usage};
 use lamina_store::{CreateOptions, LayerKind, LayerRecord, MountSpec, Store, StoreError};
 use lamina_sys::fs::errno;
+use tracing::warn;
+
+/// The label containerd's unpacker puts on the Prepare and Commit of a layer: the layer's chain id.
+const SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
 
 /// Store namespace of a snapshotter name.
 pub fn namespace(snapshotter: &str) -> String {
@@ -138,6 +146,19 @@ fn to_mount(spec: &MountSpec) -> Mount {
 
 impl Snapshotter for SnapshotterAdapter {
     fn prepare(&self, snapshotter: &str, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        if let Some(target) = labels.get(SNAPSHOT_REF) {
+            let parent = (!parent.is_empty()).then_some(parent);
+            if self
+                .store
+                .adopt_shared(&namespace(snapshotter), target, parent, labels.clone())
+                .map_err(to_snapshot_error)?
+            {
+                return Err(SnapshotError::new(
+                    Code::AlreadyExists,
+                    format!("target snapshot {target:?} already exists"),
+                ));
+            }
+        }
         self.create(snapshotter, key, parent, LayerKind::ReadWrite, labels)
     }
 
@@ -151,10 +172,17 @@ impl Snapshotter for SnapshotterAdapter {
 
     fn commit(&self, snapshotter: &str, name: &str, key: &str, labels: Labels) -> Result<()> {
         let ns = namespace(snapshotter);
+        let chain = labels.get(SNAPSHOT_REF).cloned();
         self.store
             .commit(&ns, key, name, labels)
-            .map(|_| ())
-            .map_err(to_snapshot_error)
+            .map_err(to_snapshot_error)?;
+        if let Some(chain) = chain {
+            // The layer is committed here whatever happens to its publication.
+            if let Err(e) = self.store.publish_shared(&ns, name, &chain) {
+                warn!(chain, error = %e, "could not publish the layer to the cluster tier");
+            }
+        }
+        Ok(())
     }
 
     fn remove(&self, snapshotter: &str, key: &str) -> Result<()> {
@@ -200,8 +228,18 @@ impl SnapshotterAdapter {
     }
 
     fn remove_inner(&self, snapshotter: &str, key: &str) -> Result<()> {
+        // An active snapshot of an unpack that was given up: its claim in the cluster tier goes with it.
+        let abandoned = match self.store.record(&namespace(snapshotter), key) {
+            Ok((rec, _)) if rec.kind == LayerKind::ReadWrite => rec.labels.get(SNAPSHOT_REF).cloned(),
+            _ => None,
+        };
         match self.store.remove(&namespace(snapshotter), key) {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                if let Some(chain) = abandoned {
+                    self.store.release_shared_claim(&chain);
+                }
+                Ok(())
+            }
             Ok(false) => Err(SnapshotError::not_found(format!("snapshot {key} does not exist"))),
             Err(StoreError::InUse(m)) => Err(SnapshotError::new(
                 Code::FailedPrecondition,

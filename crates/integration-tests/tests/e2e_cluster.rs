@@ -1,0 +1,543 @@
+//! End-to-end tests of the cluster tier (docs/cluster.md): a throw-away MooseFS cluster in a network namespace,
+//! two "hosts" on this machine, each its own containerd 1.6 and lamina (own data roots) with the same tier
+//! directory on its own MooseFS mount, and Debian's `docker-registry` on 127.0.0.1 serving an image the test
+//! builds and pushes, with the registry's access log kept.
+//!
+//! Host A pulls with containerd's Pull-with-unpack (containerd's Go client, `tests/cluster/pull`): it fetches
+//! and unpacks every layer, and lamina publishes each to the tier at Commit. Host B then pulls the same image:
+//! each Prepare labelled with a chain id in the tier is answered AlreadyExists, so the registry serves B no
+//! layer blob, and `ctr run` on B sees the image's files (from the tier). Then garbage collection across the
+//! hosts: A's removal leaves the layers B holds; after B's removal the tier holds none of the image.
+//!
+//! Both hosts pulling a new image at the same moment unpack each layer once in the cluster (one host waits for
+//! the other's claim). A host SIGKILLed in the middle of an unpack leaves no partial layer; the other host's
+//! pull completes after the dead host's claim expires, and the killed host restarts consistent.
+//!
+//! The images are a busybox layer and five data layers (one with a whiteout) of `LAMINA_E2E_CLUSTER_MB` MB in
+//! all (default 200 for the first test, a quarter of it for the others). Needs root, containerd, MooseFS, docker-registry and Go with containerd's Go sources; without
+//! them the test prints `SKIPPED` (and fails under `CI=true`).
+//! Run: `cargo test -p lamina-integration-tests --test e2e_cluster -- --nocapture`.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lamina_testkit::cluster::*;
+use lamina_testkit::containerd::*;
+use lamina_testkit::moosefs::{require_moosefs, MooseCluster};
+use lamina_testkit::plugin::Registry;
+use lamina_testkit::*;
+
+/// Lease of the test hosts: short, so that garbage collection's grace for fresh publications passes quickly.
+const LEASE_SECS: u64 = 3;
+
+/// Fills `path` with `len` bytes of a deterministic pseudo-random stream seeded by `seed`.
+fn write_noise(path: &Path, len: usize, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        buf.extend_from_slice(&x.to_le_bytes());
+    }
+    buf.truncate(len);
+    fs::write(path, buf).unwrap();
+}
+
+/// The test image: busybox, then five data layers of `total_mb` MB in all under `/data/l<i>/`; layer 3 deletes
+/// `/data/l2/gone` with a whiteout. Gives the layout, the archive and the files a container must see under
+/// `/data` (`path size`, sorted).
+fn build_image(work: &Path, name: &str, total_mb: usize, seed: u64) -> (OciImage, ImageArchive, Vec<String>) {
+    let mut img = OciImage::new(&work.join("layout"), name);
+    img.add_layer_tar(&busybox_layer(work));
+    let per_layer = total_mb * 1024 * 1024 / 5;
+    let files_per_layer = 8;
+    let mut expect = BTreeSet::new();
+    for l in 1..=5 {
+        let tree = work.join(format!("tree{l}"));
+        let dir = tree.join(format!("data/l{l}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..files_per_layer {
+            let len = per_layer / files_per_layer;
+            write_noise(
+                &dir.join(format!("f{f}")),
+                len,
+                seed * 10_000 + (l * 100 + f) as u64,
+            );
+            expect.insert(format!("/data/l{l}/f{f} {len}"));
+        }
+        if l == 2 {
+            fs::write(dir.join("gone"), b"deleted by layer 3\n").unwrap();
+        }
+        if l == 3 {
+            let l2 = tree.join("data/l2");
+            fs::create_dir_all(&l2).unwrap();
+            fs::write(l2.join(".wh.gone"), b"").unwrap();
+        }
+        img.add_layer_dir(&tree);
+        fs::remove_dir_all(&tree).unwrap();
+    }
+    let archive = img.write_archive(&work.join("image.tar"));
+    let _ = fs::remove_file(work.join("image.tar"));
+    (img, archive, expect.into_iter().collect())
+}
+
+/// Layer blob GETs among `requests`.
+fn blob_gets(requests: &[(String, String)], layers: &[String]) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|(m, p)| m == "GET" && layers.iter().any(|d| p.ends_with(&format!("/blobs/{d}"))))
+        .map(|(_, p)| p.clone())
+        .collect()
+}
+
+fn tier_layers(tier: &Path) -> BTreeSet<String> {
+    fs::read_dir(tier.join("layers"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The master's per-mount operation counters (`mfscli -SMO`), for the figures in docs/cluster.md.
+fn master_ops(mfs: &MooseCluster) -> String {
+    let out = std::process::Command::new("mfscli")
+        .args(["-H", &mfs.master_host(), "-SMO", "-m", "1", "-p", "-s", ";"])
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn gc_kinds(v: &serde_json::Value, kind: &str) -> BTreeSet<String> {
+    v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["kind"] == kind)
+        .filter_map(|i| i["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The cluster of a test: MooseFS with one mount per host, the registry, and the two hosts. Fields drop in
+/// order: the hosts (containerd, then lamina) before the registry, MooseFS and the test directory.
+struct Cluster {
+    a: ClusterHost,
+    b: ClusterHost,
+    registry: Registry,
+    tier_a: PathBuf,
+    tier_b: PathBuf,
+    mfs: MooseCluster,
+    dir: TestDir,
+    _serial: Option<std::sync::MutexGuard<'static, ()>>,
+}
+
+fn setup(test: &str) -> Option<Cluster> {
+    if !require_containerd(test)
+        || !require_moosefs(test)
+        || !require_bin(test, "docker-registry")
+        || !require_bin(test, "mfscli")
+        || !require_go_containerd(test)
+    {
+        return None;
+    }
+    let serial = serial();
+    let dir = TestDir::new(&unique_name(test));
+    pull_tool();
+    let t0 = Instant::now();
+    let mfs = MooseCluster::start("tier");
+    let (mnt_a, mnt_b) = (mfs.scratch("mnt-a"), mfs.scratch("mnt-b"));
+    mfs.mount(&mnt_a, "/");
+    mfs.mount(&mnt_b, "/");
+    fs::create_dir_all(mnt_a.join("tier")).unwrap();
+    let (tier_a, tier_b) = (mnt_a.join("tier"), mnt_b.join("tier"));
+    assert!(tier_b.is_dir(), "the tier is visible through the second mount");
+    let registry = Registry::start(&dir.join("registry"));
+    let a = ClusterHost::start(&dir.join("a"), &tier_a, "host-a", LEASE_SECS);
+    let b = ClusterHost::start(&dir.join("b"), &tier_b, "host-b", LEASE_SECS);
+    eprintln!(
+        "[{test}] MooseFS, registry and two hosts up: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Some(Cluster {
+        a,
+        b,
+        registry,
+        tier_a,
+        tier_b,
+        mfs,
+        dir,
+        _serial: serial,
+    })
+}
+
+fn image_mb(share: usize) -> usize {
+    std::env::var("LAMINA_E2E_CLUSTER_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+        / share
+}
+
+impl Cluster {
+    /// Builds and pushes an image `lamina/<name>:v1`; gives its reference, archive description and files.
+    fn image(&self, name: &str, mb: usize, seed: u64) -> (String, ImageArchive, Vec<String>) {
+        let work = self.dir.join(format!("image-{name}"));
+        let (layout, archive, expect) = build_image(&work, &format!("lamina/{name}:v1"), mb, seed);
+        push_image(
+            &self.registry.addr,
+            &layout,
+            &archive,
+            &format!("lamina/{name}"),
+            "v1",
+        );
+        let _ = fs::remove_dir_all(&work);
+        (
+            format!("{}/lamina/{name}:v1", self.registry.addr),
+            archive,
+            expect,
+        )
+    }
+
+    /// Host `h`'s pull with unpack of `reference`: its time and the requests the registry logged meanwhile;
+    /// the master's operation counters are printed after it.
+    fn pull(&self, h: &ClusterHost, reference: &str) -> (Duration, Vec<(String, String)>) {
+        let mark = fs::metadata(self.registry.log()).map(|m| m.len()).unwrap_or(0);
+        let t = pull_with_unpack(&h.ctrd, PROXY_NAME, reference)
+            .unwrap_or_else(|e| panic!("{} pull: {e}\nlamina:\n{}", h.host, h.lamina.log_tail()));
+        let requests = registry_requests(self.registry.log(), mark);
+        eprintln!(
+            "master operations after {}'s pull:\n{}",
+            h.host,
+            master_ops(&self.mfs)
+        );
+        (t, requests)
+    }
+
+    /// Every published layer is whole: content, manifest and seal.
+    fn assert_tier_whole(&self) {
+        for c in tier_layers(&self.tier_b) {
+            let hex = c.trim_start_matches("sha256:");
+            for f in ["seal.json", "manifest", "diff"] {
+                assert!(
+                    self.tier_b.join("layers").join(hex).join(f).exists(),
+                    "{c}: {f} missing"
+                );
+            }
+        }
+    }
+}
+
+/// Host `h`'s pull of `reference`, tried again every second until it succeeds within `timeout`.
+fn pull_eventually(h: &ClusterHost, reference: &str, timeout: Duration) {
+    let mut last = String::new();
+    let pulled = poll(timeout, || {
+        match pull_with_unpack(&h.ctrd, PROXY_NAME, reference) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                last = e;
+                std::thread::sleep(Duration::from_secs(1));
+                None
+            }
+        }
+    });
+    assert!(
+        pulled.is_some(),
+        "{} pull: {last}\n{}",
+        h.host,
+        h.lamina.log_tail()
+    );
+}
+
+/// Lines of `log` (a lamina log) that contain every one of `words`.
+fn log_lines(log: &Path, words: &[&str]) -> Vec<String> {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn second_host_pulls_nothing_the_cluster_has() {
+    let test = "second_host_pulls_nothing_the_cluster_has";
+    let Some(cl) = setup(test) else { return };
+    let (a, b) = (&cl.a, &cl.b);
+    let total_mb = image_mb(1);
+    let (reference, archive, expect) = cl.image("cluster", total_mb, 1);
+    let layer_digests = archive.diff_ids.clone();
+    eprintln!(
+        "[{test}] image: {} layers, {} MB, pushed to {}",
+        archive.chain_ids.len(),
+        archive.layer_bytes / (1024 * 1024),
+        cl.registry.addr
+    );
+
+    // Host A: fetches and unpacks everything, publishes every layer.
+    eprintln!(
+        "[{test}] master operations before the pulls:\n{}",
+        master_ops(&cl.mfs)
+    );
+    let (t_a, reqs_a) = cl.pull(a, &reference);
+    let gets_a = blob_gets(&reqs_a, &layer_digests);
+    assert_eq!(
+        gets_a.len(),
+        layer_digests.len(),
+        "host A fetches every layer blob once: {reqs_a:?}"
+    );
+    let published = tier_layers(&cl.tier_b);
+    for c in &archive.chain_ids {
+        assert!(
+            published.contains(c),
+            "layer {c} is in the tier after host A's pull: {published:?}"
+        );
+    }
+    cl.assert_tier_whole();
+    assert!(
+        fs::read_dir(cl.tier_b.join("staging")).unwrap().next().is_none(),
+        "no publication is left half-made in staging/"
+    );
+    // Host B: the registry serves it the manifest and config only.
+    let (t_b, reqs_b) = cl.pull(b, &reference);
+    let gets_b = blob_gets(&reqs_b, &layer_digests);
+    assert!(
+        gets_b.is_empty(),
+        "the registry served host B layer blobs: {gets_b:?}"
+    );
+    eprintln!(
+        "[{test}] pull with unpack: host A {:.2} s, host B {:.2} s ({:.3}x); registry requests from B: {reqs_b:?}",
+        t_a.as_secs_f64(),
+        t_b.as_secs_f64(),
+        t_b.as_secs_f64() / t_a.as_secs_f64()
+    );
+    for l in log_lines(&a.lamina.log, &["layer shared with the cluster tier"]) {
+        eprintln!("[{test}] host A: {l}");
+    }
+    for l in log_lines(&b.lamina.log, &["layer taken from the cluster tier"]) {
+        eprintln!("[{test}] host B: {l}");
+    }
+
+    // Cluster statistics, read from the tier: every layer held by both hosts.
+    let top = lamina_cli_json(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"]);
+    for c in &archive.chain_ids {
+        let row = top
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["chain"] == c.as_str())
+            .unwrap_or_else(|| panic!("{c} in layers top --cluster: {top}"));
+        assert_eq!(row["live_hosts"], 2, "{row}");
+    }
+    eprintln!(
+        "[{test}] lamina layers top --cluster:\n{}",
+        lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster"])
+    );
+
+    // Host B runs the image from the tier's layers: exactly the image's files.
+    let listing = b
+        .ctrd
+        .run_script(
+            PROXY_NAME,
+            &reference,
+            "find /data -type f -exec stat -c '%n %s' {} + | sort; test ! -e /data/l2/gone && echo whiteout-ok",
+        )
+        .unwrap_or_else(|e| panic!("ctr run on host B: {e}\nlamina B:\n{}", b.lamina.log_tail()));
+    let mut want = expect.join("\n");
+    want.push_str("\nwhiteout-ok\n");
+    assert_eq!(listing, want, "host B's container sees exactly the image's files");
+    let sum = |h: &ClusterHost| {
+        h.ctrd
+            .run_script(PROXY_NAME, &reference, "sha256sum /data/l5/f7 | cut -d' ' -f1")
+            .unwrap()
+    };
+    assert_eq!(sum(a), sum(b), "the same content on both hosts");
+
+    // Garbage collection across hosts. Fresh publications are kept for a lease; wait it out.
+    std::thread::sleep(Duration::from_secs(LEASE_SECS + 1));
+    let dry = a.gc(true);
+    assert!(
+        gc_kinds(&dry, "tier_layer").is_empty(),
+        "both hosts hold the image: no tier layer is garbage: {dry}"
+    );
+    // Host A removes the image; its snapshots go with containerd's collection, its references with lamina's.
+    a.ctrd.ctr_ok(&["images", "rm", "--sync", &reference]);
+    a.ctrd.gc_now();
+    let gc_a = a.gc(false);
+    assert!(
+        gc_kinds(&gc_a, "tier_layer").is_empty(),
+        "host B still holds every layer: host A's collection takes none: {gc_a}"
+    );
+    let after_a = tier_layers(&cl.tier_a);
+    for c in &archive.chain_ids {
+        assert!(after_a.contains(c), "{c} stays in the tier while host B holds it");
+    }
+    let again = b
+        .ctrd
+        .run_script(PROXY_NAME, &reference, "cat /data/l1/f0 | wc -c")
+        .unwrap();
+    assert_eq!(
+        again.trim(),
+        (total_mb * 1024 * 1024 / 5 / 8).to_string(),
+        "host B still reads its layers"
+    );
+    // Host B removes it too: the tier holds none of the image after its collection.
+    b.ctrd.ctr_ok(&["images", "rm", "--sync", &reference]);
+    b.ctrd.gc_now();
+    let dry_b = b.gc(true);
+    let listed: BTreeSet<String> = gc_kinds(&dry_b, "tier_layer");
+    let want: BTreeSet<String> = archive.chain_ids.iter().cloned().collect();
+    assert_eq!(
+        listed, want,
+        "lamina gc --dry-run on host B lists the image's tier layers: {dry_b}"
+    );
+    let gc_b = b.gc(false);
+    assert_eq!(gc_kinds(&gc_b, "tier_layer"), want, "{gc_b}");
+    let left = tier_layers(&cl.tier_a);
+    assert!(
+        archive.chain_ids.iter().all(|c| !left.contains(c)),
+        "the tier still holds layers of the image: {left:?}"
+    );
+}
+
+#[test]
+fn simultaneous_pulls_unpack_each_layer_once() {
+    let test = "simultaneous_pulls_unpack_each_layer_once";
+    let Some(cl) = setup(test) else { return };
+    let (reference, archive, expect) = cl.image("together", image_mb(4), 2);
+    let (ra, rb) = std::thread::scope(|s| {
+        let ta = s.spawn(|| pull_with_unpack(&cl.a.ctrd, PROXY_NAME, &reference));
+        let tb = s.spawn(|| pull_with_unpack(&cl.b.ctrd, PROXY_NAME, &reference));
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    let ta = ra.unwrap_or_else(|e| panic!("host A: {e}\n{}", cl.a.lamina.log_tail()));
+    let tb = rb.unwrap_or_else(|e| panic!("host B: {e}\n{}", cl.b.lamina.log_tail()));
+    // Every layer was unpacked (committed with its chain id and offered to the tier) once in the cluster.
+    let mut unpacked = Vec::new();
+    for (h, host) in [(&cl.a, "A"), (&cl.b, "B")] {
+        for c in &archive.chain_ids {
+            let n = log_lines(&h.lamina.log, &["layer shared with the cluster tier", c]).len();
+            unpacked.extend(std::iter::repeat_n(format!("{host} {c}"), n));
+        }
+    }
+    eprintln!(
+        "[{test}] pulls at the same moment: A {:.2} s, B {:.2} s; unpacks: {unpacked:?}",
+        ta.as_secs_f64(),
+        tb.as_secs_f64()
+    );
+    assert_eq!(
+        unpacked.len(),
+        archive.chain_ids.len(),
+        "each layer unpacked once in the cluster"
+    );
+    cl.assert_tier_whole();
+    let listing_cmd = "find /data -type f -exec stat -c '%n %s' {} + | sort";
+    let want = format!("{}\n", expect.join("\n"));
+    for h in [&cl.a, &cl.b] {
+        let got = h.ctrd.run_script(PROXY_NAME, &reference, listing_cmd).unwrap();
+        assert_eq!(got, want, "host {} runs the image", h.host);
+    }
+}
+
+#[test]
+fn killed_host_leaves_no_partial_layer() {
+    let test = "killed_host_leaves_no_partial_layer";
+    let Some(mut cl) = setup(test) else { return };
+    let (reference, archive, expect) = cl.image("killed", image_mb(4), 3);
+    let claims = cl.tier_b.join("claims/layer");
+    // Host A pulls; it is SIGKILLed as soon as it holds a claim past the first layer (it is unpacking).
+    let first_hex = archive.chain_ids[0].trim_start_matches("sha256:").to_string();
+    let killed_at = std::thread::scope(|s| {
+        let pull = s.spawn(|| pull_with_unpack(&cl.a.ctrd, PROXY_NAME, &reference));
+        let claimed = poll(Duration::from_secs(120), || {
+            fs::read_dir(&claims).ok()?.filter_map(|e| e.ok()).find_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ours = fs::read_to_string(e.path()).is_ok_and(|t| t.contains("host-a"));
+                (ours && !name.starts_with('.') && name != first_hex).then_some(name)
+            })
+        });
+        let claimed = claimed.expect("host A claimed a layer");
+        cl.a.lamina.kill9();
+        let r = pull.join().unwrap();
+        assert!(r.is_err(), "host A's pull cannot finish without its snapshotter");
+        claimed
+    });
+    eprintln!("[{test}] host A killed while it held the claim on sha256:{killed_at}");
+    cl.assert_tier_whole();
+    assert!(
+        !tier_layers(&cl.tier_b).contains(&format!("sha256:{killed_at}")),
+        "the layer host A was unpacking is not in the tier"
+    );
+    // Host B's pull completes once A's claim expires, and unpacks what A did not publish.
+    let t0 = Instant::now();
+    let tb = pull_with_unpack(&cl.b.ctrd, PROXY_NAME, &reference)
+        .unwrap_or_else(|e| panic!("host B: {e}\n{}", cl.b.lamina.log_tail()));
+    eprintln!(
+        "[{test}] host B's pull: {:.2} s (the lease is {LEASE_SECS} s)",
+        tb.as_secs_f64()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(60), "host B waited too long");
+    cl.assert_tier_whole();
+    for c in &archive.chain_ids {
+        assert!(
+            tier_layers(&cl.tier_b).contains(c),
+            "{c} in the tier after host B's pull"
+        );
+    }
+    // Host A restarts consistent: it pulls the image (from the tier) and runs it.
+    cl.a.lamina.start_again();
+    // containerd's connection to the proxy snapshotter comes back after its gRPC reconnect backoff.
+    pull_eventually(&cl.a, &reference, Duration::from_secs(60));
+    let got =
+        cl.a.ctrd
+            .run_script(
+                PROXY_NAME,
+                &reference,
+                "find /data -type f -exec stat -c '%n %s' {} + | sort",
+            )
+            .unwrap();
+    assert_eq!(
+        got,
+        format!("{}\n", expect.join("\n")),
+        "host A runs the image after its restart"
+    );
+    let staging: Vec<_> = fs::read_dir(cl.tier_b.join("staging")).unwrap().collect();
+    assert!(
+        staging.is_empty(),
+        "host A's restart removed its cut-short publication: {staging:?}"
+    );
+}
+
+#[test]
+fn a_stopped_master_fails_pulls_fast_and_they_work_again_after_it() {
+    let test = "a_stopped_master_fails_pulls_fast_and_they_work_again_after_it";
+    let Some(mut cl) = setup(test) else { return };
+    let (first, _, expect) = cl.image("before", image_mb(8), 4);
+    let (second, _, _) = cl.image("during", image_mb(8), 5);
+    cl.pull(&cl.a, &first);
+    cl.mfs.kill_master();
+    // A pull that needs the tier fails with the tier's error, soon.
+    let t0 = Instant::now();
+    let err =
+        pull_with_unpack(&cl.b.ctrd, PROXY_NAME, &second).expect_err("a pull without the tier's master");
+    eprintln!(
+        "[{test}] pull with the master down failed after {:.1} s: {err}",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(err.contains("cluster tier"), "the error names the tier: {err}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "the pull failed fast");
+    // Host A's layers are local (it unpacked them): its containers keep working.
+    let listing_cmd = "find /data -type f -exec stat -c '%n %s' {} + | sort";
+    let got = cl.a.ctrd.run_script(PROXY_NAME, &first, listing_cmd).unwrap();
+    assert_eq!(
+        got,
+        format!("{}\n", expect.join("\n")),
+        "host A runs its local image"
+    );
+    // The master comes back: the same pull works, without an operator.
+    cl.mfs.start_master(true);
+    pull_eventually(&cl.b, &second, Duration::from_secs(90));
+}

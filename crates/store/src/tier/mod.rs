@@ -1,0 +1,479 @@
+//! The shared layer tier: read-only layers on a POSIX distributed filesystem mounted on every host, named by
+//! chain id, so that a layer unpacked on one host serves every host (docs/cluster.md).
+//!
+//! Layout of the tier directory:
+//!
+//! ```text
+//! layers/<hex>/            one published layer (chain id sha256:<hex>), never changed after its rename
+//!     diff/                its content, an overlay lower directory (whiteouts as overlay whiteouts)
+//!     manifest             its content manifest (the store's format, docs/on-disk-format.md)
+//!     seal.json            chain id, bytes, inodes, manifest digest, publishing host and time
+//! staging/<hex>-<ns>-<seq>@<host>/   a publication being written; renamed to layers/<hex> when whole
+//! trash/                   removals on their way out
+//! claims/layer/<hex>       a host is unpacking that layer            (lamina-lease)
+//! refs/layer/<hex>/<host>  that host holds the layer                  (lamina-lease)
+//! hosts/<host>, clock/     heartbeats, probes of the filesystem's clock (lamina-lease)
+//! ```
+//!
+//! A host sees a layer either whole (after the rename of its staging directory) or not at all. A store links a
+//! tier layer as the content of a local record (a symbolic link in place of the layer's own directory), so the
+//! overlay stacks take their lower directories from the tier and every rule of the store applies unchanged.
+
+mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lamina_archive::{ApplyOptions, DiffOptions};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use lamina_lease::{Claim, Lease, LeaseError};
+
+use crate::{mkdir, now_ns, open_dir, remove_tree, Result, StoreError};
+
+/// The kind of the tier's references and claims in the lease directory.
+const KIND: &str = "layer";
+
+pub use store::{TierLayer, TierSummary};
+
+/// Where the tier is and how this host takes part.
+#[derive(Debug, Clone)]
+pub struct TierOptions {
+    /// The tier directory, on a filesystem every host mounts (it must exist: lamina does not create the mount).
+    pub dir: PathBuf,
+    /// This host's lease on the cluster directory: its id, heartbeats, references and claims. A host whose
+    /// heartbeat is older than the lease counts as gone: its references stop protecting layers and its claims
+    /// expire.
+    pub lease: Lease,
+    /// How long a Prepare waits for another host's unpack of the same layer before unpacking it too.
+    pub claim_wait: Duration,
+}
+
+/// What `seal.json` records of a published layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Seal {
+    pub chain: String,
+    pub bytes: u64,
+    pub inodes: u64,
+    pub manifest: String,
+    pub host: String,
+    pub published_ns: u64,
+}
+
+/// The tier as one host sees it.
+#[derive(Debug)]
+pub(crate) struct Tier {
+    opts: TierOptions,
+    /// This host's claims on layers it is unpacking, until their publication.
+    claims: Mutex<HashMap<String, Claim>>,
+    seq: AtomicU64,
+}
+
+const SUBDIRS: [&str; 3] = ["layers", "staging", "trash"];
+
+/// `sha256:<64 hex>` → `<hex>`.
+pub(crate) fn chain_hex(chain: &str) -> Option<&str> {
+    let hex = chain.strip_prefix("sha256:")?;
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(hex)
+}
+
+fn tier_io(what: impl Into<String>, e: io::Error) -> StoreError {
+    StoreError::io(format!("cluster tier: {}", what.into()), e)
+}
+
+fn lease_err(e: LeaseError) -> StoreError {
+    match e {
+        LeaseError::Io { context, source } => StoreError::io(format!("cluster tier: {context}"), source),
+        e => StoreError::io("cluster tier", io::Error::other(e.to_string())),
+    }
+}
+
+/// The longest a call that needs the shared filesystem waits for it: a metadata server that does not answer
+/// (stopped, or cut off) makes the call fail with a clear error instead of hanging the caller.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `f` (a call on the shared filesystem) on its own thread and gives up after [`CALL_TIMEOUT`]; a thread
+/// stuck in the filesystem finishes when the filesystem answers again.
+fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("tier-call".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| tier_io("start a call", e))?;
+    rx.recv_timeout(CALL_TIMEOUT).map_err(|_| {
+        tier_io(
+            what,
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the shared filesystem did not answer within {} s (is its metadata server up?)",
+                    CALL_TIMEOUT.as_secs()
+                ),
+            ),
+        )
+    })
+}
+
+/// What [`Tier::claim`] found.
+pub(crate) enum Claimed {
+    /// This host holds the claim now.
+    Taken,
+    /// Another host holds it.
+    HeldBy(String),
+}
+
+impl Tier {
+    /// Makes the tier's directories (the tier directory itself must exist).
+    pub(crate) fn open(opts: TierOptions) -> Result<Tier> {
+        if !opts.dir.is_dir() {
+            return Err(StoreError::InvalidArgument(format!(
+                "cluster tier directory {} is not there (is the shared filesystem mounted?)",
+                opts.dir.display()
+            )));
+        }
+        for d in SUBDIRS {
+            mkdir(&opts.dir.join(d), 0o755)?;
+        }
+        // Publications this host's previous run left half-written (it died): nobody else finishes them.
+        let own = format!("@{}", opts.lease.host());
+        if let Ok(rd) = std::fs::read_dir(opts.dir.join("staging")) {
+            for e in rd.filter_map(|e| e.ok()) {
+                if e.file_name().to_string_lossy().ends_with(&own) {
+                    info!(path = %e.path().display(), "removing a publication cut short");
+                    remove_tree(&e.path());
+                }
+            }
+        }
+        Ok(Tier {
+            opts,
+            claims: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn options(&self) -> &TierOptions {
+        &self.opts
+    }
+
+    pub(crate) fn lease(&self) -> &Lease {
+        &self.opts.lease
+    }
+
+    fn host(&self) -> &str {
+        self.opts.lease.host().as_str()
+    }
+
+    /// Claims the unpack of layer `hex` for this host (kept until [`Tier::release`]).
+    pub(crate) fn claim(&self, hex: &str) -> Result<Claimed> {
+        let (lease, name) = (self.opts.lease.clone(), hex.to_string());
+        match bounded("claim", move || lease.claim(KIND, &name))? {
+            Ok(c) => {
+                self.claims
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(hex.to_string(), c);
+                Ok(Claimed::Taken)
+            }
+            // A claim this host holds already: the unpack that took it was given up (containerd asks again).
+            Err(LeaseError::HeldBy { .. })
+                if self
+                    .claims
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(hex) =>
+            {
+                Ok(Claimed::Taken)
+            }
+            Err(LeaseError::HeldBy { host, .. }) => Ok(Claimed::HeldBy(host)),
+            Err(e) => Err(lease_err(e)),
+        }
+    }
+
+    /// Drops this host's claim on layer `hex`, if it holds one.
+    pub(crate) fn release(&self, hex: &str) {
+        let c = self.claims.lock().unwrap_or_else(|p| p.into_inner()).remove(hex);
+        if let Some(c) = c {
+            if let Err(e) = c.release() {
+                warn!(layer = hex, error = %e, "could not release a claim");
+            }
+        }
+    }
+
+    /// Records that this host holds layer `hex`.
+    pub(crate) fn hold(&self, hex: &str) -> Result<()> {
+        self.opts.lease.hold(KIND, hex).map_err(lease_err)
+    }
+
+    /// The layers this host references.
+    pub(crate) fn references(&self) -> Result<HashSet<String>> {
+        Ok(self
+            .opts
+            .lease
+            .references(KIND)
+            .map_err(lease_err)?
+            .into_iter()
+            .collect())
+    }
+
+    /// Drops this host's reference to layer `hex`.
+    pub(crate) fn unhold(&self, hex: &str) -> Result<()> {
+        self.opts.lease.release(KIND, hex).map_err(lease_err)
+    }
+
+    pub(crate) fn layer_dir(&self, hex: &str) -> PathBuf {
+        self.opts.dir.join("layers").join(hex)
+    }
+
+    /// The content directory of a published layer.
+    pub(crate) fn content(&self, hex: &str) -> PathBuf {
+        self.layer_dir(hex).join("diff")
+    }
+
+    /// Whether layer `hex` is published.
+    pub(crate) fn has(&self, hex: &str) -> Result<bool> {
+        let path = self.layer_dir(hex);
+        let what = format!("look up {}", path.display());
+        bounded(&what.clone(), move || match std::fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(tier_io(what, e)),
+        })?
+    }
+
+    /// The seal of a published layer.
+    pub(crate) fn seal(&self, hex: &str) -> Result<Seal> {
+        let path = self.layer_dir(hex).join("seal.json");
+        let bytes = std::fs::read(&path).map_err(|e| tier_io(format!("read {}", path.display()), e))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::CorruptMetadata(format!("cluster tier: {}: {e}", path.display())))
+    }
+
+    /// Published layers (hex names).
+    pub(crate) fn layers(&self) -> Result<Vec<String>> {
+        let dir = self.opts.dir.join("layers");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(|e| tier_io(format!("read {}", dir.display()), e))? {
+            let e = e.map_err(|e| tier_io(format!("read {}", dir.display()), e))?;
+            if let Some(name) = e.file_name().to_str() {
+                if chain_hex(&format!("sha256:{name}")).is_some() {
+                    out.push(name.to_string());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Copies the local layer content `content` (an overlay upper directory) into the tier as layer `chain`,
+    /// sealed with its manifest, and publishes it with one rename. Gives `false` when another host published
+    /// it first (the copy is dropped; the tier's layer is the same content by its chain id).
+    pub(crate) fn publish(&self, hex: &str, chain: &str, content: &Path) -> Result<bool> {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let staging = self
+            .opts
+            .dir
+            .join("staging")
+            .join(format!("{hex}-{}-{seq}@{}", now_ns(), self.host()));
+        let result = self.write_staging(&staging, chain, content).and_then(|()| {
+            match std::fs::rename(&staging, self.layer_dir(hex)) {
+                Ok(()) => Ok(true),
+                // A published layer is never empty, so a rename onto it fails instead of replacing it.
+                Err(e) if self.has(hex).unwrap_or(false) => {
+                    debug!(chain, error = %e, "another host published the layer first");
+                    Ok(false)
+                }
+                Err(e) => Err(tier_io(format!("publish {chain}"), e)),
+            }
+        });
+        if !matches!(result, Ok(true)) {
+            remove_tree(&staging);
+        }
+        result
+    }
+
+    fn write_staging(&self, staging: &Path, chain: &str, content: &Path) -> Result<()> {
+        mkdir(staging, 0o755)?;
+        let diff = staging.join("diff");
+        mkdir(&diff, 0o755)?;
+        // The layer's tar (as `Diff` streams it) unpacked into the tier: whiteouts, opaque directories, hard
+        // links, owners and xattrs come out as an apply makes them, without holding the tar anywhere.
+        let (reader, writer) = io::pipe().map_err(|e| tier_io("pipe", e))?;
+        let src = open_dir(content)?;
+        let writer_thread = std::thread::Builder::new()
+            .name("tier-publish".into())
+            .spawn(move || lamina_archive::write_layer_diff(src.as_fd(), writer, &DiffOptions::default()))
+            .map_err(|e| tier_io("start the copy thread", e))?;
+        let dst = open_dir(&diff)?;
+        let applied = lamina_archive::apply_layer(dst.as_fd(), reader, &ApplyOptions::default());
+        let written = writer_thread
+            .join()
+            .map_err(|_| StoreError::io("cluster tier: copy thread", io::Error::other("panicked")))?;
+        written?;
+        applied?;
+        let digest = crate::verify::write_manifest_file(content, &staging.join(crate::MANIFEST_FILE))?;
+        let usage = lamina_archive::disk_usage(open_dir(content)?.as_fd())?;
+        let seal = Seal {
+            chain: chain.to_string(),
+            bytes: usage.bytes,
+            inodes: usage.inodes,
+            manifest: digest,
+            host: self.host().to_string(),
+            published_ns: now_ns(),
+        };
+        let seal_bytes = serde_json::to_vec_pretty(&seal).unwrap_or_default();
+        std::fs::write(staging.join("seal.json"), seal_bytes).map_err(|e| tier_io("write seal", e))?;
+        // Everything on the chunk servers before the name appears (a FUSE filesystem may not implement syncfs:
+        // its close already flushed the data then).
+        if let Err(e) = lamina_sys::mount::syncfs(staging) {
+            debug!(error = %e, "syncfs of the tier staging directory");
+        }
+        Ok(())
+    }
+
+    /// Garbage of the tier: published layers that no live host holds (`held` are the layers this host holds),
+    /// removed unless `dry_run`; staging directories of publications cut short and trash. Gives the items and
+    /// the errors.
+    pub(crate) fn collect(
+        &self,
+        held: &HashSet<String>,
+        dry_run: bool,
+    ) -> Result<(Vec<TierGarbage>, Vec<String>)> {
+        let host = self.host().to_string();
+        let protects = |hex: &str| -> Result<bool> {
+            let holders = self.opts.lease.holders(KIND, hex).map_err(lease_err)?;
+            Ok(holders.iter().any(|h| {
+                if h.as_str() == host {
+                    held.contains(hex)
+                } else {
+                    true
+                }
+            }))
+        };
+        let lease_ns = u64::try_from(self.opts.lease.config().lease.as_nanos()).unwrap_or(u64::MAX);
+        let mut items = Vec::new();
+        let mut errors = Vec::new();
+        for hex in self.layers()? {
+            if protects(&hex)? {
+                continue;
+            }
+            let seal = self.seal(&hex).ok();
+            // A layer just published may not have its publisher's reference yet.
+            if seal
+                .as_ref()
+                .is_some_and(|s| now_ns().saturating_sub(s.published_ns) < lease_ns)
+            {
+                continue;
+            }
+            let item = TierGarbage {
+                kind: TierGarbageKind::Layer,
+                hex: Some(hex.clone()),
+                path: self.layer_dir(&hex),
+                bytes: seal.map(|s| s.bytes).unwrap_or(0),
+            };
+            if !dry_run {
+                if let Err(e) = self.remove_layer(&hex, &protects) {
+                    errors.push(format!("{}: {e}", item.path.display()));
+                }
+            }
+            items.push(item);
+        }
+        // Leftovers: staging of publications whose host is gone, and trash older than a lease.
+        let live: HashSet<String> = self
+            .opts
+            .lease
+            .hosts()
+            .map_err(lease_err)?
+            .into_iter()
+            .filter(|h| h.alive)
+            .map(|h| h.host.as_str().to_string())
+            .collect();
+        for (sub, kind) in [
+            ("staging", TierGarbageKind::Staging),
+            ("trash", TierGarbageKind::Trash),
+        ] {
+            let dir = self.opts.dir.join(sub);
+            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            for e in rd.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let age_ns = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                    .unwrap_or(0);
+                let stale = match kind {
+                    TierGarbageKind::Staging => {
+                        let owner = name.rsplit('@').next().unwrap_or("");
+                        owner != host && !live.contains(owner) && age_ns > lease_ns
+                    }
+                    _ => age_ns > lease_ns,
+                };
+                if !stale {
+                    continue;
+                }
+                if !dry_run {
+                    remove_tree(&e.path());
+                }
+                items.push(TierGarbage {
+                    kind,
+                    hex: None,
+                    path: e.path(),
+                    bytes: 0,
+                });
+            }
+        }
+        Ok((items, errors))
+    }
+
+    /// Moves a layer out of view, checks again that nothing protects it (a host may have referenced it between
+    /// the check and the move: the layer goes back), then deletes it and the references of gone hosts.
+    fn remove_layer(&self, hex: &str, protects: &dyn Fn(&str) -> Result<bool>) -> Result<()> {
+        let trash = self.opts.dir.join("trash").join(format!("{hex}-{}", now_ns()));
+        std::fs::rename(self.layer_dir(hex), &trash).map_err(|e| tier_io(format!("move layer {hex}"), e))?;
+        if protects(hex)? {
+            info!(
+                layer = hex,
+                "a host referenced the layer while it was being collected; kept"
+            );
+            return std::fs::rename(&trash, self.layer_dir(hex))
+                .map_err(|e| tier_io(format!("put layer {hex} back"), e));
+        }
+        remove_tree(&trash);
+        let _ = self.opts.lease.prune_dead(KIND, hex);
+        let _ = self.unhold(hex);
+        Ok(())
+    }
+}
+
+/// What a piece of tier garbage is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TierGarbageKind {
+    Layer,
+    Staging,
+    Trash,
+}
+
+/// One piece of tier garbage.
+#[derive(Debug, Clone)]
+pub(crate) struct TierGarbage {
+    pub kind: TierGarbageKind,
+    pub hex: Option<String>,
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,412 @@
+//! The store's side of the tier: a local record whose content is a published layer, publication at commit,
+//! the heartbeat, and the tier's part of garbage collection.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use super::{chain_hex, tier_io, Claimed, TierGarbageKind};
+use crate::gc::{Garbage, GarbageKind, GcReport};
+use crate::{lock, now_ns, CreateOptions, LayerKind, Result, Store, StoreError};
+
+/// How often a Prepare waiting for another host's unpack looks again.
+const POLL: Duration = Duration::from_millis(200);
+
+/// One layer of the tier, as `lamina layers top --cluster` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TierLayer {
+    /// `sha256:<hex>`.
+    pub chain: String,
+    /// Bytes of its content (allocated, as the publishing host measured it).
+    pub bytes: u64,
+    /// Files, directories and links.
+    pub inodes: u64,
+    /// Hosts that reference it (holding it: linked from the tier, or their own copy).
+    pub hosts: Vec<String>,
+    /// How many of them are alive.
+    pub live_hosts: usize,
+    /// The host that published it.
+    pub published_by: String,
+    /// When (unix nanoseconds).
+    pub published_ns: u64,
+}
+
+/// The tier as `lamina layers top --cluster` and the status show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierSummary {
+    /// This host's id.
+    pub host: String,
+    /// Hosts with a live heartbeat.
+    pub live_hosts: Vec<String>,
+    /// Published layers.
+    pub layers: usize,
+    /// Layers this host holds.
+    pub held: usize,
+}
+
+impl Store {
+    fn tier(&self) -> Option<&super::Tier> {
+        self.tier.as_ref()
+    }
+
+    /// Whether the store takes part in a cluster tier.
+    pub fn has_tier(&self) -> bool {
+        self.tier.is_some()
+    }
+
+    /// Makes the committed layer `name` (a chain id, `sha256:<hex>`) in `ns` on `parent` from the cluster tier,
+    /// when the tier has it or another host is unpacking it now (then this waits for it, up to the configured
+    /// wait). Gives `true` when the layer exists here afterwards (made now or before), `false` when the caller
+    /// must unpack it itself; this host then holds the claim on it until [`Store::publish_shared`].
+    pub fn adopt_shared(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<bool> {
+        let (Some(tier), Some(hex)) = (self.tier(), chain_hex(name)) else {
+            return Ok(false);
+        };
+        if let Some((_, rec)) = self.lookup(ns, name)? {
+            return Ok(rec.kind == LayerKind::ReadOnly);
+        }
+        let deadline = Instant::now() + tier.options().claim_wait;
+        // While another host unpacks, only the layer's name is looked up each poll (one lookup on the metadata
+        // server); the claim is tried again now and then, so that a dead host's claim is taken over.
+        let claim_every = (tier.lease().config().lease / 3).max(Duration::from_secs(1));
+        let mut waited = false;
+        let mut next_claim = Instant::now();
+        loop {
+            if tier.has(hex)? {
+                let t0 = Instant::now();
+                let made = self.link_shared(ns, name, parent, labels, hex)?;
+                debug!(
+                    ns,
+                    name,
+                    us = t0.elapsed().as_micros() as u64,
+                    waited,
+                    "layer taken from the cluster tier"
+                );
+                return Ok(made);
+            }
+            if Instant::now() >= next_claim {
+                match tier.claim(hex)? {
+                    Claimed::Taken => return Ok(false),
+                    Claimed::HeldBy(host) => {
+                        if !waited {
+                            info!(
+                                chain = name,
+                                host, "another host is unpacking this layer; waiting for it"
+                            );
+                            waited = true;
+                        }
+                    }
+                }
+                next_claim = Instant::now() + claim_every;
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    chain = name,
+                    "another host's unpack takes too long; unpacking here too"
+                );
+                return Ok(false);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// A local committed layer whose content is the tier's layer `hex`: referenced first (so that no
+    /// collection takes it meanwhile), made writable under a temporary name, its content replaced by a link
+    /// to the tier, then frozen under `name` in one transaction. A crash in between leaves an active layer
+    /// under the temporary name, which containerd's collection removes.
+    fn link_shared(
+        &self,
+        ns: &str,
+        name: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+        hex: &str,
+    ) -> Result<bool> {
+        let tier = self.tier().expect("tier");
+        tier.hold(hex)?;
+        let seal = tier.seal(hex)?;
+        let tmp = format!("lamina-tier/{hex}/{}", now_ns());
+        let opts = CreateOptions {
+            parent_kind: Some(LayerKind::ReadOnly),
+            max_size: None,
+        };
+        let (n, rec) = self.create_layer(
+            ns,
+            &tmp,
+            parent.map(|p| (p, None)),
+            LayerKind::ReadWrite,
+            labels.clone(),
+            &opts,
+        )?;
+        let linked = self.backend.link_content(n, &tier.content(hex)).and_then(|()| {
+            let paths = self.backend.paths(n);
+            std::fs::copy(tier.layer_dir(hex).join(crate::MANIFEST_FILE), &paths.manifest)
+                .map(|_| ())
+                .map_err(|e| tier_io("copy manifest", e))
+        });
+        if let Err(e) = linked {
+            let _ = self.remove(ns, &tmp);
+            return Err(e);
+        }
+        let slot = self.slot(n);
+        let guard = lock(&slot);
+        let txn = self.write()?;
+        if txn.number(ns, name)?.is_some() {
+            // Made by a concurrent call meanwhile.
+            drop(txn);
+            drop(guard);
+            let _ = self.remove(ns, &tmp);
+            return Ok(true);
+        }
+        txn.remove_name(ns, &tmp)?;
+        txn.put_name(ns, name, n)?;
+        let mut rec = rec;
+        rec.name = name.to_string();
+        rec.kind = LayerKind::ReadOnly;
+        rec.labels = labels;
+        rec.size = Some(seal.bytes);
+        rec.inodes = Some(seal.inodes);
+        rec.manifest = Some(seal.manifest);
+        rec.shared = Some(seal.chain);
+        rec.created_ns = now_ns();
+        rec.updated_ns = rec.created_ns;
+        txn.put_layer(n, &rec)?;
+        txn.commit()?;
+        drop(guard);
+        Ok(true)
+    }
+
+    /// Gives up this host's claim on the layer with chain id `chain` (its unpack was abandoned), so that
+    /// another host waiting for it unpacks it without waiting for the claim to expire.
+    pub fn release_shared_claim(&self, chain: &str) {
+        if let (Some(tier), Some(hex)) = (self.tier(), chain_hex(chain)) {
+            tier.release(hex);
+        }
+    }
+
+    /// Publishes the committed layer `name` of `ns` to the cluster tier as chain id `chain`, unless it is there
+    /// already; drops this host's claim on it and references it. Gives whether this call published it.
+    pub fn publish_shared(&self, ns: &str, name: &str, chain: &str) -> Result<bool> {
+        let (Some(tier), Some(hex)) = (self.tier(), chain_hex(chain)) else {
+            return Ok(false);
+        };
+        let (n, rec) = self.require(ns, name)?;
+        if rec.kind != LayerKind::ReadOnly {
+            return Err(StoreError::Precondition(format!(
+                "{name} is not a committed layer"
+            )));
+        }
+        let t0 = Instant::now();
+        let result = match tier.has(hex) {
+            Ok(true) => Ok(false),
+            Ok(false) => tier.publish(hex, chain, &self.backend.paths(n).content),
+            Err(e) => Err(e),
+        };
+        tier.release(hex);
+        let published = result?;
+        tier.hold(hex)?;
+        self.update_record(n, |r| r.shared = Some(chain.to_string()))?;
+        info!(
+            chain,
+            published,
+            ms = t0.elapsed().as_millis() as u64,
+            "layer shared with the cluster tier"
+        );
+        Ok(published)
+    }
+
+    /// After an apply (Docker's `ApplyDiff`): when the layer's chain id (its DiffID on its parents' chain) is
+    /// published in the tier, the layer's content becomes the tier's and the local copy is dropped; this host
+    /// references the tier layer. Gives whether it did. The tar was read and unpacked all the same (the chain id
+    /// is known only once it is read): what this saves is the local copy, not the transfer.
+    pub fn share_applied(&self, ns: &str, name: &str) -> Result<bool> {
+        let Some(tier) = self.tier() else {
+            return Ok(false);
+        };
+        let (n, rec) = self.require(ns, name)?;
+        let Some(chain) = self.applied_chain(&rec)? else {
+            return Ok(false);
+        };
+        let hex = chain_hex(&chain).map(str::to_string).unwrap_or_default();
+        if rec.shared.is_some() || !tier.has(&hex)? {
+            return Ok(false);
+        }
+        tier.hold(&hex)?;
+        let seal = tier.seal(&hex)?;
+        // The background manifest of the apply reads the local copy: it finishes first.
+        self.wait_sealed();
+        let slot = self.slot(n);
+        let guard = lock(&slot);
+        if guard.mounts > 0 || self.backend.is_mounted(n) || self.lookup(ns, name)?.map(|(m, _)| m) != Some(n)
+        {
+            return Ok(false);
+        }
+        let paths = self.backend.paths(n);
+        std::fs::copy(tier.layer_dir(&hex).join(crate::MANIFEST_FILE), &paths.manifest)
+            .map_err(|e| tier_io("copy manifest", e))?;
+        self.update_record(n, |r| {
+            r.shared = Some(chain.clone());
+            r.manifest = Some(seal.manifest.clone());
+        })?;
+        // The link appears in place of the local copy in one step; the local copy goes after.
+        let dir = crate::open_dir(&paths.dir)?;
+        let content = paths
+            .content
+            .file_name()
+            .map(|s| s.as_encoded_bytes().to_vec())
+            .unwrap_or_default();
+        let tmp = b"diff.tier".to_vec();
+        let _ = lamina_sys::fs::unlink(dir.as_fd(), &tmp);
+        lamina_sys::fs::symlink(
+            tier.content(&hex).as_os_str().as_encoded_bytes(),
+            dir.as_fd(),
+            &tmp,
+        )
+        .and_then(|()| lamina_sys::fs::exchange(dir.as_fd(), &content, &tmp))
+        .map_err(|e| tier_io(format!("link {} to the tier", paths.content.display()), e))?;
+        crate::remove_tree(&paths.dir.join("diff.tier"));
+        drop(guard);
+        info!(
+            ns,
+            name, chain, "applied layer stored in the cluster tier instead of a local copy"
+        );
+        Ok(true)
+    }
+
+    /// The chain id of an applied layer: its DiffID, on its parent's chain id (every layer below applied too).
+    fn applied_chain(&self, rec: &crate::LayerRecord) -> Result<Option<String>> {
+        let Some(own) = rec.digest.clone() else {
+            return Ok(None);
+        };
+        let mut digests = vec![own];
+        for p in self.chain(rec)? {
+            match self.record_by_number(p)?.and_then(|r| r.digest) {
+                Some(d) => digests.push(d),
+                None => return Ok(None),
+            }
+        }
+        let mut chain: Option<String> = None;
+        for d in digests.iter().rev() {
+            chain = Some(match chain {
+                None => d.clone(),
+                Some(c) => lamina_archive::manifest::digest_of(format!("{c} {d}").as_bytes()),
+            });
+        }
+        Ok(chain)
+    }
+
+    /// The chain ids (hex) of the layers this store holds, published here or linked from the tier.
+    fn held_shared(&self) -> Result<HashSet<String>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter_map(|(_, r)| r.shared.and_then(|c| chain_hex(&c).map(str::to_string)))
+            .collect())
+    }
+
+    /// The tier's figures.
+    pub fn tier_summary(&self) -> Result<Option<TierSummary>> {
+        let Some(tier) = self.tier() else {
+            return Ok(None);
+        };
+        let mut live: Vec<String> = tier
+            .lease()
+            .hosts()
+            .map_err(super::lease_err)?
+            .into_iter()
+            .filter(|h| h.alive)
+            .map(|h| h.host.as_str().to_string())
+            .collect();
+        live.sort();
+        Ok(Some(TierSummary {
+            host: tier.lease().host().as_str().to_string(),
+            live_hosts: live,
+            layers: tier.layers()?.len(),
+            held: self.held_shared()?.len(),
+        }))
+    }
+
+    /// Every layer of the tier with the hosts that hold it, read from the tier alone (`None` without a tier).
+    pub fn tier_layers(&self) -> Result<Option<Vec<TierLayer>>> {
+        let Some(tier) = self.tier() else {
+            return Ok(None);
+        };
+        let mut holders: HashMap<String, Vec<lamina_lease::HostState>> = tier
+            .lease()
+            .all_references(super::KIND)
+            .map_err(super::lease_err)?
+            .into_iter()
+            .collect();
+        let mut out = Vec::new();
+        for hex in tier.layers()? {
+            let seal = tier.seal(&hex).ok();
+            let mut hosts: Vec<(String, bool)> = holders
+                .remove(&hex)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|h| (h.host.as_str().to_string(), h.alive))
+                .collect();
+            hosts.sort();
+            out.push(TierLayer {
+                chain: format!("sha256:{hex}"),
+                bytes: seal.as_ref().map(|s| s.bytes).unwrap_or(0),
+                inodes: seal.as_ref().map(|s| s.inodes).unwrap_or(0),
+                live_hosts: hosts.iter().filter(|(_, alive)| *alive).count(),
+                hosts: hosts.into_iter().map(|(h, _)| h).collect(),
+                published_by: seal.as_ref().map(|s| s.host.clone()).unwrap_or_default(),
+                published_ns: seal.map(|s| s.published_ns).unwrap_or(0),
+            });
+        }
+        out.sort_by_key(|l| std::cmp::Reverse((l.live_hosts, l.bytes)));
+        Ok(Some(out))
+    }
+
+    /// Garbage collection's tier part: brings this host's references in line with the layers it holds (not in
+    /// a dry run), then lists (and removes) the tier layers no live host holds.
+    pub(crate) fn tier_gc(&self, dry_run: bool, report: &mut GcReport) {
+        let Some(tier) = self.tier() else {
+            return;
+        };
+        let result = (|| -> Result<()> {
+            let held = self.held_shared()?;
+            if !dry_run {
+                let own = tier.references()?;
+                for hex in own.difference(&held) {
+                    tier.unhold(hex)?;
+                }
+                for hex in held.difference(&own) {
+                    tier.hold(hex)?;
+                }
+            }
+            let (items, errors) = tier.collect(&held, dry_run)?;
+            report.errors.extend(errors);
+            for g in items {
+                report.bytes += g.bytes;
+                report.items.push(Garbage {
+                    kind: match g.kind {
+                        TierGarbageKind::Layer => GarbageKind::TierLayer,
+                        _ => GarbageKind::TierLeftover,
+                    },
+                    path: g.path,
+                    layer: None,
+                    name: g.hex.map(|h| format!("sha256:{h}")),
+                    bytes: g.bytes,
+                });
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            warn!(error = %e, "garbage collection of the cluster tier failed");
+            report.errors.push(format!("cluster tier: {e}"));
+        }
+    }
+}
