@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use lamina_testkit::cluster::*;
 use lamina_testkit::containerd::*;
+use lamina_testkit::cri::{host_pod, Cri};
 use lamina_testkit::moosefs::{require_moosefs, MooseCluster};
 use lamina_testkit::plugin::Registry;
 use lamina_testkit::*;
@@ -136,6 +137,16 @@ struct Cluster {
 }
 
 fn setup(test: &str) -> Option<Cluster> {
+    setup_with(test, false)
+}
+
+/// The sandbox (pause) image of the hosts' CRI plugins, pushed by [`Cluster::push_pause`].
+fn pause_image(registry: &Registry) -> String {
+    format!("{}/lamina/pause:v1", registry.addr)
+}
+
+/// The cluster, with containerd's CRI plugin on in both hosts when `cri`.
+fn setup_with(test: &str, cri: bool) -> Option<Cluster> {
     if !require_containerd(test)
         || !require_moosefs(test)
         || !require_bin(test, "docker-registry")
@@ -156,8 +167,10 @@ fn setup(test: &str) -> Option<Cluster> {
     let (tier_a, tier_b) = (mnt_a.join("tier"), mnt_b.join("tier"));
     assert!(tier_b.is_dir(), "the tier is visible through the second mount");
     let registry = Registry::start(&dir.join("registry"));
-    let a = ClusterHost::start(&dir.join("a"), &tier_a, "host-a", LEASE_SECS);
-    let b = ClusterHost::start(&dir.join("b"), &tier_b, "host-b", LEASE_SECS);
+    let pause = pause_image(&registry);
+    let cri = cri.then_some((pause.as_str(), registry.addr.as_str()));
+    let a = ClusterHost::start_with(&dir.join("a"), &tier_a, "host-a", LEASE_SECS, cri);
+    let b = ClusterHost::start_with(&dir.join("b"), &tier_b, "host-b", LEASE_SECS, cri);
     eprintln!(
         "[{test}] MooseFS, registry and two hosts up: {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -200,6 +213,17 @@ impl Cluster {
             archive,
             expect,
         )
+    }
+
+    /// Builds and pushes the pods' sandbox image: busybox sleeping.
+    fn push_pause(&self) {
+        let work = self.dir.join("image-pause");
+        let mut img = OciImage::new(&work.join("layout"), "lamina/pause:v1");
+        img.cmd = vec!["/bin/sleep".into(), "3600".into()];
+        img.add_layer_tar(&busybox_layer(&work));
+        let archive = img.write_archive(&work.join("image.tar"));
+        push_image(&self.registry.addr, &img, &archive, "lamina/pause", "v1");
+        let _ = fs::remove_dir_all(&work);
     }
 
     /// Host `h`'s pull with unpack of `reference`: its time and the requests the registry logged meanwhile;
@@ -260,6 +284,66 @@ fn log_lines(log: &Path, words: &[&str]) -> Vec<String> {
         .filter(|l| words.iter().all(|w| l.contains(w)))
         .map(str::to_string)
         .collect()
+}
+
+/// What a new container of `reference` running `script` must print.
+struct Listing<'a> {
+    what: String,
+    reference: &'a str,
+    script: &'a str,
+    want: String,
+}
+
+/// Asserts that `got` (a container's listing) is `l.want`; on a difference, names the lines missing and the
+/// lines extra, what the tier holds for each differing path as host `h` sees it through its own mount (`tier`),
+/// what a second container sees a moment later, and host `h`'s lamina log: a failure says whether the tier's
+/// copy, the mount's view or the container's view differs.
+fn assert_listing(l: &Listing, got: &str, h: &ClusterHost, tier: &Path, archive: &ImageArchive) {
+    let (what, want) = (&l.what, l.want.as_str());
+    if got == want {
+        return;
+    }
+    let got_lines: BTreeSet<&str> = got.lines().collect();
+    let want_lines: BTreeSet<&str> = want.lines().collect();
+    let missing: Vec<&str> = want_lines.difference(&got_lines).copied().collect();
+    let extra: Vec<&str> = got_lines.difference(&want_lines).copied().collect();
+    let mut report = format!(
+        "{what}: the listing differs\n  missing: {missing:?}\n  extra: {extra:?}\n  got {} lines, want {}\n",
+        got.lines().count(),
+        want.lines().count()
+    );
+    let paths: BTreeSet<&str> = missing
+        .iter()
+        .chain(&extra)
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|p| p.starts_with('/'))
+        .collect();
+    for p in paths {
+        for c in &archive.chain_ids {
+            let f = tier
+                .join("layers")
+                .join(c.trim_start_matches("sha256:"))
+                .join("diff")
+                .join(p.trim_start_matches('/'));
+            if let Ok(m) = fs::symlink_metadata(&f) {
+                report.push_str(&format!(
+                    "  tier {c}: {p}: {} bytes, mode {:o}, mtime {:?}\n",
+                    m.len(),
+                    std::os::unix::fs::MetadataExt::mode(&m),
+                    m.modified().ok()
+                ));
+            }
+        }
+    }
+    // A second look a moment later tells a stale view (it then matches) from a wrong layer (it does not).
+    std::thread::sleep(Duration::from_secs(2));
+    match h.ctrd.run_script(PROXY_NAME, l.reference, l.script) {
+        Ok(again) if again == want => report.push_str("a new container 2 s later sees the right listing\n"),
+        Ok(again) => report.push_str(&format!("a new container 2 s later sees:\n{again}")),
+        Err(e) => report.push_str(&format!("a new container 2 s later: {e}\n")),
+    }
+    report.push_str(&format!("lamina {}:\n{}", h.host, h.lamina.log_tail()));
+    panic!("{report}");
 }
 
 #[test]
@@ -338,17 +422,19 @@ fn second_host_pulls_nothing_the_cluster_has() {
     );
 
     // Host B runs the image from the tier's layers: exactly the image's files.
+    let script =
+        "find /data -type f -exec stat -c '%n %s' {} + | sort; test ! -e /data/l2/gone && echo whiteout-ok";
     let listing = b
         .ctrd
-        .run_script(
-            PROXY_NAME,
-            &reference,
-            "find /data -type f -exec stat -c '%n %s' {} + | sort; test ! -e /data/l2/gone && echo whiteout-ok",
-        )
+        .run_script(PROXY_NAME, &reference, script)
         .unwrap_or_else(|e| panic!("ctr run on host B: {e}\nlamina B:\n{}", b.lamina.log_tail()));
-    let mut want = expect.join("\n");
-    want.push_str("\nwhiteout-ok\n");
-    assert_eq!(listing, want, "host B's container sees exactly the image's files");
+    let check = Listing {
+        what: "host B's container sees exactly the image's files".into(),
+        reference: &reference,
+        script,
+        want: format!("{}\nwhiteout-ok\n", expect.join("\n")),
+    };
+    assert_listing(&check, &listing, b, &cl.tier_b, &archive);
     let sum = |h: &ClusterHost| {
         h.ctrd
             .run_script(PROXY_NAME, &reference, "sha256sum /data/l5/f7 | cut -d' ' -f1")
@@ -435,10 +521,20 @@ fn simultaneous_pulls_unpack_each_layer_once() {
     );
     cl.assert_tier_whole();
     let listing_cmd = "find /data -type f -exec stat -c '%n %s' {} + | sort";
-    let want = format!("{}\n", expect.join("\n"));
     for h in [&cl.a, &cl.b] {
         let got = h.ctrd.run_script(PROXY_NAME, &reference, listing_cmd).unwrap();
-        assert_eq!(got, want, "host {} runs the image", h.host);
+        let tier = if h.host == cl.a.host {
+            &cl.tier_a
+        } else {
+            &cl.tier_b
+        };
+        let check = Listing {
+            what: format!("host {} runs the image", h.host),
+            reference: &reference,
+            script: listing_cmd,
+            want: format!("{}\n", expect.join("\n")),
+        };
+        assert_listing(&check, &got, h, tier, &archive);
     }
 }
 
@@ -540,4 +636,76 @@ fn a_stopped_master_fails_pulls_fast_and_they_work_again_after_it() {
     // The master comes back: the same pull works, without an operator.
     cl.mfs.start_master(true);
     pull_eventually(&cl.b, &second, Duration::from_secs(90));
+}
+
+#[test]
+fn kubelet_path_pulls_nothing_the_cluster_has() {
+    let test = "kubelet_path_pulls_nothing_the_cluster_has";
+    let Some(cl) = setup_with(test, true) else { return };
+    cl.push_pause();
+    let (reference, archive, expect) = cl.image("cri", image_mb(8), 6);
+    let (cri_a, cri_b) = (Cri::connect(&cl.a.ctrd), Cri::connect(&cl.b.ctrd));
+    let v = cri_b
+        .version()
+        .unwrap_or_else(|e| panic!("CRI Version: {e}\ncontainerd B:\n{}", cl.b.ctrd.log_tail()));
+    eprintln!(
+        "[{test}] CRI: {} {} (API {})",
+        v.runtime_name, v.runtime_version, v.runtime_api_version
+    );
+    // Host A pulls through the CRI plugin: fetches and unpacks every layer, lamina publishes them.
+    let t0 = Instant::now();
+    cri_a
+        .pull(&reference)
+        .unwrap_or_else(|e| panic!("CRI PullImage on host A: {e}\n{}", cl.a.lamina.log_tail()));
+    let t_a = t0.elapsed();
+    let published = tier_layers(&cl.tier_b);
+    assert!(
+        archive.chain_ids.iter().all(|c| published.contains(c)),
+        "host A's CRI pull published every layer: {published:?}"
+    );
+    // Host B's PullImage: manifest and config only from the registry.
+    let mark = fs::metadata(cl.registry.log()).map(|m| m.len()).unwrap_or(0);
+    let t0 = Instant::now();
+    let image_ref = cri_b
+        .pull(&reference)
+        .unwrap_or_else(|e| panic!("CRI PullImage on host B: {e}\n{}", cl.b.lamina.log_tail()));
+    let t_b = t0.elapsed();
+    let reqs_b = registry_requests(cl.registry.log(), mark);
+    let gets_b = blob_gets(&reqs_b, &archive.diff_ids);
+    assert!(
+        gets_b.is_empty(),
+        "the registry served host B layer blobs through CRI: {gets_b:?}"
+    );
+    eprintln!(
+        "[{test}] CRI PullImage: host A {:.2} s, host B {:.2} s ({image_ref}); registry requests from B: {reqs_b:?}",
+        t_a.as_secs_f64(),
+        t_b.as_secs_f64()
+    );
+    // A pod in the host's network namespace (no CNI), a container of the image in it.
+    let pod = host_pod("tier");
+    let pod_id = cri_b.run_pod(&pod).unwrap_or_else(|e| {
+        panic!(
+            "RunPodSandbox on host B: {e}\ncontainerd B:\n{}",
+            cl.b.ctrd.log_tail()
+        )
+    });
+    let ctr_id = cri_b
+        .start_container(&pod_id, &pod, "data", &reference, &["/bin/sleep", "3600"])
+        .unwrap_or_else(|e| {
+            panic!(
+                "Create/StartContainer on host B: {e}\ncontainerd B:\n{}",
+                cl.b.ctrd.log_tail()
+            )
+        });
+    let script =
+        "find /data -type f -exec stat -c '%n %s' {} + | sort; test ! -e /data/l2/gone && echo whiteout-ok";
+    let got = cri_b
+        .exec(&ctr_id, &["/bin/sh", "-c", script])
+        .unwrap_or_else(|e| panic!("ExecSync on host B: {e}"));
+    assert_eq!(
+        got,
+        format!("{}\nwhiteout-ok\n", expect.join("\n")),
+        "host B's CRI container sees exactly the image's files"
+    );
+    cri_b.remove_pod(&pod_id).expect("remove the pod");
 }

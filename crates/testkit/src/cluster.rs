@@ -266,6 +266,18 @@ impl ClusterHost {
     /// Starts lamina below `dir/lamina` with `[cluster] dir = tier`, `host_id = host` and the lease given (the
     /// heartbeat a third of it), then containerd below `dir/containerd`.
     pub fn start(dir: &Path, tier: &Path, host: &str, lease_secs: u64) -> ClusterHost {
+        ClusterHost::start_with(dir, tier, host, lease_secs, None)
+    }
+
+    /// [`ClusterHost::start`] with containerd's CRI plugin on (`cri`: the sandbox image and the registry's
+    /// `host:port`, see [`Containerd::enable_cri`]) when given.
+    pub fn start_with(
+        dir: &Path,
+        tier: &Path,
+        host: &str,
+        lease_secs: u64,
+        cri: Option<(&str, &str)>,
+    ) -> ClusterHost {
         let mut lamina = super::containerd::LaminaSnap::new(&dir.join("lamina"));
         lamina.use_config(&format!(
             "[cluster]\ndir = {:?}\nhost_id = {host:?}\nlease_secs = {lease_secs}\nheartbeat_secs = {}\n",
@@ -274,7 +286,12 @@ impl ClusterHost {
         ));
         lamina.spawn();
         lamina.wait_ready();
-        let ctrd = Containerd::start(&dir.join("containerd"), Some(&lamina.socket));
+        let mut ctrd = Containerd::new(&dir.join("containerd"), Some(&lamina.socket));
+        if let Some((sandbox_image, registry)) = cri {
+            ctrd.enable_cri(super::containerd::PROXY_NAME, sandbox_image, registry);
+        }
+        ctrd.spawn();
+        ctrd.wait_ready();
         ClusterHost {
             ctrd,
             lamina,

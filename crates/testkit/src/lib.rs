@@ -24,6 +24,7 @@ pub mod ceph;
 pub mod cluster;
 pub mod containerd;
 pub mod crash;
+pub mod cri;
 pub mod docker_fixtures;
 pub mod faults;
 mod lamina;
