@@ -25,7 +25,9 @@ impl Containerd {
     /// Turns containerd's CRI plugin on in the config of a containerd made with [`Containerd::new`] (before it
     /// starts): images unpacked into `snapshotter`, `sandbox_image` as the pause image, `registry` (`host:port`)
     /// reached over plain HTTP, runc's state below this containerd, and a CNI directory of its own (empty:
-    /// pods run in the host's network namespace).
+    /// pods run in the host's network namespace). The sandboxes' OOM score is not lowered below containerd's
+    /// own (`restrict_oom_score_adj`): the default -998 needs a kernel that lets root lower it, and runc fails
+    /// the sandbox ("can't get final child's PID from pipe") where writing it is refused, as on this machine.
     pub fn enable_cri(&self, snapshotter: &str, sandbox_image: &str, registry: &str) {
         let mut toml = fs::read_to_string(&self.config).unwrap();
         toml = toml.replace("\"io.containerd.grpc.v1.cri\", ", "");
@@ -36,7 +38,7 @@ impl Containerd {
         let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
         toml.push_str(&format!(
             "[{cri}]\n  sandbox_image = {sandbox_image:?}\n  stream_server_address = \"127.0.0.1\"\n  \
-             stream_server_port = \"0\"\n  enable_selinux = false\n\
+             stream_server_port = \"0\"\n  enable_selinux = false\n  restrict_oom_score_adj = true\n\
              [{cri}.containerd]\n  snapshotter = {snapshotter:?}\n  default_runtime_name = \"runc\"\n\
              [{cri}.containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
              [{cri}.containerd.runtimes.runc.options]\n  Root = {}\n\
