@@ -23,6 +23,7 @@ mod report;
 mod runner;
 mod targen;
 // bench-b's workloads and their engines.
+mod cluster;
 mod containerd;
 mod docker;
 mod engines_ctr;

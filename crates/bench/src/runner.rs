@@ -56,6 +56,7 @@ pub fn workloads() -> Vec<Workload> {
         super::containerd::SNAPSHOTTER,
         super::volume::VOLUME,
         super::rbd::RBD_LAYERS,
+        super::cluster::CLUSTER_TIER,
     ]);
     v
 }

@@ -2,8 +2,67 @@
 //! registry's access log read back, and containerd's Pull-with-unpack driven through containerd's own Go client
 //! (`tests/cluster/pull`, built in GOPATH mode from Debian's Go sources like `tests/conformance`).
 
-use super::containerd::{Containerd, ImageArchive, OciImage};
+use std::collections::BTreeSet;
+
+use super::containerd::{busybox_layer, Containerd, ImageArchive, OciImage};
 use super::*;
+
+/// Fills `path` with `len` bytes of a deterministic pseudo-random stream seeded by `seed`.
+pub fn write_noise(path: &Path, len: usize, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        buf.extend_from_slice(&x.to_le_bytes());
+    }
+    buf.truncate(len);
+    fs::write(path, buf).unwrap();
+}
+
+/// The cluster tests' image: busybox, then five data layers of `total_mb` MB in all under `/data/l<i>/`; layer 3 deletes
+/// `/data/l2/gone` with a whiteout. Gives the layout, the archive and the files a container must see under
+/// `/data` (`path size`, sorted).
+pub fn layered_image(
+    work: &Path,
+    name: &str,
+    total_mb: usize,
+    seed: u64,
+) -> (OciImage, ImageArchive, Vec<String>) {
+    let mut img = OciImage::new(&work.join("layout"), name);
+    img.add_layer_tar(&busybox_layer(work));
+    let per_layer = total_mb * 1024 * 1024 / 5;
+    let files_per_layer = 8;
+    let mut expect = BTreeSet::new();
+    for l in 1..=5 {
+        let tree = work.join(format!("tree{l}"));
+        let dir = tree.join(format!("data/l{l}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..files_per_layer {
+            let len = per_layer / files_per_layer;
+            write_noise(
+                &dir.join(format!("f{f}")),
+                len,
+                seed * 10_000 + (l * 100 + f) as u64,
+            );
+            expect.insert(format!("/data/l{l}/f{f} {len}"));
+        }
+        if l == 2 {
+            fs::write(dir.join("gone"), b"deleted by layer 3\n").unwrap();
+        }
+        if l == 3 {
+            let l2 = tree.join("data/l2");
+            fs::create_dir_all(&l2).unwrap();
+            fs::write(l2.join(".wh.gone"), b"").unwrap();
+        }
+        img.add_layer_dir(&tree);
+        fs::remove_dir_all(&tree).unwrap();
+    }
+    let archive = img.write_archive(&work.join("image.tar"));
+    let _ = fs::remove_file(work.join("image.tar"));
+    (img, archive, expect.into_iter().collect())
+}
 
 /// Whether the Go toolchain and containerd's Go sources (Debian's `golang-go` and
 /// `golang-github-containerd-containerd-dev`) are there.

@@ -1,0 +1,278 @@
+//! `clustertier`: the shared layer tier (docs/cluster.md) on testkit's cluster harness: a throw-away MooseFS
+//! cluster, a registry serving a generated image (busybox + five data layers, 200 MB; `--quick`: 20 MB), two
+//! hosts each with its own containerd 1.6 and lamina sharing one tier directory, and a third containerd on its
+//! built-in overlayfs snapshotter as the baseline.
+//!
+//! - **Pull.** containerd's Pull with unpack (its Go client, `tests/cluster/pull`): host A once (fetch, unpack,
+//!   publish of every layer: subject `lamina-host-a`), host B `runs` times (every layer adopted from the tier:
+//!   subject `lamina`), the overlayfs containerd `runs` times (fetch and unpack). The image and its snapshots
+//!   are removed (and containerd's GC run) between repetitions.
+//! - **Prepare of a chain id in the tier.** containerd's Snapshots service on host B, `Prepare` labelled
+//!   `containerd.io/snapshot.ref` = the bottom layer's chain id, which the tier holds and host B does not:
+//!   lamina adopts it and answers AlreadyExists (p50 of `runs` × a few calls; the adopted layer is removed by
+//!   containerd's GC between calls, untimed). Baseline: the same Prepare on overlayfs, where the chain id is
+//!   already a local snapshot (containerd answers from its metadata).
+//! - **Reads.** MB/s of reading the files of the top data layer (a fifth of the image) from the tier (host B's
+//!   layer is a link to it: through the MooseFS mount) and from host A's local copy, cold (caches dropped) and
+//!   warm.
+//!
+//! Needs root, containerd, MooseFS, docker-registry and Go with containerd's Go sources; without them the
+//! workload records a `skipped` figure.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
+use lamina_snapshotter::tonic;
+
+use super::engines::drop_caches;
+use super::engines_ctr::percentile;
+use super::{Ctx, Figure, Unit, Workload};
+use lamina_testkit::cluster::{layered_image, pull_with_unpack, push_image, ClusterHost};
+use lamina_testkit::containerd::{Containerd, PROXY_NAME};
+use lamina_testkit::moosefs::{have_moosefs, MooseCluster};
+use lamina_testkit::plugin::Registry;
+
+/// The workload.
+pub const CLUSTER_TIER: Workload = Workload {
+    name: "clustertier",
+    about: "cluster tier on MooseFS: host B's pull vs host A's and containerd's overlayfs, Prepare of a chain id \
+            in the tier through containerd, reads of a tier layer vs a local one (cold, warm)",
+    per_fs: false,
+    run,
+};
+
+const NAME: &str = "clustertier";
+const SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+
+fn push(figs: &mut Vec<Figure>, case: &str, subject: &str, metric: &str, unit: Unit, samples: Vec<f64>) {
+    let mut f = Figure::new(NAME, case, subject, metric, unit);
+    f.samples = samples;
+    f.lower_is_better = !matches!(unit, Unit::MBps | Unit::OpsPerSec);
+    figs.push(f);
+}
+
+fn have_all() -> bool {
+    let bin = |b: &str| lamina_testkit::find_bin(b).is_some();
+    bin("containerd")
+        && bin("docker-registry")
+        && bin("go")
+        && have_moosefs()
+        && Path::new("/usr/share/gocode/src/github.com/containerd/containerd/client.go").exists()
+}
+
+fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
+    if !have_all() {
+        push(
+            figs,
+            "containerd, MooseFS, docker-registry or Go not installed",
+            "lamina",
+            "skipped",
+            Unit::Count,
+            vec![0.0],
+        );
+        return Ok(());
+    }
+    let dir = ctx.scratch.join("ct");
+    ctx.say("starting MooseFS, a registry and two cluster hosts");
+    let mfs = MooseCluster::start_in(&dir.join("mfs"), 2);
+    let (mnt_a, mnt_b) = (mfs.scratch("mnt-a"), mfs.scratch("mnt-b"));
+    mfs.mount(&mnt_a, "/");
+    mfs.mount(&mnt_b, "/");
+    fs::create_dir_all(mnt_a.join("tier"))?;
+    let (tier_a, tier_b) = (mnt_a.join("tier"), mnt_b.join("tier"));
+    let registry = Registry::start(&dir.join("registry"));
+    let a = ClusterHost::start(&dir.join("a"), &tier_a, "bench-a", 30);
+    let b = ClusterHost::start(&dir.join("b"), &tier_b, "bench-b", 30);
+    let base = Containerd::start(&dir.join("base"), None);
+    let result = measure(ctx, &dir, &registry, &a, &b, &base, &tier_b, figs);
+    // containerd before lamina (inside each host), the hosts before MooseFS.
+    drop(base);
+    drop(b);
+    drop(a);
+    drop(registry);
+    drop(mfs);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    ctx: &Ctx,
+    dir: &Path,
+    registry: &Registry,
+    a: &ClusterHost,
+    b: &ClusterHost,
+    base: &Containerd,
+    tier: &Path,
+    figs: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    let mb = ctx.pick(20, 200);
+    ctx.say(format!("building and pushing a {mb} MB image"));
+    let work = dir.join("image");
+    let (layout, archive, _) = layered_image(&work, "lamina/tier:v1", mb, 1);
+    push_image(&registry.addr, &layout, &archive, "lamina/tier", "v1");
+    let _ = fs::remove_dir_all(&work);
+    let reference = format!("{}/lamina/tier:v1", registry.addr);
+    let case = format!("{mb} MB, {} layers", archive.chain_ids.len());
+    let pull = |c: &Containerd, sn: &str| -> anyhow::Result<f64> {
+        pull_with_unpack(c, sn, &reference)
+            .map(|d| d.as_secs_f64())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let forget = |c: &Containerd| {
+        c.ctr_ok(&["images", "rm", "--sync", &reference]);
+        c.gc_now();
+    };
+
+    ctx.say("host A pulls (fetch, unpack, publish)");
+    let t_a = pull(&a.ctrd, PROXY_NAME)?;
+    push(figs, &case, "lamina-host-a", "pull", Unit::Seconds, vec![t_a]);
+    let mut t_b = Vec::new();
+    let mut t_o = Vec::new();
+    for i in 0..ctx.runs {
+        ctx.say(format!("host B pulls from the tier ({}/{})", i + 1, ctx.runs));
+        t_b.push(pull(&b.ctrd, PROXY_NAME)?);
+        forget(&b.ctrd);
+        ctx.say(format!("overlayfs pulls ({}/{})", i + 1, ctx.runs));
+        t_o.push(pull(base, "overlayfs")?);
+        if i + 1 < ctx.runs {
+            forget(base);
+        }
+    }
+    push(figs, &case, "lamina", "pull", Unit::Seconds, t_b);
+    push(figs, &case, "overlayfs", "pull", Unit::Seconds, t_o);
+
+    ctx.say("Prepare of a chain id in the tier, through containerd");
+    let chain = archive.chain_ids[0].clone();
+    let adopt = prepare_p50(ctx, &b.ctrd, PROXY_NAME, &chain, true)?;
+    push(
+        figs,
+        "Prepare of a chain id in the tier",
+        "lamina",
+        "p50",
+        Unit::Millis,
+        adopt,
+    );
+    let local = prepare_p50(ctx, base, "overlayfs", &chain, false)?;
+    push(
+        figs,
+        "Prepare of a chain id in the tier",
+        "overlayfs",
+        "p50",
+        Unit::Millis,
+        local,
+    );
+
+    let top_hex = archive
+        .chain_ids
+        .last()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let tier_dir = tier.join("layers").join(&top_hex).join("diff/data/l5");
+    let local_dir = find_dir(&a.lamina.data_root, Path::new("data/l5"))
+        .context("host A's local copy of the top layer")?;
+    for (subject, d) in [("lamina-tier", &tier_dir), ("lamina-local", &local_dir)] {
+        let (mut cold, mut warm) = (Vec::new(), Vec::new());
+        for _ in 0..ctx.runs {
+            drop_caches()?;
+            cold.push(read_mbps(d)?);
+            warm.push(read_mbps(d)?);
+        }
+        push(
+            figs,
+            "read of a layer's files, cold",
+            subject,
+            "read",
+            Unit::MBps,
+            cold,
+        );
+        push(
+            figs,
+            "read of a layer's files, warm",
+            subject,
+            "read",
+            Unit::MBps,
+            warm,
+        );
+    }
+    Ok(())
+}
+
+/// Per run, the p50 of a few Prepares labelled with chain id `chain` (answered AlreadyExists) through
+/// containerd's Snapshots service on `snapshotter`; with `forget`, containerd's GC removes the layer between
+/// calls (untimed), so that each Prepare finds it in the tier only.
+fn prepare_p50(
+    ctx: &Ctx,
+    c: &Containerd,
+    snapshotter: &str,
+    chain: &str,
+    forget: bool,
+) -> anyhow::Result<Vec<f64>> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let client = rt.block_on(lamina_snapshotter::client::connect(&c.address))?;
+    let per_run = ctx.pick(3, 10);
+    let mut p50s = Vec::new();
+    for r in 0..ctx.runs {
+        let mut times = Vec::new();
+        for i in 0..per_run {
+            if forget {
+                c.gc_now();
+            }
+            let mut req = tonic::Request::new(pb::PrepareSnapshotRequest {
+                snapshotter: snapshotter.into(),
+                key: format!("bench-adopt-{r}-{i}"),
+                parent: String::new(),
+                labels: HashMap::from([(SNAPSHOT_REF.to_string(), chain.to_string())]),
+            });
+            req.metadata_mut().insert(
+                "containerd-namespace",
+                c.namespace.parse().expect("ascii namespace"),
+            );
+            let mut cl = client.clone();
+            let t = Instant::now();
+            let res = rt.block_on(cl.prepare(req));
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            match res {
+                Err(s) if s.code() == tonic::Code::AlreadyExists => times.push(ms),
+                Err(s) => anyhow::bail!("{snapshotter}: Prepare labelled {chain}: {s}"),
+                Ok(_) => anyhow::bail!("{snapshotter}: Prepare labelled {chain} made a new snapshot"),
+            }
+        }
+        p50s.push(percentile(&mut times, 50.0));
+    }
+    Ok(p50s)
+}
+
+/// The first directory below `root` whose path ends with `tail` (symbolic links not followed).
+fn find_dir(root: &Path, tail: &Path) -> Option<PathBuf> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.filter_map(|e| e.ok()) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let p = e.path();
+                if p.ends_with(tail) {
+                    return Some(p);
+                }
+                stack.push(p);
+            }
+        }
+    }
+    None
+}
+
+/// Reads every file of `dir`; MB/s.
+fn read_mbps(dir: &Path) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let mut bytes = 0u64;
+    for e in fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let mut f = fs::File::open(e?.path())?;
+        bytes += std::io::copy(&mut f, &mut std::io::sink())?;
+    }
+    let secs = t.elapsed().max(Duration::from_micros(1)).as_secs_f64();
+    Ok(bytes as f64 / 1e6 / secs)
+}
