@@ -16,8 +16,8 @@
 //!   `lamina`: host B's layer is a link to it, read through the MooseFS mount) and from host A's local copy
 //!   (`lamina-local`, on the scratch filesystem), cold (caches dropped) and warm.
 //!
-//! Needs root, containerd, MooseFS, docker-registry and Go with containerd's Go sources; without them the
-//! workload records a `skipped` figure.
+//! Needs root, containerd, MooseFS, docker-registry, Go with containerd's Go sources and this workspace's
+//! `tests/cluster/pull`; without them the workload records a `skipped` figure.
 
 use std::collections::HashMap;
 use std::fs;
@@ -31,7 +31,7 @@ use lamina_snapshotter::tonic;
 use super::engines::drop_caches;
 use super::engines_ctr::percentile;
 use super::{Ctx, Figure, Unit, Workload};
-use lamina_testkit::cluster::{layered_image, pull_with_unpack, push_image, ClusterHost};
+use lamina_testkit::cluster::{have_go_containerd, layered_image, pull_with_unpack, push_image, ClusterHost};
 use lamina_testkit::containerd::{Containerd, PROXY_NAME};
 use lamina_testkit::moosefs::{have_moosefs, MooseCluster};
 use lamina_testkit::plugin::Registry;
@@ -57,18 +57,14 @@ fn push(figs: &mut Vec<Figure>, case: &str, subject: &str, metric: &str, unit: U
 
 fn have_all() -> bool {
     let bin = |b: &str| lamina_testkit::find_bin(b).is_some();
-    bin("containerd")
-        && bin("docker-registry")
-        && bin("go")
-        && have_moosefs()
-        && Path::new("/usr/share/gocode/src/github.com/containerd/containerd/client.go").exists()
+    bin("containerd") && bin("docker-registry") && have_moosefs() && have_go_containerd()
 }
 
 fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     if !have_all() {
         push(
             figs,
-            "containerd, MooseFS, docker-registry or Go not installed",
+            "containerd, MooseFS, docker-registry, Go or tests/cluster/pull missing",
             "lamina",
             "skipped",
             Unit::Count,

@@ -75,6 +75,16 @@ pub fn require_go_containerd(test: &str) -> bool {
             ))
 }
 
+/// Whether the Go toolchain, containerd's Go sources and the source of `tests/cluster/pull` (this workspace's:
+/// absent where only the binaries are installed) are there, without a message.
+pub fn have_go_containerd() -> bool {
+    find_bin("go").is_some()
+        && Path::new(GO_CONTAINERD).exists()
+        && Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/cluster/pull/main.go")
+            .exists()
+}
+
 const GO_CONTAINERD: &str = "/usr/share/gocode/src/github.com/containerd/containerd/client.go";
 
 fn workspace_root() -> PathBuf {
