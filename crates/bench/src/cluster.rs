@@ -49,10 +49,7 @@ const NAME: &str = "clustertier";
 const SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
 
 fn push(figs: &mut Vec<Figure>, case: &str, subject: &str, metric: &str, unit: Unit, samples: Vec<f64>) {
-    let mut f = Figure::new(NAME, case, subject, metric, unit);
-    f.samples = samples;
-    f.lower_is_better = !matches!(unit, Unit::MBps | Unit::OpsPerSec);
-    figs.push(f);
+    Figure::push_to(figs, NAME, (case, subject, metric), unit, samples);
 }
 
 fn have_all() -> bool {

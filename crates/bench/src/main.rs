@@ -248,6 +248,20 @@ impl Figure {
         }
     }
 
+    /// Pushes a figure of `samples` onto `figs`; higher is better for throughputs (MB/s, operations/s).
+    pub fn push_to(
+        figs: &mut Vec<Figure>,
+        workload: &'static str,
+        (case, subject, metric): (&str, &str, &str),
+        unit: Unit,
+        samples: Vec<f64>,
+    ) {
+        let mut f = Figure::new(workload, case, subject, metric, unit);
+        f.samples = samples;
+        f.lower_is_better = !matches!(unit, Unit::MBps | Unit::OpsPerSec);
+        figs.push(f);
+    }
+
     /// Marks the figure as a floor.
     pub fn floor(mut self) -> Self {
         self.floor = true;

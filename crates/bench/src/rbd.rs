@@ -33,10 +33,7 @@ pub const RBD_LAYERS: Workload = Workload {
 const NAME: &str = "rbdlayers";
 
 fn push(figs: &mut Vec<Figure>, case: &str, subject: &str, metric: &str, unit: Unit, samples: Vec<f64>) {
-    let mut f = Figure::new(NAME, case, subject, metric, unit);
-    f.samples = samples;
-    f.lower_is_better = !matches!(unit, Unit::MBps | Unit::OpsPerSec);
-    figs.push(f);
+    Figure::push_to(figs, NAME, (case, subject, metric), unit, samples);
 }
 
 fn ms(t: Instant) -> f64 {
