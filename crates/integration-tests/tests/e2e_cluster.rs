@@ -9,6 +9,10 @@
 //! layer blob, and `ctr run` on B sees the image's files (from the tier). Then garbage collection across the
 //! hosts: A's removal leaves the layers B holds; after B's removal the tier holds none of the image.
 //!
+//! The kubelet path: with containerd's CRI plugin on (lamina its snapshotter), `ImageService.PullImage` on host
+//! A then on host B (no layer blob for B), then on B `RunPodSandbox` in the host's network namespace (no CNI),
+//! `CreateContainer`, `StartContainer` and `ExecSync` of a listing (testkit's `cri` client).
+//!
 //! Both hosts pulling a new image at the same moment unpack each layer once in the cluster (one host waits for
 //! the other's claim). A host SIGKILLed in the middle of an unpack leaves no partial layer; the other host's
 //! pull completes after the dead host's claim expires, and the killed host restarts consistent.
