@@ -269,6 +269,7 @@ proptest! {
         let bd = open_dir(&b);
         let stats = apply_layer(fd(&bd), &tar1[..], &ApplyOptions::default()).unwrap();
         prop_assert_eq!(stats.tar_bytes, tar1.len() as u64);
+        prop_assert_eq!(stats.size, lamina_archive::dir_size(fd(&open_dir(&b))).unwrap());
         prop_assert_eq!(snapshot(&a, true), snapshot(&b, true));
         let tar2 = diff_of(&b);
         prop_assert_eq!(tar_listing(&tar1), tar_listing(&tar2));

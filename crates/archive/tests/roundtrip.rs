@@ -105,7 +105,10 @@ fn last_entry_wins() {
         .file(b"x/child", b"c")
         .file(b"x", b"now a file")
         .dir(b"x/");
-    apply(t.path(), &tar.end()).unwrap();
+    let stats = apply(t.path(), &tar.end()).unwrap();
+    // "one" (still linked as h) and "two"; the replaced "now a file" is gone.
+    assert_eq!(stats.size, 6);
+    assert_eq!(stats.size, dir_size(fd(&open_dir(t.path()))).unwrap());
     assert_eq!(fs::read(t.path().join("f")).unwrap(), b"two");
     assert_eq!(fs::read(t.path().join("h")).unwrap(), b"one");
     assert!(fs::metadata(t.path().join("x")).unwrap().is_dir());
