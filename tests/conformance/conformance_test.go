@@ -12,8 +12,14 @@
 //
 // Environment:
 //
-//	CONFORMANCE_BACKEND  lamina (default) or overlayfs (the stand-in in ./overlayd, which serves
-//	                     containerd's built-in overlayfs snapshotter; used to validate the harness)
+//	CONFORMANCE_BACKEND  lamina (default), lamina-rbd (lamina with [store] backend = "rbd": layers
+//	                     as RBD images in the cluster of CEPH_CONF, one image prefix per test case,
+//	                     removed by the launcher after the case) or overlayfs (the stand-in in
+//	                     ./overlayd, which serves containerd's built-in overlayfs snapshotter; used to
+//	                     validate the harness)
+//	CEPH_CONF            lamina-rbd only: the ceph.conf of a running cluster whose pool "rbd" is
+//	                     initialised (scripts/conformance.sh starts one with lamina-testkit-serve
+//	                     --ceph-cluster)
 //	LAMINA_TESTKIT_SERVE the launcher (default ../../target/debug/lamina-testkit-serve, relative to
 //	                     this dir)
 //	LAMINA_BIN           lamina binary (default: the lamina next to the launcher)
@@ -68,17 +74,31 @@ func selectBackend(t *testing.T) backend {
 		kind = "lamina"
 	}
 	switch kind {
-	case "lamina":
+	case "lamina", "lamina-rbd":
+		var rbdArgs func(root string) []string
+		if kind == "lamina-rbd" {
+			conf := os.Getenv("CEPH_CONF")
+			if conf == "" {
+				t.Fatalf("CONFORMANCE_BACKEND=lamina-rbd needs CEPH_CONF (the ceph.conf of a running cluster)")
+			}
+			rbdArgs = func(root string) []string {
+				// root is <tmp>/snapshot-suite-<name>-<random>/root: one prefix per test case
+				return []string{"--rbd-ceph-conf", conf, "--rbd-image-prefix", imagePrefix(filepath.Base(filepath.Dir(root)))}
+			}
+		}
 		var env []string
 		if os.Getenv("LAMINA_BIN") != "" {
 			env = append(env, "LAMINA_BIN="+envPath("LAMINA_BIN", ""))
 		}
 		return backend{
-			name: "lamina",
+			name: kind,
 			bin:  envPath("LAMINA_TESTKIT_SERVE", "../../target/debug/lamina-testkit-serve"),
 			args: func(root, socket, logPath string) []string {
 				args := []string{"--data-root", filepath.Join(root, "lamina"),
 					"--snapshotter-socket", socket, "--log", logPath}
+				if rbdArgs != nil {
+					args = append(args, rbdArgs(root)...)
+				}
 				if level := os.Getenv("LAMINA_LOG_LEVEL"); level != "" {
 					args = append(args, "--log-level", level)
 				}
@@ -95,8 +115,20 @@ func selectBackend(t *testing.T) backend {
 			},
 		}
 	}
-	t.Fatalf("CONFORMANCE_BACKEND=%q: expected lamina or overlayfs", kind)
+	t.Fatalf("CONFORMANCE_BACKEND=%q: expected lamina, lamina-rbd or overlayfs", kind)
 	return backend{}
+}
+
+// imagePrefix turns a test root's directory name into an RBD image name prefix (letters, digits,
+// '-', '_').
+func imagePrefix(base string) string {
+	b := []byte("conf-" + base + "-")
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			b[i] = '_'
+		}
+	}
+	return string(b)
 }
 
 func envPath(name, def string) string {

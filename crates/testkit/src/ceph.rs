@@ -99,6 +99,74 @@ pub fn require_ceph(test: &str) -> bool {
     )
 }
 
+/// The `[store]` table of a lamina whose layers are images `<prefix><n>` in `pool` of the cluster configured by
+/// `ceph_conf`, reached through rbd-fuse, base layers of 1 GiB (thin) with filesystem `fs` (`ext4` or `xfs`),
+/// `timeout_secs` per cluster call.
+pub fn rbd_store_toml(ceph_conf: &Path, pool: &str, prefix: &str, fs: &str, timeout_secs: u64) -> String {
+    format!(
+        "[store]\nbackend = \"rbd\"\n[store.rbd]\nceph_conf = \"{}\"\npool = \"{pool}\"\n\
+         image_prefix = \"{prefix}\"\nmap = \"fuse\"\nsize = \"1G\"\nfs = \"{fs}\"\ntimeout_secs = {timeout_secs}\n",
+        ceph_conf.display(),
+    )
+}
+
+/// Removes every image of `pool` whose name starts with `prefix`, with its snapshots (unprotected first),
+/// newest layer number first so that clones go before their parents; images that are still busy are retried
+/// for `timeout`. Returns how many were removed.
+pub fn remove_images(ceph_conf: &Path, pool: &str, prefix: &str, timeout: Duration) -> Result<usize, String> {
+    let rbd = |args: &[&str]| -> Output {
+        Command::new(find_bin("rbd").unwrap_or_else(|| "rbd".into()))
+            .arg("-c")
+            .arg(ceph_conf)
+            .args(["--client_mount_timeout", "10", "--rados_mon_op_timeout", "10"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("spawn rbd: {e}"))
+    };
+    let deadline = Instant::now() + timeout;
+    let mut removed = 0;
+    loop {
+        // `rbd ls -l`: one entry per image and one per snapshot (with `snapshot` and `protected` set).
+        let out = rbd(&["ls", "-l", "--format", "json", pool]);
+        let text = stdout_of(&format!("rbd ls -l {pool}"), &out)?;
+        let entries: Vec<serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| format!("rbd ls -l: {e}: {text}"))?;
+        let mut images: Vec<&str> = entries
+            .iter()
+            .filter(|e| e.get("snapshot").is_none())
+            .filter_map(|e| e["image"].as_str())
+            .filter(|i| i.starts_with(prefix))
+            .collect();
+        if images.is_empty() {
+            return Ok(removed);
+        }
+        // Layer numbers are hex after the prefix; longer is bigger, then by text.
+        images.sort_by_key(|i| std::cmp::Reverse((i.len(), i.to_string())));
+        let mut failed = Vec::new();
+        for img in images {
+            let spec = format!("{pool}/{img}");
+            for e in entries.iter().filter(|e| e["image"] == img) {
+                if let (Some(snap), Some("true")) = (e["snapshot"].as_str(), e["protected"].as_str()) {
+                    let _ = rbd(&["snap", "unprotect", &format!("{spec}@{snap}")]);
+                }
+            }
+            let _ = rbd(&["snap", "purge", &spec]);
+            let out = rbd(&["rm", "--no-progress", &spec]);
+            match check_output(&format!("rbd rm {spec}"), &out) {
+                Ok(()) => removed += 1,
+                Err(e) => failed.push(e),
+            }
+        }
+        if !failed.is_empty() && Instant::now() >= deadline {
+            return Err(failed.join("\n"));
+        }
+        if !failed.is_empty() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
 /// Where the OSD keeps its objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ObjectStore {
@@ -471,6 +539,11 @@ impl CephCluster {
     pub fn images(&self, pool: &str) -> Vec<String> {
         let out = self.rbd_ok(&["ls", "--format", "json", pool]);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("rbd ls: {e}: {out}"))
+    }
+
+    /// [`remove_images`] of this cluster's pool `pool`.
+    pub fn remove_images(&self, pool: &str, prefix: &str) -> Result<usize, String> {
+        remove_images(&self.conf(), pool, prefix, Duration::from_secs(30))
     }
 
     /// The advisory locks of `pool/image` as (lock id, locker) pairs.
