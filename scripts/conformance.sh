@@ -26,7 +26,8 @@
 # Environment: BACKENDS ("overlayfs lamina lamina-rbd"), LAMINA_BIN (use this lamina binary), LAMINA_TESTKIT_SERVE
 # (use this launcher; with both set, cargo does not run), NO_BUILD=1 (no cargo build; use the existing
 # binaries), LAMINA_LOG_LEVEL (e.g. debug), CI=true, TEST_TIMEOUT (10m),
-# TEST_RUN (a -test.run regexp for the suite's subtests, e.g. 'Conformance/Basic$').
+# TEST_RUN (a -test.run regexp for the suite's subtests, e.g. 'Conformance/Basic$'), RBD_FULL=1 (lamina-rbd
+# runs every case; without it, 16 of 21: see RBD_LEFT_OUT below).
 # Bench only: ITERS (200), WARMUP (10), DEPTHS (1,128), RUNS (1; backends alternate within a run,
 # several runs add a block of medians), IMG_SIZE (4G),
 # WORK_PARENT (/var/tmp). The bench uses a release build of lamina (the test a debug build).
@@ -182,10 +183,22 @@ start_ceph() {
 }
 
 # ---- test mode --------------------------------------------------------------------------------
+# lamina-rbd runs the suite's cases but these (Go 1.19 has no -test.skip; RBD_FULL=1 runs them too):
+# 128LayersMount for its time (128 clones, seals and attachments in a row: over 10 min on 2 busy cores), and
+# four that Commit an active snapshot while the case still has it mounted, which the rbd backend refuses
+# ("in use: ... its filesystem is mounted elsewhere": a seal needs the image detached; docs/rbd.md).
+RBD_LEFT_OUT="128LayersMount StatComitted TransitivityTest PreareViewFailingtest RemoveIntermediateSnapshot"
+RBD_SUBSET='TestSnapshotterConformance/(Basic|StatActive|Update|Remove|Walk|LayerFileupdate|RemoveDirectoryInLowerLayer|Chown|DirectoryPermissionOnCommit|DeletedFilesInChildSnapshot|MoveFileFromLowerLayer|Rename|ViewReadonly|StatInWalk|CloseTwice|RootPermission)$'
+
 run_tests() {
     local overall=0 lines=()
     for b in $BACKENDS; do
-        local logdir=$OUT/logs/$b out=$OUT/logs/$b.txt rc=0 t0
+        local logdir=$OUT/logs/$b out=$OUT/logs/$b.txt rc=0 t0 run=${TEST_RUN:-TestSnapshotterConformance}
+        local left_out=""
+        if [[ $b == lamina-rbd && -z ${TEST_RUN:-} && ${RBD_FULL:-0} != 1 ]]; then
+            run=$RBD_SUBSET
+            left_out="; not run: ${RBD_LEFT_OUT// /,}"
+        fi
         rm -rf "$logdir"
         mkdir -p "$logdir"
         log "running the suite against $b (output: $out, backend logs: $logdir/)"
@@ -196,7 +209,7 @@ run_tests() {
             CONFORMANCE_BACKEND=$b CONFORMANCE_LOG_DIR=$logdir LAMINA_BIN=${LAMINA_BIN:-} \
                 LAMINA_TESTKIT_SERVE=${LAMINA_TESTKIT_SERVE:-} OVERLAYD_BIN=$BIN/overlayd \
                 exec "$BIN/conformance.test" -test.v -test.timeout "${TEST_TIMEOUT:-10m}" \
-                -test.run "${TEST_RUN:-TestSnapshotterConformance}"
+                -test.run "$run"
         ) >"$out" 2>&1 || rc=$?
         local secs pass fail skip skipped
         secs=$(elapsed "$t0")
@@ -233,7 +246,7 @@ run_tests() {
                 tail -n 40 "$out" >&2
             fi
         fi
-        lines+=("conformance[$b]: $verdict: $pass passed, $fail failed, $skip skipped${skipped:+ ($skipped)} in ${secs} s (exit $rc)")
+        lines+=("conformance[$b]: $verdict: $pass passed, $fail failed, $skip skipped${skipped:+ ($skipped)} in ${secs} s (exit $rc)$left_out")
     done
     echo
     printf '%s\n' "${lines[@]}"

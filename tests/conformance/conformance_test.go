@@ -58,6 +58,9 @@ const (
 	startTimeout = 20 * time.Second
 	// lamina-testkit-serve gives lamina 10 s to exit on SIGTERM, then detaches its mounts
 	stopTimeout = 20 * time.Second
+	// lamina-rbd: and then up to 10 s to take down the attachments (rbd-fuse exits after it closes its
+	// image) and 10 s to remove the images
+	rbdStopTimeout = 45 * time.Second
 )
 
 // backend describes how to start one snapshotter server for a test root.
@@ -66,6 +69,8 @@ type backend struct {
 	bin  string
 	args func(root, socket, logPath string) []string
 	env  []string // added to this process's environment
+	// how long the process may take to exit on SIGTERM
+	stopTimeout time.Duration
 }
 
 func selectBackend(t *testing.T) backend {
@@ -76,7 +81,9 @@ func selectBackend(t *testing.T) backend {
 	switch kind {
 	case "lamina", "lamina-rbd":
 		var rbdArgs func(root string) []string
+		stop := stopTimeout
 		if kind == "lamina-rbd" {
+			stop = rbdStopTimeout
 			conf := os.Getenv("CEPH_CONF")
 			if conf == "" {
 				t.Fatalf("CONFORMANCE_BACKEND=lamina-rbd needs CEPH_CONF (the ceph.conf of a running cluster)")
@@ -104,7 +111,8 @@ func selectBackend(t *testing.T) backend {
 				}
 				return args
 			},
-			env: env,
+			env:         env,
+			stopTimeout: stop,
 		}
 	case "overlayfs":
 		return backend{
@@ -113,6 +121,7 @@ func selectBackend(t *testing.T) backend {
 			args: func(root, socket, _ string) []string {
 				return []string{"--root", filepath.Join(root, "overlayfs"), "--socket", socket}
 			},
+			stopTimeout: stopTimeout,
 		}
 	}
 	t.Fatalf("CONFORMANCE_BACKEND=%q: expected lamina, lamina-rbd or overlayfs", kind)
@@ -169,10 +178,11 @@ func TestSnapshotterConformance(t *testing.T) {
 
 // server is one running backend process.
 type server struct {
-	cmd     *exec.Cmd
-	exited  chan struct{} // closed once cmd.Wait returned
-	waitErr error
-	logPath string
+	cmd         *exec.Cmd
+	exited      chan struct{} // closed once cmd.Wait returned
+	waitErr     error
+	logPath     string
+	stopTimeout time.Duration
 }
 
 func startBackend(ctx context.Context, b backend, root string) (snapshots.Snapshotter, func() error, error) {
@@ -205,7 +215,7 @@ func startBackend(ctx context.Context, b backend, root string) (snapshots.Snapsh
 	if err := cmd.Start(); err != nil {
 		return nil, nil, fmt.Errorf("start %s: %w", b.bin, err)
 	}
-	srv := &server{cmd: cmd, exited: make(chan struct{}), logPath: logPath}
+	srv := &server{cmd: cmd, exited: make(chan struct{}), logPath: logPath, stopTimeout: b.stopTimeout}
 	go func() {
 		srv.waitErr = cmd.Wait()
 		close(srv.exited)
@@ -222,6 +232,15 @@ func startBackend(ctx context.Context, b backend, root string) (snapshots.Snapsh
 		var errs []string
 		if err := conn.Close(); err != nil {
 			errs = append(errs, "close grpc connection: "+err.Error())
+		}
+		// Mounts the case left in its play area (work/, next to root/; the suite's own deferred
+		// unmounts ran already): they would hold the backend's filesystems (lamina-rbd: the
+		// layer's loop device and rbd-fuse) after it stopped.
+		for _, m := range mountsUnder(filepath.Join(filepath.Dir(root), "work")) {
+			if err := syscall.Unmount(m, 0); err != nil {
+				_ = syscall.Unmount(m, syscall.MNT_DETACH)
+			}
+			log.G(ctx).Infof("unmounted %s, left mounted by the test case", m)
 		}
 		if err := srv.stop(); err != nil {
 			errs = append(errs, err.Error())
@@ -275,11 +294,11 @@ func (s *server) stop() error {
 			return fmt.Errorf("pid %d on SIGTERM: %v", s.cmd.Process.Pid, s.waitErr)
 		}
 		return nil
-	case <-time.After(stopTimeout):
+	case <-time.After(s.stopTimeout):
 	}
 	_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
 	<-s.exited
-	return fmt.Errorf("pid %d ignored SIGTERM for %v and was killed", s.cmd.Process.Pid, stopTimeout)
+	return fmt.Errorf("pid %d ignored SIGTERM for %v and was killed", s.cmd.Process.Pid, s.stopTimeout)
 }
 
 func (s *server) logTail() string {

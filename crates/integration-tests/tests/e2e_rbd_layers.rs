@@ -10,7 +10,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lamina_testkit::ceph::{rbd_store_toml, require_ceph, CephCluster, ObjectStore};
+use lamina_testkit::ceph::{loops_under, rbd_store_toml, require_ceph, CephCluster, ObjectStore};
 use lamina_testkit::docker_fixtures::*;
 use lamina_testkit::faults::binary_has_fault_points;
 use lamina_testkit::*;
@@ -42,21 +42,6 @@ fn layer_images(cluster: &CephCluster) -> Vec<String> {
         .images(&cluster.pool)
         .into_iter()
         .filter(|i| i.starts_with(PREFIX))
-        .collect()
-}
-
-/// Loop devices reading from below `root`.
-fn loops_under(root: &Path) -> Vec<String> {
-    let root = root.display().to_string();
-    let Ok(rd) = fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let b = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-            b.trim_end().starts_with(&root).then_some(name)
-        })
         .collect()
 }
 

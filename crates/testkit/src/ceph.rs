@@ -167,6 +167,61 @@ pub fn remove_images(ceph_conf: &Path, pool: &str, prefix: &str, timeout: Durati
     }
 }
 
+/// Loop devices (`loopN`) whose backing file is below `root`.
+pub fn loops_under(root: &Path) -> Vec<String> {
+    let root = root.display().to_string();
+    let Ok(rd) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let b = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            b.trim_end().starts_with(&root).then_some(name)
+        })
+        .collect()
+}
+
+/// Takes down what an rbd data root's lamina leaves attached when it stops (it keeps attachments for the
+/// containers that may use them): the layer filesystems, their loop devices, the rbd-fuse mounts, then the
+/// rbd-fuse processes (waited for, they close their images; SIGKILL after `timeout`). Returns what was left.
+pub fn detach_rbd_layers(data_root: &Path, timeout: Duration) -> Result<(), String> {
+    let umount = |m: &Path| {
+        let _ = Command::new("umount").arg(m).stderr(Stdio::null()).status();
+    };
+    // The filesystems on the loop devices first (below `<hex n>/fs`), then the devices, then FUSE.
+    for m in mounts_under(data_root) {
+        if m.file_name().is_some_and(|n| n == "fs") {
+            umount(&m);
+        }
+    }
+    for dev in loops_under(data_root) {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(format!("/dev/{dev}"))
+            .status();
+    }
+    for m in mounts_under(data_root) {
+        umount(&m);
+    }
+    let gone = poll(timeout, || pids_referencing(data_root).is_empty().then_some(()));
+    if gone.is_none() {
+        for p in pids_referencing(data_root) {
+            signal(p, "KILL");
+        }
+    }
+    let (mounts, loops) = (mounts_under(data_root), loops_under(data_root));
+    if mounts.is_empty() && loops.is_empty() && gone.is_some() {
+        Ok(())
+    } else {
+        Err(format!(
+            "left under {}: mounts {mounts:?}, loop devices {loops:?}{}",
+            data_root.display(),
+            if gone.is_some() { "" } else { ", rbd-fuse processes killed" }
+        ))
+    }
+}
+
 /// Where the OSD keeps its objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ObjectStore {

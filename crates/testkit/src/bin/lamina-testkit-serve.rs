@@ -10,8 +10,9 @@
 //! launcher exits 1 at once.
 //!
 //! With `--rbd-ceph-conf`, lamina's layers are RBD images (`[store] backend = "rbd"`, images
-//! `<--rbd-image-prefix><n>` in `--rbd-pool`); after lamina stopped, the launcher removes every image of that
-//! prefix, so that runs sharing one cluster leave nothing in the pool.
+//! `<--rbd-image-prefix><n>` in `--rbd-pool`). lamina keeps its attachments (rbd-fuse, loop device, mount)
+//! when it stops, for the containers that use them; after lamina stopped, the launcher takes them down and
+//! removes every image of that prefix, so that runs sharing one cluster leave nothing behind.
 //!
 //! With `--ceph-cluster DIR` it starts no lamina: it runs testkit's throw-away Ceph cluster
 //! ([`lamina_testkit::ceph::CephCluster`], memstore) in DIR, prints and writes `ready <DIR>/ceph.conf` once the
@@ -31,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use lamina_testkit::ceph::{rbd_store_toml, remove_images, CephCluster, ObjectStore};
+use lamina_testkit::ceph::{
+    detach_rbd_layers, rbd_store_toml, remove_images, CephCluster, ObjectStore,
+};
 use lamina_testkit::{Lamina, Ready};
 
 /// Starts `lamina serve` through the test kit's launcher and stops it on SIGTERM or when stdin closes.
@@ -162,10 +165,18 @@ fn run(args: Args) -> Result<bool> {
     let Some((conf, prefix)) = rbd else {
         return Ok(ok);
     };
-    match remove_images(conf, &args.rbd_pool, prefix, Duration::from_secs(30)) {
+    let t = Instant::now();
+    let detached = detach_rbd_layers(&data_root, Duration::from_secs(10));
+    if let Err(e) = &detached {
+        eprintln!("lamina-testkit-serve: {e}");
+    }
+    match remove_images(conf, &args.rbd_pool, prefix, Duration::from_secs(10)) {
         Ok(n) => {
-            eprintln!("lamina-testkit-serve: removed {n} images {prefix}* from the pool");
-            Ok(ok)
+            eprintln!(
+                "lamina-testkit-serve: attachments taken down, {n} images {prefix}* removed in {:?}",
+                t.elapsed()
+            );
+            Ok(ok && detached.is_ok())
         }
         Err(e) => {
             eprintln!("lamina-testkit-serve: images {prefix}* left in the pool: {e}");
