@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use lamina_testkit::ceph::{detach_rbd_layers, loops_under, rbd_store_toml, require_ceph, CephCluster};
 use lamina_testkit::*;
 
 /// A lamina with an initialised GraphDriver (dockerd calls Init once, before anything else).
@@ -29,16 +30,34 @@ struct Proto {
 
 fn proto(test: &str) -> Option<Proto> {
     let serial = serial_if(require_root(test) && require_bin(test, "umount") && require_bin(test, "tar"))?;
-    let lamina = Lamina::start(&unique_name(test));
+    Some(proto_with(Lamina::start(&unique_name(test)), serial))
+}
+
+/// A [`Proto`] on a data root whose layers are RBD images `<prefix><n>` in the cluster's pool.
+fn proto_rbd(test: &str, cluster: &CephCluster, prefix: &str) -> Proto {
+    let mut lamina = Lamina::new(&unique_name(test));
+    lamina.use_config(&rbd_store_toml(
+        &cluster.conf(),
+        &cluster.pool,
+        prefix,
+        "ext4",
+        10,
+    ));
+    lamina.spawn();
+    lamina.wait_ready();
+    proto_with(lamina, None)
+}
+
+fn proto_with(lamina: Lamina, serial: Option<MutexGuard<'static, ()>>) -> Proto {
     let c = lamina.client();
     let home = lamina.dir().join("docker-root").join(&lamina.name);
     c.init(&home);
     c.call("Capabilities", json!({})).ok("Capabilities");
-    Some(Proto {
+    Proto {
         lamina,
         c,
         _serial: serial,
-    })
+    }
 }
 
 impl Proto {
@@ -173,6 +192,11 @@ fn base_tar() -> Vec<u8> {
 #[test]
 fn happy_path_like_dockerd() {
     let Some(p) = proto("happy") else { return };
+    happy_path(&p);
+}
+
+/// The calls dockerd makes for an image and a container, on `p`'s store (overlay or rbd).
+fn happy_path(p: &Proto) {
     let act = p.c.activate().unwrap().json();
     assert!(
         act["Implements"]
@@ -476,6 +500,10 @@ fn bad_ids_are_refused() {
 #[test]
 fn unknown_ids_and_parents() {
     let Some(p) = proto("unknown") else { return };
+    unknown_ids(&p);
+}
+
+fn unknown_ids(p: &Proto) {
     let ghost = hex_id(20);
     let id = hex_id(21);
     p.c.call("Create", json!({"ID": id, "Parent": ghost}))
@@ -904,6 +932,10 @@ fn escaping_tars_stay_inside_the_layer() {
 #[test]
 fn broken_tars_leave_no_half_layer() {
     let Some(p) = proto("brokentar") else { return };
+    broken_tars(&p);
+}
+
+fn broken_tars(p: &Proto) {
     let base = hex_id(50);
     p.layer(&base, None, &base_tar());
     let base_view = p.view(&base);
@@ -940,7 +972,7 @@ fn broken_tars_leave_no_half_layer() {
         let r = p.apply(&id, &base, tar);
         r.expect_err(name, "invalid archive");
         p.alive(name);
-        as_created_or_gone(&p, &id, &base_view, &format!("{name}: refused"));
+        as_created_or_gone(p, &id, &base_view, &format!("{name}: refused"));
     }
     // empty bodies are empty layers
     for (n, body) in [Vec::new(), vec![0u8; 1024]].iter().enumerate() {
@@ -1223,4 +1255,49 @@ fn hostile_apply_does_not_delay_other_calls() {
         max < Duration::from_millis(1500),
         "a call waited {max:?} behind the hostile apply"
     );
+}
+
+/// A protocol case run on a given store.
+type Case = fn(&Proto);
+
+/// The store-level protocol cases above on an rbd data root (`[store] backend = "rbd"`, docs/rbd.md): one
+/// throw-away Ceph cluster, one lamina and image prefix per case; nothing attached or left in the pool after
+/// each.
+#[test]
+fn protocol_on_rbd_data_root() {
+    let test = "protocol_on_rbd_data_root";
+    if !require_root(test) || !require_bin(test, "tar") || !require_ceph(test) {
+        return;
+    }
+    let _serial = serial();
+    let mut cluster = CephCluster::start("proto");
+    let cases: [(&str, Case); 3] = [
+        ("happy", happy_path),
+        ("unknown", unknown_ids),
+        ("brokentar", broken_tars),
+    ];
+    for (name, case) in cases {
+        let prefix = format!("proto-{name}-");
+        let t = Instant::now();
+        let p = proto_rbd(&format!("rbd{name}"), &cluster, &prefix);
+        case(&p);
+        let root = p.lamina.data_root.clone();
+        drop(p);
+        // lamina keeps attachments when it stops; a case leaves none (every Get has its Put)
+        assert_eq!(
+            loops_under(&root),
+            Vec::<String>::new(),
+            "{name}: loop devices left"
+        );
+        detach_rbd_layers(&root, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let left = cluster.remove_images(&cluster.pool, &prefix).unwrap();
+        eprintln!(
+            "[protocol on rbd] {name}: {:?}, {left} images removed after it",
+            t.elapsed()
+        );
+        if name == "happy" {
+            assert_eq!(left, 0, "happy path: images left after every Remove");
+        }
+    }
+    cluster.stop();
 }

@@ -127,17 +127,12 @@ pub fn remove_images(ceph_conf: &Path, pool: &str, prefix: &str, timeout: Durati
     let deadline = Instant::now() + timeout;
     let mut removed = 0;
     loop {
-        // `rbd ls -l`: one entry per image and one per snapshot (with `snapshot` and `protected` set).
-        let out = rbd(&["ls", "-l", "--format", "json", pool]);
-        let text = stdout_of(&format!("rbd ls -l {pool}"), &out)?;
-        let entries: Vec<serde_json::Value> =
-            serde_json::from_str(&text).map_err(|e| format!("rbd ls -l: {e}: {text}"))?;
-        let mut images: Vec<&str> = entries
-            .iter()
-            .filter(|e| e.get("snapshot").is_none())
-            .filter_map(|e| e["image"].as_str())
-            .filter(|i| i.starts_with(prefix))
-            .collect();
+        // `rbd ls`, not `-l`: that opens every image of the pool and fails when one of another user goes
+        // meanwhile.
+        let out = rbd(&["ls", "--format", "json", pool]);
+        let text = stdout_of(&format!("rbd ls {pool}"), &out)?;
+        let all: Vec<String> = serde_json::from_str(&text).map_err(|e| format!("rbd ls: {e}: {text}"))?;
+        let mut images: Vec<&String> = all.iter().filter(|i| i.starts_with(prefix)).collect();
         if images.is_empty() {
             return Ok(removed);
         }
@@ -146,12 +141,15 @@ pub fn remove_images(ceph_conf: &Path, pool: &str, prefix: &str, timeout: Durati
         let mut failed = Vec::new();
         for img in images {
             let spec = format!("{pool}/{img}");
-            for e in entries.iter().filter(|e| e["image"] == img) {
-                if let (Some(snap), Some("true")) = (e["snapshot"].as_str(), e["protected"].as_str()) {
-                    let _ = rbd(&["snap", "unprotect", &format!("{spec}@{snap}")]);
-                }
+            let out = rbd(&["snap", "ls", "--format", "json", &spec]);
+            let snaps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            for name in snaps.iter().filter_map(|snap| snap["name"].as_str()) {
+                // refused (and harmless) when it is not protected
+                let _ = rbd(&["snap", "unprotect", &format!("{spec}@{name}")]);
             }
-            let _ = rbd(&["snap", "purge", &spec]);
+            if !snaps.is_empty() {
+                let _ = rbd(&["snap", "purge", "--no-progress", &spec]);
+            }
             let out = rbd(&["rm", "--no-progress", &spec]);
             match check_output(&format!("rbd rm {spec}"), &out) {
                 Ok(()) => removed += 1,
@@ -217,7 +215,11 @@ pub fn detach_rbd_layers(data_root: &Path, timeout: Duration) -> Result<(), Stri
         Err(format!(
             "left under {}: mounts {mounts:?}, loop devices {loops:?}{}",
             data_root.display(),
-            if gone.is_some() { "" } else { ", rbd-fuse processes killed" }
+            if gone.is_some() {
+                ""
+            } else {
+                ", rbd-fuse processes killed"
+            }
         ))
     }
 }

@@ -32,9 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use lamina_testkit::ceph::{
-    detach_rbd_layers, rbd_store_toml, remove_images, CephCluster, ObjectStore,
-};
+use lamina_testkit::ceph::{detach_rbd_layers, rbd_store_toml, remove_images, CephCluster, ObjectStore};
 use lamina_testkit::{Lamina, Ready};
 
 /// Starts `lamina serve` through the test kit's launcher and stops it on SIGTERM or when stdin closes.
