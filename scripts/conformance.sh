@@ -139,22 +139,29 @@ fi
 CEPH_PID=""
 CEPH_DIR=$OUT/ceph
 
-stop_ceph() {
-    [[ -n $CEPH_PID ]] || return 0
-    local pid=$CEPH_PID i t0
-    CEPH_PID=""
-    t0=$(date +%s.%N)
+# SIGTERM to a child PID, SIGKILL to TARGET (the PID, or -PGID for its process group) after SECS seconds.
+stop_pid() { # pid secs target
+    local pid=$1 secs=$2 target=$3 i
     kill -TERM "$pid" 2>/dev/null || true
-    # the launcher stops the cluster's clients, the OSD and the monitor by PID (under 30 s)
-    for ((i = 0; i < 600; i++)); do
+    for ((i = 0; i < secs * 10; i++)); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
     if kill -0 "$pid" 2>/dev/null; then
-        log "Ceph launcher pid $pid still running after 60 s: SIGKILL of its process group"
-        kill -KILL -- "-$pid" 2>/dev/null || true
+        log "pid $pid ignored SIGTERM for $secs s: SIGKILL of $target"
+        kill -KILL -- "$target" 2>/dev/null || true
     fi
     wait "$pid" 2>/dev/null || true
+}
+
+stop_ceph() {
+    [[ -n $CEPH_PID ]] || return 0
+    local pid=$CEPH_PID t0
+    CEPH_PID=""
+    t0=$(date +%s.%N)
+    # the launcher stops the cluster's clients, the OSD and the monitor by PID (under 30 s); its process
+    # group holds the daemons too
+    stop_pid "$pid" 60 "-$pid"
     log "Ceph cluster stopped in $(elapsed "$t0") s"
     rm -rf "$CEPH_DIR"
 }
@@ -265,19 +272,10 @@ SERVER_PID=""
 
 stop_server() {
     [[ -n $SERVER_PID ]] || return 0
-    local pid=$SERVER_PID i
+    local pid=$SERVER_PID
     SERVER_PID=""
-    kill -TERM "$pid" 2>/dev/null || true
     # 20 s: lamina-testkit-serve gives lamina 10 s, then detaches its mounts
-    for ((i = 0; i < 200; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "pid $pid ignored SIGTERM for 20 s: SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
+    stop_pid "$pid" 20 "$pid"
 }
 
 bench_teardown() {
