@@ -10,7 +10,11 @@
 #                                   under WORK_PARENT and torn down afterwards (not part of CI)
 #
 # Backends: "lamina" (lamina serve --snapshotter-socket, started by the test kit's launcher
-# target/<profile>/lamina-testkit-serve) and "overlayfs" (tests/conformance/overlayd:
+# target/<profile>/lamina-testkit-serve), "lamina-rbd" (the same with [store] backend = "rbd": every
+# layer an RBD image in one throw-away Ceph cluster that the launcher runs for the whole suite run,
+# with --ceph-cluster, memstore, under $OUT/ceph, stopped by PID at the end, also on failure; each
+# test case has its own image prefix and the launcher removes its images after it; test mode only)
+# and "overlayfs" (tests/conformance/overlayd:
 # containerd's built-in overlayfs snapshotter served over gRPC, the reference that validates the
 # harness). Sources: tests/conformance/. Go builds in GOPATH mode from Debian's packages only
 # (golang-go, golang-github-containerd-containerd-dev, installed with apt-get when missing); nothing
@@ -19,10 +23,11 @@
 # Needs root (the suite mounts overlays; the bench makes a loop device). Not root: the test mode
 # prints SKIPPED and exits 0, or fails under CI=true; the bench mode fails.
 #
-# Environment: BACKENDS ("overlayfs lamina"), LAMINA_BIN (use this lamina binary), LAMINA_TESTKIT_SERVE
+# Environment: BACKENDS ("overlayfs lamina lamina-rbd"), LAMINA_BIN (use this lamina binary), LAMINA_TESTKIT_SERVE
 # (use this launcher; with both set, cargo does not run), NO_BUILD=1 (no cargo build; use the existing
 # binaries), LAMINA_LOG_LEVEL (e.g. debug), CI=true, TEST_TIMEOUT (10m),
-# TEST_RUN (a -test.run regexp for the suite's subtests, e.g. 'Conformance/Basic$').
+# TEST_RUN (a -test.run regexp for the suite's subtests, e.g. 'Conformance/Basic$'), RBD_FULL=1 (lamina-rbd
+# runs every case; without it, 16 of 21: see RBD_LEFT_OUT below).
 # Bench only: ITERS (200), WARMUP (10), DEPTHS (1,128), RUNS (1; backends alternate within a run,
 # several runs add a block of medians), IMG_SIZE (4G),
 # WORK_PARENT (/var/tmp). The bench uses a release build of lamina (the test a debug build).
@@ -46,7 +51,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=$TARGET/conformance
 BIN=$OUT/bin
-BACKENDS=${BACKENDS:-overlayfs lamina}
+BACKENDS=${BACKENDS:-overlayfs lamina lamina-rbd}
 START=$(date +%s.%N)
 
 log() { printf '[conformance %s] %s\n' "$(date +%T)" "$*" >&2; }
@@ -57,8 +62,11 @@ die() {
 elapsed() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }'; }
 
 for b in $BACKENDS; do
-    [[ $b == lamina || $b == overlayfs ]] || die "BACKENDS: unknown backend '$b' (lamina, overlayfs)"
+    [[ $b == lamina || $b == lamina-rbd || $b == overlayfs ]] ||
+        die "BACKENDS: unknown backend '$b' (lamina, lamina-rbd, overlayfs)"
+    [[ $b == lamina-rbd && $MODE == bench ]] && die "BACKENDS: the bench does not run lamina-rbd"
 done
+uses_lamina() { [[ " $BACKENDS " == *" lamina "* || " $BACKENDS " == *" lamina-rbd "* ]]; }
 
 # ---- prerequisites ----------------------------------------------------------------------------
 if [[ $EUID -ne 0 ]]; then
@@ -76,7 +84,10 @@ fi
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=()
-for pkg in golang-go golang-github-containerd-containerd-dev; do
+pkgs=(golang-go golang-github-containerd-containerd-dev)
+# lamina-rbd: the cluster's daemons, the rbd tool and rbd-fuse (what testkit's CephCluster needs)
+[[ " $BACKENDS " == *" lamina-rbd "* ]] && pkgs+=(ceph-mon ceph-osd ceph-common rbd-fuse)
+for pkg in "${pkgs[@]}"; do
     installed "$pkg" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -108,7 +119,7 @@ build_start=$(date +%s.%N)
 ) || die "go build of tests/conformance failed"
 log "go build: $(elapsed "$build_start") s"
 
-if [[ " $BACKENDS " == *" lamina "* ]]; then
+if uses_lamina; then
     profile=debug
     [[ $MODE == bench ]] && profile=release
     if [[ -z ${LAMINA_BIN:-} || -z ${LAMINA_TESTKIT_SERVE:-} ]] && [[ ${NO_BUILD:-0} != 1 ]]; then
@@ -124,11 +135,77 @@ if [[ " $BACKENDS " == *" lamina "* ]]; then
     [[ -x $LAMINA_TESTKIT_SERVE ]] || die "launcher $LAMINA_TESTKIT_SERVE missing (cargo build -p lamina-testkit)"
 fi
 
+# ---- the Ceph cluster of lamina-rbd (test mode) --------------------------------------------------
+CEPH_PID=""
+CEPH_DIR=$OUT/ceph
+
+# SIGTERM to a child PID, SIGKILL to TARGET (the PID, or -PGID for its process group) after SECS seconds.
+stop_pid() { # pid secs target
+    local pid=$1 secs=$2 target=$3 i
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < secs * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "pid $pid ignored SIGTERM for $secs s: SIGKILL of $target"
+        kill -KILL -- "$target" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+stop_ceph() {
+    [[ -n $CEPH_PID ]] || return 0
+    local pid=$CEPH_PID t0
+    CEPH_PID=""
+    t0=$(date +%s.%N)
+    # the launcher stops the cluster's clients, the OSD and the monitor by PID (under 30 s); its process
+    # group holds the daemons too
+    stop_pid "$pid" 60 "-$pid"
+    log "Ceph cluster stopped in $(elapsed "$t0") s"
+    rm -rf "$CEPH_DIR"
+}
+
+start_ceph() {
+    local ready=$OUT/ceph.ready i t0
+    rm -rf "$CEPH_DIR" "$ready"
+    mkdir -p "$OUT/logs"
+    t0=$(date +%s.%N)
+    trap stop_ceph EXIT
+    # own process group (setsid), so that the fallback SIGKILL reaches the cluster's daemons too
+    setsid "$LAMINA_TESTKIT_SERVE" --ceph-cluster "$CEPH_DIR" --ready-file "$ready" \
+        >"$OUT/logs/ceph-cluster.log" 2>&1 </dev/null &
+    CEPH_PID=$!
+    for ((i = 0; i < 1200; i++)); do
+        [[ -e $ready ]] && break
+        kill -0 "$CEPH_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ ! -e $ready ]]; then
+        tail -n 40 "$OUT/logs/ceph-cluster.log" >&2
+        die "the Ceph cluster did not come up (log: $OUT/logs/ceph-cluster.log)"
+    fi
+    export CEPH_CONF=$CEPH_DIR/ceph.conf
+    log "Ceph cluster up in $(elapsed "$t0") s ($CEPH_CONF)"
+}
+
 # ---- test mode --------------------------------------------------------------------------------
+# lamina-rbd runs the suite's cases but these (Go 1.19 has no -test.skip; RBD_FULL=1 runs them too):
+# 128LayersMount for its time (128 clones, seals and attachments in a row: over 10 min on 2 busy cores), and
+# four that Commit an active snapshot while the case still has it mounted, which the rbd backend refuses
+# ("in use: ... its filesystem is mounted elsewhere": a seal needs the image detached; docs/rbd.md).
+RBD_LEFT_OUT="128LayersMount StatComitted TransitivityTest PreareViewFailingtest RemoveIntermediateSnapshot"
+RBD_SUBSET='TestSnapshotterConformance/(Basic|StatActive|Update|Remove|Walk|LayerFileupdate|RemoveDirectoryInLowerLayer|Chown|DirectoryPermissionOnCommit|DeletedFilesInChildSnapshot|MoveFileFromLowerLayer|Rename|ViewReadonly|StatInWalk|CloseTwice|RootPermission)$'
+
 run_tests() {
     local overall=0 lines=()
     for b in $BACKENDS; do
-        local logdir=$OUT/logs/$b out=$OUT/logs/$b.txt rc=0 t0
+        local logdir=$OUT/logs/$b out=$OUT/logs/$b.txt rc=0 t0 run=${TEST_RUN:-TestSnapshotterConformance}
+        local left_out=""
+        if [[ $b == lamina-rbd && -z ${TEST_RUN:-} && ${RBD_FULL:-0} != 1 ]]; then
+            run=$RBD_SUBSET
+            left_out="; not run: ${RBD_LEFT_OUT// /,}"
+        fi
         rm -rf "$logdir"
         mkdir -p "$logdir"
         log "running the suite against $b (output: $out, backend logs: $logdir/)"
@@ -139,7 +216,7 @@ run_tests() {
             CONFORMANCE_BACKEND=$b CONFORMANCE_LOG_DIR=$logdir LAMINA_BIN=${LAMINA_BIN:-} \
                 LAMINA_TESTKIT_SERVE=${LAMINA_TESTKIT_SERVE:-} OVERLAYD_BIN=$BIN/overlayd \
                 exec "$BIN/conformance.test" -test.v -test.timeout "${TEST_TIMEOUT:-10m}" \
-                -test.run "${TEST_RUN:-TestSnapshotterConformance}"
+                -test.run "$run"
         ) >"$out" 2>&1 || rc=$?
         local secs pass fail skip skipped
         secs=$(elapsed "$t0")
@@ -176,7 +253,7 @@ run_tests() {
                 tail -n 40 "$out" >&2
             fi
         fi
-        lines+=("conformance[$b]: $verdict: $pass passed, $fail failed, $skip skipped${skipped:+ ($skipped)} in ${secs} s (exit $rc)")
+        lines+=("conformance[$b]: $verdict: $pass passed, $fail failed, $skip skipped${skipped:+ ($skipped)} in ${secs} s (exit $rc)$left_out")
     done
     echo
     printf '%s\n' "${lines[@]}"
@@ -195,19 +272,10 @@ SERVER_PID=""
 
 stop_server() {
     [[ -n $SERVER_PID ]] || return 0
-    local pid=$SERVER_PID i
+    local pid=$SERVER_PID
     SERVER_PID=""
-    kill -TERM "$pid" 2>/dev/null || true
     # 20 s: lamina-testkit-serve gives lamina 10 s, then detaches its mounts
-    for ((i = 0; i < 200; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "pid $pid ignored SIGTERM for 20 s: SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
+    stop_pid "$pid" 20 "$pid"
 }
 
 bench_teardown() {
@@ -333,6 +401,8 @@ run_bench() {
 }
 
 if [[ $MODE == test ]]; then
+    trap "exit 130" INT TERM
+    [[ " $BACKENDS " == *" lamina-rbd "* ]] && start_ceph
     run_tests
 else
     run_bench

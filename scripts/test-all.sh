@@ -85,7 +85,7 @@ if ((test_rc != 0)); then
     die "cargo test failed (exit $test_rc)"
 fi
 
-# ---- containerd's snapshotter conformance suite (Go), against lamina and the overlayfs reference ----
+# ---- containerd's snapshotter conformance suite (Go), against lamina (overlay and rbd backends) and the overlayfs reference ----
 step "containerd snapshotter conformance suite (scripts/conformance.sh)"
 CONF_LOG=$(mktemp /tmp/lamina-conformance.XXXXXX)
 set +e

@@ -12,8 +12,14 @@
 //
 // Environment:
 //
-//	CONFORMANCE_BACKEND  lamina (default) or overlayfs (the stand-in in ./overlayd, which serves
-//	                     containerd's built-in overlayfs snapshotter; used to validate the harness)
+//	CONFORMANCE_BACKEND  lamina (default), lamina-rbd (lamina with [store] backend = "rbd": layers
+//	                     as RBD images in the cluster of CEPH_CONF, one image prefix per test case,
+//	                     removed by the launcher after the case) or overlayfs (the stand-in in
+//	                     ./overlayd, which serves containerd's built-in overlayfs snapshotter; used to
+//	                     validate the harness)
+//	CEPH_CONF            lamina-rbd only: the ceph.conf of a running cluster whose pool "rbd" is
+//	                     initialised (scripts/conformance.sh starts one with lamina-testkit-serve
+//	                     --ceph-cluster)
 //	LAMINA_TESTKIT_SERVE the launcher (default ../../target/debug/lamina-testkit-serve, relative to
 //	                     this dir)
 //	LAMINA_BIN           lamina binary (default: the lamina next to the launcher)
@@ -52,6 +58,9 @@ const (
 	startTimeout = 20 * time.Second
 	// lamina-testkit-serve gives lamina 10 s to exit on SIGTERM, then detaches its mounts
 	stopTimeout = 20 * time.Second
+	// lamina-rbd: and then up to 10 s to take down the attachments (rbd-fuse exits after it closes its
+	// image) and 10 s to remove the images
+	rbdStopTimeout = 45 * time.Second
 )
 
 // backend describes how to start one snapshotter server for a test root.
@@ -60,6 +69,8 @@ type backend struct {
 	bin  string
 	args func(root, socket, logPath string) []string
 	env  []string // added to this process's environment
+	// how long the process may take to exit on SIGTERM
+	stopTimeout time.Duration
 }
 
 func selectBackend(t *testing.T) backend {
@@ -68,23 +79,40 @@ func selectBackend(t *testing.T) backend {
 		kind = "lamina"
 	}
 	switch kind {
-	case "lamina":
+	case "lamina", "lamina-rbd":
+		var rbdArgs func(root string) []string
+		stop := stopTimeout
+		if kind == "lamina-rbd" {
+			stop = rbdStopTimeout
+			conf := os.Getenv("CEPH_CONF")
+			if conf == "" {
+				t.Fatalf("CONFORMANCE_BACKEND=lamina-rbd needs CEPH_CONF (the ceph.conf of a running cluster)")
+			}
+			rbdArgs = func(root string) []string {
+				// root is <tmp>/snapshot-suite-<name>-<random>/root: one prefix per test case
+				return []string{"--rbd-ceph-conf", conf, "--rbd-image-prefix", imagePrefix(filepath.Base(filepath.Dir(root)))}
+			}
+		}
 		var env []string
 		if os.Getenv("LAMINA_BIN") != "" {
 			env = append(env, "LAMINA_BIN="+envPath("LAMINA_BIN", ""))
 		}
 		return backend{
-			name: "lamina",
+			name: kind,
 			bin:  envPath("LAMINA_TESTKIT_SERVE", "../../target/debug/lamina-testkit-serve"),
 			args: func(root, socket, logPath string) []string {
 				args := []string{"--data-root", filepath.Join(root, "lamina"),
 					"--snapshotter-socket", socket, "--log", logPath}
+				if rbdArgs != nil {
+					args = append(args, rbdArgs(root)...)
+				}
 				if level := os.Getenv("LAMINA_LOG_LEVEL"); level != "" {
 					args = append(args, "--log-level", level)
 				}
 				return args
 			},
-			env: env,
+			env:         env,
+			stopTimeout: stop,
 		}
 	case "overlayfs":
 		return backend{
@@ -93,10 +121,23 @@ func selectBackend(t *testing.T) backend {
 			args: func(root, socket, _ string) []string {
 				return []string{"--root", filepath.Join(root, "overlayfs"), "--socket", socket}
 			},
+			stopTimeout: stopTimeout,
 		}
 	}
-	t.Fatalf("CONFORMANCE_BACKEND=%q: expected lamina or overlayfs", kind)
+	t.Fatalf("CONFORMANCE_BACKEND=%q: expected lamina, lamina-rbd or overlayfs", kind)
 	return backend{}
+}
+
+// imagePrefix turns a test root's directory name into an RBD image name prefix (letters, digits,
+// '-', '_').
+func imagePrefix(base string) string {
+	b := []byte("conf-" + base + "-")
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			b[i] = '_'
+		}
+	}
+	return string(b)
 }
 
 func envPath(name, def string) string {
@@ -137,10 +178,11 @@ func TestSnapshotterConformance(t *testing.T) {
 
 // server is one running backend process.
 type server struct {
-	cmd     *exec.Cmd
-	exited  chan struct{} // closed once cmd.Wait returned
-	waitErr error
-	logPath string
+	cmd         *exec.Cmd
+	exited      chan struct{} // closed once cmd.Wait returned
+	waitErr     error
+	logPath     string
+	stopTimeout time.Duration
 }
 
 func startBackend(ctx context.Context, b backend, root string) (snapshots.Snapshotter, func() error, error) {
@@ -173,7 +215,7 @@ func startBackend(ctx context.Context, b backend, root string) (snapshots.Snapsh
 	if err := cmd.Start(); err != nil {
 		return nil, nil, fmt.Errorf("start %s: %w", b.bin, err)
 	}
-	srv := &server{cmd: cmd, exited: make(chan struct{}), logPath: logPath}
+	srv := &server{cmd: cmd, exited: make(chan struct{}), logPath: logPath, stopTimeout: b.stopTimeout}
 	go func() {
 		srv.waitErr = cmd.Wait()
 		close(srv.exited)
@@ -190,6 +232,15 @@ func startBackend(ctx context.Context, b backend, root string) (snapshots.Snapsh
 		var errs []string
 		if err := conn.Close(); err != nil {
 			errs = append(errs, "close grpc connection: "+err.Error())
+		}
+		// Mounts the case left in its play area (work/, next to root/; the suite's own deferred
+		// unmounts ran already): they would hold the backend's filesystems (lamina-rbd: the
+		// layer's loop device and rbd-fuse) after it stopped.
+		for _, m := range mountsUnder(filepath.Join(filepath.Dir(root), "work")) {
+			if err := syscall.Unmount(m, 0); err != nil {
+				_ = syscall.Unmount(m, syscall.MNT_DETACH)
+			}
+			log.G(ctx).Infof("unmounted %s, left mounted by the test case", m)
 		}
 		if err := srv.stop(); err != nil {
 			errs = append(errs, err.Error())
@@ -243,11 +294,11 @@ func (s *server) stop() error {
 			return fmt.Errorf("pid %d on SIGTERM: %v", s.cmd.Process.Pid, s.waitErr)
 		}
 		return nil
-	case <-time.After(stopTimeout):
+	case <-time.After(s.stopTimeout):
 	}
 	_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
 	<-s.exited
-	return fmt.Errorf("pid %d ignored SIGTERM for %v and was killed", s.cmd.Process.Pid, stopTimeout)
+	return fmt.Errorf("pid %d ignored SIGTERM for %v and was killed", s.cmd.Process.Pid, s.stopTimeout)
 }
 
 func (s *server) logTail() string {

@@ -10,7 +10,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lamina_testkit::ceph::{require_ceph, CephCluster, ObjectStore};
+use lamina_testkit::ceph::{loops_under, rbd_store_toml, require_ceph, CephCluster, ObjectStore};
 use lamina_testkit::docker_fixtures::*;
 use lamina_testkit::faults::binary_has_fault_points;
 use lamina_testkit::*;
@@ -21,11 +21,7 @@ const PREFIX: &str = "e2e-layer-";
 /// A lamina whose layers are images `PREFIX<n>` in `pool` (not started).
 fn lamina_config(tag: &str, cluster: &CephCluster, pool: &str, timeout_secs: u64) -> Lamina {
     let mut lamina = Lamina::new(&unique_name(tag));
-    let text = format!(
-        "[store]\nbackend = \"rbd\"\n[store.rbd]\nceph_conf = \"{}\"\npool = \"{pool}\"\nimage_prefix = \"{PREFIX}\"\n\
-         map = \"fuse\"\nsize = \"1G\"\ntimeout_secs = {timeout_secs}\n",
-        cluster.conf().display(),
-    );
+    let text = rbd_store_toml(&cluster.conf(), pool, PREFIX, "ext4", timeout_secs);
     let cfg = lamina.dir().join("config.toml");
     fs::write(&cfg, text).unwrap();
     lamina.extra_args = vec!["--config".into(), cfg.display().to_string()];
@@ -46,21 +42,6 @@ fn layer_images(cluster: &CephCluster) -> Vec<String> {
         .images(&cluster.pool)
         .into_iter()
         .filter(|i| i.starts_with(PREFIX))
-        .collect()
-}
-
-/// Loop devices reading from below `root`.
-fn loops_under(root: &Path) -> Vec<String> {
-    let root = root.display().to_string();
-    let Ok(rd) = fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let b = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-            b.trim_end().starts_with(&root).then_some(name)
-        })
         .collect()
 }
 

@@ -99,6 +99,131 @@ pub fn require_ceph(test: &str) -> bool {
     )
 }
 
+/// The `[store]` table of a lamina whose layers are images `<prefix><n>` in `pool` of the cluster configured by
+/// `ceph_conf`, reached through rbd-fuse, base layers of 1 GiB (thin) with filesystem `fs` (`ext4` or `xfs`),
+/// `timeout_secs` per cluster call.
+pub fn rbd_store_toml(ceph_conf: &Path, pool: &str, prefix: &str, fs: &str, timeout_secs: u64) -> String {
+    format!(
+        "[store]\nbackend = \"rbd\"\n[store.rbd]\nceph_conf = \"{}\"\npool = \"{pool}\"\n\
+         image_prefix = \"{prefix}\"\nmap = \"fuse\"\nsize = \"1G\"\nfs = \"{fs}\"\ntimeout_secs = {timeout_secs}\n",
+        ceph_conf.display(),
+    )
+}
+
+/// Removes every image of `pool` whose name starts with `prefix`, with its snapshots (unprotected first),
+/// newest layer number first so that clones go before their parents; images that are still busy are retried
+/// for `timeout`. Returns how many were removed.
+pub fn remove_images(ceph_conf: &Path, pool: &str, prefix: &str, timeout: Duration) -> Result<usize, String> {
+    let rbd = |args: &[&str]| -> Output {
+        Command::new(find_bin("rbd").unwrap_or_else(|| "rbd".into()))
+            .arg("-c")
+            .arg(ceph_conf)
+            .args(["--client_mount_timeout", "10", "--rados_mon_op_timeout", "10"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("spawn rbd: {e}"))
+    };
+    let deadline = Instant::now() + timeout;
+    let mut removed = 0;
+    loop {
+        // `rbd ls`, not `-l`: that opens every image of the pool and fails when one of another user goes
+        // meanwhile.
+        let out = rbd(&["ls", "--format", "json", pool]);
+        let text = stdout_of(&format!("rbd ls {pool}"), &out)?;
+        let all: Vec<String> = serde_json::from_str(&text).map_err(|e| format!("rbd ls: {e}: {text}"))?;
+        let mut images: Vec<&String> = all.iter().filter(|i| i.starts_with(prefix)).collect();
+        if images.is_empty() {
+            return Ok(removed);
+        }
+        // Layer numbers are hex after the prefix; longer is bigger, then by text.
+        images.sort_by_key(|i| std::cmp::Reverse((i.len(), i.to_string())));
+        let mut failed = Vec::new();
+        for img in images {
+            let spec = format!("{pool}/{img}");
+            let out = rbd(&["snap", "ls", "--format", "json", &spec]);
+            let snaps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            for name in snaps.iter().filter_map(|snap| snap["name"].as_str()) {
+                // refused (and harmless) when it is not protected
+                let _ = rbd(&["snap", "unprotect", &format!("{spec}@{name}")]);
+            }
+            if !snaps.is_empty() {
+                let _ = rbd(&["snap", "purge", "--no-progress", &spec]);
+            }
+            let out = rbd(&["rm", "--no-progress", &spec]);
+            match check_output(&format!("rbd rm {spec}"), &out) {
+                Ok(()) => removed += 1,
+                Err(e) => failed.push(e),
+            }
+        }
+        if !failed.is_empty() && Instant::now() >= deadline {
+            return Err(failed.join("\n"));
+        }
+        if !failed.is_empty() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Loop devices (`loopN`) whose backing file is below `root`.
+pub fn loops_under(root: &Path) -> Vec<String> {
+    let root = root.display().to_string();
+    let Ok(rd) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let b = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            b.trim_end().starts_with(&root).then_some(name)
+        })
+        .collect()
+}
+
+/// Takes down what an rbd data root's lamina leaves attached when it stops (it keeps attachments for the
+/// containers that may use them): the layer filesystems, their loop devices, the rbd-fuse mounts, then the
+/// rbd-fuse processes (waited for, they close their images; SIGKILL after `timeout`). Returns what was left.
+pub fn detach_rbd_layers(data_root: &Path, timeout: Duration) -> Result<(), String> {
+    let umount = |m: &Path| {
+        let _ = Command::new("umount").arg(m).stderr(Stdio::null()).status();
+    };
+    // The filesystems on the loop devices first (below `<hex n>/fs`), then the devices, then FUSE.
+    for m in mounts_under(data_root) {
+        if m.file_name().is_some_and(|n| n == "fs") {
+            umount(&m);
+        }
+    }
+    for dev in loops_under(data_root) {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(format!("/dev/{dev}"))
+            .status();
+    }
+    for m in mounts_under(data_root) {
+        umount(&m);
+    }
+    let gone = poll(timeout, || pids_referencing(data_root).is_empty().then_some(()));
+    if gone.is_none() {
+        for p in pids_referencing(data_root) {
+            signal(p, "KILL");
+        }
+    }
+    let (mounts, loops) = (mounts_under(data_root), loops_under(data_root));
+    if mounts.is_empty() && loops.is_empty() && gone.is_some() {
+        Ok(())
+    } else {
+        Err(format!(
+            "left under {}: mounts {mounts:?}, loop devices {loops:?}{}",
+            data_root.display(),
+            if gone.is_some() {
+                ""
+            } else {
+                ", rbd-fuse processes killed"
+            }
+        ))
+    }
+}
+
 /// Where the OSD keeps its objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ObjectStore {
@@ -471,6 +596,11 @@ impl CephCluster {
     pub fn images(&self, pool: &str) -> Vec<String> {
         let out = self.rbd_ok(&["ls", "--format", "json", pool]);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("rbd ls: {e}: {out}"))
+    }
+
+    /// [`remove_images`] of this cluster's pool `pool`.
+    pub fn remove_images(&self, pool: &str, prefix: &str) -> Result<usize, String> {
+        remove_images(&self.conf(), pool, prefix, Duration::from_secs(30))
     }
 
     /// The advisory locks of `pool/image` as (lock id, locker) pairs.

@@ -8,6 +8,16 @@
 //! removed) when it gets SIGTERM or SIGINT, or when its stdin is a pipe and reaches end of file (the caller
 //! exited). It exits 0 only when lamina came up and ended cleanly on SIGTERM; if lamina exits by itself, the
 //! launcher exits 1 at once.
+//!
+//! With `--rbd-ceph-conf`, lamina's layers are RBD images (`[store] backend = "rbd"`, images
+//! `<--rbd-image-prefix><n>` in `--rbd-pool`). lamina keeps its attachments (rbd-fuse, loop device, mount)
+//! when it stops, for the containers that use them; after lamina stopped, the launcher takes them down and
+//! removes every image of that prefix, so that runs sharing one cluster leave nothing behind.
+//!
+//! With `--ceph-cluster DIR` it starts no lamina: it runs testkit's throw-away Ceph cluster
+//! ([`lamina_testkit::ceph::CephCluster`], memstore) in DIR, prints and writes `ready <DIR>/ceph.conf` once the
+//! pool `rbd` is usable, and stops the cluster by PID (its clients, the OSD, the monitor) on SIGTERM, SIGINT or
+//! the end of its stdin.
 
 use std::fs;
 use std::io::{self, Write as _};
@@ -22,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
+use lamina_testkit::ceph::{detach_rbd_layers, rbd_store_toml, remove_images, CephCluster, ObjectStore};
 use lamina_testkit::{Lamina, Ready};
 
 /// Starts `lamina serve` through the test kit's launcher and stops it on SIGTERM or when stdin closes.
@@ -29,8 +40,23 @@ use lamina_testkit::{Lamina, Ready};
 #[command(name = "lamina-testkit-serve")]
 struct Args {
     /// `--data-root` of lamina serve.
-    #[arg(long, value_name = "DIR")]
-    data_root: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "ceph_cluster")]
+    data_root: Option<PathBuf>,
+    /// Run a throw-away Ceph cluster in DIR instead of lamina.
+    #[arg(long, value_name = "DIR", conflicts_with = "data_root")]
+    ceph_cluster: Option<PathBuf>,
+    /// Put the layers in RBD images of the cluster this `ceph.conf` describes.
+    #[arg(long, value_name = "FILE", requires = "rbd_image_prefix")]
+    rbd_ceph_conf: Option<PathBuf>,
+    /// The pool of the layer images.
+    #[arg(long, value_name = "POOL", default_value = "rbd")]
+    rbd_pool: String,
+    /// `image_prefix` of the layer images (one per data root).
+    #[arg(long, value_name = "PREFIX")]
+    rbd_image_prefix: Option<String>,
+    /// Filesystem of the base layer images (`ext4` or `xfs`).
+    #[arg(long, value_name = "FS", default_value = "ext4")]
+    rbd_fs: String,
     /// The Docker plugin socket, or `none`.
     #[arg(long, value_name = "PATH", default_value = "none")]
     socket: PathBuf,
@@ -68,8 +94,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// True when lamina came up and ended cleanly on SIGTERM.
-fn run(args: Args) -> Result<bool> {
+/// A flag set by SIGTERM, SIGINT, or the end of stdin when it is a pipe.
+fn stop_flag() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
@@ -81,17 +107,84 @@ fn run(args: Args) -> Result<bool> {
             stop.store(true, Ordering::SeqCst);
         });
     }
+    Ok(stop)
+}
 
-    let dir = args.data_root.parent().unwrap_or(Path::new("/"));
+/// Prints `line` and writes it to the ready file if there is one.
+fn announce(args: &Args, line: &str) -> Result<()> {
+    if let Some(f) = &args.ready_file {
+        fs::write(f, line).with_context(|| format!("writing {}", f.display()))?;
+    }
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+    Ok(())
+}
+
+/// The Ceph cluster mode: true when the cluster came up and was stopped.
+fn run_cluster(args: &Args, dir: &Path) -> Result<bool> {
+    let stop = stop_flag()?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cluster = CephCluster::start_in(dir, ObjectStore::Memstore);
+    announce(args, &format!("ready {}\n", cluster.conf().display()))?;
+    while !stop.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let t = Instant::now();
+    cluster.stop();
+    eprintln!("lamina-testkit-serve: Ceph cluster stopped in {:?}", t.elapsed());
+    Ok(true)
+}
+
+/// True when lamina came up and ended cleanly on SIGTERM (and, on rbd, its images were removed).
+fn run(args: Args) -> Result<bool> {
+    let data_root = match (&args.ceph_cluster, &args.data_root) {
+        (Some(dir), _) => return run_cluster(&args, dir),
+        (None, Some(root)) => root.clone(),
+        (None, None) => anyhow::bail!("--data-root or --ceph-cluster is needed"),
+    };
+    let stop = stop_flag()?;
+
+    let dir = data_root.parent().unwrap_or(Path::new("/"));
     let mut lamina = Lamina::in_dir("lamina", dir)
         .plugin_socket(&args.socket)
         .snapshotter(&args.snapshotter_socket);
-    lamina.data_root = args.data_root.clone();
+    lamina.data_root = data_root.clone();
     if let Some(log) = &args.log {
         lamina.log = log.clone();
     }
     lamina.log_level = args.log_level.clone();
-    lamina.extra_args = args.extra.clone();
+    let rbd = args.rbd_ceph_conf.as_ref().zip(args.rbd_image_prefix.as_ref());
+    if let Some((conf, prefix)) = rbd {
+        // sets the extra arguments to `--config FILE`
+        lamina.use_config(&rbd_store_toml(conf, &args.rbd_pool, prefix, &args.rbd_fs, 10));
+    }
+    lamina.extra_args.extend(args.extra.iter().cloned());
+    let ok = serve(&args, &data_root, &mut lamina, &stop)?;
+    let Some((conf, prefix)) = rbd else {
+        return Ok(ok);
+    };
+    let t = Instant::now();
+    let detached = detach_rbd_layers(&data_root, Duration::from_secs(10));
+    if let Err(e) = &detached {
+        eprintln!("lamina-testkit-serve: {e}");
+    }
+    match remove_images(conf, &args.rbd_pool, prefix, Duration::from_secs(10)) {
+        Ok(n) => {
+            eprintln!(
+                "lamina-testkit-serve: attachments taken down, {n} images {prefix}* removed in {:?}",
+                t.elapsed()
+            );
+            Ok(ok && detached.is_ok())
+        }
+        Err(e) => {
+            eprintln!("lamina-testkit-serve: images {prefix}* left in the pool: {e}");
+            Ok(false)
+        }
+    }
+}
+
+/// Runs the started `lamina` until the stop flag; true when it came up and ended cleanly on SIGTERM.
+fn serve(args: &Args, data_root: &Path, lamina: &mut Lamina, stop: &AtomicBool) -> Result<bool> {
     lamina.spawn();
     // Waits in slices, so that a stop asked for during the start is not held up by it.
     let deadline = Instant::now() + Duration::from_secs(args.start_timeout);
@@ -106,13 +199,8 @@ fn run(args: Args) -> Result<bool> {
             let socket = [&args.snapshotter_socket, &args.socket]
                 .into_iter()
                 .find(|s| s.as_os_str() != "none")
-                .unwrap_or(&args.data_root);
-            let line = format!("ready {}\n", socket.display());
-            if let Some(f) = &args.ready_file {
-                fs::write(f, &line).with_context(|| format!("writing {}", f.display()))?;
-            }
-            let mut out = io::stdout().lock();
-            let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+                .map_or(data_root, |s| s.as_path());
+            announce(args, &format!("ready {}\n", socket.display()))?;
             eprintln!(
                 "lamina-testkit-serve: lamina pid {} up after {after:?}",
                 lamina.pid().unwrap_or(0)
