@@ -272,16 +272,7 @@ impl Store {
         }
         txn.remove_name(ns, key)?;
         txn.put_name(ns, name, n)?;
-        let mut rec = rec;
-        rec.name = name.to_string();
-        rec.kind = LayerKind::ReadOnly;
-        rec.labels = labels;
-        rec.size = Some(usage.bytes);
-        rec.inodes = Some(usage.inodes);
-        rec.manifest = None;
-        // A committed snapshot is a new snapshot to containerd: created (and updated) now.
-        rec.created_ns = now_ns();
-        rec.updated_ns = rec.created_ns;
+        let rec = rec.committed(name, labels, usage.bytes, usage.inodes, None);
         txn.put_layer(n, &rec)?;
         fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
         txn.commit()?;
