@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use lamina_testkit::ceph::{require_ceph, CephCluster, ObjectStore};
 use lamina_testkit::docker_fixtures::*;
-use lamina_testkit::faults::binary_has_fault_points;
+use lamina_testkit::faults::assert_fault_points;
 use lamina_testkit::*;
 use serde_json::json;
 
@@ -274,11 +274,7 @@ fn rbd_layers_kill9_mid_operation() {
     if !require_root(test) || !require_ceph(test) {
         return;
     }
-    assert!(
-        binary_has_fault_points(),
-        "{} has no fault points: build it with `cargo build --workspace --all-targets`",
-        lamina_bin().display()
-    );
+    assert_fault_points();
     let _serial = serial();
     let mut cluster = CephCluster::start_with("layerkill", ObjectStore::Memstore);
     let mut l = lamina_on("rbdkill", &cluster);

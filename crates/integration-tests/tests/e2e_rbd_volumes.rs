@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lamina_testkit::ceph::{have_krbd, require_ceph, require_ceph_mgr, CephCluster, ObjectStore};
-use lamina_testkit::faults::binary_has_fault_points;
+use lamina_testkit::faults::assert_fault_points;
 use lamina_testkit::*;
 use serde_json::json;
 
@@ -338,11 +338,7 @@ fn rbd_volumes_kill9_mid_operation() {
     if !require_ceph(test) {
         return;
     }
-    assert!(
-        binary_has_fault_points(),
-        "{} has no fault points: build it with `cargo build --workspace --all-targets`",
-        lamina_bin().display()
-    );
+    assert_fault_points();
     let _serial = serial();
     let cluster = CephCluster::start("kill9");
     let pool = cluster.pool.clone();
