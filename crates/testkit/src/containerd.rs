@@ -165,12 +165,7 @@ impl Containerd {
 
     /// Starts the process (no readiness wait).
     pub fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let _ = writeln!(&log, "===== harness: starting containerd =====");
+        let log = start_log(&self.log, "containerd");
         let child = Command::new(find_bin("containerd").expect("containerd"))
             .arg("--config")
             .arg(&self.config)
@@ -217,19 +212,17 @@ impl Containerd {
 
     /// `ctr` in another containerd namespace `ns`, with `--timeout timeout`.
     pub fn ctr_cmd_in(&self, ns: &str, timeout: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(CTR);
+        let unset = [
+            "CONTAINERD_SNAPSHOTTER",
+            "CONTAINERD_ADDRESS",
+            "CONTAINERD_NAMESPACE",
+        ];
+        let mut cmd = tool_command(CTR, &unset);
         cmd.arg("--address")
             .arg(&self.address)
-            .arg("-n")
-            .arg(ns)
-            .arg("--timeout")
-            .arg(timeout)
+            .args(["-n", ns, "--timeout", timeout])
             .args(args)
-            .env("PATH", SANE_PATH)
-            .env_remove("CONTAINERD_SNAPSHOTTER")
-            .env_remove("CONTAINERD_ADDRESS")
-            .env_remove("CONTAINERD_NAMESPACE")
-            .stdin(Stdio::null());
+            .env("PATH", SANE_PATH);
         cmd
     }
 
@@ -259,16 +252,7 @@ impl Containerd {
 
     /// Runs ctr with `args`, panics if it succeeds; returns stderr (the error message).
     pub fn ctr_err(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        if out.status.success() {
-            panic!(
-                "`ctr {}` succeeded but must fail:\nstdout: {}\nstderr: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        stderr_of_failure(&format!("ctr {}", args.join(" ")), &self.ctr(args))
     }
 
     /// `ctr snapshots --snapshotter <snapshotter> <args>`, must succeed; returns stdout.

@@ -567,6 +567,40 @@ pub fn stdout_of(what: &str, out: &Output) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The stderr of the command `what` that gave `out`; panics if it succeeded.
+pub fn stderr_of_failure(what: &str, out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "`{what}` succeeded but must fail:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A command line tool with stdin closed and the variables `unset` removed from the inherited
+/// environment (those that would aim it at another daemon than the test's).
+pub fn tool_command(program: impl AsRef<std::ffi::OsStr>, unset: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.stdin(Stdio::null());
+    for var in unset {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// The log file of an engine, opened for appending with a line that marks the start of `engine` (a restart
+/// goes on in the same file).
+pub fn start_log(path: &Path, engine: &str) -> fs::File {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let _ = writeln!(&log, "===== harness: starting {engine} =====");
+    log
+}
+
 /// Runs a command, panicking with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
@@ -667,12 +701,7 @@ impl Dockerd {
 
     /// Starts the process (no readiness wait).
     pub fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let _ = writeln!(&log, "===== harness: starting dockerd =====");
+        let log = start_log(&self.log, "dockerd");
         let mut cmd = Command::new(find_bin("dockerd").expect("dockerd"));
         cmd.arg("--data-root")
             .arg(self.dir.join("root"))
@@ -737,14 +766,11 @@ impl Dockerd {
 
     /// A docker CLI command aimed at this daemon (classic builder, private CLI config).
     pub fn docker_cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(docker_cli());
+        let mut cmd = tool_command(docker_cli(), &["DOCKER_CONTEXT", "DOCKER_TLS_VERIFY"]);
         cmd.args(args)
             .env("DOCKER_HOST", &self.host)
             .env("DOCKER_CONFIG", self.dir.join("cli"))
-            .env("DOCKER_BUILDKIT", "0")
-            .env_remove("DOCKER_CONTEXT")
-            .env_remove("DOCKER_TLS_VERIFY")
-            .stdin(Stdio::null());
+            .env("DOCKER_BUILDKIT", "0");
         cmd
     }
 
@@ -765,14 +791,7 @@ impl Dockerd {
 
     /// Runs `docker <args>`, panics if it succeeds; returns its stderr.
     pub fn fails(&self, args: &[&str]) -> String {
-        let out = self.docker(args);
-        assert!(
-            !out.status.success(),
-            "`docker {}` should have failed; stdout: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        stderr_of_failure(&format!("docker {}", args.join(" ")), &self.docker(args))
     }
 
     /// Runs `docker <args>`; its trimmed stdout, or an error with its output unless it succeeds.
