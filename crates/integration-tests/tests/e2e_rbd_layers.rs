@@ -569,23 +569,8 @@ fn rbd_layers_under_containerd() {
     });
     assert_eq!(layer_images(&cluster).len(), 3, "one image per layer");
     let run = |id: &str, script: &str| {
-        let fifo = ctrd.fifo_dir();
-        let runc_root = ctrd.runc_root();
-        ctrd.ctr_ok(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            PROXY_NAME,
-            "--fifo-dir",
-            fifo.to_str().unwrap(),
-            "--runc-root",
-            runc_root.to_str().unwrap(),
-            WHITEOUT_IMAGE,
-            id,
-            "/bin/sh",
-            "-c",
-            script,
-        ])
+        ctrd.try_run_in(&ctrd.namespace, &["--rm"], PROXY_NAME, WHITEOUT_IMAGE, id, script)
+            .unwrap_or_else(|e| panic!("{e}"))
     };
     let out = timed("ctr run --rm", || run("c1", WHITEOUT_SCRIPT));
     assert_eq!(

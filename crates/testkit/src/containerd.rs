@@ -250,6 +250,37 @@ impl Containerd {
         stdout_of(&format!("ctr {}", args.join(" ")), &out)
     }
 
+    /// `ctr run <flags> --snapshotter <snapshotter> IMAGE ID /bin/sh -c SCRIPT` in namespace `ns`, with this
+    /// containerd's fifo and runc directories; its stdout, or an error with its output unless it succeeds.
+    pub fn try_run_in(
+        &self,
+        ns: &str,
+        flags: &[&str],
+        snapshotter: &str,
+        image: &str,
+        id: &str,
+        script: &str,
+    ) -> Result<String, String> {
+        let fifo = self.fifo_dir();
+        let runc_root = self.runc_root();
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[
+            "--snapshotter",
+            snapshotter,
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--runc-root",
+            runc_root.to_str().unwrap(),
+            image,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ]);
+        self.try_ctr_in(ns, &args)
+    }
+
     /// Runs ctr with `args`, panics if it succeeds; returns stderr (the error message).
     pub fn ctr_err(&self, args: &[&str]) -> String {
         stderr_of_failure(&format!("ctr {}", args.join(" ")), &self.ctr(args))
