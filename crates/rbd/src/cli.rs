@@ -268,42 +268,38 @@ mod tests {
 
     #[test]
     fn rbd_errors_are_classed() {
-        let e = classify(
-            "listing the pool",
-            "rbd",
-            &out(110, "monclient(hunting): authenticate timed out after 3\nrbd: couldn't connect to the cluster!\nrbd: listing images failed: (110) Connection timed out"),
-        )
-        .to_string();
-        assert!(
-            e.starts_with("backend unavailable: the Ceph cluster is unreachable"),
-            "{e}"
-        );
-        let e = classify(
-            "x",
-            "nopool",
-            &out(
+        for (what, pool, code, stderr, want) in [
+            (
+                "listing the pool",
+                "rbd",
+                110,
+                "monclient(hunting): authenticate timed out after 3\nrbd: couldn't connect to the cluster!\nrbd: listing images failed: (110) Connection timed out",
+                "backend unavailable: the Ceph cluster is unreachable",
+            ),
+            (
+                "x",
+                "nopool",
                 2,
                 "rbd: error opening pool 'nopool': (2) No such file or directory",
+                "backend unavailable: pool \"nopool\" does not exist",
             ),
-        )
-        .to_string();
-        assert!(
-            e.starts_with("backend unavailable: pool \"nopool\" does not exist"),
-            "{e}"
-        );
-        let e = classify(
-            "creating the image",
-            "rbd",
-            &out(122, "rbd: create error: (122) Disk quota exceeded"),
-        )
-        .to_string();
-        assert!(e.starts_with("no space: pool \"rbd\" is over its quota"), "{e}");
-        let e = classify(
-            "removing the image",
-            "rbd",
-            &out(16, "rbd: error: image still has watchers"),
-        )
-        .to_string();
-        assert!(e.starts_with("in use: "), "{e}");
+            (
+                "creating the image",
+                "rbd",
+                122,
+                "rbd: create error: (122) Disk quota exceeded",
+                "no space: pool \"rbd\" is over its quota",
+            ),
+            (
+                "removing the image",
+                "rbd",
+                16,
+                "rbd: error: image still has watchers",
+                "in use: ",
+            ),
+        ] {
+            let e = classify(what, pool, &out(code, stderr)).to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
     }
 }
