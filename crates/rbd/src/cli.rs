@@ -96,18 +96,26 @@ impl Rbd {
         v
     }
 
-    pub(crate) fn fuse_args(&self) -> Vec<String> {
-        let t = self.secs();
+    /// `-c <ceph.conf> --id <client>`: which cluster and as whom, for every Ceph tool.
+    fn identity_args(&self) -> Vec<String> {
         vec![
             "-c".into(),
             path_arg(&self.cluster.ceph_conf),
             "--id".into(),
             self.cluster.client_id.clone(),
+        ]
+    }
+
+    pub(crate) fn fuse_args(&self) -> Vec<String> {
+        let t = self.secs();
+        let mut v = self.identity_args();
+        v.extend([
             "--client_mount_timeout".into(),
             t.clone(),
             "--rados_mon_op_timeout".into(),
             t,
-        ]
+        ]);
+        v
     }
 
     /// Runs `rbd ARGS` with the cluster timeouts and a process deadline.
@@ -158,15 +166,9 @@ impl Rbd {
 
     /// The flags of the pool (`full`, `full_quota`, ...), from `ceph osd pool ls detail`.
     fn pool_flags(&self) -> Option<Vec<String>> {
-        let mut argv = vec![
-            path_arg(&self.cluster.ceph),
-            "-c".into(),
-            path_arg(&self.cluster.ceph_conf),
-            "--id".into(),
-            self.cluster.client_id.clone(),
-            "--connect-timeout".into(),
-            self.secs(),
-        ];
+        let mut argv = vec![path_arg(&self.cluster.ceph)];
+        argv.extend(self.identity_args());
+        argv.extend(["--connect-timeout".into(), self.secs()]);
         argv.extend(["osd", "pool", "ls", "detail", "--format", "json"].map(String::from));
         let out = run_argv(&argv, self.timeout + Duration::from_secs(5)).ok()?;
         if !out.success() {
