@@ -182,22 +182,13 @@ impl Containerd {
 
     /// Waits until `ctr version` answers; panics (with the log) if containerd exits or 30 s pass.
     pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "containerd exited during start-up ({st}); log:\n{}",
-                    self.log_tail()
-                );
+        let log = self.log.clone();
+        wait_up("containerd", &log, Duration::from_secs(30), || {
+            if let Some(st) = exited(&mut self.child) {
+                return Err(st);
             }
-            if self.address.exists() && self.ctr(&["version"]).status.success() {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!("containerd not ready within 30 s; log:\n{}", self.log_tail());
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+            Ok(self.address.exists() && self.ctr(&["version"]).status.success())
+        });
     }
 
     /// `ctr --address <sock> -n <namespace> --timeout T <args>` (not yet run).
@@ -526,16 +517,8 @@ pub fn sha256_file(path: &Path) -> String {
 
 /// Lower-case hex sha256 of bytes, from `sha256sum` reading stdin.
 pub fn sha256_bytes(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run sha256sum");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = data.to_vec();
-    let writer = thread::spawn(move || stdin.write_all(&input));
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
+    let (out, written) = output_with_stdin(&mut Command::new("sha256sum"), data);
+    written.unwrap();
     assert!(out.status.success(), "sha256sum failed");
     let hex = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
