@@ -41,15 +41,14 @@ fn lamina_with(
     pool: &str,
     extra: &str,
 ) -> (Lamina, PathBuf) {
-    let mut lamina = Lamina::new(&unique_name(tag));
-    let mount_base = lamina.volumes_config(&format!(
+    Lamina::start_with_volumes(
+        tag,
+        &format!(
         "backend = \"rbd\"\ntimeout_secs = 5\n{extra}\
          [volumes.rbd]\nceph_conf = \"{}\"\npool = \"{pool}\"\nhost = \"{host_id}\"\nmap = \"fuse\"\nsize = \"64M\"\n",
-        cluster.conf().display(),
-    ));
-    lamina.spawn();
-    lamina.wait_ready();
-    (lamina, mount_base)
+            cluster.conf().display(),
+        ),
+    )
 }
 
 fn host(tag: &str, host_id: &str, cluster: &CephCluster) -> Host {

@@ -327,6 +327,16 @@ impl Lamina {
         mount_base
     }
 
+    /// A new instance named after `tag` with the volume settings `volumes_toml` (see
+    /// [`Lamina::volumes_config`]), started and ready; with its volumes' mount base.
+    pub fn start_with_volumes(tag: &str, volumes_toml: &str) -> (Lamina, PathBuf) {
+        let mut lamina = Lamina::new(&super::unique_name(tag));
+        let mount_base = lamina.volumes_config(volumes_toml);
+        lamina.spawn();
+        lamina.wait_ready();
+        (lamina, mount_base)
+    }
+
     /// A raw protocol client for this instance's plugin socket.
     pub fn client(&self) -> PluginClient {
         PluginClient::new(&self.socket)
