@@ -183,24 +183,9 @@ impl Setup {
     /// `ctr run <flags> --snapshotter <under test> IMAGE ID /bin/sh -c SCRIPT` in namespace `ns` (containerd's
     /// fifo and runc directories of this test); returns stdout.
     fn ctr_run(&self, ns: &str, flags: &[&str], image: &str, id: &str, script: &str) -> String {
-        let fifo = self.ctrd.fifo_dir();
-        let runc_root = self.ctrd.runc_root();
-        let mut args = vec!["run"];
-        args.extend_from_slice(flags);
-        args.extend_from_slice(&[
-            "--snapshotter",
-            &self.snapshotter,
-            "--fifo-dir",
-            fifo.to_str().unwrap(),
-            "--runc-root",
-            runc_root.to_str().unwrap(),
-            image,
-            id,
-            "/bin/sh",
-            "-c",
-            script,
-        ]);
-        self.ctrd.ctr_ok_in(ns, &args)
+        self.ctrd
+            .try_run_in(ns, flags, &self.snapshotter, image, id, script)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `ctr task exec` of a shell script in running container `id`; returns stdout.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use lamina_testkit::ceph::{loops_under, rbd_store_toml, require_ceph, CephCluster, ObjectStore};
 use lamina_testkit::docker_fixtures::*;
-use lamina_testkit::faults::binary_has_fault_points;
+use lamina_testkit::faults::assert_fault_points;
 use lamina_testkit::*;
 use serde_json::json;
 
@@ -255,11 +255,7 @@ fn rbd_layers_kill9_mid_operation() {
     if !require_root(test) || !require_ceph(test) {
         return;
     }
-    assert!(
-        binary_has_fault_points(),
-        "{} has no fault points: build it with `cargo build --workspace --all-targets`",
-        lamina_bin().display()
-    );
+    assert_fault_points();
     let _serial = serial();
     let mut cluster = CephCluster::start_with("layerkill", ObjectStore::Memstore);
     let mut l = lamina_on("rbdkill", &cluster);
@@ -554,23 +550,8 @@ fn rbd_layers_under_containerd() {
     });
     assert_eq!(layer_images(&cluster).len(), 3, "one image per layer");
     let run = |id: &str, script: &str| {
-        let fifo = ctrd.fifo_dir();
-        let runc_root = ctrd.runc_root();
-        ctrd.ctr_ok(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            PROXY_NAME,
-            "--fifo-dir",
-            fifo.to_str().unwrap(),
-            "--runc-root",
-            runc_root.to_str().unwrap(),
-            WHITEOUT_IMAGE,
-            id,
-            "/bin/sh",
-            "-c",
-            script,
-        ])
+        ctrd.try_run_in(&ctrd.namespace, &["--rm"], PROXY_NAME, WHITEOUT_IMAGE, id, script)
+            .unwrap_or_else(|e| panic!("{e}"))
     };
     let out = timed("ctr run --rm", || run("c1", WHITEOUT_SCRIPT));
     assert_eq!(

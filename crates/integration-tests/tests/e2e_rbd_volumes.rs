@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lamina_testkit::ceph::{have_krbd, require_ceph, require_ceph_mgr, CephCluster, ObjectStore};
-use lamina_testkit::faults::binary_has_fault_points;
+use lamina_testkit::faults::assert_fault_points;
 use lamina_testkit::*;
 use serde_json::json;
 
@@ -41,15 +41,14 @@ fn lamina_with(
     pool: &str,
     extra: &str,
 ) -> (Lamina, PathBuf) {
-    let mut lamina = Lamina::new(&unique_name(tag));
-    let mount_base = lamina.volumes_config(&format!(
+    Lamina::start_with_volumes(
+        tag,
+        &format!(
         "backend = \"rbd\"\ntimeout_secs = 5\n{extra}\
          [volumes.rbd]\nceph_conf = \"{}\"\npool = \"{pool}\"\nhost = \"{host_id}\"\nmap = \"fuse\"\nsize = \"64M\"\n",
-        cluster.conf().display(),
-    ));
-    lamina.spawn();
-    lamina.wait_ready();
-    (lamina, mount_base)
+            cluster.conf().display(),
+        ),
+    )
 }
 
 fn host(tag: &str, host_id: &str, cluster: &CephCluster) -> Host {
@@ -338,11 +337,7 @@ fn rbd_volumes_kill9_mid_operation() {
     if !require_ceph(test) {
         return;
     }
-    assert!(
-        binary_has_fault_points(),
-        "{} has no fault points: build it with `cargo build --workspace --all-targets`",
-        lamina_bin().display()
-    );
+    assert_fault_points();
     let _serial = serial();
     let cluster = CephCluster::start("kill9");
     let pool = cluster.pool.clone();

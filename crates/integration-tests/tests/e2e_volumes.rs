@@ -96,10 +96,7 @@ fn local_backend_with_dockerd() {
     let Some(_serial) = serial_if(require_docker(test)) else {
         return;
     };
-    let mut lamina = Lamina::new(&unique_name("vol-local"));
-    let mount_base = lamina.volumes_config("backend = \"local\"\n");
-    lamina.spawn();
-    lamina.wait_ready();
+    let (mut lamina, mount_base) = Lamina::start_with_volumes("vol-local", "backend = \"local\"\n");
     let c = &lamina.client();
     let act = c.activate().unwrap().json();
     assert_eq!(act["Implements"], json!(["GraphDriver", "VolumeDriver"]), "{act}");
@@ -213,15 +210,13 @@ struct Host {
 }
 
 fn host(tag: &str, cluster: &MooseCluster) -> Host {
-    let mut lamina = Lamina::new(&unique_name(tag));
-    let mount_base = lamina.volumes_config(
+    let (lamina, mount_base) = Lamina::start_with_volumes(
+        tag,
         &format!(
             "backend = \"moosefs\"\ntimeout_secs = 8\n[volumes.moosefs]\nmaster = \"{}\"\nmount_options = [\"mfsioretries=3\"]\n",
             cluster.master_addr()
         ),
     );
-    lamina.spawn();
-    lamina.wait_ready();
     let docker = Dockerd::start("vfs");
     Host {
         docker,

@@ -59,16 +59,13 @@ struct Host {
 }
 
 fn host(tag: &str, cluster: &MooseCluster) -> Host {
-    let mut lamina = Lamina::new(&unique_name(tag));
-    let mount_base = lamina.dir().join("mnt");
-    lamina.use_config(&format!(
-        "[volumes]\nmount_base = \"{}\"\nbackend = \"moosefs\"\ntimeout_secs = {TIMEOUT_SECS}\n\
-         [volumes.moosefs]\nmaster = \"{}\"\ndefault_goal = \"2\"\n",
-        mount_base.display(),
-        cluster.master_addr()
-    ));
-    lamina.spawn();
-    lamina.wait_ready();
+    let (lamina, mount_base) = Lamina::start_with_volumes(
+        tag,
+        &format!(
+            "backend = \"moosefs\"\ntimeout_secs = {TIMEOUT_SECS}\n[volumes.moosefs]\nmaster = \"{}\"\ndefault_goal = \"2\"\n",
+            cluster.master_addr()
+        ),
+    );
     let mut c = lamina.client();
     // Longer than any bound asserted here, so a hang shows up as a measured time, not a transport error.
     c.timeout = Duration::from_secs(180);

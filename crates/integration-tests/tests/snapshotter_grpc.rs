@@ -56,10 +56,8 @@ impl Api {
                 paths: paths.iter().map(|p| p.to_string()).collect(),
             }),
         };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.update(req))
-            .map(|r| r.into_inner().info.expect("info"))
+        self.call(async |c| c.update(req).await)
+            .map(|r| r.info.expect("info"))
     }
 
     fn list_in(&self, sn: &str, filters: &[&str]) -> Result<Vec<pb::Info>, tonic::Status> {
@@ -94,10 +92,8 @@ impl Api {
             snapshotter: SN.into(),
             key: key.into(),
         };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.usage(req))
-            .map(|r| (r.get_ref().size, r.get_ref().inodes))
+        self.call(async |c| c.usage(req).await)
+            .map(|r| (r.size, r.inodes))
     }
 }
 

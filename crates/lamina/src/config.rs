@@ -191,26 +191,50 @@ impl FileConfig {
     }
 }
 
-/// Flags that override the file.
-#[derive(Debug, Default)]
+/// The flags of `lamina serve`: which config to read, and the settings that override it.
+#[derive(Debug, Default, clap::Args)]
 pub struct Flags {
-    /// `--data-root`.
+    /// Data root holding layers and metadata [default: /var/lib/lamina].
+    #[arg(long, value_name = "DIR", env = "LAMINA_DATA_ROOT")]
     pub data_root: Option<PathBuf>,
-    /// `--socket`.
+    /// Plugin socket; dockerd's name for the driver is its file name without `.sock`
+    /// [default: /run/docker/plugins/lamina.sock]; `none` turns it off.
+    #[arg(long, value_name = "PATH", env = "LAMINA_SOCKET")]
     pub socket: Option<PathBuf>,
-    /// `--snapshotter-socket`.
+    /// containerd snapshotter (gRPC) socket, for `[proxy_plugins]` in containerd's config
+    /// [default: /run/lamina/snapshotter.sock]; `none` turns it off.
+    #[arg(long, value_name = "PATH", env = "LAMINA_SNAPSHOTTER_SOCKET")]
     pub snapshotter_socket: Option<PathBuf>,
-    /// `--log-level`.
+    /// Config file [default: /etc/lamina/config.toml when present].
+    #[arg(long, value_name = "FILE", env = "LAMINA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Config given inline (TOML, the same keys as the file); when not empty it is read instead of any
+    /// file. Meant for the Docker managed plugin: `docker plugin set lamina LAMINA_CONFIG_TOML=...`.
+    #[arg(long, value_name = "TOML", env = "LAMINA_CONFIG_TOML")]
+    pub config_toml: Option<String>,
+    /// Log filter (error, warn, info, debug, trace) [default: info].
+    #[arg(long, value_name = "LEVEL", env = "LAMINA_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// `--volumes-mount-base`: overrides `[volumes] mount_base`.
+    /// Where volumes are mounted while in use; overrides `[volumes] mount_base`
+    /// [default: /mnt/docker-volumes].
+    #[arg(long, value_name = "DIR", env = "LAMINA_VOLUMES_MOUNT_BASE")]
     pub volumes_mount_base: Option<PathBuf>,
-    /// `--metrics-address`.
+    /// Serve Prometheus metrics at /metrics on HOST:PORT (e.g. 127.0.0.1:9323) or unix:/PATH
+    /// [default: off]; `none` turns it off.
+    #[arg(long, value_name = "ADDR", env = "LAMINA_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
-    /// `--log-format`.
+    /// Log line format: text or json (one object per line) [default: text].
+    #[arg(long, value_name = "FORMAT", env = "LAMINA_LOG_FORMAT")]
     pub log_format: Option<String>,
-    /// `--verify-on-mount`.
+    /// Check each frozen layer of a stack against its content manifest before its first mount after a
+    /// start; a mismatch refuses the mount [default: false].
+    #[arg(long, value_name = "BOOL", env = "LAMINA_VERIFY_ON_MOUNT", num_args = 0..=1,
+        default_missing_value = "true")]
     pub verify_on_mount: Option<bool>,
-    /// `--quarantine-unknown` (a flag only: a one-off decision, never a standing setting).
+    /// Start even when the metadata database is new (missing or empty) or belongs to another data root
+    /// while layer directories are present: they are moved, untouched, to `<data-root>/quarantine/`
+    /// (`lamina gc` lists and removes them). Without it lamina refuses to start and changes nothing.
+    #[arg(long)]
     pub quarantine_unknown: bool,
 }
 

@@ -11,7 +11,6 @@ mod metrics;
 mod serve;
 mod store_config;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -67,50 +66,7 @@ struct Cli {
 enum Command {
     /// Serve the Docker GraphDriver/VolumeDriver plugin and the containerd snapshotter, each on its unix socket.
     #[command(args_override_self = true, long_about = SERVE_ABOUT, after_long_help = SERVE_AFTER)]
-    Serve {
-        /// Data root holding layers and metadata [default: /var/lib/lamina].
-        #[arg(long, value_name = "DIR", env = "LAMINA_DATA_ROOT")]
-        data_root: Option<PathBuf>,
-        /// Plugin socket; dockerd's name for the driver is its file name without `.sock`
-        /// [default: /run/docker/plugins/lamina.sock]; `none` turns it off.
-        #[arg(long, value_name = "PATH", env = "LAMINA_SOCKET")]
-        socket: Option<PathBuf>,
-        /// containerd snapshotter (gRPC) socket, for `[proxy_plugins]` in containerd's config
-        /// [default: /run/lamina/snapshotter.sock]; `none` turns it off.
-        #[arg(long, value_name = "PATH", env = "LAMINA_SNAPSHOTTER_SOCKET")]
-        snapshotter_socket: Option<PathBuf>,
-        /// Config file [default: /etc/lamina/config.toml when present].
-        #[arg(long, value_name = "FILE", env = "LAMINA_CONFIG")]
-        config: Option<PathBuf>,
-        /// Config given inline (TOML, the same keys as the file); when not empty it is read instead of any
-        /// file. Meant for the Docker managed plugin: `docker plugin set lamina LAMINA_CONFIG_TOML=...`.
-        #[arg(long, value_name = "TOML", env = "LAMINA_CONFIG_TOML")]
-        config_toml: Option<String>,
-        /// Log filter (error, warn, info, debug, trace) [default: info].
-        #[arg(long, value_name = "LEVEL", env = "LAMINA_LOG_LEVEL")]
-        log_level: Option<String>,
-        /// Where volumes are mounted while in use; overrides `[volumes] mount_base`
-        /// [default: /mnt/docker-volumes].
-        #[arg(long, value_name = "DIR", env = "LAMINA_VOLUMES_MOUNT_BASE")]
-        volumes_mount_base: Option<PathBuf>,
-        /// Serve Prometheus metrics at /metrics on HOST:PORT (e.g. 127.0.0.1:9323) or unix:/PATH
-        /// [default: off]; `none` turns it off.
-        #[arg(long, value_name = "ADDR", env = "LAMINA_METRICS_ADDRESS")]
-        metrics_address: Option<String>,
-        /// Log line format: text or json (one object per line) [default: text].
-        #[arg(long, value_name = "FORMAT", env = "LAMINA_LOG_FORMAT")]
-        log_format: Option<String>,
-        /// Check each frozen layer of a stack against its content manifest before its first mount after a
-        /// start; a mismatch refuses the mount [default: false].
-        #[arg(long, value_name = "BOOL", env = "LAMINA_VERIFY_ON_MOUNT", num_args = 0..=1,
-            default_missing_value = "true")]
-        verify_on_mount: Option<bool>,
-        /// Start even when the metadata database is new (missing or empty) or belongs to another data root
-        /// while layer directories are present: they are moved, untouched, to `<data-root>/quarantine/`
-        /// (`lamina gc` lists and removes them). Without it lamina refuses to start and changes nothing.
-        #[arg(long)]
-        quarantine_unknown: bool,
-    },
+    Serve(config::Flags),
     /// Store-wide figures: layers, bytes, mounts, operation counts.
     Status(cli::Target),
     /// List, rank and inspect layers.
@@ -125,36 +81,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve {
-            data_root,
-            socket,
-            snapshotter_socket,
-            config,
-            config_toml,
-            log_level,
-            volumes_mount_base,
-            metrics_address,
-            log_format,
-            verify_on_mount,
-            quarantine_unknown,
-        } => match config_toml {
-            Some(text) if !text.trim().is_empty() => config::FileConfig::parse(&text, "--config-toml"),
-            _ => config::FileConfig::load(config.as_deref()),
+        Command::Serve(flags) => match &flags.config_toml {
+            Some(text) if !text.trim().is_empty() => config::FileConfig::parse(text, "--config-toml"),
+            _ => config::FileConfig::load(flags.config.as_deref()),
         }
-        .and_then(|file| {
-            let flags = config::Flags {
-                data_root,
-                socket,
-                snapshotter_socket,
-                log_level,
-                volumes_mount_base,
-                metrics_address,
-                log_format,
-                verify_on_mount,
-                quarantine_unknown,
-            };
-            config::resolve(file, flags)
-        })
+        .and_then(|file| config::resolve(file, flags))
         .and_then(serve::run)
         .map(|()| ExitCode::SUCCESS),
         Command::Status(t) => cli::run_status(t),

@@ -96,18 +96,26 @@ impl Rbd {
         v
     }
 
-    pub(crate) fn fuse_args(&self) -> Vec<String> {
-        let t = self.secs();
+    /// `-c <ceph.conf> --id <client>`: which cluster and as whom, for every Ceph tool.
+    fn identity_args(&self) -> Vec<String> {
         vec![
             "-c".into(),
             path_arg(&self.cluster.ceph_conf),
             "--id".into(),
             self.cluster.client_id.clone(),
+        ]
+    }
+
+    pub(crate) fn fuse_args(&self) -> Vec<String> {
+        let t = self.secs();
+        let mut v = self.identity_args();
+        v.extend([
             "--client_mount_timeout".into(),
             t.clone(),
             "--rados_mon_op_timeout".into(),
             t,
-        ]
+        ]);
+        v
     }
 
     /// Runs `rbd ARGS` with the cluster timeouts and a process deadline.
@@ -158,15 +166,9 @@ impl Rbd {
 
     /// The flags of the pool (`full`, `full_quota`, ...), from `ceph osd pool ls detail`.
     fn pool_flags(&self) -> Option<Vec<String>> {
-        let mut argv = vec![
-            path_arg(&self.cluster.ceph),
-            "-c".into(),
-            path_arg(&self.cluster.ceph_conf),
-            "--id".into(),
-            self.cluster.client_id.clone(),
-            "--connect-timeout".into(),
-            self.secs(),
-        ];
+        let mut argv = vec![path_arg(&self.cluster.ceph)];
+        argv.extend(self.identity_args());
+        argv.extend(["--connect-timeout".into(), self.secs()]);
         argv.extend(["osd", "pool", "ls", "detail", "--format", "json"].map(String::from));
         let out = run_argv(&argv, self.timeout + Duration::from_secs(5)).ok()?;
         if !out.success() {
@@ -268,42 +270,38 @@ mod tests {
 
     #[test]
     fn rbd_errors_are_classed() {
-        let e = classify(
-            "listing the pool",
-            "rbd",
-            &out(110, "monclient(hunting): authenticate timed out after 3\nrbd: couldn't connect to the cluster!\nrbd: listing images failed: (110) Connection timed out"),
-        )
-        .to_string();
-        assert!(
-            e.starts_with("backend unavailable: the Ceph cluster is unreachable"),
-            "{e}"
-        );
-        let e = classify(
-            "x",
-            "nopool",
-            &out(
+        for (what, pool, code, stderr, want) in [
+            (
+                "listing the pool",
+                "rbd",
+                110,
+                "monclient(hunting): authenticate timed out after 3\nrbd: couldn't connect to the cluster!\nrbd: listing images failed: (110) Connection timed out",
+                "backend unavailable: the Ceph cluster is unreachable",
+            ),
+            (
+                "x",
+                "nopool",
                 2,
                 "rbd: error opening pool 'nopool': (2) No such file or directory",
+                "backend unavailable: pool \"nopool\" does not exist",
             ),
-        )
-        .to_string();
-        assert!(
-            e.starts_with("backend unavailable: pool \"nopool\" does not exist"),
-            "{e}"
-        );
-        let e = classify(
-            "creating the image",
-            "rbd",
-            &out(122, "rbd: create error: (122) Disk quota exceeded"),
-        )
-        .to_string();
-        assert!(e.starts_with("no space: pool \"rbd\" is over its quota"), "{e}");
-        let e = classify(
-            "removing the image",
-            "rbd",
-            &out(16, "rbd: error: image still has watchers"),
-        )
-        .to_string();
-        assert!(e.starts_with("in use: "), "{e}");
+            (
+                "creating the image",
+                "rbd",
+                122,
+                "rbd: create error: (122) Disk quota exceeded",
+                "no space: pool \"rbd\" is over its quota",
+            ),
+            (
+                "removing the image",
+                "rbd",
+                16,
+                "rbd: error: image still has watchers",
+                "in use: ",
+            ),
+        ] {
+            let e = classify(what, pool, &out(code, stderr)).to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
     }
 }

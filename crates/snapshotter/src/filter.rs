@@ -261,22 +261,7 @@ impl Parser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Kind, Labels};
-    use std::time::SystemTime;
-
-    fn info(name: &str, parent: &str, kind: Kind, labels: &[(&str, &str)]) -> Info {
-        Info {
-            name: name.into(),
-            parent: parent.into(),
-            kind,
-            created: SystemTime::UNIX_EPOCH,
-            updated: SystemTime::UNIX_EPOCH,
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<Labels>(),
-        }
-    }
+    use crate::model::Kind;
 
     fn names(filters: &[&str], infos: &[Info]) -> Vec<String> {
         let f = Filter::parse_all(filters).unwrap();
@@ -289,16 +274,16 @@ mod tests {
 
     fn corpus() -> Vec<Info> {
         vec![
-            info("c1", "", Kind::Committed, &[]),
-            info("c2", "c1", Kind::Committed, &[("l", "1")]),
-            info(
+            Info::sample("c1", "", Kind::Committed, &[]),
+            Info::sample("c2", "c1", Kind::Committed, &[("l", "1")]),
+            Info::sample(
                 "a1",
                 "c2",
                 Kind::Active,
                 &[("l", "2"), ("containerd.io/snapshot.ref", "sha256:x")],
             ),
-            info("v1", "c2", Kind::View, &[("l", "")]),
-            info("a2", "", Kind::Active, &[]),
+            Info::sample("v1", "c2", Kind::View, &[("l", "")]),
+            Info::sample("a2", "", Kind::Active, &[]),
         ]
     }
 
@@ -333,7 +318,7 @@ mod tests {
 
     #[test]
     fn values_with_slashes_and_escapes() {
-        let c = vec![info(
+        let c = vec![Info::sample(
             "default/4/extract-1 sha256:ab",
             "ns/1/p",
             Kind::Active,

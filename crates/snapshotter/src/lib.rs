@@ -14,6 +14,7 @@ mod error;
 pub mod filter;
 mod model;
 mod service;
+mod status;
 
 pub use error::{Code, Result, SnapshotError};
 pub use model::{

@@ -53,6 +53,24 @@ pub struct Info {
     pub labels: Labels,
 }
 
+impl Info {
+    /// A snapshot created and changed at the epoch, for the crate's tests and its fuzz targets.
+    #[doc(hidden)]
+    pub fn sample(name: &str, parent: &str, kind: Kind, labels: &[(&str, &str)]) -> Info {
+        Info {
+            name: name.into(),
+            parent: parent.into(),
+            kind,
+            created: SystemTime::UNIX_EPOCH,
+            updated: SystemTime::UNIX_EPOCH,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+}
+
 /// Space used by one snapshot, parents excluded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {

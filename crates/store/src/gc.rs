@@ -68,6 +68,19 @@ pub struct Garbage {
     pub bytes: u64,
 }
 
+impl Garbage {
+    /// Garbage of `kind` at `path` that no layer record names.
+    pub(crate) fn unnamed(kind: GarbageKind, path: PathBuf, layer: Option<u64>, bytes: u64) -> Self {
+        Garbage {
+            kind,
+            path,
+            layer,
+            name: None,
+            bytes,
+        }
+    }
+}
+
 /// A layer of a removed namespace that was kept, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Kept {

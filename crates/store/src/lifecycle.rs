@@ -22,28 +22,11 @@ impl Store {
         kind: LayerKind,
         labels: BTreeMap<String, String>,
     ) -> Result<()> {
-        self.create_checked(ns, name, parent, kind, labels, None)
+        self.create_with(ns, name, parent, kind, labels, &CreateOptions::default())
     }
 
-    /// Like [`Store::create`], but the parent must be of kind `parent_kind` (a snapshotter builds only on
-    /// committed layers); otherwise [`StoreError::Precondition`]. Checked in the creating transaction.
-    pub fn create_checked(
-        &self,
-        ns: &str,
-        name: &str,
-        parent: Option<&str>,
-        kind: LayerKind,
-        labels: BTreeMap<String, String>,
-        parent_kind: Option<LayerKind>,
-    ) -> Result<()> {
-        let opts = CreateOptions {
-            parent_kind,
-            ..CreateOptions::default()
-        };
-        self.create_with(ns, name, parent, kind, labels, &opts)
-    }
-
-    /// Creates an empty layer with [`CreateOptions`] (parent kind check, size limit).
+    /// Creates an empty layer with [`CreateOptions`]: the parent's kind checked in the creating transaction (a
+    /// snapshotter builds only on committed layers; otherwise [`StoreError::Precondition`]), a size limit.
     pub fn create_with(
         &self,
         ns: &str,
@@ -272,16 +255,7 @@ impl Store {
         }
         txn.remove_name(ns, key)?;
         txn.put_name(ns, name, n)?;
-        let mut rec = rec;
-        rec.name = name.to_string();
-        rec.kind = LayerKind::ReadOnly;
-        rec.labels = labels;
-        rec.size = Some(usage.bytes);
-        rec.inodes = Some(usage.inodes);
-        rec.manifest = None;
-        // A committed snapshot is a new snapshot to containerd: created (and updated) now.
-        rec.created_ns = now_ns();
-        rec.updated_ns = rec.created_ns;
+        let rec = rec.committed(name, labels, usage.bytes, usage.inodes, None);
         txn.put_layer(n, &rec)?;
         fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
         txn.commit()?;

@@ -128,6 +128,27 @@ pub(crate) fn migrate_v1_record(bytes: &[u8]) -> Result<Vec<u8>, crate::StoreErr
 }
 
 impl LayerRecord {
+    /// The record of a layer committed as `name` (read-only, with its labels, size and inodes): a committed
+    /// snapshot is a new snapshot to containerd, created (and updated) now.
+    pub(crate) fn committed(
+        mut self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        bytes: u64,
+        inodes: u64,
+        manifest: Option<String>,
+    ) -> Self {
+        self.name = name.to_string();
+        self.kind = LayerKind::ReadOnly;
+        self.labels = labels;
+        self.size = Some(bytes);
+        self.inodes = Some(inodes);
+        self.manifest = manifest;
+        self.created_ns = crate::now_ns();
+        self.updated_ns = self.created_ns;
+        self
+    }
+
     pub(crate) fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("layer records serialise")
     }

@@ -570,13 +570,7 @@ impl LayerBackend for OverlayBackend {
                     continue;
                 }
             }
-            out.push(Garbage {
-                kind: GarbageKind::StaleMount,
-                path: mp,
-                layer: None,
-                name: None,
-                bytes: 0,
-            });
+            out.push(Garbage::unnamed(GarbageKind::StaleMount, mp, None, 0));
         }
         Ok(out)
     }
@@ -586,13 +580,13 @@ impl LayerBackend for OverlayBackend {
         if self.in_flight_contains(&path) {
             return None;
         }
-        Some(Garbage {
-            kind: GarbageKind::InterruptedApply,
-            bytes: usage_of(&path) + usage_of(&self.diff_dir(n)),
+        let bytes = usage_of(&path) + usage_of(&self.diff_dir(n));
+        Some(Garbage::unnamed(
+            GarbageKind::InterruptedApply,
             path,
-            layer: Some(n),
-            name: None,
-        })
+            Some(n),
+            bytes,
+        ))
     }
 
     fn leftovers(
@@ -615,13 +609,8 @@ impl LayerBackend for OverlayBackend {
                 if busy.contains(&path) || pending.contains(&file_name) || !path.exists() {
                     continue;
                 }
-                out.push(Garbage {
-                    kind,
-                    bytes: usage_of(&path),
-                    path,
-                    layer: None,
-                    name: None,
-                });
+                let bytes = usage_of(&path);
+                out.push(Garbage::unnamed(kind, path, None, bytes));
             }
         }
         // Layer directories without a record: the in-flight set is read before the records, so a create that
@@ -644,24 +633,14 @@ impl LayerBackend for OverlayBackend {
             } else {
                 continue;
             };
-            out.push(Garbage {
-                kind,
-                bytes: usage_of(&path),
-                path,
-                layer: n,
-                name: None,
-            });
+            let bytes = usage_of(&path);
+            out.push(Garbage::unnamed(kind, path, n, bytes));
         }
         let quarantine = self.root.join(QUARANTINE_DIR);
         if unknown && quarantine.exists() {
             for path in list_dir(&quarantine)? {
-                out.push(Garbage {
-                    kind: GarbageKind::Quarantined,
-                    bytes: usage_of(&path),
-                    path,
-                    layer: None,
-                    name: None,
-                });
+                let bytes = usage_of(&path);
+                out.push(Garbage::unnamed(GarbageKind::Quarantined, path, None, bytes));
             }
         }
         Ok(out)

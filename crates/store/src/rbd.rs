@@ -371,13 +371,8 @@ impl RbdBackend {
     }
 
     fn image_garbage(&self, n: u64, kind: GarbageKind) -> Garbage {
-        Garbage {
-            kind,
-            path: PathBuf::from(format!("rbd:{}", self.rbd.spec(&self.image(n)))),
-            layer: Some(n),
-            name: None,
-            bytes: 0,
-        }
+        let path = PathBuf::from(format!("rbd:{}", self.rbd.spec(&self.image(n))));
+        Garbage::unnamed(kind, path, Some(n), 0)
     }
 }
 
@@ -662,13 +657,7 @@ impl LayerBackend for RbdBackend {
             .attachments()
             .into_iter()
             .filter(|n| !known.contains(n) && !busy.contains(&self.adir(*n)))
-            .map(|n| Garbage {
-                kind: GarbageKind::StaleMount,
-                path: self.adir(n),
-                layer: Some(n),
-                name: None,
-                bytes: 0,
-            })
+            .map(|n| Garbage::unnamed(GarbageKind::StaleMount, self.adir(n), Some(n), 0))
             .collect())
     }
 

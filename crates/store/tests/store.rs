@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Write;
 
 use lamina_archive::IdMappings;
-use lamina_store::{LayerKind, LayerState, Store, StoreError};
+use lamina_store::{CreateOptions, LayerKind, LayerState, Store, StoreError};
 use redb::ReadableTable;
 
 mod common;
@@ -311,13 +311,17 @@ fn format_1_is_migrated_at_open() {
 fn commit_freezes_under_a_new_name_without_copying() {
     let r = Root::new();
     let s = Store::open(&r.path()).unwrap();
-    s.create_checked(
+    let frozen_parent = CreateOptions {
+        parent_kind: Some(LayerKind::ReadOnly),
+        ..CreateOptions::default()
+    };
+    s.create_with(
         "c:x",
         "active",
         None,
         LayerKind::ReadWrite,
         BTreeMap::new(),
-        Some(LayerKind::ReadOnly),
+        &frozen_parent,
     )
     .unwrap();
     let before = s.info("c:x", "active").unwrap();
@@ -335,13 +339,13 @@ fn commit_freezes_under_a_new_name_without_copying() {
         s.commit("c:x", "frozen", "again", BTreeMap::new()),
         Err(StoreError::Precondition(_))
     ));
-    s.create_checked(
+    s.create_with(
         "c:x",
         "view",
         Some("frozen"),
         LayerKind::View,
         BTreeMap::new(),
-        Some(LayerKind::ReadOnly),
+        &frozen_parent,
     )
     .unwrap();
     assert!(matches!(
@@ -351,13 +355,13 @@ fn commit_freezes_under_a_new_name_without_copying() {
     s.create("c:x", "rw", None, LayerKind::ReadWrite, BTreeMap::new())
         .unwrap();
     assert!(matches!(
-        s.create_checked(
+        s.create_with(
             "c:x",
             "on-rw",
             Some("rw"),
             LayerKind::ReadWrite,
             BTreeMap::new(),
-            Some(LayerKind::ReadOnly)
+            &frozen_parent
         ),
         Err(StoreError::Precondition(_))
     ));

@@ -297,26 +297,7 @@ impl Containerd {
     ) -> Result<String, String> {
         static N: AtomicUsize = AtomicUsize::new(0);
         let id = format!("c{}", N.fetch_add(1, Ordering::SeqCst));
-        let fifo = self.fifo_dir();
-        let runc_root = self.runc_root();
-        self.try_ctr_in(
-            ns,
-            &[
-                "run",
-                "--rm",
-                "--snapshotter",
-                snapshotter,
-                "--fifo-dir",
-                fifo.to_str().unwrap(),
-                "--runc-root",
-                runc_root.to_str().unwrap(),
-                image,
-                &id,
-                "/bin/sh",
-                "-c",
-                script,
-            ],
-        )
+        self.try_run_in(ns, &["--rm"], snapshotter, image, &id, script)
     }
 }
 

@@ -165,12 +165,7 @@ impl Containerd {
 
     /// Starts the process (no readiness wait).
     pub fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let _ = writeln!(&log, "===== harness: starting containerd =====");
+        let log = start_log(&self.log, "containerd");
         let child = Command::new(find_bin("containerd").expect("containerd"))
             .arg("--config")
             .arg(&self.config)
@@ -187,22 +182,13 @@ impl Containerd {
 
     /// Waits until `ctr version` answers; panics (with the log) if containerd exits or 30 s pass.
     pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "containerd exited during start-up ({st}); log:\n{}",
-                    self.log_tail()
-                );
+        let log = self.log.clone();
+        wait_up("containerd", &log, Duration::from_secs(30), || {
+            if let Some(st) = exited(&mut self.child) {
+                return Err(st);
             }
-            if self.address.exists() && self.ctr(&["version"]).status.success() {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!("containerd not ready within 30 s; log:\n{}", self.log_tail());
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+            Ok(self.address.exists() && self.ctr(&["version"]).status.success())
+        });
     }
 
     /// `ctr --address <sock> -n <namespace> --timeout T <args>` (not yet run).
@@ -217,19 +203,17 @@ impl Containerd {
 
     /// `ctr` in another containerd namespace `ns`, with `--timeout timeout`.
     pub fn ctr_cmd_in(&self, ns: &str, timeout: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(CTR);
+        let unset = [
+            "CONTAINERD_SNAPSHOTTER",
+            "CONTAINERD_ADDRESS",
+            "CONTAINERD_NAMESPACE",
+        ];
+        let mut cmd = tool_command(CTR, &unset);
         cmd.arg("--address")
             .arg(&self.address)
-            .arg("-n")
-            .arg(ns)
-            .arg("--timeout")
-            .arg(timeout)
+            .args(["-n", ns, "--timeout", timeout])
             .args(args)
-            .env("PATH", SANE_PATH)
-            .env_remove("CONTAINERD_SNAPSHOTTER")
-            .env_remove("CONTAINERD_ADDRESS")
-            .env_remove("CONTAINERD_NAMESPACE")
-            .stdin(Stdio::null());
+            .env("PATH", SANE_PATH);
         cmd
     }
 
@@ -257,18 +241,40 @@ impl Containerd {
         stdout_of(&format!("ctr {}", args.join(" ")), &out)
     }
 
+    /// `ctr run <flags> --snapshotter <snapshotter> IMAGE ID /bin/sh -c SCRIPT` in namespace `ns`, with this
+    /// containerd's fifo and runc directories; its stdout, or an error with its output unless it succeeds.
+    pub fn try_run_in(
+        &self,
+        ns: &str,
+        flags: &[&str],
+        snapshotter: &str,
+        image: &str,
+        id: &str,
+        script: &str,
+    ) -> Result<String, String> {
+        let fifo = self.fifo_dir();
+        let runc_root = self.runc_root();
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[
+            "--snapshotter",
+            snapshotter,
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--runc-root",
+            runc_root.to_str().unwrap(),
+            image,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ]);
+        self.try_ctr_in(ns, &args)
+    }
+
     /// Runs ctr with `args`, panics if it succeeds; returns stderr (the error message).
     pub fn ctr_err(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        if out.status.success() {
-            panic!(
-                "`ctr {}` succeeded but must fail:\nstdout: {}\nstderr: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        stderr_of_failure(&format!("ctr {}", args.join(" ")), &self.ctr(args))
     }
 
     /// `ctr snapshots --snapshotter <snapshotter> <args>`, must succeed; returns stdout.
@@ -511,16 +517,8 @@ pub fn sha256_file(path: &Path) -> String {
 
 /// Lower-case hex sha256 of bytes, from `sha256sum` reading stdin.
 pub fn sha256_bytes(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run sha256sum");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = data.to_vec();
-    let writer = thread::spawn(move || stdin.write_all(&input));
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
+    let (out, written) = output_with_stdin(&mut Command::new("sha256sum"), data);
+    written.unwrap();
     assert!(out.status.success(), "sha256sum failed");
     let hex = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()

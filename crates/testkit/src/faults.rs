@@ -23,6 +23,16 @@ pub struct Daemon {
     pub base: Lamina,
 }
 
+/// Panics unless the lamina binary under test has the fault points (a build without test targets, e.g.
+/// `cargo build -p lamina`, replaced the test build).
+pub fn assert_fault_points() {
+    assert!(
+        binary_has_fault_points(),
+        "{} has no fault points: build it with `cargo build --workspace --all-targets`",
+        lamina_bin().display()
+    );
+}
+
 /// True if the lamina binary under test was built with the fault points (`lamina-sys` feature `faults`).
 pub fn binary_has_fault_points() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -39,11 +49,7 @@ impl Daemon {
     /// A daemon for the fault tests; panics if the binary has no fault points (a build without test targets,
     /// e.g. `cargo build -p lamina`, replaced the test build).
     pub fn new(name: &str) -> Daemon {
-        assert!(
-            binary_has_fault_points(),
-            "{} has no fault points: build it with `cargo build --workspace --all-targets`",
-            lamina_bin().display()
-        );
+        assert_fault_points();
         let mut base = Lamina::new(name);
         let config = base.dir().join("config.toml");
         fs::write(

@@ -1,7 +1,6 @@
 //! The one launcher of `lamina serve`, for every test tier and the benchmark.
 
 use std::fs;
-use std::io::Write as _;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -10,8 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::{
-    lamina_bin, log_lines, print_log_if_panicking, signal, stop_child, stop_owned_child, tail, unmount_under,
-    wait_timeout, PluginClient, TestDir, PLUGIN_DIR,
+    lamina_bin, log_lines, print_log_if_panicking, signal, start_log, stop_child, stop_owned_child, tail,
+    unmount_under, wait_timeout, PluginClient, TestDir, PLUGIN_DIR,
 };
 
 /// The value of `--socket` / `--snapshotter-socket` that serves nothing.
@@ -170,12 +169,7 @@ impl Lamina {
                 let _ = fs::create_dir_all(parent);
             }
         }
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()));
-        let _ = writeln!(&log, "===== harness: starting lamina =====");
+        let log = start_log(&self.log, "lamina");
         self.spawned = Instant::now();
         let child = self
             .command(None)
@@ -331,6 +325,16 @@ impl Lamina {
             mount_base.display()
         ));
         mount_base
+    }
+
+    /// A new instance named after `tag` with the volume settings `volumes_toml` (see
+    /// [`Lamina::volumes_config`]), started and ready; with its volumes' mount base.
+    pub fn start_with_volumes(tag: &str, volumes_toml: &str) -> (Lamina, PathBuf) {
+        let mut lamina = Lamina::new(&super::unique_name(tag));
+        let mount_base = lamina.volumes_config(volumes_toml);
+        lamina.spawn();
+        lamina.wait_ready();
+        (lamina, mount_base)
     }
 
     /// A raw protocol client for this instance's plugin socket.

@@ -568,6 +568,90 @@ pub fn stdout_of(what: &str, out: &Output) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The stderr of the command `what` that gave `out`; panics if it succeeded.
+pub fn stderr_of_failure(what: &str, out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "`{what}` succeeded but must fail:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A command line tool with stdin closed and the variables `unset` removed from the inherited
+/// environment (those that would aim it at another daemon than the test's).
+pub fn tool_command(program: impl AsRef<std::ffi::OsStr>, unset: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.stdin(Stdio::null());
+    for var in unset {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// The log file of an engine, opened for appending with a line that marks the start of `engine` (a restart
+/// goes on in the same file).
+pub fn start_log(path: &Path, engine: &str) -> fs::File {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let _ = writeln!(&log, "===== harness: starting {engine} =====");
+    log
+}
+
+/// Calls `check` every 100 ms until the engine `what` is up (`Ok(true)`); panics with the end of its `log` if it
+/// exited first (`check` gives its exit status) or `timeout` passed.
+pub fn wait_up(
+    what: &str,
+    log: &Path,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<bool, ExitStatus>,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(st) => panic!(
+                "{what} exited during start-up ({st}); log:\n{}",
+                tail(log, log_lines())
+            ),
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what} not ready within {} s; log:\n{}",
+                timeout.as_secs(),
+                tail(log, log_lines())
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The exit status of `child` if it has exited.
+pub fn exited(child: &mut Option<Child>) -> Option<ExitStatus> {
+    child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+}
+
+/// Runs `cmd` with `input` written to its stdin (from a thread, so a large input cannot block on a full
+/// stdout); its output, and whether all of `input` was written.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> (Output, std::io::Result<()>) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().unwrap();
+    (out, writer.join().unwrap())
+}
+
 /// Runs a command, panicking with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
@@ -668,12 +752,7 @@ impl Dockerd {
 
     /// Starts the process (no readiness wait).
     pub fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let _ = writeln!(&log, "===== harness: starting dockerd =====");
+        let log = start_log(&self.log, "dockerd");
         let mut cmd = Command::new(find_bin("dockerd").expect("dockerd"));
         cmd.arg("--data-root")
             .arg(self.dir.join("root"))
@@ -710,42 +789,27 @@ impl Dockerd {
     /// Waits until `docker info` reports our storage driver; panics (with the log) if dockerd exits or 90 s pass.
     pub fn wait_ready(&mut self) {
         // dockerd retries a missing plugin for ~15 s before giving up, so allow more than that.
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "dockerd -s {} exited during start-up ({st}); log:\n{}",
-                    self.driver,
-                    self.log_tail()
-                );
+        let (what, log) = (format!("dockerd -s {}", self.driver), self.log.clone());
+        wait_up(&what, &log, Duration::from_secs(90), || {
+            if let Some(st) = exited(&mut self.child) {
+                return Err(st);
             }
             let out = self.docker(&["info", "--format", "{{.Driver}}"]);
             if out.status.success() {
                 let driver = String::from_utf8_lossy(&out.stdout).trim().to_string();
                 assert_eq!(driver, self.driver, "docker info reports another storage driver");
-                return;
             }
-            if Instant::now() > deadline {
-                panic!(
-                    "dockerd -s {} not ready within 90 s; log:\n{}",
-                    self.driver,
-                    self.log_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+            Ok(out.status.success())
+        });
     }
 
     /// A docker CLI command aimed at this daemon (classic builder, private CLI config).
     pub fn docker_cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(docker_cli());
+        let mut cmd = tool_command(docker_cli(), &["DOCKER_CONTEXT", "DOCKER_TLS_VERIFY"]);
         cmd.args(args)
             .env("DOCKER_HOST", &self.host)
             .env("DOCKER_CONFIG", self.dir.join("cli"))
-            .env("DOCKER_BUILDKIT", "0")
-            .env_remove("DOCKER_CONTEXT")
-            .env_remove("DOCKER_TLS_VERIFY")
-            .stdin(Stdio::null());
+            .env("DOCKER_BUILDKIT", "0");
         cmd
     }
 
@@ -766,14 +830,7 @@ impl Dockerd {
 
     /// Runs `docker <args>`, panics if it succeeds; returns its stderr.
     pub fn fails(&self, args: &[&str]) -> String {
-        let out = self.docker(args);
-        assert!(
-            !out.status.success(),
-            "`docker {}` should have failed; stdout: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        stderr_of_failure(&format!("docker {}", args.join(" ")), &self.docker(args))
     }
 
     /// Runs `docker <args>`; its trimmed stdout, or an error with its output unless it succeeds.
@@ -785,20 +842,8 @@ impl Dockerd {
 
     /// Runs `docker <args>` with `input` on stdin; panics unless it succeeds; returns trimmed stdout.
     pub fn ok_stdin(&self, args: &[&str], input: &[u8]) -> String {
-        let mut child = self
-            .docker_cmd(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run docker CLI");
-        let mut stdin = child.stdin.take().unwrap();
-        let input = input.to_vec();
-        let writer = thread::spawn(move || {
-            let _ = stdin.write_all(&input);
-        });
-        let out = child.wait_with_output().unwrap();
-        let _ = writer.join();
+        // The CLI may stop reading early (a refused load); its status tells.
+        let (out, _) = output_with_stdin(&mut self.docker_cmd(args), input);
         self.check(args, &out).unwrap_or_else(|e| panic!("{e}"));
         String::from_utf8_lossy(&out.stdout).trim_end().to_string()
     }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
 use lamina_snapshotter::proto::containerd::types::Mount;
-use lamina_snapshotter::tonic::{transport::Channel, Status};
+use lamina_snapshotter::tonic::{transport::Channel, Response, Status};
 use pb::snapshots_client::SnapshotsClient;
 
 /// The snapshotter name lamina serves by default.
@@ -35,6 +35,15 @@ impl SnapshotApi {
         SnapshotApi { rt, client }
     }
 
+    /// Runs one call on a clone of the client; the response's message.
+    pub fn call<R>(
+        &self,
+        f: impl AsyncFnOnce(&mut SnapshotsClient<Channel>) -> Result<Response<R>, Status>,
+    ) -> Result<R, Status> {
+        let mut c = self.client.clone();
+        self.rt.block_on(f(&mut c)).map(Response::into_inner)
+    }
+
     /// Prepare on the snapshotter `sn`, with labels; the mounts.
     pub fn prepare_in(
         &self,
@@ -49,8 +58,7 @@ impl SnapshotApi {
             parent: parent.into(),
             labels: labels_map(labels),
         };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.prepare(req)).map(|r| r.into_inner().mounts)
+        self.call(async |c| c.prepare(req).await).map(|r| r.mounts)
     }
 
     /// Prepare without labels; the mounts.
@@ -66,8 +74,7 @@ impl SnapshotApi {
             parent: parent.into(),
             labels: HashMap::new(),
         };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.view(req)).map(|r| r.into_inner().mounts)
+        self.call(async |c| c.view(req).await).map(|r| r.mounts)
     }
 
     /// The mounts of `key`.
@@ -76,8 +83,7 @@ impl SnapshotApi {
             snapshotter: SN.into(),
             key: key.into(),
         };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.mounts(req)).map(|r| r.into_inner().mounts)
+        self.call(async |c| c.mounts(req).await).map(|r| r.mounts)
     }
 
     /// Commit with labels and the parent field set.
@@ -95,8 +101,7 @@ impl SnapshotApi {
             labels,
             parent: parent.into(),
         };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.commit(req)).map(|_| ())
+        self.call(async |c| c.commit(req).await).map(|_| ())
     }
 
     /// Commit without labels.
@@ -109,8 +114,7 @@ impl SnapshotApi {
             snapshotter: SN.into(),
             key: key.into(),
         };
-        let mut c = self.client.clone();
-        self.rt.block_on(c.remove(req)).map(|_| ())
+        self.call(async |c| c.remove(req).await).map(|_| ())
     }
 
     /// Stat; the info.
@@ -119,9 +123,7 @@ impl SnapshotApi {
             snapshotter: SN.into(),
             key: key.into(),
         };
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.stat(req))
-            .map(|r| r.into_inner().info.expect("info"))
+        self.call(async |c| c.stat(req).await)
+            .map(|r| r.info.expect("info"))
     }
 }

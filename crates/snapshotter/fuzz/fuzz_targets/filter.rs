@@ -5,26 +5,10 @@
 
 include!("shim.rs");
 
-use std::time::SystemTime;
-
 use crate::error::Code;
 use crate::filter::Filter;
-use crate::model::{Info, Kind, Labels};
+use crate::model::{Info, Kind};
 use libfuzzer_sys::fuzz_target;
-
-fn info(name: &str, parent: &str, kind: Kind, labels: &[(&str, &str)]) -> Info {
-    Info {
-        name: name.into(),
-        parent: parent.into(),
-        kind,
-        created: SystemTime::UNIX_EPOCH,
-        updated: SystemTime::UNIX_EPOCH,
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<Labels>(),
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -34,20 +18,20 @@ fuzz_target!(|data: &[u8]| {
     match Filter::parse_all(&filters) {
         Ok(f) => {
             for i in [
-                info("c1", "", Kind::Committed, &[]),
-                info(
+                Info::sample("c1", "", Kind::Committed, &[]),
+                Info::sample(
                     "default/4/extract sha256:ab",
                     "c1",
                     Kind::Active,
                     &[("containerd.io/snapshot.ref", "x"), ("l", "")],
                 ),
-                info("v", "c1", Kind::View, &[("a\"b", "c,d e")]),
+                Info::sample("v", "c1", Kind::View, &[("a\"b", "c,d e")]),
             ] {
                 let _ = f.matches(&i);
             }
             // an empty string matches everything
             if filters.iter().any(|s| s.trim().is_empty()) {
-                assert!(f.matches(&info("anything", "", Kind::Active, &[])));
+                assert!(f.matches(&Info::sample("anything", "", Kind::Active, &[])));
             }
         }
         Err(e) => assert_eq!(e.code, Code::InvalidArgument, "{e}"),

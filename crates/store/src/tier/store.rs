@@ -169,16 +169,8 @@ impl Store {
         }
         txn.remove_name(ns, &tmp)?;
         txn.put_name(ns, name, n)?;
-        let mut rec = rec;
-        rec.name = name.to_string();
-        rec.kind = LayerKind::ReadOnly;
-        rec.labels = labels;
-        rec.size = Some(seal.bytes);
-        rec.inodes = Some(seal.inodes);
-        rec.manifest = Some(seal.manifest);
+        let mut rec = rec.committed(name, labels, seal.bytes, seal.inodes, Some(seal.manifest));
         rec.shared = Some(seal.chain);
-        rec.created_ns = now_ns();
-        rec.updated_ns = rec.created_ns;
         txn.put_layer(n, &rec)?;
         txn.commit()?;
         drop(guard);
