@@ -80,6 +80,8 @@ pub struct Containerd {
     /// The generated `config.toml`.
     pub config: PathBuf,
     child: Option<Child>,
+    /// A directory of its own for the sockets, outside `dir`, removed with this containerd.
+    own_sockets: Option<PathBuf>,
 }
 
 impl Containerd {
@@ -94,7 +96,15 @@ impl Containerd {
 
     /// Prepares directories and the config (debug log) without starting containerd.
     pub fn new(dir: &Path, proxy: Option<&Path>) -> Containerd {
-        Containerd::configure(dir, dir, proxy, "debug")
+        // A unix socket address holds at most 107 bytes: below a deep `dir` the sockets go to a short
+        // directory of their own.
+        if dir.join("c.sock.ttrpc").as_os_str().len() < 100 {
+            return Containerd::configure(dir, dir, proxy, "debug");
+        }
+        let sockets = std::env::temp_dir().join(unique_name("ctr"));
+        let mut c = Containerd::configure(dir, &sockets, proxy, "debug");
+        c.own_sockets = Some(sockets);
+        c
     }
 
     /// Prepares directories and the config without starting containerd: everything below `dir` but the GRPC
@@ -160,6 +170,7 @@ impl Containerd {
             log: dir.join("containerd.log"),
             config,
             child: None,
+            own_sockets: None,
         }
     }
 
@@ -383,6 +394,9 @@ impl Drop for Containerd {
         self.stop();
         print_log_if_panicking("containerd", &self.log);
         unmount_under(&self.dir);
+        if let Some(d) = &self.own_sockets {
+            let _ = fs::remove_dir_all(d);
+        }
     }
 }
 
