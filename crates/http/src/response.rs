@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use crate::message::{Body, RequestHead};
+use crate::message::{response_head, Body, RequestHead, ResponseFraming};
 
 /// Serves the requests of one server: [`crate::serve`] reads a request head, hands it and the
 /// body to [`Handler::handle`], and writes the answer.
@@ -111,5 +111,23 @@ impl<'h> Response<'h> {
         self.http10 = true;
         self.close = true;
         self
+    }
+
+    /// Takes the body out, for the server to write after the head (an empty one is left).
+    pub(crate) fn take_body(&mut self) -> ResponseBody<'h> {
+        std::mem::replace(&mut self.body, ResponseBody::Full(Vec::new()))
+    }
+
+    /// The head of this response under `status` (its own, or that of the refusal it answers), its body
+    /// framed by `framing`, with `Connection: close` if `close`.
+    pub(crate) fn head(&self, status: u16, framing: ResponseFraming, close: bool) -> Vec<u8> {
+        response_head(
+            self.http10,
+            status,
+            self.content_type,
+            framing,
+            &self.headers,
+            close,
+        )
     }
 }

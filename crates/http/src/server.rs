@@ -15,8 +15,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::message::{
-    self, response_head, Body, BodySource, ChunkedWriter, Conn, Deadline, Framing, HeadError, HeadLimits,
-    NoTimeouts, RequestHead, ResponseFraming, Transport,
+    self, Body, BodySource, ChunkedWriter, Conn, Deadline, Framing, HeadError, HeadLimits, NoTimeouts,
+    RequestHead, ResponseFraming, Transport,
 };
 use crate::response::{Handler, Refusal, ResponseBody};
 
@@ -474,19 +474,12 @@ fn refuse<T: Transport, H: Handler + ?Sized>(
     refusal: Refusal,
     linger: bool,
 ) {
-    let resp = handler.refuse(&refusal);
-    let body = match resp.body {
+    let mut resp = handler.refuse(&refusal);
+    let body = match resp.take_body() {
         ResponseBody::Full(b) => b,
         ResponseBody::Stream(_) => Vec::new(),
     };
-    let mut out = response_head(
-        resp.http10,
-        refusal.status,
-        resp.content_type,
-        ResponseFraming::Length(body.len()),
-        &resp.headers,
-        true,
-    );
+    let mut out = resp.head(refusal.status, ResponseFraming::Length(body.len()), true);
     out.extend_from_slice(&body);
     if conn.write_all(&out).and_then(|_| conn.flush()).is_err() {
         return;
@@ -599,22 +592,15 @@ fn serve_request<T: Transport, H: Handler + ?Sized>(
         _ => &mut *conn,
     };
     let mut body = Body::new(src, head.framing, body_deadline, cfg.stream_timeout);
-    let resp = handler.handle(head, &mut body);
+    let mut resp = handler.handle(head, &mut body);
     // Keep the connection only if the request body is fully consumed (drain a little if needed).
     let body_done = !resp.close && (body.is_complete() || (!body.is_broken() && body.drain(cfg.drain_limit)));
     // A body left unread (refused, or too large to drain) may still be arriving.
     let linger = !body.is_complete() && !body.is_broken();
     let keep = head.keep_alive && body_done && !resp.http10 && !hooks.stopping();
-    let kept = match resp.body {
+    let kept = match resp.take_body() {
         ResponseBody::Full(bytes) => {
-            let mut out = response_head(
-                resp.http10,
-                resp.status,
-                resp.content_type,
-                ResponseFraming::Length(bytes.len()),
-                &resp.headers,
-                !keep,
-            );
+            let mut out = resp.head(resp.status, ResponseFraming::Length(bytes.len()), !keep);
             if !head_only {
                 out.extend_from_slice(&bytes);
             }
@@ -628,14 +614,7 @@ fn serve_request<T: Transport, H: Handler + ?Sized>(
             } else {
                 ResponseFraming::Close
             };
-            let out = response_head(
-                resp.http10,
-                resp.status,
-                resp.content_type,
-                framing,
-                &resp.headers,
-                !keep,
-            );
+            let out = resp.head(resp.status, framing, !keep);
             if conn.write_all(&out).is_err() {
                 return false;
             }
