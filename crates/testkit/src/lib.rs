@@ -38,7 +38,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs;
-use std::hash::{DefaultHasher, Hasher};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -1831,26 +1830,27 @@ pub struct EntryState {
 /// Type, mode, owner, size, link count, mtime and content hash of `p` (not following symlinks).
 pub fn entry_state(p: &Path) -> Option<EntryState> {
     let m = fs::symlink_metadata(p).ok()?;
+    Some(entry_state_of(p, &m))
+}
+
+/// [`entry_state`] of `p`, whose metadata (not following it) is `m`.
+pub(crate) fn entry_state_of(p: &Path, m: &fs::Metadata) -> EntryState {
     let ft = m.file_type();
-    let kind = reliability::kind_of(&ft);
-    let content = if ft.is_file() {
-        let mut h = DefaultHasher::new();
-        h.write(&fs::read(p).unwrap_or_default());
-        h.finish()
-    } else {
-        0
-    };
-    Some(EntryState {
-        kind,
+    EntryState {
+        kind: reliability::kind_of(&ft),
         mode: m.mode(),
         uid: m.uid(),
         gid: m.gid(),
         size: if ft.is_dir() { 0 } else { m.size() },
         nlink: if ft.is_dir() { 0 } else { m.nlink() },
         mtime: (m.mtime(), m.mtime_nsec()),
-        content,
+        content: if ft.is_file() {
+            reliability::content_hash(p)
+        } else {
+            0
+        },
         link: fs::read_link(p).ok(),
-    })
+    }
 }
 
 /// Every path below `root` (not following symlinks, not crossing into mounts below it), sorted.

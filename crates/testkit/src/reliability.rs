@@ -311,18 +311,11 @@ impl RawTar {
 /// through any name moves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeepState {
-    pub kind: &'static str,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub size: u64,
-    pub nlink: u64,
+    /// What the plain [`crate::Sentinel`] records.
+    pub entry: crate::EntryState,
     pub ino: u64,
     pub rdev: u64,
-    pub mtime: (i64, i64),
     pub ctime: (i64, i64),
-    pub content: u64,
-    pub link: Option<Vec<u8>>,
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
@@ -386,20 +379,11 @@ pub fn xattrs_of(p: &Path, keep: &dyn Fn(&[u8]) -> bool) -> BTreeMap<Vec<u8>, Ve
 
 pub fn deep_state(p: &Path) -> Option<DeepState> {
     let m = fs::symlink_metadata(p).ok()?;
-    let ft = m.file_type();
     Some(DeepState {
-        kind: kind_of(&ft),
-        mode: m.mode(),
-        uid: m.uid(),
-        gid: m.gid(),
-        size: if ft.is_dir() { 0 } else { m.size() },
-        nlink: if ft.is_dir() { 0 } else { m.nlink() },
+        entry: crate::entry_state_of(p, &m),
         ino: m.ino(),
         rdev: m.rdev(),
-        mtime: (m.mtime(), m.mtime_nsec()),
         ctime: (m.ctime(), m.ctime_nsec()),
-        content: if ft.is_file() { content_hash(p) } else { 0 },
-        link: fs::read_link(p).ok().map(|l| l.as_os_str().as_bytes().to_vec()),
         xattrs: xattrs_of(p, &|_| true),
     })
 }
