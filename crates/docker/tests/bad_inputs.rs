@@ -5,6 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{dockerd_request, Client, TestServer};
+use lamina_testkit::BAD_IDS;
 use serde_json::json;
 
 /// Endpoints whose JSON body names a layer, with a valid rest of the body.
@@ -38,31 +39,10 @@ fn expect_refused(c: &mut Client, paths: &[&str], body: &str, status: u16, prefi
     }
 }
 
-fn bad_ids() -> Vec<&'static str> {
-    vec![
-        "/",
-        ".",
-        "..",
-        "a/b",
-        "../../etc",
-        "a\\b",
-        "\u{0}",
-        "a\u{0}b",
-        "a\nb",
-        "a\tb",
-        "\u{1b}[31m",
-        "-rf",
-        ".hidden",
-        "ünïcødé",
-        "a\u{202e}b",
-        " a",
-    ]
-}
-
 #[test]
 fn b1_b2_bad_ids_are_invalid_argument_and_never_reach_the_driver() {
     let (srv, mut c) = TestServer::connected();
-    for id in bad_ids() {
+    for id in BAD_IDS {
         let id_json = serde_json::to_string(id).unwrap();
         for path in ID_ENDPOINTS {
             let r = c.call(path, &format!(r#"{{"ID":{id_json}}}"#));

@@ -1039,6 +1039,29 @@ pub fn busybox_image(docker: &Dockerd, tag: &str) -> String {
 // Raw plugin protocol client
 // ------------------------------------------------------------------------------------------------------------
 
+/// Non-empty layer ids the Docker plugin protocol refuses as `invalid id`: path escapes and separators, NUL and
+/// other control characters, a leading dot, dash or space, non-ASCII and bidi characters. The protocol crate's
+/// own tests and the daemon's end-to-end tests refuse every one of them.
+pub const BAD_IDS: &[&str] = &[
+    "/",
+    ".",
+    "..",
+    "a/b",
+    "../../etc",
+    "a\\b",
+    "\u{0}",
+    "a\u{0}b",
+    "a\nb",
+    "a\tb",
+    "\u{1}",
+    "\u{1b}[31m",
+    "-rf",
+    ".hidden",
+    "ünïcødé",
+    "a\u{202e}b",
+    " a",
+];
+
 /// One HTTP response.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
