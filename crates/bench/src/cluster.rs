@@ -59,13 +59,10 @@ fn have_all() -> bool {
 
 fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     if !have_all() {
-        push(
+        Figure::push_skipped(
             figs,
+            NAME,
             "containerd, MooseFS, docker-registry, Go or tests/cluster/pull missing",
-            "lamina",
-            "skipped",
-            Unit::Count,
-            vec![0.0],
         );
         return Ok(());
     }

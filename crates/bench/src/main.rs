@@ -262,6 +262,12 @@ impl Figure {
         figs.push(f);
     }
 
+    /// Pushes a figure of `workload` whose case says what was not measured and why (so that the results say
+    /// it, not only the docs).
+    pub fn push_skipped(figs: &mut Vec<Figure>, workload: &'static str, why: &str) {
+        Figure::push_to(figs, workload, (why, "lamina", "skipped"), Unit::Count, vec![0.0]);
+    }
+
     /// Marks the figure as a floor.
     pub fn floor(mut self) -> Self {
         self.floor = true;

@@ -50,14 +50,7 @@ fn tar_file(path: &Path, mb: u64) -> anyhow::Result<()> {
 
 fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     if !have_ceph() {
-        push(
-            figs,
-            "Ceph packages not installed",
-            "lamina",
-            "skipped",
-            Unit::Count,
-            vec![0.0],
-        );
+        Figure::push_skipped(figs, NAME, "Ceph packages not installed");
         return Ok(());
     }
     ctx.say("starting a Ceph cluster (memstore)");

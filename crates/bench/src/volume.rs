@@ -111,9 +111,7 @@ fn push(
     unit: Unit,
     samples: Vec<f64>,
 ) -> usize {
-    let mut f = Figure::new(NAME, case, subject, metric, unit).samples(samples);
-    f.lower_is_better = !matches!(unit, Unit::MBps | Unit::OpsPerSec);
-    figs.push(f);
+    Figure::push_to(figs, NAME, (case, subject, metric), unit, samples);
     figs.len() - 1
 }
 
@@ -310,9 +308,9 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A figure whose case says what was not measured and why (so that the results say it, not only the docs).
+/// [`Figure::push_skipped`] of this workload.
 fn skipped(figs: &mut Vec<Figure>, why: &str) {
-    push(figs, why, "lamina", "skipped", Unit::Count, vec![0.0]);
+    Figure::push_skipped(figs, NAME, why);
 }
 
 /// The I/O loop on `volume` (subject `lamina`) and on `bare` (subject `bare_name`), alternating which goes first.
