@@ -468,8 +468,8 @@ fn v2_plugin_moosefs_volumes() {
     busybox_image(&d, "bb:1");
     // The whole config in one settable env variable, as a user would `docker plugin set` it.
     let toml = format!(
-        "LAMINA_CONFIG_TOML=[volumes]\nbackend = \"moosefs\"\ntimeout_secs = 8\n[volumes.moosefs]\nmaster = \"{}\"\nmount_options = [\"mfsioretries=3\"]\n",
-        cluster.master_addr()
+        "LAMINA_CONFIG_TOML=[volumes]\n{}",
+        cluster.volumes_toml(8, "mount_options = [\"mfsioretries=3\"]\n")
     );
     let (plugin, _) = create_plugin(&d, "mfs", &[toml.as_str()]);
     d.ok(&[

@@ -36,20 +36,16 @@ struct Host {
 
 /// A lamina on the cluster with a short lease; `host_id` None: the id generated in its data root.
 fn host(tag: &str, cluster: &MooseCluster, host_id: Option<&str>) -> Host {
-    let mut lamina = Lamina::new(&unique_name(tag));
-    let mount_base = lamina.dir().join("mnt");
     let id = host_id
         .map(|h| format!("host_id = \"{h}\"\n"))
         .unwrap_or_default();
-    lamina.use_config(&format!(
-        "[volumes]\nmount_base = \"{}\"\nbackend = \"moosefs\"\ntimeout_secs = 8\n\
-         [volumes.moosefs]\nmaster = \"{}\"\n\
-         [cluster]\n{id}lease_secs = {LEASE_SECS}\nheartbeat_secs = 1\n",
-        mount_base.display(),
-        cluster.master_addr()
-    ));
-    lamina.spawn();
-    lamina.wait_ready();
+    let (lamina, mount_base) = Lamina::start_with_volumes(
+        tag,
+        &format!(
+            "{}[cluster]\n{id}lease_secs = {LEASE_SECS}\nheartbeat_secs = 1\n",
+            cluster.volumes_toml(8, "")
+        ),
+    );
     let c = lamina.client();
     Host {
         lamina,

@@ -212,10 +212,7 @@ struct Host {
 fn host(tag: &str, cluster: &MooseCluster) -> Host {
     let (lamina, mount_base) = Lamina::start_with_volumes(
         tag,
-        &format!(
-            "backend = \"moosefs\"\ntimeout_secs = 8\n[volumes.moosefs]\nmaster = \"{}\"\nmount_options = [\"mfsioretries=3\"]\n",
-            cluster.master_addr()
-        ),
+        &cluster.volumes_toml(8, "mount_options = [\"mfsioretries=3\"]\n"),
     );
     let docker = Dockerd::start("vfs");
     Host {

@@ -59,13 +59,8 @@ struct Host {
 }
 
 fn host(tag: &str, cluster: &MooseCluster) -> Host {
-    let (lamina, mount_base) = Lamina::start_with_volumes(
-        tag,
-        &format!(
-            "backend = \"moosefs\"\ntimeout_secs = {TIMEOUT_SECS}\n[volumes.moosefs]\nmaster = \"{}\"\ndefault_goal = \"2\"\n",
-            cluster.master_addr()
-        ),
-    );
+    let (lamina, mount_base) =
+        Lamina::start_with_volumes(tag, &cluster.volumes_toml(TIMEOUT_SECS, "default_goal = \"2\"\n"));
     let mut c = lamina.client();
     // Longer than any bound asserted here, so a hang shows up as a measured time, not a transport error.
     c.timeout = Duration::from_secs(180);

@@ -344,6 +344,15 @@ impl MooseCluster {
         format!("{}.1", self.prefix)
     }
 
+    /// Keys of lamina's `[volumes]` for volumes on this cluster with a deadline of `timeout_secs`, then its
+    /// `[volumes.moosefs]` table naming this master followed by the lines `more` (newline-terminated).
+    pub fn volumes_toml(&self, timeout_secs: u64, more: &str) -> String {
+        format!(
+            "backend = \"moosefs\"\ntimeout_secs = {timeout_secs}\n[volumes.moosefs]\nmaster = \"{}\"\n{more}",
+            self.master_addr()
+        )
+    }
+
     /// Chunkservers registered with space, as `mfscli -SCS` reports.
     pub fn registered_chunkservers(&self) -> usize {
         let out = Command::new(find_bin("mfscli").unwrap())
