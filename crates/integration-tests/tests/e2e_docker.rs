@@ -231,38 +231,14 @@ fn save_load_roundtrip_with_vfs() {
     let tarball = d.dir().join("built.tar");
     d.ok(&["save", "-o", tarball.to_str().unwrap(), "built:1"]);
     vfs.ok(&["load", "-i", tarball.to_str().unwrap()]);
-    let layers = |x: &Dockerd, img: &str| x.ok(&["image", "inspect", "-f", "{{json .RootFS.Layers}}", img]);
-    assert_eq!(
-        layers(d, "built:1"),
-        layers(&vfs, "built:1"),
-        "DiffIDs after save | load into vfs"
-    );
-    let on_lamina = list_tree(d, "built:1");
-    assert_same_tree(
-        "loaded into vfs",
-        &d.driver,
-        &on_lamina,
-        "vfs",
-        &list_tree(&vfs, "built:1"),
-    );
+    assert_same_image("loaded into vfs", d, &vfs, "built:1");
 
     // vfs -> lamina (tars written by dockerd's own archive code, with whiteouts and opaque dirs)
     build(&vfs, "vbuilt:1");
     let vtar = vfs.dir().join("vbuilt.tar");
     vfs.ok(&["save", "-o", vtar.to_str().unwrap(), "vbuilt:1"]);
     d.ok(&["load", "-i", vtar.to_str().unwrap()]);
-    assert_eq!(
-        layers(d, "vbuilt:1"),
-        layers(&vfs, "vbuilt:1"),
-        "DiffIDs after save on vfs | load"
-    );
-    assert_same_tree(
-        "loaded from vfs",
-        &d.driver,
-        &list_tree(d, "vbuilt:1"),
-        "vfs",
-        &list_tree(&vfs, "vbuilt:1"),
-    );
+    assert_same_image("loaded from vfs", d, &vfs, "vbuilt:1");
     assert_eq!(
         d.ok(&[
             "run",

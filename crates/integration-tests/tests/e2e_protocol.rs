@@ -1275,10 +1275,10 @@ type Case = fn(&Proto);
 #[test]
 fn protocol_on_rbd_data_root() {
     let test = "protocol_on_rbd_data_root";
-    if !require_root(test) || !require_bin(test, "tar") || !require_ceph(test) {
+    let Some(_serial) = serial_if(require_root(test) && require_bin(test, "tar") && require_ceph(test))
+    else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut cluster = CephCluster::start("proto");
     // (name, filesystem of the layer images, case): xfs once
     let cases: [(&str, &str, Case); 4] = [

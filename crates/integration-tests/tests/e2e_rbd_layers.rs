@@ -7,7 +7,7 @@
 //! ceph-common, rbd-fuse). Without them the tests print SKIPPED (and fail under CI=true).
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lamina_testkit::ceph::{loops_under, rbd_store_toml, require_ceph, CephCluster, ObjectStore};
@@ -21,10 +21,13 @@ const PREFIX: &str = "e2e-layer-";
 /// A lamina whose layers are images `PREFIX<n>` in `pool` (not started).
 fn lamina_config(tag: &str, cluster: &CephCluster, pool: &str, timeout_secs: u64) -> Lamina {
     let mut lamina = Lamina::new(&unique_name(tag));
-    let text = rbd_store_toml(&cluster.conf(), pool, PREFIX, "ext4", timeout_secs);
-    let cfg = lamina.dir().join("config.toml");
-    fs::write(&cfg, text).unwrap();
-    lamina.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    lamina.use_config(&rbd_store_toml(
+        &cluster.conf(),
+        pool,
+        PREFIX,
+        "ext4",
+        timeout_secs,
+    ));
     lamina
 }
 
@@ -34,6 +37,17 @@ fn lamina_on(tag: &str, cluster: &CephCluster) -> Lamina {
     lamina.spawn();
     lamina.wait_ready();
     lamina
+}
+
+/// A lamina serving the snapshotter API on `snap.sock` in its directory, its layers images in the
+/// cluster's pool (started); with that socket.
+fn snapshotter_on(tag: &str, cluster: &CephCluster) -> (Lamina, PathBuf) {
+    let l = lamina_config(tag, cluster, &cluster.pool, 10);
+    let sock = l.dir().join("snap.sock");
+    let mut l = l.snapshotter(&sock);
+    l.spawn();
+    l.wait_ready();
+    (l, sock)
 }
 
 /// This data root's images in the pool.
@@ -65,6 +79,17 @@ fn assert_nothing_left(lamina: &Lamina, cluster: &CephCluster) {
     );
 }
 
+/// Starts `l` and panics unless it exits with a failure, having logged `needle`; `what` is what it must not do.
+fn assert_start_refused(l: &mut Lamina, what: &str, needle: &str) {
+    l.spawn();
+    match l.poll_ready(Duration::from_secs(30)) {
+        Ready::Exited(st) => assert!(!st.success()),
+        other => panic!("lamina {what}: {other:?}"),
+    }
+    let log = fs::read_to_string(&l.log).unwrap_or_default();
+    assert!(log.contains(needle), "{needle:?} not logged:\n{}", l.log_tail());
+}
+
 fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
     let t = Instant::now();
     let r = f();
@@ -75,10 +100,9 @@ fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
 #[test]
 fn rbd_layers_under_dockerd() {
     let test = "rbd_layers_under_dockerd";
-    if !require_docker(test) || !require_ceph(test) {
+    let Some(_serial) = serial_if(require_docker(test) && require_ceph(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     // Declared first, dropped last: dockerd and lamina stop (and unmount) before the cluster goes away.
     let mut cluster = CephCluster::start_with("layers", ObjectStore::Memstore);
     let mut lamina = lamina_on("rbdlayers", &cluster);
@@ -125,40 +149,17 @@ fn rbd_layers_under_dockerd() {
     // directories and whiteouts as its archive code writes them) applied as deletions.
     let vfs = Dockerd::start("vfs");
     busybox_image(&vfs, "bb:1");
-    let layers = |x: &Dockerd, img: &str| x.ok(&["image", "inspect", "-f", "{{json .RootFS.Layers}}", img]);
     let tarball = d.dir().join("built.tar");
     timed("docker save", || {
         d.ok(&["save", "-o", tarball.to_str().unwrap(), "built:1"])
     });
     vfs.ok(&["load", "-i", tarball.to_str().unwrap()]);
-    assert_eq!(
-        layers(&d, "built:1"),
-        layers(&vfs, "built:1"),
-        "DiffIDs after save | load into vfs"
-    );
-    assert_same_tree(
-        "loaded into vfs",
-        "rbd",
-        &list_tree(&d, "built:1"),
-        "vfs",
-        &list_tree(&vfs, "built:1"),
-    );
+    assert_same_image("loaded into vfs", &d, &vfs, "built:1");
     build(&vfs, "vbuilt:1");
     let vtar = vfs.dir().join("vbuilt.tar");
     vfs.ok(&["save", "-o", vtar.to_str().unwrap(), "vbuilt:1"]);
     timed("docker load", || d.ok(&["load", "-i", vtar.to_str().unwrap()]));
-    assert_eq!(
-        layers(&d, "vbuilt:1"),
-        layers(&vfs, "vbuilt:1"),
-        "DiffIDs after save on vfs | load"
-    );
-    assert_same_tree(
-        "loaded from vfs",
-        "rbd",
-        &list_tree(&d, "vbuilt:1"),
-        "vfs",
-        &list_tree(&vfs, "vbuilt:1"),
-    );
+    assert_same_image("loaded from vfs", &d, &vfs, "vbuilt:1");
     drop(vfs);
 
     // lamina killed (-9) with a container running: the container keeps its tree, lamina takes it back.
@@ -199,16 +200,10 @@ fn rbd_layers_under_dockerd() {
     drop(d);
     lamina.stop();
     lamina.extra_args.clear();
-    lamina.spawn();
-    match lamina.poll_ready(Duration::from_secs(30)) {
-        Ready::Exited(st) => assert!(!st.success()),
-        other => panic!("lamina opened an rbd data root as overlay: {other:?}"),
-    }
-    let log = fs::read_to_string(&lamina.log).unwrap_or_default();
-    assert!(
-        log.contains("holds layers of the rbd:"),
-        "refusal not logged:\n{}",
-        lamina.log_tail()
+    assert_start_refused(
+        &mut lamina,
+        "opened an rbd data root as overlay",
+        "holds layers of the rbd:",
     );
     cluster.stop();
 }
@@ -252,11 +247,10 @@ fn changes(c: &PluginClient, id: &str, parent: &str) -> Vec<String> {
 #[test]
 fn rbd_layers_kill9_mid_operation() {
     let test = "rbd_layers_kill9_mid_operation";
-    if !require_root(test) || !require_ceph(test) {
+    let Some(_serial) = serial_if(require_root(test) && require_ceph(test)) else {
         return;
-    }
+    };
     assert_fault_points();
-    let _serial = serial();
     let mut cluster = CephCluster::start_with("layerkill", ObjectStore::Memstore);
     let mut l = lamina_on("rbdkill", &cluster);
     let c = l.client();
@@ -358,24 +352,17 @@ fn rbd_layers_kill9_mid_operation() {
 #[test]
 fn rbd_layers_errors_and_clone_figures() {
     let test = "rbd_layers_errors_and_clone_figures";
-    if !require_root(test) || !require_ceph(test) {
+    let Some(_serial) = serial_if(require_root(test) && require_ceph(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut cluster = CephCluster::start_with("layererr", ObjectStore::Memstore);
 
     // A pool that does not exist: the store does not open, and says why.
     let mut nopool = lamina_config("rbdnopool", &cluster, "nopool", 5);
-    nopool.spawn();
-    match nopool.poll_ready(Duration::from_secs(30)) {
-        Ready::Exited(st) => assert!(!st.success()),
-        other => panic!("lamina opened a data root on a missing pool: {other:?}"),
-    }
-    let log = fs::read_to_string(&nopool.log).unwrap_or_default();
-    assert!(
-        log.contains("backend unavailable: pool \"nopool\" does not exist"),
-        "{}",
-        nopool.log_tail()
+    assert_start_refused(
+        &mut nopool,
+        "opened a data root on a missing pool",
+        "backend unavailable: pool \"nopool\" does not exist",
     );
     drop(nopool);
 
@@ -463,17 +450,11 @@ fn umount(target: &Path) {
 #[test]
 fn rbd_layers_containerd_snapshotter() {
     let test = "rbd_layers_containerd_snapshotter";
-    if !require_root(test) || !require_ceph(test) {
+    let Some(_serial) = serial_if(require_root(test) && require_ceph(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut cluster = CephCluster::start_with("layersnap", ObjectStore::Memstore);
-    let pool = cluster.pool.clone();
-    let l = lamina_config("rbdsnap", &cluster, &pool, 10);
-    let sock = l.dir().join("snap.sock");
-    let mut l = l.snapshotter(&sock);
-    l.spawn();
-    l.wait_ready();
+    let (l, sock) = snapshotter_on("rbdsnap", &cluster);
     let api = lamina_testkit::snapshots::SnapshotApi::connect(&sock);
     let mnt = l.dir().join("mnt");
 
@@ -523,17 +504,11 @@ fn rbd_layers_under_containerd() {
         WHITEOUT_SCRIPT,
     };
     let test = "rbd_layers_under_containerd";
-    if !require_containerd(test) || !require_ceph(test) {
+    let Some(_serial) = serial_if(require_containerd(test) && require_ceph(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut cluster = CephCluster::start_with("layerctrd", ObjectStore::Memstore);
-    let pool = cluster.pool.clone();
-    let l = lamina_config("rbdctrd", &cluster, &pool, 10);
-    let sock = l.dir().join("snap.sock");
-    let mut l = l.snapshotter(&sock);
-    l.spawn();
-    l.wait_ready();
+    let (l, sock) = snapshotter_on("rbdctrd", &cluster);
     let dir = TestDir::new(&unique_name(test));
     let ctrd = Containerd::start(&dir.join("containerd"), Some(&sock));
     let work = dir.join("work");

@@ -334,11 +334,10 @@ fn rbd_volumes_two_hosts() {
 #[test]
 fn rbd_volumes_kill9_mid_operation() {
     let test = "rbd_volumes_kill9_mid_operation";
-    if !require_ceph(test) {
+    let Some(_serial) = serial_if(require_ceph(test)) else {
         return;
-    }
+    };
     assert_fault_points();
-    let _serial = serial();
     let cluster = CephCluster::start("kill9");
     let pool = cluster.pool.clone();
     let (mut l, mount_base) = lamina_with("rbdk", "hostk", &cluster, &pool, "on_remove = \"trash\"\n");

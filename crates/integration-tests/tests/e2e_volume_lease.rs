@@ -69,10 +69,9 @@ fn mount(c: &PluginClient, name: &str) -> PathBuf {
 #[test]
 fn remove_of_a_volume_mounted_on_another_host() {
     let test = "remove_of_a_volume_mounted_on_another_host";
-    if !require_root(test) || !require_moosefs(test) {
+    let Some(_serial) = serial_if(require_root(test) && require_moosefs(test)) else {
         return;
-    }
-    let _serial = serial();
+    };
     let cluster = MooseCluster::start("vol-lease");
     let h1 = host("lease1", &cluster, None);
     let mut h2 = host("lease2", &cluster, Some("lease-host-2"));

@@ -49,6 +49,20 @@ pub fn assert_same_tree(what: &str, a_name: &str, a: &str, b_name: &str, b: &str
     );
 }
 
+/// Panics unless `image` has the same DiffIDs and the same visible tree (see [`list_tree`]) on `a` and on `b`;
+/// `what` names the step (e.g. `loaded into vfs`) in the messages.
+pub fn assert_same_image(what: &str, a: &Dockerd, b: &Dockerd, image: &str) {
+    let layers = |x: &Dockerd| x.ok(&["image", "inspect", "-f", "{{json .RootFS.Layers}}", image]);
+    assert_eq!(layers(a), layers(b), "DiffIDs of {image} {what}");
+    assert_same_tree(
+        what,
+        &a.driver,
+        &list_tree(a, image),
+        &b.driver,
+        &list_tree(b, image),
+    );
+}
+
 /// The lines of a `docker diff` output, sorted by path.
 pub fn sorted_lines(s: &str) -> String {
     let mut v: Vec<&str> = s.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();

@@ -51,19 +51,13 @@ impl Daemon {
     pub fn new(name: &str) -> Daemon {
         assert_fault_points();
         let mut base = Lamina::new(name);
-        let config = base.dir().join("config.toml");
-        fs::write(
-            &config,
-            format!(
-                "[volumes]\nmount_base = \"{}\"\n",
-                base.dir().join("mnt").display()
-            ),
-        )
-        .unwrap();
+        let config = base.use_config(&format!(
+            "[volumes]\nmount_base = \"{}\"\n",
+            base.dir().join("mnt").display()
+        ));
         let snap_socket = base.dir().join("snap.sock");
         base.snapshotter_socket = snap_socket.clone();
         base.log_level = "info".into();
-        base.extra_args = vec!["--config".into(), config.display().to_string()];
         Daemon {
             snap_socket,
             config,
