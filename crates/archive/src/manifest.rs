@@ -46,8 +46,11 @@ pub struct ManifestSummary {
     pub bytes: u64,
 }
 
-/// The outcome of [`verify_manifest`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The verdict on a layer's content: what [`verify_manifest`] found (`Clean` or `Mismatch`), or `Skipped` when
+/// a caller did not check (the layer store: a layer not frozen, or without a manifest). Serialized with a
+/// `status` tag (`clean`, `mismatch`, `skipped`) beside the fields.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
 pub enum VerifyOutcome {
     /// The tree matches the manifest.
     Clean {
@@ -56,12 +59,17 @@ pub enum VerifyOutcome {
         /// Content bytes hashed.
         bytes: u64,
     },
-    /// The first difference, in walk order.
+    /// The first difference, in walk order (or a manifest file that is not the one recorded).
     Mismatch {
         /// Path inside the layer (`/etc/motd`).
         path: String,
         /// What differs.
         detail: String,
+    },
+    /// Not checked.
+    Skipped {
+        /// Why.
+        reason: String,
     },
 }
 

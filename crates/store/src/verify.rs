@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use lamina_archive::manifest::{self, VerifyOutcome};
+use lamina_archive::manifest;
 use serde::Serialize;
 
 use tracing::{debug, error, info, warn};
@@ -36,30 +36,8 @@ fn seal(db: &crate::db::Db, n: u64, paths: &LayerPaths) -> Result<()> {
 /// File name of a layer's manifest, beside `diff/`.
 pub const MANIFEST_FILE: &str = "manifest";
 
-/// The verdict on one layer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "status")]
-pub enum VerifyStatus {
-    /// Content matches its manifest.
-    Clean {
-        /// Entries compared.
-        entries: u64,
-        /// Content bytes read.
-        bytes: u64,
-    },
-    /// Content (or the manifest itself) changed.
-    Mismatch {
-        /// First differing path inside the layer.
-        path: String,
-        /// What differs.
-        detail: String,
-    },
-    /// Not checked: the layer is not frozen or has no manifest (with the reason).
-    Skipped {
-        /// Why.
-        reason: String,
-    },
-}
+/// The verdict on one layer: the manifest check's outcome, or why the layer was not checked.
+pub use lamina_archive::manifest::VerifyOutcome as VerifyStatus;
 
 /// One verified layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -249,10 +227,7 @@ impl Store {
         Ok(VerifyResult {
             layer: n,
             name,
-            status: match outcome {
-                VerifyOutcome::Clean { entries, bytes } => VerifyStatus::Clean { entries, bytes },
-                VerifyOutcome::Mismatch { path, detail } => VerifyStatus::Mismatch { path, detail },
-            },
+            status: outcome,
         })
     }
 }
