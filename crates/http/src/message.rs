@@ -970,6 +970,16 @@ mod tests {
         Ok(out)
     }
 
+    /// A body on `c` with a one-second deadline for its first read and none for the rest.
+    fn quick_body(c: &mut Conn<NoTimeouts<Mem>>, framing: Framing) -> Body<'_> {
+        Body::new(
+            c,
+            framing,
+            Deadline::PerRead(Duration::from_secs(1)),
+            Duration::ZERO,
+        )
+    }
+
     fn chunked(input: &[u8]) -> io::Result<Vec<u8>> {
         // Every input is also decoded one byte per read, to exercise incremental parsing.
         let slow = body_of(&mut conn(input, 1), Framing::Chunked);
@@ -1049,12 +1059,7 @@ mod tests {
     #[test]
     fn broken_body_stays_broken() {
         let mut c = conn(b"zz\r\n", 0);
-        let mut b = Body::new(
-            &mut c,
-            Framing::Chunked,
-            Deadline::PerRead(Duration::from_secs(1)),
-            Duration::ZERO,
-        );
+        let mut b = quick_body(&mut c, Framing::Chunked);
         let mut buf = [0u8; 16];
         assert!(b.read(&mut buf).is_err());
         assert!(b.is_broken());
@@ -1076,57 +1081,27 @@ mod tests {
     #[test]
     fn body_cap() {
         let mut c = conn(&[b'x'; 100], 0);
-        let mut b = Body::new(
-            &mut c,
-            Framing::Length(100),
-            Deadline::PerRead(Duration::from_secs(1)),
-            Duration::ZERO,
-        );
+        let mut b = quick_body(&mut c, Framing::Length(100));
         assert!(matches!(read_capped(&mut b, 99), Err(None)));
         let mut c = conn(&[b'x'; 100], 7);
-        let mut b = Body::new(
-            &mut c,
-            Framing::Length(100),
-            Deadline::PerRead(Duration::from_secs(1)),
-            Duration::ZERO,
-        );
+        let mut b = quick_body(&mut c, Framing::Length(100));
         assert_eq!(read_capped(&mut b, 100).unwrap().len(), 100);
         let mut c = conn(b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n", 0);
-        let mut b = Body::new(
-            &mut c,
-            Framing::Chunked,
-            Deadline::PerRead(Duration::from_secs(1)),
-            Duration::ZERO,
-        );
+        let mut b = quick_body(&mut c, Framing::Chunked);
         assert!(matches!(read_capped(&mut b, 5), Err(None)));
     }
 
     #[test]
     fn drain() {
         let mut c = conn(b"0123456789NEXT", 0);
-        let mut b = Body::new(
-            &mut c,
-            Framing::Length(10),
-            Deadline::PerRead(Duration::from_secs(1)),
-            Duration::ZERO,
-        );
+        let mut b = quick_body(&mut c, Framing::Length(10));
         assert!(b.drain(64));
         assert_eq!(c.buffered(), b"NEXT");
         let mut c = conn(b"0123456789", 0);
-        let mut b = Body::new(
-            &mut c,
-            Framing::Length(10),
-            Deadline::PerRead(Duration::from_secs(1)),
-            Duration::ZERO,
-        );
+        let mut b = quick_body(&mut c, Framing::Length(10));
         assert!(!b.drain(5));
         let mut c = conn(b"a\r\n0123456789\r\n0\r\n\r\n", 0);
-        let mut b = Body::new(
-            &mut c,
-            Framing::Chunked,
-            Deadline::PerRead(Duration::from_secs(1)),
-            Duration::ZERO,
-        );
+        let mut b = quick_body(&mut c, Framing::Chunked);
         assert!(!b.drain(4));
     }
 
