@@ -5,21 +5,11 @@
 //! Needs root (SKIPPED otherwise; under CI=true it fails instead).
 
 use std::fs;
-use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use lamina_testkit::ceph::loops_under;
 use lamina_testkit::*;
-
-/// Loop devices whose backing file lies under `dir` (`losetup -a`).
-fn loops_under(dir: &Path) -> Vec<String> {
-    let out = Command::new("losetup").arg("-a").output().expect("losetup -a");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(dir.to_str().unwrap()))
-        .map(str::to_owned)
-        .collect()
-}
 
 #[test]
 fn bench_quick_runs_every_workload_and_writes_the_report() {
