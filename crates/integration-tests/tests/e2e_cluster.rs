@@ -394,6 +394,85 @@ fn second_host_pulls_nothing_the_cluster_has() {
     };
     assert_eq!(sum(a), sum(b), "the same content on both hosts");
 
+    // Cluster statistics of use: a container running on host B uses every layer of the image; once it is
+    // gone, no host uses them and both still hold them, with their last use kept.
+    let id = "tier-user";
+    b.ctrd
+        .try_run_in(
+            &b.ctrd.namespace,
+            &["-d"],
+            PROXY_NAME,
+            &reference,
+            id,
+            "sleep 600",
+        )
+        .unwrap_or_else(|e| panic!("ctr run -d on host B: {e}"));
+    let running = Instant::now();
+    let rows = |want_users: usize| {
+        poll(Duration::from_secs(30), || {
+            let top = lamina_cli_json(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"]);
+            let rows: Vec<serde_json::Value> = top
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|l| archive.chain_ids.iter().any(|c| l["chain"] == c.as_str()))
+                .cloned()
+                .collect();
+            let settled = rows.len() == archive.chain_ids.len()
+                && rows
+                    .iter()
+                    .all(|r| r["users"].as_array().map(Vec::len) == Some(want_users));
+            settled.then_some(rows)
+        })
+    };
+    let used = rows(1).unwrap_or_else(|| {
+        panic!(
+            "layers top --cluster on host A shows every layer used by host B: {}",
+            lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"])
+        )
+    });
+    let now_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    };
+    for r in &used {
+        assert_eq!(r["users"][0], "host-b", "{r}");
+        assert_eq!(r["live_hosts"], 2, "{r}");
+        assert!(r["uses"].as_u64() >= Some(1), "{r}");
+        let age_s = now_ns().saturating_sub(r["last_use_ns"].as_u64().unwrap()) as f64 / 1e9;
+        assert!(age_s < 30.0, "a recent last use while the container runs: {r}");
+    }
+    eprintln!(
+        "[{test}] host B's container seen in use after {:.1} s:\n{}",
+        running.elapsed().as_secs_f64(),
+        lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster"])
+    );
+    b.ctrd.ctr_ok(&["task", "rm", "-f", id]);
+    b.ctrd.ctr_ok(&["containers", "rm", id]);
+    let stopped_ns = now_ns();
+    let idle = rows(0).unwrap_or_else(|| {
+        panic!(
+            "layers top --cluster on host A shows no user after the container stopped: {}",
+            lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"])
+        )
+    });
+    for r in &idle {
+        assert_eq!(r["live_hosts"], 2, "both hosts still hold it: {r}");
+        assert_eq!(r["uses"], 0, "{r}");
+        let last = r["last_use_ns"].as_u64().unwrap();
+        // Recorded by the write that found the use ended (the tier's clock counts whole seconds).
+        assert!(
+            last + 2_000_000_000 >= stopped_ns,
+            "the last use is the end of the container's use: {r}"
+        );
+    }
+    eprintln!(
+        "[{test}] after the container stopped:\n{}",
+        lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster"])
+    );
+
     // Garbage collection across hosts. Fresh publications are kept for a lease; wait it out.
     std::thread::sleep(Duration::from_secs(LEASE_SECS + 1));
     let dry = a.gc(true);

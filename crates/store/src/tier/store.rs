@@ -32,6 +32,17 @@ pub struct TierLayer {
     pub published_by: String,
     /// When (unix nanoseconds).
     pub published_ns: u64,
+    /// Live hosts that use it now: an active layer (a container's, a view) or a mounted stack of theirs
+    /// reaches it.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Active layers and mounted stacks reaching it, summed over the live hosts that use it.
+    #[serde(default)]
+    pub uses: u64,
+    /// Its last use by any host (unix nanoseconds, the tier's clock; 0: never seen in use): the time of the
+    /// tier's reading for a layer in use on a live host, else the last time a host recorded it in use.
+    #[serde(default)]
+    pub last_use_ns: u64,
 }
 
 /// The tier as `lamina layers top --cluster` and the status show it.
@@ -305,6 +316,46 @@ impl Store {
             .collect())
     }
 
+    /// Records in the tier which of its layers this host uses now: for each layer it holds from the tier,
+    /// the number of its active layers (containerd's active snapshots and views) and mounted stacks (any
+    /// layer mounted through [`Store::get`]) that reach it. Meant to be called every heartbeat interval: the
+    /// tier is written only when that changed (at most one small file write per call, none while nothing
+    /// changes). Gives whether it wrote.
+    pub fn share_tier_usage(&self) -> Result<bool> {
+        let Some(tier) = self.tier() else {
+            return Ok(false);
+        };
+        let records = self.list()?;
+        let shared: HashMap<u64, String> = records
+            .iter()
+            .filter_map(|(n, r)| {
+                let hex = chain_hex(r.shared.as_deref()?)?;
+                Some((*n, hex.to_string()))
+            })
+            .collect();
+        let mut uses: BTreeMap<String, u32> = BTreeMap::new();
+        if !shared.is_empty() {
+            for (n, rec) in &records {
+                // Docker's writable layers exist while their container does, mounted or not: only its
+                // mounts count; containerd mounts its active snapshots itself, so their existence counts.
+                let active = matches!(rec.kind, LayerKind::ReadWrite | LayerKind::View)
+                    && !rec.ns.starts_with("docker:");
+                if !active && self.slots.mounts(*n) == 0 {
+                    continue;
+                }
+                let mut reached = vec![*n];
+                reached.extend(self.chain(rec)?);
+                for m in reached {
+                    if let Some(hex) = shared.get(&m) {
+                        *uses.entry(hex.clone()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let held: HashSet<String> = shared.into_values().collect();
+        tier.share_usage(uses, &held)
+    }
+
     /// The tier's figures.
     pub fn tier_summary(&self) -> Result<Option<TierSummary>> {
         let Some(tier) = self.tier() else {
@@ -338,9 +389,42 @@ impl Store {
             .map_err(super::lease_err)?
             .into_iter()
             .collect();
+        let live: HashSet<String> = tier
+            .lease()
+            .hosts()
+            .map_err(super::lease_err)?
+            .into_iter()
+            .filter(|h| h.alive)
+            .map(|h| h.host.as_str().to_string())
+            .collect();
+        let usages = tier.usages()?;
+        let now_ns = if usages.iter().any(|(_, u, _)| !u.uses.is_empty()) {
+            let now = tier.lease().now().map_err(super::lease_err)?;
+            u64::try_from(
+                now.duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos(),
+            )
+            .unwrap_or(u64::MAX)
+        } else {
+            0
+        };
         let mut out = Vec::new();
         for hex in tier.layers()? {
             let seal = tier.seal(&hex).ok();
+            let (mut users, mut uses, mut last_use_ns) = (Vec::new(), 0u64, 0u64);
+            for (host, u, _) in &usages {
+                let alive = live.contains(host);
+                if let Some(n) = u.uses.get(&hex).filter(|_| alive) {
+                    users.push(host.clone());
+                    uses += u64::from(*n);
+                    last_use_ns = last_use_ns.max(now_ns);
+                }
+                if let Some(t) = u.last_use_ns.get(&hex) {
+                    last_use_ns = last_use_ns.max(*t);
+                }
+            }
+            users.sort();
             let mut hosts: Vec<(String, bool)> = holders
                 .remove(&hex)
                 .unwrap_or_default()
@@ -356,9 +440,12 @@ impl Store {
                 hosts: hosts.into_iter().map(|(h, _)| h).collect(),
                 published_by: seal.as_ref().map(|s| s.host.clone()).unwrap_or_default(),
                 published_ns: seal.map(|s| s.published_ns).unwrap_or(0),
+                users,
+                uses,
+                last_use_ns,
             });
         }
-        out.sort_by_key(|l| std::cmp::Reverse((l.live_hosts, l.bytes)));
+        out.sort_by_key(|l| std::cmp::Reverse((l.live_hosts, l.users.len(), l.bytes)));
         Ok(Some(out))
     }
 
