@@ -22,7 +22,7 @@
 
 mod store;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -84,6 +84,8 @@ pub(crate) struct Usage {
 struct UsageState {
     written: Option<Usage>,
     busy: bool,
+    /// Local time of the previous call (unix nanoseconds): layers used since count as used again.
+    since_ns: u64,
 }
 
 /// The tier as one host sees it.
@@ -372,16 +374,29 @@ impl Tier {
         Ok(())
     }
 
+    /// The local time (unix nanoseconds) of the previous [`Tier::share_usage`] call; this call's is `now`.
+    pub(crate) fn usage_since(&self, now: u64) -> u64 {
+        let mut st = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut st.since_ns, now)
+    }
+
     /// Records in `usage/<host>` that this host uses the layers `uses` now (hex → active layers and mounted
-    /// stacks reaching each); `held` are the layers it holds (the last uses of others are forgotten). Writes
-    /// only when the layers in use or their counts changed since the last write: a temporary file is
-    /// created (its mtime is the tier's clock, the time recorded), written and renamed over the host's file,
-    /// three namespace operations on the metadata server. Gives whether it wrote. A write still stuck in the
-    /// filesystem (its metadata server down) makes the next calls skip until it returns.
-    pub(crate) fn share_usage(&self, uses: BTreeMap<String, u32>, held: &HashSet<String>) -> Result<bool> {
+    /// stacks reaching each) and used the layers `recent` since the previous call (a mount brought up and
+    /// gone between two calls); `held` are the layers it holds (the last uses of others are forgotten).
+    /// Writes only when the layers in use or their counts changed, or a layer was used since the previous
+    /// call: a temporary file is created (its mtime is the tier's clock, the time recorded), written and
+    /// renamed over the host's file. Gives whether it wrote. A write still stuck in the filesystem (its
+    /// metadata server down) makes the next calls skip until it returns.
+    pub(crate) fn share_usage(
+        &self,
+        uses: BTreeMap<String, u32>,
+        recent: BTreeSet<String>,
+        held: &HashSet<String>,
+    ) -> Result<bool> {
         let previous = {
             let mut st = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-            if st.busy || st.written.as_ref().is_some_and(|w| w.uses == uses) {
+            let same = st.written.as_ref().is_some_and(|w| w.uses == uses);
+            if st.busy || (same && recent.is_empty()) {
                 return Ok(false);
             }
             st.busy = true;
@@ -398,7 +413,7 @@ impl Tier {
         let state = self.usage.clone();
         let held = held.clone();
         let done = bounded("record layer use", move || {
-            let result = write_usage(&tmp, &target, previous.unwrap_or_default(), uses, &held);
+            let result = write_usage(&tmp, &target, previous.unwrap_or_default(), uses, recent, &held);
             let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
             st.busy = false;
             match result {
@@ -553,13 +568,14 @@ impl Tier {
 }
 
 /// Writes the usage `uses` to a new file `tmp`, its time the file's mtime (the tier's clock), and renames it
-/// over `target`. The last use of a layer in use now, or in use at the previous write and not now, is that
-/// time; the others keep theirs, while held.
+/// over `target`. The last use of a layer in use now, used since the previous call (`recent`), or in use at
+/// the previous write and not now, is that time; the others keep theirs, while held.
 fn write_usage(
     tmp: &Path,
     target: &Path,
     previous: Usage,
     uses: BTreeMap<String, u32>,
+    recent: BTreeSet<String>,
     held: &HashSet<String>,
 ) -> Result<Usage> {
     use std::io::Write;
@@ -577,7 +593,7 @@ fn write_usage(
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0);
     let mut last = previous.last_use_ns;
-    for hex in previous.uses.keys().chain(uses.keys()) {
+    for hex in previous.uses.keys().chain(uses.keys()).chain(recent.iter()) {
         last.insert(hex.clone(), now_ns);
     }
     last.retain(|hex, _| held.contains(hex) || uses.contains_key(hex));

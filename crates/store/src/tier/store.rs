@@ -318,13 +318,16 @@ impl Store {
 
     /// Records in the tier which of its layers this host uses now: for each layer it holds from the tier,
     /// the number of its active layers (containerd's active snapshots and views) and mounted stacks (any
-    /// layer mounted through [`Store::get`]) that reach it. Meant to be called every heartbeat interval: the
-    /// tier is written only when that changed (at most one small file write per call, none while nothing
-    /// changes). Gives whether it wrote.
+    /// layer mounted through [`Store::get`]) that reach it; and which it used since the previous call (a
+    /// stack brought up and gone meanwhile, seen in the layers' usage counters). Meant to be called every
+    /// heartbeat interval: the tier is written only when the layers in use changed or a layer was used since
+    /// the previous call (at most one small file write per call, none while nothing happens). Gives whether
+    /// it wrote.
     pub fn share_tier_usage(&self) -> Result<bool> {
         let Some(tier) = self.tier() else {
             return Ok(false);
         };
+        let since = tier.usage_since(now_ns());
         let records = self.list()?;
         let shared: HashMap<u64, String> = records
             .iter()
@@ -352,8 +355,13 @@ impl Store {
                 }
             }
         }
+        let recent: std::collections::BTreeSet<String> = shared
+            .iter()
+            .filter(|(n, _)| self.slots.counts(**n).0.last_used_ns > since.max(1))
+            .map(|(_, hex)| hex.clone())
+            .collect();
         let held: HashSet<String> = shared.into_values().collect();
-        tier.share_usage(uses, &held)
+        tier.share_usage(uses, recent, &held)
     }
 
     /// The tier's figures.
