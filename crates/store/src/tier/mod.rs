@@ -292,6 +292,22 @@ impl Tier {
             .map_err(|e| StoreError::CorruptMetadata(format!("cluster tier: {}: {e}", path.display())))
     }
 
+    /// Copies the manifest of published layer `hex` to `dest` after checking it against the digest its seal
+    /// records (a torn or replaced manifest is refused). The layer's content is not read.
+    pub(crate) fn copy_manifest(&self, hex: &str, seal: &Seal, dest: &Path) -> Result<()> {
+        let src = self.layer_dir(hex).join(crate::MANIFEST_FILE);
+        let bytes = std::fs::read(&src).map_err(|e| tier_io(format!("read {}", src.display()), e))?;
+        let digest = lamina_archive::manifest::digest_of(&bytes);
+        if digest != seal.manifest {
+            return Err(StoreError::CorruptMetadata(format!(
+                "cluster tier: {}: digest {digest}, its seal records {}",
+                src.display(),
+                seal.manifest
+            )));
+        }
+        std::fs::write(dest, &bytes).map_err(|e| tier_io(format!("write {}", dest.display()), e))
+    }
+
     /// Published layers (hex names).
     pub(crate) fn layers(&self) -> Result<Vec<String>> {
         let dir = self.opts.dir.join("layers");

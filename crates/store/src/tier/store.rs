@@ -94,7 +94,13 @@ impl Store {
         loop {
             if tier.has(hex)? {
                 let t0 = Instant::now();
-                let made = self.link_shared(ns, name, parent, labels, hex)?;
+                let made = match self.link_shared(ns, name, parent, labels, hex) {
+                    Err(StoreError::CorruptMetadata(e)) => {
+                        warn!(chain = name, error = %e, "the tier's layer is damaged; unpacking here");
+                        return Ok(false);
+                    }
+                    r => r?,
+                };
                 debug!(
                     ns,
                     name,
@@ -158,12 +164,10 @@ impl Store {
             labels.clone(),
             &opts,
         )?;
-        let linked = self.backend.link_content(n, &tier.content(hex)).and_then(|()| {
-            let paths = self.backend.paths(n);
-            std::fs::copy(tier.layer_dir(hex).join(crate::MANIFEST_FILE), &paths.manifest)
-                .map(|_| ())
-                .map_err(|e| tier_io("copy manifest", e))
-        });
+        let linked = self
+            .backend
+            .link_content(n, &tier.content(hex))
+            .and_then(|()| tier.copy_manifest(hex, &seal, &self.backend.paths(n).manifest));
         if let Err(e) = linked {
             let _ = self.remove(ns, &tmp);
             return Err(e);
@@ -254,8 +258,7 @@ impl Store {
             return Ok(false);
         }
         let paths = self.backend.paths(n);
-        std::fs::copy(tier.layer_dir(&hex).join(crate::MANIFEST_FILE), &paths.manifest)
-            .map_err(|e| tier_io("copy manifest", e))?;
+        tier.copy_manifest(&hex, &seal, &paths.manifest)?;
         self.update_record(n, |r| {
             r.shared = Some(chain.clone());
             r.manifest = Some(seal.manifest.clone());

@@ -320,3 +320,25 @@ fn the_tier_shows_which_hosts_use_a_layer_and_when_it_was_last_used() {
     let ns = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     assert!(r.last_use_ns >= ns(mtime), "{r:?}");
 }
+
+#[test]
+fn a_tier_layer_whose_manifest_does_not_match_its_seal_is_not_adopted() {
+    let h = Hosts::new();
+    let (tier, a, b) = (&h.tier, &h.a, &h.b);
+    let c1 = chain(9);
+    assert!(!a.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap());
+    unpack(a, "a/9/layer", "f", "x\n");
+    assert!(a.publish_shared(NS, "a/9/layer", &c1).unwrap());
+    let manifest = tier
+        .join("layers")
+        .join(c1.trim_start_matches("sha256:"))
+        .join("manifest");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push_str("extra line\n");
+    std::fs::write(&manifest, text).unwrap();
+    assert!(
+        !b.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap(),
+        "a damaged tier layer is unpacked here instead"
+    );
+    assert!(b.record(NS, &c1).is_err(), "no layer made from it");
+}
