@@ -740,3 +740,134 @@ fn kubelet_path_pulls_nothing_the_cluster_has() {
     );
     cri_b.remove_pod(&pod_id).expect("remove the pod");
 }
+
+/// Bytes of the regular files below `dir`, symbolic links not followed (a layer linked to the tier counts
+/// nothing here).
+fn local_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.filter_map(|e| e.ok()) {
+            let Ok(m) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn dockerd_keeps_no_local_copy_of_layers_the_tier_has() {
+    let test = "dockerd_keeps_no_local_copy_of_layers_the_tier_has";
+    if !require_docker(test) {
+        return;
+    }
+    let Some(cl) = setup(test) else { return };
+    let (reference, archive, expect) = cl.image("dockerd", image_mb(4), 7);
+    // Host A's containerd pull publishes every layer.
+    cl.pull(&cl.a, &reference);
+    let published = tier_layers(&cl.tier_b);
+    assert!(archive.chain_ids.iter().all(|c| published.contains(c)));
+
+    // Host D: dockerd 20.10 on a lamina graph driver in the same cluster (the tier through host B's mount).
+    let mut lamina = Lamina::new(&unique_name("tierd"));
+    lamina.use_config(&format!(
+        "[cluster]\ndir = {:?}\nhost_id = \"host-d\"\nlease_secs = {LEASE_SECS}\nheartbeat_secs = 1\n",
+        cl.tier_b
+    ));
+    lamina.spawn();
+    lamina.wait_ready();
+    let d = Dockerd::start(&lamina.name);
+    // dockerd fetches and applies every layer itself (the registry is on 127.0.0.1: plain HTTP is allowed).
+    let t0 = Instant::now();
+    d.ok(&["pull", &reference]);
+    eprintln!("[{test}] docker pull: {:.2} s", t0.elapsed().as_secs_f64());
+    let swapped = log_lines(
+        &lamina.log,
+        &["applied layer stored in the cluster tier instead of a local copy"],
+    );
+    assert_eq!(
+        swapped.len(),
+        archive.chain_ids.len(),
+        "every applied layer became a link to the tier:\n{}",
+        lamina.log_tail()
+    );
+    // Every image layer's content directory is a link into the tier; no second local copy.
+    let layers = lamina.data_root.join("layers");
+    let mut links = BTreeSet::new();
+    for e in fs::read_dir(&layers).unwrap().filter_map(|e| e.ok()) {
+        let diff = e.path().join("diff");
+        if let Ok(target) = fs::read_link(&diff) {
+            assert!(
+                target.starts_with(&cl.tier_b),
+                "{}: {}",
+                diff.display(),
+                target.display()
+            );
+            links.insert(target);
+        }
+    }
+    let want_links: BTreeSet<PathBuf> = archive
+        .chain_ids
+        .iter()
+        .map(|c| {
+            cl.tier_b
+                .join("layers")
+                .join(c.trim_start_matches("sha256:"))
+                .join("diff")
+        })
+        .collect();
+    assert_eq!(links, want_links, "the image's layers link to the tier");
+    let local = local_bytes(&layers);
+    eprintln!(
+        "[{test}] local bytes under the data root's layers: {local} (the image's layers: {})",
+        archive.layer_bytes
+    );
+    assert!(
+        local < archive.layer_bytes / 10,
+        "no second local copy: {local} bytes local for {} bytes of layers",
+        archive.layer_bytes
+    );
+    // A container reads the image's files from the tier.
+    let script =
+        "find /data -type f -exec stat -c '%n %s' {} + | sort; test ! -e /data/l2/gone && echo whiteout-ok";
+    let got = d.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &reference,
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(
+        format!("{got}\n"),
+        format!("{}\nwhiteout-ok\n", expect.join("\n")),
+        "docker run on the tier's layers sees exactly the image's files"
+    );
+    let sum = d.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &reference,
+        "/bin/sh",
+        "-c",
+        "sha256sum /data/l5/f7 | cut -d' ' -f1",
+    ]);
+    let on_a =
+        cl.a.ctrd
+            .run_script(PROXY_NAME, &reference, "sha256sum /data/l5/f7 | cut -d' ' -f1")
+            .unwrap();
+    assert_eq!(sum.trim(), on_a.trim(), "the same content as host A's");
+    // dockerd before its driver.
+    drop(d);
+    drop(lamina);
+}
