@@ -15,6 +15,36 @@ use crate::{lock, now_ns, CreateOptions, LayerKind, Result, Store, StoreError};
 /// How often a Prepare waiting for another host's unpack looks again.
 const POLL: Duration = Duration::from_millis(200);
 
+/// Microseconds taken by the named steps of one call, for a debug line.
+struct Steps {
+    last: Instant,
+    done: Vec<(&'static str, u128)>,
+}
+
+impl Steps {
+    fn new() -> Steps {
+        Steps {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.done.push((step, (now - self.last).as_micros()));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, us)) in self.done.iter().enumerate() {
+            write!(f, "{}{step}={us}us", if i == 0 { "" } else { " " })?;
+        }
+        Ok(())
+    }
+}
+
 /// One layer of the tier, as `lamina layers top --cluster` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TierLayer {
@@ -149,8 +179,11 @@ impl Store {
         hex: &str,
     ) -> Result<bool> {
         let tier = self.tier().expect("tier");
+        let mut steps = Steps::new();
         tier.hold(hex)?;
+        steps.mark("hold");
         let seal = tier.seal(hex)?;
+        steps.mark("seal");
         let tmp = format!("lamina-tier/{hex}/{}", now_ns());
         let opts = CreateOptions {
             parent_kind: Some(LayerKind::ReadOnly),
@@ -164,10 +197,12 @@ impl Store {
             labels.clone(),
             &opts,
         )?;
-        let linked = self
-            .backend
-            .link_content(n, &tier.content(hex))
-            .and_then(|()| tier.copy_manifest(hex, &seal, &self.backend.paths(n).manifest));
+        steps.mark("create");
+        let linked = self.backend.link_content(n, &tier.content(hex)).and_then(|()| {
+            steps.mark("link");
+            tier.copy_manifest(hex, &seal, &self.backend.paths(n).manifest)
+        });
+        steps.mark("manifest");
         if let Err(e) = linked {
             let _ = self.remove(ns, &tmp);
             return Err(e);
@@ -189,6 +224,8 @@ impl Store {
         txn.put_layer(n, &rec)?;
         txn.commit()?;
         drop(guard);
+        steps.mark("commit");
+        debug!(name, steps = %steps, "adoption steps");
         Ok(true)
     }
 
