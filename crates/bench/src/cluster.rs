@@ -36,7 +36,6 @@ use anyhow::Context;
 use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
 use lamina_snapshotter::tonic;
 
-use super::engines::drop_caches;
 use super::engines_ctr::percentile;
 use super::{Ctx, Figure, Unit, Workload};
 use lamina_testkit::cluster::{have_go_containerd, layered_image, pull_with_unpack, push_image, ClusterHost};
@@ -118,6 +117,16 @@ fn master_ops(mfs: &MooseCluster, mnt: &Path) -> anyhow::Result<u64> {
         .with_context(|| format!("no operation counters of {mnt} in: {text}"))
 }
 
+/// Drops the page cache after flushing only the filesystems of `paths` (`sync -f`): a global `sync` waits for
+/// every filesystem of the machine, and one stuck FUSE mount of another job stalls it for good.
+fn drop_caches_of(paths: &[&Path]) -> anyhow::Result<()> {
+    for p in paths {
+        let st = std::process::Command::new("sync").arg("-f").arg(p).status()?;
+        anyhow::ensure!(st.success(), "sync -f {}", p.display());
+    }
+    fs::write("/proc/sys/vm/drop_caches", b"3\n").context("writing /proc/sys/vm/drop_caches (root needed)")
+}
+
 /// Every file below `dir` read to the end: bytes, files.
 fn read_tree(dir: &Path) -> anyhow::Result<(u64, u64)> {
     let (mut bytes, mut files) = (0, 0);
@@ -183,7 +192,7 @@ fn layer_formats(ctx: &Ctx, mfs: &MooseCluster, dir: &Path, figs: &mut Vec<Figur
                 (false, &mut warm, &mut warm_ops),
             ] {
                 if first {
-                    drop_caches()?;
+                    drop_caches_of(&[root, dir])?;
                 }
                 let o = ops()?;
                 let t = Instant::now();
@@ -377,7 +386,20 @@ fn measure(
 
     ctx.say("Prepare of a chain id in the tier, through containerd");
     let chain = archive.chain_ids[0].clone();
+    let log_mark = fs::metadata(&b.lamina.log).map(|m| m.len()).unwrap_or(0);
     let adopt = prepare_p50(ctx, &b.ctrd, PROXY_NAME, &chain, true)?;
+    // Where an adoption's time goes: the steps host B's lamina logs (at debug level) for each.
+    for (step, mut us) in adoption_steps(&b.lamina.log, log_mark) {
+        let p50 = percentile(&mut us, 50.0);
+        push(
+            figs,
+            "Prepare of a chain id in the tier, lamina's steps",
+            "lamina",
+            &format!("{step} p50"),
+            Unit::Micros,
+            vec![p50],
+        );
+    }
     push(
         figs,
         "Prepare of a chain id in the tier",
@@ -411,7 +433,7 @@ fn measure(
     for (subject, d) in [("lamina", &tier_dir), ("lamina-local", &local_dir)] {
         let (mut cold, mut warm) = (Vec::new(), Vec::new());
         for _ in 0..ctx.runs {
-            drop_caches()?;
+            drop_caches_of(&[d, &local_dir])?;
             cold.push(read_mbps(d)?);
             warm.push(read_mbps(d)?);
         }
@@ -478,6 +500,29 @@ fn prepare_p50(
         p50s.push(percentile(&mut times, 50.0));
     }
     Ok(p50s)
+}
+
+/// The `adoption steps` debug lines of a lamina log after byte `from`: each step's microseconds, in order.
+fn adoption_steps(log: &Path, from: u64) -> Vec<(String, Vec<f64>)> {
+    let text = fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default());
+    let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
+    for line in text.lines().filter(|l| l.contains("adoption steps")) {
+        for tok in line.split_whitespace() {
+            let tok = tok.trim_matches('"');
+            let Some((step, us)) = tok.strip_prefix("steps=").unwrap_or(tok).split_once('=') else {
+                continue;
+            };
+            let Some(us) = us.strip_suffix("us").and_then(|u| u.parse::<f64>().ok()) else {
+                continue;
+            };
+            match steps.iter_mut().find(|(s, _)| s == step) {
+                Some((_, v)) => v.push(us),
+                None => steps.push((step.to_string(), vec![us])),
+            }
+        }
+    }
+    steps
 }
 
 /// The first directory below `root` whose path ends with `tail` (symbolic links not followed).

@@ -112,9 +112,11 @@ impl Store {
         let (Some(tier), Some(hex)) = (self.tier(), chain_hex(name)) else {
             return Ok(false);
         };
+        let mut steps = Steps::new();
         if let Some((_, rec)) = self.lookup(ns, name)? {
             return Ok(rec.kind == LayerKind::ReadOnly);
         }
+        steps.mark("lookup");
         let deadline = Instant::now() + tier.options().claim_wait;
         // While another host unpacks, only the layer's name is looked up each poll (one lookup on the metadata
         // server); the claim is tried again now and then, so that a dead host's claim is taken over.
@@ -123,8 +125,9 @@ impl Store {
         let mut next_claim = Instant::now();
         loop {
             if tier.has(hex)? {
+                steps.mark("has");
                 let t0 = Instant::now();
-                let made = match self.link_shared(ns, name, parent, labels, hex) {
+                let made = match self.link_shared(ns, name, parent, labels, hex, &mut steps) {
                     Err(StoreError::CorruptMetadata(e)) => {
                         warn!(chain = name, error = %e, "the tier's layer is damaged; unpacking here");
                         return Ok(false);
@@ -177,9 +180,9 @@ impl Store {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
         hex: &str,
+        steps: &mut Steps,
     ) -> Result<bool> {
         let tier = self.tier().expect("tier");
-        let mut steps = Steps::new();
         tier.hold(hex)?;
         steps.mark("hold");
         let seal = tier.seal(hex)?;
