@@ -284,6 +284,20 @@ impl Tier {
         })?
     }
 
+    /// The seal of layer `hex` when it is published (`None` when it is not): whether it is there and what it
+    /// is in one read (lookup, open and read of `seal.json`), bounded like [`Tier::has`].
+    pub(crate) fn published(&self, hex: &str) -> Result<Option<Seal>> {
+        let path = self.layer_dir(hex).join("seal.json");
+        let what = format!("read {}", path.display());
+        bounded(&what.clone(), move || match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| StoreError::CorruptMetadata(format!("cluster tier: {}: {e}", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(tier_io(what, e)),
+        })?
+    }
+
     /// The seal of a published layer.
     pub(crate) fn seal(&self, hex: &str) -> Result<Seal> {
         let path = self.layer_dir(hex).join("seal.json");
@@ -295,6 +309,12 @@ impl Tier {
     /// Copies the manifest of published layer `hex` to `dest` after checking it against the digest its seal
     /// records (a torn or replaced manifest is refused). The layer's content is not read.
     pub(crate) fn copy_manifest(&self, hex: &str, seal: &Seal, dest: &Path) -> Result<()> {
+        let bytes = self.manifest(hex, seal)?;
+        std::fs::write(dest, &bytes).map_err(|e| tier_io(format!("write {}", dest.display()), e))
+    }
+
+    /// The manifest of published layer `hex`, checked against the digest its seal records.
+    pub(crate) fn manifest(&self, hex: &str, seal: &Seal) -> Result<Vec<u8>> {
         let src = self.layer_dir(hex).join(crate::MANIFEST_FILE);
         let bytes = std::fs::read(&src).map_err(|e| tier_io(format!("read {}", src.display()), e))?;
         let digest = lamina_archive::manifest::digest_of(&bytes);
@@ -305,7 +325,7 @@ impl Tier {
                 seal.manifest
             )));
         }
-        std::fs::write(dest, &bytes).map_err(|e| tier_io(format!("write {}", dest.display()), e))
+        Ok(bytes)
     }
 
     /// Published layers (hex names).

@@ -124,10 +124,17 @@ impl Store {
         let mut waited = false;
         let mut next_claim = Instant::now();
         loop {
-            if tier.has(hex)? {
-                steps.mark("has");
+            let published = match tier.published(hex) {
+                Err(StoreError::CorruptMetadata(e)) => {
+                    warn!(chain = name, error = %e, "the tier's layer is damaged; unpacking here");
+                    return Ok(false);
+                }
+                r => r?,
+            };
+            if let Some(seal) = published {
+                steps.mark("seal");
                 let t0 = Instant::now();
-                let made = match self.link_shared(ns, name, parent, labels, hex, &mut steps) {
+                let made = match self.link_shared(ns, name, parent, labels, hex, seal, &mut steps) {
                     Err(StoreError::CorruptMetadata(e)) => {
                         warn!(chain = name, error = %e, "the tier's layer is damaged; unpacking here");
                         return Ok(false);
@@ -169,10 +176,13 @@ impl Store {
         }
     }
 
-    /// A local committed layer whose content is the tier's layer `hex`: referenced first (so that no
-    /// collection takes it meanwhile), made writable under a temporary name, its content replaced by a link
-    /// to the tier, then frozen under `name` in one transaction. A crash in between leaves an active layer
-    /// under the temporary name, which containerd's collection removes.
+    /// A local committed layer whose content is the tier's layer `hex` (sealed with `seal`): referenced first
+    /// (so that no collection takes it meanwhile), made writable under a temporary name, its content replaced
+    /// by a link to the tier, then frozen under `name` in one transaction. A crash in between leaves an active
+    /// layer under the temporary name, which containerd's collection removes. The reference and the read of
+    /// the tier's manifest (round trips to the shared filesystem's metadata server) run beside the local
+    /// record's creation, and both are done before the layer is frozen under `name`.
+    #[allow(clippy::too_many_arguments)]
     fn link_shared(
         &self,
         ns: &str,
@@ -180,33 +190,53 @@ impl Store {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
         hex: &str,
+        seal: super::Seal,
         steps: &mut Steps,
     ) -> Result<bool> {
         let tier = self.tier().expect("tier");
-        tier.hold(hex)?;
-        steps.mark("hold");
-        let seal = tier.seal(hex)?;
-        steps.mark("seal");
         let tmp = format!("lamina-tier/{hex}/{}", now_ns());
         let opts = CreateOptions {
             parent_kind: Some(LayerKind::ReadOnly),
             max_size: None,
         };
-        let (n, rec) = self.create_layer(
-            ns,
-            &tmp,
-            parent.map(|p| (p, None)),
-            LayerKind::ReadWrite,
-            labels.clone(),
-            &opts,
-        )?;
-        steps.mark("create");
-        let linked = self.backend.link_content(n, &tier.content(hex)).and_then(|()| {
-            steps.mark("link");
-            tier.copy_manifest(hex, &seal, &self.backend.paths(n).manifest)
+        let (created, remote) = std::thread::scope(|s| {
+            let remote = s.spawn(|| {
+                let t0 = Instant::now();
+                tier.hold(hex)?;
+                let held = t0.elapsed();
+                let manifest = tier.manifest(hex, &seal)?;
+                Ok::<_, StoreError>((manifest, held, t0.elapsed() - held))
+            });
+            let created = self.create_layer(
+                ns,
+                &tmp,
+                parent.map(|p| (p, None)),
+                LayerKind::ReadWrite,
+                labels.clone(),
+                &opts,
+            );
+            let linked = match &created {
+                Ok((n, _)) => self.backend.link_content(*n, &tier.content(hex)),
+                Err(_) => Ok(()),
+            };
+            steps.mark("create+link");
+            let remote = remote.join().unwrap_or_else(|_| {
+                Err(StoreError::io(
+                    "cluster tier",
+                    std::io::Error::other("reference thread panicked"),
+                ))
+            });
+            (created, linked.and(remote))
         });
-        steps.mark("manifest");
-        if let Err(e) = linked {
+        let (n, rec) = created?;
+        let written = remote.and_then(|(manifest, held, read)| {
+            steps.done.push(("hold", held.as_micros()));
+            steps.done.push(("manifest", read.as_micros()));
+            let dest = self.backend.paths(n).manifest;
+            std::fs::write(&dest, manifest).map_err(|e| tier_io(format!("write {}", dest.display()), e))
+        });
+        steps.mark("join");
+        if let Err(e) = written {
             let _ = self.remove(ns, &tmp);
             return Err(e);
         }
