@@ -16,6 +16,14 @@
 //!   `lamina`: host B's layer is a link to it, read through the MooseFS mount) and from host A's local copy
 //!   (`lamina-local`, on the scratch filesystem), cold (caches dropped) and warm.
 //!
+//! - **Layer format.** One layer of many small files (10,000 of 1 KiB in 100 directories; `--quick`: 2,000)
+//!   and one big file (64 MiB; `--quick`: 16 MiB), in the tier as a directory tree (copied with `cp -a`,
+//!   renamed into place: subject `tier-dir`) and as one EROFS image (`mkfs.erofs` on the local disk, copied
+//!   into the tier, renamed, attached to a loop device and mounted read-only: subject `tier-erofs`):
+//!   publication time and the master's operations for it (`mfscli -SMO` of a mount used for nothing else),
+//!   the mount of the image, and a read of every file cold (caches dropped) and warm, with its operations.
+//!   Without `mkfs.erofs` (Debian's erofs-utils) the EROFS form records `skipped`.
+//!
 //! Needs root, containerd, MooseFS, docker-registry, Go with containerd's Go sources and this workspace's
 //! `tests/cluster/pull`; without them the workload records a `skipped` figure.
 
@@ -28,7 +36,6 @@ use anyhow::Context;
 use lamina_snapshotter::proto::containerd::services::snapshots::v1 as pb;
 use lamina_snapshotter::tonic;
 
-use super::engines::drop_caches;
 use super::engines_ctr::percentile;
 use super::{Ctx, Figure, Unit, Workload};
 use lamina_testkit::cluster::{have_go_containerd, layered_image, pull_with_unpack, push_image, ClusterHost};
@@ -74,6 +81,10 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     mfs.mount(&mnt_b, "/");
     fs::create_dir_all(mnt_a.join("tier"))?;
     let (tier_a, tier_b) = (mnt_a.join("tier"), mnt_b.join("tier"));
+    let formats = layer_formats(ctx, &mfs, &dir, figs);
+    if let Err(e) = &formats {
+        ctx.say(format!("layer formats: {e:#}"));
+    }
     let registry = Registry::start(&dir.join("registry"));
     let a = ClusterHost::start(&dir.join("a"), &tier_a, "bench-a", 30);
     let b = ClusterHost::start(&dir.join("b"), &tier_b, "bench-b", 30);
@@ -85,7 +96,242 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     drop(a);
     drop(registry);
     drop(mfs);
-    result
+    result.and(formats)
+}
+
+/// The master's operation count (all kinds) of the mount at `mnt` so far this hour (`mfscli -SMO`).
+fn master_ops(mfs: &MooseCluster, mnt: &Path) -> anyhow::Result<u64> {
+    let out = std::process::Command::new("mfscli")
+        .args(["-H", &mfs.master_host(), "-SMO", "-m", "1", "-p", "-s", ";"])
+        .output()
+        .context("mfscli")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mnt = mnt.to_string_lossy();
+    text.lines()
+        .find(|l| l.split(';').any(|f| f == mnt))
+        .and_then(|l| l.rsplit(';').next())
+        .and_then(|t| t.trim().parse().ok())
+        .with_context(|| format!("no operation counters of {mnt} in: {text}"))
+}
+
+/// Drops the page cache after flushing only the filesystems of `paths` (`sync -f`): a global `sync` waits for
+/// every filesystem of the machine, and one stuck FUSE mount of another job stalls it for good.
+fn drop_caches_of(paths: &[&Path]) -> anyhow::Result<()> {
+    for p in paths {
+        let st = std::process::Command::new("sync").arg("-f").arg(p).status()?;
+        anyhow::ensure!(st.success(), "sync -f {}", p.display());
+    }
+    fs::write("/proc/sys/vm/drop_caches", b"3\n").context("writing /proc/sys/vm/drop_caches (root needed)")
+}
+
+/// Every file below `dir` read to the end: bytes, files.
+fn read_tree(dir: &Path) -> anyhow::Result<(u64, u64)> {
+    let (mut bytes, mut files) = (0, 0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
+            let e = e?;
+            let t = e.file_type()?;
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                let mut f = fs::File::open(e.path())?;
+                bytes += std::io::copy(&mut f, &mut std::io::sink())?;
+                files += 1;
+            }
+        }
+    }
+    Ok((bytes, files))
+}
+
+/// The layer-format comparison (module docs): a directory tree against one EROFS image per layer.
+fn layer_formats(ctx: &Ctx, mfs: &MooseCluster, dir: &Path, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
+    let (files, big_mb) = (ctx.pick(2_000usize, 10_000), ctx.pick(16usize, 64));
+    ctx.say(format!(
+        "layer formats: {files} small files and one {big_mb} MiB file"
+    ));
+    let src = dir.join("fmt-src");
+    for i in 0..files {
+        let d = src.join(format!("d{:02}", i % 100));
+        if i < 100 {
+            fs::create_dir_all(&d)?;
+        }
+        fs::write(d.join(format!("f{i}")), vec![(i % 251) as u8; 1024])?;
+    }
+    let chunk = vec![7u8; 1 << 20];
+    let mut big = fs::File::create(src.join("big"))?;
+    for _ in 0..big_mb {
+        std::io::Write::write_all(&mut big, &chunk)?;
+    }
+    drop(big);
+    let mnt = mfs.scratch("mnt-fmt");
+    mfs.mount(&mnt, "/");
+    let tier = mnt.join("fmt");
+    fs::create_dir_all(&tier)?;
+    let case = format!("{files} files of 1 KiB + one {big_mb} MiB file");
+    let ops = || master_ops(mfs, &mnt);
+    let run = |cmd: &mut std::process::Command| -> anyhow::Result<()> {
+        let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    // Reads every file of `root` cold then warm, `runs` times: seconds and the master's operations of each.
+    let reads = |subject: &str, root: &Path, figs: &mut Vec<Figure>| -> anyhow::Result<()> {
+        let (mut cold, mut warm, mut cold_ops, mut warm_ops) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..ctx.runs {
+            for (first, secs, n) in [
+                (true, &mut cold, &mut cold_ops),
+                (false, &mut warm, &mut warm_ops),
+            ] {
+                if first {
+                    drop_caches_of(&[root, dir])?;
+                }
+                let o = ops()?;
+                let t = Instant::now();
+                let (_, read) = read_tree(root)?;
+                secs.push(t.elapsed().as_secs_f64());
+                n.push(ops()?.saturating_sub(o) as f64);
+                anyhow::ensure!(read == files as u64 + 1, "{subject}: read {read} files");
+            }
+        }
+        push(figs, &case, subject, "read all, cold", Unit::Seconds, cold);
+        push(
+            figs,
+            &case,
+            subject,
+            "master ops, cold read",
+            Unit::Count,
+            cold_ops,
+        );
+        push(figs, &case, subject, "read all, warm", Unit::Seconds, warm);
+        push(
+            figs,
+            &case,
+            subject,
+            "master ops, warm read",
+            Unit::Count,
+            warm_ops,
+        );
+        Ok(())
+    };
+
+    // Directory tree.
+    ctx.say("layer formats: directory tree");
+    let o = ops()?;
+    let t = Instant::now();
+    run(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(tier.join("staging-dir")))?;
+    fs::rename(tier.join("staging-dir"), tier.join("dir"))?;
+    push(
+        figs,
+        &case,
+        "tier-dir",
+        "publish",
+        Unit::Seconds,
+        vec![t.elapsed().as_secs_f64()],
+    );
+    push(
+        figs,
+        &case,
+        "tier-dir",
+        "master ops, publish",
+        Unit::Count,
+        vec![ops()?.saturating_sub(o) as f64],
+    );
+    reads("tier-dir", &tier.join("dir"), figs)?;
+    let _ = fs::remove_dir_all(tier.join("dir"));
+
+    // One EROFS image.
+    if lamina_testkit::find_bin("mkfs.erofs").is_none() {
+        push(
+            figs,
+            &case,
+            "tier-erofs",
+            "skipped (no mkfs.erofs)",
+            Unit::Count,
+            vec![0.0],
+        );
+    } else {
+        ctx.say("layer formats: EROFS image");
+        let local = dir.join("fmt.erofs");
+        let o = ops()?;
+        let t = Instant::now();
+        run(std::process::Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg(&local)
+            .arg(&src))?;
+        let made = t.elapsed().as_secs_f64();
+        fs::copy(&local, tier.join("staging.erofs"))?;
+        fs::rename(tier.join("staging.erofs"), tier.join("layer.erofs"))?;
+        push(
+            figs,
+            &case,
+            "tier-erofs",
+            "publish",
+            Unit::Seconds,
+            vec![t.elapsed().as_secs_f64()],
+        );
+        push(
+            figs,
+            &case,
+            "tier-erofs",
+            "mkfs.erofs (part of publish)",
+            Unit::Seconds,
+            vec![made],
+        );
+        push(
+            figs,
+            &case,
+            "tier-erofs",
+            "master ops, publish",
+            Unit::Count,
+            vec![ops()?.saturating_sub(o) as f64],
+        );
+        push(
+            figs,
+            &case,
+            "tier-erofs",
+            "image size",
+            Unit::MiB,
+            vec![fs::metadata(&local)?.len() as f64 / (1 << 20) as f64],
+        );
+        let _ = fs::remove_file(&local);
+        let o = ops()?;
+        let t = Instant::now();
+        let image = lamina_testkit::LoopFs::attach_read_only(
+            &tier.join("layer.erofs"),
+            &dir.join("fmt-erofs-mnt"),
+            "erofs",
+        )
+        .map_err(anyhow::Error::msg)?;
+        push(
+            figs,
+            &case,
+            "tier-erofs",
+            "mount",
+            Unit::Seconds,
+            vec![t.elapsed().as_secs_f64()],
+        );
+        push(
+            figs,
+            &case,
+            "tier-erofs",
+            "master ops, mount",
+            Unit::Count,
+            vec![ops()?.saturating_sub(o) as f64],
+        );
+        reads("tier-erofs", &image.mnt, figs)?;
+        drop(image);
+    }
+    let _ = fs::remove_dir_all(&src);
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -137,7 +383,20 @@ fn measure(
 
     ctx.say("Prepare of a chain id in the tier, through containerd");
     let chain = archive.chain_ids[0].clone();
+    let log_mark = fs::metadata(&b.lamina.log).map(|m| m.len()).unwrap_or(0);
     let adopt = prepare_p50(ctx, &b.ctrd, PROXY_NAME, &chain, true)?;
+    // Where an adoption's time goes: the steps host B's lamina logs (at debug level) for each.
+    for (step, mut us) in adoption_steps(&b.lamina.log, log_mark) {
+        let p50 = percentile(&mut us, 50.0);
+        push(
+            figs,
+            "Prepare of a chain id in the tier, lamina's steps",
+            "lamina",
+            &format!("{step} p50"),
+            Unit::Micros,
+            vec![p50],
+        );
+    }
     push(
         figs,
         "Prepare of a chain id in the tier",
@@ -171,7 +430,7 @@ fn measure(
     for (subject, d) in [("lamina", &tier_dir), ("lamina-local", &local_dir)] {
         let (mut cold, mut warm) = (Vec::new(), Vec::new());
         for _ in 0..ctx.runs {
-            drop_caches()?;
+            drop_caches_of(&[d, &local_dir])?;
             cold.push(read_mbps(d)?);
             warm.push(read_mbps(d)?);
         }
@@ -238,6 +497,29 @@ fn prepare_p50(
         p50s.push(percentile(&mut times, 50.0));
     }
     Ok(p50s)
+}
+
+/// The `adoption steps` debug lines of a lamina log after byte `from`: each step's microseconds, in order.
+fn adoption_steps(log: &Path, from: u64) -> Vec<(String, Vec<f64>)> {
+    let text = fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default());
+    let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
+    for line in text.lines().filter(|l| l.contains("adoption steps")) {
+        for tok in line.split_whitespace() {
+            let tok = tok.trim_matches('"');
+            let Some((step, us)) = tok.strip_prefix("steps=").unwrap_or(tok).split_once('=') else {
+                continue;
+            };
+            let Some(us) = us.strip_suffix("us").and_then(|u| u.parse::<f64>().ok()) else {
+                continue;
+            };
+            match steps.iter_mut().find(|(s, _)| s == step) {
+                Some((_, v)) => v.push(us),
+                None => steps.push((step.to_string(), vec![us])),
+            }
+        }
+    }
+    steps
 }
 
 /// The first directory below `root` whose path ends with `tail` (symbolic links not followed).

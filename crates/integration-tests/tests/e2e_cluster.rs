@@ -394,6 +394,85 @@ fn second_host_pulls_nothing_the_cluster_has() {
     };
     assert_eq!(sum(a), sum(b), "the same content on both hosts");
 
+    // Cluster statistics of use: a container running on host B uses every layer of the image; once it is
+    // gone, no host uses them and both still hold them, with their last use kept.
+    let id = "tier-user";
+    b.ctrd
+        .try_run_in(
+            &b.ctrd.namespace,
+            &["-d"],
+            PROXY_NAME,
+            &reference,
+            id,
+            "sleep 600",
+        )
+        .unwrap_or_else(|e| panic!("ctr run -d on host B: {e}"));
+    let running = Instant::now();
+    let rows = |want_users: usize| {
+        poll(Duration::from_secs(30), || {
+            let top = lamina_cli_json(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"]);
+            let rows: Vec<serde_json::Value> = top
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|l| archive.chain_ids.iter().any(|c| l["chain"] == c.as_str()))
+                .cloned()
+                .collect();
+            let settled = rows.len() == archive.chain_ids.len()
+                && rows
+                    .iter()
+                    .all(|r| r["users"].as_array().map(Vec::len) == Some(want_users));
+            settled.then_some(rows)
+        })
+    };
+    let used = rows(1).unwrap_or_else(|| {
+        panic!(
+            "layers top --cluster on host A shows every layer used by host B: {}",
+            lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"])
+        )
+    });
+    let now_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    };
+    for r in &used {
+        assert_eq!(r["users"][0], "host-b", "{r}");
+        assert_eq!(r["live_hosts"], 2, "{r}");
+        assert!(r["uses"].as_u64() >= Some(1), "{r}");
+        let age_s = now_ns().saturating_sub(r["last_use_ns"].as_u64().unwrap()) as f64 / 1e9;
+        assert!(age_s < 30.0, "a recent last use while the container runs: {r}");
+    }
+    eprintln!(
+        "[{test}] host B's container seen in use after {:.1} s:\n{}",
+        running.elapsed().as_secs_f64(),
+        lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster"])
+    );
+    b.ctrd.ctr_ok(&["task", "rm", "-f", id]);
+    b.ctrd.ctr_ok(&["containers", "rm", id]);
+    let stopped_ns = now_ns();
+    let idle = rows(0).unwrap_or_else(|| {
+        panic!(
+            "layers top --cluster on host A shows no user after the container stopped: {}",
+            lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"])
+        )
+    });
+    for r in &idle {
+        assert_eq!(r["live_hosts"], 2, "both hosts still hold it: {r}");
+        assert_eq!(r["uses"], 0, "{r}");
+        let last = r["last_use_ns"].as_u64().unwrap();
+        // Recorded by the write that found the use ended (the tier's clock counts whole seconds).
+        assert!(
+            last + 2_000_000_000 >= stopped_ns,
+            "the last use is the end of the container's use: {r}"
+        );
+    }
+    eprintln!(
+        "[{test}] after the container stopped:\n{}",
+        lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster"])
+    );
+
     // Garbage collection across hosts. Fresh publications are kept for a lease; wait it out.
     std::thread::sleep(Duration::from_secs(LEASE_SECS + 1));
     let dry = a.gc(true);
@@ -660,4 +739,135 @@ fn kubelet_path_pulls_nothing_the_cluster_has() {
         "host B's CRI container sees exactly the image's files"
     );
     cri_b.remove_pod(&pod_id).expect("remove the pod");
+}
+
+/// Bytes of the regular files below `dir`, symbolic links not followed (a layer linked to the tier counts
+/// nothing here).
+fn local_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.filter_map(|e| e.ok()) {
+            let Ok(m) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn dockerd_keeps_no_local_copy_of_layers_the_tier_has() {
+    let test = "dockerd_keeps_no_local_copy_of_layers_the_tier_has";
+    if !require_docker(test) {
+        return;
+    }
+    let Some(cl) = setup(test) else { return };
+    let (reference, archive, expect) = cl.image("dockerd", image_mb(4), 7);
+    // Host A's containerd pull publishes every layer.
+    cl.pull(&cl.a, &reference);
+    let published = tier_layers(&cl.tier_b);
+    assert!(archive.chain_ids.iter().all(|c| published.contains(c)));
+
+    // Host D: dockerd 20.10 on a lamina graph driver in the same cluster (the tier through host B's mount).
+    let mut lamina = Lamina::new(&unique_name("tierd"));
+    lamina.use_config(&format!(
+        "[cluster]\ndir = {:?}\nhost_id = \"host-d\"\nlease_secs = {LEASE_SECS}\nheartbeat_secs = 1\n",
+        cl.tier_b
+    ));
+    lamina.spawn();
+    lamina.wait_ready();
+    let d = Dockerd::start(&lamina.name);
+    // dockerd fetches and applies every layer itself (the registry is on 127.0.0.1: plain HTTP is allowed).
+    let t0 = Instant::now();
+    d.ok(&["pull", &reference]);
+    eprintln!("[{test}] docker pull: {:.2} s", t0.elapsed().as_secs_f64());
+    let swapped = log_lines(
+        &lamina.log,
+        &["applied layer stored in the cluster tier instead of a local copy"],
+    );
+    assert_eq!(
+        swapped.len(),
+        archive.chain_ids.len(),
+        "every applied layer became a link to the tier:\n{}",
+        lamina.log_tail()
+    );
+    // Every image layer's content directory is a link into the tier; no second local copy.
+    let layers = lamina.data_root.join("layers");
+    let mut links = BTreeSet::new();
+    for e in fs::read_dir(&layers).unwrap().filter_map(|e| e.ok()) {
+        let diff = e.path().join("diff");
+        if let Ok(target) = fs::read_link(&diff) {
+            assert!(
+                target.starts_with(&cl.tier_b),
+                "{}: {}",
+                diff.display(),
+                target.display()
+            );
+            links.insert(target);
+        }
+    }
+    let want_links: BTreeSet<PathBuf> = archive
+        .chain_ids
+        .iter()
+        .map(|c| {
+            cl.tier_b
+                .join("layers")
+                .join(c.trim_start_matches("sha256:"))
+                .join("diff")
+        })
+        .collect();
+    assert_eq!(links, want_links, "the image's layers link to the tier");
+    let local = local_bytes(&layers);
+    eprintln!(
+        "[{test}] local bytes under the data root's layers: {local} (the image's layers: {})",
+        archive.layer_bytes
+    );
+    assert!(
+        local < archive.layer_bytes / 10,
+        "no second local copy: {local} bytes local for {} bytes of layers",
+        archive.layer_bytes
+    );
+    // A container reads the image's files from the tier.
+    let script =
+        "find /data -type f -exec stat -c '%n %s' {} + | sort; test ! -e /data/l2/gone && echo whiteout-ok";
+    let got = d.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &reference,
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(
+        format!("{got}\n"),
+        format!("{}\nwhiteout-ok\n", expect.join("\n")),
+        "docker run on the tier's layers sees exactly the image's files"
+    );
+    let sum = d.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &reference,
+        "/bin/sh",
+        "-c",
+        "sha256sum /data/l5/f7 | cut -d' ' -f1",
+    ]);
+    let on_a =
+        cl.a.ctrd
+            .run_script(PROXY_NAME, &reference, "sha256sum /data/l5/f7 | cut -d' ' -f1")
+            .unwrap();
+    assert_eq!(sum.trim(), on_a.trim(), "the same content as host A's");
+    // dockerd before its driver.
+    drop(d);
+    drop(lamina);
 }

@@ -47,8 +47,9 @@ pub enum LayersCommand {
         /// How many.
         #[arg(short = 'n', long, default_value_t = 10)]
         count: usize,
-        /// The cluster tier's layers instead, by how many live hosts hold them (read from the tier: needs the
-        /// daemon of a host with `[cluster] dir`).
+        /// The cluster tier's layers instead, by how many live hosts hold them and use them (with their
+        /// size, their last use on any host and the holders; read from the tier: needs the daemon of a host
+        /// with `[cluster] dir`).
         #[arg(long)]
         cluster: bool,
     },
@@ -396,17 +397,20 @@ pub fn run_layers(cmd: LayersCommand) -> anyhow::Result<ExitCode> {
                 print_json(&serde_json::to_value(&layers)?)?;
             } else {
                 println!(
-                    "{:<19} {:>10} {:>8} {:>5} {:>5} {:<16} HOSTS",
-                    "CHAIN", "SIZE", "FILES", "LIVE", "ALL", "PUBLISHED BY"
+                    "{:<19} {:>10} {:>8} {:>5} {:>5} {:>5} {:>5} {:<10} {:<16} HOSTS",
+                    "CHAIN", "SIZE", "FILES", "HELD", "ALL", "USED", "USES", "LAST USE", "PUBLISHED BY"
                 );
                 for l in &layers {
                     println!(
-                        "{:<19} {:>10} {:>8} {:>5} {:>5} {:<16} {}",
+                        "{:<19} {:>10} {:>8} {:>5} {:>5} {:>5} {:>5} {:<10} {:<16} {}",
                         l.chain.get(..19).unwrap_or(&l.chain),
                         human(l.bytes),
                         l.inodes,
                         l.live_hosts,
                         l.hosts.len(),
+                        l.users.len(),
+                        l.uses,
+                        ago(l.last_use_ns),
                         l.published_by,
                         l.hosts.join(",")
                     );

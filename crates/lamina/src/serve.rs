@@ -141,7 +141,12 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let admin = crate::admin::spawn(admin_listener, store.clone(), shutdown.flag())?;
-    let housekeeping = spawn_housekeeping(store.clone(), shutdown.flag(), settings.gc_interval)?;
+    let tier_usage = settings
+        .cluster
+        .dir
+        .is_some()
+        .then_some(settings.cluster.heartbeat);
+    let housekeeping = spawn_housekeeping(store.clone(), shutdown.flag(), settings.gc_interval, tier_usage)?;
     let lease_keeper = match &volumes {
         Some(v) => spawn_lease_keeper(v.clone(), shutdown.flag())?,
         None => None,
@@ -285,11 +290,14 @@ fn spawn_lease_keeper(
         .context("starting the volume lease thread")
 }
 
-/// Flushes usage counters every [`STATS_FLUSH`] and runs the periodic garbage collection, until `stop`.
+/// Flushes usage counters every [`STATS_FLUSH`], records this host's use of cluster tier layers every
+/// `tier_usage` (the heartbeat interval; the tier is written only when that use changed) and runs the
+/// periodic garbage collection, until `stop`.
 fn spawn_housekeeping(
     store: Arc<Store>,
     stop: Arc<AtomicBool>,
     gc_interval: Option<Duration>,
+    tier_usage: Option<Duration>,
 ) -> anyhow::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("housekeeping".into())
@@ -297,10 +305,20 @@ fn spawn_housekeeping(
             let tick = Duration::from_millis(100);
             let mut since_flush = Duration::ZERO;
             let mut since_gc = Duration::ZERO;
+            let mut since_usage = Duration::ZERO;
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(tick);
                 since_flush += tick;
                 since_gc += tick;
+                since_usage += tick;
+                if let Some(every) = tier_usage {
+                    if since_usage >= every {
+                        since_usage = Duration::ZERO;
+                        if let Err(e) = store.share_tier_usage() {
+                            warn!(error = %e, "could not record the use of cluster tier layers");
+                        }
+                    }
+                }
                 if since_flush >= STATS_FLUSH {
                     since_flush = Duration::ZERO;
                     if let Err(e) = store.flush_stats() {

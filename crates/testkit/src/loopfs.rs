@@ -75,6 +75,34 @@ impl LoopFs {
         Ok(me)
     }
 
+    /// Attaches an existing filesystem image read-only to a loop device and mounts it read-only on `mnt`
+    /// (created) as `fs_type` (e.g. an EROFS image). Undone like [`LoopFs::create`]'s, the image deleted too.
+    pub fn attach_read_only(image: &Path, mnt: &Path, fs_type: &str) -> Result<LoopFs, String> {
+        register((mnt.to_path_buf(), None, image.to_path_buf()));
+        let mut me = LoopFs {
+            mnt: mnt.to_path_buf(),
+            device: String::new(),
+            image: image.to_path_buf(),
+            fs_type: fs_type.to_string(),
+        };
+        let device = run(Command::new("losetup")
+            .args(["--read-only", "--find", "--show"])
+            .arg(image))?
+        .trim()
+        .to_string();
+        if !device.starts_with("/dev/") {
+            return Err(format!("losetup printed {device:?}, not a device"));
+        }
+        set_device(image, &device);
+        me.device = device;
+        fs::create_dir_all(mnt).map_err(|e| format!("creating {}: {e}", mnt.display()))?;
+        run(Command::new("mount")
+            .args(["-t", fs_type, "-o", "ro"])
+            .arg(&me.device)
+            .arg(mnt))?;
+        Ok(me)
+    }
+
     /// What a power cut leaves: the filesystem is shut down at once without flushing its journal or log
     /// (`xfs_io -x -c shutdown`, the `FS_IOC_SHUTDOWN` ioctl with "no log flush", which ext4 and xfs both
     /// implement): every later write fails, and only what was already on disk survives the next mount.

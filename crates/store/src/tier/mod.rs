@@ -13,6 +13,7 @@
 //! claims/layer/<hex>       a host is unpacking that layer            (lamina-lease)
 //! refs/layer/<hex>/<host>  that host holds the layer                  (lamina-lease)
 //! hosts/<host>, clock/     heartbeats, probes of the filesystem's clock (lamina-lease)
+//! usage/<host>             the tier layers that host uses now and when it last used each (JSON)
 //! ```
 //!
 //! A host sees a layer either whole (after the rename of its staging directory) or not at all. A store links a
@@ -21,13 +22,13 @@
 
 mod store;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lamina_archive::{ApplyOptions, DiffOptions};
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,27 @@ pub(crate) struct Seal {
     pub published_ns: u64,
 }
 
+/// What `usage/<host>` records: the tier layers a host uses (an active layer or a mounted stack of that host
+/// reaches them) and when it last used each, on the tier's clock.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Usage {
+    /// Layers in use at the time of the write (hex), with the number of active layers and mounted stacks
+    /// of the host that reach each.
+    pub uses: BTreeMap<String, u32>,
+    /// Last use of each layer the host used and still holds (unix nanoseconds, the tier's clock): the time of
+    /// the write that found it in use, or that found its use ended.
+    pub last_use_ns: BTreeMap<String, u64>,
+}
+
+/// This host's usage as last written, and whether a write is on its way.
+#[derive(Debug, Default)]
+struct UsageState {
+    written: Option<Usage>,
+    busy: bool,
+    /// Local time of the previous call (unix nanoseconds): layers used since count as used again.
+    since_ns: u64,
+}
+
 /// The tier as one host sees it.
 #[derive(Debug)]
 pub(crate) struct Tier {
@@ -73,9 +95,10 @@ pub(crate) struct Tier {
     /// This host's claims on layers it is unpacking, until their publication.
     claims: Mutex<HashMap<String, Claim>>,
     seq: AtomicU64,
+    usage: std::sync::Arc<Mutex<UsageState>>,
 }
 
-const SUBDIRS: [&str; 3] = ["layers", "staging", "trash"];
+const SUBDIRS: [&str; 4] = ["layers", "staging", "trash", "usage"];
 
 /// `sha256:<64 hex>` → `<hex>`.
 pub(crate) fn chain_hex(chain: &str) -> Option<&str> {
@@ -156,10 +179,19 @@ impl Tier {
                 }
             }
         }
+        let own_tmp = format!(".tmp-{}-", opts.lease.host());
+        if let Ok(rd) = std::fs::read_dir(opts.dir.join("usage")) {
+            for e in rd.filter_map(|e| e.ok()) {
+                if e.file_name().to_string_lossy().starts_with(&own_tmp) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(Tier {
             opts,
             claims: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
+            usage: Default::default(),
         })
     }
 
@@ -252,12 +284,48 @@ impl Tier {
         })?
     }
 
+    /// The seal of layer `hex` when it is published (`None` when it is not): whether it is there and what it
+    /// is in one read (lookup, open and read of `seal.json`), bounded like [`Tier::has`].
+    pub(crate) fn published(&self, hex: &str) -> Result<Option<Seal>> {
+        let path = self.layer_dir(hex).join("seal.json");
+        let what = format!("read {}", path.display());
+        bounded(&what.clone(), move || match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| StoreError::CorruptMetadata(format!("cluster tier: {}: {e}", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(tier_io(what, e)),
+        })?
+    }
+
     /// The seal of a published layer.
     pub(crate) fn seal(&self, hex: &str) -> Result<Seal> {
         let path = self.layer_dir(hex).join("seal.json");
         let bytes = std::fs::read(&path).map_err(|e| tier_io(format!("read {}", path.display()), e))?;
         serde_json::from_slice(&bytes)
             .map_err(|e| StoreError::CorruptMetadata(format!("cluster tier: {}: {e}", path.display())))
+    }
+
+    /// Copies the manifest of published layer `hex` to `dest` after checking it against the digest its seal
+    /// records (a torn or replaced manifest is refused). The layer's content is not read.
+    pub(crate) fn copy_manifest(&self, hex: &str, seal: &Seal, dest: &Path) -> Result<()> {
+        let bytes = self.manifest(hex, seal)?;
+        std::fs::write(dest, &bytes).map_err(|e| tier_io(format!("write {}", dest.display()), e))
+    }
+
+    /// The manifest of published layer `hex`, checked against the digest its seal records.
+    pub(crate) fn manifest(&self, hex: &str, seal: &Seal) -> Result<Vec<u8>> {
+        let src = self.layer_dir(hex).join(crate::MANIFEST_FILE);
+        let bytes = std::fs::read(&src).map_err(|e| tier_io(format!("read {}", src.display()), e))?;
+        let digest = lamina_archive::manifest::digest_of(&bytes);
+        if digest != seal.manifest {
+            return Err(StoreError::CorruptMetadata(format!(
+                "cluster tier: {}: digest {digest}, its seal records {}",
+                src.display(),
+                seal.manifest
+            )));
+        }
+        Ok(bytes)
     }
 
     /// Published layers (hex names).
@@ -340,6 +408,83 @@ impl Tier {
             debug!(error = %e, "syncfs of the tier staging directory");
         }
         Ok(())
+    }
+
+    /// The local time (unix nanoseconds) of the previous [`Tier::share_usage`] call; this call's is `now`.
+    pub(crate) fn usage_since(&self, now: u64) -> u64 {
+        let mut st = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut st.since_ns, now)
+    }
+
+    /// Records in `usage/<host>` that this host uses the layers `uses` now (hex → active layers and mounted
+    /// stacks reaching each) and used the layers `recent` since the previous call (a mount brought up and
+    /// gone between two calls); `held` are the layers it holds (the last uses of others are forgotten).
+    /// Writes only when the layers in use or their counts changed, or a layer was used since the previous
+    /// call: a temporary file is created (its mtime is the tier's clock, the time recorded), written and
+    /// renamed over the host's file. Gives whether it wrote. A write still stuck in the filesystem (its
+    /// metadata server down) makes the next calls skip until it returns.
+    pub(crate) fn share_usage(
+        &self,
+        uses: BTreeMap<String, u32>,
+        recent: BTreeSet<String>,
+        held: &HashSet<String>,
+    ) -> Result<bool> {
+        let previous = {
+            let mut st = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            let same = st.written.as_ref().is_some_and(|w| w.uses == uses);
+            if st.busy || (same && recent.is_empty()) {
+                return Ok(false);
+            }
+            st.busy = true;
+            st.written.clone()
+        };
+        let dir = self.opts.dir.join("usage");
+        let tmp = dir.join(format!(
+            ".tmp-{}-{}-{}",
+            self.host(),
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::SeqCst)
+        ));
+        let target = dir.join(self.host());
+        let state = self.usage.clone();
+        let held = held.clone();
+        let done = bounded("record layer use", move || {
+            let result = write_usage(&tmp, &target, previous.unwrap_or_default(), uses, recent, &held);
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            st.busy = false;
+            match result {
+                Ok(u) => {
+                    st.written = Some(u);
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    Err(e)
+                }
+            }
+        })?;
+        done.map(|()| true)
+    }
+
+    /// Every host's usage file with its mtime (hosts whose file is unreadable are left out).
+    pub(crate) fn usages(&self) -> Result<Vec<(String, Usage, SystemTime)>> {
+        let dir = self.opts.dir.join("usage");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(|e| tier_io(format!("read {}", dir.display()), e))? {
+            let Ok(e) = e else { continue };
+            let host = e.file_name().to_string_lossy().into_owned();
+            if host.starts_with('.') {
+                continue;
+            }
+            let read = std::fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Usage>(&b).ok());
+            let mtime = e.metadata().and_then(|m| m.modified()).ok();
+            if let (Some(u), Some(t)) = (read, mtime) {
+                out.push((host, u, t));
+            }
+        }
+        Ok(out)
     }
 
     /// Garbage of the tier: published layers that no live host holds (`held` are the layers this host holds),
@@ -456,6 +601,48 @@ impl Tier {
         let _ = self.unhold(hex);
         Ok(())
     }
+}
+
+/// Writes the usage `uses` to a new file `tmp`, its time the file's mtime (the tier's clock), and renames it
+/// over `target`. The last use of a layer in use now, used since the previous call (`recent`), or in use at
+/// the previous write and not now, is that time; the others keep theirs, while held.
+fn write_usage(
+    tmp: &Path,
+    target: &Path,
+    previous: Usage,
+    uses: BTreeMap<String, u32>,
+    recent: BTreeSet<String>,
+    held: &HashSet<String>,
+) -> Result<Usage> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(|e| tier_io(format!("create {}", tmp.display()), e))?;
+    let now = f
+        .metadata()
+        .and_then(|m| m.modified())
+        .map_err(|e| tier_io(format!("stat {}", tmp.display()), e))?;
+    let now_ns = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let mut last = previous.last_use_ns;
+    for hex in previous.uses.keys().chain(uses.keys()).chain(recent.iter()) {
+        last.insert(hex.clone(), now_ns);
+    }
+    last.retain(|hex, _| held.contains(hex) || uses.contains_key(hex));
+    let usage = Usage {
+        uses,
+        last_use_ns: last,
+    };
+    let bytes = serde_json::to_vec(&usage).unwrap_or_default();
+    f.write_all(&bytes)
+        .map_err(|e| tier_io(format!("write {}", tmp.display()), e))?;
+    drop(f);
+    std::fs::rename(tmp, target).map_err(|e| tier_io(format!("rename to {}", target.display()), e))?;
+    Ok(usage)
 }
 
 /// What a piece of tier garbage is.

@@ -15,6 +15,36 @@ use crate::{lock, now_ns, CreateOptions, LayerKind, Result, Store, StoreError};
 /// How often a Prepare waiting for another host's unpack looks again.
 const POLL: Duration = Duration::from_millis(200);
 
+/// Microseconds taken by the named steps of one call, for a debug line.
+struct Steps {
+    last: Instant,
+    done: Vec<(&'static str, u128)>,
+}
+
+impl Steps {
+    fn new() -> Steps {
+        Steps {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.done.push((step, (now - self.last).as_micros()));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, us)) in self.done.iter().enumerate() {
+            write!(f, "{}{step}={us}us", if i == 0 { "" } else { " " })?;
+        }
+        Ok(())
+    }
+}
+
 /// One layer of the tier, as `lamina layers top --cluster` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TierLayer {
@@ -32,6 +62,17 @@ pub struct TierLayer {
     pub published_by: String,
     /// When (unix nanoseconds).
     pub published_ns: u64,
+    /// Live hosts that use it now: an active layer (a container's, a view) or a mounted stack of theirs
+    /// reaches it.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Active layers and mounted stacks reaching it, summed over the live hosts that use it.
+    #[serde(default)]
+    pub uses: u64,
+    /// Its last use by any host (unix nanoseconds, the tier's clock; 0: never seen in use): the time of the
+    /// tier's reading for a layer in use on a live host, else the last time a host recorded it in use.
+    #[serde(default)]
+    pub last_use_ns: u64,
 }
 
 /// The tier as `lamina layers top --cluster` and the status show it.
@@ -71,9 +112,11 @@ impl Store {
         let (Some(tier), Some(hex)) = (self.tier(), chain_hex(name)) else {
             return Ok(false);
         };
+        let mut steps = Steps::new();
         if let Some((_, rec)) = self.lookup(ns, name)? {
             return Ok(rec.kind == LayerKind::ReadOnly);
         }
+        steps.mark("lookup");
         let deadline = Instant::now() + tier.options().claim_wait;
         // While another host unpacks, only the layer's name is looked up each poll (one lookup on the metadata
         // server); the claim is tried again now and then, so that a dead host's claim is taken over.
@@ -81,9 +124,23 @@ impl Store {
         let mut waited = false;
         let mut next_claim = Instant::now();
         loop {
-            if tier.has(hex)? {
+            let published = match tier.published(hex) {
+                Err(StoreError::CorruptMetadata(e)) => {
+                    warn!(chain = name, error = %e, "the tier's layer is damaged; unpacking here");
+                    return Ok(false);
+                }
+                r => r?,
+            };
+            if let Some(seal) = published {
+                steps.mark("seal");
                 let t0 = Instant::now();
-                let made = self.link_shared(ns, name, parent, labels, hex)?;
+                let made = match self.link_shared(ns, name, parent, labels, hex, seal, &mut steps) {
+                    Err(StoreError::CorruptMetadata(e)) => {
+                        warn!(chain = name, error = %e, "the tier's layer is damaged; unpacking here");
+                        return Ok(false);
+                    }
+                    r => r?,
+                };
                 debug!(
                     ns,
                     name,
@@ -119,10 +176,13 @@ impl Store {
         }
     }
 
-    /// A local committed layer whose content is the tier's layer `hex`: referenced first (so that no
-    /// collection takes it meanwhile), made writable under a temporary name, its content replaced by a link
-    /// to the tier, then frozen under `name` in one transaction. A crash in between leaves an active layer
-    /// under the temporary name, which containerd's collection removes.
+    /// A local committed layer whose content is the tier's layer `hex` (sealed with `seal`): referenced first
+    /// (so that no collection takes it meanwhile), made writable under a temporary name, its content replaced
+    /// by a link to the tier, then frozen under `name` in one transaction. A crash in between leaves an active
+    /// layer under the temporary name, which containerd's collection removes. The reference and the read of
+    /// the tier's manifest (round trips to the shared filesystem's metadata server) run beside the local
+    /// record's creation, and both are done before the layer is frozen under `name`.
+    #[allow(clippy::too_many_arguments)]
     fn link_shared(
         &self,
         ns: &str,
@@ -130,30 +190,53 @@ impl Store {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
         hex: &str,
+        seal: super::Seal,
+        steps: &mut Steps,
     ) -> Result<bool> {
         let tier = self.tier().expect("tier");
-        tier.hold(hex)?;
-        let seal = tier.seal(hex)?;
         let tmp = format!("lamina-tier/{hex}/{}", now_ns());
         let opts = CreateOptions {
             parent_kind: Some(LayerKind::ReadOnly),
             max_size: None,
         };
-        let (n, rec) = self.create_layer(
-            ns,
-            &tmp,
-            parent.map(|p| (p, None)),
-            LayerKind::ReadWrite,
-            labels.clone(),
-            &opts,
-        )?;
-        let linked = self.backend.link_content(n, &tier.content(hex)).and_then(|()| {
-            let paths = self.backend.paths(n);
-            std::fs::copy(tier.layer_dir(hex).join(crate::MANIFEST_FILE), &paths.manifest)
-                .map(|_| ())
-                .map_err(|e| tier_io("copy manifest", e))
+        let (created, remote) = std::thread::scope(|s| {
+            let remote = s.spawn(|| {
+                let t0 = Instant::now();
+                tier.hold(hex)?;
+                let held = t0.elapsed();
+                let manifest = tier.manifest(hex, &seal)?;
+                Ok::<_, StoreError>((manifest, held, t0.elapsed() - held))
+            });
+            let created = self.create_layer(
+                ns,
+                &tmp,
+                parent.map(|p| (p, None)),
+                LayerKind::ReadWrite,
+                labels.clone(),
+                &opts,
+            );
+            let linked = match &created {
+                Ok((n, _)) => self.backend.link_content(*n, &tier.content(hex)),
+                Err(_) => Ok(()),
+            };
+            steps.mark("create+link");
+            let remote = remote.join().unwrap_or_else(|_| {
+                Err(StoreError::io(
+                    "cluster tier",
+                    std::io::Error::other("reference thread panicked"),
+                ))
+            });
+            (created, linked.and(remote))
         });
-        if let Err(e) = linked {
+        let (n, rec) = created?;
+        let written = remote.and_then(|(manifest, held, read)| {
+            steps.done.push(("hold", held.as_micros()));
+            steps.done.push(("manifest", read.as_micros()));
+            let dest = self.backend.paths(n).manifest;
+            std::fs::write(&dest, manifest).map_err(|e| tier_io(format!("write {}", dest.display()), e))
+        });
+        steps.mark("join");
+        if let Err(e) = written {
             let _ = self.remove(ns, &tmp);
             return Err(e);
         }
@@ -174,6 +257,8 @@ impl Store {
         txn.put_layer(n, &rec)?;
         txn.commit()?;
         drop(guard);
+        steps.mark("commit");
+        debug!(name, steps = %steps, "adoption steps");
         Ok(true)
     }
 
@@ -243,8 +328,7 @@ impl Store {
             return Ok(false);
         }
         let paths = self.backend.paths(n);
-        std::fs::copy(tier.layer_dir(&hex).join(crate::MANIFEST_FILE), &paths.manifest)
-            .map_err(|e| tier_io("copy manifest", e))?;
+        tier.copy_manifest(&hex, &seal, &paths.manifest)?;
         self.update_record(n, |r| {
             r.shared = Some(chain.clone());
             r.manifest = Some(seal.manifest.clone());
@@ -305,6 +389,54 @@ impl Store {
             .collect())
     }
 
+    /// Records in the tier which of its layers this host uses now: for each layer it holds from the tier,
+    /// the number of its active layers (containerd's active snapshots and views) and mounted stacks (any
+    /// layer mounted through [`Store::get`]) that reach it; and which it used since the previous call (a
+    /// stack brought up and gone meanwhile, seen in the layers' usage counters). Meant to be called every
+    /// heartbeat interval: the tier is written only when the layers in use changed or a layer was used since
+    /// the previous call (at most one small file write per call, none while nothing happens). Gives whether
+    /// it wrote.
+    pub fn share_tier_usage(&self) -> Result<bool> {
+        let Some(tier) = self.tier() else {
+            return Ok(false);
+        };
+        let since = tier.usage_since(now_ns());
+        let records = self.list()?;
+        let shared: HashMap<u64, String> = records
+            .iter()
+            .filter_map(|(n, r)| {
+                let hex = chain_hex(r.shared.as_deref()?)?;
+                Some((*n, hex.to_string()))
+            })
+            .collect();
+        let mut uses: BTreeMap<String, u32> = BTreeMap::new();
+        if !shared.is_empty() {
+            for (n, rec) in &records {
+                // Docker's writable layers exist while their container does, mounted or not: only its
+                // mounts count; containerd mounts its active snapshots itself, so their existence counts.
+                let active = matches!(rec.kind, LayerKind::ReadWrite | LayerKind::View)
+                    && !rec.ns.starts_with("docker:");
+                if !active && self.slots.mounts(*n) == 0 {
+                    continue;
+                }
+                let mut reached = vec![*n];
+                reached.extend(self.chain(rec)?);
+                for m in reached {
+                    if let Some(hex) = shared.get(&m) {
+                        *uses.entry(hex.clone()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let recent: std::collections::BTreeSet<String> = shared
+            .iter()
+            .filter(|(n, _)| self.slots.counts(**n).0.last_used_ns > since.max(1))
+            .map(|(_, hex)| hex.clone())
+            .collect();
+        let held: HashSet<String> = shared.into_values().collect();
+        tier.share_usage(uses, recent, &held)
+    }
+
     /// The tier's figures.
     pub fn tier_summary(&self) -> Result<Option<TierSummary>> {
         let Some(tier) = self.tier() else {
@@ -338,9 +470,42 @@ impl Store {
             .map_err(super::lease_err)?
             .into_iter()
             .collect();
+        let live: HashSet<String> = tier
+            .lease()
+            .hosts()
+            .map_err(super::lease_err)?
+            .into_iter()
+            .filter(|h| h.alive)
+            .map(|h| h.host.as_str().to_string())
+            .collect();
+        let usages = tier.usages()?;
+        let now_ns = if usages.iter().any(|(_, u, _)| !u.uses.is_empty()) {
+            let now = tier.lease().now().map_err(super::lease_err)?;
+            u64::try_from(
+                now.duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos(),
+            )
+            .unwrap_or(u64::MAX)
+        } else {
+            0
+        };
         let mut out = Vec::new();
         for hex in tier.layers()? {
             let seal = tier.seal(&hex).ok();
+            let (mut users, mut uses, mut last_use_ns) = (Vec::new(), 0u64, 0u64);
+            for (host, u, _) in &usages {
+                let alive = live.contains(host);
+                if let Some(n) = u.uses.get(&hex).filter(|_| alive) {
+                    users.push(host.clone());
+                    uses += u64::from(*n);
+                    last_use_ns = last_use_ns.max(now_ns);
+                }
+                if let Some(t) = u.last_use_ns.get(&hex) {
+                    last_use_ns = last_use_ns.max(*t);
+                }
+            }
+            users.sort();
             let mut hosts: Vec<(String, bool)> = holders
                 .remove(&hex)
                 .unwrap_or_default()
@@ -356,9 +521,12 @@ impl Store {
                 hosts: hosts.into_iter().map(|(h, _)| h).collect(),
                 published_by: seal.as_ref().map(|s| s.host.clone()).unwrap_or_default(),
                 published_ns: seal.map(|s| s.published_ns).unwrap_or(0),
+                users,
+                uses,
+                last_use_ns,
             });
         }
-        out.sort_by_key(|l| std::cmp::Reverse((l.live_hosts, l.bytes)));
+        out.sort_by_key(|l| std::cmp::Reverse((l.live_hosts, l.users.len(), l.bytes)));
         Ok(Some(out))
     }
 

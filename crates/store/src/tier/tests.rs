@@ -269,3 +269,76 @@ fn an_abandoned_unpack_releases_its_claim_at_once() {
         t0.elapsed()
     );
 }
+
+#[test]
+fn the_tier_shows_which_hosts_use_a_layer_and_when_it_was_last_used() {
+    let h = Hosts::new();
+    let (tier, a, b) = (&h.tier, &h.a, &h.b);
+    let c1 = chain(7);
+    assert!(!a.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap());
+    unpack(a, "a/7/layer", "f", "x\n");
+    assert!(a.publish_shared(NS, "a/7/layer", &c1).unwrap());
+    assert!(b.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap());
+    let row = |s: &Store| {
+        s.tier_layers()
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.chain == c1)
+            .unwrap()
+    };
+    // Nothing runs on it yet: held by both, used by none; nothing to write.
+    assert!(
+        b.share_tier_usage().unwrap(),
+        "the first call writes the (empty) usage"
+    );
+    assert!(!b.share_tier_usage().unwrap(), "unchanged: no write");
+    let r = row(a);
+    assert_eq!((r.live_hosts, r.users.len(), r.last_use_ns), (2, 0, 0), "{r:?}");
+
+    // A container on host B: its active layer reaches the tier layer.
+    b.create(NS, "ctr-1", Some(&c1), LayerKind::ReadWrite, BTreeMap::new())
+        .unwrap();
+    assert!(b.share_tier_usage().unwrap());
+    assert!(!b.share_tier_usage().unwrap(), "written once per change");
+    assert!(tier.join("usage/b").exists());
+    let r = row(a);
+    assert_eq!(r.users, vec!["b".to_string()], "{r:?}");
+    assert_eq!(r.uses, 1);
+    assert!(r.last_use_ns > 0);
+    let mtime = std::fs::metadata(tier.join("usage/b"))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    // The container goes: used by none, held by both, its last use kept.
+    b.remove(NS, "ctr-1").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(b.share_tier_usage().unwrap());
+    let r = row(a);
+    assert_eq!((r.live_hosts, r.users.len(), r.uses), (2, 0, 0), "{r:?}");
+    let ns = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    assert!(r.last_use_ns >= ns(mtime), "{r:?}");
+}
+
+#[test]
+fn a_tier_layer_whose_manifest_does_not_match_its_seal_is_not_adopted() {
+    let h = Hosts::new();
+    let (tier, a, b) = (&h.tier, &h.a, &h.b);
+    let c1 = chain(9);
+    assert!(!a.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap());
+    unpack(a, "a/9/layer", "f", "x\n");
+    assert!(a.publish_shared(NS, "a/9/layer", &c1).unwrap());
+    let manifest = tier
+        .join("layers")
+        .join(c1.trim_start_matches("sha256:"))
+        .join("manifest");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push_str("extra line\n");
+    std::fs::write(&manifest, text).unwrap();
+    assert!(
+        !b.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap(),
+        "a damaged tier layer is unpacked here instead"
+    );
+    assert!(b.record(NS, &c1).is_err(), "no layer made from it");
+}
