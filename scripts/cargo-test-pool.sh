@@ -10,7 +10,8 @@
 # the daemon-starting tests still run one at a time (testkit::serial).
 #
 # The binaries that took longest in the previous run start first (times kept in
-# <target>/lamina-test-times.tsv; on a first run the e2e, reliability and bench tiers start first).
+# <target>/lamina-test-times.tsv; on a first run, the slowest of a CI run, then the other e2e, reliability and
+# bench tiers).
 # A binary's output goes to <target>/test-logs/<name>.log and is printed in full when it fails.
 #
 # Usage: scripts/cargo-test-pool.sh [SUMMARY_FILE]
@@ -59,7 +60,13 @@ for line in sys.stdin:
 [[ -s $LIST ]] || { echo "cargo-test-pool: no test executables" >&2; exit 1; }
 
 # ---- order: longest first -----------------------------------------------------------------------
-declare -A WEIGHT=()
+# Without a previous run: the slowest binaries of a CI run on an idle 2-core machine, in seconds.
+declare -A WEIGHT=(
+    [integration-tests/tests/e2e_rbd_layers.rs]=143 [integration-tests/tests/e2e_packaging.rs]=99
+    [integration-tests/tests/e2e_rbd_volumes.rs]=92 [integration-tests/tests/e2e_docker.rs]=92
+    [integration-tests/tests/bench_quick.rs]=78 [integration-tests/tests/e2e_cluster.rs]=73
+    [integration-tests/tests/reliability_powercut.rs]=46
+)
 if [[ -f $TIMES ]]; then
     while IFS=$'\t' read -r n s; do WEIGHT[$n]=$s; done <"$TIMES"
 fi
@@ -67,7 +74,7 @@ weight() {
     if [[ -n ${WEIGHT[$1]:-} ]]; then
         echo "${WEIGHT[$1]}"
     elif [[ $1 == */e2e_* || $1 == */reliability_* || $1 == */bench_* ]]; then
-        echo 60
+        echo 20
     else
         echo 1
     fi
