@@ -17,13 +17,15 @@
 # Usage: scripts/cargo-test-pool.sh [SUMMARY_FILE]
 #   Appends one line per binary ("<name> <seconds>s test result: ...") to SUMMARY_FILE (default: stdout
 #   at the end). Exits non-zero when any binary fails, after all have run.
-# Environment: JOBS (3), CARGO_TARGET_DIR, and whatever the tests read (CI, LAMINA_E2E_*).
+# Environment: JOBS (3), TEST_TIMEOUT (1800: seconds a binary may run), CARGO_TARGET_DIR, and whatever the
+# tests read (CI, LAMINA_E2E_*).
 set -euo pipefail
 export LC_ALL=C
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 JOBS=${JOBS:-3}
+TEST_TIMEOUT=${TEST_TIMEOUT:-1800}
 SUMMARY=${1:-}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 LOGS=$TARGET/test-logs
@@ -99,7 +101,8 @@ run_one() {
     if [[ $n == "$DOC" ]]; then
         cargo test --workspace --doc >"$log" 2>&1
     else
-        (cd "${DIR[$n]}" && CARGO_MANIFEST_DIR=${DIR[$n]} exec "${EXE[$n]}") >"$log" 2>&1
+        # A binary that hangs (say, a tool blocked on a dead FUSE mount) fails after TEST_TIMEOUT seconds.
+        (cd "${DIR[$n]}" && CARGO_MANIFEST_DIR=${DIR[$n]} exec timeout --kill-after=30 "$TEST_TIMEOUT" "${EXE[$n]}") >"$log" 2>&1
     fi
 }
 
