@@ -12,7 +12,9 @@
 # The binaries that took longest in the previous run start first (times kept in
 # <target>/lamina-test-times.tsv; on a first run, the slowest of a CI run, then the other e2e, reliability and
 # bench tiers).
-# A binary's output goes to <target>/test-logs/<name>.log and is printed in full when it fails.
+# The two binaries that assert call latencies under load they make themselves (e2e_protocol,
+# reliability_protocol) run alone after the others. A binary's output goes to <target>/test-logs/<name>.log
+# and is printed in full when it fails.
 #
 # Usage: scripts/cargo-test-pool.sh [SUMMARY_FILE]
 #   Appends one line per binary ("<name> <seconds>s test result: ...") to SUMMARY_FILE (default: stdout
@@ -81,6 +83,15 @@ weight() {
         echo 1
     fi
 }
+# Binaries that assert how long a call takes under load they make themselves: run alone, after the others.
+SOLO=(integration-tests/tests/e2e_protocol.rs integration-tests/tests/reliability_protocol.rs)
+is_solo() {
+    local s
+    for s in "${SOLO[@]}"; do
+        if [[ $1 == "$s" ]]; then return 0; fi
+    done
+    return 1
+}
 declare -a ORDER=()
 declare -A DIR=() EXE=()
 while IFS=$'\t' read -r n d e; do
@@ -89,8 +100,13 @@ while IFS=$'\t' read -r n d e; do
 done <"$LIST"
 DOC="doc tests"
 while IFS=$'\t' read -r _ n; do ORDER+=("$n"); done < <(
-    { for n in "${!EXE[@]}" "$DOC"; do printf '%s\t%s\n' "$(weight "$n")" "$n"; done; } | sort -t$'\t' -k1,1nr -k2,2
+    { for n in "${!EXE[@]}" "$DOC"; do is_solo "$n" || printf '%s\t%s\n' "$(weight "$n")" "$n"; done; } |
+        sort -t$'\t' -k1,1nr -k2,2
 )
+ALONE=()
+for n in "${SOLO[@]}"; do
+    if [[ -n ${EXE[$n]:-} ]]; then ALONE+=("$n"); fi
+done
 
 # ---- the pool -----------------------------------------------------------------------------------
 log_of() { printf '%s/%s.log' "$LOGS" "$(printf '%s' "$1" | tr -c 'A-Za-z0-9_.-' '_')"; }
@@ -133,7 +149,7 @@ finish() {
     fi
 }
 
-say "running ${#ORDER[@]} test jobs, $JOBS at a time (logs in $LOGS)"
+say "running ${#ORDER[@]} test jobs, $JOBS at a time, then ${#ALONE[@]} alone (logs in $LOGS)"
 : >"$RESULTS.times"
 next=0
 while ((next < ${#ORDER[@]})) || ((${#PID_NAME[@]} > 0)); do
@@ -149,6 +165,17 @@ while ((next < ${#ORDER[@]})) || ((${#PID_NAME[@]} > 0)); do
     rc=$?
     set -e
     finish "$done_pid" "$rc"
+done
+for n in "${ALONE[@]}"; do
+    say "alone: $n"
+    BEGAN[$n]=$(date +%s)
+    run_one "$n" &
+    PID_NAME[$!]=$n
+    set +e
+    wait "$!"
+    rc=$?
+    set -e
+    finish "$!" "$rc"
 done
 
 # The times of this run order the next one.
