@@ -81,22 +81,21 @@ impl Store {
         let mut waited = false;
         let mut next_claim = Instant::now();
         loop {
-            let mut in_tier = tier.has(hex)?;
-            if !in_tier && Instant::now() >= next_claim {
+            if tier.has(hex)? {
+                let t0 = Instant::now();
+                let made = self.link_shared(ns, name, parent, labels, hex)?;
+                debug!(
+                    ns,
+                    name,
+                    us = t0.elapsed().as_micros() as u64,
+                    waited,
+                    "layer taken from the cluster tier"
+                );
+                return Ok(made);
+            }
+            if Instant::now() >= next_claim {
                 match tier.claim(hex)? {
-                    // The holder may have published and released between the look-up above and the claim:
-                    // look again now that nobody else can be publishing it.
-                    Claimed::Taken => match tier.has(hex) {
-                        Ok(false) => return Ok(false),
-                        Ok(true) => {
-                            tier.release(hex);
-                            in_tier = true;
-                        }
-                        Err(e) => {
-                            tier.release(hex);
-                            return Err(e);
-                        }
-                    },
+                    Claimed::Taken => return Ok(false),
                     Claimed::HeldBy(host) => {
                         if !waited {
                             info!(
@@ -108,18 +107,6 @@ impl Store {
                     }
                 }
                 next_claim = Instant::now() + claim_every;
-            }
-            if in_tier {
-                let t0 = Instant::now();
-                let made = self.link_shared(ns, name, parent, labels, hex)?;
-                debug!(
-                    ns,
-                    name,
-                    us = t0.elapsed().as_micros() as u64,
-                    waited,
-                    "layer taken from the cluster tier"
-                );
-                return Ok(made);
             }
             if Instant::now() >= deadline {
                 warn!(
