@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test tier of lamina, in this order:
-#   1. cargo fmt --check            4. cargo test --workspace (unit, protocol and e2e tiers)
+#   1. cargo fmt --check            4. cargo test --workspace (unit, protocol and e2e tiers), its test binaries
+#                                      run side by side by scripts/cargo-test-pool.sh
 #   2. cargo clippy -D warnings     5. containerd's snapshotter conformance suite (Go, scripts/conformance.sh)
 #   3. one cargo build of all targets, reused by the tiers (it also builds target/debug/lamina with its
 #      fault points and lamina-bench, which crates/integration-tests starts)
@@ -9,8 +10,8 @@
 # sources, busybox-static, btrfs-progs and xfsprogs for the quota and benchmark filesystems, MooseFS) with
 # apt-get. The e2e tiers (crates/integration-tests) need root: they start their own lamina and dockerd
 # processes (see crates/testkit).
-# Exits non-zero on the first failure. Environment: FUZZ_SECONDS (30), SKIP_FUZZ=1, CI=true (tests that
-# lack a prerequisite fail instead of printing SKIPPED).
+# Exits non-zero on the first failing tier. Environment: FUZZ_SECONDS (30), SKIP_FUZZ=1, JOBS (3: test binaries
+# run at once), CI=true (tests that lack a prerequisite fail instead of printing SKIPPED).
 set -euo pipefail
 export LC_ALL=C
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,7 +31,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolc
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=()
-for pkg in docker.io containerd protobuf-compiler golang-go golang-github-containerd-containerd-dev busybox-static docker-registry btrfs-progs xfsprogs moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux ceph-mon ceph-osd ceph-mgr ceph-common rbd-fuse; do
+for pkg in python3 docker.io containerd protobuf-compiler golang-go golang-github-containerd-containerd-dev busybox-static docker-registry btrfs-progs xfsprogs moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux ceph-mon ceph-osd ceph-mgr ceph-common rbd-fuse; do
     installed "$pkg" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -64,26 +65,14 @@ for bin in lamina lamina-bench lamina-testkit-serve; do
 done
 
 # ---- tests ------------------------------------------------------------------------------------
-# The e2e binaries serialise their own daemon-starting tests; cargo runs test binaries one after another.
-step "cargo test --workspace"
-TEST_LOG=$(mktemp /tmp/lamina-test-log.XXXXXX)
-set +e
-cargo test --workspace 2>&1 | tee "$TEST_LOG"
-test_rc=${PIPESTATUS[0]}
-set -e
-# "Running unittests src/lib.rs (.../deps/lamina_sys-<hash>)" -> "lamina_sys (unit)"; "Running tests/x.rs (...)" -> "tests/x.rs"
-awk '
-    /^ *Running unittests / { bin = $NF; gsub(/[()]/, "", bin); sub(/.*\//, "", bin); sub(/-[0-9a-f]+$/, "", bin); name = bin " (unit)"; next }
-    /^ *Running /           { name = $2; next }
-    /^ *Doc-tests /         { name = $2 " (doc)"; next }
-    /^test result:/         { printf "%-32s %s\n", name, $0 }
-' "$TEST_LOG" >"$SUMMARY"
-rm -f "$TEST_LOG"
-if ((test_rc != 0)); then
+# scripts/cargo-test-pool.sh: every test binary of `cargo test --workspace` (and the doc tests), JOBS (3) at a
+# time, longest first; one summary line per binary, the full output of a failing one; fails after all have run.
+step "cargo test --workspace (scripts/cargo-test-pool.sh, ${JOBS:-3} binaries at a time)"
+scripts/cargo-test-pool.sh "$SUMMARY" || {
     step "cargo test summary"
     cat "$SUMMARY"
-    die "cargo test failed (exit $test_rc)"
-fi
+    die "cargo test failed"
+}
 
 # ---- containerd's snapshotter conformance suite (Go), against lamina (overlay and rbd backends) and the overlayfs reference ----
 step "containerd snapshotter conformance suite (scripts/conformance.sh)"

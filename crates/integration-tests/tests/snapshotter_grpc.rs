@@ -114,7 +114,7 @@ fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code) -> S
 }
 
 fn start(name: &str) -> (TestDir, LaminaSnap, Api) {
-    let dir = TestDir::new(name);
+    let dir = TestDir::new(&lamina_testkit::unique_name(name));
     let lamina = LaminaSnap::start(&dir.join("l"));
     let api = Api::connect(&lamina.socket);
     (dir, lamina, api)
@@ -315,7 +315,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
 
 #[test]
 fn names_and_engines_are_kept_apart() {
-    let dir = TestDir::new("snap-ns");
+    let dir = TestDir::new(&lamina_testkit::unique_name("snap-ns"));
     let mut lamina = LaminaSnap::new(&dir.join("l"));
     // Both front doors on one store.
     let plugin_sock = PathBuf::from(lamina_testkit::PLUGIN_DIR)

@@ -117,11 +117,14 @@ pub fn pull_tool() -> PathBuf {
         fs::create_dir_all(d).unwrap();
     }
     let bin = out_dir.join("pull");
+    // Built under a name of this process, then renamed into place: another test binary (the bench's cluster
+    // tier) may be building or running the same tool at the same time.
+    let own = out_dir.join(format!("pull.{}", std::process::id()));
     let t0 = Instant::now();
     run_ok(
         Command::new(find_bin("go").expect("go"))
             .args(["build", "-o"])
-            .arg(&bin)
+            .arg(&own)
             .arg("./tests/cluster/pull")
             .current_dir(workspace_root())
             .env("GO111MODULE", "off")
@@ -131,6 +134,7 @@ pub fn pull_tool() -> PathBuf {
             .env("GOPATH", format!("{}:/usr/share/gocode", gopath.display()))
             .env("GOCACHE", &gocache),
     );
+    fs::rename(&own, &bin).unwrap_or_else(|e| panic!("rename {} to {}: {e}", own.display(), bin.display()));
     eprintln!("go build tests/cluster/pull: {:.1} s", t0.elapsed().as_secs_f64());
     *built = Some(bin.clone());
     bin
