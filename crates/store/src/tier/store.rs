@@ -152,6 +152,12 @@ impl Store {
             }
             if Instant::now() >= next_claim {
                 match tier.claim(hex)? {
+                    // The layer may have been published between the look above and the claim (the
+                    // publisher releases its claim after the rename): look once more before unpacking.
+                    Claimed::Taken if matches!(tier.published(hex), Ok(Some(_))) => {
+                        tier.release(hex);
+                        continue;
+                    }
                     Claimed::Taken => return Ok(false),
                     Claimed::HeldBy(host) => {
                         if !waited {
