@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::engines::{
     dockerd, drop_caches, graph_session, lamina, proc_cpu_secs, run_checked, session, start, stop,
-    unique_name, unmount_under, warm_file, Lamina, RssSampler, Session, PLUGIN_DIR,
+    unique_name, unmount_under, warm_file, Lamina, RssSampler, Served, Session, PLUGIN_DIR,
 };
 use super::targen::{gen_tar, hex_id, now_seed, tiny_tar, TarSpec, TarStats};
 use super::{percentile, Ctx, Figure, Unit, Workload};
@@ -472,21 +472,12 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
 /// Seconds spent in, and number of, lamina's GraphDriver `op` calls so far, from its metrics socket (the time
 /// from the request's dispatch to its answer, without the RPC).
 fn served(metrics: &Path, op: &str) -> Result<(f64, f64)> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(metrics)
-        .with_context(|| format!("connect {}", metrics.display()))?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lamina\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let labels = format!("{{protocol=\"graphdriver\",op=\"{op}\"}}");
-    let value = |name: &str| {
-        let key = format!("lamina_request_duration_seconds_{name}{labels} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&key))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .with_context(|| format!("no {key} in lamina's metrics"))
-    };
-    Ok((value("sum")?, value("count")?))
+    let h = Served::read(metrics, "graphdriver", op)?;
+    anyhow::ensure!(
+        !h.buckets.is_empty(),
+        "no GraphDriver.{op} histogram in lamina's metrics"
+    );
+    Ok((h.sum, h.count))
 }
 
 /// `iters` container-like cycles after `warmup` untimed ones: CreateReadWrite, Get, Put, Remove.
