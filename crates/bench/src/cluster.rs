@@ -174,7 +174,7 @@ fn measure(
     for (subject, d) in [("lamina", &tier_dir), ("lamina-local", &local_dir)] {
         let (mut cold, mut warm) = (Vec::new(), Vec::new());
         for _ in 0..ctx.runs {
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             cold.push(read_mbps(d)?);
             warm.push(read_mbps(d)?);
         }

@@ -375,7 +375,8 @@ fn unpack(ctx: &Ctx, dir: &Path, ctrd: &Containerd, figs: &mut Vec<Figure>) -> a
     ctx.say(format!("ctr images import ({case})"));
     let archive = archive.to_str().context("utf-8 path")?.to_string();
     let image = "bench.local/unpack:1";
-    let sync = || run_cmd(&mut Command::new("sync"));
+    // The measured filesystem only (see `drop_caches`).
+    let sync = || run_cmd(Command::new("sync").arg("-f").arg(dir));
     let clean = || -> anyhow::Result<()> {
         ctrd.ctr_ok(&["images", "rm", "--sync", image]);
         ctrd.gc_now();
@@ -384,14 +385,14 @@ fn unpack(ctx: &Ctx, dir: &Path, ctrd: &Containerd, figs: &mut Vec<Figure>) -> a
     let mut samples: HashMap<(&str, &str), Vec<f64>> = HashMap::new();
     for _ in 0..ctx.runs {
         // Content ingest alone, for the unpack estimate.
-        drop_caches()?;
+        drop_caches(&ctx.scratch)?;
         sync()?;
         let t = Instant::now();
         ctrd.ctr_ok(&["images", "import", "--no-unpack", &archive]);
         let ingest = t.elapsed().as_secs_f64();
         clean()?;
         for sn in [PROXY_NAME, BASELINE] {
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             let t = Instant::now();
             ctrd.ctr_ok(&["images", "import", "--snapshotter", sn, &archive]);
             let import = t.elapsed().as_secs_f64();

@@ -223,7 +223,7 @@ fn run_commit(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                     "-c",
                     "head -c 1024 /dev/urandom > /change.bin",
                 ]);
-                run_cmd(&mut std::process::Command::new("sync"))?;
+                run_cmd(std::process::Command::new("sync").arg("-f").arg(&ctx.scratch))?;
                 // `docker diff` (the driver's Changes): proportional to the change, not to the image.
                 let (before, _) = totals.get();
                 let t = Instant::now();
@@ -508,7 +508,7 @@ fn run_build(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         for (j, (subject, d)) in e.both().iter().enumerate() {
             ctx.say(format!("{subject}: build {} of {}", r + 1, ctx.runs));
             let tag = format!("bench-build:{r}");
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             let t = Instant::now();
             d.ok(&["build", "--no-cache", "-q", "-t", &tag, &context_s]);
             samples[j].push(secs(t));
@@ -559,7 +559,7 @@ fn run_pagecache(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                 let pid: u32 = d.ok(&["inspect", "-f", "{{.State.Pid}}", c]).trim().parse()?;
                 pids.push(pid);
             }
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             let (mut first, mut others, mut first_m, mut others_m) = (0.0, 0.0, 0.0, 0.0);
             for (i, c) in names.iter().enumerate() {
                 let cg_before = cgroup_page_cache(pids[i]);

@@ -190,9 +190,12 @@ impl RssSampler {
     }
 }
 
-/// Writes dirty data out (`sync`) and drops the page, dentry and inode caches, for cold figures.
-pub fn drop_caches() -> Result<()> {
-    run_checked(&mut Command::new("sync"))?;
+/// Writes the dirty data of the measured filesystem out (`sync -f`: one `syncfs` of the filesystem holding
+/// `scratch`) and drops the page, dentry and inode caches, for cold figures. Not a global `sync`: that waits for
+/// every filesystem of the machine, and one that cannot write (a wedged FUSE or loop device of another user)
+/// would hang the run.
+pub fn drop_caches(scratch: &Path) -> Result<()> {
+    run_checked(Command::new("sync").arg("-f").arg(scratch))?;
     let mut f = fs::OpenOptions::new()
         .write(true)
         .open("/proc/sys/vm/drop_caches")

@@ -218,7 +218,7 @@ fn applydiff(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
             for run in 1..=ctx.runs {
                 ctx.say(format!("{}: GNU tar run {run}/{}", case.label, ctx.runs));
                 let dest = ctx.scratch.join("gnutar");
-                drop_caches()?;
+                drop_caches(&ctx.scratch)?;
                 warm_file(tar)?;
                 let (wall, cpu) = gnu_tar_apply(tar, &dest)?;
                 gnu.push(wall);
@@ -228,7 +228,7 @@ fn applydiff(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
                 remove_tree(&dest)?;
 
                 ctx.say(format!("{}: lamina run {run}/{}", case.label, ctx.runs));
-                drop_caches()?;
+                drop_caches(&ctx.scratch)?;
                 warm_file(tar)?;
                 let cpu0 = proc_cpu_secs(&lamina.pid().unwrap_or(0).to_string());
                 let (secs, id) = lamina_apply(&mut c, tar)?;
@@ -269,7 +269,7 @@ fn applydiff(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
                 (&on_lamina, &mut lam, "lamina"),
             ] {
                 ctx.say(format!("{label}: {name} run {run}/{}", ctx.runs));
-                drop_caches()?;
+                drop_caches(&ctx.scratch)?;
                 warm_file(&image)?;
                 let image_s = image.to_string_lossy();
                 let t0 = Instant::now();
@@ -618,7 +618,7 @@ fn start10k(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         }
         for run in 1..=ctx.runs {
             ctx.say(format!("{subject}: cold start {run}/{}", ctx.runs));
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             let mut p = start(lamina(ctx, tag));
             cold.push(p.ready_after.as_secs_f64());
             stop(&mut p)?;
@@ -711,7 +711,7 @@ fn rss(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
             // A fresh daemon per run: its peak covers this one ApplyDiff (and start-up).
             let lamina = start(lamina(ctx, &format!("lamina{i}-{run}")));
             let mut c = graph_session(&lamina)?;
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             warm_file(&tar)?;
             let sampler = RssSampler::start(lamina.pid().unwrap_or(0), Duration::from_millis(10));
             lamina_apply(&mut c, &tar)?;
@@ -722,7 +722,7 @@ fn rss(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
             ctx.say(format!("{}: GNU tar run {run}/{}", case.label, ctx.runs));
             let dest = ctx.scratch.join("gnutar");
             fs::create_dir_all(&dest)?;
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             warm_file(&tar)?;
             gnu.push(gnu_tar_peak_mib(&tar, &dest)?);
             remove_tree(&dest)?;

@@ -159,7 +159,7 @@ fn io_round(dir: &Path, plan: &IoPlan, seed: u64) -> anyhow::Result<([f64; 4], b
     drop(f);
     // Sequential read.
     if !is_direct {
-        drop_caches()?;
+        drop_caches(&path)?;
     }
     let mut f = open()?;
     let t = Instant::now();
@@ -184,7 +184,7 @@ fn io_round(dir: &Path, plan: &IoPlan, seed: u64) -> anyhow::Result<([f64; 4], b
     };
     let mut small = AlignedBuf::new(SMALL);
     if !is_direct {
-        drop_caches()?;
+        drop_caches(&path)?;
     }
     let t = Instant::now();
     let mut ops = 0u64;
