@@ -118,10 +118,9 @@ fn master_ops(mfs: &MooseCluster, mnt: &Path) -> anyhow::Result<u64> {
 /// every filesystem of the machine, and one stuck FUSE mount of another job stalls it for good.
 fn drop_caches_of(paths: &[&Path]) -> anyhow::Result<()> {
     for p in paths {
-        let st = std::process::Command::new("sync").arg("-f").arg(p).status()?;
-        anyhow::ensure!(st.success(), "sync -f {}", p.display());
+        crate::engines::drop_caches(p)?;
     }
-    fs::write("/proc/sys/vm/drop_caches", b"3\n").context("writing /proc/sys/vm/drop_caches (root needed)")
+    Ok(())
 }
 
 /// Every file below `dir` read to the end: bytes, files.

@@ -5,7 +5,9 @@
 //!   `"overlayfs"` in each request and the `containerd-namespace` header: per depth (1 and 128 committed
 //!   parents), `iters` × (Prepare + Mounts timed together; Commit timed; Remove of the commit untimed). p50 and
 //!   p99 per run. Both paths include containerd's metadata store (bolt); lamina has one more gRPC hop
-//!   (containerd → lamina's socket).
+//!   (containerd → lamina's socket). lamina's server-side time of Prepare, Mounts and Commit (p50 from its own
+//!   latency histograms, read through its metrics socket around the timed cycles), and the same cycles sent
+//!   straight to lamina's socket (one gRPC hop, no containerd), are reported beside them.
 //! - **Unpack.** `ctr images import` of an OCI archive of uncompressed layers built here, with each
 //!   snapshotter, timed alone and followed by a `sync` (lamina makes each layer durable with one `syncfs`;
 //!   containerd's overlayfs snapshotter does not sync), minus the same import with `--no-unpack` (content
@@ -24,7 +26,7 @@ use lamina_snapshotter::tonic;
 use pb::snapshots_client::SnapshotsClient;
 use tonic::transport::Channel;
 
-use super::engines::{start, Lamina};
+use super::engines::{start, Lamina, Served};
 use super::engines_ctr::{
     busybox_tree, drop_caches, oci_archive, percentile, run as run_cmd, RunDir, TarWriter, CTR_NAMESPACE,
     PROXY_NAME,
@@ -152,7 +154,25 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn calls(ctx: &Ctx, ctrd: &Containerd, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
+/// The snapshotter calls whose server-side time is reported (from lamina's latency histograms).
+const SERVED: [&str; 3] = ["Prepare", "Mounts", "Commit"];
+/// The snapshotter name of the calls made straight to lamina's socket (its own store namespace).
+const DIRECT: &str = "bench-direct";
+
+fn served_all(metrics: &Path) -> anyhow::Result<Vec<Served>> {
+    SERVED
+        .iter()
+        .map(|op| Served::read(metrics, "snapshotter", op))
+        .collect()
+}
+
+fn calls(
+    ctx: &Ctx,
+    ctrd: &Containerd,
+    lamina_sock: &Path,
+    metrics: &Path,
+    figs: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
     let iters = if ctx.quick { 20 } else { 500 };
     // --quick: a shallower deep chain (building 128 layers per snapshotter costs seconds on a loaded machine).
     let depths: [usize; 2] = if ctx.quick { [1, 16] } else { [1, 128] };
@@ -163,6 +183,10 @@ fn calls(ctx: &Ctx, ctrd: &Containerd, figs: &mut Vec<Figure>) -> anyhow::Result
         let mut client = lamina_snapshotter::client::connect(&ctrd.address)
             .await
             .context("connect to containerd's socket")?;
+        // The same calls straight to lamina's socket: what lamina costs with one gRPC hop and no containerd.
+        let mut direct = lamina_snapshotter::client::connect(lamina_sock)
+            .await
+            .context("connect to lamina's snapshotter socket")?;
         for depth in depths {
             let case = format!("depth {depth}");
             ctx.say(format!("snapshot calls at depth {depth}"));
@@ -170,6 +194,7 @@ fn calls(ctx: &Ctx, ctrd: &Containerd, figs: &mut Vec<Figure>) -> anyhow::Result
             for sn in [PROXY_NAME, BASELINE] {
                 tops.insert(sn, chain(&mut client, sn, depth).await?);
             }
+            let direct_top = chain(&mut direct, DIRECT, depth).await?;
             let mut out: HashMap<(&str, &str), Vec<f64>> = HashMap::new();
             for r in 0..ctx.runs {
                 // Interleaved: each run measures both snapshotters back to back.
@@ -180,10 +205,45 @@ fn calls(ctx: &Ctx, ctrd: &Containerd, figs: &mut Vec<Figure>) -> anyhow::Result
                         cycle(&mut client, sn, &format!("warm{depth}-{r}-{w}"), top).await?;
                     }
                     let (mut p, mut c) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+                    let before = if sn == PROXY_NAME {
+                        served_all(metrics)?
+                    } else {
+                        Vec::new()
+                    };
                     for i in 0..iters {
                         let (tp, tc) = cycle(&mut client, sn, &format!("d{depth}-r{r}-{i}"), top).await?;
                         p.push(ms(tp));
                         c.push(ms(tc));
+                    }
+                    if sn == PROXY_NAME {
+                        // lamina's own time per call (dispatch to answer) during the timed cycles.
+                        for (i, after) in served_all(metrics)?.iter().enumerate() {
+                            let (n, mean, p50) = after.since(&before[i], 0.5);
+                            ctx.say(format!(
+                                "depth {depth}: lamina served {n} {} calls, mean {:.3} ms, p50 ~{:.3} ms",
+                                SERVED[i],
+                                mean * 1e3,
+                                p50 * 1e3
+                            ));
+                            out.entry((PROXY_NAME, SERVED[i])).or_default().push(p50 * 1e3);
+                        }
+                        let (mut dp, mut dc) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+                        for w in 0..5 {
+                            cycle(&mut direct, DIRECT, &format!("dwarm{depth}-{r}-{w}"), &direct_top).await?;
+                        }
+                        for i in 0..iters {
+                            let key = format!("dd{depth}-r{r}-{i}");
+                            let (tp, tc) = cycle(&mut direct, DIRECT, &key, &direct_top).await?;
+                            dp.push(ms(tp));
+                            dc.push(ms(tc));
+                        }
+                        for (metric, samples) in
+                            [("direct prepare+mounts", &mut dp), ("direct commit", &mut dc)]
+                        {
+                            out.entry((PROXY_NAME, metric))
+                                .or_default()
+                                .push(percentile(samples, 50.0));
+                        }
                     }
                     if sn == BASELINE {
                         // Commit's floor: overlayfs's commit plus one syncfs of the filesystem after a small
@@ -236,6 +296,30 @@ fn calls(ctx: &Ctx, ctrd: &Containerd, figs: &mut Vec<Figure>) -> anyhow::Result
                     }
                     figs.push(f);
                 }
+            }
+            // lamina's side alone: its server-side time per call (goal <= 0.3 ms) and the calls made straight to
+            // its socket (one gRPC hop, no containerd).
+            for op in SERVED {
+                figs.push(
+                    Figure::new(
+                        NAME,
+                        case.clone(),
+                        PROXY_NAME,
+                        format!("{op} server-side p50"),
+                        Unit::Millis,
+                    )
+                    .goal("<= 0.3 ms")
+                    .samples(out.remove(&(PROXY_NAME, op)).unwrap_or_default()),
+                );
+            }
+            for (metric, key) in [
+                ("prepare+mounts p50 on lamina's socket", "direct prepare+mounts"),
+                ("commit p50 on lamina's socket", "direct commit"),
+            ] {
+                figs.push(
+                    Figure::new(NAME, case.clone(), PROXY_NAME, metric, Unit::Millis)
+                        .samples(out.remove(&(PROXY_NAME, key)).unwrap_or_default()),
+                );
             }
             let mut f = Figure::new(NAME, case.clone(), SYNC_BASELINE, "commit p50", Unit::Millis).floor();
             f.samples = out.remove(&(SYNC_BASELINE, "commit")).unwrap_or_default();
@@ -291,7 +375,8 @@ fn unpack(ctx: &Ctx, dir: &Path, ctrd: &Containerd, figs: &mut Vec<Figure>) -> a
     ctx.say(format!("ctr images import ({case})"));
     let archive = archive.to_str().context("utf-8 path")?.to_string();
     let image = "bench.local/unpack:1";
-    let sync = || run_cmd(&mut Command::new("sync"));
+    // The measured filesystem only (see `drop_caches`).
+    let sync = || run_cmd(Command::new("sync").arg("-f").arg(dir));
     let clean = || -> anyhow::Result<()> {
         ctrd.ctr_ok(&["images", "rm", "--sync", image]);
         ctrd.gc_now();
@@ -300,14 +385,14 @@ fn unpack(ctx: &Ctx, dir: &Path, ctrd: &Containerd, figs: &mut Vec<Figure>) -> a
     let mut samples: HashMap<(&str, &str), Vec<f64>> = HashMap::new();
     for _ in 0..ctx.runs {
         // Content ingest alone, for the unpack estimate.
-        drop_caches()?;
+        drop_caches(&ctx.scratch)?;
         sync()?;
         let t = Instant::now();
         ctrd.ctr_ok(&["images", "import", "--no-unpack", &archive]);
         let ingest = t.elapsed().as_secs_f64();
         clean()?;
         for sn in [PROXY_NAME, BASELINE] {
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             let t = Instant::now();
             ctrd.ctr_ok(&["images", "import", "--snapshotter", sn, &archive]);
             let import = t.elapsed().as_secs_f64();
@@ -353,6 +438,9 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     ctx.say("starting lamina and containerd");
     let mut lamina = Lamina::in_dir("lam", &lamina_dir).snapshotter(&sock);
     lamina.log_level = "warn".into();
+    // lamina's own latency histograms: the server-side time of each call.
+    let metrics = run_dir.path.join("metrics.sock");
+    lamina.extra_args = vec!["--metrics-address".into(), format!("unix:{}", metrics.display())];
     lamina.exe = ctx.lamina_exe.clone();
     let lamina = start(lamina);
     let mut ctrd = Containerd::configure(&dir.join("containerd"), &run_dir.path, Some(&sock), "info");
@@ -367,7 +455,7 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             .any(|l| l.split_whitespace().nth(1) == Some(PROXY_NAME) && l.trim_end().ends_with("ok")),
         "containerd does not list the lamina proxy snapshotter as ok:\n{plugins}"
     );
-    calls(ctx, &ctrd, figs)?;
+    calls(ctx, &ctrd, &sock, &metrics, figs)?;
     unpack(ctx, &dir, &ctrd, figs)?;
     // containerd first (it holds connections to lamina), then lamina.
     drop(ctrd);

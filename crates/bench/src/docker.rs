@@ -223,7 +223,7 @@ fn run_commit(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                     "-c",
                     "head -c 1024 /dev/urandom > /change.bin",
                 ]);
-                run_cmd(&mut std::process::Command::new("sync"))?;
+                run_cmd(std::process::Command::new("sync").arg("-f").arg(&ctx.scratch))?;
                 // `docker diff` (the driver's Changes): proportional to the change, not to the image.
                 let (before, _) = totals.get();
                 let t = Instant::now();
@@ -293,7 +293,7 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     let mut per_call: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     // The kernel's part: a container's two layers on a one-layer image (two lowers), without a daemon.
     let floor_dir = FloorDir::new(&ctx.scratch.join("floor"), 2)?;
-    let mut floor = Vec::new();
+    let (mut floor, mut floor_commits) = (Vec::new(), Vec::new());
     for r in 0..ctx.runs {
         for (j, (subject, d)) in e.both().iter().enumerate() {
             ctx.say(format!("{subject}: run {} of {}", r + 1, ctx.runs));
@@ -325,7 +325,10 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             }
         }
         ctx.say(format!("kernel floor: run {} of {}", r + 1, ctx.runs));
-        floor.push(floor_dir.containers(n)?);
+        let kernel = floor_dir.containers(n)?;
+        floor.push(kernel);
+        // Per container, the two layers' records made and dropped: four durable commits.
+        floor_commits.push(kernel + metadata_commits(&ctx.scratch, 4 * n)?);
     }
     floor_dir.remove();
     let [l, o] = runs;
@@ -369,6 +372,17 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         figure(
             "containers100",
             &case,
+            "kernel+commits-floor",
+            "storage share",
+            Unit::Seconds,
+            floor_commits,
+        )
+        .floor(),
+    );
+    figs.push(
+        figure(
+            "containers100",
+            &case,
             "kernel-floor",
             "storage share",
             Unit::Seconds,
@@ -404,6 +418,33 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The metadata part of a container's floor: `commits` durable commits (a small record put, then dropped) into a
+/// fresh redb database on the scratch filesystem, in seconds. A layer's record must be on disk before its
+/// directories, and its removal before its directory goes: one `fdatasync` of the database each, whatever does it.
+fn metadata_commits(dir: &Path, commits: usize) -> anyhow::Result<f64> {
+    const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("floor");
+    let path = dir.join("floor.redb");
+    let db = redb::Database::create(&path)?;
+    let record = [7u8; 200];
+    let t = Instant::now();
+    for i in 0..commits as u64 {
+        let txn = db.begin_write()?;
+        {
+            let mut table = txn.open_table(TABLE)?;
+            if i % 2 == 0 {
+                table.insert(i, &record[..])?;
+            } else {
+                table.remove(i - 1)?;
+            }
+        }
+        txn.commit()?;
+    }
+    let took = secs(t);
+    drop(db);
+    fs::remove_file(&path)?;
+    Ok(took)
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -467,7 +508,7 @@ fn run_build(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         for (j, (subject, d)) in e.both().iter().enumerate() {
             ctx.say(format!("{subject}: build {} of {}", r + 1, ctx.runs));
             let tag = format!("bench-build:{r}");
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             let t = Instant::now();
             d.ok(&["build", "--no-cache", "-q", "-t", &tag, &context_s]);
             samples[j].push(secs(t));
@@ -518,7 +559,7 @@ fn run_pagecache(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                 let pid: u32 = d.ok(&["inspect", "-f", "{{.State.Pid}}", c]).trim().parse()?;
                 pids.push(pid);
             }
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             let (mut first, mut others, mut first_m, mut others_m) = (0.0, 0.0, 0.0, 0.0);
             for (i, c) in names.iter().enumerate() {
                 let cg_before = cgroup_page_cache(pids[i]);

@@ -190,9 +190,12 @@ impl RssSampler {
     }
 }
 
-/// Writes dirty data out (`sync`) and drops the page, dentry and inode caches, for cold figures.
-pub fn drop_caches() -> Result<()> {
-    run_checked(&mut Command::new("sync"))?;
+/// Writes the dirty data of the measured filesystem out (`sync -f`: one `syncfs` of the filesystem holding
+/// `scratch`) and drops the page, dentry and inode caches, for cold figures. Not a global `sync`: that waits for
+/// every filesystem of the machine, and one that cannot write (a wedged FUSE or loop device of another user)
+/// would hang the run.
+pub fn drop_caches(scratch: &Path) -> Result<()> {
+    run_checked(Command::new("sync").arg("-f").arg(scratch))?;
     let mut f = fs::OpenOptions::new()
         .write(true)
         .open("/proc/sys/vm/drop_caches")
@@ -206,4 +209,76 @@ pub fn warm_file(path: &Path) -> Result<()> {
     let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     std::io::copy(&mut f, &mut std::io::sink()).with_context(|| format!("reading {}", path.display()))?;
     Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// lamina's own metrics
+// ------------------------------------------------------------------------------------------------------------
+
+/// lamina's latency histogram of one `protocol`/`op` (`--metrics-address unix:PATH`) at one moment: the
+/// cumulative count per bucket bound in seconds (`+Inf` last), the sum and the count. Two readings
+/// subtracted give the calls in between; lamina times a call from its dispatch to its answer, without the RPC.
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    pub buckets: Vec<(f64, f64)>,
+    pub sum: f64,
+    pub count: f64,
+}
+
+impl Served {
+    /// Reads the histogram of `protocol`/`op` (e.g. `graphdriver`/`Get`) from lamina's metrics socket.
+    pub fn read(metrics: &Path, protocol: &str, op: &str) -> Result<Served> {
+        use std::io::Read;
+        let mut s = std::os::unix::net::UnixStream::connect(metrics)
+            .with_context(|| format!("connect {}", metrics.display()))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lamina\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let name = "lamina_request_duration_seconds";
+        let labels = format!("protocol=\"{protocol}\",op=\"{op}\"");
+        let mut out = Served::default();
+        let bucket = format!("{name}_bucket{{{labels},le=\"");
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix(&bucket) {
+                let (le, v) = rest.split_once("\"} ").unwrap_or_default();
+                let le = if le == "+Inf" { f64::INFINITY } else { le.parse()? };
+                out.buckets.push((le, v.trim().parse()?));
+            } else if let Some(v) = l.strip_prefix(&format!("{name}_sum{{{labels}}} ")) {
+                out.sum = v.trim().parse()?;
+            } else if let Some(v) = l.strip_prefix(&format!("{name}_count{{{labels}}} ")) {
+                out.count = v.trim().parse()?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Calls made since `before`: their count, mean and the `q`-quantile (0..1), in seconds. The quantile is
+    /// interpolated linearly inside its bucket (as Prometheus' `histogram_quantile`); one in the `+Inf`
+    /// bucket is given as the last finite bound.
+    pub fn since(&self, before: &Served, q: f64) -> (f64, f64, f64) {
+        let n = self.count - before.count;
+        if n <= 0.0 {
+            return (0.0, f64::NAN, f64::NAN);
+        }
+        let mean = (self.sum - before.sum) / n;
+        let rank = q * n;
+        let mut lower = (0.0, 0.0);
+        for (i, (le, c)) in self.buckets.iter().enumerate() {
+            let c = c - before.buckets.get(i).map_or(0.0, |b| b.1);
+            if c >= rank {
+                if le.is_infinite() {
+                    return (n, mean, lower.0);
+                }
+                let width = c - lower.1;
+                let frac = if width > 0.0 {
+                    (rank - lower.1) / width
+                } else {
+                    1.0
+                };
+                return (n, mean, lower.0 + (le - lower.0) * frac);
+            }
+            lower = (*le, c);
+        }
+        (n, mean, lower.0)
+    }
 }

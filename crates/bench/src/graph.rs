@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::engines::{
     dockerd, drop_caches, graph_session, lamina, proc_cpu_secs, run_checked, session, start, stop,
-    unique_name, unmount_under, warm_file, Lamina, RssSampler, Session, PLUGIN_DIR,
+    unique_name, unmount_under, warm_file, Lamina, RssSampler, Served, Session, PLUGIN_DIR,
 };
 use super::targen::{gen_tar, hex_id, now_seed, tiny_tar, TarSpec, TarStats};
 use super::{percentile, Ctx, Figure, Unit, Workload};
@@ -218,7 +218,7 @@ fn applydiff(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
             for run in 1..=ctx.runs {
                 ctx.say(format!("{}: GNU tar run {run}/{}", case.label, ctx.runs));
                 let dest = ctx.scratch.join("gnutar");
-                drop_caches()?;
+                drop_caches(&ctx.scratch)?;
                 warm_file(tar)?;
                 let (wall, cpu) = gnu_tar_apply(tar, &dest)?;
                 gnu.push(wall);
@@ -228,7 +228,7 @@ fn applydiff(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
                 remove_tree(&dest)?;
 
                 ctx.say(format!("{}: lamina run {run}/{}", case.label, ctx.runs));
-                drop_caches()?;
+                drop_caches(&ctx.scratch)?;
                 warm_file(tar)?;
                 let cpu0 = proc_cpu_secs(&lamina.pid().unwrap_or(0).to_string());
                 let (secs, id) = lamina_apply(&mut c, tar)?;
@@ -269,7 +269,7 @@ fn applydiff(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
                 (&on_lamina, &mut lam, "lamina"),
             ] {
                 ctx.say(format!("{label}: {name} run {run}/{}", ctx.runs));
-                drop_caches()?;
+                drop_caches(&ctx.scratch)?;
                 warm_file(&image)?;
                 let image_s = image.to_string_lossy();
                 let t0 = Instant::now();
@@ -472,21 +472,12 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
 /// Seconds spent in, and number of, lamina's GraphDriver `op` calls so far, from its metrics socket (the time
 /// from the request's dispatch to its answer, without the RPC).
 fn served(metrics: &Path, op: &str) -> Result<(f64, f64)> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(metrics)
-        .with_context(|| format!("connect {}", metrics.display()))?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lamina\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let labels = format!("{{protocol=\"graphdriver\",op=\"{op}\"}}");
-    let value = |name: &str| {
-        let key = format!("lamina_request_duration_seconds_{name}{labels} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&key))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .with_context(|| format!("no {key} in lamina's metrics"))
-    };
-    Ok((value("sum")?, value("count")?))
+    let h = Served::read(metrics, "graphdriver", op)?;
+    anyhow::ensure!(
+        !h.buckets.is_empty(),
+        "no GraphDriver.{op} histogram in lamina's metrics"
+    );
+    Ok((h.sum, h.count))
 }
 
 /// `iters` container-like cycles after `warmup` untimed ones: CreateReadWrite, Get, Put, Remove.
@@ -627,7 +618,7 @@ fn start10k(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         }
         for run in 1..=ctx.runs {
             ctx.say(format!("{subject}: cold start {run}/{}", ctx.runs));
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             let mut p = start(lamina(ctx, tag));
             cold.push(p.ready_after.as_secs_f64());
             stop(&mut p)?;
@@ -720,7 +711,7 @@ fn rss(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
             // A fresh daemon per run: its peak covers this one ApplyDiff (and start-up).
             let lamina = start(lamina(ctx, &format!("lamina{i}-{run}")));
             let mut c = graph_session(&lamina)?;
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             warm_file(&tar)?;
             let sampler = RssSampler::start(lamina.pid().unwrap_or(0), Duration::from_millis(10));
             lamina_apply(&mut c, &tar)?;
@@ -731,7 +722,7 @@ fn rss(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
             ctx.say(format!("{}: GNU tar run {run}/{}", case.label, ctx.runs));
             let dest = ctx.scratch.join("gnutar");
             fs::create_dir_all(&dest)?;
-            drop_caches()?;
+            drop_caches(&ctx.scratch)?;
             warm_file(&tar)?;
             gnu.push(gnu_tar_peak_mib(&tar, &dest)?);
             remove_tree(&dest)?;

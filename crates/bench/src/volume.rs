@@ -157,7 +157,7 @@ fn io_round(dir: &Path, plan: &IoPlan, seed: u64) -> anyhow::Result<([f64; 4], b
     drop(f);
     // Sequential read.
     if !is_direct {
-        drop_caches()?;
+        drop_caches(&path)?;
     }
     let mut f = open()?;
     let t = Instant::now();
@@ -182,7 +182,7 @@ fn io_round(dir: &Path, plan: &IoPlan, seed: u64) -> anyhow::Result<([f64; 4], b
     };
     let mut small = AlignedBuf::new(SMALL);
     if !is_direct {
-        drop_caches()?;
+        drop_caches(&path)?;
     }
     let t = Instant::now();
     let mut ops = 0u64;
