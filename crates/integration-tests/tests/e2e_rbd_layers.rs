@@ -499,7 +499,11 @@ fn osd_stopped_mid_operation(l: &mut Lamina, cluster: &CephCluster) {
         left: 8 << 20,
         cluster,
     };
-    let r = c.apply_diff("a", "p", &mut body).unwrap();
+    let mut slow = l.client();
+    slow.timeout = Duration::from_secs(60);
+    let r = slow
+        .apply_diff("a", "p", &mut body)
+        .unwrap_or_else(|e| panic!("ApplyDiff: {e} after {:?}; log:\n{}", t.elapsed(), l.log_tail()));
     let took = t.elapsed();
     let e = r.expect_err("ApplyDiff with the OSD stopped", "backend unavailable");
     eprintln!("[rbd layers] ApplyDiff with the OSD stopped after 8 MiB: {took:?}: {e}");
@@ -507,7 +511,7 @@ fn osd_stopped_mid_operation(l: &mut Lamina, cluster: &CephCluster) {
     assert!(took < Duration::from_secs(45), "ApplyDiff took {took:?}");
 
     let t = Instant::now();
-    let r = c.call("Put", json!({"ID": "m"}));
+    let r = slow.call("Put", json!({"ID": "m"}));
     let took = t.elapsed();
     eprintln!(
         "[rbd layers] Put of a mounted layer with the OSD stopped: {took:?}: HTTP {} {}",

@@ -21,14 +21,21 @@
 //! the parent's whole tree, so a deletion in a layer is a deletion in its filesystem (the apply turns
 //! whiteouts into deletions) and a layer's own changes are the difference between its tree and its parent's
 //! (both attached, compared by lamina-archive). An image is attached while someone uses it (the store's
-//! `get`, a diff, a mount description for containerd) and detached at the last release; the seal is taken
-//! with the image detached (rbd-fuse cannot expose snapshots: a sealed layer's head is attached read-only and
-//! never written after its seal).
+//! `get`, a diff, a mount description for containerd) and detached at the last release (or, while a client
+//! still has its filesystem mounted, by a reaper once that mount goes). A seal for a child or an apply is
+//! taken with the image detached; a commit seals the image where it is attached (synced, frozen, flushed
+//! through rbd-fuse, snapshot, thawed). rbd-fuse cannot expose snapshots: a sealed layer's head is what is
+//! read, attached read-only once detached.
+//!
+//! lamina's writes through an attachment run under a watchdog (`Rbd::watched`): when they wait on a cluster
+//! that does not take writes, the attachment's rbd-fuse is killed so that they fail with the cluster's error
+//! class instead of waiting for ever.
 //!
 //! Crash safety follows the store's record-first rule: the record of a layer is written before its image
 //! exists, so at start an image without a record is a half-made one (removed), a record without an image
 //! is made again, an attachment no known layer holds is taken down, and rbd-fuse processes are found through
-//! their state files (PID checked against its start time).
+//! their state files (PID checked against its start time). A commit's seal is announced by a marker
+//! (`sealing/<hex n>`) before it is taken: at start, the seal of a layer still recorded writable is dropped.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
@@ -639,7 +646,19 @@ impl LayerBackend for RbdBackend {
     }
 
     fn reset(&self, n: u64, parent: Option<u64>) -> Result<()> {
-        self.remove_image(n)?;
+        // An apply cut off from a cluster that stopped answering leaves the watch of its killed rbd-fuse on
+        // the image until the OSD expires it (`osd_client_watch_timeout`, 30 s): Ceph refuses the removal
+        // as busy until then.
+        let deadline = std::time::Instant::now() + Duration::from_secs(45);
+        loop {
+            match self.remove_image(n) {
+                Err(StoreError::InUse(m)) if std::time::Instant::now() < deadline => {
+                    info!(layer = n, reason = %m, "image still watched; trying again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                r => break r?,
+            }
+        }
         self.make_image(n, parent)
     }
 
@@ -744,6 +763,10 @@ impl LayerBackend for RbdBackend {
             let dir = self.adir(n);
             if known.contains(&n) && Rbd::alive(&dir) {
                 info!(layer = n, "keeping the attachment of a previous run");
+                // A commit a crash cut short may have left it frozen.
+                if let Err(e) = mount::thaw(&self.fs_dir(n)) {
+                    warn!(layer = n, error = %e, "cannot thaw a kept attachment");
+                }
                 let h = self.hold_of(n);
                 h.lock().unwrap_or_else(|p| p.into_inner()).count = 1;
                 kept.push(n);

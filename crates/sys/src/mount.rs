@@ -516,6 +516,20 @@ pub fn freeze(path: &Path) -> io::Result<Frozen> {
     })
 }
 
+/// Thaws the filesystem mounted at `path` (`FITHAW`), frozen by whoever; one that is not frozen is fine.
+pub fn thaw(path: &Path) -> io::Result<()> {
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| errno_ctx(e, &format!("open {}", path.display())))?;
+    match fs_ioctl(&fd, FITHAW) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        r => r.map_err(|e| io::Error::new(e.kind(), format!("thawing {}: {e}", path.display()))),
+    }
+}
+
 impl Frozen {
     /// Thaws the filesystem (`FITHAW`).
     pub fn thaw(mut self) -> io::Result<()> {
