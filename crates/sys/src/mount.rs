@@ -501,12 +501,7 @@ pub struct Frozen {
 /// Freezes the filesystem mounted at `path` (`FIFREEZE`): on return every write made before the call is on
 /// its device and flushed, and writers block until the thaw.
 pub fn freeze(path: &Path) -> io::Result<Frozen> {
-    let fd = rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| errno_ctx(e, &format!("open {}", path.display())))?;
+    let fd = open_mount_dir(path)?;
     fs_ioctl(&fd, FIFREEZE)
         .map_err(|e| io::Error::new(e.kind(), format!("freezing {}: {e}", path.display())))?;
     Ok(Frozen {
@@ -518,12 +513,7 @@ pub fn freeze(path: &Path) -> io::Result<Frozen> {
 
 /// Thaws the filesystem mounted at `path` (`FITHAW`), frozen by whoever; one that is not frozen is fine.
 pub fn thaw(path: &Path) -> io::Result<()> {
-    let fd = rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| errno_ctx(e, &format!("open {}", path.display())))?;
+    let fd = open_mount_dir(path)?;
     match fs_ioctl(&fd, FITHAW) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
         r => r.map_err(|e| io::Error::new(e.kind(), format!("thawing {}: {e}", path.display()))),
@@ -560,14 +550,19 @@ fn fs_ioctl(fd: &OwnedFd, request: u64) -> io::Result<()> {
     }
 }
 
-/// Flushes the filesystem holding `path` (`syncfs(2)`): one call per layer instead of one fsync per file.
-pub fn syncfs(path: &Path) -> io::Result<()> {
-    let fd = rustix::fs::open(
+/// A read-only handle on the directory `path`, for the calls on the filesystem holding it.
+fn open_mount_dir(path: &Path) -> io::Result<OwnedFd> {
+    rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| errno_ctx(e, &format!("open {}", path.display())))?;
+    .map_err(|e| errno_ctx(e, &format!("open {}", path.display())))
+}
+
+/// Flushes the filesystem holding `path` (`syncfs(2)`): one call per layer instead of one fsync per file.
+pub fn syncfs(path: &Path) -> io::Result<()> {
+    let fd = open_mount_dir(path)?;
     rustix::fs::syncfs(&fd).map_err(|e| errno_ctx(e, &format!("syncfs {}", path.display())))
 }
 
