@@ -707,7 +707,9 @@ pub(crate) fn apply_layer<R: Read>(
     ap.drop_aufs_links()?;
     ap.finish_dirs()?;
     let (digest, tar_bytes) = tar.finish()?;
-    let size = if ap.size_exact {
+    // Applied as deletions into a full tree (a clone of the parent's), the layer's size is what the stream
+    // wrote: the tree also holds the parents' files.
+    let size = if ap.size_exact || opts.whiteouts == Whiteouts::Delete {
         ap.size
     } else {
         crate::walk::dir_size(layer)?

@@ -101,7 +101,9 @@ pub struct DiffOptions {
 /// What [`apply_layer`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyStats {
-    /// Size of the layer on disk as overlay2 reports it: regular file bytes, hardlinks once.
+    /// Size of the layer on disk as overlay2 reports it: regular file bytes, hardlinks once. With
+    /// [`Whiteouts::Delete`] (applied into a tree that holds its parents' files): the bytes of the regular
+    /// files the stream wrote.
     pub size: u64,
     /// `sha256:<hex>` of the exact input bytes (the layer's DiffID).
     pub digest: String,

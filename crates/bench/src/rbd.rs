@@ -4,9 +4,10 @@
 //! Put, Remove), ApplyDiff throughput; and the Ceph side's own floor (`rbd bench`, 4 MiB writes). Subject
 //! `lamina` is the rbd backend, `lamina-overlay` the overlay backend.
 //!
-//! The cluster is testkit's `CephCluster` (one monitor, one memstore OSD on 127.0.0.1): its data lives in RAM,
-//! so the big parent is 100 MB in `--quick` and 1 GB otherwise. Without the Ceph packages the workload records
-//! a `skipped` figure.
+//! The cluster is testkit's `CephCluster` (one monitor, one OSD on 127.0.0.1): in `--quick` a memstore OSD
+//! (data in RAM) and a 100 MB big parent; otherwise bluestore on a sparse 10 GiB file in the scratch
+//! filesystem and a 2 GiB big parent (the tar, the OSD's file and the overlay backend's copy each hold it:
+//! about 6 GiB of disk while it runs). Without the Ceph packages the workload records a `skipped` figure.
 
 use std::fs;
 use std::path::Path;
@@ -53,8 +54,9 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         Figure::push_skipped(figs, NAME, "Ceph packages not installed");
         return Ok(());
     }
-    ctx.say("starting a Ceph cluster (memstore)");
-    let mut cluster = CephCluster::start_in(&ctx.scratch.join("ceph"), ObjectStore::Memstore);
+    let store = ctx.pick(ObjectStore::Memstore, ObjectStore::Bluestore);
+    ctx.say(format!("starting a Ceph cluster ({store:?})"));
+    let mut cluster = CephCluster::start_in(&ctx.scratch.join("ceph"), store);
     let result = measure(ctx, &cluster, figs);
     cluster.stop();
     result
@@ -68,9 +70,10 @@ fn measure(ctx: &Ctx, cluster: &CephCluster, figs: &mut Vec<Figure>) -> anyhow::
         &cfg,
         format!(
             "[store]\nbackend = \"rbd\"\n[store.rbd]\nceph_conf = \"{}\"\npool = \"{}\"\nimage_prefix = \
-             \"bench-\"\nmap = \"fuse\"\nsize = \"5G\"\n",
+             \"bench-\"\nmap = \"fuse\"\nsize = \"{}\"\n",
             cluster.conf().display(),
-            cluster.pool
+            cluster.pool,
+            ctx.pick("5G", "4G"),
         ),
     )?;
     rbd.extra_args = vec!["--config".into(), cfg.display().to_string()];
@@ -78,7 +81,7 @@ fn measure(ctx: &Ctx, cluster: &CephCluster, figs: &mut Vec<Figure>) -> anyhow::
         ("lamina", start(rbd)),
         ("lamina-overlay", start(lamina(ctx, "overlay"))),
     ];
-    let big = ctx.pick(100, 1024);
+    let big = ctx.pick(100, 2048);
     let cases = [
         (10u64, "10 MB parent".to_string()),
         (big, format!("{big} MB parent")),

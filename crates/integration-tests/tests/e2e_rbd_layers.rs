@@ -407,6 +407,9 @@ fn rbd_layers_errors_and_clone_figures() {
     }
     assert_nothing_left(&l, &cluster);
 
+    osd_stopped_mid_operation(&mut l, &cluster);
+    let c = l.client();
+
     // The cluster gone: a classed error within the deadline (5 s per call), nothing half-made.
     cluster.kill();
     let t = Instant::now();
@@ -421,6 +424,131 @@ fn rbd_layers_errors_and_clone_figures() {
     );
     assert!(e.contains("unreachable") || e.contains("do not answer"), "{e}");
     assert!(mounts_under(&l.data_root).is_empty());
+}
+
+/// A tar stream that stops the cluster's OSD once `left` bytes of it were read.
+struct PauseOsdAfter<'a> {
+    inner: &'a [u8],
+    left: usize,
+    cluster: &'a CephCluster,
+}
+
+impl std::io::Read for PauseOsdAfter<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            self.cluster.pause_osd();
+            self.left = usize::MAX;
+        }
+        let k = buf.len().min(self.left).min(self.inner.len());
+        buf[..k].copy_from_slice(&self.inner[..k]);
+        self.inner = &self.inner[k..];
+        if self.left != usize::MAX {
+            self.left -= k;
+        }
+        Ok(k)
+    }
+}
+
+/// The OSD stopped (SIGSTOP: it keeps its objects and its place in the map, every operation on it waits)
+/// during an ApplyDiff and while a layer is mounted with unwritten data: both calls answer a classed error
+/// within their deadline (lamina runs with `timeout_secs = 5`) and leave nothing attached; once the OSD goes
+/// on and lamina restarts, every recorded layer is intact and the failed apply can be done again.
+fn osd_stopped_mid_operation(l: &mut Lamina, cluster: &CephCluster) {
+    let c = l.client();
+    let mut w = TarWriter::new(Vec::new());
+    w.random_file("etc/p", 1 << 20, 7).unwrap();
+    let ptar = w.finish().unwrap();
+    c.call("Create", json!({"ID": "p"})).ok("Create p");
+    c.apply_diff("p", "", &mut &ptar[..]).unwrap().ok("ApplyDiff p");
+    let want = fs::read(
+        Path::new(
+            c.call("Get", json!({"ID": "p", "MountLabel": ""})).ok("Get p")["Dir"]
+                .as_str()
+                .unwrap(),
+        )
+        .join("etc/p"),
+    )
+    .unwrap();
+    c.call("Put", json!({"ID": "p"})).ok("Put p");
+    c.call("CreateReadWrite", json!({"ID": "m", "Parent": "p"}))
+        .ok("Create m");
+    let v = c.call("Get", json!({"ID": "m", "MountLabel": ""})).ok("Get m");
+    let mdir = Path::new(v["Dir"].as_str().unwrap()).to_path_buf();
+    fs::write(mdir.join("unsynced"), vec![7u8; 8 << 20]).unwrap();
+    c.call("Create", json!({"ID": "a", "Parent": "p"})).ok("Create a");
+    let mut w = TarWriter::new(Vec::new());
+    w.random_file("big", 48 << 20, 9).unwrap();
+    let tar = w.finish().unwrap();
+
+    let t = Instant::now();
+    let mut body = PauseOsdAfter {
+        inner: &tar,
+        left: 8 << 20,
+        cluster,
+    };
+    let mut slow = l.client();
+    slow.timeout = Duration::from_secs(60);
+    let r = slow
+        .apply_diff("a", "p", &mut body)
+        .unwrap_or_else(|e| panic!("ApplyDiff: {e} after {:?}; log:\n{}", t.elapsed(), l.log_tail()));
+    let took = t.elapsed();
+    let e = r.expect_err("ApplyDiff with the OSD stopped", "backend unavailable");
+    eprintln!("[rbd layers] ApplyDiff with the OSD stopped after 8 MiB: {took:?}: {e}");
+    assert!(e.contains("do not answer"), "{e}");
+    assert!(took < Duration::from_secs(45), "ApplyDiff took {took:?}");
+
+    let t = Instant::now();
+    let r = slow.call("Put", json!({"ID": "m"}));
+    let took = t.elapsed();
+    eprintln!(
+        "[rbd layers] Put of a mounted layer with the OSD stopped: {took:?}: HTTP {} {}",
+        r.status,
+        r.text()
+    );
+    assert!(
+        r.err().is_some_and(|e| e.contains("do not answer")),
+        "{}",
+        r.text()
+    );
+    assert!(took < Duration::from_secs(45), "Put took {took:?}");
+    let settled = poll(Duration::from_secs(20), || {
+        (mounts_under(&l.data_root).is_empty()
+            && loops_under(&l.data_root).is_empty()
+            && cluster.client_pids().is_empty())
+        .then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "left attached with the OSD stopped: mounts {:?}, rbd-fuse {:?}",
+        mounts_under(&l.data_root),
+        cluster.client_pids()
+    );
+
+    cluster.resume_osd();
+    restart(l, None);
+    let c = l.client();
+    for id in ["p", "m", "a"] {
+        let v = c
+            .call("Get", json!({"ID": id, "MountLabel": ""}))
+            .ok(&format!("Get {id}"));
+        let dir = Path::new(v["Dir"].as_str().unwrap()).to_path_buf();
+        assert_eq!(fs::read(dir.join("etc/p")).unwrap(), want, "{id} holds p's file");
+        if id == "a" {
+            assert!(!dir.join("big").exists(), "nothing of the failed apply is left");
+        }
+        c.call("Put", json!({"ID": id})).ok(&format!("Put {id}"));
+    }
+    let mut w = TarWriter::new(Vec::new());
+    w.random_file("again", 1 << 20, 3).unwrap();
+    let again = w.finish().unwrap();
+    c.apply_diff("a", "p", &mut &again[..])
+        .unwrap()
+        .ok("ApplyDiff again once the OSD is back");
+    assert_eq!(changes(&c, "a", "p"), vec!["1 /again".to_string()]);
+    for id in ["a", "m", "p"] {
+        c.call("Remove", json!({"ID": id})).ok(&format!("Remove {id}"));
+    }
+    assert_nothing_left(l, cluster);
 }
 
 /// Mounts the one mount a Prepare/View of the rbd backend answers (a bind of the layer's filesystem) at
@@ -486,9 +614,39 @@ fn rbd_layers_containerd_snapshotter() {
     assert!(fs::write(mnt.join("x"), "x").is_err(), "a view is read-only");
     umount(&mnt);
 
+    // Committed while the client still has it mounted (containerd's suite does this): sealed in place
+    // (synced, frozen, flushed, snapshot), the image stays attached for that mount, and a child clones the
+    // seal, so it never sees what is written after the commit.
+    let m = api.prepare("c", "top").unwrap();
+    mount_snapshot(&m, &mnt);
+    fs::write(mnt.join("etc/d"), "d").unwrap();
+    timed("Commit (still mounted)", || api.commit("kept", "c").unwrap());
+    fs::write(mnt.join("etc/late"), "late").unwrap();
+    let mnt2 = l.dir().join("mnt2");
+    let m = api.prepare("e", "kept").unwrap();
+    mount_snapshot(&m, &mnt2);
+    assert_eq!(fs::read_to_string(mnt2.join("etc/d")).unwrap(), "d");
+    assert!(
+        !mnt2.join("etc/late").exists(),
+        "a child never sees writes made after its parent's commit"
+    );
+    // Removed while still mounted: the image goes once that mount does.
+    api.remove("e").unwrap();
+    let before = mounts_under(&l.data_root).len();
+    umount(&mnt2);
+    umount(&mnt);
+    let detached = poll(Duration::from_secs(20), || {
+        (mounts_under(&l.data_root).len() + 4 == before).then_some(())
+    });
+    assert!(
+        detached.is_some(),
+        "the released layers are detached once the client's mounts are gone: {:?}",
+        mounts_under(&l.data_root)
+    );
+
     // Removal rules are the store's: a parent with children stays.
     assert!(api.remove("top").is_err(), "top has the view as child");
-    for key in ["v", "top", "base"] {
+    for key in ["kept", "v", "top", "base"] {
         api.remove(key).unwrap_or_else(|e| panic!("Remove {key}: {e}"));
     }
     assert_nothing_left(&l, &cluster);

@@ -5,6 +5,8 @@ use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -72,6 +74,122 @@ impl Rbd {
         let fuse_ok =
             st.krbd || matches!((st.fuse_pid, st.fuse_start), (Some(p), Some(s)) if same_process(p, s));
         fuse_ok && lamina_sys::mount::is_mount_point(&Self::fs_dir(dir)).unwrap_or(false)
+    }
+
+    /// Whether the filesystem attached in `dir` is also mounted somewhere else in this mount namespace (a
+    /// client's bind mount of `dir/fs`): detaching it would leave the device open under that mount.
+    pub fn mounted_elsewhere(dir: &Path) -> bool {
+        let fsdir = Self::fs_dir(dir);
+        if !lamina_sys::mount::is_mount_point(&fsdir).unwrap_or(false) {
+            return false;
+        }
+        let Ok(dev) = lamina_sys::mount::device_of(&fsdir) else {
+            return false;
+        };
+        lamina_sys::mount::mounts_of_device(dev)
+            .map(|m| m.iter().any(|p| p != &fsdir))
+            .unwrap_or(false)
+    }
+
+    /// Writes everything the device of the attachment in `dir` holds through to the image: the device's
+    /// flush (the loop device passes it on to its backing file) and, with rbd-fuse, an fsync of the image
+    /// file, which rbd-fuse answers with a flush of librbd's cache.
+    pub fn flush(&self, dir: &Path) -> Result<(), RbdError> {
+        let st = Self::read_state(dir)
+            .ok_or_else(|| RbdError::NotFound(format!("no attachment in {}", dir.display())))?;
+        let mut files: Vec<PathBuf> = st.device.iter().map(PathBuf::from).collect();
+        if !st.krbd {
+            files.push(dir.join("fuse").join(&st.image));
+        }
+        for f in files {
+            fs::File::open(&f)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| RbdError::io(format!("flushing {}", f.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the attachment in `dir` off from the cluster: rbd-fuse is killed (PID checked against its start
+    /// time), so that every request waiting on it fails (the filesystem above gets I/O errors) and what
+    /// waits for the cluster without a deadline returns. [`Rbd::detach`] then takes the rest down. Under
+    /// krbd nothing is done (the kernel client has no such switch short of a forced unmap).
+    pub fn abort(&self, dir: &Path) {
+        let Some(st) = Self::read_state(dir) else {
+            return;
+        };
+        if st.krbd {
+            return;
+        }
+        if let Some(c) = self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(dir)
+        {
+            warn!(dir = %dir.display(), pid = c.id(), "killing rbd-fuse: the cluster does not answer");
+            let _ = c.kill();
+            return;
+        }
+        if let (Some(pid), Some(start)) = (st.fuse_pid, st.fuse_start) {
+            if same_process(pid, start) {
+                warn!(dir = %dir.display(), pid, "killing rbd-fuse: the cluster does not answer");
+                let _ = run_argv(
+                    &["kill".into(), "-KILL".into(), pid.to_string()],
+                    Duration::from_secs(5),
+                );
+            }
+        }
+    }
+
+    /// Runs `f`, which writes through the attachment in `dir` of `image` and may wait for the cluster without
+    /// a deadline (the page cache, rbd-fuse and the OSDs in between), under a watchdog: once `progress`
+    /// (`None`: none to watch) has not moved for the deadline, the cluster is probed ([`Rbd::probe`]); if it
+    /// does not take writes, the attachment is cut off ([`Rbd::abort`]) so that `f` fails, and that class
+    /// of error is returned beside `f`'s result.
+    pub fn watched<T>(
+        &self,
+        dir: &Path,
+        image: &str,
+        progress: Option<&AtomicU64>,
+        f: impl FnOnce() -> T,
+    ) -> (T, Option<RbdError>) {
+        let done = AtomicBool::new(false);
+        let cause = Mutex::new(None);
+        let r = std::thread::scope(|s| {
+            s.spawn(|| {
+                let seen = |p: Option<&AtomicU64>| p.map(|p| p.load(Ordering::Relaxed));
+                let mut last = seen(progress);
+                let mut since = Instant::now();
+                while !done.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let now = seen(progress);
+                    if now != last {
+                        (last, since) = (now, Instant::now());
+                        continue;
+                    }
+                    if since.elapsed() < self.timeout {
+                        continue;
+                    }
+                    let probe = self.probe(image);
+                    if done.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match probe {
+                        Ok(()) => since = Instant::now(),
+                        Err(e) => {
+                            warn!(image = %self.spec(image), error = %e, "writes wait for the cluster; cutting the attachment off");
+                            self.abort(dir);
+                            *cause.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                            return;
+                        }
+                    }
+                }
+            });
+            let r = f();
+            done.store(true, Ordering::Release);
+            r
+        });
+        (r, cause.into_inner().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Maps `image` on this host and mounts its filesystem at `dir/fs` (read-only with `read_only`: the
@@ -316,9 +434,16 @@ impl Rbd {
     pub fn detach(&self, dir: &Path) -> Result<(), RbdError> {
         let st = Self::read_state(dir).unwrap_or_default();
         let fsdir = Self::fs_dir(dir);
+        let mut cut_off = None;
         if lamina_sys::mount::is_mount_point(&fsdir).unwrap_or(false) {
-            lamina_sys::mount::unmount(&fsdir, false)
-                .map_err(|e| RbdError::io(format!("unmounting {}", fsdir.display()), e))?;
+            // The unmount writes back what the filesystem holds: with the cluster gone it would wait for ever.
+            let (r, cause) = if st.read_only {
+                (lamina_sys::mount::unmount(&fsdir, false), None)
+            } else {
+                self.watched(dir, &st.image, None, || lamina_sys::mount::unmount(&fsdir, false))
+            };
+            r.map_err(|e| RbdError::io(format!("unmounting {}", fsdir.display()), e))?;
+            cut_off = cause;
         }
         let fuse = dir.join("fuse");
         if let Some(dev) = &st.device {
@@ -371,7 +496,11 @@ impl Rbd {
         for d in [&fsdir, &fuse, &dir.to_path_buf()] {
             let _ = fs::remove_dir(d);
         }
-        Ok(())
+        match cut_off {
+            // Detached, but what the filesystem still held did not reach the image.
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

@@ -188,6 +188,27 @@ impl Rbd {
         )
     }
 
+    /// Whether the cluster takes writes to `image` now: `no space` when the pool is flagged full or over its
+    /// quota (Ceph holds writes to it), `backend unavailable` when the monitors or the OSDs do not answer
+    /// (a read of the image's header, within the deadline).
+    pub fn probe(&self, image: &str) -> Result<(), RbdError> {
+        let pool = &self.cluster.pool;
+        match self.pool_flags() {
+            Some(f) if f.iter().any(|x| x == "full_quota") => {
+                return Err(RbdError::NoSpace(format!(
+                    "pool \"{pool}\" is over its quota (Ceph holds writes to it until it has room again)"
+                )))
+            }
+            Some(f) if f.iter().any(|x| x == "full") => {
+                return Err(RbdError::NoSpace(format!(
+                    "pool \"{pool}\" is full (Ceph holds writes to it until it has room again)"
+                )))
+            }
+            _ => {}
+        }
+        self.snapshots(image).map(drop)
+    }
+
     /// The images of the pool.
     pub fn images(&self) -> Result<Vec<String>, RbdError> {
         let pool = self.cluster.pool.clone();

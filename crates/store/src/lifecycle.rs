@@ -246,6 +246,10 @@ impl Store {
         if guard.mounts > 0 {
             return Err(StoreError::InUse(format!("layer {key} is mounted")));
         }
+        // A name already taken is refused before the backend seals anything.
+        if self.read()?.number(ns, name)?.is_some() {
+            return Err(StoreError::AlreadyExists(format!("layer {name}")));
+        }
         // Usage first (it reads the tree); the layer cannot change kind meanwhile: we hold its lock. The
         // content must be on disk before the record says it is frozen.
         let usage = self.backend.freeze(n)?;

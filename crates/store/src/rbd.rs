@@ -21,14 +21,21 @@
 //! the parent's whole tree, so a deletion in a layer is a deletion in its filesystem (the apply turns
 //! whiteouts into deletions) and a layer's own changes are the difference between its tree and its parent's
 //! (both attached, compared by lamina-archive). An image is attached while someone uses it (the store's
-//! `get`, a diff, a mount description for containerd) and detached at the last release; the seal is taken
-//! with the image detached (rbd-fuse cannot expose snapshots: a sealed layer's head is attached read-only and
-//! never written after its seal).
+//! `get`, a diff, a mount description for containerd) and detached at the last release (or, while a client
+//! still has its filesystem mounted, by a reaper once that mount goes). A seal for a child or an apply is
+//! taken with the image detached; a commit seals the image where it is attached (synced, frozen, flushed
+//! through rbd-fuse, snapshot, thawed). rbd-fuse cannot expose snapshots: a sealed layer's head is what is
+//! read, attached read-only once detached.
+//!
+//! lamina's writes through an attachment run under a watchdog (`Rbd::watched`): when they wait on a cluster
+//! that does not take writes, the attachment's rbd-fuse is killed so that they fail with the cluster's error
+//! class instead of waiting for ever.
 //!
 //! Crash safety follows the store's record-first rule: the record of a layer is written before its image
 //! exists, so at start an image without a record is a half-made one (removed), a record without an image
 //! is made again, an attachment no known layer holds is taken down, and rbd-fuse processes are found through
-//! their state files (PID checked against its start time).
+//! their state files (PID checked against its start time). A commit's seal is announced by a marker
+//! (`sealing/<hex n>`) before it is taken: at start, the seal of a layer still recorded writable is dropped.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
@@ -114,6 +121,11 @@ struct Hold {
     count: usize,
     /// Held for a caller that mounts the filesystem itself (containerd): released at commit or removal.
     external: bool,
+    /// Released by lamina but still mounted elsewhere (a client's bind mount of `fs/`): kept attached until
+    /// that mount goes (a reaper thread watches it).
+    lingering: bool,
+    /// Removed while lingering: the image goes once the reaper has detached it.
+    removed: bool,
 }
 
 impl RbdBackend {
@@ -209,7 +221,33 @@ impl RbdBackend {
         }
         h.count = h.count.saturating_sub(1);
         if h.count == 0 {
-            self.rbd.detach(&self.adir(n))?;
+            self.detach_or_linger(n, &mut h)?;
+        }
+        Ok(())
+    }
+
+    /// Detaches `n` (its hold locked, nobody counted), unless its filesystem is still mounted elsewhere: then
+    /// it stays attached and a reaper detaches it once those mounts are gone.
+    fn detach_or_linger(&self, n: u64, h: &mut Hold) -> Result<()> {
+        if !Rbd::mounted_elsewhere(&self.adir(n)) {
+            return Ok(self.rbd.detach(&self.adir(n))?);
+        }
+        if !h.lingering {
+            h.lingering = true;
+            info!(
+                layer = n,
+                "layer released but still mounted elsewhere; detached once that mount goes"
+            );
+            let reaper = Reaper {
+                n,
+                dir: self.adir(n),
+                image: self.image(n),
+                marker: self.sealing_marker(n),
+                rbd: self.rbd.clone(),
+                hold: self.hold_of(n),
+                in_flight: self.in_flight.clone(),
+            };
+            std::thread::spawn(move || reaper.run());
         }
         Ok(())
     }
@@ -220,6 +258,7 @@ impl RbdBackend {
         let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
         h.count = 0;
         h.external = false;
+        h.lingering = false;
         self.rbd.detach(&self.adir(n))?;
         Ok(())
     }
@@ -243,7 +282,13 @@ impl RbdBackend {
         }
         h.count = 0;
         h.external = false;
+        h.lingering = false;
         self.rbd.detach(&self.adir(n))?;
+        self.snapshot(n)
+    }
+
+    /// Takes the seal of `n` and protects it.
+    fn snapshot(&self, n: u64) -> Result<()> {
         let snap = format!("{}@{SEAL}", self.rbd.spec(&self.image(n)));
         fault::point("store.rbd.seal.snap").map_err(|e| StoreError::io("snapshot", e))?;
         let out = self.rbd.cli(&["snap", "create", "--no-progress", &snap])?;
@@ -257,6 +302,70 @@ impl RbdBackend {
         }
         self.sealed.lock().unwrap_or_else(|p| p.into_inner()).insert(n);
         Ok(())
+    }
+
+    /// Drops the seal of `n` (unprotect, remove), if it has one; refused (in use) while clones of it exist.
+    fn unseal(&self, n: u64) -> Result<()> {
+        self.sealed.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+        let snaps = self.rbd.snapshots(&self.image(n))?.unwrap_or_default();
+        if !snaps.iter().any(|s| s == SEAL) {
+            return Ok(());
+        }
+        let snap = format!("{}@{SEAL}", self.rbd.spec(&self.image(n)));
+        let out = self.rbd.cli(&["snap", "unprotect", &snap])?;
+        if !out.success() && !out.stderr.contains("not protected") {
+            return Err(self.rbd.fail("unprotecting a stale seal", &out).into());
+        }
+        self.rbd
+            .cli_ok("removing a stale seal", &["snap", "rm", "--no-progress", &snap])?;
+        Ok(())
+    }
+
+    /// Where a commit's seal is announced before it is taken: a seal the store has not recorded as a commit
+    /// yet (a crash between the two) is dropped at the next start.
+    fn sealing_marker(&self, n: u64) -> PathBuf {
+        self.dir.join("sealing").join(format!("{n:x}"))
+    }
+
+    /// Seals `n` for a commit, attached or not: a seal left by a commit that was not recorded is dropped
+    /// first (it may predate writes). Attached, the filesystem is synced, frozen and flushed through to the
+    /// image, the seal taken, and the filesystem thawed: it stays attached read-write for whoever still has
+    /// it mounted, and its children clone the seal, so they never see later writes.
+    fn seal_for_commit(&self, n: u64) -> Result<()> {
+        let marker = self.sealing_marker(n);
+        mkdir(marker.parent().expect("in sealing/"), 0o700)?;
+        std::fs::File::create(&marker)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::File::open(marker.parent().expect("in sealing/"))?.sync_all())
+            .map_err(|e| StoreError::io(format!("writing {}", marker.display()), e))?;
+        let h = self.hold_of(n);
+        let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+        self.unseal(n)?;
+        let dir = self.adir(n);
+        if !Rbd::alive(&dir) {
+            h.count = 0;
+            h.external = false;
+            h.lingering = false;
+            self.rbd.detach(&dir)?;
+            return self.snapshot(n);
+        }
+        let fs = self.fs_dir(n);
+        // Sync, freeze and flush wait for the cluster without a deadline: watched like an apply.
+        let (frozen, cut_off) = self.rbd.watched(&dir, &self.image(n), None, || {
+            mount::syncfs(&fs).map_err(|e| StoreError::io("sync committed layer", e))?;
+            let frozen = mount::freeze(&fs).map_err(|e| StoreError::io("freeze committed layer", e))?;
+            self.rbd.flush(&dir)?;
+            Ok::<_, StoreError>(frozen)
+        });
+        if let Some(e) = cut_off {
+            drop(frozen);
+            return Err(e.into());
+        }
+        let frozen = frozen?;
+        self.snapshot(n)?;
+        frozen
+            .thaw()
+            .map_err(|e| StoreError::io("thaw committed layer", e))
     }
 
     /// Makes the image of `n`: a clone of the parent's seal, or a fresh filesystem. Nothing stays on error.
@@ -343,6 +452,7 @@ impl RbdBackend {
         self.rbd.remove_image(&self.image(n))?;
         self.sealed.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
         self.holds.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+        let _ = std::fs::remove_file(self.sealing_marker(n));
         Ok(())
     }
 
@@ -407,6 +517,20 @@ impl LayerBackend for RbdBackend {
     }
 
     fn remove(&self, n: u64, _max_size: Option<u64>) {
+        {
+            let h = self.hold_of(n);
+            let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+            if Rbd::mounted_elsewhere(&self.adir(n)) {
+                // A client still has the filesystem mounted: the image goes once that mount is gone.
+                h.count = 0;
+                h.external = false;
+                h.removed = true;
+                if let Err(e) = self.detach_or_linger(n, &mut h) {
+                    warn!(layer = n, error = %e, "image of a removed layer kept; removed at the next start or gc");
+                }
+                return;
+            }
+        }
         match self.remove_image(n) {
             Ok(()) => {}
             Err(StoreError::InUse(m)) => {
@@ -442,14 +566,14 @@ impl LayerBackend for RbdBackend {
         let usage = {
             let fs = self.hold(n, false, false)?;
             let r = open_dir(&fs).and_then(|d| Ok(lamina_archive::disk_usage(d.as_fd())?));
-            let synced = mount::syncfs(&fs).map_err(|e| StoreError::io("sync committed layer", e));
+            let sealed = self.seal_for_commit(n);
             self.release(n, false)?;
             let u = r?;
-            synced?;
+            sealed?;
             u
         };
+        // containerd's hold ends with the commit; a mount it left in place keeps the image attached.
         self.release(n, true)?;
-        self.seal(n)?;
         Ok(usage)
     }
 
@@ -478,18 +602,31 @@ impl LayerBackend for RbdBackend {
     ) -> Result<ApplyStats> {
         fault::point("store.apply.stage").map_err(|e| StoreError::io("attach the layer", e))?;
         let fs = self.hold(n, false, false)?;
-        let applied = (|| -> Result<ApplyStats> {
+        // The writes wait for the cluster without a deadline (page cache, loop device, rbd-fuse): a watchdog
+        // cuts the attachment off when the stream stops moving and the cluster does not take writes.
+        let read = AtomicU64::new(0);
+        let mut counted = Counted {
+            inner: input,
+            read: &read,
+        };
+        let (applied, cut_off) = self.rbd.watched(&self.adir(n), &self.image(n), Some(&read), || {
             let dirfd = open_dir(&fs)?;
             let opts = ApplyOptions {
                 id_mappings: mappings.clone(),
                 whiteouts: Whiteouts::Delete,
             };
-            let stats = lamina_archive::apply_layer(dirfd.as_fd(), input, &opts)?;
+            let stats = lamina_archive::apply_layer(dirfd.as_fd(), &mut counted, &opts)?;
             fault::point("store.apply.syncfs")
                 .and_then(|()| mount::syncfs(&fs))
                 .map_err(|e| StoreError::io("sync applied layer", e))?;
-            Ok(stats)
-        })();
+            Ok::<_, StoreError>(stats)
+        });
+        if let Some(e) = cut_off {
+            if let Err(e2) = self.force_detach(n) {
+                warn!(layer = n, error = %e2, "taking down an attachment cut off from the cluster");
+            }
+            return Err(e.into());
+        }
         let released = self.release(n, false);
         let stats = applied?;
         released?;
@@ -509,7 +646,19 @@ impl LayerBackend for RbdBackend {
     }
 
     fn reset(&self, n: u64, parent: Option<u64>) -> Result<()> {
-        self.remove_image(n)?;
+        // An apply cut off from a cluster that stopped answering leaves the watch of its killed rbd-fuse on
+        // the image until the OSD expires it (`osd_client_watch_timeout`, 30 s): Ceph refuses the removal
+        // as busy until then.
+        let deadline = std::time::Instant::now() + Duration::from_secs(45);
+        loop {
+            match self.remove_image(n) {
+                Err(StoreError::InUse(m)) if std::time::Instant::now() < deadline => {
+                    info!(layer = n, reason = %m, "image still watched; trying again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                r => break r?,
+            }
+        }
         self.make_image(n, parent)
     }
 
@@ -614,6 +763,10 @@ impl LayerBackend for RbdBackend {
             let dir = self.adir(n);
             if known.contains(&n) && Rbd::alive(&dir) {
                 info!(layer = n, "keeping the attachment of a previous run");
+                // A commit a crash cut short may have left it frozen.
+                if let Err(e) = mount::thaw(&self.fs_dir(n)) {
+                    warn!(layer = n, error = %e, "cannot thaw a kept attachment");
+                }
                 let h = self.hold_of(n);
                 h.lock().unwrap_or_else(|p| p.into_inner()).count = 1;
                 kept.push(n);
@@ -621,6 +774,26 @@ impl LayerBackend for RbdBackend {
                 warn!(layer = n, dir = %dir.display(), "taking down an attachment nothing holds");
                 self.rbd.detach(&dir)?;
             }
+        }
+        // Seals of commits a crash cut short before their record: the layer is still writable.
+        let markers = std::fs::read_dir(self.dir.join("sealing"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for marker in markers {
+            let n = marker
+                .file_name()
+                .and_then(|f| f.to_str())
+                .and_then(|f| u64::from_str_radix(f, 16).ok());
+            if let Some(n) = n {
+                if record_of(n)?.is_some_and(|r| r.kind == LayerKind::ReadWrite) {
+                    warn!(layer = n, "dropping the seal of a commit that was not recorded");
+                    if let Err(e) = self.unseal(n) {
+                        warn!(layer = n, error = %e, "cannot drop a stale seal; kept for now");
+                        continue;
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&marker);
         }
         let images = self.stored_images()?;
         // Children before parents: a parent's seal is refused while clones of it remain.
@@ -721,5 +894,76 @@ impl LayerBackend for RbdBackend {
 
     fn bytes_of(&self, _path: &Path) -> u64 {
         0
+    }
+}
+
+/// Watches a layer released by lamina whose filesystem is still mounted elsewhere: detaches it once those
+/// mounts are gone (and removes its image if the layer was removed meanwhile), unless lamina uses it again.
+struct Reaper {
+    n: u64,
+    dir: PathBuf,
+    image: String,
+    marker: PathBuf,
+    rbd: Arc<Rbd>,
+    hold: Arc<Mutex<Hold>>,
+    in_flight: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+impl Reaper {
+    fn run(self) {
+        let n = self.n;
+        let mut owned = None;
+        loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let mut h = self.hold.lock().unwrap_or_else(|p| p.into_inner());
+            if h.count > 0 || !h.lingering || !Rbd::attached(&self.dir) {
+                h.lingering = false;
+                return;
+            }
+            if h.removed && owned.is_none() {
+                owned = Some(InFlight::new(&self.in_flight, self.dir.clone()));
+            }
+            if Rbd::mounted_elsewhere(&self.dir) {
+                continue;
+            }
+            h.lingering = false;
+            if let Err(e) = self.rbd.detach(&self.dir) {
+                warn!(layer = n, error = %e, "cannot detach a released layer; the next start does");
+                return;
+            }
+            info!(layer = n, "released layer detached: its last mount is gone");
+            let removed = h.removed;
+            drop(h);
+            if removed {
+                for _ in 0..10 {
+                    match self.rbd.remove_image(&self.image) {
+                        Ok(()) => {
+                            let _ = std::fs::remove_file(&self.marker);
+                            break;
+                        }
+                        Err(RbdError::InUse(_)) => std::thread::sleep(Duration::from_secs(2)),
+                        Err(e) => {
+                            warn!(layer = n, error = %e, "image of a removed layer kept; removed at the next start or gc");
+                            break;
+                        }
+                    }
+                }
+            }
+            return;
+        }
+    }
+}
+
+/// A reader that counts the bytes read through it (the progress a watchdog looks at).
+struct Counted<'a, R: ?Sized> {
+    inner: &'a mut R,
+    read: &'a AtomicU64,
+}
+
+impl<R: Read + ?Sized> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.read.fetch_add(k as u64, Ordering::Relaxed);
+        Ok(k)
     }
 }

@@ -462,14 +462,107 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
-/// Flushes the filesystem holding `path` (`syncfs(2)`): one call per layer instead of one fsync per file.
-pub fn syncfs(path: &Path) -> io::Result<()> {
-    let fd = rustix::fs::open(
+/// Mount points of the filesystem on device `dev` (an `st_dev`, as `major:minor` in `/proc/self/mountinfo`),
+/// in this mount namespace.
+pub fn mounts_of_device(dev: u64) -> io::Result<Vec<PathBuf>> {
+    let want = format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev));
+    let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(table
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split(' ');
+            let id = f.nth(2)?;
+            let mp = f.nth(1)?;
+            (id == want).then(|| PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_mountinfo(mp))))
+        })
+        .collect())
+}
+
+/// The device (`st_dev`) of the filesystem holding `path`.
+pub fn device_of(path: &Path) -> io::Result<u64> {
+    rustix::fs::stat(path)
+        .map(|st| st.st_dev)
+        .map_err(|e| errno_ctx(e, &format!("stat {}", path.display())))
+}
+
+// `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)`.
+const FIFREEZE: u64 = 0xC004_5877;
+const FITHAW: u64 = 0xC004_5878;
+
+/// A filesystem frozen with `FIFREEZE` (its dirty data and journal written, new writes blocked): thawed by
+/// [`Frozen::thaw`], or when dropped.
+#[derive(Debug)]
+pub struct Frozen {
+    fd: OwnedFd,
+    path: PathBuf,
+    frozen: bool,
+}
+
+/// Freezes the filesystem mounted at `path` (`FIFREEZE`): on return every write made before the call is on
+/// its device and flushed, and writers block until the thaw.
+pub fn freeze(path: &Path) -> io::Result<Frozen> {
+    let fd = open_mount_dir(path)?;
+    fs_ioctl(&fd, FIFREEZE)
+        .map_err(|e| io::Error::new(e.kind(), format!("freezing {}: {e}", path.display())))?;
+    Ok(Frozen {
+        fd,
+        path: path.to_path_buf(),
+        frozen: true,
+    })
+}
+
+/// Thaws the filesystem mounted at `path` (`FITHAW`), frozen by whoever; one that is not frozen is fine.
+pub fn thaw(path: &Path) -> io::Result<()> {
+    let fd = open_mount_dir(path)?;
+    match fs_ioctl(&fd, FITHAW) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        r => r.map_err(|e| io::Error::new(e.kind(), format!("thawing {}: {e}", path.display()))),
+    }
+}
+
+impl Frozen {
+    /// Thaws the filesystem (`FITHAW`).
+    pub fn thaw(mut self) -> io::Result<()> {
+        self.frozen = false;
+        fs_ioctl(&self.fd, FITHAW)
+            .map_err(|e| io::Error::new(e.kind(), format!("thawing {}: {e}", self.path.display())))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if self.frozen {
+            let _ = fs_ioctl(&self.fd, FITHAW);
+        }
+    }
+}
+
+/// `ioctl(fd, request, &0)` for the freeze requests, which take an (unused) `int`.
+fn fs_ioctl(fd: &OwnedFd, request: u64) -> io::Result<()> {
+    let mut arg: libc::c_int = 0;
+    // SAFETY: `fd` is a live descriptor; FIFREEZE and FITHAW encode an `int` argument, and `arg` is one that
+    // lives for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, &mut arg as *mut libc::c_int) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A read-only handle on the directory `path`, for the calls on the filesystem holding it.
+fn open_mount_dir(path: &Path) -> io::Result<OwnedFd> {
+    rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| errno_ctx(e, &format!("open {}", path.display())))?;
+    .map_err(|e| errno_ctx(e, &format!("open {}", path.display())))
+}
+
+/// Flushes the filesystem holding `path` (`syncfs(2)`): one call per layer instead of one fsync per file.
+pub fn syncfs(path: &Path) -> io::Result<()> {
+    let fd = open_mount_dir(path)?;
     rustix::fs::syncfs(&fd).map_err(|e| errno_ctx(e, &format!("syncfs {}", path.display())))
 }
 

@@ -199,9 +199,13 @@ pub fn detach_rbd_layers(data_root: &Path, timeout: Duration) -> Result<(), Stri
             .arg(format!("/dev/{dev}"))
             .status();
     }
-    for m in mounts_under(data_root) {
-        umount(&m);
-    }
+    // A FUSE mount stays busy for a moment while the kernel lets go of a loop device over its file.
+    let _ = poll(timeout, || {
+        for m in mounts_under(data_root) {
+            umount(&m);
+        }
+        mounts_under(data_root).is_empty().then_some(())
+    });
     let gone = poll(timeout, || pids_referencing(data_root).is_empty().then_some(()));
     if gone.is_none() {
         for p in pids_referencing(data_root) {
@@ -499,6 +503,20 @@ impl CephCluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Stops the OSD where it stands (SIGSTOP by PID): it keeps its objects (even memstore) and its place in
+    /// the map, and every operation on it waits, as when an OSD host hangs. [`CephCluster::resume_osd`]
+    /// lets it go on.
+    pub fn pause_osd(&self) {
+        let pid = self.osd.as_ref().expect("the OSD runs").id();
+        signal(pid, "STOP");
+    }
+
+    /// Lets an OSD stopped by [`CephCluster::pause_osd`] go on (SIGCONT).
+    pub fn resume_osd(&self) {
+        let pid = self.osd.as_ref().expect("the OSD runs").id();
+        signal(pid, "CONT");
     }
 
     /// Client processes of this cluster (their command line names its directory), other than its daemons.
