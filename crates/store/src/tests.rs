@@ -9,7 +9,9 @@ use lamina_sys::mount::{MountSpec, OverlaySpec};
 use lamina_sys::mounter::{FakeMounter, MountCall, Mounter};
 
 use crate::tables::Writer;
-use crate::{GarbageKind, GcOptions, LayerKind, LayerState, OpenMode, OpenOptions, Store, StoreError};
+use crate::{
+    GarbageKind, GcOptions, LayerKind, LayerState, NewLayer, OpenMode, OpenOptions, Store, StoreError,
+};
 
 const NS: &str = "test";
 
@@ -58,7 +60,8 @@ impl Fixture {
 }
 
 fn create(s: &Store, name: &str, parent: Option<&str>, kind: LayerKind) {
-    s.create(NS, name, parent, kind, BTreeMap::new()).unwrap();
+    s.create(NewLayer::new(NS, name, kind).with_parent(parent))
+        .unwrap();
 }
 
 /// `base` <- `child` (writable).
@@ -398,38 +401,40 @@ fn containerd_mount_descriptions() {
     };
     let active = s
         .prepare(
-            NS,
-            "a",
-            Some("base"),
-            LayerKind::ReadWrite,
-            BTreeMap::new(),
-            &opts,
+            NewLayer::new(NS, "a", LayerKind::ReadWrite)
+                .with_parent(Some("base"))
+                .with_options(opts),
         )
         .unwrap();
     assert!(matches!(&active, MountSpec::Overlay(o) if o.upper.is_some() && o.lowers.len() == 1));
     let view = s
-        .prepare(NS, "v", Some("base"), LayerKind::View, BTreeMap::new(), &opts)
+        .prepare(
+            NewLayer::new(NS, "v", LayerKind::View)
+                .with_parent(Some("base"))
+                .with_options(opts),
+        )
         .unwrap();
     assert!(
         matches!(&view, MountSpec::Bind { read_only: true, source } if *source == s.info(NS, "base").unwrap().diff_dir)
     );
     let lone = s
-        .prepare(NS, "lone", None, LayerKind::ReadWrite, BTreeMap::new(), &opts)
+        .prepare(NewLayer::new(NS, "lone", LayerKind::ReadWrite).with_options(opts))
         .unwrap();
     assert!(matches!(lone, MountSpec::Bind { read_only: false, .. }));
     assert!(matches!(s.mounts(NS, "base"), Err(StoreError::Precondition(_))));
     assert!(matches!(
-        s.prepare(NS, "b", Some("a"), LayerKind::ReadWrite, BTreeMap::new(), &opts),
+        s.prepare(
+            NewLayer::new(NS, "b", LayerKind::ReadWrite)
+                .with_parent(Some("a"))
+                .with_options(opts)
+        ),
         Err(StoreError::Precondition(_))
     ));
     assert!(matches!(
         s.prepare(
-            NS,
-            "c",
-            Some("missing"),
-            LayerKind::ReadWrite,
-            BTreeMap::new(),
-            &opts
+            NewLayer::new(NS, "c", LayerKind::ReadWrite)
+                .with_parent(Some("missing"))
+                .with_options(opts)
         ),
         Err(StoreError::NotFound(_))
     ));

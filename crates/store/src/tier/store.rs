@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use super::{chain_hex, tier_io, Claimed, TierGarbageKind};
 use crate::gc::{Garbage, GarbageKind, GcReport};
-use crate::{lock, now_ns, CreateOptions, LayerKind, Result, Store, StoreError};
+use crate::{lock, now_ns, CreateOptions, LayerKind, NewLayer, Result, Store, StoreError};
 
 /// How often a Prepare waiting for another host's unpack looks again.
 const POLL: Duration = Duration::from_millis(200);
@@ -195,9 +195,16 @@ impl Store {
     ) -> Result<bool> {
         let tier = self.tier().expect("tier");
         let tmp = format!("lamina-tier/{hex}/{}", now_ns());
-        let opts = CreateOptions {
-            parent_kind: Some(LayerKind::ReadOnly),
-            max_size: None,
+        let layer = NewLayer {
+            ns,
+            name: &tmp,
+            parent,
+            kind: LayerKind::ReadWrite,
+            labels: labels.clone(),
+            options: CreateOptions {
+                parent_kind: Some(LayerKind::ReadOnly),
+                max_size: None,
+            },
         };
         let (created, remote) = std::thread::scope(|s| {
             let remote = s.spawn(|| {
@@ -207,14 +214,7 @@ impl Store {
                 let manifest = tier.manifest(hex, &seal)?;
                 Ok::<_, StoreError>((manifest, held, t0.elapsed() - held))
             });
-            let created = self.create_layer(
-                ns,
-                &tmp,
-                parent.map(|p| (p, None)),
-                LayerKind::ReadWrite,
-                labels.clone(),
-                &opts,
-            );
+            let created = self.create_layer(layer, None);
             let linked = match &created {
                 Ok((n, _)) => self.backend.link_content(*n, &tier.content(hex)),
                 Err(_) => Ok(()),
