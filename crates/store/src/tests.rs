@@ -395,47 +395,33 @@ fn containerd_mount_descriptions() {
     let fx = Fixture::new();
     let s = fx.open();
     create(&s, "base", None, LayerKind::ReadOnly);
-    let opts = crate::CreateOptions {
-        parent_kind: Some(LayerKind::ReadOnly),
-        ..crate::CreateOptions::default()
-    };
+    // As containerd's snapshotter asks: on a committed parent.
+    fn snapshot<'a>(name: &'a str, parent: Option<&'a str>, kind: LayerKind) -> NewLayer<'a> {
+        let opts = crate::CreateOptions {
+            parent_kind: Some(LayerKind::ReadOnly),
+            ..crate::CreateOptions::default()
+        };
+        NewLayer::new(NS, name, kind)
+            .with_parent(parent)
+            .with_options(opts)
+    }
     let active = s
-        .prepare(
-            NewLayer::new(NS, "a", LayerKind::ReadWrite)
-                .with_parent(Some("base"))
-                .with_options(opts),
-        )
+        .prepare(snapshot("a", Some("base"), LayerKind::ReadWrite))
         .unwrap();
     assert!(matches!(&active, MountSpec::Overlay(o) if o.upper.is_some() && o.lowers.len() == 1));
-    let view = s
-        .prepare(
-            NewLayer::new(NS, "v", LayerKind::View)
-                .with_parent(Some("base"))
-                .with_options(opts),
-        )
-        .unwrap();
+    let view = s.prepare(snapshot("v", Some("base"), LayerKind::View)).unwrap();
     assert!(
         matches!(&view, MountSpec::Bind { read_only: true, source } if *source == s.info(NS, "base").unwrap().diff_dir)
     );
-    let lone = s
-        .prepare(NewLayer::new(NS, "lone", LayerKind::ReadWrite).with_options(opts))
-        .unwrap();
+    let lone = s.prepare(snapshot("lone", None, LayerKind::ReadWrite)).unwrap();
     assert!(matches!(lone, MountSpec::Bind { read_only: false, .. }));
     assert!(matches!(s.mounts(NS, "base"), Err(StoreError::Precondition(_))));
     assert!(matches!(
-        s.prepare(
-            NewLayer::new(NS, "b", LayerKind::ReadWrite)
-                .with_parent(Some("a"))
-                .with_options(opts)
-        ),
+        s.prepare(snapshot("b", Some("a"), LayerKind::ReadWrite)),
         Err(StoreError::Precondition(_))
     ));
     assert!(matches!(
-        s.prepare(
-            NewLayer::new(NS, "c", LayerKind::ReadWrite)
-                .with_parent(Some("missing"))
-                .with_options(opts)
-        ),
+        s.prepare(snapshot("c", Some("missing"), LayerKind::ReadWrite)),
         Err(StoreError::NotFound(_))
     ));
     assert!(fx.fake.calls().is_empty(), "containerd mounts these itself");

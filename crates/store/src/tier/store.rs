@@ -442,14 +442,7 @@ impl Store {
         let Some(tier) = self.tier() else {
             return Ok(None);
         };
-        let mut live: Vec<String> = tier
-            .lease()
-            .hosts()
-            .map_err(super::lease_err)?
-            .into_iter()
-            .filter(|h| h.alive)
-            .map(|h| h.host.as_str().to_string())
-            .collect();
+        let mut live: Vec<String> = tier.live_hosts()?.into_iter().collect();
         live.sort();
         Ok(Some(TierSummary {
             host: tier.lease().host().as_str().to_string(),
@@ -470,14 +463,7 @@ impl Store {
             .map_err(super::lease_err)?
             .into_iter()
             .collect();
-        let live: HashSet<String> = tier
-            .lease()
-            .hosts()
-            .map_err(super::lease_err)?
-            .into_iter()
-            .filter(|h| h.alive)
-            .map(|h| h.host.as_str().to_string())
-            .collect();
+        let live = tier.live_hosts()?;
         let usages = tier.usages()?;
         let now_ns = if usages.iter().any(|(_, u, _)| !u.uses.is_empty()) {
             let now = tier.lease().now().map_err(super::lease_err)?;
