@@ -178,6 +178,29 @@ fn layer_formats(ctx: &Ctx, mfs: &MooseCluster, dir: &Path, figs: &mut Vec<Figur
         );
         Ok(())
     };
+    // The figures of one step started at `t` with the master at `o` operations: its seconds and the master's
+    // operations.
+    let step_done =
+        |subject: &str, step: &str, t: Instant, o: u64, figs: &mut Vec<Figure>| -> anyhow::Result<()> {
+            push(
+                figs,
+                &case,
+                subject,
+                step,
+                Unit::Seconds,
+                vec![t.elapsed().as_secs_f64()],
+            );
+            let ops = vec![ops()?.saturating_sub(o) as f64];
+            push(
+                figs,
+                &case,
+                subject,
+                &format!("master ops, {step}"),
+                Unit::Count,
+                ops,
+            );
+            Ok(())
+        };
     // Reads every file of `root` cold then warm, `runs` times: seconds and the master's operations of each.
     let reads = |subject: &str, root: &Path, figs: &mut Vec<Figure>| -> anyhow::Result<()> {
         let (mut cold, mut warm, mut cold_ops, mut warm_ops) =
@@ -228,22 +251,7 @@ fn layer_formats(ctx: &Ctx, mfs: &MooseCluster, dir: &Path, figs: &mut Vec<Figur
         .arg(&src)
         .arg(tier.join("staging-dir")))?;
     fs::rename(tier.join("staging-dir"), tier.join("dir"))?;
-    push(
-        figs,
-        &case,
-        "tier-dir",
-        "publish",
-        Unit::Seconds,
-        vec![t.elapsed().as_secs_f64()],
-    );
-    push(
-        figs,
-        &case,
-        "tier-dir",
-        "master ops, publish",
-        Unit::Count,
-        vec![ops()?.saturating_sub(o) as f64],
-    );
+    step_done("tier-dir", "publish", t, o, figs)?;
     reads("tier-dir", &tier.join("dir"), figs)?;
     let _ = fs::remove_dir_all(tier.join("dir"));
 
@@ -269,14 +277,7 @@ fn layer_formats(ctx: &Ctx, mfs: &MooseCluster, dir: &Path, figs: &mut Vec<Figur
         let made = t.elapsed().as_secs_f64();
         fs::copy(&local, tier.join("staging.erofs"))?;
         fs::rename(tier.join("staging.erofs"), tier.join("layer.erofs"))?;
-        push(
-            figs,
-            &case,
-            "tier-erofs",
-            "publish",
-            Unit::Seconds,
-            vec![t.elapsed().as_secs_f64()],
-        );
+        step_done("tier-erofs", "publish", t, o, figs)?;
         push(
             figs,
             &case,
@@ -284,14 +285,6 @@ fn layer_formats(ctx: &Ctx, mfs: &MooseCluster, dir: &Path, figs: &mut Vec<Figur
             "mkfs.erofs (part of publish)",
             Unit::Seconds,
             vec![made],
-        );
-        push(
-            figs,
-            &case,
-            "tier-erofs",
-            "master ops, publish",
-            Unit::Count,
-            vec![ops()?.saturating_sub(o) as f64],
         );
         push(
             figs,
@@ -310,22 +303,7 @@ fn layer_formats(ctx: &Ctx, mfs: &MooseCluster, dir: &Path, figs: &mut Vec<Figur
             "erofs",
         )
         .map_err(anyhow::Error::msg)?;
-        push(
-            figs,
-            &case,
-            "tier-erofs",
-            "mount",
-            Unit::Seconds,
-            vec![t.elapsed().as_secs_f64()],
-        );
-        push(
-            figs,
-            &case,
-            "tier-erofs",
-            "master ops, mount",
-            Unit::Count,
-            vec![ops()?.saturating_sub(o) as f64],
-        );
+        step_done("tier-erofs", "mount", t, o, figs)?;
         reads("tier-erofs", &image.mnt, figs)?;
         drop(image);
     }

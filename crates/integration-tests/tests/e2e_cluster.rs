@@ -837,31 +837,26 @@ fn dockerd_keeps_no_local_copy_of_layers_the_tier_has() {
     // A container reads the image's files from the tier.
     let script =
         "find /data -type f -exec stat -c '%n %s' {} + | sort; test ! -e /data/l2/gone && echo whiteout-ok";
-    let got = d.ok(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &reference,
-        "/bin/sh",
-        "-c",
-        script,
-    ]);
+    let run_sh = |script: &str| {
+        let args = [
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &reference,
+            "/bin/sh",
+            "-c",
+            script,
+        ];
+        d.ok(&args)
+    };
+    let got = run_sh(script);
     assert_eq!(
         format!("{got}\n"),
         format!("{}\nwhiteout-ok\n", expect.join("\n")),
         "docker run on the tier's layers sees exactly the image's files"
     );
-    let sum = d.ok(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &reference,
-        "/bin/sh",
-        "-c",
-        "sha256sum /data/l5/f7 | cut -d' ' -f1",
-    ]);
+    let sum = run_sh("sha256sum /data/l5/f7 | cut -d' ' -f1");
     let on_a =
         cl.a.ctrd
             .run_script(PROXY_NAME, &reference, "sha256sum /data/l5/f7 | cut -d' ' -f1")

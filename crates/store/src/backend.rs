@@ -38,15 +38,40 @@ pub(crate) struct LayerPaths {
     pub manifest: PathBuf,
 }
 
-/// Where an apply is staged; the token is recorded in the `pending` table until the apply is done, so that
-/// recovery and garbage collection find what a crash left.
+/// Where an apply into one layer is staged; the token is recorded in the `pending` table until the apply is
+/// done, so that recovery and garbage collection find what a crash left.
 pub(crate) struct Staging {
+    /// The layer the apply fills.
+    pub layer: u64,
     /// Recorded in the metadata.
     pub token: String,
     /// The staged content.
     pub path: PathBuf,
     /// Keeps garbage collection away from the staging while the apply runs.
     pub _owned: InFlight,
+}
+
+/// What the store knows at start-up, for [`LayerBackend::recover`].
+pub(crate) struct Recovery<'a> {
+    /// The layers with a record.
+    pub known: &'a HashSet<u64>,
+    /// The layers whose removal was committed; their storage may remain.
+    pub removed: &'a HashSet<u64>,
+    /// The record of a known layer.
+    pub record_of: &'a dyn Fn(u64) -> Result<Option<LayerRecord>>,
+}
+
+/// What garbage collection accounts for, for [`LayerBackend::leftovers`].
+pub(crate) struct LeftoverScope<'a> {
+    /// The staging tokens of the `pending` table.
+    pub pending: &'a HashSet<String>,
+    /// The layers with a record, read after the operations in flight, so that storage created meanwhile is not
+    /// taken.
+    pub known: &'a dyn Fn() -> Result<HashSet<u64>>,
+    /// The layers whose removal was committed.
+    pub removed: &'a HashSet<u64>,
+    /// Whether storage no record explains and quarantined storage are garbage too.
+    pub unknown: bool,
 }
 
 /// The storage operations of the store, on layer numbers. See the module documentation.
@@ -75,17 +100,11 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Reserves the staging of an apply into layer `n`.
     fn stage(&self, n: u64) -> Staging;
 
-    /// Unpacks `input` into the staging and makes it the layer's content, durably.
-    fn apply(
-        &self,
-        n: u64,
-        staging: &Staging,
-        input: &mut dyn Read,
-        mappings: &IdMappings,
-    ) -> Result<ApplyStats>;
+    /// Unpacks `input` into the staging and makes it the content of the staging's layer, durably.
+    fn apply(&self, staging: &Staging, input: &mut dyn Read, mappings: &IdMappings) -> Result<ApplyStats>;
 
     /// Cleans up after a failed apply; true if content may have reached the layer (it must be reset).
-    fn abandon(&self, n: u64, staging: Staging) -> bool;
+    fn abandon(&self, staging: Staging) -> bool;
 
     /// Drops the staging of an apply a crash interrupted (not one still running: false then).
     fn drop_staging(&self, token: &str) -> bool;
@@ -139,16 +158,11 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     fn quarantine_all(&self) -> Result<()>;
 
     /// Start-up, after interrupted applies were rolled back: takes down views no known layer owns, deletes the
-    /// storage of `removed` layers (their removal was committed) and makes every deletion of theirs durable (the
+    /// storage of removed layers (their removal was committed) and makes every deletion of theirs durable (the
     /// store drops their proofs next), moves storage that no record explains
-    /// to quarantine (never deleted on the evidence of missing metadata), recreates missing storage of `known`
-    /// layers (`record_of` gives their records), and returns the known layers whose view is still up.
-    fn recover(
-        &self,
-        known: &HashSet<u64>,
-        removed: &HashSet<u64>,
-        record_of: &dyn Fn(u64) -> Result<Option<LayerRecord>>,
-    ) -> Result<Vec<u64>>;
+    /// to quarantine (never deleted on the evidence of missing metadata), recreates missing storage of known
+    /// layers, and returns the known layers whose view is still up. See [`Recovery`].
+    fn recover(&self, state: &Recovery<'_>) -> Result<Vec<u64>>;
 
     /// Whether any storage of layer `n` is there.
     fn exists(&self, n: u64) -> bool;
@@ -159,16 +173,9 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Garbage collection: the staging of an interrupted apply of layer `n`, unless it is still running.
     fn interrupted_apply(&self, n: u64, token: &str) -> Option<Garbage>;
 
-    /// Garbage collection: leftovers, storage of `removed` layers, and (with `unknown`) storage no record
-    /// explains and quarantined storage; `pending` are staging tokens accounted for, `known` is read after the
-    /// operations in flight, so storage created meanwhile is not taken.
-    fn leftovers(
-        &self,
-        pending: &HashSet<String>,
-        known: &dyn Fn() -> Result<HashSet<u64>>,
-        removed: &HashSet<u64>,
-        unknown: bool,
-    ) -> Result<Vec<Garbage>>;
+    /// Garbage collection: leftovers, storage of removed layers, and (when asked) storage no record explains
+    /// and quarantined storage. See [`LeftoverScope`].
+    fn leftovers(&self, scope: &LeftoverScope<'_>) -> Result<Vec<Garbage>>;
 
     /// Garbage collection: removes one stale mount or leftover that nothing took meanwhile.
     fn collect(&self, g: &Garbage, is_known: &dyn Fn(u64) -> Result<bool>) -> Result<()>;

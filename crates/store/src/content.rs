@@ -105,7 +105,7 @@ impl Store {
         };
         let result = self
             .backend
-            .apply(n, &staging, input, mappings)
+            .apply(&staging, input, mappings)
             .and_then(|stats| finish(&stats).map(|()| stats));
         match result {
             Ok(stats) => {
@@ -126,7 +126,7 @@ impl Store {
                 // goes back to empty as created (content replaced, record Empty, pending row dropped), so
                 // nothing half applied is visible and a retry applies again. If that fails too (read-only or
                 // failing disk), the record stays Applying and the next start does it.
-                let filled = self.backend.abandon(n, staging);
+                let filled = self.backend.abandon(staging);
                 let reset = if filled {
                     self.reset_interrupted_apply(n)
                 } else {

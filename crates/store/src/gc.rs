@@ -24,6 +24,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::backend::LeftoverScope;
 use crate::stats::Counter;
 use crate::{lock, LayerRecord, Result, Store, StoreError};
 
@@ -163,12 +164,12 @@ impl Store {
             report.items.push(g);
         }
         // 3. Leftovers and 4. storage without a record.
-        report.items.extend(self.backend.leftovers(
-            &pending_staging,
-            &|| self.known_layers(),
-            &self.read()?.removed()?,
-            opts.unknown,
-        )?);
+        report.items.extend(self.backend.leftovers(&LeftoverScope {
+            pending: &pending_staging,
+            known: &|| self.known_layers(),
+            removed: &self.read()?.removed()?,
+            unknown: opts.unknown,
+        })?);
         // 5. Removed namespaces.
         let mut doomed: Vec<(u64, LayerRecord)> = Vec::new();
         if !opts.removed_namespaces.is_empty() {

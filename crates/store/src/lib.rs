@@ -39,7 +39,7 @@ mod tables;
 mod tier;
 mod verify;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -103,7 +103,57 @@ pub struct StoreStatus {
     pub format: u64,
 }
 
-/// Options of [`Store::create_with`].
+/// A layer to make ([`Store::create`], [`Store::prepare`]): its name in a namespace, the parent it sits on in
+/// the same namespace, its kind, labels and options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewLayer<'a> {
+    /// The namespace of the layer and of its parent.
+    pub ns: &'a str,
+    /// The layer's name in `ns`.
+    pub name: &'a str,
+    /// The parent's name in `ns`; none for a base layer.
+    pub parent: Option<&'a str>,
+    /// What the layer is.
+    pub kind: LayerKind,
+    /// Kept in the layer's record.
+    pub labels: BTreeMap<String, String>,
+    /// The parent's required kind and the size limit.
+    pub options: CreateOptions,
+}
+
+impl<'a> NewLayer<'a> {
+    /// A base layer `name` in `ns` of `kind`, without labels, with the default options.
+    pub fn new(ns: &'a str, name: &'a str, kind: LayerKind) -> Self {
+        NewLayer {
+            ns,
+            name,
+            parent: None,
+            kind,
+            labels: BTreeMap::new(),
+            options: CreateOptions::default(),
+        }
+    }
+
+    /// On `parent` (none: a base layer).
+    pub fn with_parent(mut self, parent: Option<&'a str>) -> Self {
+        self.parent = parent;
+        self
+    }
+
+    /// With `labels`.
+    pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> Self {
+        self.labels = labels;
+        self
+    }
+
+    /// With `options`.
+    pub fn with_options(mut self, options: CreateOptions) -> Self {
+        self.options = options;
+        self
+    }
+}
+
+/// Options of a [`NewLayer`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CreateOptions {
     /// The parent must be of this kind (a snapshotter builds only on committed layers); otherwise

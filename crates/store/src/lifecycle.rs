@@ -8,35 +8,18 @@ use lamina_sys::mount::MAX_OVERLAY_LOWERS;
 use tracing::{debug, warn};
 
 use crate::{
-    lock, now_ns, Counter, CreateOptions, LayerKind, LayerRecord, LayerState, Result, Store, StoreError,
+    lock, now_ns, Counter, LayerKind, LayerRecord, LayerState, NewLayer, Result, Store, StoreError,
     MAX_DEPTH, MIN_SIZE,
 };
 
 impl Store {
-    /// Creates an empty layer `name` in `ns` on top of `parent` (same namespace).
-    pub fn create(
-        &self,
-        ns: &str,
-        name: &str,
-        parent: Option<&str>,
-        kind: LayerKind,
-        labels: BTreeMap<String, String>,
-    ) -> Result<()> {
-        self.create_with(ns, name, parent, kind, labels, &CreateOptions::default())
-    }
-
-    /// Creates an empty layer with [`CreateOptions`]: the parent's kind checked in the creating transaction (a
-    /// snapshotter builds only on committed layers; otherwise [`StoreError::Precondition`]), a size limit.
-    pub fn create_with(
-        &self,
-        ns: &str,
-        name: &str,
-        parent: Option<&str>,
-        kind: LayerKind,
-        labels: BTreeMap<String, String>,
-        opts: &CreateOptions,
-    ) -> Result<()> {
-        let (n, rec) = self.create_layer(ns, name, parent.map(|p| (p, None)), kind, labels, opts)?;
+    /// Creates the empty layer `layer.name` in `layer.ns` on `layer.parent`. With
+    /// [`parent_kind`](crate::CreateOptions::parent_kind) the parent's kind is checked in the creating transaction (a snapshotter builds only on committed layers;
+    /// otherwise [`StoreError::Precondition`]); [`max_size`](crate::CreateOptions::max_size)
+    /// is a size limit.
+    pub fn create(&self, layer: NewLayer<'_>) -> Result<()> {
+        let (ns, name) = (layer.ns, layer.name);
+        let (n, rec) = self.create_layer(layer, None)?;
         if let Some(pn) = rec.parent {
             // The layer exists: a failure here only leaves its chain to be read at its first mount.
             if let Err(e) = self.inherit_lowers(n, pn) {
@@ -46,20 +29,22 @@ impl Store {
         Ok(())
     }
 
-    /// Creates an empty layer; gives its number and record. `parent` is the parent's name and, when the
-    /// caller resolved it already, its number: the creating transaction then refuses a parent that was
-    /// replaced meanwhile ([`StoreError::NotFound`]).
+    /// Creates an empty layer; gives its number and record. `expected_parent` is the number of the parent
+    /// when the caller resolved it already: the creating transaction then refuses a parent that was replaced
+    /// meanwhile ([`StoreError::NotFound`]).
     pub(crate) fn create_layer(
         &self,
-        ns: &str,
-        name: &str,
-        parent: Option<(&str, Option<u64>)>,
-        kind: LayerKind,
-        labels: BTreeMap<String, String>,
-        opts: &CreateOptions,
+        layer: NewLayer<'_>,
+        expected_parent: Option<u64>,
     ) -> Result<(u64, LayerRecord)> {
-        let expected_parent = parent.and_then(|p| p.1);
-        let parent = parent.map(|p| p.0);
+        let NewLayer {
+            ns,
+            name,
+            parent,
+            kind,
+            labels,
+            options: opts,
+        } = layer;
         let parent_kind = opts.parent_kind;
         if let Some(size) = opts.max_size {
             if size < MIN_SIZE {

@@ -1,7 +1,6 @@
 //! Mounts: reference-counted merged views of layers (`get`/`put`), and mount descriptions for callers that
 //! mount layers themselves (containerd: `prepare`, `mounts`).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -10,7 +9,7 @@ use lamina_sys::mount::MountSpec;
 use tracing::{debug, warn};
 
 use crate::{
-    lock, now_ns, Counter, CreateOptions, LayerKind, LayerRecord, LayerState, Lowers, Result, Slot, Store,
+    lock, now_ns, Counter, LayerKind, LayerRecord, LayerState, Lowers, NewLayer, Result, Slot, Store,
     StoreError,
 };
 
@@ -63,20 +62,13 @@ impl Store {
         Ok(path)
     }
 
-    /// Creates the writable layer or view `name` on `parent` and describes its mount, for a caller that
+    /// Creates the writable layer or view `layer` and describes its mount, for a caller that
     /// mounts it itself (containerd's Prepare and View): one lookup of the parent and of its chain. With
     /// `verify_on_mount` the parent's stack is checked before anything is created. Counted as one mount
     /// request of the new layer and one use of each layer below it.
-    pub fn prepare(
-        &self,
-        ns: &str,
-        name: &str,
-        parent: Option<&str>,
-        kind: LayerKind,
-        labels: BTreeMap<String, String>,
-        opts: &CreateOptions,
-    ) -> Result<MountSpec> {
-        let below = match parent {
+    pub fn prepare(&self, layer: NewLayer<'_>) -> Result<MountSpec> {
+        let (ns, name) = (layer.ns, layer.name);
+        let below = match layer.parent {
             Some(p) if p != name => {
                 let (pn, prec) = self
                     .lookup(ns, p)?
@@ -90,8 +82,7 @@ impl Store {
             }
             _ => None,
         };
-        let parent = parent.map(|p| (p, below.as_ref().map(|b| b.0)));
-        let (n, rec) = self.create_layer(ns, name, parent, kind, labels, opts)?;
+        let (n, rec) = self.create_layer(layer, below.as_ref().map(|b| b.0))?;
         let below = Arc::new(below.map(|b| b.1).unwrap_or_default());
         lock(&self.slot(n)).lowers = Some(below.clone());
         self.check_before_mount([n])?;

@@ -9,7 +9,7 @@ use lamina_sys::lock::LockFile;
 use lamina_sys::mounter::{LinuxMounter, Mounter};
 use tracing::{info, warn};
 
-use crate::backend::LayerBackend;
+use crate::backend::{LayerBackend, Recovery};
 use crate::overlay::OverlayBackend;
 use crate::rbd::{RbdBackend, RbdLayers};
 use crate::verify::CheckHook;
@@ -294,7 +294,11 @@ impl Store {
         let known = self.read()?.layer_numbers()?;
         let removed = self.read()?.removed()?;
         let record_of = |n: u64| self.record_by_number(n);
-        let mounted = self.backend.recover(&known, &removed, &record_of)?;
+        let mounted = self.backend.recover(&Recovery {
+            known: &known,
+            removed: &removed,
+            record_of: &record_of,
+        })?;
         // Proofs of removal whose storage is gone (durably: the backend synced its deletions) are done with.
         let done: Vec<u64> = removed
             .iter()

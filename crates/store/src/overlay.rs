@@ -17,7 +17,7 @@ use lamina_sys::mount::{self, MountSpec, OverlaySpec};
 use lamina_sys::mounter::Mounter;
 use tracing::{info, warn};
 
-use crate::backend::{LayerBackend, LayerPaths, Staging};
+use crate::backend::{LayerBackend, LayerPaths, LeftoverScope, Recovery, Staging};
 use crate::custody::{self, QUARANTINE_DIR};
 use crate::{
     mkdir, now_ns, open_dir, quota, remove_tree, Garbage, GarbageKind, InFlight, LayerKind, LayerRecord,
@@ -276,19 +276,15 @@ impl LayerBackend for OverlayBackend {
         let token = format!("{n:x}-{seq}");
         let path = self.root.join("staging").join(&token);
         Staging {
+            layer: n,
             _owned: InFlight::new(&self.in_flight, path.clone()),
             token,
             path,
         }
     }
 
-    fn apply(
-        &self,
-        n: u64,
-        staging: &Staging,
-        input: &mut dyn Read,
-        mappings: &IdMappings,
-    ) -> Result<ApplyStats> {
+    fn apply(&self, staging: &Staging, input: &mut dyn Read, mappings: &IdMappings) -> Result<ApplyStats> {
+        let n = staging.layer;
         let staging = staging.path.as_path();
         fault::point("store.apply.stage").map_err(|e| StoreError::io("create staging directory", e))?;
         mkdir(staging, 0o755)?;
@@ -312,7 +308,8 @@ impl LayerBackend for OverlayBackend {
         Ok(stats)
     }
 
-    fn abandon(&self, n: u64, staging: Staging) -> bool {
+    fn abandon(&self, staging: Staging) -> bool {
+        let n = staging.layer;
         remove_tree(&staging.path);
         // A failure after the rename (the second sync, the final commit) leaves the content in diff/.
         let filled = std::fs::read_dir(self.diff_dir(n)).is_ok_and(|mut d| d.next().is_some());
@@ -472,12 +469,8 @@ impl LayerBackend for OverlayBackend {
         std::fs::symlink_metadata(self.layer_dir(n)).is_ok()
     }
 
-    fn recover(
-        &self,
-        known: &HashSet<u64>,
-        removed: &HashSet<u64>,
-        record_of: &dyn Fn(u64) -> Result<Option<LayerRecord>>,
-    ) -> Result<Vec<u64>> {
+    fn recover(&self, state: &Recovery<'_>) -> Result<Vec<u64>> {
+        let (known, removed, record_of) = (state.known, state.removed, state.record_of);
         // Mounts first: nothing may be deleted through a live mount.
         let layers_dir = self.root.join("layers");
         let mut kept = Vec::new();
@@ -589,13 +582,8 @@ impl LayerBackend for OverlayBackend {
         ))
     }
 
-    fn leftovers(
-        &self,
-        pending: &HashSet<String>,
-        known: &dyn Fn() -> Result<HashSet<u64>>,
-        removed: &HashSet<u64>,
-        unknown: bool,
-    ) -> Result<Vec<Garbage>> {
+    fn leftovers(&self, scope: &LeftoverScope<'_>) -> Result<Vec<Garbage>> {
+        let (pending, known, removed, unknown) = (scope.pending, scope.known, scope.removed, scope.unknown);
         let mut out = Vec::new();
         // Staging and trash leftovers: listed first, then compared with the operations in flight.
         for (dir, kind) in [("staging", GarbageKind::Staging), ("trash", GarbageKind::Trash)] {

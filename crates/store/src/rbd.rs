@@ -51,7 +51,7 @@ use lamina_sys::fault;
 use lamina_sys::mount::{self, MountSpec};
 use tracing::{info, warn};
 
-use crate::backend::{LayerBackend, LayerPaths, Staging};
+use crate::backend::{LayerBackend, LayerPaths, LeftoverScope, Recovery, Staging};
 use crate::{
     mkdir, open_dir, Garbage, GarbageKind, InFlight, LayerKind, LayerRecord, Result, StoreError,
     MANIFEST_FILE,
@@ -587,19 +587,15 @@ impl LayerBackend for RbdBackend {
     fn stage(&self, n: u64) -> Staging {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         Staging {
+            layer: n,
             _owned: InFlight::new(&self.in_flight, self.adir(n)),
             token: format!("{n:x}-{seq}"),
             path: self.fs_dir(n),
         }
     }
 
-    fn apply(
-        &self,
-        n: u64,
-        _staging: &Staging,
-        input: &mut dyn Read,
-        mappings: &IdMappings,
-    ) -> Result<ApplyStats> {
+    fn apply(&self, staging: &Staging, input: &mut dyn Read, mappings: &IdMappings) -> Result<ApplyStats> {
+        let n = staging.layer;
         fault::point("store.apply.stage").map_err(|e| StoreError::io("attach the layer", e))?;
         let fs = self.hold(n, false, false)?;
         // The writes wait for the cluster without a deadline (page cache, loop device, rbd-fuse): a watchdog
@@ -634,7 +630,8 @@ impl LayerBackend for RbdBackend {
         Ok(stats)
     }
 
-    fn abandon(&self, n: u64, _staging: Staging) -> bool {
+    fn abandon(&self, staging: Staging) -> bool {
+        let n = staging.layer;
         if let Err(e) = self.force_detach(n) {
             warn!(layer = n, error = %e, "cannot detach a layer after a failed apply");
         }
@@ -751,12 +748,8 @@ impl LayerBackend for RbdBackend {
         !matches!(self.rbd.snapshots(&self.image(n)), Ok(None))
     }
 
-    fn recover(
-        &self,
-        known: &HashSet<u64>,
-        removed: &HashSet<u64>,
-        record_of: &dyn Fn(u64) -> Result<Option<LayerRecord>>,
-    ) -> Result<Vec<u64>> {
+    fn recover(&self, state: &Recovery<'_>) -> Result<Vec<u64>> {
+        let (known, removed, record_of) = (state.known, state.removed, state.record_of);
         // Attachments first: nothing is removed while attached.
         let mut kept = Vec::new();
         for n in self.attachments() {
@@ -846,13 +839,8 @@ impl LayerBackend for RbdBackend {
         Some(self.image_garbage(n, GarbageKind::InterruptedApply))
     }
 
-    fn leftovers(
-        &self,
-        _pending: &HashSet<String>,
-        known: &dyn Fn() -> Result<HashSet<u64>>,
-        removed: &HashSet<u64>,
-        unknown: bool,
-    ) -> Result<Vec<Garbage>> {
+    fn leftovers(&self, scope: &LeftoverScope<'_>) -> Result<Vec<Garbage>> {
+        let (known, removed, unknown) = (scope.known, scope.removed, scope.unknown);
         let images = self.stored_images()?;
         let busy = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let known = known()?;

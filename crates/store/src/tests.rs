@@ -9,7 +9,9 @@ use lamina_sys::mount::{MountSpec, OverlaySpec};
 use lamina_sys::mounter::{FakeMounter, MountCall, Mounter};
 
 use crate::tables::Writer;
-use crate::{GarbageKind, GcOptions, LayerKind, LayerState, OpenMode, OpenOptions, Store, StoreError};
+use crate::{
+    GarbageKind, GcOptions, LayerKind, LayerState, NewLayer, OpenMode, OpenOptions, Store, StoreError,
+};
 
 const NS: &str = "test";
 
@@ -58,7 +60,8 @@ impl Fixture {
 }
 
 fn create(s: &Store, name: &str, parent: Option<&str>, kind: LayerKind) {
-    s.create(NS, name, parent, kind, BTreeMap::new()).unwrap();
+    s.create(NewLayer::new(NS, name, kind).with_parent(parent))
+        .unwrap();
 }
 
 /// `base` <- `child` (writable).
@@ -392,45 +395,33 @@ fn containerd_mount_descriptions() {
     let fx = Fixture::new();
     let s = fx.open();
     create(&s, "base", None, LayerKind::ReadOnly);
-    let opts = crate::CreateOptions {
-        parent_kind: Some(LayerKind::ReadOnly),
-        ..crate::CreateOptions::default()
-    };
+    // As containerd's snapshotter asks: on a committed parent.
+    fn snapshot<'a>(name: &'a str, parent: Option<&'a str>, kind: LayerKind) -> NewLayer<'a> {
+        let opts = crate::CreateOptions {
+            parent_kind: Some(LayerKind::ReadOnly),
+            ..crate::CreateOptions::default()
+        };
+        NewLayer::new(NS, name, kind)
+            .with_parent(parent)
+            .with_options(opts)
+    }
     let active = s
-        .prepare(
-            NS,
-            "a",
-            Some("base"),
-            LayerKind::ReadWrite,
-            BTreeMap::new(),
-            &opts,
-        )
+        .prepare(snapshot("a", Some("base"), LayerKind::ReadWrite))
         .unwrap();
     assert!(matches!(&active, MountSpec::Overlay(o) if o.upper.is_some() && o.lowers.len() == 1));
-    let view = s
-        .prepare(NS, "v", Some("base"), LayerKind::View, BTreeMap::new(), &opts)
-        .unwrap();
+    let view = s.prepare(snapshot("v", Some("base"), LayerKind::View)).unwrap();
     assert!(
         matches!(&view, MountSpec::Bind { read_only: true, source } if *source == s.info(NS, "base").unwrap().diff_dir)
     );
-    let lone = s
-        .prepare(NS, "lone", None, LayerKind::ReadWrite, BTreeMap::new(), &opts)
-        .unwrap();
+    let lone = s.prepare(snapshot("lone", None, LayerKind::ReadWrite)).unwrap();
     assert!(matches!(lone, MountSpec::Bind { read_only: false, .. }));
     assert!(matches!(s.mounts(NS, "base"), Err(StoreError::Precondition(_))));
     assert!(matches!(
-        s.prepare(NS, "b", Some("a"), LayerKind::ReadWrite, BTreeMap::new(), &opts),
+        s.prepare(snapshot("b", Some("a"), LayerKind::ReadWrite)),
         Err(StoreError::Precondition(_))
     ));
     assert!(matches!(
-        s.prepare(
-            NS,
-            "c",
-            Some("missing"),
-            LayerKind::ReadWrite,
-            BTreeMap::new(),
-            &opts
-        ),
+        s.prepare(snapshot("c", Some("missing"), LayerKind::ReadWrite)),
         Err(StoreError::NotFound(_))
     ));
     assert!(fx.fake.calls().is_empty(), "containerd mounts these itself");

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 
-use lamina_store::{GarbageKind, GcOptions, LayerKind, OpenMode, Store, VerifyStatus};
+use lamina_store::{GarbageKind, GcOptions, LayerKind, NewLayer, OpenMode, Store, VerifyStatus};
 
 mod common;
 use common::*;
@@ -107,7 +107,7 @@ fn manifest_recorded_at_apply_and_verify_finds_a_flipped_byte() {
         other => panic!("{other:?}"),
     }
     // an empty writable layer is skipped, not failed
-    s.create(NS, "rw", Some("b"), LayerKind::ReadWrite, BTreeMap::new())
+    s.create(NewLayer::new(NS, "rw", LayerKind::ReadWrite).with_parent(Some("b")))
         .unwrap();
     let rw = s.info(NS, "rw").unwrap().number;
     assert!(matches!(
@@ -214,7 +214,7 @@ fn gc_of_a_removed_namespace_keeps_what_is_in_use() {
     };
     let old = "docker:/old/home";
     let mk = |name: &str, parent: Option<&str>| {
-        s.create(old, name, parent, LayerKind::ReadOnly, BTreeMap::new())
+        s.create(NewLayer::new(old, name, LayerKind::ReadOnly).with_parent(parent))
             .unwrap()
     };
     mk("base", None);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use lamina_store::{CreateOptions, GarbageKind, GcOptions, LayerKind, Store, StoreError};
+use lamina_store::{CreateOptions, GarbageKind, GcOptions, LayerKind, NewLayer, Store, StoreError};
 
 use lamina_testkit::{is_quota_error, require_root, write_mb};
 
@@ -117,7 +117,11 @@ fn create_sized(
         max_size: Some(size),
         ..CreateOptions::default()
     };
-    store.create_with(ns, name, parent, LayerKind::ReadWrite, BTreeMap::new(), &opts)
+    store.create(
+        NewLayer::new(ns, name, LayerKind::ReadWrite)
+            .with_parent(parent)
+            .with_options(opts),
+    )
 }
 
 fn subvolume_id(path: &Path) -> u64 {
@@ -188,13 +192,13 @@ fn btrfs_limit_is_enforced_and_removal_frees_subvolume_and_qgroup() {
     };
     let ns = "docker:q";
     store
-        .create(ns, "base", None, LayerKind::ReadOnly, BTreeMap::new())
+        .create(NewLayer::new(ns, "base", LayerKind::ReadOnly))
         .unwrap();
     let e = create_sized(&store, ns, "tiny", Some("base"), 4096).unwrap_err();
     assert!(matches!(e, StoreError::InvalidArgument(_)), "{e}");
     create_sized(&store, ns, "c1", Some("base"), 10 << 20).unwrap();
     store
-        .create(ns, "free", Some("base"), LayerKind::ReadWrite, BTreeMap::new())
+        .create(NewLayer::new(ns, "free", LayerKind::ReadWrite).with_parent(Some("base")))
         .unwrap();
     let info = store.info(ns, "c1").unwrap();
     assert_eq!(info.record.max_size, Some(10 << 20));
@@ -399,7 +403,7 @@ fn xfs_project_quota() {
     let store = Store::open(&lfs.root()).unwrap();
     let ns = "docker:q";
     store
-        .create(ns, "base", None, LayerKind::ReadOnly, BTreeMap::new())
+        .create(NewLayer::new(ns, "base", LayerKind::ReadOnly))
         .unwrap();
     create_sized(&store, ns, "c1", Some("base"), 10 << 20).unwrap();
     let info = store.info(ns, "c1").unwrap();
@@ -413,7 +417,7 @@ fn xfs_project_quota() {
     assert!(is_quota_error(&e), "EDQUOT/ENOSPC expected, got {e}");
     store.put(ns, "c1").unwrap();
     store
-        .create(ns, "free", Some("base"), LayerKind::ReadWrite, BTreeMap::new())
+        .create(NewLayer::new(ns, "free", LayerKind::ReadWrite).with_parent(Some("base")))
         .unwrap();
     let free = store.get(ns, "free", "").unwrap();
     write_mb(&free.join("big"), 20).expect("no limit without a size");

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Write;
 
 use lamina_archive::IdMappings;
-use lamina_store::{CreateOptions, LayerKind, LayerState, Store, StoreError};
+use lamina_store::{CreateOptions, LayerKind, LayerState, NewLayer, Store, StoreError};
 use redb::ReadableTable;
 
 mod common;
@@ -20,16 +20,16 @@ fn create_remove_and_errors() {
     assert!(s.exists(NS, "a").unwrap());
     assert!(!s.exists("other", "a").unwrap(), "namespaces are separate");
     assert!(matches!(
-        s.create(NS, "a", None, LayerKind::ReadOnly, BTreeMap::new()),
+        s.create(NewLayer::new(NS, "a", LayerKind::ReadOnly)),
         Err(StoreError::AlreadyExists(_))
     ));
     assert!(matches!(
-        s.create(NS, "b", Some("nope"), LayerKind::ReadOnly, BTreeMap::new()),
+        s.create(NewLayer::new(NS, "b", LayerKind::ReadOnly).with_parent(Some("nope"))),
         Err(StoreError::NotFound(_))
     ));
     assert!(!s.exists(NS, "b").unwrap(), "a failed create leaves nothing");
     assert!(matches!(
-        s.create(NS, "c", Some("c"), LayerKind::ReadOnly, BTreeMap::new()),
+        s.create(NewLayer::new(NS, "c", LayerKind::ReadOnly).with_parent(Some("c"))),
         Err(StoreError::InvalidArgument(_))
     ));
     create(&s, "b", Some("a"));
@@ -65,7 +65,7 @@ fn get_put_refcount_and_stable_path() {
     };
     create(&s, "base", None);
     apply_files(&s, "base", &[("etc/motd", b"hello\n")]);
-    s.create(NS, "rw", Some("base"), LayerKind::ReadWrite, BTreeMap::new())
+    s.create(NewLayer::new(NS, "rw", LayerKind::ReadWrite).with_parent(Some("base")))
         .unwrap();
     let p1 = s.get(NS, "rw", "").unwrap();
     let p2 = s.get(NS, "rw", "").unwrap();
@@ -121,7 +121,7 @@ fn depth_above_kernel_limit_is_refused_at_create() {
     let mut parent: Option<String> = None;
     for i in 0..=501 {
         let name = format!("l{i}");
-        match s.create(NS, &name, parent.as_deref(), LayerKind::ReadOnly, BTreeMap::new()) {
+        match s.create(NewLayer::new(NS, &name, LayerKind::ReadOnly).with_parent(parent.as_deref())) {
             Ok(()) => parent = Some(name),
             Err(StoreError::LimitExceeded(_)) => {
                 assert_eq!(i, 501, "refused above the kernel's 500-lower limit");
@@ -315,15 +315,8 @@ fn commit_freezes_under_a_new_name_without_copying() {
         parent_kind: Some(LayerKind::ReadOnly),
         ..CreateOptions::default()
     };
-    s.create_with(
-        "c:x",
-        "active",
-        None,
-        LayerKind::ReadWrite,
-        BTreeMap::new(),
-        &frozen_parent,
-    )
-    .unwrap();
+    s.create(NewLayer::new("c:x", "active", LayerKind::ReadWrite).with_options(frozen_parent))
+        .unwrap();
     let before = s.info("c:x", "active").unwrap();
     fs::write(before.diff_dir.join("f"), b"content").unwrap();
     let labels: BTreeMap<String, String> = [("k".to_string(), "v".to_string())].into();
@@ -339,29 +332,23 @@ fn commit_freezes_under_a_new_name_without_copying() {
         s.commit("c:x", "frozen", "again", BTreeMap::new()),
         Err(StoreError::Precondition(_))
     ));
-    s.create_with(
-        "c:x",
-        "view",
-        Some("frozen"),
-        LayerKind::View,
-        BTreeMap::new(),
-        &frozen_parent,
+    s.create(
+        NewLayer::new("c:x", "view", LayerKind::View)
+            .with_parent(Some("frozen"))
+            .with_options(frozen_parent),
     )
     .unwrap();
     assert!(matches!(
         s.commit("c:x", "view", "v2", BTreeMap::new()),
         Err(StoreError::Precondition(_))
     ));
-    s.create("c:x", "rw", None, LayerKind::ReadWrite, BTreeMap::new())
+    s.create(NewLayer::new("c:x", "rw", LayerKind::ReadWrite))
         .unwrap();
     assert!(matches!(
-        s.create_with(
-            "c:x",
-            "on-rw",
-            Some("rw"),
-            LayerKind::ReadWrite,
-            BTreeMap::new(),
-            &frozen_parent
+        s.create(
+            NewLayer::new("c:x", "on-rw", LayerKind::ReadWrite)
+                .with_parent(Some("rw"))
+                .with_options(frozen_parent)
         ),
         Err(StoreError::Precondition(_))
     ));

@@ -50,23 +50,7 @@ impl LoopFs {
         fs::File::create(image)
             .and_then(|f| f.set_len(size))
             .map_err(|e| format!("making {}: {e}", image.display()))?;
-        register((mnt.to_path_buf(), None, image.to_path_buf()));
-        let mut me = LoopFs {
-            mnt: mnt.to_path_buf(),
-            device: String::new(),
-            image: image.to_path_buf(),
-            fs_type: fs_type.to_string(),
-        };
-        let device = run(Command::new("losetup")
-            .args(["--direct-io=on", "--find", "--show"])
-            .arg(image))?
-        .trim()
-        .to_string();
-        if !device.starts_with("/dev/") {
-            return Err(format!("losetup printed {device:?}, not a device"));
-        }
-        set_device(image, &device);
-        me.device = device;
+        let me = Self::attach(image, mnt, fs_type, "--direct-io=on")?;
         run(Command::new(format!("mkfs.{fs_type}"))
             .args(mkfs_args)
             .arg(&me.device))?;
@@ -75,9 +59,9 @@ impl LoopFs {
         Ok(me)
     }
 
-    /// Attaches an existing filesystem image read-only to a loop device and mounts it read-only on `mnt`
-    /// (created) as `fs_type` (e.g. an EROFS image). Undone like [`LoopFs::create`]'s, the image deleted too.
-    pub fn attach_read_only(image: &Path, mnt: &Path, fs_type: &str) -> Result<LoopFs, String> {
+    /// Attaches `image` to a free loop device (`losetup <flag>`), to be mounted on `mnt` as `fs_type`; what
+    /// is set up is registered to be undone, and undone when the returned value is dropped.
+    fn attach(image: &Path, mnt: &Path, fs_type: &str, flag: &str) -> Result<LoopFs, String> {
         register((mnt.to_path_buf(), None, image.to_path_buf()));
         let mut me = LoopFs {
             mnt: mnt.to_path_buf(),
@@ -86,7 +70,7 @@ impl LoopFs {
             fs_type: fs_type.to_string(),
         };
         let device = run(Command::new("losetup")
-            .args(["--read-only", "--find", "--show"])
+            .args([flag, "--find", "--show"])
             .arg(image))?
         .trim()
         .to_string();
@@ -95,6 +79,13 @@ impl LoopFs {
         }
         set_device(image, &device);
         me.device = device;
+        Ok(me)
+    }
+
+    /// Attaches an existing filesystem image read-only to a loop device and mounts it read-only on `mnt`
+    /// (created) as `fs_type` (e.g. an EROFS image). Undone like [`LoopFs::create`]'s, the image deleted too.
+    pub fn attach_read_only(image: &Path, mnt: &Path, fs_type: &str) -> Result<LoopFs, String> {
+        let me = Self::attach(image, mnt, fs_type, "--read-only")?;
         fs::create_dir_all(mnt).map_err(|e| format!("creating {}: {e}", mnt.display()))?;
         run(Command::new("mount")
             .args(["-t", fs_type, "-o", "ro"])

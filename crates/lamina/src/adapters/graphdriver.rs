@@ -14,7 +14,7 @@ use lamina_archive::{ArchiveError, IdMap, IdMappings};
 use lamina_docker::{
     CreateRequest, DiffStream, ErrorKind, FileChange, GraphDriver, IdMapEntry, InitRequest, PluginError,
 };
-use lamina_store::{CreateOptions, DiffPlan, LayerKind, Store, StoreError};
+use lamina_store::{CreateOptions, DiffPlan, LayerKind, NewLayer, Store, StoreError};
 use lamina_sys::fs::errno;
 use tracing::info;
 
@@ -285,16 +285,11 @@ impl GraphDriverAdapter {
         } else {
             LayerKind::ReadOnly
         };
-        self.store
-            .create_with(
-                &self.ns(),
-                &req.id,
-                req.parent.as_deref(),
-                kind,
-                BTreeMap::new(),
-                &opts,
-            )
-            .map_err(to_plugin_error)
+        let ns = self.ns();
+        let layer = NewLayer::new(&ns, &req.id, kind)
+            .with_parent(req.parent.as_deref())
+            .with_options(opts);
+        self.store.create(layer).map_err(to_plugin_error)
     }
 
     fn status_inner(&self) -> Vec<[String; 2]> {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lamina_snapshotter::{Code, Info, Kind, LabelChange, Labels, Mount, SnapshotError, Snapshotter, Usage};
-use lamina_store::{CreateOptions, LayerKind, LayerRecord, MountSpec, Store, StoreError};
+use lamina_store::{CreateOptions, LayerKind, LayerRecord, MountSpec, NewLayer, Store, StoreError};
 use lamina_sys::fs::errno;
 use tracing::warn;
 
@@ -91,21 +91,25 @@ impl SnapshotterAdapter {
             }
             _ => None,
         };
-        let opts = CreateOptions {
-            parent_kind: Some(LayerKind::ReadOnly),
-            max_size,
+        let layer = NewLayer {
+            ns: &ns,
+            name: key,
+            parent,
+            kind,
+            labels,
+            options: CreateOptions {
+                parent_kind: Some(LayerKind::ReadOnly),
+                max_size,
+            },
         };
         // One store call: the parent and its chain are resolved once, the mount is described from them.
-        let spec = self
-            .store
-            .prepare(&ns, key, parent, kind, labels, &opts)
-            .map_err(|e| match e {
-                StoreError::Precondition(m) => {
-                    // containerd's snapshotters call a parent that is not committed an invalid argument.
-                    SnapshotError::invalid(m)
-                }
-                e => to_snapshot_error(e),
-            })?;
+        let spec = self.store.prepare(layer).map_err(|e| match e {
+            StoreError::Precondition(m) => {
+                // containerd's snapshotters call a parent that is not committed an invalid argument.
+                SnapshotError::invalid(m)
+            }
+            e => to_snapshot_error(e),
+        })?;
         Ok(vec![to_mount(&spec)])
     }
 

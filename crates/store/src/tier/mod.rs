@@ -199,6 +199,18 @@ impl Tier {
         &self.opts
     }
 
+    /// The hosts whose lease is alive.
+    pub(crate) fn live_hosts(&self) -> Result<HashSet<String>> {
+        Ok(self
+            .lease()
+            .hosts()
+            .map_err(lease_err)?
+            .into_iter()
+            .filter(|h| h.alive)
+            .map(|h| h.host.as_str().to_string())
+            .collect())
+    }
+
     pub(crate) fn lease(&self) -> &Lease {
         &self.opts.lease
     }
@@ -535,15 +547,7 @@ impl Tier {
             items.push(item);
         }
         // Leftovers: staging of publications whose host is gone, and trash older than a lease.
-        let live: HashSet<String> = self
-            .opts
-            .lease
-            .hosts()
-            .map_err(lease_err)?
-            .into_iter()
-            .filter(|h| h.alive)
-            .map(|h| h.host.as_str().to_string())
-            .collect();
+        let live = self.live_hosts()?;
         for (sub, kind) in [
             ("staging", TierGarbageKind::Staging),
             ("trash", TierGarbageKind::Trash),

@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use super::{chain_hex, tier_io, Claimed, TierGarbageKind};
 use crate::gc::{Garbage, GarbageKind, GcReport};
-use crate::{lock, now_ns, CreateOptions, LayerKind, Result, Store, StoreError};
+use crate::{lock, now_ns, CreateOptions, LayerKind, NewLayer, Result, Store, StoreError};
 
 /// How often a Prepare waiting for another host's unpack looks again.
 const POLL: Duration = Duration::from_millis(200);
@@ -201,9 +201,16 @@ impl Store {
     ) -> Result<bool> {
         let tier = self.tier().expect("tier");
         let tmp = format!("lamina-tier/{hex}/{}", now_ns());
-        let opts = CreateOptions {
-            parent_kind: Some(LayerKind::ReadOnly),
-            max_size: None,
+        let layer = NewLayer {
+            ns,
+            name: &tmp,
+            parent,
+            kind: LayerKind::ReadWrite,
+            labels: labels.clone(),
+            options: CreateOptions {
+                parent_kind: Some(LayerKind::ReadOnly),
+                max_size: None,
+            },
         };
         let (created, remote) = std::thread::scope(|s| {
             let remote = s.spawn(|| {
@@ -213,14 +220,7 @@ impl Store {
                 let manifest = tier.manifest(hex, &seal)?;
                 Ok::<_, StoreError>((manifest, held, t0.elapsed() - held))
             });
-            let created = self.create_layer(
-                ns,
-                &tmp,
-                parent.map(|p| (p, None)),
-                LayerKind::ReadWrite,
-                labels.clone(),
-                &opts,
-            );
+            let created = self.create_layer(layer, None);
             let linked = match &created {
                 Ok((n, _)) => self.backend.link_content(*n, &tier.content(hex)),
                 Err(_) => Ok(()),
@@ -448,14 +448,7 @@ impl Store {
         let Some(tier) = self.tier() else {
             return Ok(None);
         };
-        let mut live: Vec<String> = tier
-            .lease()
-            .hosts()
-            .map_err(super::lease_err)?
-            .into_iter()
-            .filter(|h| h.alive)
-            .map(|h| h.host.as_str().to_string())
-            .collect();
+        let mut live: Vec<String> = tier.live_hosts()?.into_iter().collect();
         live.sort();
         Ok(Some(TierSummary {
             host: tier.lease().host().as_str().to_string(),
@@ -476,14 +469,7 @@ impl Store {
             .map_err(super::lease_err)?
             .into_iter()
             .collect();
-        let live: HashSet<String> = tier
-            .lease()
-            .hosts()
-            .map_err(super::lease_err)?
-            .into_iter()
-            .filter(|h| h.alive)
-            .map(|h| h.host.as_str().to_string())
-            .collect();
+        let live = tier.live_hosts()?;
         let usages = tier.usages()?;
         let now_ns = if usages.iter().any(|(_, u, _)| !u.uses.is_empty()) {
             let now = tier.lease().now().map_err(super::lease_err)?;

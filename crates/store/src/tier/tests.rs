@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use lamina_lease::{HostId, Lease, LeaseConfig};
 use lamina_sys::mounter::{FakeMounter, Mounter};
 
-use crate::{GarbageKind, GcOptions, LayerKind, OpenOptions, Store, TierOptions};
+use crate::{GarbageKind, GcOptions, LayerKind, NewLayer, OpenOptions, Store, TierOptions};
 
 const NS: &str = "containerd:lamina";
 
@@ -77,8 +77,7 @@ impl Hosts {
 /// A committed layer `name` holding `file` with `text`, unpacked here as containerd would (write, commit).
 fn unpack(s: &Store, name: &str, file: &str, text: &str) {
     let key = format!("extract {name}");
-    s.create(NS, &key, None, LayerKind::ReadWrite, BTreeMap::new())
-        .unwrap();
+    s.create(NewLayer::new(NS, &key, LayerKind::ReadWrite)).unwrap();
     std::fs::write(s.info(NS, &key).unwrap().diff_dir.join(file), text).unwrap();
     s.commit(NS, &key, name, BTreeMap::new()).unwrap();
 }
@@ -215,7 +214,7 @@ fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
     let bytes = builder.into_inner().unwrap();
     let diff_id = lamina_archive::manifest::digest_of(&bytes);
     // Not in the tier yet: the applied layer stays local.
-    b.create("docker:/x", "first", None, LayerKind::ReadOnly, BTreeMap::new())
+    b.create(NewLayer::new("docker:/x", "first", LayerKind::ReadOnly))
         .unwrap();
     b.apply("docker:/x", "first", &mut &bytes[..], &Default::default())
         .unwrap();
@@ -223,7 +222,7 @@ fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
     // Host A publishes the same content under that chain id; host B's next apply of it links the tier.
     unpack(a, "a/1", "motd", "hi\n");
     assert!(a.publish_shared(NS, "a/1", &diff_id).unwrap());
-    b.create("docker:/x", "second", None, LayerKind::ReadOnly, BTreeMap::new())
+    b.create(NewLayer::new("docker:/x", "second", LayerKind::ReadOnly))
         .unwrap();
     b.apply("docker:/x", "second", &mut &bytes[..], &Default::default())
         .unwrap();
@@ -297,7 +296,7 @@ fn the_tier_shows_which_hosts_use_a_layer_and_when_it_was_last_used() {
     assert_eq!((r.live_hosts, r.users.len(), r.last_use_ns), (2, 0, 0), "{r:?}");
 
     // A container on host B: its active layer reaches the tier layer.
-    b.create(NS, "ctr-1", Some(&c1), LayerKind::ReadWrite, BTreeMap::new())
+    b.create(NewLayer::new(NS, "ctr-1", LayerKind::ReadWrite).with_parent(Some(&c1)))
         .unwrap();
     assert!(b.share_tier_usage().unwrap());
     assert!(!b.share_tier_usage().unwrap(), "written once per change");

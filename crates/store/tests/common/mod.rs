@@ -2,11 +2,10 @@
 
 #![allow(dead_code)] // each test binary uses its own part
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use lamina_archive::IdMappings;
-use lamina_store::{LayerKind, Store};
+use lamina_store::{LayerKind, NewLayer, Store};
 
 pub use lamina_testkit::require_root;
 
@@ -71,7 +70,7 @@ pub fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
 
 /// Creates the read-only layer `name` on `parent`.
 pub fn create(s: &Store, name: &str, parent: Option<&str>) {
-    s.create(NS, name, parent, LayerKind::ReadOnly, BTreeMap::new())
+    s.create(NewLayer::new(NS, name, LayerKind::ReadOnly).with_parent(parent))
         .unwrap();
 }
 
