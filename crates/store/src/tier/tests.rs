@@ -14,6 +14,11 @@ use crate::{GarbageKind, GcOptions, LayerKind, NewLayer, OpenOptions, Store, Tie
 
 const NS: &str = "containerd:lamina";
 
+/// `Store::adopt_shared` of the chain `name` with no parent and no labels: whether the layer is here now.
+fn adopt(s: &Store, name: &str) -> bool {
+    s.adopt_shared(NS, name, None, BTreeMap::new()).unwrap()
+}
+
 fn chain(n: u8) -> String {
     format!("sha256:{}", format!("{n:02x}").repeat(32))
 }
@@ -82,6 +87,16 @@ fn unpack(s: &Store, name: &str, file: &str, text: &str) {
     s.commit(NS, &key, name, BTreeMap::new()).unwrap();
 }
 
+/// Host `s` finds chain `chain` missing from the tier, claims it, unpacks it as `name` (one file) and publishes it.
+fn unpack_and_publish(s: &Store, chain: &str, name: &str, file: &str, text: &str) {
+    assert!(
+        !adopt(s, chain),
+        "{chain} is not in the tier: this host unpacks it"
+    );
+    unpack(s, name, file, text);
+    assert!(s.publish_shared(NS, name, chain).unwrap());
+}
+
 fn tier_gc(s: &Store, dry_run: bool) -> Vec<String> {
     s.gc(&GcOptions {
         dry_run,
@@ -102,12 +117,7 @@ fn a_published_layer_is_adopted_by_another_host_and_collected_when_no_host_holds
     let c1 = chain(1);
 
     // Host A unpacks and publishes.
-    assert!(
-        !a.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap(),
-        "not in the tier: A unpacks"
-    );
-    unpack(a, "a/1/layer", "hello", "hi\n");
-    assert!(a.publish_shared(NS, "a/1/layer", &c1).unwrap());
+    unpack_and_publish(a, &c1, "a/1/layer", "hello", "hi\n");
     let hex = c1.trim_start_matches("sha256:");
     let published = tier.join("layers").join(hex);
     assert_eq!(
@@ -132,10 +142,7 @@ fn a_published_layer_is_adopted_by_another_host_and_collected_when_no_host_holds
     let diff = b.info(NS, &c1).unwrap().diff_dir;
     assert!(std::fs::symlink_metadata(&diff).unwrap().file_type().is_symlink());
     assert_eq!(std::fs::read_to_string(diff.join("hello")).unwrap(), "hi\n");
-    assert!(
-        b.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap(),
-        "asked again: it exists"
-    );
+    assert!(adopt(b, &c1), "asked again: it exists");
     let top = a.tier_layers().unwrap().unwrap();
     assert_eq!(top.len(), 1);
     assert_eq!((top[0].chain.as_str(), top[0].live_hosts), (c1.as_str(), 2));
@@ -173,21 +180,15 @@ fn a_prepare_waits_for_another_hosts_claim_then_unpacks_itself() {
     let h = Hosts::new();
     let (a, b) = (&h.a, &h.b);
     let c2 = chain(2);
-    assert!(
-        !a.adopt_shared(NS, &c2, None, BTreeMap::new()).unwrap(),
-        "A claims"
-    );
+    assert!(!adopt(a, &c2), "A claims");
     let t0 = Instant::now();
-    assert!(
-        !b.adopt_shared(NS, &c2, None, BTreeMap::new()).unwrap(),
-        "B gives up waiting"
-    );
+    assert!(!adopt(b, &c2), "B gives up waiting");
     assert!(t0.elapsed() >= Duration::from_secs(1), "B waited for A's claim");
     // A publishes while B waits: B adopts it.
     let c3 = chain(3);
-    assert!(!a.adopt_shared(NS, &c3, None, BTreeMap::new()).unwrap());
+    assert!(!adopt(a, &c3));
     std::thread::scope(|s| {
-        let waiting = s.spawn(|| b.adopt_shared(NS, &c3, None, BTreeMap::new()).unwrap());
+        let waiting = s.spawn(|| adopt(b, &c3));
         std::thread::sleep(Duration::from_millis(300));
         unpack(a, "a/3", "x", "3");
         a.publish_shared(NS, "a/3", &c3).unwrap();
@@ -252,16 +253,10 @@ fn an_abandoned_unpack_releases_its_claim_at_once() {
     let h = Hosts::new();
     let (a, b) = (&h.a, &h.b);
     let c4 = chain(4);
-    assert!(
-        !a.adopt_shared(NS, &c4, None, BTreeMap::new()).unwrap(),
-        "A claims"
-    );
+    assert!(!adopt(a, &c4), "A claims");
     a.release_shared_claim(&c4);
     let t0 = Instant::now();
-    assert!(
-        !b.adopt_shared(NS, &c4, None, BTreeMap::new()).unwrap(),
-        "B claims"
-    );
+    assert!(!adopt(b, &c4), "B claims");
     assert!(
         t0.elapsed() < Duration::from_millis(900),
         "B did not wait: {:?}",
@@ -274,10 +269,8 @@ fn the_tier_shows_which_hosts_use_a_layer_and_when_it_was_last_used() {
     let h = Hosts::new();
     let (tier, a, b) = (&h.tier, &h.a, &h.b);
     let c1 = chain(7);
-    assert!(!a.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap());
-    unpack(a, "a/7/layer", "f", "x\n");
-    assert!(a.publish_shared(NS, "a/7/layer", &c1).unwrap());
-    assert!(b.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap());
+    unpack_and_publish(a, &c1, "a/7/layer", "f", "x\n");
+    assert!(adopt(b, &c1));
     let row = |s: &Store| {
         s.tier_layers()
             .unwrap()
@@ -325,9 +318,7 @@ fn a_tier_layer_whose_manifest_does_not_match_its_seal_is_not_adopted() {
     let h = Hosts::new();
     let (tier, a, b) = (&h.tier, &h.a, &h.b);
     let c1 = chain(9);
-    assert!(!a.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap());
-    unpack(a, "a/9/layer", "f", "x\n");
-    assert!(a.publish_shared(NS, "a/9/layer", &c1).unwrap());
+    unpack_and_publish(a, &c1, "a/9/layer", "f", "x\n");
     let manifest = tier
         .join("layers")
         .join(c1.trim_start_matches("sha256:"))
@@ -335,9 +326,6 @@ fn a_tier_layer_whose_manifest_does_not_match_its_seal_is_not_adopted() {
     let mut text = std::fs::read_to_string(&manifest).unwrap();
     text.push_str("extra line\n");
     std::fs::write(&manifest, text).unwrap();
-    assert!(
-        !b.adopt_shared(NS, &c1, None, BTreeMap::new()).unwrap(),
-        "a damaged tier layer is unpacked here instead"
-    );
+    assert!(!adopt(b, &c1), "a damaged tier layer is unpacked here instead");
     assert!(b.record(NS, &c1).is_err(), "no layer made from it");
 }
