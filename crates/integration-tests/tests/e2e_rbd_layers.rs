@@ -60,8 +60,10 @@ fn layer_images(cluster: &CephCluster) -> Vec<String> {
 }
 
 /// Nothing of the store is left on the host or in the pool: no image, no mount, no loop device, no rbd-fuse.
+/// Waits up to 90 s: an image whose rbd-fuse was cut off keeps that client's watch until the OSDs time it out
+/// (30 s), and its removal (then its parent's), deferred until then, is retried in the background.
 fn assert_nothing_left(lamina: &Lamina, cluster: &CephCluster) {
-    let settled = poll(Duration::from_secs(20), || {
+    let settled = poll(Duration::from_secs(90), || {
         (layer_images(cluster).is_empty()
             && cluster.client_pids().is_empty()
             && mounts_under(&lamina.data_root).is_empty()

@@ -542,7 +542,9 @@ impl LayerBackend for RbdBackend {
                 let image = self.image(n);
                 let owned = InFlight::new(&self.in_flight, self.adir(n));
                 std::thread::spawn(move || {
-                    for _ in 0..10 {
+                    // A client that died keeps its watch on the image until the OSDs time it out (30 s), and a
+                    // parent waits for its clones: a minute of tries covers both.
+                    for _ in 0..30 {
                         std::thread::sleep(Duration::from_secs(2));
                         match rbd.remove_image(&image) {
                             Ok(()) => break,
