@@ -289,7 +289,7 @@ fn rm_and_rmi_leave_nothing() {
 
     let d = &s.docker;
     remove_everything(d);
-    d.ok(&["volume", "prune", "-f"]);
+    d.remove_unused_local_volumes();
 
     if let (Some(root), Some(before)) = (data_root, before) {
         assert_eq!(s.status_layers(), Some(0), "Layers row after removing everything");

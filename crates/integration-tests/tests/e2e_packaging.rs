@@ -195,7 +195,7 @@ fn v2_plugin_as_graphdriver() {
 
     // rm / rmi leave no mounts and no layers.
     d.ok(&["container", "prune", "-f"]);
-    d.ok(&["volume", "prune", "-f"]);
+    d.remove_unused_local_volumes();
     d.ok(&["rmi", "built:1", "committed:1", "bb:1"]);
     let layers = d
         .driver_status()

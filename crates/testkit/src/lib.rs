@@ -822,6 +822,16 @@ impl Dockerd {
         self.try_ok(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Removes the unused volumes of the `local` driver (what `docker volume prune` does to them). Unlike a prune,
+    /// it leaves alone the volumes of the plugin sockets other test binaries serve meanwhile, which dockerd 20.10
+    /// would prune too.
+    pub fn remove_unused_local_volumes(&self) {
+        let unused = self.ok(&["volume", "ls", "-q", "-f", "dangling=true", "-f", "driver=local"]);
+        for name in unused.lines().filter(|l| !l.is_empty()) {
+            self.ok(&["volume", "rm", name]);
+        }
+    }
+
     /// `docker run -d --name <name> <image> sh -c <script>`: a background container; panics unless it starts.
     pub fn run_detached(&self, name: &str, image: &str, script: &str) {
         self.ok(&["run", "-d", "--name", name, image, "sh", "-c", script]);
