@@ -13,8 +13,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{
-    CommitError, Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, StorageError,
-    TransactionError, WriteTransaction,
+    CommitError, Database, DatabaseError, ReadTransaction, ReadableDatabase, StorageError, TransactionError,
+    WriteTransaction,
 };
 use tracing::{info, warn};
 
@@ -70,17 +70,6 @@ impl Deref for ReadTxn {
 impl WriteTxn {
     /// Commits (see [`WriteTransaction::commit`]).
     pub fn commit(self) -> Result<(), CommitError> {
-        self.txn.commit()
-    }
-
-    /// Commits without flushing: visible to every later transaction at once, on disk with the next durable
-    /// commit of the database; a crash before that loses it (and only it: redb recovers the last durable
-    /// commit). For records that are rebuilt when missing. Where redb refuses a non-durable commit, this
-    /// one is durable.
-    pub fn commit_non_durable(mut self) -> Result<(), CommitError> {
-        if self.txn.set_durability(Durability::None).is_err() {
-            let _ = self.txn.set_durability(Durability::Immediate);
-        }
         self.txn.commit()
     }
 }

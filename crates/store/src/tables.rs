@@ -285,12 +285,6 @@ impl Writer {
         self.txn.commit().map_err(db_err)
     }
 
-    /// Makes it all visible without flushing: on disk with the next durable commit, lost by a crash before
-    /// it. Only for what the store rebuilds when it is missing (see [`lamina_metadb::WriteTxn::commit_non_durable`]).
-    pub(crate) fn commit_non_durable(self) -> Result<()> {
-        self.txn.commit_non_durable().map_err(db_err)
-    }
-
     /// Writes `key -> value` into `table`.
     fn insert<'k, 'v, K: Key + 'static, V: Value + 'static>(
         &self,

@@ -15,154 +15,22 @@ use tracing::{debug, error, info, warn};
 use crate::backend::LayerPaths;
 use crate::tables::Writer;
 use crate::{open_dir, LayerKind, LayerRecord, LayerState, Result, Store, StoreError};
-use lamina_sys::{fault, mount};
+use lamina_sys::fault;
 
-/// Writes the manifests of a batch of layers and records their digests (for the layers that still want one).
-/// One layer: its manifest file and its directory are synced one by one. More: every manifest is written, then
-/// one `syncfs` makes them durable, they are renamed into place, and one more `syncfs` makes the renames durable,
-/// so a batch costs two flushes whatever its size. Either way every file and its name are on disk before the
-/// one transaction that records the digests. Gives each layer's outcome.
-fn seal_batch(db: &crate::db::Db, batch: &[(u64, LayerPaths)]) -> Vec<(u64, Result<()>)> {
-    let mut written: Vec<(u64, String)> = Vec::with_capacity(batch.len());
-    let mut out: Vec<(u64, Result<()>)> = Vec::with_capacity(batch.len());
-    if let [(n, paths)] = batch {
-        match write_manifest_file(&paths.content, &paths.manifest) {
-            Ok(d) => written.push((*n, d)),
-            Err(e) => out.push((*n, Err(e))),
-        }
-    } else {
-        let mut staged: Vec<(u64, &LayerPaths, String)> = Vec::with_capacity(batch.len());
-        for (n, paths) in batch {
-            match write_manifest_tmp(&paths.content, &paths.manifest) {
-                Ok(d) => staged.push((*n, paths, d)),
-                Err(e) => out.push((*n, Err(e))),
-            }
-        }
-        let Some(first) = staged.first().map(|s| s.1.dir.clone()) else {
-            return out;
-        };
-        let synced = fault::point("store.seal.fsync")
-            .and_then(|()| mount::syncfs(&first))
-            .map_err(|e| StoreError::io("sync manifests", e));
-        if let Err(e) = synced {
-            let msg = e.to_string();
-            out.extend(staged.iter().map(|(n, ..)| {
-                (
-                    *n,
-                    Err(StoreError::io(
-                        "sync manifests",
-                        std::io::Error::other(msg.clone()),
-                    )),
-                )
-            }));
-            return out;
-        }
-        for (n, paths, digest) in staged {
-            let tmp = paths.manifest.with_extension("tmp");
-            match fault::point("store.seal.rename").and_then(|()| std::fs::rename(&tmp, &paths.manifest)) {
-                Ok(()) => written.push((n, digest)),
-                Err(e) => out.push((n, Err(StoreError::io(format!("rename {}", tmp.display()), e)))),
-            }
-        }
-        // The renames must be on disk before the digests are recorded (see `write_manifest_file`).
-        let synced = fault::point("store.seal.dirsync")
-            .and_then(|()| mount::syncfs(&first))
-            .map_err(|e| StoreError::io("sync manifest names", e));
-        if let Err(e) = synced {
-            let msg = e.to_string();
-            out.extend(written.iter().map(|(n, _)| {
-                (
-                    *n,
-                    Err(StoreError::io(
-                        "sync manifest names",
-                        std::io::Error::other(msg.clone()),
-                    )),
-                )
-            }));
-            return out;
-        }
+/// Writes the manifest of layer `n` (its content in `paths`) and records its digest if the layer still wants one.
+fn seal(db: &crate::db::Db, n: u64, paths: &LayerPaths) -> Result<()> {
+    let digest = write_manifest_file(&paths.content, &paths.manifest)?;
+    let txn = Writer::begin(db)?;
+    let Some(mut rec) = txn.layer(n)? else {
+        return Ok(());
+    };
+    if !wants_manifest(&rec) {
+        return Ok(());
     }
-    if written.is_empty() {
-        return out;
-    }
-    let recorded = (|| {
-        let txn = Writer::begin(db)?;
-        for (n, digest) in &written {
-            let Some(mut rec) = txn.layer(*n)? else {
-                continue;
-            };
-            if !wants_manifest(&rec) {
-                continue;
-            }
-            rec.manifest = Some(digest.clone());
-            txn.put_layer(*n, &rec)?;
-        }
-        fault::point("store.seal.commit").map_err(|e| StoreError::io("commit metadata", e))?;
-        // Not flushed on its own: a digest lost to a crash leaves a frozen layer without one, which the next
-        // start seals again (`Store::open`). The manifest files were made durable above, before anything
-        // records them.
-        txn.commit_non_durable()
-    })();
-    match recorded {
-        Ok(()) => out.extend(written.into_iter().map(|(n, _)| (n, Ok(())))),
-        Err(e) => {
-            let msg = e.to_string();
-            out.extend(written.into_iter().map(|(n, _)| {
-                (
-                    n,
-                    Err(StoreError::io(
-                        "record manifest",
-                        std::io::Error::other(msg.clone()),
-                    )),
-                )
-            }));
-        }
-    }
-    out
-}
-
-/// The manifest writer: takes what was queued (after letting a batch gather), seals it, and ends when nothing is
-/// left. Its database handle goes before its last layers count as done: a store dropped (and reopened) after
-/// waiting for its seals must find the database closed.
-fn seal_loop(db: Arc<crate::db::Db>, seals: Arc<Seals>) {
-    let mut db = Some(db);
-    loop {
-        std::thread::sleep(SEAL_GATHER);
-        let batch: Vec<(u64, LayerPaths)> =
-            std::mem::take(&mut seals.queue.lock().unwrap_or_else(|p| p.into_inner()).0);
-        let results = match &db {
-            Some(db) if !batch.is_empty() => seal_batch(db, &batch),
-            _ => Vec::new(),
-        };
-        for (n, r) in &results {
-            if let Err(e) = r {
-                // A layer removed meanwhile is the common case; anything else shows as "no manifest".
-                debug!(layer = n, error = %e, "manifest not recorded");
-            }
-        }
-        let last = {
-            let mut q = seals.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if q.0.is_empty() {
-                q.1 = false;
-                true
-            } else {
-                false
-            }
-        };
-        if last {
-            drop(db.take());
-        }
-        {
-            let mut pending = seals.pending.lock().unwrap_or_else(|p| p.into_inner());
-            for (n, _) in &batch {
-                pending.remove(n);
-            }
-        }
-        seals.done.notify_all();
-        if last {
-            return;
-        }
-    }
+    rec.manifest = Some(digest);
+    txn.put_layer(n, &rec)?;
+    fault::point("store.seal.commit").map_err(|e| StoreError::io("commit metadata", e))?;
+    txn.commit()
 }
 
 /// File name of a layer's manifest, beside `diff/`.
@@ -187,7 +55,16 @@ pub struct VerifyResult {
 /// digest.
 pub(crate) fn write_manifest_file(diff: &Path, dest: &Path) -> Result<String> {
     let tmp = dest.with_extension("tmp");
-    let (file, digest) = write_manifest_data(diff, &tmp)?;
+    let file =
+        std::fs::File::create(&tmp).map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
+    let mut out = BufWriter::with_capacity(256 * 1024, file);
+    let dir = open_dir(diff)?;
+    let summary = manifest::write_manifest(dir.as_fd(), &mut out)?;
+    out.flush()
+        .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
+    let file = out
+        .into_inner()
+        .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e.into_error()))?;
     fault::point("store.seal.fsync")
         .and_then(|()| file.sync_all())
         .map_err(|e| StoreError::io(format!("sync {}", tmp.display()), e))?;
@@ -202,28 +79,7 @@ pub(crate) fn write_manifest_file(diff: &Path, dest: &Path) -> Result<String> {
             .and_then(|()| std::fs::File::open(parent)?.sync_all())
             .map_err(|e| StoreError::io(format!("sync {}", parent.display()), e))?;
     }
-    Ok(digest)
-}
-
-/// Writes the manifest of `diff` to `dest`'s temporary name (`.tmp`), unsynced; returns its digest. The
-/// caller syncs it and renames it into place.
-fn write_manifest_tmp(diff: &Path, dest: &Path) -> Result<String> {
-    Ok(write_manifest_data(diff, &dest.with_extension("tmp"))?.1)
-}
-
-/// Writes the manifest of `diff` to the file `tmp`; gives the file (written, not synced) and the digest.
-fn write_manifest_data(diff: &Path, tmp: &Path) -> Result<(std::fs::File, String)> {
-    let file =
-        std::fs::File::create(tmp).map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
-    let mut out = BufWriter::with_capacity(256 * 1024, file);
-    let dir = open_dir(diff)?;
-    let summary = manifest::write_manifest(dir.as_fd(), &mut out)?;
-    out.flush()
-        .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
-    let file = out
-        .into_inner()
-        .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e.into_error()))?;
-    Ok((file, summary.digest))
+    Ok(summary.digest)
 }
 
 /// Layers whose manifest is being written in the background.
@@ -231,13 +87,7 @@ fn write_manifest_data(diff: &Path, tmp: &Path) -> Result<(std::fs::File, String
 pub(crate) struct Seals {
     pending: Mutex<HashSet<u64>>,
     done: Condvar,
-    /// Layers waiting for the writer, and whether a writer thread runs.
-    queue: Mutex<(Vec<(u64, LayerPaths)>, bool)>,
 }
-
-/// How long the manifest writer lets layers gather before it writes them as one batch: a run of commits or
-/// applies (an image pull, a build) then costs two flushes per batch, not two per layer.
-const SEAL_GATHER: Duration = Duration::from_millis(50);
 
 /// How long a verification waits for a layer's manifest still being written.
 const SEAL_WAIT: Duration = Duration::from_secs(300);
@@ -281,33 +131,30 @@ impl Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(n);
-        let paths = self.backend.paths(n);
-        {
-            let mut q = self.seals.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.0.push((n, paths));
-            if q.1 {
-                // The running writer takes it with its next batch.
-                return;
-            }
-            q.1 = true;
-        }
         let db = self.db.clone();
+        let paths = self.backend.paths(n);
         let seals = self.seals.clone();
         let spawned = std::thread::Builder::new()
             .name("manifest".into())
-            .spawn(move || seal_loop(db, seals));
+            .spawn(move || {
+                let result = seal(&db, n, &paths);
+                // The database handle goes before the layer counts as done: a store dropped (and reopened)
+                // after waiting for its seals must find the database closed.
+                drop(db);
+                if let Err(e) = result {
+                    // A layer removed meanwhile is the common case; anything else shows as "no manifest".
+                    debug!(layer = n, error = %e, "manifest not recorded");
+                }
+                seals.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+                seals.done.notify_all();
+            });
         if let Err(e) = spawned {
             warn!(layer = n, error = %e, "could not start the manifest writer");
-            let mut q = self.seals.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.1 = false;
-            let dropped: Vec<u64> = q.0.drain(..).map(|(n, _)| n).collect();
-            drop(q);
-            let mut pending = self.seals.pending.lock().unwrap_or_else(|p| p.into_inner());
-            for n in dropped {
-                pending.remove(&n);
-            }
-            drop(pending);
-            self.seals.done.notify_all();
+            self.seals
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&n);
         }
     }
 
