@@ -7,7 +7,8 @@
 # binaries overlap well on two cores. Each binary is isolated from the others by crates/testkit: its own
 # directories under /var/tmp/lamina-e2e, plugin socket names, dockerd exec roots and containerd namespaces
 # (all carrying the PID), Ceph ports and MooseFS network namespaces picked per process. Inside one binary,
-# the daemon-starting tests still run one at a time (testkit::serial).
+# the daemon-starting tests still run one at a time (testkit::serial). Every test dockerd still sees every
+# plugin socket in /run/docker/plugins, so a test acts only on volumes it made (no `docker volume prune`).
 #
 # The binaries that took longest in the previous run start first (times kept in
 # <target>/lamina-test-times.tsv; on a first run, the slowest of a CI run, then the other e2e, reliability and
