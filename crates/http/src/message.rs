@@ -994,28 +994,22 @@ mod tests {
 
     #[test]
     fn chunked_decoding() {
-        assert_eq!(
-            chunked(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").unwrap(),
-            b"hello world"
-        );
-        assert_eq!(chunked(b"0\r\n\r\n").unwrap(), b"");
-        // Upper/lower hex and leading zeros.
-        assert_eq!(
-            chunked(b"000A\r\n0123456789\r\n0\r\n\r\n").unwrap(),
-            b"0123456789"
-        );
-        assert_eq!(chunked(b"a\r\n0123456789\r\n0\r\n\r\n").unwrap(), b"0123456789");
-        // Extensions (with and without values, whitespace before `;`).
-        assert_eq!(
-            chunked(b"3;name=value;flag\r\nabc\r\n0;last\r\n\r\n").unwrap(),
-            b"abc"
-        );
-        assert_eq!(chunked(b"3 ;x=\"q\"\r\nabc\r\n0\r\n\r\n").unwrap(), b"abc");
-        // Trailers are read and ignored.
-        assert_eq!(
-            chunked(b"3\r\nabc\r\n0\r\nX-Sum: 1\r\nY: 2\r\n\r\n").unwrap(),
-            b"abc"
-        );
+        // (wire form, decoded body)
+        let cases = [
+            ("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", "hello world"),
+            ("0\r\n\r\n", ""),
+            // Upper/lower hex and leading zeros.
+            ("000A\r\n0123456789\r\n0\r\n\r\n", "0123456789"),
+            ("a\r\n0123456789\r\n0\r\n\r\n", "0123456789"),
+            // Extensions (with and without values, whitespace before `;`).
+            ("3;name=value;flag\r\nabc\r\n0;last\r\n\r\n", "abc"),
+            ("3 ;x=\"q\"\r\nabc\r\n0\r\n\r\n", "abc"),
+            // Trailers are read and ignored.
+            ("3\r\nabc\r\n0\r\nX-Sum: 1\r\nY: 2\r\n\r\n", "abc"),
+        ];
+        for (wire, body) in cases {
+            assert_eq!(chunked(wire.as_bytes()).unwrap(), body.as_bytes(), "{wire:?}");
+        }
     }
 
     #[test]
