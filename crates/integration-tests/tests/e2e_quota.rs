@@ -263,10 +263,6 @@ fn mount_snapshot(m: &[Mount], target: &Path) {
     );
 }
 
-fn umount(target: &Path) {
-    run_ok(Command::new("umount").arg(target));
-}
-
 /// A test directory, lamina as a snapshotter on a loop-backed `fs_type` data root of `size_mb` MiB in it,
 /// and a client of its socket; `None` (skip `test`) without root or the quota tools.
 fn snapshotter_on(

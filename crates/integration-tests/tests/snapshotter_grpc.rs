@@ -15,7 +15,7 @@ use lamina_snapshotter::proto::containerd::types::Mount;
 use lamina_snapshotter::tonic::{self, Code};
 use lamina_testkit::containerd::LaminaSnap;
 use lamina_testkit::snapshots::{labels_map, SnapshotApi, SN};
-use lamina_testkit::{require_root, PluginClient, TestDir};
+use lamina_testkit::{require_root, umount, PluginClient, TestDir};
 
 /// The testkit client plus the calls only these tests make.
 struct Api(SnapshotApi);
@@ -428,10 +428,6 @@ fn mount_like_containerd(m: &Mount, layers: &Path, target: &Path) {
         .status()
         .unwrap();
     assert!(st.success(), "mount {m:?} failed");
-}
-
-fn umount(target: &Path) {
-    assert!(Command::new("umount").arg(target).status().unwrap().success());
 }
 
 #[test]

@@ -336,6 +336,59 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
+/// Unmounts `target` (not lazily) and panics if it stays mounted. A mount answers "busy" while anything
+/// holds a reference into it, also for a moment (a path walk of another process): the unmount is retried for
+/// up to 2 s, and a failure names the processes whose working directory, root or open files are under it.
+pub fn umount(target: &Path) {
+    let mut last = String::new();
+    for _ in 0..20 {
+        let out = Command::new("umount").arg(target).output().unwrap();
+        if out.status.success() {
+            return;
+        }
+        last = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if !last.contains("busy") {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "umount {}: {last}; processes using it: {:?}",
+        target.display(),
+        pids_using(target)
+    );
+}
+
+/// `(pid, path)` of processes whose working directory, root or an open file is at or below `dir`.
+pub fn pids_using(dir: &Path) -> Vec<(u32, PathBuf)> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let proc_dir = e.path();
+        let fds = fs::read_dir(proc_dir.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|f| f.path());
+        for link in [proc_dir.join("cwd"), proc_dir.join("root")]
+            .into_iter()
+            .chain(fds)
+        {
+            if let Ok(to) = fs::read_link(&link) {
+                if to.starts_with(dir) {
+                    found.push((pid, to));
+                }
+            }
+        }
+    }
+    found
+}
+
 /// True if `pid` exists and is not a zombie.
 pub fn pid_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
