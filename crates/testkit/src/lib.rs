@@ -362,14 +362,7 @@ pub fn umount(target: &Path) {
 /// `(pid, path)` of processes whose working directory, root or an open file is at or below `dir`.
 pub fn pids_using(dir: &Path) -> Vec<(u32, PathBuf)> {
     let mut found = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return found;
-    };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let proc_dir = e.path();
+    for (pid, proc_dir) in processes() {
         let fds = fs::read_dir(proc_dir.join("fd"))
             .into_iter()
             .flatten()
@@ -459,22 +452,28 @@ pub fn print_log_if_panicking(what: &str, log: &Path) {
     }
 }
 
+/// Every process as `(pid, /proc/<pid>)`.
+fn processes() -> impl Iterator<Item = (u32, PathBuf)> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((pid, e.path()))
+        })
+}
+
 /// PIDs (other than ours) whose command line mentions `dir`: containerd, shims, daemons of that test.
 pub fn pids_referencing(dir: &Path) -> Vec<u32> {
     let me = std::process::id();
     let needle = dir.as_os_str().as_bytes();
     let mut pids = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
+    for (pid, proc_dir) in processes() {
         if pid == me {
             continue;
         }
-        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        let Ok(cmd) = fs::read(proc_dir.join("cmdline")) else {
             continue;
         };
         if cmd.windows(needle.len()).any(|w| w == needle) && pid_alive(pid) {
