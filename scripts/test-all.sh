@@ -10,8 +10,8 @@
 # sources, busybox-static, btrfs-progs and xfsprogs for the quota and benchmark filesystems, MooseFS) with
 # apt-get. The e2e tiers (crates/integration-tests) need root: they start their own lamina and dockerd
 # processes (see crates/testkit).
-# Exits non-zero on the first failing tier. Environment: FUZZ_SECONDS (30), SKIP_FUZZ=1, JOBS (1: test binaries
-# run at once; 3 is faster, see scripts/cargo-test-pool.sh), CI=true (tests that lack a prerequisite fail instead of printing SKIPPED).
+# Exits non-zero on the first failing tier. Environment: FUZZ_SECONDS (30), SKIP_FUZZ=1, JOBS (3: test binaries
+# run at once, see scripts/cargo-test-pool.sh), CI=true (tests that lack a prerequisite fail instead of printing SKIPPED).
 set -euo pipefail
 export LC_ALL=C
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -65,9 +65,9 @@ for bin in lamina lamina-bench lamina-testkit-serve; do
 done
 
 # ---- tests ------------------------------------------------------------------------------------
-# scripts/cargo-test-pool.sh: every test binary of `cargo test --workspace` (and the doc tests), JOBS (1) at a
+# scripts/cargo-test-pool.sh: every test binary of `cargo test --workspace` (and the doc tests), JOBS (3) at a
 # time, longest first; one summary line per binary, the full output of a failing one; fails after all have run.
-step "cargo test --workspace (scripts/cargo-test-pool.sh, ${JOBS:-1} binaries at a time)"
+step "cargo test --workspace (scripts/cargo-test-pool.sh, ${JOBS:-3} binaries at a time)"
 scripts/cargo-test-pool.sh "$SUMMARY" || {
     step "cargo test summary"
     cat "$SUMMARY"
@@ -96,11 +96,14 @@ if ((${#fuzz_dirs[@]})) && [[ ${SKIP_FUZZ:-0} != 1 ]]; then
         step "installing cargo-fuzz"
         cargo install cargo-fuzz --locked
     fi
+    # One target directory for every fuzz crate: the dependencies they share (lamina-sys, serde, ...) are
+    # built once with the fuzzing flags instead of once per crate.
+    fuzz_target=$(realpath -m "${CARGO_TARGET_DIR:-target}")/fuzz
     for d in "${fuzz_dirs[@]}"; do
         crate=$(dirname "$d")
         for target in $(cd "$crate" && cargo +nightly fuzz list); do
             step "fuzz $crate $target (${FUZZ_SECONDS}s)"
-            (cd "$crate" && cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS")
+            (cd "$crate" && cargo +nightly fuzz run --target-dir "$fuzz_target" "$target" -- -max_total_time="$FUZZ_SECONDS")
             echo "fuzz $crate/$target: ok (${FUZZ_SECONDS}s, no crash)" >>"$SUMMARY"
         done
     done
