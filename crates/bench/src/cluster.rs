@@ -19,7 +19,8 @@
 //! - **Layer format.** One layer of many small files (10,000 of 1 KiB in 100 directories; `--quick`: 2,000)
 //!   and one big file (64 MiB; `--quick`: 16 MiB), in the tier as a directory tree (copied with `cp -a`,
 //!   renamed into place: subject `tier-dir`) and as one EROFS image (`mkfs.erofs` on the local disk, copied
-//!   into the tier, renamed, attached to a loop device and mounted read-only: subject `tier-erofs`):
+//!   into the tier, fsynced, renamed, and mounted read-only backed by the file, as lamina mounts its image
+//!   layers: subject `tier-erofs`):
 //!   publication time and the master's operations for it (`mfscli -SMO` of a mount used for nothing else),
 //!   the mount of the image, and a read of every file cold (caches dropped) and warm, with its operations.
 //!   Without `mkfs.erofs` (Debian's erofs-utils) the EROFS form records `skipped`.
@@ -276,6 +277,7 @@ fn layer_formats(ctx: &Ctx, mfs: &MooseCluster, dir: &Path, figs: &mut Vec<Figur
             .arg(&src))?;
         let made = t.elapsed().as_secs_f64();
         fs::copy(&local, tier.join("staging.erofs"))?;
+        fs::File::open(tier.join("staging.erofs"))?.sync_all()?;
         fs::rename(tier.join("staging.erofs"), tier.join("layer.erofs"))?;
         step_done("tier-erofs", "publish", t, o, figs)?;
         push(
@@ -297,15 +299,13 @@ fn layer_formats(ctx: &Ctx, mfs: &MooseCluster, dir: &Path, figs: &mut Vec<Figur
         let _ = fs::remove_file(&local);
         let o = ops()?;
         let t = Instant::now();
-        let image = lamina_testkit::LoopFs::attach_read_only(
-            &tier.join("layer.erofs"),
-            &dir.join("fmt-erofs-mnt"),
-            "erofs",
-        )
-        .map_err(anyhow::Error::msg)?;
+        let mnt = dir.join("fmt-erofs-mnt");
+        fs::create_dir_all(&mnt)?;
+        lamina_sys::mount::mount_erofs_file(&tier.join("layer.erofs"), &mnt)?;
         step_done("tier-erofs", "mount", t, o, figs)?;
-        reads("tier-erofs", &image.mnt, figs)?;
-        drop(image);
+        let read = reads("tier-erofs", &mnt, figs);
+        lamina_sys::mount::unmount(&mnt, true)?;
+        read?;
     }
     let _ = fs::remove_dir_all(&src);
     Ok(())

@@ -922,7 +922,11 @@ mod tests {
             std::time::Duration::from_secs(40),
             "the default lease follows the heartbeat"
         );
-        assert_eq!(d.layer_format, lamina_store::TierFormat::Erofs, "images by default");
+        assert_eq!(
+            d.layer_format,
+            lamina_store::TierFormat::Erofs,
+            "images by default"
+        );
         let dirs = FileConfig::parse("[cluster]\nlayer_format = \"directory\"", "t").unwrap();
         let c = resolve(dirs, Flags::default()).unwrap().cluster;
         assert_eq!(c.layer_format, lamina_store::TierFormat::Directory);

@@ -66,14 +66,20 @@ struct Hosts {
     b: Store,
 }
 
+/// A temporary directory with a tier directory and two hosts' stores publishing in `format`.
+fn two_hosts(format: TierFormat) -> (tempfile::TempDir, std::path::PathBuf, Lease, Lease, Store, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = dir.path().join("tier");
+    std::fs::create_dir_all(&tier).unwrap();
+    let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
+    let a = open_as(&dir.path().join("a"), &tier, &la, format);
+    let b = open_as(&dir.path().join("b"), &tier, &lb, format);
+    (dir, tier, la, lb, a, b)
+}
+
 impl Hosts {
     fn new() -> Hosts {
-        let dir = tempfile::tempdir().unwrap();
-        let tier = dir.path().join("tier");
-        std::fs::create_dir_all(&tier).unwrap();
-        let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
-        let a = open(&dir.path().join("a"), &tier, &la);
-        let b = open(&dir.path().join("b"), &tier, &lb);
+        let (dir, tier, la, lb, a, b) = two_hosts(TierFormat::Directory);
         Hosts {
             _dir: dir,
             tier,
@@ -207,11 +213,18 @@ fn a_prepare_waits_for_another_hosts_claim_then_unpacks_itself() {
     assert_eq!(std::fs::read_to_string(diff.join("x")).unwrap(), "3");
 }
 
-#[test]
-fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
-    let h = Hosts::new();
-    let (a, b) = (&h.a, &h.b);
-    // A layer tar; as the only layer, its chain id is its DiffID.
+/// Docker's `ApplyDiff` of the layer tar `bytes` as layer `name` on host `s`, then the swap for the tier's
+/// copy: whether it swapped.
+fn apply_docker(s: &Store, name: &str, bytes: &[u8]) -> bool {
+    s.create(NewLayer::new("docker:/x", name, LayerKind::ReadOnly))
+        .unwrap();
+    s.apply("docker:/x", name, &mut &bytes[..], &Default::default())
+        .unwrap();
+    s.share_applied("docker:/x", name).unwrap()
+}
+
+/// A layer tar of one file, `motd` = "hi\n", and its DiffID (as the only layer, also its chain id).
+fn motd_tar() -> (Vec<u8>, String) {
     let mut builder = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_size(3);
@@ -220,20 +233,20 @@ fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
     builder.append_data(&mut h, "motd", &b"hi\n"[..]).unwrap();
     let bytes = builder.into_inner().unwrap();
     let diff_id = lamina_archive::manifest::digest_of(&bytes);
+    (bytes, diff_id)
+}
+
+#[test]
+fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
+    let h = Hosts::new();
+    let (a, b) = (&h.a, &h.b);
+    let (bytes, diff_id) = motd_tar();
     // Not in the tier yet: the applied layer stays local.
-    b.create(NewLayer::new("docker:/x", "first", LayerKind::ReadOnly))
-        .unwrap();
-    b.apply("docker:/x", "first", &mut &bytes[..], &Default::default())
-        .unwrap();
-    assert!(!b.share_applied("docker:/x", "first").unwrap());
+    assert!(!apply_docker(b, "first", &bytes));
     // Host A publishes the same content under that chain id; host B's next apply of it links the tier.
     unpack(a, "a/1", "motd", "hi\n");
     assert!(a.publish_shared(NS, "a/1", &diff_id).unwrap());
-    b.create(NewLayer::new("docker:/x", "second", LayerKind::ReadOnly))
-        .unwrap();
-    b.apply("docker:/x", "second", &mut &bytes[..], &Default::default())
-        .unwrap();
-    assert!(b.share_applied("docker:/x", "second").unwrap());
+    assert!(apply_docker(b, "second", &bytes));
     let info = b.info("docker:/x", "second").unwrap();
     assert!(std::fs::symlink_metadata(&info.diff_dir)
         .unwrap()
@@ -358,12 +371,7 @@ struct ImageHosts {
 
 impl ImageHosts {
     fn new() -> ImageHosts {
-        let dir = tempfile::tempdir().unwrap();
-        let tier = dir.path().join("tier");
-        std::fs::create_dir_all(&tier).unwrap();
-        let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
-        let a = open_as(&dir.path().join("a"), &tier, &la, TierFormat::Erofs);
-        let b = open_as(&dir.path().join("b"), &tier, &lb, TierFormat::Erofs);
+        let (dir, tier, la, lb, a, b) = two_hosts(TierFormat::Erofs);
         ImageHosts {
             dir,
             tier,
@@ -524,21 +532,10 @@ fn hosts_adopt_layers_of_either_format_and_docker_applied_layers_link_the_image(
     assert!(h.mounts().is_empty());
 
     // Docker's applied layer whose chain id is an image layer: the local copy becomes a link to the mount.
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut th = tar::Header::new_gnu();
-    th.set_size(3);
-    th.set_mode(0o644);
-    th.set_cksum();
-    builder.append_data(&mut th, "motd", &b"hi\n"[..]).unwrap();
-    let bytes = builder.into_inner().unwrap();
-    let diff_id = lamina_archive::manifest::digest_of(&bytes);
+    let (bytes, diff_id) = motd_tar();
     unpack(a, "a/1", "motd", "hi\n");
     assert!(a.publish_shared(NS, "a/1", &diff_id).unwrap());
-    b.create(NewLayer::new("docker:/x", "applied", LayerKind::ReadOnly))
-        .unwrap();
-    b.apply("docker:/x", "applied", &mut &bytes[..], &Default::default())
-        .unwrap();
-    assert!(b.share_applied("docker:/x", "applied").unwrap());
+    assert!(apply_docker(b, "applied", &bytes));
     let info = b.info("docker:/x", "applied").unwrap();
     let mount = h
         .dir
