@@ -13,8 +13,9 @@
 //!   containerd's GC between calls, untimed). Baseline: the same Prepare on overlayfs, where the chain id is
 //!   already a local snapshot (containerd answers from its metadata).
 //! - **Reads.** MB/s of reading the files of the top data layer (a fifth of the image) from the tier (subject
-//!   `lamina`: host B's layer is a link to it, read through the MooseFS mount) and from host A's local copy
-//!   (`lamina-local`, on the scratch filesystem), cold (caches dropped) and warm.
+//!   `lamina`: host B's layer is a link to its mount of the layer's EROFS image, read through the MooseFS
+//!   mount) and from host A's local copy (`lamina-local`, on the scratch filesystem), cold (caches dropped) and
+//!   warm.
 //!
 //! - **Layer format.** One layer of many small files (10,000 of 1 KiB in 100 directories; `--quick`: 2,000)
 //!   and one big file (64 MiB; `--quick`: 16 MiB), in the tier as a directory tree (copied with `cp -a`,

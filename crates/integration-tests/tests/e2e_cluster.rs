@@ -6,7 +6,8 @@
 //! Host A pulls with containerd's Pull-with-unpack (containerd's Go client, `tests/cluster/pull`): it fetches
 //! and unpacks every layer, and lamina publishes each to the tier at Commit. Host B then pulls the same image:
 //! each Prepare labelled with a chain id in the tier is answered AlreadyExists, so the registry serves B no
-//! layer blob, and `ctr run` on B sees the image's files (from the tier). Then garbage collection across the
+//! layer blob, and `ctr run` on B sees the image's files (from the tier: each layer one EROFS image, which
+//! host B mounts). Then garbage collection across the
 //! hosts: A's removal leaves the layers B holds; after B's removal the tier holds none of the image.
 //!
 //! The kubelet path: with containerd's CRI plugin on (lamina its snapshotter), `ImageService.PullImage` on host
@@ -18,8 +19,9 @@
 //! pull completes after the dead host's claim expires, and the killed host restarts consistent.
 //!
 //! The images are a busybox layer and five data layers (one with a whiteout) of `LAMINA_E2E_CLUSTER_MB` MB in
-//! all (default 200 for the first test, a quarter of it for the others). Needs root, containerd, MooseFS, docker-registry and Go with containerd's Go sources; without
-//! them the test prints `SKIPPED` (and fails under `CI=true`).
+//! all (default 200 for the first test, a quarter of it for the others). Needs root, containerd, MooseFS,
+//! docker-registry, Go with containerd's Go sources, `mkfs.erofs` and Linux 6.12+ (EROFS mounts backed by a
+//! file); without them the test prints `SKIPPED` (and fails under `CI=true`).
 //! Run: `cargo test -p lamina-integration-tests --test e2e_cluster -- --nocapture`.
 
 use std::collections::BTreeSet;
@@ -98,12 +100,32 @@ fn pause_image(registry: &Registry) -> String {
 }
 
 /// The cluster, with containerd's CRI plugin on in both hosts when `cri`.
+/// Whether the kernel mounts an EROFS image file without a loop device (Linux 6.12 and later), as the hosts'
+/// lamina mounts the tier's image layers.
+fn erofs_file_mounts() -> bool {
+    let known =
+        fs::read_to_string("/proc/filesystems").is_ok_and(|t| t.lines().any(|l| l.ends_with("erofs")));
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    known && (major, minor) >= (6, 12)
+}
+
 fn setup_with(test: &str, cri: bool) -> Option<Cluster> {
     if !require_containerd(test)
         || !require_moosefs(test)
         || !require_bin(test, "docker-registry")
         || !require_bin(test, "mfscli")
         || !require_go_containerd(test)
+        || !require_bin(test, "mkfs.erofs")
+        || !require_kernel_feature(
+            test,
+            "EROFS mounts backed by a file (Linux 6.12+)",
+            erofs_file_mounts(),
+        )
     {
         return None;
     }
