@@ -402,10 +402,36 @@ fn measure(
         .unwrap()
         .trim_start_matches("sha256:")
         .to_string();
-    let tier_dir = tier.join("layers").join(&top_hex).join("diff/data/l5");
+    // The tier's copy as a host reads it: its image mounted backed by the file (as lamina mounts an image
+    // layer), or a directory layer's tree.
+    let layer = tier.join("layers").join(&top_hex);
+    let image = layer.join("layer.erofs");
+    let mnt = dir.join("top-erofs-mnt");
+    let tier_dir = if image.exists() {
+        fs::create_dir_all(&mnt)?;
+        lamina_sys::mount::mount_erofs_file(&image, &mnt)?;
+        mnt.join("data/l5")
+    } else {
+        layer.join("diff/data/l5")
+    };
+    let read = reads_of_top_layer(ctx, a, &tier_dir, figs);
+    if image.exists() {
+        lamina_sys::mount::unmount(&mnt, true)?;
+    }
+    read
+}
+
+/// MB/s of reading the files of the top data layer from the tier (`tier_dir`) and from host A's local copy,
+/// cold and warm.
+fn reads_of_top_layer(
+    ctx: &Ctx,
+    a: &ClusterHost,
+    tier_dir: &Path,
+    figs: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
     let local_dir = find_dir(&a.lamina.data_root, Path::new("data/l5"))
         .context("host A's local copy of the top layer")?;
-    for (subject, d) in [("lamina", &tier_dir), ("lamina-local", &local_dir)] {
+    for (subject, d) in [("lamina", tier_dir), ("lamina-local", local_dir.as_path())] {
         let (mut cold, mut warm) = (Vec::new(), Vec::new());
         for _ in 0..ctx.runs {
             drop_caches_of(&[d, &local_dir])?;
