@@ -431,7 +431,9 @@ fn second_host_pulls_nothing_the_cluster_has() {
         )
         .unwrap_or_else(|e| panic!("ctr run -d on host B: {e}"));
     let running = Instant::now();
-    let rows = |want_users: usize| {
+    // Settled when every layer shows exactly the users wanted: host A's own use (its container just before)
+    // may still be on record for a heartbeat.
+    let rows = |want_users: &[&str]| {
         poll(Duration::from_secs(30), || {
             let top = lamina_cli_json(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"]);
             let rows: Vec<serde_json::Value> = top
@@ -444,11 +446,11 @@ fn second_host_pulls_nothing_the_cluster_has() {
             let settled = rows.len() == archive.chain_ids.len()
                 && rows
                     .iter()
-                    .all(|r| r["users"].as_array().map(Vec::len) == Some(want_users));
+                    .all(|r| r["users"] == serde_json::json!(want_users));
             settled.then_some(rows)
         })
     };
-    let used = rows(1).unwrap_or_else(|| {
+    let used = rows(&["host-b"]).unwrap_or_else(|| {
         panic!(
             "layers top --cluster on host A shows every layer used by host B: {}",
             lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"])
@@ -475,7 +477,7 @@ fn second_host_pulls_nothing_the_cluster_has() {
     b.ctrd.ctr_ok(&["task", "rm", "-f", id]);
     b.ctrd.ctr_ok(&["containers", "rm", id]);
     let stopped_ns = now_ns();
-    let idle = rows(0).unwrap_or_else(|| {
+    let idle = rows(&[]).unwrap_or_else(|| {
         panic!(
             "layers top --cluster on host A shows no user after the container stopped: {}",
             lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"])
