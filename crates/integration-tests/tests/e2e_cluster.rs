@@ -444,9 +444,7 @@ fn second_host_pulls_nothing_the_cluster_has() {
                 .cloned()
                 .collect();
             let settled = rows.len() == archive.chain_ids.len()
-                && rows
-                    .iter()
-                    .all(|r| r["users"] == serde_json::json!(want_users));
+                && rows.iter().all(|r| r["users"] == serde_json::json!(want_users));
             settled.then_some(rows)
         })
     };
