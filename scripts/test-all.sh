@@ -7,7 +7,8 @@
 #      fault points and lamina-bench, which crates/integration-tests starts)
 #                                   6. fuzz smoke runs (30 s per target) for every crates/*/fuzz
 # Installs missing system packages (docker.io, containerd, protobuf-compiler, Go and containerd's Go
-# sources, busybox-static, btrfs-progs and xfsprogs for the quota and benchmark filesystems, MooseFS) with
+# sources, busybox-static, btrfs-progs and xfsprogs for the quota and benchmark filesystems, MooseFS,
+# erofs-utils for the cluster tier's layer images) with
 # apt-get. The e2e tiers (crates/integration-tests) need root: they start their own lamina and dockerd
 # processes (see crates/testkit).
 # Exits non-zero on the first failing tier. Environment: FUZZ_SECONDS (30), SKIP_FUZZ=1, JOBS (3: test binaries
@@ -31,7 +32,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolc
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=()
-for pkg in python3 docker.io containerd protobuf-compiler golang-go golang-github-containerd-containerd-dev busybox-static docker-registry btrfs-progs xfsprogs moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux ceph-mon ceph-osd ceph-mgr ceph-common rbd-fuse; do
+for pkg in python3 docker.io containerd protobuf-compiler golang-go golang-github-containerd-containerd-dev busybox-static docker-registry btrfs-progs xfsprogs moosefs-master moosefs-chunkserver moosefs-client moosefs-cli iproute2 util-linux erofs-utils ceph-mon ceph-osd ceph-mgr ceph-common rbd-fuse; do
     installed "$pkg" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

@@ -13,13 +13,15 @@
 //!   containerd's GC between calls, untimed). Baseline: the same Prepare on overlayfs, where the chain id is
 //!   already a local snapshot (containerd answers from its metadata).
 //! - **Reads.** MB/s of reading the files of the top data layer (a fifth of the image) from the tier (subject
-//!   `lamina`: host B's layer is a link to it, read through the MooseFS mount) and from host A's local copy
-//!   (`lamina-local`, on the scratch filesystem), cold (caches dropped) and warm.
+//!   `lamina`: host B's layer is a link to its mount of the layer's EROFS image, read through the MooseFS
+//!   mount) and from host A's local copy (`lamina-local`, on the scratch filesystem), cold (caches dropped) and
+//!   warm.
 //!
 //! - **Layer format.** One layer of many small files (10,000 of 1 KiB in 100 directories; `--quick`: 2,000)
 //!   and one big file (64 MiB; `--quick`: 16 MiB), in the tier as a directory tree (copied with `cp -a`,
 //!   renamed into place: subject `tier-dir`) and as one EROFS image (`mkfs.erofs` on the local disk, copied
-//!   into the tier, renamed, attached to a loop device and mounted read-only: subject `tier-erofs`):
+//!   into the tier, fsynced, renamed, and mounted read-only backed by the file, as lamina mounts its image
+//!   layers: subject `tier-erofs`):
 //!   publication time and the master's operations for it (`mfscli -SMO` of a mount used for nothing else),
 //!   the mount of the image, and a read of every file cold (caches dropped) and warm, with its operations.
 //!   Without `mkfs.erofs` (Debian's erofs-utils) the EROFS form records `skipped`.
@@ -276,6 +278,7 @@ fn layer_formats(ctx: &Ctx, mfs: &MooseCluster, dir: &Path, figs: &mut Vec<Figur
             .arg(&src))?;
         let made = t.elapsed().as_secs_f64();
         fs::copy(&local, tier.join("staging.erofs"))?;
+        fs::File::open(tier.join("staging.erofs"))?.sync_all()?;
         fs::rename(tier.join("staging.erofs"), tier.join("layer.erofs"))?;
         step_done("tier-erofs", "publish", t, o, figs)?;
         push(
@@ -297,15 +300,13 @@ fn layer_formats(ctx: &Ctx, mfs: &MooseCluster, dir: &Path, figs: &mut Vec<Figur
         let _ = fs::remove_file(&local);
         let o = ops()?;
         let t = Instant::now();
-        let image = lamina_testkit::LoopFs::attach_read_only(
-            &tier.join("layer.erofs"),
-            &dir.join("fmt-erofs-mnt"),
-            "erofs",
-        )
-        .map_err(anyhow::Error::msg)?;
+        let mnt = dir.join("fmt-erofs-mnt");
+        fs::create_dir_all(&mnt)?;
+        lamina_sys::mount::mount_erofs_file(&tier.join("layer.erofs"), &mnt)?;
         step_done("tier-erofs", "mount", t, o, figs)?;
-        reads("tier-erofs", &image.mnt, figs)?;
-        drop(image);
+        let read = reads("tier-erofs", &mnt, figs);
+        lamina_sys::mount::unmount(&mnt, true)?;
+        read?;
     }
     let _ = fs::remove_dir_all(&src);
     Ok(())
@@ -401,10 +402,36 @@ fn measure(
         .unwrap()
         .trim_start_matches("sha256:")
         .to_string();
-    let tier_dir = tier.join("layers").join(&top_hex).join("diff/data/l5");
+    // The tier's copy as a host reads it: its image mounted backed by the file (as lamina mounts an image
+    // layer), or a directory layer's tree.
+    let layer = tier.join("layers").join(&top_hex);
+    let image = layer.join("layer.erofs");
+    let mnt = dir.join("top-erofs-mnt");
+    let tier_dir = if image.exists() {
+        fs::create_dir_all(&mnt)?;
+        lamina_sys::mount::mount_erofs_file(&image, &mnt)?;
+        mnt.join("data/l5")
+    } else {
+        layer.join("diff/data/l5")
+    };
+    let read = reads_of_top_layer(ctx, a, &tier_dir, figs);
+    if image.exists() {
+        lamina_sys::mount::unmount(&mnt, true)?;
+    }
+    read
+}
+
+/// MB/s of reading the files of the top data layer from the tier (`tier_dir`) and from host A's local copy,
+/// cold and warm.
+fn reads_of_top_layer(
+    ctx: &Ctx,
+    a: &ClusterHost,
+    tier_dir: &Path,
+    figs: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
     let local_dir = find_dir(&a.lamina.data_root, Path::new("data/l5"))
         .context("host A's local copy of the top layer")?;
-    for (subject, d) in [("lamina", &tier_dir), ("lamina-local", &local_dir)] {
+    for (subject, d) in [("lamina", tier_dir), ("lamina-local", local_dir.as_path())] {
         let (mut cold, mut warm) = (Vec::new(), Vec::new());
         for _ in 0..ctx.runs {
             drop_caches_of(&[d, &local_dir])?;

@@ -6,7 +6,8 @@
 //! Host A pulls with containerd's Pull-with-unpack (containerd's Go client, `tests/cluster/pull`): it fetches
 //! and unpacks every layer, and lamina publishes each to the tier at Commit. Host B then pulls the same image:
 //! each Prepare labelled with a chain id in the tier is answered AlreadyExists, so the registry serves B no
-//! layer blob, and `ctr run` on B sees the image's files (from the tier). Then garbage collection across the
+//! layer blob, and `ctr run` on B sees the image's files (from the tier: each layer one EROFS image, which
+//! host B mounts). Then garbage collection across the
 //! hosts: A's removal leaves the layers B holds; after B's removal the tier holds none of the image.
 //!
 //! The kubelet path: with containerd's CRI plugin on (lamina its snapshotter), `ImageService.PullImage` on host
@@ -18,8 +19,9 @@
 //! pull completes after the dead host's claim expires, and the killed host restarts consistent.
 //!
 //! The images are a busybox layer and five data layers (one with a whiteout) of `LAMINA_E2E_CLUSTER_MB` MB in
-//! all (default 200 for the first test, a quarter of it for the others). Needs root, containerd, MooseFS, docker-registry and Go with containerd's Go sources; without
-//! them the test prints `SKIPPED` (and fails under `CI=true`).
+//! all (default 200 for the first test, a quarter of it for the others). Needs root, containerd, MooseFS,
+//! docker-registry, Go with containerd's Go sources, `mkfs.erofs` and Linux 6.12+ (EROFS mounts backed by a
+//! file); without them the test prints `SKIPPED` (and fails under `CI=true`).
 //! Run: `cargo test -p lamina-integration-tests --test e2e_cluster -- --nocapture`.
 
 use std::collections::BTreeSet;
@@ -98,12 +100,32 @@ fn pause_image(registry: &Registry) -> String {
 }
 
 /// The cluster, with containerd's CRI plugin on in both hosts when `cri`.
+/// Whether the kernel mounts an EROFS image file without a loop device (Linux 6.12 and later), as the hosts'
+/// lamina mounts the tier's image layers.
+fn erofs_file_mounts() -> bool {
+    let known =
+        fs::read_to_string("/proc/filesystems").is_ok_and(|t| t.lines().any(|l| l.ends_with("erofs")));
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    known && (major, minor) >= (6, 12)
+}
+
 fn setup_with(test: &str, cri: bool) -> Option<Cluster> {
     if !require_containerd(test)
         || !require_moosefs(test)
         || !require_bin(test, "docker-registry")
         || !require_bin(test, "mfscli")
         || !require_go_containerd(test)
+        || !require_bin(test, "mkfs.erofs")
+        || !require_kernel_feature(
+            test,
+            "EROFS mounts backed by a file (Linux 6.12+)",
+            erofs_file_mounts(),
+        )
     {
         return None;
     }
@@ -194,10 +216,11 @@ impl Cluster {
     }
 
     /// Every published layer is whole: content, manifest and seal.
+    /// Every published layer is whole: an image layer (the hosts' default format) with its manifest and seal.
     fn assert_tier_whole(&self) {
         for c in tier_layers(&self.tier_b) {
             let hex = c.trim_start_matches("sha256:");
-            for f in ["seal.json", "manifest", "diff"] {
+            for f in ["seal-erofs.json", "manifest", "layer.erofs"] {
                 assert!(
                     self.tier_b.join("layers").join(hex).join(f).exists(),
                     "{c}: {f} missing"
@@ -247,9 +270,10 @@ struct Listing<'a> {
 }
 
 /// Asserts that `got` (a container's listing) is `l.want`; on a difference, names the lines missing and the
-/// lines extra, what the tier holds for each differing path as host `h` sees it through its own mount (`tier`),
-/// what a second container sees a moment later, and host `h`'s lamina log: a failure says whether the tier's
-/// copy, the mount's view or the container's view differs.
+/// lines extra, what the tier holds for each differing path as host `h` sees it (a directory layer through its
+/// mount of the shared filesystem, `tier`; an image layer through its mount of the image), what a second
+/// container sees a moment later, and host `h`'s lamina log: a failure says whether the tier's copy, the mount's
+/// view or the container's view differs.
 fn assert_listing(l: &Listing, got: &str, h: &ClusterHost, tier: &Path, archive: &ImageArchive) {
     let (what, want) = (&l.what, l.want.as_str());
     if got == want {
@@ -272,12 +296,11 @@ fn assert_listing(l: &Listing, got: &str, h: &ClusterHost, tier: &Path, archive:
         .collect();
     for p in paths {
         for c in &archive.chain_ids {
-            let f = tier
-                .join("layers")
-                .join(c.trim_start_matches("sha256:"))
-                .join("diff")
-                .join(p.trim_start_matches('/'));
-            if let Ok(m) = fs::symlink_metadata(&f) {
+            let hex = c.trim_start_matches("sha256:");
+            let rel = p.trim_start_matches('/');
+            let image = h.lamina.data_root.join("tier").join(hex).join(rel);
+            let dir = tier.join("layers").join(hex).join("diff").join(rel);
+            if let Ok(m) = fs::symlink_metadata(&image).or_else(|_| fs::symlink_metadata(&dir)) {
                 report.push_str(&format!(
                     "  tier {c}: {p}: {} bytes, mode {:o}, mtime {:?}\n",
                     m.len(),
@@ -408,7 +431,9 @@ fn second_host_pulls_nothing_the_cluster_has() {
         )
         .unwrap_or_else(|e| panic!("ctr run -d on host B: {e}"));
     let running = Instant::now();
-    let rows = |want_users: usize| {
+    // Settled when every layer shows exactly the users wanted: host A's own use (its container just before)
+    // may still be on record for a heartbeat.
+    let rows = |want_users: &[&str]| {
         poll(Duration::from_secs(30), || {
             let top = lamina_cli_json(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"]);
             let rows: Vec<serde_json::Value> = top
@@ -419,13 +444,11 @@ fn second_host_pulls_nothing_the_cluster_has() {
                 .cloned()
                 .collect();
             let settled = rows.len() == archive.chain_ids.len()
-                && rows
-                    .iter()
-                    .all(|r| r["users"].as_array().map(Vec::len) == Some(want_users));
+                && rows.iter().all(|r| r["users"] == serde_json::json!(want_users));
             settled.then_some(rows)
         })
     };
-    let used = rows(1).unwrap_or_else(|| {
+    let used = rows(&["host-b"]).unwrap_or_else(|| {
         panic!(
             "layers top --cluster on host A shows every layer used by host B: {}",
             lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"])
@@ -452,7 +475,7 @@ fn second_host_pulls_nothing_the_cluster_has() {
     b.ctrd.ctr_ok(&["task", "rm", "-f", id]);
     b.ctrd.ctr_ok(&["containers", "rm", id]);
     let stopped_ns = now_ns();
-    let idle = rows(0).unwrap_or_else(|| {
+    let idle = rows(&[]).unwrap_or_else(|| {
         panic!(
             "layers top --cluster on host A shows no user after the container stopped: {}",
             lamina_cli_ok(&a.lamina.data_root, &["layers", "top", "--cluster", "-n", "100"])
@@ -798,18 +821,13 @@ fn dockerd_keeps_no_local_copy_of_layers_the_tier_has() {
         "every applied layer became a link to the tier:\n{}",
         lamina.log_tail()
     );
-    // Every image layer's content directory is a link into the tier; no second local copy.
+    // Every image layer's content directory is a link to this host's mount of the tier's image of that
+    // layer; no second local copy.
     let layers = lamina.data_root.join("layers");
     let mut links = BTreeSet::new();
     for e in fs::read_dir(&layers).unwrap().filter_map(|e| e.ok()) {
         let diff = e.path().join("diff");
         if let Ok(target) = fs::read_link(&diff) {
-            assert!(
-                target.starts_with(&cl.tier_b),
-                "{}: {}",
-                diff.display(),
-                target.display()
-            );
             links.insert(target);
         }
     }
@@ -817,13 +835,31 @@ fn dockerd_keeps_no_local_copy_of_layers_the_tier_has() {
         .chain_ids
         .iter()
         .map(|c| {
-            cl.tier_b
-                .join("layers")
+            lamina
+                .data_root
+                .join("tier")
                 .join(c.trim_start_matches("sha256:"))
-                .join("diff")
         })
         .collect();
-    assert_eq!(links, want_links, "the image's layers link to the tier");
+    assert_eq!(links, want_links, "the image's layers link to their mounts");
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for c in &archive.chain_ids {
+        let hex = c.trim_start_matches("sha256:");
+        let image = cl.tier_b.join("layers").join(hex).join("layer.erofs");
+        let mount = lamina.data_root.join("tier").join(hex);
+        assert!(
+            table.lines().any(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let dash = f.iter().position(|x| *x == "-").unwrap_or(f.len());
+                f.get(4) == Some(&mount.to_str().unwrap())
+                    && f.get(dash + 1) == Some(&"erofs")
+                    && f.get(dash + 2) == Some(&image.to_str().unwrap())
+            }),
+            "{} is the tier's image {} mounted read-only",
+            mount.display(),
+            image.display()
+        );
+    }
     let local = local_bytes(&layers);
     eprintln!(
         "[{test}] local bytes under the data root's layers: {local} (the image's layers: {})",

@@ -40,6 +40,7 @@ pub fn tier_options(settings: &Settings) -> anyhow::Result<Option<(TierOptions, 
             dir,
             lease,
             claim_wait,
+            format: c.layer_format,
         },
         heartbeat,
     )))

@@ -55,6 +55,9 @@ pub struct ClusterFile {
     pub lease_secs: Option<u64>,
     /// How often this host refreshes its heartbeat (default 5).
     pub heartbeat_secs: Option<u64>,
+    /// How this host publishes layers to the tier: `erofs` (one image file per layer, the default) or
+    /// `directory` (a directory tree per layer).
+    pub layer_format: Option<lamina_store::TierFormat>,
 }
 
 /// The file in the data root that keeps this host's generated cluster id.
@@ -71,6 +74,8 @@ pub struct ClusterSettings {
     pub lease: std::time::Duration,
     /// The heartbeat interval.
     pub heartbeat: std::time::Duration,
+    /// How this host publishes layers to the tier.
+    pub layer_format: lamina_store::TierFormat,
 }
 
 impl ClusterSettings {
@@ -116,6 +121,7 @@ pub fn cluster_settings(file: Option<ClusterFile>) -> anyhow::Result<ClusterSett
         host_id,
         lease,
         heartbeat,
+        layer_format: file.layer_format.unwrap_or_default(),
     })
 }
 
@@ -916,6 +922,15 @@ mod tests {
             std::time::Duration::from_secs(40),
             "the default lease follows the heartbeat"
         );
+        assert_eq!(
+            d.layer_format,
+            lamina_store::TierFormat::Erofs,
+            "images by default"
+        );
+        let dirs = FileConfig::parse("[cluster]\nlayer_format = \"directory\"", "t").unwrap();
+        let c = resolve(dirs, Flags::default()).unwrap().cluster;
+        assert_eq!(c.layer_format, lamina_store::TierFormat::Directory);
+        assert!(FileConfig::parse("[cluster]\nlayer_format = \"squashfs\"", "t").is_err());
         let t = tempfile::tempdir().unwrap();
         let id = d.host_id(t.path()).unwrap();
         assert_eq!(d.host_id(t.path()).unwrap(), id, "kept in the data root");

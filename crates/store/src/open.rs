@@ -115,7 +115,11 @@ impl Store {
             None => Box::new(OverlayBackend::open(root, mounter)?),
             Some(cfg) => Box::new(RbdBackend::open(root, cfg.clone())?),
         };
-        let tier = opts.tier.clone().map(crate::tier::Tier::open).transpose()?;
+        let tier = opts
+            .tier
+            .clone()
+            .map(|t| crate::tier::Tier::open(t, root))
+            .transpose()?;
         let db_path = root.join("meta.redb");
         let db_existed = db_path.exists();
         let db = db::Db::open(&db_path).map_err(|e| {
@@ -162,6 +166,9 @@ impl Store {
         store.load_stats()?;
         if mode == OpenMode::Serve {
             store.recover()?;
+            // The mounts of the tier's image layers this store links to (kept across a restart, or gone with a
+            // reboot).
+            store.sync_tier_mounts();
             // Frozen layers without a manifest: written before format 3, or a crash came before the
             // background writer recorded it.
             for (n, rec) in store.list()? {

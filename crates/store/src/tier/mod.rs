@@ -1,13 +1,16 @@
 //! The shared layer tier: read-only layers on a POSIX distributed filesystem mounted on every host, named by
 //! chain id, so that a layer unpacked on one host serves every host (docs/cluster.md).
 //!
-//! Layout of the tier directory:
+//! Layout of the tier directory (tier format 2):
 //!
 //! ```text
 //! layers/<hex>/            one published layer (chain id sha256:<hex>), never changed after its rename
-//!     diff/                its content, an overlay lower directory (whiteouts as overlay whiteouts)
+//!     layer.erofs          its content as one read-only EROFS image (format `erofs`, the default)
+//!     seal-erofs.json      chain id, bytes, inodes, manifest digest, publishing host and time, format
+//!   or
+//!     diff/                its content, an overlay lower directory (format `directory`, tier format 1)
+//!     seal.json            the same seal, without a format
 //!     manifest             its content manifest (the store's format, docs/on-disk-format.md)
-//!     seal.json            chain id, bytes, inodes, manifest digest, publishing host and time
 //! staging/<hex>-<ns>-<seq>@<host>/   a publication being written; renamed to layers/<hex> when whole
 //! trash/                   removals on their way out
 //! claims/layer/<hex>       a host is unpacking that layer            (lamina-lease)
@@ -18,7 +21,13 @@
 //!
 //! A host sees a layer either whole (after the rename of its staging directory) or not at all. A store links a
 //! tier layer as the content of a local record (a symbolic link in place of the layer's own directory), so the
-//! overlay stacks take their lower directories from the tier and every rule of the store applies unchanged.
+//! overlay stacks take their lower directories from the tier and every rule of the store applies unchanged. An
+//! image layer is linked through its mount on this host, `<data root>/tier/<hex>` (the image file mounted
+//! read-only by the kernel's EROFS, backed by the file itself); a directory layer is linked directly.
+//!
+//! The seal of an image layer has its own name so that a lamina which knows only directory layers finds no
+//! seal there and unpacks the layer itself (its publication then loses the rename race cleanly) instead of
+//! linking a `diff/` that is not there.
 
 mod store;
 
@@ -54,7 +63,35 @@ pub struct TierOptions {
     pub lease: Lease,
     /// How long a Prepare waits for another host's unpack of the same layer before unpacking it too.
     pub claim_wait: Duration,
+    /// How this host publishes layers (it adopts layers of either format).
+    pub format: TierFormat,
 }
+
+/// How a published layer's content is stored in the tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TierFormat {
+    /// One read-only EROFS image file per layer (`layer.erofs`, made by `mkfs.erofs` on the local disk),
+    /// mounted on each host that holds the layer: one file on the filesystem's metadata server per layer.
+    #[default]
+    Erofs,
+    /// The layer's directory tree (`diff/`), linked as the lower directory itself: one inode on the metadata
+    /// server per file of the layer, and every open of a file a request to it.
+    Directory,
+}
+
+impl TierFormat {
+    fn directory() -> TierFormat {
+        TierFormat::Directory
+    }
+}
+
+/// The seal of an image layer.
+const IMAGE_SEAL: &str = "seal-erofs.json";
+/// The seal of a directory layer.
+const DIR_SEAL: &str = "seal.json";
+/// The image of an image layer.
+const IMAGE: &str = "layer.erofs";
 
 /// What `seal.json` records of a published layer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +102,9 @@ pub(crate) struct Seal {
     pub manifest: String,
     pub host: String,
     pub published_ns: u64,
+    /// How the content is stored (absent in a directory layer's seal, written before images existed).
+    #[serde(default = "TierFormat::directory")]
+    pub format: TierFormat,
 }
 
 /// What `usage/<host>` records: the tier layers a host uses (an active layer or a mounted stack of that host
@@ -96,6 +136,12 @@ pub(crate) struct Tier {
     claims: Mutex<HashMap<String, Claim>>,
     seq: AtomicU64,
     usage: std::sync::Arc<Mutex<UsageState>>,
+    /// `<data root>/tier`: the mounts of image layers on this host, one directory per layer (`<hex>`), there
+    /// only while the image is mounted on it, and `.build/` where images are made before their copy.
+    mounts: PathBuf,
+    /// Held while mounts are made or taken down, and by an adoption until its record is committed, so that
+    /// a reconciliation never takes down a mount that a record is about to need.
+    mounting: Mutex<()>,
 }
 
 const SUBDIRS: [&str; 4] = ["layers", "staging", "trash", "usage"];
@@ -159,7 +205,7 @@ pub(crate) enum Claimed {
 
 impl Tier {
     /// Makes the tier's directories (the tier directory itself must exist).
-    pub(crate) fn open(opts: TierOptions) -> Result<Tier> {
+    pub(crate) fn open(opts: TierOptions, root: &Path) -> Result<Tier> {
         if !opts.dir.is_dir() {
             return Err(StoreError::InvalidArgument(format!(
                 "cluster tier directory {} is not there (is the shared filesystem mounted?)",
@@ -187,11 +233,21 @@ impl Tier {
                 }
             }
         }
+        let mounts = root.join("tier");
+        mkdir(&mounts, 0o700)?;
+        // Images a previous run was making when it stopped.
+        remove_tree(&mounts.join(BUILD_DIR));
+        mkdir(&mounts.join(BUILD_DIR), 0o700)?;
+        if opts.format == TierFormat::Erofs && mkfs_erofs().is_none() {
+            warn!("mkfs.erofs is not installed (Debian: erofs-utils): this host cannot publish layers to the tier");
+        }
         Ok(Tier {
             opts,
             claims: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
             usage: Default::default(),
+            mounts,
+            mounting: Mutex::new(()),
         })
     }
 
@@ -280,9 +336,84 @@ impl Tier {
         self.opts.dir.join("layers").join(hex)
     }
 
-    /// The content directory of a published layer.
+    /// The content directory of a published directory layer.
     pub(crate) fn content(&self, hex: &str) -> PathBuf {
         self.layer_dir(hex).join("diff")
+    }
+
+    /// Where this host mounts image layer `hex`.
+    pub(crate) fn mount_point(&self, hex: &str) -> PathBuf {
+        self.mounts.join(hex)
+    }
+
+    /// The directory a local record of published layer `hex` links to: the tier's directory of a directory
+    /// layer; the mount on this host of an image layer, mounted now unless it is already. The caller holds
+    /// [`Tier::mounting`] until the record that links it is committed.
+    pub(crate) fn linked_content(&self, hex: &str, seal: &Seal) -> Result<PathBuf> {
+        match seal.format {
+            TierFormat::Directory => Ok(self.content(hex)),
+            TierFormat::Erofs => self.mount(hex),
+        }
+    }
+
+    /// Held while mounts of image layers are made or taken down (see the field).
+    pub(crate) fn mounting(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.mounting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Mounts image layer `hex` on its mount point unless it is mounted there already (a previous run's
+    /// mount, kept across a restart or a kill), bounded like the other calls on the shared filesystem. A
+    /// failed mount leaves no mount point behind: links to it then fail loudly instead of showing an empty
+    /// directory.
+    fn mount(&self, hex: &str) -> Result<PathBuf> {
+        let target = self.mount_point(hex);
+        if lamina_sys::mount::is_mount_root(&target).ok().flatten() == Some(true) {
+            return Ok(target);
+        }
+        mkdir(&target, 0o755)?;
+        let image = self.layer_dir(hex).join(IMAGE);
+        let (img, tgt) = (image.clone(), target.clone());
+        let what = format!("mount {}", image.display());
+        let mounted = bounded(&what, move || lamina_sys::mount::mount_erofs_file(&img, &tgt)).and_then(|r| {
+            r.map_err(|e| tier_io(format!("mount {} on {}", image.display(), target.display()), e))
+        });
+        match mounted {
+            Ok(()) => {
+                debug!(layer = hex, "image layer mounted");
+                Ok(target)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir(&target);
+                Err(e)
+            }
+        }
+    }
+
+    /// Brings this host's mounts of image layers in line with `needed` (the layers its records link to
+    /// through a mount): mounts the missing ones and takes down (lazily detached) and removes the others.
+    /// Gives the errors; the caller holds [`Tier::mounting`].
+    pub(crate) fn sync_mounts(&self, needed: &HashSet<String>) -> Vec<String> {
+        let mut errors = Vec::new();
+        for hex in needed {
+            if let Err(e) = self.mount(hex) {
+                errors.push(e.to_string());
+            }
+        }
+        let Ok(rd) = std::fs::read_dir(&self.mounts) else {
+            return errors;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || needed.contains(&name) {
+                continue;
+            }
+            let path = e.path();
+            match lamina_sys::mount::unmount(&path, true).and_then(|()| std::fs::remove_dir(&path)) {
+                Ok(()) => debug!(layer = name, "image layer unmounted"),
+                Err(e) => errors.push(format!("take down {}: {e}", path.display())),
+            }
+        }
+        errors
     }
 
     /// Whether layer `hex` is published.
@@ -297,25 +428,23 @@ impl Tier {
     }
 
     /// The seal of layer `hex` when it is published (`None` when it is not): whether it is there and what it
-    /// is in one read (lookup, open and read of `seal.json`), bounded like [`Tier::has`].
+    /// is in one read (lookup, open and read of its seal; a second lookup for a directory layer's seal when
+    /// there is no image layer's), bounded like [`Tier::has`].
     pub(crate) fn published(&self, hex: &str) -> Result<Option<Seal>> {
-        let path = self.layer_dir(hex).join("seal.json");
-        let what = format!("read {}", path.display());
-        bounded(&what.clone(), move || match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::CorruptMetadata(format!("cluster tier: {}: {e}", path.display()))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(tier_io(what, e)),
-        })?
+        let dir = self.layer_dir(hex);
+        let what = format!("read the seal in {}", dir.display());
+        bounded(&what, move || read_seal(&dir))?
     }
 
     /// The seal of a published layer.
     pub(crate) fn seal(&self, hex: &str) -> Result<Seal> {
-        let path = self.layer_dir(hex).join("seal.json");
-        let bytes = std::fs::read(&path).map_err(|e| tier_io(format!("read {}", path.display()), e))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| StoreError::CorruptMetadata(format!("cluster tier: {}: {e}", path.display())))
+        let dir = self.layer_dir(hex);
+        read_seal(&dir)?.ok_or_else(|| {
+            tier_io(
+                format!("read the seal in {}", dir.display()),
+                io::Error::from(io::ErrorKind::NotFound),
+            )
+        })
     }
 
     /// Copies the manifest of published layer `hex` to `dest` after checking it against the digest its seal
@@ -357,8 +486,9 @@ impl Tier {
     }
 
     /// Copies the local layer content `content` (an overlay upper directory) into the tier as layer `chain`,
-    /// sealed with its manifest, and publishes it with one rename. Gives `false` when another host published
-    /// it first (the copy is dropped; the tier's layer is the same content by its chain id).
+    /// in this host's format (an EROFS image made on the local disk, or a directory tree), sealed with its
+    /// manifest, and publishes it with one rename. Gives `false` when another host published it first (the
+    /// copy is dropped; the tier's layer is the same content by its chain id).
     pub(crate) fn publish(&self, hex: &str, chain: &str, content: &Path) -> Result<bool> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let staging = self
@@ -366,7 +496,11 @@ impl Tier {
             .dir
             .join("staging")
             .join(format!("{hex}-{}-{seq}@{}", now_ns(), self.host()));
-        let result = self.write_staging(&staging, chain, content).and_then(|()| {
+        let written = match self.opts.format {
+            TierFormat::Erofs => self.write_staging_image(&staging, hex, chain, content),
+            TierFormat::Directory => self.write_staging(&staging, chain, content),
+        };
+        let result = written.and_then(|()| {
             match std::fs::rename(&staging, self.layer_dir(hex)) {
                 Ok(()) => Ok(true),
                 // A published layer is never empty, so a rename onto it fails instead of replacing it.
@@ -402,6 +536,41 @@ impl Tier {
             .map_err(|_| StoreError::io("cluster tier: copy thread", io::Error::other("panicked")))?;
         written?;
         applied?;
+        self.write_seal(staging, chain, content, TierFormat::Directory)
+    }
+
+    /// The staging of an image layer: the image is made from the local content on the local disk (the
+    /// image maker writes it in place, which a FUSE filesystem serves badly), copied into `staging` and
+    /// flushed, then the manifest and the seal are written beside it.
+    fn write_staging_image(&self, staging: &Path, hex: &str, chain: &str, content: &Path) -> Result<()> {
+        mkdir(staging, 0o755)?;
+        let local = self.mounts.join(BUILD_DIR).join(format!(
+            "{hex}-{}-{}.erofs",
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::SeqCst)
+        ));
+        let made = build_image(content, &local).and_then(|()| {
+            let dest = staging.join(IMAGE);
+            let copy = || -> io::Result<u64> {
+                let mut src = std::fs::File::open(&local)?;
+                let mut dst = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&dest)?;
+                let n = io::copy(&mut src, &mut dst)?;
+                dst.sync_all()?;
+                Ok(n)
+            };
+            copy().map_err(|e| tier_io(format!("copy the image to {}", dest.display()), e))
+        });
+        let _ = std::fs::remove_file(&local);
+        let bytes = made?;
+        debug!(chain, bytes, "layer image made");
+        self.write_seal(staging, chain, content, TierFormat::Erofs)
+    }
+
+    /// Writes the manifest of the local content `content` and the layer's seal into `staging`, and flushes it.
+    fn write_seal(&self, staging: &Path, chain: &str, content: &Path, format: TierFormat) -> Result<()> {
         let digest = crate::verify::write_manifest_file(content, &staging.join(crate::MANIFEST_FILE))?;
         let usage = lamina_archive::disk_usage(open_dir(content)?.as_fd())?;
         let seal = Seal {
@@ -411,9 +580,14 @@ impl Tier {
             manifest: digest,
             host: self.host().to_string(),
             published_ns: now_ns(),
+            format,
         };
         let seal_bytes = serde_json::to_vec_pretty(&seal).unwrap_or_default();
-        std::fs::write(staging.join("seal.json"), seal_bytes).map_err(|e| tier_io("write seal", e))?;
+        let name = match format {
+            TierFormat::Erofs => IMAGE_SEAL,
+            TierFormat::Directory => DIR_SEAL,
+        };
+        std::fs::write(staging.join(name), seal_bytes).map_err(|e| tier_io("write seal", e))?;
         // Everything on the chunk servers before the name appears (a FUSE filesystem may not implement syncfs:
         // its close already flushed the data then).
         if let Err(e) = lamina_sys::mount::syncfs(staging) {
@@ -605,6 +779,70 @@ impl Tier {
         let _ = self.unhold(hex);
         Ok(())
     }
+}
+
+/// Where images are made on the local disk, under the mounts' directory.
+const BUILD_DIR: &str = ".build";
+
+/// The image maker, when installed.
+fn mkfs_erofs() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join("mkfs.erofs"))
+        .find(|p| p.is_file())
+}
+
+/// Makes an uncompressed EROFS image `image` of the directory `content`. `mkfs.erofs` keeps what an overlay
+/// lower directory needs: owners, modes, times, hard links, device nodes (overlay whiteouts are `0:0`
+/// character devices) and extended attributes (an opaque directory's `trusted.overlay.opaque`).
+fn build_image(content: &Path, image: &Path) -> Result<()> {
+    let mkfs = mkfs_erofs().ok_or_else(|| {
+        tier_io(
+            "make a layer image",
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "mkfs.erofs is not installed (Debian: erofs-utils)",
+            ),
+        )
+    })?;
+    let out = std::process::Command::new(&mkfs)
+        .arg("--quiet")
+        .arg(image)
+        .arg(content)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| tier_io(format!("run {}", mkfs.display()), e))?;
+    if !out.status.success() {
+        return Err(tier_io(
+            format!("make the image of {}", content.display()),
+            io::Error::other(format!(
+                "mkfs.erofs: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        ));
+    }
+    Ok(())
+}
+
+/// The seal in the layer directory `dir`: an image layer's, else a directory layer's; `None` when neither
+/// is there (the layer is not published).
+fn read_seal(dir: &Path) -> Result<Option<Seal>> {
+    for (name, format) in [(IMAGE_SEAL, TierFormat::Erofs), (DIR_SEAL, TierFormat::Directory)] {
+        let path = dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let mut seal: Seal = serde_json::from_slice(&bytes).map_err(|e| {
+                    StoreError::CorruptMetadata(format!("cluster tier: {}: {e}", path.display()))
+                })?;
+                seal.format = format;
+                return Ok(Some(seal));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(tier_io(format!("read {}", path.display()), e)),
+        }
+    }
+    Ok(None)
 }
 
 /// Writes the usage `uses` to a new file `tmp`, its time the file's mtime (the tier's clock), and renames it

@@ -184,10 +184,12 @@ impl Store {
 
     /// A local committed layer whose content is the tier's layer `hex` (sealed with `seal`): referenced first
     /// (so that no collection takes it meanwhile), made writable under a temporary name, its content replaced
-    /// by a link to the tier, then frozen under `name` in one transaction. A crash in between leaves an active
-    /// layer under the temporary name, which containerd's collection removes. The reference and the read of
-    /// the tier's manifest (round trips to the shared filesystem's metadata server) run beside the local
-    /// record's creation, and both are done before the layer is frozen under `name`.
+    /// by a link to the tier (to this host's mount of an image layer, or to a directory layer's tree), then
+    /// frozen under `name` in one transaction. A crash in between leaves an active layer under the temporary
+    /// name, which containerd's collection removes. The reference, the read of the tier's manifest and the
+    /// mount of an image (round trips to the shared filesystem) run beside the local record's creation, and
+    /// are done before the layer is frozen under `name`. An image that does not mount is unpacked here
+    /// instead (`Ok(false)`).
     #[allow(clippy::too_many_arguments)]
     fn link_shared(
         &self,
@@ -200,6 +202,12 @@ impl Store {
         steps: &mut Steps,
     ) -> Result<bool> {
         let tier = self.tier().expect("tier");
+        // Until the record is committed, no reconciliation of the mounts may take this layer's down.
+        let _mounting = tier.mounting();
+        let target = match seal.format {
+            super::TierFormat::Directory => tier.content(hex),
+            super::TierFormat::Erofs => tier.mount_point(hex),
+        };
         let tmp = format!("lamina-tier/{hex}/{}", now_ns());
         let layer = NewLayer {
             ns,
@@ -218,11 +226,13 @@ impl Store {
                 tier.hold(hex)?;
                 let held = t0.elapsed();
                 let manifest = tier.manifest(hex, &seal)?;
-                Ok::<_, StoreError>((manifest, held, t0.elapsed() - held))
+                let read = t0.elapsed() - held;
+                let mounted = tier.linked_content(hex, &seal).map(|_| ());
+                Ok::<_, StoreError>((manifest, held, read, t0.elapsed() - held - read, mounted))
             });
             let created = self.create_layer(layer, None);
             let linked = match &created {
-                Ok((n, _)) => self.backend.link_content(*n, &tier.content(hex)),
+                Ok((n, _)) => self.backend.link_content(*n, &target),
                 Err(_) => Ok(()),
             };
             steps.mark("create+link");
@@ -235,15 +245,29 @@ impl Store {
             (created, linked.and(remote))
         });
         let (n, rec) = created?;
-        let written = remote.and_then(|(manifest, held, read)| {
+        let mut unmountable = None;
+        let written = remote.and_then(|(manifest, held, read, mount, mounted)| {
             steps.done.push(("hold", held.as_micros()));
             steps.done.push(("manifest", read.as_micros()));
+            steps.done.push(("mount", mount.as_micros()));
+            if let Err(e) = mounted {
+                unmountable = Some(e.to_string());
+                return Err(e);
+            }
             let dest = self.backend.paths(n).manifest;
             std::fs::write(&dest, manifest).map_err(|e| tier_io(format!("write {}", dest.display()), e))
         });
         steps.mark("join");
         if let Err(e) = written {
             let _ = self.remove(ns, &tmp);
+            if let Some(why) = unmountable {
+                warn!(
+                    chain = name,
+                    error = why,
+                    "the tier's layer image does not mount here; unpacking here"
+                );
+                return Ok(false);
+            }
             return Err(e);
         }
         let slot = self.slot(n);
@@ -327,6 +351,8 @@ impl Store {
         let seal = tier.seal(&hex)?;
         // The background manifest of the apply reads the local copy: it finishes first.
         self.wait_sealed();
+        let _mounting = tier.mounting();
+        let target = tier.linked_content(&hex, &seal)?;
         let slot = self.slot(n);
         let guard = lock(&slot);
         if guard.mounts > 0 || self.backend.is_mounted(n) || self.lookup(ns, name)?.map(|(m, _)| m) != Some(n)
@@ -348,13 +374,9 @@ impl Store {
             .unwrap_or_default();
         let tmp = b"diff.tier".to_vec();
         let _ = lamina_sys::fs::unlink(dir.as_fd(), &tmp);
-        lamina_sys::fs::symlink(
-            tier.content(&hex).as_os_str().as_encoded_bytes(),
-            dir.as_fd(),
-            &tmp,
-        )
-        .and_then(|()| lamina_sys::fs::exchange(dir.as_fd(), &content, &tmp))
-        .map_err(|e| tier_io(format!("link {} to the tier", paths.content.display()), e))?;
+        lamina_sys::fs::symlink(target.as_os_str().as_encoded_bytes(), dir.as_fd(), &tmp)
+            .and_then(|()| lamina_sys::fs::exchange(dir.as_fd(), &content, &tmp))
+            .map_err(|e| tier_io(format!("link {} to the tier", paths.content.display()), e))?;
         crate::remove_tree(&paths.dir.join("diff.tier"));
         drop(guard);
         info!(
@@ -395,17 +417,46 @@ impl Store {
             .collect())
     }
 
+    /// Brings this host's mounts of the tier's image layers in line with its records: each layer linked to a
+    /// mount (`<data root>/tier/<hex>`) is mounted, every other mount there is taken down. Called when the store
+    /// opens (mounts a restart or a kill left are kept; those a reboot took are made again), at every
+    /// [`Store::share_tier_usage`] (so a mount goes within a heartbeat interval of the removal of the last
+    /// local layer linked to it) and at each garbage collection. Gives the errors, which are also logged.
+    pub fn sync_tier_mounts(&self) -> Vec<String> {
+        let Some(tier) = self.tier() else {
+            return Vec::new();
+        };
+        let _mounting = tier.mounting();
+        let needed = match self.list() {
+            Ok(records) => records
+                .into_iter()
+                .filter_map(|(n, r)| {
+                    let hex = chain_hex(r.shared.as_deref()?)?.to_string();
+                    let link = std::fs::read_link(self.backend.paths(n).content).ok()?;
+                    (link == tier.mount_point(&hex)).then_some(hex)
+                })
+                .collect(),
+            Err(e) => return vec![format!("cluster tier: list layers: {e}")],
+        };
+        let errors = tier.sync_mounts(&needed);
+        for e in &errors {
+            warn!(error = %e, "cluster tier: mounts of image layers");
+        }
+        errors
+    }
+
     /// Records in the tier which of its layers this host uses now: for each layer it holds from the tier,
     /// the number of its active layers (containerd's active snapshots and views) and mounted stacks (any
     /// layer mounted through [`Store::get`]) that reach it; and which it used since the previous call (a
     /// stack brought up and gone meanwhile, seen in the layers' usage counters). Meant to be called every
     /// heartbeat interval: the tier is written only when the layers in use changed or a layer was used since
     /// the previous call (at most one small file write per call, none while nothing happens). Gives whether
-    /// it wrote.
+    /// it wrote. Brings the mounts of image layers in line first ([`Store::sync_tier_mounts`]).
     pub fn share_tier_usage(&self) -> Result<bool> {
         let Some(tier) = self.tier() else {
             return Ok(false);
         };
+        self.sync_tier_mounts();
         let since = tier.usage_since(now_ns());
         let records = self.list()?;
         let shared: HashMap<u64, String> = records
@@ -538,6 +589,13 @@ impl Store {
                 for hex in held.difference(&own) {
                     tier.hold(hex)?;
                 }
+            }
+            if !dry_run {
+                report.errors.extend(
+                    self.sync_tier_mounts()
+                        .into_iter()
+                        .map(|e| format!("cluster tier: {e}")),
+                );
             }
             let (items, errors) = tier.collect(&held, dry_run)?;
             report.errors.extend(errors);

@@ -1,6 +1,7 @@
 //! The tier between two stores on one shared directory (a plain temporary directory here): publication,
-//! adoption, the publish race, waiting on another host's claim, and garbage collection across hosts. Nothing
-//! here mounts or needs root.
+//! adoption, the publish race, waiting on another host's claim, and garbage collection across hosts, with
+//! directory layers (nothing mounts or needs root); and the same with image layers (EROFS images, mounted:
+//! root and `mkfs.erofs` needed, skipped loudly without them).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use lamina_lease::{HostId, Lease, LeaseConfig};
 use lamina_sys::mounter::{FakeMounter, Mounter};
 
-use crate::{GarbageKind, GcOptions, LayerKind, NewLayer, OpenOptions, Store, TierOptions};
+use crate::{GarbageKind, GcOptions, LayerKind, NewLayer, OpenOptions, Store, TierFormat, TierOptions};
 
 const NS: &str = "containerd:lamina";
 
@@ -34,6 +35,10 @@ fn lease(tier: &Path, host: &str) -> Lease {
 }
 
 fn open(root: &Path, tier: &Path, lease: &Lease) -> Store {
+    open_as(root, tier, lease, TierFormat::Directory)
+}
+
+fn open_as(root: &Path, tier: &Path, lease: &Lease, format: TierFormat) -> Store {
     let mounter: Arc<dyn Mounter> = Arc::new(FakeMounter::new());
     Store::open_with_options(
         root,
@@ -43,6 +48,7 @@ fn open(root: &Path, tier: &Path, lease: &Lease) -> Store {
                 dir: tier.to_path_buf(),
                 lease: lease.clone(),
                 claim_wait: Duration::from_secs(1),
+                format,
             }),
             ..OpenOptions::default()
         },
@@ -60,14 +66,20 @@ struct Hosts {
     b: Store,
 }
 
+/// A temporary directory with a tier directory and two hosts' stores publishing in `format`.
+fn two_hosts(format: TierFormat) -> (tempfile::TempDir, std::path::PathBuf, Lease, Lease, Store, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = dir.path().join("tier");
+    std::fs::create_dir_all(&tier).unwrap();
+    let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
+    let a = open_as(&dir.path().join("a"), &tier, &la, format);
+    let b = open_as(&dir.path().join("b"), &tier, &lb, format);
+    (dir, tier, la, lb, a, b)
+}
+
 impl Hosts {
     fn new() -> Hosts {
-        let dir = tempfile::tempdir().unwrap();
-        let tier = dir.path().join("tier");
-        std::fs::create_dir_all(&tier).unwrap();
-        let (la, lb) = (lease(&tier, "a"), lease(&tier, "b"));
-        let a = open(&dir.path().join("a"), &tier, &la);
-        let b = open(&dir.path().join("b"), &tier, &lb);
+        let (dir, tier, la, lb, a, b) = two_hosts(TierFormat::Directory);
         Hosts {
             _dir: dir,
             tier,
@@ -201,11 +213,18 @@ fn a_prepare_waits_for_another_hosts_claim_then_unpacks_itself() {
     assert_eq!(std::fs::read_to_string(diff.join("x")).unwrap(), "3");
 }
 
-#[test]
-fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
-    let h = Hosts::new();
-    let (a, b) = (&h.a, &h.b);
-    // A layer tar; as the only layer, its chain id is its DiffID.
+/// Docker's `ApplyDiff` of the layer tar `bytes` as layer `name` on host `s`, then the swap for the tier's
+/// copy: whether it swapped.
+fn apply_docker(s: &Store, name: &str, bytes: &[u8]) -> bool {
+    s.create(NewLayer::new("docker:/x", name, LayerKind::ReadOnly))
+        .unwrap();
+    s.apply("docker:/x", name, &mut &bytes[..], &Default::default())
+        .unwrap();
+    s.share_applied("docker:/x", name).unwrap()
+}
+
+/// A layer tar of one file, `motd` = "hi\n", and its DiffID (as the only layer, also its chain id).
+fn motd_tar() -> (Vec<u8>, String) {
     let mut builder = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_size(3);
@@ -214,20 +233,20 @@ fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
     builder.append_data(&mut h, "motd", &b"hi\n"[..]).unwrap();
     let bytes = builder.into_inner().unwrap();
     let diff_id = lamina_archive::manifest::digest_of(&bytes);
+    (bytes, diff_id)
+}
+
+#[test]
+fn an_applied_layer_already_in_the_tier_keeps_no_local_copy() {
+    let h = Hosts::new();
+    let (a, b) = (&h.a, &h.b);
+    let (bytes, diff_id) = motd_tar();
     // Not in the tier yet: the applied layer stays local.
-    b.create(NewLayer::new("docker:/x", "first", LayerKind::ReadOnly))
-        .unwrap();
-    b.apply("docker:/x", "first", &mut &bytes[..], &Default::default())
-        .unwrap();
-    assert!(!b.share_applied("docker:/x", "first").unwrap());
+    assert!(!apply_docker(b, "first", &bytes));
     // Host A publishes the same content under that chain id; host B's next apply of it links the tier.
     unpack(a, "a/1", "motd", "hi\n");
     assert!(a.publish_shared(NS, "a/1", &diff_id).unwrap());
-    b.create(NewLayer::new("docker:/x", "second", LayerKind::ReadOnly))
-        .unwrap();
-    b.apply("docker:/x", "second", &mut &bytes[..], &Default::default())
-        .unwrap();
-    assert!(b.share_applied("docker:/x", "second").unwrap());
+    assert!(apply_docker(b, "second", &bytes));
     let info = b.info("docker:/x", "second").unwrap();
     assert!(std::fs::symlink_metadata(&info.diff_dir)
         .unwrap()
@@ -328,4 +347,208 @@ fn a_tier_layer_whose_manifest_does_not_match_its_seal_is_not_adopted() {
     std::fs::write(&manifest, text).unwrap();
     assert!(!adopt(b, &c1), "a damaged tier layer is unpacked here instead");
     assert!(b.record(NS, &c1).is_err(), "no layer made from it");
+}
+
+/// Whether image layers can be made and mounted here (root, `mkfs.erofs`); says why not when they cannot.
+fn images_possible(test: &str) -> bool {
+    let root = rustix::process::geteuid().is_root();
+    let mkfs = super::mkfs_erofs().is_some();
+    if !(root && mkfs) {
+        eprintln!("SKIPPED {test}: needs root ({root}) and mkfs.erofs ({mkfs})");
+    }
+    root && mkfs
+}
+
+/// Two hosts publishing image layers, whose mounts are taken down when the test ends, passed or not.
+struct ImageHosts {
+    dir: tempfile::TempDir,
+    tier: std::path::PathBuf,
+    la: Lease,
+    lb: Lease,
+    a: Option<Store>,
+    b: Option<Store>,
+}
+
+impl ImageHosts {
+    fn new() -> ImageHosts {
+        let (dir, tier, la, lb, a, b) = two_hosts(TierFormat::Erofs);
+        ImageHosts {
+            dir,
+            tier,
+            la,
+            lb,
+            a: Some(a),
+            b: Some(b),
+        }
+    }
+
+    fn mounts(&self) -> Vec<std::path::PathBuf> {
+        lamina_sys::mount::mounts_under(self.dir.path()).unwrap()
+    }
+}
+
+impl Drop for ImageHosts {
+    fn drop(&mut self) {
+        self.a.take();
+        self.b.take();
+        for m in self.mounts() {
+            let _ = lamina_sys::mount::unmount(&m, true);
+        }
+    }
+}
+
+/// A layer tar with a file, a deleted path (whiteout) and an opaque directory, applied into a writable layer
+/// of `s` and committed as `name`, as containerd's unpack does.
+fn unpack_with_whiteouts(s: &Store, name: &str) {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8], kind: tar::EntryType| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        h.set_uid(1234);
+        h.set_cksum();
+        builder.append_data(&mut h, path, data).unwrap();
+    };
+    add("etc/", b"", tar::EntryType::Directory);
+    add("etc/motd", b"hello\n", tar::EntryType::Regular);
+    add(".wh.gone", b"", tar::EntryType::Regular);
+    add("opaque/", b"", tar::EntryType::Directory);
+    add("opaque/.wh..wh..opq", b"", tar::EntryType::Regular);
+    add("opaque/kept", b"k", tar::EntryType::Regular);
+    let bytes = builder.into_inner().unwrap();
+    let key = format!("extract {name}");
+    s.create(NewLayer::new(NS, &key, LayerKind::ReadWrite)).unwrap();
+    let diff = crate::open_dir(&s.info(NS, &key).unwrap().diff_dir).unwrap();
+    lamina_archive::apply_layer(std::os::fd::AsFd::as_fd(&diff), &bytes[..], &Default::default()).unwrap();
+    s.commit(NS, &key, name, BTreeMap::new()).unwrap();
+}
+
+#[test]
+fn an_image_layer_is_published_mounted_where_adopted_kept_across_restarts_and_taken_down_with_its_layer() {
+    if !images_possible("an_image_layer_is_published_mounted_where_adopted…") {
+        return;
+    }
+    let mut h = ImageHosts::new();
+    let c1 = chain(11);
+    let hex = c1.trim_start_matches("sha256:").to_string();
+    {
+        let a = h.a.as_ref().unwrap();
+        assert!(!adopt(a, &c1));
+        unpack_with_whiteouts(a, "a/11");
+        assert!(a.publish_shared(NS, "a/11", &c1).unwrap());
+    }
+    // One image file, its manifest and its seal; no directory tree.
+    let published = h.tier.join("layers").join(&hex);
+    let mut names: Vec<String> = std::fs::read_dir(&published)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["layer.erofs", "manifest", "seal-erofs.json"]);
+    assert!(
+        h.mounts().is_empty(),
+        "the publisher keeps its local copy and mounts nothing"
+    );
+
+    // Host B adopts it: its content is its mount of the image.
+    let b_root = h.dir.path().join("b");
+    let mount = b_root.join("tier").join(&hex);
+    {
+        let b = h.b.as_ref().unwrap();
+        assert!(adopt(b, &c1));
+        let diff = b.info(NS, &c1).unwrap().diff_dir;
+        assert_eq!(std::fs::read_link(&diff).unwrap(), mount);
+        assert_eq!(h.mounts(), vec![mount.clone()]);
+        assert_eq!(std::fs::read_to_string(diff.join("etc/motd")).unwrap(), "hello\n");
+        // The overlay whiteout and the opaque directory come out of the image as an overlay lower needs them.
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let wh = std::fs::symlink_metadata(diff.join("gone")).unwrap();
+        assert!(wh.file_type().is_char_device() && wh.rdev() == 0, "{wh:?}");
+        let opaque = crate::open_dir(&diff.join("opaque")).unwrap();
+        assert!(lamina_sys::fs::is_opaque(std::os::fd::AsFd::as_fd(&opaque)).unwrap());
+        assert_eq!(std::fs::metadata(diff.join("etc/motd")).unwrap().uid(), 1234);
+        // The image's content matches the manifest the publisher wrote.
+        for n in b.verifiable_layers().unwrap() {
+            let r = b.verify_layer(n, &mut |_| {}).unwrap();
+            assert!(matches!(r.status, crate::VerifyStatus::Clean { .. }), "{r:?}");
+        }
+    }
+
+    // A restart (or a kill) keeps the mount: the store finds it and mounts nothing twice.
+    h.b.take();
+    h.b = Some(open_as(&b_root, &h.tier, &h.lb, TierFormat::Erofs));
+    assert_eq!(h.mounts(), vec![mount.clone()]);
+    // A reboot takes it: the next start mounts it again.
+    h.b.take();
+    lamina_sys::mount::unmount(&mount, false).unwrap();
+    h.b = Some(open_as(&b_root, &h.tier, &h.lb, TierFormat::Erofs));
+    assert_eq!(h.mounts(), vec![mount.clone()]);
+    let b = h.b.as_ref().unwrap();
+    let diff = b.info(NS, &c1).unwrap().diff_dir;
+    assert_eq!(std::fs::read_to_string(diff.join("etc/motd")).unwrap(), "hello\n");
+
+    // The layer goes: its mount goes with the next reconciliation (a heartbeat's, or a collection's).
+    assert!(b.remove(NS, &c1).unwrap());
+    b.share_tier_usage().unwrap();
+    assert!(h.mounts().is_empty());
+    assert!(!mount.exists(), "no mount point is left to stand for the layer");
+
+    // Collected from the tier once no live host holds it.
+    std::thread::sleep(Duration::from_millis(2100));
+    h.la.beat().unwrap();
+    h.lb.beat().unwrap();
+    assert!(tier_gc(b, false).is_empty(), "host A holds it");
+    let a = h.a.as_ref().unwrap();
+    assert!(a.remove(NS, "a/11").unwrap());
+    assert_eq!(tier_gc(a, false), vec![c1.clone()]);
+    assert!(!published.exists());
+}
+
+#[test]
+fn hosts_adopt_layers_of_either_format_and_docker_applied_layers_link_the_image() {
+    if !images_possible("hosts_adopt_layers_of_either_format…") {
+        return;
+    }
+    let h = ImageHosts::new();
+    let (a, b) = (h.a.as_ref().unwrap(), h.b.as_ref().unwrap());
+    // A directory layer published by a host of the other format is linked as a directory.
+    let dir_host = open(&h.dir.path().join("c"), &h.tier, &lease(&h.tier, "c"));
+    let c1 = chain(12);
+    unpack_and_publish(&dir_host, &c1, "c/12", "f", "dir\n");
+    assert!(adopt(b, &c1));
+    let diff = b.info(NS, &c1).unwrap().diff_dir;
+    assert_eq!(
+        std::fs::read_link(&diff).unwrap(),
+        h.tier
+            .join("layers")
+            .join(c1.trim_start_matches("sha256:"))
+            .join("diff")
+    );
+    assert!(h.mounts().is_empty());
+
+    // Docker's applied layer whose chain id is an image layer: the local copy becomes a link to the mount.
+    let (bytes, diff_id) = motd_tar();
+    unpack(a, "a/1", "motd", "hi\n");
+    assert!(a.publish_shared(NS, "a/1", &diff_id).unwrap());
+    assert!(apply_docker(b, "applied", &bytes));
+    let info = b.info("docker:/x", "applied").unwrap();
+    let mount = h
+        .dir
+        .path()
+        .join("b/tier")
+        .join(diff_id.trim_start_matches("sha256:"));
+    assert_eq!(std::fs::read_link(&info.diff_dir).unwrap(), mount);
+    assert_eq!(
+        std::fs::read_to_string(info.diff_dir.join("motd")).unwrap(),
+        "hi\n"
+    );
+    assert_eq!(h.mounts(), vec![mount]);
+    // A reconciliation keeps what a record links to.
+    assert!(b.sync_tier_mounts().is_empty());
+    assert_eq!(h.mounts().len(), 1);
 }
