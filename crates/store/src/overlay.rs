@@ -50,11 +50,29 @@ impl OverlayBackend {
     }
 
     fn layer_dir(&self, n: u64) -> PathBuf {
-        self.root.join("layers").join(format!("{n:x}"))
+        self.layer_path(n, "")
     }
 
     fn diff_dir(&self, n: u64) -> PathBuf {
-        self.layer_dir(n).join("diff")
+        self.layer_path(n, "diff")
+    }
+
+    /// `layers/<n>/<leaf>` (`layers/<n>` for an empty `leaf`), made in one allocation: a mount names every
+    /// layer of its stack.
+    fn layer_path(&self, n: u64, leaf: &str) -> PathBuf {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let root = self.root.as_os_str().as_bytes();
+        let mut b = Vec::with_capacity(root.len() + 32);
+        b.extend_from_slice(root);
+        if !root.is_empty() && !root.ends_with(b"/") {
+            b.push(b'/');
+        }
+        let _ = write!(b, "layers/{n:x}");
+        if !leaf.is_empty() {
+            b.push(b'/');
+            b.extend_from_slice(leaf.as_bytes());
+        }
+        PathBuf::from(std::ffi::OsString::from_vec(b))
     }
 
     fn trash_path(&self, n: u64) -> PathBuf {
@@ -734,4 +752,23 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_paths_are_the_joined_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let with_slash = PathBuf::from(format!("{}/", tmp.path().display()));
+        for root in [tmp.path().to_path_buf(), with_slash] {
+            let b = OverlayBackend::open(&root, Arc::new(lamina_sys::mounter::FakeMounter::new())).unwrap();
+            for n in [1u64, 0x2a, u64::MAX] {
+                let dir = root.join("layers").join(format!("{n:x}"));
+                assert_eq!(b.layer_dir(n).as_os_str(), dir.as_os_str());
+                assert_eq!(b.diff_dir(n).as_os_str(), dir.join("diff").as_os_str());
+            }
+        }
+    }
 }

@@ -133,10 +133,18 @@ impl Slots {
         }
     }
 
-    /// Counts a use at `now` of each of `layers`.
+    /// Counts a use at `now` of each of `layers` (the whole stack of a mount: the table is locked once for
+    /// all of them, and no slot while it is).
     pub(crate) fn note_uses(&self, layers: &[u64], now: u64) {
-        for n in layers {
-            lock(&self.get(*n)).note_use(now);
+        let slots: Vec<Arc<Mutex<Slot>>> = {
+            let mut map = self.map();
+            layers
+                .iter()
+                .map(|n| map.entry(*n).or_default().clone())
+                .collect()
+        };
+        for slot in slots {
+            lock(&slot).note_use(now);
         }
     }
 }

@@ -248,8 +248,19 @@ fn mount_overlay_new_api(target: &Path, spec: &OverlaySpec) -> Result<(), NewApi
     finish_overlay(configure_overlay(spec, spec, target)?, spec.read_only, target)
 }
 
-/// `path` relative to `base` (one of its ancestors); `.` for `base` itself.
+/// `path` relative to `base` (one of its ancestors); `.` for `base` itself. Compared as bytes (`base` as
+/// [`common_dir`] gives it is a leading run of whole components of `path`), with `Path::strip_prefix` only for
+/// what is not spelt that way: that one walks both paths component by component, which cost more than the
+/// kernel's own walk of the short name for every layer of a deep stack.
 fn relative_to(path: &Path, base: &Path) -> PathBuf {
+    let (p, b) = (path.as_os_str().as_bytes(), base.as_os_str().as_bytes());
+    if let Some(rest) = p.strip_prefix(b) {
+        if rest.is_empty() || rest[0] == b'/' || b.ends_with(b"/") {
+            let r = &rest[rest.iter().take_while(|c| **c == b'/').count()..];
+            let r = if r.is_empty() { &b"."[..] } else { r };
+            return PathBuf::from(std::ffi::OsStr::from_bytes(r));
+        }
+    }
     match path.strip_prefix(base) {
         Ok(r) if r.as_os_str().is_empty() => PathBuf::from("."),
         Ok(r) => r.to_path_buf(),
@@ -684,6 +695,30 @@ mod tests {
             relative_to(Path::new("/d/layers"), Path::new("/d/layers")),
             p(".")
         );
+        // The components `Path::strip_prefix` gives, however the paths are spelt.
+        for (path, base) in [
+            ("/d/layers/2/diff", "/d/layers"),
+            ("/d/layers//2/diff", "/d/layers"),
+            ("/d/layers/", "/d/layers"),
+            ("/d/layers/2/diff", "/d/layers/"),
+            ("/d/layers2/diff", "/d/layers"),
+            ("/d/x/diff", "/d/layers"),
+            ("/d/./layers/2", "/d/layers"),
+            ("/x", "/"),
+        ] {
+            let want = match Path::new(path).strip_prefix(base) {
+                Ok(r) if r.as_os_str().is_empty() => p("."),
+                Ok(r) => r.to_path_buf(),
+                Err(_) => p(path),
+            };
+            assert_eq!(
+                relative_to(Path::new(path), Path::new(base))
+                    .components()
+                    .collect::<Vec<_>>(),
+                want.components().collect::<Vec<_>>(),
+                "{path} against {base}"
+            );
+        }
         // Nothing shorter than absolute paths to gain, or not absolute: none.
         assert_eq!(common_dir([Path::new("/a/x"), Path::new("/b/y")]), None);
         assert_eq!(common_dir([Path::new("a/x"), Path::new("a/y")]), None);
