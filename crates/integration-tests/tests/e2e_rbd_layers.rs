@@ -515,18 +515,7 @@ fn osd_stopped_mid_operation(l: &mut Lamina, cluster: &CephCluster) {
         r.text()
     );
     assert!(took < Duration::from_secs(45), "Put took {took:?}");
-    let settled = poll(Duration::from_secs(20), || {
-        (mounts_under(&l.data_root).is_empty()
-            && loops_under(&l.data_root).is_empty()
-            && cluster.client_pids().is_empty())
-        .then_some(())
-    });
-    assert!(
-        settled.is_some(),
-        "left attached with the OSD stopped: mounts {:?}, rbd-fuse {:?}",
-        mounts_under(&l.data_root),
-        cluster.client_pids()
-    );
+    assert_nothing_attached(l, cluster, Duration::from_secs(20), "with the OSD stopped");
 
     cluster.resume_osd();
     restart(l, None);
@@ -565,6 +554,21 @@ fn leftovers(l: &Lamina, cluster: &CephCluster) -> String {
         loops_under(&l.data_root),
         l.log_tail()
     )
+}
+
+/// Panics unless, within `within`, no mount, loop device or rbd-fuse of `l`'s data root is left.
+fn assert_nothing_attached(l: &Lamina, cluster: &CephCluster, within: Duration, when: &str) {
+    let settled = poll(within, || {
+        (mounts_under(&l.data_root).is_empty()
+            && loops_under(&l.data_root).is_empty()
+            && cluster.client_pids().is_empty())
+        .then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "left attached {when}: {}",
+        leftovers(l, cluster)
+    );
 }
 
 /// A pool quota (`ceph osd pool set-quota`) passed during an ApplyDiff of a layer bigger than the quota: the
@@ -658,17 +662,7 @@ fn rbd_layers_pool_quota() {
     over_quota("Put of a mounted layer", "Put", json!({"ID": "m"}));
     // rbd-fuse cannot open an image there (a watch is a write): the attachment is cut off, classed.
     over_quota("Get", "Get", json!({"ID": "m", "MountLabel": ""}));
-    let settled = poll(Duration::from_secs(30), || {
-        (mounts_under(&l.data_root).is_empty()
-            && loops_under(&l.data_root).is_empty()
-            && cluster.client_pids().is_empty())
-        .then_some(())
-    });
-    assert!(
-        settled.is_some(),
-        "left attached in a pool over its quota: {}",
-        leftovers(&l, &cluster)
-    );
+    assert_nothing_attached(&l, &cluster, Duration::from_secs(30), "in a pool over its quota");
     // A child cannot be cloned either.
     c.call("Create", json!({"ID": "x", "Parent": "p"}))
         .expect_err_containing("Create in a pool over its quota", "no space", "over its quota");
