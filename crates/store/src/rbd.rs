@@ -27,9 +27,11 @@
 //! through rbd-fuse, snapshot, thawed). rbd-fuse cannot expose snapshots: a sealed layer's head is what is
 //! read, attached read-only once detached.
 //!
-//! lamina's writes through an attachment run under a watchdog (`Rbd::watched`): when they wait on a cluster
-//! that does not take writes, the attachment's rbd-fuse is killed so that they fail with the cluster's error
-//! class instead of waiting for ever.
+//! lamina's writes through an attachment, and the attachment itself, run under a watchdog (`Rbd::watched`):
+//! when they wait on a cluster that does not take writes (OSDs gone, a pool full or over its quota), the
+//! attachment's rbd-fuse is killed so that they fail with the cluster's error class instead of waiting for
+//! ever. In a pool without room a failed apply is not rolled back (that needs a new clone) and a removed
+//! clone stays until there is room (Ceph refuses to move it to the pool's trash): both are done later.
 //!
 //! Crash safety follows the store's record-first rule: the record of a layer is written before its image
 //! exists, so at start an image without a record is a half-made one (removed), a record without an image
