@@ -6,8 +6,10 @@
 //!
 //! The cluster is testkit's `CephCluster` (one monitor, one OSD on 127.0.0.1): in `--quick` a memstore OSD
 //! (data in RAM) and a 100 MB big parent; otherwise bluestore on a sparse 10 GiB file in the scratch
-//! filesystem and a 2 GiB big parent (the tar, the OSD's file and the overlay backend's copy each hold it:
-//! about 6 GiB of disk while it runs). Without the Ceph packages the workload records a `skipped` figure.
+//! filesystem and a 5000 MB big parent (five files of 1000 MB). The big parent's tar is generated while it is
+//! sent (testkit's `streamed_random_tar`: never on disk), so the OSD's file and the overlay backend's copy
+//! hold it: about 10 GiB of the scratch filesystem while it runs (`--size 14` is enough). Without the Ceph
+//! packages the workload records a `skipped` figure.
 
 use std::fs;
 use std::path::Path;
@@ -19,7 +21,7 @@ use serde_json::json;
 use super::engines::{graph_session, lamina, start};
 use super::{Ctx, Figure, Unit, Workload};
 use lamina_testkit::ceph::{have_ceph, CephCluster, ObjectStore};
-use lamina_testkit::{Lamina, TarWriter};
+use lamina_testkit::{streamed_random_tar, Lamina, TarWriter};
 
 /// The workload.
 pub const RBD_LAYERS: Workload = Workload {
@@ -73,7 +75,7 @@ fn measure(ctx: &Ctx, cluster: &CephCluster, figs: &mut Vec<Figure>) -> anyhow::
              \"bench-\"\nmap = \"fuse\"\nsize = \"{}\"\n",
             cluster.conf().display(),
             cluster.pool,
-            ctx.pick("5G", "4G"),
+            ctx.pick("5G", "8G"),
         ),
     )?;
     rbd.extra_args = vec!["--config".into(), cfg.display().to_string()];
@@ -81,21 +83,33 @@ fn measure(ctx: &Ctx, cluster: &CephCluster, figs: &mut Vec<Figure>) -> anyhow::
         ("lamina", start(rbd)),
         ("lamina-overlay", start(lamina(ctx, "overlay"))),
     ];
-    let big = ctx.pick(100, 2048);
+    let big = ctx.pick(100, 5000);
     let cases = [
         (10u64, "10 MB parent".to_string()),
         (big, format!("{big} MB parent")),
     ];
-    for (mb, _) in &cases {
-        tar_file(&ctx.scratch.join(format!("layer-{mb}.tar")), *mb)?;
-    }
+    // The small parent's tar is a file; the big one's is generated while it is sent, in files of 1000 MB.
+    tar_file(&ctx.scratch.join("layer-10.tar"), 10)?;
+    let big_tar = || {
+        let files = (0..big.div_ceil(1000))
+            .map(|i| {
+                let mb = (big - i * 1000).min(1000);
+                (format!("data{i}"), mb << 20, big + i)
+            })
+            .collect();
+        streamed_random_tar(files)
+    };
     for (subject, l) in &mut engines {
         let mut c = graph_session(l)?;
         for (mb, case) in &cases {
             ctx.say(format!("{subject}: ApplyDiff of {case}"));
             let parent = format!("p{mb}");
             c.call("GraphDriver.Create", &json!({"ID": parent, "Parent": ""}))?;
-            let mut tar = fs::File::open(ctx.scratch.join(format!("layer-{mb}.tar")))?;
+            let mut tar: Box<dyn std::io::Read> = if *mb == 10 {
+                Box::new(fs::File::open(ctx.scratch.join("layer-10.tar"))?)
+            } else {
+                Box::new(big_tar())
+            };
             let t = Instant::now();
             c.apply_diff(&parent, "", &mut tar)?;
             let secs = t.elapsed().as_secs_f64();

@@ -10,7 +10,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lamina_testkit::ceph::{loops_under, rbd_store_toml, require_ceph, CephCluster, ObjectStore};
+use lamina_testkit::ceph::{
+    loops_under, rbd_store_toml, require_ceph, require_ceph_mgr, CephCluster, ObjectStore,
+};
 use lamina_testkit::docker_fixtures::*;
 use lamina_testkit::faults::assert_fault_points;
 use lamina_testkit::*;
@@ -513,18 +515,7 @@ fn osd_stopped_mid_operation(l: &mut Lamina, cluster: &CephCluster) {
         r.text()
     );
     assert!(took < Duration::from_secs(45), "Put took {took:?}");
-    let settled = poll(Duration::from_secs(20), || {
-        (mounts_under(&l.data_root).is_empty()
-            && loops_under(&l.data_root).is_empty()
-            && cluster.client_pids().is_empty())
-        .then_some(())
-    });
-    assert!(
-        settled.is_some(),
-        "left attached with the OSD stopped: mounts {:?}, rbd-fuse {:?}",
-        mounts_under(&l.data_root),
-        cluster.client_pids()
-    );
+    assert_nothing_attached(l, cluster, Duration::from_secs(20), "with the OSD stopped");
 
     cluster.resume_osd();
     restart(l, None);
@@ -553,6 +544,193 @@ fn osd_stopped_mid_operation(l: &mut Lamina, cluster: &CephCluster) {
     assert_nothing_left(l, cluster);
 }
 
+/// The images, snapshots, attachments and rbd-fuse processes of this data root, for messages.
+fn leftovers(l: &Lamina, cluster: &CephCluster) -> String {
+    format!(
+        "images {:?}, rbd-fuse/clients {:?}, mounts {:?}, loops {:?}; log:\n{}",
+        layer_images(cluster),
+        cluster.client_pids(),
+        mounts_under(&l.data_root),
+        loops_under(&l.data_root),
+        l.log_tail()
+    )
+}
+
+/// Panics unless, within `within`, no mount, loop device or rbd-fuse of `l`'s data root is left.
+fn assert_nothing_attached(l: &Lamina, cluster: &CephCluster, within: Duration, when: &str) {
+    let settled = poll(within, || {
+        (mounts_under(&l.data_root).is_empty()
+            && loops_under(&l.data_root).is_empty()
+            && cluster.client_pids().is_empty())
+        .then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "left attached {when}: {}",
+        leftovers(l, cluster)
+    );
+}
+
+/// A pool quota (`ceph osd pool set-quota`) passed during an ApplyDiff of a layer bigger than the quota: the
+/// apply answers `no space: pool ... is over its quota` well within the caller's patience, the failed layer
+/// leaves no image, snapshot, attachment or rbd-fuse behind, a mounted container layer with unwritten data
+/// answers the same class at its Put, and everything works again once the quota is raised. The monitors
+/// learn the pool's usage from a mgr: the cluster runs one here.
+#[test]
+fn rbd_layers_pool_quota() {
+    let test = "rbd_layers_pool_quota";
+    let Some(_serial) = serial_if(require_root(test) && require_ceph(test) && require_ceph_mgr(test)) else {
+        return;
+    };
+    let mut cluster = CephCluster::start_with("layerquota", ObjectStore::Memstore);
+    cluster.start_mgr();
+    let pool = cluster.pool.clone();
+    let mut l = lamina_config("rbdquota", &cluster, &pool, 5);
+    l.spawn();
+    l.wait_ready();
+    let c = l.client();
+    let mut w = TarWriter::new(Vec::new());
+    w.random_file("etc/p", 1 << 20, 5).unwrap();
+    let ptar = w.finish().unwrap();
+    c.call("Create", json!({"ID": "p"})).ok("Create p");
+    c.apply_diff("p", "", &mut &ptar[..]).unwrap().ok("ApplyDiff p");
+    c.call("CreateReadWrite", json!({"ID": "m", "Parent": "p"}))
+        .ok("Create m");
+    let v = c.call("Get", json!({"ID": "m", "MountLabel": ""})).ok("Get m");
+    let mdir = Path::new(v["Dir"].as_str().unwrap()).to_path_buf();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let others = sorted(layer_images(&cluster));
+    c.call("Create", json!({"ID": "big", "Parent": "p"}))
+        .ok("Create big");
+    let big_image = layer_images(&cluster)
+        .into_iter()
+        .find(|i| !others.contains(i))
+        .expect("the image of layer big");
+
+    // 64 MiB for the pool; the layer is 1 GiB.
+    cluster.ceph_ok(&["osd", "pool", "set-quota", &pool, "max_bytes", "67108864"]);
+    assert!(
+        !cluster.pool_flags(&pool).iter().any(|f| f == "full_quota"),
+        "the pool is over its quota before the apply"
+    );
+    // The container layer's writes stay in the page cache until its Put.
+    fs::write(mdir.join("unsynced"), vec![7u8; 8 << 20]).unwrap();
+    let t = Instant::now();
+    let mut slow = l.client();
+    slow.timeout = Duration::from_secs(180);
+    let mut body = streamed_random_tar(vec![("big".into(), 1 << 30, 11)]);
+    let r = slow
+        .apply_diff("big", "p", &mut body)
+        .unwrap_or_else(|e| panic!("ApplyDiff: {e} after {:?}; log:\n{}", t.elapsed(), l.log_tail()));
+    let took = t.elapsed();
+    drop(body);
+    let e = r.expect_err_containing(
+        "ApplyDiff of 1 GiB into a pool with a 64 MiB quota",
+        "no space",
+        &format!("pool \"{pool}\" is over its quota"),
+    );
+    eprintln!("[rbd layers] ApplyDiff of 1 GiB past a 64 MiB quota: {took:?}: {e}");
+    assert!(took < Duration::from_secs(45), "ApplyDiff took {took:?}");
+    assert!(
+        cluster.pool_flags(&pool).iter().any(|f| f == "full_quota"),
+        "the pool is not flagged over its quota"
+    );
+
+    // A call that must answer `no space: ... over its quota` (wrapped by the store's I/O class where it
+    // unmounts or mounts) within 45 s.
+    let over_quota = |what: &str, method: &str, body: serde_json::Value| {
+        let t = Instant::now();
+        let r = slow.call(method, body);
+        let took = t.elapsed();
+        eprintln!(
+            "[rbd layers] {what} in a pool over its quota: {took:?}: HTTP {} {}",
+            r.status,
+            r.text()
+        );
+        assert!(
+            r.err()
+                .is_some_and(|e| e.contains("no space") && e.contains("over its quota")),
+            "{what}: {}",
+            r.text()
+        );
+        assert!(took < Duration::from_secs(45), "{what} took {took:?}");
+    };
+    // The container layer: its last Put writes into the full pool.
+    over_quota("Put of a mounted layer", "Put", json!({"ID": "m"}));
+    // rbd-fuse cannot open an image there (a watch is a write): the attachment is cut off, classed.
+    over_quota("Get", "Get", json!({"ID": "m", "MountLabel": ""}));
+    assert_nothing_attached(&l, &cluster, Duration::from_secs(30), "in a pool over its quota");
+    // A child cannot be cloned either.
+    c.call("Create", json!({"ID": "x", "Parent": "p"}))
+        .expect_err_containing("Create in a pool over its quota", "no space", "over its quota");
+
+    // The failed layer goes as dockerd removes it. Ceph refuses to remove a clone while its pool is over
+    // its quota (the removal moves it to the pool's trash first): its image goes once there is room.
+    c.call("Remove", json!({"ID": "big"})).ok("Remove big");
+
+    // Room again.
+    cluster.ceph_ok(&["osd", "pool", "set-quota", &pool, "max_bytes", "0"]);
+    let t = Instant::now();
+    let clear = poll(Duration::from_secs(60), || {
+        (!cluster.pool_flags(&pool).iter().any(|f| f.starts_with("full"))).then_some(())
+    });
+    assert!(clear.is_some(), "the pool stayed full");
+    let gone = poll(Duration::from_secs(90), || {
+        (sorted(layer_images(&cluster)) == others).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the failed layer's image {big_image} stays: {}",
+        leftovers(&l, &cluster)
+    );
+    eprintln!(
+        "[rbd layers] quota lifted: the failed layer's image removed after {:?}",
+        t.elapsed()
+    );
+    let snaps = |img: &str| {
+        let out = cluster.rbd_ok(&["snap", "ls", "--format", "json", &format!("{pool}/{img}")]);
+        serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let mut seals: Vec<Vec<String>> = others.iter().map(|i| snaps(i)).collect();
+    seals.sort();
+    assert_eq!(
+        seals,
+        vec![vec![], vec!["sealed".to_string()]],
+        "p sealed, m not: {others:?}"
+    );
+    let v = c
+        .call("Get", json!({"ID": "m", "MountLabel": ""}))
+        .ok("Get m with room");
+    let mdir = Path::new(v["Dir"].as_str().unwrap()).to_path_buf();
+    assert_eq!(
+        fs::read(mdir.join("etc/p")).unwrap().len(),
+        1 << 20,
+        "m still holds its parent's file"
+    );
+    fs::write(mdir.join("after"), b"room again").unwrap();
+    c.call("Put", json!({"ID": "m"})).ok("Put m with room");
+    c.call("Create", json!({"ID": "big", "Parent": "p"}))
+        .ok("Create big again");
+    let mut body = streamed_random_tar(vec![("big".into(), 16 << 20, 12)]);
+    c.apply_diff("big", "p", &mut body)
+        .unwrap()
+        .ok("ApplyDiff with room");
+    assert_eq!(changes(&c, "big", "p"), vec!["1 /big".to_string()]);
+    for id in ["big", "m", "p"] {
+        c.call("Remove", json!({"ID": id})).ok(&format!("Remove {id}"));
+    }
+    assert_nothing_left(&l, &cluster);
+    drop(l);
+    cluster.stop();
+}
+
 /// Mounts the one mount a Prepare/View of the rbd backend answers (a bind of the layer's filesystem) at
 /// `target`, as containerd does.
 fn mount_snapshot(mounts: &[lamina_snapshotter::proto::containerd::types::Mount], target: &Path) {
@@ -567,14 +745,6 @@ fn mount_snapshot(mounts: &[lamina_snapshotter::proto::containerd::types::Mount]
         .status()
         .unwrap();
     assert!(st.success(), "mount {m:?} failed");
-}
-
-fn umount(target: &Path) {
-    assert!(std::process::Command::new("umount")
-        .arg(target)
-        .status()
-        .unwrap()
-        .success());
 }
 
 #[test]

@@ -210,11 +210,19 @@ impl Rbd {
             self.detach(dir)?;
         }
         let t0 = Instant::now();
-        let r = self.map_device(dir, image, read_only).and_then(|dev| {
-            lamina_sys::fault::point("rbd.attach.mapped")
-                .map_err(|e| RbdError::io("after mapping the image", e))?;
-            self.mount_fs(dir, image, &dev, fs_type, read_only)
+        // rbd-fuse opens the image (registering a watch, a write) at the first look at its file: in a pool
+        // that is full or over its quota that waits without a deadline, so the attachment is watched.
+        let (r, cut_off) = self.watched(dir, image, None, || {
+            self.map_device(dir, image, read_only).and_then(|dev| {
+                lamina_sys::fault::point("rbd.attach.mapped")
+                    .map_err(|e| RbdError::io("after mapping the image", e))?;
+                self.mount_fs(dir, image, &dev, fs_type, read_only)
+            })
         });
+        let r = match cut_off {
+            Some(e) => Err(e),
+            None => r,
+        };
         if let Err(e) = &r {
             warn!(dir = %dir.display(), error = %e, "attaching failed; taking it down");
             if let Err(e2) = self.detach(dir) {
@@ -232,11 +240,15 @@ impl Rbd {
         if Self::attached(dir) {
             self.detach(dir)?;
         }
-        let r = (|| {
+        let (r, cut_off) = self.watched(dir, image, None, || {
             let dev = self.map_device(dir, image, false)?;
             self.mkfs(&dev, fs_type)?;
             self.mount_fs(dir, image, &dev, fs_type, false)
-        })();
+        });
+        let r = match cut_off {
+            Some(e) => Err(e),
+            None => r,
+        };
         if let Err(e) = r {
             if let Err(e2) = self.detach(dir) {
                 warn!(dir = %dir.display(), error = %e2, "cannot take down a failed attachment");

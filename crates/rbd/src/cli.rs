@@ -192,21 +192,24 @@ impl Rbd {
     /// quota (Ceph holds writes to it), `backend unavailable` when the monitors or the OSDs do not answer
     /// (a read of the image's header, within the deadline).
     pub fn probe(&self, image: &str) -> Result<(), RbdError> {
+        self.check_room()?;
+        self.snapshots(image).map(drop)
+    }
+
+    /// `no space` when the monitors flag the pool full or over its quota (writes to it wait, and the
+    /// removal of a clone is refused, until it has room again); otherwise (or when the monitors do not
+    /// answer within the deadline) `Ok`.
+    pub fn check_room(&self) -> Result<(), RbdError> {
         let pool = &self.cluster.pool;
         match self.pool_flags() {
-            Some(f) if f.iter().any(|x| x == "full_quota") => {
-                return Err(RbdError::NoSpace(format!(
-                    "pool \"{pool}\" is over its quota (Ceph holds writes to it until it has room again)"
-                )))
-            }
-            Some(f) if f.iter().any(|x| x == "full") => {
-                return Err(RbdError::NoSpace(format!(
-                    "pool \"{pool}\" is full (Ceph holds writes to it until it has room again)"
-                )))
-            }
-            _ => {}
+            Some(f) if f.iter().any(|x| x == "full_quota") => Err(RbdError::NoSpace(format!(
+                "pool \"{pool}\" is over its quota (Ceph holds writes to it until it has room again)"
+            ))),
+            Some(f) if f.iter().any(|x| x == "full") => Err(RbdError::NoSpace(format!(
+                "pool \"{pool}\" is full (Ceph holds writes to it until it has room again)"
+            ))),
+            _ => Ok(()),
         }
-        self.snapshots(image).map(drop)
     }
 
     /// The images of the pool.
@@ -272,9 +275,14 @@ impl Rbd {
     }
 }
 
-/// Whether a failed call says the image (or snapshot) does not exist.
+/// Whether a failed call says the image (or snapshot) does not exist. A removal refused for lack of room
+/// ends with ENOENT too (`rbd rm` moves the image to the pool's trash first; in a pool over its quota that
+/// is refused, EDQUOT, and the call then fails to find the trash entry): that is not a missing image.
 pub(crate) fn is_missing(out: &CommandOutput) -> bool {
-    out.stderr.contains("(2)") && !out.stderr.contains("error opening pool")
+    out.stderr.contains("(2)")
+        && !out.stderr.contains("error opening pool")
+        && !out.stderr.contains("(122)")
+        && !out.stderr.contains("(28)")
 }
 
 #[cfg(test)]
@@ -287,6 +295,23 @@ mod tests {
             stdout: String::new(),
             stderr: stderr.into(),
         }
+    }
+
+    #[test]
+    fn a_removal_refused_for_the_quota_is_not_a_missing_image() {
+        let refused = out(
+            2,
+            "librbd::trash::MoveRequest: handle_trash_add: failed to add image to trash: (122) Disk quota exceeded\n\
+             librbd::api::Trash: move: error setting trash image state: (2) No such file or directory\n\
+             rbd: delete error: (2) No such file or directory",
+        );
+        assert!(!is_missing(&refused));
+        let e = classify("removing the image", "rbd", &refused).to_string();
+        assert!(e.starts_with("no space: pool \"rbd\" is over its quota"), "{e}");
+        assert!(is_missing(&out(
+            2,
+            "rbd: error opening image x: (2) No such file or directory"
+        )));
     }
 
     #[test]

@@ -27,9 +27,11 @@
 //! through rbd-fuse, snapshot, thawed). rbd-fuse cannot expose snapshots: a sealed layer's head is what is
 //! read, attached read-only once detached.
 //!
-//! lamina's writes through an attachment run under a watchdog (`Rbd::watched`): when they wait on a cluster
-//! that does not take writes, the attachment's rbd-fuse is killed so that they fail with the cluster's error
-//! class instead of waiting for ever.
+//! lamina's writes through an attachment, and the attachment itself, run under a watchdog (`Rbd::watched`):
+//! when they wait on a cluster that does not take writes (OSDs gone, a pool full or over its quota), the
+//! attachment's rbd-fuse is killed so that they fail with the cluster's error class instead of waiting for
+//! ever. In a pool without room a failed apply is not rolled back (that needs a new clone) and a removed
+//! clone stays until there is room (Ceph refuses to move it to the pool's trash): both are done later.
 //!
 //! Crash safety follows the store's record-first rule: the record of a layer is written before its image
 //! exists, so at start an image without a record is a half-made one (removed), a record without an image
@@ -533,22 +535,35 @@ impl LayerBackend for RbdBackend {
         }
         match self.remove_image(n) {
             Ok(()) => {}
-            Err(StoreError::InUse(m)) => {
+            Err(StoreError::InUse(m) | StoreError::NoSpace(m)) => {
                 // Clones of its seal that are being removed too (Ceph answers busy for a moment after a
-                // clone's removal), or kept by another client: tried again in the background, then at the
-                // next start or gc (the store keeps the proof of removal until the image is gone).
+                // clone's removal), kept by another client, or a clone in a pool over its quota (Ceph moves
+                // a removed image to the pool's trash first, and refuses that while the pool has no room):
+                // tried again in the background, then at the next start or gc (the store keeps the proof of
+                // removal until the image is gone).
                 info!(layer = n, reason = %m, "removal of the image deferred");
                 let rbd = self.rbd.clone();
                 let image = self.image(n);
                 let owned = InFlight::new(&self.in_flight, self.adir(n));
                 std::thread::spawn(move || {
                     // A client that died keeps its watch on the image until the OSDs time it out (30 s), and a
-                    // parent waits for its clones: a minute of tries covers both.
-                    for _ in 0..30 {
+                    // parent waits for its clones: a minute of tries covers both. A pool without room is
+                    // waited for up to ten minutes (its quota raised, or space freed).
+                    let t0 = std::time::Instant::now();
+                    let mut last = None;
+                    loop {
                         std::thread::sleep(Duration::from_secs(2));
+                        let patience = match last {
+                            Some(RbdError::NoSpace(_)) => Duration::from_secs(600),
+                            _ => Duration::from_secs(60),
+                        };
                         match rbd.remove_image(&image) {
                             Ok(()) => break,
-                            Err(RbdError::InUse(_)) => continue,
+                            Err(e @ (RbdError::InUse(_) | RbdError::NoSpace(_)))
+                                if t0.elapsed() < patience =>
+                            {
+                                last = Some(e);
+                            }
                             Err(e) => {
                                 warn!(layer = n, error = %e, "image of a removed layer kept; removed at the next start or gc");
                                 break;
@@ -645,6 +660,10 @@ impl LayerBackend for RbdBackend {
     }
 
     fn reset(&self, n: u64, parent: Option<u64>) -> Result<()> {
+        // In a pool that is full or over its quota neither the removal of a clone nor a new image can be
+        // made: the layer stays as it is (not visible, its record `Applying`) for the next start, gc or
+        // Remove, without waiting for the cluster here.
+        self.rbd.check_room()?;
         // An apply cut off from a cluster that stopped answering leaves the watch of its killed rbd-fuse on
         // the image until the OSD expires it (`osd_client_watch_timeout`, 30 s): Ceph refuses the removal
         // as busy until then.

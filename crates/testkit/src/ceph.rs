@@ -7,7 +7,8 @@
 //! [`ObjectStore::Bluestore`] (on a sparse 10 GiB file in the test directory) is there for tests that need
 //! data to survive an OSD restart. Without a mgr the cluster serves RBD normally; what needs a mgr (pool
 //! usage statistics, and with them pool quotas) is not available: [`CephCluster::start_mgr`] adds one (about
-//! 300 MB of RSS; a pool over its quota is flagged full about 8 s after the mgr starts).
+//! 300 MB of RSS; it sets the cluster's usage reports to every second, so that a pool over its quota is flagged
+//! `full_quota` 1-2.5 s after the write that passed the quota).
 //!
 //! Addresses: the monitor listens on `127.0.0.1:P` (msgr v2) and `P+1` (v1), with `P` chosen free per cluster,
 //! so that two test binaries can each run one; the OSD binds its public and cluster messengers to 127.0.0.1
@@ -460,6 +461,17 @@ impl CephCluster {
             "ceph-mgr was not available within 60 s:\n{}",
             self.logs()
         );
+        // The monitors flag a pool over its quota from the usage the OSD reports to the mgr (every
+        // `mgr_stats_period`), the mgr to the monitors (every `mgr_tick_period`) and the monitors' check
+        // (every `mon_tick_interval`): 5, 2 and 5 s by default, 3.7-9.6 s from the write past the quota to
+        // the flag; at 1 s each, 1.1-2.3 s.
+        for (who, key) in [
+            ("mgr", "mgr_stats_period"),
+            ("mgr", "mgr_tick_period"),
+            ("mon", "mon_tick_interval"),
+        ] {
+            self.ceph_ok(&["config", "set", who, key, "1"]);
+        }
     }
 
     /// The flags of `pool` (`full`, `full_quota`, ...).

@@ -1747,6 +1747,23 @@ impl<W: Write> TarWriter<W> {
     }
 }
 
+/// A tar of regular files `(name, size, seed)` of pseudo-random bytes ([`TarWriter::random_file`]), written
+/// by a thread into one end of a socket pair and read from the returned end: the layer is never whole on disk
+/// or in memory. The writer stops when the reader goes away.
+pub fn streamed_random_tar(files: Vec<(String, u64, u64)>) -> std::os::unix::net::UnixStream {
+    let (r, w) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    std::thread::spawn(move || {
+        let mut t = TarWriter::new(io::BufWriter::with_capacity(1 << 20, w));
+        for (name, size, seed) in &files {
+            if t.random_file(name, *size, *seed).is_err() {
+                return;
+            }
+        }
+        let _ = t.finish();
+    });
+    r
+}
+
 impl TarBuilder {
     pub fn new() -> TarBuilder {
         TarBuilder::default()
