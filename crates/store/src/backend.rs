@@ -94,6 +94,18 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Makes the content of a writable layer durable before it is recorded frozen; gives its disk usage.
     fn freeze(&self, n: u64) -> Result<DiskUsage>;
 
+    /// [`LayerBackend::freeze`], with `before_flush` called once the usage is known and before the content
+    /// is made durable: whatever it writes into the layer's storage is made durable by the same flush.
+    fn freeze_with(
+        &self,
+        n: u64,
+        before_flush: &mut dyn FnMut(&DiskUsage) -> Result<()>,
+    ) -> Result<DiskUsage> {
+        let usage = self.usage(n)?;
+        before_flush(&usage)?;
+        self.freeze(n)
+    }
+
     /// Disk usage of the layer's own content now.
     fn usage(&self, n: u64) -> Result<DiskUsage>;
 

@@ -428,3 +428,22 @@ fn containerd_mount_descriptions() {
     assert_eq!(s.counters()["snapshot_mounts"], 3);
     assert_eq!(s.layer_stats(s.info(NS, "base").unwrap().number).uses, 2);
 }
+
+#[test]
+fn a_small_commit_records_its_manifest_in_its_own_transaction() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    create(&s, "active", None, LayerKind::ReadWrite);
+    let diff = s.info(NS, "active").unwrap().diff_dir;
+    std::fs::write(diff.join("data"), b"snapshot data").unwrap();
+    s.commit(NS, "active", "committed", BTreeMap::new()).unwrap();
+    let n = s.info(NS, "committed").unwrap().number;
+    // Recorded by the Commit itself, not by a background writer afterwards.
+    let rec = s.record_by_number(n).unwrap().unwrap();
+    let digest = rec.manifest.expect("the commit records the manifest's digest");
+    let file = std::fs::read(diff.parent().unwrap().join(crate::MANIFEST_FILE)).unwrap();
+    assert_eq!(lamina_archive::manifest::digest_of(&file), digest);
+    assert!(!diff.parent().unwrap().join("manifest.tmp").exists());
+    let r = s.verify_layer(n, &mut |_| {}).unwrap();
+    assert!(matches!(r.status, crate::VerifyStatus::Clean { .. }), "{r:?}");
+}
