@@ -447,3 +447,36 @@ fn a_small_commit_records_its_manifest_in_its_own_transaction() {
     let r = s.verify_layer(n, &mut |_| {}).unwrap();
     assert!(matches!(r.status, crate::VerifyStatus::Clean { .. }), "{r:?}");
 }
+
+#[test]
+fn an_apply_left_applying_by_a_failed_rollback_is_reset_by_the_next_apply() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    create(&s, "l", None, LayerKind::ReadOnly);
+    let info = s.info(NS, "l").unwrap();
+    // As a failed apply leaves it when its rollback commit fails too (a full disk): Applying, with a pending
+    // row whose staging is gone, and nothing in diff/ (or part of the content).
+    std::fs::write(info.diff_dir.join("half"), b"x").unwrap();
+    let txn = Writer::begin(&s.db).unwrap();
+    let mut rec = info.record.clone();
+    rec.state = LayerState::Applying;
+    txn.put_layer(info.number, &rec).unwrap();
+    txn.put_pending(info.number, "1-0").unwrap();
+    txn.commit().unwrap();
+    // An empty tar (two zero blocks): the retry applies on the same running store.
+    s.apply(
+        NS,
+        "l",
+        &mut &[0u8; 1024][..],
+        &lamina_archive::IdMappings::default(),
+    )
+    .unwrap();
+    let (rec, _) = s.record(NS, "l").unwrap();
+    assert_eq!(rec.state, LayerState::Applied);
+    assert!(s.read().unwrap().pending().unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(&info.diff_dir).unwrap().count(),
+        0,
+        "the half content is gone"
+    );
+}
