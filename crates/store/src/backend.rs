@@ -95,14 +95,13 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     fn freeze(&self, n: u64) -> Result<DiskUsage>;
 
     /// [`LayerBackend::freeze`], with `before_flush` called once the usage is known and before the content
-    /// is made durable: whatever it writes into the layer's storage is made durable by the same flush.
+    /// is made durable: whatever it writes into the layer's storage is made durable by the same flush. A
+    /// backend that keeps no manifests ([`LayerBackend::manifests`]) may freeze without calling it.
     fn freeze_with(
         &self,
         n: u64,
-        before_flush: &mut dyn FnMut(&DiskUsage) -> Result<()>,
+        _before_flush: &mut dyn FnMut(&DiskUsage) -> Result<()>,
     ) -> Result<DiskUsage> {
-        let usage = self.usage(n)?;
-        before_flush(&usage)?;
         self.freeze(n)
     }
 

@@ -233,6 +233,16 @@ fn open_counts_mounts_of_a_previous_run_and_detaches_stale_ones() {
     assert!(!fx.fake.is_mounted(&p));
 }
 
+/// Records layer `info` as `Applying` with a pending row for the staging `token`, as an apply cut short leaves it.
+fn mark_applying(s: &Store, info: &crate::LayerInfo, token: &str) {
+    let txn = Writer::begin(&s.db).unwrap();
+    let mut rec = info.record.clone();
+    rec.state = LayerState::Applying;
+    txn.put_layer(info.number, &rec).unwrap();
+    txn.put_pending(info.number, token).unwrap();
+    txn.commit().unwrap();
+}
+
 #[test]
 fn open_rolls_back_an_interrupted_apply() {
     let fx = Fixture::new();
@@ -243,12 +253,7 @@ fn open_rolls_back_an_interrupted_apply() {
         // As an apply leaves it when the process dies after the rename into diff/ and before the last commit.
         std::fs::write(info.diff_dir.join("half"), b"x").unwrap();
         std::fs::create_dir(fx.root().join("staging").join("1-0")).unwrap();
-        let txn = Writer::begin(&s.db).unwrap();
-        let mut rec = info.record.clone();
-        rec.state = LayerState::Applying;
-        txn.put_layer(info.number, &rec).unwrap();
-        txn.put_pending(info.number, "1-0").unwrap();
-        txn.commit().unwrap();
+        mark_applying(&s, &info, "1-0");
         (info.number, info.diff_dir)
     };
     // An operator's command changes nothing.
@@ -457,12 +462,7 @@ fn an_apply_left_applying_by_a_failed_rollback_is_reset_by_the_next_apply() {
     // As a failed apply leaves it when its rollback commit fails too (a full disk): Applying, with a pending
     // row whose staging is gone, and nothing in diff/ (or part of the content).
     std::fs::write(info.diff_dir.join("half"), b"x").unwrap();
-    let txn = Writer::begin(&s.db).unwrap();
-    let mut rec = info.record.clone();
-    rec.state = LayerState::Applying;
-    txn.put_layer(info.number, &rec).unwrap();
-    txn.put_pending(info.number, "1-0").unwrap();
-    txn.commit().unwrap();
+    mark_applying(&s, &info, "1-0");
     // An empty tar (two zero blocks): the retry applies on the same running store.
     s.apply(
         NS,
