@@ -94,6 +94,17 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Makes the content of a writable layer durable before it is recorded frozen; gives its disk usage.
     fn freeze(&self, n: u64) -> Result<DiskUsage>;
 
+    /// [`LayerBackend::freeze`], with `before_flush` called once the usage is known and before the content
+    /// is made durable: whatever it writes into the layer's storage is made durable by the same flush. A
+    /// backend that keeps no manifests ([`LayerBackend::manifests`]) may freeze without calling it.
+    fn freeze_with(
+        &self,
+        n: u64,
+        _before_flush: &mut dyn FnMut(&DiskUsage) -> Result<()>,
+    ) -> Result<DiskUsage> {
+        self.freeze(n)
+    }
+
     /// Disk usage of the layer's own content now.
     fn usage(&self, n: u64) -> Result<DiskUsage>;
 

@@ -70,6 +70,16 @@ impl Store {
         if guard.mounts > 0 {
             return Err(StoreError::InUse(format!("layer {name} is mounted")));
         }
+        let rec = if rec.state == LayerState::Applying {
+            // An earlier apply of this layer failed and could not put it back to empty (its rollback commit
+            // failed too: a full or failing disk). No apply runs now (each holds the layer's lock throughout),
+            // so it is put back here, as the next start or `gc` would, and this apply goes ahead.
+            self.reset_interrupted_apply(n)?;
+            debug!(ns, name, layer = n, "reset the failed apply left behind");
+            self.require(ns, name)?.1
+        } else {
+            rec
+        };
         if rec.state != LayerState::Empty {
             return Err(StoreError::AlreadyExists(format!(
                 "layer {name} already has content"
@@ -124,8 +134,9 @@ impl Store {
             Err(e) => {
                 // Content that reached the layer (a failure after the rename: the second sync, the final commit)
                 // goes back to empty as created (content replaced, record Empty, pending row dropped), so
-                // nothing half applied is visible and a retry applies again. If that fails too (read-only or
-                // failing disk), the record stays Applying and the next start does it.
+                // nothing half applied is visible and a retry applies again. If that fails too (a full,
+                // read-only or failing disk), the record stays Applying: the next apply of the layer, `gc` or
+                // the next start resets it.
                 let filled = self.backend.abandon(staging);
                 let reset = if filled {
                     self.reset_interrupted_apply(n)

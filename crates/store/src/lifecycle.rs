@@ -7,6 +7,7 @@ use lamina_sys::fault;
 use lamina_sys::mount::MAX_OVERLAY_LOWERS;
 use tracing::{debug, warn};
 
+use crate::verify::{write_manifest_unsynced, INLINE_SEAL_BYTES, INLINE_SEAL_INODES};
 use crate::{
     lock, now_ns, Counter, LayerKind, LayerRecord, LayerState, NewLayer, Result, Store, StoreError,
     MAX_DEPTH, MIN_SIZE,
@@ -236,15 +237,37 @@ impl Store {
             return Err(StoreError::AlreadyExists(format!("layer {name}")));
         }
         // Usage first (it reads the tree); the layer cannot change kind meanwhile: we hold its lock. The
-        // content must be on disk before the record says it is frozen.
-        let usage = self.backend.freeze(n)?;
+        // content must be on disk before the record says it is frozen. A small layer's manifest is written
+        // before that flush, which makes it durable with the content, and its digest goes into the same
+        // record (docs/on-disk-format.md, "Commit").
+        let mut manifest = None;
+        let paths = self.backend.paths(n);
+        let usage = if self.backend.manifests() {
+            self.backend.freeze_with(n, &mut |usage| {
+                if usage.bytes <= INLINE_SEAL_BYTES && usage.inodes <= INLINE_SEAL_INODES {
+                    match write_manifest_unsynced(&paths.content, &paths.manifest) {
+                        Ok(digest) => manifest = Some(digest),
+                        // Left to the background writer, as for a large layer.
+                        Err(e) => {
+                            debug!(ns, key, layer = n, error = %e, "manifest not written with the commit")
+                        }
+                    }
+                }
+                Ok(())
+            })?
+        } else {
+            self.backend.freeze(n)?
+        };
+        // From here an error leaves the layer writable with a manifest file beside it that no record names
+        // (only a recorded digest makes a manifest count); the next Commit writes it again. It is not removed:
+        // a record commit that failed may still have reached the disk.
         let txn = self.write()?;
         if txn.number(ns, name)?.is_some() {
             return Err(StoreError::AlreadyExists(format!("layer {name}")));
         }
         txn.remove_name(ns, key)?;
         txn.put_name(ns, name, n)?;
-        let rec = rec.committed(name, labels, usage.bytes, usage.inodes, None);
+        let rec = rec.committed(name, labels, usage.bytes, usage.inodes, manifest.clone());
         txn.put_layer(n, &rec)?;
         fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
         txn.commit()?;
@@ -252,8 +275,10 @@ impl Store {
         let _ = fault::point("store.commit.done");
         // Frozen by this store: trusted by `verify_on_mount` until the store is dropped.
         self.trust(n);
-        // As after an apply: the manifest is written in the background, Commit does not wait for it.
-        self.seal_later(n);
+        if manifest.is_none() {
+            // As after an apply: the manifest is written in the background, Commit does not wait for it.
+            self.seal_later(n);
+        }
         self.counters.add(Counter::Commits, 1);
         debug!(ns, key, name, layer = n, "committed layer");
         Ok(rec)

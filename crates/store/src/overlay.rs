@@ -276,8 +276,18 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn freeze(&self, n: u64) -> Result<DiskUsage> {
+        self.freeze_with(n, &mut |_| Ok(()))
+    }
+
+    fn freeze_with(
+        &self,
+        n: u64,
+        before_flush: &mut dyn FnMut(&DiskUsage) -> Result<()>,
+    ) -> Result<DiskUsage> {
         let usage = self.usage(n)?;
-        // The content must be on disk before the record says it is frozen.
+        before_flush(&usage)?;
+        // The content, and what `before_flush` wrote beside it, must be on disk before the record says it is
+        // frozen: one `syncfs` of the filesystem holding the layer.
         fault::point("store.commit.syncfs")
             .and_then(|()| mount::syncfs(&self.layer_dir(n)))
             .map_err(|e| StoreError::io("sync committed layer", e))?;

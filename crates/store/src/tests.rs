@@ -233,6 +233,16 @@ fn open_counts_mounts_of_a_previous_run_and_detaches_stale_ones() {
     assert!(!fx.fake.is_mounted(&p));
 }
 
+/// Records layer `info` as `Applying` with a pending row for the staging `token`, as an apply cut short leaves it.
+fn mark_applying(s: &Store, info: &crate::LayerInfo, token: &str) {
+    let txn = Writer::begin(&s.db).unwrap();
+    let mut rec = info.record.clone();
+    rec.state = LayerState::Applying;
+    txn.put_layer(info.number, &rec).unwrap();
+    txn.put_pending(info.number, token).unwrap();
+    txn.commit().unwrap();
+}
+
 #[test]
 fn open_rolls_back_an_interrupted_apply() {
     let fx = Fixture::new();
@@ -243,12 +253,7 @@ fn open_rolls_back_an_interrupted_apply() {
         // As an apply leaves it when the process dies after the rename into diff/ and before the last commit.
         std::fs::write(info.diff_dir.join("half"), b"x").unwrap();
         std::fs::create_dir(fx.root().join("staging").join("1-0")).unwrap();
-        let txn = Writer::begin(&s.db).unwrap();
-        let mut rec = info.record.clone();
-        rec.state = LayerState::Applying;
-        txn.put_layer(info.number, &rec).unwrap();
-        txn.put_pending(info.number, "1-0").unwrap();
-        txn.commit().unwrap();
+        mark_applying(&s, &info, "1-0");
         (info.number, info.diff_dir)
     };
     // An operator's command changes nothing.
@@ -427,4 +432,51 @@ fn containerd_mount_descriptions() {
     assert!(fx.fake.calls().is_empty(), "containerd mounts these itself");
     assert_eq!(s.counters()["snapshot_mounts"], 3);
     assert_eq!(s.layer_stats(s.info(NS, "base").unwrap().number).uses, 2);
+}
+
+#[test]
+fn a_small_commit_records_its_manifest_in_its_own_transaction() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    create(&s, "active", None, LayerKind::ReadWrite);
+    let diff = s.info(NS, "active").unwrap().diff_dir;
+    std::fs::write(diff.join("data"), b"snapshot data").unwrap();
+    s.commit(NS, "active", "committed", BTreeMap::new()).unwrap();
+    let n = s.info(NS, "committed").unwrap().number;
+    // Recorded by the Commit itself, not by a background writer afterwards.
+    let rec = s.record_by_number(n).unwrap().unwrap();
+    let digest = rec.manifest.expect("the commit records the manifest's digest");
+    let file = std::fs::read(diff.parent().unwrap().join(crate::MANIFEST_FILE)).unwrap();
+    assert_eq!(lamina_archive::manifest::digest_of(&file), digest);
+    assert!(!diff.parent().unwrap().join("manifest.tmp").exists());
+    let r = s.verify_layer(n, &mut |_| {}).unwrap();
+    assert!(matches!(r.status, crate::VerifyStatus::Clean { .. }), "{r:?}");
+}
+
+#[test]
+fn an_apply_left_applying_by_a_failed_rollback_is_reset_by_the_next_apply() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    create(&s, "l", None, LayerKind::ReadOnly);
+    let info = s.info(NS, "l").unwrap();
+    // As a failed apply leaves it when its rollback commit fails too (a full disk): Applying, with a pending
+    // row whose staging is gone, and nothing in diff/ (or part of the content).
+    std::fs::write(info.diff_dir.join("half"), b"x").unwrap();
+    mark_applying(&s, &info, "1-0");
+    // An empty tar (two zero blocks): the retry applies on the same running store.
+    s.apply(
+        NS,
+        "l",
+        &mut &[0u8; 1024][..],
+        &lamina_archive::IdMappings::default(),
+    )
+    .unwrap();
+    let (rec, _) = s.record(NS, "l").unwrap();
+    assert_eq!(rec.state, LayerState::Applied);
+    assert!(s.read().unwrap().pending().unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(&info.diff_dir).unwrap().count(),
+        0,
+        "the half content is gone"
+    );
 }

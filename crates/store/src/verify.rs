@@ -52,19 +52,11 @@ pub struct VerifyResult {
 }
 
 /// Writes the manifest of `diff` to `dest` (through a temporary file renamed into place) and returns its
-/// digest.
+/// digest. File and name are flushed on their own (`fsync` of the file, then of the directory), so the
+/// caller may record the digest right after.
 pub(crate) fn write_manifest_file(diff: &Path, dest: &Path) -> Result<String> {
     let tmp = dest.with_extension("tmp");
-    let file =
-        std::fs::File::create(&tmp).map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
-    let mut out = BufWriter::with_capacity(256 * 1024, file);
-    let dir = open_dir(diff)?;
-    let summary = manifest::write_manifest(dir.as_fd(), &mut out)?;
-    out.flush()
-        .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
-    let file = out
-        .into_inner()
-        .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e.into_error()))?;
+    let (file, digest) = write_manifest_data(diff, &tmp)?;
     fault::point("store.seal.fsync")
         .and_then(|()| file.sync_all())
         .map_err(|e| StoreError::io(format!("sync {}", tmp.display()), e))?;
@@ -79,8 +71,49 @@ pub(crate) fn write_manifest_file(diff: &Path, dest: &Path) -> Result<String> {
             .and_then(|()| std::fs::File::open(parent)?.sync_all())
             .map_err(|e| StoreError::io(format!("sync {}", parent.display()), e))?;
     }
-    Ok(summary.digest)
+    Ok(digest)
 }
+
+/// Writes the manifest of `diff` to `dest` (through a temporary file renamed into place) without flushing
+/// either; returns its digest. Only for a caller that flushes the whole filesystem (`syncfs`) before it
+/// records the digest: that flush makes the file and its name durable, as [`write_manifest_file`]'s two
+/// `fsync`s do. On error nothing new is left at `dest`.
+pub(crate) fn write_manifest_unsynced(diff: &Path, dest: &Path) -> Result<String> {
+    let tmp = dest.with_extension("tmp");
+    let written = write_manifest_data(diff, &tmp).and_then(|(file, digest)| {
+        drop(file);
+        fault::point("store.commit.manifest")
+            .and_then(|()| std::fs::rename(&tmp, dest))
+            .map_err(|e| StoreError::io(format!("rename {}", tmp.display()), e))?;
+        Ok(digest)
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Writes the manifest of `diff` to the file `tmp`; gives the file (written, not flushed) and the digest.
+fn write_manifest_data(diff: &Path, tmp: &Path) -> Result<(std::fs::File, String)> {
+    let file =
+        std::fs::File::create(tmp).map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
+    let mut out = BufWriter::with_capacity(256 * 1024, file);
+    let dir = open_dir(diff)?;
+    let summary = manifest::write_manifest(dir.as_fd(), &mut out)?;
+    out.flush()
+        .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
+    let file = out
+        .into_inner()
+        .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e.into_error()))?;
+    Ok((file, summary.digest))
+}
+
+/// The largest layer whose manifest a snapshot Commit writes itself, before its `syncfs` (bytes, inodes):
+/// the manifest reads the content back, which for a small layer costs less than the two `fsync`s and the
+/// record commit of a background seal. Larger layers are sealed in the background, as applied ones are.
+pub(crate) const INLINE_SEAL_BYTES: u64 = 16 << 20;
+/// See [`INLINE_SEAL_BYTES`].
+pub(crate) const INLINE_SEAL_INODES: u64 = 4096;
 
 /// Layers whose manifest is being written in the background.
 #[derive(Debug, Default)]

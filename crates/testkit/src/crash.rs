@@ -56,13 +56,10 @@ pub const OPS: &[(&str, &[&str])] = &[
     (
         "commit",
         &[
+            "store.commit.manifest",
             "store.commit.syncfs",
             "store.commit.commit",
             "store.commit.done",
-            "store.seal.fsync",
-            "store.seal.rename",
-            "store.seal.dirsync",
-            "store.seal.commit",
         ],
     ),
     (
