@@ -41,6 +41,7 @@ pub fn tier_options(settings: &Settings) -> anyhow::Result<Option<(TierOptions, 
             lease,
             claim_wait,
             format: c.layer_format,
+            usage_retention: c.usage_retention,
         },
         heartbeat,
     )))

@@ -58,6 +58,9 @@ pub struct ClusterFile {
     /// How this host publishes layers to the tier: `erofs` (one image file per layer, the default) or
     /// `directory` (a directory tree per layer).
     pub layer_format: Option<lamina_store::TierFormat>,
+    /// How long the tier keeps the usage file of a host that is gone, for the last uses it records (days,
+    /// default 7).
+    pub usage_retention_days: Option<u64>,
 }
 
 /// The file in the data root that keeps this host's generated cluster id.
@@ -76,6 +79,8 @@ pub struct ClusterSettings {
     pub heartbeat: std::time::Duration,
     /// How this host publishes layers to the tier.
     pub layer_format: lamina_store::TierFormat,
+    /// How long the tier keeps the usage file of a host that is gone.
+    pub usage_retention: std::time::Duration,
 }
 
 impl ClusterSettings {
@@ -116,12 +121,18 @@ pub fn cluster_settings(file: Option<ClusterFile>) -> anyhow::Result<ClusterSett
         heartbeat,
     };
     c.check().map_err(|e| anyhow::anyhow!("[cluster] {e}"))?;
+    let usage_retention = match file.usage_retention_days {
+        Some(d @ 0..=36_500) => std::time::Duration::from_secs(d * 86_400),
+        Some(d) => bail!("[cluster] usage_retention_days {d}: at most 36500"),
+        None => lamina_store::DEFAULT_USAGE_RETENTION,
+    };
     Ok(ClusterSettings {
         dir: file.dir,
         host_id,
         lease,
         heartbeat,
         layer_format: file.layer_format.unwrap_or_default(),
+        usage_retention,
     })
 }
 
@@ -931,6 +942,10 @@ mod tests {
         let c = resolve(dirs, Flags::default()).unwrap().cluster;
         assert_eq!(c.layer_format, lamina_store::TierFormat::Directory);
         assert!(FileConfig::parse("[cluster]\nlayer_format = \"squashfs\"", "t").is_err());
+        assert_eq!(d.usage_retention, lamina_store::DEFAULT_USAGE_RETENTION);
+        let kept = FileConfig::parse("[cluster]\nusage_retention_days = 2", "t").unwrap();
+        let c = resolve(kept, Flags::default()).unwrap().cluster;
+        assert_eq!(c.usage_retention, std::time::Duration::from_secs(2 * 86_400));
         let t = tempfile::tempdir().unwrap();
         let id = d.host_id(t.path()).unwrap();
         assert_eq!(d.host_id(t.path()).unwrap(), id, "kept in the data root");
@@ -945,6 +960,7 @@ mod tests {
             ("[cluster]\nlease_secs = 3\nheartbeat_secs = 2", "twice"),
             ("[cluster]\nheartbeat_secs = 0", "at least 1 s"),
             ("[cluster]\nlease_secs = 100000", "at most"),
+            ("[cluster]\nusage_retention_days = 40000", "at most 36500"),
             ("[cluster]\nleas_secs = 3", "unknown field"),
         ] {
             let e = FileConfig::parse(text, "t")

@@ -61,7 +61,7 @@ pub use open::{OpenMode, OpenOptions};
 pub use quota::{parse_size, MIN_SIZE, SIZE_LABEL};
 pub use rbd::{RbdLayers, SEAL};
 pub use stats::{Counter, LayerOverview};
-pub use tier::{TierFormat, TierLayer, TierOptions, TierSummary};
+pub use tier::{TierFormat, TierLayer, TierOptions, TierSummary, DEFAULT_USAGE_RETENTION};
 pub use verify::{CheckHook, CheckOutcome, VerifyResult, VerifyStatus, MANIFEST_FILE};
 
 use slots::{lock, Lowers, Slot};

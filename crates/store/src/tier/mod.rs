@@ -65,7 +65,13 @@ pub struct TierOptions {
     pub claim_wait: Duration,
     /// How this host publishes layers (it adopts layers of either format).
     pub format: TierFormat,
+    /// How long the usage file (`usage/<host>`) of a host that is gone is kept for the last uses it records;
+    /// older ones are removed by the collection.
+    pub usage_retention: Duration,
 }
+
+/// The default of [`TierOptions::usage_retention`]: a week.
+pub const DEFAULT_USAGE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How a published layer's content is stored in the tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -674,8 +680,8 @@ impl Tier {
     }
 
     /// Garbage of the tier: published layers that no live host holds (`held` are the layers this host holds),
-    /// removed unless `dry_run`; staging directories of publications cut short and trash. Gives the items and
-    /// the errors.
+    /// removed unless `dry_run`; staging directories of publications cut short, trash, and the usage files of
+    /// hosts gone for longer than the usage retention. Gives the items and the errors.
     pub(crate) fn collect(
         &self,
         held: &HashSet<String>,
@@ -720,11 +726,15 @@ impl Tier {
             }
             items.push(item);
         }
-        // Leftovers: staging of publications whose host is gone, and trash older than a lease.
+        // Leftovers: staging of publications whose host is gone, trash older than a lease, and usage files of
+        // hosts gone for longer than the retention (their file is written at most once per heartbeat while
+        // they live, so its age is at least the time they have been gone).
         let live = self.live_hosts()?;
+        let retention_ns = u64::try_from(self.opts.usage_retention.as_nanos()).unwrap_or(u64::MAX);
         for (sub, kind) in [
             ("staging", TierGarbageKind::Staging),
             ("trash", TierGarbageKind::Trash),
+            ("usage", TierGarbageKind::Usage),
         ] {
             let dir = self.opts.dir.join(sub);
             let Ok(rd) = std::fs::read_dir(&dir) else { continue };
@@ -742,13 +752,27 @@ impl Tier {
                         let owner = name.rsplit('@').next().unwrap_or("");
                         owner != host && !live.contains(owner) && age_ns > lease_ns
                     }
+                    TierGarbageKind::Usage => {
+                        !name.starts_with('.')
+                            && name != host
+                            && !live.contains(&name)
+                            && age_ns > retention_ns
+                    }
                     _ => age_ns > lease_ns,
                 };
                 if !stale {
                     continue;
                 }
                 if !dry_run {
-                    remove_tree(&e.path());
+                    if kind == TierGarbageKind::Usage {
+                        if let Err(e) = std::fs::remove_file(e.path()) {
+                            if e.kind() != io::ErrorKind::NotFound {
+                                errors.push(format!("{}/{name}: {e}", dir.display()));
+                            }
+                        }
+                    } else {
+                        remove_tree(&e.path());
+                    }
                 }
                 items.push(TierGarbage {
                     kind,
@@ -893,6 +917,8 @@ pub(crate) enum TierGarbageKind {
     Layer,
     Staging,
     Trash,
+    /// The usage file of a host gone for longer than the retention.
+    Usage,
 }
 
 /// One piece of tier garbage.

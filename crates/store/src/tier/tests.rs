@@ -49,6 +49,7 @@ fn open_as(root: &Path, tier: &Path, lease: &Lease, format: TierFormat) -> Store
                 lease: lease.clone(),
                 claim_wait: Duration::from_secs(1),
                 format,
+                usage_retention: crate::DEFAULT_USAGE_RETENTION,
             }),
             ..OpenOptions::default()
         },
@@ -330,6 +331,53 @@ fn the_tier_shows_which_hosts_use_a_layer_and_when_it_was_last_used() {
     assert_eq!((r.live_hosts, r.users.len(), r.uses), (2, 0, 0), "{r:?}");
     let ns = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     assert!(r.last_use_ns >= ns(mtime), "{r:?}");
+}
+
+#[test]
+fn usage_files_of_hosts_gone_longer_than_the_retention_are_collected() {
+    let h = Hosts::new();
+    let (tier, a, b) = (&h.tier, &h.a, &h.b);
+    assert!(a.share_tier_usage().unwrap() && b.share_tier_usage().unwrap());
+    let usage = tier.join("usage");
+    // c and d are gone (no heartbeat): c for longer than the retention, d not yet.
+    for host in ["c", "d"] {
+        std::fs::write(usage.join(host), br#"{"uses":{},"last_use_ns":{}}"#).unwrap();
+    }
+    let ago = |days: u64| std::time::SystemTime::now() - Duration::from_secs(days * 86_400);
+    let age = |host: &str, days: u64| {
+        std::fs::File::options()
+            .write(true)
+            .open(usage.join(host))
+            .unwrap()
+            .set_modified(ago(days))
+            .unwrap();
+    };
+    age("c", 8);
+    age("d", 6);
+    // Live hosts keep their files, however old.
+    age("a", 30);
+    age("b", 30);
+    let leftovers = |dry_run: bool| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = a
+            .gc(&GcOptions {
+                dry_run,
+                ..GcOptions::default()
+            })
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|g| g.kind == GarbageKind::TierLeftover)
+            .map(|g| g.path)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(leftovers(true), vec![usage.join("c")], "the dry run lists it");
+    assert!(usage.join("c").exists(), "a dry run removes nothing");
+    assert_eq!(leftovers(false), vec![usage.join("c")]);
+    for (host, kept) in [("a", true), ("b", true), ("c", false), ("d", true)] {
+        assert_eq!(usage.join(host).exists(), kept, "usage/{host}");
+    }
 }
 
 #[test]
