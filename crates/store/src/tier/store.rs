@@ -427,17 +427,22 @@ impl Store {
             return Vec::new();
         };
         let _mounting = tier.mounting();
-        let needed = match self.list() {
-            Ok(records) => records
-                .into_iter()
-                .filter_map(|(n, r)| {
-                    let hex = chain_hex(r.shared.as_deref()?)?.to_string();
-                    let link = std::fs::read_link(self.backend.paths(n).content).ok()?;
-                    (link == tier.mount_point(&hex)).then_some(hex)
-                })
-                .collect(),
-            Err(e) => return vec![format!("cluster tier: list layers: {e}")],
-        };
+        match self.list() {
+            Ok(records) => self.sync_tier_mounts_of(tier, &records),
+            Err(e) => vec![format!("cluster tier: list layers: {e}")],
+        }
+    }
+
+    /// [`Store::sync_tier_mounts`] on the records `records`, read with the tier's mounting lock held.
+    fn sync_tier_mounts_of(&self, tier: &super::Tier, records: &[(u64, crate::LayerRecord)]) -> Vec<String> {
+        let needed = records
+            .iter()
+            .filter_map(|(n, r)| {
+                let hex = chain_hex(r.shared.as_deref()?)?.to_string();
+                let link = std::fs::read_link(self.backend.paths(*n).content).ok()?;
+                (link == tier.mount_point(&hex)).then_some(hex)
+            })
+            .collect();
         let errors = tier.sync_mounts(&needed);
         for e in &errors {
             warn!(error = %e, "cluster tier: mounts of image layers");
@@ -456,9 +461,13 @@ impl Store {
         let Some(tier) = self.tier() else {
             return Ok(false);
         };
-        self.sync_tier_mounts();
+        let records = {
+            let _mounting = tier.mounting();
+            let records = self.list()?;
+            self.sync_tier_mounts_of(tier, &records);
+            records
+        };
         let since = tier.usage_since(now_ns());
-        let records = self.list()?;
         let shared: HashMap<u64, String> = records
             .iter()
             .filter_map(|(n, r)| {
@@ -466,25 +475,11 @@ impl Store {
                 Some((*n, hex.to_string()))
             })
             .collect();
-        let mut uses: BTreeMap<String, u32> = BTreeMap::new();
-        if !shared.is_empty() {
-            for (n, rec) in &records {
-                // Docker's writable layers exist while their container does, mounted or not: only its
-                // mounts count; containerd mounts its active snapshots itself, so their existence counts.
-                let active = matches!(rec.kind, LayerKind::ReadWrite | LayerKind::View)
-                    && !rec.ns.starts_with("docker:");
-                if !active && self.slots.mounts(*n) == 0 {
-                    continue;
-                }
-                let mut reached = vec![*n];
-                reached.extend(self.chain(rec)?);
-                for m in reached {
-                    if let Some(hex) = shared.get(&m) {
-                        *uses.entry(hex.clone()).or_default() += 1;
-                    }
-                }
-            }
-        }
+        let uses = if shared.is_empty() {
+            BTreeMap::new()
+        } else {
+            uses_below(&records, &shared, |n, rec| self.in_use(n, rec))?
+        };
         let recent: std::collections::BTreeSet<String> = shared
             .iter()
             .filter(|(n, _)| self.slots.counts(**n).0.last_used_ns > since.max(1))
@@ -492,6 +487,15 @@ impl Store {
             .collect();
         let held: HashSet<String> = shared.into_values().collect();
         tier.share_usage(uses, recent, &held)
+    }
+
+    /// Whether layer `n` counts as a use of the layers below it: an active layer or a mounted stack. Docker's
+    /// writable layers exist while their container does, mounted or not: only their mounts count; containerd
+    /// mounts its active snapshots itself, so their existence counts.
+    pub(super) fn in_use(&self, n: u64, rec: &crate::LayerRecord) -> bool {
+        let active =
+            matches!(rec.kind, LayerKind::ReadWrite | LayerKind::View) && !rec.ns.starts_with("docker:");
+        active || self.slots.mounts(n) > 0
     }
 
     /// The tier's figures.
@@ -619,4 +623,57 @@ impl Store {
             report.errors.push(format!("cluster tier: {e}"));
         }
     }
+}
+
+/// For each tier layer among `records` (`shared`: record number → chain id hex), the number of records that
+/// `in_use` picks and that are that layer or have it below them. One pass over the records, leaves first:
+/// each record adds the uses that reached it to its parent, so a chain is never walked per layer.
+pub(super) fn uses_below(
+    records: &[(u64, crate::LayerRecord)],
+    shared: &HashMap<u64, String>,
+    in_use: impl Fn(u64, &crate::LayerRecord) -> bool,
+) -> Result<BTreeMap<String, u32>> {
+    let index: HashMap<u64, usize> = records.iter().enumerate().map(|(i, (n, _))| (*n, i)).collect();
+    let mut reached: Vec<u32> = records.iter().map(|(n, r)| u32::from(in_use(*n, r))).collect();
+    // Children not yet added to each record.
+    let mut pending = vec![0usize; records.len()];
+    for (_, r) in records {
+        if let Some(&p) = r.parent.and_then(|p| index.get(&p)) {
+            pending[p] += 1;
+        }
+    }
+    let mut ready: Vec<usize> = (0..records.len()).filter(|&i| pending[i] == 0).collect();
+    let mut done = 0;
+    let mut uses = BTreeMap::new();
+    while let Some(i) = ready.pop() {
+        done += 1;
+        let (n, rec) = &records[i];
+        let count = reached[i];
+        if count > 0 {
+            if let Some(hex) = shared.get(n) {
+                uses.insert(hex.clone(), count);
+            }
+        }
+        let Some(p) = rec.parent else { continue };
+        let Some(&pi) = index.get(&p) else {
+            if count > 0 {
+                return Err(StoreError::CorruptMetadata(format!("missing parent layer {p}")));
+            }
+            continue;
+        };
+        reached[pi] = reached[pi].saturating_add(count);
+        pending[pi] -= 1;
+        if pending[pi] == 0 {
+            ready.push(pi);
+        }
+    }
+    if done < records.len() {
+        if let Some(i) = (0..records.len()).find(|&i| pending[i] > 0 && reached[i] > 0) {
+            return Err(StoreError::CorruptMetadata(format!(
+                "parent chain of {} loops",
+                records[i].1.name
+            )));
+        }
+    }
+    Ok(uses)
 }

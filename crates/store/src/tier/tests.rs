@@ -600,3 +600,100 @@ fn hosts_adopt_layers_of_either_format_and_docker_applied_layers_link_the_image(
     assert!(b.sync_tier_mounts().is_empty());
     assert_eq!(h.mounts().len(), 1);
 }
+
+/// A store of `images` chains of `depth` tier layers each (linked from the tier in their records, without
+/// content), with `containers` active layers spread over the chains' layers.
+fn deep_store(s: &Store, images: usize, depth: usize, containers: usize) {
+    let mut tops = Vec::new();
+    for i in 0..images {
+        let mut parent: Option<String> = None;
+        for d in 0..depth {
+            let name = format!("img{i}/{d}");
+            let key = format!("extract {name}");
+            s.create(NewLayer::new(NS, &key, LayerKind::ReadWrite).with_parent(parent.as_deref()))
+                .unwrap();
+            s.commit(NS, &key, &name, BTreeMap::new()).unwrap();
+            parent = Some(name.clone());
+            tops.push(name);
+        }
+    }
+    for (n, rec) in s.list().unwrap() {
+        if rec.kind == LayerKind::ReadOnly {
+            let hex = format!("{:064x}", n);
+            s.update_record(n, |r| r.shared = Some(format!("sha256:{hex}")))
+                .unwrap();
+        }
+    }
+    for c in 0..containers {
+        // Most containers on the top of an image, some on layers below it.
+        let on = &tops[(c * 7919) % tops.len()];
+        let on = if c % 3 == 0 {
+            on.clone()
+        } else {
+            tops[(c % images + 1) * depth - 1].clone()
+        };
+        s.create(NewLayer::new(NS, &format!("ctr-{c}"), LayerKind::ReadWrite).with_parent(Some(&on)))
+            .unwrap();
+    }
+}
+
+/// The tier layers in use on `s` the way a walk of every used layer's chain counts them: the reference
+/// [`super::store::uses_below`] must match.
+fn uses_by_walking(s: &Store) -> BTreeMap<String, u32> {
+    let records = s.list().unwrap();
+    let shared: std::collections::HashMap<u64, &str> = records
+        .iter()
+        .filter_map(|(n, r)| Some((*n, super::chain_hex(r.shared.as_deref()?)?)))
+        .collect();
+    let mut uses = BTreeMap::new();
+    for (n, rec) in &records {
+        if !s.in_use(*n, rec) {
+            continue;
+        }
+        for m in std::iter::once(*n).chain(s.chain(rec).unwrap()) {
+            if let Some(hex) = shared.get(&m) {
+                *uses.entry(hex.to_string()).or_default() += 1;
+            }
+        }
+    }
+    uses
+}
+
+#[test]
+fn sharing_the_usage_of_a_deep_store_takes_one_pass() {
+    let h = Hosts::new();
+    let b = &h.b;
+    deep_store(b, 4, 50, 200);
+    let t0 = Instant::now();
+    let walked = uses_by_walking(b);
+    let walk = t0.elapsed();
+    let t0 = Instant::now();
+    let records = b.list().unwrap();
+    let shared = records
+        .iter()
+        .filter_map(|(n, r)| Some((*n, super::chain_hex(r.shared.as_deref()?)?.to_string())))
+        .collect();
+    let once = super::store::uses_below(&records, &shared, |n, r| b.in_use(n, r)).unwrap();
+    let pass = t0.elapsed();
+    assert_eq!(once, walked);
+    assert_eq!(once.len(), 200, "every tier layer is below a container");
+    let containers_depth: u64 = records
+        .iter()
+        .filter(|(_, r)| r.kind == LayerKind::ReadWrite)
+        .map(|(_, r)| u64::from(r.depth))
+        .sum();
+    assert_eq!(
+        once.values().map(|&u| u64::from(u)).sum::<u64>(),
+        containers_depth
+    );
+    let t0 = Instant::now();
+    assert!(b.share_tier_usage().unwrap());
+    let share = t0.elapsed();
+    let t0 = Instant::now();
+    assert!(!b.share_tier_usage().unwrap());
+    let again = t0.elapsed();
+    eprintln!(
+        "200 tier layers in chains of 50, 200 containers ({containers_depth} layers below them): \
+         chain walks {walk:?}, one pass {pass:?}; share_tier_usage {share:?}, unchanged {again:?}"
+    );
+}
