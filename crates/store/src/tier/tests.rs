@@ -110,7 +110,8 @@ fn unpack_and_publish(s: &Store, chain: &str, name: &str, file: &str, text: &str
     assert!(s.publish_shared(NS, name, chain).unwrap());
 }
 
-fn tier_gc(s: &Store, dry_run: bool) -> Vec<String> {
+/// The garbage of kind `kind` that a collection on `s` finds (and removes unless `dry_run`).
+fn tier_garbage(s: &Store, dry_run: bool, kind: GarbageKind) -> Vec<crate::Garbage> {
     s.gc(&GcOptions {
         dry_run,
         ..GcOptions::default()
@@ -118,9 +119,15 @@ fn tier_gc(s: &Store, dry_run: bool) -> Vec<String> {
     .unwrap()
     .items
     .into_iter()
-    .filter(|g| g.kind == GarbageKind::TierLayer)
-    .filter_map(|g| g.name)
+    .filter(|g| g.kind == kind)
     .collect()
+}
+
+fn tier_gc(s: &Store, dry_run: bool) -> Vec<String> {
+    tier_garbage(s, dry_run, GarbageKind::TierLayer)
+        .into_iter()
+        .filter_map(|g| g.name)
+        .collect()
 }
 
 #[test]
@@ -358,15 +365,8 @@ fn usage_files_of_hosts_gone_longer_than_the_retention_are_collected() {
     age("a", 30);
     age("b", 30);
     let leftovers = |dry_run: bool| -> Vec<std::path::PathBuf> {
-        let mut v: Vec<_> = a
-            .gc(&GcOptions {
-                dry_run,
-                ..GcOptions::default()
-            })
-            .unwrap()
-            .items
+        let mut v: Vec<_> = tier_garbage(a, dry_run, GarbageKind::TierLeftover)
             .into_iter()
-            .filter(|g| g.kind == GarbageKind::TierLeftover)
             .map(|g| g.path)
             .collect();
         v.sort();
