@@ -639,8 +639,8 @@ fn rbd_layers_pool_quota() {
         "the pool is not flagged over its quota"
     );
 
-    // A call that must answer `no space: ... over its quota` (wrapped by the store's I/O class where it
-    // unmounts or mounts) within 45 s.
+    // A call that must answer the class `no space: ... over its quota` within 45 s (where the store
+    // unmounts or mounts, with that step named in the message).
     let over_quota = |what: &str, method: &str, body: serde_json::Value| {
         let t = Instant::now();
         let r = slow.call(method, body);
@@ -652,7 +652,7 @@ fn rbd_layers_pool_quota() {
         );
         assert!(
             r.err()
-                .is_some_and(|e| e.contains("no space") && e.contains("over its quota")),
+                .is_some_and(|e| e.starts_with("no space: ") && e.contains("over its quota")),
             "{what}: {}",
             r.text()
         );

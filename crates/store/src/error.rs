@@ -67,6 +67,27 @@ impl StoreError {
         }
     }
 
+    /// Wraps a backend's I/O error with `context`, keeping the class of a backend condition it carries:
+    /// a backend reports through `io::Error` ([`StoreError::into_io`]), and a pool over its quota must
+    /// still answer `no space`, a cluster that does not answer `backend unavailable`.
+    pub fn wrap(context: impl Into<String>, source: std::io::Error) -> Self {
+        let context = context.into();
+        match source.get_ref().and_then(|e| e.downcast_ref::<StoreError>()) {
+            Some(StoreError::NoSpace(m)) => StoreError::NoSpace(format!("{context}: {m}")),
+            Some(StoreError::Unavailable(m)) => StoreError::Unavailable(format!("{context}: {m}")),
+            _ => StoreError::io(context, source),
+        }
+    }
+
+    /// This error as the `io::Error` of a backend call: an I/O error gives its cause, any other class
+    /// travels inside (see [`StoreError::wrap`]).
+    pub(crate) fn into_io(self) -> std::io::Error {
+        match self {
+            StoreError::Io { source, .. } => source,
+            e => std::io::Error::other(e),
+        }
+    }
+
     /// The errno behind this error, if it came from the filesystem.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
