@@ -889,3 +889,78 @@ fn rbd_layers_under_containerd() {
     drop(l);
     cluster.stop();
 }
+
+/// lamina stopped (SIGTERM) with a chain of layers attached exits within seconds, leaves them mounted (as
+/// at any stop: containers may use them), and the next start counts them again: each Put detaches its layer
+/// and everything can be removed.
+#[test]
+fn rbd_layers_sigterm_with_layers_attached() {
+    let test = "rbd_layers_sigterm_with_layers_attached";
+    let Some(_serial) = serial_if(require_root(test) && require_ceph(test)) else {
+        return;
+    };
+    const LAYERS: usize = 12;
+    let mut cluster = CephCluster::start_with("layerterm", ObjectStore::Memstore);
+    let mut l = lamina_on("rbdterm", &cluster);
+    let c = l.client();
+    let ids: Vec<String> = (0..LAYERS).map(|i| format!("l{i}")).collect();
+    let mut parent = String::new();
+    for (i, id) in ids.iter().enumerate() {
+        c.call("Create", json!({"ID": id, "Parent": parent}))
+            .ok(&format!("Create {id}"));
+        let tar = TarBuilder::new()
+            .file(&format!("f{i}"), 0o644, id.as_bytes())
+            .finish();
+        c.apply_diff(id, &parent, &mut &tar[..])
+            .unwrap()
+            .ok(&format!("ApplyDiff {id}"));
+        parent = id.clone();
+    }
+    for id in &ids {
+        c.call("Get", json!({"ID": id, "MountLabel": ""}))
+            .ok(&format!("Get {id}"));
+    }
+    let attached = loops_under(&l.data_root).len();
+    assert_eq!(attached, LAYERS, "one loop device per attached layer");
+
+    let t = Instant::now();
+    let st = l.stop();
+    let took = t.elapsed();
+    eprintln!("[rbd layers] SIGTERM with {LAYERS} layers attached: exited after {took:?} ({st})");
+    assert!(st.success(), "lamina exited with {st}; log:\n{}", l.log_tail());
+    assert!(took < Duration::from_secs(5), "lamina took {took:?} to exit on SIGTERM");
+    assert_eq!(
+        loops_under(&l.data_root).len(),
+        LAYERS,
+        "the attachments stay at a stop"
+    );
+
+    l.start_again();
+    let c = l.client();
+    for (i, id) in ids.iter().enumerate() {
+        let v = c
+            .call("Get", json!({"ID": id, "MountLabel": ""}))
+            .ok(&format!("Get {id} after the restart"));
+        let dir = Path::new(v["Dir"].as_str().unwrap()).to_path_buf();
+        for j in 0..=i {
+            assert!(dir.join(format!("f{j}")).exists(), "{id} holds f{j}");
+        }
+        // The Get of the new run and the one of the run before.
+        c.call("Put", json!({"ID": id})).ok(&format!("Put {id}"));
+        c.call("Put", json!({"ID": id})).ok(&format!("Put {id}"));
+    }
+    assert!(
+        poll(Duration::from_secs(20), || loops_under(&l.data_root)
+            .is_empty()
+            .then_some(()))
+        .is_some(),
+        "attachments left after the Puts: {}",
+        leftovers(&l, &cluster)
+    );
+    for id in ids.iter().rev() {
+        c.call("Remove", json!({"ID": id})).ok(&format!("Remove {id}"));
+    }
+    assert_nothing_left(&l, &cluster);
+    l.stop();
+    cluster.stop();
+}
