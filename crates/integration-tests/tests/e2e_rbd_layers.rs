@@ -964,3 +964,52 @@ fn rbd_layers_sigterm_with_layers_attached() {
     l.stop();
     cluster.stop();
 }
+
+/// The pattern of containerd's `128LayersMount` case, shorter: a chain of snapshots each prepared,
+/// mounted by the client, written, unmounted and committed, then a view of the top mounted and unmounted;
+/// lamina stopped (SIGTERM) then exits within seconds.
+#[test]
+fn rbd_layers_sigterm_after_snapshot_chain() {
+    let test = "rbd_layers_sigterm_after_snapshot_chain";
+    let Some(_serial) = serial_if(require_root(test) && require_ceph(test)) else {
+        return;
+    };
+    const LAYERS: usize = 16;
+    let mut cluster = CephCluster::start_with("layerchain", ObjectStore::Memstore);
+    let (mut l, sock) = snapshotter_on("rbdchain", &cluster);
+    let api = lamina_testkit::snapshots::SnapshotApi::connect(&sock);
+    let mnt = l.dir().join("mnt");
+    let mut parent = String::new();
+    for i in 0..LAYERS {
+        let key = format!("prepare-{i}");
+        let m = api.prepare(&key, &parent).unwrap();
+        mount_snapshot(&m, &mnt);
+        fs::write(mnt.join(format!("f{i}")), key.as_bytes()).unwrap();
+        umount(&mnt);
+        parent = format!("committed-{i}");
+        api.commit(&parent, &key).unwrap();
+    }
+    let m = api.view("view", &parent).unwrap();
+    mount_snapshot(&m, &mnt);
+    assert_eq!(fs::read_dir(&mnt).unwrap().count(), LAYERS);
+    umount(&mnt);
+    drop(api);
+
+    let t = Instant::now();
+    let st = l.stop();
+    let took = t.elapsed();
+    eprintln!("[rbd layers] SIGTERM after a chain of {LAYERS} snapshots: exited after {took:?} ({st})");
+    assert!(st.success(), "lamina exited with {st}; log:\n{}", l.log_tail());
+    assert!(took < Duration::from_secs(5), "lamina took {took:?} to exit on SIGTERM");
+
+    l.start_again();
+    let api = lamina_testkit::snapshots::SnapshotApi::connect(&sock);
+    api.remove("view").unwrap();
+    for i in (0..LAYERS).rev() {
+        api.remove(&format!("committed-{i}")).unwrap();
+    }
+    assert_nothing_left(&l, &cluster);
+    drop(api);
+    l.stop();
+    cluster.stop();
+}
