@@ -928,7 +928,10 @@ fn rbd_layers_sigterm_with_layers_attached() {
     let took = t.elapsed();
     eprintln!("[rbd layers] SIGTERM with {LAYERS} layers attached: exited after {took:?} ({st})");
     assert!(st.success(), "lamina exited with {st}; log:\n{}", l.log_tail());
-    assert!(took < Duration::from_secs(5), "lamina took {took:?} to exit on SIGTERM");
+    assert!(
+        took < Duration::from_secs(5),
+        "lamina took {took:?} to exit on SIGTERM"
+    );
     assert_eq!(
         loops_under(&l.data_root).len(),
         LAYERS,
@@ -1002,13 +1005,20 @@ fn rbd_layers_sigterm_after_snapshot_chain() {
     let took = t.elapsed();
     eprintln!("[rbd layers] SIGTERM after a chain of {LAYERS} snapshots: exited after {took:?} ({st})");
     assert!(st.success(), "lamina exited with {st}; log:\n{}", l.log_tail());
-    assert!(took < Duration::from_secs(5), "lamina took {took:?} to exit on SIGTERM");
+    assert!(
+        took < Duration::from_secs(5),
+        "lamina took {took:?} to exit on SIGTERM"
+    );
 
     l.start_again();
     let api = lamina_testkit::snapshots::SnapshotApi::connect(&sock);
     let m = api.mounts("view").unwrap();
     mount_snapshot(&m, &mnt);
-    assert_eq!(fs::read_dir(&mnt).unwrap().count(), LAYERS, "the view after the restart");
+    assert_eq!(
+        fs::read_dir(&mnt).unwrap().count(),
+        LAYERS,
+        "the view after the restart"
+    );
     umount(&mnt);
     for i in 0..LAYERS {
         api.stat(&format!("committed-{i}")).unwrap();

@@ -120,3 +120,35 @@ pub(crate) fn db_err(e: impl Into<redb::Error>) -> StoreError {
         e => StoreError::CorruptMetadata(format!("metadata database: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_keeps_the_backend_classes() {
+        let e = StoreError::wrap(
+            "unmount layer m",
+            StoreError::NoSpace("pool \"rbd\" is over its quota".into()).into_io(),
+        );
+        assert!(matches!(e, StoreError::NoSpace(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "no space: unmount layer m: pool \"rbd\" is over its quota"
+        );
+        let e = StoreError::wrap(
+            "mount layer m (2 layers)",
+            StoreError::Unavailable("no OSD".into()).into_io(),
+        );
+        assert_eq!(
+            e.to_string(),
+            "backend unavailable: mount layer m (2 layers): no OSD"
+        );
+        // Any other class, and a plain I/O error (its errno kept), stay I/O errors.
+        let e = StoreError::wrap("unmount layer m", StoreError::InUse("busy".into()).into_io());
+        assert_eq!(e.to_string(), "unmount layer m: in use: busy");
+        let e = StoreError::wrap("mount layer m", std::io::Error::from_raw_os_error(28));
+        assert!(matches!(e, StoreError::Io { .. }), "{e:?}");
+        assert_eq!(e.raw_os_error(), Some(28));
+    }
+}
