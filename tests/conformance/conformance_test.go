@@ -60,9 +60,9 @@ const (
 	stopTimeout = 20 * time.Second
 	// lamina-rbd: lamina still gets 10 s (the launcher fails the case if it takes longer), then the
 	// launcher takes down the attachments (up to 10 s) and removes the case's images, about 1 s per image
-	// (snap ls, unprotect, purge, rm: 16-17 s for 17 images measured in e2e_rbd_layers), so 128LayersMount's
-	// 129 images need minutes
-	rbdStopTimeout = 5 * time.Minute
+	// (snap ls, unprotect, purge, rm), more as the pool grows: 16 s for 17 images in e2e_rbd_layers, 197 s
+	// for 128LayersMount's 129 images
+	rbdStopTimeout = 10 * time.Minute
 )
 
 // backend describes how to start one snapshotter server for a test root.
