@@ -58,9 +58,11 @@ const (
 	startTimeout = 20 * time.Second
 	// lamina-testkit-serve gives lamina 10 s to exit on SIGTERM, then detaches its mounts
 	stopTimeout = 20 * time.Second
-	// lamina-rbd: and then up to 10 s to take down the attachments (rbd-fuse exits after it closes its
-	// image) and 10 s to remove the images
-	rbdStopTimeout = 45 * time.Second
+	// lamina-rbd: lamina still gets 10 s (the launcher fails the case if it takes longer), then the
+	// launcher takes down the attachments (up to 10 s) and removes the case's images, about 1 s per image
+	// (snap ls, unprotect, purge, rm), more as the pool grows: 16 s for 17 images in e2e_rbd_layers, 197 s
+	// for 128LayersMount's 129 images
+	rbdStopTimeout = 10 * time.Minute
 )
 
 // backend describes how to start one snapshotter server for a test root.

@@ -67,6 +67,27 @@ impl StoreError {
         }
     }
 
+    /// Wraps a backend's I/O error with `context`, keeping the class of a backend condition it carries:
+    /// a backend reports through `io::Error` ([`StoreError::into_io`]), and a pool over its quota must
+    /// still answer `no space`, a cluster that does not answer `backend unavailable`.
+    pub fn wrap(context: impl Into<String>, source: std::io::Error) -> Self {
+        let context = context.into();
+        match source.get_ref().and_then(|e| e.downcast_ref::<StoreError>()) {
+            Some(StoreError::NoSpace(m)) => StoreError::NoSpace(format!("{context}: {m}")),
+            Some(StoreError::Unavailable(m)) => StoreError::Unavailable(format!("{context}: {m}")),
+            _ => StoreError::io(context, source),
+        }
+    }
+
+    /// This error as the `io::Error` of a backend call: an I/O error gives its cause, any other class
+    /// travels inside (see [`StoreError::wrap`]).
+    pub(crate) fn into_io(self) -> std::io::Error {
+        match self {
+            StoreError::Io { source, .. } => source,
+            e => std::io::Error::other(e),
+        }
+    }
+
     /// The errno behind this error, if it came from the filesystem.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
@@ -97,5 +118,37 @@ pub(crate) fn db_err(e: impl Into<redb::Error>) -> StoreError {
             )
         }
         e => StoreError::CorruptMetadata(format!("metadata database: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_keeps_the_backend_classes() {
+        let e = StoreError::wrap(
+            "unmount layer m",
+            StoreError::NoSpace("pool \"rbd\" is over its quota".into()).into_io(),
+        );
+        assert!(matches!(e, StoreError::NoSpace(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "no space: unmount layer m: pool \"rbd\" is over its quota"
+        );
+        let e = StoreError::wrap(
+            "mount layer m (2 layers)",
+            StoreError::Unavailable("no OSD".into()).into_io(),
+        );
+        assert_eq!(
+            e.to_string(),
+            "backend unavailable: mount layer m (2 layers): no OSD"
+        );
+        // Any other class, and a plain I/O error (its errno kept), stay I/O errors.
+        let e = StoreError::wrap("unmount layer m", StoreError::InUse("busy".into()).into_io());
+        assert_eq!(e.to_string(), "unmount layer m: in use: busy");
+        let e = StoreError::wrap("mount layer m", std::io::Error::from_raw_os_error(28));
+        assert!(matches!(e, StoreError::Io { .. }), "{e:?}");
+        assert_eq!(e.raw_os_error(), Some(28));
     }
 }

@@ -42,7 +42,7 @@ impl Store {
                 fault::point("store.get.mount")
                     .and_then(|()| self.backend.mount(n, &rec, &below, mount_label))
                     .map_err(|e| {
-                        StoreError::io(format!("mount layer {name} ({} layers)", below.len() + 1), e)
+                        StoreError::wrap(format!("mount layer {name} ({} layers)", below.len() + 1), e)
                     })?;
                 brought_up = Some(below);
             }
@@ -168,7 +168,7 @@ impl Store {
             // Detached like overlay2 does: a straggler (a shell cd'ed into it) must not fail the Put.
             fault::point("store.put.unmount")
                 .and_then(|()| self.backend.unmount(n, true))
-                .map_err(|e| StoreError::io(format!("unmount layer {name}"), e))?;
+                .map_err(|e| StoreError::wrap(format!("unmount layer {name}"), e))?;
         }
         debug!(ns, name, layer = n, "put");
         Ok(())
@@ -184,7 +184,7 @@ impl Store {
                     warn!(layer = n, error = %e, "unmount failed, detaching");
                     self.backend
                         .unmount(n, true)
-                        .map_err(|e| StoreError::io("detach mount", e))?;
+                        .map_err(|e| StoreError::wrap("detach mount", e))?;
                 }
                 guard.mounts = 0;
             }

@@ -96,13 +96,6 @@ impl From<RbdError> for StoreError {
     }
 }
 
-fn io_of(e: StoreError) -> io::Error {
-    match e {
-        StoreError::Io { source, .. } => source,
-        e => io::Error::other(e.to_string()),
-    }
-}
-
 /// Layers as RBD images; see the module documentation.
 #[derive(Debug)]
 pub(crate) struct RbdBackend {
@@ -717,11 +710,11 @@ impl LayerBackend for RbdBackend {
         fault::point("store.rbd.attach")?;
         self.hold(n, rec.kind == LayerKind::View, false)
             .map(drop)
-            .map_err(io_of)
+            .map_err(StoreError::into_io)
     }
 
     fn unmount(&self, n: u64, _detach: bool) -> io::Result<()> {
-        self.release(n, false).map_err(io_of)
+        self.release(n, false).map_err(StoreError::into_io)
     }
 
     fn is_mounted(&self, n: u64) -> bool {
