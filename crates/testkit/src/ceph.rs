@@ -525,10 +525,34 @@ impl CephCluster {
         signal(pid, "STOP");
     }
 
-    /// Lets an OSD stopped by [`CephCluster::pause_osd`] go on (SIGCONT).
+    /// Lets an OSD stopped by [`CephCluster::pause_osd`] go on (SIGCONT), and waits (up to 60 s) until every
+    /// pool serves operations again: a resumed OSD first reports back to the monitor and its placement groups
+    /// peer, and until then every read waits.
     pub fn resume_osd(&self) {
         let pid = self.osd.as_ref().expect("the OSD runs").id();
         signal(pid, "CONT");
+        let pools = self.tool("rados", &["--connect-timeout", "10"], &["lspools"]);
+        let pools = String::from_utf8_lossy(&pools.stdout).into_owned();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for pool in pools.split_whitespace() {
+            loop {
+                // A stat of an object that does not exist: "No such file" once the pool answers, a timeout before.
+                let out = self.tool(
+                    "rados",
+                    &["--connect-timeout", "10", "--rados_osd_op_timeout", "3"],
+                    &["-p", pool, "stat", "lamina-testkit-probe"],
+                );
+                let err = String::from_utf8_lossy(&out.stderr);
+                if out.status.success() || err.contains("No such file") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "pool {pool} serves no operations 60 s after the OSD was resumed: {err}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
     }
 
     /// Client processes of this cluster (their command line names its directory), other than its daemons.
