@@ -99,7 +99,6 @@ fn pause_image(registry: &Registry) -> String {
     format!("{}/lamina/pause:v1", registry.addr)
 }
 
-/// The cluster, with containerd's CRI plugin on in both hosts when `cri`.
 /// Whether the kernel mounts an EROFS image file without a loop device (Linux 6.12 and later), as the hosts'
 /// lamina mounts the tier's image layers.
 fn erofs_file_mounts() -> bool {
@@ -114,6 +113,7 @@ fn erofs_file_mounts() -> bool {
     known && (major, minor) >= (6, 12)
 }
 
+/// The cluster, with containerd's CRI plugin on in both hosts when `cri`.
 fn setup_with(test: &str, cri: bool) -> Option<Cluster> {
     if !require_containerd(test)
         || !require_moosefs(test)
