@@ -307,7 +307,7 @@ fn snapshotter_max_size_label_on_btrfs() {
     mount_snapshot(&m, &target);
     let e = write_mb(&target.join("big"), 20).expect_err("20 MiB into a 10 MiB snapshot");
     assert!(is_quota_error(&e), "{e}");
-    fs::remove_file(target.join("big")).unwrap();
+    remove_and_sync(&target.join("big"));
     write_mb(&target.join("base-file"), 1).unwrap();
     umount(&target);
     assert_eq!(

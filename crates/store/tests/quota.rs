@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lamina_store::{CreateOptions, GarbageKind, GcOptions, LayerKind, NewLayer, Store, StoreError};
 
-use lamina_testkit::{is_quota_error, require_root, write_mb};
+use lamina_testkit::{is_quota_error, remove_and_sync, require_root, write_mb};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| {
@@ -220,7 +220,7 @@ fn btrfs_limit_is_enforced_and_removal_frees_subvolume_and_qgroup() {
     let merged = store.get(ns, "c1", "").unwrap();
     let e = write_mb(&merged.join("big"), 20).expect_err("20 MiB into a 10 MiB layer");
     assert!(is_quota_error(&e), "EDQUOT/ENOSPC expected, got {e}");
-    fs::remove_file(merged.join("big")).unwrap();
+    remove_and_sync(&merged.join("big"));
     write_mb(&merged.join("small"), 2).expect("2 MiB fits");
     store.put(ns, "c1").unwrap();
     // A layer without a size has no limit and no subvolume of its own.

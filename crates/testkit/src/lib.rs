@@ -1054,6 +1054,14 @@ pub fn write_mb(path: &Path, mb: usize) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Removes the file at `path` and syncs the filesystem it was on: btrfs gives a deleted file's space back to its
+/// qgroup only when the transaction that deletes it commits, and a write before that can still be refused.
+pub fn remove_and_sync(path: &Path) {
+    fs::remove_file(path).unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    lamina_sys::mount::syncfs(dir).unwrap_or_else(|e| panic!("syncfs {}: {e}", dir.display()));
+}
+
 /// Whether `e` is what a quota answers: EDQUOT or ENOSPC.
 pub fn is_quota_error(e: &std::io::Error) -> bool {
     use lamina_sys::fs::errno::{EDQUOT, ENOSPC};
