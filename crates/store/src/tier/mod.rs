@@ -414,7 +414,14 @@ impl Tier {
                 continue;
             }
             let path = e.path();
-            match lamina_sys::mount::unmount(&path, true).and_then(|()| std::fs::remove_dir(&path)) {
+            // A directory that is no mount is a mount point a crash left between its mkdir and its mount.
+            let mounted = lamina_sys::mount::is_mount_root(&path).ok().flatten() == Some(true);
+            let unmounted = if mounted {
+                lamina_sys::mount::unmount(&path, true)
+            } else {
+                Ok(())
+            };
+            match unmounted.and_then(|()| std::fs::remove_dir(&path)) {
                 Ok(()) => debug!(layer = name, "image layer unmounted"),
                 Err(e) => errors.push(format!("take down {}: {e}", path.display())),
             }

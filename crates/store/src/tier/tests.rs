@@ -397,6 +397,21 @@ fn a_tier_layer_whose_manifest_does_not_match_its_seal_is_not_adopted() {
     assert!(b.record(NS, &c1).is_err(), "no layer made from it");
 }
 
+#[test]
+fn a_mount_point_left_without_its_mount_is_removed_by_the_reconciliation() {
+    let h = Hosts::new();
+    let root = h.tier.parent().unwrap().join("a");
+    // As a crash between the mount point's mkdir and the mount leaves it: no record links to it.
+    let left = root.join("tier").join("ab".repeat(32));
+    std::fs::create_dir(&left).unwrap();
+    assert_eq!(h.a.sync_tier_mounts(), Vec::<String>::new());
+    assert!(!left.exists(), "{} is still there", left.display());
+    assert!(
+        root.join("tier/.build").is_dir(),
+        "the image build directory stays"
+    );
+}
+
 /// Whether image layers can be made and mounted here (root, `mkfs.erofs`); says why not when they cannot.
 fn images_possible(test: &str) -> bool {
     let root = rustix::process::geteuid().is_root();
