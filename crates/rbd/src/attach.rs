@@ -462,26 +462,15 @@ impl Rbd {
             if st.krbd {
                 self.cli_ok("unmapping the image", &["device", "unmap", dev])?;
             } else if loop_backing(dev).is_some_and(|b| b.starts_with(&fuse)) {
-                let out = run_argv(&["losetup".into(), "-d".into(), dev.clone()], self.timeout)?;
-                if !out.success() {
-                    return Err(RbdError::Unavailable(format!(
-                        "detaching {dev}: losetup {}",
-                        out.summary()
-                    )));
-                }
-                // A loop device still open after `losetup -d` is only marked to go at its last close: the
-                // filesystem is still mounted somewhere (a container's mount namespace). rbd-fuse must keep
-                // serving it; the attachment stays recorded for a later detach.
-                let busy = || loop_backing(dev).is_some_and(|b| b.starts_with(&fuse));
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while busy() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                if busy() {
-                    return Err(RbdError::InUse(format!(
-                        "{dev} of image {} is still open: its filesystem is mounted elsewhere",
-                        st.image
-                    )));
+                let release = || self.release_loop(dev, &fuse, &st.image);
+                if st.read_only {
+                    release()?;
+                } else {
+                    // The device's last close writes back what it still holds: with the cluster gone that
+                    // waits for ever, as the unmount would.
+                    let (r, cause) = self.watched(dir, &st.image, None, release);
+                    r?;
+                    cut_off = cut_off.or(cause);
                 }
             }
         }
@@ -514,6 +503,74 @@ impl Rbd {
             None => Ok(()),
         }
     }
+}
+
+impl Rbd {
+    /// Detaches loop device `dev` (backed by a file under `fuse`) and waits for it to go. `losetup -d` only
+    /// marks a device that is still open to go at its last close: while its filesystem is still mounted
+    /// somewhere (a bind mount here, or a copy of the mount in another mount namespace) rbd-fuse must keep
+    /// serving it, and the attachment stays recorded for a later detach. A device open but mounted nowhere is
+    /// finishing its last close (writing back what it holds): that is waited for.
+    fn release_loop(&self, dev: &str, fuse: &Path, image: &str) -> Result<(), RbdError> {
+        let rdev = lamina_sys::mount::rdev_of(Path::new(dev)).ok();
+        let out = run_argv(&["losetup".into(), "-d".into(), dev.into()], self.timeout)?;
+        if !out.success() {
+            return Err(RbdError::Unavailable(format!(
+                "detaching {dev}: losetup {}",
+                out.summary()
+            )));
+        }
+        let busy = || loop_backing(dev).is_some_and(|b| b.starts_with(fuse));
+        let t0 = Instant::now();
+        // A copy of the mount in a namespace being set up (a container's, until it pivots) goes by itself.
+        let grace = Duration::from_secs(2);
+        let limit = self.timeout * 3 + grace;
+        let mut slow = false;
+        while busy() {
+            let waited = t0.elapsed();
+            if waited >= grace {
+                if let Some(held) = rdev.and_then(holders_of_device) {
+                    return Err(RbdError::InUse(format!(
+                        "{dev} of image {image} is still open: its filesystem is mounted elsewhere ({held})"
+                    )));
+                }
+                if !slow {
+                    slow = true;
+                    info!(
+                        device = dev,
+                        image, "the loop device is still closing (writing back to the image)"
+                    );
+                }
+                if waited >= limit {
+                    return Err(RbdError::InUse(format!(
+                        "{dev} of image {image} is still open {} s after its detach, though no mount of it is seen",
+                        waited.as_secs()
+                    )));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+/// Where the filesystem on device `rdev` is still mounted: paths in this mount namespace, else the processes
+/// of other namespaces that hold a copy of its mount.
+fn holders_of_device(rdev: u64) -> Option<String> {
+    let here = lamina_sys::mount::mounts_of_device(rdev).unwrap_or_default();
+    if !here.is_empty() {
+        let paths: Vec<String> = here.iter().map(|p| p.display().to_string()).collect();
+        return Some(format!("at {}", paths.join(", ")));
+    }
+    let there = lamina_sys::mount::namespaces_mounting(rdev).unwrap_or_default();
+    if there.is_empty() {
+        return None;
+    }
+    let who: Vec<String> = there
+        .iter()
+        .map(|(pid, comm)| format!("pid {pid} {comm}"))
+        .collect();
+    Some(format!("in the mount namespace of {}", who.join(", ")))
 }
 
 /// Waits for rbd-fuse to exit after its unmount (it closes the image first: about 1 s), then SIGTERM, then

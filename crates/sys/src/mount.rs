@@ -500,6 +500,45 @@ pub fn mounts_of_device(dev: u64) -> io::Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// Processes of other mount namespaces in which the filesystem on device `dev` is mounted: one
+/// `(pid, command name)` per such namespace. A namespace made while the filesystem was mounted here (a
+/// container being set up, `unshare -m`) holds a copy of that mount until it lets it go, and with it the
+/// device stays open after the mount here is gone.
+pub fn namespaces_mounting(dev: u64) -> io::Result<Vec<(u32, String)>> {
+    let want = format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev));
+    let own = std::fs::read_link("/proc/self/ns/mnt")?;
+    let mut seen = std::collections::HashSet::from([own]);
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let dir = entry.path();
+        // Processes that exit during the walk, and kernel threads, have no namespace link to read.
+        let Ok(ns) = std::fs::read_link(dir.join("ns/mnt")) else {
+            continue;
+        };
+        if !seen.insert(ns) {
+            continue;
+        }
+        let Ok(table) = std::fs::read_to_string(dir.join("mountinfo")) else {
+            continue;
+        };
+        if table.lines().any(|l| l.split(' ').nth(2) == Some(want.as_str())) {
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            found.push((pid, comm.trim_end().to_owned()));
+        }
+    }
+    Ok(found)
+}
+
+/// The device number (`st_rdev`) of the device node at `path`.
+pub fn rdev_of(path: &Path) -> io::Result<u64> {
+    rustix::fs::stat(path)
+        .map(|st| st.st_rdev)
+        .map_err(|e| errno_ctx(e, &format!("stat {}", path.display())))
+}
+
 /// The device (`st_dev`) of the filesystem holding `path`.
 pub fn device_of(path: &Path) -> io::Result<u64> {
     rustix::fs::stat(path)
@@ -620,6 +659,49 @@ pub fn overlay_has_index_option() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_of_a_mount_in_other_namespaces_are_found() {
+        if !crate::fs::running_as_root() {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "this test needs root under CI");
+            eprintln!("SKIPPED copies_of_a_mount_in_other_namespaces_are_found: needs root (mounts a tmpfs)");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let mp = t.path().join("m");
+        std::fs::create_dir(&mp).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "lamina-ns-test"])
+            .arg(&mp)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let dev = device_of(&mp).unwrap();
+        assert_eq!(mounts_of_device(dev).unwrap(), vec![mp.clone()]);
+        assert!(namespaces_mounting(dev).unwrap().is_empty());
+        let mut copy = std::process::Command::new("unshare")
+            .args(["-m", "sleep", "60"])
+            .spawn()
+            .unwrap();
+        let pid = copy.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let found = loop {
+            let found = namespaces_mounting(dev).unwrap();
+            if found.iter().any(|(p, c)| *p == pid && c == "sleep")
+                || std::time::Instant::now() > deadline
+            {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        unmount(&mp, false).unwrap();
+        let after = namespaces_mounting(dev).unwrap();
+        copy.kill().unwrap();
+        copy.wait().unwrap();
+        assert!(found.iter().any(|(p, _)| *p == pid), "{found:?}");
+        assert!(after.iter().any(|(p, _)| *p == pid), "the copy outlives the mount here: {after:?}");
+        assert!(mounts_of_device(dev).unwrap().is_empty());
+    }
 
     #[test]
     fn unescapes_octal() {
