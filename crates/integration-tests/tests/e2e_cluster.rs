@@ -661,6 +661,171 @@ fn killed_host_leaves_no_partial_layer() {
     );
 }
 
+/// `ctr task exec` of `script` in host `h`'s running container `id`; gives stdout.
+fn exec_in(h: &ClusterHost, id: &str, script: &str) -> String {
+    let fifo = h.ctrd.fifo_dir();
+    h.ctrd.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        &format!("exec-{}", std::process::id()),
+        "--fifo-dir",
+        fifo.to_str().unwrap(),
+        id,
+        "/bin/sh",
+        "-c",
+        script,
+    ])
+}
+
+/// The one `mfsmount` serving something below `data_root`; panics (naming them) unless there is exactly one.
+fn one_mfsmount(data_root: &Path, when: &str) -> u32 {
+    let pids = lamina_testkit::moosefs::mfsmount_pids(data_root);
+    assert_eq!(
+        pids.len(),
+        1,
+        "{when}: exactly one mfsmount of the tier: {pids:?}"
+    );
+    pids[0]
+}
+
+#[test]
+fn a_host_that_mounts_moosefs_itself_uses_the_tier_and_adopts_its_mount() {
+    let test = "a_host_that_mounts_moosefs_itself_uses_the_tier_and_adopts_its_mount";
+    let Some(cl) = setup(test) else { return };
+    let (reference, archive, expect) = cl.image("own-mount", image_mb(8), 5);
+    cl.pull(&cl.a, &reference);
+    // Host C: its lamina mounts MooseFS itself, the tier being the directory host A's operator mount shows.
+    let t0 = Instant::now();
+    let mut c = ClusterHost::start_mounting(
+        &cl.dir.join("c"),
+        &cl.mfs.master_addr(),
+        "/tier",
+        "host-c",
+        LEASE_SECS,
+    );
+    let data_root = c.lamina.data_root.clone();
+    let mountpoint = data_root.join("cluster/moosefs");
+    eprintln!(
+        "[{test}] host C (lamina mounting MooseFS itself) up: {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        is_mounted(&mountpoint),
+        "lamina mounted MooseFS at {}",
+        mountpoint.display()
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &fs::metadata(data_root.join("cluster")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "the mount's parent is private");
+    let first = one_mfsmount(&data_root, "after the first start");
+    // Host C takes every layer from the tier: no layer blob from the registry.
+    let (tc, requests) = cl.pull(&c, &reference);
+    assert!(
+        blob_gets(&requests, &archive.diff_ids).is_empty(),
+        "host C fetched no layer blob: {requests:?}"
+    );
+    eprintln!("[{test}] host C's pull: {:.2} s", tc.as_secs_f64());
+    for chain in &archive.chain_ids {
+        let image = data_root.join("tier").join(chain.trim_start_matches("sha256:"));
+        assert!(is_mounted(&image), "{chain}: its image is mounted on host C");
+    }
+    let script = "sha256sum /data/l5/f7 | cut -d' ' -f1";
+    let want = cl.a.ctrd.run_script(PROXY_NAME, &reference, script).unwrap();
+    // A container runs on host C's tier layers across a restart of its lamina, which adopts its mount.
+    let id = "own-mount-user";
+    c.ctrd
+        .try_run_in(
+            &c.ctrd.namespace,
+            &["-d"],
+            PROXY_NAME,
+            &reference,
+            id,
+            "sleep 600",
+        )
+        .unwrap_or_else(|e| panic!("ctr run -d on host C: {e}"));
+    c.lamina.restart();
+    assert!(
+        !log_lines(
+            &c.lamina.log,
+            &["cluster tier on lamina's MooseFS mount", "adopted=true"]
+        )
+        .is_empty(),
+        "the restart adopted the mount:\n{}",
+        c.lamina.log_tail()
+    );
+    assert_eq!(
+        one_mfsmount(&data_root, "after a restart"),
+        first,
+        "the same mfsmount"
+    );
+    assert_eq!(
+        exec_in(&c, id, script),
+        want,
+        "the running container reads its layers after the restart"
+    );
+    pull_eventually(&c, &reference, Duration::from_secs(60));
+    c.ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+    let gone = poll(Duration::from_secs(20), || {
+        c.ctrd.ctr(&["task", "rm", id]).status.success().then_some(())
+    });
+    assert!(gone.is_some(), "the container's task ends");
+    c.ctrd.ctr_ok(&["container", "rm", id]);
+    // Its mfsmount died while lamina was down: the dead mount is detached and made again, and the image
+    // layers, mounted through the dead one, are mounted again through the new one.
+    let st = c.lamina.stop();
+    assert!(st.success(), "lamina exited with {st} on SIGTERM");
+    assert!(
+        is_mounted(&mountpoint),
+        "a stop leaves the mount for the next start"
+    );
+    signal(first, "KILL");
+    assert!(
+        poll(Duration::from_secs(10), || {
+            lamina_testkit::moosefs::mfsmount_pids(&data_root)
+                .is_empty()
+                .then_some(())
+        })
+        .is_some(),
+        "mfsmount killed"
+    );
+    c.lamina.start_again();
+    let second = one_mfsmount(&data_root, "after a start on a dead mount");
+    assert_ne!(second, first, "a new mfsmount");
+    pull_eventually(&c, &reference, Duration::from_secs(60));
+    assert_eq!(
+        c.ctrd.run_script(PROXY_NAME, &reference, script).unwrap(),
+        want,
+        "host C runs the image through its new mount"
+    );
+    let listing = c
+        .ctrd
+        .run_script(
+            PROXY_NAME,
+            &reference,
+            "find /data -type f -exec stat -c '%n %s' {} + | sort",
+        )
+        .unwrap();
+    assert_eq!(
+        listing,
+        format!("{}\n", expect.join("\n")),
+        "host C sees the image's files"
+    );
+    // Nothing of host C is left mounted or running once it is gone.
+    drop(c);
+    let clean = poll(Duration::from_secs(20), || {
+        (lamina_testkit::moosefs::mfsmount_pids(&data_root).is_empty() && mounts_under(&data_root).is_empty())
+            .then_some(())
+    });
+    assert!(
+        clean.is_some(),
+        "host C left mfsmount {:?} and mounts {:?}",
+        lamina_testkit::moosefs::mfsmount_pids(&data_root),
+        mounts_under(&data_root)
+    );
+}
+
 #[test]
 fn a_stopped_master_fails_pulls_fast_and_they_work_again_after_it() {
     let test = "a_stopped_master_fails_pulls_fast_and_they_work_again_after_it";
