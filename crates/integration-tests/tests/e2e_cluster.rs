@@ -793,6 +793,16 @@ fn a_host_that_mounts_moosefs_itself_uses_the_tier_and_adopts_its_mount() {
     c.lamina.start_again();
     let second = one_mfsmount(&data_root, "after a start on a dead mount");
     assert_ne!(second, first, "a new mfsmount");
+    assert_eq!(
+        log_lines(
+            &c.lamina.log,
+            &["image layer mount of the previous MooseFS mount detached"]
+        )
+        .len(),
+        archive.chain_ids.len(),
+        "the image layers' mounts made through the dead mount were detached:\n{}",
+        c.lamina.log_tail()
+    );
     pull_eventually(&c, &reference, Duration::from_secs(60));
     assert_eq!(
         c.ctrd.run_script(PROXY_NAME, &reference, script).unwrap(),
