@@ -261,6 +261,19 @@ fn log_lines(log: &Path, words: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// A new container of `reference` on host `h` sees exactly the files `expect` under `/data`.
+fn assert_runs_image(h: &ClusterHost, reference: &str, expect: &[String], what: &str) {
+    let got = h
+        .ctrd
+        .run_script(
+            PROXY_NAME,
+            reference,
+            "find /data -type f -exec stat -c '%n %s' {} + | sort",
+        )
+        .unwrap();
+    assert_eq!(got, format!("{}\n", expect.join("\n")), "{what}");
+}
+
 /// What a new container of `reference` running `script` must print.
 struct Listing<'a> {
     what: String,
@@ -641,41 +654,17 @@ fn killed_host_leaves_no_partial_layer() {
     cl.a.lamina.start_again();
     // containerd's connection to the proxy snapshotter comes back after its gRPC reconnect backoff.
     pull_eventually(&cl.a, &reference, Duration::from_secs(60));
-    let got =
-        cl.a.ctrd
-            .run_script(
-                PROXY_NAME,
-                &reference,
-                "find /data -type f -exec stat -c '%n %s' {} + | sort",
-            )
-            .unwrap();
-    assert_eq!(
-        got,
-        format!("{}\n", expect.join("\n")),
-        "host A runs the image after its restart"
+    assert_runs_image(
+        &cl.a,
+        &reference,
+        &expect,
+        "host A runs the image after its restart",
     );
     let staging: Vec<_> = fs::read_dir(cl.tier_b.join("staging")).unwrap().collect();
     assert!(
         staging.is_empty(),
         "host A's restart removed its cut-short publication: {staging:?}"
     );
-}
-
-/// `ctr task exec` of `script` in host `h`'s running container `id`; gives stdout.
-fn exec_in(h: &ClusterHost, id: &str, script: &str) -> String {
-    let fifo = h.ctrd.fifo_dir();
-    h.ctrd.ctr_ok(&[
-        "task",
-        "exec",
-        "--exec-id",
-        &format!("exec-{}", std::process::id()),
-        "--fifo-dir",
-        fifo.to_str().unwrap(),
-        id,
-        "/bin/sh",
-        "-c",
-        script,
-    ])
 }
 
 /// The one `mfsmount` serving something below `data_root`; panics (naming them) unless there is exactly one.
@@ -695,6 +684,34 @@ fn a_host_that_mounts_moosefs_itself_uses_the_tier_and_adopts_its_mount() {
     let Some(cl) = setup(test) else { return };
     let (reference, archive, expect) = cl.image("own-mount", image_mb(8), 5);
     cl.pull(&cl.a, &reference);
+    // A master that does not answer: lamina refuses to start, at once, saying why; nothing is mounted.
+    let mut refused = lamina_testkit::containerd::LaminaSnap::new(&cl.dir.join("unreachable"));
+    refused.use_config(&format!(
+        "[cluster.moosefs]\nmaster = \"{}:1\"\nremote_path = \"/tier\"\n",
+        cl.mfs.master_host()
+    ));
+    refused.spawn();
+    let t0 = Instant::now();
+    match refused.poll_ready(Duration::from_secs(30)) {
+        Ready::Exited(st) => assert!(!st.success(), "{st}"),
+        other => panic!(
+            "lamina with an unreachable master: {other:?}\n{}",
+            refused.log_tail()
+        ),
+    }
+    let refused_after = t0.elapsed();
+    assert!(
+        refused_after < Duration::from_secs(10),
+        "refused in {refused_after:?}"
+    );
+    let log = fs::read_to_string(&refused.log).unwrap();
+    assert!(
+        log.contains("[cluster.moosefs]: mounting the tier's MooseFS") && log.contains("is unreachable"),
+        "{log}"
+    );
+    assert!(mounts_under(&refused.data_root).is_empty());
+    eprintln!("[{test}] an unreachable master refused the start in {refused_after:?}");
+    drop(refused);
     // Host C: its lamina mounts MooseFS itself, the tier being the directory host A's operator mount shows.
     let t0 = Instant::now();
     let mut c = ClusterHost::start_mounting(
@@ -761,17 +778,12 @@ fn a_host_that_mounts_moosefs_itself_uses_the_tier_and_adopts_its_mount() {
         "the same mfsmount"
     );
     assert_eq!(
-        exec_in(&c, id, script),
+        c.ctrd.exec(id, script),
         want,
         "the running container reads its layers after the restart"
     );
     pull_eventually(&c, &reference, Duration::from_secs(60));
-    c.ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
-    let gone = poll(Duration::from_secs(20), || {
-        c.ctrd.ctr(&["task", "rm", id]).status.success().then_some(())
-    });
-    assert!(gone.is_some(), "the container's task ends");
-    c.ctrd.ctr_ok(&["container", "rm", id]);
+    c.ctrd.remove_container(id);
     // Its mfsmount died while lamina was down: the dead mount is detached and made again, and the image
     // layers, mounted through the dead one, are mounted again through the new one.
     let st = c.lamina.stop();
@@ -809,19 +821,7 @@ fn a_host_that_mounts_moosefs_itself_uses_the_tier_and_adopts_its_mount() {
         want,
         "host C runs the image through its new mount"
     );
-    let listing = c
-        .ctrd
-        .run_script(
-            PROXY_NAME,
-            &reference,
-            "find /data -type f -exec stat -c '%n %s' {} + | sort",
-        )
-        .unwrap();
-    assert_eq!(
-        listing,
-        format!("{}\n", expect.join("\n")),
-        "host C sees the image's files"
-    );
+    assert_runs_image(&c, &reference, &expect, "host C sees the image's files");
     // Nothing of host C is left mounted or running once it is gone.
     drop(c);
     let clean = poll(Duration::from_secs(20), || {
