@@ -18,6 +18,10 @@
 //! the other's claim). A host SIGKILLed in the middle of an unpack leaves no partial layer; the other host's
 //! pull completes after the dead host's claim expires, and the killed host restarts consistent.
 //!
+//! A third host whose lamina mounts MooseFS itself (`[cluster.moosefs]`) takes the layers host A published, keeps
+//! a container running across a restart that adopts its mount (one mfsmount), mounts again a mount whose
+//! mfsmount died, and leaves no mount or mfsmount behind; a master that does not answer refuses such a start.
+//!
 //! The images are a busybox layer and five data layers (one with a whiteout) of `LAMINA_E2E_CLUSTER_MB` MB in
 //! all (default 200 for the first test, a quarter of it for the others). Needs root, containerd, MooseFS,
 //! docker-registry, Go with containerd's Go sources, `mkfs.erofs` and Linux 6.12+ (EROFS mounts backed by a
