@@ -18,6 +18,10 @@
 //! the other's claim). A host SIGKILLed in the middle of an unpack leaves no partial layer; the other host's
 //! pull completes after the dead host's claim expires, and the killed host restarts consistent.
 //!
+//! A third host whose lamina mounts MooseFS itself (`[cluster.moosefs]`) takes the layers host A published, keeps
+//! a container running across a restart that adopts its mount (one mfsmount), mounts again a mount whose
+//! mfsmount died, and leaves no mount or mfsmount behind; a master that does not answer refuses such a start.
+//!
 //! The images are a busybox layer and five data layers (one with a whiteout) of `LAMINA_E2E_CLUSTER_MB` MB in
 //! all (default 200 for the first test, a quarter of it for the others). Needs root, containerd, MooseFS,
 //! docker-registry, Go with containerd's Go sources, `mkfs.erofs` and Linux 6.12+ (EROFS mounts backed by a
@@ -259,6 +263,19 @@ fn log_lines(log: &Path, words: &[&str]) -> Vec<String> {
         .filter(|l| words.iter().all(|w| l.contains(w)))
         .map(str::to_string)
         .collect()
+}
+
+/// A new container of `reference` on host `h` sees exactly the files `expect` under `/data`.
+fn assert_runs_image(h: &ClusterHost, reference: &str, expect: &[String], what: &str) {
+    let got = h
+        .ctrd
+        .run_script(
+            PROXY_NAME,
+            reference,
+            "find /data -type f -exec stat -c '%n %s' {} + | sort",
+        )
+        .unwrap();
+    assert_eq!(got, format!("{}\n", expect.join("\n")), "{what}");
 }
 
 /// What a new container of `reference` running `script` must print.
@@ -641,23 +658,185 @@ fn killed_host_leaves_no_partial_layer() {
     cl.a.lamina.start_again();
     // containerd's connection to the proxy snapshotter comes back after its gRPC reconnect backoff.
     pull_eventually(&cl.a, &reference, Duration::from_secs(60));
-    let got =
-        cl.a.ctrd
-            .run_script(
-                PROXY_NAME,
-                &reference,
-                "find /data -type f -exec stat -c '%n %s' {} + | sort",
-            )
-            .unwrap();
-    assert_eq!(
-        got,
-        format!("{}\n", expect.join("\n")),
-        "host A runs the image after its restart"
+    assert_runs_image(
+        &cl.a,
+        &reference,
+        &expect,
+        "host A runs the image after its restart",
     );
     let staging: Vec<_> = fs::read_dir(cl.tier_b.join("staging")).unwrap().collect();
     assert!(
         staging.is_empty(),
         "host A's restart removed its cut-short publication: {staging:?}"
+    );
+}
+
+/// The one `mfsmount` serving something below `data_root`; panics (naming them) unless there is exactly one.
+fn one_mfsmount(data_root: &Path, when: &str) -> u32 {
+    let pids = lamina_testkit::moosefs::mfsmount_pids(data_root);
+    assert_eq!(
+        pids.len(),
+        1,
+        "{when}: exactly one mfsmount of the tier: {pids:?}"
+    );
+    pids[0]
+}
+
+#[test]
+fn a_host_that_mounts_moosefs_itself_uses_the_tier_and_adopts_its_mount() {
+    let test = "a_host_that_mounts_moosefs_itself_uses_the_tier_and_adopts_its_mount";
+    let Some(cl) = setup(test) else { return };
+    let (reference, archive, expect) = cl.image("own-mount", image_mb(8), 5);
+    cl.pull(&cl.a, &reference);
+    // A master that does not answer: lamina refuses to start, at once, saying why; nothing is mounted.
+    let mut refused = lamina_testkit::containerd::LaminaSnap::new(&cl.dir.join("unreachable"));
+    refused.use_config(&format!(
+        "[cluster.moosefs]\nmaster = \"{}:1\"\nremote_path = \"/tier\"\n",
+        cl.mfs.master_host()
+    ));
+    refused.spawn();
+    let t0 = Instant::now();
+    match refused.poll_ready(Duration::from_secs(30)) {
+        Ready::Exited(st) => assert!(!st.success(), "{st}"),
+        other => panic!(
+            "lamina with an unreachable master: {other:?}\n{}",
+            refused.log_tail()
+        ),
+    }
+    let refused_after = t0.elapsed();
+    assert!(
+        refused_after < Duration::from_secs(10),
+        "refused in {refused_after:?}"
+    );
+    let log = fs::read_to_string(&refused.log).unwrap();
+    assert!(
+        log.contains("[cluster.moosefs]: mounting the tier's MooseFS") && log.contains("is unreachable"),
+        "{log}"
+    );
+    assert!(mounts_under(&refused.data_root).is_empty());
+    eprintln!("[{test}] an unreachable master refused the start in {refused_after:?}");
+    drop(refused);
+    // Host C: its lamina mounts MooseFS itself, the tier being the directory host A's operator mount shows.
+    let t0 = Instant::now();
+    let mut c = ClusterHost::start_mounting(
+        &cl.dir.join("c"),
+        &cl.mfs.master_addr(),
+        "/tier",
+        "host-c",
+        LEASE_SECS,
+    );
+    let data_root = c.lamina.data_root.clone();
+    let mountpoint = data_root.join("cluster/moosefs");
+    eprintln!(
+        "[{test}] host C (lamina mounting MooseFS itself) up: {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        is_mounted(&mountpoint),
+        "lamina mounted MooseFS at {}",
+        mountpoint.display()
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &fs::metadata(data_root.join("cluster")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "the mount's parent is private");
+    let first = one_mfsmount(&data_root, "after the first start");
+    // Host C takes every layer from the tier: no layer blob from the registry.
+    let (tc, requests) = cl.pull(&c, &reference);
+    assert!(
+        blob_gets(&requests, &archive.diff_ids).is_empty(),
+        "host C fetched no layer blob: {requests:?}"
+    );
+    eprintln!("[{test}] host C's pull: {:.2} s", tc.as_secs_f64());
+    for chain in &archive.chain_ids {
+        let image = data_root.join("tier").join(chain.trim_start_matches("sha256:"));
+        assert!(is_mounted(&image), "{chain}: its image is mounted on host C");
+    }
+    let script = "sha256sum /data/l5/f7 | cut -d' ' -f1";
+    let want = cl.a.ctrd.run_script(PROXY_NAME, &reference, script).unwrap();
+    // A container runs on host C's tier layers across a restart of its lamina, which adopts its mount.
+    let id = "own-mount-user";
+    c.ctrd
+        .try_run_in(
+            &c.ctrd.namespace,
+            &["-d"],
+            PROXY_NAME,
+            &reference,
+            id,
+            "sleep 600",
+        )
+        .unwrap_or_else(|e| panic!("ctr run -d on host C: {e}"));
+    c.lamina.restart();
+    assert!(
+        !log_lines(
+            &c.lamina.log,
+            &["cluster tier on lamina's MooseFS mount", "adopted=true"]
+        )
+        .is_empty(),
+        "the restart adopted the mount:\n{}",
+        c.lamina.log_tail()
+    );
+    assert_eq!(
+        one_mfsmount(&data_root, "after a restart"),
+        first,
+        "the same mfsmount"
+    );
+    assert_eq!(
+        c.ctrd.exec(id, script),
+        want,
+        "the running container reads its layers after the restart"
+    );
+    pull_eventually(&c, &reference, Duration::from_secs(60));
+    c.ctrd.remove_container(id);
+    // Its mfsmount died while lamina was down: the dead mount is detached and made again, and the image
+    // layers, mounted through the dead one, are mounted again through the new one.
+    let st = c.lamina.stop();
+    assert!(st.success(), "lamina exited with {st} on SIGTERM");
+    assert!(
+        is_mounted(&mountpoint),
+        "a stop leaves the mount for the next start"
+    );
+    signal(first, "KILL");
+    assert!(
+        poll(Duration::from_secs(10), || {
+            lamina_testkit::moosefs::mfsmount_pids(&data_root)
+                .is_empty()
+                .then_some(())
+        })
+        .is_some(),
+        "mfsmount killed"
+    );
+    c.lamina.start_again();
+    let second = one_mfsmount(&data_root, "after a start on a dead mount");
+    assert_ne!(second, first, "a new mfsmount");
+    assert_eq!(
+        log_lines(
+            &c.lamina.log,
+            &["image layer mount of the previous MooseFS mount detached"]
+        )
+        .len(),
+        archive.chain_ids.len(),
+        "the image layers' mounts made through the dead mount were detached:\n{}",
+        c.lamina.log_tail()
+    );
+    pull_eventually(&c, &reference, Duration::from_secs(60));
+    assert_eq!(
+        c.ctrd.run_script(PROXY_NAME, &reference, script).unwrap(),
+        want,
+        "host C runs the image through its new mount"
+    );
+    assert_runs_image(&c, &reference, &expect, "host C sees the image's files");
+    // Nothing of host C is left mounted or running once it is gone.
+    drop(c);
+    let clean = poll(Duration::from_secs(20), || {
+        (lamina_testkit::moosefs::mfsmount_pids(&data_root).is_empty() && mounts_under(&data_root).is_empty())
+            .then_some(())
+    });
+    assert!(
+        clean.is_some(),
+        "host C left mfsmount {:?} and mounts {:?}",
+        lamina_testkit::moosefs::mfsmount_pids(&data_root),
+        mounts_under(&data_root)
     );
 }
 

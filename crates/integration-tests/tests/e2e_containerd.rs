@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
@@ -190,35 +189,12 @@ impl Setup {
 
     /// `ctr task exec` of a shell script in running container `id`; returns stdout.
     fn exec(&self, id: &str, script: &str) -> String {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let exec_id = format!("e{}", N.fetch_add(1, Ordering::SeqCst));
-        let fifo = self.ctrd.fifo_dir();
-        self.ctrd.ctr_ok(&[
-            "task",
-            "exec",
-            "--exec-id",
-            &exec_id,
-            "--fifo-dir",
-            fifo.to_str().unwrap(),
-            id,
-            "/bin/sh",
-            "-c",
-            script,
-        ])
+        self.ctrd.exec(id, script)
     }
 
     /// SIGKILLs the task of container `id`, deletes the task and the container (and so its snapshot).
     fn remove_container(&self, id: &str) {
-        self.ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
-        let stopped = poll(Duration::from_secs(20), || {
-            let out = self.ctrd.ctr_ok(&["task", "ls"]);
-            out.lines()
-                .any(|l| l.split_whitespace().next() == Some(id) && l.contains("STOPPED"))
-                .then_some(())
-        });
-        assert!(stopped.is_some(), "task {id} did not stop");
-        self.ctrd.ctr_ok(&["task", "delete", id]);
-        self.ctrd.ctr_ok(&["containers", "delete", id]);
+        self.ctrd.remove_container(id)
     }
 
     /// Rows of `ctr snapshots ls`, sorted (keys must not contain blanks).

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
-use lamina_testkit::moosefs::{require_moosefs, MooseCluster};
+use lamina_testkit::moosefs::{mfsmount_pids, require_moosefs, MooseCluster};
 use lamina_testkit::reliability::*;
 use lamina_testkit::*;
 
@@ -129,22 +129,6 @@ fn mount(c: &PluginClient, name: &str, id: &str) -> PathBuf {
 
 fn unmount(c: &PluginClient, name: &str, id: &str) {
     vcall(c, "Unmount", json!({"Name": name, "ID": id})).expect_ok();
-}
-
-/// `mfsmount` processes serving `dir` (their command line names the mountpoint below it).
-fn mfsmount_pids(dir: &Path) -> Vec<u32> {
-    pids_referencing(dir)
-        .into_iter()
-        .filter(|p| {
-            fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| {
-                    // A mounted mfsmount renames itself "mfsmount (mounted on: PATH)".
-                    let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
-                    argv0.starts_with(b"mfsmount") || argv0.ends_with(b"/mfsmount")
-                })
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 // ------------------------------------------------------------------------------------------------------------

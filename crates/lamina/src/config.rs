@@ -61,6 +61,44 @@ pub struct ClusterFile {
     /// How long the tier keeps the usage file of a host that is gone, for the last uses it records (days,
     /// default 7).
     pub usage_retention_days: Option<u64>,
+    /// lamina mounts the tier's MooseFS itself (then `dir` must be absent).
+    pub moosefs: Option<ClusterMooseFsFile>,
+}
+
+/// The `[cluster.moosefs]` table: the MooseFS (or LizardFS) cluster that lamina mounts itself at
+/// `<data_root>/cluster/moosefs` for the tier, which is `remote_path` on that mount.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMooseFsFile {
+    /// `HOST:PORT` or `HOST` (port 9421) of the master. Required.
+    pub master: Option<String>,
+    /// Cluster path mounted by lamina (`mfsmount -S`, default `/`).
+    pub subfolder: Option<String>,
+    /// The tier's directory inside the subfolder (default `/lamina`).
+    pub remote_path: Option<String>,
+    /// Extra mount options, each passed as `-o OPTION`.
+    pub mount_options: Option<Vec<String>>,
+    /// The mount program (default `mfsmount`).
+    pub mfsmount: Option<PathBuf>,
+    /// Deadline of the mount and of the checks of the mount at start, in seconds (default 10).
+    pub timeout_secs: Option<u64>,
+}
+
+/// Where, in the data root, lamina mounts the tier's MooseFS (`[cluster.moosefs]`): `<data_root>/cluster/moosefs`
+/// (the `cluster` directory is private to root).
+pub const TIER_MOUNT_PARENT: &str = "cluster";
+/// The mount point's name in [`TIER_MOUNT_PARENT`].
+pub const TIER_MOUNT_NAME: &str = "moosefs";
+/// The tier's directory on lamina's own mount when `remote_path` is not given.
+pub const DEFAULT_TIER_REMOTE_PATH: &str = "/lamina";
+
+/// The resolved `[cluster.moosefs]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierMount {
+    /// What lamina's mfsmount mounts where.
+    pub mount: lamina_volume::MfsMountConfig,
+    /// Deadline of the mount and of the checks of the mount at start.
+    pub timeout: std::time::Duration,
 }
 
 /// The file in the data root that keeps this host's generated cluster id.
@@ -69,8 +107,11 @@ pub const HOST_ID_FILE: &str = "host-id";
 /// The resolved `[cluster]` table (always present: the timings and host id also serve the volume lease).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSettings {
-    /// The shared directory (None: no shared tier).
+    /// The shared directory (None: no shared tier); with `[cluster.moosefs]`, the tier's directory on
+    /// lamina's own mount.
     pub dir: Option<PathBuf>,
+    /// `[cluster.moosefs]`: the mount lamina makes for the tier before the store opens.
+    pub moosefs: Option<TierMount>,
     /// This host's id (None: the one kept in `<data_root>/host-id`, made at the first start).
     pub host_id: Option<lamina_lease::HostId>,
     /// The lease.
@@ -94,14 +135,27 @@ impl ClusterSettings {
     }
 }
 
-/// Checks `[cluster]` and fills in the defaults.
-pub fn cluster_settings(file: Option<ClusterFile>) -> anyhow::Result<ClusterSettings> {
+/// Checks `[cluster]` and fills in the defaults; `data_root` holds the mount of `[cluster.moosefs]`.
+pub fn cluster_settings(file: Option<ClusterFile>, data_root: &Path) -> anyhow::Result<ClusterSettings> {
     let file = file.unwrap_or_default();
     if let Some(d) = &file.dir {
         if !d.is_absolute() {
             bail!("[cluster] dir {} must be an absolute path", d.display());
         }
     }
+    let moosefs = file
+        .moosefs
+        .map(|m| tier_mount_settings(m, data_root))
+        .transpose()?;
+    let dir = match (file.dir, &moosefs) {
+        (Some(_), Some(_)) => bail!(
+            "[cluster] dir and [cluster.moosefs] exclude each other: with [cluster.moosefs] the tier is its \
+             remote_path on lamina's own mount ({}); remove dir",
+            data_root.join(TIER_MOUNT_PARENT).join(TIER_MOUNT_NAME).display()
+        ),
+        (dir, None) => dir,
+        (None, Some((_, tier))) => Some(tier.clone()),
+    };
     let host_id = file
         .host_id
         .map(|h| lamina_lease::HostId::new(h).map_err(|e| anyhow::anyhow!("[cluster] host_id: {e}")))
@@ -127,7 +181,8 @@ pub fn cluster_settings(file: Option<ClusterFile>) -> anyhow::Result<ClusterSett
         None => lamina_store::DEFAULT_USAGE_RETENTION,
     };
     Ok(ClusterSettings {
-        dir: file.dir,
+        dir,
+        moosefs: moosefs.map(|(m, _)| m),
         host_id,
         lease,
         heartbeat,
@@ -275,6 +330,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
         volumes_file.get_or_insert_with(VolumesFile::default).mount_base = Some(base);
     }
     let volumes = volume_settings(volumes_file, &data_root, std::env::var("REMOTE_PATH").ok())?;
+    let cluster = cluster_settings(file.cluster, &data_root)?;
     let s = Settings {
         data_root,
         socket: socket_setting(flags.socket.or(file.socket), DEFAULT_SOCKET),
@@ -299,7 +355,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
         log_format: LogFormat::parse(flags.log_format.or(file.log_format).as_deref().unwrap_or("text"))?,
         verify_on_mount: flags.verify_on_mount.or(file.verify_on_mount).unwrap_or(false),
         quarantine_unknown: flags.quarantine_unknown,
-        cluster: cluster_settings(file.cluster)?,
+        cluster,
         store_rbd: crate::store_config::store_settings(file.store)?,
     };
     if !s.data_root.is_absolute() {
@@ -320,7 +376,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
     if sockets.len() == 2 && sockets[0] == sockets[1] {
         bail!("the plugin socket and the snapshotter socket must differ");
     }
-    if let Some(d) = &s.cluster.dir {
+    if let (Some(d), None) = (&s.cluster.dir, &s.cluster.moosefs) {
         if d.starts_with(&s.data_root) {
             bail!("[cluster] dir must not live inside the data root");
         }
@@ -502,6 +558,76 @@ fn optional_template(
     }
 }
 
+/// `HOST:PORT` or `HOST` (port 9421) of a MooseFS master, checked; `table` names the table in errors.
+fn master_address(table: &str, master: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = match master.rsplit_once(':') {
+        Some((h, p)) => (
+            h.to_string(),
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .with_context(|| format!("{table} master {master:?}: bad port"))?,
+        ),
+        None => (master.to_string(), 9421),
+    };
+    if host.is_empty() || host.starts_with('-') || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        bail!("{table} master {master:?}: bad host");
+    }
+    Ok((host, port))
+}
+
+/// A path inside a MooseFS cluster: absolute, without `..` or NUL.
+fn cluster_path(table: &str, what: &str, p: String) -> anyhow::Result<String> {
+    if !p.starts_with('/') || p.split('/').any(|c| c == "..") || p.contains('\0') {
+        bail!("{table} {what} {p:?} must be an absolute cluster path without ..");
+    }
+    Ok(p)
+}
+
+/// The deadline of cluster operations: `timeout_secs`, 1-100 (default 10).
+fn cluster_timeout(table: &str, secs: Option<u64>) -> anyhow::Result<std::time::Duration> {
+    Ok(std::time::Duration::from_secs(match secs {
+        None => 10,
+        Some(t @ 1..=100) => t,
+        Some(t) => bail!("{table} timeout_secs {t}: must be 1-100 (dockerd gives most calls 30 s)"),
+    }))
+}
+
+/// Checks `[cluster.moosefs]`; gives the mount and the tier's directory on it.
+fn tier_mount_settings(m: ClusterMooseFsFile, data_root: &Path) -> anyhow::Result<(TierMount, PathBuf)> {
+    const T: &str = "[cluster.moosefs]";
+    let master = m
+        .master
+        .with_context(|| format!("{T} master (\"HOST:PORT\") is required"))?;
+    let (master_host, master_port) = master_address(T, &master)?;
+    let subfolder = cluster_path(T, "subfolder", m.subfolder.unwrap_or_else(|| "/".into()))?;
+    let remote_path = cluster_path(
+        T,
+        "remote_path",
+        m.remote_path.unwrap_or_else(|| DEFAULT_TIER_REMOTE_PATH.into()),
+    )?;
+    let rel = remote_path.trim_matches('/');
+    if rel.is_empty() {
+        bail!("{T} remote_path {remote_path:?}: the tier needs a directory of its own, not the mount's root");
+    }
+    let mountpoint = data_root.join(TIER_MOUNT_PARENT).join(TIER_MOUNT_NAME);
+    let tier = mountpoint.join(rel);
+    Ok((
+        TierMount {
+            mount: lamina_volume::MfsMountConfig {
+                master_host,
+                master_port,
+                subfolder,
+                mount_options: m.mount_options.unwrap_or_default(),
+                mfsmount: m.mfsmount.unwrap_or_else(|| "mfsmount".into()),
+                mountpoint,
+            },
+            timeout: cluster_timeout(T, m.timeout_secs)?,
+        },
+        tier,
+    ))
+}
+
 /// Checks `[volumes]` and fills in the defaults.
 pub fn volume_settings(
     file: Option<VolumesFile>,
@@ -535,11 +661,7 @@ pub fn volume_settings(
     if mount_base.starts_with(data_root) {
         bail!("[volumes] mount_base must not live inside the data root");
     }
-    let timeout = std::time::Duration::from_secs(match file.timeout_secs {
-        None => 10,
-        Some(t @ 1..=100) => t,
-        Some(t) => bail!("[volumes] timeout_secs {t}: must be 1-100 (dockerd gives most calls 30 s)"),
-    });
+    let timeout = cluster_timeout("[volumes]", file.timeout_secs)?;
     let state_dir = data_root.join("volumes");
     let moosefs = match file.moosefs {
         None => None,
@@ -547,26 +669,8 @@ pub fn volume_settings(
             let master = m
                 .master
                 .context("[volumes.moosefs] master (\"HOST:PORT\") is required")?;
-            let (host, port) = match master.rsplit_once(':') {
-                Some((h, p)) => (
-                    h.to_string(),
-                    p.parse::<u16>()
-                        .ok()
-                        .filter(|p| *p > 0)
-                        .with_context(|| format!("[volumes.moosefs] master {master:?}: bad port"))?,
-                ),
-                None => (master.clone(), 9421),
-            };
-            if host.is_empty() || host.starts_with('-') || host.chars().any(|c| c.is_whitespace() || c == '/')
-            {
-                bail!("[volumes.moosefs] master {master:?}: bad host");
-            }
-            let clean = |what: &str, p: String| -> anyhow::Result<String> {
-                if !p.starts_with('/') || p.split('/').any(|c| c == "..") || p.contains('\0') {
-                    bail!("[volumes.moosefs] {what} {p:?} must be an absolute cluster path without ..");
-                }
-                Ok(p)
-            };
+            let (host, port) = master_address("[volumes.moosefs]", &master)?;
+            let clean = |what: &str, p: String| cluster_path("[volumes.moosefs]", what, p);
             let subfolder = clean("subfolder", m.subfolder.unwrap_or_else(|| "/".into()))?;
             let remote_path = clean(
                 "remote_path (or REMOTE_PATH)",
@@ -584,13 +688,15 @@ pub fn volume_settings(
                 bail!("[volumes.moosefs] mountpoint must be an absolute path");
             }
             Some(lamina_volume::MooseFsConfig {
-                master_host: host,
-                master_port: port,
-                subfolder,
+                mount: lamina_volume::MfsMountConfig {
+                    master_host: host,
+                    master_port: port,
+                    subfolder,
+                    mount_options: m.mount_options.unwrap_or_default(),
+                    mfsmount: m.mfsmount.unwrap_or_else(|| "mfsmount".into()),
+                    mountpoint,
+                },
                 remote_path,
-                mount_options: m.mount_options.unwrap_or_default(),
-                mfsmount: m.mfsmount.unwrap_or_else(|| "mfsmount".into()),
-                mountpoint,
                 goal_command: template(
                     "goal_command",
                     m.goal_command
@@ -705,9 +811,12 @@ mod tests {
         assert_eq!(v.mount_base, PathBuf::from("/mnt/v"));
         assert_eq!(v.on_remove, lamina_volume::OnRemove::Trash);
         let m = v.moosefs.unwrap();
-        assert_eq!((m.master_host.as_str(), m.master_port), ("198.18.0.1", 9421));
+        assert_eq!(
+            (m.mount.master_host.as_str(), m.mount.master_port),
+            ("198.18.0.1", 9421)
+        );
         assert_eq!(m.remote_path, "/docker/volumes");
-        assert_eq!(m.mountpoint, PathBuf::from("/d/volumes/moosefs"));
+        assert_eq!(m.mount.mountpoint, PathBuf::from("/d/volumes/moosefs"));
         assert_eq!(m.goal_command.program(), "lizardfs");
         assert!(m.quota_command.is_none());
         assert_eq!(m.default_goal, Some(lamina_volume::Goal::Copies(2)));
@@ -962,6 +1071,105 @@ mod tests {
             ("[cluster]\nlease_secs = 100000", "at most"),
             ("[cluster]\nusage_retention_days = 40000", "at most 36500"),
             ("[cluster]\nleas_secs = 3", "unknown field"),
+        ] {
+            let e = FileConfig::parse(text, "t")
+                .and_then(|f| resolve(f, Flags::default()))
+                .unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{text}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn cluster_moosefs_table() {
+        let text = r#"
+            data_root = "/srv/l"
+            [cluster]
+            host_id = "node-1"
+            [cluster.moosefs]
+            master = "198.18.0.1:9521"
+            subfolder = "/shared"
+            remote_path = "/lamina/tier"
+            mount_options = ["mfscachemode=DIRECT"]
+            mfsmount = "/usr/local/bin/mfsmount"
+            timeout_secs = 4
+        "#;
+        let c = resolve(FileConfig::parse(text, "t").unwrap(), Flags::default())
+            .unwrap()
+            .cluster;
+        assert_eq!(
+            c.dir,
+            Some(PathBuf::from("/srv/l/cluster/moosefs/lamina/tier")),
+            "the tier is remote_path on lamina's own mount, in the data root"
+        );
+        let m = c.moosefs.unwrap();
+        assert_eq!(
+            m.mount,
+            lamina_volume::MfsMountConfig {
+                master_host: "198.18.0.1".into(),
+                master_port: 9521,
+                subfolder: "/shared".into(),
+                mount_options: vec!["mfscachemode=DIRECT".into()],
+                mfsmount: "/usr/local/bin/mfsmount".into(),
+                mountpoint: "/srv/l/cluster/moosefs".into(),
+            }
+        );
+        assert_eq!(m.timeout, std::time::Duration::from_secs(4));
+        let least = "[cluster.moosefs]\nmaster = \"mfsmaster\"";
+        let c = resolve(FileConfig::parse(least, "t").unwrap(), Flags::default())
+            .unwrap()
+            .cluster;
+        assert_eq!(
+            c.dir,
+            Some(PathBuf::from("/var/lib/lamina/cluster/moosefs/lamina"))
+        );
+        let m = c.moosefs.unwrap();
+        assert_eq!(
+            (m.mount.master_host.as_str(), m.mount.master_port),
+            ("mfsmaster", 9421)
+        );
+        assert_eq!(m.mount.subfolder, "/");
+        assert_eq!(m.mount.mfsmount, PathBuf::from("mfsmount"));
+        assert!(m.mount.mount_options.is_empty());
+        assert_eq!(m.timeout, std::time::Duration::from_secs(10));
+        assert_eq!(
+            resolve(FileConfig::default(), Flags::default())
+                .unwrap()
+                .cluster
+                .moosefs,
+            None
+        );
+        for (text, want) in [
+            (
+                "[cluster]\ndir = \"/mnt/mfs/lamina\"\n[cluster.moosefs]\nmaster = \"m\"",
+                "[cluster] dir and [cluster.moosefs] exclude each other",
+            ),
+            (
+                "[cluster.moosefs]\nsubfolder = \"/\"",
+                "master (\"HOST:PORT\") is required",
+            ),
+            ("[cluster.moosefs]\nmaster = \"m:0\"", "bad port"),
+            ("[cluster.moosefs]\nmaster = \"m:x\"", "bad port"),
+            ("[cluster.moosefs]\nmaster = \"-m\"", "bad host"),
+            (
+                "[cluster.moosefs]\nmaster = \"m\"\nremote_path = \"/\"",
+                "a directory of its own",
+            ),
+            (
+                "[cluster.moosefs]\nmaster = \"m\"\nremote_path = \"tier\"",
+                "[cluster.moosefs] remote_path \"tier\" must be an absolute cluster path",
+            ),
+            (
+                "[cluster.moosefs]\nmaster = \"m\"\nsubfolder = \"/a/../b\"",
+                "without ..",
+            ),
+            (
+                "[cluster.moosefs]\nmaster = \"m\"\ntimeout_secs = 0",
+                "must be 1-100",
+            ),
+            (
+                "[cluster.moosefs]\nmaster = \"m\"\nmountpoint = \"/x\"",
+                "unknown field",
+            ),
         ] {
             let e = FileConfig::parse(text, "t")
                 .and_then(|f| resolve(f, Flags::default()))

@@ -79,7 +79,10 @@ fn store_options(settings: &Settings) -> OpenOptions {
 pub fn run(settings: Settings) -> anyhow::Result<()> {
     init_logging(&settings.log_level, settings.log_format)?;
     let mut options = store_options(&settings);
-    // The cluster tier: this host's lease on the shared directory, beating until the daemon stops.
+    // The cluster tier: lamina's own mount of it (`[cluster.moosefs]`), kept when the daemon stops (the image
+    // layers' mounts read through it for running containers; the next start adopts it), then this host's
+    // lease on the shared directory, beating until the daemon stops.
+    crate::cluster::mount_tier(&settings)?;
     let (tier, _heartbeat) = crate::cluster::tier_options(&settings)?.unzip();
     options.tier = tier;
     let store = Arc::new(

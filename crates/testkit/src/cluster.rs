@@ -316,6 +316,14 @@ pub struct ClusterHost {
     pub host: String,
 }
 
+/// The `[cluster]` keys of a test host: its id, the lease given and a heartbeat of a third of it.
+fn cluster_keys(host: &str, lease_secs: u64) -> String {
+    format!(
+        "host_id = {host:?}\nlease_secs = {lease_secs}\nheartbeat_secs = {}\n",
+        (lease_secs / 3).max(1)
+    )
+}
+
 impl ClusterHost {
     /// Starts lamina below `dir/lamina` with `[cluster] dir = tier`, `host_id = host` and the lease given (the
     /// heartbeat a third of it), then containerd below `dir/containerd`.
@@ -332,12 +340,35 @@ impl ClusterHost {
         lease_secs: u64,
         cri: Option<(&str, &str)>,
     ) -> ClusterHost {
-        let mut lamina = super::containerd::LaminaSnap::new(&dir.join("lamina"));
-        lamina.use_config(&format!(
-            "[cluster]\ndir = {:?}\nhost_id = {host:?}\nlease_secs = {lease_secs}\nheartbeat_secs = {}\n",
+        let toml = format!(
+            "[cluster]\ndir = {:?}\n{}",
             tier.to_str().expect("utf-8 tier path"),
-            (lease_secs / 3).max(1)
-        ));
+            cluster_keys(host, lease_secs)
+        );
+        ClusterHost::start_configured(dir, host, &toml, cri)
+    }
+
+    /// [`ClusterHost::start`] of a host whose lamina mounts the cluster's MooseFS itself (`[cluster.moosefs]`
+    /// with master `master`, `HOST:PORT`): the tier is `remote_path` in the cluster.
+    pub fn start_mounting(
+        dir: &Path,
+        master: &str,
+        remote_path: &str,
+        host: &str,
+        lease_secs: u64,
+    ) -> ClusterHost {
+        let toml = format!(
+            "[cluster]\n{}[cluster.moosefs]\nmaster = {master:?}\nremote_path = {remote_path:?}\n",
+            cluster_keys(host, lease_secs)
+        );
+        ClusterHost::start_configured(dir, host, &toml, None)
+    }
+
+    /// Starts lamina below `dir/lamina` with the config `toml`, then containerd below `dir/containerd` (with
+    /// its CRI plugin on when `cri` is given).
+    fn start_configured(dir: &Path, host: &str, toml: &str, cri: Option<(&str, &str)>) -> ClusterHost {
+        let mut lamina = super::containerd::LaminaSnap::new(&dir.join("lamina"));
+        lamina.use_config(toml);
         lamina.spawn();
         lamina.wait_ready();
         let mut ctrd = Containerd::new(&dir.join("containerd"), Some(&lamina.socket));

@@ -311,6 +311,39 @@ impl Containerd {
         self.ctr_ok(&["leases", "delete", "--sync", &id]);
     }
 
+    /// `ctr task exec` of a shell script in running container `id`; returns stdout.
+    pub fn exec(&self, id: &str, script: &str) -> String {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let exec_id = format!("e{}", N.fetch_add(1, Ordering::SeqCst));
+        let fifo = self.fifo_dir();
+        self.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            &exec_id,
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+    }
+
+    /// SIGKILLs the task of container `id`, deletes the task and the container (and so its snapshot).
+    pub fn remove_container(&self, id: &str) {
+        self.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        let stopped = poll(Duration::from_secs(20), || {
+            let out = self.ctr_ok(&["task", "ls"]);
+            out.lines()
+                .any(|l| l.split_whitespace().next() == Some(id) && l.contains("STOPPED"))
+                .then_some(())
+        });
+        assert!(stopped.is_some(), "task {id} did not stop");
+        self.ctr_ok(&["task", "delete", id]);
+        self.ctr_ok(&["containers", "delete", id]);
+    }
+
     /// Directory in which `ctr run` puts its FIFOs (kept inside the test directory).
     pub fn fifo_dir(&self) -> PathBuf {
         self.dir.join("fifo")

@@ -402,6 +402,22 @@ impl MooseCluster {
     }
 }
 
+/// `mfsmount` processes serving `dir` (their command line names the mountpoint below it).
+pub fn mfsmount_pids(dir: &Path) -> Vec<u32> {
+    pids_referencing(dir)
+        .into_iter()
+        .filter(|p| {
+            fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| {
+                    // A mounted mfsmount renames itself "mfsmount (mounted on: PATH)".
+                    let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
+                    argv0.starts_with(b"mfsmount") || argv0.ends_with(b"/mfsmount")
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
 static SEQ_MFS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Drop for MooseCluster {

@@ -14,14 +14,10 @@
 //! runs on a helper thread with a deadline: a FUSE call on a mount whose master is gone blocks for minutes
 //! (measured: about 130 s), far beyond dockerd's timeouts.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io;
-use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lamina_sys::fault;
@@ -31,6 +27,8 @@ use tracing::{info, warn};
 use crate::command::{path_arg, CommandTemplate};
 use crate::error::VolumeError;
 use crate::meta::VolumeRecord;
+pub(crate) use crate::mfsmount::io_err;
+use crate::mfsmount::{Ensured, MfsMount, MfsMountConfig};
 use crate::name::{quote, validate_name};
 use crate::options::Goal;
 
@@ -49,20 +47,10 @@ pub enum OnRemove {
 /// Settings of the MooseFS (or LizardFS) backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MooseFsConfig {
-    /// Master host.
-    pub master_host: String,
-    /// Master client port (MooseFS: 9421).
-    pub master_port: u16,
-    /// Cluster path mounted by lamina's mfsmount (`-S`).
-    pub subfolder: String,
+    /// What lamina's mfsmount mounts where.
+    pub mount: MfsMountConfig,
     /// Path of the volumes directory inside the mounted subfolder.
     pub remote_path: String,
-    /// Extra `-o` options for mfsmount.
-    pub mount_options: Vec<String>,
-    /// The mount program.
-    pub mfsmount: PathBuf,
-    /// Where lamina mounts the cluster.
-    pub mountpoint: PathBuf,
     /// Sets a goal: `{goal}`, `{path}`.
     pub goal_command: CommandTemplate,
     /// Reports the goal in effect: `{path}`; output `PATH: GOAL`.
@@ -71,24 +59,6 @@ pub struct MooseFsConfig {
     pub quota_command: Option<CommandTemplate>,
     /// Goal of volumes created without `ReplicationGoal`.
     pub default_goal: Option<Goal>,
-}
-
-/// True for the errors of a FUSE mount whose daemon is gone: `ENOTCONN`, or `ECONNABORTED` (what this
-/// kernel, 6.18, answers after `mfsmount` was killed).
-pub(crate) fn dead_fuse(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted
-    )
-}
-
-/// Maps an I/O error on the cluster: a dead FUSE connection is "backend unavailable".
-pub(crate) fn io_err(ctx: String, e: io::Error) -> VolumeError {
-    if dead_fuse(&e) {
-        VolumeError::BackendUnavailable(format!("{ctx}: the MooseFS mount is not connected"))
-    } else {
-        VolumeError::io(ctx, e)
-    }
 }
 
 /// A directory of volumes.
@@ -392,20 +362,14 @@ pub(crate) fn describe(r: &VolumeRecord) -> String {
     s
 }
 
-/// Most helper threads that may hang on a dead mount at once before calls fail without trying.
-const MAX_STUCK: usize = 16;
-
-/// The MooseFS backend: lamina's own mfsmount, the master probe, deadlines.
+/// The MooseFS backend: lamina's own mfsmount of the cluster and the volumes directory on it.
 #[derive(Debug)]
 pub struct MooseFs {
     /// Settings.
     pub cfg: MooseFsConfig,
     /// The volumes directory on the mount.
     pub vols: VolumeDir,
-    timeout: Duration,
-    log: PathBuf,
-    mount_lock: Mutex<()>,
-    stuck: Arc<AtomicUsize>,
+    mount: MfsMount,
 }
 
 impl MooseFs {
@@ -413,43 +377,25 @@ impl MooseFs {
     pub fn new(cfg: MooseFsConfig, timeout: Duration, log: PathBuf) -> MooseFs {
         let rel = cfg.remote_path.trim_start_matches('/');
         let root = if rel.is_empty() {
-            cfg.mountpoint.clone()
+            cfg.mount.mountpoint.clone()
         } else {
-            cfg.mountpoint.join(rel)
+            cfg.mount.mountpoint.join(rel)
         };
         MooseFs {
+            mount: MfsMount::new(cfg.mount.clone(), timeout, log),
             cfg,
             vols: VolumeDir { root },
-            timeout,
-            log,
-            mount_lock: Mutex::new(()),
-            stuck: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     /// `HOST:PORT`.
     pub fn master(&self) -> String {
-        format!("{}:{}", self.cfg.master_host, self.cfg.master_port)
+        self.mount.master()
     }
 
     /// Fails fast unless the master accepts a TCP connection.
     pub fn probe(&self) -> Result<(), VolumeError> {
-        let unreachable = |why: String| {
-            VolumeError::BackendUnavailable(format!("MooseFS master {} is unreachable: {why}", self.master()))
-        };
-        let addrs: Vec<_> = (self.cfg.master_host.as_str(), self.cfg.master_port)
-            .to_socket_addrs()
-            .map_err(|e| unreachable(e.to_string()))?
-            .collect();
-        let mut last = String::from("no address");
-        let wait = self.timeout.min(Duration::from_secs(3));
-        for a in addrs {
-            match TcpStream::connect_timeout(&a, wait) {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(unreachable(last))
+        self.mount.probe()
     }
 
     /// Runs `f` on a helper thread and gives up after the deadline (the thread is left to finish).
@@ -458,57 +404,12 @@ impl MooseFs {
         what: &str,
         f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
     ) -> Result<T, VolumeError> {
-        if self.stuck.load(Ordering::SeqCst) >= MAX_STUCK {
-            return Err(VolumeError::BackendUnavailable(format!(
-                "{what}: {MAX_STUCK} earlier calls on the MooseFS mount are still blocked"
-            )));
-        }
-        let (tx, rx) = mpsc::channel();
-        let stuck = self.stuck.clone();
-        stuck.fetch_add(1, Ordering::SeqCst);
-        std::thread::Builder::new()
-            .name("lamina-mfs-call".into())
-            .spawn(move || {
-                let r = f();
-                stuck.fetch_sub(1, Ordering::SeqCst);
-                let _ = tx.send(r);
-            })
-            .map_err(|e| VolumeError::io("spawning a helper thread", e))?;
-        match rx.recv_timeout(self.timeout) {
-            Ok(r) => r,
-            Err(_) => Err(VolumeError::BackendUnavailable(format!(
-                "{what}: no answer from the MooseFS mount within {} s (master {})",
-                self.timeout.as_secs_f32(),
-                self.master()
-            ))),
-        }
+        self.mount.with_deadline(what, f)
     }
 
-    /// Whether the FUSE mount behind `path` still has its `mfsmount`: `Some(false)` when reading it fails
-    /// with `ENOTCONN`/`ECONNABORTED` (the process died, the mount is dead for good), `Some(true)` when it
-    /// answers, `None` when no answer comes within `wait` (alive but blocked, e.g. on a master that is down).
-    /// The check runs on a helper thread that counts as stuck until it returns (none is started once
-    /// [`MAX_STUCK`] are).
+    /// Whether the FUSE mount behind `path` still has its `mfsmount` ([`MfsMount::alive`]).
     pub fn alive(&self, path: &Path, wait: Duration) -> Option<bool> {
-        if self.stuck.load(Ordering::SeqCst) >= MAX_STUCK {
-            return None;
-        }
-        let (tx, rx) = mpsc::channel();
-        let p = path.to_path_buf();
-        let stuck = self.stuck.clone();
-        stuck.fetch_add(1, Ordering::SeqCst);
-        let spawned = std::thread::Builder::new()
-            .name("lamina-mfs-alive".into())
-            .spawn(move || {
-                let dead = matches!(answers(&p), Err(e) if dead_fuse(&e));
-                stuck.fetch_sub(1, Ordering::SeqCst);
-                let _ = tx.send(!dead);
-            });
-        if spawned.is_err() {
-            self.stuck.fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
-        rx.recv_timeout(wait).ok()
+        self.mount.alive(path, wait)
     }
 
     /// Probes the master, mounts the cluster if it is not mounted (or remounts a dead mount), then runs
@@ -524,122 +425,32 @@ impl MooseFs {
         self.with_deadline(what, move || f(vols))
     }
 
-    /// Mounts the cluster at the configured mountpoint unless mounted and alive.
+    /// Mounts the cluster at the configured mountpoint unless mounted and alive, and makes the volumes
+    /// directory when it is missing.
     pub fn ensure_mounted(&self) -> Result<(), VolumeError> {
-        let _g = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mp = self.cfg.mountpoint.clone();
-        if lamina_sys::mount::is_mount_point(&mp).unwrap_or(false) {
-            let vols = self.vols.clone();
-            let alive =
-                self.with_deadline("checking the MooseFS mount", move || match answers(&vols.root) {
-                    Ok(()) => Ok(true),
-                    Err(e) if dead_fuse(&e) => Ok(false),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => vols.prepare().map(|()| true),
-                    Err(e) => Err(io_err(format!("stat {}", vols.root.display()), e)),
-                })?;
-            if alive {
-                return Ok(());
-            }
-            warn!(mountpoint = %mp.display(), "MooseFS mount is dead (mfsmount gone?): detaching and mounting again");
-            let _ = lamina_sys::mount::unmount(&mp, true);
-        }
-        fs::create_dir_all(&mp).map_err(|e| VolumeError::io(format!("creating {}", mp.display()), e))?;
-        let mut argv = vec![
-            path_arg(&self.cfg.mfsmount),
-            path_arg(&mp),
-            "-H".into(),
-            self.cfg.master_host.clone(),
-            "-P".into(),
-            self.cfg.master_port.to_string(),
-            "-S".into(),
-            self.cfg.subfolder.clone(),
-        ];
-        for o in &self.cfg.mount_options {
-            argv.push("-o".into());
-            argv.push(o.clone());
-        }
-        let started = Instant::now();
-        run_to_log(&argv, &self.log, self.timeout)?;
-        if !lamina_sys::mount::is_mount_point(&mp).unwrap_or(false) {
-            return Err(VolumeError::BackendUnavailable(format!(
-                "`{}` did not mount the cluster (see {})",
-                argv.join(" "),
-                self.log.display()
-            )));
-        }
         let vols = self.vols.clone();
-        self.with_deadline("preparing the volumes directory", move || {
-            vols.prepare()?;
-            vols.sweep_temporaries(Duration::from_secs(3600));
-            Ok(())
-        })?;
-        info!(master = %self.master(), mountpoint = %mp.display(), volumes = %self.vols.root.display(),
-            ms = started.elapsed().as_millis() as u64, "MooseFS mounted");
-        Ok(())
+        match self.mount.ensure_mounted(&self.vols.root)? {
+            Ensured::Alive => Ok(()),
+            Ensured::AliveWithoutDir => {
+                self.with_deadline("preparing the volumes directory", move || vols.prepare())
+            }
+            Ensured::Mounted => {
+                self.with_deadline("preparing the volumes directory", move || {
+                    vols.prepare()?;
+                    vols.sweep_temporaries(Duration::from_secs(3600));
+                    Ok(())
+                })?;
+                info!(volumes = %self.vols.root.display(), "MooseFS volumes directory ready");
+                Ok(())
+            }
+        }
     }
 
     /// Detaches lamina's cluster mount (lazily: volumes bind-mounted for running containers keep working;
     /// mfsmount exits when the last of them is gone).
     pub fn shutdown(&self) {
-        let mp = &self.cfg.mountpoint;
-        if lamina_sys::mount::is_mount_point(mp).unwrap_or(false) {
-            match lamina_sys::mount::unmount(mp, true) {
-                Ok(()) => info!(mountpoint = %mp.display(), "MooseFS unmounted"),
-                Err(e) => warn!(mountpoint = %mp.display(), error = %e, "cannot unmount MooseFS"),
-            }
-        }
+        self.mount.unmount_lazily();
     }
-}
-
-/// Asks the filesystem behind the directory `p` for something it cannot answer from the kernel's caches (an
-/// open and one directory read): a stat of a FUSE mount whose daemon died still succeeds from the attribute
-/// cache for a while (1 s with mfsmount's defaults), while this fails at once.
-fn answers(p: &Path) -> io::Result<()> {
-    let mut rd = fs::read_dir(p)?;
-    if let Some(e) = rd.next() {
-        e?;
-    }
-    Ok(())
-}
-
-/// Runs a program that daemonizes (mfsmount): its output goes to `log` (a pipe would stay open in the
-/// daemon), and its exit status is awaited with a deadline.
-fn run_to_log(argv: &[String], log: &Path, timeout: Duration) -> Result<(), VolumeError> {
-    let shown = argv.join(" ");
-    let out = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| VolumeError::io(format!("opening {}", log.display()), e))?;
-    let err = out.try_clone().map_err(|e| VolumeError::io("dup", e))?;
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .spawn()
-        .map_err(|e| VolumeError::BackendUnavailable(format!("cannot run {}: {e}", argv[0])))?;
-    let st = lamina_rbd::wait_within(&mut child, &shown, timeout)?;
-    if st.success() {
-        return Ok(());
-    }
-    let tail = last_line(log);
-    Err(VolumeError::BackendUnavailable(format!(
-        "`{shown}` failed ({st}): {tail}"
-    )))
-}
-
-fn last_line(p: &Path) -> String {
-    let text = fs::read(p)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let l = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim();
-    l.chars().take(200).collect()
 }
 
 #[cfg(test)]

@@ -6,8 +6,10 @@
 //! - [`name`] and [`options`]: what a volume name and the `-o` options may be (pure parsers).
 //! - [`command`]: external tools (goal, quota) as argv templates run without a shell, with deadlines.
 //! - [`meta`]: the per-host bookkeeping in redb (mount counts, cache of known volumes).
-//! - [`backend`]: the shared directory layout, the concurrent-Create protocol, lamina's mfsmount, the master
-//!   probe and the deadlines around FUSE calls.
+//! - [`mfsmount`]: lamina's own mfsmount, the master probe, the deadlines around FUSE calls and the detection
+//!   of a dead mount (also used by the daemon for the cluster tier's mount).
+//! - [`backend`]: the shared directory layout and the concurrent-Create protocol, on the local disk or on
+//!   lamina's MooseFS mount.
 //! - [`rbd`]: the RBD backend: images, advisory locks, rbd-fuse + loop (or krbd) attachments.
 //! - [`lease`]: which hosts have a MooseFS volume mounted (so that Remove elsewhere is refused).
 //! - [`manager`]: [`VolumeManager`], the operations of the VolumeDriver protocol.
@@ -22,6 +24,7 @@ pub mod error;
 pub mod lease;
 pub mod manager;
 pub mod meta;
+pub mod mfsmount;
 pub mod name;
 pub mod options;
 pub mod rbd;
@@ -32,6 +35,7 @@ pub use command::CommandTemplate;
 pub use error::VolumeError;
 pub use lease::VolumeLeaseConfig;
 pub use manager::{VolumeConfig, VolumeManager, VolumeView, DEFAULT_MOUNT_BASE};
+pub use mfsmount::{Ensured, MfsMount, MfsMountConfig};
 pub use name::validate_name;
 pub use options::{parse_options, parse_options_for, BackendKind, CreateOptions, Goal};
 pub use rbd::{FsType, MapMode, RbdConfig};
