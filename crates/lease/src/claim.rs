@@ -54,6 +54,9 @@ pub(crate) struct ClaimState {
     renewed: Mutex<Instant>,
     lost: Mutex<Option<String>>,
     released: AtomicBool,
+    /// Held while the claim's file is rewritten (a renewal) or removed (the release): a renewal that read
+    /// the file before a release must not put it back after.
+    file: Mutex<()>,
 }
 
 impl ClaimState {
@@ -209,6 +212,7 @@ impl Lease {
             renewed: Mutex::new(started),
             lost: Mutex::new(None),
             released: AtomicBool::new(false),
+            file: Mutex::new(()),
         });
         self.inner
             .claims
@@ -318,6 +322,7 @@ impl Lease {
     /// Renews `c`: refused (and the claim marked lost) when it is no longer this host's or could have
     /// expired.
     pub(crate) fn renew_claim(&self, c: &ClaimState) -> Result<(), LeaseError> {
+        let _file = c.file.lock().unwrap_or_else(|e| e.into_inner());
         if c.released.load(Ordering::SeqCst) {
             return Err(c.lost_error("released".into()));
         }
@@ -423,7 +428,8 @@ impl Claim {
         self.release_inner()
     }
 
-    fn release_inner(&self) -> Result<(), LeaseError> {
+    pub(crate) fn release_inner(&self) -> Result<(), LeaseError> {
+        let _file = self.state.file.lock().unwrap_or_else(|e| e.into_inner());
         if self.state.released.swap(true, Ordering::SeqCst) {
             return Ok(());
         }

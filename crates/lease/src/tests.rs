@@ -181,6 +181,29 @@ fn race(leases: &[Lease], name: &str) -> usize {
 }
 
 #[test]
+fn a_renewal_racing_the_release_does_not_bring_the_claim_back() {
+    let t = tempfile::tempdir().unwrap();
+    let a = lease(t.path(), "host-a");
+    for i in 0..200 {
+        let c = a.claim("remove", "v").unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..(i % 4) {
+                    let _ = c.renew();
+                }
+            });
+            std::thread::sleep(Duration::from_micros(50 * (i % 5)));
+            c.release_inner().unwrap();
+        });
+        drop(c);
+        assert!(
+            a.claim_state("remove", "v").unwrap().is_none(),
+            "round {i}: a released claim is back"
+        );
+    }
+}
+
+#[test]
 fn concurrent_claimers_one_wins() {
     let t = tempfile::tempdir().unwrap();
     let leases: Vec<Lease> = (0..8).map(|i| lease(t.path(), &format!("h{i}"))).collect();

@@ -663,7 +663,11 @@ mod tests {
     #[test]
     fn copies_of_a_mount_in_other_namespaces_are_found() {
         if !crate::fs::running_as_root() {
-            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "this test needs root under CI");
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "this test needs root under CI"
+            );
             eprintln!("SKIPPED copies_of_a_mount_in_other_namespaces_are_found: needs root (mounts a tmpfs)");
             return;
         }
@@ -687,9 +691,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let found = loop {
             let found = namespaces_mounting(dev).unwrap();
-            if found.iter().any(|(p, c)| *p == pid && c == "sleep")
-                || std::time::Instant::now() > deadline
-            {
+            if found.iter().any(|(p, c)| *p == pid && c == "sleep") || std::time::Instant::now() > deadline {
                 break found;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -699,7 +701,10 @@ mod tests {
         copy.kill().unwrap();
         copy.wait().unwrap();
         assert!(found.iter().any(|(p, _)| *p == pid), "{found:?}");
-        assert!(after.iter().any(|(p, _)| *p == pid), "the copy outlives the mount here: {after:?}");
+        assert!(
+            after.iter().any(|(p, _)| *p == pid),
+            "the copy outlives the mount here: {after:?}"
+        );
         assert!(mounts_of_device(dev).unwrap().is_empty());
     }
 
