@@ -144,7 +144,7 @@ finish() {
     # A binary prints one "test result:" line; the doc tests one per library, after "Doc-tests <crate>".
     awk -v n="$n" -v secs="$secs" '
         /^ *Doc-tests / { n = $2 " (doc)"; next }
-        /^test result:/ { printf "%-44s %4ss  %s\n", n, secs, $0 }
+        /^test result:/ { printf "%-50s %4ss  %s\n", n, secs, $0 }
     ' "$log" >>"$RESULTS"
     if ((rc == 0)); then
         say "ok     $n (${secs}s)"
@@ -152,7 +152,7 @@ finish() {
         FAILED+=("$n")
         say "FAILED $n (${secs}s, exit $rc); its output:"
         sed 's/^/    | /' "$log"
-        grep -q '^test result:' "$log" || printf '%-44s %4ss  test result: FAILED (exit %s, no result line)\n' "$n" "$secs" "$rc" >>"$RESULTS"
+        grep -q '^test result:' "$log" || printf '%-50s %4ss  test result: FAILED (exit %s, no result line)\n' "$n" "$secs" "$rc" >>"$RESULTS"
     fi
 }
 

@@ -44,14 +44,14 @@ fn rbd_layers_kill9_mid_operation() {
         .ok("Create l2");
 
     // Applied but not sealed: the restart puts the layer back to empty; the apply is done again.
-    restart(&mut l, Some("store.rbd.seal.snap=kill"));
+    l.kill9_and_start(Some("store.rbd.seal.snap=kill"));
     let mut tar = &top[..];
     let _ = l.client().apply_diff("l2", "l1", &mut tar);
     assert!(
         l.wait_exit(Duration::from_secs(60)).is_some(),
         "the seal's kill point did not fire"
     );
-    restart(&mut l, None);
+    l.kill9_and_start(None);
     let c = l.client();
     assert_eq!(
         changes(&c, "l2", "l1"),
@@ -65,10 +65,10 @@ fn rbd_layers_kill9_mid_operation() {
     assert_eq!(layer_images(&cluster).len(), 2);
 
     // Mapped but not mounted: the restart takes the attachment down (rbd-fuse, loop device).
-    restart(&mut l, Some("rbd.attach.mapped=kill"));
+    l.kill9_and_start(Some("rbd.attach.mapped=kill"));
     call_and_die(&mut l, "Get", json!({"ID": "l2", "MountLabel": ""}));
     assert!(!cluster.client_pids().is_empty(), "rbd-fuse runs after the kill");
-    restart(&mut l, None);
+    l.kill9_and_start(None);
     let clean = poll(Duration::from_secs(15), || {
         (cluster.client_pids().is_empty() && loops_under(&l.data_root).is_empty()).then_some(())
     });
@@ -88,7 +88,7 @@ fn rbd_layers_kill9_mid_operation() {
 
     // Mounted, counted by nobody (killed before the Get answered), and lamina killed again with it mounted:
     // the restart keeps it (a container may use it) and the last Put takes it down.
-    restart(&mut l, None);
+    l.kill9_and_start(None);
     let c = l.client();
     assert!(
         is_mounted(Path::new(&dir)),
@@ -98,10 +98,10 @@ fn rbd_layers_kill9_mid_operation() {
     assert!(!is_mounted(Path::new(&dir)));
 
     // Recorded but no image yet: the restart makes it.
-    restart(&mut l, Some("store.create.mkdir=kill"));
+    l.kill9_and_start(Some("store.create.mkdir=kill"));
     call_and_die(&mut l, "Create", json!({"ID": "l3", "Parent": "l2"}));
     assert_eq!(layer_images(&cluster).len(), 2);
-    restart(&mut l, None);
+    l.kill9_and_start(None);
     assert_eq!(
         layer_images(&cluster).len(),
         3,
@@ -111,9 +111,9 @@ fn rbd_layers_kill9_mid_operation() {
     assert_eq!(changes(&c, "l3", "l2"), Vec::<String>::new());
 
     // Cloned and recorded, killed before the answer: a Remove takes it.
-    restart(&mut l, Some("store.create.done=kill"));
+    l.kill9_and_start(Some("store.create.done=kill"));
     call_and_die(&mut l, "Create", json!({"ID": "l4", "Parent": "l2"}));
-    restart(&mut l, None);
+    l.kill9_and_start(None);
     let c = l.client();
     for id in ["l4", "l3", "l2", "l1"] {
         c.call("Remove", json!({"ID": id})).ok(&format!("Remove {id}"));
@@ -288,7 +288,7 @@ fn osd_stopped_mid_operation(l: &mut Lamina, cluster: &CephCluster) {
     assert_nothing_attached(l, cluster, Duration::from_secs(20), "with the OSD stopped");
 
     cluster.resume_osd();
-    restart(l, None);
+    l.kill9_and_start(None);
     let c = l.client();
     for id in ["p", "m", "a"] {
         let v = c
@@ -507,15 +507,7 @@ fn rbd_layers_sigterm_with_layers_attached() {
     let attached = loops_under(&l.data_root).len();
     assert_eq!(attached, LAYERS, "one loop device per attached layer");
 
-    let t = Instant::now();
-    let st = l.stop();
-    let took = t.elapsed();
-    eprintln!("[rbd layers] SIGTERM with {LAYERS} layers attached: exited after {took:?} ({st})");
-    assert!(st.success(), "lamina exited with {st}; log:\n{}", l.log_tail());
-    assert!(
-        took < Duration::from_secs(5),
-        "lamina took {took:?} to exit on SIGTERM"
-    );
+    assert_quick_stop(&mut l, &format!("with {LAYERS} layers attached"));
     assert_eq!(
         loops_under(&l.data_root).len(),
         LAYERS,
@@ -584,15 +576,7 @@ fn rbd_layers_sigterm_after_snapshot_chain() {
     umount(&mnt);
     drop(api);
 
-    let t = Instant::now();
-    let st = l.stop();
-    let took = t.elapsed();
-    eprintln!("[rbd layers] SIGTERM after a chain of {LAYERS} snapshots: exited after {took:?} ({st})");
-    assert!(st.success(), "lamina exited with {st}; log:\n{}", l.log_tail());
-    assert!(
-        took < Duration::from_secs(5),
-        "lamina took {took:?} to exit on SIGTERM"
-    );
+    assert_quick_stop(&mut l, &format!("after a chain of {LAYERS} snapshots"));
 
     l.start_again();
     let api = lamina_testkit::snapshots::SnapshotApi::connect(&sock);

@@ -1,7 +1,7 @@
 //! Helpers of the RBD layer backend's test binaries (`e2e_rbd_layers`, `e2e_rbd_layers_faults` in
 //! `crates/integration-tests`): a lamina whose layers are images `PREFIX<n>` in a [`CephCluster`]'s pool, the
-//! checks that nothing of its store is left on the host or in the pool, restarts with fault points armed, and the
-//! bind mount a snapshotter client makes of a Prepare/View.
+//! checks that nothing of its store is left on the host or in the pool, a plugin call that a fault point kills
+//! lamina in, and the bind mount a snapshotter client makes of a Prepare/View.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -69,15 +69,7 @@ pub fn assert_nothing_left(lamina: &Lamina, cluster: &CephCluster) {
             && loops_under(&lamina.data_root).is_empty())
         .then_some(())
     });
-    assert!(
-        settled.is_some(),
-        "left behind: images {:?}, rbd-fuse/clients {:?}, mounts {:?}, loops {:?}; log:\n{}",
-        layer_images(cluster),
-        cluster.client_pids(),
-        mounts_under(&lamina.data_root),
-        loops_under(&lamina.data_root),
-        lamina.log_tail()
-    );
+    assert!(settled.is_some(), "left behind: {}", leftovers(lamina, cluster));
 }
 
 /// The images, snapshots, attachments and rbd-fuse processes of this data root, for messages.
@@ -126,14 +118,18 @@ pub fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
     r
 }
 
-/// Kills lamina and starts it again, with `faults` armed (or none).
-pub fn restart(l: &mut Lamina, faults: Option<&str>) {
-    l.kill9();
-    l.env.retain(|(k, _)| k != "LAMINA_FAULTS");
-    if let Some(f) = faults {
-        l.env.push(("LAMINA_FAULTS".into(), f.into()));
-    }
-    l.start_again();
+/// Stops `l` (SIGTERM) and panics unless it exits successfully within 5 s; prints how long it took, `what`
+/// saying with what attached.
+pub fn assert_quick_stop(l: &mut Lamina, what: &str) {
+    let t = Instant::now();
+    let st = l.stop();
+    let took = t.elapsed();
+    eprintln!("[rbd layers] SIGTERM {what}: exited after {took:?} ({st})");
+    assert!(st.success(), "lamina exited with {st}; log:\n{}", l.log_tail());
+    assert!(
+        took < Duration::from_secs(5),
+        "lamina took {took:?} to exit on SIGTERM"
+    );
 }
 
 /// Sends a plugin call to a lamina armed to die in it, and waits for the death.
