@@ -78,8 +78,24 @@ declare -A WEIGHT=(
     [integration-tests/tests/bench_quick.rs]=78 [integration-tests/tests/e2e_cluster.rs]=73
     [integration-tests/tests/reliability_powercut.rs]=46
 )
+# A binary of the table that the previous run did not time (new, or split from another) gets its table figure
+# scaled by how much longer the previous run took than the table for the binaries both name.
 if [[ -f $TIMES ]]; then
-    while IFS=$'\t' read -r n s; do WEIGHT[$n]=$s; done <"$TIMES"
+    declare -A LAST=()
+    while IFS=$'\t' read -r n s; do LAST[$n]=$s; done <"$TIMES"
+    ran=0 table=0
+    for n in "${!WEIGHT[@]}"; do
+        if [[ -n ${LAST[$n]:-} ]]; then
+            ran=$((ran + LAST[$n]))
+            table=$((table + WEIGHT[$n]))
+        fi
+    done
+    if ((ran > 0 && table > 0)); then
+        for n in "${!WEIGHT[@]}"; do
+            if [[ -z ${LAST[$n]:-} ]]; then WEIGHT[$n]=$((WEIGHT[$n] * ran / table)); fi
+        done
+    fi
+    for n in "${!LAST[@]}"; do WEIGHT[$n]=${LAST[$n]}; done
 fi
 weight() {
     if [[ -n ${WEIGHT[$1]:-} ]]; then
