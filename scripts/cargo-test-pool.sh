@@ -14,8 +14,9 @@
 # <target>/lamina-test-times.tsv; on a first run, the slowest of a CI run, then the other e2e, reliability and
 # bench tiers).
 # The two binaries that assert call latencies under load they make themselves (e2e_protocol,
-# reliability_protocol) run alone after the others. A binary's output goes to <target>/test-logs/<name>.log
-# and is printed in full when it fails.
+# reliability_protocol) run alone, one after the other, before the pool starts: on a machine nothing else of
+# this step loads yet (no Ceph clusters stopping, no writeback of what the e2e tiers wrote). A binary's output
+# goes to <target>/test-logs/<name>.log and is printed in full when it fails.
 #
 # Usage: scripts/cargo-test-pool.sh [SUMMARY_FILE]
 #   Appends one line per binary ("<name> <seconds>s test result: ...") to SUMMARY_FILE (default: stdout
@@ -68,15 +69,33 @@ for line in sys.stdin:
 [[ -s $LIST ]] || { echo "cargo-test-pool: no test executables" >&2; exit 1; }
 
 # ---- order: longest first -----------------------------------------------------------------------
-# Without a previous run: the slowest binaries of a CI run on an idle 2-core machine, in seconds.
+# Without a previous run: the slowest binaries of a CI run on an idle 2-core machine, in seconds (the two RBD
+# layer binaries: each run alone with other work on the machine, load 6-9).
 declare -A WEIGHT=(
-    [integration-tests/tests/e2e_rbd_layers.rs]=143 [integration-tests/tests/e2e_packaging.rs]=99
+    [integration-tests/tests/e2e_rbd_layers.rs]=268 [integration-tests/tests/e2e_rbd_layers_faults.rs]=261
+    [integration-tests/tests/e2e_packaging.rs]=99
     [integration-tests/tests/e2e_rbd_volumes.rs]=92 [integration-tests/tests/e2e_docker.rs]=92
     [integration-tests/tests/bench_quick.rs]=78 [integration-tests/tests/e2e_cluster.rs]=73
     [integration-tests/tests/reliability_powercut.rs]=46
 )
+# A binary of the table that the previous run did not time (new, or split from another) gets its table figure
+# scaled by how much longer the previous run took than the table for the binaries both name.
 if [[ -f $TIMES ]]; then
-    while IFS=$'\t' read -r n s; do WEIGHT[$n]=$s; done <"$TIMES"
+    declare -A LAST=()
+    while IFS=$'\t' read -r n s; do LAST[$n]=$s; done <"$TIMES"
+    ran=0 table=0
+    for n in "${!WEIGHT[@]}"; do
+        if [[ -n ${LAST[$n]:-} ]]; then
+            ran=$((ran + LAST[$n]))
+            table=$((table + WEIGHT[$n]))
+        fi
+    done
+    if ((ran > 0 && table > 0)); then
+        for n in "${!WEIGHT[@]}"; do
+            if [[ -z ${LAST[$n]:-} ]]; then WEIGHT[$n]=$((WEIGHT[$n] * ran / table)); fi
+        done
+    fi
+    for n in "${!LAST[@]}"; do WEIGHT[$n]=${LAST[$n]}; done
 fi
 weight() {
     if [[ -n ${WEIGHT[$1]:-} ]]; then
@@ -87,7 +106,7 @@ weight() {
         echo 1
     fi
 }
-# Binaries that assert how long a call takes under load they make themselves: run alone, after the others.
+# Binaries that assert how long a call takes under load they make themselves: run alone, before the others.
 SOLO=(integration-tests/tests/e2e_protocol.rs integration-tests/tests/reliability_protocol.rs)
 is_solo() {
     local s
@@ -141,7 +160,7 @@ finish() {
     # A binary prints one "test result:" line; the doc tests one per library, after "Doc-tests <crate>".
     awk -v n="$n" -v secs="$secs" '
         /^ *Doc-tests / { n = $2 " (doc)"; next }
-        /^test result:/ { printf "%-44s %4ss  %s\n", n, secs, $0 }
+        /^test result:/ { printf "%-50s %4ss  %s\n", n, secs, $0 }
     ' "$log" >>"$RESULTS"
     if ((rc == 0)); then
         say "ok     $n (${secs}s)"
@@ -149,12 +168,23 @@ finish() {
         FAILED+=("$n")
         say "FAILED $n (${secs}s, exit $rc); its output:"
         sed 's/^/    | /' "$log"
-        grep -q '^test result:' "$log" || printf '%-44s %4ss  test result: FAILED (exit %s, no result line)\n' "$n" "$secs" "$rc" >>"$RESULTS"
+        grep -q '^test result:' "$log" || printf '%-50s %4ss  test result: FAILED (exit %s, no result line)\n' "$n" "$secs" "$rc" >>"$RESULTS"
     fi
 }
 
-say "running ${#ORDER[@]} test jobs, $JOBS at a time, then ${#ALONE[@]} alone (logs in $LOGS)"
+say "running ${#ALONE[@]} test jobs alone, then ${#ORDER[@]} $JOBS at a time (logs in $LOGS)"
 : >"$RESULTS.times"
+for n in "${ALONE[@]}"; do
+    say "alone: $n"
+    BEGAN[$n]=$(date +%s)
+    run_one "$n" &
+    PID_NAME[$!]=$n
+    set +e
+    wait "$!"
+    rc=$?
+    set -e
+    finish "$!" "$rc"
+done
 next=0
 while ((next < ${#ORDER[@]})) || ((${#PID_NAME[@]} > 0)); do
     while ((next < ${#ORDER[@]})) && ((${#PID_NAME[@]} < JOBS)); do
@@ -169,17 +199,6 @@ while ((next < ${#ORDER[@]})) || ((${#PID_NAME[@]} > 0)); do
     rc=$?
     set -e
     finish "$done_pid" "$rc"
-done
-for n in "${ALONE[@]}"; do
-    say "alone: $n"
-    BEGAN[$n]=$(date +%s)
-    run_one "$n" &
-    PID_NAME[$!]=$n
-    set +e
-    wait "$!"
-    rc=$?
-    set -e
-    finish "$!" "$rc"
 done
 
 # The times of this run order the next one.

@@ -346,17 +346,9 @@ fn rbd_volumes_kill9_mid_operation() {
     let pool = cluster.pool.clone();
     let (mut l, mount_base) = lamina_with("rbdk", "hostk", &cluster, &pool, "on_remove = \"trash\"\n");
     let state = l.data_root.join("volumes/rbd");
-    let restart = |l: &mut Lamina, faults: Option<&str>| {
-        l.kill9();
-        l.env.retain(|(k, _)| k != "LAMINA_FAULTS");
-        if let Some(f) = faults {
-            l.env.push(("LAMINA_FAULTS".into(), f.into()));
-        }
-        l.start_again();
-    };
 
     // Killed after mkfs, with the image attached and mounted but no record written.
-    restart(&mut l, Some("volume.rbd.create.formatted=kill"));
+    l.kill9_and_start(Some("volume.rbd.create.formatted=kill"));
     let mut body = serde_json::to_vec(&json!({"Name": "k1", "Opts": {}})).unwrap();
     body.push(b'\n');
     let _ = l.client().post_raw("/VolumeDriver.Create", &body);
@@ -376,7 +368,7 @@ fn rbd_volumes_kill9_mid_operation() {
     };
     assert!(pid_alive(half.0));
     assert!(!mounts_under(&l.data_root).is_empty());
-    restart(&mut l, None);
+    l.kill9_and_start(None);
     let gone = poll(Duration::from_secs(10), || (!pid_alive(half.0)).then_some(()));
     assert!(
         gone.is_some(),
@@ -400,7 +392,7 @@ fn rbd_volumes_kill9_mid_operation() {
     c.volume_call("Get", json!({"Name": "k1"})).ok("Get");
 
     // Killed after the attachment, before the bind mount: the count is recorded, so the restart completes it.
-    restart(&mut l, Some("volume.rbd.mount.attached=kill"));
+    l.kill9_and_start(Some("volume.rbd.mount.attached=kill"));
     let mut body = serde_json::to_vec(&json!({"Name": "k1", "ID": ID1})).unwrap();
     body.push(b'\n');
     let _ = l.client().post_raw("/VolumeDriver.Mount", &body);
@@ -409,7 +401,7 @@ fn rbd_volumes_kill9_mid_operation() {
         "the kill point did not fire"
     );
     let att = attachment(&l, "k1");
-    restart(&mut l, None);
+    l.kill9_and_start(None);
     let c = l.client();
     let p = c
         .volume_call("Path", json!({"Name": "k1"}))

@@ -302,6 +302,16 @@ impl Lamina {
         self.wait_ready();
     }
 
+    /// Kills (-9) and starts again, with the fault points `faults` armed (`LAMINA_FAULTS`), or none.
+    pub fn kill9_and_start(&mut self, faults: Option<&str>) {
+        self.kill9();
+        self.env.retain(|(k, _)| k != "LAMINA_FAULTS");
+        if let Some(f) = faults {
+            self.env.push(("LAMINA_FAULTS".into(), f.into()));
+        }
+        self.start_again();
+    }
+
     /// Clean stop (SIGTERM) and start again.
     pub fn restart(&mut self) {
         if self.running() {

@@ -31,6 +31,7 @@ mod lamina;
 mod loopfs;
 pub mod moosefs;
 pub mod plugin;
+pub mod rbd_layers;
 pub mod reliability;
 pub mod snapshots;
 
