@@ -197,13 +197,17 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Bytes on disk of a path this backend reported.
     fn bytes_of(&self, path: &Path) -> u64;
 
-    /// Makes the directory `content` (a published layer of the cluster tier, never changed) the content of
-    /// the new, empty layer `n`: its own content directory becomes a symbolic link to it, so that stacks take
-    /// it as a lower directory. For backends whose content is a directory.
-    fn link_content(&self, n: u64, content: &Path) -> Result<()> {
-        let own = self.paths(n).content;
-        std::fs::remove_dir(&own)
-            .and_then(|()| std::os::unix::fs::symlink(content, &own))
-            .map_err(|e| crate::StoreError::io(format!("link {} to {}", own.display(), content.display()), e))
+    /// Makes the whole storage of layer `n`, before its record: its content directory a symbolic link to
+    /// `content` (a published layer of the cluster tier, never changed), so that stacks take it as a lower
+    /// directory, and `manifest` (the tier layer's content manifest) as its manifest. The storage appears whole
+    /// or not at all and is durable when this returns, so that the record naming it may be committed next. A
+    /// crash before that record leaves storage whose content is a link and nothing else, which
+    /// [`LayerBackend::recover`] deletes (the tier holds the content). The returned guard keeps garbage
+    /// collection away from it until the record is committed. Nothing is left behind on error. For backends
+    /// whose content is a directory.
+    fn create_linked(&self, n: u64, _content: &Path, _manifest: &[u8]) -> Result<InFlight> {
+        Err(crate::StoreError::Precondition(format!(
+            "layer {n}: this backend cannot link a layer of the cluster tier"
+        )))
     }
 }

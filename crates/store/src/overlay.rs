@@ -246,6 +246,48 @@ impl LayerBackend for OverlayBackend {
         remove_tree(&self.layer_dir(n));
     }
 
+    fn create_linked(&self, n: u64, content: &Path, manifest: &[u8]) -> Result<InFlight> {
+        let dir = self.layer_dir(n);
+        let owned = InFlight::new(&self.in_flight, dir.clone());
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let staged = self.root.join("staging").join(format!("new-{n:x}-{seq}"));
+        let staging = InFlight::new(&self.in_flight, staged.clone());
+        let layers = self.root.join("layers");
+        let mut renamed = false;
+        let made = (|| {
+            mkdir(&staged, 0o700)?;
+            let diff = staged.join("diff");
+            std::os::unix::fs::symlink(content, &diff)
+                .map_err(|e| StoreError::io(format!("link {} to {}", diff.display(), content.display()), e))?;
+            mkdir(&staged.join("work"), 0o700)?;
+            mkdir(&staged.join("merged"), 0o755)?;
+            let path = staged.join(MANIFEST_FILE);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| StoreError::io(format!("create {}", path.display()), e))?;
+            file.write_all(manifest)
+                .map_err(|e| StoreError::io(format!("write {}", path.display()), e))?;
+            std::fs::rename(&staged, &dir)
+                .map_err(|e| StoreError::io(format!("move new layer directory to {}", dir.display()), e))?;
+            renamed = true;
+            // Durable before the record: the manifest's bytes, the directory's entries (the link, the
+            // manifest) and its name in `layers/`. The first flush commits the journal that holds every step
+            // above on ext4 (the others then find nothing left to write); each is needed on its own elsewhere.
+            file.sync_all()
+                .map_err(|e| StoreError::io(format!("sync {}", dir.join(MANIFEST_FILE).display()), e))?;
+            custody::sync_dir(&dir)?;
+            custody::sync_dir(&layers)
+        })();
+        drop(staging);
+        if let Err(e) = made {
+            remove_tree(if renamed { &dir } else { &staged });
+            return Err(e);
+        }
+        Ok(owned)
+    }
+
     fn remove(&self, n: u64, max_size: Option<u64>) {
         // Out of view at once; the content goes in the background.
         let dir = self.layer_dir(n);
@@ -550,6 +592,13 @@ impl LayerBackend for OverlayBackend {
                     remove_tree(&entry.path());
                     deleted = true;
                 }
+                _ if is_link_only(&entry.path()) => {
+                    // An adoption from the cluster tier cut short before its record: its content is a link to
+                    // the tier and its manifest a copy of the tier's, nothing of its own.
+                    info!(dir = %entry.path().display(), "removing a layer directory linked to the cluster tier that no record names");
+                    remove_tree(&entry.path());
+                    deleted = true;
+                }
                 _ => {
                     // No record explains it (an older database, or not lamina's): kept, out of the way.
                     self.quarantine(&entry.path())?;
@@ -694,6 +743,24 @@ impl LayerBackend for OverlayBackend {
 }
 
 /// The layer number of a mount point `<layers_dir>/<hex>/merged`.
+/// Whether the layer directory `dir` holds nothing of its own: its `diff` a symbolic link (only a layer linked
+/// to the cluster tier has one), beside it at most empty `work/` and `merged/` and a `manifest`.
+fn is_link_only(dir: &Path) -> bool {
+    let linked = std::fs::symlink_metadata(dir.join("diff")).is_ok_and(|m| m.file_type().is_symlink());
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    linked
+        && rd.into_iter().all(|e| {
+            let Ok(e) = e else { return false };
+            match e.file_name().to_str() {
+                Some("diff") | Some(MANIFEST_FILE) => true,
+                Some("work") | Some("merged") => std::fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none()),
+                _ => false,
+            }
+        })
+}
+
 fn parse_merged(layers_dir: &Path, mp: &Path) -> Option<u64> {
     let rel = mp.strip_prefix(layers_dir).ok()?;
     let mut comps = rel.components();

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -10,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::{chain_hex, tier_io, Claimed, TierGarbageKind};
 use crate::gc::{Garbage, GarbageKind, GcReport};
-use crate::{lock, now_ns, CreateOptions, LayerKind, NewLayer, Result, Store, StoreError};
+use crate::{lock, now_ns, LayerKind, Result, Store, StoreError};
 
 /// How often a Prepare waiting for another host's unpack looks again.
 const POLL: Duration = Duration::from_millis(200);
@@ -123,6 +124,9 @@ impl Store {
         let claim_every = (tier.lease().config().lease / 3).max(Duration::from_secs(1));
         let mut waited = false;
         let mut next_claim = Instant::now();
+        // At the first look, the manifest is read beside the seal: a published layer's adoption needs both,
+        // and a layer not published yet costs one lookup more.
+        let mut early_manifest = tier.read_manifest(hex).ok();
         loop {
             let published = match tier.published(hex) {
                 Err(StoreError::CorruptMetadata(e)) => {
@@ -134,7 +138,8 @@ impl Store {
             if let Some(seal) = published {
                 steps.mark("seal");
                 let t0 = Instant::now();
-                let made = match self.link_shared(ns, name, parent, labels, hex, seal, &mut steps) {
+                let manifest = early_manifest.take();
+                let made = match self.link_shared(ns, name, parent, labels, hex, seal, manifest, &mut steps) {
                     Err(StoreError::CorruptMetadata(e)) => {
                         warn!(chain = name, error = %e, "the tier's layer is damaged; unpacking here");
                         return Ok(false);
@@ -150,6 +155,7 @@ impl Store {
                 );
                 return Ok(made);
             }
+            early_manifest = None;
             if Instant::now() >= next_claim {
                 match tier.claim(hex)? {
                     // The layer may have been published between the look above and the claim (the
@@ -182,14 +188,15 @@ impl Store {
         }
     }
 
-    /// A local committed layer whose content is the tier's layer `hex` (sealed with `seal`): referenced first
-    /// (so that no collection takes it meanwhile), made writable under a temporary name, its content replaced
-    /// by a link to the tier (to this host's mount of an image layer, or to a directory layer's tree), then
-    /// frozen under `name` in one transaction. A crash in between leaves an active layer under the temporary
-    /// name, which containerd's collection removes. The reference, the read of the tier's manifest and the
-    /// mount of an image (round trips to the shared filesystem) run beside the local record's creation, and
-    /// are done before the layer is frozen under `name`. An image that does not mount is unpacked here
-    /// instead (`Ok(false)`).
+    /// A local committed layer whose content is the tier's layer `hex` (sealed with `seal`, its manifest read
+    /// by `manifest` when that read was started early), made in one metadata transaction once everything it
+    /// names is in place. On one thread this host references the layer (so that no collection takes it
+    /// meanwhile) and then mounts an image layer (the mount also shows that the layer is still there after the
+    /// reference); on this one the manifest is checked against the seal and the layer's whole storage is made
+    /// and flushed: its content a link to the tier (to this host's mount of an image layer, or to a directory
+    /// layer's tree), its manifest the tier's. Then one durable transaction records the committed layer under
+    /// `name`. A crash before it leaves storage that no record names and that holds only the link, which the
+    /// next start deletes. An image that does not mount is unpacked here instead (`Ok(false)`).
     #[allow(clippy::too_many_arguments)]
     fn link_shared(
         &self,
@@ -199,94 +206,120 @@ impl Store {
         labels: BTreeMap<String, String>,
         hex: &str,
         seal: super::Seal,
+        manifest: Option<super::Pending<std::io::Result<Vec<u8>>>>,
         steps: &mut Steps,
     ) -> Result<bool> {
         let tier = self.tier().expect("tier");
         // Until the record is committed, no reconciliation of the mounts may take this layer's down.
-        let _mounting = tier.mounting();
+        let _adopting = tier.adopting();
         let target = match seal.format {
             super::TierFormat::Directory => tier.content(hex),
             super::TierFormat::Erofs => tier.mount_point(hex),
         };
-        let tmp = format!("lamina-tier/{hex}/{}", now_ns());
-        let layer = NewLayer {
-            ns,
-            name: &tmp,
-            parent,
-            kind: LayerKind::ReadWrite,
-            labels: labels.clone(),
-            options: CreateOptions {
-                parent_kind: Some(LayerKind::ReadOnly),
-                max_size: None,
-            },
-        };
-        let (created, remote) = std::thread::scope(|s| {
+        let n = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let (stored, remote) = std::thread::scope(|s| {
             let remote = s.spawn(|| {
                 let t0 = Instant::now();
                 tier.hold(hex)?;
                 let held = t0.elapsed();
-                let manifest = tier.manifest(hex, &seal)?;
-                let read = t0.elapsed() - held;
                 let mounted = tier.linked_content(hex, &seal).map(|_| ());
-                Ok::<_, StoreError>((manifest, held, read, t0.elapsed() - held - read, mounted))
+                Ok::<_, StoreError>((held, t0.elapsed() - held, mounted))
             });
-            let created = self.create_layer(layer, None);
-            let linked = match &created {
-                Ok((n, _)) => self.backend.link_content(*n, &target),
-                Err(_) => Ok(()),
-            };
-            steps.mark("create+link");
+            let stored = tier.manifest(hex, &seal, manifest).and_then(|bytes| {
+                steps.mark("manifest");
+                self.backend.create_linked(n, &target, &bytes)
+            });
+            steps.mark("store");
             let remote = remote.join().unwrap_or_else(|_| {
                 Err(StoreError::io(
                     "cluster tier",
                     std::io::Error::other("reference thread panicked"),
                 ))
             });
-            (created, linked.and(remote))
+            (stored, remote)
         });
-        let (n, rec) = created?;
         let mut unmountable = None;
-        let written = remote.and_then(|(manifest, held, read, mount, mounted)| {
+        let ready = remote.and_then(|(held, mount, mounted)| {
             steps.done.push(("hold", held.as_micros()));
-            steps.done.push(("manifest", read.as_micros()));
             steps.done.push(("mount", mount.as_micros()));
-            if let Err(e) = mounted {
-                unmountable = Some(e.to_string());
-                return Err(e);
-            }
-            let dest = self.backend.paths(n).manifest;
-            std::fs::write(&dest, manifest).map_err(|e| tier_io(format!("write {}", dest.display()), e))
+            mounted.inspect_err(|e| unmountable = Some(e.to_string()))
         });
         steps.mark("join");
-        if let Err(e) = written {
-            let _ = self.remove(ns, &tmp);
-            if let Some(why) = unmountable {
-                warn!(
-                    chain = name,
-                    error = why,
-                    "the tier's layer image does not mount here; unpacking here"
-                );
+        let owned = match (stored, ready) {
+            (Ok(owned), Ok(())) => owned,
+            (stored, ready) => {
+                if stored.is_ok() {
+                    // No record names it.
+                    self.backend.discard(n);
+                }
+                if let Some(why) = unmountable {
+                    warn!(
+                        chain = name,
+                        error = why,
+                        "the tier's layer image does not mount here; unpacking here"
+                    );
+                    return Ok(false);
+                }
+                return Err(ready.and(stored.map(|_| ())).expect_err("one failed"));
+            }
+        };
+        let txn = match self.write() {
+            Ok(txn) => txn,
+            Err(e) => {
+                self.backend.discard(n);
+                return Err(e);
+            }
+        };
+        let recorded = (|| {
+            if txn.number(ns, name)?.is_some() {
+                // Made by a concurrent call meanwhile.
                 return Ok(false);
             }
-            return Err(e);
+            let (parent_n, depth) =
+                crate::lifecycle::parent_of(&txn, ns, name, parent, None, Some(LayerKind::ReadOnly))?;
+            let now = now_ns();
+            let rec = crate::LayerRecord {
+                ns: ns.to_string(),
+                name: name.to_string(),
+                parent: parent_n,
+                depth,
+                kind: LayerKind::ReadOnly,
+                state: crate::LayerState::Empty,
+                size: Some(seal.bytes),
+                digest: None,
+                created_ns: now,
+                updated_ns: now,
+                inodes: Some(seal.inodes),
+                labels,
+                manifest: Some(seal.manifest.clone()),
+                max_size: None,
+                shared: Some(seal.chain.clone()),
+            };
+            txn.put_name(ns, name, n)?;
+            txn.put_layer(n, &rec)?;
+            if let Some(pn) = parent_n {
+                txn.add_child(pn, n)?;
+            }
+            txn.raise_next_id(n + 1)?;
+            Ok(true)
+        })();
+        match recorded {
+            Ok(true) => {
+                // A commit that failed may still have reached the disk: its storage stays (the next start
+                // deletes it if no record names it).
+                txn.commit()?;
+            }
+            Ok(false) => {
+                drop(txn);
+                self.backend.discard(n);
+            }
+            Err(e) => {
+                drop(txn);
+                self.backend.discard(n);
+                return Err(e);
+            }
         }
-        let slot = self.slot(n);
-        let guard = lock(&slot);
-        let txn = self.write()?;
-        if txn.number(ns, name)?.is_some() {
-            // Made by a concurrent call meanwhile.
-            drop(txn);
-            drop(guard);
-            let _ = self.remove(ns, &tmp);
-            return Ok(true);
-        }
-        txn.remove_name(ns, &tmp)?;
-        txn.put_name(ns, name, n)?;
-        let mut rec = rec.committed(name, labels, seal.bytes, seal.inodes, Some(seal.manifest));
-        rec.shared = Some(seal.chain);
-        txn.put_layer(n, &rec)?;
-        txn.commit()?;
-        drop(guard);
+        drop(owned);
         steps.mark("commit");
         debug!(name, steps = %steps, "adoption steps");
         Ok(true)
@@ -351,7 +384,7 @@ impl Store {
         let seal = tier.seal(&hex)?;
         // The background manifest of the apply reads the local copy: it finishes first.
         self.wait_sealed();
-        let _mounting = tier.mounting();
+        let _adopting = tier.adopting();
         let target = tier.linked_content(&hex, &seal)?;
         let slot = self.slot(n);
         let guard = lock(&slot);
