@@ -717,3 +717,35 @@ fn sharing_the_usage_of_a_deep_store_takes_one_pass() {
          chain walks {walk:?}, one pass {pass:?}; share_tier_usage {share:?}, unchanged {again:?}"
     );
 }
+
+#[test]
+fn an_adoption_cut_short_before_its_record_leaves_nothing_at_the_next_start() {
+    let h = Hosts::new();
+    let c1 = chain(21);
+    unpack_and_publish(&h.a, &c1, "a/21", "f", "x\n");
+    let hex = c1.trim_start_matches("sha256:");
+    // Host B made an adopted layer's whole storage (its content a link to the tier, the tier's manifest) and
+    // died before the transaction that records it.
+    let b_root = h._dir.path().join("b");
+    let n = 1_000;
+    let dir = {
+        let owned = h
+            .b
+            .backend
+            .create_linked(n, &h.tier.join("layers").join(hex).join("diff"), b"manifest\n")
+            .unwrap();
+        drop(owned);
+        h.b.backend.paths(n).dir
+    };
+    assert!(std::fs::symlink_metadata(dir.join("diff")).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read(dir.join("manifest")).unwrap(), b"manifest\n");
+    let Hosts { _dir, tier, lb, b, .. } = h;
+    drop(b);
+    let b = open(&b_root, &tier, &lb);
+    assert!(!dir.exists(), "removed at start: it held only a link to the tier");
+    assert!(!b_root.join("quarantine").exists(), "nothing of its own to keep");
+    assert!(b.lookup(NS, &c1).unwrap().is_none());
+    assert!(adopt(&b, &c1), "the next Prepare adopts the layer");
+    let diff = b.info(NS, &c1).unwrap().diff_dir;
+    assert_eq!(std::fs::read_to_string(diff.join("f")).unwrap(), "x\n");
+}
