@@ -199,13 +199,13 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
 
     /// Makes the whole storage of layer `n`, before its record: its content directory a symbolic link to
     /// `content` (a published layer of the cluster tier, never changed), so that stacks take it as a lower
-    /// directory, and `manifest` (the tier layer's content manifest) as its manifest. The storage appears whole
-    /// or not at all and is durable when this returns, so that the record naming it may be committed next. A
-    /// crash before that record leaves storage whose content is a link and nothing else, which
-    /// [`LayerBackend::recover`] deletes (the tier holds the content). The returned guard keeps garbage
-    /// collection away from it until the record is committed. Nothing is left behind on error. For backends
-    /// whose content is a directory.
-    fn create_linked(&self, n: u64, _content: &Path, _manifest: &[u8]) -> Result<InFlight> {
+    /// directory, and its manifest a symbolic link to `manifest` (the tier layer's, which never changes either;
+    /// the caller checked it against the seal). The storage appears whole or not at all and is durable when this
+    /// returns, so that the record naming it may be committed next. A crash before that record leaves storage
+    /// that holds only links, which [`LayerBackend::recover`] deletes (the tier holds the content). The returned
+    /// guard keeps garbage collection away from it until the record is committed. Nothing is left behind on
+    /// error. For backends whose content is a directory.
+    fn create_linked(&self, n: u64, _content: &Path, _manifest: &Path) -> Result<InFlight> {
         Err(crate::StoreError::Precondition(format!(
             "layer {n}: this backend cannot link a layer of the cluster tier"
         )))

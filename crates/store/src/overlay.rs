@@ -246,38 +246,35 @@ impl LayerBackend for OverlayBackend {
         remove_tree(&self.layer_dir(n));
     }
 
-    fn create_linked(&self, n: u64, content: &Path, manifest: &[u8]) -> Result<InFlight> {
+    fn create_linked(&self, n: u64, content: &Path, manifest: &Path) -> Result<InFlight> {
         let dir = self.layer_dir(n);
         let owned = InFlight::new(&self.in_flight, dir.clone());
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let staged = self.root.join("staging").join(format!("new-{n:x}-{seq}"));
         let staging = InFlight::new(&self.in_flight, staged.clone());
+        let layers = self.root.join("layers");
         let mut renamed = false;
+        let link = |target: &Path, name: &str| {
+            let path = staged.join(name);
+            std::os::unix::fs::symlink(target, &path)
+                .map_err(|e| StoreError::io(format!("link {} to {}", path.display(), target.display()), e))
+        };
         let made = (|| {
             mkdir(&staged, 0o700)?;
-            let diff = staged.join("diff");
-            std::os::unix::fs::symlink(content, &diff)
-                .map_err(|e| StoreError::io(format!("link {} to {}", diff.display(), content.display()), e))?;
+            link(content, "diff")?;
+            link(manifest, MANIFEST_FILE)?;
             mkdir(&staged.join("work"), 0o700)?;
             mkdir(&staged.join("merged"), 0o755)?;
-            let path = staged.join(MANIFEST_FILE);
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|e| StoreError::io(format!("create {}", path.display()), e))?;
-            file.write_all(manifest)
-                .map_err(|e| StoreError::io(format!("write {}", path.display()), e))?;
             std::fs::rename(&staged, &dir)
                 .map_err(|e| StoreError::io(format!("move new layer directory to {}", dir.display()), e))?;
             renamed = true;
-            drop(file);
-            // Durable before the record (rule 1 of docs/on-disk-format.md): the manifest's bytes, the
-            // directory's entries and its name in `layers/`, with one flush of the filesystem (three `fsync`s,
-            // of the manifest, the directory and `layers/`, cost a device flush each on ext4).
-            fault::point("store.adopt.syncfs")
-                .and_then(|()| mount::syncfs(&dir))
-                .map_err(|e| StoreError::io("sync adopted layer", e))
+            // Durable before the record (rule 1 of docs/on-disk-format.md). Every step above is a namespace
+            // operation with no file data (directories and symbolic links, which ext4 and xfs journal with
+            // their blocks), and the journal keeps them in order: the `fsync` of `layers/`, which the rename
+            // changed last, commits them all with one device flush.
+            fault::point("store.adopt.sync")
+                .and_then(|()| File::open(&layers).and_then(|d| d.sync_all()))
+                .map_err(|e| StoreError::io(format!("sync directory {}", layers.display()), e))
         })();
         drop(staging);
         if let Err(e) = made {
@@ -743,7 +740,8 @@ impl LayerBackend for OverlayBackend {
 
 /// The layer number of a mount point `<layers_dir>/<hex>/merged`.
 /// Whether the layer directory `dir` holds nothing of its own: its `diff` a symbolic link (only a layer linked
-/// to the cluster tier has one), beside it at most empty `work/` and `merged/` and a `manifest`.
+/// to the cluster tier has one), beside it at most empty `work/` and `merged/` and a `manifest` (a link to the
+/// tier's, or a file).
 fn is_link_only(dir: &Path) -> bool {
     let linked = std::fs::symlink_metadata(dir.join("diff")).is_ok_and(|m| m.file_type().is_symlink());
     let Ok(rd) = std::fs::read_dir(dir) else {

@@ -225,18 +225,19 @@ impl Store {
                 let mounted = tier.linked_content(hex, &seal).map(|_| ());
                 Ok::<_, StoreError>((held, t0.elapsed() - held, mounted))
             });
-            let stored = tier.manifest(hex, &seal, manifest).and_then(|bytes| {
-                steps.mark("manifest");
-                self.backend.create_linked(n, &target, &bytes)
-            });
+            let manifest_link = tier.layer_dir(hex).join(crate::MANIFEST_FILE);
+            let stored = self.backend.create_linked(n, &target, &manifest_link);
             steps.mark("store");
+            // Checked before the record names it; the read began beside the seal's.
+            let checked = tier.manifest(hex, &seal, manifest).map(|_| ());
+            steps.mark("manifest");
             let remote = remote.join().unwrap_or_else(|_| {
                 Err(StoreError::io(
                     "cluster tier",
                     std::io::Error::other("reference thread panicked"),
                 ))
             });
-            (stored, remote)
+            (stored, checked.and(remote))
         });
         let mut unmountable = None;
         let ready = remote.and_then(|(held, mount, mounted)| {

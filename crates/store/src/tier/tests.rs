@@ -724,21 +724,25 @@ fn an_adoption_cut_short_before_its_record_leaves_nothing_at_the_next_start() {
     let c1 = chain(21);
     unpack_and_publish(&h.a, &c1, "a/21", "f", "x\n");
     let hex = c1.trim_start_matches("sha256:");
-    // Host B made an adopted layer's whole storage (its content a link to the tier, the tier's manifest) and
+    // Host B made an adopted layer's whole storage (its content and its manifest links to the tier's) and
     // died before the transaction that records it.
     let b_root = h._dir.path().join("b");
     let n = 1_000;
+    let published = h.tier.join("layers").join(hex);
     let dir = {
         let owned = h
             .b
             .backend
-            .create_linked(n, &h.tier.join("layers").join(hex).join("diff"), b"manifest\n")
+            .create_linked(n, &published.join("diff"), &published.join("manifest"))
             .unwrap();
         drop(owned);
         h.b.backend.paths(n).dir
     };
     assert!(std::fs::symlink_metadata(dir.join("diff")).unwrap().file_type().is_symlink());
-    assert_eq!(std::fs::read(dir.join("manifest")).unwrap(), b"manifest\n");
+    assert_eq!(
+        std::fs::read(dir.join("manifest")).unwrap(),
+        std::fs::read(published.join("manifest")).unwrap()
+    );
     let Hosts { _dir, tier, lb, b, .. } = h;
     drop(b);
     let b = open(&b_root, &tier, &lb);
