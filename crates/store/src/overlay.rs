@@ -252,7 +252,6 @@ impl LayerBackend for OverlayBackend {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let staged = self.root.join("staging").join(format!("new-{n:x}-{seq}"));
         let staging = InFlight::new(&self.in_flight, staged.clone());
-        let layers = self.root.join("layers");
         let mut renamed = false;
         let link = |target: &Path, name: &str| {
             let path = staged.join(name);
@@ -268,13 +267,11 @@ impl LayerBackend for OverlayBackend {
             std::fs::rename(&staged, &dir)
                 .map_err(|e| StoreError::io(format!("move new layer directory to {}", dir.display()), e))?;
             renamed = true;
-            // Durable before the record (rule 1 of docs/on-disk-format.md). Every step above is a namespace
-            // operation with no file data (directories and symbolic links, which ext4 and xfs journal with
-            // their blocks), and the journal keeps them in order: the `fsync` of `layers/`, which the rename
-            // changed last, commits them all with one device flush.
-            fault::point("store.adopt.sync")
-                .and_then(|()| File::open(&layers).and_then(|d| d.sync_all()))
-                .map_err(|e| StoreError::io(format!("sync directory {}", layers.display()), e))
+            // Not flushed: every step above is a namespace operation without file data (directories and
+            // symbolic links, which ext4 and xfs journal with their targets, in order), so a power cut leaves
+            // either the whole directory or none, and a record whose storage is missing is linked again from
+            // the tier at the next start (docs/on-disk-format.md, "Adoption from the cluster tier").
+            fault::point("store.adopt.rename").map_err(|e| StoreError::io("adopt layer", e))
         })();
         drop(staging);
         if let Err(e) = made {
@@ -607,10 +604,15 @@ impl LayerBackend for OverlayBackend {
             mount::syncfs(&layers_dir).map_err(|e| StoreError::io("sync layers", e))?;
         }
         for n in known.iter().filter(|n| !present.contains(n)) {
+            let rec = record_of(*n)?;
+            if rec.as_ref().is_some_and(|r| r.shared.is_some()) {
+                // Its content is the cluster tier's: the store links it again from there, never empty.
+                continue;
+            }
             // A create's directories that had not reached the disk when the power went (they are made after
             // the record); an empty layer loses nothing.
             warn!(layer = n, "layer directory missing; recreating it empty");
-            self.make_layer_dirs(*n, record_of(*n)?.and_then(|r| r.max_size))?;
+            self.make_layer_dirs(*n, rec.and_then(|r| r.max_size))?;
         }
         Ok(kept)
     }
@@ -752,7 +754,9 @@ fn is_link_only(dir: &Path) -> bool {
             let Ok(e) = e else { return false };
             match e.file_name().to_str() {
                 Some("diff") | Some(MANIFEST_FILE) => true,
-                Some("work") | Some("merged") => std::fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none()),
+                Some("work") | Some("merged") => {
+                    std::fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none())
+                }
                 _ => false,
             }
         })

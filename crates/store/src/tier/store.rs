@@ -467,8 +467,10 @@ impl Store {
         }
     }
 
-    /// [`Store::sync_tier_mounts`] on the records `records`, read with the tier's mounting lock held.
+    /// [`Store::sync_tier_mounts`] on the records `records`, read with the tier's mounting lock held. Links
+    /// again first the layers whose storage is missing ([`Store::relink_shared`]).
     fn sync_tier_mounts_of(&self, tier: &super::Tier, records: &[(u64, crate::LayerRecord)]) -> Vec<String> {
+        let mut errors = self.relink_shared(tier, records);
         let needed = records
             .iter()
             .filter_map(|(n, r)| {
@@ -477,9 +479,59 @@ impl Store {
                 (link == tier.mount_point(&hex)).then_some(hex)
             })
             .collect();
-        let errors = tier.sync_mounts(&needed);
-        for e in &errors {
+        let synced = tier.sync_mounts(&needed);
+        for e in &synced {
             warn!(error = %e, "cluster tier: mounts of image layers");
+        }
+        errors.extend(synced);
+        errors
+    }
+
+    /// Makes again the storage of each layer among `records` whose content is the tier's and whose storage is
+    /// missing: an adoption does not flush the storage it makes before its record (the record is flushed), so a
+    /// power cut can take the storage and keep the record. Its links are made again from the tier's seal
+    /// (recovery leaves such a layer missing rather than empty); a layer the tier cannot give now is tried
+    /// again at the next reconciliation. Gives the errors, which are also logged.
+    fn relink_shared(&self, tier: &super::Tier, records: &[(u64, crate::LayerRecord)]) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (n, rec) in records {
+            let Some(hex) = rec.shared.as_deref().and_then(chain_hex) else {
+                continue;
+            };
+            if self.backend.exists(*n) {
+                continue;
+            }
+            // A removal holds the layer's lock from its record's removal to its storage's.
+            let slot = self.slot(*n);
+            let _guard = lock(&slot);
+            if self.backend.exists(*n) || !matches!(self.record_by_number(*n), Ok(Some(_))) {
+                continue;
+            }
+            let relinked = tier.published(hex).and_then(|seal| {
+                let seal = seal.ok_or_else(|| {
+                    tier_io(
+                        format!("layer {hex} is no longer in the tier"),
+                        std::io::Error::from(std::io::ErrorKind::NotFound),
+                    )
+                })?;
+                let target = match seal.format {
+                    super::TierFormat::Directory => tier.content(hex),
+                    super::TierFormat::Erofs => tier.mount_point(hex),
+                };
+                let manifest = tier.layer_dir(hex).join(crate::MANIFEST_FILE);
+                self.backend.create_linked(*n, &target, &manifest).map(drop)
+            });
+            match relinked {
+                Ok(()) => warn!(
+                    layer = n,
+                    chain = rec.shared.as_deref().unwrap_or_default(),
+                    "layer directory missing; linked again to the cluster tier"
+                ),
+                Err(e) => {
+                    warn!(layer = n, error = %e, "layer directory missing; cannot link it to the cluster tier now");
+                    errors.push(format!("layer {n}: {e}"));
+                }
+            }
         }
         errors
     }
