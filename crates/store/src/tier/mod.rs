@@ -348,6 +348,14 @@ impl Tier {
         self.opts.lease.hold(KIND, hex).map_err(lease_err)
     }
 
+    /// Starts [`Tier::hold`] of layer `hex` on a thread of its own.
+    pub(crate) fn start_hold(&self, hex: &str) -> Result<Pending<Result<()>>> {
+        let (lease, name) = (self.opts.lease.clone(), hex.to_string());
+        started("reference the layer", move || {
+            lease.hold(KIND, &name).map_err(lease_err)
+        })
+    }
+
     /// The layers this host references.
     pub(crate) fn references(&self) -> Result<HashSet<String>> {
         Ok(self

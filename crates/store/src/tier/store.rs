@@ -46,6 +46,13 @@ impl std::fmt::Display for Steps {
     }
 }
 
+/// The reference and the manifest read of a layer started at an adoption's first look (each when it could be
+/// started), before its seal was seen.
+type Early = (
+    Option<super::Pending<Result<()>>>,
+    Option<super::Pending<std::io::Result<Vec<u8>>>>,
+);
+
 /// One layer of the tier, as `lamina layers top --cluster` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TierLayer {
@@ -124,9 +131,12 @@ impl Store {
         let claim_every = (tier.lease().config().lease / 3).max(Duration::from_secs(1));
         let mut waited = false;
         let mut next_claim = Instant::now();
-        // At the first look, the manifest is read beside the seal: a published layer's adoption needs both,
-        // and a layer not published yet costs one lookup more.
+        // At the first look, the reference is taken and the manifest read beside the seal's read: a published
+        // layer's adoption needs all three, a layer not published yet costs one lookup more, and this host then
+        // unpacks it or waits for it and needs the reference either way (at its publication, or at the
+        // adoption); an unpack given up leaves it to this host's next collection.
         let mut early_manifest = tier.read_manifest(hex).ok();
+        let mut early_hold = tier.start_hold(hex).ok();
         loop {
             let published = match tier.published(hex) {
                 Err(StoreError::CorruptMetadata(e)) => {
@@ -138,8 +148,8 @@ impl Store {
             if let Some(seal) = published {
                 steps.mark("seal");
                 let t0 = Instant::now();
-                let manifest = early_manifest.take();
-                let made = match self.link_shared(ns, name, parent, labels, hex, seal, manifest, &mut steps) {
+                let early = (early_hold.take(), early_manifest.take());
+                let made = match self.link_shared(ns, name, parent, labels, hex, seal, early, &mut steps) {
                     Err(StoreError::CorruptMetadata(e)) => {
                         warn!(chain = name, error = %e, "the tier's layer is damaged; unpacking here");
                         return Ok(false);
@@ -156,6 +166,7 @@ impl Store {
                 return Ok(made);
             }
             early_manifest = None;
+            early_hold = None;
             if Instant::now() >= next_claim {
                 match tier.claim(hex)? {
                     // The layer may have been published between the look above and the claim (the
@@ -188,15 +199,17 @@ impl Store {
         }
     }
 
-    /// A local committed layer whose content is the tier's layer `hex` (sealed with `seal`, its manifest read
-    /// by `manifest` when that read was started early), made in one metadata transaction once everything it
-    /// names is in place. On one thread this host references the layer (so that no collection takes it
-    /// meanwhile) and then mounts an image layer (the mount also shows that the layer is still there after the
-    /// reference); on this one the manifest is checked against the seal and the layer's whole storage is made
-    /// and flushed: its content a link to the tier (to this host's mount of an image layer, or to a directory
-    /// layer's tree), its manifest the tier's. Then one durable transaction records the committed layer under
-    /// `name`. A crash before it leaves storage that no record names and that holds only the link, which the
-    /// next start deletes. An image that does not mount is unpacked here instead (`Ok(false)`).
+    /// A local committed layer whose content is the tier's layer `hex` (sealed with `seal`; `early`: its
+    /// reference and manifest read when they were started before the seal was seen), made in one metadata
+    /// transaction once everything it names is in place. On one thread this host references the layer (so
+    /// that no collection takes it meanwhile) and then mounts an image layer (the mount also shows that the
+    /// layer is still there after the reference); on this one the layer's whole storage is made (its content a
+    /// link to the tier: to this host's mount of an image layer, or to a directory layer's tree; its manifest a
+    /// link to the tier's), and the manifest is checked against the seal. Then one durable transaction records
+    /// the committed layer under `name`. A crash before it leaves storage that no record names and that holds
+    /// only links, which the next start deletes; the storage is not flushed (a power cut that keeps the record
+    /// and loses it is repaired from the tier, [`Store::relink_shared`]). An image that does not mount is
+    /// unpacked here instead (`Ok(false)`).
     #[allow(clippy::too_many_arguments)]
     fn link_shared(
         &self,
@@ -206,7 +219,7 @@ impl Store {
         labels: BTreeMap<String, String>,
         hex: &str,
         seal: super::Seal,
-        manifest: Option<super::Pending<std::io::Result<Vec<u8>>>>,
+        (hold, manifest): Early,
         steps: &mut Steps,
     ) -> Result<bool> {
         let tier = self.tier().expect("tier");
@@ -220,7 +233,10 @@ impl Store {
         let (stored, remote) = std::thread::scope(|s| {
             let remote = s.spawn(|| {
                 let t0 = Instant::now();
-                tier.hold(hex)?;
+                match hold.map(super::Pending::wait) {
+                    Some(Ok(Ok(()))) => {}
+                    _ => tier.hold(hex)?,
+                }
                 let held = t0.elapsed();
                 let mounted = tier.linked_content(hex, &seal).map(|_| ());
                 Ok::<_, StoreError>((held, t0.elapsed() - held, mounted))
