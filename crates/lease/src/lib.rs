@@ -305,10 +305,11 @@ impl Lease {
         let dir = self.ref_dir(kind, name)?;
         let file = dir.join(self.host().as_str());
         let mut last = None;
-        // A concurrent release on another host may remove the (then empty) directory between mkdir and
-        // create; try again.
+        // The file is created first: the directory is usually there (another host holds the name), and then
+        // the hold is one create on the metadata server. Without the directory, it is made and the create
+        // tried again; a concurrent release on another host may remove the (then empty) directory between
+        // the mkdir and the create, so again.
         for _ in 0..8 {
-            fs::create_dir_all(&dir).map_err(io_at("creating", &dir))?;
             match OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -319,6 +320,7 @@ impl Lease {
                 Err(e) if e.kind() == ErrorKind::NotFound => last = Some(e),
                 Err(e) => return Err(LeaseError::io(format!("creating {}", file.display()), e)),
             }
+            fs::create_dir_all(&dir).map_err(io_at("creating", &dir))?;
         }
         Err(LeaseError::io(
             format!("creating {}", file.display()),

@@ -171,8 +171,10 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Start-up, after interrupted applies were rolled back: takes down views no known layer owns, deletes the
     /// storage of removed layers (their removal was committed) and makes every deletion of theirs durable (the
     /// store drops their proofs next), moves storage that no record explains
-    /// to quarantine (never deleted on the evidence of missing metadata), recreates missing storage of known
-    /// layers, and returns the known layers whose view is still up. See [`Recovery`].
+    /// to quarantine (never deleted on the evidence of missing metadata) except storage that holds only links
+    /// to the cluster tier (deleted), recreates missing storage of known layers except those whose content is
+    /// the tier's (`shared`: the store links them again), and returns the known layers whose view is still up.
+    /// See [`Recovery`].
     fn recover(&self, state: &Recovery<'_>) -> Result<Vec<u64>>;
 
     /// Whether any storage of layer `n` is there.
@@ -197,13 +199,18 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Bytes on disk of a path this backend reported.
     fn bytes_of(&self, path: &Path) -> u64;
 
-    /// Makes the directory `content` (a published layer of the cluster tier, never changed) the content of
-    /// the new, empty layer `n`: its own content directory becomes a symbolic link to it, so that stacks take
-    /// it as a lower directory. For backends whose content is a directory.
-    fn link_content(&self, n: u64, content: &Path) -> Result<()> {
-        let own = self.paths(n).content;
-        std::fs::remove_dir(&own)
-            .and_then(|()| std::os::unix::fs::symlink(content, &own))
-            .map_err(|e| crate::StoreError::io(format!("link {} to {}", own.display(), content.display()), e))
+    /// Makes the whole storage of layer `n`, before its record: its content directory a symbolic link to
+    /// `content` (a published layer of the cluster tier, never changed), so that stacks take it as a lower
+    /// directory, and its manifest a symbolic link to `manifest` (the tier layer's, which never changes either;
+    /// the caller checked it against the seal). The storage appears whole or not at all; it is not flushed: a
+    /// crash before the record that names it leaves storage holding only links, which
+    /// [`LayerBackend::recover`] deletes (the tier holds the content), and a power cut after that record
+    /// leaves a record whose storage is missing, which recovery does not recreate empty: the store links it
+    /// again from the tier. The returned guard keeps garbage collection away from it until the record is
+    /// committed. Nothing is left behind on error. For backends whose content is a directory.
+    fn create_linked(&self, n: u64, _content: &Path, _manifest: &Path) -> Result<InFlight> {
+        Err(crate::StoreError::Precondition(format!(
+            "layer {n}: this backend cannot link a layer of the cluster tier"
+        )))
     }
 }

@@ -9,7 +9,9 @@
 //! - with [`crate::OpenOptions::quarantine_unknown`] the open goes on and those directories are moved, untouched,
 //!   to `quarantine/` (by the backend, which knows what its storage is);
 //! - a known database that lacks a directory's record (an older copy) gets that directory quarantined too;
-//! - only directories whose removal this store committed (a row in `removed`) are deleted at start.
+//! - only directories whose removal this store committed (a row in `removed`) are deleted at start, and those
+//!   holding nothing of their own (a layer adopted from the cluster tier whose record a crash cut short: its
+//!   content a link to the tier).
 
 use std::io::{Read, Write};
 use std::path::Path;

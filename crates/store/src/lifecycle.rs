@@ -7,6 +7,7 @@ use lamina_sys::fault;
 use lamina_sys::mount::MAX_OVERLAY_LOWERS;
 use tracing::{debug, warn};
 
+use crate::tables::Writer;
 use crate::verify::{write_manifest_unsynced, INLINE_SEAL_BYTES, INLINE_SEAL_INODES};
 use crate::{
     lock, now_ns, Counter, LayerKind, LayerRecord, LayerState, NewLayer, Result, Store, StoreError,
@@ -72,31 +73,7 @@ impl Store {
             if txn.number(ns, name)?.is_some() {
                 return Err(StoreError::AlreadyExists(format!("layer {name}")));
             }
-            let (parent_n, depth) = match parent {
-                None => (None, 0),
-                Some(p) => {
-                    let pn = txn
-                        .number(ns, p)?
-                        .filter(|pn| expected_parent.is_none_or(|e| e == *pn))
-                        .ok_or_else(|| StoreError::NotFound(format!("parent {p}")))?;
-                    let prec = txn.require_layer(pn)?;
-                    if let Some(want) = parent_kind {
-                        if prec.kind != want {
-                            return Err(StoreError::Precondition(format!(
-                                "parent {p} is {:?}, not {want:?}",
-                                prec.kind
-                            )));
-                        }
-                    }
-                    if prec.depth + 1 > MAX_DEPTH {
-                        return Err(StoreError::LimitExceeded(format!(
-                            "layer {name} would sit on {} layers; overlay stacks at most {MAX_OVERLAY_LOWERS}",
-                            prec.depth + 1
-                        )));
-                    }
-                    (Some(pn), prec.depth + 1)
-                }
-            };
+            let (parent_n, depth) = parent_of(&txn, ns, name, parent, expected_parent, parent_kind)?;
             let now = now_ns();
             let rec = LayerRecord {
                 ns: ns.to_string(),
@@ -302,4 +279,40 @@ impl Store {
         txn.commit()?;
         Ok(rec)
     }
+}
+
+/// The number of the parent `parent` of the new layer `name` in `ns` and the new layer's depth, read in the
+/// creating transaction: the parent must exist (with the number `expected_parent` when the caller resolved it
+/// already), be of `parent_kind` when given, and leave room in an overlay stack.
+pub(crate) fn parent_of(
+    txn: &Writer,
+    ns: &str,
+    name: &str,
+    parent: Option<&str>,
+    expected_parent: Option<u64>,
+    parent_kind: Option<LayerKind>,
+) -> Result<(Option<u64>, u32)> {
+    let Some(p) = parent else {
+        return Ok((None, 0));
+    };
+    let pn = txn
+        .number(ns, p)?
+        .filter(|pn| expected_parent.is_none_or(|e| e == *pn))
+        .ok_or_else(|| StoreError::NotFound(format!("parent {p}")))?;
+    let prec = txn.require_layer(pn)?;
+    if let Some(want) = parent_kind {
+        if prec.kind != want {
+            return Err(StoreError::Precondition(format!(
+                "parent {p} is {:?}, not {want:?}",
+                prec.kind
+            )));
+        }
+    }
+    if prec.depth + 1 > MAX_DEPTH {
+        return Err(StoreError::LimitExceeded(format!(
+            "layer {name} would sit on {} layers; overlay stacks at most {MAX_OVERLAY_LOWERS}",
+            prec.depth + 1
+        )));
+    }
+    Ok((Some(pn), prec.depth + 1))
 }

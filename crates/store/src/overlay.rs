@@ -246,6 +246,41 @@ impl LayerBackend for OverlayBackend {
         remove_tree(&self.layer_dir(n));
     }
 
+    fn create_linked(&self, n: u64, content: &Path, manifest: &Path) -> Result<InFlight> {
+        let dir = self.layer_dir(n);
+        let owned = InFlight::new(&self.in_flight, dir.clone());
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let staged = self.root.join("staging").join(format!("new-{n:x}-{seq}"));
+        let staging = InFlight::new(&self.in_flight, staged.clone());
+        let mut renamed = false;
+        let link = |target: &Path, name: &str| {
+            let path = staged.join(name);
+            std::os::unix::fs::symlink(target, &path)
+                .map_err(|e| StoreError::io(format!("link {} to {}", path.display(), target.display()), e))
+        };
+        let made = (|| {
+            mkdir(&staged, 0o700)?;
+            link(content, "diff")?;
+            link(manifest, MANIFEST_FILE)?;
+            mkdir(&staged.join("work"), 0o700)?;
+            mkdir(&staged.join("merged"), 0o755)?;
+            std::fs::rename(&staged, &dir)
+                .map_err(|e| StoreError::io(format!("move new layer directory to {}", dir.display()), e))?;
+            renamed = true;
+            // Not flushed: every step above is a namespace operation without file data (directories and
+            // symbolic links, which ext4 and xfs journal with their targets, in order), so a power cut leaves
+            // either the whole directory or none, and a record whose storage is missing is linked again from
+            // the tier at the next start (docs/on-disk-format.md, "Adoption from the cluster tier").
+            fault::point("store.adopt.rename").map_err(|e| StoreError::io("adopt layer", e))
+        })();
+        drop(staging);
+        if let Err(e) = made {
+            remove_tree(if renamed { &dir } else { &staged });
+            return Err(e);
+        }
+        Ok(owned)
+    }
+
     fn remove(&self, n: u64, max_size: Option<u64>) {
         // Out of view at once; the content goes in the background.
         let dir = self.layer_dir(n);
@@ -550,6 +585,13 @@ impl LayerBackend for OverlayBackend {
                     remove_tree(&entry.path());
                     deleted = true;
                 }
+                _ if is_link_only(&entry.path()) => {
+                    // An adoption from the cluster tier cut short before its record: its content is a link to
+                    // the tier and its manifest a copy of the tier's, nothing of its own.
+                    info!(dir = %entry.path().display(), "removing a layer directory linked to the cluster tier that no record names");
+                    remove_tree(&entry.path());
+                    deleted = true;
+                }
                 _ => {
                     // No record explains it (an older database, or not lamina's): kept, out of the way.
                     self.quarantine(&entry.path())?;
@@ -562,10 +604,15 @@ impl LayerBackend for OverlayBackend {
             mount::syncfs(&layers_dir).map_err(|e| StoreError::io("sync layers", e))?;
         }
         for n in known.iter().filter(|n| !present.contains(n)) {
+            let rec = record_of(*n)?;
+            if rec.as_ref().is_some_and(|r| r.shared.is_some()) {
+                // Its content is the cluster tier's: the store links it again from there, never empty.
+                continue;
+            }
             // A create's directories that had not reached the disk when the power went (they are made after
             // the record); an empty layer loses nothing.
             warn!(layer = n, "layer directory missing; recreating it empty");
-            self.make_layer_dirs(*n, record_of(*n)?.and_then(|r| r.max_size))?;
+            self.make_layer_dirs(*n, rec.and_then(|r| r.max_size))?;
         }
         Ok(kept)
     }
@@ -694,6 +741,27 @@ impl LayerBackend for OverlayBackend {
 }
 
 /// The layer number of a mount point `<layers_dir>/<hex>/merged`.
+/// Whether the layer directory `dir` holds nothing of its own: its `diff` a symbolic link (only a layer linked
+/// to the cluster tier has one), beside it at most empty `work/` and `merged/` and a `manifest` (a link to the
+/// tier's, or a file).
+fn is_link_only(dir: &Path) -> bool {
+    let linked = std::fs::symlink_metadata(dir.join("diff")).is_ok_and(|m| m.file_type().is_symlink());
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    linked
+        && rd.into_iter().all(|e| {
+            let Ok(e) = e else { return false };
+            match e.file_name().to_str() {
+                Some("diff") | Some(MANIFEST_FILE) => true,
+                Some("work") | Some("merged") => {
+                    std::fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none())
+                }
+                _ => false,
+            }
+        })
+}
+
 fn parse_merged(layers_dir: &Path, mp: &Path) -> Option<u64> {
     let rel = mp.strip_prefix(layers_dir).ok()?;
     let mut comps = rel.components();

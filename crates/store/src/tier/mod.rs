@@ -36,7 +36,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lamina_archive::{ApplyOptions, DiffOptions};
@@ -145,9 +145,12 @@ pub(crate) struct Tier {
     /// `<data root>/tier`: the mounts of image layers on this host, one directory per layer (`<hex>`), there
     /// only while the image is mounted on it, and `.build/` where images are made before their copy.
     mounts: PathBuf,
-    /// Held while mounts are made or taken down, and by an adoption until its record is committed, so that
-    /// a reconciliation never takes down a mount that a record is about to need.
-    mounting: Mutex<()>,
+    /// Held exclusively by a reconciliation of the mounts, and shared by each adoption until its record is
+    /// committed, so that a reconciliation never takes down a mount that a record is about to need while
+    /// adoptions of different layers run side by side.
+    mounting: RwLock<()>,
+    /// One lock per image layer being mounted: two adoptions of one layer mount it once.
+    mount_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 const SUBDIRS: [&str; 4] = ["layers", "staging", "trash", "usage"];
@@ -180,6 +183,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs `f` (a call on the shared filesystem) on its own thread and gives up after [`CALL_TIMEOUT`]; a thread
 /// stuck in the filesystem finishes when the filesystem answers again.
 fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    started(what, f)?.wait()
+}
+
+/// Starts `f` (a call on the shared filesystem) on its own thread; [`Pending::wait`] gives its result, or
+/// gives up after [`CALL_TIMEOUT`] as [`bounded`] does. A call whose result is not waited for ends on its own.
+fn started<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<Pending<T>> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("tier-call".into())
@@ -187,18 +196,34 @@ fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
             let _ = tx.send(f());
         })
         .map_err(|e| tier_io("start a call", e))?;
-    rx.recv_timeout(CALL_TIMEOUT).map_err(|_| {
-        tier_io(
-            what,
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "the shared filesystem did not answer within {} s (is its metadata server up?)",
-                    CALL_TIMEOUT.as_secs()
-                ),
-            ),
-        )
+    Ok(Pending {
+        what: what.to_string(),
+        rx,
     })
+}
+
+/// A call on the shared filesystem running on its own thread ([`started`]).
+pub(crate) struct Pending<T> {
+    what: String,
+    rx: std::sync::mpsc::Receiver<T>,
+}
+
+impl<T> Pending<T> {
+    /// Its result, waited for at most [`CALL_TIMEOUT`].
+    pub(crate) fn wait(self) -> Result<T> {
+        self.rx.recv_timeout(CALL_TIMEOUT).map_err(|_| {
+            tier_io(
+                self.what,
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the shared filesystem did not answer within {} s (is its metadata server up?)",
+                        CALL_TIMEOUT.as_secs()
+                    ),
+                ),
+            )
+        })
+    }
 }
 
 /// What [`Tier::claim`] found.
@@ -253,7 +278,8 @@ impl Tier {
             seq: AtomicU64::new(0),
             usage: Default::default(),
             mounts,
-            mounting: Mutex::new(()),
+            mounting: RwLock::new(()),
+            mount_locks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -322,6 +348,14 @@ impl Tier {
         self.opts.lease.hold(KIND, hex).map_err(lease_err)
     }
 
+    /// Starts [`Tier::hold`] of layer `hex` on a thread of its own.
+    pub(crate) fn start_hold(&self, hex: &str) -> Result<Pending<Result<()>>> {
+        let (lease, name) = (self.opts.lease.clone(), hex.to_string());
+        started("reference the layer", move || {
+            lease.hold(KIND, &name).map_err(lease_err)
+        })
+    }
+
     /// The layers this host references.
     pub(crate) fn references(&self) -> Result<HashSet<String>> {
         Ok(self
@@ -354,7 +388,7 @@ impl Tier {
 
     /// The directory a local record of published layer `hex` links to: the tier's directory of a directory
     /// layer; the mount on this host of an image layer, mounted now unless it is already. The caller holds
-    /// [`Tier::mounting`] until the record that links it is committed.
+    /// [`Tier::adopting`] until the record that links it is committed.
     pub(crate) fn linked_content(&self, hex: &str, seal: &Seal) -> Result<PathBuf> {
         match seal.format {
             TierFormat::Directory => Ok(self.content(hex)),
@@ -362,9 +396,14 @@ impl Tier {
         }
     }
 
-    /// Held while mounts of image layers are made or taken down (see the field).
-    pub(crate) fn mounting(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.mounting.lock().unwrap_or_else(|p| p.into_inner())
+    /// Held by a reconciliation of the mounts of image layers (see the field).
+    pub(crate) fn mounting(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.mounting.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Held by an adoption until its record is committed (see [`Tier::mounting`]'s field).
+    pub(crate) fn adopting(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.mounting.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Mounts image layer `hex` on its mount point unless it is mounted there already (a previous run's
@@ -372,6 +411,27 @@ impl Tier {
     /// failed mount leaves no mount point behind: links to it then fail loudly instead of showing an empty
     /// directory.
     fn mount(&self, hex: &str) -> Result<PathBuf> {
+        let lock = self
+            .mount_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(hex.to_string())
+            .or_default()
+            .clone();
+        let mounted = {
+            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.mount_once(hex)
+        };
+        let mut locks = self.mount_locks.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's and this call's: no other call waits for it.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(hex);
+        }
+        mounted
+    }
+
+    /// [`Tier::mount`] under the layer's lock.
+    fn mount_once(&self, hex: &str) -> Result<PathBuf> {
         let target = self.mount_point(hex);
         if lamina_sys::mount::is_mount_root(&target).ok().flatten() == Some(true) {
             return Ok(target);
@@ -463,14 +523,33 @@ impl Tier {
     /// Copies the manifest of published layer `hex` to `dest` after checking it against the digest its seal
     /// records (a torn or replaced manifest is refused). The layer's content is not read.
     pub(crate) fn copy_manifest(&self, hex: &str, seal: &Seal, dest: &Path) -> Result<()> {
-        let bytes = self.manifest(hex, seal)?;
+        let bytes = self.manifest(hex, seal, None)?;
         std::fs::write(dest, &bytes).map_err(|e| tier_io(format!("write {}", dest.display()), e))
     }
 
-    /// The manifest of published layer `hex`, checked against the digest its seal records.
-    pub(crate) fn manifest(&self, hex: &str, seal: &Seal) -> Result<Vec<u8>> {
+    /// Starts the read of layer `hex`'s manifest (it may not be published yet), for [`Tier::manifest`].
+    pub(crate) fn read_manifest(&self, hex: &str) -> Result<Pending<io::Result<Vec<u8>>>> {
         let src = self.layer_dir(hex).join(crate::MANIFEST_FILE);
-        let bytes = std::fs::read(&src).map_err(|e| tier_io(format!("read {}", src.display()), e))?;
+        started(&format!("read {}", src.display()), move || std::fs::read(&src))
+    }
+
+    /// The manifest of published layer `hex`, checked against the digest its seal records: the result of
+    /// `early` (a read started before the seal was seen) when that read found it, else read now.
+    pub(crate) fn manifest(
+        &self,
+        hex: &str,
+        seal: &Seal,
+        early: Option<Pending<io::Result<Vec<u8>>>>,
+    ) -> Result<Vec<u8>> {
+        let src = self.layer_dir(hex).join(crate::MANIFEST_FILE);
+        let bytes = match early.map(Pending::wait) {
+            Some(Ok(Ok(bytes))) => bytes,
+            // Not there yet when the read began (the layer was published meanwhile), or it failed: once more.
+            _ => self
+                .read_manifest(hex)?
+                .wait()?
+                .map_err(|e| tier_io(format!("read {}", src.display()), e))?,
+        };
         let digest = lamina_archive::manifest::digest_of(&bytes);
         if digest != seal.manifest {
             return Err(StoreError::CorruptMetadata(format!(

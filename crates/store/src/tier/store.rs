@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -10,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::{chain_hex, tier_io, Claimed, TierGarbageKind};
 use crate::gc::{Garbage, GarbageKind, GcReport};
-use crate::{lock, now_ns, CreateOptions, LayerKind, NewLayer, Result, Store, StoreError};
+use crate::{lock, now_ns, LayerKind, Result, Store, StoreError};
 
 /// How often a Prepare waiting for another host's unpack looks again.
 const POLL: Duration = Duration::from_millis(200);
@@ -44,6 +45,13 @@ impl std::fmt::Display for Steps {
         Ok(())
     }
 }
+
+/// The reference and the manifest read of a layer started at an adoption's first look (each when it could be
+/// started), before its seal was seen.
+type Early = (
+    Option<super::Pending<Result<()>>>,
+    Option<super::Pending<std::io::Result<Vec<u8>>>>,
+);
 
 /// One layer of the tier, as `lamina layers top --cluster` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,6 +131,12 @@ impl Store {
         let claim_every = (tier.lease().config().lease / 3).max(Duration::from_secs(1));
         let mut waited = false;
         let mut next_claim = Instant::now();
+        // At the first look, the reference is taken and the manifest read beside the seal's read: a published
+        // layer's adoption needs all three, a layer not published yet costs one lookup more, and this host then
+        // unpacks it or waits for it and needs the reference either way (at its publication, or at the
+        // adoption); an unpack given up leaves it to this host's next collection.
+        let mut early_manifest = tier.read_manifest(hex).ok();
+        let mut early_hold = tier.start_hold(hex).ok();
         loop {
             let published = match tier.published(hex) {
                 Err(StoreError::CorruptMetadata(e)) => {
@@ -134,7 +148,8 @@ impl Store {
             if let Some(seal) = published {
                 steps.mark("seal");
                 let t0 = Instant::now();
-                let made = match self.link_shared(ns, name, parent, labels, hex, seal, &mut steps) {
+                let early = (early_hold.take(), early_manifest.take());
+                let made = match self.link_shared(ns, name, parent, labels, hex, seal, early, &mut steps) {
                     Err(StoreError::CorruptMetadata(e)) => {
                         warn!(chain = name, error = %e, "the tier's layer is damaged; unpacking here");
                         return Ok(false);
@@ -150,6 +165,8 @@ impl Store {
                 );
                 return Ok(made);
             }
+            early_manifest = None;
+            early_hold = None;
             if Instant::now() >= next_claim {
                 match tier.claim(hex)? {
                     // The layer may have been published between the look above and the claim (the
@@ -182,14 +199,17 @@ impl Store {
         }
     }
 
-    /// A local committed layer whose content is the tier's layer `hex` (sealed with `seal`): referenced first
-    /// (so that no collection takes it meanwhile), made writable under a temporary name, its content replaced
-    /// by a link to the tier (to this host's mount of an image layer, or to a directory layer's tree), then
-    /// frozen under `name` in one transaction. A crash in between leaves an active layer under the temporary
-    /// name, which containerd's collection removes. The reference, the read of the tier's manifest and the
-    /// mount of an image (round trips to the shared filesystem) run beside the local record's creation, and
-    /// are done before the layer is frozen under `name`. An image that does not mount is unpacked here
-    /// instead (`Ok(false)`).
+    /// A local committed layer whose content is the tier's layer `hex` (sealed with `seal`; `early`: its
+    /// reference and manifest read when they were started before the seal was seen), made in one metadata
+    /// transaction once everything it names is in place. On one thread this host references the layer (so
+    /// that no collection takes it meanwhile) and then mounts an image layer (the mount also shows that the
+    /// layer is still there after the reference); on this one the layer's whole storage is made (its content a
+    /// link to the tier: to this host's mount of an image layer, or to a directory layer's tree; its manifest a
+    /// link to the tier's), and the manifest is checked against the seal. Then one durable transaction records
+    /// the committed layer under `name`. A crash before it leaves storage that no record names and that holds
+    /// only links, which the next start deletes; the storage is not flushed (a power cut that keeps the record
+    /// and loses it is repaired from the tier, [`Store::relink_shared`]). An image that does not mount is
+    /// unpacked here instead (`Ok(false)`).
     #[allow(clippy::too_many_arguments)]
     fn link_shared(
         &self,
@@ -199,94 +219,124 @@ impl Store {
         labels: BTreeMap<String, String>,
         hex: &str,
         seal: super::Seal,
+        (hold, manifest): Early,
         steps: &mut Steps,
     ) -> Result<bool> {
         let tier = self.tier().expect("tier");
         // Until the record is committed, no reconciliation of the mounts may take this layer's down.
-        let _mounting = tier.mounting();
+        let _adopting = tier.adopting();
         let target = match seal.format {
             super::TierFormat::Directory => tier.content(hex),
             super::TierFormat::Erofs => tier.mount_point(hex),
         };
-        let tmp = format!("lamina-tier/{hex}/{}", now_ns());
-        let layer = NewLayer {
-            ns,
-            name: &tmp,
-            parent,
-            kind: LayerKind::ReadWrite,
-            labels: labels.clone(),
-            options: CreateOptions {
-                parent_kind: Some(LayerKind::ReadOnly),
-                max_size: None,
-            },
-        };
-        let (created, remote) = std::thread::scope(|s| {
+        let n = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let (stored, remote) = std::thread::scope(|s| {
             let remote = s.spawn(|| {
                 let t0 = Instant::now();
-                tier.hold(hex)?;
+                match hold.map(super::Pending::wait) {
+                    Some(Ok(Ok(()))) => {}
+                    _ => tier.hold(hex)?,
+                }
                 let held = t0.elapsed();
-                let manifest = tier.manifest(hex, &seal)?;
-                let read = t0.elapsed() - held;
                 let mounted = tier.linked_content(hex, &seal).map(|_| ());
-                Ok::<_, StoreError>((manifest, held, read, t0.elapsed() - held - read, mounted))
+                Ok::<_, StoreError>((held, t0.elapsed() - held, mounted))
             });
-            let created = self.create_layer(layer, None);
-            let linked = match &created {
-                Ok((n, _)) => self.backend.link_content(*n, &target),
-                Err(_) => Ok(()),
-            };
-            steps.mark("create+link");
+            let manifest_link = tier.layer_dir(hex).join(crate::MANIFEST_FILE);
+            let stored = self.backend.create_linked(n, &target, &manifest_link);
+            steps.mark("store");
+            // Checked before the record names it; the read began beside the seal's.
+            let checked = tier.manifest(hex, &seal, manifest).map(|_| ());
+            steps.mark("manifest");
             let remote = remote.join().unwrap_or_else(|_| {
                 Err(StoreError::io(
                     "cluster tier",
                     std::io::Error::other("reference thread panicked"),
                 ))
             });
-            (created, linked.and(remote))
+            (stored, checked.and(remote))
         });
-        let (n, rec) = created?;
         let mut unmountable = None;
-        let written = remote.and_then(|(manifest, held, read, mount, mounted)| {
+        let ready = remote.and_then(|(held, mount, mounted)| {
             steps.done.push(("hold", held.as_micros()));
-            steps.done.push(("manifest", read.as_micros()));
             steps.done.push(("mount", mount.as_micros()));
-            if let Err(e) = mounted {
-                unmountable = Some(e.to_string());
-                return Err(e);
-            }
-            let dest = self.backend.paths(n).manifest;
-            std::fs::write(&dest, manifest).map_err(|e| tier_io(format!("write {}", dest.display()), e))
+            mounted.inspect_err(|e| unmountable = Some(e.to_string()))
         });
         steps.mark("join");
-        if let Err(e) = written {
-            let _ = self.remove(ns, &tmp);
-            if let Some(why) = unmountable {
-                warn!(
-                    chain = name,
-                    error = why,
-                    "the tier's layer image does not mount here; unpacking here"
-                );
+        let owned = match (stored, ready) {
+            (Ok(owned), Ok(())) => owned,
+            (stored, ready) => {
+                if stored.is_ok() {
+                    // No record names it.
+                    self.backend.discard(n);
+                }
+                if let Some(why) = unmountable {
+                    warn!(
+                        chain = name,
+                        error = why,
+                        "the tier's layer image does not mount here; unpacking here"
+                    );
+                    return Ok(false);
+                }
+                return Err(ready.and(stored.map(|_| ())).expect_err("one failed"));
+            }
+        };
+        let txn = match self.write() {
+            Ok(txn) => txn,
+            Err(e) => {
+                self.backend.discard(n);
+                return Err(e);
+            }
+        };
+        let recorded = (|| {
+            if txn.number(ns, name)?.is_some() {
+                // Made by a concurrent call meanwhile.
                 return Ok(false);
             }
-            return Err(e);
+            let (parent_n, depth) =
+                crate::lifecycle::parent_of(&txn, ns, name, parent, None, Some(LayerKind::ReadOnly))?;
+            let now = now_ns();
+            let rec = crate::LayerRecord {
+                ns: ns.to_string(),
+                name: name.to_string(),
+                parent: parent_n,
+                depth,
+                kind: LayerKind::ReadOnly,
+                state: crate::LayerState::Empty,
+                size: Some(seal.bytes),
+                digest: None,
+                created_ns: now,
+                updated_ns: now,
+                inodes: Some(seal.inodes),
+                labels,
+                manifest: Some(seal.manifest.clone()),
+                max_size: None,
+                shared: Some(seal.chain.clone()),
+            };
+            txn.put_name(ns, name, n)?;
+            txn.put_layer(n, &rec)?;
+            if let Some(pn) = parent_n {
+                txn.add_child(pn, n)?;
+            }
+            txn.raise_next_id(n + 1)?;
+            Ok(true)
+        })();
+        match recorded {
+            Ok(true) => {
+                // A commit that failed may still have reached the disk: its storage stays (the next start
+                // deletes it if no record names it).
+                txn.commit()?;
+            }
+            Ok(false) => {
+                drop(txn);
+                self.backend.discard(n);
+            }
+            Err(e) => {
+                drop(txn);
+                self.backend.discard(n);
+                return Err(e);
+            }
         }
-        let slot = self.slot(n);
-        let guard = lock(&slot);
-        let txn = self.write()?;
-        if txn.number(ns, name)?.is_some() {
-            // Made by a concurrent call meanwhile.
-            drop(txn);
-            drop(guard);
-            let _ = self.remove(ns, &tmp);
-            return Ok(true);
-        }
-        txn.remove_name(ns, &tmp)?;
-        txn.put_name(ns, name, n)?;
-        let mut rec = rec.committed(name, labels, seal.bytes, seal.inodes, Some(seal.manifest));
-        rec.shared = Some(seal.chain);
-        txn.put_layer(n, &rec)?;
-        txn.commit()?;
-        drop(guard);
+        drop(owned);
         steps.mark("commit");
         debug!(name, steps = %steps, "adoption steps");
         Ok(true)
@@ -351,7 +401,7 @@ impl Store {
         let seal = tier.seal(&hex)?;
         // The background manifest of the apply reads the local copy: it finishes first.
         self.wait_sealed();
-        let _mounting = tier.mounting();
+        let _adopting = tier.adopting();
         let target = tier.linked_content(&hex, &seal)?;
         let slot = self.slot(n);
         let guard = lock(&slot);
@@ -433,8 +483,10 @@ impl Store {
         }
     }
 
-    /// [`Store::sync_tier_mounts`] on the records `records`, read with the tier's mounting lock held.
+    /// [`Store::sync_tier_mounts`] on the records `records`, read with the tier's mounting lock held. Links
+    /// again first the layers whose storage is missing ([`Store::relink_shared`]).
     fn sync_tier_mounts_of(&self, tier: &super::Tier, records: &[(u64, crate::LayerRecord)]) -> Vec<String> {
+        let mut errors = self.relink_shared(tier, records);
         let needed = records
             .iter()
             .filter_map(|(n, r)| {
@@ -443,9 +495,59 @@ impl Store {
                 (link == tier.mount_point(&hex)).then_some(hex)
             })
             .collect();
-        let errors = tier.sync_mounts(&needed);
-        for e in &errors {
+        let synced = tier.sync_mounts(&needed);
+        for e in &synced {
             warn!(error = %e, "cluster tier: mounts of image layers");
+        }
+        errors.extend(synced);
+        errors
+    }
+
+    /// Makes again the storage of each layer among `records` whose content is the tier's and whose storage is
+    /// missing: an adoption does not flush the storage it makes before its record (the record is flushed), so a
+    /// power cut can take the storage and keep the record. Its links are made again from the tier's seal
+    /// (recovery leaves such a layer missing rather than empty); a layer the tier cannot give now is tried
+    /// again at the next reconciliation. Gives the errors, which are also logged.
+    fn relink_shared(&self, tier: &super::Tier, records: &[(u64, crate::LayerRecord)]) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (n, rec) in records {
+            let Some(hex) = rec.shared.as_deref().and_then(chain_hex) else {
+                continue;
+            };
+            if self.backend.exists(*n) {
+                continue;
+            }
+            // A removal holds the layer's lock from its record's removal to its storage's.
+            let slot = self.slot(*n);
+            let _guard = lock(&slot);
+            if self.backend.exists(*n) || !matches!(self.record_by_number(*n), Ok(Some(_))) {
+                continue;
+            }
+            let relinked = tier.published(hex).and_then(|seal| {
+                let seal = seal.ok_or_else(|| {
+                    tier_io(
+                        format!("layer {hex} is no longer in the tier"),
+                        std::io::Error::from(std::io::ErrorKind::NotFound),
+                    )
+                })?;
+                let target = match seal.format {
+                    super::TierFormat::Directory => tier.content(hex),
+                    super::TierFormat::Erofs => tier.mount_point(hex),
+                };
+                let manifest = tier.layer_dir(hex).join(crate::MANIFEST_FILE);
+                self.backend.create_linked(*n, &target, &manifest).map(drop)
+            });
+            match relinked {
+                Ok(()) => warn!(
+                    layer = n,
+                    chain = rec.shared.as_deref().unwrap_or_default(),
+                    "layer directory missing; linked again to the cluster tier"
+                ),
+                Err(e) => {
+                    warn!(layer = n, error = %e, "layer directory missing; cannot link it to the cluster tier now");
+                    errors.push(format!("layer {n}: {e}"));
+                }
+            }
         }
         errors
     }

@@ -717,3 +717,72 @@ fn sharing_the_usage_of_a_deep_store_takes_one_pass() {
          chain walks {walk:?}, one pass {pass:?}; share_tier_usage {share:?}, unchanged {again:?}"
     );
 }
+
+#[test]
+fn an_adoption_cut_short_before_its_record_leaves_nothing_at_the_next_start() {
+    let h = Hosts::new();
+    let c1 = chain(21);
+    unpack_and_publish(&h.a, &c1, "a/21", "f", "x\n");
+    let hex = c1.trim_start_matches("sha256:");
+    // Host B made an adopted layer's whole storage (its content and its manifest links to the tier's) and
+    // died before the transaction that records it.
+    let b_root = h._dir.path().join("b");
+    let n = 1_000;
+    let published = h.tier.join("layers").join(hex);
+    let dir = {
+        let owned =
+            h.b.backend
+                .create_linked(n, &published.join("diff"), &published.join("manifest"))
+                .unwrap();
+        drop(owned);
+        h.b.backend.paths(n).dir
+    };
+    assert!(std::fs::symlink_metadata(dir.join("diff"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read(dir.join("manifest")).unwrap(),
+        std::fs::read(published.join("manifest")).unwrap()
+    );
+    let Hosts {
+        _dir, tier, lb, b, ..
+    } = h;
+    drop(b);
+    let b = open(&b_root, &tier, &lb);
+    assert!(!dir.exists(), "removed at start: it held only a link to the tier");
+    assert!(!b_root.join("quarantine").exists(), "nothing of its own to keep");
+    assert!(b.lookup(NS, &c1).unwrap().is_none());
+    assert!(adopt(&b, &c1), "the next Prepare adopts the layer");
+    let diff = b.info(NS, &c1).unwrap().diff_dir;
+    assert_eq!(std::fs::read_to_string(diff.join("f")).unwrap(), "x\n");
+}
+
+#[test]
+fn an_adopted_layer_whose_directory_a_power_cut_took_is_linked_again_at_the_next_start() {
+    let h = Hosts::new();
+    let c1 = chain(22);
+    unpack_and_publish(&h.a, &c1, "a/22", "f", "y\n");
+    assert!(adopt(&h.b, &c1));
+    let b_root = h._dir.path().join("b");
+    let info = h.b.info(NS, &c1).unwrap();
+    let dir = info.diff_dir.parent().unwrap().to_path_buf();
+    let Hosts {
+        _dir, tier, lb, b, ..
+    } = h;
+    drop(b);
+    // The record reached the disk, the layer's directory (made before it, not flushed) did not.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let b = open(&b_root, &tier, &lb);
+    let diff = b.info(NS, &c1).unwrap().diff_dir;
+    assert!(std::fs::symlink_metadata(&diff).unwrap().file_type().is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(diff.join("f")).unwrap(),
+        "y\n",
+        "never empty"
+    );
+    for n in b.verifiable_layers().unwrap() {
+        let r = b.verify_layer(n, &mut |_| {}).unwrap();
+        assert!(matches!(r.status, crate::VerifyStatus::Clean { .. }), "{r:?}");
+    }
+}
