@@ -740,7 +740,6 @@ impl LayerBackend for OverlayBackend {
     }
 }
 
-/// The layer number of a mount point `<layers_dir>/<hex>/merged`.
 /// Whether the layer directory `dir` holds nothing of its own: its `diff` a symbolic link (only a layer linked
 /// to the cluster tier has one), beside it at most empty `work/` and `merged/` and a `manifest` (a link to the
 /// tier's, or a file).
@@ -762,6 +761,7 @@ fn is_link_only(dir: &Path) -> bool {
         })
 }
 
+/// The layer number of a mount point `<layers_dir>/<hex>/merged`.
 fn parse_merged(layers_dir: &Path, mp: &Path) -> Option<u64> {
     let rel = mp.strip_prefix(layers_dir).ok()?;
     let mut comps = rel.components();
