@@ -11,7 +11,7 @@
 use std::fs;
 use std::time::Duration;
 
-use lamina_testkit::ceph::{require_ceph, CephCluster, ObjectStore};
+use lamina_testkit::ceph::{ceph_test, require_ceph, CephCluster, ObjectStore};
 use lamina_testkit::docker_fixtures::*;
 use lamina_testkit::rbd_layers::*;
 use lamina_testkit::*;
@@ -19,11 +19,10 @@ use lamina_testkit::*;
 #[test]
 fn rbd_layers_under_dockerd() {
     let test = "rbd_layers_under_dockerd";
-    let Some(_serial) = serial_if(require_docker(test) && require_ceph(test)) else {
+    // Declared first, dropped last: dockerd and lamina stop (and unmount) before the cluster goes away.
+    let Some((_serial, mut cluster)) = ceph_test(test, true, "layers") else {
         return;
     };
-    // Declared first, dropped last: dockerd and lamina stop (and unmount) before the cluster goes away.
-    let mut cluster = CephCluster::start_with("layers", ObjectStore::Memstore);
     let mut lamina = lamina_on("rbdlayers", &cluster);
     let d = Dockerd::start(&lamina.name);
 
@@ -129,11 +128,10 @@ fn rbd_layers_under_dockerd() {
 
 #[test]
 fn rbd_layers_containerd_snapshotter() {
-    let test = "rbd_layers_containerd_snapshotter";
-    let Some(_serial) = serial_if(require_root(test) && require_ceph(test)) else {
+    let Some((_serial, mut cluster)) = ceph_test("rbd_layers_containerd_snapshotter", false, "layersnap")
+    else {
         return;
     };
-    let mut cluster = CephCluster::start_with("layersnap", ObjectStore::Memstore);
     let (l, sock) = snapshotter_on("rbdsnap", &cluster);
     let api = lamina_testkit::snapshots::SnapshotApi::connect(&sock);
     let mnt = l.dir().join("mnt");

@@ -12,7 +12,9 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lamina_testkit::ceph::{loops_under, require_ceph, require_ceph_mgr, CephCluster, ObjectStore};
+use lamina_testkit::ceph::{
+    ceph_test, loops_under, require_ceph, require_ceph_mgr, CephCluster, ObjectStore,
+};
 use lamina_testkit::faults::assert_fault_points;
 use lamina_testkit::rbd_layers::*;
 use lamina_testkit::*;
@@ -20,12 +22,10 @@ use serde_json::json;
 
 #[test]
 fn rbd_layers_kill9_mid_operation() {
-    let test = "rbd_layers_kill9_mid_operation";
-    let Some(_serial) = serial_if(require_root(test) && require_ceph(test)) else {
+    let Some((_serial, mut cluster)) = ceph_test("rbd_layers_kill9_mid_operation", false, "layerkill") else {
         return;
     };
     assert_fault_points();
-    let mut cluster = CephCluster::start_with("layerkill", ObjectStore::Memstore);
     let mut l = lamina_on("rbdkill", &cluster);
     let c = l.client();
     let base = TarBuilder::new()
@@ -125,11 +125,10 @@ fn rbd_layers_kill9_mid_operation() {
 
 #[test]
 fn rbd_layers_errors_and_clone_figures() {
-    let test = "rbd_layers_errors_and_clone_figures";
-    let Some(_serial) = serial_if(require_root(test) && require_ceph(test)) else {
+    let Some((_serial, mut cluster)) = ceph_test("rbd_layers_errors_and_clone_figures", false, "layererr")
+    else {
         return;
     };
-    let mut cluster = CephCluster::start_with("layererr", ObjectStore::Memstore);
 
     // A pool that does not exist: the store does not open, and says why.
     let mut nopool = lamina_config("rbdnopool", &cluster, "nopool", 5);
@@ -479,12 +478,12 @@ fn rbd_layers_pool_quota() {
 /// and everything can be removed.
 #[test]
 fn rbd_layers_sigterm_with_layers_attached() {
-    let test = "rbd_layers_sigterm_with_layers_attached";
-    let Some(_serial) = serial_if(require_root(test) && require_ceph(test)) else {
+    const LAYERS: usize = 12;
+    let Some((_serial, mut cluster)) =
+        ceph_test("rbd_layers_sigterm_with_layers_attached", false, "layerterm")
+    else {
         return;
     };
-    const LAYERS: usize = 12;
-    let mut cluster = CephCluster::start_with("layerterm", ObjectStore::Memstore);
     let mut l = lamina_on("rbdterm", &cluster);
     let c = l.client();
     let ids: Vec<String> = (0..LAYERS).map(|i| format!("l{i}")).collect();
@@ -551,12 +550,12 @@ fn rbd_layers_sigterm_with_layers_attached() {
 /// that clean-up, not lamina, is what outlasted the suite's patience after 129 images.
 #[test]
 fn rbd_layers_sigterm_after_snapshot_chain() {
-    let test = "rbd_layers_sigterm_after_snapshot_chain";
-    let Some(_serial) = serial_if(require_root(test) && require_ceph(test)) else {
+    const LAYERS: usize = 16;
+    let Some((_serial, mut cluster)) =
+        ceph_test("rbd_layers_sigterm_after_snapshot_chain", false, "layerchain")
+    else {
         return;
     };
-    const LAYERS: usize = 16;
-    let mut cluster = CephCluster::start_with("layerchain", ObjectStore::Memstore);
     let (mut l, sock) = snapshotter_on("rbdchain", &cluster);
     let api = lamina_testkit::snapshots::SnapshotApi::connect(&sock);
     let mnt = l.dir().join("mnt");

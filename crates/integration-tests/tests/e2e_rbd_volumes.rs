@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lamina_testkit::ceph::{have_krbd, require_ceph, require_ceph_mgr, CephCluster, ObjectStore};
+use lamina_testkit::ceph::{ceph_test, have_krbd, require_ceph, require_ceph_mgr, CephCluster, ObjectStore};
 use lamina_testkit::faults::assert_fault_points;
 use lamina_testkit::*;
 use serde_json::json;
@@ -98,11 +98,10 @@ fn assert_released(h: &Host, name: &str, (pid, dev): &(u32, String)) {
 #[test]
 fn rbd_volumes_two_hosts() {
     let test = "rbd_volumes_two_hosts";
-    let Some(_serial) = serial_if(require_docker(test) && require_ceph(test)) else {
+    // Declared first, dropped last: hosts stop (and unmount) before the cluster goes away.
+    let Some((_serial, mut cluster)) = ceph_test(test, true, "vols") else {
         return;
     };
-    // Declared first, dropped last: hosts stop (and unmount) before the cluster goes away.
-    let mut cluster = CephCluster::start_with("vols", ObjectStore::Memstore);
     let mut h1 = host("rbd1", "host1", &cluster);
     let h2 = host("rbd2", "host2", &cluster);
     let (c1, c2) = (h1.lamina.client(), h2.lamina.client());

@@ -238,6 +238,24 @@ pub enum ObjectStore {
     Bluestore,
 }
 
+/// The opening of a test on a throw-away Ceph cluster: `None` (the test returns) when a requirement is
+/// missing (root, dockerd too with `docker`, and Ceph's programs), else the test's serial guard and a memstore
+/// cluster tagged `tag`. Bind both in one pattern before anything that uses the cluster: they are dropped
+/// last, the cluster before the guard.
+pub fn ceph_test(
+    test: &str,
+    docker: bool,
+    tag: &str,
+) -> Option<(Option<std::sync::MutexGuard<'static, ()>>, CephCluster)> {
+    let present = if docker {
+        require_docker(test)
+    } else {
+        require_root(test)
+    };
+    let serial = serial_if(present && require_ceph(test))?;
+    Some((serial, CephCluster::start_with(tag, ObjectStore::Memstore)))
+}
+
 /// A running test cluster.
 pub struct CephCluster {
     /// The monitor's msgr v2 port (v1 is the next one).
