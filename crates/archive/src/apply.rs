@@ -84,6 +84,8 @@ struct Applier<'a> {
     size: u64,
     /// Whether `size` is the layer's size: the root was empty at the start and nothing was removed since.
     size_exact: bool,
+    /// Finishes small regular files on a second thread.
+    finisher: Finisher,
 }
 
 fn clamp_mtime(sec: i64) -> i64 {
@@ -424,6 +426,24 @@ impl<'a> Applier<'a> {
             }
             r => r.ctx(|| at("creating"))?,
         };
+        let len = tar.remaining();
+        if e.sparse.is_none() && e.xattrs.is_empty() && len <= HANDOFF_MAX {
+            // The name exists now, so later entries (links to it, a replacement) see it; its data and
+            // metadata may follow on the finishing thread.
+            let mut data = vec![0u8; len as usize];
+            tar.read_data_exact(&mut data)?;
+            self.size += len;
+            return self.finisher.submit(Finish {
+                file: f,
+                data,
+                uid,
+                gid,
+                mode: e.mode & 0o7777,
+                mtime: clamp_mtime(e.mtime_sec),
+                nsec: e.mtime_nsec.min(999_999_999),
+                path: path.to_vec(),
+            });
+        }
         self.size += self.write_data(tar, &mut f, e, path)?;
         sfs::chown_fd(f.as_fd(), uid, gid).ctx(|| at("chown of"))?;
         self.apply_xattrs_fd(f.as_fd(), e)?;
@@ -679,6 +699,121 @@ fn xattr_result(r: std::io::Result<()>, key: &[u8], e: &Entry) -> Result<(), Arc
     }
 }
 
+/// Largest regular file whose data is handed to the finishing thread (read into memory first).
+const HANDOFF_MAX: u64 = 128 * 1024;
+/// Files finished on the applying thread before the finishing thread is started (small layers need none).
+const INLINE_FIRST: u64 = 32;
+/// Files handed over and not finished yet, at most: bounds the memory (`HANDOFF_MAX` each) and open descriptors.
+const HANDOFF_QUEUE: usize = 64;
+
+/// The rest of a small regular file once it is created: its data, owner, mode and times, in the order the
+/// applying thread uses for the files it writes itself (chown before chmod, which keeps set-id bits).
+struct Finish {
+    file: File,
+    data: Vec<u8>,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    mtime: i64,
+    nsec: u32,
+    path: Vec<u8>,
+}
+
+impl Finish {
+    fn run(self) -> Result<(), ArchiveError> {
+        let Finish {
+            mut file,
+            data,
+            uid,
+            gid,
+            mode,
+            mtime,
+            nsec,
+            path,
+        } = self;
+        let at = |what: &str| format!("{what} /{}", show(&path));
+        file.write_all(&data).map_err(|err| write_error(err, &path))?;
+        let fd = file.as_fd();
+        sfs::chown_fd(fd, uid, gid).ctx(|| at("chown of"))?;
+        sfs::chmod_fd(fd, mode).ctx(|| at("chmod of"))?;
+        sfs::set_times_fd(fd, mtime, nsec).ctx(|| at("setting times of"))
+    }
+}
+
+/// Finishes small regular files on one thread beside the applying one: the applying thread parses the stream
+/// and makes every name (so the namespace is built in stream order, and every later entry sees what earlier
+/// ones made), the finishing thread writes the files' data and metadata through their open descriptors. GNU
+/// tar does both on one thread; the split uses a second core for the per-file system calls. The apply is
+/// complete only once [`Finisher::finish`] returned; its first error is the apply's error. Dropped unfinished
+/// (the apply failed), it waits for the thread, so nothing writes into the layer after the apply returned.
+#[derive(Default)]
+struct Finisher {
+    seen: u64,
+    thread: Option<FinishThread>,
+}
+
+/// The queue to the finishing thread, and the thread (its result: the first error).
+type FinishThread = (
+    std::sync::mpsc::SyncSender<Finish>,
+    std::thread::JoinHandle<Result<(), ArchiveError>>,
+);
+
+impl Finisher {
+    fn submit(&mut self, job: Finish) -> Result<(), ArchiveError> {
+        self.seen += 1;
+        if self.thread.is_none() {
+            if self.seen <= INLINE_FIRST {
+                return job.run();
+            }
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Finish>(HANDOFF_QUEUE);
+            let spawned = std::thread::Builder::new()
+                .name("lamina-finish".into())
+                .spawn(move || rx.into_iter().try_for_each(Finish::run));
+            match spawned {
+                Ok(handle) => self.thread = Some((tx, handle)),
+                // No thread: everything is finished here, as for a small layer.
+                Err(_) => {
+                    self.seen = 0;
+                    return job.run();
+                }
+            }
+        }
+        let Some((tx, _)) = &self.thread else {
+            return job.run();
+        };
+        if tx.send(job).is_ok() {
+            return Ok(());
+        }
+        // The thread stopped at an error: that error is the apply's.
+        self.finish()?;
+        Err(io_err(
+            "finishing files",
+            std::io::Error::other("the finishing thread stopped"),
+        ))
+    }
+
+    /// Waits until every file handed over is finished; the first error of the finishing thread.
+    fn finish(&mut self) -> Result<(), ArchiveError> {
+        let Some((tx, handle)) = self.thread.take() else {
+            return Ok(());
+        };
+        drop(tx);
+        match handle.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.thread.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
 pub(crate) fn apply_layer<R: Read>(
     layer: BorrowedFd<'_>,
     input: R,
@@ -698,12 +833,14 @@ pub(crate) fn apply_layer<R: Read>(
         size_exact: sfs::read_dir_names(layer)
             .map_err(|e| io_err("listing the layer root", e))?
             .is_empty(),
+        finisher: Finisher::default(),
     };
     let mut entries = 0u64;
     while let Some(e) = tar.next_entry()? {
         entries += 1;
         ap.entry(&mut tar, &e)?;
     }
+    ap.finisher.finish()?;
     ap.drop_aufs_links()?;
     ap.finish_dirs()?;
     let (digest, tar_bytes) = tar.finish()?;

@@ -831,3 +831,48 @@ fn a33_opaque_marker_that_is_not_a_file() {
         assert!(!e.p("d/.wh..wh..opq").exists());
     }
 }
+
+/// A filesystem that fills up while small files are finished on the second thread: the apply fails with the
+/// disk's error, naming a file, and returns only once nothing writes into the layer any more.
+#[test]
+fn a34_full_filesystem_fails_the_apply() {
+    if !require_root("a34_full_filesystem_fails_the_apply") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let mnt = t.path().join("small");
+    fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mounting a tmpfs");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&mnt);
+    // The first files fit; the disk fills up past them, where files are finished on the second thread.
+    let data = vec![7u8; 8192];
+    let mut tar = Tar::new();
+    for i in 0..200 {
+        tar.file(format!("f{i}").as_bytes(), &data);
+    }
+    let r = apply_layer(fd(&open_dir(&mnt)), &tar.end()[..], &ApplyOptions::default());
+    match r {
+        Err(ArchiveError::Io { context, source }) => {
+            assert_eq!(source.raw_os_error(), Some(28), "{context}: {source}");
+            assert!(context.contains("/f"), "{context}");
+        }
+        other => panic!("expected ENOSPC, got {other:?}"),
+    }
+    // Nothing is still being written once the apply returned: the usage stays where it is.
+    let used = || lamina_archive::dir_size(fd(&open_dir(&mnt))).unwrap();
+    let before = used();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(used(), before);
+}

@@ -115,6 +115,81 @@ fn last_entry_wins() {
     assert_eq!(fs::read_dir(t.path().join("x")).unwrap().count(), 0);
 }
 
+/// Past its first files, a layer's small regular files are finished (data, owner, mode, times) on a second
+/// thread while the stream is read on: the result is the same as if one thread did everything, also where
+/// later entries link to, replace or remove a file whose data may not be written yet.
+#[test]
+fn many_small_files_are_finished_beside_the_stream() {
+    let Some(t) = root_tempdir("many_small_files_are_finished_beside_the_stream") else {
+        return;
+    };
+    let (a, b) = two_dirs(t.path(), "a", "b");
+    let mut tar = Tar::new();
+    tar.dir(b"d/");
+    let body = |i: usize| -> Vec<u8> { (0..(i * 37) % 5000).map(|k| (k * 7 + i) as u8).collect() };
+    for i in 0..300 {
+        let name = format!("d/f{i}");
+        let mut h = H::new(name.as_bytes(), b'0');
+        let data = body(i);
+        h.size = data.len() as u64;
+        h.mode = [0o644, 0o4755, 0o2711, 0o600][i % 4];
+        h.uid = (i % 3) as u64 * 1000;
+        h.gid = (i % 5) as u64 * 100;
+        h.mtime = 1_500_000_000 + i as u64;
+        tar.header(&h).data(&data);
+    }
+    // A file larger than what is handed over, written on the stream's thread, between handed-over ones.
+    let big: Vec<u8> = (0..300_000u32).map(|k| (k % 251) as u8).collect();
+    tar.file(b"d/big", &big);
+    // Links to, replacements and removals of files that may still be queued.
+    tar.file(b"late", b"one")
+        .hardlink(b"late-link", b"late")
+        .file(b"late", b"two");
+    tar.hardlink(b"d/f7-link", b"d/f7");
+    tar.file(b"d/f11", b"replaced");
+    tar.file(b"d/.wh.f13", b"");
+    tar.dir(b"d/f17/").file(b"d/f17/inside", b"now a directory");
+    let tar = tar.end();
+
+    let stats = apply(&a, &tar).unwrap();
+    assert_eq!(stats.size, dir_size(fd(&open_dir(&a))).unwrap());
+    for i in 0..300 {
+        let p = a.join(format!("d/f{i}"));
+        match i {
+            11 => assert_eq!(fs::read(&p).unwrap(), b"replaced"),
+            13 => assert_eq!(fs::symlink_metadata(&p).unwrap().rdev(), 0, "a whiteout"),
+            17 => assert_eq!(fs::read(p.join("inside")).unwrap(), b"now a directory"),
+            _ => {
+                let m = fs::metadata(&p).unwrap();
+                assert_eq!(fs::read(&p).unwrap(), body(i), "content of f{i}");
+                assert_eq!(
+                    m.mode() & 0o7777,
+                    [0o644, 0o4755, 0o2711, 0o600][i % 4],
+                    "mode of f{i}"
+                );
+                assert_eq!(
+                    (m.uid(), m.gid()),
+                    ((i % 3) as u32 * 1000, (i % 5) as u32 * 100),
+                    "owner of f{i}"
+                );
+                assert_eq!(m.mtime(), 1_500_000_000 + i as i64, "mtime of f{i}");
+            }
+        }
+    }
+    assert_eq!(fs::read(a.join("d/big")).unwrap(), big);
+    assert_eq!(fs::read(a.join("late")).unwrap(), b"two");
+    assert_eq!(fs::read(a.join("late-link")).unwrap(), b"one");
+    assert_eq!(
+        fs::metadata(a.join("d/f7-link")).unwrap().ino(),
+        fs::metadata(a.join("d/f7")).unwrap().ino()
+    );
+
+    // The diff of the result applies to the same tree again.
+    let out = diff(&a);
+    apply(&b, &out).unwrap();
+    assert_eq!(snapshot(&a, true), snapshot(&b, true));
+}
+
 #[test]
 fn long_names_roundtrip() {
     let t = tempfile::tempdir().unwrap();
