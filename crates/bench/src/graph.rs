@@ -190,7 +190,7 @@ fn remove_tree(dir: &Path) -> Result<()> {
 // applydiff
 // ------------------------------------------------------------------------------------------------------------
 
-const APPLY_GOAL: &str = "<= 1.1x gnu-tar+syncfs";
+const APPLY_GOAL: &str = "<= 1.0x gnu-tar+syncfs";
 
 fn applydiff(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
     let cases = cases(ctx);
