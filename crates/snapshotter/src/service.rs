@@ -76,12 +76,7 @@ impl SnapshotsService {
         F: FnOnce(&dyn Snapshotter) -> crate::Result<T> + Send + 'static,
     {
         let backend = self.backend.clone();
-        // Every log line of this call carries its id.
-        let span = tracing::info_span!(
-            "request",
-            rid = REQUEST_IDS.fetch_add(1, Ordering::Relaxed) + 1,
-            op
-        );
+        let span = request_span(op);
         let inner = span.clone();
         let out = tokio::task::spawn_blocking(move || inner.in_scope(|| f(backend.as_ref())))
             .await
@@ -91,6 +86,15 @@ impl SnapshotsService {
             Status::from(e)
         })
     }
+}
+
+/// The span of one call: every log line of the call carries its id.
+fn request_span(op: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        rid = REQUEST_IDS.fetch_add(1, Ordering::Relaxed) + 1,
+        op
+    )
 }
 
 fn labels_in(labels: std::collections::HashMap<String, String>) -> crate::Result<Labels> {
@@ -193,7 +197,9 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
                     observer("Mounts", out.is_ok(), started.elapsed());
                 }
                 out.map_err(|e| {
-                    debug!(op = "mounts", code = ?e.code, error = %e.message, "request failed");
+                    request_span("mounts").in_scope(
+                        || debug!(op = "mounts", code = ?e.code, error = %e.message, "request failed"),
+                    );
                     Status::from(e)
                 })?
             }
