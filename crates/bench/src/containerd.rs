@@ -4,7 +4,8 @@
 //! - **Calls.** containerd's own Snapshots gRPC service on its socket, with `snapshotter: "lamina"` or
 //!   `"overlayfs"` in each request and the `containerd-namespace` header: per depth (1 and 128 committed
 //!   parents), `iters` × (Prepare + Mounts timed together; Commit timed; Remove of the commit untimed). p50 and
-//!   p99 per run. Both paths include containerd's metadata store (bolt); lamina has one more gRPC hop
+//!   p99 per run; the Mounts alone (p50) too: a call that changes nothing, so the difference between the two
+//!   snapshotters' Mounts is mostly what reaching lamina through containerd's proxy costs. Both paths include containerd's metadata store (bolt); lamina has one more gRPC hop
 //!   (containerd → lamina's socket). lamina's server-side time of Prepare, Mounts and Commit (p50 from its own
 //!   latency histograms, read through its metrics socket around the timed cycles), and the same cycles sent
 //!   straight to lamina's socket (one gRPC hop, no containerd), are reported beside them.
@@ -95,17 +96,28 @@ async fn commit(
     c.commit(request(req)).await.map(|_| ())
 }
 
-/// One Prepare(+Mounts)/Commit/Remove cycle on top of `parent`; returns the two timed durations.
+/// The timed parts of one cycle.
+struct Timed {
+    /// Prepare + Mounts.
+    prepare: Duration,
+    /// The Mounts alone: a call that changes nothing, so through containerd mostly the cost of reaching the
+    /// snapshotter (lamina: the proxy's gRPC hop).
+    mounts: Duration,
+    commit: Duration,
+}
+
+/// One Prepare(+Mounts)/Commit/Remove cycle on top of `parent`.
 async fn cycle(
     c: &mut SnapshotsClient<Channel>,
     snapshotter: &str,
     key: &str,
     parent: &str,
-) -> anyhow::Result<(Duration, Duration)> {
+) -> anyhow::Result<Timed> {
     let t = Instant::now();
     prepare(c, snapshotter, key, parent)
         .await
         .with_context(|| format!("{snapshotter}: Prepare {key}"))?;
+    let tm = Instant::now();
     let mounts = c
         .mounts(request(pb::MountsRequest {
             snapshotter: snapshotter.into(),
@@ -113,6 +125,7 @@ async fn cycle(
         }))
         .await
         .with_context(|| format!("{snapshotter}: Mounts {key}"))?;
+    let mounts_alone = tm.elapsed();
     let prepare = t.elapsed();
     anyhow::ensure!(
         !mounts.get_ref().mounts.is_empty(),
@@ -130,7 +143,11 @@ async fn cycle(
     }))
     .await
     .with_context(|| format!("{snapshotter}: Remove {key}"))?;
-    Ok((prepare, commit))
+    Ok(Timed {
+        prepare,
+        mounts: mounts_alone,
+        commit,
+    })
 }
 
 /// Builds a chain of `depth` committed snapshots; returns the top one's name.
@@ -204,17 +221,25 @@ fn calls(
                     for w in 0..5 {
                         cycle(&mut client, sn, &format!("warm{depth}-{r}-{w}"), top).await?;
                     }
-                    let (mut p, mut c) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+                    let (mut p, mut m, mut c) = (
+                        Vec::with_capacity(iters),
+                        Vec::with_capacity(iters),
+                        Vec::with_capacity(iters),
+                    );
                     let before = if sn == PROXY_NAME {
                         served_all(metrics)?
                     } else {
                         Vec::new()
                     };
                     for i in 0..iters {
-                        let (tp, tc) = cycle(&mut client, sn, &format!("d{depth}-r{r}-{i}"), top).await?;
-                        p.push(ms(tp));
-                        c.push(ms(tc));
+                        let t = cycle(&mut client, sn, &format!("d{depth}-r{r}-{i}"), top).await?;
+                        p.push(ms(t.prepare));
+                        m.push(ms(t.mounts));
+                        c.push(ms(t.commit));
                     }
+                    out.entry((sn, "mounts"))
+                        .or_default()
+                        .push(percentile(&mut m, 50.0));
                     if sn == PROXY_NAME {
                         // lamina's own time per call (dispatch to answer) during the timed cycles.
                         for (i, after) in served_all(metrics)?.iter().enumerate() {
@@ -227,19 +252,26 @@ fn calls(
                             ));
                             out.entry((PROXY_NAME, SERVED[i])).or_default().push(p50 * 1e3);
                         }
-                        let (mut dp, mut dc) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+                        let (mut dp, mut dm, mut dc) = (
+                            Vec::with_capacity(iters),
+                            Vec::with_capacity(iters),
+                            Vec::with_capacity(iters),
+                        );
                         for w in 0..5 {
                             cycle(&mut direct, DIRECT, &format!("dwarm{depth}-{r}-{w}"), &direct_top).await?;
                         }
                         for i in 0..iters {
                             let key = format!("dd{depth}-r{r}-{i}");
-                            let (tp, tc) = cycle(&mut direct, DIRECT, &key, &direct_top).await?;
-                            dp.push(ms(tp));
-                            dc.push(ms(tc));
+                            let t = cycle(&mut direct, DIRECT, &key, &direct_top).await?;
+                            dp.push(ms(t.prepare));
+                            dm.push(ms(t.mounts));
+                            dc.push(ms(t.commit));
                         }
-                        for (metric, samples) in
-                            [("direct prepare+mounts", &mut dp), ("direct commit", &mut dc)]
-                        {
+                        for (metric, samples) in [
+                            ("direct prepare+mounts", &mut dp),
+                            ("direct mounts", &mut dm),
+                            ("direct commit", &mut dc),
+                        ] {
                             out.entry((PROXY_NAME, metric))
                                 .or_default()
                                 .push(percentile(samples, 50.0));
@@ -283,6 +315,7 @@ fn calls(
                 for (metric, key) in [
                     ("prepare+mounts p50", "prepare+mounts"),
                     ("prepare+mounts p99", "prepare+mounts p99"),
+                    ("mounts alone p50", "mounts"),
                     ("commit p50", "commit"),
                     ("commit p99", "commit p99"),
                 ] {
@@ -314,6 +347,7 @@ fn calls(
             }
             for (metric, key) in [
                 ("prepare+mounts p50 on lamina's socket", "direct prepare+mounts"),
+                ("mounts alone p50 on lamina's socket", "direct mounts"),
                 ("commit p50 on lamina's socket", "direct commit"),
             ] {
                 figs.push(

@@ -2,8 +2,9 @@
 //!
 //! The Docker plugin socket, the admin socket and the metrics endpoint are served by the blocking HTTP server
 //! of `lamina-http` (a thread per connection, see docs/architecture.md); the plugin socket on the main thread.
-//! The containerd snapshotter is gRPC and runs in a tokio runtime on its own thread, calling the store on
-//! tokio's blocking pool. One flag stops them all.
+//! The containerd snapshotter is gRPC and runs in a single-threaded tokio runtime on its own thread, calling
+//! the store on tokio's blocking pool (a Mounts the store can answer from memory is answered on that thread).
+//! One flag stops them all.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -219,8 +220,10 @@ fn spawn_grpc(
     backend: Arc<SnapshotterAdapter>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs the connections (containerd keeps one HTTP/2 connection per proxy plugin); the store
+    // calls run on the runtime's blocking pool. A second I/O thread only made the connection's task and its
+    // streams' tasks wake each other across the two threads at every call.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .thread_name("grpc")
         .enable_all()
         .build()

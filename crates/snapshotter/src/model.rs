@@ -201,6 +201,12 @@ pub trait Snapshotter: Send + Sync + 'static {
     fn view(&self, snapshotter: &str, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>>;
     /// Mounts of an active snapshot or a view.
     fn mounts(&self, snapshotter: &str, key: &str) -> Result<Vec<Mount>>;
+    /// [`Snapshotter::mounts`] if it can be answered at once, from memory; called on the server's I/O thread,
+    /// so it must not wait on a disk or a lock held across I/O. `None` sends the call to
+    /// [`Snapshotter::mounts`] on the blocking pool.
+    fn mounts_now(&self, _snapshotter: &str, _key: &str) -> Option<Result<Vec<Mount>>> {
+        None
+    }
     /// Turns active `key` into committed `name` (labels replaced by `labels`).
     fn commit(&self, snapshotter: &str, name: &str, key: &str, labels: Labels) -> Result<()>;
     /// Removes a snapshot; refuses one with children.

@@ -76,12 +76,7 @@ impl SnapshotsService {
         F: FnOnce(&dyn Snapshotter) -> crate::Result<T> + Send + 'static,
     {
         let backend = self.backend.clone();
-        // Every log line of this call carries its id.
-        let span = tracing::info_span!(
-            "request",
-            rid = REQUEST_IDS.fetch_add(1, Ordering::Relaxed) + 1,
-            op
-        );
+        let span = request_span(op);
         let inner = span.clone();
         let out = tokio::task::spawn_blocking(move || inner.in_scope(|| f(backend.as_ref())))
             .await
@@ -91,6 +86,15 @@ impl SnapshotsService {
             Status::from(e)
         })
     }
+}
+
+/// The span of one call: every log line of the call carries its id.
+fn request_span(op: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        rid = REQUEST_IDS.fetch_add(1, Ordering::Relaxed) + 1,
+        op
+    )
 }
 
 fn labels_in(labels: std::collections::HashMap<String, String>) -> crate::Result<Labels> {
@@ -185,9 +189,25 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
     async fn mounts(&self, req: Request<pb::MountsRequest>) -> Result<Response<pb::MountsResponse>, Status> {
         let r = req.into_inner();
         check_key("key", &r.key)?;
-        let mounts = self
-            .run("Mounts", "mounts", move |b| b.mounts(&r.snapshotter, &r.key))
-            .await?;
+        // Answered here when the backend has it in memory: no hop to the blocking pool and back.
+        let started = Instant::now();
+        let mounts = match self.backend.mounts_now(&r.snapshotter, &r.key) {
+            Some(out) => {
+                if let Some(observer) = &self.observer {
+                    observer("Mounts", out.is_ok(), started.elapsed());
+                }
+                out.map_err(|e| {
+                    request_span("mounts").in_scope(
+                        || debug!(op = "mounts", code = ?e.code, error = %e.message, "request failed"),
+                    );
+                    Status::from(e)
+                })?
+            }
+            None => {
+                self.run("Mounts", "mounts", move |b| b.mounts(&r.snapshotter, &r.key))
+                    .await?
+            }
+        };
         Ok(Response::new(pb::MountsResponse {
             mounts: mounts_out(mounts),
         }))

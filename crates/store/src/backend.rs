@@ -152,6 +152,11 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// attaches the layer's filesystem here, until the layer is committed or removed).
     fn describe(&self, n: u64, rec: &LayerRecord, below: &[u64]) -> Result<MountSpec>;
 
+    /// Whether [`Backend::describe`] only composes paths (no I/O, nothing to attach).
+    fn describes_in_memory(&self) -> bool {
+        false
+    }
+
     /// Whether the store keeps content manifests of this backend's frozen layers (read from
     /// [`LayerPaths::content`] without a mount).
     fn manifests(&self) -> bool {

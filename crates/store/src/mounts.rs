@@ -110,6 +110,41 @@ impl Store {
         self.backend.describe(n, &rec, &below)
     }
 
+    /// [`Store::mounts`] when it waits on nothing: the backend describes a mount without I/O, the layer's chain
+    /// is in its slot (it was prepared or mounted by this process), no slot of its stack is locked by an
+    /// operation in progress and no layer of its stack is left for `verify_on_mount` to read. `Ok(None)` otherwise, for the caller to call [`Store::mounts`] where it may
+    /// block. The record is read as in [`Store::mounts`] (a read transaction of the metadata, answered from
+    /// caches), so the answer is the same.
+    pub fn mounts_cached(&self, ns: &str, name: &str) -> Result<Option<MountSpec>> {
+        if !self.backend.describes_in_memory() {
+            return Ok(None);
+        }
+        let (n, rec) = self.require(ns, name)?;
+        if rec.kind == LayerKind::ReadOnly {
+            return Err(StoreError::Precondition(format!(
+                "{name} is committed; only active snapshots and views have mounts"
+            )));
+        }
+        // The slot's lock may be held across I/O (an apply, a commit's flush): not waited for.
+        let slot = self.slot(n);
+        let cached = match slot.try_lock() {
+            Ok(g) => g.lowers.clone(),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().lowers.clone(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+        };
+        let below = match cached {
+            Some(l) => l,
+            None if rec.parent.is_none() => Lowers::default(),
+            None => return Ok(None),
+        };
+        if !self.checked_already(std::iter::once(n).chain(below.iter().copied()))
+            || !self.try_note_external_use(n, &below)
+        {
+            return Ok(None);
+        }
+        self.backend.describe(n, &rec, &below).map(Some)
+    }
+
     /// The layers below layer `n`, nearest first: walked in the database once per layer and process (a parent
     /// chain never changes), then taken from its slot.
     pub(crate) fn lowers_of(&self, n: u64, rec: &LayerRecord) -> Result<Lowers> {

@@ -503,6 +503,10 @@ impl LayerBackend for OverlayBackend {
         })
     }
 
+    fn describes_in_memory(&self) -> bool {
+        true
+    }
+
     fn clear_leftovers(&self) -> Result<()> {
         for d in ["staging", "trash"] {
             let dir = self.root.join(d);

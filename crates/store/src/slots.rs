@@ -3,7 +3,7 @@
 //! the others (statistics, garbage collection, listings) read and count through [`Slots`].
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use crate::meta::LayerStats;
 
@@ -99,10 +99,39 @@ impl Slots {
             .iter()
             .filter(|(_, s)| match s.try_lock() {
                 Ok(g) => g.mounts > 0,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().mounts > 0,
-                Err(std::sync::TryLockError::WouldBlock) => false,
+                Err(TryLockError::Poisoned(p)) => p.into_inner().mounts > 0,
+                Err(TryLockError::WouldBlock) => false,
             })
             .count() as u64
+    }
+
+    /// Counts a mount request of layer `n` and a use of each of `below` at `now`, if none of their slots is
+    /// locked (an operation may hold a slot across I/O); otherwise counts nothing and says false. Never waits,
+    /// so it may take the slots all at once.
+    pub(crate) fn try_note_external_use(&self, n: u64, below: &[u64], now: u64) -> bool {
+        let slots: Vec<Arc<Mutex<Slot>>> = {
+            let mut map = self.map();
+            std::iter::once(&n)
+                .chain(below)
+                .map(|k| map.entry(*k).or_default().clone())
+                .collect()
+        };
+        let mut guards = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            match slot.try_lock() {
+                Ok(g) => guards.push(g),
+                Err(TryLockError::Poisoned(p)) => guards.push(p.into_inner()),
+                Err(TryLockError::WouldBlock) => return false,
+            }
+        }
+        let mut guards = guards.into_iter();
+        if let Some(mut own) = guards.next() {
+            own.note_get(now, true);
+        }
+        for mut g in guards {
+            g.note_use(now);
+        }
+        true
     }
 
     /// Sets the usage counters of layer `n` (loaded from the database).

@@ -181,6 +181,15 @@ impl Store {
         self.counters.add(Counter::SnapshotMounts, 1);
     }
 
+    /// [`Store::note_external_use`] if no slot it counts in is locked; false, counting nothing, otherwise.
+    pub(crate) fn try_note_external_use(&self, n: u64, below: &[u64]) -> bool {
+        if !self.slots.try_note_external_use(n, below, now_ns()) {
+            return false;
+        }
+        self.counters.add(Counter::SnapshotMounts, 1);
+        true
+    }
+
     /// The counters of layer `n` (zero for an unknown layer).
     pub fn layer_stats(&self, n: u64) -> LayerStats {
         self.slots.counts(n).0

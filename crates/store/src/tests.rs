@@ -435,6 +435,57 @@ fn containerd_mount_descriptions() {
 }
 
 #[test]
+fn containerd_mounts_from_memory_answer_as_the_store_does() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    create(&s, "base", None, LayerKind::ReadOnly);
+    let snapshot = NewLayer::new(NS, "a", LayerKind::ReadWrite)
+        .with_parent(Some("base"))
+        .with_options(crate::CreateOptions {
+            parent_kind: Some(LayerKind::ReadOnly),
+            ..crate::CreateOptions::default()
+        });
+    let prepared = s.prepare(snapshot).unwrap();
+    let cached = s
+        .mounts_cached(NS, "a")
+        .unwrap()
+        .expect("prepared here: its chain is in memory");
+    assert_eq!(format!("{cached:?}"), format!("{prepared:?}"));
+    assert_eq!(format!("{cached:?}"), format!("{:?}", s.mounts(NS, "a").unwrap()));
+    assert_eq!(s.counters()["snapshot_mounts"], 3);
+    assert_eq!(s.layer_stats(s.info(NS, "base").unwrap().number).uses, 3);
+    assert!(matches!(
+        s.mounts_cached(NS, "base"),
+        Err(StoreError::Precondition(_))
+    ));
+    assert!(matches!(
+        s.mounts_cached(NS, "missing"),
+        Err(StoreError::NotFound(_))
+    ));
+    // A slot held by an operation in progress is not waited for.
+    let n = s.info(NS, "a").unwrap().number;
+    let slot = s.slot(n);
+    let held = crate::lock(&slot);
+    assert!(s.mounts_cached(NS, "a").unwrap().is_none());
+    drop(held);
+    let base = s.slot(s.info(NS, "base").unwrap().number);
+    let held = crate::lock(&base);
+    assert!(s.mounts_cached(NS, "a").unwrap().is_none());
+    drop(held);
+    assert_eq!(
+        s.counters()["snapshot_mounts"],
+        3,
+        "nothing counted when not answered"
+    );
+    // A chain not read in this process yet: left to `mounts`.
+    drop(s);
+    let s = fx.open();
+    assert!(s.mounts_cached(NS, "a").unwrap().is_none());
+    s.mounts(NS, "a").unwrap();
+    assert!(s.mounts_cached(NS, "a").unwrap().is_some());
+}
+
+#[test]
 fn a_small_commit_records_its_manifest_in_its_own_transaction() {
     let fx = Fixture::new();
     let s = fx.open();

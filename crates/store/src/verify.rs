@@ -331,6 +331,15 @@ impl Store {
         }
     }
 
+    /// Whether [`Store::check_before_mount`] of `layers` has nothing to read: the option is off, or every one
+    /// of them was checked or written by this store.
+    pub(crate) fn checked_already(&self, layers: impl IntoIterator<Item = u64>) -> bool {
+        match &self.mount_check {
+            None => true,
+            Some(check) => layers.into_iter().all(|n| check.is_trusted(n)),
+        }
+    }
+
     /// `verify_on_mount` for the layers of a stack about to be mounted (nothing when the option is off). A
     /// mismatch gives [`StoreError::CorruptMetadata`] naming the layer and the first differing path.
     pub(crate) fn check_before_mount(&self, layers: impl IntoIterator<Item = u64>) -> Result<()> {

@@ -139,6 +139,14 @@ fn time(ns: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
+/// The error of a Mounts: a committed snapshot has none.
+fn mounts_error(e: StoreError) -> SnapshotError {
+    match e {
+        StoreError::Precondition(m) => SnapshotError::new(Code::FailedPrecondition, m),
+        e => to_snapshot_error(e),
+    }
+}
+
 /// containerd's form of a mount description (the data root was checked to be UTF-8 without `,` and `:`).
 fn to_mount(spec: &MountSpec) -> Mount {
     Mount {
@@ -172,6 +180,14 @@ impl Snapshotter for SnapshotterAdapter {
 
     fn mounts(&self, snapshotter: &str, key: &str) -> Result<Vec<Mount>> {
         self.mounts_inner(snapshotter, key)
+    }
+
+    fn mounts_now(&self, snapshotter: &str, key: &str) -> Option<Result<Vec<Mount>>> {
+        self.store
+            .mounts_cached(&namespace(snapshotter), key)
+            .map_err(mounts_error)
+            .map(|spec| spec.map(|s| vec![to_mount(&s)]))
+            .transpose()
     }
 
     fn commit(&self, snapshotter: &str, name: &str, key: &str, labels: Labels) -> Result<()> {
@@ -224,10 +240,7 @@ impl SnapshotterAdapter {
         let spec = self
             .store
             .mounts(&namespace(snapshotter), key)
-            .map_err(|e| match e {
-                StoreError::Precondition(m) => SnapshotError::new(Code::FailedPrecondition, m),
-                e => to_snapshot_error(e),
-            })?;
+            .map_err(mounts_error)?;
         Ok(vec![to_mount(&spec)])
     }
 
