@@ -7,6 +7,7 @@ use lamina_sys::fault;
 use lamina_sys::mount::MAX_OVERLAY_LOWERS;
 use tracing::{debug, warn};
 
+use crate::commits;
 use crate::tables::Writer;
 use crate::verify::{write_manifest_unsynced, INLINE_SEAL_BYTES, INLINE_SEAL_INODES};
 use crate::{
@@ -216,11 +217,15 @@ impl Store {
         // Usage first (it reads the tree); the layer cannot change kind meanwhile: we hold its lock. The
         // content must be on disk before the record says it is frozen. A small layer's manifest is written
         // before that flush, which makes it durable with the content, and its digest goes into the same
-        // record (docs/on-disk-format.md, "Commit").
+        // record; so does the commit's record file where the backend keeps them, which lets the transaction
+        // below go unflushed (docs/on-disk-format.md, "Commit"; `commits.rs`).
         let mut manifest = None;
+        let mut recorded: Option<(std::path::PathBuf, LayerRecord)> = None;
         let paths = self.backend.paths(n);
-        let usage = if self.backend.manifests() {
-            self.backend.freeze_with(n, &mut |usage| {
+        let record_path = self.backend.commit_record(n);
+        let frozen =
+            if self.backend.manifests() {
+                self.backend.freeze_with(n, &mut |usage| {
                 if usage.bytes <= INLINE_SEAL_BYTES && usage.inodes <= INLINE_SEAL_INODES {
                     match write_manifest_unsynced(&paths.content, &paths.manifest) {
                         Ok(digest) => manifest = Some(digest),
@@ -230,24 +235,60 @@ impl Store {
                         }
                     }
                 }
+                // Only with a manifest: recovery replays a record onto the content it checked against it.
+                if let (Some(path), Some(_)) = (&record_path, &manifest) {
+                    let committed =
+                        rec.clone()
+                            .committed(name, labels.clone(), usage.bytes, usage.inodes, manifest.clone());
+                    match commits::write_record(path, n, key, &committed) {
+                        Ok(()) => recorded = Some((path.clone(), committed)),
+                        Err(e) => {
+                            debug!(ns, key, layer = n, error = %e, "commit recorded by a durable transaction")
+                        }
+                    }
+                }
                 Ok(())
-            })?
-        } else {
-            self.backend.freeze(n)?
-        };
+            })
+            } else {
+                self.backend.freeze(n)
+            };
         // From here an error leaves the layer writable with a manifest file beside it that no record names
         // (only a recorded digest makes a manifest count); the next Commit writes it again. It is not removed:
-        // a record commit that failed may still have reached the disk.
-        let txn = self.write()?;
-        if txn.number(ns, name)?.is_some() {
-            return Err(StoreError::AlreadyExists(format!("layer {name}")));
+        // a record commit that failed may still have reached the disk. The commit's record file is removed
+        // (durably): it would make the commit at the next start.
+        let result = frozen.and_then(|usage| {
+            let txn = self.write()?;
+            if txn.number(ns, name)?.is_some() {
+                return Err(StoreError::AlreadyExists(format!("layer {name}")));
+            }
+            txn.remove_name(ns, key)?;
+            txn.put_name(ns, name, n)?;
+            let rec = match &recorded {
+                Some((_, committed)) => committed.clone(),
+                None => rec.committed(name, labels, usage.bytes, usage.inodes, manifest.clone()),
+            };
+            txn.put_layer(n, &rec)?;
+            fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
+            if recorded.is_some() {
+                // Durable by the record file already; the next durable transaction or checkpoint catches up.
+                txn.commit_unflushed()?;
+            } else {
+                txn.commit()?;
+            }
+            Ok(rec)
+        });
+        let rec = match result {
+            Ok(rec) => rec,
+            Err(e) => {
+                if let Some((path, _)) = &recorded {
+                    commits::discard(path);
+                }
+                return Err(e);
+            }
+        };
+        if recorded.is_some() {
+            self.unflushed.push(n);
         }
-        txn.remove_name(ns, key)?;
-        txn.put_name(ns, name, n)?;
-        let rec = rec.committed(name, labels, usage.bytes, usage.inodes, manifest.clone());
-        txn.put_layer(n, &rec)?;
-        fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
-        txn.commit()?;
         drop(guard);
         let _ = fault::point("store.commit.done");
         // Frozen by this store: trusted by `verify_on_mount` until the store is dropped.
