@@ -58,8 +58,8 @@ fn child(name: &str, root: &Path, faults: &str) -> bool {
 /// What the database file itself says `(ns, name)` names (the store closed).
 fn stored_number(root: &Path, name: &str) -> Option<u64> {
     let db = crate::db::Db::open(&root.join("meta.redb")).unwrap();
-    let n = Reader::begin(&db).unwrap().number(NS, name).unwrap();
-    n
+    let reader = Reader::begin(&db).unwrap();
+    reader.number(NS, name).unwrap()
 }
 
 #[test]
