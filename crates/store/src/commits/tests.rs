@@ -42,17 +42,33 @@ fn labels() -> BTreeMap<String, String> {
     BTreeMap::from([("l".to_string(), "v".to_string())])
 }
 
-/// Runs the ignored test `name` of this binary in a child process on `root` with `LAMINA_FAULTS=faults`; gives
-/// whether it exited successfully.
-fn child(name: &str, root: &Path, faults: &str) -> bool {
+/// Runs the ignored test `name` of this binary in a child process on a new data root with
+/// `LAMINA_FAULTS=faults`; gives the directory holding the data root, the data root, and whether the child
+/// exited successfully. None (the test is skipped) in a build without fault points.
+fn child(name: &str, faults: &str) -> Option<(tempfile::TempDir, PathBuf, bool)> {
+    if !lamina_sys::fault::ENABLED {
+        eprintln!("skipped: built without fault points");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
     let exe = std::env::current_exe().unwrap();
     let status = Command::new(exe)
         .args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ROOT, root)
+        .env(CHILD_ROOT, &root)
         .env("LAMINA_FAULTS", faults)
         .status()
         .unwrap();
-    status.success()
+    Some((dir, root, status.success()))
+}
+
+/// In a child process run by [`child`]: the store on its data root with the active snapshot `active` holding
+/// `data`, and its layer directory.
+fn child_store(data: &[u8]) -> Option<(Store, PathBuf)> {
+    let root = std::env::var_os(CHILD_ROOT)?;
+    let s = open(Path::new(&root));
+    let layer = active(&s, data);
+    Some((s, layer))
 }
 
 /// What the database file itself says `(ns, name)` names (the store closed).
@@ -99,11 +115,9 @@ fn a_commit_is_durable_once_the_store_is_dropped() {
 #[test]
 #[ignore = "run by a_commit_the_process_did_not_flush_is_made_again_at_start in a child process"]
 fn child_commits_and_dies() {
-    let Some(root) = std::env::var_os(CHILD_ROOT) else {
+    let Some((s, _)) = child_store(b"content of the committed snapshot") else {
         return;
     };
-    let s = open(Path::new(&root));
-    active(&s, b"content of the committed snapshot");
     // `store.commit.done=kill` ends the process inside this call.
     let _ = s.commit(NS, "active", "committed", labels());
     std::process::exit(3);
@@ -111,17 +125,11 @@ fn child_commits_and_dies() {
 
 #[test]
 fn a_commit_the_process_did_not_flush_is_made_again_at_start() {
-    if !lamina_sys::fault::ENABLED {
-        eprintln!("skipped: built without fault points");
+    let Some((_dir, root, ok)) = child("commits::tests::child_commits_and_dies", "store.commit.done=kill")
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    assert!(!child(
-        "commits::tests::child_commits_and_dies",
-        &root,
-        "store.commit.done=kill"
-    ));
+    };
+    assert!(!ok, "the child was not killed");
     // The database lost the unflushed commit with the process; the record file has it.
     assert!(stored_number(&root, "committed").is_none());
     let n = stored_number(&root, "active").expect("the active snapshot is in the database");
@@ -148,11 +156,9 @@ fn a_commit_the_process_did_not_flush_is_made_again_at_start() {
 #[test]
 #[ignore = "run by a_failed_commit_leaves_no_record_file in a child process"]
 fn child_commit_fails() {
-    let Some(root) = std::env::var_os(CHILD_ROOT) else {
+    let Some((s, layer)) = child_store(b"data") else {
         return;
     };
-    let s = open(Path::new(&root));
-    let layer = active(&s, b"data");
     // `store.commit.commit=eio`: the transaction fails after the record file was written and flushed.
     assert!(s.commit(NS, "active", "committed", labels()).is_err());
     assert!(!layer.join(COMMIT_FILE).exists());
@@ -163,17 +169,11 @@ fn child_commit_fails() {
 
 #[test]
 fn a_failed_commit_leaves_no_record_file() {
-    if !lamina_sys::fault::ENABLED {
-        eprintln!("skipped: built without fault points");
+    let Some((_dir, root, ok)) = child("commits::tests::child_commit_fails", "store.commit.commit=eio")
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    assert!(child(
-        "commits::tests::child_commit_fails",
-        &root,
-        "store.commit.commit=eio"
-    ));
+    };
+    assert!(ok, "the child failed");
     let s = open(&root);
     assert!(s.lookup(NS, "active").unwrap().is_some());
     assert!(s.lookup(NS, "committed").unwrap().is_none());
@@ -181,62 +181,44 @@ fn a_failed_commit_leaves_no_record_file() {
     s.commit(NS, "active", "committed", labels()).unwrap();
 }
 
-/// A record as a Commit of `active` in `s` would write it.
-fn record_of_commit(s: &Store, name: &str) -> (u64, LayerRecord) {
+/// A store on `root` closed after a crash left it thus: the active snapshot `active` and, in its layer
+/// directory, the record of its Commit as `committed` naming `key`, then `tamper` applied to the layer directory.
+/// Gives the layer number, the record the file holds and the layer directory.
+fn left_by_a_crash(root: &Path, key: &str, tamper: impl FnOnce(&Path)) -> (u64, LayerRecord, PathBuf) {
+    let s = open(root);
+    let layer = active(&s, b"data");
     let (n, rec) = s.lookup(NS, "active").unwrap().unwrap();
     let paths = s.backend.paths(n);
     let digest = crate::verify::write_manifest_unsynced(&paths.content, &paths.manifest).unwrap();
-    (n, rec.committed(name, labels(), 4096, 2, Some(digest)))
+    let committed = rec.committed("committed", labels(), 4096, 2, Some(digest));
+    write_record(&layer.join(COMMIT_FILE), n, key, &committed).unwrap();
+    tamper(&layer);
+    (n, committed, layer)
 }
 
 #[test]
-fn a_record_file_of_another_key_is_ignored_and_deleted() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let layer = {
+fn a_record_file_that_does_not_match_is_deleted_and_the_snapshot_stays_active() {
+    let no_change: fn(&Path) = |_| {};
+    // As a power cut during the Commit's flush may leave it: the record on disk, the content not.
+    let content_changed: fn(&Path) = |layer| std::fs::write(layer.join("diff/data"), b"dat").unwrap();
+    for (key, tamper) in [("another-key", no_change), ("active", content_changed)] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let (_, _, layer) = left_by_a_crash(&root, key, tamper);
         let s = open(&root);
-        let layer = active(&s, b"data");
-        let (n, committed) = record_of_commit(&s, "committed");
-        write_record(&layer.join(COMMIT_FILE), n, "another-key", &committed).unwrap();
-        layer
-    };
-    let s = open(&root);
-    assert!(s.lookup(NS, "active").unwrap().is_some());
-    assert!(s.lookup(NS, "committed").unwrap().is_none());
-    assert!(!layer.join(COMMIT_FILE).exists());
-}
-
-#[test]
-fn a_record_file_whose_content_changed_is_not_replayed() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let layer = {
-        let s = open(&root);
-        let layer = active(&s, b"data");
-        let (n, committed) = record_of_commit(&s, "committed");
-        write_record(&layer.join(COMMIT_FILE), n, "active", &committed).unwrap();
-        // As a power cut during the Commit's flush may leave it: the record on disk, the content not.
-        std::fs::write(layer.join("diff/data"), b"dat").unwrap();
-        layer
-    };
-    let s = open(&root);
-    assert!(s.lookup(NS, "active").unwrap().is_some());
-    assert!(s.lookup(NS, "committed").unwrap().is_none());
-    assert!(!layer.join(COMMIT_FILE).exists());
+        assert!(s.lookup(NS, "active").unwrap().is_some(), "{key}");
+        assert!(s.lookup(NS, "committed").unwrap().is_none(), "{key}");
+        assert!(!layer.join(COMMIT_FILE).exists(), "{key}");
+    }
 }
 
 #[test]
 fn a_matching_record_file_is_replayed_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
-    let (n, committed) = {
-        let s = open(&root);
-        let layer = active(&s, b"data");
-        let (n, committed) = record_of_commit(&s, "committed");
-        write_record(&layer.join(COMMIT_FILE), n, "active", &committed).unwrap();
-        (n, committed)
-    };
+    let (n, committed, layer) = left_by_a_crash(&root, "active", |_| {});
     let s = open(&root);
     assert!(s.lookup(NS, "active").unwrap().is_none());
     assert_eq!(s.lookup(NS, "committed").unwrap(), Some((n, committed)));
+    assert!(!layer.join(COMMIT_FILE).exists());
 }
