@@ -291,7 +291,8 @@ struct Call<'b, 'c> {
     body: &'b mut Body<'c>,
     json_limit: usize,
     close: bool,
-    id: String,
+    /// The request's id or volume name, once read.
+    id: Option<String>,
 }
 
 impl Call<'_, '_> {
@@ -319,8 +320,27 @@ impl Call<'_, '_> {
         }
     }
 
+    /// Keeps the request's id (or volume name) for its log lines; quoted only when one is written.
     fn note_id(&mut self, id: &str) {
-        self.id = quote(id, 80);
+        self.id = Some(id.to_owned());
+    }
+
+    /// The noted id as log lines show it: quoted, empty when none was read.
+    fn id(&self) -> Quoted<'_> {
+        Quoted(self.id.as_deref())
+    }
+}
+
+/// A string shown as [`quote`] gives it (at most 80 characters), escaped only when formatted, that is when a
+/// log line is written; nothing for `None`.
+struct Quoted<'a>(Option<&'a str>);
+
+impl std::fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(s) => f.write_str(&quote(s, 80)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -444,7 +464,7 @@ impl Router {
             body,
             json_limit: self.json_limit,
             close: false,
-            id: String::new(),
+            id: None,
         };
         let result = match ep {
             Endpoint::Activate => self.activate(&mut call),
@@ -475,7 +495,7 @@ impl Router {
             }
             Err(e) => {
                 observe(false);
-                tracing::warn!(method = ep.name(), id = %call.id, error = %e, "request failed");
+                tracing::warn!(method = ep.name(), id = %call.id(), error = %e, "request failed");
                 json_response(500, wire::encode_error(&e))
             }
         };
@@ -504,9 +524,9 @@ impl Router {
             call.note_id(id);
         }
         if with_parent {
-            tracing::debug!(method = m.name(), id = %call.id, parent = %quote(r.parent.as_deref().unwrap_or(""), 80), "call");
+            tracing::debug!(method = m.name(), id = %call.id(), parent = %quote(r.parent.as_deref().unwrap_or(""), 80), "call");
         } else {
-            tracing::debug!(method = m.name(), id = %call.id, "call");
+            tracing::debug!(method = m.name(), id = %call.id(), "call");
         }
         Ok(r)
     }
@@ -655,7 +675,7 @@ impl Router {
                 if let Some(id) = &id {
                     call.note_id(id);
                 }
-                tracing::debug!(method = m.name(), id = %call.id, parent = %quote(parent.as_deref().unwrap_or(""), 80), "call");
+                tracing::debug!(method = m.name(), id = %call.id(), parent = %quote(parent.as_deref().unwrap_or(""), 80), "call");
                 let id = required_id(id)?;
                 let parent = optional_parent(parent)?;
                 call.body.set_streaming();
@@ -678,7 +698,7 @@ impl Router {
         if let Some(name) = &r.name {
             call.note_id(name);
         }
-        tracing::debug!(method = m.name(), name = %call.id, mount_id = %quote(r.id.as_deref().unwrap_or(""), 80), "call");
+        tracing::debug!(method = m.name(), name = %call.id(), mount_id = %quote(r.id.as_deref().unwrap_or(""), 80), "call");
         match m {
             VolumeMethod::List => {
                 let vols = v.list()?;

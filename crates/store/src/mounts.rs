@@ -25,10 +25,12 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))?;
         let slot = self.slot(n);
         let mut guard = lock(&slot);
-        let (n2, rec) = self.require(ns, name)?;
-        if n2 != n {
-            return Err(StoreError::NotFound(format!("layer {name}")));
-        }
+        // Numbers are never reused: under the lock, the record of `n` still naming the layer is the layer
+        // (a removal deletes it, a commit renames it).
+        let rec = self
+            .record_by_number(n)?
+            .filter(|r| r.ns == ns && r.name == name)
+            .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))?;
         if rec.state == LayerState::Applying {
             return Err(StoreError::InUse(format!("layer {name} is being filled")));
         }

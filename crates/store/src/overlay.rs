@@ -9,13 +9,13 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use lamina_archive::{ApplyOptions, ApplyStats, Change, DiffOptions, DiskUsage, IdMappings};
 use lamina_sys::fault;
 use lamina_sys::mount::{self, MountSpec, OverlaySpec};
 use lamina_sys::mounter::Mounter;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backend::{LayerBackend, LayerPaths, LeftoverScope, Recovery, Staging};
 use crate::commits::COMMIT_FILE;
@@ -34,6 +34,69 @@ pub(crate) struct OverlayBackend {
     /// deleted): garbage collection leaves them alone.
     in_flight: Arc<Mutex<HashSet<PathBuf>>>,
     seq: AtomicU64,
+    /// Deletes removed layers in the background.
+    reaper: Reaper,
+}
+
+/// A removed layer's directory, moved into `trash/`, waiting to be deleted.
+struct Doomed {
+    trash: PathBuf,
+    /// The data root and layer number of a size-limited layer, whose quota project is released after it.
+    project: Option<(PathBuf, u64)>,
+    /// Keeps garbage collection away until the tree is gone.
+    _owned: InFlight,
+}
+
+impl Doomed {
+    fn delete(self) {
+        // A size-limited layer's subvolume and qgroup go with the tree (see `remove_tree`).
+        remove_tree(&self.trash);
+        if let Some((root, n)) = &self.project {
+            quota::release_project(root, *n);
+        }
+    }
+}
+
+/// One thread, started at the first removal, that deletes removed layers one after the other at the lowest
+/// CPU priority: a removal answers once its directory is out of view, and the deletion neither costs a
+/// thread of its own nor takes the CPU from the calls that follow. Deletes in the caller's thread if the
+/// thread cannot be started.
+#[derive(Debug, Default)]
+struct Reaper {
+    queue: OnceLock<Option<mpsc::Sender<Doomed>>>,
+}
+
+impl Reaper {
+    fn delete(&self, doomed: Doomed) {
+        let queue = self.queue.get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Doomed>();
+            let spawned = std::thread::Builder::new()
+                .name("trash".into())
+                .spawn(move || {
+                    if let Err(e) = lamina_sys::thread::lower_priority() {
+                        debug!(error = %e, "could not lower the priority of the trash thread");
+                    }
+                    for doomed in rx {
+                        doomed.delete();
+                    }
+                });
+            match spawned {
+                Ok(_) => Some(tx),
+                Err(e) => {
+                    warn!(error = %e, "could not start the trash thread; removed layers are deleted in place");
+                    None
+                }
+            }
+        });
+        match queue {
+            Some(tx) => {
+                if let Err(mpsc::SendError(doomed)) = tx.send(doomed) {
+                    doomed.delete();
+                }
+            }
+            None => doomed.delete(),
+        }
+    }
 }
 
 impl OverlayBackend {
@@ -47,6 +110,7 @@ impl OverlayBackend {
             mounter,
             in_flight: Arc::new(Mutex::new(HashSet::new())),
             seq: AtomicU64::new(0),
+            reaper: Reaper::default(),
         })
     }
 
@@ -290,14 +354,12 @@ impl LayerBackend for OverlayBackend {
         let limited = max_size.is_some().then(|| self.root.clone());
         match fault::point("store.remove.rename").and_then(|()| std::fs::rename(&dir, &trash)) {
             Ok(()) => {
-                std::thread::spawn(move || {
-                    // A size-limited layer's subvolume and qgroup go with the tree (see `remove_tree`).
-                    remove_tree(&trash);
-                    if let Some(root) = limited {
-                        quota::release_project(&root, n);
-                    }
-                    drop(owned);
+                self.reaper.delete(Doomed {
+                    trash,
+                    project: limited.map(|root| (root, n)),
+                    _owned: owned,
                 });
+                return;
             }
             Err(e) => {
                 warn!(dir = %dir.display(), error = %e, "could not move removed layer to trash; removing in place")

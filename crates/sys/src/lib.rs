@@ -14,6 +14,7 @@
 //! - [`lock`]: advisory lock files.
 //! - [`quota`]: size limits (btrfs subvolumes with a qgroup limit, xfs project quota).
 //! - [`fault`]: fault points for the reliability tests (compiled to nothing without the `faults` feature).
+//! - [`thread`]: scheduling priority of background threads.
 #![allow(unsafe_code)]
 
 pub mod fault;
@@ -22,3 +23,4 @@ pub mod lock;
 pub mod mount;
 pub mod mounter;
 pub mod quota;
+pub mod thread;

@@ -25,7 +25,8 @@ const SETTING_MAPS: &str = "graphdriver.idmaps";
 
 #[derive(Debug, Clone, Default)]
 struct DriverState {
-    ns: String,
+    /// Shared, so that the calls that need only the namespace copy no string.
+    ns: Arc<str>,
     mappings: IdMappings,
 }
 
@@ -119,7 +120,7 @@ impl GraphDriverAdapter {
         Ok(GraphDriverAdapter {
             store,
             state: RwLock::new(DriverState {
-                ns: format!("docker:{home}"),
+                ns: format!("docker:{home}").into(),
                 mappings,
             }),
         })
@@ -129,8 +130,8 @@ impl GraphDriverAdapter {
         self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn ns(&self) -> String {
-        self.state().ns
+    fn ns(&self) -> Arc<str> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).ns.clone()
     }
 }
 
@@ -260,7 +261,7 @@ impl GraphDriverAdapter {
         self.store
             .set_setting(SETTING_MAPS, &encode_maps(&mappings))
             .map_err(to_plugin_error)?;
-        let ns = format!("docker:{}", req.home);
+        let ns = format!("docker:{}", req.home).into();
         info!(home = %req.home, remapped = !mappings.uids.is_empty(), "graphdriver initialised");
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = DriverState { ns, mappings };
         Ok(())
