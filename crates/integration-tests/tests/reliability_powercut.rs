@@ -12,7 +12,7 @@
 //!
 //! Size: per filesystem, one cut per (operation, point) pair per round, `LAMINA_RELIABILITY_POWERCUT_ROUNDS`
 //! rounds (CI 1, full 15), plus `LAMINA_RELIABILITY_RANDOM_CUTS` random-moment cuts (CI 10, full 150). The full
-//! run is (33 pairs × 15 + 150) × 2 filesystems = 1,290 cuts.
+//! run is (34 pairs × 15 + 150) × 2 filesystems = 1,320 cuts.
 
 use std::collections::BTreeMap;
 use std::fs;

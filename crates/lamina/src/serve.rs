@@ -28,9 +28,6 @@ use crate::metrics::{self, VerifyOutcome};
 const GRPC_DRAIN: Duration = Duration::from_secs(5);
 /// How often usage counters are written to the database (the most a crash loses).
 const STATS_FLUSH: Duration = Duration::from_secs(10);
-/// How long a snapshotter Commit recorded unflushed (its record file is the durable proof) waits at most for
-/// a durable transaction of the metadata database ([`Store::checkpoint`]).
-const CHECKPOINT: Duration = Duration::from_secs(1);
 
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
     // A plain level applies to lamina; the HTTP/2 stack's own debug output (every frame) stays quiet.
@@ -211,9 +208,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     if let Err(e) = store.flush_stats() {
         warn!(error = %e, "could not save usage statistics");
     }
-    if let Err(e) = store.checkpoint() {
-        warn!(error = %e, "could not make the last commits durable; the next start makes them from their records");
-    }
     // Mounts stay: containers may still use them. dockerd's Cleanup unmounts at its shutdown.
     info!("stopped");
     result
@@ -302,7 +296,7 @@ fn spawn_lease_keeper(
         .context("starting the volume lease thread")
 }
 
-/// Makes unflushed commits durable every [`CHECKPOINT`], flushes usage counters every [`STATS_FLUSH`], records this host's use of cluster tier layers every
+/// Flushes usage counters every [`STATS_FLUSH`], records this host's use of cluster tier layers every
 /// `tier_usage` (the heartbeat interval; the tier is written only when that use changed) and runs the
 /// periodic garbage collection, until `stop`.
 fn spawn_housekeeping(
@@ -316,13 +310,11 @@ fn spawn_housekeeping(
         .spawn(move || {
             let tick = Duration::from_millis(100);
             let mut since_flush = Duration::ZERO;
-            let mut since_checkpoint = Duration::ZERO;
             let mut since_gc = Duration::ZERO;
             let mut since_usage = Duration::ZERO;
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(tick);
                 since_flush += tick;
-                since_checkpoint += tick;
                 since_gc += tick;
                 since_usage += tick;
                 if let Some(every) = tier_usage {
@@ -331,12 +323,6 @@ fn spawn_housekeeping(
                         if let Err(e) = store.share_tier_usage() {
                             warn!(error = %e, "could not record the use of cluster tier layers");
                         }
-                    }
-                }
-                if since_checkpoint >= CHECKPOINT {
-                    since_checkpoint = Duration::ZERO;
-                    if let Err(e) = store.checkpoint() {
-                        warn!(error = %e, "could not make the last commits durable; retried");
                     }
                 }
                 if since_flush >= STATS_FLUSH {

@@ -13,8 +13,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{
-    CommitError, Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, StorageError,
-    TransactionError, WriteTransaction,
+    CommitError, Database, DatabaseError, ReadTransaction, ReadableDatabase, StorageError, TransactionError,
+    WriteTransaction,
 };
 use tracing::{info, warn};
 
@@ -70,17 +70,6 @@ impl Deref for ReadTxn {
 impl WriteTxn {
     /// Commits (see [`WriteTransaction::commit`]).
     pub fn commit(self) -> Result<(), CommitError> {
-        self.txn.commit()
-    }
-
-    /// Commits without flushing the file ([`Durability::None`]): the changes are visible to every later
-    /// transaction of this process at once, and reach the disk with the next durable commit (any
-    /// [`WriteTxn::commit`], or the close of the database). A process that dies before then loses them: the
-    /// next open returns the last durable state. Where redb refuses a non-durable commit (a persistent
-    /// savepoint changed in this transaction), it commits durably.
-    pub fn commit_unflushed(mut self) -> Result<(), CommitError> {
-        // A refusal leaves the transaction durable, which is the safe side.
-        let _ = self.txn.set_durability(Durability::None);
         self.txn.commit()
     }
 }

@@ -105,14 +105,6 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
         self.freeze(n)
     }
 
-    /// Where a Commit of layer `n` may leave its record file (`crate::commits`), or none: then every Commit is
-    /// recorded with a durable transaction. Only for a backend whose [`LayerBackend::freeze_with`] flushes the
-    /// filesystem holding that path after `before_flush` (the file written there is then durable with the
-    /// content and the manifest, and the store records the commit unflushed).
-    fn commit_record(&self, _n: u64) -> Option<PathBuf> {
-        None
-    }
-
     /// Disk usage of the layer's own content now.
     fn usage(&self, n: u64) -> Result<DiskUsage>;
 

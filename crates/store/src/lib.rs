@@ -20,7 +20,6 @@
 #![forbid(unsafe_code)]
 
 mod backend;
-mod commits;
 mod content;
 mod custody;
 mod db;
@@ -180,8 +179,6 @@ pub struct Store {
     mount_check: Option<verify::MountCheck>,
     /// The cluster tier, when the store takes part in one.
     tier: Option<tier::Tier>,
-    /// Commits recorded with an unflushed transaction, made durable by [`Store::checkpoint`].
-    unflushed: commits::Unflushed,
     /// Set once the open passed its custody check: only then may dropping the store write to the database.
     ready: std::sync::atomic::AtomicBool,
     _lock: LockFile,
@@ -194,9 +191,6 @@ impl Drop for Store {
         }
         // Manifest writers hold the database; they finish before the lock is released.
         self.wait_sealed();
-        if let Err(e) = self.checkpoint() {
-            warn!(error = %e, "could not make the last commits durable; the next start makes them from their records");
-        }
         if let Err(e) = self.flush_stats() {
             warn!(error = %e, "could not save usage statistics");
         }

@@ -1,15 +1,12 @@
 //! Layer lifecycle: create, commit (freeze under a new name), relabel, remove.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use lamina_archive::DiskUsage;
 use lamina_sys::fault;
 use lamina_sys::mount::MAX_OVERLAY_LOWERS;
 use tracing::{debug, warn};
 
-use crate::commits;
 use crate::tables::Writer;
 use crate::verify::{write_manifest_unsynced, INLINE_SEAL_BYTES, INLINE_SEAL_INODES};
 use crate::{
@@ -216,127 +213,52 @@ impl Store {
         if self.read()?.number(ns, name)?.is_some() {
             return Err(StoreError::AlreadyExists(format!("layer {name}")));
         }
-        // The content must be on disk before the record says it is frozen (`freeze_for_commit`).
-        let Frozen {
-            usage,
-            manifest,
-            recorded,
-        } = self.freeze_for_commit(n, key, name, &labels, &rec)?;
+        // Usage first (it reads the tree); the layer cannot change kind meanwhile: we hold its lock. The
+        // content must be on disk before the record says it is frozen. A small layer's manifest is written
+        // before that flush, which makes it durable with the content, and its digest goes into the same
+        // record (docs/on-disk-format.md, "Commit").
+        let mut manifest = None;
+        let paths = self.backend.paths(n);
+        let usage = if self.backend.manifests() {
+            self.backend.freeze_with(n, &mut |usage| {
+                if usage.bytes <= INLINE_SEAL_BYTES && usage.inodes <= INLINE_SEAL_INODES {
+                    match write_manifest_unsynced(&paths.content, &paths.manifest) {
+                        Ok(digest) => manifest = Some(digest),
+                        // Left to the background writer, as for a large layer.
+                        Err(e) => {
+                            debug!(ns, key, layer = n, error = %e, "manifest not written with the commit")
+                        }
+                    }
+                }
+                Ok(())
+            })?
+        } else {
+            self.backend.freeze(n)?
+        };
         // From here an error leaves the layer writable with a manifest file beside it that no record names
         // (only a recorded digest makes a manifest count); the next Commit writes it again. It is not removed:
-        // a record commit that failed may still have reached the disk. The commit's record file is removed
-        // (durably): it would make the commit at the next start.
-        let result = (|| {
-            let txn = self.write()?;
-            if txn.number(ns, name)?.is_some() {
-                return Err(StoreError::AlreadyExists(format!("layer {name}")));
-            }
-            txn.remove_name(ns, key)?;
-            txn.put_name(ns, name, n)?;
-            let rec = match &recorded {
-                Some((_, committed)) => committed.clone(),
-                None => rec.committed(name, labels, usage.bytes, usage.inodes, manifest),
-            };
-            txn.put_layer(n, &rec)?;
-            fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
-            if recorded.is_some() {
-                // Durable by the record file already; the next durable transaction or checkpoint catches up.
-                txn.commit_unflushed()?;
-            } else {
-                txn.commit()?;
-            }
-            Ok(rec)
-        })();
-        let rec = match result {
-            Ok(rec) => rec,
-            Err(e) => {
-                if let Some((path, _)) = &recorded {
-                    commits::discard(path);
-                }
-                return Err(e);
-            }
-        };
-        if recorded.is_some() {
-            self.unflushed.push(n);
+        // a record commit that failed may still have reached the disk.
+        let txn = self.write()?;
+        if txn.number(ns, name)?.is_some() {
+            return Err(StoreError::AlreadyExists(format!("layer {name}")));
         }
+        txn.remove_name(ns, key)?;
+        txn.put_name(ns, name, n)?;
+        let rec = rec.committed(name, labels, usage.bytes, usage.inodes, manifest.clone());
+        txn.put_layer(n, &rec)?;
+        fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
+        txn.commit()?;
         drop(guard);
         let _ = fault::point("store.commit.done");
         // Frozen by this store: trusted by `verify_on_mount` until the store is dropped.
         self.trust(n);
-        if rec.manifest.is_none() {
+        if manifest.is_none() {
             // As after an apply: the manifest is written in the background, Commit does not wait for it.
             self.seal_later(n);
         }
         self.counters.add(Counter::Commits, 1);
         debug!(ns, key, name, layer = n, "committed layer");
         Ok(rec)
-    }
-
-    /// The freeze of a Commit of layer `n` (active as `key`, record `rec`) as `name` with `labels`: measures the
-    /// usage (it reads the tree; the layer cannot change kind meanwhile, the caller holds its lock) and makes
-    /// the content durable. A small layer's manifest is written before that flush, which makes it durable with
-    /// the content, and its digest goes into the commit's record; so does the commit's record file where the
-    /// backend keeps them, which lets the commit's transaction go unflushed (docs/on-disk-format.md, "Commit";
-    /// `commits.rs`). A record file is written only with a manifest: recovery replays it onto the content it
-    /// checked against that manifest. On error no record file is left.
-    fn freeze_for_commit(
-        &self,
-        n: u64,
-        key: &str,
-        name: &str,
-        labels: &BTreeMap<String, String>,
-        rec: &LayerRecord,
-    ) -> Result<Frozen> {
-        if !self.backend.manifests() {
-            let usage = self.backend.freeze(n)?;
-            return Ok(Frozen {
-                usage,
-                manifest: None,
-                recorded: None,
-            });
-        }
-        let ns = rec.ns.as_str();
-        let paths = self.backend.paths(n);
-        let record_path = self.backend.commit_record(n);
-        let mut manifest = None;
-        let mut recorded = None;
-        let usage = self.backend.freeze_with(n, &mut |usage| {
-            if usage.bytes > INLINE_SEAL_BYTES || usage.inodes > INLINE_SEAL_INODES {
-                return Ok(());
-            }
-            match write_manifest_unsynced(&paths.content, &paths.manifest) {
-                Ok(digest) => manifest = Some(digest),
-                // Left to the background writer, as for a large layer.
-                Err(e) => {
-                    debug!(ns, key, layer = n, error = %e, "manifest not written with the commit");
-                    return Ok(());
-                }
-            }
-            let Some(path) = &record_path else {
-                return Ok(());
-            };
-            let committed =
-                rec.clone()
-                    .committed(name, labels.clone(), usage.bytes, usage.inodes, manifest.clone());
-            match commits::write_record(path, n, key, &committed) {
-                Ok(()) => recorded = Some((path.clone(), committed)),
-                Err(e) => debug!(ns, key, layer = n, error = %e, "commit recorded by a durable transaction"),
-            }
-            Ok(())
-        });
-        match usage {
-            Ok(usage) => Ok(Frozen {
-                usage,
-                manifest,
-                recorded,
-            }),
-            Err(e) => {
-                if let Some((path, _)) = &recorded {
-                    commits::discard(path);
-                }
-                Err(e)
-            }
-        }
     }
 
     /// Changes the labels of `name` with `f` in one transaction and moves its update time.
@@ -357,17 +279,6 @@ impl Store {
         txn.commit()?;
         Ok(rec)
     }
-}
-
-/// What the freeze of a Commit gave.
-struct Frozen {
-    /// The layer's disk usage.
-    usage: DiskUsage,
-    /// The digest of the manifest written with it (a small layer).
-    manifest: Option<String>,
-    /// The commit's record file and the record it holds, when one was written: the commit's transaction then
-    /// writes that record, unflushed.
-    recorded: Option<(PathBuf, LayerRecord)>,
 }
 
 /// The number of the parent `parent` of the new layer `name` in `ns` and the new layer's depth, read in the

@@ -137,7 +137,6 @@ impl Store {
                 .verify_on_mount
                 .then(|| verify::MountCheck::new(opts.on_check.clone())),
             tier,
-            unflushed: Default::default(),
             ready: AtomicBool::new(false),
             _lock: lock,
         };
@@ -297,8 +296,6 @@ impl Store {
             warn!(layer = n, "rolling back an apply interrupted by a crash");
             self.reset_interrupted_apply(n)?;
         }
-        // Commits that a crash took from the database, made again from their record files.
-        self.replay_commits()?;
         // 3. Mounts and directories without a record; mounts of known layers are counted once (a running
         // container may still use them).
         let known = self.read()?.layer_numbers()?;

@@ -18,7 +18,6 @@ use lamina_sys::mounter::Mounter;
 use tracing::{debug, info, warn};
 
 use crate::backend::{LayerBackend, LayerPaths, LeftoverScope, Recovery, Staging};
-use crate::commits::COMMIT_FILE;
 use crate::custody::{self, QUARANTINE_DIR};
 use crate::{
     mkdir, now_ns, open_dir, quota, remove_tree, Garbage, GarbageKind, InFlight, LayerKind, LayerRecord,
@@ -390,11 +389,6 @@ impl LayerBackend for OverlayBackend {
             .and_then(|()| mount::syncfs(&self.layer_dir(n)))
             .map_err(|e| StoreError::io("sync committed layer", e))?;
         Ok(usage)
-    }
-
-    fn commit_record(&self, n: u64) -> Option<PathBuf> {
-        // Beside `diff/` and `manifest`: the `syncfs` of `freeze_with` flushes all three.
-        Some(self.layer_path(n, COMMIT_FILE))
     }
 
     fn usage(&self, n: u64) -> Result<DiskUsage> {

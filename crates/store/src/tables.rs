@@ -285,13 +285,6 @@ impl Writer {
         self.txn.commit().map_err(db_err)
     }
 
-    /// Makes it all visible without flushing the database: a process that dies before the next durable
-    /// commit loses it (see `lamina_metadb::WriteTxn::commit_unflushed`). Only for changes that something
-    /// already durable proves, and that the store's recovery makes again (a snapshotter commit's record file).
-    pub(crate) fn commit_unflushed(self) -> Result<()> {
-        self.txn.commit_unflushed().map_err(db_err)
-    }
-
     /// Writes `key -> value` into `table`.
     fn insert<'k, 'v, K: Key + 'static, V: Value + 'static>(
         &self,

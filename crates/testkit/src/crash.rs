@@ -57,12 +57,9 @@ pub const OPS: &[(&str, &[&str])] = &[
         "commit",
         &[
             "store.commit.manifest",
-            "store.commit.record",
             "store.commit.syncfs",
             "store.commit.commit",
             "store.commit.done",
-            // In the background after the answer: the commit is durable only by its record file until then.
-            "store.checkpoint",
         ],
     ),
     (
