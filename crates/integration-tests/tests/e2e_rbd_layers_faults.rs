@@ -287,6 +287,19 @@ fn osd_stopped_mid_operation(l: &mut Lamina, cluster: &CephCluster) {
     assert_nothing_attached(l, cluster, Duration::from_secs(20), "with the OSD stopped");
 
     cluster.resume_osd();
+    // The rbd-fuse processes lamina cut off while the OSD was stopped leave their watches on the images'
+    // headers until the OSD times them out; the restarted lamina, which must take such an image's exclusive
+    // lock to roll its apply back, would wait for them past its 5 s timeout.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for image in cluster.images(&cluster.pool) {
+        while cluster.watchers(&cluster.pool, &image) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "image {image} still watched 90 s after the OSD was resumed"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
     l.kill9_and_start(None);
     let c = l.client();
     for id in ["p", "m", "a"] {
