@@ -671,6 +671,57 @@ fn killed_host_leaves_no_partial_layer() {
     );
 }
 
+#[test]
+fn host_killed_between_a_commit_and_its_publication_runs_the_image_after_restart() {
+    let test = "host_killed_between_a_commit_and_its_publication_runs_the_image_after_restart";
+    let Some(mut cl) = setup(test) else { return };
+    let (reference, archive, expect) = cl.image("commit-kill", image_mb(4), 4);
+    // Host A dies right after its second layer's commit is durable, before that layer reaches the tier: it
+    // holds a committed layer containerd never recorded and the tier never received.
+    cl.a.lamina.kill9_and_start(Some("store.commit.done=kill@2"));
+    // containerd's connection to the restarted snapshotter comes back after its reconnect backoff: pulls
+    // fail fast until then.
+    let t0 = Instant::now();
+    while cl.a.lamina.running() {
+        let r = pull_with_unpack(&cl.a.ctrd, PROXY_NAME, &reference);
+        assert!(r.is_err(), "host A's pull cannot finish: its lamina dies");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "host A's lamina died at its second commit"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let second = &archive.chain_ids[1];
+    assert!(
+        !tier_layers(&cl.tier_b).contains(second),
+        "the layer committed at the kill is not in the tier"
+    );
+    // Host B publishes every layer (it waits for A's claim to expire).
+    cl.pull(&cl.b, &reference);
+    for c in &archive.chain_ids {
+        assert!(tier_layers(&cl.tier_b).contains(c), "{c} in the tier");
+    }
+    // Host A restarts: its pull takes the layers from the tier and its container sees the whole image.
+    cl.a.lamina.env.retain(|(k, _)| k != "LAMINA_FAULTS");
+    cl.a.lamina.start_again();
+    pull_eventually(&cl.a, &reference, Duration::from_secs(60));
+    assert_runs_image(
+        &cl.a,
+        &reference,
+        &expect,
+        "host A runs the image after its restart",
+    );
+    // A restart after it (containerd's view, lamina's records and the tier agree) still runs it.
+    cl.a.lamina.restart();
+    pull_eventually(&cl.a, &reference, Duration::from_secs(60));
+    assert_runs_image(
+        &cl.a,
+        &reference,
+        &expect,
+        "host A runs the image after a second restart",
+    );
+}
+
 /// The one `mfsmount` serving something below `data_root`; panics (naming them) unless there is exactly one.
 fn one_mfsmount(data_root: &Path, when: &str) -> u32 {
     let pids = lamina_testkit::moosefs::mfsmount_pids(data_root);
