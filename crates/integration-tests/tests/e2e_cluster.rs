@@ -672,13 +672,28 @@ fn killed_host_leaves_no_partial_layer() {
 }
 
 #[test]
-fn host_killed_between_a_commit_and_its_publication_runs_the_image_after_restart() {
-    let test = "host_killed_between_a_commit_and_its_publication_runs_the_image_after_restart";
+fn host_killed_after_a_commit_before_its_publication_runs_the_image_after_restart() {
+    killed_before_publication(
+        "host_killed_after_a_commit_before_its_publication_runs_the_image_after_restart",
+        "store.commit.done=kill@2",
+    );
+}
+
+#[test]
+fn host_killed_during_a_publication_runs_the_image_after_restart() {
+    killed_before_publication(
+        "host_killed_during_a_publication_runs_the_image_after_restart",
+        "tier.publish.rename=kill@2",
+    );
+}
+
+/// Host A dies at its second layer's Commit (at the fault point `fault`, between the commit and the end of
+/// the layer's publication): it holds a committed layer containerd never recorded and the tier never
+/// received. Host B publishes the image; host A, restarted, pulls it from the tier and runs it.
+fn killed_before_publication(test: &str, fault: &str) {
     let Some(mut cl) = setup(test) else { return };
     let (reference, archive, expect) = cl.image("commit-kill", image_mb(4), 4);
-    // Host A dies right after its second layer's commit is durable, before that layer reaches the tier: it
-    // holds a committed layer containerd never recorded and the tier never received.
-    cl.a.lamina.kill9_and_start(Some("store.commit.done=kill@2"));
+    cl.a.lamina.kill9_and_start(Some(fault));
     // containerd's connection to the restarted snapshotter comes back after its reconnect backoff: pulls
     // fail fast until then.
     let t0 = Instant::now();

@@ -593,6 +593,8 @@ impl Tier {
             TierFormat::Directory => self.write_staging(&staging, chain, content),
         };
         let result = written.and_then(|()| {
+            lamina_sys::fault::point("tier.publish.rename")
+                .map_err(|e| tier_io(format!("publish {chain}"), e))?;
             match std::fs::rename(&staging, self.layer_dir(hex)) {
                 Ok(()) => Ok(true),
                 // A published layer is never empty, so a rename onto it fails instead of replacing it.
