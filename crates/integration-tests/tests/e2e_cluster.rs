@@ -275,7 +275,32 @@ fn assert_runs_image(h: &ClusterHost, reference: &str, expect: &[String], what: 
             "find /data -type f -exec stat -c '%n %s' {} + | sort",
         )
         .unwrap();
-    assert_eq!(got, format!("{}\n", expect.join("\n")), "{what}");
+    let want = format!("{}\n", expect.join("\n"));
+    if got != want {
+        // What a second container sees, with its root mount's layers, and where each layer's content is.
+        let again = h.ctrd.run_script(
+            PROXY_NAME,
+            reference,
+            "find /data 2>&1 | head -40; grep ' / ' /proc/mounts",
+        );
+        let layers = h.lamina.layers_dir();
+        let contents: Vec<String> = fs::read_dir(&layers)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| {
+                        let diff = e.path().join("diff");
+                        let link = fs::read_link(&diff).map(|l| l.display().to_string());
+                        let entries = fs::read_dir(&diff).map(|d| d.count()).unwrap_or(0);
+                        format!("{}: {link:?}, {entries} entries", e.file_name().to_string_lossy())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        panic!(
+            "{what}: the container saw\n{got}\nwanted\n{want}\na second container: {again:?}\nlayers: {contents:#?}\nlamina:\n{}",
+            h.lamina.log_tail()
+        );
+    }
 }
 
 /// What a new container of `reference` running `script` must print.
