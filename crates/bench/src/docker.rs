@@ -99,7 +99,11 @@ impl Engines {
             (lamina, Some(proxy), Some(metrics))
         } else {
             let plugin_socket = Path::new(PLUGIN_DIR).join(format!("{name}.sock"));
-            (start(lamina(ctx, "lam").plugin_socket(&plugin_socket)), None, None)
+            (
+                start(lamina(ctx, "lam").plugin_socket(&plugin_socket)),
+                None,
+                None,
+            )
         };
         // Both daemons start at the same time (each takes a few seconds).
         let (ld, od) = thread::scope(|s| {
