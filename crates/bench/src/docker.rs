@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::thread;
 use std::time::Instant;
@@ -20,7 +20,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 
 use super::engines::{
-    busybox_image, dockerd, drop_caches, lamina, start, unique_name, Dockerd, Lamina, PLUGIN_DIR,
+    busybox_image, dockerd, drop_caches, lamina, proc_cpu_secs, start, unique_name, Dockerd, Lamina, Served,
+    PLUGIN_DIR,
 };
 use super::engines_ctr::{
     busybox_tree, calls_between, cgroup_page_cache, meminfo_cached, run as run_cmd, RunDir, TarWriter,
@@ -75,7 +76,9 @@ struct Engines {
     lamina_d: Dockerd,
     overlay_d: Dockerd,
     proxy: Option<TimingProxy>,
-    _lamina: Lamina,
+    /// lamina's metrics socket (with the proxy): its own time per call, without the RPC.
+    metrics: Option<PathBuf>,
+    lamina: Lamina,
     _run_dir: RunDir,
 }
 
@@ -86,14 +89,21 @@ impl Engines {
         let name = unique_name("bench");
         // lamina's own socket (behind the proxy) on a short path.
         let run_dir = RunDir::new()?;
-        let (lamina, proxy) = if with_proxy {
-            let lamina = start(lamina(ctx, "lam").plugin_socket(&run_dir.path.join("plugin.sock")));
+        let (lamina, proxy, metrics) = if with_proxy {
+            let metrics = run_dir.path.join("metrics.sock");
+            let mut spec = lamina(ctx, "lam").plugin_socket(&run_dir.path.join("plugin.sock"));
+            spec.extra_args = vec!["--metrics-address".into(), format!("unix:{}", metrics.display())];
+            let lamina = start(spec);
             let listen = Path::new(PLUGIN_DIR).join(format!("{name}.sock"));
             let proxy = TimingProxy::start(&listen, &lamina.socket)?;
-            (lamina, Some(proxy))
+            (lamina, Some(proxy), Some(metrics))
         } else {
             let plugin_socket = Path::new(PLUGIN_DIR).join(format!("{name}.sock"));
-            (start(lamina(ctx, "lam").plugin_socket(&plugin_socket)), None)
+            (
+                start(lamina(ctx, "lam").plugin_socket(&plugin_socket)),
+                None,
+                None,
+            )
         };
         // Both daemons start at the same time (each takes a few seconds).
         let (ld, od) = thread::scope(|s| {
@@ -107,7 +117,8 @@ impl Engines {
             lamina_d,
             overlay_d,
             proxy,
-            _lamina: lamina,
+            metrics,
+            lamina,
             _run_dir: run_dir,
         };
         ctx.say("importing busybox");
@@ -294,12 +305,28 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     // The kernel's part: a container's two layers on a one-layer image (two lowers), without a daemon.
     let floor_dir = FloorDir::new(&ctx.scratch.join("floor"), 2)?;
     let (mut floor, mut floor_commits) = (Vec::new(), Vec::new());
+    // lamina's side of the share: its own time per call (dispatch to answer, from its metrics) and its CPU.
+    let metrics = e.metrics.as_deref().context("metrics socket")?;
+    let pid = e.lamina.pid().unwrap_or(0).to_string();
+    let (mut served_share, mut cpu) = (Vec::new(), Vec::new());
+    let mut served: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let read_served = || -> anyhow::Result<Vec<(&'static str, Served)>> {
+        SERVED_OPS
+            .iter()
+            .map(|op| Ok((*op, Served::read(metrics, "graphdriver", op)?)))
+            .collect()
+    };
     for r in 0..ctx.runs {
         for (j, (subject, d)) in e.both().iter().enumerate() {
             ctx.say(format!("{subject}: run {} of {}", r + 1, ctx.runs));
             let names: Vec<String> = (0..n).map(|i| format!("c{r}-{i}")).collect();
             let (before, calls_before) = totals.get();
             let by_call_before = totals.by_call();
+            let lamina_before = if *subject == "lamina" {
+                Some((read_served()?, proc_cpu_secs(&pid)))
+            } else {
+                None
+            };
             let t = Instant::now();
             for c in &names {
                 d.ok(&["run", "-d", "--name", c, BUSYBOX_TAG, "sleep", "1000"]);
@@ -321,6 +348,20 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                     let e = per_call.entry(call).or_default();
                     e.0.push(count as f64 / n as f64);
                     e.1.push(took.as_secs_f64() * 1e6 / count as f64);
+                }
+                if let Some((served_before, cpu_before)) = lamina_before {
+                    let mut inside = 0.0;
+                    for ((op, after), (_, before)) in read_served()?.iter().zip(&served_before) {
+                        let (calls, mean, _) = after.since(before, 0.5);
+                        if calls > 0.0 {
+                            inside += calls * mean;
+                            served.entry(op).or_default().push(mean * 1e6);
+                        }
+                    }
+                    served_share.push(inside);
+                    if let (Some(a), Some(b)) = (cpu_before, proc_cpu_secs(&pid)) {
+                        cpu.push(b - a);
+                    }
                 }
             }
         }
@@ -394,10 +435,36 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         "containers100",
         &case,
         "lamina",
+        "storage share inside lamina (no RPC)",
+        Unit::Seconds,
+        served_share,
+    ));
+    figs.push(figure(
+        "containers100",
+        &case,
+        "lamina",
+        "lamina CPU (user+sys)",
+        Unit::Seconds,
+        cpu,
+    ));
+    figs.push(figure(
+        "containers100",
+        &case,
+        "lamina",
         "plugin calls",
         Unit::Count,
         calls,
     ));
+    for (op, micros) in served {
+        figs.push(figure(
+            "containers100",
+            &case,
+            "lamina",
+            &format!("GraphDriver.{op} inside lamina per call"),
+            Unit::Micros,
+            micros,
+        ));
+    }
     for (call, (count, micros)) in per_call {
         let call = call.trim_start_matches('/');
         figs.push(figure(
@@ -419,6 +486,9 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The plugin calls whose time inside lamina `containers100` reports (those dockerd makes for `run -d`/`rm -f`).
+const SERVED_OPS: [&str; 6] = ["Create", "CreateReadWrite", "Get", "Put", "Remove", "GetMetadata"];
 
 /// The metadata part of a container's floor: `commits` durable commits (a small record put, then dropped) into a
 /// fresh redb database on the scratch filesystem, in seconds. A layer's record must be on disk before its
