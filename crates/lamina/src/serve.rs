@@ -296,7 +296,7 @@ fn spawn_lease_keeper(
         .context("starting the volume lease thread")
 }
 
-/// Flushes usage counters every [`STATS_FLUSH`], records this host's use of cluster tier layers every
+/// Flushes usage counters and drops the proofs of finished removals every [`STATS_FLUSH`], records this host's use of cluster tier layers every
 /// `tier_usage` (the heartbeat interval; the tier is written only when that use changed) and runs the
 /// periodic garbage collection, until `stop`.
 fn spawn_housekeeping(
@@ -329,6 +329,9 @@ fn spawn_housekeeping(
                     since_flush = Duration::ZERO;
                     if let Err(e) = store.flush_stats() {
                         warn!(error = %e, "could not save usage statistics");
+                    }
+                    if let Err(e) = store.drop_finished_removals() {
+                        warn!(error = %e, "could not drop the proofs of finished removals");
                     }
                 }
                 if let Some(every) = gc_interval {

@@ -185,6 +185,10 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Whether any storage of layer `n` is there.
     fn exists(&self, n: u64) -> bool;
 
+    /// Makes durable the removals of layers whose storage no longer [`exists`](LayerBackend::exists), so that
+    /// the store may drop their proofs of removal.
+    fn sync_removals(&self) -> Result<()>;
+
     /// Garbage collection: mounts that belong to no layer (`known`) and no operation in flight.
     fn stale_mounts(&self, known: &HashSet<u64>) -> Result<Vec<Garbage>>;
 

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backend::LeftoverScope;
 use crate::stats::Counter;
@@ -250,6 +250,13 @@ impl Store {
         }
         // 6. The cluster tier (it removes its own garbage).
         self.tier_gc(opts.dry_run, &mut report);
+        // 7. Proofs of removal whose storage is gone.
+        if !opts.dry_run {
+            if let Err(e) = self.drop_finished_removals() {
+                warn!(error = %e, "garbage collection could not drop the proofs of finished removals");
+                report.errors.push(format!("proofs of removal: {e}"));
+            }
+        }
         if !opts.dry_run {
             self.add_to(Counter::GcRuns, 1);
             let removed = report.items.len().saturating_sub(report.errors.len()) as u64;
@@ -303,6 +310,31 @@ impl Store {
             return Ok(());
         }
         self.reset_interrupted_apply(n)
+    }
+
+    /// Drops the proof of removal of each removed layer whose storage is gone, once the backend made that
+    /// durable; gives how many. The proof is what lets recovery delete storage that a power cut brought
+    /// back; a running store would otherwise keep one per removal until its next start (`lamina serve` calls
+    /// this periodically, and every garbage collection does). Layer numbers are never reused, so a layer whose
+    /// storage is gone now stays gone.
+    pub fn drop_finished_removals(&self) -> Result<usize> {
+        let done: Vec<u64> = self
+            .read()?
+            .removed()?
+            .into_iter()
+            .filter(|n| !self.backend.exists(*n))
+            .collect();
+        if done.is_empty() {
+            return Ok(0);
+        }
+        self.backend.sync_removals()?;
+        let txn = self.write()?;
+        for &n in &done {
+            txn.drop_removed(n)?;
+        }
+        txn.commit()?;
+        debug!(proofs = done.len(), "proofs of finished removals dropped");
+        Ok(done.len())
     }
 
     fn known_layers(&self) -> Result<HashSet<u64>> {

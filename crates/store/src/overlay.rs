@@ -598,6 +598,14 @@ impl LayerBackend for OverlayBackend {
         std::fs::symlink_metadata(self.layer_dir(n)).is_ok()
     }
 
+    fn sync_removals(&self) -> Result<()> {
+        // A removed layer's directory left `layers/` by a rename (into `trash/`) or by its deletion in place.
+        let layers = self.root.join("layers");
+        std::fs::File::open(&layers)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::io(format!("sync {}", layers.display()), e))
+    }
+
     fn recover(&self, state: &Recovery<'_>) -> Result<Vec<u64>> {
         let (known, removed, record_of) = (state.known, state.removed, state.record_of);
         // Mounts first: nothing may be deleted through a live mount.

@@ -762,6 +762,11 @@ impl LayerBackend for RbdBackend {
         !matches!(self.rbd.snapshots(&self.image(n)), Ok(None))
     }
 
+    fn sync_removals(&self) -> Result<()> {
+        // The cluster acknowledges an image's removal once it is durable.
+        Ok(())
+    }
+
     fn recover(&self, state: &Recovery<'_>) -> Result<Vec<u64>> {
         let (known, removed, record_of) = (state.known, state.removed, state.record_of);
         // Attachments first: nothing is removed while attached.

@@ -350,6 +350,34 @@ fn gc_removes_orphans_and_leftovers_and_keeps_recorded_layers() {
 }
 
 #[test]
+fn gc_drops_the_proofs_of_finished_removals() {
+    let (fx, s) = Fixture::with_two_layers();
+    let child = s.lookup(NS, "child").unwrap().unwrap().0;
+    assert!(s.remove(NS, "child").unwrap());
+    let removed = || s.read().unwrap().removed().unwrap();
+    assert!(
+        removed().contains(&child),
+        "the removal is proven until its storage is gone"
+    );
+    // The dry run keeps it; the collection drops it once the layer's directory has left `layers/`.
+    s.gc(&GcOptions::default().dry_run()).unwrap();
+    assert!(removed().contains(&child));
+    let report = s.gc(&GcOptions::default()).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(removed().is_empty(), "{:?}", removed());
+    assert!(s.info(NS, "base").is_ok());
+    // The store opens as before, with the layer gone and nothing in quarantine.
+    drop(s);
+    let s = fx.open();
+    assert!(s.lookup(NS, "child").unwrap().is_none());
+    assert!(s.info(NS, "base").is_ok());
+    assert!(
+        !fx.root().join("quarantine").exists()
+            || std::fs::read_dir(fx.root().join("quarantine")).unwrap().count() == 0
+    );
+}
+
+#[test]
 fn gc_of_a_removed_namespace_keeps_layers_in_use() {
     let (fx, s) = Fixture::with_two_layers();
     create(&s, "lonely", None, LayerKind::ReadOnly);
