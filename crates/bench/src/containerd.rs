@@ -13,7 +13,8 @@
 //!   snapshotter in memory that does no storage work, served by lamina's own snapshots service on a socket of
 //!   its own (`proxy_floor.rs`) and declared as a second proxy plugin. What any proxy snapshotter pays for a
 //!   call through containerd; the floor column of Prepare+Mounts and of the Mounts alone, and a baseline
-//!   row of Commit.
+//!   row of Commit. The floor of lamina's server-side Prepare is one durable commit of a small record into a
+//!   fresh redb database on the same filesystem (`durable-record`), timed after lamina's cycles of each run.
 //! - **Unpack.** `ctr images import` of an OCI archive of uncompressed layers built here, with each
 //!   snapshotter, timed alone and followed by a `sync` (lamina makes each layer durable with one `syncfs`;
 //!   containerd's overlayfs snapshotter does not sync), minus the same import with `--no-unpack` (content
@@ -55,6 +56,9 @@ const BASELINE: &str = "overlayfs";
 /// overlayfs's Commit plus one `syncfs` of the same filesystem: the floor of a durable Commit.
 const SYNC_BASELINE: &str = "overlayfs+syncfs";
 const GC_ROOT: &str = "containerd.io/gc.root";
+/// One durable commit of a small record into a fresh redb database on the same filesystem: the floor of
+/// lamina's server-side Prepare, whose record must be durable before it answers.
+const RECORD_FLOOR: &str = "durable-record";
 /// The snapshotters driven through containerd, in the order each run measures them.
 const THROUGH_CONTAINERD: [&str; 3] = [PROXY_NAME, BASELINE, FLOOR_NAME];
 
@@ -260,6 +264,13 @@ fn calls(
                             ));
                             out.entry((PROXY_NAME, SERVED[i])).or_default().push(p50 * 1e3);
                         }
+                        let mut records: Vec<f64> = super::docker::durable_commits(&ctx.scratch, iters)?
+                            .into_iter()
+                            .map(ms)
+                            .collect();
+                        out.entry((RECORD_FLOOR, "Prepare"))
+                            .or_default()
+                            .push(percentile(&mut records, 50.0));
                         let (mut dp, mut dm, mut dc) = (
                             Vec::with_capacity(iters),
                             Vec::with_capacity(iters),
@@ -356,6 +367,19 @@ fn calls(
                     .goal("<= 0.3 ms")
                     .samples(out.remove(&(PROXY_NAME, op)).unwrap_or_default()),
                 );
+                if let Some(samples) = out.remove(&(RECORD_FLOOR, op)) {
+                    figs.push(
+                        Figure::new(
+                            NAME,
+                            case.clone(),
+                            RECORD_FLOOR,
+                            format!("{op} server-side p50"),
+                            Unit::Millis,
+                        )
+                        .floor()
+                        .samples(samples),
+                    );
+                }
             }
             for (metric, key) in [
                 ("prepare+mounts p50 on lamina's socket", "direct prepare+mounts"),
