@@ -566,7 +566,14 @@ fn creates_take_spare_directories_made_ahead_and_spares_never_outlive_the_store(
                 assert_eq!(m & !0o022, mode & !0o022, "l{i}/{leaf}");
             }
         }
-        assert!(!names(&spare).is_empty(), "spares are kept ready");
+        let ready = names(&spare);
+        assert!(!ready.is_empty(), "spares are kept ready");
+        create(&s, "taker", None, LayerKind::ReadWrite);
+        let left = names(&spare);
+        assert!(
+            ready.iter().any(|k| !left.contains(k)),
+            "a create takes a ready spare: {ready:?} then {left:?}"
+        );
         assert!(names(&fx.root().join("staging")).is_empty());
     }
     assert!(names(&spare).is_empty(), "a closed store leaves no spare");
