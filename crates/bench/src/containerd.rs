@@ -9,6 +9,12 @@
 //!   (containerd → lamina's socket). lamina's server-side time of Prepare, Mounts and Commit (p50 from its own
 //!   latency histograms, read through its metrics socket around the timed cycles), and the same cycles sent
 //!   straight to lamina's socket (one gRPC hop, no containerd), are reported beside them.
+//! - **Proxy floor.** The same cycles through the same containerd to a third snapshotter, `proxy-floor`: a
+//!   snapshotter in memory that does no storage work, served by lamina's own snapshots service on a socket of
+//!   its own (`proxy_floor.rs`) and declared as a second proxy plugin. What any proxy snapshotter pays for a
+//!   call through containerd; the floor column of Prepare+Mounts and of the Mounts alone, and a baseline
+//!   row of Commit. The floor of lamina's server-side Prepare is one durable commit of a small record into a
+//!   fresh redb database on the same filesystem (`durable-record`), timed after lamina's cycles of each run.
 //! - **Unpack.** `ctr images import` of an OCI archive of uncompressed layers built here, with each
 //!   snapshotter, timed alone and followed by a `sync` (lamina makes each layer durable with one `syncfs`;
 //!   containerd's overlayfs snapshotter does not sync), minus the same import with `--no-unpack` (content
@@ -32,6 +38,7 @@ use super::engines_ctr::{
     busybox_tree, drop_caches, oci_archive, percentile, run as run_cmd, RunDir, TarWriter, CTR_NAMESPACE,
     PROXY_NAME,
 };
+use super::proxy_floor::{FloorServer, FLOOR_NAME};
 use super::{Ctx, Figure, Unit, Workload};
 use lamina_testkit::containerd::Containerd;
 
@@ -49,6 +56,11 @@ const BASELINE: &str = "overlayfs";
 /// overlayfs's Commit plus one `syncfs` of the same filesystem: the floor of a durable Commit.
 const SYNC_BASELINE: &str = "overlayfs+syncfs";
 const GC_ROOT: &str = "containerd.io/gc.root";
+/// One durable commit of a small record into a fresh redb database on the same filesystem: the floor of
+/// lamina's server-side Prepare, whose record must be durable before it answers.
+const RECORD_FLOOR: &str = "durable-record";
+/// The snapshotters driven through containerd, in the order each run measures them.
+const THROUGH_CONTAINERD: [&str; 3] = [PROXY_NAME, BASELINE, FLOOR_NAME];
 
 fn request<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
@@ -208,14 +220,14 @@ fn calls(
             let case = format!("depth {depth}");
             ctx.say(format!("snapshot calls at depth {depth}"));
             let mut tops = HashMap::new();
-            for sn in [PROXY_NAME, BASELINE] {
+            for sn in THROUGH_CONTAINERD {
                 tops.insert(sn, chain(&mut client, sn, depth).await?);
             }
             let direct_top = chain(&mut direct, DIRECT, depth).await?;
             let mut out: HashMap<(&str, &str), Vec<f64>> = HashMap::new();
             for r in 0..ctx.runs {
-                // Interleaved: each run measures both snapshotters back to back.
-                for sn in [PROXY_NAME, BASELINE] {
+                // Interleaved: each run measures the snapshotters back to back.
+                for sn in THROUGH_CONTAINERD {
                     let top = &tops[sn];
                     // Warm-up (connections, caches).
                     for w in 0..5 {
@@ -252,6 +264,13 @@ fn calls(
                             ));
                             out.entry((PROXY_NAME, SERVED[i])).or_default().push(p50 * 1e3);
                         }
+                        let mut records: Vec<f64> = super::docker::durable_commits(&ctx.scratch, iters)?
+                            .into_iter()
+                            .map(ms)
+                            .collect();
+                        out.entry((RECORD_FLOOR, "Prepare"))
+                            .or_default()
+                            .push(percentile(&mut records, 50.0));
                         let (mut dp, mut dm, mut dc) = (
                             Vec::with_capacity(iters),
                             Vec::with_capacity(iters),
@@ -311,7 +330,7 @@ fn calls(
                     }
                 }
             }
-            for sn in [PROXY_NAME, BASELINE] {
+            for sn in THROUGH_CONTAINERD {
                 for (metric, key) in [
                     ("prepare+mounts p50", "prepare+mounts"),
                     ("prepare+mounts p99", "prepare+mounts p99"),
@@ -326,6 +345,10 @@ fn calls(
                     }
                     if sn == PROXY_NAME && metric == "commit p50" {
                         f.goal = Some(format!("<= 1.0x {SYNC_BASELINE}"));
+                    }
+                    // Commit's floor column is overlayfs+syncfs; there the proxy floor is a baseline row.
+                    if sn == FLOOR_NAME && metric != "commit p50" {
+                        f = f.floor();
                     }
                     figs.push(f);
                 }
@@ -344,6 +367,19 @@ fn calls(
                     .goal("<= 0.3 ms")
                     .samples(out.remove(&(PROXY_NAME, op)).unwrap_or_default()),
                 );
+                if let Some(samples) = out.remove(&(RECORD_FLOOR, op)) {
+                    figs.push(
+                        Figure::new(
+                            NAME,
+                            case.clone(),
+                            RECORD_FLOOR,
+                            format!("{op} server-side p50"),
+                            Unit::Millis,
+                        )
+                        .floor()
+                        .samples(samples),
+                    );
+                }
             }
             for (metric, key) in [
                 ("prepare+mounts p50 on lamina's socket", "direct prepare+mounts"),
@@ -477,22 +513,28 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     lamina.extra_args = vec!["--metrics-address".into(), format!("unix:{}", metrics.display())];
     lamina.exe = ctx.lamina_exe.clone();
     let lamina = start(lamina);
+    let floor_sock = run_dir.path.join("floor.sock");
+    let floor = FloorServer::start(&floor_sock)?;
     let mut ctrd = Containerd::configure(&dir.join("containerd"), &run_dir.path, Some(&sock), "info");
+    ctrd.add_proxy_snapshotter(FLOOR_NAME, &floor_sock);
     ctrd.namespace = CTR_NAMESPACE.into();
     ctrd.ctr_timeout = "600s".into();
     ctrd.spawn();
     ctrd.wait_ready();
     let plugins = ctrd.ctr_ok(&["plugins", "ls"]);
-    anyhow::ensure!(
-        plugins
-            .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some(PROXY_NAME) && l.trim_end().ends_with("ok")),
-        "containerd does not list the lamina proxy snapshotter as ok:\n{plugins}"
-    );
+    for name in [PROXY_NAME, FLOOR_NAME] {
+        anyhow::ensure!(
+            plugins
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(name) && l.trim_end().ends_with("ok")),
+            "containerd does not list the proxy snapshotter {name} as ok:\n{plugins}"
+        );
+    }
     calls(ctx, &ctrd, &sock, &metrics, figs)?;
     unpack(ctx, &dir, &ctrd, figs)?;
-    // containerd first (it holds connections to lamina), then lamina.
+    // containerd first (it holds connections to lamina and the floor), then lamina.
     drop(ctrd);
+    drop(floor);
     drop(lamina);
     drop(run_dir);
     Ok(())

@@ -15,7 +15,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
@@ -494,12 +494,22 @@ const SERVED_OPS: [&str; 6] = ["Create", "CreateReadWrite", "Get", "Put", "Remov
 /// fresh redb database on the scratch filesystem, in seconds. A layer's record must be on disk before its
 /// directories, and its removal before its directory goes: one `fdatasync` of the database each, whatever does it.
 fn metadata_commits(dir: &Path, commits: usize) -> anyhow::Result<f64> {
+    Ok(durable_commits(dir, commits)?
+        .iter()
+        .map(Duration::as_secs_f64)
+        .sum())
+}
+
+/// The time of each of `commits` durable commits (a small record put, then dropped) into a fresh redb database in
+/// `dir`: what recording one layer costs at the least (one `fdatasync` of the database).
+pub fn durable_commits(dir: &Path, commits: usize) -> anyhow::Result<Vec<Duration>> {
     const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("floor");
     let path = dir.join("floor.redb");
     let db = redb::Database::create(&path)?;
     let record = [7u8; 200];
-    let t = Instant::now();
+    let mut times = Vec::with_capacity(commits);
     for i in 0..commits as u64 {
+        let t = Instant::now();
         let txn = db.begin_write()?;
         {
             let mut table = txn.open_table(TABLE)?;
@@ -510,11 +520,11 @@ fn metadata_commits(dir: &Path, commits: usize) -> anyhow::Result<f64> {
             }
         }
         txn.commit()?;
+        times.push(t.elapsed());
     }
-    let took = secs(t);
     drop(db);
     fs::remove_file(&path)?;
-    Ok(took)
+    Ok(times)
 }
 
 // ------------------------------------------------------------------------------------------------------------

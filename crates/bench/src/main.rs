@@ -27,6 +27,7 @@ mod cluster;
 mod containerd;
 mod docker;
 mod engines_ctr;
+mod proxy_floor;
 mod rbd;
 mod volume;
 

@@ -34,6 +34,7 @@ mod query;
 mod quota;
 mod rbd;
 mod slots;
+mod spare;
 mod stats;
 mod tables;
 mod tier;

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{LayerBackend, LayerPaths, LeftoverScope, Recovery, Staging};
 use crate::custody::{self, QUARANTINE_DIR};
+use crate::spare::Spares;
 use crate::{
     mkdir, now_ns, open_dir, quota, remove_tree, Garbage, GarbageKind, InFlight, LayerKind, LayerRecord,
     Result, StoreError, MANIFEST_FILE,
@@ -35,6 +36,8 @@ pub(crate) struct OverlayBackend {
     seq: AtomicU64,
     /// Deletes removed layers in the background.
     reaper: Reaper,
+    /// Layer directories made ahead of the creates that take them.
+    spares: Spares,
 }
 
 /// A removed layer's directory, moved into `trash/`, waiting to be deleted.
@@ -110,6 +113,7 @@ impl OverlayBackend {
             in_flight: Arc::new(Mutex::new(HashSet::new())),
             seq: AtomicU64::new(0),
             reaper: Reaper::default(),
+            spares: Spares::new(root),
         })
     }
 
@@ -298,6 +302,10 @@ impl LayerBackend for OverlayBackend {
 
     fn create(&self, n: u64, _parent: Option<u64>, max_size: Option<u64>) -> Result<InFlight> {
         let owned = InFlight::new(&self.in_flight, self.layer_dir(n));
+        // A size-limited layer's directory carries its limit, so only an unlimited one can be a spare.
+        if max_size.is_none() && self.spares.take(&self.layer_dir(n)) {
+            return Ok(owned);
+        }
         if let Err(e) = self.make_layer_dirs(n, max_size) {
             // Nothing half-made stays behind (a subvolume with its qgroup included).
             remove_tree(&self.layer_dir(n));
@@ -570,6 +578,7 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn clear_leftovers(&self) -> Result<()> {
+        self.spares.clear();
         for d in ["staging", "trash"] {
             let dir = self.root.join(d);
             for entry in

@@ -559,3 +559,58 @@ fn an_apply_left_applying_by_a_failed_rollback_is_reset_by_the_next_apply() {
         "the half content is gone"
     );
 }
+
+#[test]
+fn creates_take_spare_directories_made_ahead_and_spares_never_outlive_the_store() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::new();
+    let spare = fx.root().join("spare");
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    {
+        let s = fx.open();
+        for i in 0..8 {
+            create(&s, &format!("l{i}"), None, LayerKind::ReadWrite);
+            // Let the refill run, so that later creates find a spare.
+            for _ in 0..200 {
+                if std::fs::read_dir(&spare).unwrap().count() > 0 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        for i in 0..8 {
+            let info = s.info(NS, &format!("l{i}")).unwrap();
+            let dir = info.diff_dir.parent().unwrap().to_path_buf();
+            assert_eq!(names(&dir), ["diff", "merged", "work"], "layer l{i}");
+            for (leaf, mode) in [("", 0o700), ("diff", 0o755), ("work", 0o700), ("merged", 0o755)] {
+                let m = std::fs::metadata(dir.join(leaf)).unwrap().permissions().mode() & 0o777;
+                assert_eq!(m & !0o022, mode & !0o022, "l{i}/{leaf}");
+            }
+        }
+        let ready = names(&spare);
+        assert!(!ready.is_empty(), "spares are kept ready");
+        create(&s, "taker", None, LayerKind::ReadWrite);
+        let left = names(&spare);
+        assert!(
+            ready.iter().any(|k| !left.contains(k)),
+            "a create takes a ready spare: {ready:?} then {left:?}"
+        );
+        assert!(names(&fx.root().join("staging")).is_empty());
+    }
+    assert!(names(&spare).is_empty(), "a closed store leaves no spare");
+    // What a crash left in spare/ is removed by the daemon's start, not by an operator's command.
+    std::fs::create_dir_all(spare.join("7/diff")).unwrap();
+    drop(fx.open_mode(OpenMode::Admin));
+    assert_eq!(names(&spare), ["7"]);
+    let s = fx.open();
+    assert!(names(&spare).is_empty());
+    create(&s, "after", None, LayerKind::ReadWrite);
+    assert!(s.info(NS, "after").unwrap().diff_dir.is_dir());
+}

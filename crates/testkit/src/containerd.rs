@@ -174,6 +174,19 @@ impl Containerd {
         }
     }
 
+    /// Declares one more proxy snapshotter plugin, `name`, served on the unix socket `socket`, in the config
+    /// (before [`Containerd::spawn`]).
+    pub fn add_proxy_snapshotter(&self, name: &str, socket: &Path) {
+        let path = socket.to_str().expect("utf-8 path");
+        let mut toml = fs::read_to_string(&self.config).unwrap();
+        writeln!(
+            toml,
+            "[proxy_plugins.{name:?}]\n  type = \"snapshot\"\n  address = {path:?}"
+        )
+        .unwrap();
+        fs::write(&self.config, toml).unwrap();
+    }
+
     /// Starts the process (no readiness wait).
     pub fn spawn(&mut self) {
         let log = start_log(&self.log, "containerd");
