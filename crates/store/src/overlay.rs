@@ -976,4 +976,40 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn lower_handles_follow_a_replaced_diff() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let b = OverlayBackend::open(tmp.path(), Arc::new(lamina_sys::mounter::FakeMounter::new())).unwrap();
+        let ino = |h: &Arc<OwnedFd>| File::from(h.try_clone().unwrap()).metadata().unwrap().ino();
+        let held = |ns: &[u64]| {
+            let paths: Vec<PathBuf> = ns.iter().map(|n| b.diff_dir(*n)).collect();
+            b.handles.of(ns, &paths)
+        };
+        for n in [1, 2] {
+            b.create(n, None, None).unwrap();
+        }
+        let first = held(&[2, 1]);
+        assert_eq!(ino(&first[0]), b.diff_dir(2).metadata().unwrap().ino());
+        assert_eq!(ino(&first[1]), b.diff_dir(1).metadata().unwrap().ino());
+        // Held: the same handle again.
+        assert!(Arc::ptr_eq(&held(&[1])[0], &first[1]));
+        // A new diff/ for layer 1 (as an apply renames one into place): its handle is the new directory's.
+        let staging = b.stage(1);
+        b.apply(
+            &staging,
+            &mut lamina_testkit::TarBuilder::new().finish().as_slice(),
+            &IdMappings::default(),
+        )
+        .unwrap();
+        let again = held(&[2, 1]);
+        assert!(Arc::ptr_eq(&again[0], &first[0]));
+        assert_eq!(ino(&again[1]), b.diff_dir(1).metadata().unwrap().ino());
+        assert_ne!(ino(&again[1]), ino(&first[1]));
+        // A removed layer's handle is let go; a missing directory gives no handles (the paths are used).
+        b.remove(2, None);
+        assert!(held(&[2, 1]).is_empty());
+        assert_eq!(held(&[1]).len(), 1);
+    }
 }
