@@ -722,15 +722,23 @@ pub fn overlay_has_index_option() -> bool {
 mod tests {
     use super::*;
 
+    /// Whether the test may mount: root; otherwise it says it is skipped (and fails under CI).
+    fn may_mount(test: &str, what: &str) -> bool {
+        if crate::fs::running_as_root() {
+            return true;
+        }
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "this test needs root under CI"
+        );
+        eprintln!("SKIPPED {test}: needs root (mounts {what})");
+        false
+    }
+
     #[test]
     fn copies_of_a_mount_in_other_namespaces_are_found() {
-        if !crate::fs::running_as_root() {
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "this test needs root under CI"
-            );
-            eprintln!("SKIPPED copies_of_a_mount_in_other_namespaces_are_found: needs root (mounts a tmpfs)");
+        if !may_mount("copies_of_a_mount_in_other_namespaces_are_found", "a tmpfs") {
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -904,13 +912,7 @@ mod tests {
 
     #[test]
     fn overlay_of_lowers_given_as_handles() {
-        if !crate::fs::running_as_root() {
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "this test needs root under CI"
-            );
-            eprintln!("SKIPPED overlay_of_lowers_given_as_handles: needs root (mounts an overlay)");
+        if !may_mount("overlay_of_lowers_given_as_handles", "an overlay") {
             return;
         }
         let t = tempfile::tempdir().unwrap();
