@@ -555,6 +555,7 @@ impl FloorDir {
                 work: Some(work),
                 label: None,
                 read_only: false,
+                lower_handles: Vec::new(),
             };
             mount_overlay(&merged, &spec).with_context(|| format!("mounting {}", merged.display()))?;
             let t2 = Instant::now();
