@@ -265,6 +265,20 @@ fn log_lines(log: &Path, words: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Host `h`'s lamina starts again; `h` pulls `reference` once containerd's connection to the proxy snapshotter
+/// is back (after its gRPC reconnect backoff), and a new container sees exactly `expect`.
+fn starts_pulls_and_runs(h: &mut ClusterHost, reference: &str, expect: &[String], what: &str) {
+    h.lamina.start_again();
+    pulls_and_runs(h, reference, expect, what);
+}
+
+/// Host `h` pulls `reference` once containerd's connection to the proxy snapshotter is back, and a new
+/// container sees exactly `expect`.
+fn pulls_and_runs(h: &ClusterHost, reference: &str, expect: &[String], what: &str) {
+    pull_eventually(h, reference, Duration::from_secs(60));
+    assert_runs_image(h, reference, expect, what);
+}
+
 /// A new container of `reference` on host `h` sees exactly the files `expect` under `/data`.
 fn assert_runs_image(h: &ClusterHost, reference: &str, expect: &[String], what: &str) {
     let got = h
@@ -680,11 +694,8 @@ fn killed_host_leaves_no_partial_layer() {
         );
     }
     // Host A restarts consistent: it pulls the image (from the tier) and runs it.
-    cl.a.lamina.start_again();
-    // containerd's connection to the proxy snapshotter comes back after its gRPC reconnect backoff.
-    pull_eventually(&cl.a, &reference, Duration::from_secs(60));
-    assert_runs_image(
-        &cl.a,
+    starts_pulls_and_runs(
+        &mut cl.a,
         &reference,
         &expect,
         "host A runs the image after its restart",
@@ -743,18 +754,15 @@ fn killed_before_publication(test: &str, fault: &str) {
     }
     // Host A restarts: its pull takes the layers from the tier and its container sees the whole image.
     cl.a.lamina.env.retain(|(k, _)| k != "LAMINA_FAULTS");
-    cl.a.lamina.start_again();
-    pull_eventually(&cl.a, &reference, Duration::from_secs(60));
-    assert_runs_image(
-        &cl.a,
+    starts_pulls_and_runs(
+        &mut cl.a,
         &reference,
         &expect,
         "host A runs the image after its restart",
     );
     // A restart after it (containerd's view, lamina's records and the tier agree) still runs it.
     cl.a.lamina.restart();
-    pull_eventually(&cl.a, &reference, Duration::from_secs(60));
-    assert_runs_image(
+    pulls_and_runs(
         &cl.a,
         &reference,
         &expect,

@@ -722,10 +722,11 @@ pub fn overlay_has_index_option() -> bool {
 mod tests {
     use super::*;
 
-    /// Whether the test may mount: root; otherwise it says it is skipped (and fails under CI).
-    fn may_mount(test: &str, what: &str) -> bool {
+    /// A scratch directory for a test that mounts, when it may (root); otherwise the test says it is skipped
+    /// (and fails under CI).
+    fn mount_scratch(test: &str, what: &str) -> Option<tempfile::TempDir> {
         if crate::fs::running_as_root() {
-            return true;
+            return Some(tempfile::tempdir().unwrap());
         }
         assert_ne!(
             std::env::var("CI").as_deref(),
@@ -733,15 +734,14 @@ mod tests {
             "this test needs root under CI"
         );
         eprintln!("SKIPPED {test}: needs root (mounts {what})");
-        false
+        None
     }
 
     #[test]
     fn copies_of_a_mount_in_other_namespaces_are_found() {
-        if !may_mount("copies_of_a_mount_in_other_namespaces_are_found", "a tmpfs") {
+        let Some(t) = mount_scratch("copies_of_a_mount_in_other_namespaces_are_found", "a tmpfs") else {
             return;
-        }
-        let t = tempfile::tempdir().unwrap();
+        };
         let mp = t.path().join("m");
         std::fs::create_dir(&mp).unwrap();
         let ok = std::process::Command::new("mount")
@@ -912,10 +912,9 @@ mod tests {
 
     #[test]
     fn overlay_of_lowers_given_as_handles() {
-        if !may_mount("overlay_of_lowers_given_as_handles", "an overlay") {
+        let Some(t) = mount_scratch("overlay_of_lowers_given_as_handles", "an overlay") else {
             return;
-        }
-        let t = tempfile::tempdir().unwrap();
+        };
         let layers = t.path().join("layers");
         // Top-most first: layer 3 hides layer 1's `shared`.
         let mut lowers = Vec::new();
