@@ -296,9 +296,9 @@ fn spawn_lease_keeper(
         .context("starting the volume lease thread")
 }
 
-/// Flushes usage counters and drops the proofs of finished removals every [`STATS_FLUSH`], records this host's use of cluster tier layers every
-/// `tier_usage` (the heartbeat interval; the tier is written only when that use changed) and runs the
-/// periodic garbage collection, until `stop`.
+/// Flushes usage counters and drops the proofs of finished removals every [`STATS_FLUSH`], records this host's
+/// use of cluster tier layers every `tier_usage` (the heartbeat interval; the tier is written only when that use
+/// changed) and runs the periodic garbage collection, until `stop`.
 fn spawn_housekeeping(
     store: Arc<Store>,
     stop: Arc<AtomicBool>,
