@@ -98,7 +98,7 @@ impl Store {
             if let Some(pn) = parent_n {
                 txn.add_child(pn, n)?;
             }
-            txn.raise_next_id(n + 1)?;
+            txn.reserve_id(n)?;
             fault::point("store.create.commit").map_err(|e| StoreError::io("commit metadata", e))?;
             txn.commit()?;
             Ok(rec)

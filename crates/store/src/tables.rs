@@ -20,6 +20,8 @@ use crate::{LayerRecord, Result, StoreError};
 const FORMAT_KEY: &str = "format";
 /// Key of the next layer number in the `meta` table.
 const NEXT_ID_KEY: &str = "next_id";
+/// Layer numbers reserved by one write of `next_id` ([`Writer::reserve_id`]).
+pub(crate) const ID_BLOCK: u64 = 64;
 /// `meta` key: the data root id (see `custody.rs`).
 const ROOT_ID_KEY: &str = "root_id";
 
@@ -365,6 +367,17 @@ impl Writer {
     /// Drops the in-progress mark of layer `n`.
     pub(crate) fn remove_pending(&self, n: u64) -> Result<()> {
         self.remove(PENDING, n)
+    }
+
+    /// Makes sure the stored next layer number is above `n`, the number of a layer being recorded. When it is not,
+    /// it is raised by a block of [`ID_BLOCK`] numbers at once: the `meta` table is then written by one create in
+    /// [`ID_BLOCK`] instead of by each (a page less to write and to flush). The numbers of a block that a restart
+    /// leaves unused are skipped, never given out: a layer number is never reused.
+    pub(crate) fn reserve_id(&self, n: u64) -> Result<()> {
+        if self.next_id()? > n {
+            return Ok(());
+        }
+        self.raise_next_id(n.saturating_add(ID_BLOCK))
     }
 
     /// Raises the stored next layer number to at least `next`.

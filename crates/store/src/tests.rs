@@ -614,3 +614,39 @@ fn creates_take_spare_directories_made_ahead_and_spares_never_outlive_the_store(
     create(&s, "after", None, LayerKind::ReadWrite);
     assert!(s.info(NS, "after").unwrap().diff_dir.is_dir());
 }
+
+/// Layer numbers are reserved in blocks: `next_id` is written by the first create of each block only, and a
+/// restart skips what is left of the block rather than giving out a number twice.
+#[test]
+fn layer_numbers_are_reserved_in_blocks_and_never_given_twice() {
+    use crate::tables::ID_BLOCK;
+    let fx = Fixture::new();
+    let stored = |s: &Store| s.write().unwrap().next_id().unwrap();
+    let number = |s: &Store, name: &str| s.lookup(NS, name).unwrap().unwrap().0;
+    let first;
+    {
+        let s = fx.open();
+        create(&s, "a", None, LayerKind::ReadOnly);
+        first = number(&s, "a");
+        assert_eq!(stored(&s), first + ID_BLOCK);
+        create(&s, "b", Some("a"), LayerKind::ReadOnly);
+        assert_eq!(number(&s, "b"), first + 1);
+        assert_eq!(stored(&s), first + ID_BLOCK, "the block's second number is taken without a write");
+        for i in 2..ID_BLOCK {
+            create(&s, &format!("l{i}"), None, LayerKind::ReadOnly);
+        }
+        assert_eq!(stored(&s), first + ID_BLOCK);
+        create(&s, "next-block", None, LayerKind::ReadOnly);
+        assert_eq!(number(&s, "next-block"), first + ID_BLOCK);
+        assert_eq!(stored(&s), first + 2 * ID_BLOCK);
+        s.remove(NS, "next-block").unwrap();
+    }
+    let s = fx.open();
+    create(&s, "after-restart", None, LayerKind::ReadOnly);
+    assert_eq!(
+        number(&s, "after-restart"),
+        first + 2 * ID_BLOCK,
+        "the numbers left in the block are skipped, the removed layer's is not given again"
+    );
+    assert_eq!(stored(&s), first + 3 * ID_BLOCK);
+}

@@ -317,7 +317,7 @@ impl Store {
             if let Some(pn) = parent_n {
                 txn.add_child(pn, n)?;
             }
-            txn.raise_next_id(n + 1)?;
+            txn.reserve_id(n)?;
             Ok(true)
         })();
         match recorded {
