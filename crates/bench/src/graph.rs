@@ -422,6 +422,15 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         let mut own =
             Figure::new("getput", &case, "lamina", "Get p50 own part", Unit::Micros).goal("<= 0.06 ms");
         let mut server = Figure::new("getput", &case, "lamina", "Get server-side mean", Unit::Micros);
+        // The RPC and the lookups of a Get alone: a Get of a layer that is already mounted answers its path
+        // without mounting anything (the layer's mount count goes up and its Put takes it down again).
+        let mut held = Figure::new(
+            "getput",
+            &case,
+            "lamina",
+            "Get p50 of a mounted layer (RPC + lookups)",
+            Unit::Micros,
+        );
         for run in 1..=ctx.runs {
             ctx.say(format!("{case}: lamina, run {run}/{} ({iters} cycles)", ctx.runs));
             let (sum0, n0) = served(&metrics, "Get")?;
@@ -434,6 +443,8 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
             )?;
             let (sum1, n1) = served(&metrics, "Get")?;
             server.push((sum1 - sum0) / (n1 - n0).max(1.0) * 1e6);
+            let hits = mounted_gets(&mut c, &top, iters, seed.rotate_left(29).wrapping_add(run as u64))?;
+            held.push(percentile(&hits, 50.0) * 1e6);
             ctx.say(format!(
                 "{case}: overlay syscalls, run {run}/{} ({iters} cycles)",
                 ctx.runs
@@ -460,6 +471,7 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         }
         out.extend(figs);
         out.push(own);
+        out.push(held);
         out.push(server);
         for id in ids.iter().rev() {
             c.call("GraphDriver.Remove", &json!({"ID": id}))?;
@@ -478,6 +490,30 @@ fn served(metrics: &Path, op: &str) -> Result<(f64, f64)> {
         "no GraphDriver.{op} histogram in lamina's metrics"
     );
     Ok((h.sum, h.count))
+}
+
+/// `iters` Gets of a container layer on `parent` that an untimed Get keeps mounted, each followed by its Put, in
+/// seconds: what a Get costs without a mount (the round trip over the socket, the name's lookup and the mount
+/// count).
+fn mounted_gets(c: &mut Session, parent: &str, iters: usize, seed: u64) -> Result<Vec<f64>> {
+    let id = hex_id(seed);
+    c.call(
+        "GraphDriver.CreateReadWrite",
+        &json!({"ID": id, "Parent": parent, "MountLabel": "", "StorageOpt": null}),
+    )?;
+    let get = json!({"ID": id, "MountLabel": ""});
+    let put = json!({"ID": id});
+    c.call("GraphDriver.Get", &get)?;
+    let mut hits = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        c.call("GraphDriver.Get", &get)?;
+        hits.push(t0.elapsed().as_secs_f64());
+        c.call("GraphDriver.Put", &put)?;
+    }
+    c.call("GraphDriver.Put", &put)?;
+    c.call("GraphDriver.Remove", &put)?;
+    Ok(hits)
 }
 
 /// `iters` container-like cycles after `warmup` untimed ones: CreateReadWrite, Get, Put, Remove.
