@@ -14,7 +14,8 @@
 //!   its own (`proxy_floor.rs`) and declared as a second proxy plugin. What any proxy snapshotter pays for a
 //!   call through containerd; the floor column of Prepare+Mounts and of the Mounts alone, and a baseline
 //!   row of Commit. The floor of lamina's server-side Prepare is one durable commit of a small record into a
-//!   fresh redb database on the same filesystem (`durable-record`), timed after lamina's cycles of each run.
+//!   fresh redb database on the same filesystem (`durable-record`), timed after lamina's cycles of each run,
+//!   in a tight loop and with a pause of 1 ms before each (`durable-record-paced`), as lamina's calls come.
 //! - **Unpack.** `ctr images import` of an OCI archive of uncompressed layers built here, with each
 //!   snapshotter, timed alone and followed by a `sync` (lamina makes each layer durable with one `syncfs`;
 //!   containerd's overlayfs snapshotter does not sync), minus the same import with `--no-unpack` (content
@@ -59,6 +60,11 @@ const GC_ROOT: &str = "containerd.io/gc.root";
 /// One durable commit of a small record into a fresh redb database on the same filesystem: the floor of
 /// lamina's server-side Prepare, whose record must be durable before it answers.
 const RECORD_FLOOR: &str = "durable-record";
+/// The same, each record after a pause of [`RECORD_PAUSE`], as lamina's Prepare comes after the calls of the
+/// cycle before it.
+const PACED_RECORD_FLOOR: &str = "durable-record-paced";
+/// About the time between two of lamina's calls in a cycle through containerd.
+const RECORD_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 /// The snapshotters driven through containerd, in the order each run measures them.
 const THROUGH_CONTAINERD: [&str; 3] = [PROXY_NAME, BASELINE, FLOOR_NAME];
 
@@ -264,13 +270,19 @@ fn calls(
                             ));
                             out.entry((PROXY_NAME, SERVED[i])).or_default().push(p50 * 1e3);
                         }
-                        let mut records: Vec<f64> = super::docker::durable_commits(&ctx.scratch, iters)?
-                            .into_iter()
-                            .map(ms)
-                            .collect();
-                        out.entry((RECORD_FLOOR, "Prepare"))
-                            .or_default()
-                            .push(percentile(&mut records, 50.0));
+                        for (floor, pause) in [
+                            (RECORD_FLOOR, std::time::Duration::ZERO),
+                            (PACED_RECORD_FLOOR, RECORD_PAUSE),
+                        ] {
+                            let mut records: Vec<f64> =
+                                super::docker::durable_commits(&ctx.scratch, iters, pause)?
+                                    .into_iter()
+                                    .map(ms)
+                                    .collect();
+                            out.entry((floor, "Prepare"))
+                                .or_default()
+                                .push(percentile(&mut records, 50.0));
+                        }
                         let (mut dp, mut dm, mut dc) = (
                             Vec::with_capacity(iters),
                             Vec::with_capacity(iters),
@@ -367,18 +379,20 @@ fn calls(
                     .goal("<= 0.3 ms")
                     .samples(out.remove(&(PROXY_NAME, op)).unwrap_or_default()),
                 );
-                if let Some(samples) = out.remove(&(RECORD_FLOOR, op)) {
-                    figs.push(
-                        Figure::new(
-                            NAME,
-                            case.clone(),
-                            RECORD_FLOOR,
-                            format!("{op} server-side p50"),
-                            Unit::Millis,
-                        )
-                        .floor()
-                        .samples(samples),
-                    );
+                for floor in [RECORD_FLOOR, PACED_RECORD_FLOOR] {
+                    if let Some(samples) = out.remove(&(floor, op)) {
+                        figs.push(
+                            Figure::new(
+                                NAME,
+                                case.clone(),
+                                floor,
+                                format!("{op} server-side p50"),
+                                Unit::Millis,
+                            )
+                            .floor()
+                            .samples(samples),
+                        );
+                    }
                 }
             }
             for (metric, key) in [
