@@ -631,7 +631,11 @@ fn layer_numbers_are_reserved_in_blocks_and_never_given_twice() {
         assert_eq!(stored(&s), first + ID_BLOCK);
         create(&s, "b", Some("a"), LayerKind::ReadOnly);
         assert_eq!(number(&s, "b"), first + 1);
-        assert_eq!(stored(&s), first + ID_BLOCK, "the block's second number is taken without a write");
+        assert_eq!(
+            stored(&s),
+            first + ID_BLOCK,
+            "the block's second number is taken without a write"
+        );
         for i in 2..ID_BLOCK {
             create(&s, &format!("l{i}"), None, LayerKind::ReadOnly);
         }
