@@ -594,13 +594,40 @@ fn creates_take_spare_directories_made_ahead_and_spares_never_outlive_the_store(
                 assert_eq!(m & !0o022, mode & !0o022, "l{i}/{leaf}");
             }
         }
-        let ready = names(&spare);
-        assert!(!ready.is_empty(), "spares are kept ready");
-        create(&s, "taker", None, LayerKind::ReadWrite);
-        let left = names(&spare);
+        // A create takes a ready spare. The refill runs at the lowest priority and may lag far behind on a loaded
+        // machine (hundreds of milliseconds between its last `mkdir` of a spare and handing it out): each try
+        // first waits for a finished spare on disk and a moment more, and a create that still came before the
+        // spare was handed out tries again.
+        let finished = || {
+            names(&spare).iter().any(|k| {
+                ["diff", "work", "merged"]
+                    .iter()
+                    .all(|d| spare.join(k).join(d).is_dir())
+            })
+        };
+        let mut tries = Vec::new();
+        for attempt in 0..40 {
+            for _ in 0..400 {
+                if finished() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let ready = names(&spare);
+            assert!(!ready.is_empty(), "spares are kept ready");
+            create(&s, &format!("taker{attempt}"), None, LayerKind::ReadWrite);
+            let left = names(&spare);
+            let took = ready.iter().any(|k| !left.contains(k));
+            tries.push((ready, left));
+            if took {
+                break;
+            }
+        }
+        let (ready, left) = tries.last().unwrap();
         assert!(
             ready.iter().any(|k| !left.contains(k)),
-            "a create takes a ready spare: {ready:?} then {left:?}"
+            "a create takes a ready spare: {tries:?}"
         );
         assert!(names(&fx.root().join("staging")).is_empty());
     }
