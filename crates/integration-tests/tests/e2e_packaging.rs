@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lamina_testkit::plugin::*;
@@ -359,38 +359,20 @@ fn deb_install_serve_purge() {
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("ExecStart");
     let argv: Vec<&str> = exec.split_whitespace().collect();
-    assert_eq!(argv[0], "/usr/bin/lamina");
+    assert_eq!(argv[..2], ["/usr/bin/lamina", "serve"], "{exec}");
     let name = unique_name("deb");
-    let socket = Path::new(PLUGIN_DIR).join(format!("{name}.sock"));
-    let log = work.join("lamina.log");
-    let child = Command::new(argv[0])
-        .args(&argv[1..])
-        .arg("--data-root")
-        .arg(work.join("data"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--snapshotter-socket")
-        .arg(work.join("snapshotter.sock"))
-        .arg("--volumes-mount-base")
-        .arg(work.join("volumes"))
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&log).unwrap())
-        .stderr(fs::File::create(work.join("lamina.err")).unwrap())
-        .spawn()
-        .unwrap();
-    struct Stop(std::process::Child);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            stop_child(&mut self.0, Duration::from_secs(10));
-        }
-    }
-    let ready = poll(Duration::from_secs(20), || socket.exists().then_some(()));
-    let mut lamina = Stop(child);
-    assert!(
-        ready.is_some(),
-        "installed lamina did not create its socket: {}",
-        tail(&work.join("lamina.err"), 30)
-    );
+    let mut lamina = Lamina::in_dir(&name, work.path())
+        .docker_plugin()
+        .snapshotter(&work.join("snapshotter.sock"));
+    lamina.exe = argv[0].into();
+    lamina.extra_args = argv[2..].iter().map(|a| a.to_string()).collect();
+    lamina.extra_args.extend([
+        "--volumes-mount-base".to_string(),
+        work.join("volumes").display().to_string(),
+    ]);
+    lamina.spawn();
+    lamina.wait_ready();
+    let socket = lamina.socket.clone();
 
     {
         let d = Dockerd::start(&name);
@@ -422,7 +404,9 @@ fn deb_install_serve_purge() {
         d.ok(&["rmi", "bb:1"]);
         d.ok(&["volume", "rm", "dv"]);
     }
-    let st = stop_child(&mut lamina.0, Duration::from_secs(20)).expect("lamina exits on SIGTERM");
+    let st = lamina
+        .terminate(Duration::from_secs(20))
+        .expect("lamina exits on SIGTERM");
     assert!(st.success(), "installed lamina exit status {st}");
     assert!(!socket.exists(), "socket left behind");
 
