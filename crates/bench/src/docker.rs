@@ -89,6 +89,8 @@ impl Engines {
         let name = unique_name("bench");
         // lamina's own socket (behind the proxy) on a short path.
         let run_dir = RunDir::new()?;
+        // dockerd makes its plugin directory only when it starts, after the socket is bound here.
+        fs::create_dir_all(PLUGIN_DIR).with_context(|| format!("create {PLUGIN_DIR}"))?;
         let (lamina, proxy, metrics) = if with_proxy {
             let metrics = run_dir.path.join("metrics.sock");
             let mut spec = lamina(ctx, "lam").plugin_socket(&run_dir.path.join("plugin.sock"));

@@ -310,7 +310,7 @@ fn layer_dir_count(root: &Path) -> usize {
 }
 
 /// What is new in the data root `root` since `before`, but for the store's spare layer directories: at most
-/// four trees of empty directories in `spare/` (docs/on-disk-format.md), which a running daemon keeps ready.
+/// eight trees of empty directories in `spare/` (docs/on-disk-format.md), which a running daemon keeps ready.
 fn leaked_beyond_spares(root: &Path, before: &std::collections::BTreeSet<(PathBuf, bool)>) -> Vec<PathBuf> {
     let spare = root.join("spare");
     let now = tree_snapshot(root);
@@ -318,7 +318,7 @@ fn leaked_beyond_spares(root: &Path, before: &std::collections::BTreeSet<(PathBu
     let files_in_spare = now.iter().any(|(p, is_dir)| !is_dir && p.starts_with(&spare));
     leaked_paths(before, &now)
         .into_iter()
-        .filter(|p| !p.starts_with(&spare) || spares > 4 || files_in_spare)
+        .filter(|p| !p.starts_with(&spare) || spares > 8 || files_in_spare)
         .collect()
 }
 

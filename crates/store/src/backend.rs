@@ -142,6 +142,13 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Takes the merged view of layer `n` down; lazily with `detach`.
     fn unmount(&self, n: u64, detach: bool) -> io::Result<()>;
 
+    /// Takes the merged view of layer `n` down after its last Put: detached at once, its teardown possibly
+    /// finishing after this returns, in which case every later mount or description of `n` or of a layer above
+    /// it, and the deletion of `n`, wait for that teardown first.
+    fn release(&self, n: u64) -> io::Result<()> {
+        self.unmount(n, true)
+    }
+
     /// Whether the merged view of layer `n` is up (whoever brought it up).
     fn is_mounted(&self, n: u64) -> bool;
 

@@ -37,6 +37,7 @@ mod slots;
 mod spare;
 mod stats;
 mod tables;
+mod teardown;
 mod tier;
 mod verify;
 

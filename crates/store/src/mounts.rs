@@ -202,9 +202,10 @@ impl Store {
         }
         guard.mounts = 0;
         if self.backend.view(n, &rec).1 {
-            // Detached like overlay2 does: a straggler (a shell cd'ed into it) must not fail the Put.
+            // Detached like overlay2 does: a straggler (a shell cd'ed into it) must not fail the Put. The
+            // backend may finish the teardown (the sync of the upper filesystem) after the answer.
             fault::point("store.put.unmount")
-                .and_then(|()| self.backend.unmount(n, true))
+                .and_then(|()| self.backend.release(n))
                 .map_err(|e| StoreError::wrap(format!("unmount layer {name}"), e))?;
         }
         debug!(ns, name, layer = n, "put");

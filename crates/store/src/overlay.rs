@@ -10,6 +10,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use lamina_archive::{ApplyOptions, ApplyStats, Change, DiffOptions, DiskUsage, IdMappings};
 use lamina_sys::fault;
@@ -20,6 +21,7 @@ use tracing::{debug, info, warn};
 use crate::backend::{LayerBackend, LayerPaths, LeftoverScope, Recovery, Staging};
 use crate::custody::{self, QUARANTINE_DIR};
 use crate::spare::Spares;
+use crate::teardown::{Pending, Teardowns};
 use crate::{
     mkdir, now_ns, open_dir, quota, remove_tree, Garbage, GarbageKind, InFlight, LayerKind, LayerRecord,
     Result, StoreError, MANIFEST_FILE,
@@ -38,6 +40,8 @@ pub(crate) struct OverlayBackend {
     reaper: Reaper,
     /// Layer directories made ahead of the creates that take them.
     spares: Spares,
+    /// The teardowns of merged views detached by a Put.
+    teardowns: Teardowns,
     /// Handles of the `diff/` directories of layers mounted as lowers.
     handles: LowerHandles,
 }
@@ -93,10 +97,15 @@ struct Doomed {
     project: Option<(PathBuf, u64)>,
     /// Keeps garbage collection away until the tree is gone.
     _owned: InFlight,
+    /// The layer's number and the teardowns to wait for: a merged view detached by its last Put may still hold
+    /// the tree.
+    layer: u64,
+    teardowns: Arc<Pending>,
 }
 
 impl Doomed {
     fn delete(self) {
+        self.teardowns.wait(std::iter::once(self.layer));
         // A size-limited layer's subvolume and qgroup go with the tree (see `remove_tree`).
         remove_tree(&self.trash);
         if let Some((root, n)) = &self.project {
@@ -105,10 +114,18 @@ impl Doomed {
     }
 }
 
-/// One thread, started at the first removal, that deletes removed layers one after the other at the lowest
-/// CPU priority: a removal answers once its directory is out of view, and the deletion neither costs a
-/// thread of its own nor takes the CPU from the calls that follow. Deletes in the caller's thread if the
-/// thread cannot be started.
+/// Removed layers deleted together: the trash thread waits for this many, or for [`TRASH_WAIT`] after the first.
+const TRASH_BATCH: usize = 8;
+/// The longest a removed layer waits in `trash/` for others to be deleted with it.
+const TRASH_WAIT: Duration = Duration::from_millis(250);
+
+/// One thread, started at the first removal, that deletes removed layers at the lowest CPU priority: a removal
+/// answers once its directory is out of view, and the deletion neither costs a thread of its own nor takes the
+/// CPU from the calls that follow. It deletes in batches ([`TRASH_BATCH`], [`TRASH_WAIT`]): on a machine with
+/// few CPUs and a kernel that does not preempt a system call, a call that arrives while the thread is inside an
+/// `rmdir` waits for it, and one burst after several removals delays one call where a deletion after each
+/// removal delayed the next call every time (docs/benchmarks.md). Deletes in the caller's thread if the thread
+/// cannot be started.
 #[derive(Debug, Default)]
 struct Reaper {
     queue: OnceLock<Option<mpsc::Sender<Doomed>>>,
@@ -124,8 +141,19 @@ impl Reaper {
                     if let Err(e) = lamina_sys::thread::lower_priority() {
                         debug!(error = %e, "could not lower the priority of the trash thread");
                     }
-                    for doomed in rx {
-                        doomed.delete();
+                    while let Ok(first) = rx.recv() {
+                        let deadline = Instant::now() + TRASH_WAIT;
+                        let mut batch = vec![first];
+                        while batch.len() < TRASH_BATCH {
+                            // Disconnected (the store closed) ends the wait too: what is queued goes now.
+                            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                                Ok(doomed) => batch.push(doomed),
+                                Err(_) => break,
+                            }
+                        }
+                        for doomed in batch {
+                            doomed.delete();
+                        }
                     }
                 });
             match spawned {
@@ -160,6 +188,7 @@ impl OverlayBackend {
             seq: AtomicU64::new(0),
             reaper: Reaper::default(),
             spares: Spares::new(root),
+            teardowns: Teardowns::new(),
             handles: LowerHandles::default(),
         })
     }
@@ -417,6 +446,8 @@ impl LayerBackend for OverlayBackend {
                     trash,
                     project: limited.map(|root| (root, n)),
                     _owned: owned,
+                    layer: n,
+                    teardowns: self.teardowns.pending().clone(),
                 });
                 return;
             }
@@ -425,6 +456,7 @@ impl LayerBackend for OverlayBackend {
             }
         }
         if dir.exists() {
+            self.teardowns.pending().wait(std::iter::once(n));
             remove_tree(&dir);
             if max_size.is_some() {
                 quota::release_project(&self.root, n);
@@ -566,6 +598,10 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn mount(&self, n: u64, rec: &LayerRecord, below: &[u64], label: &str) -> io::Result<()> {
+        // overlayfs refuses (or warns about) a directory that a detached overlay still holds.
+        self.teardowns
+            .pending()
+            .wait(std::iter::once(n).chain(below.iter().copied()));
         let dir = self.layer_dir(n);
         let view = rec.kind == LayerKind::View;
         let lowers: Vec<PathBuf> = below.iter().map(|p| self.diff_dir(*p)).collect();
@@ -582,6 +618,15 @@ impl LayerBackend for OverlayBackend {
 
     fn unmount(&self, n: u64, detach: bool) -> io::Result<()> {
         self.mounter.unmount(&self.layer_dir(n).join("merged"), detach)
+    }
+
+    /// Detached holding the mount, whose teardown (overlayfs's sync of the upper filesystem) runs on the
+    /// teardown thread (`teardown.rs`).
+    fn release(&self, n: u64) -> io::Result<()> {
+        if let Some(held) = self.mounter.detach_held(&self.layer_dir(n).join("merged"))? {
+            self.teardowns.defer(n, held);
+        }
+        Ok(())
     }
 
     fn is_mounted(&self, n: u64) -> bool {
@@ -604,6 +649,10 @@ impl LayerBackend for OverlayBackend {
     /// As containerd's overlayfs snapshotter gives it: a bind mount of a parentless active layer and of a
     /// view of at most one layer, an overlay otherwise.
     fn describe(&self, n: u64, rec: &LayerRecord, below: &[u64]) -> Result<MountSpec> {
+        // The caller mounts what this describes.
+        self.teardowns
+            .pending()
+            .wait(std::iter::once(n).chain(below.iter().copied()));
         let lowers: Vec<PathBuf> = below.iter().map(|p| self.diff_dir(*p)).collect();
         Ok(match (rec.kind, lowers.as_slice()) {
             (LayerKind::View, []) => MountSpec::Bind {

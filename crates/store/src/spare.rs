@@ -6,8 +6,10 @@
 //! spare and renames it to `layers/<n>` after the layer's record is committed, exactly where the staged
 //! directory would be renamed, so the write order of docs/on-disk-format.md is unchanged: a power cut leaves the
 //! spare in `spare/` (and the record without directories, made again at start) or the whole `layers/<n>`.
-//! One thread, started by the first take, makes spares until [`KEEP`] are ready; a spare is handed out only
-//! once all its directories are made. `spare/` holds nothing but these empty trees, made by the store itself,
+//! One thread, started by the first take, makes spares until [`KEEP`] are ready, woken when fewer than [`LOW`]
+//! are left: several spares in one burst rather than one after each take, so that the `mkdir`s (which a call
+//! arriving on a busy CPU of a non-preemptive kernel waits for) delay one create in several, not the call after
+//! every create. A spare is handed out only once all its directories are made. `spare/` holds nothing but these empty trees, made by the store itself,
 //! so it is emptied at every start (like `staging/`) and at close; when no spare is ready, or the rename fails,
 //! the caller makes the directories itself.
 
@@ -24,7 +26,9 @@ use crate::{mkdir, remove_tree, Result, StoreError};
 pub(crate) const SPARE_DIR: &str = "spare";
 
 /// Spares kept ready: enough for a burst of creates between two refills.
-const KEEP: usize = 4;
+const KEEP: usize = 8;
+/// A take that leaves fewer spares than this wakes the refill.
+const LOW: usize = 4;
 
 #[derive(Debug)]
 struct Pool {
@@ -112,13 +116,19 @@ impl Spares {
     }
 
     /// Renames a ready spare to `target` (which must not exist); false when none is ready or the rename failed
-    /// (the caller then makes the directories itself). Asks for a refill either way.
+    /// (the caller then makes the directories itself). Asks for a refill when fewer than [`LOW`] are left.
     pub(crate) fn take(&self, target: &Path) -> bool {
         if !self.pool.usable.load(Ordering::Acquire) {
             return false;
         }
-        let spare = self.pool.ready().pop();
-        self.wake();
+        let (spare, left) = {
+            let mut ready = self.pool.ready();
+            let spare = ready.pop();
+            (spare, ready.len())
+        };
+        if left < LOW {
+            self.wake();
+        }
         let Some(spare) = spare else {
             return false;
         };

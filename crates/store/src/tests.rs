@@ -167,6 +167,73 @@ fn put_without_get_is_harmless() {
     assert!(matches!(s.put(NS, "nope"), Err(StoreError::NotFound(_))));
 }
 
+/// A Put answers before the teardown of its detached mount (for an overlay, the kernel's sync of the upper
+/// filesystem), and what needs that teardown finished waits for it: a new mount of the layer, the deletion of
+/// the removed layer, and the store's close.
+#[test]
+fn a_put_answers_before_its_teardown_and_what_needs_the_teardown_waits() {
+    use std::time::Duration;
+    let (fx, s) = Fixture::with_two_layers();
+    let torn = || {
+        fx.fake
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, MountCall::TornDown { .. }))
+            .count()
+    };
+    let merged = s.get(NS, "child", "").unwrap();
+    fx.fake.hold_teardowns(true);
+    s.put(NS, "child").unwrap();
+    assert!(!fx.fake.is_mounted(&merged), "out of the mount table at once");
+    assert_eq!(torn(), 0, "the Put did not wait for the teardown");
+    std::thread::scope(|sc| {
+        let again = sc.spawn(|| s.get(NS, "child", "").unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(fx.fake.mount_count(), 1, "a mount waits for the teardown");
+        fx.fake.hold_teardowns(false);
+        again.join().unwrap();
+    });
+    let calls = fx.fake.calls();
+    assert!(
+        matches!(
+            &calls[calls.len() - 2..],
+            [MountCall::TornDown { .. }, MountCall::Mount { .. }]
+        ),
+        "{calls:?}"
+    );
+
+    // A removed layer's tree leaves trash/ only after its teardown.
+    fx.fake.hold_teardowns(true);
+    s.put(NS, "child").unwrap();
+    assert!(s.remove(NS, "child").unwrap());
+    let trash = fx.root().join("trash");
+    let in_trash = || std::fs::read_dir(&trash).unwrap().count();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(in_trash(), 1, "deleted before its teardown");
+    fx.fake.hold_teardowns(false);
+    for _ in 0..1000 {
+        if in_trash() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(in_trash(), 0, "deleted after its teardown");
+
+    // The store's close waits for the teardowns still running.
+    create(&s, "other", Some("base"), LayerKind::ReadWrite);
+    s.get(NS, "other", "").unwrap();
+    fx.fake.hold_teardowns(true);
+    s.put(NS, "other").unwrap();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            std::thread::sleep(Duration::from_millis(100));
+            fx.fake.hold_teardowns(false);
+        });
+        drop(s);
+    });
+    assert_eq!(torn(), 3);
+}
+
 #[test]
 fn remove_while_mounted_unmounts_first() {
     let (fx, s) = Fixture::with_two_layers();

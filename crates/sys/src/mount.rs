@@ -480,6 +480,27 @@ pub fn unmount(target: &Path, detach: bool) -> io::Result<()> {
     }
 }
 
+/// Detaches the mount at `target` (`MNT_DETACH`) while an `O_PATH` descriptor of its root keeps a reference
+/// to it: the mount leaves the mount table now, and its teardown (for an overlay, the `syncfs` of its upper
+/// filesystem) runs when the returned descriptor is closed, in the thread that closes it, instead of in this
+/// call. None when `target` is not a mount point (nothing to detach) or cannot be opened (then it is detached
+/// as [`unmount`] does).
+pub fn detach_held(target: &Path) -> io::Result<Option<OwnedFd>> {
+    let held = match rustix::fs::open(
+        target,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(_) => return unmount(target, true).map(|()| None),
+    };
+    match rustix::mount::unmount(target, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW) {
+        Ok(()) => Ok(Some(held)),
+        Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(errno_ctx(e, &format!("unmount {}", target.display()))),
+    }
+}
+
 /// Mount points at or below `dir`, from `/proc/self/mountinfo`, deepest first.
 pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(mount_points_in(

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::mount::{self, MountSpec};
 
@@ -18,6 +18,13 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     /// Unmounts `target`; with `detach` lazily (`MNT_DETACH`). A target that is not a mount point is not an
     /// error.
     fn unmount(&self, target: &Path, detach: bool) -> io::Result<()>;
+
+    /// Detaches `target` (lazily, as [`Mounter::unmount`] with `detach`) but leaves its teardown to the drop of
+    /// the returned [`Held`]: for an overlay, the sync of its upper filesystem that the kernel runs when the
+    /// last reference to the mount goes. None when nothing is left to tear down.
+    fn detach_held(&self, target: &Path) -> io::Result<Option<Held>> {
+        self.unmount(target, true).map(|()| None)
+    }
 
     /// The mount table in the format of `/proc/self/mountinfo`.
     fn mount_table(&self) -> io::Result<String>;
@@ -33,6 +40,9 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// A detached mount whose teardown runs when this is dropped ([`Mounter::detach_held`]).
+pub type Held = Box<dyn Send + Sync>;
+
 /// The kernel's mounts.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LinuxMounter;
@@ -44,6 +54,10 @@ impl Mounter for LinuxMounter {
 
     fn unmount(&self, target: &Path, detach: bool) -> io::Result<()> {
         mount::unmount(target, detach)
+    }
+
+    fn detach_held(&self, target: &Path) -> io::Result<Option<Held>> {
+        Ok(mount::detach_held(target)?.map(|fd| Box::new(fd) as Held))
     }
 
     fn mount_table(&self) -> io::Result<String> {
@@ -77,6 +91,11 @@ pub enum MountCall {
         /// Lazily.
         detach: bool,
     },
+    /// The drop of what [`Mounter::detach_held`] returned: the detached mount's teardown.
+    TornDown {
+        /// The target it was mounted on.
+        target: PathBuf,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -85,13 +104,39 @@ struct FakeState {
     table: BTreeMap<PathBuf, Vec<MountSpec>>,
     calls: Vec<MountCall>,
     fail_mounts: bool,
+    /// Teardowns of mounts detached with [`Mounter::detach_held`] wait while this is set.
+    hold_teardowns: bool,
 }
 
 /// A mounter that mounts nothing: it records every call and keeps a mount table in memory. Mount targets need
 /// not exist.
 #[derive(Debug, Default)]
 pub struct FakeMounter {
-    state: Mutex<FakeState>,
+    state: Arc<Mutex<FakeState>>,
+    released: Arc<Condvar>,
+}
+
+/// A mount the fake detached with [`Mounter::detach_held`]; its drop is the teardown.
+struct FakeHeld {
+    state: Arc<Mutex<FakeState>>,
+    released: Arc<Condvar>,
+    target: PathBuf,
+}
+
+impl Drop for FakeHeld {
+    fn drop(&mut self) {
+        let mut st = lock(&self.state);
+        while st.hold_teardowns {
+            st = self.released.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.calls.push(MountCall::TornDown {
+            target: self.target.clone(),
+        });
+    }
+}
+
+fn lock(state: &Mutex<FakeState>) -> std::sync::MutexGuard<'_, FakeState> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl FakeMounter {
@@ -101,7 +146,7 @@ impl FakeMounter {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// The calls so far, in order (unmounts of targets that were not mounted are not recorded).
@@ -151,6 +196,13 @@ impl FakeMounter {
     pub fn fail_mounts(&self, fail: bool) {
         self.state().fail_mounts = fail;
     }
+
+    /// Makes the teardowns of mounts detached with [`Mounter::detach_held`] wait (`true`) until called again
+    /// with `false`.
+    pub fn hold_teardowns(&self, hold: bool) {
+        self.state().hold_teardowns = hold;
+        self.released.notify_all();
+    }
 }
 
 fn escape(p: &Path) -> String {
@@ -195,6 +247,18 @@ impl Mounter for FakeMounter {
             detach,
         });
         Ok(())
+    }
+
+    fn detach_held(&self, target: &Path) -> io::Result<Option<Held>> {
+        if !self.is_mounted(target) {
+            return Ok(None);
+        }
+        self.unmount(target, true)?;
+        Ok(Some(Box::new(FakeHeld {
+            state: self.state.clone(),
+            released: self.released.clone(),
+            target: target.to_path_buf(),
+        })))
     }
 
     fn mount_table(&self) -> io::Result<String> {
