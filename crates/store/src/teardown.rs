@@ -67,11 +67,14 @@ impl Pending {
     }
 }
 
+/// The layer and its detached mount, sent to the thread.
+type Job = (u64, Held);
+
 /// One thread, started by the first detached mount, that runs the teardowns one after the other (at normal
 /// priority: a mount may be waiting for one).
 pub(crate) struct Teardowns {
     pending: Arc<Pending>,
-    worker: Mutex<Option<(mpsc::Sender<(u64, Held)>, JoinHandle<()>)>>,
+    worker: Mutex<Option<(mpsc::Sender<Job>, JoinHandle<()>)>>,
 }
 
 impl std::fmt::Debug for Teardowns {
@@ -101,7 +104,7 @@ impl Teardowns {
         self.pending.add(n);
         let mut worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
         if worker.is_none() {
-            let (tx, rx) = mpsc::channel::<(u64, Held)>();
+            let (tx, rx) = mpsc::channel::<Job>();
             let pending = self.pending.clone();
             let spawned = std::thread::Builder::new()
                 .name("teardown".into())
