@@ -189,6 +189,72 @@ fn base_tar() -> Vec<u8> {
         .finish()
 }
 
+/// Lines of the kernel's log that say an overlay directory was in use by another mount.
+fn overlay_in_use_warnings() -> Vec<String> {
+    let out = Command::new("dmesg").output().expect("run dmesg");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("overlayfs") && l.contains("in-use"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A Put answers before the kernel has finished tearing the overlay down (its sync of the upper filesystem
+/// runs on lamina's teardown thread): what dockerd does next at once, mount the same container layer again
+/// or a container layer on the `-init` layer just put, must see every file written before the Put, and never
+/// meet the detached overlay (overlayfs would log that the directory is in use by another mount). Nothing is
+/// left mounted, and lamina's descriptors come back to what they were.
+#[test]
+fn a_layer_mounted_again_right_after_its_put_sees_its_files() {
+    let Some(p) = proto("remount") else { return };
+    let pid = p.lamina.pid().expect("lamina runs");
+    let warnings = overlay_in_use_warnings();
+    let base = hex_id(1);
+    p.layer(&base, None, &base_tar());
+    let fds = lamina_testkit::reliability::open_fds(pid);
+    for round in 0..20u64 {
+        let init = hex_id(100 + 2 * round);
+        let rw = hex_id(101 + 2 * round);
+        p.c.call("CreateReadWrite", json!({"ID": init, "Parent": base}))
+            .ok("CreateReadWrite init");
+        let d = p.get(&init).unwrap();
+        fs::write(d.join("from-init"), round.to_string()).unwrap();
+        p.put(&init);
+        p.c.call("CreateReadWrite", json!({"ID": rw, "Parent": init}))
+            .ok("CreateReadWrite rw");
+        let d = p.get(&rw).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.join("from-init")).unwrap(),
+            round.to_string()
+        );
+        assert!(d.join("etc/passwd").is_file());
+        fs::write(d.join("from-rw"), vec![7u8; 64 << 10]).unwrap();
+        p.put(&rw);
+        let d = p.get(&rw).unwrap();
+        assert_eq!(fs::read(d.join("from-rw")).unwrap().len(), 64 << 10);
+        p.put(&rw);
+        p.remove(&rw);
+        p.remove(&init);
+    }
+    p.alive("the remounts");
+    assert_eq!(
+        overlay_in_use_warnings(),
+        warnings,
+        "overlayfs met a detached overlay still holding a layer"
+    );
+    let layers = p.lamina.data_root.join("layers");
+    assert_eq!(mounts_under(&layers), Vec::<PathBuf>::new(), "mounts left");
+    let settled = poll(Duration::from_secs(10), || {
+        (lamina_testkit::reliability::open_fds(pid) <= fds).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "lamina holds {} descriptors, {fds} before the cycles",
+        lamina_testkit::reliability::open_fds(pid)
+    );
+    p.remove(&base);
+}
+
 #[test]
 fn happy_path_like_dockerd() {
     let Some(p) = proto("happy") else { return };
