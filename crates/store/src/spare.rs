@@ -9,9 +9,9 @@
 //! One thread, started by the first take, makes spares until [`KEEP`] are ready, woken when fewer than [`LOW`]
 //! are left: several spares in one burst rather than one after each take, so that the `mkdir`s (which a call
 //! arriving on a busy CPU of a non-preemptive kernel waits for) delay one create in several, not the call after
-//! every create. A spare is handed out only once all its directories are made. `spare/` holds nothing but these empty trees, made by the store itself,
-//! so it is emptied at every start (like `staging/`) and at close; when no spare is ready, or the rename fails,
-//! the caller makes the directories itself.
+//! every create. A spare is handed out only once all its directories are made. `spare/` holds nothing but these
+//! empty trees, made by the store itself, so it is emptied at every start (like `staging/`) and at close; when
+//! no spare is ready, or the rename fails, the caller makes the directories itself.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
