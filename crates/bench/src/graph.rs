@@ -421,6 +421,24 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         // lamina's own part of a Get (RPC, lookups, option string): its p50 minus the floor's, per run.
         let mut own =
             Figure::new("getput", &case, "lamina", "Get p50 own part", Unit::Micros).goal("<= 0.06 ms");
+        // The same part for a server that does nothing but the floor's mount, woken by its request over a
+        // socket: what any storage daemon pays beyond the in-line floor (the hand-off and a woken thread's
+        // kernel work), and lamina's own part beyond it.
+        let mut served_own = Figure::new(
+            "getput",
+            &case,
+            "overlay-syscalls-served",
+            "Get p50 own part",
+            Unit::Micros,
+        )
+        .floor();
+        let mut beyond = Figure::new(
+            "getput",
+            &case,
+            "lamina",
+            "Get p50 own part beyond a served floor",
+            Unit::Micros,
+        );
         let mut server = Figure::new("getput", &case, "lamina", "Get server-side mean", Unit::Micros);
         // The RPC and the lookups of a Get alone: a Get of a layer that is already mounted answers its path
         // without mounting anything (the layer's mount count goes up and its Put takes it down again).
@@ -450,7 +468,15 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
                 ctx.runs
             ));
             let bare = floor.cycles(warmup, iters)?;
-            own.push((percentile(&lam.get, 50.0) - percentile(&bare.get, 50.0)) * 1e6);
+            let served = floor.served_gets(warmup, iters)?;
+            let (lam50, bare50, served50) = (
+                percentile(&lam.get, 50.0),
+                percentile(&bare.get, 50.0),
+                percentile(&served, 50.0),
+            );
+            own.push((lam50 - bare50) * 1e6);
+            served_own.push((served50 - bare50) * 1e6);
+            beyond.push((lam50 - served50) * 1e6);
             for (k, lat) in [(0usize, &lam), (8, &bare)] {
                 for (j, (v, p)) in [
                     (&lat.get, 50.0),
@@ -471,6 +497,8 @@ fn getput(ctx: &Ctx, out: &mut Vec<Figure>) -> Result<()> {
         }
         out.extend(figs);
         out.push(own);
+        out.push(served_own);
+        out.push(beyond);
         out.push(held);
         out.push(server);
         for id in ids.iter().rev() {
@@ -574,7 +602,7 @@ impl FloorDir {
     }
 
     fn cycles(&self, warmup: usize, iters: usize) -> Result<Lat> {
-        use lamina_sys::mount::{mount_overlay, unmount, OverlaySpec};
+        use lamina_sys::mount::unmount;
         let mut lat = Lat::default();
         for i in 0..warmup + iters {
             let dir = self.layers.join(format!("c{i:x}"));
@@ -585,15 +613,7 @@ impl FloorDir {
             fs::create_dir(&work)?;
             fs::create_dir(&merged)?;
             let t1 = Instant::now();
-            let spec = OverlaySpec {
-                lowers: self.lowers.clone(),
-                upper: Some(upper),
-                work: Some(work),
-                label: None,
-                read_only: false,
-                lower_handles: Vec::new(),
-            };
-            mount_overlay(&merged, &spec).with_context(|| format!("mounting {}", merged.display()))?;
+            self.mount(&dir)?;
             let t2 = Instant::now();
             unmount(&merged, true).with_context(|| format!("unmounting {}", merged.display()))?;
             let t3 = Instant::now();
@@ -604,6 +624,76 @@ impl FloorDir {
             }
         }
         Ok(lat)
+    }
+
+    /// The floor's overlay of the fresh layer directory `dir` (`diff`, `work`, `merged`), mounted on `merged`.
+    fn mount(&self, dir: &Path) -> Result<()> {
+        let spec = lamina_sys::mount::OverlaySpec {
+            lowers: self.lowers.clone(),
+            upper: Some(dir.join("diff")),
+            work: Some(dir.join("work")),
+            label: None,
+            read_only: false,
+        };
+        let merged = dir.join("merged");
+        lamina_sys::mount::mount_overlay(&merged, &spec)
+            .with_context(|| format!("mounting {}", merged.display()))
+    }
+
+    /// The Gets of [`FloorDir::cycles`] served: each mount is done by a thread that waits for its request (the
+    /// cycle's number, 8 bytes) on one end of a socket pair and answers one byte, as a daemon that does nothing
+    /// else would; the rest of each cycle as in `cycles`, untimed. The round trips of the `iters` cycles after
+    /// `warmup`, in seconds.
+    fn served_gets(&self, warmup: usize, iters: usize) -> Result<Vec<f64>> {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let (mut client, mut server) = UnixStream::pair()?;
+        let dir_of = |i: u64| self.layers.join(format!("s{i:x}"));
+        thread::scope(|scope| {
+            let worker = scope.spawn(move || -> Result<()> {
+                let mut req = [0u8; 8];
+                while server.read_exact(&mut req).is_ok() {
+                    let done = self.mount(&dir_of(u64::from_le_bytes(req)));
+                    server.write_all(&[u8::from(done.is_err())])?;
+                    done?;
+                }
+                Ok(())
+            });
+            let mut gets = Vec::with_capacity(iters);
+            let cycles = (|| -> Result<()> {
+                for i in 0..(warmup + iters) as u64 {
+                    let dir = dir_of(i);
+                    for d in [
+                        dir.clone(),
+                        dir.join("diff"),
+                        dir.join("work"),
+                        dir.join("merged"),
+                    ] {
+                        fs::create_dir(&d)?;
+                    }
+                    let t0 = Instant::now();
+                    client.write_all(&i.to_le_bytes())?;
+                    let mut answer = [0u8; 1];
+                    client.read_exact(&mut answer)?;
+                    let took = t0.elapsed().as_secs_f64();
+                    if answer[0] != 0 {
+                        bail!("the served floor's mount failed");
+                    }
+                    if i >= warmup as u64 {
+                        gets.push(took);
+                    }
+                    lamina_sys::mount::unmount(&dir.join("merged"), true)?;
+                    fs::remove_dir_all(&dir)?;
+                }
+                Ok(())
+            })();
+            // The worker ends when its end of the pair reads nothing more.
+            drop(client);
+            let worker = worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("the served floor's thread panicked"))?;
+            cycles.and(worker).map(|()| gets)
+        })
     }
 
     /// The kernel work of `n` containers' storage as dockerd asks for it (per container: two layer directories

@@ -192,10 +192,6 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Whether any storage of layer `n` is there.
     fn exists(&self, n: u64) -> bool;
 
-    /// Layer `n`'s content is being replaced outside the backend (by a link to the cluster tier): nothing the
-    /// backend holds of the old content may be used for it afterwards. Called before and after the swap.
-    fn content_replaced(&self, _n: u64) {}
-
     /// Makes durable the removals of layers whose storage no longer [`exists`](LayerBackend::exists), so that
     /// the store may drop their proofs of removal.
     fn sync_removals(&self) -> Result<()>;

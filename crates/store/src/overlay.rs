@@ -3,10 +3,10 @@
 //! `diff/` of every layer below it. Applies are unpacked in `staging/` and renamed into place; removed layers
 //! go through `trash/` (see docs/on-disk-format.md).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
@@ -42,52 +42,6 @@ pub(crate) struct OverlayBackend {
     spares: Spares,
     /// The teardowns of merged views detached by a Put.
     teardowns: Teardowns,
-    /// Handles of the `diff/` directories of layers mounted as lowers.
-    handles: LowerHandles,
-}
-
-/// `O_PATH` handles of the `diff/` directories of the layers most recently mounted as lowers, by layer number,
-/// so that a mount hands the kernel descriptors and it walks no path for them. A layer's handle is dropped
-/// wherever its `diff/` may be replaced or removed (apply, reset, removal, adoption, recovery, garbage
-/// collection, quarantine); numbers are never reused. At most [`LowerHandles::MAX`] are kept open.
-#[derive(Debug, Default)]
-struct LowerHandles(Mutex<HashMap<u64, Arc<OwnedFd>>>);
-
-impl LowerHandles {
-    /// The most handles kept open: a quarter of the usual 1,024 descriptors a process may have.
-    const MAX: usize = 256;
-
-    /// The handles of `below` (named `paths`, in the same order), opened where not held; empty when the stack
-    /// is deeper than what is kept or a directory cannot be opened (the mount then passes the paths).
-    fn of(&self, below: &[u64], paths: &[PathBuf]) -> Vec<Arc<OwnedFd>> {
-        if below.len() > Self::MAX {
-            return Vec::new();
-        }
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if held.len() + below.len() > Self::MAX && below.iter().any(|n| !held.contains_key(n)) {
-            held.clear();
-        }
-        let mut out = Vec::with_capacity(below.len());
-        for (n, path) in below.iter().zip(paths) {
-            let handle = match held.get(n) {
-                Some(h) => h.clone(),
-                None => match mount::open_dir_handle(path) {
-                    Ok(fd) => held.entry(*n).or_insert(Arc::new(fd)).clone(),
-                    Err(_) => return Vec::new(),
-                },
-            };
-            out.push(handle);
-        }
-        out
-    }
-
-    fn forget(&self, n: u64) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
-    }
-
-    fn clear(&self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    }
 }
 
 /// A removed layer's directory, moved into `trash/`, waiting to be deleted.
@@ -189,7 +143,6 @@ impl OverlayBackend {
             reaper: Reaper::default(),
             spares: Spares::new(root),
             teardowns: Teardowns::new(),
-            handles: LowerHandles::default(),
         })
     }
 
@@ -296,7 +249,6 @@ impl OverlayBackend {
     /// durable.
     fn quarantine(&self, path: &Path) -> Result<()> {
         self.refuse_mounted(path)?;
-        self.handles.clear();
         let qdir = self.root.join(QUARANTINE_DIR);
         mkdir(&qdir, 0o700)?;
         let name = path
@@ -378,7 +330,6 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn create(&self, n: u64, _parent: Option<u64>, max_size: Option<u64>) -> Result<InFlight> {
-        self.handles.forget(n);
         let owned = InFlight::new(&self.in_flight, self.layer_dir(n));
         // A size-limited layer's directory carries its limit, so only an unlimited one can be a spare.
         if max_size.is_none() && self.spares.take(&self.layer_dir(n)) {
@@ -393,12 +344,10 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn discard(&self, n: u64) {
-        self.handles.forget(n);
         remove_tree(&self.layer_dir(n));
     }
 
     fn create_linked(&self, n: u64, content: &Path, manifest: &Path) -> Result<InFlight> {
-        self.handles.forget(n);
         let dir = self.layer_dir(n);
         let owned = InFlight::new(&self.in_flight, dir.clone());
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
@@ -434,7 +383,6 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn remove(&self, n: u64, max_size: Option<u64>) {
-        self.handles.forget(n);
         // Out of view at once; the content goes in the background.
         let dir = self.layer_dir(n);
         let trash = self.trash_path(n);
@@ -516,11 +464,9 @@ impl LayerBackend for OverlayBackend {
             .and_then(|()| mount::syncfs(staging))
             .map_err(|e| StoreError::io("sync staged layer", e))?;
         let diff = self.diff_dir(n);
-        self.handles.forget(n);
         let renamed = fault::point("store.apply.rename")
             .and_then(|()| std::fs::rename(staging, &diff))
             .map_err(|e| StoreError::io(format!("move staged layer into {}", diff.display()), e));
-        self.handles.forget(n);
         renamed?;
         fault::point("store.apply.syncfs2")
             .and_then(|()| mount::syncfs(&diff))
@@ -530,7 +476,6 @@ impl LayerBackend for OverlayBackend {
 
     fn abandon(&self, staging: Staging) -> bool {
         let n = staging.layer;
-        self.handles.forget(n);
         remove_tree(&staging.path);
         // A failure after the rename (the second sync, the final commit) leaves the content in diff/.
         let filled = std::fs::read_dir(self.diff_dir(n)).is_ok_and(|mut d| d.next().is_some());
@@ -550,7 +495,6 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn reset(&self, n: u64, _parent: Option<u64>) -> Result<()> {
-        self.handles.forget(n);
         if !self.layer_dir(n).exists() {
             // A power cut took the whole directory (made after the record, never synced).
             self.make_layer_dirs(n, None)?;
@@ -604,10 +548,8 @@ impl LayerBackend for OverlayBackend {
             .wait(std::iter::once(n).chain(below.iter().copied()));
         let dir = self.layer_dir(n);
         let view = rec.kind == LayerKind::View;
-        let lowers: Vec<PathBuf> = below.iter().map(|p| self.diff_dir(*p)).collect();
         let spec = OverlaySpec {
-            lower_handles: self.handles.of(below, &lowers),
-            lowers,
+            lowers: below.iter().map(|p| self.diff_dir(*p)).collect(),
             upper: (!view).then(|| dir.join("diff")),
             work: (!view).then(|| dir.join("work")),
             label: Some(label.to_string()),
@@ -715,10 +657,6 @@ impl LayerBackend for OverlayBackend {
         std::fs::symlink_metadata(self.layer_dir(n)).is_ok()
     }
 
-    fn content_replaced(&self, n: u64) {
-        self.handles.forget(n);
-    }
-
     fn sync_removals(&self) -> Result<()> {
         // A removed layer's directory left `layers/` by a rename (into `trash/`) or by its deletion in place.
         let layers = self.root.join("layers");
@@ -728,7 +666,6 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn recover(&self, state: &Recovery<'_>) -> Result<Vec<u64>> {
-        self.handles.clear();
         let (known, removed, record_of) = (state.known, state.removed, state.record_of);
         // Mounts first: nothing may be deleted through a live mount.
         let layers_dir = self.root.join("layers");
@@ -906,7 +843,6 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn collect(&self, g: &Garbage, is_known: &dyn Fn(u64) -> Result<bool>) -> Result<()> {
-        self.handles.clear();
         match g.kind {
             GarbageKind::StaleMount => self
                 .mounter
@@ -1045,41 +981,5 @@ mod tests {
                 assert_eq!(b.diff_dir(n).as_os_str(), dir.join("diff").as_os_str());
             }
         }
-    }
-
-    #[test]
-    fn lower_handles_follow_a_replaced_diff() {
-        use std::os::unix::fs::MetadataExt;
-        let tmp = tempfile::tempdir().unwrap();
-        let b = OverlayBackend::open(tmp.path(), Arc::new(lamina_sys::mounter::FakeMounter::new())).unwrap();
-        let ino = |h: &Arc<OwnedFd>| File::from(h.try_clone().unwrap()).metadata().unwrap().ino();
-        let held = |ns: &[u64]| {
-            let paths: Vec<PathBuf> = ns.iter().map(|n| b.diff_dir(*n)).collect();
-            b.handles.of(ns, &paths)
-        };
-        for n in [1, 2] {
-            b.create(n, None, None).unwrap();
-        }
-        let first = held(&[2, 1]);
-        assert_eq!(ino(&first[0]), b.diff_dir(2).metadata().unwrap().ino());
-        assert_eq!(ino(&first[1]), b.diff_dir(1).metadata().unwrap().ino());
-        // Held: the same handle again.
-        assert!(Arc::ptr_eq(&held(&[1])[0], &first[1]));
-        // A new diff/ for layer 1 (as an apply renames one into place): its handle is the new directory's.
-        let staging = b.stage(1);
-        b.apply(
-            &staging,
-            &mut lamina_testkit::TarBuilder::new().finish().as_slice(),
-            &IdMappings::default(),
-        )
-        .unwrap();
-        let again = held(&[2, 1]);
-        assert!(Arc::ptr_eq(&again[0], &first[0]));
-        assert_eq!(ino(&again[1]), b.diff_dir(1).metadata().unwrap().ino());
-        assert_ne!(ino(&again[1]), ino(&first[1]));
-        // A removed layer's handle is let go; a missing directory gives no handles (the paths are used).
-        b.remove(2, None);
-        assert!(held(&[2, 1]).is_empty());
-        assert_eq!(held(&[1]).len(), 1);
     }
 }

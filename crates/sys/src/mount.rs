@@ -12,9 +12,9 @@
 //! working directory is its own (`unshare(CLONE_FS)`, once per thread) and is moved there for the call and
 //! back. `/proc/self/mountinfo` then shows those relative names.
 //!
-//! A caller that keeps its lower directories open (`O_PATH` handles, [`open_dir_handle`]) can hand the kernel
-//! those instead ([`OverlaySpec::lower_handles`]; `lowerdir+` given as descriptors, Linux 6.13+): the kernel
-//! then walks no path for them at all. On a kernel that takes no descriptors the paths are used.
+//! Lowers are not handed over as descriptors (`FSCONFIG_SET_FD`, Linux 6.13+): the kernel then builds each
+//! layer's absolute name (`d_path`) into a page-sized buffer, and in a daemon that cost more than the walk of the
+//! short relative name, up to 20–35 µs at 128 layers (docs/benchmarks.md).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -22,13 +22,11 @@ use std::io::{self, BufRead, BufReader};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use rustix::fs::{Mode, OFlags, CWD};
 use rustix::mount::{
-    fsconfig_create, fsconfig_set_fd, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
-    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags,
+    fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags,
+    FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags,
 };
 
 /// The most lower layers one overlay mount takes (the kernel's `OVL_MAX_STACK`).
@@ -47,24 +45,7 @@ pub struct OverlaySpec {
     pub label: Option<String>,
     /// Mount read-only.
     pub read_only: bool,
-    /// Open handles of `lowers` ([`open_dir_handle`]), in the same order, or empty. When given, the kernel is
-    /// handed these descriptors and `lowers` only names the layers in errors; a kernel that takes no
-    /// descriptors for layers is handed the paths.
-    pub lower_handles: Vec<Arc<OwnedFd>>,
 }
-
-/// An `O_PATH` handle of the directory `path` (symbolic links followed), for [`OverlaySpec::lower_handles`].
-pub fn open_dir_handle(path: &Path) -> io::Result<OwnedFd> {
-    rustix::fs::open(
-        path,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| errno_ctx(e, &format!("open {}", path.display())))
-}
-
-/// Cleared at the first mount whose kernel refuses a layer given as a descriptor.
-static LAYERS_BY_FD: AtomicBool = AtomicBool::new(true);
 
 /// A mount, described: what [`mount`] mounts, or what a caller that mounts it itself (containerd) is told.
 #[derive(Debug, Clone)]
@@ -164,7 +145,7 @@ pub fn mount_overlay(target: &Path, spec: &OverlaySpec) -> io::Result<()> {
     }
     match mount_overlay_new_api(target, spec) {
         Ok(()) => Ok(()),
-        Err(NewApiError::Unsupported | NewApiError::NoLayerFds) => mount_overlay_legacy(target, spec),
+        Err(NewApiError::Unsupported) => mount_overlay_legacy(target, spec),
         Err(NewApiError::Failed(e)) => Err(e),
     }
 }
@@ -172,8 +153,6 @@ pub fn mount_overlay(target: &Path, spec: &OverlaySpec) -> io::Result<()> {
 enum NewApiError {
     /// The kernel lacks the new mount API or `lowerdir+`.
     Unsupported,
-    /// The kernel takes no layer given as a descriptor.
-    NoLayerFds,
     Failed(io::Error),
 }
 
@@ -256,42 +235,23 @@ impl Drop for Back<'_> {
     }
 }
 
+/// The new-API mount of `spec`, the directories given as paths relative to their common directory where there
+/// is one.
 fn mount_overlay_new_api(target: &Path, spec: &OverlaySpec) -> Result<(), NewApiError> {
-    let by_fd = !spec.lower_handles.is_empty()
-        && spec.lower_handles.len() == spec.lowers.len()
-        && LAYERS_BY_FD.load(Ordering::Relaxed);
-    if by_fd {
-        match mount_overlay_with(target, spec, true) {
-            Err(NewApiError::NoLayerFds) => LAYERS_BY_FD.store(false, Ordering::Relaxed),
-            r => return r,
-        }
-    }
-    mount_overlay_with(target, spec, false)
-}
-
-/// The new-API mount of `spec`, its lowers as descriptors when `by_fd`, the directories given as paths
-/// relative to their common directory where there is one.
-fn mount_overlay_with(target: &Path, spec: &OverlaySpec, by_fd: bool) -> Result<(), NewApiError> {
-    let named: &[PathBuf] = if by_fd { &[] } else { &spec.lowers };
-    let dirs = named.iter().chain(&spec.upper).chain(&spec.work);
+    let dirs = spec.lowers.iter().chain(&spec.upper).chain(&spec.work);
     if let Some(base) = common_dir(dirs.map(PathBuf::as_path)) {
         let relative = OverlaySpec {
-            lowers: named.iter().map(|p| relative_to(p, &base)).collect(),
+            lowers: spec.lowers.iter().map(|p| relative_to(p, &base)).collect(),
             upper: spec.upper.as_deref().map(|p| relative_to(p, &base)),
             work: spec.work.as_deref().map(|p| relative_to(p, &base)),
             label: spec.label.clone(),
             read_only: spec.read_only,
-            lower_handles: Vec::new(),
         };
-        if let Some(r) = in_dir(&base, || configure_overlay(&relative, spec, target, by_fd)) {
+        if let Some(r) = in_dir(&base, || configure_overlay(&relative, spec, target)) {
             return finish_overlay(r?, spec.read_only, target);
         }
     }
-    finish_overlay(
-        configure_overlay(spec, spec, target, by_fd)?,
-        spec.read_only,
-        target,
-    )
+    finish_overlay(configure_overlay(spec, spec, target)?, spec.read_only, target)
 }
 
 /// `path` relative to `base` (one of its ancestors); `.` for `base` itself. Compared as bytes (`base` as
@@ -314,36 +274,20 @@ fn relative_to(path: &Path, base: &Path) -> PathBuf {
     }
 }
 
-/// Opens an overlay filesystem context and sets its layers and options from `spec` (paths as given; the lowers
-/// as `named`'s handles when `by_fd`); errors name the paths of `named` and the mount's `target`. Gives the
-/// created context.
-fn configure_overlay(
-    spec: &OverlaySpec,
-    named: &OverlaySpec,
-    target: &Path,
-    by_fd: bool,
-) -> Result<OwnedFd, NewApiError> {
+/// Opens an overlay filesystem context and sets its layers and options from `spec` (paths as given); errors
+/// name the paths of `named` and the mount's `target`. Gives the created context.
+fn configure_overlay(spec: &OverlaySpec, named: &OverlaySpec, target: &Path) -> Result<OwnedFd, NewApiError> {
     let fs = match fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOSYS) => return Err(NewApiError::Unsupported),
         Err(e) => return Err(NewApiError::Failed(errno_ctx(e, "fsopen overlay"))),
     };
     let fail = |e: rustix::io::Errno, what: String| NewApiError::Failed(errno_ctx(e, &what));
-    if by_fd {
-        for (i, (handle, name)) in named.lower_handles.iter().zip(&named.lowers).enumerate() {
-            match fsconfig_set_fd(&fs, "lowerdir+", handle.as_fd()) {
-                Ok(()) => {}
-                Err(rustix::io::Errno::INVAL) if i == 0 => return Err(NewApiError::NoLayerFds),
-                Err(e) => return Err(fail(e, format!("overlay lowerdir+ {}", name.display()))),
-            }
-        }
-    } else {
-        for (i, (lower, name)) in spec.lowers.iter().zip(&named.lowers).enumerate() {
-            match fsconfig_set_string(&fs, "lowerdir+", lower.as_path()) {
-                Ok(()) => {}
-                Err(rustix::io::Errno::INVAL) if i == 0 => return Err(NewApiError::Unsupported),
-                Err(e) => return Err(fail(e, format!("overlay lowerdir+ {}", name.display()))),
-            }
+    for (i, (lower, name)) in spec.lowers.iter().zip(&named.lowers).enumerate() {
+        match fsconfig_set_string(&fs, "lowerdir+", lower.as_path()) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::INVAL) if i == 0 => return Err(NewApiError::Unsupported),
+            Err(e) => return Err(fail(e, format!("overlay lowerdir+ {}", name.display()))),
         }
     }
     if let (Some(upper), Some(name)) = (&spec.upper, &named.upper) {
@@ -929,55 +873,6 @@ mod tests {
             assert_eq!(after, before);
         }
         assert_eq!(std::env::current_dir().unwrap(), before);
-    }
-
-    #[test]
-    fn overlay_of_lowers_given_as_handles() {
-        let Some(t) = mount_scratch("overlay_of_lowers_given_as_handles", "an overlay") else {
-            return;
-        };
-        let layers = t.path().join("layers");
-        // Top-most first: layer 3 hides layer 1's `shared`.
-        let mut lowers = Vec::new();
-        for n in [3, 2, 1] {
-            let diff = layers.join(n.to_string()).join("diff");
-            std::fs::create_dir_all(&diff).unwrap();
-            std::fs::write(diff.join(format!("f{n}")), format!("{n}")).unwrap();
-            if n != 2 {
-                std::fs::write(diff.join("shared"), format!("from {n}")).unwrap();
-            }
-            lowers.push(diff);
-        }
-        let handles: Vec<Arc<OwnedFd>> = lowers
-            .iter()
-            .map(|p| Arc::new(open_dir_handle(p).unwrap()))
-            .collect();
-        // Handles as given, and a handle list that does not match the lowers (the paths are used).
-        for given in [handles.clone(), handles[..1].to_vec()] {
-            let top = layers.join("top");
-            let (upper, work, merged) = (top.join("diff"), top.join("work"), top.join("merged"));
-            for d in [&upper, &work, &merged] {
-                std::fs::create_dir_all(d).unwrap();
-            }
-            let spec = OverlaySpec {
-                lowers: lowers.clone(),
-                upper: Some(upper.clone()),
-                work: Some(work),
-                lower_handles: given,
-                ..OverlaySpec::default()
-            };
-            mount_overlay(&merged, &spec).unwrap();
-            let read = |name: &str| std::fs::read_to_string(merged.join(name));
-            let seen = (read("f1"), read("f2"), read("f3"), read("shared"));
-            std::fs::write(merged.join("new"), "x").unwrap();
-            unmount(&merged, false).unwrap();
-            assert_eq!(
-                (seen.0.unwrap(), seen.1.unwrap(), seen.2.unwrap(), seen.3.unwrap()),
-                ("1".into(), "2".into(), "3".into(), "from 3".into())
-            );
-            assert_eq!(std::fs::read_to_string(upper.join("new")).unwrap(), "x");
-            std::fs::remove_dir_all(&top).unwrap();
-        }
     }
 
     #[test]

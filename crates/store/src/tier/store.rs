@@ -424,10 +424,8 @@ impl Store {
             .unwrap_or_default();
         let tmp = b"diff.tier".to_vec();
         let _ = lamina_sys::fs::unlink(dir.as_fd(), &tmp);
-        self.backend.content_replaced(n);
         let swapped = lamina_sys::fs::symlink(target.as_os_str().as_encoded_bytes(), dir.as_fd(), &tmp)
             .and_then(|()| lamina_sys::fs::exchange(dir.as_fd(), &content, &tmp));
-        self.backend.content_replaced(n);
         swapped.map_err(|e| tier_io(format!("link {} to the tier", paths.content.display()), e))?;
         crate::remove_tree(&paths.dir.join("diff.tier"));
         drop(guard);
