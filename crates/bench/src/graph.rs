@@ -692,7 +692,8 @@ impl FloorDir {
             let worker = worker
                 .join()
                 .map_err(|_| anyhow::anyhow!("the served floor's thread panicked"))?;
-            cycles.and(worker).map(|()| gets)
+            // A failed mount is the cause of the failed cycle: its error first.
+            worker.and(cycles).map(|()| gets)
         })
     }
 
