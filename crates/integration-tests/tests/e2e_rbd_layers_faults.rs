@@ -365,35 +365,64 @@ fn rbd_layers_pool_quota() {
         .find(|i| !others.contains(i))
         .expect("the image of layer big");
 
-    // 64 MiB for the pool; the layer is 1 GiB.
+    // 64 MiB for the pool, and a layer of 512 MiB (half its 1 GiB image, so that the image's filesystem never
+    // fills first). The quota is passed halfway through the stream, at a point the test controls: Ceph flags a
+    // pool over its quota only once a mgr has reported the usage, and writes that stay in the page cache
+    // until then would otherwise race that report.
     cluster.ceph_ok(&["osd", "pool", "set-quota", &pool, "max_bytes", "67108864"]);
     assert!(
         !cluster.pool_flags(&pool).iter().any(|f| f == "full_quota"),
         "the pool is over its quota before the apply"
     );
-    // The container layer's writes stay in the page cache until its Put.
-    fs::write(mdir.join("unsynced"), vec![7u8; 8 << 20]).unwrap();
     let t = Instant::now();
     let mut slow = l.client();
     slow.timeout = Duration::from_secs(180);
-    let mut body = streamed_random_tar(vec![("big".into(), 1 << 30, 11)]);
-    let r = slow
-        .apply_diff("big", "p", &mut body)
-        .unwrap_or_else(|e| panic!("ApplyDiff: {e} after {:?}; log:\n{}", t.elapsed(), l.log_tail()));
+    let (mut body, w) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut flush: Option<std::process::Child> = None;
+    let r = std::thread::scope(|scope| {
+        let (cluster, pool, flush) = (&cluster, &pool, &mut flush);
+        scope.spawn(move || {
+            let mut tar = TarWriter::new(std::io::BufWriter::with_capacity(1 << 20, w));
+            if tar.random_file("first", 96 << 20, 11).is_err() {
+                return;
+            }
+            // The first 96 MiB to the cluster (the flush is not waited for: it may meet the full pool), and
+            // the rest of the stream once the pool is flagged.
+            *flush = Some(std::process::Command::new("sync").spawn().unwrap());
+            let flagged = poll(Duration::from_secs(60), || {
+                cluster
+                    .pool_flags(pool)
+                    .iter()
+                    .any(|f| f == "full_quota")
+                    .then_some(())
+            });
+            assert!(flagged.is_some(), "the pool was not flagged over its quota");
+            if tar.random_file("big", 416 << 20, 12).is_ok() {
+                let _ = tar.finish();
+            }
+        });
+        let r = slow.apply_diff("big", "p", &mut body);
+        // The rest of the stream has no reader once the answer is in: the writer stops at its next write.
+        drop(body);
+        r
+    })
+    .unwrap_or_else(|e| panic!("ApplyDiff: {e} after {:?}; log:\n{}", t.elapsed(), l.log_tail()));
     let took = t.elapsed();
-    drop(body);
     let e = r.expect_err_containing(
-        "ApplyDiff of 1 GiB into a pool with a 64 MiB quota",
+        "ApplyDiff of 512 MiB into a pool with a 64 MiB quota",
         "no space",
         &format!("pool \"{pool}\" is over its quota"),
     );
-    eprintln!("[rbd layers] ApplyDiff of 1 GiB past a 64 MiB quota: {took:?}: {e}");
+    eprintln!("[rbd layers] ApplyDiff of 512 MiB past a 64 MiB quota: {took:?}: {e}");
     assert!(took < Duration::from_secs(45), "ApplyDiff took {took:?}");
     assert!(
         cluster.pool_flags(&pool).iter().any(|f| f == "full_quota"),
         "the pool is not flagged over its quota"
     );
 
+    // The container layer's writes stay in the page cache until its Put (written now, after the test's
+    // flush of the first part of the stream).
+    fs::write(mdir.join("unsynced"), vec![7u8; 8 << 20]).unwrap();
     // A call that must answer the class `no space: ... over its quota` within 45 s (where the store
     // unmounts or mounts, with that step named in the message).
     let over_quota = |what: &str, method: &str, body: serde_json::Value| {
@@ -433,6 +462,10 @@ fn rbd_layers_pool_quota() {
         (!cluster.pool_flags(&pool).iter().any(|f| f.starts_with("full"))).then_some(())
     });
     assert!(clear.is_some(), "the pool stayed full");
+    // The test's flush of the stream's first part ends once the pool takes writes again.
+    if let Some(mut f) = flush.take() {
+        let _ = f.wait();
+    }
     let gone = poll(Duration::from_secs(90), || {
         (sorted(layer_images(&cluster)) == others).then_some(())
     });
