@@ -14,7 +14,7 @@
 //!
 //! Lowers are not handed over as descriptors (`FSCONFIG_SET_FD`, Linux 6.13+): the kernel then builds each
 //! layer's absolute name (`d_path`) into a page-sized buffer, and in a daemon that cost more than the walk of the
-//! short relative name, up to 20–35 µs at 128 layers (docs/benchmarks.md).
+//! short relative name: 21–36 µs more per mount at 128 layers (docs/benchmarks.md).
 
 use std::ffi::CString;
 use std::fs::File;
