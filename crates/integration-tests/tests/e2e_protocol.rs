@@ -192,6 +192,12 @@ fn base_tar() -> Vec<u8> {
 /// Lines of the kernel's log that say an overlay directory was in use by another mount.
 fn overlay_in_use_warnings() -> Vec<String> {
     let out = Command::new("dmesg").output().expect("run dmesg");
+    // An unreadable kernel log would compare empty with empty: the test could not fail.
+    assert!(
+        out.status.success(),
+        "dmesg: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains("overlayfs") && l.contains("in-use"))
