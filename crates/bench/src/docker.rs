@@ -5,7 +5,8 @@
 //! - `commit`: `docker commit` of a stopped container that wrote 1 KiB, on images of two sizes: wall time of the
 //!   command, and for lamina its share (the plugin calls dockerd makes meanwhile, through the timing proxy).
 //! - `containers100`: N × `docker run -d` then N × `docker rm -f`, wall time, and lamina's share of it measured by
-//!   a timing proxy between dockerd and lamina's plugin socket.
+//!   a timing proxy between dockerd and lamina's plugin socket; the same cycle through a third dockerd on the
+//!   served floor's driver (`docker_floor.rs`), behind a proxy of its own, gives the floor of that share.
 //! - `build`: `docker build --no-cache` (classic builder) of a 10-step Dockerfile on the imported busybox.
 //! - `pagecache`: page cache added by N containers of one image reading the same file.
 
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use super::docker_floor::FloorPlugin;
 use super::engines::{
     busybox_image, dockerd, drop_caches, lamina, proc_cpu_secs, start, unique_name, Dockerd, Lamina, Served,
     PLUGIN_DIR,
@@ -68,6 +70,16 @@ pub const PAGECACHE: Workload = Workload {
 };
 
 const BASELINE: &str = "overlay2";
+/// The subject of the served floor's figures (`docker_floor.rs`).
+const SERVED_FLOOR: &str = "served-floor";
+
+/// The served floor's dockerd, its timing proxy and its driver; they drop in that order (before the
+/// [`Engines`] whose run directory holds the driver's socket).
+struct FloorEngine {
+    d: Dockerd,
+    proxy: TimingProxy,
+    _plugin: FloorPlugin,
+}
 const BUSYBOX_TAG: &str = "bench-busybox:1";
 
 /// lamina (optionally behind a timing proxy) with its dockerd, and an overlay2 dockerd. Fields drop in order:
@@ -79,7 +91,7 @@ struct Engines {
     /// lamina's metrics socket (with the proxy): its own time per call, without the RPC.
     metrics: Option<PathBuf>,
     lamina: Lamina,
-    _run_dir: RunDir,
+    run_dir: RunDir,
 }
 
 impl Engines {
@@ -121,13 +133,35 @@ impl Engines {
             proxy,
             metrics,
             lamina,
-            _run_dir: run_dir,
+            run_dir,
         };
         ctx.say("importing busybox");
         for d in e.both() {
             busybox_image(d.1, BUSYBOX_TAG);
         }
         Ok(e)
+    }
+
+    /// A third dockerd on the served floor's driver (`docker_floor.rs`) behind a timing proxy of its own, with
+    /// busybox imported as [`BUSYBOX_TAG`].
+    fn start_floor(&self, ctx: &Ctx) -> anyhow::Result<FloorEngine> {
+        ctx.say("starting the served floor's driver and its dockerd");
+        let name = unique_name("bench-floor");
+        let plugin = FloorPlugin::start(
+            &ctx.scratch.join("flr").join("data"),
+            &self.run_dir.path.join("floor.sock"),
+        )?;
+        let proxy = TimingProxy::start(
+            &Path::new(PLUGIN_DIR).join(format!("{name}.sock")),
+            &self.run_dir.path.join("floor.sock"),
+        )?;
+        let d = dockerd(ctx, "df", &name)?;
+        busybox_image(&d, BUSYBOX_TAG);
+        Ok(FloorEngine {
+            d,
+            proxy,
+            _plugin: plugin,
+        })
     }
 
     /// (subject, daemon) pairs: lamina first.
@@ -297,8 +331,12 @@ fn run_commit(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
 
 fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     let e = Engines::start(ctx, true)?;
+    let fl = e.start_floor(ctx)?;
     let n = if ctx.quick { 10 } else { 100 };
     let case = format!("{n} containers");
+    // The served floor's share of the same cycle, and its time per call (through its own proxy).
+    let mut served_floor = Vec::new();
+    let mut floor_per_call: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let totals = e.proxy.as_ref().context("proxy")?.totals.clone();
     let mut runs: [[Vec<f64>; 3]; 2] = Default::default();
     let (mut share, mut calls) = (Vec::new(), Vec::new());
@@ -367,6 +405,23 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                 }
             }
         }
+        ctx.say(format!("{SERVED_FLOOR}: run {} of {}", r + 1, ctx.runs));
+        let names: Vec<String> = (0..n).map(|i| format!("c{r}-{i}")).collect();
+        let (before, _) = fl.proxy.totals.get();
+        let by_call_before = fl.proxy.totals.by_call();
+        for c in &names {
+            fl.d.ok(&["run", "-d", "--name", c, BUSYBOX_TAG, "sleep", "1000"]);
+        }
+        for c in &names {
+            fl.d.ok(&["rm", "-f", c]);
+        }
+        served_floor.push((fl.proxy.totals.get().0 - before).as_secs_f64());
+        for (call, count, took) in calls_between(&by_call_before, &fl.proxy.totals.by_call()) {
+            floor_per_call
+                .entry(call)
+                .or_default()
+                .push(took.as_secs_f64() * 1e6 / count as f64);
+        }
         ctx.say(format!("kernel floor: run {} of {}", r + 1, ctx.runs));
         let kernel = floor_dir.containers(n)?;
         floor.push(kernel);
@@ -374,6 +429,7 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         floor_commits.push(kernel + metadata_commits(&ctx.scratch, 4 * n)?);
     }
     floor_dir.remove();
+    drop(fl);
     let [l, o] = runs;
     for (subject, [c, rm, total]) in [("lamina", l), (BASELINE, o)] {
         figs.push(figure(
@@ -411,6 +467,18 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     );
     f.goal = Some(format!("<= {:.2} s", 0.3 * n as f64 / 100.0));
     figs.push(f);
+    // First of the floors: the one in the floor column.
+    figs.push(
+        figure(
+            "containers100",
+            &case,
+            SERVED_FLOOR,
+            "storage share",
+            Unit::Seconds,
+            served_floor,
+        )
+        .floor(),
+    );
     figs.push(
         figure(
             "containers100",
@@ -466,6 +534,19 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             Unit::Micros,
             micros,
         ));
+    }
+    for (call, micros) in floor_per_call {
+        figs.push(
+            figure(
+                "containers100",
+                &case,
+                SERVED_FLOOR,
+                &format!("{} per call", call.trim_start_matches('/')),
+                Unit::Micros,
+                micros,
+            )
+            .floor(),
+        );
     }
     for (call, (count, micros)) in per_call {
         let call = call.trim_start_matches('/');

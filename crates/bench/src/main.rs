@@ -26,6 +26,7 @@ mod targen;
 mod cluster;
 mod containerd;
 mod docker;
+mod docker_floor;
 mod engines_ctr;
 mod proxy_floor;
 mod rbd;

@@ -1,0 +1,399 @@
+//! The served floor of `containers100`: a graph driver that does, per call, only what the workload's kernel floor
+//! does (`FloorDir::containers`: four `mkdir`s per layer, an overlay mount per first `Get`, a detached unmount per
+//! last `Put`, the layer's tree removed) plus one durable record per `Create`/`Remove` (one row put or dropped
+//! in a redb database of its own, as `durable_commits`). As lamina's Put, its Put leaves the unmount (which
+//! syncs the upper filesystem) to a thread of its own and answers at once; a Remove of a layer whose unmount
+//! is still queued unmounts it itself. It is served by lamina's own GraphDriver protocol server
+//! (`lamina_docker::serve`) on a socket of its own. A third dockerd reaches it through a timing proxy of its
+//! own, so its share of 100 × `run -d` + `rm -f` is measured as lamina's is, with the same daemon, the same
+//! containers and the same load on the machine: what any out-of-process driver that does this work pays.
+//!
+//! It keeps its layers in memory (a restart forgets them) and holds one lock around each call's work: dockerd
+//! makes the workload's calls one after another. `docker import` of the image goes through `ApplyDiff`, which
+//! GNU tar unpacks (untimed). Diff, Changes and DiffSize are refused: the workload needs none of them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use lamina_docker::{
+    CreateRequest, DiffStream, ErrorKind, FileChange, GraphDriver, InitRequest, PluginError, Router,
+    ShutdownHandle,
+};
+use lamina_sys::mount::{mount_overlay, unmount, OverlaySpec};
+
+/// The driver's records: `layer number -> id`.
+const RECORDS: redb::TableDefinition<u64, &str> = redb::TableDefinition::new("floor-layers");
+
+/// One layer.
+struct Layer {
+    n: u64,
+    parent: Option<String>,
+    /// Outstanding `Get`s; the overlay is mounted while there are any (a layer with a parent only).
+    gets: u32,
+}
+
+#[derive(Default)]
+struct State {
+    next: u64,
+    layers: HashMap<String, Layer>,
+}
+
+/// The floor graph driver (see the module documentation).
+pub struct FloorDriver {
+    /// `<root>/layers/<n>/{diff,work,merged}`, laid out as lamina lays out its layers.
+    layers: PathBuf,
+    db: redb::Database,
+    state: Mutex<State>,
+    /// The unmounts of the last Puts, done by the teardown thread ([`FloorPlugin::start`]).
+    teardown: Mutex<Option<mpsc::Sender<PathBuf>>>,
+}
+
+/// A detached unmount of `merged`; one that is not mounted any more (unmounted by the other of a Put's teardown
+/// and a Remove) is not an error.
+fn detach(merged: &Path) -> Result<(), PluginError> {
+    match unmount(merged, true) {
+        // EINVAL: not a mount point.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(()),
+        other => other.map_err(|e| io_err("unmount", e)),
+    }
+}
+
+fn io_err(what: &str, e: impl std::fmt::Display) -> PluginError {
+    PluginError::new(ErrorKind::Io, format!("{what}: {e}"))
+}
+
+fn not_found(id: &str) -> PluginError {
+    PluginError::new(ErrorKind::NotFound, format!("layer {id}"))
+}
+
+impl FloorDriver {
+    /// A driver keeping its layers and its database under `root` (made if missing).
+    pub fn new(root: &Path) -> anyhow::Result<FloorDriver> {
+        let layers = root.join("layers");
+        fs::create_dir_all(&layers).with_context(|| format!("create {}", layers.display()))?;
+        let db = redb::Database::create(root.join("floor.redb"))?;
+        Ok(FloorDriver {
+            layers,
+            db,
+            state: Mutex::new(State::default()),
+            teardown: Mutex::new(None),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dir(&self, n: u64) -> PathBuf {
+        self.layers.join(format!("{n:x}"))
+    }
+
+    /// One durable commit: the record of layer `n` put (`Some(id)`) or dropped (`None`).
+    fn record(&self, n: u64, id: Option<&str>) -> Result<(), PluginError> {
+        let db = |e: &dyn std::fmt::Display| io_err("floor record", e);
+        let txn = self.db.begin_write().map_err(|e| db(&e))?;
+        {
+            let mut table = txn.open_table(RECORDS).map_err(|e| db(&e))?;
+            match id {
+                Some(id) => drop(table.insert(n, id).map_err(|e| db(&e))?),
+                None => drop(table.remove(n).map_err(|e| db(&e))?),
+            }
+        }
+        txn.commit().map_err(|e| db(&e))
+    }
+
+    /// The `diff/` directories below `parent`, nearest first.
+    fn lowers(&self, st: &State, parent: &str) -> Result<Vec<PathBuf>, PluginError> {
+        let mut out = Vec::new();
+        let mut next = Some(parent.to_string());
+        while let Some(id) = next {
+            let l = st.layers.get(&id).ok_or_else(|| not_found(&id))?;
+            out.push(self.dir(l.n).join("diff"));
+            next = l.parent.clone();
+        }
+        Ok(out)
+    }
+}
+
+impl GraphDriver for FloorDriver {
+    fn init(&self, _req: InitRequest) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    fn create(&self, req: CreateRequest, _read_write: bool) -> Result<(), PluginError> {
+        let mut st = self.state();
+        if st.layers.contains_key(&req.id) {
+            return Err(PluginError::new(
+                ErrorKind::AlreadyExists,
+                format!("layer {}", req.id),
+            ));
+        }
+        if let Some(p) = &req.parent {
+            if !st.layers.contains_key(p) {
+                return Err(not_found(p));
+            }
+        }
+        st.next += 1;
+        let n = st.next;
+        // The record first, then the directories, as lamina orders them.
+        self.record(n, Some(&req.id))?;
+        let dir = self.dir(n);
+        for d in [
+            dir.clone(),
+            dir.join("diff"),
+            dir.join("work"),
+            dir.join("merged"),
+        ] {
+            fs::create_dir(&d).map_err(|e| io_err(&format!("mkdir {}", d.display()), e))?;
+        }
+        st.layers.insert(
+            req.id,
+            Layer {
+                n,
+                parent: req.parent,
+                gets: 0,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove(&self, id: &str) -> Result<(), PluginError> {
+        let mut st = self.state();
+        let Some(l) = st.layers.remove(id) else {
+            return Ok(());
+        };
+        let dir = self.dir(l.n);
+        if l.parent.is_some() {
+            // Mounted still, or its last Put's unmount may still be queued.
+            detach(&dir.join("merged"))?;
+        }
+        self.record(l.n, None)?;
+        fs::remove_dir_all(&dir).map_err(|e| io_err(&format!("remove {}", dir.display()), e))
+    }
+
+    fn get(&self, id: &str, _mount_label: &str) -> Result<PathBuf, PluginError> {
+        let mut st = self.state();
+        let (n, parent, gets) = {
+            let l = st.layers.get(id).ok_or_else(|| not_found(id))?;
+            (l.n, l.parent.clone(), l.gets)
+        };
+        let dir = self.dir(n);
+        // A layer without a parent is its own `diff/` (as overlay2 serves it); others are mounted once.
+        let path = match &parent {
+            None => dir.join("diff"),
+            Some(p) => {
+                let merged = dir.join("merged");
+                if gets == 0 {
+                    let spec = OverlaySpec {
+                        lowers: self.lowers(&st, p)?,
+                        upper: Some(dir.join("diff")),
+                        work: Some(dir.join("work")),
+                        label: None,
+                        read_only: false,
+                    };
+                    mount_overlay(&merged, &spec).map_err(|e| io_err("mount", e))?;
+                }
+                merged
+            }
+        };
+        if let Some(l) = st.layers.get_mut(id) {
+            l.gets += 1;
+        }
+        Ok(path)
+    }
+
+    fn put(&self, id: &str) -> Result<(), PluginError> {
+        let mut st = self.state();
+        let l = st.layers.get_mut(id).ok_or_else(|| not_found(id))?;
+        if l.gets == 0 {
+            return Ok(());
+        }
+        l.gets -= 1;
+        if l.gets == 0 && l.parent.is_some() {
+            let merged = self.dir(l.n).join("merged");
+            let queue = self.teardown.lock().unwrap_or_else(|p| p.into_inner());
+            match queue.as_ref().map(|q| q.send(merged.clone())) {
+                Some(Ok(())) => {}
+                // No teardown thread (the unit test): in line.
+                _ => detach(&merged)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn exists(&self, id: &str) -> bool {
+        self.state().layers.contains_key(id)
+    }
+
+    fn status(&self) -> Vec<[String; 2]> {
+        vec![["Layers".into(), self.state().layers.len().to_string()]]
+    }
+
+    fn get_metadata(&self, id: &str) -> Result<BTreeMap<String, String>, PluginError> {
+        if self.exists(id) {
+            Ok(BTreeMap::new())
+        } else {
+            Err(not_found(id))
+        }
+    }
+
+    fn cleanup(&self) -> Result<(), PluginError> {
+        let mut st = self.state();
+        let mounted: Vec<u64> = st
+            .layers
+            .values_mut()
+            .filter(|l| l.gets > 0 && l.parent.is_some())
+            .map(|l| {
+                l.gets = 0;
+                l.n
+            })
+            .collect();
+        for n in mounted {
+            let _ = detach(&self.dir(n).join("merged"));
+        }
+        Ok(())
+    }
+
+    fn diff(&self, _id: &str, _parent: &str) -> Result<Box<dyn DiffStream + '_>, PluginError> {
+        Err(unsupported("Diff"))
+    }
+
+    fn changes(&self, _id: &str, _parent: &str) -> Result<Vec<FileChange>, PluginError> {
+        Err(unsupported("Changes"))
+    }
+
+    fn apply_diff(&self, id: &str, _parent: &str, body: &mut dyn Read) -> Result<u64, PluginError> {
+        let diff = {
+            let st = self.state();
+            self.dir(st.layers.get(id).ok_or_else(|| not_found(id))?.n)
+                .join("diff")
+        };
+        let mut tar = Command::new("tar")
+            .args(["-x", "--numeric-owner", "-p", "-f", "-", "-C"])
+            .arg(&diff)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| io_err("run tar", e))?;
+        let copied = tar
+            .stdin
+            .take()
+            .map(|mut stdin| io::copy(body, &mut stdin).and_then(|n| stdin.flush().map(|()| n)));
+        let out = tar.wait_with_output().map_err(|e| io_err("tar", e))?;
+        if !out.status.success() {
+            return Err(io_err("tar -x", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        copied
+            .unwrap_or(Ok(0))
+            .map_err(|e| io_err("stream the layer into tar", e))
+    }
+
+    fn diff_size(&self, _id: &str, _parent: &str) -> Result<u64, PluginError> {
+        Err(unsupported("DiffSize"))
+    }
+}
+
+fn unsupported(call: &str) -> PluginError {
+    PluginError::new(
+        ErrorKind::Unsupported,
+        format!("{call}: not served by the floor driver"),
+    )
+}
+
+/// A [`FloorDriver`] served on a unix socket until dropped (its mounts are then detached).
+pub struct FloorPlugin {
+    driver: Arc<FloorDriver>,
+    shutdown: ShutdownHandle,
+    thread: Option<JoinHandle<io::Result<()>>>,
+    teardown: Option<JoinHandle<()>>,
+}
+
+impl FloorPlugin {
+    /// Serves a driver keeping its layers under `root` on `socket`, on the server lamina runs.
+    pub fn start(root: &Path, socket: &Path) -> anyhow::Result<FloorPlugin> {
+        let driver = Arc::new(FloorDriver::new(root)?);
+        let (queue, queued) = mpsc::channel::<PathBuf>();
+        *driver.teardown.lock().unwrap_or_else(|p| p.into_inner()) = Some(queue);
+        let teardown = std::thread::Builder::new()
+            .name("docker-floor-teardown".into())
+            .spawn(move || {
+                for merged in queued {
+                    if let Err(e) = detach(&merged) {
+                        tracing::warn!("served floor: {e}");
+                    }
+                }
+            })?;
+        let listener =
+            lamina_docker::bind_socket(socket).with_context(|| format!("bind {}", socket.display()))?;
+        let router = Arc::new(Router::new().with_graph_driver(driver.clone()));
+        let shutdown = ShutdownHandle::new();
+        let stop = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name("docker-floor".into())
+            .spawn(move || lamina_docker::serve(listener, router, &stop))?;
+        Ok(FloorPlugin {
+            driver,
+            shutdown,
+            thread: Some(thread),
+            teardown: Some(teardown),
+        })
+    }
+}
+
+impl Drop for FloorPlugin {
+    fn drop(&mut self) {
+        self.shutdown.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // The queue closes; the thread ends once it has unmounted what was queued.
+        self.driver
+            .teardown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = self.teardown.take() {
+            let _ = t.join();
+        }
+        let _ = self.driver.cleanup();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_and_directories_without_mounts() {
+        let tmp = std::env::temp_dir().join(format!("docker-floor-{}", std::process::id()));
+        let d = FloorDriver::new(&tmp).unwrap();
+        let create = |id: &str, parent: Option<&str>| CreateRequest {
+            id: id.into(),
+            parent: parent.map(str::to_string),
+            ..CreateRequest::default()
+        };
+        d.create(create("img", None), false).unwrap();
+        assert_eq!(
+            d.create(create("img", None), false).unwrap_err().kind,
+            ErrorKind::AlreadyExists
+        );
+        assert_eq!(
+            d.create(create("c", Some("nope")), true).unwrap_err().kind,
+            ErrorKind::NotFound
+        );
+        // A layer without a parent is served as its own diff directory, unmounted.
+        let p = d.get("img", "").unwrap();
+        assert!(p.ends_with("diff") && p.is_dir());
+        d.put("img").unwrap();
+        d.remove("img").unwrap();
+        assert!(!d.exists("img"));
+        assert!(!p.exists());
+        let _ = fs::remove_dir_all(&tmp);
+    }
+}
