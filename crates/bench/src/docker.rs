@@ -78,7 +78,7 @@ const SERVED_FLOOR: &str = "served-floor";
 struct FloorEngine {
     d: Dockerd,
     proxy: TimingProxy,
-    _plugin: FloorPlugin,
+    plugin: FloorPlugin,
 }
 const BUSYBOX_TAG: &str = "bench-busybox:1";
 
@@ -157,11 +157,7 @@ impl Engines {
         )?;
         let d = dockerd(ctx, "df", &name)?;
         busybox_image(&d, BUSYBOX_TAG);
-        Ok(FloorEngine {
-            d,
-            proxy,
-            _plugin: plugin,
-        })
+        Ok(FloorEngine { d, proxy, plugin })
     }
 
     /// (subject, daemon) pairs: lamina first.
@@ -407,6 +403,8 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         }
         ctx.say(format!("{SERVED_FLOOR}: run {} of {}", r + 1, ctx.runs));
         let names: Vec<String> = (0..n).map(|i| format!("c{r}-{i}")).collect();
+        // Two layers per container, made ahead.
+        fl.plugin.driver.make_spares(2 * n)?;
         let (before, _) = fl.proxy.totals.get();
         let by_call_before = fl.proxy.totals.by_call();
         for c in &names {
@@ -422,6 +420,7 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
                 .or_default()
                 .push(took.as_secs_f64() * 1e6 / count as f64);
         }
+        fl.plugin.driver.empty_trash()?;
         ctx.say(format!("kernel floor: run {} of {}", r + 1, ctx.runs));
         let kernel = floor_dir.containers(n)?;
         floor.push(kernel);

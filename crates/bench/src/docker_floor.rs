@@ -1,12 +1,19 @@
-//! The served floor of `containers100`: a graph driver that does, per call, only what the workload's kernel floor
-//! does (`FloorDir::containers`: four `mkdir`s per layer, an overlay mount per first `Get`, a detached unmount per
-//! last `Put`, the layer's tree removed) plus one durable record per `Create`/`Remove` (one row put or dropped
-//! in a redb database of its own, as `durable_commits`). As lamina's Put, its Put leaves the unmount (which
-//! syncs the upper filesystem) to a thread of its own and answers at once; a Remove of a layer whose unmount
-//! is still queued unmounts it itself. It is served by lamina's own GraphDriver protocol server
-//! (`lamina_docker::serve`) on a socket of its own. A third dockerd reaches it through a timing proxy of its
-//! own, so its share of 100 × `run -d` + `rm -f` is measured as lamina's is, with the same daemon, the same
-//! containers and the same load on the machine: what any out-of-process driver that does this work pays.
+//! The served floor of `containers100`: a graph driver that does, per call, the least of the workload's kernel
+//! floor (`FloorDir::containers`) that a driver must do while dockerd waits, plus one durable record per
+//! `Create`/`Remove` (one row put or dropped in a redb database of its own, as `durable_commits`):
+//!
+//! - a Create commits its record and renames a layer directory made before the run (`diff`, `work`, `merged`)
+//!   into place, as lamina takes a spare; the pool never runs dry during a run and is refilled between runs,
+//!   untimed, where lamina refills its own on a thread during the run;
+//! - the first Get of a layer with a parent mounts its overlay; a Put leaves the detached unmount (which syncs
+//!   the upper filesystem) to a thread of its own and answers at once, as lamina's Put; a Remove of a layer
+//!   whose unmount is still queued unmounts it itself;
+//! - a Remove drops its record and renames the layer's directory into a trash emptied between runs, untimed.
+//!
+//! It is served by lamina's own GraphDriver protocol server (`lamina_docker::serve`) on a socket of its own. A
+//! third dockerd reaches it through a timing proxy of its own, so its share of 100 × `run -d` + `rm -f` is
+//! measured as lamina's is, with the same daemon, the same containers and the same load on the machine: what
+//! any out-of-process driver that does this work pays.
 //!
 //! It keeps its layers in memory (a restart forgets them) and holds one lock around each call's work: dockerd
 //! makes the workload's calls one after another. `docker import` of the image goes through `ApplyDiff`, which
@@ -17,6 +24,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -48,6 +56,13 @@ struct State {
 pub struct FloorDriver {
     /// `<root>/layers/<n>/{diff,work,merged}`, laid out as lamina lays out its layers.
     layers: PathBuf,
+    /// `<root>/spare/<k>`: layer directories made ahead ([`FloorDriver::make_spares`]).
+    spare: PathBuf,
+    /// `<root>/trash/<n>`: removed layers' directories, deleted by [`FloorDriver::empty_trash`].
+    trash: PathBuf,
+    spares: Mutex<Vec<PathBuf>>,
+    /// Spare directories made so far (their names).
+    made: AtomicU64,
     db: redb::Database,
     state: Mutex<State>,
     /// The unmounts of the last Puts, done by the teardown thread ([`FloorPlugin::start`]).
@@ -75,15 +90,43 @@ fn not_found(id: &str) -> PluginError {
 impl FloorDriver {
     /// A driver keeping its layers and its database under `root` (made if missing).
     pub fn new(root: &Path) -> anyhow::Result<FloorDriver> {
-        let layers = root.join("layers");
-        fs::create_dir_all(&layers).with_context(|| format!("create {}", layers.display()))?;
+        let (layers, spare, trash) = (root.join("layers"), root.join("spare"), root.join("trash"));
+        for d in [&layers, &spare, &trash] {
+            fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+        }
         let db = redb::Database::create(root.join("floor.redb"))?;
         Ok(FloorDriver {
             layers,
+            spare,
+            trash,
+            spares: Mutex::new(Vec::new()),
+            made: AtomicU64::new(0),
             db,
             state: Mutex::new(State::default()),
             teardown: Mutex::new(None),
         })
+    }
+
+    /// Makes layer directories ahead until `count` are ready (untimed, between runs).
+    pub fn make_spares(&self, count: usize) -> anyhow::Result<()> {
+        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        while spares.len() < count {
+            let dir = self
+                .spare
+                .join(format!("{:x}", self.made.fetch_add(1, Ordering::Relaxed)));
+            make_tree(&dir).with_context(|| format!("make {}", dir.display()))?;
+            spares.push(dir);
+        }
+        Ok(())
+    }
+
+    /// Deletes the directories of removed layers (untimed, between runs).
+    pub fn empty_trash(&self) -> anyhow::Result<()> {
+        for entry in fs::read_dir(&self.trash)? {
+            let path = entry?.path();
+            fs::remove_dir_all(&path).with_context(|| format!("remove {}", path.display()))?;
+        }
+        Ok(())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -174,7 +217,8 @@ impl GraphDriver for FloorDriver {
             detach(&dir.join("merged"))?;
         }
         self.record(l.n, None)?;
-        fs::remove_dir_all(&dir).map_err(|e| io_err(&format!("remove {}", dir.display()), e))
+        let trashed = self.trash.join(format!("{:x}", l.n));
+        fs::rename(&dir, &trashed).map_err(|e| io_err(&format!("rename {}", dir.display()), e))
     }
 
     fn get(&self, id: &str, _mount_label: &str) -> Result<PathBuf, PluginError> {
@@ -299,6 +343,15 @@ impl GraphDriver for FloorDriver {
     }
 }
 
+/// A layer's empty directories: `dir` with `diff`, `work` and `merged`.
+fn make_tree(dir: &Path) -> io::Result<()> {
+    fs::create_dir(dir)?;
+    for leaf in ["diff", "work", "merged"] {
+        fs::create_dir(dir.join(leaf))?;
+    }
+    Ok(())
+}
+
 fn unsupported(call: &str) -> PluginError {
     PluginError::new(
         ErrorKind::Unsupported,
@@ -308,7 +361,8 @@ fn unsupported(call: &str) -> PluginError {
 
 /// A [`FloorDriver`] served on a unix socket until dropped (its mounts are then detached).
 pub struct FloorPlugin {
-    driver: Arc<FloorDriver>,
+    /// The driver served.
+    pub driver: Arc<FloorDriver>,
     shutdown: ShutdownHandle,
     thread: Option<JoinHandle<io::Result<()>>>,
     teardown: Option<JoinHandle<()>>,
@@ -373,6 +427,7 @@ mod tests {
     fn records_and_directories_without_mounts() {
         let tmp = std::env::temp_dir().join(format!("docker-floor-{}", std::process::id()));
         let d = FloorDriver::new(&tmp).unwrap();
+        d.make_spares(1).unwrap();
         let create = |id: &str, parent: Option<&str>| CreateRequest {
             id: id.into(),
             parent: parent.map(str::to_string),
@@ -394,6 +449,13 @@ mod tests {
         d.remove("img").unwrap();
         assert!(!d.exists("img"));
         assert!(!p.exists());
+        // Past the spare: the directories are made in line.
+        d.create(create("img2", None), false).unwrap();
+        assert!(d.get("img2", "").unwrap().is_dir());
+        d.remove("img2").unwrap();
+        assert_eq!(fs::read_dir(&d.trash).unwrap().count(), 2);
+        d.empty_trash().unwrap();
+        assert_eq!(fs::read_dir(&d.trash).unwrap().count(), 0);
         let _ = fs::remove_dir_all(&tmp);
     }
 }
