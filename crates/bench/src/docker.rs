@@ -70,17 +70,9 @@ pub const PAGECACHE: Workload = Workload {
 };
 
 const BASELINE: &str = "overlay2";
+const BUSYBOX_TAG: &str = "bench-busybox:1";
 /// The subject of the served floor's figures (`docker_floor.rs`).
 const SERVED_FLOOR: &str = "served-floor";
-
-/// The served floor's dockerd, its timing proxy and its driver; they drop in that order (before the
-/// [`Engines`] whose run directory holds the driver's socket).
-struct FloorEngine {
-    d: Dockerd,
-    proxy: TimingProxy,
-    plugin: FloorPlugin,
-}
-const BUSYBOX_TAG: &str = "bench-busybox:1";
 
 /// lamina (optionally behind a timing proxy) with its dockerd, and an overlay2 dockerd. Fields drop in order:
 /// both dockerds stop before the proxy and lamina.
@@ -92,6 +84,14 @@ struct Engines {
     metrics: Option<PathBuf>,
     lamina: Lamina,
     run_dir: RunDir,
+}
+
+/// The served floor's dockerd, its timing proxy and its driver, dropped in that order (before the [`Engines`]
+/// whose run directory holds the driver's socket).
+struct FloorEngine {
+    d: Dockerd,
+    proxy: TimingProxy,
+    plugin: FloorPlugin,
 }
 
 impl Engines {

@@ -5,9 +5,10 @@
 //! - a Create commits its record and renames a layer directory made before the run (`diff`, `work`, `merged`)
 //!   into place, as lamina takes a spare; the pool never runs dry during a run and is refilled between runs,
 //!   untimed, where lamina refills its own on a thread during the run;
-//! - the first Get of a layer with a parent mounts its overlay; a Put leaves the detached unmount (which syncs
-//!   the upper filesystem) to a thread of its own and answers at once, as lamina's Put; a Remove of a layer
-//!   whose unmount is still queued unmounts it itself;
+//! - the first Get of a layer with a parent mounts its overlay (once the teardown of its previous mount is
+//!   over: overlayfs warns about an upper directory that another mount still uses); a Put leaves the whole
+//!   unmount to a thread of its own and answers at once (lamina's Put detaches the mount itself and leaves
+//!   only the sync of the upper filesystem to its thread);
 //! - a Remove drops its record and renames the layer's directory into a trash emptied between runs, untimed.
 //!
 //! It is served by lamina's own GraphDriver protocol server (`lamina_docker::serve`) on a socket of its own. A
@@ -25,7 +26,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use anyhow::Context;
@@ -65,12 +66,96 @@ pub struct FloorDriver {
     made: AtomicU64,
     db: redb::Database,
     state: Mutex<State>,
-    /// The unmounts of the last Puts, done by the teardown thread ([`FloorPlugin::start`]).
-    teardown: Mutex<Option<mpsc::Sender<PathBuf>>>,
+    teardowns: Teardowns,
 }
 
-/// A detached unmount of `merged`; one that is not mounted any more (unmounted by the other of a Put's teardown
-/// and a Remove) is not an error.
+/// The unmounts left by Puts to the teardown thread ([`FloorPlugin::start`]).
+#[derive(Default)]
+struct Teardowns {
+    queue: Mutex<Option<mpsc::Sender<u64>>>,
+    jobs: Mutex<Jobs>,
+    /// Signalled when a teardown is over.
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct Jobs {
+    /// Layer -> where its merged view is still to be detached. The thread detaches under the entry's lock, and
+    /// a Remove moves the layer's directory under it, so the path the thread detaches is always current.
+    detach: HashMap<u64, Arc<Mutex<Option<PathBuf>>>>,
+    /// Layer -> teardowns not over (the sync after the detach included).
+    running: HashMap<u64, u32>,
+}
+
+impl Teardowns {
+    fn jobs(&self) -> MutexGuard<'_, Jobs> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues the unmount of layer `n`'s merged view `merged`; runs it in line without a thread.
+    fn queue(&self, n: u64, merged: PathBuf) {
+        {
+            let mut jobs = self.jobs();
+            jobs.detach.insert(n, Arc::new(Mutex::new(Some(merged))));
+            *jobs.running.entry(n).or_default() += 1;
+        }
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(queue.as_ref().map(|q| q.send(n)), Some(Ok(()))) {
+            drop(queue);
+            self.run(n);
+        }
+    }
+
+    /// Runs the teardown of layer `n`: detaches its merged view while holding the view's root (a detach is
+    /// quick), then lets go of it, which runs the sync of the upper filesystem.
+    fn run(&self, n: u64) {
+        let entry = self.jobs().detach.get(&n).cloned();
+        let held = entry.and_then(|entry| {
+            let mut path = entry.lock().unwrap_or_else(|p| p.into_inner());
+            let merged = path.take()?;
+            let held = fs::File::open(&merged).ok();
+            if let Err(e) = detach(&merged) {
+                tracing::warn!("served floor: {e}");
+            }
+            held
+        });
+        drop(held);
+        let mut jobs = self.jobs();
+        jobs.detach.remove(&n);
+        if let Some(k) = jobs.running.get_mut(&n) {
+            *k -= 1;
+            if *k == 0 {
+                jobs.running.remove(&n);
+            }
+        }
+        drop(jobs);
+        self.done.notify_all();
+    }
+
+    /// Returns once no teardown of layer `n` is running or queued.
+    fn wait(&self, n: u64) {
+        let mut jobs = self.jobs();
+        while jobs.running.contains_key(&n) {
+            jobs = self.done.wait(jobs).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Renames `dir` (layer `n`'s directory) to `to`, and the merged view a queued teardown detaches with it.
+    fn rename(&self, n: u64, dir: &Path, to: &Path) -> io::Result<()> {
+        let entry = self.jobs().detach.get(&n).cloned();
+        let Some(entry) = entry else {
+            return fs::rename(dir, to);
+        };
+        let mut path = entry.lock().unwrap_or_else(|p| p.into_inner());
+        fs::rename(dir, to)?;
+        if path.is_some() {
+            *path = Some(to.join("merged"));
+        }
+        Ok(())
+    }
+}
+
+/// A detached unmount of `merged`; one that is not mounted any more is not an error.
 fn detach(merged: &Path) -> Result<(), PluginError> {
     match unmount(merged, true) {
         // EINVAL: not a mount point.
@@ -103,7 +188,7 @@ impl FloorDriver {
             made: AtomicU64::new(0),
             db,
             state: Mutex::new(State::default()),
-            teardown: Mutex::new(None),
+            teardowns: Teardowns::default(),
         })
     }
 
@@ -212,13 +297,15 @@ impl GraphDriver for FloorDriver {
             return Ok(());
         };
         let dir = self.dir(l.n);
-        if l.parent.is_some() {
-            // Mounted still, or its last Put's unmount may still be queued.
+        if l.gets > 0 && l.parent.is_some() {
             detach(&dir.join("merged"))?;
         }
         self.record(l.n, None)?;
+        // A teardown still queued detaches the view in the trash.
         let trashed = self.trash.join(format!("{:x}", l.n));
-        fs::rename(&dir, &trashed).map_err(|e| io_err(&format!("rename {}", dir.display()), e))
+        self.teardowns
+            .rename(l.n, &dir, &trashed)
+            .map_err(|e| io_err(&format!("rename {}", dir.display()), e))
     }
 
     fn get(&self, id: &str, _mount_label: &str) -> Result<PathBuf, PluginError> {
@@ -234,6 +321,7 @@ impl GraphDriver for FloorDriver {
             Some(p) => {
                 let merged = dir.join("merged");
                 if gets == 0 {
+                    self.teardowns.wait(n);
                     let spec = OverlaySpec {
                         lowers: self.lowers(&st, p)?,
                         upper: Some(dir.join("diff")),
@@ -260,13 +348,8 @@ impl GraphDriver for FloorDriver {
         }
         l.gets -= 1;
         if l.gets == 0 && l.parent.is_some() {
-            let merged = self.dir(l.n).join("merged");
-            let queue = self.teardown.lock().unwrap_or_else(|p| p.into_inner());
-            match queue.as_ref().map(|q| q.send(merged.clone())) {
-                Some(Ok(())) => {}
-                // No teardown thread (the unit test): in line.
-                _ => detach(&merged)?,
-            }
+            let n = l.n;
+            self.teardowns.queue(n, self.dir(n).join("merged"));
         }
         Ok(())
     }
@@ -372,17 +455,18 @@ impl FloorPlugin {
     /// Serves a driver keeping its layers under `root` on `socket`, on the server lamina runs.
     pub fn start(root: &Path, socket: &Path) -> anyhow::Result<FloorPlugin> {
         let driver = Arc::new(FloorDriver::new(root)?);
-        let (queue, queued) = mpsc::channel::<PathBuf>();
-        *driver.teardown.lock().unwrap_or_else(|p| p.into_inner()) = Some(queue);
-        let teardown = std::thread::Builder::new()
-            .name("docker-floor-teardown".into())
-            .spawn(move || {
-                for merged in queued {
-                    if let Err(e) = detach(&merged) {
-                        tracing::warn!("served floor: {e}");
+        let (queue, queued) = mpsc::channel::<u64>();
+        *driver.teardowns.queue.lock().unwrap_or_else(|p| p.into_inner()) = Some(queue);
+        let teardown = {
+            let driver = driver.clone();
+            std::thread::Builder::new()
+                .name("docker-floor-teardown".into())
+                .spawn(move || {
+                    for n in queued {
+                        driver.teardowns.run(n);
                     }
-                }
-            })?;
+                })?
+        };
         let listener =
             lamina_docker::bind_socket(socket).with_context(|| format!("bind {}", socket.display()))?;
         let router = Arc::new(Router::new().with_graph_driver(driver.clone()));
@@ -408,7 +492,8 @@ impl Drop for FloorPlugin {
         }
         // The queue closes; the thread ends once it has unmounted what was queued.
         self.driver
-            .teardown
+            .teardowns
+            .queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
@@ -456,6 +541,31 @@ mod tests {
         assert_eq!(fs::read_dir(&d.trash).unwrap().count(), 2);
         d.empty_trash().unwrap();
         assert_eq!(fs::read_dir(&d.trash).unwrap().count(), 0);
+        let _ = fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn a_queued_teardown_follows_its_layer_into_the_trash() {
+        let tmp = std::env::temp_dir().join(format!("docker-floor-t-{}", std::process::id()));
+        let (dir, to) = (tmp.join("layers/1"), tmp.join("trash/1"));
+        fs::create_dir_all(dir.join("merged")).unwrap();
+        fs::create_dir_all(tmp.join("trash")).unwrap();
+        let t = Teardowns::default();
+        let (tx, rx) = mpsc::channel();
+        *t.queue.lock().unwrap() = Some(tx);
+        t.queue(1, dir.join("merged"));
+        assert_eq!(rx.try_recv().unwrap(), 1);
+        assert_eq!(t.jobs().running.get(&1), Some(&1));
+        t.rename(1, &dir, &to).unwrap();
+        let entry = t.jobs().detach.get(&1).cloned().unwrap();
+        assert_eq!(
+            entry.lock().unwrap().as_deref(),
+            Some(to.join("merged").as_path())
+        );
+        // The thread's part: the moved view is "detached" (it is no mount point here) and the job is over.
+        t.run(1);
+        assert!(t.jobs().running.is_empty() && t.jobs().detach.is_empty());
+        t.wait(1);
         let _ = fs::remove_dir_all(&tmp);
     }
 }
