@@ -132,10 +132,10 @@ impl Teardowns {
         self.done.notify_all();
     }
 
-    /// Returns once no teardown of layer `n` is running or queued.
-    fn wait(&self, n: u64) {
+    /// Returns once no teardown of layer `n` (of any layer: `None`) is running or queued.
+    fn wait(&self, n: Option<u64>) {
         let mut jobs = self.jobs();
-        while jobs.running.contains_key(&n) {
+        while n.map_or(!jobs.running.is_empty(), |n| jobs.running.contains_key(&n)) {
             jobs = self.done.wait(jobs).unwrap_or_else(|p| p.into_inner());
         }
     }
@@ -205,8 +205,9 @@ impl FloorDriver {
         Ok(())
     }
 
-    /// Deletes the directories of removed layers (untimed, between runs).
+    /// Deletes the directories of removed layers (untimed, between runs), once their queued unmounts ran.
     pub fn empty_trash(&self) -> anyhow::Result<()> {
+        self.teardowns.wait(None);
         for entry in fs::read_dir(&self.trash)? {
             let path = entry?.path();
             fs::remove_dir_all(&path).with_context(|| format!("remove {}", path.display()))?;
@@ -321,7 +322,7 @@ impl GraphDriver for FloorDriver {
             Some(p) => {
                 let merged = dir.join("merged");
                 if gets == 0 {
-                    self.teardowns.wait(n);
+                    self.teardowns.wait(Some(n));
                     let spec = OverlaySpec {
                         lowers: self.lowers(&st, p)?,
                         upper: Some(dir.join("diff")),
@@ -565,7 +566,8 @@ mod tests {
         // The thread's part: the moved view is "detached" (it is no mount point here) and the job is over.
         t.run(1);
         assert!(t.jobs().running.is_empty() && t.jobs().detach.is_empty());
-        t.wait(1);
+        t.wait(Some(1));
+        t.wait(None);
         let _ = fs::remove_dir_all(&tmp);
     }
 }
