@@ -355,7 +355,6 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
     for r in 0..ctx.runs {
         for (j, (subject, d)) in e.both().iter().enumerate() {
             ctx.say(format!("{subject}: run {} of {}", r + 1, ctx.runs));
-            let names: Vec<String> = (0..n).map(|i| format!("c{r}-{i}")).collect();
             let (before, calls_before) = totals.get();
             let by_call_before = totals.by_call();
             let lamina_before = if *subject == "lamina" {
@@ -363,16 +362,7 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             } else {
                 None
             };
-            let t = Instant::now();
-            for c in &names {
-                d.ok(&["run", "-d", "--name", c, BUSYBOX_TAG, "sleep", "1000"]);
-            }
-            let created = secs(t);
-            let t2 = Instant::now();
-            for c in &names {
-                d.ok(&["rm", "-f", c]);
-            }
-            let removed = secs(t2);
+            let (created, removed) = containers_cycle(d, r, n);
             runs[j][0].push(created);
             runs[j][1].push(removed);
             runs[j][2].push(created + removed);
@@ -402,17 +392,11 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             }
         }
         ctx.say(format!("{SERVED_FLOOR}: run {} of {}", r + 1, ctx.runs));
-        let names: Vec<String> = (0..n).map(|i| format!("c{r}-{i}")).collect();
         // Two layers per container, made ahead.
         fl.plugin.driver.make_spares(2 * n)?;
         let (before, _) = fl.proxy.totals.get();
         let by_call_before = fl.proxy.totals.by_call();
-        for c in &names {
-            fl.d.ok(&["run", "-d", "--name", c, BUSYBOX_TAG, "sleep", "1000"]);
-        }
-        for c in &names {
-            fl.d.ok(&["rm", "-f", c]);
-        }
+        containers_cycle(&fl.d, r, n);
         served_floor.push((fl.proxy.totals.get().0 - before).as_secs_f64());
         for (call, count, took) in calls_between(&by_call_before, &fl.proxy.totals.by_call()) {
             floor_per_call
@@ -567,6 +551,22 @@ fn run_containers(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Run `r` of `containers100` on `d`: `n` × `docker run -d` of busybox, then `n` × `docker rm -f`, one CLI
+/// call after the other; the seconds each phase took.
+fn containers_cycle(d: &Dockerd, r: usize, n: usize) -> (f64, f64) {
+    let names: Vec<String> = (0..n).map(|i| format!("c{r}-{i}")).collect();
+    let t = Instant::now();
+    for c in &names {
+        d.ok(&["run", "-d", "--name", c, BUSYBOX_TAG, "sleep", "1000"]);
+    }
+    let created = secs(t);
+    let t = Instant::now();
+    for c in &names {
+        d.ok(&["rm", "-f", c]);
+    }
+    (created, secs(t))
 }
 
 /// The plugin calls whose time inside lamina `containers100` reports (those dockerd makes for `run -d`/`rm -f`).

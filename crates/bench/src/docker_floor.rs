@@ -34,7 +34,7 @@ use lamina_docker::{
     CreateRequest, DiffStream, ErrorKind, FileChange, GraphDriver, InitRequest, PluginError, Router,
     ShutdownHandle,
 };
-use lamina_sys::mount::{mount_overlay, unmount, OverlaySpec};
+use lamina_sys::mount::{detach_held, mount_overlay, unmount, OverlaySpec};
 
 /// The driver's records: `layer number -> id`.
 const RECORDS: redb::TableDefinition<u64, &str> = redb::TableDefinition::new("floor-layers");
@@ -113,11 +113,10 @@ impl Teardowns {
         let held = entry.and_then(|entry| {
             let mut path = entry.lock().unwrap_or_else(|p| p.into_inner());
             let merged = path.take()?;
-            let held = fs::File::open(&merged).ok();
-            if let Err(e) = detach(&merged) {
-                tracing::warn!("served floor: {e}");
-            }
-            held
+            detach_held(&merged)
+                .inspect_err(|e| tracing::warn!("served floor: {e}"))
+                .ok()
+                .flatten()
         });
         drop(held);
         let mut jobs = self.jobs();
@@ -157,11 +156,7 @@ impl Teardowns {
 
 /// A detached unmount of `merged`; one that is not mounted any more is not an error.
 fn detach(merged: &Path) -> Result<(), PluginError> {
-    match unmount(merged, true) {
-        // EINVAL: not a mount point.
-        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(()),
-        other => other.map_err(|e| io_err("unmount", e)),
-    }
+    unmount(merged, true).map_err(|e| io_err("unmount", e))
 }
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> PluginError {
