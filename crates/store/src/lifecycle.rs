@@ -8,7 +8,7 @@ use lamina_sys::mount::MAX_OVERLAY_LOWERS;
 use tracing::{debug, warn};
 
 use crate::tables::Writer;
-use crate::verify::{write_manifest_unsynced, INLINE_SEAL_BYTES, INLINE_SEAL_INODES};
+use crate::verify::{commit_manifest, INLINE_SEAL_BYTES, INLINE_SEAL_INODES};
 use crate::{
     lock, now_ns, Counter, LayerKind, LayerRecord, LayerState, NewLayer, Result, Store, StoreError,
     MAX_DEPTH, MIN_SIZE,
@@ -214,16 +214,17 @@ impl Store {
             return Err(StoreError::AlreadyExists(format!("layer {name}")));
         }
         // Usage first (it reads the tree); the layer cannot change kind meanwhile: we hold its lock. The
-        // content must be on disk before the record says it is frozen. A small layer's manifest is written
-        // before that flush, which makes it durable with the content, and its digest goes into the same
-        // record (docs/on-disk-format.md, "Commit").
+        // content must be on disk before the record says it is frozen. A small layer's manifest is made before
+        // that flush and goes into the record's transaction with its digest, or, when it is too large for the
+        // database, into its file before the flush, which makes it durable with the content
+        // (docs/on-disk-format.md, "Commit").
         let mut manifest = None;
         let paths = self.backend.paths(n);
         let usage = if self.backend.manifests() {
             self.backend.freeze_with(n, &mut |usage| {
                 if usage.bytes <= INLINE_SEAL_BYTES && usage.inodes <= INLINE_SEAL_INODES {
-                    match write_manifest_unsynced(&paths.content, &paths.manifest) {
-                        Ok(digest) => manifest = Some(digest),
+                    match commit_manifest(&paths.content, &paths.manifest) {
+                        Ok(made) => manifest = Some(made),
                         // Left to the background writer, as for a large layer.
                         Err(e) => {
                             debug!(ns, key, layer = n, error = %e, "manifest not written with the commit")
@@ -235,8 +236,8 @@ impl Store {
         } else {
             self.backend.freeze(n)?
         };
-        // From here an error leaves the layer writable with a manifest file beside it that no record names
-        // (only a recorded digest makes a manifest count); the next Commit writes it again. It is not removed:
+        // From here an error leaves the layer writable, with a large manifest's file beside it that no record
+        // names (only a recorded digest makes a manifest count); the next Commit writes it again. It is not removed:
         // a record commit that failed may still have reached the disk.
         let txn = self.write()?;
         if txn.number(ns, name)?.is_some() {
@@ -244,8 +245,12 @@ impl Store {
         }
         txn.remove_name(ns, key)?;
         txn.put_name(ns, name, n)?;
-        let rec = rec.committed(name, labels, usage.bytes, usage.inodes, manifest.clone());
+        let digest = manifest.as_ref().map(|m| m.digest.clone());
+        let rec = rec.committed(name, labels, usage.bytes, usage.inodes, digest);
         txn.put_layer(n, &rec)?;
+        if let Some(bytes) = manifest.as_ref().and_then(|m| m.inline.as_deref()) {
+            txn.put_manifest(n, bytes)?;
+        }
         fault::point("store.commit.commit").map_err(|e| StoreError::io("commit metadata", e))?;
         txn.commit()?;
         drop(guard);

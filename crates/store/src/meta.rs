@@ -6,7 +6,7 @@ use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
 /// On-disk format version written by this build; see docs/on-disk-format.md.
-pub const FORMAT_VERSION: u64 = 3;
+pub const FORMAT_VERSION: u64 = 4;
 
 /// `(namespace, name) -> layer number`.
 pub(crate) const NAMES: TableDefinition<(&str, &str), u64> = TableDefinition::new("names");
@@ -28,6 +28,9 @@ pub(crate) const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("s
 pub(crate) const STATS: TableDefinition<u64, &[u8]> = TableDefinition::new("stats");
 /// Store-wide operation counters (`gets`, `puts`, `hits`, ...), flushed with [`STATS`] (format 3).
 pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// `layer number -> manifest` of a small committed layer, kept here instead of in a `manifest` file beside its
+/// content so that the commit's `syncfs` writes no file data (format 4).
+pub(crate) const MANIFESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("manifests");
 
 /// Whether a layer was created for writing by a container or as an image layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -196,7 +196,8 @@ impl Store {
                     txn.migrate_v1_records()?;
                 }
                 // Format 2 -> 3: the `stats` and `counters` tables (created below, empty) and the optional
-                // `manifest` field of a record (absent in old records).
+                // `manifest` field of a record (absent in old records). Format 3 -> 4: the `manifests` table
+                // (created below, empty; the older layers' manifests stay in their files).
                 txn.set_format(FORMAT_VERSION)?;
                 info!("migrated metadata from format {v} to {FORMAT_VERSION}");
             }

@@ -12,7 +12,7 @@ use redb::{Key, ReadableTable, ReadableTableMetadata, TableDefinition, Value};
 use crate::db::{Db, ReadTxn, WriteTxn};
 use crate::error::db_err;
 use crate::meta::{
-    self, LayerStats, CHILDREN, COUNTERS, LAYERS, META, NAMES, PENDING, REMOVED, SETTINGS, STATS,
+    self, LayerStats, CHILDREN, COUNTERS, LAYERS, MANIFESTS, META, NAMES, PENDING, REMOVED, SETTINGS, STATS,
 };
 use crate::{LayerRecord, Result, StoreError};
 
@@ -227,6 +227,17 @@ impl Reader {
         Ok(out)
     }
 
+    /// The manifest of layer `n` when the database holds it (a small committed layer, format 4).
+    pub(crate) fn manifest(&self, n: u64) -> Result<Option<Vec<u8>>> {
+        let t = match self.txn.open_table(MANIFESTS) {
+            Ok(t) => t,
+            // A database not migrated yet (a command that only reads): no manifest is kept here.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(db_err(e)),
+        };
+        Ok(t.get(n).map_err(db_err)?.map(|v| v.value().to_vec()))
+    }
+
     /// Layers whose removal was committed while their storage may still be there.
     pub(crate) fn removed(&self) -> Result<HashSet<u64>> {
         keys_of(&self.txn.open_table(REMOVED).map_err(db_err)?)
@@ -332,7 +343,7 @@ impl Writer {
         self.insert(CHILDREN, (parent, child), ())
     }
 
-    /// Drops every row of layer `n` (record, pending apply, child link to `parent`, stats); its name is
+    /// Drops every row of layer `n` (record, pending apply, child link to `parent`, stats, manifest); its name is
     /// dropped with [`Writer::remove_name`].
     pub(crate) fn remove_layer(&self, n: u64, parent: Option<u64>) -> Result<()> {
         self.remove(LAYERS, n)?;
@@ -340,7 +351,13 @@ impl Writer {
         if let Some(p) = parent {
             self.remove(CHILDREN, (p, n))?;
         }
-        self.remove(STATS, n)
+        self.remove(STATS, n)?;
+        self.remove(MANIFESTS, n)
+    }
+
+    /// Keeps the manifest of layer `n` in the database (see [`MANIFESTS`]).
+    pub(crate) fn put_manifest(&self, n: u64, manifest: &[u8]) -> Result<()> {
+        self.insert(MANIFESTS, n, manifest)
     }
 
     /// Records that layer `n` was removed: the proof, should a crash leave its storage behind, that the store
@@ -435,6 +452,7 @@ impl Writer {
         self.txn.open_table(STATS).map_err(db_err)?;
         self.txn.open_table(COUNTERS).map_err(db_err)?;
         self.txn.open_table(REMOVED).map_err(db_err)?;
+        self.txn.open_table(MANIFESTS).map_err(db_err)?;
         Ok(())
     }
 

@@ -581,7 +581,7 @@ fn containerd_mounts_from_memory_answer_as_the_store_does() {
 }
 
 #[test]
-fn a_small_commit_records_its_manifest_in_its_own_transaction() {
+fn a_small_commit_keeps_its_manifest_in_its_own_transaction() {
     let fx = Fixture::new();
     let s = fx.open();
     create(&s, "active", None, LayerKind::ReadWrite);
@@ -589,10 +589,49 @@ fn a_small_commit_records_its_manifest_in_its_own_transaction() {
     std::fs::write(diff.join("data"), b"snapshot data").unwrap();
     s.commit(NS, "active", "committed", BTreeMap::new()).unwrap();
     let n = s.info(NS, "committed").unwrap().number;
-    // Recorded by the Commit itself, not by a background writer afterwards.
+    // Recorded by the Commit itself, not by a background writer afterwards, with the manifest in the
+    // database: no file beside the content.
     let rec = s.record_by_number(n).unwrap().unwrap();
     let digest = rec.manifest.expect("the commit records the manifest's digest");
+    let kept = s
+        .read()
+        .unwrap()
+        .manifest(n)
+        .unwrap()
+        .expect("the manifest is in the database");
+    assert_eq!(lamina_archive::manifest::digest_of(&kept), digest);
+    let dir = diff.parent().unwrap();
+    assert!(!dir.join(crate::MANIFEST_FILE).exists());
+    assert!(!dir.join("manifest.tmp").exists());
+    let r = s.verify_layer(n, &mut |_| {}).unwrap();
+    assert!(matches!(r.status, crate::VerifyStatus::Clean { .. }), "{r:?}");
+    // The content changed behind the store's back: found against the kept manifest, also after a restart.
+    std::fs::write(diff.join("data"), b"snapshot dat4").unwrap();
+    drop(s);
+    let s = fx.open();
+    let r = s.verify_layer(n, &mut |_| {}).unwrap();
+    assert!(matches!(r.status, crate::VerifyStatus::Mismatch { .. }), "{r:?}");
+    // Removed with the layer.
+    assert!(s.remove(NS, "committed").unwrap());
+    assert!(s.read().unwrap().manifest(n).unwrap().is_none());
+}
+
+#[test]
+fn a_commit_whose_manifest_is_too_large_for_the_database_writes_its_file() {
+    let fx = Fixture::new();
+    let s = fx.open();
+    create(&s, "active", None, LayerKind::ReadWrite);
+    let diff = s.info(NS, "active").unwrap().diff_dir;
+    // About 100 bytes of manifest per file: well over the 16 KiB kept in the database.
+    for i in 0..400 {
+        std::fs::write(diff.join(format!("file-with-a-rather-long-name-{i:04}")), b"x").unwrap();
+    }
+    s.commit(NS, "active", "committed", BTreeMap::new()).unwrap();
+    let n = s.info(NS, "committed").unwrap().number;
+    let digest = s.record_by_number(n).unwrap().unwrap().manifest.unwrap();
+    assert!(s.read().unwrap().manifest(n).unwrap().is_none());
     let file = std::fs::read(diff.parent().unwrap().join(crate::MANIFEST_FILE)).unwrap();
+    assert!(file.len() > crate::verify::INLINE_MANIFEST_BYTES);
     assert_eq!(lamina_archive::manifest::digest_of(&file), digest);
     assert!(!diff.parent().unwrap().join("manifest.tmp").exists());
     let r = s.verify_layer(n, &mut |_| {}).unwrap();
