@@ -85,12 +85,6 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Nothing is left behind on error.
     fn create(&self, n: u64, parent: Option<u64>, max_size: Option<u64>) -> Result<InFlight>;
 
-    /// Starts making the storage of new layer `n` while its record is being committed, when the backend can
-    /// make it without waiting and a crash before the record leaves only what [`LayerBackend::recover`] can
-    /// tell from data (an empty layer directory, which it deletes). Then [`LayerBackend::create`] finishes it, or
-    /// [`LayerBackend::discard`] drops it when the record is not written. The default starts nothing.
-    fn begin_create(&self, _n: u64, _max_size: Option<u64>) {}
-
     /// Drops the storage of a layer whose record was never written.
     fn discard(&self, n: u64);
 

@@ -215,12 +215,6 @@ impl InFlight {
     }
 }
 
-impl std::fmt::Debug for InFlight {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("InFlight").field(&self.path).finish()
-    }
-}
-
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.set

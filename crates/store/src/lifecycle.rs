@@ -66,11 +66,8 @@ impl Store {
         let guard = lock(&slot);
         // The record first, the storage after it: a crash between the two leaves a record without storage,
         // which the next start makes (an empty layer has nothing to lose); never storage without a record,
-        // which the store could not tell from data it does not know (docs/on-disk-format.md). Except the empty
-        // directories a backend puts in place while the record commits (`begin_create`), which the next start
-        // deletes when no record names them.
+        // which the store could not tell from data it does not know (docs/on-disk-format.md).
         let mut created_parent = None;
-        let mut begun = false;
         let result = (|| {
             let txn = self.write()?;
             if txn.number(ns, name)?.is_some() {
@@ -102,8 +99,6 @@ impl Store {
                 txn.add_child(pn, n)?;
             }
             txn.reserve_id(n)?;
-            self.backend.begin_create(n, opts.max_size);
-            begun = true;
             fault::point("store.create.commit").map_err(|e| StoreError::io("commit metadata", e))?;
             txn.commit()?;
             Ok(rec)
@@ -111,9 +106,6 @@ impl Store {
         let rec = match result {
             Ok(rec) => rec,
             Err(e) => {
-                if begun {
-                    self.backend.discard(n);
-                }
                 drop(guard);
                 self.slots.forget(n);
                 return Err(e);

@@ -3,7 +3,7 @@
 //! `diff/` of every layer below it. Applies are unpacked in `staging/` and renamed into place; removed layers
 //! go through `trash/` (see docs/on-disk-format.md).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{LayerBackend, LayerPaths, LeftoverScope, Recovery, Staging};
 use crate::custody::{self, QUARANTINE_DIR};
-use crate::spare::{Placing, Spares};
+use crate::spare::Spares;
 use crate::teardown::{Pending, Teardowns};
 use crate::{
     mkdir, now_ns, open_dir, quota, remove_tree, Garbage, GarbageKind, InFlight, LayerKind, LayerRecord,
@@ -40,9 +40,6 @@ pub(crate) struct OverlayBackend {
     reaper: Reaper,
     /// Layer directories made ahead of the creates that take them.
     spares: Spares,
-    /// Spares being renamed to the layers whose records are being committed ([`LayerBackend::begin_create`]),
-    /// with the guards that keep garbage collection away from them.
-    placing: Mutex<HashMap<u64, (Placing, InFlight)>>,
     /// The teardowns of merged views detached by a Put.
     teardowns: Teardowns,
 }
@@ -145,7 +142,6 @@ impl OverlayBackend {
             seq: AtomicU64::new(0),
             reaper: Reaper::default(),
             spares: Spares::new(root),
-            placing: Mutex::new(HashMap::new()),
             teardowns: Teardowns::new(),
         })
     }
@@ -333,28 +329,10 @@ impl LayerBackend for OverlayBackend {
         }
     }
 
-    fn begin_create(&self, n: u64, max_size: Option<u64>) {
-        // A size-limited layer's directory carries its limit, so only an unlimited one can be a spare.
-        if max_size.is_some() {
-            return;
-        }
-        // Owned before the rename is queued: garbage collection must not take it for an unknown directory.
-        let owned = InFlight::new(&self.in_flight, self.layer_dir(n));
-        if let Some(placing) = self.spares.take_ahead(self.layer_dir(n)) {
-            self.placing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(n, (placing, owned));
-        }
-    }
-
     fn create(&self, n: u64, _parent: Option<u64>, max_size: Option<u64>) -> Result<InFlight> {
-        let begun = self.placing.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
-        let (begun, placed, owned) = match begun {
-            Some((placing, owned)) => (true, placing.wait(), owned),
-            None => (false, false, InFlight::new(&self.in_flight, self.layer_dir(n))),
-        };
-        if placed || (!begun && max_size.is_none() && self.spares.take(&self.layer_dir(n))) {
+        let owned = InFlight::new(&self.in_flight, self.layer_dir(n));
+        // A size-limited layer's directory carries its limit, so only an unlimited one can be a spare.
+        if max_size.is_none() && self.spares.take(&self.layer_dir(n)) {
             return Ok(owned);
         }
         if let Err(e) = self.make_layer_dirs(n, max_size) {
@@ -366,12 +344,6 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn discard(&self, n: u64) {
-        let begun = self.placing.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
-        // A spare on its way is there once its rename is over.
-        let _owned = begun.map(|(placing, owned)| {
-            placing.wait();
-            owned
-        });
         remove_tree(&self.layer_dir(n));
     }
 
@@ -746,13 +718,6 @@ impl LayerBackend for OverlayBackend {
                     remove_tree(&entry.path());
                     deleted = true;
                 }
-                _ if is_empty_layer_tree(&entry.path()) => {
-                    // A spare renamed into place while its create's record was being committed, cut short
-                    // before the record was durable (`begin_create`): three empty directories, nothing of anyone's.
-                    info!(dir = %entry.path().display(), "removing an empty layer directory that no record names");
-                    remove_tree(&entry.path());
-                    deleted = true;
-                }
                 _ if is_link_only(&entry.path()) => {
                     // An adoption from the cluster tier cut short before its record: its content is a link to
                     // the tier and its manifest a copy of the tier's, nothing of its own.
@@ -906,30 +871,6 @@ impl LayerBackend for OverlayBackend {
     fn bytes_of(&self, path: &Path) -> u64 {
         usage_of(path)
     }
-}
-
-/// Whether `dir` is a directory holding exactly the empty `diff/`, `work/` and `merged/` directories a layer
-/// starts with (a spare), and nothing else.
-fn is_empty_layer_tree(dir: &Path) -> bool {
-    if !std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
-        return false;
-    }
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    let mut found = 0;
-    for e in rd {
-        let Ok(e) = e else { return false };
-        let named = matches!(e.file_name().to_str(), Some("diff" | "work" | "merged"));
-        // `file_type` does not follow a symbolic link.
-        let empty_dir = e.file_type().is_ok_and(|t| t.is_dir())
-            && std::fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none());
-        if !named || !empty_dir {
-            return false;
-        }
-        found += 1;
-    }
-    found == 3
 }
 
 /// Whether the layer directory `dir` holds nothing of its own: its `diff` a symbolic link (only a layer linked

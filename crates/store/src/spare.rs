@@ -3,11 +3,9 @@
 //!
 //! A spare is `spare/<k>/` holding the empty `diff/`, `work/` (0700) and `merged/` a new layer starts with: the
 //! same tree the overlay backend otherwise makes in `staging/` and renames to `layers/<n>`. A create takes a ready
-//! spare and has it renamed to `layers/<n>` by a thread of its own ([`Spares::take_ahead`]) while the layer's
-//! record is committed, and waits for that rename once the record is durable: the rename costs the create
-//! nothing but a wake-up. A power cut leaves the spare in `spare/`, or `layers/<n>` holding only the three empty
-//! directories, with or without the record: an unrecorded one is deleted at start (it holds nothing), a record
-//! without its directories has them made again (docs/on-disk-format.md, "Create").
+//! spare and renames it to `layers/<n>` after the layer's record is committed, exactly where the staged
+//! directory would be renamed, so the write order of docs/on-disk-format.md is unchanged: a power cut leaves the
+//! spare in `spare/` (and the record without directories, made again at start) or the whole `layers/<n>`.
 //! One thread, started by the first take, makes spares until [`KEEP`] are ready, woken when fewer than [`LOW`]
 //! are left: several spares in one burst rather than one after each take, so that the `mkdir`s (which a call
 //! arriving on a busy CPU of a non-preemptive kernel waits for) delay one create in several, not the call after
@@ -86,51 +84,11 @@ struct Worker {
     thread: JoinHandle<()>,
 }
 
-/// Renames `from` (a ready spare) to `to`; true when done. A spare that cannot be renamed is removed.
-fn place(from: &Path, to: &Path) -> bool {
-    match std::fs::rename(from, to) {
-        Ok(()) => true,
-        Err(e) => {
-            debug!(from = %from.display(), to = %to.display(), error = %e, "could not use a spare layer directory");
-            remove_tree(from);
-            false
-        }
-    }
-}
-
-/// One rename for the placing thread.
-#[derive(Debug)]
-struct Job {
-    from: PathBuf,
-    to: PathBuf,
-    done: mpsc::SyncSender<bool>,
-}
-
-#[derive(Debug)]
-struct Placer {
-    jobs: mpsc::Sender<Job>,
-    thread: JoinHandle<()>,
-}
-
-/// A spare on its way to a layer's place ([`Spares::take_ahead`]).
-#[derive(Debug)]
-pub(crate) struct Placing {
-    done: mpsc::Receiver<bool>,
-}
-
-impl Placing {
-    /// Waits for the rename; true when the spare is at its target (false: nothing is there).
-    pub(crate) fn wait(self) -> bool {
-        self.done.recv().unwrap_or(false)
-    }
-}
-
 /// The spare layer directories of one data root.
 #[derive(Debug)]
 pub(crate) struct Spares {
     pool: Arc<Pool>,
     worker: Mutex<Option<Worker>>,
-    placer: Mutex<Option<Placer>>,
 }
 
 impl Spares {
@@ -144,7 +102,6 @@ impl Spares {
                 seq: AtomicU64::new(0),
             }),
             worker: Mutex::new(None),
-            placer: Mutex::new(None),
         }
     }
 
@@ -161,30 +118,8 @@ impl Spares {
     /// Renames a ready spare to `target` (which must not exist); false when none is ready or the rename failed
     /// (the caller then makes the directories itself). Asks for a refill when fewer than [`LOW`] are left.
     pub(crate) fn take(&self, target: &Path) -> bool {
-        self.pop().is_some_and(|spare| place(&spare, target))
-    }
-
-    /// [`Spares::take`] on the placing thread: the rename runs while the caller goes on (with the commit of the
-    /// layer's record), [`Placing::wait`] gives its outcome. `None` when no spare is ready.
-    pub(crate) fn take_ahead(&self, target: PathBuf) -> Option<Placing> {
-        let spare = self.pop()?;
-        let (done, outcome) = mpsc::sync_channel(1);
-        let job = Job {
-            from: spare,
-            to: target,
-            done,
-        };
-        if let Err(mpsc::SendError(job)) = self.send(job) {
-            // No placing thread: renamed here.
-            let _ = job.done.send(place(&job.from, &job.to));
-        }
-        Some(Placing { done: outcome })
-    }
-
-    /// A ready spare, taken out of the pool; asks for a refill when fewer than [`LOW`] are left.
-    fn pop(&self) -> Option<PathBuf> {
         if !self.pool.usable.load(Ordering::Acquire) {
-            return None;
+            return false;
         }
         let (spare, left) = {
             let mut ready = self.pool.ready();
@@ -194,33 +129,16 @@ impl Spares {
         if left < LOW {
             self.wake();
         }
-        spare
-    }
-
-    /// Hands `job` to the placing thread, starting it the first time (at normal priority: a create waits for
-    /// it). Gives the job back when the thread cannot be started.
-    fn send(&self, job: Job) -> Result<(), mpsc::SendError<Job>> {
-        let mut placer = self.placer.lock().unwrap_or_else(|p| p.into_inner());
-        if placer.is_none() {
-            let (jobs, queued) = mpsc::channel::<Job>();
-            let spawned = std::thread::Builder::new()
-                .name("spare-place".into())
-                .spawn(move || {
-                    for job in queued {
-                        let _ = job.done.send(place(&job.from, &job.to));
-                    }
-                });
-            match spawned {
-                Ok(thread) => *placer = Some(Placer { jobs, thread }),
-                Err(e) => {
-                    warn!(error = %e, "could not start the spare-place thread; creates rename their spares themselves");
-                    return Err(mpsc::SendError(job));
-                }
+        let Some(spare) = spare else {
+            return false;
+        };
+        match std::fs::rename(&spare, target) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!(from = %spare.display(), to = %target.display(), error = %e, "could not use a spare layer directory");
+                remove_tree(&spare);
+                false
             }
-        }
-        match placer.as_ref() {
-            Some(p) => p.jobs.send(job),
-            None => Err(mpsc::SendError(job)),
         }
     }
 
@@ -258,12 +176,6 @@ impl Spares {
 impl Drop for Spares {
     /// Stops the thread and removes the spares: nothing is left in `spare/` by a store that closed.
     fn drop(&mut self) {
-        // Renames queued by creates finish first (each create waits for its own before it returns).
-        let placer = self.placer.get_mut().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(Placer { jobs, thread }) = placer {
-            drop(jobs);
-            let _ = thread.join();
-        }
         let worker = self.worker.get_mut().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(Worker { wake, thread }) = worker {
             drop(wake);

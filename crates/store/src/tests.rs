@@ -360,29 +360,6 @@ fn open_removes_unrecorded_dirs_and_recreates_missing_ones() {
     assert!(diff.is_dir(), "recreated empty");
 }
 
-#[test]
-fn open_deletes_an_unrecorded_empty_layer_tree_and_keeps_one_with_content() {
-    let fx = Fixture::new();
-    drop(fx.open());
-    // As a create cut short between its spare's rename and its record: the three empty directories.
-    for d in ["diff", "work", "merged"] {
-        std::fs::create_dir_all(fx.root().join("layers/abd").join(d)).unwrap();
-        std::fs::create_dir_all(fx.root().join("layers/abe").join(d)).unwrap();
-    }
-    // The same tree with one file is data no record explains.
-    std::fs::write(fx.root().join("layers/abe/diff/f"), b"x").unwrap();
-    let s = fx.open();
-    assert!(!fx.root().join("layers/abd").exists(), "deleted");
-    assert!(!fx.root().join("layers/abe").exists());
-    let quarantined: Vec<_> = std::fs::read_dir(fx.root().join("quarantine")).unwrap().collect();
-    assert_eq!(quarantined.len(), 1, "moved aside, not deleted");
-    // Creates go on (their spares are renamed while the records commit).
-    for i in 0..12 {
-        create(&s, &format!("l{i}"), None, LayerKind::ReadWrite);
-        assert!(s.info(NS, &format!("l{i}")).unwrap().diff_dir.is_dir());
-    }
-}
-
 fn kinds(report: &crate::GcReport) -> Vec<GarbageKind> {
     report.items.iter().map(|g| g.kind).collect()
 }
