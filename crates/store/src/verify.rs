@@ -87,34 +87,68 @@ pub(crate) struct CommitManifest {
 /// the digest. A manifest of at most [`INLINE_MANIFEST_BYTES`] is handed back, to be kept in the database in
 /// the record's transaction: nothing is written, so the flush has no file data to wait for (on ext4 a small
 /// file written before the flush made it take about 0.35 ms longer, docs/benchmarks.md). A larger one is
-/// written to `dest` (through a temporary file renamed into place) without flushing either, which the
-/// `syncfs` makes durable as [`write_manifest_file`]'s two `fsync`s do; on error nothing new is left at `dest`.
+/// streamed to `dest` (through a temporary file renamed into place, once it outgrew the limit in memory)
+/// without flushing either, which the `syncfs` makes durable as [`write_manifest_file`]'s two `fsync`s do; on
+/// error nothing new is left at `dest`.
 pub(crate) fn commit_manifest(diff: &Path, dest: &Path) -> Result<CommitManifest> {
-    let mut bytes = Vec::new();
-    let dir = open_dir(diff)?;
-    let summary = manifest::write_manifest(dir.as_fd(), &mut bytes)?;
-    if bytes.len() <= INLINE_MANIFEST_BYTES {
-        fault::point("store.commit.manifest").map_err(|e| StoreError::io("keep the manifest", e))?;
-        return Ok(CommitManifest {
-            digest: summary.digest,
-            inline: Some(bytes),
-        });
-    }
     let tmp = dest.with_extension("tmp");
-    let written = std::fs::write(&tmp, &bytes)
-        .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))
-        .and_then(|()| {
-            fault::point("store.commit.manifest")
-                .and_then(|()| std::fs::rename(&tmp, dest))
-                .map_err(|e| StoreError::io(format!("rename {}", tmp.display()), e))
-        });
-    if written.is_err() {
+    let mut out = Spill {
+        held: Vec::new(),
+        file: None,
+        tmp: &tmp,
+    };
+    let made = (|| {
+        let dir = open_dir(diff)?;
+        let summary = manifest::write_manifest(dir.as_fd(), &mut out)?;
+        let Some(file) = out.file.take() else {
+            fault::point("store.commit.manifest").map_err(|e| StoreError::io("keep the manifest", e))?;
+            return Ok(CommitManifest {
+                digest: summary.digest,
+                inline: Some(std::mem::take(&mut out.held)),
+            });
+        };
+        file.into_inner()
+            .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e.into_error()))?;
+        fault::point("store.commit.manifest")
+            .and_then(|()| std::fs::rename(&tmp, dest))
+            .map_err(|e| StoreError::io(format!("rename {}", tmp.display()), e))?;
+        Ok(CommitManifest {
+            digest: summary.digest,
+            inline: None,
+        })
+    })();
+    if made.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written.map(|()| CommitManifest {
-        digest: summary.digest,
-        inline: None,
-    })
+    made
+}
+
+/// A manifest's bytes, held in memory up to [`INLINE_MANIFEST_BYTES`], then streamed to the file `tmp`.
+struct Spill<'a> {
+    held: Vec<u8>,
+    file: Option<BufWriter<std::fs::File>>,
+    tmp: &'a Path,
+}
+
+impl Write for Spill<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.file.is_none() && self.held.len() + buf.len() > INLINE_MANIFEST_BYTES {
+            let mut file = BufWriter::with_capacity(256 * 1024, std::fs::File::create(self.tmp)?);
+            file.write_all(&std::mem::take(&mut self.held))?;
+            self.file = Some(file);
+        }
+        match self.file.as_mut() {
+            Some(file) => file.write(buf),
+            None => {
+                self.held.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), |f| f.flush())
+    }
 }
 
 /// Writes the manifest of `diff` to the file `tmp`; gives the file (written, not flushed) and the digest.
