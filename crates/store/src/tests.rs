@@ -580,15 +580,23 @@ fn containerd_mounts_from_memory_answer_as_the_store_does() {
     assert!(s.mounts_cached(NS, "a").unwrap().is_some());
 }
 
+/// Creates the active snapshot `active`, has `fill` write into its `diff/`, commits it as `committed`; gives
+/// the committed layer's number and its `diff/`.
+fn commit_filled(s: &Store, fill: impl FnOnce(&Path)) -> (u64, PathBuf) {
+    create(s, "active", None, LayerKind::ReadWrite);
+    let diff = s.info(NS, "active").unwrap().diff_dir;
+    fill(&diff);
+    s.commit(NS, "active", "committed", BTreeMap::new()).unwrap();
+    (s.info(NS, "committed").unwrap().number, diff)
+}
+
 #[test]
 fn a_small_commit_keeps_its_manifest_in_its_own_transaction() {
     let fx = Fixture::new();
     let s = fx.open();
-    create(&s, "active", None, LayerKind::ReadWrite);
-    let diff = s.info(NS, "active").unwrap().diff_dir;
-    std::fs::write(diff.join("data"), b"snapshot data").unwrap();
-    s.commit(NS, "active", "committed", BTreeMap::new()).unwrap();
-    let n = s.info(NS, "committed").unwrap().number;
+    let (n, diff) = commit_filled(&s, |diff| {
+        std::fs::write(diff.join("data"), b"snapshot data").unwrap()
+    });
     // Recorded by the Commit itself, not by a background writer afterwards, with the manifest in the
     // database: no file beside the content.
     let rec = s.record_by_number(n).unwrap().unwrap();
@@ -620,14 +628,12 @@ fn a_small_commit_keeps_its_manifest_in_its_own_transaction() {
 fn a_commit_whose_manifest_is_too_large_for_the_database_writes_its_file() {
     let fx = Fixture::new();
     let s = fx.open();
-    create(&s, "active", None, LayerKind::ReadWrite);
-    let diff = s.info(NS, "active").unwrap().diff_dir;
     // About 100 bytes of manifest per file: well over the 16 KiB kept in the database.
-    for i in 0..400 {
-        std::fs::write(diff.join(format!("file-with-a-rather-long-name-{i:04}")), b"x").unwrap();
-    }
-    s.commit(NS, "active", "committed", BTreeMap::new()).unwrap();
-    let n = s.info(NS, "committed").unwrap().number;
+    let (n, diff) = commit_filled(&s, |diff| {
+        for i in 0..400 {
+            std::fs::write(diff.join(format!("file-with-a-rather-long-name-{i:04}")), b"x").unwrap();
+        }
+    });
     let digest = s.record_by_number(n).unwrap().unwrap().manifest.unwrap();
     assert!(s.read().unwrap().manifest(n).unwrap().is_none());
     let file = std::fs::read(diff.parent().unwrap().join(crate::MANIFEST_FILE)).unwrap();
