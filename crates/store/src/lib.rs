@@ -25,6 +25,7 @@ mod custody;
 mod db;
 mod error;
 mod gc;
+mod index;
 mod lifecycle;
 mod meta;
 mod mounts;
@@ -171,6 +172,8 @@ pub struct CreateOptions {
 pub struct Store {
     root: PathBuf,
     db: Arc<db::Db>,
+    /// The records by name and by parent (`index.rs`).
+    index: Arc<index::Index>,
     seals: Arc<verify::Seals>,
     slots: slots::Slots,
     next_id: AtomicU64,

@@ -6,14 +6,15 @@ use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
 /// On-disk format version written by this build; see docs/on-disk-format.md.
-pub const FORMAT_VERSION: u64 = 4;
+pub const FORMAT_VERSION: u64 = 5;
 
-/// `(namespace, name) -> layer number`.
-pub(crate) const NAMES: TableDefinition<(&str, &str), u64> = TableDefinition::new("names");
-/// `layer number -> LayerRecord` (JSON).
+/// `layer number -> LayerRecord` (JSON). The only table that says which layers exist, what they are named and
+/// what they sit on: the name and child indexes are kept in memory (`index.rs`, format 5).
 pub(crate) const LAYERS: TableDefinition<u64, &[u8]> = TableDefinition::new("layers");
-/// `(parent, child)` pairs.
-pub(crate) const CHILDREN: TableDefinition<(u64, u64), ()> = TableDefinition::new("children");
+/// Up to format 4, `(namespace, name) -> layer number`; dropped by the migration to format 5.
+pub(crate) const LEGACY_NAMES: TableDefinition<(&str, &str), u64> = TableDefinition::new("names");
+/// Up to format 4, `(parent, child)` pairs; dropped by the migration to format 5.
+pub(crate) const LEGACY_CHILDREN: TableDefinition<(u64, u64), ()> = TableDefinition::new("children");
 /// `layer number -> staging dir name` for applies in progress.
 pub(crate) const PENDING: TableDefinition<u64, &str> = TableDefinition::new("pending");
 /// Layers whose removal was committed: `layer number -> removal time (ns)`. A directory in `layers/` without a

@@ -18,10 +18,10 @@ impl Store {
     /// path every time. A layer without parent is its own merged view (no mount needed). With
     /// `verify_on_mount`, the stack is checked before its first mount.
     pub fn get(&self, ns: &str, name: &str, mount_label: &str) -> Result<PathBuf> {
-        // The number finds the layer's lock; its record is read under it.
+        // The number finds the layer's lock; its record is read under it (and confirms the name).
         let n = self
-            .read()?
-            .number(ns, name)?
+            .index
+            .number(ns, name)
             .ok_or_else(|| StoreError::NotFound(format!("layer {name}")))?;
         let slot = self.slot(n);
         let mut guard = lock(&slot);

@@ -128,6 +128,7 @@ impl Store {
         let store = Store {
             root: root.to_path_buf(),
             db: Arc::new(db),
+            index: Arc::default(),
             seals: Arc::new(verify::Seals::default()),
             slots: crate::slots::Slots::default(),
             next_id: AtomicU64::new(1),
@@ -195,6 +196,8 @@ impl Store {
                 if v == 1 {
                     txn.migrate_v1_records()?;
                 }
+                // Format 4 -> 5: the name and child tables give way to the in-memory index.
+                txn.migrate_v4_indexes()?;
                 // Format 2 -> 3: the `stats` and `counters` tables (created below, empty) and the optional
                 // `manifest` field of a record (absent in old records). Format 3 -> 4: the `manifests` table
                 // (created below, empty; the older layers' manifests stay in their files).
@@ -205,7 +208,9 @@ impl Store {
         }
         self.next_id.store(txn.next_id()?.max(1), Ordering::SeqCst);
         txn.create_tables()?;
-        txn.commit()
+        txn.commit()?;
+        let records = self.read()?.layers()?;
+        self.index.rebuild(records.iter().map(|(n, r)| (*n, r)))
     }
 
     /// Checks, before anything is written, that the database belongs to this data root (see `custody.rs`): a

@@ -50,7 +50,7 @@ impl Store {
 
     /// Number of layers in one namespace.
     pub fn count(&self, ns: &str) -> Result<u64> {
-        Ok(self.read()?.names_in(ns)?.len() as u64)
+        Ok(self.read()?.named_in(ns)?.len() as u64)
     }
 
     /// All layers of all namespaces, by number.
@@ -78,8 +78,7 @@ impl Store {
         let txn = self.read()?;
         let mut recs = Vec::new();
         let mut by_number = HashMap::new();
-        for (_, n) in txn.names_in(ns)? {
-            let rec = txn.require_layer(n)?;
+        for (n, rec) in txn.named_in(ns)? {
             by_number.insert(n, rec.name.clone());
             recs.push(rec);
         }
@@ -121,12 +120,12 @@ impl Store {
 
     /// A consistent view of the metadata.
     pub(crate) fn read(&self) -> Result<Reader> {
-        Reader::begin(&self.db)
+        Reader::begin(&self.db, &self.index)
     }
 
     /// A write transaction on the metadata.
     pub(crate) fn write(&self) -> Result<Writer> {
-        Writer::begin(&self.db)
+        Writer::begin(&self.db, &self.index)
     }
 
     pub(crate) fn lookup(&self, ns: &str, name: &str) -> Result<Option<(u64, LayerRecord)>> {

@@ -219,7 +219,7 @@ impl Store {
             }
             None => recs.extend(txn.layers()?),
         }
-        let children = txn.child_counts(only)?;
+        let children = txn.child_counts(only);
         let mut out = Vec::with_capacity(recs.len());
         for (n, record) in &recs {
             let parent_name = match record.parent {

@@ -1,18 +1,23 @@
 //! Typed access to the metadata tables: the only module that opens redb tables or transactions.
 //!
-//! A [`Reader`] is one consistent snapshot (a read transaction); a [`Writer`] is one write transaction that
-//! becomes visible, all or nothing, at [`Writer::commit`]. Both speak in layer numbers, records and names;
-//! errors come back as [`StoreError`]s (database failures through `error::db_err`).
+//! A [`Reader`] is one consistent snapshot of the records (a read transaction); a [`Writer`] is one write
+//! transaction that becomes visible, all or nothing, at [`Writer::commit`]. Both speak in layer numbers, records
+//! and names; errors come back as [`StoreError`]s (database failures through `error::db_err`). Names and child
+//! links are looked up in the store's [`Index`], which a writer changes with its commit (`index.rs`); a reader
+//! confirms a name with the record of its snapshot.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use redb::{Key, ReadableTable, ReadableTableMetadata, TableDefinition, Value};
 
 use crate::db::{Db, ReadTxn, WriteTxn};
 use crate::error::db_err;
+use crate::index::{Change, Index, WriteGate};
 use crate::meta::{
-    self, LayerStats, CHILDREN, COUNTERS, LAYERS, MANIFESTS, META, NAMES, PENDING, REMOVED, SETTINGS, STATS,
+    self, LayerStats, COUNTERS, LAYERS, LEGACY_CHILDREN, LEGACY_NAMES, MANIFESTS, META, PENDING, REMOVED,
+    SETTINGS, STATS,
 };
 use crate::{LayerRecord, Result, StoreError};
 
@@ -41,31 +46,15 @@ fn require_record(layers: &impl ReadableTable<u64, &'static [u8]>, n: u64) -> Re
     record_of(layers, n)?.ok_or_else(|| StoreError::CorruptMetadata(format!("missing layer {n}")))
 }
 
-fn number_of(
-    names: &impl ReadableTable<(&'static str, &'static str), u64>,
-    ns: &str,
-    name: &str,
-) -> Result<Option<u64>> {
-    Ok(names.get((ns, name)).map_err(db_err)?.map(|v| v.value()))
-}
-
-fn lookup_in(
-    names: &impl ReadableTable<(&'static str, &'static str), u64>,
+/// The record of layer `n` if it is named `(ns, name)`: a number found in the index is confirmed by the record
+/// it leads to in this transaction.
+fn named(
     layers: &impl ReadableTable<u64, &'static [u8]>,
+    n: u64,
     ns: &str,
     name: &str,
-) -> Result<Option<(u64, LayerRecord)>> {
-    let Some(n) = number_of(names, ns, name)? else {
-        return Ok(None);
-    };
-    let rec = record_of(layers, n)?
-        .ok_or_else(|| StoreError::CorruptMetadata(format!("name {name:?} points at missing layer {n}")))?;
-    Ok(Some((n, rec)))
-}
-
-fn has_children_in(children: &impl ReadableTable<(u64, u64), ()>, n: u64) -> Result<bool> {
-    let mut range = children.range((n, 0)..=(n, u64::MAX)).map_err(db_err)?;
-    Ok(range.next().is_some())
+) -> Result<Option<LayerRecord>> {
+    Ok(record_of(layers, n)?.filter(|r| r.ns == ns && r.name == name))
 }
 
 /// Layer numbers of the parent chain of `rec`, nearest first; at most `limit` of them, or the chain loops.
@@ -103,11 +92,6 @@ fn keys_of<V: Value + 'static>(t: &impl ReadableTable<u64, V>) -> Result<HashSet
 /// The lookups a [`Reader`] and a [`Writer`] both answer (a writer sees its own writes).
 macro_rules! lookups {
     () => {
-        /// The number `(ns, name)` names.
-        pub(crate) fn number(&self, ns: &str, name: &str) -> Result<Option<u64>> {
-            number_of(&self.txn.open_table(NAMES).map_err(db_err)?, ns, name)
-        }
-
         /// The record of layer `n`.
         pub(crate) fn layer(&self, n: u64) -> Result<Option<LayerRecord>> {
             record_of(&self.txn.open_table(LAYERS).map_err(db_err)?, n)
@@ -117,32 +101,41 @@ macro_rules! lookups {
         pub(crate) fn require_layer(&self, n: u64) -> Result<LayerRecord> {
             require_record(&self.txn.open_table(LAYERS).map_err(db_err)?, n)
         }
-
-        /// Whether layer `n` has children.
-        pub(crate) fn has_children(&self, n: u64) -> Result<bool> {
-            has_children_in(&self.txn.open_table(CHILDREN).map_err(db_err)?, n)
-        }
     };
 }
 
-/// One consistent view of the metadata.
+/// One consistent view of the records.
 pub(crate) struct Reader {
     txn: ReadTxn,
+    index: Arc<Index>,
 }
 
 impl Reader {
     /// Begins a read transaction.
-    pub(crate) fn begin(db: &Db) -> Result<Reader> {
+    pub(crate) fn begin(db: &Db, index: &Arc<Index>) -> Result<Reader> {
         Ok(Reader {
             txn: db.begin_read().map_err(db_err)?,
+            index: index.clone(),
         })
     }
 
-    /// The layer `(ns, name)` names, with its record.
+    /// The layer `(ns, name)` names in this snapshot, with its record.
     pub(crate) fn lookup(&self, ns: &str, name: &str) -> Result<Option<(u64, LayerRecord)>> {
-        let names = self.txn.open_table(NAMES).map_err(db_err)?;
+        let Some(n) = self.index.number(ns, name) else {
+            return Ok(None);
+        };
         let layers = self.txn.open_table(LAYERS).map_err(db_err)?;
-        lookup_in(&names, &layers, ns, name)
+        Ok(named(&layers, n, ns, name)?.map(|rec| (n, rec)))
+    }
+
+    /// The number `(ns, name)` names in this snapshot.
+    pub(crate) fn number(&self, ns: &str, name: &str) -> Result<Option<u64>> {
+        Ok(self.lookup(ns, name)?.map(|(n, _)| n))
+    }
+
+    /// Whether layer `n` has children (as the index has it now: a removal checks again in its transaction).
+    pub(crate) fn has_children(&self, n: u64) -> Result<bool> {
+        Ok(self.index.has_children_after(&[], n))
     }
 
     lookups!();
@@ -173,47 +166,33 @@ impl Reader {
         self.txn.open_table(LAYERS).map_err(db_err)?.len().map_err(db_err)
     }
 
-    /// `(name, number)` of every layer of `ns`, in name order.
-    pub(crate) fn names_in(&self, ns: &str) -> Result<Vec<(String, u64)>> {
-        let names = self.txn.open_table(NAMES).map_err(db_err)?;
+    /// `(name, record)` of every layer of `ns` in this snapshot, in name order.
+    pub(crate) fn named_in(&self, ns: &str) -> Result<Vec<(u64, LayerRecord)>> {
+        let layers = self.txn.open_table(LAYERS).map_err(db_err)?;
         let mut out = Vec::new();
-        for row in names.range((ns, "")..).map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            let (row_ns, name) = k.value();
-            if row_ns != ns {
-                break;
+        for (name, n) in self.index.names_in(ns) {
+            if let Some(rec) = named(&layers, n, ns, &name)? {
+                out.push((n, rec));
             }
-            out.push((name.to_string(), v.value()));
         }
         Ok(out)
     }
 
-    /// Every `(namespace, name, number)`.
+    /// Every `(namespace, name, number)` of this snapshot.
     pub(crate) fn all_names(&self) -> Result<Vec<(String, String, u64)>> {
-        let names = self.txn.open_table(NAMES).map_err(db_err)?;
+        let layers = self.txn.open_table(LAYERS).map_err(db_err)?;
         let mut out = Vec::new();
-        for row in names.iter().map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            let (ns, name) = k.value();
-            out.push((ns.to_string(), name.to_string(), v.value()));
+        for (ns, name, n) in self.index.all_names() {
+            if named(&layers, n, &ns, &name)?.is_some() {
+                out.push((ns, name, n));
+            }
         }
         Ok(out)
     }
 
-    /// Number of children per layer (of `only`, or of every layer).
-    pub(crate) fn child_counts(&self, only: Option<u64>) -> Result<HashMap<u64, u64>> {
-        let ct = self.txn.open_table(CHILDREN).map_err(db_err)?;
-        let range = match only {
-            Some(n) => ct.range((n, 0)..=(n, u64::MAX)),
-            None => ct.range::<(u64, u64)>(..),
-        }
-        .map_err(db_err)?;
-        let mut out: HashMap<u64, u64> = HashMap::new();
-        for row in range {
-            let (k, _) = row.map_err(db_err)?;
-            *out.entry(k.value().0).or_default() += 1;
-        }
-        Ok(out)
+    /// Number of children per layer (of `only`, or of every layer that has some), as the index has it now.
+    pub(crate) fn child_counts(&self, only: Option<u64>) -> HashMap<u64, u64> {
+        self.index.child_counts(only)
     }
 
     /// Applies in progress: layer number and staging directory name.
@@ -283,19 +262,67 @@ impl Reader {
 /// One write transaction.
 pub(crate) struct Writer {
     txn: WriteTxn,
+    index: Arc<Index>,
+    /// What the transaction changes in the index, in order.
+    changes: Mutex<Vec<Change>>,
+    /// Held until the transaction is committed or dropped; taken before the database's write lock.
+    _gate: WriteGate,
 }
 
 impl Writer {
-    /// Begins a write transaction.
-    pub(crate) fn begin(db: &Db) -> Result<Writer> {
-        Ok(Writer {
-            txn: db.begin_write().map_err(db_err)?,
-        })
+    /// Begins a write transaction; one that finds the index in doubt (after a failed commit) rebuilds it from the
+    /// records first.
+    pub(crate) fn begin(db: &Db, index: &Arc<Index>) -> Result<Writer> {
+        let gate = index.lock_writes();
+        let txn = db.begin_write().map_err(db_err)?;
+        let w = Writer {
+            txn,
+            index: index.clone(),
+            changes: Mutex::new(Vec::new()),
+            _gate: gate,
+        };
+        if w.index.is_stale() {
+            let records = w.layers()?;
+            w.index.rebuild(records.iter().map(|(n, r)| (*n, r)))?;
+        }
+        Ok(w)
     }
 
-    /// Makes it all visible.
+    /// Makes it all visible: the records, then the names and links they drop from the index.
     pub(crate) fn commit(self) -> Result<()> {
-        self.txn.commit().map_err(db_err)
+        let Writer {
+            txn,
+            index,
+            changes,
+            _gate,
+        } = self;
+        let changes = changes.into_inner().unwrap_or_else(|p| p.into_inner());
+        index.commit_with(&changes, || txn.commit().map_err(db_err))
+    }
+
+    fn changes(&self) -> MutexGuard<'_, Vec<Change>> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The number `(ns, name)` names, this transaction's changes included.
+    pub(crate) fn number(&self, ns: &str, name: &str) -> Result<Option<u64>> {
+        Ok(self.index.number_after(&self.changes(), ns, name))
+    }
+
+    /// Whether layer `n` has children, this transaction's changes included.
+    pub(crate) fn has_children(&self, n: u64) -> Result<bool> {
+        Ok(self.index.has_children_after(&self.changes(), n))
+    }
+
+    /// Every layer, by number.
+    fn layers(&self) -> Result<Vec<(u64, LayerRecord)>> {
+        let t = self.txn.open_table(LAYERS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            out.push((k.value(), LayerRecord::decode(v.value())?));
+        }
+        Ok(out)
     }
 
     /// Writes `key -> value` into `table`.
@@ -328,19 +355,34 @@ impl Writer {
         self.insert(LAYERS, n, rec.encode().as_slice())
     }
 
-    /// Names layer `n` `(ns, name)`.
+    /// Names layer `n` `(ns, name)` (its record must say so: the index is rebuilt from the records).
     pub(crate) fn put_name(&self, ns: &str, name: &str, n: u64) -> Result<()> {
-        self.insert(NAMES, (ns, name), n)
+        self.changes().push(Change::Name {
+            ns: ns.to_string(),
+            name: name.to_string(),
+            to: Some(n),
+        });
+        Ok(())
     }
 
     /// Drops the name `(ns, name)`.
     pub(crate) fn remove_name(&self, ns: &str, name: &str) -> Result<()> {
-        self.remove(NAMES, (ns, name))
+        self.changes().push(Change::Name {
+            ns: ns.to_string(),
+            name: name.to_string(),
+            to: None,
+        });
+        Ok(())
     }
 
-    /// Records `child` as a child of `parent`.
+    /// Records `child` as a child of `parent` (the child's record names its parent).
     pub(crate) fn add_child(&self, parent: u64, child: u64) -> Result<()> {
-        self.insert(CHILDREN, (parent, child), ())
+        self.changes().push(Change::Child {
+            parent,
+            child,
+            linked: true,
+        });
+        Ok(())
     }
 
     /// Drops every row of layer `n` (record, pending apply, child link to `parent`, stats, manifest); its name is
@@ -349,7 +391,11 @@ impl Writer {
         self.remove(LAYERS, n)?;
         self.remove_pending(n)?;
         if let Some(p) = parent {
-            self.remove(CHILDREN, (p, n))?;
+            self.changes().push(Change::Child {
+                parent: p,
+                child: n,
+                linked: false,
+            });
         }
         self.remove(STATS, n)?;
         self.remove(MANIFESTS, n)
@@ -442,11 +488,56 @@ impl Writer {
         Ok(())
     }
 
+    /// Format 4 -> 5: the `names` and `children` tables go, once they are found to say what the records say
+    /// (the index is derived from the records from now on). Anything else is corrupt metadata, refused with
+    /// nothing changed.
+    pub(crate) fn migrate_v4_indexes(&self) -> Result<()> {
+        let tables: HashSet<String> = self
+            .txn
+            .list_tables()
+            .map_err(db_err)?
+            .map(|t| redb::TableHandle::name(&t).to_string())
+            .collect();
+        let records: HashMap<u64, LayerRecord> = self.layers()?.into_iter().collect();
+        if tables.contains("names") {
+            let names = self.txn.open_table(LEGACY_NAMES).map_err(db_err)?;
+            let mut named = 0usize;
+            for row in names.iter().map_err(db_err)? {
+                let (k, v) = row.map_err(db_err)?;
+                let ((ns, name), n) = (k.value(), v.value());
+                if !records.get(&n).is_some_and(|r| r.ns == ns && r.name == name) {
+                    return Err(StoreError::CorruptMetadata(format!(
+                        "format 4 table `names`: {ns}/{name} -> layer {n:x}, whose record says otherwise"
+                    )));
+                }
+                named += 1;
+            }
+            if named != records.len() {
+                return Err(StoreError::CorruptMetadata(format!(
+                    "format 4 table `names` names {named} layers, there are {} records",
+                    records.len()
+                )));
+            }
+        }
+        if tables.contains("children") {
+            let children = self.txn.open_table(LEGACY_CHILDREN).map_err(db_err)?;
+            for row in children.iter().map_err(db_err)? {
+                let (parent, child) = row.map_err(db_err)?.0.value();
+                if records.get(&child).is_none_or(|r| r.parent != Some(parent)) {
+                    return Err(StoreError::CorruptMetadata(format!(
+                        "format 4 table `children`: layer {child:x} under {parent:x}, whose record says otherwise"
+                    )));
+                }
+            }
+        }
+        self.txn.delete_table(LEGACY_NAMES).map_err(db_err)?;
+        self.txn.delete_table(LEGACY_CHILDREN).map_err(db_err)?;
+        Ok(())
+    }
+
     /// Makes every table exist, so that read transactions can open them.
     pub(crate) fn create_tables(&self) -> Result<()> {
-        self.txn.open_table(NAMES).map_err(db_err)?;
         self.txn.open_table(LAYERS).map_err(db_err)?;
-        self.txn.open_table(CHILDREN).map_err(db_err)?;
         self.txn.open_table(PENDING).map_err(db_err)?;
         self.txn.open_table(SETTINGS).map_err(db_err)?;
         self.txn.open_table(STATS).map_err(db_err)?;

@@ -302,7 +302,7 @@ fn open_counts_mounts_of_a_previous_run_and_detaches_stale_ones() {
 
 /// Records layer `info` as `Applying` with a pending row for the staging `token`, as an apply cut short leaves it.
 fn mark_applying(s: &Store, info: &crate::LayerInfo, token: &str) {
-    let txn = Writer::begin(&s.db).unwrap();
+    let txn = Writer::begin(&s.db, &s.index).unwrap();
     let mut rec = info.record.clone();
     rec.state = LayerState::Applying;
     txn.put_layer(info.number, &rec).unwrap();

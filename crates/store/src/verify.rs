@@ -18,9 +18,9 @@ use crate::{open_dir, LayerKind, LayerRecord, LayerState, Result, Store, StoreEr
 use lamina_sys::fault;
 
 /// Writes the manifest of layer `n` (its content in `paths`) and records its digest if the layer still wants one.
-fn seal(db: &crate::db::Db, n: u64, paths: &LayerPaths) -> Result<()> {
+fn seal(db: &crate::db::Db, index: &Arc<crate::index::Index>, n: u64, paths: &LayerPaths) -> Result<()> {
     let digest = write_manifest_file(&paths.content, &paths.manifest)?;
-    let txn = Writer::begin(db)?;
+    let txn = Writer::begin(db, index)?;
     let Some(mut rec) = txn.layer(n)? else {
         return Ok(());
     };
@@ -226,12 +226,13 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
             .insert(n);
         let db = self.db.clone();
+        let index = self.index.clone();
         let paths = self.backend.paths(n);
         let seals = self.seals.clone();
         let spawned = std::thread::Builder::new()
             .name("manifest".into())
             .spawn(move || {
-                let result = seal(&db, n, &paths);
+                let result = seal(&db, &index, n, &paths);
                 // The database handle goes before the layer counts as done: a store dropped (and reopened)
                 // after waiting for its seals must find the database closed.
                 drop(db);

@@ -307,6 +307,103 @@ fn format_1_is_migrated_at_open() {
     );
 }
 
+/// Rewrites the database of `r` as format 4 kept it: beside the records, a `names` table and a `children` table
+/// (with `wrong` naming a layer by a name its record does not have, when given), and the format number 4.
+fn write_format_4(r: &Root, wrong: Option<(&str, u64)>) {
+    let db = redb::Database::create(r.path().join("meta.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let layers = txn
+            .open_table(redb::TableDefinition::<u64, &[u8]>::new("layers"))
+            .unwrap();
+        let mut names = txn
+            .open_table(redb::TableDefinition::<(&str, &str), u64>::new("names"))
+            .unwrap();
+        let mut children = txn
+            .open_table(redb::TableDefinition::<(u64, u64), ()>::new("children"))
+            .unwrap();
+        for row in layers.iter().unwrap() {
+            let (k, v) = row.unwrap();
+            let rec: serde_json::Value = serde_json::from_slice(v.value()).unwrap();
+            let (ns, name) = (rec["ns"].as_str().unwrap(), rec["name"].as_str().unwrap());
+            names.insert((ns, name), k.value()).unwrap();
+            if let Some(p) = rec["parent"].as_u64() {
+                children.insert((p, k.value()), ()).unwrap();
+            }
+        }
+        if let Some((name, n)) = wrong {
+            names.insert((NS, name), n).unwrap();
+        }
+        let mut meta = txn
+            .open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+            .unwrap();
+        meta.insert("format", 4).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+/// The tables of the database of `r`, by name.
+fn table_names(r: &Root) -> Vec<String> {
+    let db = redb::Database::create(r.path().join("meta.redb")).unwrap();
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let mut out: Vec<String> = txn
+        .list_tables()
+        .unwrap()
+        .map(|t| redb::TableHandle::name(&t).to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn format_4_names_and_children_become_the_in_memory_index() {
+    let r = Root::new();
+    {
+        let s = Store::open(&r.path()).unwrap();
+        create(&s, "a", None);
+        create(&s, "b", Some("a"));
+        create(&s, "c", Some("a"));
+    }
+    write_format_4(&r, None);
+    assert!(table_names(&r).contains(&"names".to_string()));
+    let s = Store::open(&r.path()).unwrap();
+    assert_eq!(s.status().unwrap().format, lamina_store::FORMAT_VERSION);
+    let a = s.info(NS, "a").unwrap().number;
+    assert_eq!(s.info(NS, "b").unwrap().lower_dirs.len(), 1);
+    assert_eq!(s.count(NS).unwrap(), 3);
+    // `a` has children: it cannot go before them.
+    assert!(matches!(s.remove(NS, "a"), Err(StoreError::InUse(_))));
+    let overview = s.overview_of(a).unwrap();
+    assert_eq!(overview.children, 2);
+    drop(s);
+    let tables = table_names(&r);
+    assert!(
+        !tables.iter().any(|t| t == "names" || t == "children"),
+        "{tables:?}"
+    );
+    // Names, removals and creates after a restart come from the records alone.
+    let s = Store::open(&r.path()).unwrap();
+    s.remove(NS, "b").unwrap();
+    s.remove(NS, "c").unwrap();
+    assert!(s.remove(NS, "a").unwrap());
+    create(&s, "a", None);
+    assert_eq!(s.count(NS).unwrap(), 1);
+}
+
+#[test]
+fn format_4_names_that_disagree_with_the_records_are_refused_with_nothing_changed() {
+    let r = Root::new();
+    {
+        let s = Store::open(&r.path()).unwrap();
+        create(&s, "a", None);
+    }
+    write_format_4(&r, Some(("ghost", 77)));
+    let e = Store::open(&r.path()).unwrap_err();
+    assert!(matches!(e, StoreError::CorruptMetadata(_)), "{e}");
+    assert!(e.to_string().contains("ghost"), "{e}");
+    assert!(table_names(&r).contains(&"names".to_string()));
+}
+
 #[test]
 fn commit_freezes_under_a_new_name_without_copying() {
     let r = Root::new();
