@@ -4,8 +4,8 @@
 //! name to a number or a parent to its children: both are derived from the records when the store opens, and
 //! every write transaction keeps them exact. Each table a write transaction touches costs the pages of its tree
 //! on the flush of the commit (a leaf, and a branch once the table outgrows one page). Up to format 4 a create
-//! or a removal wrote three tables (name, record, child link): 11 pages and a header at a few hundred layers,
-//! where the record alone takes 6 (docs/on-disk-format.md, "Format 5").
+//! or a removal wrote three tables (name, record, child link): a header and 11 pages in the `snapshotter` bench,
+//! where the record alone takes 5 or 6 (docs/on-disk-format.md, "The name and child indexes").
 //!
 //! Exactness:
 //! - Write transactions are serialized by the index's gate, held from [`Index::lock_writes`] (before the
@@ -97,10 +97,15 @@ impl Drop for WriteGate {
     }
 }
 
+/// Where a name ends up: `(ns, name)` and the number it names, or none.
+type NameEffect = ((String, String), Option<u64>);
+/// Where a link ends up: `(parent, child)` and whether it exists.
+type LinkEffect = ((u64, u64), bool);
+
 /// The net effect of a transaction's changes, key by key, in the order first changed.
-fn net(changes: &[Change]) -> (Vec<((String, String), Option<u64>)>, Vec<((u64, u64), bool)>) {
-    let mut names: Vec<((String, String), Option<u64>)> = Vec::new();
-    let mut links: Vec<((u64, u64), bool)> = Vec::new();
+fn net(changes: &[Change]) -> (Vec<NameEffect>, Vec<LinkEffect>) {
+    let mut names: Vec<NameEffect> = Vec::new();
+    let mut links: Vec<LinkEffect> = Vec::new();
     for c in changes {
         match c {
             Change::Name { ns, name, to } => {
@@ -127,7 +132,8 @@ fn net(changes: &[Change]) -> (Vec<((String, String), Option<u64>)>, Vec<((u64, 
 /// went through.
 struct Published<'a> {
     index: &'a Index,
-    names: Vec<((String, String), Option<u64>)>,
+    /// Each name published, with the number it named before.
+    names: Vec<NameEffect>,
     links: Vec<(u64, u64)>,
     committed: bool,
 }
