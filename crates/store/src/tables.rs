@@ -101,6 +101,17 @@ macro_rules! lookups {
         pub(crate) fn require_layer(&self, n: u64) -> Result<LayerRecord> {
             require_record(&self.txn.open_table(LAYERS).map_err(db_err)?, n)
         }
+
+        /// Every layer, by number.
+        pub(crate) fn layers(&self) -> Result<Vec<(u64, LayerRecord)>> {
+            let t = self.txn.open_table(LAYERS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(db_err)? {
+                let (k, v) = row.map_err(db_err)?;
+                out.push((k.value(), LayerRecord::decode(v.value())?));
+            }
+            Ok(out)
+        }
     };
 }
 
@@ -143,17 +154,6 @@ impl Reader {
     /// Layer numbers of the parent chain of `rec`, nearest first.
     pub(crate) fn chain(&self, rec: &LayerRecord, limit: usize) -> Result<Vec<u64>> {
         chain_in(&self.txn.open_table(LAYERS).map_err(db_err)?, rec, limit)
-    }
-
-    /// Every layer, by number.
-    pub(crate) fn layers(&self) -> Result<Vec<(u64, LayerRecord)>> {
-        let t = self.txn.open_table(LAYERS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            out.push((k.value(), LayerRecord::decode(v.value())?));
-        }
-        Ok(out)
     }
 
     /// Every layer number.
@@ -312,17 +312,6 @@ impl Writer {
     /// Whether layer `n` has children, this transaction's changes included.
     pub(crate) fn has_children(&self, n: u64) -> Result<bool> {
         Ok(self.index.has_children_after(&self.changes(), n))
-    }
-
-    /// Every layer, by number.
-    fn layers(&self) -> Result<Vec<(u64, LayerRecord)>> {
-        let t = self.txn.open_table(LAYERS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            out.push((k.value(), LayerRecord::decode(v.value())?));
-        }
-        Ok(out)
     }
 
     /// Writes `key -> value` into `table`.

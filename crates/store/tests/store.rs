@@ -248,14 +248,19 @@ fn newer_format_is_refused() {
     assert!(e.contains("newer than supported"), "{e}");
 }
 
+/// A data root whose store holds `layers` (name, parent), closed again.
+fn root_with(layers: &[(&str, Option<&str>)]) -> Root {
+    let r = Root::new();
+    let s = Store::open(&r.path()).unwrap();
+    for (name, parent) in layers {
+        create(&s, name, *parent);
+    }
+    r
+}
+
 #[test]
 fn format_1_is_migrated_at_open() {
-    let r = Root::new();
-    {
-        let s = Store::open(&r.path()).unwrap();
-        create(&s, "a", None);
-        create(&s, "b", Some("a"));
-    }
+    let r = root_with(&[("a", None), ("b", Some("a"))]);
     // Rewrite the store as format 1 wrote it: `created` in seconds, no update time or inodes.
     {
         let db = redb::Database::create(r.path().join("meta.redb")).unwrap();
@@ -357,13 +362,7 @@ fn table_names(r: &Root) -> Vec<String> {
 
 #[test]
 fn format_4_names_and_children_become_the_in_memory_index() {
-    let r = Root::new();
-    {
-        let s = Store::open(&r.path()).unwrap();
-        create(&s, "a", None);
-        create(&s, "b", Some("a"));
-        create(&s, "c", Some("a"));
-    }
+    let r = root_with(&[("a", None), ("b", Some("a")), ("c", Some("a"))]);
     write_format_4(&r, None);
     assert!(table_names(&r).contains(&"names".to_string()));
     let s = Store::open(&r.path()).unwrap();
@@ -392,11 +391,7 @@ fn format_4_names_and_children_become_the_in_memory_index() {
 
 #[test]
 fn format_4_names_that_disagree_with_the_records_are_refused_with_nothing_changed() {
-    let r = Root::new();
-    {
-        let s = Store::open(&r.path()).unwrap();
-        create(&s, "a", None);
-    }
+    let r = root_with(&[("a", None)]);
     write_format_4(&r, Some(("ghost", 77)));
     let e = Store::open(&r.path()).unwrap_err();
     assert!(matches!(e, StoreError::CorruptMetadata(_)), "{e}");
