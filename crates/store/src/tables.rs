@@ -166,7 +166,7 @@ impl Reader {
         self.txn.open_table(LAYERS).map_err(db_err)?.len().map_err(db_err)
     }
 
-    /// `(name, record)` of every layer of `ns` in this snapshot, in name order.
+    /// `(number, record)` of every layer of `ns` in this snapshot, in name order.
     pub(crate) fn named_in(&self, ns: &str) -> Result<Vec<(u64, LayerRecord)>> {
         let layers = self.txn.open_table(LAYERS).map_err(db_err)?;
         let mut out = Vec::new();
