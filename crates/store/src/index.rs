@@ -222,6 +222,12 @@ impl Index {
 
     /// Whether layer `n` has children once `changes` are made.
     pub(crate) fn has_children_after(&self, changes: &[Change], n: u64) -> bool {
+        let own = changes
+            .iter()
+            .any(|c| matches!(c, Change::Child { parent, .. } if *parent == n));
+        if !own {
+            return self.read_state().children_of(n).next().is_some();
+        }
         let mut kids: BTreeSet<u64> = self.read_state().children_of(n).collect();
         for c in changes {
             if let Change::Child {
