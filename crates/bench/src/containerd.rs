@@ -65,6 +65,9 @@ const RECORD_FLOOR: &str = "durable-record";
 const PACED_RECORD_FLOOR: &str = "durable-record-paced";
 /// About the time between two of lamina's calls in a cycle through containerd.
 const RECORD_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+/// One `syncfs` of the filesystem after a `mkdir`, timed after each of overlayfs's Commits: a part of the lower
+/// bound of lamina's Commit.
+const SYNCFS: &str = "syncfs";
 /// The snapshotters driven through containerd, in the order each run measures them.
 const THROUGH_CONTAINERD: [&str; 3] = [PROXY_NAME, BASELINE, FLOOR_NAME];
 
@@ -312,17 +315,23 @@ fn calls(
                         // Commit's floor: overlayfs's commit plus one syncfs of the filesystem after a small
                         // change (what lamina adds to make the layer durable), measured alternately here.
                         let mut with_sync = Vec::with_capacity(iters);
+                        let mut sync_alone = Vec::with_capacity(iters);
                         for (i, tc) in c.iter().enumerate() {
                             let d = ctx.scratch.join(format!("syncfs-{depth}-{r}-{i}"));
                             fs::create_dir(&d)?;
                             let t = Instant::now();
                             lamina_sys::mount::syncfs(&d)?;
-                            with_sync.push(tc + ms(t.elapsed()));
+                            let synced = ms(t.elapsed());
+                            with_sync.push(tc + synced);
+                            sync_alone.push(synced);
                             fs::remove_dir(&d)?;
                         }
                         out.entry((SYNC_BASELINE, "commit"))
                             .or_default()
                             .push(percentile(&mut with_sync, 50.0));
+                        out.entry((SYNCFS, "commit"))
+                            .or_default()
+                            .push(percentile(&mut sync_alone, 50.0));
                     }
                     for (metric, samples) in [("prepare+mounts", &mut p), ("commit", &mut c)] {
                         out.entry((sn, metric))
@@ -342,6 +351,43 @@ fn calls(
                     }
                 }
             }
+            // Lower bounds of lamina's figures, run by run: what a proxy snapshotter that records each snapshot
+            // durably before it answers (and flushes a committed layer before its record) pays at least, from the
+            // floors of the same run.
+            let part = |k: (&str, &str)| out.get(&k).cloned().unwrap_or_default();
+            let (paced, syncfs) = (part((PACED_RECORD_FLOOR, "Prepare")), part((SYNCFS, "commit")));
+            let bounds = [
+                (
+                    "prepare+mounts p50",
+                    format!("{FLOOR_NAME}+{PACED_RECORD_FLOOR}"),
+                    sum_runs(&[&part((FLOOR_NAME, "prepare+mounts")), &paced]),
+                ),
+                (
+                    "commit p50",
+                    format!("{FLOOR_NAME}+{SYNCFS}+{PACED_RECORD_FLOOR}"),
+                    sum_runs(&[&part((FLOOR_NAME, "commit")), &syncfs, &paced]),
+                ),
+                (
+                    "Prepare server-side p50",
+                    PACED_RECORD_FLOOR.to_owned(),
+                    paced.clone(),
+                ),
+                (
+                    "Commit server-side p50",
+                    format!("{SYNCFS}+{PACED_RECORD_FLOOR}"),
+                    sum_runs(&[&syncfs, &paced]),
+                ),
+            ];
+            let bounds: Vec<Figure> = bounds
+                .into_iter()
+                .filter(|(_, _, samples)| !samples.is_empty())
+                .map(|(metric, subject, samples)| {
+                    Figure::new(NAME, case.clone(), subject, metric, Unit::Millis)
+                        .bound()
+                        .samples(samples)
+                })
+                .collect();
+            out.remove(&(SYNCFS, "commit"));
             for sn in THROUGH_CONTAINERD {
                 for (metric, key) in [
                     ("prepare+mounts p50", "prepare+mounts"),
@@ -408,9 +454,19 @@ fn calls(
             let mut f = Figure::new(NAME, case.clone(), SYNC_BASELINE, "commit p50", Unit::Millis).floor();
             f.samples = out.remove(&(SYNC_BASELINE, "commit")).unwrap_or_default();
             figs.push(f);
+            figs.extend(bounds);
         }
         anyhow::Ok(())
     })
+}
+
+/// Run-by-run sums of figures with one sample per run each; empty when a part is missing or the runs differ.
+fn sum_runs(parts: &[&[f64]]) -> Vec<f64> {
+    let runs = parts.first().map_or(0, |p| p.len());
+    if parts.iter().any(|p| p.len() != runs) {
+        return Vec::new();
+    }
+    (0..runs).map(|r| parts.iter().map(|p| p[r]).sum()).collect()
 }
 
 /// Writes the layers of the unpack image into `dir` and packs it as an OCI archive; returns (archive, case).

@@ -225,6 +225,11 @@ pub struct Figure {
     /// The subject is a floor (the bare kernel work of the same operations, no daemon): shown in the report's
     /// floor column; the ratio is taken against it only where no other baseline exists.
     pub floor: bool,
+    /// The subject is a lower bound of lamina's figure: the least that any implementation pays for the same
+    /// calls under the same conditions, added up from floors measured in the same run (e.g. the proxy floor
+    /// plus a durable record). Never a baseline; where lamina misses its goal and the bound misses it too,
+    /// the report calls the goal out of reach on this machine.
+    pub bound: bool,
 }
 
 impl Figure {
@@ -247,6 +252,7 @@ impl Figure {
             goal: None,
             fs: None,
             floor: false,
+            bound: false,
         }
     }
 
@@ -273,6 +279,12 @@ impl Figure {
     /// Marks the figure as a floor.
     pub fn floor(mut self) -> Self {
         self.floor = true;
+        self
+    }
+
+    /// Marks the figure as a lower bound of lamina's figure of the same case and metric.
+    pub fn bound(mut self) -> Self {
+        self.bound = true;
         self
     }
 

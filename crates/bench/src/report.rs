@@ -3,7 +3,9 @@
 //! Pairing: within one workload and filesystem, every figure of subject `lamina` is compared with every
 //! figure of another subject (the baseline) that has the same case and metric; the ratio is lamina's median
 //! over the baseline's. A figure's goal is checked against lamina's median (`<= 0.3 ms`, `<= 64 MiB`, `<= 1 s`)
-//! or against the ratio (`<= 1.1x gnu-tar+syncfs`).
+//! or against the ratio (`<= 1.1x gnu-tar+syncfs`). Where the workload gives a lower bound of lamina's figure
+//! (a subject marked [`Figure::bound`]) and the goal, checked against the bound in the same way, fails too, the
+//! goal is out of reach on this machine: no implementation doing the same work would meet it in this run.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -170,6 +172,15 @@ fn goal_unit(s: &str) -> Option<f64> {
     })
 }
 
+/// The baseline a relative goal names (`overlayfs` in `<= 1.1x overlayfs`); `None` for an absolute goal.
+fn goal_baseline(goal: &str) -> Option<&str> {
+    let mut words = goal.split_whitespace().skip(1);
+    let num = words.next()?;
+    (num.ends_with('x') || num.ends_with('×'))
+        .then(|| words.next())
+        .flatten()
+}
+
 /// Checks `goal` against lamina's median (`value` in `unit`) and the ratio to the named baseline.
 /// `None` when the goal cannot be read or needs a baseline that is absent.
 pub fn goal_met(goal: &str, value: f64, unit: Unit, ratios: &[(String, f64)]) -> Option<bool> {
@@ -244,6 +255,13 @@ pub struct Row {
     pub goal: Option<String>,
     /// Whether it was met (None: no goal or not checkable).
     pub met: Option<bool>,
+    /// The lower bound's subject and median, where the workload gives one.
+    pub bound: Option<(String, f64)>,
+    /// Whether the goal, checked against the bound, would be met (None: no bound or not checkable). `Some(false)`
+    /// means out of reach.
+    pub reachable: Option<bool>,
+    /// For a goal relative to a baseline (`<= 1.1x overlayfs`), the bound over that baseline.
+    pub bound_ratio: Option<f64>,
     /// Samples behind the lamina median.
     pub runs: usize,
 }
@@ -266,19 +284,37 @@ pub fn rows(r: &WorkloadResult) -> Vec<Row> {
             .filter(|f| f.case == case && f.metric == metric)
             .collect();
         let lam = figs.iter().find(|f| f.subject == "lamina");
-        let bases: Vec<&&Figure> = figs.iter().filter(|f| f.subject != "lamina").collect();
-        let unit = lam.map_or_else(|| bases[0].unit, |f| f.unit);
-        let lam_med = lam.map(|f| f.median());
-        let ratios: Vec<(String, f64)> = bases
+        let bound_fig = figs.iter().find(|f| f.bound);
+        let bases: Vec<&&Figure> = figs
             .iter()
-            .filter_map(|b| Some((b.subject.clone(), lam_med? / convert(b.median(), b.unit, unit))))
+            .filter(|f| f.subject != "lamina" && !f.bound)
             .collect();
+        let Some(unit) = lam.or(bases.first().copied()).map(|f| f.unit) else {
+            continue;
+        };
+        let lam_med = lam.map(|f| f.median());
+        let ratios_of = |v: Option<f64>| -> Vec<(String, f64)> {
+            bases
+                .iter()
+                .filter_map(|b| Some((b.subject.clone(), v? / convert(b.median(), b.unit, unit))))
+                .collect()
+        };
         let goal = lam
             .and_then(|f| f.goal.clone())
             .or_else(|| bases.iter().find_map(|b| b.goal.clone()));
         let met = goal
             .as_deref()
-            .and_then(|g| goal_met(g, lam_med.unwrap_or(f64::NAN), unit, &ratios));
+            .and_then(|g| goal_met(g, lam_med.unwrap_or(f64::NAN), unit, &ratios_of(lam_med)));
+        let bound = bound_fig.map(|f| (f.subject.clone(), convert(f.median(), f.unit, unit)));
+        let bound_ratios = ratios_of(bound.as_ref().map(|(_, b)| *b));
+        let reachable = goal
+            .as_deref()
+            .zip(bound.as_ref())
+            .and_then(|(g, (_, b))| goal_met(g, *b, unit, &bound_ratios));
+        let bound_ratio = goal
+            .as_deref()
+            .and_then(goal_baseline)
+            .and_then(|base| bound_ratios.iter().find(|(n, _)| n == base).map(|(_, r)| *r));
         let runs = lam.map_or(0, |f| f.samples.len());
         let floor = bases
             .iter()
@@ -302,6 +338,9 @@ pub fn rows(r: &WorkloadResult) -> Vec<Row> {
             floor: floor.clone(),
             goal: goal.clone(),
             met,
+            bound: bound.clone(),
+            reachable,
+            bound_ratio,
             runs,
         };
         if bases.is_empty() {
@@ -372,6 +411,9 @@ pub fn write(out: &Path, info: &RunInfo, results: &[WorkloadResult]) -> Result<(
                 "ratio": r.ratio.and_then(finite), "goal": r.goal, "met": r.met,
                 "floor": r.floor.as_ref().map(|b| &b.0),
                 "floor_median": r.floor.as_ref().and_then(|b| finite(b.1)),
+                "bound": r.bound.as_ref().map(|b| &b.0),
+                "bound_median": r.bound.as_ref().and_then(|b| finite(b.1)),
+                "reachable": r.reachable,
             })
         })
         .collect();
@@ -483,11 +525,7 @@ fn markdown(info: &RunInfo, results: &[WorkloadResult], rows: &[Row]) -> String 
                 .as_ref()
                 .map_or("–".into(), |(n, v)| format!("{} {u} ({n})", fmt_num(*v)));
             let ratio = r.ratio.map_or("–".into(), |x| format!("{x:.2}×"));
-            let met = match r.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "–",
-            };
+            let met = verdict(r);
             let _ = writeln!(
                 m,
                 "| {} | {} | {} | {lam} | {floor} | {bn} | {bm} | {ratio} | {} | {met} |",
@@ -499,6 +537,24 @@ fn markdown(info: &RunInfo, results: &[WorkloadResult], rows: &[Row]) -> String 
         }
     }
     m
+}
+
+/// The "met?" cell: `yes`, `**no**`, or, when the row's lower bound misses the goal too, `**no**, out of reach`
+/// with the bound.
+fn verdict(r: &Row) -> String {
+    match (r.met, r.reachable, &r.bound) {
+        (Some(true), _, _) => "yes".into(),
+        (Some(false), Some(false), Some((subject, b))) => {
+            let u = r.unit.label();
+            let ratio = r.bound_ratio.map_or(String::new(), |x| format!(", {x:.2}×"));
+            format!(
+                "**no**, out of reach: bound {} {u}{ratio} ({subject})",
+                fmt_num(*b)
+            )
+        }
+        (Some(false), _, _) => "**no**".into(),
+        (None, _, _) => "–".into(),
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -543,7 +599,12 @@ fn nice_step(max: f64, n: f64) -> f64 {
 /// One SVG for a workload: a panel per metric, groups of bars per (case, filesystem), one bar per subject
 /// (median; the whisker spans min–max).
 pub fn svg(name: &str, results: &[&WorkloadResult]) -> String {
-    let figs: Vec<&Figure> = results.iter().flat_map(|r| r.figures.iter()).collect();
+    // A lower bound is a sum of floors drawn already: only the table gives it.
+    let figs: Vec<&Figure> = results
+        .iter()
+        .flat_map(|r| r.figures.iter())
+        .filter(|f| !f.bound)
+        .collect();
     let mut subjects: Vec<String> = vec!["lamina".into()];
     let mut metrics: Vec<String> = Vec::new();
     for f in &figs {
@@ -920,6 +981,43 @@ mod tests {
         assert_eq!(rows[1].baseline, Some(("bare".into(), 100.0)));
         assert_eq!(rows[1].ratio, Some(3.0));
         assert_eq!(rows[1].floor, Some(("bare".into(), 100.0)));
+    }
+
+    #[test]
+    fn a_goal_its_lower_bound_misses_too_is_out_of_reach() {
+        let r = getput(
+            "x",
+            FsKind::Ext4,
+            vec![
+                fig("depth 1", "lamina", "prepare", Unit::Millis, &[2.0]).goal("<= 1.1x overlayfs"),
+                fig("depth 1", "overlayfs", "prepare", Unit::Millis, &[1.5]),
+                fig("depth 1", "floor+record", "prepare", Unit::Millis, &[1.8]).bound(),
+                fig("depth 2", "lamina", "prepare", Unit::Millis, &[2.0]).goal("<= 1.1x overlayfs"),
+                fig("depth 2", "overlayfs", "prepare", Unit::Millis, &[1.5]),
+                fig("depth 2", "floor+record", "prepare", Unit::Millis, &[1.6]).bound(),
+                fig("depth 3", "lamina", "server", Unit::Millis, &[0.4]).goal("<= 0.3 ms"),
+                fig("depth 3", "record", "server", Unit::Millis, &[0.31]).bound(),
+            ],
+        );
+        let rows = rows(&r);
+        // The bound is never a baseline row of its own.
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].met, Some(false));
+        assert_eq!(rows[0].reachable, Some(false));
+        assert_eq!(rows[0].bound, Some(("floor+record".into(), 1.8)));
+        assert!((rows[0].bound_ratio.unwrap() - 1.2).abs() < 1e-9);
+        assert_eq!(
+            verdict(&rows[0]),
+            "**no**, out of reach: bound 1.80 ms, 1.20× (floor+record)"
+        );
+        // 1.6 ms is within 1.1 × 1.5 ms: missed, but not out of reach.
+        assert_eq!(rows[1].reachable, Some(true));
+        assert_eq!(verdict(&rows[1]), "**no**");
+        assert_eq!(rows[2].reachable, Some(false));
+        assert_eq!(rows[2].bound_ratio, None);
+        assert_eq!(verdict(&rows[2]), "**no**, out of reach: bound 0.310 ms (record)");
+        // Bounds are left out of the charts.
+        assert!(!svg("getput", &[&r]).contains("floor+record"));
     }
 
     #[test]
