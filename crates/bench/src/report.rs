@@ -599,7 +599,7 @@ fn nice_step(max: f64, n: f64) -> f64 {
 /// One SVG for a workload: a panel per metric, groups of bars per (case, filesystem), one bar per subject
 /// (median; the whisker spans min–max).
 pub fn svg(name: &str, results: &[&WorkloadResult]) -> String {
-    // A lower bound is a sum of floors drawn already: only the table gives it.
+    // A lower bound repeats a floor or adds floors up: the table gives it, the chart does not.
     let figs: Vec<&Figure> = results
         .iter()
         .flat_map(|r| r.figures.iter())
