@@ -14,8 +14,11 @@
 //!   its own (`proxy_floor.rs`) and declared as a second proxy plugin. What any proxy snapshotter pays for a
 //!   call through containerd; the floor column of Prepare+Mounts and of the Mounts alone, and a baseline
 //!   row of Commit. The floor of lamina's server-side Prepare is one durable commit of a small record into a
-//!   fresh redb database on the same filesystem (`durable-record`), timed after lamina's cycles of each run,
-//!   in a tight loop and with a pause of 1 ms before each (`durable-record-paced`), as lamina's calls come.
+//!   fresh redb database on the same filesystem whose table holds as many rows as lamina's does then
+//!   (`durable-record`), timed after lamina's cycles of each run, in a tight loop and with a pause of 1 ms
+//!   before each (`durable-record-paced`), as lamina's calls come; the proxy floor's own service time per call
+//!   (the same service as lamina's, with its hand-off to the blocking pool and back) is a floor row too, and
+//!   the lower bound of lamina's server-side time adds the two.
 //! - **Unpack.** `ctr images import` of an OCI archive of uncompressed layers built here, with each
 //!   snapshotter, timed alone and followed by a `sync` (lamina makes each layer durable with one `syncfs`;
 //!   containerd's overlayfs snapshotter does not sync), minus the same import with `--no-unpack` (content
@@ -209,6 +212,7 @@ fn calls(
     ctrd: &Containerd,
     lamina_sock: &Path,
     metrics: &Path,
+    floor: &FloorServer,
     figs: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
     let iters = if ctx.quick { 20 } else { 500 };
@@ -225,6 +229,9 @@ fn calls(
         let mut direct = lamina_snapshotter::client::connect(lamina_sock)
             .await
             .context("connect to lamina's snapshotter socket")?;
+        // The records lamina's database holds during the timed cycles: the chains built so far, through
+        // containerd and straight to its socket (each cycle removes what it made).
+        let mut held = 0u64;
         for depth in depths {
             let case = format!("depth {depth}");
             ctx.say(format!("snapshot calls at depth {depth}"));
@@ -233,6 +240,7 @@ fn calls(
                 tops.insert(sn, chain(&mut client, sn, depth).await?);
             }
             let direct_top = chain(&mut direct, DIRECT, depth).await?;
+            held += 2 * depth as u64;
             let mut out: HashMap<(&str, &str), Vec<f64>> = HashMap::new();
             for r in 0..ctx.runs {
                 // Interleaved: each run measures the snapshotters back to back.
@@ -252,6 +260,7 @@ fn calls(
                     } else {
                         Vec::new()
                     };
+                    floor.served().clear();
                     for i in 0..iters {
                         let t = cycle(&mut client, sn, &format!("d{depth}-r{r}-{i}"), top).await?;
                         p.push(ms(t.prepare));
@@ -278,7 +287,7 @@ fn calls(
                             (PACED_RECORD_FLOOR, RECORD_PAUSE),
                         ] {
                             let mut records: Vec<f64> =
-                                super::docker::durable_commits(&ctx.scratch, iters, pause)?
+                                super::docker::durable_commits(&ctx.scratch, iters, pause, held)?
                                     .into_iter()
                                     .map(ms)
                                     .collect();
@@ -309,6 +318,18 @@ fn calls(
                             out.entry((PROXY_NAME, metric))
                                 .or_default()
                                 .push(percentile(samples, 50.0));
+                        }
+                    }
+                    if sn == FLOOR_NAME {
+                        // The floor's own service time per call: dispatch, the hand-off to the blocking pool and
+                        // back, and a backend that does no storage work.
+                        for op in SERVED {
+                            let mut took: Vec<f64> = floor.served().take(op).into_iter().map(ms).collect();
+                            if !took.is_empty() {
+                                out.entry((FLOOR_NAME, op))
+                                    .or_default()
+                                    .push(percentile(&mut took, 50.0));
+                            }
                         }
                     }
                     if sn == BASELINE {
@@ -369,13 +390,13 @@ fn calls(
                 ),
                 (
                     "Prepare server-side p50",
-                    PACED_RECORD_FLOOR.to_owned(),
-                    paced.clone(),
+                    format!("{FLOOR_NAME} server-side+{PACED_RECORD_FLOOR}"),
+                    sum_runs(&[&part((FLOOR_NAME, "Prepare")), &paced]),
                 ),
                 (
                     "Commit server-side p50",
-                    format!("{SYNCFS}+{PACED_RECORD_FLOOR}"),
-                    sum_runs(&[&syncfs, &paced]),
+                    format!("{FLOOR_NAME} server-side+{SYNCFS}+{PACED_RECORD_FLOOR}"),
+                    sum_runs(&[&part((FLOOR_NAME, "Commit")), &syncfs, &paced]),
                 ),
             ];
             let bounds: Vec<Figure> = bounds
@@ -425,7 +446,7 @@ fn calls(
                     .goal("<= 0.3 ms")
                     .samples(out.remove(&(PROXY_NAME, op)).unwrap_or_default()),
                 );
-                for floor in [RECORD_FLOOR, PACED_RECORD_FLOOR] {
+                for floor in [RECORD_FLOOR, PACED_RECORD_FLOOR, FLOOR_NAME] {
                     if let Some(samples) = out.remove(&(floor, op)) {
                         figs.push(
                             Figure::new(
@@ -600,7 +621,7 @@ fn run(ctx: &Ctx, figs: &mut Vec<Figure>) -> anyhow::Result<()> {
             "containerd does not list the proxy snapshotter {name} as ok:\n{plugins}"
         );
     }
-    calls(ctx, &ctrd, &sock, &metrics, figs)?;
+    calls(ctx, &ctrd, &sock, &metrics, &floor, figs)?;
     unpack(ctx, &dir, &ctrd, figs)?;
     // containerd first (it holds connections to lamina and the floor), then lamina.
     drop(ctrd);

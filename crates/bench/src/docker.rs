@@ -576,20 +576,41 @@ const SERVED_OPS: [&str; 6] = ["Create", "CreateReadWrite", "Get", "Put", "Remov
 /// fresh redb database on the scratch filesystem, in seconds. A layer's record must be on disk before its
 /// directories, and its removal before its directory goes: one `fdatasync` of the database each, whatever does it.
 fn metadata_commits(dir: &Path, commits: usize) -> anyhow::Result<f64> {
-    Ok(durable_commits(dir, commits, Duration::ZERO)?
+    Ok(durable_commits(dir, commits, Duration::ZERO, 0)?
         .iter()
         .map(Duration::as_secs_f64)
         .sum())
 }
 
 /// The time of each of `commits` durable commits (a small record put, then dropped) into a fresh redb database in
-/// `dir`: what recording one layer costs at the least (one `fdatasync` of the database). With a `pause`, the
-/// thread sleeps that long (untimed) before each commit, as a daemon waits for its next call: on this virtual
-/// machine a flush that starts from idle costs more than one of a tight loop.
-pub fn durable_commits(dir: &Path, commits: usize, pause: Duration) -> anyhow::Result<Vec<Duration>> {
+/// `dir` whose table already holds `held` rows of a layer record's size: what recording one layer costs at the
+/// least (one `fdatasync` of the database; more pages to write, and so a dearer flush, in a larger table). With a
+/// `pause`, the thread sleeps that long (untimed) before each commit, as a daemon waits for its next call: on this
+/// virtual machine a flush that starts from idle costs more than one of a tight loop.
+pub fn durable_commits(
+    dir: &Path,
+    commits: usize,
+    pause: Duration,
+    held: u64,
+) -> anyhow::Result<Vec<Duration>> {
     const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("floor");
+    /// About the size of a snapshot's record in lamina's `layers` table.
+    const HELD_ROW: usize = 300;
+    /// Keys of the rows held, above those the timed commits use.
+    const HELD_KEYS: u64 = 1 << 40;
     let path = dir.join("floor.redb");
     let db = redb::Database::create(&path)?;
+    if held > 0 {
+        let txn = db.begin_write()?;
+        {
+            let mut table = txn.open_table(TABLE)?;
+            let row = [3u8; HELD_ROW];
+            for k in 0..held {
+                table.insert(HELD_KEYS + k, &row[..])?;
+            }
+        }
+        txn.commit()?;
+    }
     let record = [7u8; 200];
     let mut times = Vec::with_capacity(commits);
     for i in 0..commits as u64 {

@@ -9,11 +9,11 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use lamina_snapshotter::{
-    Code, Info, Kind, LabelChange, Labels, Mount, Result, SnapshotError, Snapshotter, Usage,
+    Code, Info, Kind, LabelChange, Labels, Mount, Observer, Result, SnapshotError, Snapshotter, Usage,
 };
 use tokio::sync::oneshot;
 
@@ -234,6 +234,37 @@ impl Snapshotter for MemorySnapshotter {
 pub struct FloorServer {
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<std::io::Result<()>>>,
+    served: ServedTimes,
+}
+
+/// The time the floor's service took for each call that succeeded, from its dispatch to the backend until the
+/// answer came back (the span lamina's latency histograms time for lamina), by RPC.
+#[derive(Clone, Default)]
+pub struct ServedTimes(Arc<Mutex<HashMap<&'static str, Vec<Duration>>>>);
+
+impl ServedTimes {
+    fn times(&self) -> MutexGuard<'_, HashMap<&'static str, Vec<Duration>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn observer(&self) -> Observer {
+        let times = self.clone();
+        Arc::new(move |rpc, ok, took| {
+            if ok {
+                times.times().entry(rpc).or_default().push(took);
+            }
+        })
+    }
+
+    /// Forgets every time kept so far.
+    pub fn clear(&self) {
+        self.times().clear();
+    }
+
+    /// The times of `rpc` kept since the last [`ServedTimes::clear`], and forgets them.
+    pub fn take(&self, rpc: &str) -> Vec<Duration> {
+        self.times().remove(rpc).unwrap_or_default()
+    }
 }
 
 impl FloorServer {
@@ -246,17 +277,25 @@ impl FloorServer {
             .build()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let backend: Arc<dyn Snapshotter> = Arc::new(MemorySnapshotter::default());
+        let served = ServedTimes::default();
+        let observer = Some(served.observer());
         let thread = std::thread::Builder::new()
             .name("proxy-floor".into())
             .spawn(move || {
-                rt.block_on(lamina_snapshotter::serve(listener, backend, None, async {
+                rt.block_on(lamina_snapshotter::serve(listener, backend, observer, async {
                     let _ = stopped.await;
                 }))
             })?;
         Ok(FloorServer {
             stop: Some(stop),
             thread: Some(thread),
+            served,
         })
+    }
+
+    /// The service's time for each call, as lamina's histograms time lamina's.
+    pub fn served(&self) -> &ServedTimes {
+        &self.served
     }
 }
 
