@@ -2,9 +2,9 @@
 //! floor (`FloorDir::containers`) that a driver must do while dockerd waits, plus one durable record per
 //! `Create`/`Remove` (one row put or dropped in a redb database of its own, as `durable_commits`):
 //!
-//! - a Create commits its record and renames a layer directory made before the run (`diff`, `work`, `merged`)
-//!   into place, as lamina takes a spare; the pool never runs dry during a run and is refilled between runs,
-//!   untimed, where lamina refills its own on a thread during the run;
+//! - a Create commits its record and finds its layer directory (`diff`, `work`, `merged`) made before the run
+//!   under its number, as lamina takes a spare made in place; the pool never runs dry during a run and is
+//!   refilled between runs, untimed, where lamina refills its own on a thread during the run;
 //! - the first Get of a layer with a parent mounts its overlay (once the teardown of its previous mount is
 //!   over: overlayfs warns about an upper directory that another mount still uses); a Put leaves the whole
 //!   unmount to a thread of its own and answers at once (lamina's Put detaches the mount itself and leaves
@@ -57,12 +57,14 @@ struct State {
 pub struct FloorDriver {
     /// `<root>/layers/<n>/{diff,work,merged}`, laid out as lamina lays out its layers.
     layers: PathBuf,
-    /// `<root>/spare/<k>`: layer directories made ahead ([`FloorDriver::make_spares`]).
+    /// `<root>/spare/<k>`: where layer directories made ahead are made before they are renamed into `layers/`
+    /// ([`FloorDriver::make_spares`]).
     spare: PathBuf,
     /// `<root>/trash/<n>`: removed layers' directories, deleted by [`FloorDriver::empty_trash`].
     trash: PathBuf,
-    spares: Mutex<Vec<PathBuf>>,
-    /// Spare directories made so far (their names).
+    /// The layer numbers whose directories were made ahead.
+    spares: Mutex<std::collections::BTreeSet<u64>>,
+    /// Spare directories made so far (their names in `spare/`).
     made: AtomicU64,
     db: redb::Database,
     state: Mutex<State>,
@@ -179,7 +181,7 @@ impl FloorDriver {
             layers,
             spare,
             trash,
-            spares: Mutex::new(Vec::new()),
+            spares: Mutex::default(),
             made: AtomicU64::new(0),
             db,
             state: Mutex::new(State::default()),
@@ -187,15 +189,21 @@ impl FloorDriver {
         })
     }
 
-    /// Makes layer directories ahead until `count` are ready (untimed, between runs).
+    /// Makes the directories of the next `count` layers ahead, each whole in `spare/` and then renamed to
+    /// `layers/<n>` (untimed, between runs).
     pub fn make_spares(&self, count: usize) -> anyhow::Result<()> {
+        let next = self.state().next + 1;
         let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-        while spares.len() < count {
+        for n in next..next + count as u64 {
+            if spares.contains(&n) {
+                continue;
+            }
             let dir = self
                 .spare
                 .join(format!("{:x}", self.made.fetch_add(1, Ordering::Relaxed)));
             make_tree(&dir).with_context(|| format!("make {}", dir.display()))?;
-            spares.push(dir);
+            fs::rename(&dir, self.dir(n)).with_context(|| format!("move {} into layers/", dir.display()))?;
+            spares.insert(n);
         }
         Ok(())
     }
@@ -265,16 +273,12 @@ impl GraphDriver for FloorDriver {
         }
         st.next += 1;
         let n = st.next;
-        // The record first, then the directories, as lamina orders them.
+        // The record first, then the directories, as lamina orders them: made ahead, or made here.
         self.record(n, Some(&req.id))?;
-        let dir = self.dir(n);
-        for d in [
-            dir.clone(),
-            dir.join("diff"),
-            dir.join("work"),
-            dir.join("merged"),
-        ] {
-            fs::create_dir(&d).map_err(|e| io_err(&format!("mkdir {}", d.display()), e))?;
+        let made_ahead = self.spares.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+        if !made_ahead {
+            let dir = self.dir(n);
+            make_tree(&dir).map_err(|e| io_err(&format!("mkdir {}", dir.display()), e))?;
         }
         st.layers.insert(
             req.id,
@@ -509,6 +513,10 @@ mod tests {
         let tmp = std::env::temp_dir().join(format!("docker-floor-{}", std::process::id()));
         let d = FloorDriver::new(&tmp).unwrap();
         d.make_spares(1).unwrap();
+        assert!(
+            d.dir(1).join("merged").is_dir(),
+            "made ahead under the next number"
+        );
         let create = |id: &str, parent: Option<&str>| CreateRequest {
             id: id.into(),
             parent: parent.map(str::to_string),

@@ -302,23 +302,33 @@ fn rm_and_rmi_leave_nothing() {
     }
 }
 
-/// Number of layer directories (`<data root>/layers/*`, docs/on-disk-format.md).
+/// Number of layer directories (`<data root>/layers/*`, docs/on-disk-format.md), without the spares.
 fn layer_dir_count(root: &Path) -> usize {
-    fs::read_dir(root.join("layers"))
-        .map(|rd| rd.count())
-        .unwrap_or(0)
+    lamina_testkit::layer_dirs_without_spares(&root.join("layers")).len()
 }
 
-/// What is new in the data root `root` since `before`, but for the store's spare layer directories: at most
-/// eight trees of empty directories in `spare/` (docs/on-disk-format.md), which a running daemon keeps ready.
+/// What is new in the data root `root` since `before`, but for the store's spare layer directories
+/// (docs/on-disk-format.md), which a running daemon keeps ready: at most eight trees of empty directories in
+/// `layers/`, and the one being made in `spare/`.
 fn leaked_beyond_spares(root: &Path, before: &std::collections::BTreeSet<(PathBuf, bool)>) -> Vec<PathBuf> {
     let spare = root.join("spare");
+    let layers = root.join("layers");
+    let not_spares: std::collections::BTreeSet<PathBuf> = lamina_testkit::layer_dirs_without_spares(&layers)
+        .into_iter()
+        .collect();
+    let spare_layers: Vec<PathBuf> = fs::read_dir(&layers)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| !not_spares.contains(p))
+        .collect();
     let now = tree_snapshot(root);
-    let spares = fs::read_dir(&spare).map(|rd| rd.count()).unwrap_or(0);
+    let in_making = fs::read_dir(&spare).map(|rd| rd.count()).unwrap_or(0);
     let files_in_spare = now.iter().any(|(p, is_dir)| !is_dir && p.starts_with(&spare));
     leaked_paths(before, &now)
         .into_iter()
-        .filter(|p| !p.starts_with(&spare) || spares > 8 || files_in_spare)
+        .filter(|p| !p.starts_with(&spare) || in_making > 1 || files_in_spare)
+        .filter(|p| !spare_layers.iter().any(|s| p.starts_with(s)))
         .collect()
 }
 

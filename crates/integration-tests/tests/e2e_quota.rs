@@ -96,13 +96,9 @@ fn wait_gone(mnt: &Path, ids: &[u64]) {
     );
 }
 
+/// The layer directories, without the spares lamina keeps ready.
 fn layer_entries(data_root: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(data_root.join("layers"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    v.sort();
-    v
+    lamina_testkit::layer_dirs_without_spares(&data_root.join("layers"))
 }
 
 /// lamina on a loop-backed `fs_type` data root, and a dockerd using it. Drop order: dockerd, lamina (which

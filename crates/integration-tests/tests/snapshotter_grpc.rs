@@ -124,11 +124,9 @@ fn option<'a>(m: &'a Mount, prefix: &str) -> Option<&'a str> {
     m.options.iter().find_map(|o| o.strip_prefix(prefix))
 }
 
+/// The layer directories, without the spares lamina keeps ready.
 fn layer_dirs(lamina: &LaminaSnap) -> Vec<PathBuf> {
-    std::fs::read_dir(lamina.layers_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect()
+    lamina_testkit::layer_dirs_without_spares(&lamina.layers_dir())
 }
 
 #[test]

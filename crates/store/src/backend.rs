@@ -88,6 +88,10 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Drops the storage of a layer whose record was never written.
     fn discard(&self, n: u64);
 
+    /// The layer number `n` was given out to a create that failed before its record: nothing made for it ahead
+    /// of time may stay.
+    fn unused(&self, _n: u64) {}
+
     /// Drops the storage of a removed layer (its record is gone); may finish in the background.
     fn remove(&self, n: u64, max_size: Option<u64>);
 

@@ -176,7 +176,8 @@ pub struct Store {
     index: Arc<index::Index>,
     seals: Arc<verify::Seals>,
     slots: slots::Slots,
-    next_id: AtomicU64,
+    /// The next layer number to give out (shared with the backend, which makes storage ahead for it).
+    next_id: Arc<AtomicU64>,
     counters: stats::Counters,
     /// Where layer content lives and how it is mounted.
     backend: Box<dyn backend::LayerBackend>,

@@ -108,6 +108,7 @@ impl Store {
             Err(e) => {
                 drop(guard);
                 self.slots.forget(n);
+                self.backend.unused(n);
                 return Err(e);
             }
         };

@@ -111,8 +111,9 @@ impl Store {
                 "a cluster tier holds directory layers: it cannot be used with the rbd backend".into(),
             ));
         }
+        let next_id = Arc::new(AtomicU64::new(1));
         let backend: Box<dyn LayerBackend> = match &opts.rbd {
-            None => Box::new(OverlayBackend::open(root, mounter)?),
+            None => Box::new(OverlayBackend::open(root, mounter, next_id.clone())?),
             Some(cfg) => Box::new(RbdBackend::open(root, cfg.clone())?),
         };
         let tier = opts
@@ -131,7 +132,7 @@ impl Store {
             index: Arc::default(),
             seals: Arc::new(verify::Seals::default()),
             slots: crate::slots::Slots::default(),
-            next_id: AtomicU64::new(1),
+            next_id,
             counters: stats::Counters::default(),
             backend,
             mount_check: opts

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{LayerBackend, LayerPaths, LeftoverScope, Recovery, Staging};
 use crate::custody::{self, QUARANTINE_DIR};
-use crate::spare::Spares;
+use crate::spare::{is_spare_tree, Spares};
 use crate::teardown::{Pending, Teardowns};
 use crate::{
     mkdir, now_ns, open_dir, quota, remove_tree, Garbage, GarbageKind, InFlight, LayerKind, LayerRecord,
@@ -131,17 +131,23 @@ impl Reaper {
 
 impl OverlayBackend {
     /// The backend of the data root `root`; makes its `layers/`, `staging/` and `trash/`.
-    pub(crate) fn open(root: &Path, mounter: Arc<dyn Mounter>) -> Result<OverlayBackend> {
+    /// `next` is the next layer number the store gives out (spares are made for the numbers ahead of it).
+    pub(crate) fn open(
+        root: &Path,
+        mounter: Arc<dyn Mounter>,
+        next: Arc<AtomicU64>,
+    ) -> Result<OverlayBackend> {
         for d in ["layers", "staging", "trash"] {
             mkdir(&root.join(d), 0o700)?;
         }
+        let in_flight = Arc::new(Mutex::new(HashSet::new()));
         Ok(OverlayBackend {
             root: root.to_path_buf(),
             mounter,
-            in_flight: Arc::new(Mutex::new(HashSet::new())),
+            in_flight: in_flight.clone(),
             seq: AtomicU64::new(0),
             reaper: Reaper::default(),
-            spares: Spares::new(root),
+            spares: Spares::new(root, next, in_flight),
             teardowns: Teardowns::new(),
         })
     }
@@ -330,11 +336,15 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn create(&self, n: u64, _parent: Option<u64>, max_size: Option<u64>) -> Result<InFlight> {
-        let owned = InFlight::new(&self.in_flight, self.layer_dir(n));
-        // A size-limited layer's directory carries its limit, so only an unlimited one can be a spare.
-        if max_size.is_none() && self.spares.take(&self.layer_dir(n)) {
-            return Ok(owned);
+        if max_size.is_none() {
+            if let Some(owned) = self.spares.take(n) {
+                return Ok(owned);
+            }
+        } else {
+            // A size-limited layer's directory carries its limit: made here, never a spare.
+            self.spares.forget(n);
         }
+        let owned = InFlight::new(&self.in_flight, self.layer_dir(n));
         if let Err(e) = self.make_layer_dirs(n, max_size) {
             // Nothing half-made stays behind (a subvolume with its qgroup included).
             remove_tree(&self.layer_dir(n));
@@ -347,7 +357,13 @@ impl LayerBackend for OverlayBackend {
         remove_tree(&self.layer_dir(n));
     }
 
+    fn unused(&self, n: u64) {
+        self.spares.forget(n);
+    }
+
     fn create_linked(&self, n: u64, content: &Path, manifest: &Path) -> Result<InFlight> {
+        // Its directory holds links, not a spare's empty tree.
+        self.spares.forget(n);
         let dir = self.layer_dir(n);
         let owned = InFlight::new(&self.in_flight, dir.clone());
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
@@ -643,7 +659,13 @@ impl LayerBackend for OverlayBackend {
     }
 
     fn stored(&self) -> Result<usize> {
-        Ok(list_dir(&self.root.join("layers"))?.len())
+        // Spares a crash left hold nothing: not counted as storage.
+        let layers = self.root.join("layers");
+        let dev = dev_of(&layers)?;
+        Ok(list_dir(&layers)?
+            .iter()
+            .filter(|p| !is_spare_tree(p, dev))
+            .count())
     }
 
     fn quarantine_all(&self) -> Result<()> {
@@ -701,6 +723,7 @@ impl LayerBackend for OverlayBackend {
         // cold cache (a stat of every `layers/<n>/diff` took 1.2 s there).
         let mut present = HashSet::new();
         let mut deleted = false;
+        let dev = dev_of(&layers_dir)?;
         for entry in std::fs::read_dir(&layers_dir).map_err(|e| StoreError::io("read layers dir", e))? {
             let entry = entry.map_err(|e| StoreError::io("read layers dir", e))?;
             let name = entry.file_name();
@@ -715,6 +738,13 @@ impl LayerBackend for OverlayBackend {
                 Some(n) if removed.contains(&n) => {
                     // Its removal was committed before the crash: this store's to delete.
                     info!(dir = %entry.path().display(), "removing the directory of a removed layer");
+                    remove_tree(&entry.path());
+                    deleted = true;
+                }
+                _ if is_spare_tree(&entry.path(), dev) => {
+                    // A spare made ahead for a number no create took before the stop (spare.rs): three empty
+                    // directories, nothing to keep.
+                    info!(dir = %entry.path().display(), "removing a spare layer directory of a previous run");
                     remove_tree(&entry.path());
                     deleted = true;
                 }
@@ -876,6 +906,14 @@ impl LayerBackend for OverlayBackend {
 /// Whether the layer directory `dir` holds nothing of its own: its `diff` a symbolic link (only a layer linked
 /// to the cluster tier has one), beside it at most empty `work/` and `merged/` and a `manifest` (a link to the
 /// tier's, or a file).
+/// The device of the filesystem holding `dir`.
+fn dev_of(dir: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir)
+        .map(|md| md.dev())
+        .map_err(|e| StoreError::io(format!("stat {}", dir.display()), e))
+}
+
 fn is_link_only(dir: &Path) -> bool {
     let linked = std::fs::symlink_metadata(dir.join("diff")).is_ok_and(|m| m.file_type().is_symlink());
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -974,7 +1012,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let with_slash = PathBuf::from(format!("{}/", tmp.path().display()));
         for root in [tmp.path().to_path_buf(), with_slash] {
-            let b = OverlayBackend::open(&root, Arc::new(lamina_sys::mounter::FakeMounter::new())).unwrap();
+            let b = OverlayBackend::open(
+                &root,
+                Arc::new(lamina_sys::mounter::FakeMounter::new()),
+                Arc::default(),
+            )
+            .unwrap();
             for n in [1u64, 0x2a, u64::MAX] {
                 let dir = root.join("layers").join(format!("{n:x}"));
                 assert_eq!(b.layer_dir(n).as_os_str(), dir.as_os_str());

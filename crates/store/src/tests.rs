@@ -673,10 +673,10 @@ fn an_apply_left_applying_by_a_failed_rollback_is_reset_by_the_next_apply() {
 }
 
 #[test]
-fn creates_take_spare_directories_made_ahead_and_spares_never_outlive_the_store() {
+fn creates_take_spare_directories_made_ahead_in_place_and_spares_never_outlive_the_store() {
     use std::os::unix::fs::PermissionsExt;
     let fx = Fixture::new();
-    let spare = fx.root().join("spare");
+    let (layers, spare) = (fx.root().join("layers"), fx.root().join("spare"));
     let names = |dir: &Path| -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -685,71 +685,114 @@ fn creates_take_spare_directories_made_ahead_and_spares_never_outlive_the_store(
         v.sort();
         v
     };
+    let number = |s: &Store, name: &str| -> u64 {
+        let dir = s.info(NS, name).unwrap().diff_dir;
+        let hex = dir
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        u64::from_str_radix(&hex, 16).unwrap()
+    };
+    // The entries of `layers/` no record names: the spares (all made whole: they are renamed into place).
+    let spares = |s: &Store| -> Vec<u64> {
+        let recorded: std::collections::HashSet<u64> = s.list().unwrap().iter().map(|(n, _)| *n).collect();
+        let mut v: Vec<u64> = names(&layers)
+            .iter()
+            .map(|h| u64::from_str_radix(h, 16).unwrap())
+            .filter(|n| !recorded.contains(n))
+            .collect();
+        v.sort();
+        v
+    };
+    // The refill runs at the lowest priority and may lag far behind on a loaded machine.
+    let wait_for = |s: &Store, want: &dyn Fn(&[u64]) -> bool| {
+        for _ in 0..2000 {
+            if want(&spares(s)) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("spares never became {:?}", spares(s));
+    };
     {
         let s = fx.open();
-        for i in 0..8 {
-            create(&s, &format!("l{i}"), None, LayerKind::ReadWrite);
-            // Let the refill run, so that later creates find a spare.
-            for _ in 0..200 {
-                if std::fs::read_dir(&spare).unwrap().count() > 0 {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-        }
-        for i in 0..8 {
-            let info = s.info(NS, &format!("l{i}")).unwrap();
-            let dir = info.diff_dir.parent().unwrap().to_path_buf();
-            assert_eq!(names(&dir), ["diff", "merged", "work"], "layer l{i}");
+        create(&s, "l0", None, LayerKind::ReadWrite);
+        let first = number(&s, "l0");
+        // The first create woke the refill: the next eight numbers get spares, none of them behind a create.
+        wait_for(&s, &|v| v.len() == 8);
+        assert_eq!(spares(&s), (first + 1..first + 9).collect::<Vec<_>>());
+        for n in spares(&s) {
+            let dir = layers.join(format!("{n:x}"));
+            assert_eq!(names(&dir), ["diff", "merged", "work"]);
             for (leaf, mode) in [("", 0o700), ("diff", 0o755), ("work", 0o700), ("merged", 0o755)] {
                 let m = std::fs::metadata(dir.join(leaf)).unwrap().permissions().mode() & 0o777;
-                assert_eq!(m & !0o022, mode & !0o022, "l{i}/{leaf}");
+                assert_eq!(m & !0o022, mode & !0o022, "{n:x}/{leaf}");
             }
         }
-        // A create takes a ready spare. The refill runs at the lowest priority and may lag far behind on a loaded
-        // machine (hundreds of milliseconds between its last `mkdir` of a spare and handing it out): each try
-        // first waits for a finished spare on disk and a moment more, and a create that still came before the
-        // spare was handed out tries again.
-        let finished = || {
-            names(&spare).iter().any(|k| {
-                ["diff", "work", "merged"]
-                    .iter()
-                    .all(|d| spare.join(k).join(d).is_dir())
-            })
+        // A create takes the spare of its number: the directory the layer ends up with is that spare.
+        let ready = spares(&s);
+        let ino = |n: u64| {
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(layers.join(format!("{n:x}"))).unwrap())
         };
-        let mut tries = Vec::new();
-        for attempt in 0..40 {
-            for _ in 0..400 {
-                if finished() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            let ready = names(&spare);
-            assert!(!ready.is_empty(), "spares are kept ready");
-            create(&s, &format!("taker{attempt}"), None, LayerKind::ReadWrite);
-            let left = names(&spare);
-            let took = ready.iter().any(|k| !left.contains(k));
-            tries.push((ready, left));
-            if took {
-                break;
-            }
-        }
-        let (ready, left) = tries.last().unwrap();
+        let spare_ino = ino(ready[0]);
+        create(&s, "taker", None, LayerKind::ReadWrite);
+        assert_eq!(number(&s, "taker"), ready[0]);
+        assert_eq!(ino(ready[0]), spare_ino, "the spare itself became the layer");
+        assert!(!spares(&s).contains(&ready[0]));
+        // A create that fails before its record gives its number's spare back.
+        wait_for(&s, &|v| v.len() >= 6);
+        let failed = spares(&s)[0];
+        assert!(s
+            .create(NewLayer::new(NS, "taker", LayerKind::ReadWrite))
+            .is_err());
+        create(&s, "after-failure", None, LayerKind::ReadWrite);
+        assert_eq!(number(&s, "after-failure"), failed + 1);
         assert!(
-            ready.iter().any(|k| !left.contains(k)),
-            "a create takes a ready spare: {tries:?}"
+            !layers.join(format!("{failed:x}")).exists(),
+            "the failed create's spare is gone"
+        );
+        // A size-limited create never uses a spare (its directory carries the limit): on this filesystem it is
+        // refused, and gives its number's spare back too.
+        wait_for(&s, &|v| v.len() >= 5);
+        let limited = spares(&s)[0];
+        let opts = crate::CreateOptions {
+            max_size: Some(1 << 30),
+            ..Default::default()
+        };
+        let _ = s.create(NewLayer::new(NS, "limited", LayerKind::ReadWrite).with_options(opts));
+        assert!(!spares(&s).contains(&limited));
+        assert!(
+            names(&spare).is_empty(),
+            "spares are made in spare/ and moved out whole"
         );
         assert!(names(&fx.root().join("staging")).is_empty());
     }
-    assert!(names(&spare).is_empty(), "a closed store leaves no spare");
-    // What a crash left in spare/ is removed by the daemon's start, not by an operator's command.
+    let closed = fx.open_mode(OpenMode::Admin);
+    assert!(spares(&closed).is_empty(), "a closed store leaves no spare");
+    drop(closed);
+    // What a crash left, in spare/ and as spares in layers/, is removed by the daemon's start, not by an
+    // operator's command; a tree with anything more in it is not a spare and goes to quarantine.
     std::fs::create_dir_all(spare.join("7/diff")).unwrap();
+    for d in ["diff", "work", "merged"] {
+        std::fs::create_dir_all(layers.join("ff0").join(d)).unwrap();
+        std::fs::create_dir_all(layers.join("ff1").join(d)).unwrap();
+    }
+    std::fs::write(layers.join("ff1/diff/data"), b"x").unwrap();
     drop(fx.open_mode(OpenMode::Admin));
     assert_eq!(names(&spare), ["7"]);
+    assert!(layers.join("ff0").is_dir());
     let s = fx.open();
     assert!(names(&spare).is_empty());
+    assert!(!layers.join("ff0").exists(), "a spare a crash left is removed");
+    assert!(
+        !layers.join("ff1").exists(),
+        "an unknown tree with data is moved away"
+    );
+    assert_eq!(names(&fx.root().join("quarantine")).len(), 1);
     create(&s, "after", None, LayerKind::ReadWrite);
     assert!(s.info(NS, "after").unwrap().diff_dir.is_dir());
 }

@@ -41,13 +41,15 @@ fn create_remove_and_errors() {
     s.remove(NS, "a").unwrap();
     s.remove(NS, "a").unwrap();
     assert_eq!(s.list().unwrap().len(), 0);
-    // Only the layers dir structure remains; removals finish in the background.
+    // Only the layers dir structure remains once the store is closed (a running one keeps spare layer
+    // directories ready in layers/); removals finish in the background.
     for _ in 0..100 {
         if fs::read_dir(r.path().join("trash")).unwrap().count() == 0 {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    drop(s);
     assert_eq!(fs::read_dir(r.path().join("layers")).unwrap().count(), 0);
 }
 

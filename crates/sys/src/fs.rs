@@ -330,6 +330,18 @@ pub fn exchange(dir: BorrowedFd<'_>, a: &[u8], b: &[u8]) -> io::Result<()> {
     )?)
 }
 
+/// Renames `from` to `to`, failing with `EEXIST` where `to` exists (`renameat2(RENAME_NOREPLACE)`): never
+/// replaces an entry, not even an empty directory.
+pub fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    Ok(rfs::renameat_with(
+        rfs::CWD,
+        from,
+        rfs::CWD,
+        to,
+        rfs::RenameFlags::NOREPLACE,
+    )?)
+}
+
 /// Hard-links `old_dir/old_name` as `new_dir/new_name`; a symlink is linked itself.
 pub fn hardlink(
     old_dir: BorrowedFd<'_>,

@@ -139,10 +139,17 @@ pub fn check(d: &Daemon, model: &Model) -> Vec<String> {
             }
         }
     }
+    // Besides the recorded layers, `layers/` may hold the spares a running daemon keeps ready.
     let on_disk = names_in(&root.join("layers"));
-    if on_disk != numbers {
+    let unrecorded: Vec<&String> = on_disk.difference(&numbers).collect();
+    let spares_only = unrecorded.len() <= crate::MAX_SPARES
+        && unrecorded
+            .iter()
+            .all(|n| crate::is_spare_like(&root.join("layers").join(n)));
+    if !numbers.is_subset(&on_disk) || !spares_only {
         bad.push(format!(
-            "layer directories {on_disk:?} != recorded layers {numbers:?}"
+            "layer directories {on_disk:?} != recorded layers {numbers:?} and at most {} spares",
+            crate::MAX_SPARES
         ));
     }
     if !names_in(&root.join("staging")).is_empty() {

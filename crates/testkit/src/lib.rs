@@ -306,6 +306,42 @@ fn sweep_stale() {
     });
 }
 
+/// The most spare layer directories a running lamina keeps in `layers/` (`crates/store/src/spare.rs`).
+pub const MAX_SPARES: usize = 8;
+
+/// Whether `dir` looks like a spare layer directory: exactly `diff/`, `merged/` and `work/`, each an empty
+/// directory. A layer created and never written looks the same.
+pub fn is_spare_like(dir: &Path) -> bool {
+    let empty_dir = |p: &Path| {
+        fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+            && fs::read_dir(p).is_ok_and(|mut rd| rd.next().is_none())
+    };
+    let Ok(rd) = fs::read_dir(dir) else {
+        return false;
+    };
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names == ["diff", "merged", "work"] && names.iter().all(|n| empty_dir(&dir.join(n)))
+}
+
+/// The entries of a data root's `layers/` (sorted), leaving out the spare layer directories a running lamina
+/// keeps ready there, for checks of what a test's calls left: at most [`MAX_SPARES`] trees of empty directories.
+/// Where there are more such trees, all of them are kept (some are not spares).
+pub fn layer_dirs_without_spares(layers: &Path) -> Vec<PathBuf> {
+    let mut all: Vec<PathBuf> = fs::read_dir(layers)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    all.sort();
+    let spares = all.iter().filter(|p| is_spare_like(p)).count();
+    if spares > MAX_SPARES {
+        return all;
+    }
+    all.into_iter().filter(|p| !is_spare_like(p)).collect()
+}
+
 /// Mount points at or below `dir`, deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     lamina_sys::mount::mounts_under(dir).unwrap_or_default()
