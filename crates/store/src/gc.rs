@@ -46,6 +46,9 @@ pub enum GarbageKind {
     RemovedNamespace,
     /// A directory in `layers/` that no record explains and that this store never removed.
     UnknownDir,
+    /// A spare layer directory a stopped daemon left in `layers/`: exactly three empty directories that no record
+    /// names (the spares of a running daemon are in flight, and skipped).
+    Spare,
     /// An entry of `quarantine/`.
     Quarantined,
     /// A layer of the cluster tier that no live host holds (removed by the tier's own collection).

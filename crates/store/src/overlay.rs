@@ -841,7 +841,9 @@ impl LayerBackend for OverlayBackend {
         }
         // Layer directories without a record: the in-flight set is read before the records, so a create that
         // finishes in between is seen in the records.
-        let dirs = list_dir(&self.root.join("layers"))?;
+        let layers = self.root.join("layers");
+        let dev = dev_of(&layers)?;
+        let dirs = list_dir(&layers)?;
         let busy = self.in_flight_snapshot();
         let known = known()?;
         for path in dirs {
@@ -854,6 +856,8 @@ impl LayerBackend for OverlayBackend {
             }
             let kind = if n.is_some_and(|n| removed.contains(&n)) {
                 GarbageKind::OrphanDir
+            } else if is_spare_tree(&path, dev) {
+                GarbageKind::Spare
             } else if unknown {
                 GarbageKind::UnknownDir
             } else {
@@ -878,9 +882,11 @@ impl LayerBackend for OverlayBackend {
                 .mounter
                 .unmount(&g.path, true)
                 .map_err(|e| StoreError::io("detach stale mount", e)),
-            GarbageKind::Staging | GarbageKind::Trash | GarbageKind::OrphanDir | GarbageKind::UnknownDir => {
-                self.remove_unowned(&g.path, g.layer, is_known)
-            }
+            GarbageKind::Staging
+            | GarbageKind::Trash
+            | GarbageKind::OrphanDir
+            | GarbageKind::UnknownDir
+            | GarbageKind::Spare => self.remove_unowned(&g.path, g.layer, is_known),
             GarbageKind::Quarantined => {
                 self.refuse_mounted(&g.path)?;
                 remove_tree(&g.path);
