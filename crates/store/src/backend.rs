@@ -74,6 +74,40 @@ pub(crate) struct LeftoverScope<'a> {
     pub unknown: bool,
 }
 
+/// Storage made ahead of its create (the overlay backend's spare layer directory), under the layer number `n`.
+/// Dropped without [`MadeAhead::keep`] (its create failed before the layer's record), it removes the storage.
+pub(crate) struct MadeAhead {
+    /// The layer number the storage was made for.
+    pub n: u64,
+    dir: PathBuf,
+    owned: Option<InFlight>,
+}
+
+impl MadeAhead {
+    /// The storage `dir` of layer `n`, with its place in the in-flight set.
+    pub(crate) fn new(n: u64, dir: PathBuf, owned: InFlight) -> MadeAhead {
+        MadeAhead {
+            n,
+            dir,
+            owned: Some(owned),
+        }
+    }
+
+    /// The storage becomes the layer's: gives its guard, as [`LayerBackend::create`] does.
+    pub(crate) fn keep(mut self) -> InFlight {
+        self.owned.take().expect("storage made ahead is kept once")
+    }
+}
+
+impl Drop for MadeAhead {
+    fn drop(&mut self) {
+        if self.owned.is_some() {
+            // Removed while still in flight, so that no collection meets it half-deleted.
+            crate::remove_tree(&self.dir);
+        }
+    }
+}
+
 /// The storage operations of the store, on layer numbers. See the module documentation.
 pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// The places of layer `n`.
@@ -88,9 +122,12 @@ pub(crate) trait LayerBackend: Send + Sync + std::fmt::Debug {
     /// Drops the storage of a layer whose record was never written.
     fn discard(&self, n: u64);
 
-    /// The layer number `n` was given out to a create that failed before its record: nothing made for it ahead
-    /// of time may stay.
-    fn unused(&self, _n: u64) {}
+    /// Empty storage without a size limit, made already under a layer number the backend took from the store's
+    /// counter: a create uses its number and keeps it ([`MadeAhead::keep`]) instead of calling
+    /// [`LayerBackend::create`]. None when the backend keeps none ready.
+    fn made_ahead(&self) -> Option<MadeAhead> {
+        None
+    }
 
     /// Drops the storage of a removed layer (its record is gone); may finish in the background.
     fn remove(&self, n: u64, max_size: Option<u64>);

@@ -60,7 +60,15 @@ impl Store {
                 "layer {name} cannot be its own parent"
             )));
         }
-        let n = self.next_id.fetch_add(1, Ordering::SeqCst);
+        // Storage made ahead comes with its number, taken from the same counter.
+        let ahead = match opts.max_size {
+            None => self.backend.made_ahead(),
+            Some(_) => None,
+        };
+        let n = match &ahead {
+            Some(made) => made.n,
+            None => self.next_id.fetch_add(1, Ordering::SeqCst),
+        };
         // Nothing mounts it between its record and its storage.
         let slot = self.slot(n);
         let guard = lock(&slot);
@@ -108,13 +116,17 @@ impl Store {
             Err(e) => {
                 drop(guard);
                 self.slots.forget(n);
-                self.backend.unused(n);
+                // Storage made ahead goes with the number.
+                drop(ahead);
                 return Err(e);
             }
         };
         let made = fault::point("store.create.mkdir")
             .map_err(|e| StoreError::io("create layer directories", e))
-            .and_then(|()| self.backend.create(n, rec.parent, opts.max_size));
+            .and_then(|()| match ahead {
+                Some(made) => Ok(made.keep()),
+                None => self.backend.create(n, rec.parent, opts.max_size),
+            });
         if let Err(e) = made {
             self.backend.discard(n);
             let forget = self.write().and_then(|txn| {

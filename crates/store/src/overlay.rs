@@ -18,7 +18,7 @@ use lamina_sys::mount::{self, MountSpec, OverlaySpec};
 use lamina_sys::mounter::Mounter;
 use tracing::{debug, info, warn};
 
-use crate::backend::{LayerBackend, LayerPaths, LeftoverScope, Recovery, Staging};
+use crate::backend::{LayerBackend, LayerPaths, LeftoverScope, MadeAhead, Recovery, Staging};
 use crate::custody::{self, QUARANTINE_DIR};
 use crate::spare::{is_spare_tree, Spares};
 use crate::teardown::{Pending, Teardowns};
@@ -131,7 +131,7 @@ impl Reaper {
 
 impl OverlayBackend {
     /// The backend of the data root `root`; makes its `layers/`, `staging/` and `trash/`.
-    /// `next` is the next layer number the store gives out (spares are made for the numbers ahead of it).
+    /// `next` is the store's layer number counter, from which spares take their numbers.
     pub(crate) fn open(
         root: &Path,
         mounter: Arc<dyn Mounter>,
@@ -335,15 +335,11 @@ impl LayerBackend for OverlayBackend {
         }
     }
 
+    fn made_ahead(&self) -> Option<MadeAhead> {
+        self.spares.take()
+    }
+
     fn create(&self, n: u64, _parent: Option<u64>, max_size: Option<u64>) -> Result<InFlight> {
-        if max_size.is_none() {
-            if let Some(owned) = self.spares.take(n) {
-                return Ok(owned);
-            }
-        } else {
-            // A size-limited layer's directory carries its limit: made here, never a spare.
-            self.spares.forget(n);
-        }
         let owned = InFlight::new(&self.in_flight, self.layer_dir(n));
         if let Err(e) = self.make_layer_dirs(n, max_size) {
             // Nothing half-made stays behind (a subvolume with its qgroup included).
@@ -357,13 +353,7 @@ impl LayerBackend for OverlayBackend {
         remove_tree(&self.layer_dir(n));
     }
 
-    fn unused(&self, n: u64) {
-        self.spares.forget(n);
-    }
-
     fn create_linked(&self, n: u64, content: &Path, manifest: &Path) -> Result<InFlight> {
-        // Its directory holds links, not a spare's empty tree.
-        self.spares.forget(n);
         let dir = self.layer_dir(n);
         let owned = InFlight::new(&self.in_flight, dir.clone());
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);

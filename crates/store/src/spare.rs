@@ -1,70 +1,58 @@
-//! Layer directories made ahead of time, in place: a create whose number has a spare finds `layers/<n>` made and
-//! spends no file-system call on its storage.
+//! Layer directories made ahead of time, in place: a create that takes a spare finds `layers/<n>` made and spends
+//! no file-system call on its storage.
 //!
-//! A spare is the tree a new layer starts with (`diff/`, `work/` 0700, `merged/`), made for one of the next
-//! layer numbers the store will give out: in `spare/<k>/`, then renamed to `layers/<m>`, so that `layers/<m>`
+//! A spare is the tree a new layer starts with (`diff/`, `work/` 0700, `merged/`), made under a layer number the
+//! spare takes from the store's counter: in `spare/<k>/`, then renamed to `layers/<n>`, so that `layers/<n>`
 //! appears whole or not at all. Until a create takes it, its path is in the backend's in-flight set, so that
-//! garbage collection passes over it. The create of layer `m` takes it after the layer's record is committed,
-//! exactly where the layer's directories would otherwise be made, and a create that failed before its record
-//! gives its number's spare back ([`Spares::forget`]), which removes it.
+//! garbage collection passes over it. A create takes a spare, number and directory, before its record
+//! ([`crate::backend::MadeAhead`]); once the record is committed the directory is the layer's, and a create that
+//! fails before its record removes it. The numbers of spares are never given to any other layer.
 //!
-//! So `layers/` holds, besides the recorded layers, up to [`KEEP`] spares, all numbered at or above the next
-//! number the store gives out. A power cut or a kill can leave them there with no record naming them: they hold
-//! nothing but three empty directories, and the recovery at start removes such trees
-//! ([`is_spare_tree`]; docs/on-disk-format.md). A store that closes removes its spares.
+//! So `layers/` holds, besides the recorded layers, up to [`KEEP`] spares. A power cut or a kill can leave them
+//! there with no record naming them: they hold nothing but three empty directories, and the recovery at start
+//! removes such trees ([`is_spare_tree`]; docs/on-disk-format.md). A store that closes removes its spares.
 //!
-//! One thread, started by the first take, makes spares until [`KEEP`] numbers ahead are covered, woken when fewer
-//! than [`LOW`] are left: several spares in one burst rather than one after each take, so that the `mkdir`s
-//! (which a call arriving on a busy CPU of a non-preemptive kernel waits for) delay one create in several, not the
-//! call after every create. When no spare is ready for a number, or making it failed, the create makes the
-//! directories itself.
+//! One thread, started by the first take, makes spares until [`KEEP`] are ready, woken when fewer than [`LOW`]
+//! are left: several spares in one burst rather than one after each take, so that the `mkdir`s (which a call
+//! arriving on a busy CPU of a non-preemptive kernel waits for) delay one create in several, not the call after
+//! every create. When no spare is ready the create takes a number and makes the directories itself.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashSet, VecDeque};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use tracing::{debug, warn};
 
+use crate::backend::MadeAhead;
 use crate::{mkdir, remove_tree, InFlight, Result, StoreError};
 
 /// The directory where spares are made before they are renamed into `layers/`, below the data root.
 pub(crate) const SPARE_DIR: &str = "spare";
 
-/// Numbers ahead kept covered by a spare: enough for a burst of creates between two refills.
-const KEEP: u64 = 8;
-/// A take that leaves fewer numbers ahead covered than this wakes the refill.
-const LOW: u64 = 4;
+/// Spares kept ready: enough for a burst of creates between two refills.
+const KEEP: usize = 8;
+/// A take that leaves fewer spares than this wakes the refill.
+const LOW: usize = 4;
 
 /// The directories of a spare, as made: each empty.
 const SPARE_ENTRIES: [&str; 3] = ["diff", "merged", "work"];
-
-#[derive(Default)]
-struct State {
-    /// Ready spares by layer number, each holding its `layers/<m>` in the in-flight set.
-    ready: BTreeMap<u64, InFlight>,
-    /// The number whose spare is being made.
-    making: Option<u64>,
-    /// The number above the last spare made or begun.
-    ahead: u64,
-}
 
 struct Pool {
     /// `spare/`, where spares are made.
     dir: PathBuf,
     /// `layers/`.
     layers: PathBuf,
-    /// The next layer number the store gives out.
+    /// The store's layer number counter.
     next: Arc<AtomicU64>,
     in_flight: Arc<Mutex<HashSet<PathBuf>>>,
     /// Set once `spare/` was emptied by the recovery at start ([`Spares::clear`]): before, and where that failed,
     /// no spare is made.
     usable: AtomicBool,
-    state: Mutex<State>,
-    /// Signalled when a spare being made is done.
-    made: Condvar,
+    /// Ready spares, oldest first, each holding its `layers/<n>` in the in-flight set.
+    ready: Mutex<VecDeque<(u64, InFlight)>>,
     seq: AtomicU64,
 }
 
@@ -77,58 +65,28 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn ready(&self) -> MutexGuard<'_, VecDeque<(u64, InFlight)>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The state once no spare of number `n` is being made.
-    fn settled(&self, n: u64) -> MutexGuard<'_, State> {
-        let mut state = self.state();
-        while state.making == Some(n) {
-            state = self.made.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
-        state
+    fn layer_dir(&self, n: u64) -> PathBuf {
+        self.layers.join(format!("{n:x}"))
     }
 
-    fn layer_dir(&self, m: u64) -> PathBuf {
-        self.layers.join(format!("{m:x}"))
-    }
-
-    /// Makes spares until [`KEEP`] numbers ahead are covered; stops at the first failure (a full disk: creates
-    /// make their own).
+    /// Makes spares until [`KEEP`] are ready; stops at the first failure (a full disk: creates make their own).
     fn refill(&self) {
-        loop {
-            let m = {
-                let mut state = self.state();
-                // A number below `next` is given out: its create takes its spare, or makes its directories.
-                let next = self.next.load(Ordering::SeqCst);
-                let m = state.ahead.max(next);
-                if m >= next.saturating_add(KEEP) {
-                    return;
-                }
-                state.making = Some(m);
-                state.ahead = m + 1;
-                m
-            };
-            let made = self.make(m);
-            let done = made.is_some();
-            {
-                let mut state = self.state();
-                state.making = None;
-                if let Some(owned) = made {
-                    state.ready.insert(m, owned);
-                }
-            }
-            self.made.notify_all();
-            if !done {
-                return;
+        while self.ready().len() < KEEP {
+            let n = self.next.fetch_add(1, Ordering::SeqCst);
+            match self.make(n) {
+                Some(owned) => self.ready().push_back((n, owned)),
+                None => return,
             }
         }
     }
 
-    /// Makes the spare of number `m`: in `spare/<k>`, then renamed to `layers/<m>`, which must not exist.
-    fn make(&self, m: u64) -> Option<InFlight> {
-        let target = self.layer_dir(m);
+    /// Makes the spare of layer number `n`: in `spare/<k>`, then renamed to `layers/<n>`, which must not exist.
+    fn make(&self, n: u64) -> Option<InFlight> {
+        let target = self.layer_dir(n);
         let owned = InFlight::new(&self.in_flight, target.clone());
         let path = self
             .dir
@@ -198,7 +156,7 @@ pub(crate) struct Spares {
 }
 
 impl Spares {
-    /// The spares of the data root `root`, for the layer numbers `next` gives out; unused until
+    /// The spares of the data root `root`, numbered from the store's counter `next`; unused until
     /// [`Spares::clear`]; touches nothing on disk.
     pub(crate) fn new(root: &Path, next: Arc<AtomicU64>, in_flight: Arc<Mutex<HashSet<PathBuf>>>) -> Spares {
         Spares {
@@ -208,8 +166,7 @@ impl Spares {
                 next,
                 in_flight,
                 usable: AtomicBool::new(false),
-                state: Mutex::new(State::default()),
-                made: Condvar::new(),
+                ready: Mutex::new(VecDeque::new()),
                 seq: AtomicU64::new(0),
             }),
             worker: Mutex::new(None),
@@ -226,34 +183,21 @@ impl Spares {
         }
     }
 
-    /// The spare of layer `n`, made as `layers/<n>`, with its place in the in-flight set; `None` when there is
-    /// none (the caller makes the directories). Waits for one being made. Asks for a refill when fewer than
-    /// [`LOW`] numbers ahead are covered.
-    pub(crate) fn take(&self, n: u64) -> Option<InFlight> {
+    /// A ready spare, with its number; `None` when there is none (the caller takes a number and makes the
+    /// directories). Asks for a refill when fewer than [`LOW`] are left.
+    pub(crate) fn take(&self) -> Option<MadeAhead> {
         if !self.pool.usable.load(Ordering::Acquire) {
             return None;
         }
-        let (taken, ahead) = {
-            let mut state = self.pool.settled(n);
-            let taken = state.ready.remove(&n);
-            let next = self.pool.next.load(Ordering::SeqCst);
-            (taken, state.ahead.saturating_sub(next))
+        let (taken, left) = {
+            let mut ready = self.pool.ready();
+            let taken = ready.pop_front();
+            (taken, ready.len())
         };
-        if ahead < LOW {
+        if left < LOW {
             self.wake();
         }
-        taken
-    }
-
-    /// Removes the spare of layer number `n`, if there is one: its number was given out to a layer that will not
-    /// use it (a create that failed before its record, or a layer made otherwise).
-    pub(crate) fn forget(&self, n: u64) {
-        let taken = self.pool.settled(n).ready.remove(&n);
-        if let Some(owned) = taken {
-            // Removed while still in flight, so that no collection meets it half-deleted.
-            remove_tree(&self.pool.layer_dir(n));
-            drop(owned);
-        }
+        taken.map(|(n, owned)| MadeAhead::new(n, self.pool.layer_dir(n), owned))
     }
 
     /// Wakes the refilling thread, starting it the first time.
@@ -295,9 +239,9 @@ impl Drop for Spares {
             drop(wake);
             let _ = thread.join();
         }
-        let ready = std::mem::take(&mut self.pool.state().ready);
-        for (m, owned) in ready {
-            remove_tree(&self.pool.layer_dir(m));
+        let ready = std::mem::take(&mut *self.pool.ready());
+        for (n, owned) in ready {
+            remove_tree(&self.pool.layer_dir(n));
             drop(owned);
         }
     }

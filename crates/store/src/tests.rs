@@ -722,7 +722,7 @@ fn creates_take_spare_directories_made_ahead_in_place_and_spares_never_outlive_t
         let s = fx.open();
         create(&s, "l0", None, LayerKind::ReadWrite);
         let first = number(&s, "l0");
-        // The first create woke the refill: the next eight numbers get spares, none of them behind a create.
+        // The first create woke the refill: eight spares, numbered from the store's counter.
         wait_for(&s, &|v| v.len() == 8);
         assert_eq!(spares(&s), (first + 1..first + 9).collect::<Vec<_>>());
         for n in spares(&s) {
@@ -733,7 +733,7 @@ fn creates_take_spare_directories_made_ahead_in_place_and_spares_never_outlive_t
                 assert_eq!(m & !0o022, mode & !0o022, "{n:x}/{leaf}");
             }
         }
-        // A create takes the spare of its number: the directory the layer ends up with is that spare.
+        // A create takes the oldest spare, number and directory: the directory the layer ends up with is it.
         let ready = spares(&s);
         let ino = |n: u64| {
             std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(layers.join(format!("{n:x}"))).unwrap())
@@ -743,28 +743,27 @@ fn creates_take_spare_directories_made_ahead_in_place_and_spares_never_outlive_t
         assert_eq!(number(&s, "taker"), ready[0]);
         assert_eq!(ino(ready[0]), spare_ino, "the spare itself became the layer");
         assert!(!spares(&s).contains(&ready[0]));
-        // A create that fails before its record gives its number's spare back.
-        wait_for(&s, &|v| v.len() >= 6);
-        let failed = spares(&s)[0];
+        // A create that fails before its record removes the spare it took; the next create takes the next one.
+        // (Seven spares are left: no refill runs until fewer than four are.)
+        let ready = spares(&s);
         assert!(s
             .create(NewLayer::new(NS, "taker", LayerKind::ReadWrite))
             .is_err());
-        create(&s, "after-failure", None, LayerKind::ReadWrite);
-        assert_eq!(number(&s, "after-failure"), failed + 1);
         assert!(
-            !layers.join(format!("{failed:x}")).exists(),
+            !layers.join(format!("{:x}", ready[0])).exists(),
             "the failed create's spare is gone"
         );
-        // A size-limited create never uses a spare (its directory carries the limit): on this filesystem it is
-        // refused, and gives its number's spare back too.
-        wait_for(&s, &|v| v.len() >= 5);
-        let limited = spares(&s)[0];
+        create(&s, "after-failure", None, LayerKind::ReadWrite);
+        assert_eq!(number(&s, "after-failure"), ready[1]);
+        // A size-limited create takes no spare (its directory carries the limit; on this filesystem it is
+        // refused).
+        let ready = spares(&s);
         let opts = crate::CreateOptions {
             max_size: Some(1 << 30),
             ..Default::default()
         };
         let _ = s.create(NewLayer::new(NS, "limited", LayerKind::ReadWrite).with_options(opts));
-        assert!(!spares(&s).contains(&limited));
+        assert_eq!(spares(&s), ready);
         assert!(
             names(&spare).is_empty(),
             "spares are made in spare/ and moved out whole"
