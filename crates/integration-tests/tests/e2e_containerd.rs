@@ -287,6 +287,10 @@ impl Setup {
         let Some(d) = self.backend_dir() else {
             return Vec::new();
         };
+        if self.lamina.is_some() {
+            // Not the spare layer directories lamina keeps ready.
+            return lamina_testkit::layer_dirs_without_spares(&d);
+        }
         let mut v: Vec<PathBuf> = fs::read_dir(&d)
             .map(|rd| rd.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
