@@ -204,6 +204,7 @@ impl Drop for Store {
 }
 
 /// Registers a path as owned by an operation in flight until dropped.
+#[derive(Debug)]
 struct InFlight {
     set: Arc<Mutex<HashSet<PathBuf>>>,
     path: PathBuf,

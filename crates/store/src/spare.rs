@@ -40,6 +40,7 @@ const LOW: usize = 4;
 /// The directories of a spare, as made: each empty.
 const SPARE_ENTRIES: [&str; 3] = ["diff", "merged", "work"];
 
+#[derive(Debug)]
 struct Pool {
     /// `spare/`, where spares are made.
     dir: PathBuf,
@@ -54,14 +55,6 @@ struct Pool {
     /// Ready spares, oldest first, each holding its `layers/<n>` in the in-flight set.
     ready: Mutex<VecDeque<(u64, InFlight)>>,
     seq: AtomicU64,
-}
-
-impl std::fmt::Debug for Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
-            .field("layers", &self.layers)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Pool {
