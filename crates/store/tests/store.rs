@@ -616,15 +616,13 @@ fn a_record_whose_directories_never_reached_the_disk_starts_cleanly() {
     // What a power cut after a create (record durable, directories not) and during the apply that followed
     // leaves: the layer's pending row, no `layers/<n>` at all.
     let r = Root::new();
-    let (number, dir) = {
+    let (number, dir, b_dir) = {
         let s = Store::open(&r.path()).unwrap();
         create(&s, "a", None);
         create(&s, "b", None);
         let n = s.info(NS, "a").unwrap().number;
-        (
-            n,
-            s.info(NS, "a").unwrap().diff_dir.parent().unwrap().to_path_buf(),
-        )
+        let layer_dir = |name: &str| s.info(NS, name).unwrap().diff_dir.parent().unwrap().to_path_buf();
+        (n, layer_dir("a"), layer_dir("b"))
     };
     {
         let db = redb::Database::create(r.path().join("meta.redb")).unwrap();
@@ -636,7 +634,6 @@ fn a_record_whose_directories_never_reached_the_disk_starts_cleanly() {
         txn.commit().unwrap();
     }
     fs::remove_dir_all(&dir).unwrap();
-    let b_dir = r.path().join("layers").join(format!("{:x}", number + 1));
     fs::remove_dir_all(b_dir.join("work")).unwrap();
     let s = Store::open(&r.path()).unwrap();
     assert_eq!(s.record(NS, "a").unwrap().0.state, LayerState::Empty);
