@@ -176,7 +176,8 @@ pub struct Store {
     index: Arc<index::Index>,
     seals: Arc<verify::Seals>,
     slots: slots::Slots,
-    /// The next layer number to give out (shared with the backend, which makes storage ahead for it).
+    /// The next layer number to give out (shared with the backend, which takes numbers from it for the storage it
+    /// makes ahead).
     next_id: Arc<AtomicU64>,
     counters: stats::Counters,
     /// Where layer content lives and how it is mounted.
